@@ -1,0 +1,28 @@
+//! Every example under manifests/examples is a valid TrainingJob for these types.
+
+use std::path::PathBuf;
+
+use weft_crds::TrainingJob;
+
+#[test]
+fn every_example_manifest_parses_as_a_training_job() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let job: TrainingJob =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            job.spec.workers.min <= job.spec.workers.max,
+            "{}",
+            path.display()
+        );
+        assert!(job.metadata.name.is_some(), "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 2, "expected example manifests in {}", dir.display());
+}
