@@ -1,0 +1,236 @@
+# Shared helpers for the e2e/cluster scripts. Sourced, never run.
+# Everything the scripts build or download lives under one cache directory outside
+# the clone ($WEFT_CACHE), so a second run on the same machine reuses it.
+
+set -euo pipefail
+
+WEFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+WEFT_CACHE="${WEFT_CACHE:-$HOME/.cache/weft}"
+WEFT_CLUSTER_DIR="${WEFT_CLUSTER_DIR:-$WEFT_CACHE/cluster}"
+# shellcheck source=versions.env
+. "$WEFT_ROOT/e2e/cluster/versions.env"
+
+export GOMODCACHE="$WEFT_CACHE/go/mod"
+export GOCACHE="$WEFT_CACHE/go/build"
+export GOPATH="$WEFT_CACHE/go/path"
+export GOTOOLCHAIN=local
+export CGO_ENABLED=0
+# The checksum database is not reachable from these machines; the module proxy is.
+export GOSUMDB=off
+export GOFLAGS="-mod=mod -buildvcs=false"
+
+GO_VERSION="$(go env GOVERSION 2>/dev/null || echo unknown)"
+WEFT_BIN="$WEFT_CACHE/bin"
+
+log() { printf '[weft-cluster] %s\n' "$*" >&2; }
+die() { printf '[weft-cluster] error: %s\n' "$*" >&2; exit 1; }
+
+# Directory that holds one component's binaries, keyed by its version and the Go toolchain.
+component_dir() { printf '%s/%s-%s-%s' "$WEFT_BIN" "$1" "$2" "$GO_VERSION"; }
+
+kube_bin_dir() { component_dir kubernetes "$KUBERNETES_VERSION"; }
+etcd_bin_dir() { component_dir etcd "$ETCD_VERSION"; }
+kwok_bin_dir() { component_dir kwok "$KWOK_VERSION"; }
+helm_bin_dir() { component_dir helm "$HELM_VERSION"; }
+
+# Absolute path of a built binary by name; fails with a message when it was not built.
+bin_of() {
+  local name="$1" dir
+  case "$name" in
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl) dir="$(kube_bin_dir)" ;;
+    etcd) dir="$(etcd_bin_dir)" ;;
+    kwok) dir="$(kwok_bin_dir)" ;;
+    helm) dir="$(helm_bin_dir)" ;;
+    *) die "unknown component binary '$name'" ;;
+  esac
+  [ -x "$dir/$name" ] || die "$name is not built (expected $dir/$name); run e2e/cluster/build"
+  printf '%s/%s' "$dir" "$name"
+}
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WEFT_CACHE/target}"
+
+# Start order; `down` stops them in reverse.
+COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler kwok"
+KUBECONFIG_PATH="$WEFT_CLUSTER_DIR/kubeconfig"
+
+# The built kubectl against the local cluster.
+kctl() { "$(bin_of kubectl)" --kubeconfig="$KUBECONFIG_PATH" "$@"; }
+
+# Prints the kwok Node objects of a cluster shorthand (built from the e2e crate, so
+# label and annotation names come from weft-crds and are never spelled twice).
+render_nodes() {
+  (cd "$WEFT_ROOT" && cargo build --quiet -p weft-e2e --bin weft-e2e) >&2 \
+    || die "could not build the weft-e2e helper"
+  "$CARGO_TARGET_DIR/debug/weft-e2e" nodes "$1"
+}
+
+pid_of() { cat "$WEFT_CLUSTER_DIR/pids/$1" 2>/dev/null || true; }
+alive() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+
+apiserver_ready() {
+  # shellcheck disable=SC1091
+  [ -f "$WEFT_CLUSTER_DIR/ports.env" ] || return 1
+  . "$WEFT_CLUSTER_DIR/ports.env"
+  local p="$WEFT_CLUSTER_DIR/pki"
+  [ "$(curl -s --max-time 3 --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
+      "https://127.0.0.1:$APISERVER_PORT/readyz" 2>/dev/null)" = "ok" ]
+}
+
+cluster_running() {
+  local c
+  [ -d "$WEFT_CLUSTER_DIR/pids" ] || return 1
+  for c in $COMPONENTS; do alive "$c" || return 1; done
+  apiserver_ready
+}
+
+# Names each component that is not running, with the end of its log.
+report_dead_components() {
+  local c dead=0
+  for c in $COMPONENTS; do
+    [ -n "$(pid_of "$c")" ] || continue   # not started yet
+    if ! alive "$c"; then
+      dead=1
+      log "component $c (pid $(pid_of "$c")) is not running; last lines of its log:"
+      tail -n 15 "$WEFT_CLUSTER_DIR/logs/$c.log" 2>/dev/null | sed 's/^/    /' >&2 || true
+    fi
+  done
+  return $dead
+}
+
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# Runs a component in its own session, logging to logs/NAME.log, and records its PID.
+spawn() {
+  local name="$1"; shift
+  setsid "$@" >"$WEFT_CLUSTER_DIR/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$WEFT_CLUSTER_DIR/pids/$name"
+}
+
+# Waits until "$2..." succeeds, failing with the component's log when it dies or times out.
+await() {
+  local name="$1" timeout="$2"; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then
+      report_dead_components || true
+      die "$name exited during start-up"
+    fi
+    [ $SECONDS -lt $deadline ] || { tail -n 20 "$WEFT_CLUSTER_DIR/logs/$name.log" >&2; die "$name not ready after $timeout s"; }
+    sleep 0.3
+  done
+}
+
+make_pki() {
+  local p="$WEFT_CLUSTER_DIR/pki"
+  mkdir -p "$p"
+  (
+    cd "$p"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=weft-local-ca -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=weft-admin" -keyout admin.key -out admin.csr 2>/dev/null
+    printf 'extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1\n' > ext
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -extfile ext -out admin.crt 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+  ) || die "could not create certificates with openssl"
+}
+
+kwok_stage_config() {
+  local stages; stages="$(kwok_bin_dir)/stages"
+  local f
+  for f in node-initialize node-heartbeat-with-lease pod-ready pod-complete pod-delete \
+           node-not-ready pod-container-running-failed; do
+    [ -f "$stages/$f.yaml" ] || die "kwok stage $f missing from $stages"
+    cat "$stages/$f.yaml"; echo "---"
+  done
+}
+
+start_control_plane() {
+  command -v openssl >/dev/null || die "openssl is needed for the control plane's certificates"
+  command -v curl >/dev/null || die "curl is needed to check the control plane's health"
+  rm -rf "$WEFT_CLUSTER_DIR"
+  mkdir -p "$WEFT_CLUSTER_DIR"/{pids,logs,etcd,kwok}
+  local d="$WEFT_CLUSTER_DIR" p="$WEFT_CLUSTER_DIR/pki"
+  make_pki
+  read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT SCHEDULER_PORT KWOK_PORT <<< "$(free_ports 6)"
+  cat > "$d/ports.env" <<PORTS
+ETCD_PORT=$ETCD_PORT
+ETCD_PEER_PORT=$ETCD_PEER_PORT
+APISERVER_PORT=$APISERVER_PORT
+KCM_PORT=$KCM_PORT
+SCHEDULER_PORT=$SCHEDULER_PORT
+KWOK_PORT=$KWOK_PORT
+PORTS
+
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  spawn etcd "$(bin_of etcd)" --name=weft --data-dir="$d/etcd" \
+    --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster="weft=http://127.0.0.1:$ETCD_PEER_PORT" --unsafe-no-fsync --log-level=warn
+  await etcd 30 sh -c "curl -s --max-time 2 http://127.0.0.1:$ETCD_PORT/health | grep -q '\"health\":\"true\"'"
+
+  log "starting kube-apiserver on 127.0.0.1:$APISERVER_PORT"
+  spawn kube-apiserver "$(bin_of kube-apiserver)" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+    --tls-cert-file="$p/admin.crt" --tls-private-key-file="$p/admin.key" --client-ca-file="$p/ca.crt" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$p/sa.key" --service-account-signing-key-file="$p/sa.key" \
+    --service-cluster-ip-range=10.96.0.0/16 --authorization-mode=Node,RBAC --allow-privileged=true \
+    --endpoint-reconciler-type=none --cert-dir="$d/apiserver-certs" \
+    --requestheader-client-ca-file="$p/ca.crt" --requestheader-allowed-names=weft-admin \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$p/admin.crt" --proxy-client-key-file="$p/admin.key"
+  await kube-apiserver 90 apiserver_ready
+
+  local kc="$KUBECONFIG_PATH" k; k="$(bin_of kubectl)"
+  "$k" config --kubeconfig="$kc" set-cluster weft-local --server="https://127.0.0.1:$APISERVER_PORT" \
+    --certificate-authority="$p/ca.crt" --embed-certs >/dev/null
+  "$k" config --kubeconfig="$kc" set-credentials weft-admin --client-certificate="$p/admin.crt" \
+    --client-key="$p/admin.key" --embed-certs >/dev/null
+  "$k" config --kubeconfig="$kc" set-context weft-local --cluster=weft-local --user=weft-admin >/dev/null
+  "$k" config --kubeconfig="$kc" use-context weft-local >/dev/null
+
+  log "starting kube-controller-manager, kube-scheduler and kwok"
+  spawn kube-controller-manager "$(bin_of kube-controller-manager)" --kubeconfig="$kc" \
+    --authentication-kubeconfig="$kc" --authorization-kubeconfig="$kc" \
+    --bind-address=127.0.0.1 --secure-port="$KCM_PORT" --leader-elect=false --controllers='*' \
+    --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
+    --cluster-signing-cert-file="$p/ca.crt" --cluster-signing-key-file="$p/ca.key" \
+    --node-monitor-period=2s --node-monitor-grace-period=20s
+  spawn kube-scheduler "$(bin_of kube-scheduler)" --kubeconfig="$kc" \
+    --authentication-kubeconfig="$kc" --authorization-kubeconfig="$kc" \
+    --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --leader-elect=false
+  kwok_stage_config > "$d/kwok-stages.yaml"
+  KWOK_WORKDIR="$d/kwok" spawn kwok "$(bin_of kwok)" --kubeconfig="$kc" --config="$d/kwok-stages.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --node-lease-duration-seconds=40 --cidr=10.0.0.0/16 --node-ip=10.0.0.1 \
+    --server-address="127.0.0.1:$KWOK_PORT"
+  await kube-controller-manager 60 curl -sk --max-time 2 -f "https://127.0.0.1:$KCM_PORT/healthz"
+  await kube-scheduler 60 curl -sk --max-time 2 -f "https://127.0.0.1:$SCHEDULER_PORT/healthz"
+  # Pods are refused in a namespace until its `default` ServiceAccount exists.
+  await kube-controller-manager 60 kctl get serviceaccount default -n default
+  report_dead_components || die "a component died during start-up"
+}
+
+# Stops every component by PID, newest first, and removes the cluster's state.
+stop_control_plane() {
+  local c pid order=""
+  for c in $COMPONENTS; do order="$c $order"; done
+  for c in $order; do
+    pid="$(pid_of "$c")"
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && log "stopped $c (pid $pid)"
+  done
+  for c in $order; do
+    pid="$(pid_of "$c")"; [ -n "$pid" ] || continue
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WEFT_CLUSTER_DIR"
+}
