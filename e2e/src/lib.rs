@@ -1,0 +1,363 @@
+//! weft's end-to-end harness.
+//!
+//! Every test takes its cluster from `KUBECONFIG` (the local control plane that
+//! `e2e/cluster/up` starts, kind, or a real cluster), runs in a namespace of its
+//! own, deletes it afterwards, and, when it fails, prints the namespace's objects
+//! and events (and writes them under `$WEFT_E2E_ARTIFACTS` when that is set).
+//!
+//! Expected flow: `let env = TestEnv::connect().await?;` then
+//! `env.run("name", |ns| async move { ... }).await`. A control plane that cannot
+//! be reached fails the test at `connect` with [`HarnessError::Unreachable`], whose
+//! message says which server was tried and how to start the local one.
+
+pub mod nodes;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Service, ServiceAccount};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::{Api, Client, Config};
+
+/// What went wrong in the harness itself (not in the code under test).
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(
+        "no cluster configuration: {0}. Set KUBECONFIG, or start the local control plane with e2e/cluster/up"
+    )]
+    NoConfig(String),
+    #[error(
+        "the Kubernetes control plane at {server} is not reachable: {reason}. Is it running? Start the local one with e2e/cluster/up (e2e/cluster/status shows what runs)"
+    )]
+    Unreachable { server: String, reason: String },
+    #[error("timed out after {seconds} s waiting for {what}")]
+    Timeout { what: String, seconds: u64 },
+    #[error("Kubernetes API call failed: {0}")]
+    Api(#[from] kube::Error),
+}
+
+impl HarnessError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            HarnessError::NoConfig(_) => "harness_config",
+            HarnessError::Unreachable { .. } => "control_plane_unreachable",
+            HarnessError::Timeout { .. } => "timeout",
+            HarnessError::Api(_) => "api",
+        }
+    }
+}
+
+/// A connection to the cluster under test.
+#[derive(Clone)]
+pub struct TestEnv {
+    pub client: Client,
+    pub server: String,
+}
+
+impl std::fmt::Debug for TestEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestEnv")
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+impl TestEnv {
+    /// Connects to the cluster in `KUBECONFIG` and checks that it answers.
+    pub async fn connect() -> Result<TestEnv, HarnessError> {
+        let config = Config::infer()
+            .await
+            .map_err(|e| HarnessError::NoConfig(e.to_string()))?;
+        Self::connect_with(config).await
+    }
+
+    /// Connects with an explicit configuration and checks that the server answers
+    /// within a few seconds.
+    pub async fn connect_with(mut config: Config) -> Result<TestEnv, HarnessError> {
+        let server = config.cluster_url.to_string();
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(30));
+        let unreachable = |reason: String| HarnessError::Unreachable {
+            server: server.clone(),
+            reason,
+        };
+        let client = Client::try_from(config).map_err(|e| unreachable(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await {
+            Ok(Ok(_)) => Ok(TestEnv { client, server }),
+            Ok(Err(e)) => Err(unreachable(error_chain(&e))),
+            Err(_) => Err(unreachable("no answer within 10 s".to_string())),
+        }
+    }
+
+    /// Runs `body` in a fresh namespace named after the test. On failure (an
+    /// error or a panic) dumps the namespace first; always deletes it afterwards.
+    pub async fn run<F, Fut>(&self, test: &str, body: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(TestNamespace) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let artifacts = std::env::var_os("WEFT_E2E_ARTIFACTS").map(PathBuf::from);
+        self.run_with_artifacts(test, artifacts, body).await
+    }
+
+    /// Like [`TestEnv::run`], writing the dump of a failed test under `artifacts`.
+    pub async fn run_with_artifacts<F, Fut>(
+        &self,
+        test: &str,
+        artifacts: Option<PathBuf>,
+        body: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnOnce(TestNamespace) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let ns = self.create_namespace(test).await?;
+        let outcome = std::panic::AssertUnwindSafe(body(ns.clone()))
+            .catch_unwind()
+            .await;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => Err(anyhow::anyhow!("test panicked: {}", panic_message(&panic))),
+        };
+        if let Err(err) = &result {
+            eprintln!("e2e test {test} failed: {err:#}");
+            let dump = ns.dump().await;
+            eprintln!("{dump}");
+            if let Some(dir) = artifacts {
+                let path = dir.join(format!("{}.txt", ns.name));
+                if let Some(parent) = path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                let _ = std::fs::write(&path, &dump);
+            }
+        }
+        ns.delete().await;
+        result
+    }
+
+    async fn create_namespace(&self, test: &str) -> Result<TestNamespace, HarnessError> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let suffix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id())
+            .unwrap_or(0);
+        let prefix: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect();
+        let name = format!(
+            "e2e-{}-{:06x}",
+            prefix.trim_matches('-'),
+            suffix & 0xff_ffff
+        );
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([("weft.dev/e2e".to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &namespace).await?;
+        let ns = TestNamespace {
+            client: self.client.clone(),
+            name,
+        };
+        // Pods are refused until the service-account controller made `default`.
+        let sa: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &ns.name);
+        wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(60),
+            || {
+                let sa = sa.clone();
+                async move { Ok(sa.get_opt("default").await?.map(|_| ())) }
+            },
+        )
+        .await?;
+        Ok(ns)
+    }
+}
+
+/// A namespace that belongs to one test.
+#[derive(Clone)]
+pub struct TestNamespace {
+    pub client: Client,
+    pub name: String,
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl TestNamespace {
+    /// A namespaced API for `K` in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// The namespace's pods, services, config maps and events, as text.
+    pub async fn dump(&self) -> String {
+        let mut out = format!("==== state of namespace {} ====\n", self.name);
+        out += &dump_kind::<Pod>(self, "pods").await;
+        out += &dump_kind::<Service>(self, "services").await;
+        out += &dump_kind::<ConfigMap>(self, "configmaps").await;
+        let events: Api<Event> = self.api();
+        match events.list(&ListParams::default()).await {
+            Ok(list) => {
+                out += "--- events ---\n";
+                for e in list.items {
+                    out += &format!(
+                        "{} {}/{}: {} {}\n",
+                        e.type_.unwrap_or_default(),
+                        e.involved_object.kind.unwrap_or_default(),
+                        e.involved_object.name.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.message.unwrap_or_default()
+                    );
+                }
+            }
+            Err(err) => out += &format!("--- events: could not list: {err}\n"),
+        }
+        out
+    }
+
+    /// Deletes the namespace and does not wait: the namespace controller empties it.
+    pub async fn delete(&self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        if let Err(err) = api.delete(&self.name, &DeleteParams::background()).await {
+            eprintln!("e2e: could not delete namespace {}: {err}", self.name);
+        }
+    }
+}
+
+async fn dump_kind<K>(ns: &TestNamespace, label: &str) -> String
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let api: Api<K> = ns.api();
+    match api.list(&ListParams::default()).await {
+        Ok(list) => {
+            let mut out = format!("--- {label} ({}) ---\n", list.items.len());
+            for item in list.items {
+                out += &serde_saphyr::to_string(&item).unwrap_or_else(|e| format!("<{e}>\n"));
+                out += "---\n";
+            }
+            out
+        }
+        Err(err) => format!("--- {label}: could not list: {err}\n"),
+    }
+}
+
+/// Polls `probe` every 250 ms until it returns `Some`, an error, or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<T, HarnessError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, HarnessError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HarnessError::Timeout {
+                what: what.to_string(),
+                seconds: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The repository root (the e2e crate lives one level below it).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The helm binary: `$WEFT_HELM`, else the one `e2e/cluster/build` made, else `helm` on PATH.
+pub fn helm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("WEFT_HELM") {
+        return PathBuf::from(path);
+    }
+    let wrapper = repo_root().join("e2e/cluster/helm");
+    if wrapper.exists() {
+        return wrapper;
+    }
+    PathBuf::from("helm")
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text += ": ";
+            text += &cause_text;
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_control_plane_that_is_down_is_reported_as_such() {
+        // Bind and drop a listener so the port is (almost certainly) closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = Config::new(format!("https://127.0.0.1:{port}").parse().unwrap());
+        let err = TestEnv::connect_with(config).await.unwrap_err();
+        assert_eq!(err.category(), "control_plane_unreachable");
+        let message = err.to_string();
+        assert!(message.contains("not reachable"), "{message}");
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert!(message.contains("e2e/cluster/up"), "{message}");
+    }
+}
