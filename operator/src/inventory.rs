@@ -1,0 +1,275 @@
+//! Observe step for nodes: turns Kubernetes Node objects into the planner's
+//! cluster model, reading the GPU capacity, the GPU product, the zone/block/rack
+//! labels and the NIC annotation defined in `weft_crds::topology`.
+//!
+//! Pure: no client. A node that cannot be understood is reported with a typed
+//! error naming the node and the field, and the others are still used.
+
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use weft_crds::topology::{self, TopologyError};
+use weft_planner::cluster::{GpuModel, Nic, Node};
+
+/// A GPU node as weft sees it, with what the scheduler needs to know about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuNode {
+    pub node: Node,
+    /// The node's Ready condition is True.
+    pub ready: bool,
+    /// Not cordoned (`spec.unschedulable` unset).
+    pub schedulable: bool,
+}
+
+/// Why a node could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InventoryError {
+    #[error("node has no name")]
+    Unnamed,
+    #[error("node {node}: {resource} quantity {value:?} is not a whole number")]
+    BadGpuQuantity {
+        node: String,
+        resource: &'static str,
+        value: String,
+    },
+    #[error(
+        "node {node}: GPU product {product:?} (label {label}) is not one weft has constants for (known: {known})"
+    )]
+    UnknownGpuProduct {
+        node: String,
+        product: String,
+        label: &'static str,
+        known: String,
+    },
+    #[error("node {node}: {source}")]
+    Topology {
+        node: String,
+        #[source]
+        source: TopologyError,
+    },
+}
+
+impl InventoryError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            InventoryError::Unnamed | InventoryError::BadGpuQuantity { .. } => "node_status",
+            InventoryError::UnknownGpuProduct { .. } => "gpu_product",
+            InventoryError::Topology { .. } => "node_topology",
+        }
+    }
+}
+
+/// The GPU preset whose product label is `product`.
+pub fn gpu_model_for_product(product: &str) -> Option<GpuModel> {
+    GpuModel::PRESETS
+        .iter()
+        .filter_map(|name| GpuModel::preset(name).ok())
+        .find(|model| model.product_label == product)
+}
+
+/// Reads one node. `Ok(None)` for nodes without GPUs, which weft does not plan on.
+pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
+    let name = node.metadata.name.clone().ok_or(InventoryError::Unnamed)?;
+    let status = node.status.as_ref();
+    let gpus = match status
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get(topology::RESOURCE_GPU))
+    {
+        None => return Ok(None),
+        Some(quantity) => {
+            quantity
+                .0
+                .parse::<u32>()
+                .map_err(|_| InventoryError::BadGpuQuantity {
+                    node: name.clone(),
+                    resource: topology::RESOURCE_GPU,
+                    value: quantity.0.clone(),
+                })?
+        }
+    };
+    if gpus == 0 {
+        return Ok(None);
+    }
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+    let product = label(topology::LABEL_GPU_PRODUCT);
+    let gpu = gpu_model_for_product(&product).ok_or_else(|| InventoryError::UnknownGpuProduct {
+        node: name.clone(),
+        product: product.clone(),
+        label: topology::LABEL_GPU_PRODUCT,
+        known: GpuModel::PRESETS
+            .iter()
+            .filter_map(|n| GpuModel::preset(n).ok())
+            .map(|m| m.product_label)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let nics = match node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(topology::ANNOTATION_NICS))
+    {
+        None => Vec::new(),
+        Some(value) => topology::parse_nics(value, gpus)
+            .map_err(|source| InventoryError::Topology {
+                node: name.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|n| Nic {
+                name: n.name,
+                gbps: n.gbps,
+                gpus: n.gpus,
+            })
+            .collect(),
+    };
+    let capacity = |key: &str| {
+        status
+            .and_then(|s| s.allocatable.as_ref())
+            .and_then(|a| a.get(key))
+            .map(|q| q.0.clone())
+    };
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let schedulable = !node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    Ok(Some(GpuNode {
+        node: Node {
+            name,
+            gpu,
+            gpus,
+            nics,
+            zone: label(topology::LABEL_ZONE),
+            block: label(topology::LABEL_BLOCK),
+            rack: label(topology::LABEL_RACK),
+            cpu_cores: capacity("cpu").and_then(|c| c.parse().ok()).unwrap_or(0),
+            memory_gib: capacity("memory")
+                .and_then(|m| m.strip_suffix("Gi").and_then(|g| g.parse().ok()))
+                .unwrap_or(0),
+        },
+        ready,
+        schedulable,
+    }))
+}
+
+/// Reads every node; GPU nodes that could be read, and the errors of those that could not.
+pub fn read_nodes(nodes: &[KubeNode]) -> (Vec<GpuNode>, Vec<InventoryError>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for node in nodes {
+        match read_node(node) {
+            Ok(Some(gpu_node)) => good.push(gpu_node),
+            Ok(None) => {}
+            Err(err) => bad.push(err),
+        }
+    }
+    good.sort_by(|a, b| a.node.name.cmp(&b.node.name));
+    (good, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn kube_node(
+        name: &str,
+        gpus: &str,
+        product: &str,
+        nics: Option<&str>,
+        ready: bool,
+    ) -> KubeNode {
+        KubeNode {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([
+                    (topology::LABEL_GPU_PRODUCT.to_string(), product.to_string()),
+                    (topology::LABEL_RACK.to_string(), "r1".to_string()),
+                    (topology::LABEL_BLOCK.to_string(), "b0".to_string()),
+                ])),
+                annotations: nics.map(|n| {
+                    BTreeMap::from([(topology::ANNOTATION_NICS.to_string(), n.to_string())])
+                }),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec::default()),
+            status: Some(NodeStatus {
+                allocatable: Some(BTreeMap::from([
+                    (topology::RESOURCE_GPU.to_string(), Quantity(gpus.into())),
+                    ("cpu".to_string(), Quantity("112".into())),
+                    ("memory".to_string(), Quantity("2048Gi".into())),
+                ])),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn reads_a_gpu_node_with_its_topology() {
+        let node = kube_node(
+            "n1",
+            "8",
+            "NVIDIA-H100-80GB-HBM3",
+            Some(
+                r#"[{"name":"mlx5_0","gbps":400,"gpus":[0,1,2,3]},{"name":"mlx5_1","gbps":400,"gpus":[4,5,6,7]}]"#,
+            ),
+            true,
+        );
+        let read = read_node(&node).unwrap().unwrap();
+        assert!(read.ready && read.schedulable);
+        assert_eq!(read.node.gpus, 8);
+        assert_eq!(read.node.gpu.name, "h100");
+        assert_eq!(read.node.rack, "r1");
+        assert_eq!(read.node.nics[1].gpus, vec![4, 5, 6, 7]);
+        assert_eq!(read.node.cpu_cores, 112);
+        assert_eq!(read.node.memory_gib, 2048);
+    }
+
+    #[test]
+    fn skips_cpu_nodes_and_reports_bad_ones_by_name() {
+        let mut cpu = kube_node("cpu", "0", "", None, true);
+        cpu.status
+            .as_mut()
+            .unwrap()
+            .allocatable
+            .as_mut()
+            .unwrap()
+            .remove(topology::RESOURCE_GPU);
+        let nodes = vec![
+            cpu,
+            kube_node("zero", "0", "NVIDIA-H100-80GB-HBM3", None, true),
+            kube_node("ok", "4", "NVIDIA-A100-SXM4-80GB", None, false),
+            kube_node("odd", "eight", "NVIDIA-H100-80GB-HBM3", None, true),
+            kube_node("l40", "4", "NVIDIA-L40S", None, true),
+            kube_node(
+                "badnic",
+                "4",
+                "NVIDIA-H200",
+                Some(r#"[{"name":"x","gbps":1,"gpus":[9]}]"#),
+                true,
+            ),
+        ];
+        let (good, bad) = read_nodes(&nodes);
+        assert_eq!(good.len(), 1);
+        assert_eq!(good[0].node.name, "ok");
+        assert!(!good[0].ready);
+        let messages: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[0].contains("node odd") && messages[0].contains("\"eight\""));
+        assert!(messages[1].contains("node l40") && messages[1].contains("NVIDIA-L40S"));
+        assert!(messages[2].contains("node badnic") && messages[2].contains("GPU 9"));
+        assert_eq!(bad[1].category(), "gpu_product");
+    }
+}
