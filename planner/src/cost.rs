@@ -1,0 +1,315 @@
+//! The cost model: time and memory of a sequence's share of a training step on a
+//! GPU, from the model's shapes and the GPU's constants.
+//!
+//! Accounting (see `shared/references/systems.md` §2):
+//! - Linear modules, forward, per layer: `2 · tokens · layer_params` FLOPs.
+//! - Causal attention, forward, per layer: `2 · s² · h` FLOPs for a sequence of s tokens.
+//! - Training = forward + backward = 3× forward; StreamBP recomputes the forward
+//!   chunk by chunk during backward, so 4×.
+//! - Ring attention over d ranks (zigzag, so every rank does 1/d of the work):
+//!   d steps; in each but the first, a rank sends its K and V chunk (bf16) to its
+//!   neighbour while computing on the chunk it holds. Backward circulates K, V
+//!   again plus dK, dV in fp32. Step time = max(compute, transfer) + latency.
+//! - Activation memory per token per layer: 34·h bytes (Korthikanti et al., bf16,
+//!   flash attention, no recomputation). With StreamBP only the layer inputs
+//!   (2·h bytes) are kept, plus one chunk's full working set.
+//! - Model states are sharded over all ranks (ZeRO-3 style, 16 bytes/param in
+//!   mixed precision), plus two layers of gathered bf16 weights.
+//! - Gradient synchronisation is the same for every plan and overlaps the
+//!   backward pass; it is not modelled.
+//!
+//! Efficiency factors turn peak FLOP/s and line rates into achieved ones. They
+//! default to values typical of H100-class systems and are meant to be replaced
+//! by profiles the trainer measures.
+
+use crate::cluster::GpuModel;
+use crate::model::ModelSpec;
+
+const BF16: f64 = 2.0;
+const FP32: f64 = 4.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Tunable constants of the cost model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostCoefficients {
+    /// Fraction of peak bf16 FLOP/s that linear-module GEMMs reach.
+    pub linear_efficiency: f64,
+    /// Fraction of peak that attention kernels reach.
+    pub attention_efficiency: f64,
+    /// Fraction of a link's line rate that transfers reach.
+    pub link_efficiency: f64,
+    /// Fixed cost of one point-to-point message, seconds.
+    pub p2p_latency_s: f64,
+    /// Fraction of GPU memory available to the step (allocator reserve, workspaces).
+    pub usable_memory_fraction: f64,
+    /// Exact backprop streamed along the sequence (StreamBP): less activation
+    /// memory, one extra forward of compute.
+    pub streambp: bool,
+    /// StreamBP chunk length in tokens.
+    pub streambp_chunk: u64,
+}
+
+impl Default for CostCoefficients {
+    fn default() -> Self {
+        CostCoefficients {
+            linear_efficiency: 0.55,
+            attention_efficiency: 0.40,
+            link_efficiency: 0.80,
+            p2p_latency_s: 15e-6,
+            usable_memory_fraction: 0.90,
+            streambp: false,
+            streambp_chunk: 4096,
+        }
+    }
+}
+
+/// The cost model for one model on a cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostModel {
+    pub model: ModelSpec,
+    pub coefficients: CostCoefficients,
+}
+
+impl CostModel {
+    pub fn new(model: ModelSpec, coefficients: CostCoefficients) -> Self {
+        CostModel {
+            model,
+            coefficients,
+        }
+    }
+
+    fn layers(&self) -> f64 {
+        f64::from(self.model.layers)
+    }
+
+    fn hidden(&self) -> f64 {
+        f64::from(self.model.hidden)
+    }
+
+    /// Forward passes per training step: 1, or 2 with StreamBP's recomputation.
+    fn forward_passes(&self) -> f64 {
+        if self.coefficients.streambp { 2.0 } else { 1.0 }
+    }
+
+    /// Training FLOPs multiplier over one forward pass.
+    fn training_multiplier(&self) -> f64 {
+        self.forward_passes() + 2.0
+    }
+
+    fn linear_flops_per_s(&self, gpu: &GpuModel) -> f64 {
+        gpu.peak_bf16_tflops * 1e12 * self.coefficients.linear_efficiency
+    }
+
+    fn attention_flops_per_s(&self, gpu: &GpuModel) -> f64 {
+        gpu.peak_bf16_tflops * 1e12 * self.coefficients.attention_efficiency
+    }
+
+    /// Seconds for the linear modules of `tokens` tokens through every layer, and
+    /// the LM head, forward and backward.
+    pub fn linear_time(&self, tokens: f64, gpu: &GpuModel) -> f64 {
+        let per_token = 2.0 * self.layers() * self.model.layer_params()
+            + 2.0 * self.hidden() * f64::from(self.model.vocab);
+        tokens * per_token * self.training_multiplier() / self.linear_flops_per_s(gpu)
+    }
+
+    /// Causal attention FLOPs of one sequence, one layer, forward.
+    pub fn attention_flops_forward(&self, length: f64) -> f64 {
+        2.0 * length * length * self.hidden()
+    }
+
+    /// Seconds of attention compute for a whole sequence on one GPU, all layers,
+    /// forward and backward (no communication).
+    pub fn attention_compute_time(&self, length: f64, gpu: &GpuModel) -> f64 {
+        self.layers() * self.attention_flops_forward(length) * self.training_multiplier()
+            / self.attention_flops_per_s(gpu)
+    }
+
+    /// Bytes one rank sends per ring step, per layer, forward (K and V, bf16) and
+    /// backward (K and V again, dK and dV in fp32), for a chunk of `chunk` tokens.
+    pub fn ring_step_bytes(&self, chunk: f64) -> (f64, f64) {
+        let kv = self.model.kv_width();
+        let forward = chunk * 2.0 * kv * BF16;
+        let backward = chunk * 2.0 * kv * BF16 + chunk * 2.0 * kv * FP32;
+        (forward, backward)
+    }
+
+    /// Seconds of ring attention for one sequence of `length` tokens over a ring
+    /// of `degree` ranks whose slowest hop moves `bytes_per_s`, on GPUs of model
+    /// `gpu`, all layers, forward and backward. With degree 1, plain attention.
+    pub fn ring_attention_time(
+        &self,
+        length: f64,
+        degree: u32,
+        bytes_per_s: f64,
+        gpu: &GpuModel,
+    ) -> f64 {
+        let d = f64::from(degree.max(1));
+        let flops = self.attention_flops_per_s(gpu);
+        // Zigzag: each of the d steps holds 1/d² of the forward work on every rank.
+        let step_forward = self.attention_flops_forward(length) / (d * d) / flops;
+        let step_backward = 2.0 * step_forward;
+        if degree <= 1 {
+            return self.layers() * (self.forward_passes() * step_forward + step_backward);
+        }
+        let chunk = length / d;
+        let (bytes_forward, bytes_backward) = self.ring_step_bytes(chunk);
+        let bandwidth = bytes_per_s * self.coefficients.link_efficiency;
+        let latency = self.coefficients.p2p_latency_s;
+        let forward =
+            step_forward + (d - 1.0) * (step_forward.max(bytes_forward / bandwidth) + latency);
+        let backward =
+            step_backward + (d - 1.0) * (step_backward.max(bytes_backward / bandwidth) + latency);
+        self.layers() * (self.forward_passes() * forward + backward)
+    }
+
+    /// Bytes one rank sends per ring hop over the whole step (all layers, forward and backward).
+    pub fn ring_bytes_per_rank(&self, length: f64, degree: u32) -> f64 {
+        if degree <= 1 {
+            return 0.0;
+        }
+        let d = f64::from(degree);
+        let (f, b) = self.ring_step_bytes(length / d);
+        self.layers() * (d - 1.0) * (self.forward_passes() * f + b)
+    }
+
+    /// Bytes that move per token when the remapping layer carries it between the
+    /// linear layout and the attention layout and back, all layers, forward and
+    /// backward: Q, K, V in and O out (bf16), and their gradients.
+    pub fn remap_bytes_per_token(&self) -> f64 {
+        let per_layer = (2.0 * self.hidden() + 2.0 * self.model.kv_width()) * BF16;
+        self.layers() * per_layer * (self.forward_passes() + 1.0)
+    }
+
+    /// Activation bytes kept per token (all layers) for the linear-layout tokens.
+    pub fn activation_bytes_per_token(&self) -> f64 {
+        let per_layer = if self.coefficients.streambp {
+            2.0 * self.hidden()
+        } else {
+            34.0 * self.hidden()
+        };
+        self.layers() * per_layer
+    }
+
+    /// Memory, bytes, of a rank that holds `linear_tokens` tokens in the linear
+    /// layout and `attention_tokens` in the attention layout, in a world of
+    /// `world` ranks.
+    pub fn rank_memory_bytes(&self, linear_tokens: f64, attention_tokens: f64, world: u32) -> f64 {
+        let params = self.model.params();
+        let model_states =
+            16.0 * params / f64::from(world.max(1)) + 2.0 * BF16 * self.model.layer_params();
+        let activations = linear_tokens * self.activation_bytes_per_token();
+        // Q, K, V, O and the log-sum-exp of the attention layout, for one layer at a
+        // time, plus the two K/V chunks in flight of a ring.
+        let attention = attention_tokens
+            * ((2.0 * self.hidden() + 2.0 * self.model.kv_width()) * BF16
+                + FP32 * f64::from(self.model.heads));
+        // Logits (bf16) with their fp32 copy and gradient: whole without StreamBP,
+        // one chunk with it.
+        let logit_tokens = if self.coefficients.streambp {
+            linear_tokens.min(self.coefficients.streambp_chunk as f64)
+        } else {
+            linear_tokens
+        };
+        let logits = logit_tokens * f64::from(self.model.vocab) * (BF16 + FP32 + FP32);
+        // StreamBP keeps one chunk's full working set of one layer.
+        let stream_chunk = if self.coefficients.streambp {
+            linear_tokens.min(self.coefficients.streambp_chunk as f64) * 34.0 * self.hidden()
+        } else {
+            0.0
+        };
+        model_states + activations + attention + logits + stream_chunk
+    }
+
+    /// Memory a rank may use, bytes.
+    pub fn memory_budget_bytes(&self, gpu: &GpuModel) -> f64 {
+        gpu.memory_gib * GIB * self.coefficients.usable_memory_fraction
+    }
+
+    /// How many tokens one rank can hold (same layout for linear and attention).
+    pub fn token_capacity(&self, gpu: &GpuModel, world: u32) -> u64 {
+        let budget = self.memory_budget_bytes(gpu);
+        let fixed = self.rank_memory_bytes(0.0, 0.0, world);
+        let per_token = self.rank_memory_bytes(1.0, 1.0, world) - fixed;
+        // The StreamBP chunk and logits terms are capped, so per_token at 1 token
+        // over-estimates them; fine for a capacity bound.
+        if budget <= fixed || per_token <= 0.0 {
+            return 0;
+        }
+        ((budget - fixed) / per_token).floor() as u64
+    }
+}
+
+/// Bytes of a GiB, for reporting.
+pub fn gib(bytes: f64) -> f64 {
+    bytes / GIB
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h100() -> GpuModel {
+        GpuModel::preset("h100").unwrap()
+    }
+
+    fn cost(model: &str, streambp: bool) -> CostModel {
+        CostModel::new(
+            ModelSpec::preset(model).unwrap(),
+            CostCoefficients {
+                streambp,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn attention_is_quadratic_and_linear_is_linear() {
+        let c = cost("llama-7b", false);
+        let g = h100();
+        let a1 = c.attention_compute_time(8192.0, &g);
+        let a2 = c.attention_compute_time(16384.0, &g);
+        assert!((a2 / a1 - 4.0).abs() < 1e-9);
+        let l1 = c.linear_time(8192.0, &g);
+        let l2 = c.linear_time(16384.0, &g);
+        assert!((l2 / l1 - 2.0).abs() < 1e-9);
+        // The FLOP crossover of llama-7b is s* = 2h + 2h_kv + 3f = 49,408 tokens;
+        // with attention kernels less efficient than GEMMs it comes earlier.
+        let at = |s: f64| c.attention_compute_time(s, &g) / c.linear_time(s, &g);
+        assert!(at(49_408.0) > 1.0 && at(8192.0) < 1.0);
+    }
+
+    #[test]
+    fn ring_of_one_is_plain_attention_and_rings_add_only_overhead() {
+        let c = cost("llama-7b", false);
+        let g = h100();
+        let plain = c.attention_compute_time(65536.0, &g);
+        assert!((c.ring_attention_time(65536.0, 1, 1e9, &g) - plain).abs() / plain < 1e-12);
+        for d in [2u32, 4, 8, 64] {
+            let ring = c.ring_attention_time(65536.0, d, 50e9, &g);
+            assert!(ring >= plain / f64::from(d) * 0.999, "degree {d}");
+        }
+        // Slow links make rings slower, never faster.
+        assert!(
+            c.ring_attention_time(8192.0, 8, 5e9, &g) > c.ring_attention_time(8192.0, 8, 400e9, &g)
+        );
+    }
+
+    #[test]
+    fn streambp_trades_memory_for_compute() {
+        let plain = cost("llama-7b", false);
+        let stream = cost("llama-7b", true);
+        let g = h100();
+        assert!(stream.token_capacity(&g, 64) > 4 * plain.token_capacity(&g, 64));
+        assert!(stream.linear_time(1000.0, &g) > plain.linear_time(1000.0, &g));
+        // llama-7b at 34h bytes/token/layer = 4.46 MB per token (systems.md).
+        assert!((plain.activation_bytes_per_token() / 1e6 - 4.46).abs() < 0.01);
+    }
+
+    #[test]
+    fn big_models_need_many_ranks_for_their_states() {
+        let c = cost("llama-70b", false);
+        let g = h100();
+        assert_eq!(c.token_capacity(&g, 8), 0, "70B does not fit on one node");
+        assert!(c.token_capacity(&g, 512) > 1000);
+    }
+}

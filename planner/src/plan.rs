@@ -1,0 +1,337 @@
+//! The step plan: where every token of one step's batch lives, how tokens move
+//! between the attention layout and the linear-module layout, which NIC carries
+//! each inter-node transfer, and what the cost model predicts for each rank.
+//!
+//! Version 1 of the document (`version: 1`). Its JSON form is what `weft plan
+//! --format json` prints and what every worker derives, identically, from the
+//! same inputs.
+//!
+//! Execution model the plan describes:
+//! - A step is a list of micro-batches run in order; gradients accumulate over
+//!   them. Memory limits hold per micro-batch.
+//! - A micro-batch is a list of ring groups. A group is an ordered ring of ranks
+//!   and the sequences it processes together: every sequence of a group is split
+//!   over all of its ranks in zigzag order (rank i of d holds chunks i and
+//!   2d−1−i of 2d), and the group's documents share the ring's steps (packed,
+//!   with per-document causal masks). A group of one rank holds whole sequences.
+//! - A rank may belong to several groups of a micro-batch; it runs them in order,
+//!   and a group starts when all its ranks are free.
+//! - With `remap`, a micro-batch has a linear layout of its own: linear modules
+//!   see a token-balanced layout and an all-to-all moves tokens to the attention
+//!   layout and back (both ways, forward and backward).
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the step plan document.
+pub const STEP_PLAN_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepPlan {
+    pub version: u32,
+    pub strategy: String,
+    pub world_size: u32,
+    pub micro_batches: Vec<MicroBatch>,
+    /// Every sequence of the batch, in input order.
+    pub sequences: Vec<SequencePlan>,
+    /// Prediction per rank, indexed by rank.
+    pub ranks: Vec<RankPrediction>,
+    /// The remap of each micro-batch that has one.
+    pub remap: Vec<RemapPlan>,
+    /// Inter-node transfers and the NICs that carry them.
+    pub routes: Vec<NicRoute>,
+    pub predicted: Prediction,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MicroBatch {
+    pub index: u32,
+    pub groups: Vec<Group>,
+    /// Linear modules run on a token-balanced layout of their own.
+    pub remap: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Group {
+    /// Ranks in ring order; neighbours exchange K/V chunks.
+    pub ranks: Vec<u32>,
+    /// Ids of the sequences this group processes.
+    pub sequences: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SequencePlan {
+    pub id: u64,
+    pub length: u64,
+    pub micro_batch: u32,
+    /// Context-parallel degree (ranks that share the sequence).
+    pub degree: u32,
+    pub shards: Vec<Shard>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Shard {
+    pub rank: u32,
+    /// Token ranges `[start, end)` of the sequence held by this rank.
+    pub ranges: Vec<[u64; 2]>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RemapPlan {
+    pub micro_batch: u32,
+    /// Tokens each rank holds in the linear layout, indexed by rank.
+    pub linear_tokens: Vec<u64>,
+    /// Tokens each rank sends to another to reach the attention layout (the
+    /// same flows reversed bring them back).
+    pub sends: Vec<Transfer>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Transfer {
+    pub from: u32,
+    pub to: u32,
+    pub tokens: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NicRoute {
+    pub micro_batch: u32,
+    pub from_rank: u32,
+    pub to_rank: u32,
+    pub from_node: String,
+    pub to_node: String,
+    /// What carries the transfer: one NIC of the sending node, or several when the
+    /// transfer is spread (each part relayed over NVLink through a GPU close to its NIC).
+    pub legs: Vec<RouteLeg>,
+    /// Bytes over the whole step.
+    pub bytes: f64,
+    /// Bandwidth the transfer gets under contention, GB/s.
+    pub gbytes_per_s: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RouteLeg {
+    pub nic: String,
+    /// The rank that forwards this part to the NIC, when it is not the sender.
+    pub relay_rank: Option<u32>,
+    /// Fraction of the transfer's bytes on this leg.
+    pub share: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RankPrediction {
+    pub rank: u32,
+    pub node: String,
+    /// Time until this rank finishes the step, s.
+    pub time_s: f64,
+    /// Of which busy computing, s.
+    pub compute_s: f64,
+    /// Of which in communication that compute did not hide, s.
+    pub exposed_comm_s: f64,
+    /// Peak memory over the micro-batches, GiB.
+    pub memory_gib: f64,
+    pub attention_tokens: u64,
+    pub linear_tokens: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Prediction {
+    pub step_time_s: f64,
+    pub lower_bound_s: f64,
+    /// max over ranks of busy time / mean of busy time.
+    pub max_over_mean: f64,
+    /// Share of the step that ranks spend in communication compute did not hide.
+    pub comm_fraction: f64,
+    pub peak_memory_gib: f64,
+    /// True when every rank's memory stays within its budget.
+    pub fits_in_memory: bool,
+}
+
+/// A broken plan invariant.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "sequence {id}: token {token} is held by {holders} ranks; every token must be held by exactly one"
+    )]
+    TokenCoverage { id: u64, token: u64, holders: usize },
+    #[error(
+        "sequence {id}: shard range [{start}, {end}) is outside the sequence of {length} tokens"
+    )]
+    RangeOutside {
+        id: u64,
+        start: u64,
+        end: u64,
+        length: u64,
+    },
+    #[error("sequence {id} is in {count} groups; it must be in exactly one")]
+    GroupCount { id: u64, count: usize },
+    #[error("rank {rank} is not below the world size {world}")]
+    RankOutOfRange { rank: u32, world: u32 },
+    #[error("group of micro-batch {micro_batch} names rank {rank} twice")]
+    DuplicateRank { micro_batch: u32, rank: u32 },
+    #[error(
+        "micro-batch {micro_batch}: the linear layout holds {linear} tokens, the attention layout {attention}"
+    )]
+    RemapMismatch {
+        micro_batch: u32,
+        linear: u64,
+        attention: u64,
+    },
+}
+
+impl PlanError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        "plan_invariant"
+    }
+}
+
+impl StepPlan {
+    /// Checks the invariants every plan must keep: every token of every sequence
+    /// held by exactly one rank, every sequence in exactly one group, ranks in
+    /// range and not repeated within a group, remap layouts of equal size.
+    pub fn check(&self) -> Result<(), PlanError> {
+        let world = self.world_size;
+        let mut group_count = std::collections::BTreeMap::<u64, usize>::new();
+        for mb in &self.micro_batches {
+            for group in &mb.groups {
+                let mut seen = std::collections::BTreeSet::new();
+                for &rank in &group.ranks {
+                    if rank >= world {
+                        return Err(PlanError::RankOutOfRange { rank, world });
+                    }
+                    if !seen.insert(rank) {
+                        return Err(PlanError::DuplicateRank {
+                            micro_batch: mb.index,
+                            rank,
+                        });
+                    }
+                }
+                for id in &group.sequences {
+                    *group_count.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        for seq in &self.sequences {
+            let count = group_count.get(&seq.id).copied().unwrap_or(0);
+            if count != 1 {
+                return Err(PlanError::GroupCount { id: seq.id, count });
+            }
+            let mut ranges: Vec<[u64; 2]> = Vec::new();
+            for shard in &seq.shards {
+                if shard.rank >= world {
+                    return Err(PlanError::RankOutOfRange {
+                        rank: shard.rank,
+                        world,
+                    });
+                }
+                for r in &shard.ranges {
+                    if r[0] > r[1] || r[1] > seq.length {
+                        return Err(PlanError::RangeOutside {
+                            id: seq.id,
+                            start: r[0],
+                            end: r[1],
+                            length: seq.length,
+                        });
+                    }
+                    if r[0] < r[1] {
+                        ranges.push(*r);
+                    }
+                }
+            }
+            ranges.sort_unstable();
+            let mut next = 0;
+            for r in &ranges {
+                if r[0] != next {
+                    let holders = if r[0] > next { 0 } else { 2 };
+                    let token = if r[0] > next { next } else { r[0] };
+                    return Err(PlanError::TokenCoverage {
+                        id: seq.id,
+                        token,
+                        holders,
+                    });
+                }
+                next = r[1];
+            }
+            if next != seq.length {
+                return Err(PlanError::TokenCoverage {
+                    id: seq.id,
+                    token: next,
+                    holders: 0,
+                });
+            }
+        }
+        for remap in &self.remap {
+            let linear: u64 = remap.linear_tokens.iter().sum();
+            let attention: u64 = self
+                .sequences
+                .iter()
+                .filter(|s| s.micro_batch == remap.micro_batch)
+                .map(|s| s.length)
+                .sum();
+            if linear != attention {
+                return Err(PlanError::RemapMismatch {
+                    micro_batch: remap.micro_batch,
+                    linear,
+                    attention,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Zigzag (head-tail) split of `length` tokens over `degree` ranks: the sequence
+/// is cut into 2·degree chunks whose sizes differ by at most one token, and rank
+/// i takes chunks i and 2·degree−1−i, so every rank gets the same causal work.
+pub fn zigzag_ranges(length: u64, degree: u32) -> Vec<Vec<[u64; 2]>> {
+    let d = u64::from(degree.max(1));
+    if d == 1 {
+        return vec![vec![[0, length]]];
+    }
+    let chunks = 2 * d;
+    let base = length / chunks;
+    let extra = length % chunks;
+    // Chunk c has base+1 tokens when c < extra.
+    let start = |c: u64| c * base + c.min(extra);
+    (0..d)
+        .map(|i| {
+            let head = [start(i), start(i + 1)];
+            let tail_chunk = chunks - 1 - i;
+            let tail = [start(tail_chunk), start(tail_chunk + 1)];
+            vec![head, tail]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn zigzag_covers_every_token_once_with_balanced_causal_work(length in 0u64..100_000, degree in 1u32..64) {
+            let parts = zigzag_ranges(length, degree);
+            prop_assert_eq!(parts.len() as u32, degree);
+            let mut all: Vec<[u64; 2]> = parts.iter().flatten().copied().filter(|r| r[0] < r[1]).collect();
+            all.sort_unstable();
+            let mut next = 0;
+            for r in &all { prop_assert_eq!(r[0], next); next = r[1]; }
+            prop_assert_eq!(next, length);
+            // Causal work of a token at position p is p+1 (keys it sees). Every
+            // rank's share is within one chunk-row of the mean.
+            if degree > 1 && length >= 4 * u64::from(degree) {
+                let work: Vec<u128> = parts.iter().map(|rs| rs.iter().map(|r| {
+                    let (a, b) = (u128::from(r[0]), u128::from(r[1]));
+                    (b * (b + 1) - a * (a + 1)) / 2
+                }).sum()).collect();
+                let max = *work.iter().max().unwrap() as f64;
+                let min = *work.iter().min().unwrap() as f64;
+                let chunk = length as f64 / (2.0 * f64::from(degree));
+                prop_assert!(max - min <= 2.0 * chunk * length as f64 / chunk.max(1.0) + 4.0 * length as f64,
+                    "work spread {} too large", max - min);
+                prop_assert!(max / min < 1.0 + 4.0 / (chunk.max(1.0)) + 0.05);
+            }
+        }
+    }
+}
