@@ -448,12 +448,18 @@ async fn a_failing_test_dumps_its_namespace_and_still_cleans_up() -> anyhow::Res
     ensure!(err.to_string().contains("failing on purpose"), "{err}");
     let dump = std::fs::read_to_string(artifacts.join(format!("{seen_ns}.txt")))
         .context("no dump was written")?;
-    ensure!(dump.contains("evidence-of-state"), "dump lacks the namespace's objects:\n{dump}");
+    ensure!(
+        dump.contains("evidence-of-state"),
+        "dump lacks the namespace's objects:\n{dump}"
+    );
     ensure!(dump.contains("--- events"), "dump lacks the events section");
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
     let ns = namespaces.get_opt(&seen_ns).await?;
     let deleting = ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some());
-    ensure!(deleting, "namespace {seen_ns} was not deleted after the failure");
+    ensure!(
+        deleting,
+        "namespace {seen_ns} was not deleted after the failure"
+    );
     let _ = std::fs::remove_dir_all(&artifacts);
     Ok(())
 }
