@@ -143,23 +143,48 @@ impl CostModel {
         bytes_per_s: f64,
         gpu: &GpuModel,
     ) -> f64 {
+        self.packed_ring_time(&[length], degree, bytes_per_s, gpu)
+            .total_s
+    }
+
+    /// Ring attention for documents packed into one ring pass: every ring step
+    /// carries a chunk of each document, and its compute covers each document's
+    /// causal block (no attention across documents). All layers, forward and
+    /// backward, per rank.
+    pub fn packed_ring_time(
+        &self,
+        lengths: &[f64],
+        degree: u32,
+        bytes_per_s: f64,
+        gpu: &GpuModel,
+    ) -> RingTime {
         let d = f64::from(degree.max(1));
         let flops = self.attention_flops_per_s(gpu);
-        // Zigzag: each of the d steps holds 1/d² of the forward work on every rank.
-        let step_forward = self.attention_flops_forward(length) / (d * d) / flops;
+        // Zigzag: each of the d steps holds 1/d² of a document's forward work on every rank.
+        let step_forward: f64 = lengths
+            .iter()
+            .map(|s| self.attention_flops_forward(*s) / (d * d) / flops)
+            .sum();
         let step_backward = 2.0 * step_forward;
+        let compute = self.layers() * d * (self.forward_passes() * step_forward + step_backward);
         if degree <= 1 {
-            return self.layers() * (self.forward_passes() * step_forward + step_backward);
+            return RingTime {
+                total_s: compute,
+                compute_s: compute,
+            };
         }
-        let chunk = length / d;
-        let (bytes_forward, bytes_backward) = self.ring_step_bytes(chunk);
+        let tokens: f64 = lengths.iter().sum();
+        let (bytes_forward, bytes_backward) = self.ring_step_bytes(tokens / d);
         let bandwidth = bytes_per_s * self.coefficients.link_efficiency;
         let latency = self.coefficients.p2p_latency_s;
         let forward =
             step_forward + (d - 1.0) * (step_forward.max(bytes_forward / bandwidth) + latency);
         let backward =
             step_backward + (d - 1.0) * (step_backward.max(bytes_backward / bandwidth) + latency);
-        self.layers() * (self.forward_passes() * forward + backward)
+        RingTime {
+            total_s: self.layers() * (self.forward_passes() * forward + backward),
+            compute_s: compute,
+        }
     }
 
     /// Bytes one rank sends per ring hop over the whole step (all layers, forward and backward).
@@ -180,14 +205,35 @@ impl CostModel {
         self.layers() * per_layer * (self.forward_passes() + 1.0)
     }
 
-    /// Activation bytes kept per token (all layers) for the linear-layout tokens.
+    /// Bytes attention saves per token per layer for its backward: Q, K, V, O
+    /// (bf16) and the log-sum-exp per head (fp32). They live on the rank that
+    /// holds the token in the attention layout.
+    fn attention_saved_bytes_per_layer(&self) -> f64 {
+        (2.0 * self.hidden() + 2.0 * self.model.kv_width()) * BF16
+            + FP32 * f64::from(self.model.heads)
+    }
+
+    /// Activation bytes kept per token (all layers) for the linear-layout tokens:
+    /// Korthikanti's 34·h per layer less what attention keeps; with StreamBP, the
+    /// layer inputs only.
     pub fn activation_bytes_per_token(&self) -> f64 {
         let per_layer = if self.coefficients.streambp {
             2.0 * self.hidden()
         } else {
-            34.0 * self.hidden()
+            34.0 * self.hidden() - self.attention_saved_bytes_per_layer()
         };
         self.layers() * per_layer
+    }
+
+    /// Bytes kept per token of the attention layout (all layers; with StreamBP
+    /// one layer at a time, as it is recomputed chunk by chunk).
+    pub fn attention_bytes_per_token(&self) -> f64 {
+        let layers = if self.coefficients.streambp {
+            1.0
+        } else {
+            self.layers()
+        };
+        layers * self.attention_saved_bytes_per_layer()
     }
 
     /// Memory, bytes, of a rank that holds `linear_tokens` tokens in the linear
@@ -198,22 +244,19 @@ impl CostModel {
         let model_states =
             16.0 * params / f64::from(world.max(1)) + 2.0 * BF16 * self.model.layer_params();
         let activations = linear_tokens * self.activation_bytes_per_token();
-        // Q, K, V, O and the log-sum-exp of the attention layout, for one layer at a
-        // time, plus the two K/V chunks in flight of a ring.
-        let attention = attention_tokens
-            * ((2.0 * self.hidden() + 2.0 * self.model.kv_width()) * BF16
-                + FP32 * f64::from(self.model.heads));
+        let attention = attention_tokens * self.attention_bytes_per_token();
         // Logits (bf16) with their fp32 copy and gradient: whole without StreamBP,
         // one chunk with it.
+        let chunk = self.coefficients.streambp_chunk as f64;
         let logit_tokens = if self.coefficients.streambp {
-            linear_tokens.min(self.coefficients.streambp_chunk as f64)
+            linear_tokens.min(chunk)
         } else {
             linear_tokens
         };
         let logits = logit_tokens * f64::from(self.model.vocab) * (BF16 + FP32 + FP32);
         // StreamBP keeps one chunk's full working set of one layer.
         let stream_chunk = if self.coefficients.streambp {
-            linear_tokens.min(self.coefficients.streambp_chunk as f64) * 34.0 * self.hidden()
+            linear_tokens.min(chunk) * 34.0 * self.hidden()
         } else {
             0.0
         };
@@ -237,6 +280,13 @@ impl CostModel {
         }
         ((budget - fixed) / per_token).floor() as u64
     }
+}
+
+/// Time of a ring pass, and how much of it is computation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RingTime {
+    pub total_s: f64,
+    pub compute_s: f64,
 }
 
 /// Bytes of a GiB, for reporting.
@@ -301,8 +351,10 @@ mod tests {
         let g = h100();
         assert!(stream.token_capacity(&g, 64) > 4 * plain.token_capacity(&g, 64));
         assert!(stream.linear_time(1000.0, &g) > plain.linear_time(1000.0, &g));
-        // llama-7b at 34h bytes/token/layer = 4.46 MB per token (systems.md).
-        assert!((plain.activation_bytes_per_token() / 1e6 - 4.46).abs() < 0.01);
+        // llama-7b at 34h bytes/token/layer = 4.46 MB per token (systems.md),
+        // split between the linear and the attention layout.
+        let total = plain.activation_bytes_per_token() + plain.attention_bytes_per_token();
+        assert!((total / 1e6 - 4.46).abs() < 0.02, "{total}");
     }
 
     #[test]

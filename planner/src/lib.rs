@@ -3,12 +3,38 @@
 //! each step identically, without talking to the others).
 //!
 //! - [`cluster`]: nodes, GPUs, NICs and their affinity, and the shorthand that
-//!   describes them.
+//!   describes them; [`topology`]: the ranks of a cluster.
 //! - [`model`]: transformer shapes and presets.
 //! - [`cost`]: time and memory of a sequence's share of a step.
 //! - [`plan`]: the step plan document and its invariants.
+//! - [`strategies`] and [`weft`]: the baselines and weft's own strategy, each
+//!   returning a layout; [`sim`] prices a layout and builds its step plan, and
+//!   gives the lower bound every plan is compared with.
+//! - [`input`] reads lengths, cluster and model files; [`report`] runs
+//!   `weft simulate`; [`rng`] is the deterministic generator both use.
 
 pub mod cluster;
 pub mod cost;
+pub mod input;
 pub mod model;
 pub mod plan;
+pub mod report;
+pub mod rng;
+pub mod sim;
+pub mod strategies;
+pub mod topology;
+pub mod weft;
+
+pub use sim::{PlanContext, build_plan, lower_bound, simulate};
+pub use strategies::{PlanningError, Strategy, plan_layout};
+
+/// Plans one batch with one strategy and returns the step plan document.
+pub fn plan_step(
+    strategy: Strategy,
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<plan::StepPlan, PlanningError> {
+    let layout = plan_layout(strategy, ctx, lengths, context_length)?;
+    Ok(build_plan(ctx, lengths, &layout))
+}

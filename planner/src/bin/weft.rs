@@ -1,0 +1,290 @@
+//! `weft`: plan a step, or simulate many, from the command line.
+//!
+//! ```text
+//! weft plan --lengths FILE --cluster CLUSTER --model MODEL [--strategy NAME] [--max-seq-len N] [--format json|table]
+//! weft simulate --lengths FILE --cluster CLUSTER --model MODEL --tokens-per-step N --steps K --seed S
+//!               [--max-seq-len N] [--format json|table]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::input::{load_cluster, load_model, read_lengths};
+use weft_planner::plan::StepPlan;
+use weft_planner::report::{sample_batches, simulate_batches};
+use weft_planner::topology::Topology;
+use weft_planner::{PlanContext, Strategy, plan_step};
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Plan how variable-length sequences are spread over a GPU cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+    Table,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Sequence lengths, one positive integer per line (`#` comments allowed).
+    #[arg(long)]
+    lengths: PathBuf,
+    /// Cluster: a shorthand such as 64x8 or 64x8:nics=4, or a YAML/JSON file.
+    #[arg(long)]
+    cluster: String,
+    /// Model: a preset (llama-7b, llama-13b, llama-70b, tiny) or a YAML/JSON file.
+    #[arg(long)]
+    model: String,
+    /// Context length: longer sequences are cut to it.
+    #[arg(long)]
+    max_seq_len: Option<u64>,
+    /// Price activations as StreamBP keeps them (less memory, one more forward).
+    #[arg(long)]
+    streambp: bool,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the step plan of one batch (every line of the lengths file).
+    Plan {
+        #[command(flatten)]
+        common: Common,
+        /// static, hdp, zeppelin or weft.
+        #[arg(long, default_value = "weft")]
+        strategy: String,
+        /// With weft: also print every candidate it weighed and its predicted time.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Sample batches and compare every strategy on them.
+    Simulate {
+        #[command(flatten)]
+        common: Common,
+        /// Tokens per global batch.
+        #[arg(long)]
+        tokens_per_step: u64,
+        /// Batches to sample.
+        #[arg(long)]
+        steps: usize,
+        /// Seed of the sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn context(common: &Common) -> anyhow::Result<(PlanContext, Vec<u64>)> {
+    let cluster = load_cluster(&common.cluster)?;
+    let model = load_model(&common.model)?;
+    let mut lengths = read_lengths(&common.lengths)?;
+    if let Some(cap) = common.max_seq_len {
+        if cap == 0 {
+            bail!("--max-seq-len must be at least 1");
+        }
+        lengths.iter_mut().for_each(|s| *s = (*s).min(cap));
+    }
+    let topology = Topology::new(&cluster)?;
+    let cost = CostModel::new(
+        model,
+        CostCoefficients {
+            streambp: common.streambp,
+            ..Default::default()
+        },
+    );
+    Ok((PlanContext { topology, cost }, lengths))
+}
+
+/// `0,1,2,3,8` as `0-3,8`.
+fn rank_ranges(ranks: &[u32]) -> String {
+    let mut sorted = ranks.to_vec();
+    sorted.sort_unstable();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+fn plan_table(plan: &StepPlan) -> String {
+    let p = &plan.predicted;
+    let mut out = format!(
+        "strategy {} on {} GPUs: {} sequences in {} micro-batches\npredicted step {:.4} s, lower bound {:.4} s ({:.3}x), max/mean {:.3}, communication {:.1}%, peak memory {:.1} GiB{}\n\n",
+        plan.strategy,
+        plan.world_size,
+        plan.sequences.len(),
+        plan.micro_batches.len(),
+        p.step_time_s,
+        p.lower_bound_s,
+        if p.lower_bound_s > 0.0 {
+            p.step_time_s / p.lower_bound_s
+        } else {
+            1.0
+        },
+        p.max_over_mean,
+        p.comm_fraction * 100.0,
+        p.peak_memory_gib,
+        if p.fits_in_memory {
+            ""
+        } else {
+            " (EXCEEDS MEMORY)"
+        }
+    );
+    out += &format!(
+        "{:>8} {:>10} {:>6} {:>5}  ranks\n",
+        "sequence", "length", "degree", "mb"
+    );
+    for s in &plan.sequences {
+        let ranks: Vec<u32> = s.shards.iter().map(|sh| sh.rank).collect();
+        out += &format!(
+            "{:>8} {:>10} {:>6} {:>5}  {}\n",
+            s.id,
+            s.length,
+            s.degree,
+            s.micro_batch,
+            rank_ranges(&ranks)
+        );
+    }
+    out += &format!(
+        "\n{:>6} {:<16} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}\n",
+        "rank", "node", "time_s", "compute_s", "comm_s", "mem_GiB", "attn_tok", "linear_tok"
+    );
+    for r in &plan.ranks {
+        out += &format!(
+            "{:>6} {:<16} {:>10.4} {:>10.4} {:>10.4} {:>8.1} {:>10} {:>10}\n",
+            r.rank,
+            r.node,
+            r.time_s,
+            r.compute_s,
+            r.exposed_comm_s,
+            r.memory_gib,
+            r.attention_tokens,
+            r.linear_tokens
+        );
+    }
+    if !plan.routes.is_empty() {
+        out += &format!(
+            "\n{} inter-node transfers; first ones:\n",
+            plan.routes.len()
+        );
+        for route in plan.routes.iter().take(8) {
+            let legs: Vec<String> = route
+                .legs
+                .iter()
+                .map(|l| match l.relay_rank {
+                    Some(relay) => format!("{}(via rank {relay})", l.nic),
+                    None => l.nic.clone(),
+                })
+                .collect();
+            out += &format!(
+                "  mb {} rank {} ({}) -> rank {} ({}): {:.1} MB at {:.1} GB/s over {}\n",
+                route.micro_batch,
+                route.from_rank,
+                route.from_node,
+                route.to_rank,
+                route.to_node,
+                route.bytes / 1e6,
+                route.gbytes_per_s,
+                legs.join(" ")
+            );
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan {
+            common,
+            strategy,
+            explain,
+        } => {
+            let strategy = Strategy::parse(&strategy)?;
+            let (ctx, lengths) = context(&common)?;
+            if explain {
+                eprintln!(
+                    "{:<18} {:>12} {:>9} {:>9} {:>8} {:>5}",
+                    "candidate", "step_time_s", "vs_lb", "max/mean", "comm", "fits"
+                );
+                let lb = weft_planner::lower_bound(&ctx, &lengths);
+                for (name, layout) in
+                    weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?
+                {
+                    let o = weft_planner::simulate(&ctx, &lengths, &layout);
+                    eprintln!(
+                        "{:<18} {:>12.4} {:>9.3} {:>9.3} {:>7.1}% {:>5}",
+                        name,
+                        o.step_time_s,
+                        if lb > 0.0 { o.step_time_s / lb } else { 1.0 },
+                        o.max_over_mean(),
+                        o.comm_fraction() * 100.0,
+                        if o.fits_in_memory { "yes" } else { "NO" }
+                    );
+                }
+                eprintln!();
+            }
+            let plan = plan_step(strategy, &ctx, &lengths, common.max_seq_len)?;
+            plan.check()
+                .context("the plan broke an invariant (a bug in weft)")?;
+            match common.format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+                Format::Table => print!("{}", plan_table(&plan)),
+            }
+        }
+        Command::Simulate {
+            common,
+            tokens_per_step,
+            steps,
+            seed,
+        } => {
+            if tokens_per_step == 0 {
+                bail!("--tokens-per-step must be at least 1");
+            }
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let (ctx, lengths) = context(&common)?;
+            let batches =
+                sample_batches(&lengths, tokens_per_step, steps, seed, common.max_seq_len);
+            let report = simulate_batches(&ctx, &batches, &Strategy::ALL, common.max_seq_len)?;
+            match common.format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", report.table()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("weft: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The simulator: what a layout costs on a cluster, under one cost model, so that
+//! every strategy is judged the same way; and the step plan document built from
+//! a layout.
+//!
+//! Time model, per micro-batch, in order:
+//! - A micro-batch with a remap starts when every rank is free (the all-to-all
+//!   is a barrier), runs the linear modules on the token-balanced layout and the
+//!   remap, then its ring groups, and ends with another barrier (the way back).
+//! - Ring groups are list-scheduled: a group starts when all its ranks are free
+//!   and holds them for its duration (its packed ring pass, plus, without a
+//!   remap, the linear modules of each rank's share).
+//! - Transfers that cross nodes compete for NICs: each NIC (or, when transfers
+//!   are spread over every NIC of a node, the node's NICs together) is busy for
+//!   the bytes it carries divided by its rate, and a transfer gets its bytes over
+//!   the busier of its sending and receiving side. NVLink inside a node is not a
+//!   bottleneck at these volumes.
+
+use std::collections::BTreeMap;
+
+use crate::cost::{CostModel, gib};
+use crate::plan::{
+    MicroBatch, NicRoute, Prediction, RankPrediction, RemapPlan, RouteLeg, STEP_PLAN_VERSION,
+    SequencePlan, Shard, StepPlan, Transfer, zigzag_ranges,
+};
+use crate::topology::Topology;
+
+/// How transfers between nodes are carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Each transfer leaves through the sender's closest NIC and arrives through
+    /// the receiver's: what a collective library does by default.
+    ClosestNic,
+    /// Transfers are spread over every NIC of the node, each part relayed over
+    /// NVLink through a GPU close to its NIC.
+    AllNics,
+}
+
+/// A group of ranks and the sequences it processes together (see [`crate::plan`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayoutGroup {
+    pub ranks: Vec<u32>,
+    /// Indices into the batch.
+    pub sequences: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct LayoutMicroBatch {
+    pub groups: Vec<LayoutGroup>,
+    pub remap: bool,
+}
+
+/// What a strategy decides; everything else follows from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub strategy: String,
+    pub micro_batches: Vec<LayoutMicroBatch>,
+    pub routing: Routing,
+}
+
+/// Everything the planner needs besides the batch.
+#[derive(Clone, Debug)]
+pub struct PlanContext {
+    pub topology: Topology,
+    pub cost: CostModel,
+}
+
+/// Per-rank outcome of a simulation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RankOutcome {
+    pub finish_s: f64,
+    pub compute_s: f64,
+    pub exposed_comm_s: f64,
+    pub peak_memory_bytes: f64,
+    pub attention_tokens: u64,
+    pub linear_tokens: u64,
+}
+
+/// Outcome of a simulation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub step_time_s: f64,
+    pub ranks: Vec<RankOutcome>,
+    pub fits_in_memory: bool,
+    pub routes: Vec<NicRoute>,
+    pub remaps: Vec<RemapPlan>,
+}
+
+impl Outcome {
+    pub fn max_over_mean(&self) -> f64 {
+        let busy: Vec<f64> = self
+            .ranks
+            .iter()
+            .map(|r| r.compute_s + r.exposed_comm_s)
+            .collect();
+        let mean = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
+        let max = busy.iter().copied().fold(0.0, f64::max);
+        if mean > 0.0 { max / mean } else { 1.0 }
+    }
+
+    pub fn comm_fraction(&self) -> f64 {
+        let total = self.step_time_s * self.ranks.len() as f64;
+        if total > 0.0 {
+            self.ranks.iter().map(|r| r.exposed_comm_s).sum::<f64>() / total
+        } else {
+            0.0
+        }
+    }
+
+    pub fn peak_memory_gib(&self) -> f64 {
+        gib(self
+            .ranks
+            .iter()
+            .map(|r| r.peak_memory_bytes)
+            .fold(0.0, f64::max))
+    }
+}
+
+/// Lower bound on the step time of a batch: all compute of the step spread
+/// perfectly over every GPU at its achieved rate, with no communication, no
+/// imbalance and no memory limit. No plan can beat it.
+pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
+    let topo = &ctx.topology;
+    // Work in "seconds on a reference GPU", then divide by the cluster's
+    // capacity in reference GPUs, so heterogeneous clusters are handled.
+    let reference = topo.gpu_of(0).clone();
+    let work: f64 = lengths
+        .iter()
+        .map(|s| {
+            let s = *s as f64;
+            ctx.cost.linear_time(s, &reference) + ctx.cost.attention_compute_time(s, &reference)
+        })
+        .sum();
+    let capacity: f64 = (0..topo.world())
+        .map(|r| topo.gpu_of(r).peak_bf16_tflops / reference.peak_bf16_tflops)
+        .sum();
+    work / capacity
+}
+
+/// Integer split of `total` proportional to `weights` (largest remainder), so
+/// the parts add up exactly.
+pub fn proportional_split(total: u64, weights: &[f64]) -> Vec<u64> {
+    let sum: f64 = weights.iter().sum();
+    if weights.is_empty() || sum <= 0.0 {
+        return vec![0; weights.len()];
+    }
+    let exact: Vec<f64> = weights.iter().map(|w| total as f64 * w / sum).collect();
+    let mut parts: Vec<u64> = exact.iter().map(|x| x.floor() as u64).collect();
+    let mut left = total - parts.iter().sum::<u64>();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|a, b| {
+        let fa = exact[*a] - exact[*a].floor();
+        let fb = exact[*b] - exact[*b].floor();
+        fb.total_cmp(&fa).then(a.cmp(b))
+    });
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i] += 1;
+        left -= 1;
+    }
+    parts
+}
+
+/// NIC load of one micro-batch: bytes per (node, NIC) or per node, each way.
+#[derive(Default)]
+struct NicLoad {
+    egress: BTreeMap<(usize, usize), f64>,
+    ingress: BTreeMap<(usize, usize), f64>,
+}
+
+/// The resource a transfer uses on one side: a NIC, or (spread) the whole node.
+fn nic_key(routing: Routing, node: usize, nic: usize) -> (usize, usize) {
+    match routing {
+        Routing::ClosestNic => (node, nic),
+        Routing::AllNics => (node, usize::MAX),
+    }
+}
+
+impl NicLoad {
+    fn add(&mut self, topo: &Topology, routing: Routing, from: u32, to: u32, bytes: f64) {
+        let (a, b) = (&topo.ranks[from as usize], &topo.ranks[to as usize]);
+        *self
+            .egress
+            .entry(nic_key(routing, a.node, a.nic))
+            .or_default() += bytes;
+        *self
+            .ingress
+            .entry(nic_key(routing, b.node, b.nic))
+            .or_default() += bytes;
+    }
+
+    fn capacity(topo: &Topology, key: (usize, usize)) -> f64 {
+        if key.1 == usize::MAX {
+            topo.node_nic_bytes_per_s(key.0)
+        } else {
+            topo.nic_bytes_per_s(key.0, key.1)
+        }
+    }
+
+    /// Seconds the busier side of a transfer from `from` to `to` is occupied.
+    fn busy_s(&self, topo: &Topology, routing: Routing, from: u32, to: u32) -> f64 {
+        let (a, b) = (&topo.ranks[from as usize], &topo.ranks[to as usize]);
+        let ek = nic_key(routing, a.node, a.nic);
+        let ik = nic_key(routing, b.node, b.nic);
+        let e = self.egress.get(&ek).copied().unwrap_or(0.0) / Self::capacity(topo, ek);
+        let i = self.ingress.get(&ik).copied().unwrap_or(0.0) / Self::capacity(topo, ik);
+        e.max(i)
+    }
+}
+
+fn route_legs(topo: &Topology, routing: Routing, from: u32) -> Vec<RouteLeg> {
+    let info = &topo.ranks[from as usize];
+    let node = &topo.nodes[info.node];
+    match routing {
+        Routing::ClosestNic => vec![RouteLeg {
+            nic: node.nics[info.nic].name.clone(),
+            relay_rank: None,
+            share: 1.0,
+        }],
+        Routing::AllNics => {
+            let total: f64 = node.nics.iter().map(|n| n.gbps).sum();
+            node.nics
+                .iter()
+                .enumerate()
+                .map(|(k, nic)| {
+                    let relay = topo.relay_for(info.node, k);
+                    RouteLeg {
+                        nic: nic.name.clone(),
+                        relay_rank: (relay != from).then_some(relay),
+                        share: nic.gbps / total,
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Tokens of each sequence of a group held by each of its ranks (zigzag).
+fn shard_tokens(length: u64, degree: u32) -> Vec<u64> {
+    zigzag_ranges(length, degree)
+        .iter()
+        .map(|ranges| ranges.iter().map(|r| r[1] - r[0]).sum())
+        .collect()
+}
+
+/// Integer split of `total` proportional to `weights` with no part above its
+/// cap (water-filling: parts that would pass their cap are held at it and the
+/// rest is shared by the others). If the caps cannot hold `total`, the excess is
+/// shared by weight on top of them.
+pub fn capped_proportional_split(total: u64, weights: &[f64], caps: &[u64]) -> Vec<u64> {
+    let n = weights.len();
+    let mut parts = vec![0u64; n];
+    let mut open: Vec<usize> = (0..n).filter(|i| weights[*i] > 0.0).collect();
+    let mut left = total;
+    loop {
+        let share = proportional_split(left, &open.iter().map(|i| weights[*i]).collect::<Vec<_>>());
+        let over: Vec<usize> = open
+            .iter()
+            .zip(&share)
+            .filter(|(i, s)| **s > caps[**i] - parts[**i])
+            .map(|(i, _)| *i)
+            .collect();
+        if over.is_empty() {
+            for (i, s) in open.iter().zip(share) {
+                parts[*i] += s;
+            }
+            return parts;
+        }
+        for i in &over {
+            let room = caps[*i] - parts[*i];
+            parts[*i] += room;
+            left -= room;
+        }
+        open.retain(|i| !over.contains(i));
+        if open.is_empty() {
+            // Everyone is at their cap: share what is left by weight.
+            let extra = proportional_split(left, weights);
+            for (p, e) in parts.iter_mut().zip(extra) {
+                *p += e;
+            }
+            return parts;
+        }
+    }
+}
+
+/// The remap of one micro-batch: linear layout (proportional to each rank's
+/// GPU speed, within what its memory holds) and the transfers from the
+/// attention layout, matched inside nodes first and then between neighbouring
+/// nodes.
+fn plan_remap(ctx: &PlanContext, index: u32, attention: &[u64]) -> RemapPlan {
+    let topo = &ctx.topology;
+    let total: u64 = attention.iter().sum();
+    let speeds: Vec<f64> = (0..topo.world())
+        .map(|r| topo.gpu_of(r).peak_bf16_tflops)
+        .collect();
+    let caps: Vec<u64> = (0..topo.world())
+        .map(|r| ctx.cost.token_capacity(topo.gpu_of(r), topo.world()))
+        .collect();
+    let linear = capped_proportional_split(total, &speeds, &caps);
+    let mut surplus: Vec<(u32, u64)> = Vec::new();
+    let mut deficit: Vec<(u32, u64)> = Vec::new();
+    for r in 0..topo.world() {
+        let (a, l) = (attention[r as usize], linear[r as usize]);
+        if a > l {
+            surplus.push((r, a - l));
+        } else if l > a {
+            deficit.push((r, l - a));
+        }
+    }
+    let mut sends = Vec::new();
+    // Inside each node first, then across nodes in rank order.
+    for same_node_only in [true, false] {
+        for s in surplus.iter_mut() {
+            for d in deficit.iter_mut() {
+                if s.1 == 0 {
+                    break;
+                }
+                if d.1 == 0 || (same_node_only && !topo.same_node(s.0, d.0)) {
+                    continue;
+                }
+                let tokens = s.1.min(d.1);
+                s.1 -= tokens;
+                d.1 -= tokens;
+                sends.push(Transfer {
+                    from: s.0,
+                    to: d.0,
+                    tokens,
+                });
+            }
+        }
+    }
+    RemapPlan {
+        micro_batch: index,
+        linear_tokens: linear,
+        sends,
+    }
+}
+
+/// Simulates a layout. Deterministic: the same inputs give the same outcome.
+pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome {
+    let topo = &ctx.topology;
+    let cost = &ctx.cost;
+    let world = topo.world() as usize;
+    let mut ranks = vec![RankOutcome::default(); world];
+    let mut avail = vec![0.0f64; world];
+    let mut routes = Vec::new();
+    let mut remaps = Vec::new();
+    let mut fits = true;
+
+    for (index, mb) in layout.micro_batches.iter().enumerate() {
+        let index = index as u32;
+        // Tokens each rank holds in the attention layout.
+        let mut attention = vec![0u64; world];
+        let mut shares: Vec<Vec<u64>> = Vec::with_capacity(mb.groups.len());
+        for group in &mb.groups {
+            let d = group.ranks.len() as u32;
+            let mut per_rank = vec![0u64; group.ranks.len()];
+            for &seq in &group.sequences {
+                for (i, t) in shard_tokens(lengths[seq], d).into_iter().enumerate() {
+                    per_rank[i] += t;
+                }
+            }
+            for (i, &r) in group.ranks.iter().enumerate() {
+                attention[r as usize] += per_rank[i];
+            }
+            shares.push(per_rank);
+        }
+
+        // Ring flows that cross nodes, and the NIC load they make.
+        let mut load = NicLoad::default();
+        let mut hop_bytes: Vec<f64> = Vec::with_capacity(mb.groups.len());
+        for group in &mb.groups {
+            let d = group.ranks.len() as u32;
+            let bytes: f64 = if d > 1 {
+                let tokens: f64 = group.sequences.iter().map(|s| lengths[*s] as f64).sum();
+                cost.ring_bytes_per_rank(tokens, d)
+            } else {
+                0.0
+            };
+            hop_bytes.push(bytes);
+            if d > 1 {
+                for i in 0..group.ranks.len() {
+                    let (a, b) = (group.ranks[i], group.ranks[(i + 1) % group.ranks.len()]);
+                    if !topo.same_node(a, b) {
+                        load.add(topo, layout.routing, a, b, bytes);
+                    }
+                }
+            }
+        }
+
+        // Memory and the remap.
+        let remap = mb.remap.then(|| plan_remap(ctx, index, &attention));
+        for r in 0..world {
+            let linear = remap
+                .as_ref()
+                .map(|p| p.linear_tokens[r])
+                .unwrap_or(attention[r]);
+            let bytes = cost.rank_memory_bytes(linear as f64, attention[r] as f64, topo.world());
+            let rank = &mut ranks[r];
+            rank.peak_memory_bytes = rank.peak_memory_bytes.max(bytes);
+            rank.attention_tokens += attention[r];
+            rank.linear_tokens += linear;
+            if bytes > cost.memory_budget_bytes(topo.gpu_of(r as u32)) {
+                fits = false;
+            }
+        }
+
+        if let Some(remap) = &remap {
+            let start = avail.iter().copied().fold(0.0, f64::max);
+            let per_token = cost.remap_bytes_per_token();
+            let mut remap_load = NicLoad::default();
+            let mut intra = vec![0.0f64; world];
+            for t in &remap.sends {
+                let bytes = t.tokens as f64 * per_token;
+                if topo.same_node(t.from, t.to) {
+                    intra[t.from as usize] += bytes;
+                    intra[t.to as usize] += bytes;
+                } else {
+                    remap_load.add(topo, layout.routing, t.from, t.to, bytes);
+                }
+            }
+            let mut inter = vec![0.0f64; world];
+            for t in remap.sends.iter().filter(|t| !topo.same_node(t.from, t.to)) {
+                let busy = remap_load.busy_s(topo, layout.routing, t.from, t.to)
+                    / cost.coefficients.link_efficiency;
+                inter[t.from as usize] = inter[t.from as usize].max(busy);
+                inter[t.to as usize] = inter[t.to as usize].max(busy);
+                routes.push(NicRoute {
+                    micro_batch: index,
+                    from_rank: t.from,
+                    to_rank: t.to,
+                    from_node: topo.nodes[topo.node_of(t.from)].name.clone(),
+                    to_node: topo.nodes[topo.node_of(t.to)].name.clone(),
+                    legs: route_legs(topo, layout.routing, t.from),
+                    bytes: t.tokens as f64 * per_token,
+                    gbytes_per_s: t.tokens as f64 * per_token / busy.max(1e-12) / 1e9,
+                });
+            }
+            for r in 0..world {
+                let gpu = topo.gpu_of(r as u32);
+                let linear = cost.linear_time(remap.linear_tokens[r] as f64, gpu);
+                let nvlink = topo.nvlink_bytes_per_s(topo.node_of(r as u32))
+                    * cost.coefficients.link_efficiency;
+                let comm = intra[r] / nvlink + inter[r];
+                avail[r] = start + linear + comm;
+                ranks[r].compute_s += linear;
+                ranks[r].exposed_comm_s += comm;
+            }
+        }
+
+        for (g, group) in mb.groups.iter().enumerate() {
+            let d = group.ranks.len() as u32;
+            let start = group
+                .ranks
+                .iter()
+                .map(|r| avail[*r as usize])
+                .fold(0.0, f64::max);
+            // The slowest hop sets the pace of the ring.
+            let mut bandwidth = f64::INFINITY;
+            if d > 1 {
+                for i in 0..group.ranks.len() {
+                    let (a, b) = (group.ranks[i], group.ranks[(i + 1) % group.ranks.len()]);
+                    let hop = if topo.same_node(a, b) {
+                        topo.nvlink_bytes_per_s(topo.node_of(a))
+                    } else {
+                        let busy = load.busy_s(topo, layout.routing, a, b);
+                        let bw = if busy > 0.0 {
+                            hop_bytes[g] / busy
+                        } else {
+                            f64::INFINITY
+                        };
+                        routes.push(NicRoute {
+                            micro_batch: index,
+                            from_rank: a,
+                            to_rank: b,
+                            from_node: topo.nodes[topo.node_of(a)].name.clone(),
+                            to_node: topo.nodes[topo.node_of(b)].name.clone(),
+                            legs: route_legs(topo, layout.routing, a),
+                            bytes: hop_bytes[g],
+                            gbytes_per_s: bw / 1e9,
+                        });
+                        bw
+                    };
+                    bandwidth = bandwidth.min(hop);
+                }
+            }
+            let slowest = group
+                .ranks
+                .iter()
+                .min_by(|a, b| {
+                    topo.gpu_of(**a)
+                        .peak_bf16_tflops
+                        .total_cmp(&topo.gpu_of(**b).peak_bf16_tflops)
+                })
+                .map(|r| topo.gpu_of(*r).clone());
+            let Some(gpu) = slowest else { continue };
+            let docs: Vec<f64> = group.sequences.iter().map(|s| lengths[*s] as f64).collect();
+            let ring = cost.packed_ring_time(&docs, d, bandwidth, &gpu);
+            let linear = if mb.remap {
+                0.0
+            } else {
+                shares[g]
+                    .iter()
+                    .zip(&group.ranks)
+                    .map(|(t, r)| cost.linear_time(*t as f64, topo.gpu_of(*r)))
+                    .fold(0.0, f64::max)
+            };
+            let duration = ring.total_s + linear;
+            for &r in &group.ranks {
+                let r = r as usize;
+                avail[r] = start + duration;
+                ranks[r].compute_s += ring.compute_s + linear;
+                ranks[r].exposed_comm_s += ring.total_s - ring.compute_s;
+            }
+        }
+
+        if remap.is_some() {
+            let end = avail.iter().copied().fold(0.0, f64::max);
+            avail.iter_mut().for_each(|a| *a = end);
+        }
+        if let Some(remap) = remap {
+            remaps.push(remap);
+        }
+    }
+    for (r, rank) in ranks.iter_mut().enumerate() {
+        rank.finish_s = avail[r];
+    }
+    Outcome {
+        step_time_s: avail.iter().copied().fold(0.0, f64::max),
+        ranks,
+        fits_in_memory: fits,
+        routes,
+        remaps,
+    }
+}
+
+/// The step plan document of a layout.
+pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPlan {
+    let topo = &ctx.topology;
+    let outcome = simulate(ctx, lengths, layout);
+    let mut sequences: Vec<Option<SequencePlan>> = vec![None; lengths.len()];
+    let mut micro_batches = Vec::with_capacity(layout.micro_batches.len());
+    for (index, mb) in layout.micro_batches.iter().enumerate() {
+        let mut groups = Vec::with_capacity(mb.groups.len());
+        for group in &mb.groups {
+            let d = group.ranks.len() as u32;
+            for &seq in &group.sequences {
+                let shards = zigzag_ranges(lengths[seq], d)
+                    .into_iter()
+                    .zip(&group.ranks)
+                    .map(|(ranges, rank)| Shard {
+                        rank: *rank,
+                        ranges: ranges.into_iter().filter(|r| r[0] < r[1]).collect(),
+                    })
+                    .collect();
+                sequences[seq] = Some(SequencePlan {
+                    id: seq as u64,
+                    length: lengths[seq],
+                    micro_batch: index as u32,
+                    degree: d,
+                    shards,
+                });
+            }
+            groups.push(crate::plan::Group {
+                ranks: group.ranks.clone(),
+                sequences: group.sequences.iter().map(|s| *s as u64).collect(),
+            });
+        }
+        micro_batches.push(MicroBatch {
+            index: index as u32,
+            groups,
+            remap: mb.remap,
+        });
+    }
+    let ranks = outcome
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(r, o)| RankPrediction {
+            rank: r as u32,
+            node: topo.nodes[topo.node_of(r as u32)].name.clone(),
+            time_s: o.finish_s,
+            compute_s: o.compute_s,
+            exposed_comm_s: o.exposed_comm_s,
+            memory_gib: gib(o.peak_memory_bytes),
+            attention_tokens: o.attention_tokens,
+            linear_tokens: o.linear_tokens,
+        })
+        .collect();
+    let predicted = Prediction {
+        step_time_s: outcome.step_time_s,
+        lower_bound_s: lower_bound(ctx, lengths),
+        max_over_mean: outcome.max_over_mean(),
+        comm_fraction: outcome.comm_fraction(),
+        peak_memory_gib: outcome.peak_memory_gib(),
+        fits_in_memory: outcome.fits_in_memory,
+    };
+    StepPlan {
+        version: STEP_PLAN_VERSION,
+        strategy: layout.strategy.clone(),
+        world_size: topo.world(),
+        micro_batches,
+        // A sequence missing from every group keeps an empty shard list, which
+        // `StepPlan::check` reports.
+        sequences: sequences
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.unwrap_or(SequencePlan {
+                    id: i as u64,
+                    length: lengths[i],
+                    micro_batch: 0,
+                    degree: 0,
+                    shards: Vec::new(),
+                })
+            })
+            .collect(),
+        ranks,
+        remap: outcome.remaps,
+        routes: outcome.routes,
+        predicted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::parse_cluster;
+    use crate::cost::{CostCoefficients, CostModel};
+    use crate::model::ModelSpec;
+
+    pub(crate) fn context(cluster: &str, model: &str) -> PlanContext {
+        PlanContext {
+            topology: Topology::new(&parse_cluster(cluster).unwrap()).unwrap(),
+            cost: CostModel::new(
+                ModelSpec::preset(model).unwrap(),
+                CostCoefficients::default(),
+            ),
+        }
+    }
+
+    #[test]
+    fn proportional_split_adds_up() {
+        assert_eq!(proportional_split(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(proportional_split(7, &[3.0, 1.0]).iter().sum::<u64>(), 7);
+        assert_eq!(proportional_split(5, &[]), Vec::<u64>::new());
+        // Caps hold: the fast rank is capped and the rest flows to the others.
+        let parts = capped_proportional_split(100, &[3.0, 1.0, 1.0], &[40, 100, 100]);
+        assert_eq!(parts, vec![40, 30, 30]);
+        // Caps too small: the excess is shared by weight on top of them.
+        let parts = capped_proportional_split(100, &[1.0, 1.0], &[10, 10]);
+        assert_eq!(parts.iter().sum::<u64>(), 100);
+    }
+
+    #[test]
+    fn one_sequence_per_rank_is_pure_compute_and_above_the_lower_bound() {
+        let ctx = context("1x8", "llama-7b");
+        let lengths = vec![4096u64; 8];
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: (0..8)
+                    .map(|r| LayoutGroup {
+                        ranks: vec![r],
+                        sequences: vec![r as usize],
+                    })
+                    .collect(),
+                remap: false,
+            }],
+            routing: Routing::ClosestNic,
+        };
+        let out = simulate(&ctx, &lengths, &layout);
+        let lb = lower_bound(&ctx, &lengths);
+        assert!(
+            (out.step_time_s - lb).abs() / lb < 1e-9,
+            "{} vs {lb}",
+            out.step_time_s
+        );
+        assert_eq!(out.comm_fraction(), 0.0);
+        assert!((out.max_over_mean() - 1.0).abs() < 1e-12);
+        let plan = build_plan(&ctx, &lengths, &layout);
+        plan.check().unwrap();
+    }
+
+    #[test]
+    fn spreading_inter_node_transfers_over_all_nics_is_never_slower() {
+        let ctx = context("2x8:nics=8", "llama-7b");
+        let lengths = vec![262_144u64];
+        let ring: Vec<u32> = (0..16).collect();
+        let layout = |routing| Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![LayoutGroup {
+                    ranks: ring.clone(),
+                    sequences: vec![0],
+                }],
+                remap: false,
+            }],
+            routing,
+        };
+        let closest = simulate(&ctx, &lengths, &layout(Routing::ClosestNic));
+        let spread = simulate(&ctx, &lengths, &layout(Routing::AllNics));
+        assert!(spread.step_time_s <= closest.step_time_s);
+        let plan = build_plan(&ctx, &lengths, &layout(Routing::AllNics));
+        plan.check().unwrap();
+        // Two inter-node hops (7→8 and 15→0), each over all 8 NICs.
+        assert_eq!(plan.routes.len(), 2);
+        assert_eq!(plan.routes[0].legs.len(), 8);
+    }
+
+    #[test]
+    fn remap_balances_linear_tokens_and_keeps_them_all() {
+        let ctx = context("2x4", "llama-7b");
+        let lengths = vec![10_000u64, 100, 100, 100];
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![
+                    LayoutGroup {
+                        ranks: vec![0, 1],
+                        sequences: vec![0],
+                    },
+                    LayoutGroup {
+                        ranks: vec![2],
+                        sequences: vec![1, 2, 3],
+                    },
+                ],
+                remap: true,
+            }],
+            routing: Routing::AllNics,
+        };
+        let plan = build_plan(&ctx, &lengths, &layout);
+        plan.check().unwrap();
+        let remap = &plan.remap[0];
+        assert_eq!(remap.linear_tokens.iter().sum::<u64>(), 10_300);
+        let max = *remap.linear_tokens.iter().max().unwrap();
+        let min = *remap.linear_tokens.iter().min().unwrap();
+        assert!(max - min <= 1);
+        // Tokens leave rank 0 and 1 and go to the idle ranks.
+        let sent: u64 = remap
+            .sends
+            .iter()
+            .filter(|t| t.from <= 1)
+            .map(|t| t.tokens)
+            .sum();
+        assert_eq!(sent, 2 * (5_000 - 1_288));
+    }
+}

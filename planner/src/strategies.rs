@@ -1,0 +1,638 @@
+//! The strategies: each turns a batch into a [`Layout`], which the simulator
+//! prices and [`crate::sim::build_plan`] turns into a step plan.
+//!
+//! - `static`: Megatron-LM context parallelism. One CP degree for every
+//!   sequence, sized for the longest (or the configured context), data parallel
+//!   over the rest; sequences packed into packs of the context length and split
+//!   zigzag over the CP group; packs spread over DP groups by tokens.
+//! - `hdp`: ByteScale's hybrid data parallelism. Each sequence gets the fewest
+//!   ranks its activations fit on (`D(s) = ⌈s / C⌉`); short ones are best-fit
+//!   packed onto single ranks; the balance scheduler hands the next, costliest
+//!   piece of work to the ranks that are least busy, so cheap ranks take more
+//!   micro-batches. One global communicator, no topology awareness.
+//! - `zeppelin`: hierarchical partitioning (a sequence that needs up to a node's
+//!   GPUs stays inside one node; longer ones take whole nodes), inter-node
+//!   transfers spread over all NICs, and a remapping layer that gives linear
+//!   modules a token-balanced layout. Only Zeppelin's abstract is public; this is
+//!   our reading of it.
+//! - `weft`: see [`crate::weft`].
+//!
+//! `C`, the tokens a rank can hold, comes from the cost model's memory budget.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use crate::sim::{Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing};
+
+/// Why a batch cannot be planned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanningError {
+    #[error(
+        "model {model} does not fit on {world} GPUs: its sharded states leave no memory for activations"
+    )]
+    ModelDoesNotFit { model: String, world: u32 },
+    #[error(
+        "sequence {id} of {length} tokens cannot fit even on the whole cluster ({world} GPUs hold at most {capacity} tokens of {model})"
+    )]
+    SequenceTooLong {
+        id: usize,
+        length: u64,
+        world: u32,
+        capacity: u64,
+        model: String,
+    },
+    #[error("unknown strategy {0:?} (known: static, hdp, zeppelin, weft)")]
+    UnknownStrategy(String),
+    #[error("the {strategy} solver failed: {reason}")]
+    Solver { strategy: String, reason: String },
+}
+
+/// Plans a batch with one strategy. `context_length` is the configured maximum
+/// sequence length, which `static` sizes its context-parallel degree for.
+pub fn plan_layout(
+    strategy: Strategy,
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Layout, PlanningError> {
+    match strategy {
+        Strategy::Static => plan_static(ctx, lengths, context_length),
+        Strategy::Hdp => plan_hdp(ctx, lengths),
+        Strategy::Zeppelin => plan_zeppelin(ctx, lengths),
+        Strategy::Weft => crate::weft::plan_weft(ctx, lengths, context_length),
+    }
+}
+
+impl PlanningError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            PlanningError::ModelDoesNotFit { .. } | PlanningError::SequenceTooLong { .. } => {
+                "capacity"
+            }
+            PlanningError::UnknownStrategy(_) => "strategy",
+            PlanningError::Solver { .. } => "solver",
+        }
+    }
+}
+
+/// The strategies, in the order reports list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Static,
+    Hdp,
+    Zeppelin,
+    Weft,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Static,
+        Strategy::Hdp,
+        Strategy::Zeppelin,
+        Strategy::Weft,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Static => "static",
+            Strategy::Hdp => "hdp",
+            Strategy::Zeppelin => "zeppelin",
+            Strategy::Weft => "weft",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Strategy, PlanningError> {
+        Strategy::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| PlanningError::UnknownStrategy(name.to_string()))
+    }
+}
+
+/// Tokens the smallest rank can hold, and a check that the model fits at all.
+pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {
+    let topo = &ctx.topology;
+    let capacity = (0..topo.world())
+        .map(|r| ctx.cost.token_capacity(topo.gpu_of(r), topo.world()))
+        .min()
+        .unwrap_or(0);
+    if capacity == 0 {
+        return Err(PlanningError::ModelDoesNotFit {
+            model: ctx.cost.model.name.clone(),
+            world: topo.world(),
+        });
+    }
+    Ok(capacity)
+}
+
+/// Fails when a sequence could not fit even split over every rank.
+pub fn check_fits(ctx: &PlanContext, lengths: &[u64], capacity: u64) -> Result<(), PlanningError> {
+    let world = ctx.topology.world();
+    let total = capacity.saturating_mul(u64::from(world));
+    if let Some((id, &length)) = lengths.iter().enumerate().find(|(_, s)| **s > total) {
+        return Err(PlanningError::SequenceTooLong {
+            id,
+            length,
+            world,
+            capacity: total,
+            model: ctx.cost.model.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Fewest ranks a sequence's tokens fit on.
+pub fn min_degree(length: u64, capacity: u64) -> u32 {
+    length.div_ceil(capacity.max(1)).max(1) as u32
+}
+
+/// Best-fit decreasing: packs items (index, size) into bins of `capacity`,
+/// largest first, each into the fullest bin it still fits in. Deterministic.
+pub fn best_fit_decreasing(items: &[(usize, u64)], capacity: u64) -> Vec<Vec<usize>> {
+    let mut sorted: Vec<(usize, u64)> = items.to_vec();
+    sorted.sort_by_key(|(i, s)| (Reverse(*s), *i));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // Remaining room → bins with that room.
+    let mut room: BTreeMap<(u64, usize), ()> = BTreeMap::new();
+    for (index, size) in sorted {
+        let fit = room.range((size, 0)..).next().map(|(k, _)| *k);
+        match fit {
+            Some((left, bin)) => {
+                room.remove(&(left, bin));
+                bins[bin].push(index);
+                room.insert((left - size, bin), ());
+            }
+            None => {
+                let bin = bins.len();
+                bins.push(vec![index]);
+                room.insert((capacity.saturating_sub(size), bin), ());
+            }
+        }
+    }
+    bins
+}
+
+/// Megatron-LM context parallelism (see the module documentation).
+pub fn plan_static(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Layout, PlanningError> {
+    let capacity = rank_capacity(ctx)?;
+    check_fits(ctx, lengths, capacity)?;
+    let world = ctx.topology.world();
+    let longest = lengths
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(context_length.unwrap_or(0));
+    let need = min_degree(longest, capacity);
+    // The CP degree must divide the world: data parallel groups are equal.
+    let degree = (need..=world)
+        .find(|d| world.is_multiple_of(*d))
+        .unwrap_or(world);
+    let pack = (u64::from(degree) * capacity).min(longest.max(1));
+    let items: Vec<(usize, u64)> = lengths.iter().copied().enumerate().collect();
+    let mut packs = best_fit_decreasing(&items, pack);
+    // Heaviest packs first, each to the data-parallel group with fewest tokens.
+    packs.sort_by_key(|p| (Reverse(p.iter().map(|i| lengths[*i]).sum::<u64>()), p[0]));
+    let groups = (world / degree) as usize;
+    let mut tokens = vec![0u64; groups];
+    let mut queue: Vec<Vec<Vec<usize>>> = vec![Vec::new(); groups];
+    for p in packs {
+        let g = (0..groups).min_by_key(|g| (tokens[*g], *g)).unwrap_or(0);
+        tokens[g] += p.iter().map(|i| lengths[*i]).sum::<u64>();
+        queue[g].push(p);
+    }
+    let rounds = queue.iter().map(Vec::len).max().unwrap_or(0);
+    let micro_batches = (0..rounds)
+        .map(|k| LayoutMicroBatch {
+            groups: (0..groups)
+                .filter_map(|g| {
+                    queue[g].get(k).map(|p| LayoutGroup {
+                        ranks: (g as u32 * degree..(g as u32 + 1) * degree).collect(),
+                        sequences: p.clone(),
+                    })
+                })
+                .collect(),
+            remap: false,
+        })
+        .collect();
+    Ok(Layout {
+        strategy: "static".to_string(),
+        micro_batches,
+        routing: Routing::ClosestNic,
+    })
+}
+
+/// Chooses the ranks of a piece of work: given each rank's load and whether a
+/// rank has room, `degree` ranks, or `None` when no set of ranks has room.
+pub trait Pick: Fn(&[f64], &dyn Fn(u32) -> bool, u32) -> Option<Vec<u32>> {}
+
+impl<F: Fn(&[f64], &dyn Fn(u32) -> bool, u32) -> Option<Vec<u32>>> Pick for F {}
+
+/// A unit of work for list scheduling: sequences processed together by `degree` ranks.
+#[derive(Clone, Debug)]
+pub struct Work {
+    pub sequences: Vec<usize>,
+    pub degree: u32,
+    pub cost_s: f64,
+}
+
+/// Rough time of a piece of work before placement, for ordering and balancing:
+/// ring attention at NVLink speed inside a node, one NIC's rate across nodes.
+pub(crate) fn estimate_cost(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    sequences: &[usize],
+    degree: u32,
+    linear: bool,
+) -> f64 {
+    let topo = &ctx.topology;
+    let gpu = topo.gpu_of(0);
+    let docs: Vec<f64> = sequences.iter().map(|s| lengths[*s] as f64).collect();
+    let bandwidth = if degree <= topo.max_gpus_per_node() {
+        topo.nvlink_bytes_per_s(0)
+    } else {
+        topo.nic_bytes_per_s(0, 0)
+    };
+    let ring = ctx
+        .cost
+        .packed_ring_time(&docs, degree, bandwidth, gpu)
+        .total_s;
+    let tokens: f64 = docs.iter().sum();
+    let linear_s = if linear {
+        ctx.cost.linear_time(tokens / f64::from(degree.max(1)), gpu)
+    } else {
+        0.0
+    };
+    ring + linear_s
+}
+
+/// Places work on ranks, costliest first, each piece on the ranks that are free
+/// soonest (ties by rank); pieces of several ranks wait for their slowest rank.
+///
+/// Without `capacity`, micro-batch numbers keep each rank's pieces in order, one
+/// piece per rank and micro-batch (no barrier between micro-batches: memory holds
+/// one piece at a time). With `capacity`, everything goes into one micro-batch
+/// (a remap's barrier bounds it) and a rank takes pieces while their tokens fit;
+/// what fits nowhere is returned for another micro-batch.
+pub(crate) fn list_schedule<P>(
+    world: u32,
+    lengths: &[u64],
+    mut work: Vec<Work>,
+    capacity: Option<u64>,
+    pick: P,
+) -> (Vec<LayoutMicroBatch>, Vec<Work>)
+where
+    P: Pick,
+{
+    work.sort_by(|a, b| {
+        b.cost_s
+            .total_cmp(&a.cost_s)
+            .then(a.sequences.cmp(&b.sequences))
+    });
+    let mut load = vec![0.0f64; world as usize];
+    let mut count = vec![0usize; world as usize];
+    let mut held = vec![0u64; world as usize];
+    let mut micro_batches: Vec<LayoutMicroBatch> = Vec::new();
+    let mut overflow = Vec::new();
+    for w in work {
+        let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
+        let share = tokens.div_ceil(u64::from(w.degree.max(1)));
+        let has_room = |r: u32| capacity.is_none_or(|c| held[r as usize] + share <= c);
+        let Some(mut ranks) = pick(&load, &has_room, w.degree) else {
+            overflow.push(w);
+            continue;
+        };
+        ranks.sort_unstable();
+        let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
+        let mb = if capacity.is_some() {
+            0
+        } else {
+            ranks.iter().map(|r| count[*r as usize]).max().unwrap_or(0)
+        };
+        for r in &ranks {
+            load[*r as usize] = start + w.cost_s;
+            count[*r as usize] = mb + 1;
+            held[*r as usize] += share;
+        }
+        if micro_batches.len() <= mb {
+            micro_batches.resize_with(mb + 1, LayoutMicroBatch::default);
+        }
+        micro_batches[mb].groups.push(LayoutGroup {
+            ranks,
+            sequences: w.sequences,
+        });
+    }
+    (micro_batches, overflow)
+}
+
+/// The `n` least-loaded ranks with room (ties by rank index).
+pub(crate) fn least_loaded(
+    load: &[f64],
+    has_room: &dyn Fn(u32) -> bool,
+    n: u32,
+) -> Option<Vec<u32>> {
+    let mut heap: BinaryHeap<Reverse<(OrdF64, u32)>> = load
+        .iter()
+        .enumerate()
+        .filter(|(r, _)| has_room(*r as u32))
+        .map(|(r, l)| Reverse((OrdF64(*l), r as u32)))
+        .collect();
+    let ranks: Vec<u32> = (0..n)
+        .filter_map(|_| heap.pop().map(|Reverse((_, r))| r))
+        .collect();
+    (ranks.len() == n as usize).then_some(ranks)
+}
+
+/// f64 with a total order, for heaps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OrdF64(pub f64);
+
+impl Eq for OrdF64 {}
+
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrdF64 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// ByteScale's hybrid data parallelism (see the module documentation).
+pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningError> {
+    let capacity = rank_capacity(ctx)?;
+    check_fits(ctx, lengths, capacity)?;
+    let all: Vec<usize> = (0..lengths.len()).collect();
+    let work = pieces(ctx, lengths, &all, capacity, true, |s| {
+        min_degree(s, capacity)
+    });
+    let (micro_batches, _) = list_schedule(ctx.topology.world(), lengths, work, None, least_loaded);
+    Ok(Layout {
+        strategy: "hdp".to_string(),
+        micro_batches,
+        routing: Routing::ClosestNic,
+    })
+}
+
+/// Hierarchical placement shared by `zeppelin` and `weft`: a piece of degree up
+/// to a node's GPUs goes to the node whose `degree` least-loaded ranks with room
+/// are free soonest; a larger one takes whole nodes (the least busy, listed in
+/// node order so that ring neighbours share racks) plus ranks of one more node
+/// for a remainder.
+pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
+    move |load: &[f64], has_room: &dyn Fn(u32) -> bool, degree: u32| {
+        let topo = &ctx.topology;
+        let by_load = |a: &u32, b: &u32| {
+            load[*a as usize]
+                .total_cmp(&load[*b as usize])
+                .then(a.cmp(b))
+        };
+        let free_ranks = |n: usize| -> Vec<u32> {
+            let mut ranks: Vec<u32> = topo.ranks_of_node(n).filter(|r| has_room(*r)).collect();
+            ranks.sort_by(by_load);
+            ranks
+        };
+        let nodes = topo.nodes.len();
+        if degree <= topo.max_gpus_per_node() {
+            let mut best: Option<(f64, Vec<u32>)> = None;
+            for n in 0..nodes {
+                let ranks = free_ranks(n);
+                if ranks.len() < degree as usize {
+                    continue;
+                }
+                let ranks: Vec<u32> = ranks.into_iter().take(degree as usize).collect();
+                let ready = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
+                if best.as_ref().is_none_or(|(b, _)| ready < *b) {
+                    best = Some((ready, ranks));
+                }
+            }
+            if best.is_some() || degree == 1 {
+                return best.map(|(_, r)| r);
+            }
+        }
+        // Whole nodes whose every rank has room, least busy first, then a remainder.
+        let mut whole: Vec<(f64, usize)> = (0..nodes)
+            .filter(|n| topo.ranks_of_node(*n).all(has_room))
+            .map(|n| {
+                let busiest = topo
+                    .ranks_of_node(n)
+                    .map(|r| load[r as usize])
+                    .fold(0.0, f64::max);
+                (busiest, n)
+            })
+            .collect();
+        whole.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut have = 0u32;
+        for (_, n) in &whole {
+            if have + topo.nodes[*n].gpus > degree {
+                continue;
+            }
+            chosen.push(*n);
+            have += topo.nodes[*n].gpus;
+            if have == degree {
+                break;
+            }
+        }
+        chosen.sort_unstable();
+        let mut ranks: Vec<u32> = chosen.iter().flat_map(|n| topo.ranks_of_node(*n)).collect();
+        if have < degree {
+            // The remainder: from one more node if one has room, else anywhere.
+            let need = (degree - have) as usize;
+            let extra = (0..nodes)
+                .filter(|n| !chosen.contains(n))
+                .map(free_ranks)
+                .filter(|r| r.len() >= need)
+                .min_by(|a, b| {
+                    let ra = a
+                        .iter()
+                        .take(need)
+                        .map(|r| load[*r as usize])
+                        .fold(0.0, f64::max);
+                    let rb = b
+                        .iter()
+                        .take(need)
+                        .map(|r| load[*r as usize])
+                        .fold(0.0, f64::max);
+                    ra.total_cmp(&rb)
+                });
+            match extra {
+                Some(r) => ranks.extend(r.into_iter().take(need)),
+                None => {
+                    let mut free: Vec<u32> = (0..topo.world())
+                        .filter(|r| has_room(*r) && !ranks.contains(r))
+                        .collect();
+                    free.sort_by(by_load);
+                    if free.len() < need {
+                        return None;
+                    }
+                    ranks.extend(free.into_iter().take(need));
+                }
+            }
+        }
+        Some(ranks)
+    }
+}
+
+/// Splits the batch over micro-batches so that no rank needs to hold more than
+/// `capacity` tokens in any of them (with a remap, linear tokens are spread
+/// evenly): sequences longest first, each into the micro-batch with fewest tokens.
+pub(crate) fn split_micro_batches(lengths: &[u64], world: u32, capacity: u64) -> Vec<Vec<usize>> {
+    let total: u64 = lengths.iter().sum();
+    let per_micro_batch = capacity.saturating_mul(u64::from(world)).max(1);
+    let count = total.div_ceil(per_micro_batch).max(1) as usize;
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|i| (Reverse(lengths[*i]), *i));
+    let mut tokens = vec![0u64; count];
+    let mut parts = vec![Vec::new(); count];
+    for i in order {
+        let m = (0..count).min_by_key(|m| (tokens[*m], *m)).unwrap_or(0);
+        tokens[m] += lengths[i];
+        parts[m].push(i);
+    }
+    parts
+}
+
+/// Schedules the sequences `part` into micro-batches that end in a remap
+/// barrier: list-scheduled with a per-rank token capacity; what does not fit
+/// spills into a further micro-batch.
+pub(crate) fn schedule_remapped<F, P>(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    capacity: u64,
+    part: &[usize],
+    make_work: F,
+    pick: P,
+) -> Vec<LayoutMicroBatch>
+where
+    F: Fn(&[usize]) -> Vec<Work>,
+    P: Pick + Copy,
+{
+    let world = ctx.topology.world();
+    let mut micro_batches = Vec::new();
+    let mut work = make_work(part);
+    while !work.is_empty() {
+        let (scheduled, overflow) = list_schedule(world, lengths, work, Some(capacity), pick);
+        let groups: Vec<LayoutGroup> = scheduled.into_iter().flat_map(|m| m.groups).collect();
+        if groups.is_empty() {
+            // Nothing fits even on an empty micro-batch: cannot happen for pieces
+            // no larger than the capacity, but never loop forever.
+            break;
+        }
+        micro_batches.push(LayoutMicroBatch {
+            groups,
+            remap: true,
+        });
+        work = overflow;
+    }
+    micro_batches
+}
+
+/// Pieces of work for sequences `part`: sequences that need several ranks alone,
+/// short ones best-fit packed to `capacity`. `degree` picks each long sequence's degree.
+pub(crate) fn pieces(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    part: &[usize],
+    capacity: u64,
+    linear_in_cost: bool,
+    degree: impl Fn(u64) -> u32,
+) -> Vec<Work> {
+    let mut work = Vec::new();
+    let mut short = Vec::new();
+    for &i in part {
+        let d = degree(lengths[i]).min(ctx.topology.world());
+        if d <= 1 {
+            short.push((i, lengths[i]));
+        } else {
+            work.push(Work {
+                sequences: vec![i],
+                degree: d,
+                cost_s: estimate_cost(ctx, lengths, &[i], d, linear_in_cost),
+            });
+        }
+    }
+    for bin in best_fit_decreasing(&short, capacity) {
+        let cost_s = estimate_cost(ctx, lengths, &bin, 1, linear_in_cost);
+        work.push(Work {
+            sequences: bin,
+            degree: 1,
+            cost_s,
+        });
+    }
+    work
+}
+
+/// Zeppelin's hierarchical partitioning, routing and remapping (see the module documentation).
+pub fn plan_zeppelin(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningError> {
+    let capacity = rank_capacity(ctx)?;
+    check_fits(ctx, lengths, capacity)?;
+    let per_node = ctx.topology.max_gpus_per_node();
+    let degree = |s: u64| {
+        let d = min_degree(s, capacity);
+        if d > per_node {
+            d.div_ceil(per_node) * per_node
+        } else {
+            d
+        }
+    };
+    let pick = hierarchical_pick(ctx);
+    let mut micro_batches = Vec::new();
+    // Linear tokens are spread evenly; keep a tenth of room for rounding.
+    for part in split_micro_batches(lengths, ctx.topology.world(), capacity * 9 / 10) {
+        micro_batches.extend(schedule_remapped(
+            ctx,
+            lengths,
+            capacity,
+            &part,
+            |p| pieces(ctx, lengths, p, capacity, false, degree),
+            &pick,
+        ));
+    }
+    Ok(Layout {
+        strategy: "zeppelin".to_string(),
+        micro_batches,
+        routing: Routing::AllNics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_fit_decreasing_respects_capacity_and_keeps_every_item() {
+        let items: Vec<(usize, u64)> = [5, 3, 8, 2, 7, 1, 4].iter().copied().enumerate().collect();
+        let bins = best_fit_decreasing(&items, 10);
+        let mut all: Vec<usize> = bins.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+        for bin in &bins {
+            assert!(bin.iter().map(|i| items[*i].1).sum::<u64>() <= 10);
+        }
+        assert_eq!(bins.len(), 3);
+    }
+
+    #[test]
+    fn least_loaded_picks_the_idlest_ranks() {
+        let all = |_: u32| true;
+        assert_eq!(
+            least_loaded(&[3.0, 1.0, 2.0, 1.0], &all, 2),
+            Some(vec![1, 3])
+        );
+        let not_one = |r: u32| r != 1;
+        assert_eq!(
+            least_loaded(&[3.0, 1.0, 2.0, 1.0], &not_one, 2),
+            Some(vec![3, 2])
+        );
+        assert_eq!(least_loaded(&[3.0, 1.0], &all, 3), None);
+    }
+}

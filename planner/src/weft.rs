@@ -1,0 +1,287 @@
+//! `weft`: weft's own strategy.
+//!
+//! It builds its own layouts and keeps whichever the simulator prices fastest
+//! among them and every baseline (each also with weft's NIC routing), so it is
+//! never worse than a baseline on any input.
+//!
+//! Its own layouts ("balanced hierarchical"):
+//! - Degree per sequence: at least what memory needs, and enough that no rank's
+//!   share of the sequence's work exceeds an even share of the whole batch's
+//!   work (the lower bound per rank), so a long sequence never becomes the
+//!   critical path alone. Short sequences stay whole on one rank (no ring).
+//! - Placement: hierarchical (inside one node when the degree allows, else whole
+//!   nodes), list-scheduled costliest first onto the ranks free soonest.
+//! - With a remap, linear modules see a token-balanced layout and only
+//!   attention is balanced by placement; without, placement balances both.
+//! - Inter-node transfers are spread over every NIC of a node.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::sim::{
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, lower_bound, simulate,
+};
+use crate::strategies::{
+    OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost, hierarchical_pick,
+    list_schedule, min_degree, pieces, plan_hdp, plan_static, plan_zeppelin, rank_capacity,
+    schedule_remapped,
+};
+
+/// Splits a batch into micro-batches that each hold at most `cap` tokens, with
+/// their work as even as it can be: costliest sequence first, each into the
+/// micro-batch with least work that still has room, opening one when none has.
+fn split_by_work(lengths: &[u64], cap: u64, work: impl Fn(u64) -> f64) -> Vec<Vec<usize>> {
+    let total: u64 = lengths.iter().sum();
+    let count = total.div_ceil(cap.max(1)).max(1) as usize;
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|a, b| {
+        work(lengths[*b])
+            .total_cmp(&work(lengths[*a]))
+            .then(a.cmp(b))
+    });
+    let mut parts: Vec<(f64, u64, Vec<usize>)> = vec![(0.0, 0, Vec::new()); count];
+    for i in order {
+        let s = lengths[i];
+        let target = (0..parts.len())
+            .filter(|p| parts[*p].1 + s <= cap || parts[*p].2.is_empty())
+            .min_by(|a, b| parts[*a].0.total_cmp(&parts[*b].0).then(a.cmp(b)));
+        let p = match target {
+            Some(p) => p,
+            None => {
+                parts.push((0.0, 0, Vec::new()));
+                parts.len() - 1
+            }
+        };
+        parts[p].0 += work(s);
+        parts[p].1 += s;
+        parts[p].2.push(i);
+    }
+    parts
+        .into_iter()
+        .map(|(_, _, p)| p)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Balanced hierarchical layout (see the module documentation).
+fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> Layout {
+    let topo = &ctx.topology;
+    let world = topo.world();
+    let gpu = topo.gpu_of(0);
+    let pick = hierarchical_pick(ctx);
+    let work_of = |s: u64| {
+        let s = s as f64;
+        let attention = ctx.cost.attention_compute_time(s, gpu);
+        if remap {
+            attention
+        } else {
+            attention + ctx.cost.linear_time(s, gpu)
+        }
+    };
+    // Degree: what memory needs, and enough ranks that the sequence's share per
+    // rank stays within an even share (`share`) of the work.
+    let degree_for = |share: f64| {
+        move |s: u64| {
+            let by_memory = min_degree(s, capacity);
+            let by_balance = if share > 0.0 {
+                (work_of(s) / share).ceil() as u32
+            } else {
+                1
+            };
+            by_memory.max(by_balance).min(world)
+        }
+    };
+    let micro_batches = if remap {
+        // Linear tokens are spread evenly; keep a tenth of room for rounding.
+        let cap = (capacity * 9 / 10).saturating_mul(u64::from(world));
+        let parts = split_by_work(lengths, cap, |s| {
+            ctx.cost.attention_compute_time(s as f64, gpu) + ctx.cost.linear_time(s as f64, gpu)
+        });
+        let mut micro_batches = Vec::new();
+        for part in parts {
+            let part_lengths: Vec<u64> = part.iter().map(|i| lengths[*i]).collect();
+            let share = lower_bound(ctx, &part_lengths);
+            let scheduled = schedule_remapped(
+                ctx,
+                lengths,
+                capacity,
+                &part,
+                |p| pieces(ctx, lengths, p, capacity, false, degree_for(share)),
+                &pick,
+            );
+            micro_batches.extend(scheduled);
+        }
+        micro_batches
+    } else {
+        let share = lower_bound(ctx, lengths);
+        let degree = degree_for(share);
+        let (long, short): (Vec<usize>, Vec<usize>) =
+            (0..lengths.len()).partition(|i| degree(lengths[*i]) > 1);
+        let work = long
+            .iter()
+            .map(|&i| {
+                let d = degree(lengths[i]);
+                Work {
+                    sequences: vec![i],
+                    degree: d,
+                    cost_s: estimate_cost(ctx, lengths, &[i], d, true),
+                }
+            })
+            .collect();
+        let (mut micro_batches, _) = list_schedule(world, lengths, work, None, &pick);
+        place_short_sequences(
+            ctx,
+            lengths,
+            &short,
+            capacity,
+            &micro_batches_load(ctx, lengths, &micro_batches),
+            &mut micro_batches,
+        );
+        micro_batches
+    };
+    Layout {
+        strategy: "weft".to_string(),
+        micro_batches,
+        routing: Routing::AllNics,
+    }
+}
+
+/// Each rank's busy time and number of micro-batches after the long sequences.
+fn micro_batches_load(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    micro_batches: &[LayoutMicroBatch],
+) -> Vec<(f64, usize)> {
+    let world = ctx.topology.world() as usize;
+    let mut load = vec![(0.0f64, 0usize); world];
+    for (m, mb) in micro_batches.iter().enumerate() {
+        for group in &mb.groups {
+            let cost = estimate_cost(
+                ctx,
+                lengths,
+                &group.sequences,
+                group.ranks.len() as u32,
+                true,
+            );
+            let start = group
+                .ranks
+                .iter()
+                .map(|r| load[*r as usize].0)
+                .fold(0.0, f64::max);
+            for r in &group.ranks {
+                load[*r as usize] = (start + cost, m + 1);
+            }
+        }
+    }
+    load
+}
+
+/// Places whole short sequences one at a time, costliest first, on the rank
+/// that is free soonest, then packs each rank's sequences into micro-batches of
+/// at most `capacity` tokens after the ones it already has.
+fn place_short_sequences(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    short: &[usize],
+    capacity: u64,
+    start: &[(f64, usize)],
+    micro_batches: &mut Vec<LayoutMicroBatch>,
+) {
+    let world = ctx.topology.world() as usize;
+    let mut order: Vec<(f64, usize)> = short
+        .iter()
+        .map(|&i| (estimate_cost(ctx, lengths, &[i], 1, true), i))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut heap: BinaryHeap<Reverse<(OrdF64, u32)>> = (0..world)
+        .map(|r| Reverse((OrdF64(start[r].0), r as u32)))
+        .collect();
+    let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); world];
+    for (cost, i) in order {
+        if let Some(Reverse((OrdF64(load), r))) = heap.pop() {
+            assigned[r as usize].push(i);
+            heap.push(Reverse((OrdF64(load + cost), r)));
+        }
+    }
+    for (r, seqs) in assigned.into_iter().enumerate() {
+        let items: Vec<(usize, u64)> = seqs.iter().map(|i| (*i, lengths[*i])).collect();
+        for (k, bin) in best_fit_decreasing(&items, capacity)
+            .into_iter()
+            .enumerate()
+        {
+            let m = start[r].1 + k;
+            if micro_batches.len() <= m {
+                micro_batches.resize_with(m + 1, LayoutMicroBatch::default);
+            }
+            micro_batches[m].groups.push(LayoutGroup {
+                ranks: vec![r as u32],
+                sequences: bin,
+            });
+        }
+    }
+}
+
+/// Every layout weft considers for a batch, named: its own balanced layouts
+/// (with and without a remap) and each baseline as it is and with weft's
+/// routing over all NICs.
+pub fn candidates(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Vec<(String, Layout)>, PlanningError> {
+    let capacity = rank_capacity(ctx)?;
+    check_fits(ctx, lengths, capacity)?;
+    let mut candidates = vec![
+        (
+            "balanced+remap".to_string(),
+            balanced(ctx, lengths, capacity, true),
+        ),
+        (
+            "balanced".to_string(),
+            balanced(ctx, lengths, capacity, false),
+        ),
+    ];
+    for baseline in [
+        plan_static(ctx, lengths, context_length)?,
+        plan_hdp(ctx, lengths)?,
+        plan_zeppelin(ctx, lengths)?,
+    ] {
+        let mut routed = baseline.clone();
+        routed.routing = Routing::AllNics;
+        let name = baseline.strategy.clone();
+        if baseline.routing != Routing::AllNics {
+            candidates.push((format!("{name}+routing"), routed));
+        }
+        candidates.push((name, baseline));
+    }
+    Ok(candidates)
+}
+
+/// Plans a batch with weft's strategy (see the module documentation).
+pub fn plan_weft(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Layout, PlanningError> {
+    // Fastest plan that fits in memory; among equals, the first (deterministic).
+    let mut best: Option<(bool, f64, Layout)> = None;
+    for (_, layout) in candidates(ctx, lengths, context_length)? {
+        let outcome = simulate(ctx, lengths, &layout);
+        let better = match &best {
+            None => true,
+            Some((fits, time, _)) => {
+                (outcome.fits_in_memory && !fits)
+                    || (outcome.fits_in_memory == *fits && outcome.step_time_s < *time)
+            }
+        };
+        if better {
+            best = Some((outcome.fits_in_memory, outcome.step_time_s, layout));
+        }
+    }
+    let mut layout = match best {
+        Some((_, _, layout)) => layout,
+        None => balanced(ctx, lengths, rank_capacity(ctx)?, true),
+    };
+    layout.strategy = "weft".to_string();
+    Ok(layout)
+}

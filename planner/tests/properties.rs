@@ -1,0 +1,189 @@
+//! Properties every strategy keeps, over random batches and clusters.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use proptest::prelude::*;
+use weft_planner::cluster::parse_cluster;
+use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::model::ModelSpec;
+use weft_planner::topology::Topology;
+use weft_planner::{PlanContext, PlanningError, Strategy, lower_bound, plan_step};
+
+fn context(cluster: &str, model: &str, streambp: bool) -> PlanContext {
+    PlanContext {
+        topology: Topology::new(&parse_cluster(cluster).unwrap()).unwrap(),
+        cost: CostModel::new(
+            ModelSpec::preset(model).unwrap(),
+            CostCoefficients {
+                streambp,
+                ..Default::default()
+            },
+        ),
+    }
+}
+
+/// A skewed batch: mostly short sequences and a few long ones, like real corpora.
+fn batch() -> impl proptest::strategy::Strategy<Value = Vec<u64>> {
+    proptest::collection::vec(
+        prop_oneof![
+            8 => 1u64..4_096,
+            3 => 4_096u64..32_768,
+            1 => 32_768u64..400_000,
+        ],
+        0..120,
+    )
+}
+
+fn cluster() -> impl proptest::strategy::Strategy<Value = String> {
+    prop_oneof![
+        Just("1x1:gpu=h200".to_string()),
+        Just("1x8".to_string()),
+        Just("2x8:nics=4".to_string()),
+        Just("4x8:nics=8".to_string()),
+        Just("3x8:nics=8+2x4:gpu=a100-80g,nics=2".to_string()),
+        Just("8x4:gpu=h200,nics=2,rack=2".to_string()),
+    ]
+}
+
+fn check_all(ctx: &PlanContext, lengths: &[u64]) -> Result<(), TestCaseError> {
+    let lb = lower_bound(ctx, lengths);
+    let mut times = Vec::new();
+    for strategy in Strategy::ALL {
+        let plan = match plan_step(strategy, ctx, lengths, None) {
+            Ok(plan) => plan,
+            // A batch with a sequence too long for the whole cluster is refused
+            // by every strategy alike.
+            Err(PlanningError::SequenceTooLong { .. }) => return Ok(()),
+            Err(other) => return Err(TestCaseError::fail(format!("{}: {other}", strategy.name()))),
+        };
+        plan.check()
+            .map_err(|e| TestCaseError::fail(format!("{}: {e}", strategy.name())))?;
+        prop_assert_eq!(plan.sequences.len(), lengths.len());
+        prop_assert!(
+            plan.predicted.step_time_s >= lb * (1.0 - 1e-9),
+            "{} beats the lower bound: {} < {}",
+            strategy.name(),
+            plan.predicted.step_time_s,
+            lb
+        );
+        prop_assert!(
+            plan.predicted.fits_in_memory,
+            "{} exceeds a rank's memory: {} GiB",
+            strategy.name(),
+            plan.predicted.peak_memory_gib
+        );
+        // Deterministic: the same inputs give the same plan.
+        let again = plan_step(strategy, ctx, lengths, None).unwrap();
+        prop_assert_eq!(&plan, &again);
+        times.push((strategy, plan.predicted.step_time_s));
+    }
+    let weft = times
+        .iter()
+        .find(|(s, _)| *s == Strategy::Weft)
+        .map(|(_, t)| *t)
+        .unwrap();
+    for (strategy, time) in &times {
+        prop_assert!(
+            weft <= time * (1.0 + 1e-12),
+            "weft {} is slower than {} {}",
+            weft,
+            strategy.name(),
+            time
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn every_strategy_keeps_the_plan_invariants(
+        lengths in batch(),
+        cluster in cluster(),
+        streambp: bool,
+    ) {
+        let ctx = context(&cluster, "llama-7b", streambp);
+        check_all(&ctx, &lengths)?;
+    }
+}
+
+#[test]
+fn empty_batch_gives_an_empty_plan() {
+    let ctx = context("2x8", "llama-7b", false);
+    for strategy in Strategy::ALL {
+        let plan = plan_step(strategy, &ctx, &[], None).unwrap();
+        plan.check().unwrap();
+        assert_eq!(plan.predicted.step_time_s, 0.0);
+    }
+}
+
+#[test]
+fn one_gpu_holds_everything() {
+    let ctx = context("1x1:gpu=h200", "llama-7b", true);
+    let lengths = [1000, 2000, 300, 8000];
+    check_all(&ctx, &lengths).unwrap();
+    let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
+    assert!(plan.routes.is_empty());
+    assert!(
+        plan.sequences
+            .iter()
+            .all(|s| s.shards.len() == 1 && s.shards[0].rank == 0)
+    );
+}
+
+#[test]
+fn one_huge_sequence_is_split_over_many_ranks() {
+    let ctx = context("8x8:nics=8", "llama-7b", false);
+    let lengths = [1_000_000];
+    check_all(&ctx, &lengths).unwrap();
+    let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
+    assert!(
+        plan.sequences[0].degree >= 32,
+        "degree {}",
+        plan.sequences[0].degree
+    );
+}
+
+#[test]
+fn a_sequence_too_long_for_the_cluster_is_refused_by_name() {
+    let ctx = context("1x8", "llama-7b", false);
+    let err = plan_step(Strategy::Weft, &ctx, &[100, 50_000_000], None).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("sequence 1 of 50000000 tokens"),
+        "{message}"
+    );
+    assert_eq!(err.category(), "capacity");
+}
+
+#[test]
+fn a_model_too_big_for_the_cluster_is_refused() {
+    let ctx = context("1x8", "llama-70b", false);
+    let err = plan_step(Strategy::Hdp, &ctx, &[100], None).unwrap_err();
+    assert!(err.to_string().contains("does not fit on 8 GPUs"), "{err}");
+}
+
+#[test]
+fn thousands_of_tiny_sequences_stay_whole_and_balanced() {
+    let ctx = context("4x8", "llama-7b", false);
+    let lengths: Vec<u64> = (0..5000).map(|i| 64 + (i * 37) % 512).collect();
+    check_all(&ctx, &lengths).unwrap();
+    let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
+    assert!(plan.sequences.iter().all(|s| s.degree == 1));
+    assert!(
+        plan.predicted.max_over_mean < 1.05,
+        "{}",
+        plan.predicted.max_over_mean
+    );
+}
+
+#[test]
+fn heterogeneous_nodes_are_planned() {
+    let ctx = context("2x8:nics=8+2x4:gpu=a100-80g,nics=2", "llama-13b", false);
+    let lengths: Vec<u64> = (0..200)
+        .map(|i| if i % 50 == 0 { 120_000 } else { 500 + i * 40 })
+        .collect();
+    check_all(&ctx, &lengths).unwrap();
+}
