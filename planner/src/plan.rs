@@ -11,9 +11,9 @@
 //!   them. Memory limits hold per micro-batch.
 //! - A micro-batch is a list of ring groups. A group is an ordered ring of ranks
 //!   and the sequences it processes together: every sequence of a group is split
-//!   over all of its ranks in zigzag order (rank i of d holds chunks i and
-//!   2d−1−i of 2d), and the group's documents share the ring's steps (packed,
-//!   with per-document causal masks). A group of one rank holds whole sequences.
+//!   over all of its ranks in zigzag order (see [`group_zigzag`]), and the
+//!   group's documents share the ring's steps (packed, with per-document causal
+//!   masks). A group of one rank holds whole sequences.
 //! - A rank may belong to several groups of a micro-batch; it runs them in order,
 //!   and a group starts when all its ranks are free.
 //! - With `remap`, a micro-batch has a linear layout of its own: linear modules
@@ -303,10 +303,39 @@ pub fn zigzag_ranges(length: u64, degree: u32) -> Vec<Vec<[u64; 2]>> {
         .collect()
 }
 
+/// Zigzag split of the `position`-th sequence of a group over the group's
+/// `degree` ranks: the ranges that the group's i-th rank holds, for every i.
+/// The pairs of [`zigzag_ranges`] are rotated by the sequence's position, so
+/// that when many short documents share a ring the tokens left over by rounding
+/// fall on every rank in turn rather than always on the first.
+pub fn group_zigzag(length: u64, degree: u32, position: usize) -> Vec<Vec<[u64; 2]>> {
+    let mut parts = zigzag_ranges(length, degree);
+    let d = parts.len();
+    if d > 1 {
+        parts.rotate_left(position % d);
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn rotation_spreads_rounding_over_the_ranks() {
+        // 500 documents of 100 tokens on 16 ranks: 100 = 3·32 + 4, so without
+        // rotation the first ranks would take every spare token.
+        let mut held = [0u64; 16];
+        for position in 0..500 {
+            for (i, ranges) in group_zigzag(100, 16, position).iter().enumerate() {
+                held[i] += ranges.iter().map(|r| r[1] - r[0]).sum::<u64>();
+            }
+        }
+        let (max, min) = (*held.iter().max().unwrap(), *held.iter().min().unwrap());
+        assert_eq!(held.iter().sum::<u64>(), 50_000);
+        assert!(max - min <= 64, "{held:?}");
+    }
 
     proptest! {
         #[test]

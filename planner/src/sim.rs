@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use crate::cost::{CostModel, gib};
 use crate::plan::{
     MicroBatch, NicRoute, Prediction, RankPrediction, RemapPlan, RouteLeg, STEP_PLAN_VERSION,
-    SequencePlan, Shard, StepPlan, Transfer, zigzag_ranges,
+    SequencePlan, Shard, StepPlan, Transfer, group_zigzag,
 };
 use crate::topology::Topology;
 
@@ -115,11 +115,27 @@ impl Outcome {
     }
 }
 
-/// Lower bound on the step time of a batch: all compute of the step spread
-/// perfectly over every GPU at its achieved rate, with no communication, no
-/// imbalance and no memory limit. No plan can beat it.
+/// Lower bound on the step time of a batch for ring-attention plans; no plan
+/// can beat it. The larger of two bounds:
+/// - work: all compute of the step spread perfectly over every GPU at its
+///   achieved rate, with no communication, no imbalance and no memory limit;
+/// - longest sequence: the step cannot end before its longest sequence is done,
+///   even at its best degree, on the fastest GPUs, over the fastest link with
+///   no contention (ring steps still pay their latency and any transfer that
+///   compute cannot hide).
 pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
+    let by_work = work_bound(ctx, lengths);
+    let Some(&longest) = lengths.iter().max() else {
+        return by_work;
+    };
+    by_work.max(sequence_bound(ctx, longest).0)
+}
+
+/// The work bound alone: every GPU busy with an even share of the step's
+/// compute, at its achieved rate.
+pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     let topo = &ctx.topology;
+    let world = topo.world();
     // Work in "seconds on a reference GPU", then divide by the cluster's
     // capacity in reference GPUs, so heterogeneous clusters are handled.
     let reference = topo.gpu_of(0).clone();
@@ -130,10 +146,40 @@ pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
             ctx.cost.linear_time(s, &reference) + ctx.cost.attention_compute_time(s, &reference)
         })
         .sum();
-    let capacity: f64 = (0..topo.world())
+    let capacity: f64 = (0..world)
         .map(|r| topo.gpu_of(r).peak_bf16_tflops / reference.peak_bf16_tflops)
         .sum();
     work / capacity
+}
+
+/// The least time one sequence of `length` tokens can take, and the degree
+/// that achieves it: best degree, fastest GPUs, fastest link, no contention.
+/// More ranks than that degree only make the sequence slower.
+pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
+    let topo = &ctx.topology;
+    let world = topo.world();
+    let fastest = (0..world)
+        .map(|r| topo.gpu_of(r))
+        .max_by(|a, b| a.peak_bf16_tflops.total_cmp(&b.peak_bf16_tflops))
+        .cloned()
+        .unwrap_or_else(|| topo.gpu_of(0).clone());
+    let best_link = (0..topo.nodes.len())
+        .map(|n| topo.nvlink_bytes_per_s(n).max(topo.node_nic_bytes_per_s(n)))
+        .fold(0.0, f64::max);
+    let s = length as f64;
+    (1..=world)
+        .map(|d| {
+            let t = ctx
+                .cost
+                .packed_ring_time(&[s], d, best_link, &fastest)
+                .total_s
+                + ctx.cost.linear_time(s / f64::from(d), &fastest);
+            (t, d)
+        })
+        .fold(
+            (f64::INFINITY, 1),
+            |best, x| if x.0 < best.0 { x } else { best },
+        )
 }
 
 /// Integer split of `total` proportional to `weights` (largest remainder), so
@@ -236,9 +282,9 @@ fn route_legs(topo: &Topology, routing: Routing, from: u32) -> Vec<RouteLeg> {
     }
 }
 
-/// Tokens of each sequence of a group held by each of its ranks (zigzag).
-fn shard_tokens(length: u64, degree: u32) -> Vec<u64> {
-    zigzag_ranges(length, degree)
+/// Tokens of the `position`-th sequence of a group held by each of its ranks.
+fn shard_tokens(length: u64, degree: u32, position: usize) -> Vec<u64> {
+    group_zigzag(length, degree, position)
         .iter()
         .map(|ranges| ranges.iter().map(|r| r[1] - r[0]).sum())
         .collect()
@@ -356,8 +402,11 @@ pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome 
         for group in &mb.groups {
             let d = group.ranks.len() as u32;
             let mut per_rank = vec![0u64; group.ranks.len()];
-            for &seq in &group.sequences {
-                for (i, t) in shard_tokens(lengths[seq], d).into_iter().enumerate() {
+            for (position, &seq) in group.sequences.iter().enumerate() {
+                for (i, t) in shard_tokens(lengths[seq], d, position)
+                    .into_iter()
+                    .enumerate()
+                {
                     per_rank[i] += t;
                 }
             }
@@ -545,8 +594,8 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
         let mut groups = Vec::with_capacity(mb.groups.len());
         for group in &mb.groups {
             let d = group.ranks.len() as u32;
-            for &seq in &group.sequences {
-                let shards = zigzag_ranges(lengths[seq], d)
+            for (position, &seq) in group.sequences.iter().enumerate() {
+                let shards = group_zigzag(lengths[seq], d, position)
                     .into_iter()
                     .zip(&group.ranks)
                     .map(|(ranges, rank)| Shard {

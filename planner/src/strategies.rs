@@ -117,13 +117,15 @@ pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {
         .map(|r| ctx.cost.token_capacity(topo.gpu_of(r), topo.world()))
         .min()
         .unwrap_or(0);
-    if capacity == 0 {
+    // Keep a few tokens of room for the rounding of zigzag shards.
+    let margin = 4 * u64::from(topo.max_gpus_per_node());
+    if capacity <= margin {
         return Err(PlanningError::ModelDoesNotFit {
             model: ctx.cost.model.name.clone(),
             world: topo.world(),
         });
     }
-    Ok(capacity)
+    Ok(capacity - margin)
 }
 
 /// Fails when a sequence could not fit even split over every rank.
@@ -189,13 +191,24 @@ pub fn plan_static(
         .unwrap_or(1)
         .max(context_length.unwrap_or(0));
     let need = min_degree(longest, capacity);
-    // The CP degree must divide the world: data parallel groups are equal.
-    let degree = (need..=world)
-        .find(|d| world.is_multiple_of(*d))
-        .unwrap_or(world);
-    let pack = (u64::from(degree) * capacity).min(longest.max(1));
+    // The CP degree divides the world (data-parallel groups are equal). As a
+    // hand-tuned run would, take the smallest such degree that fits the context
+    // and still gives every data-parallel group a pack to work on.
     let items: Vec<(usize, u64)> = lengths.iter().copied().enumerate().collect();
-    let mut packs = best_fit_decreasing(&items, pack);
+    let divisors: Vec<u32> = (need..=world)
+        .filter(|d| world.is_multiple_of(*d))
+        .collect();
+    let pack_for = |d: u32| (u64::from(d) * capacity).min(longest.max(1));
+    let degree = divisors
+        .iter()
+        .copied()
+        .find(|d| {
+            let packs = best_fit_decreasing(&items, pack_for(*d)).len() as u32;
+            world / d <= packs.max(1)
+        })
+        .or_else(|| divisors.last().copied())
+        .unwrap_or(world);
+    let mut packs = best_fit_decreasing(&items, pack_for(degree));
     // Heaviest packs first, each to the data-parallel group with fewest tokens.
     packs.sort_by_key(|p| (Reverse(p.iter().map(|i| lengths[*i]).sum::<u64>()), p[0]));
     let groups = (world / degree) as usize;
@@ -401,6 +414,10 @@ pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
             ranks
         };
         let nodes = topo.nodes.len();
+        if degree == 1 {
+            // One rank lives on one node anyway: the least-loaded rank with room.
+            return least_loaded(load, has_room, 1);
+        }
         if degree <= topo.max_gpus_per_node() {
             let mut best: Option<(f64, Vec<u32>)> = None;
             for n in 0..nodes {
@@ -414,7 +431,7 @@ pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
                     best = Some((ready, ranks));
                 }
             }
-            if best.is_some() || degree == 1 {
+            if best.is_some() {
                 return best.map(|(_, r)| r);
             }
         }

@@ -19,7 +19,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use crate::sim::{
-    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, lower_bound, simulate,
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate, work_bound,
 };
 use crate::strategies::{
     OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost, hierarchical_pick,
@@ -64,7 +64,7 @@ fn split_by_work(lengths: &[u64], cap: u64, work: impl Fn(u64) -> f64) -> Vec<Ve
 }
 
 /// Balanced hierarchical layout (see the module documentation).
-fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> Layout {
+fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scale: f64) -> Layout {
     let topo = &ctx.topology;
     let world = topo.world();
     let gpu = topo.gpu_of(0);
@@ -79,7 +79,8 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> L
         }
     };
     // Degree: what memory needs, and enough ranks that the sequence's share per
-    // rank stays within an even share (`share`) of the work.
+    // rank stays within an even share (`share`) of the work, times `scale`:
+    // below 1, fewer and busier ranks with less communication; above 1, more.
     let degree_for = |share: f64| {
         move |s: u64| {
             let by_memory = min_degree(s, capacity);
@@ -88,6 +89,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> L
             } else {
                 1
             };
+            let by_balance = (f64::from(by_balance) * scale).ceil() as u32;
             by_memory.max(by_balance).min(world)
         }
     };
@@ -100,7 +102,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> L
         let mut micro_batches = Vec::new();
         for part in parts {
             let part_lengths: Vec<u64> = part.iter().map(|i| lengths[*i]).collect();
-            let share = lower_bound(ctx, &part_lengths);
+            let share = work_bound(ctx, &part_lengths);
             let scheduled = schedule_remapped(
                 ctx,
                 lengths,
@@ -113,7 +115,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool) -> L
         }
         micro_batches
     } else {
-        let share = lower_bound(ctx, lengths);
+        let share = work_bound(ctx, lengths);
         let degree = degree_for(share);
         let (long, short): (Vec<usize>, Vec<usize>) =
             (0..lengths.len()).partition(|i| degree(lengths[*i]) > 1);
@@ -221,6 +223,12 @@ fn place_short_sequences(
     }
 }
 
+/// Degree scales weft tries for its own layouts: whether a long sequence is
+/// better off on fewer, busier ranks or on more depends on how much of its ring
+/// traffic compute hides under the cluster's contention, which only the
+/// simulation tells.
+const DEGREE_SCALES: [f64; 3] = [0.25, 0.5, 1.0];
+
 /// Every layout weft considers for a batch, named: its own balanced layouts
 /// (with and without a remap) and each baseline as it is and with weft's
 /// routing over all NICs.
@@ -228,33 +236,55 @@ pub fn candidates(
     ctx: &PlanContext,
     lengths: &[u64],
     context_length: Option<u64>,
-) -> Result<Vec<(String, Layout)>, PlanningError> {
+) -> Result<Vec<Candidate>, PlanningError> {
     let capacity = rank_capacity(ctx)?;
     check_fits(ctx, lengths, capacity)?;
-    let mut candidates = vec![
-        (
-            "balanced+remap".to_string(),
-            balanced(ctx, lengths, capacity, true),
-        ),
-        (
-            "balanced".to_string(),
-            balanced(ctx, lengths, capacity, false),
-        ),
-    ];
-    for baseline in [
-        plan_static(ctx, lengths, context_length)?,
-        plan_hdp(ctx, lengths)?,
-        plan_zeppelin(ctx, lengths)?,
-    ] {
-        let mut routed = baseline.clone();
-        routed.routing = Routing::AllNics;
-        let name = baseline.strategy.clone();
-        if baseline.routing != Routing::AllNics {
-            candidates.push((format!("{name}+routing"), routed));
+    let timed = |name: String, build: &dyn Fn() -> Result<Layout, PlanningError>| {
+        let start = std::time::Instant::now();
+        let layout = build()?;
+        Ok::<_, PlanningError>(Candidate {
+            name,
+            layout,
+            build_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    };
+    let mut candidates = Vec::new();
+    for scale in DEGREE_SCALES {
+        for remap in [true, false] {
+            let name = format!("balanced{}x{scale}", if remap { "+remap" } else { "" });
+            candidates.push(timed(name, &|| {
+                Ok(balanced(ctx, lengths, capacity, remap, scale))
+            })?);
         }
-        candidates.push((name, baseline));
+    }
+    let baselines = [
+        timed("static".into(), &|| {
+            plan_static(ctx, lengths, context_length)
+        })?,
+        timed("hdp".into(), &|| plan_hdp(ctx, lengths))?,
+        timed("zeppelin".into(), &|| plan_zeppelin(ctx, lengths))?,
+    ];
+    for baseline in baselines {
+        if baseline.layout.routing != Routing::AllNics {
+            let mut routed = baseline.layout.clone();
+            routed.routing = Routing::AllNics;
+            candidates.push(Candidate {
+                name: format!("{}+routing", baseline.name),
+                layout: routed,
+                build_ms: 0.0,
+            });
+        }
+        candidates.push(baseline);
     }
     Ok(candidates)
+}
+
+/// A layout weft weighs, with how long it took to build.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub name: String,
+    pub layout: Layout,
+    pub build_ms: f64,
 }
 
 /// Plans a batch with weft's strategy (see the module documentation).
@@ -265,7 +295,7 @@ pub fn plan_weft(
 ) -> Result<Layout, PlanningError> {
     // Fastest plan that fits in memory; among equals, the first (deterministic).
     let mut best: Option<(bool, f64, Layout)> = None;
-    for (_, layout) in candidates(ctx, lengths, context_length)? {
+    for Candidate { layout, .. } in candidates(ctx, lengths, context_length)? {
         let outcome = simulate(ctx, lengths, &layout);
         let better = match &best {
             None => true,
@@ -280,7 +310,7 @@ pub fn plan_weft(
     }
     let mut layout = match best {
         Some((_, _, layout)) => layout,
-        None => balanced(ctx, lengths, rank_capacity(ctx)?, true),
+        None => balanced(ctx, lengths, rank_capacity(ctx)?, true, 1.0),
     };
     layout.strategy = "weft".to_string();
     Ok(layout)

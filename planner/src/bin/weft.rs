@@ -226,22 +226,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (ctx, lengths) = context(&common)?;
             if explain {
                 eprintln!(
-                    "{:<18} {:>12} {:>9} {:>9} {:>8} {:>5}",
-                    "candidate", "step_time_s", "vs_lb", "max/mean", "comm", "fits"
+                    "{:<22} {:>12} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8}",
+                    "candidate",
+                    "step_time_s",
+                    "vs_lb",
+                    "max/mean",
+                    "comm",
+                    "fits",
+                    "build_ms",
+                    "sim_ms"
                 );
                 let lb = weft_planner::lower_bound(&ctx, &lengths);
-                for (name, layout) in
-                    weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?
+                for candidate in weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?
                 {
-                    let o = weft_planner::simulate(&ctx, &lengths, &layout);
+                    let (name, layout) = (&candidate.name, &candidate.layout);
+                    let start = std::time::Instant::now();
+                    let o = weft_planner::simulate(&ctx, &lengths, layout);
+                    let sim_ms = start.elapsed().as_secs_f64() * 1e3;
                     eprintln!(
-                        "{:<18} {:>12.4} {:>9.3} {:>9.3} {:>7.1}% {:>5}",
+                        "{:<22} {:>12.4} {:>9.3} {:>9.3} {:>7.1}% {:>5} {:>9.1} {:>8.1}",
                         name,
                         o.step_time_s,
                         if lb > 0.0 { o.step_time_s / lb } else { 1.0 },
                         o.max_over_mean(),
                         o.comm_fraction() * 100.0,
-                        if o.fits_in_memory { "yes" } else { "NO" }
+                        if o.fits_in_memory { "yes" } else { "NO" },
+                        candidate.build_ms,
+                        sim_ms
                     );
                 }
                 eprintln!();
