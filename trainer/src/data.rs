@@ -17,6 +17,8 @@
 
 use std::path::{Path, PathBuf};
 
+use weft_planner::rng::SplitMix64;
+
 /// Token that closes every document.
 pub const END_OF_DOCUMENT: u32 = 256;
 /// Number of distinct tokens of the byte tokenizer.
@@ -172,36 +174,6 @@ pub fn detokenize(tokens: &[u32]) -> String {
         .filter_map(|t| u8::try_from(*t).ok())
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// SplitMix64: small, fast, and the same on every platform, which is all a
-/// sample order needs.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (bound > 0), without modulo bias.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % bound;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % bound;
-            }
-        }
-    }
 }
 
 /// The order of documents in epoch `epoch`: a permutation that depends on the
