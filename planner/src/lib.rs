@@ -11,7 +11,8 @@
 //!   returning a layout; [`sim`] prices a layout and builds its step plan, and
 //!   gives the lower bound every plan is compared with.
 //! - [`input`] reads lengths, cluster and model files; [`report`] runs
-//!   `weft simulate`; [`rng`] is the deterministic generator both use.
+//!   `weft simulate`; [`rng`] is the deterministic generator both use;
+//!   [`synthetic`] samples length distributions calibrated to published figures.
 
 pub mod cluster;
 pub mod cost;
@@ -22,6 +23,7 @@ pub mod report;
 pub mod rng;
 pub mod sim;
 pub mod strategies;
+pub mod synthetic;
 pub mod topology;
 pub mod weft;
 

@@ -293,7 +293,7 @@ pub(crate) fn estimate_cost(
 /// (a remap's barrier bounds it) and a rank takes pieces while their tokens fit;
 /// what fits nowhere is returned for another micro-batch.
 pub(crate) fn list_schedule<P>(
-    world: u32,
+    ctx: &PlanContext,
     lengths: &[u64],
     mut work: Vec<Work>,
     capacity: Option<u64>,
@@ -307,6 +307,8 @@ where
             .total_cmp(&a.cost_s)
             .then(a.sequences.cmp(&b.sequences))
     });
+    let world = ctx.topology.world();
+    let slowdown = slowdowns(ctx);
     let mut load = vec![0.0f64; world as usize];
     let mut count = vec![0usize; world as usize];
     let mut held = vec![0u64; world as usize];
@@ -322,13 +324,18 @@ where
         };
         ranks.sort_unstable();
         let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
+        // A group runs at the pace of its slowest GPU.
+        let pace = ranks
+            .iter()
+            .map(|r| slowdown[*r as usize])
+            .fold(1.0, f64::max);
         let mb = if capacity.is_some() {
             0
         } else {
             ranks.iter().map(|r| count[*r as usize]).max().unwrap_or(0)
         };
         for r in &ranks {
-            load[*r as usize] = start + w.cost_s;
+            load[*r as usize] = start + w.cost_s * pace;
             count[*r as usize] = mb + 1;
             held[*r as usize] += share;
         }
@@ -341,6 +348,16 @@ where
         });
     }
     (micro_batches, overflow)
+}
+
+/// How much slower each rank's GPU is than rank 0's, which work costs are
+/// estimated on (1 for the same GPU, 3.2 for an A100 next to H100s).
+pub(crate) fn slowdowns(ctx: &PlanContext) -> Vec<f64> {
+    let topo = &ctx.topology;
+    let reference = topo.gpu_of(0).peak_bf16_tflops;
+    (0..topo.world())
+        .map(|r| reference / topo.gpu_of(r).peak_bf16_tflops)
+        .collect()
 }
 
 /// The `n` least-loaded ranks with room (ties by rank index).
@@ -387,7 +404,7 @@ pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningEr
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         min_degree(s, capacity)
     });
-    let (micro_batches, _) = list_schedule(ctx.topology.world(), lengths, work, None, least_loaded);
+    let (micro_batches, _) = list_schedule(ctx, lengths, work, None, least_loaded);
     Ok(Layout {
         strategy: "hdp".to_string(),
         micro_batches,
@@ -533,11 +550,10 @@ where
     F: Fn(&[usize]) -> Vec<Work>,
     P: Pick + Copy,
 {
-    let world = ctx.topology.world();
     let mut micro_batches = Vec::new();
     let mut work = make_work(part);
     while !work.is_empty() {
-        let (scheduled, overflow) = list_schedule(world, lengths, work, Some(capacity), pick);
+        let (scheduled, overflow) = list_schedule(ctx, lengths, work, Some(capacity), pick);
         let groups: Vec<LayoutGroup> = scheduled.into_iter().flat_map(|m| m.groups).collect();
         if groups.is_empty() {
             // Nothing fits even on an empty micro-batch: cannot happen for pieces

@@ -24,7 +24,7 @@ use crate::sim::{
 use crate::strategies::{
     OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost, hierarchical_pick,
     list_schedule, min_degree, pieces, plan_hdp, plan_static, plan_zeppelin, rank_capacity,
-    schedule_remapped,
+    schedule_remapped, slowdowns,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -130,7 +130,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scal
                 }
             })
             .collect();
-        let (mut micro_batches, _) = list_schedule(world, lengths, work, None, &pick);
+        let (mut micro_batches, _) = list_schedule(ctx, lengths, work, None, &pick);
         place_short_sequences(
             ctx,
             lengths,
@@ -155,6 +155,7 @@ fn micro_batches_load(
     micro_batches: &[LayoutMicroBatch],
 ) -> Vec<(f64, usize)> {
     let world = ctx.topology.world() as usize;
+    let slowdown = slowdowns(ctx);
     let mut load = vec![(0.0f64, 0usize); world];
     for (m, mb) in micro_batches.iter().enumerate() {
         for group in &mb.groups {
@@ -170,16 +171,24 @@ fn micro_batches_load(
                 .iter()
                 .map(|r| load[*r as usize].0)
                 .fold(0.0, f64::max);
+            let pace = group
+                .ranks
+                .iter()
+                .map(|r| slowdown[*r as usize])
+                .fold(1.0, f64::max);
             for r in &group.ranks {
-                load[*r as usize] = (start + cost, m + 1);
+                load[*r as usize] = (start + cost * pace, m + 1);
             }
         }
     }
     load
 }
 
+/// Ranks by load, least loaded first.
+type RankHeap = BinaryHeap<Reverse<(OrdF64, u32)>>;
+
 /// Places whole short sequences one at a time, costliest first, on the rank
-/// that is free soonest, then packs each rank's sequences into micro-batches of
+/// where it would finish first (its GPU's speed counted), then packs each rank's sequences into micro-batches of
 /// at most `capacity` tokens after the ones it already has.
 fn place_short_sequences(
     ctx: &PlanContext,
@@ -190,19 +199,41 @@ fn place_short_sequences(
     micro_batches: &mut Vec<LayoutMicroBatch>,
 ) {
     let world = ctx.topology.world() as usize;
+    let slowdown = slowdowns(ctx);
     let mut order: Vec<(f64, usize)> = short
         .iter()
         .map(|&i| (estimate_cost(ctx, lengths, &[i], 1, true), i))
         .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut heap: BinaryHeap<Reverse<(OrdF64, u32)>> = (0..world)
-        .map(|r| Reverse((OrdF64(start[r].0), r as u32)))
-        .collect();
+    // One heap of ranks per GPU speed: the best rank of a class is its least
+    // loaded, and the best overall is the class's best that finishes first.
+    let mut classes: Vec<(f64, RankHeap)> = Vec::new();
+    for r in 0..world {
+        let class = match classes.iter().position(|(pace, _)| *pace == slowdown[r]) {
+            Some(c) => c,
+            None => {
+                classes.push((slowdown[r], BinaryHeap::new()));
+                classes.len() - 1
+            }
+        };
+        classes[class]
+            .1
+            .push(Reverse((OrdF64(start[r].0), r as u32)));
+    }
     let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); world];
     for (cost, i) in order {
-        if let Some(Reverse((OrdF64(load), r))) = heap.pop() {
+        let best = classes
+            .iter()
+            .enumerate()
+            .filter_map(|(c, (pace, heap))| {
+                heap.peek()
+                    .map(|Reverse((OrdF64(load), _))| (load + cost * pace, c))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let Some((finish, c)) = best else { break };
+        if let Some(Reverse((_, r))) = classes[c].1.pop() {
             assigned[r as usize].push(i);
-            heap.push(Reverse((OrdF64(load + cost), r)));
+            classes[c].1.push(Reverse((OrdF64(finish), r)));
         }
     }
     for (r, seqs) in assigned.into_iter().enumerate() {

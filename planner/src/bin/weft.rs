@@ -4,6 +4,7 @@
 //! weft plan --lengths FILE --cluster CLUSTER --model MODEL [--strategy NAME] [--max-seq-len N] [--format json|table]
 //! weft simulate --lengths FILE --cluster CLUSTER --model MODEL --tokens-per-step N --steps K --seed S
 //!               [--max-seq-len N] [--format json|table]
+//! weft lengths --synthetic byted|github --count N [--seed S]
 //! ```
 
 use std::path::PathBuf;
@@ -68,6 +69,17 @@ enum Command {
         /// With weft: also print every candidate it weighed and its predicted time.
         #[arg(long)]
         explain: bool,
+    },
+    /// Print sequence lengths sampled from a synthetic distribution calibrated
+    /// to published figures (byted, github), one per line, with a summary comment.
+    Lengths {
+        /// byted or github.
+        #[arg(long)]
+        synthetic: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Sample batches and compare every strategy on them.
     Simulate {
@@ -264,6 +276,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
                 Format::Table => print!("{}", plan_table(&plan)),
             }
+        }
+        Command::Lengths {
+            synthetic,
+            count,
+            seed,
+        } => {
+            let lengths = weft_planner::synthetic::sample(&synthetic, count, seed)?;
+            let mut out = format!(
+                "# {synthetic} (seed {seed}): {}\n",
+                weft_planner::synthetic::describe(&lengths)
+            );
+            for s in lengths {
+                out += &format!("{s}\n");
+            }
+            print!("{out}");
         }
         Command::Simulate {
             common,
