@@ -1,0 +1,313 @@
+//! The `weft` binary as a user runs it: golden step plans for fixed inputs, and
+//! a clear error with a non-zero exit for every kind of bad input.
+//!
+//! Regenerate the golden plans after an intended change with
+//! `WEFT_UPDATE_GOLDEN=1 cargo test -p weft-planner --test cli`.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .output()
+        .expect("run weft")
+}
+
+fn fixture(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Fixed inputs whose plans are pinned: (name, lengths, cluster, model, strategy, extra args).
+const GOLDEN: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "mixed-2x4-weft",
+        "# one long, several short\n65536\n1200\n800\n3000\n150\n150\n9000\n",
+        "2x4:nics=2",
+        "llama-7b",
+        "weft",
+    ),
+    (
+        "mixed-2x4-static",
+        "65536\n1200\n800\n3000\n150\n150\n9000\n",
+        "2x4:nics=2",
+        "llama-7b",
+        "static",
+    ),
+    (
+        "hetero-hdp",
+        "40000\n20000\n5000\n5000\n700\n",
+        "1x8:nics=8+1x4:gpu=a100-80g,nics=2",
+        "llama-13b",
+        "hdp",
+    ),
+    (
+        "long-zeppelin",
+        "300000\n2000\n2000\n",
+        "4x8:nics=8",
+        "llama-7b",
+        "zeppelin",
+    ),
+];
+
+#[test]
+fn golden_plans_for_fixed_inputs() {
+    for (name, lengths, cluster, model, strategy) in GOLDEN {
+        let file = fixture(&format!("{name}.txt"), lengths);
+        let out = weft(&[
+            "plan",
+            "--lengths",
+            file.to_str().unwrap(),
+            "--cluster",
+            cluster,
+            "--model",
+            model,
+            "--strategy",
+            strategy,
+            "--format",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan = String::from_utf8(out.stdout).unwrap();
+        let path = golden_dir().join(format!("{name}.json"));
+        if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(golden_dir()).unwrap();
+            std::fs::write(&path, &plan).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; regenerate with WEFT_UPDATE_GOLDEN=1",
+                path.display()
+            )
+        });
+        assert!(
+            plan == expected,
+            "{name}: the plan differs from {}; if intended, regenerate with WEFT_UPDATE_GOLDEN=1",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn plan_table_and_simulate_json_have_what_users_read() {
+    let file = fixture("few.txt", "100000\n3000\n200\n");
+    let out = weft(&[
+        "plan",
+        "--lengths",
+        file.to_str().unwrap(),
+        "--cluster",
+        "2x8",
+        "--model",
+        "llama-7b",
+    ]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("strategy weft on 16 GPUs: 3 sequences"),
+        "{table}"
+    );
+    assert!(table.contains("lower bound"));
+    let out = weft(&[
+        "simulate",
+        "--lengths",
+        file.to_str().unwrap(),
+        "--cluster",
+        "2x8",
+        "--model",
+        "llama-7b",
+        "--tokens-per-step",
+        "50000",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["lower_bound_s"].as_f64().unwrap() > 0.0);
+    let names: Vec<&str> = report["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["static", "hdp", "zeppelin", "weft"]);
+    for s in report["strategies"].as_array().unwrap() {
+        for key in [
+            "step_time_s",
+            "vs_lower_bound",
+            "max_over_mean",
+            "comm_fraction",
+            "peak_mem_gib",
+            "planner_ms",
+        ] {
+            assert!(s[key].is_number(), "{key} missing in {s}");
+        }
+        assert!(s["vs_lower_bound"].as_f64().unwrap() >= 1.0 - 1e-9);
+    }
+}
+
+#[test]
+fn bad_inputs_exit_non_zero_naming_the_problem() {
+    let good = fixture("good.txt", "1000\n2000\n");
+    let empty = fixture("empty.txt", "# nothing here\n\n");
+    let zero = fixture("zero.txt", "1000\n0\n");
+    let garbage = fixture("garbage.txt", "1000\nlots\n");
+    let huge = fixture("huge.txt", "100\n90000000\n");
+    let good = good.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--lengths",
+                empty.to_str().unwrap(),
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+            ],
+            "holds no sequence lengths",
+        ),
+        (
+            vec![
+                "--lengths",
+                zero.to_str().unwrap(),
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+            ],
+            "zero.txt:2",
+        ),
+        (
+            vec![
+                "--lengths",
+                garbage.to_str().unwrap(),
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+            ],
+            "\"lots\"",
+        ),
+        (
+            vec![
+                "--lengths",
+                "/no/such/file",
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+            ],
+            "could not read /no/such/file",
+        ),
+        (
+            vec![
+                "--lengths",
+                huge.to_str().unwrap(),
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+            ],
+            "cannot fit even on the whole cluster",
+        ),
+        (
+            vec!["--lengths", good, "--cluster", "2x8", "--model", "gpt-9"],
+            "unknown model preset \"gpt-9\"",
+        ),
+        (
+            vec![
+                "--lengths",
+                good,
+                "--cluster",
+                "2x8:gpu=v100",
+                "--model",
+                "llama-7b",
+            ],
+            "unknown GPU preset \"v100\"",
+        ),
+        (
+            vec![
+                "--lengths",
+                good,
+                "--cluster",
+                "lots",
+                "--model",
+                "llama-7b",
+            ],
+            "NODESxGPUS",
+        ),
+        (
+            vec![
+                "--lengths",
+                good,
+                "--cluster",
+                "1x8",
+                "--model",
+                "llama-70b",
+            ],
+            "does not fit on 8 GPUs",
+        ),
+        (
+            vec![
+                "--lengths",
+                good,
+                "--cluster",
+                "2x8",
+                "--model",
+                "llama-7b",
+                "--strategy",
+                "magic",
+            ],
+            "unknown strategy \"magic\"",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["plan"];
+        all.extend(args.iter().copied());
+        let out = weft(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{all:?} succeeded");
+        assert!(
+            stderr.contains(expected),
+            "{all:?}: {stderr:?} should mention {expected:?}"
+        );
+    }
+    let out = weft(&[
+        "simulate",
+        "--lengths",
+        good,
+        "--cluster",
+        "2x8",
+        "--model",
+        "llama-7b",
+        "--tokens-per-step",
+        "0",
+        "--steps",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tokens-per-step must be at least 1"));
+}
