@@ -7,7 +7,7 @@
 //! - [`model`]: transformer shapes and presets.
 //! - [`cost`]: time and memory of a sequence's share of a step.
 //! - [`plan`]: the step plan document and its invariants.
-//! - [`strategies`] and [`weft`]: the baselines and weft's own strategy, each
+//! - [`strategies`], [`flexsp`] and [`weft`]: the baselines and weft's own strategy, each
 //!   returning a layout; [`sim`] prices a layout and builds its step plan, and
 //!   gives the lower bound every plan is compared with.
 //! - [`input`] reads lengths, cluster and model files; [`report`] runs
@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod cost;
+pub mod flexsp;
 pub mod input;
 pub mod model;
 pub mod plan;

@@ -10,6 +10,7 @@
 //!   packed onto single ranks; the balance scheduler hands the next, costliest
 //!   piece of work to the ranks that are least busy, so cheap ranks take more
 //!   micro-batches. One global communicator, no topology awareness.
+//! - `flexsp`: see [`crate::flexsp`].
 //! - `zeppelin`: hierarchical partitioning (a sequence that needs up to a node's
 //!   GPUs stays inside one node; longer ones take whole nodes), inter-node
 //!   transfers spread over all NICs, and a remapping layer that gives linear
@@ -41,7 +42,7 @@ pub enum PlanningError {
         capacity: u64,
         model: String,
     },
-    #[error("unknown strategy {0:?} (known: static, hdp, zeppelin, weft)")]
+    #[error("unknown strategy {0:?} (known: static, hdp, flexsp, zeppelin, weft)")]
     UnknownStrategy(String),
     #[error("the {strategy} solver failed: {reason}")]
     Solver { strategy: String, reason: String },
@@ -58,6 +59,7 @@ pub fn plan_layout(
     match strategy {
         Strategy::Static => plan_static(ctx, lengths, context_length),
         Strategy::Hdp => plan_hdp(ctx, lengths),
+        Strategy::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
         Strategy::Zeppelin => plan_zeppelin(ctx, lengths),
         Strategy::Weft => crate::weft::plan_weft(ctx, lengths, context_length),
     }
@@ -81,14 +83,16 @@ impl PlanningError {
 pub enum Strategy {
     Static,
     Hdp,
+    FlexSp,
     Zeppelin,
     Weft,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::Static,
         Strategy::Hdp,
+        Strategy::FlexSp,
         Strategy::Zeppelin,
         Strategy::Weft,
     ];
@@ -97,6 +101,7 @@ impl Strategy {
         match self {
             Strategy::Static => "static",
             Strategy::Hdp => "hdp",
+            Strategy::FlexSp => "flexsp",
             Strategy::Zeppelin => "zeppelin",
             Strategy::Weft => "weft",
         }

@@ -2,7 +2,9 @@
 //!
 //! It builds its own layouts and keeps whichever the simulator prices fastest
 //! among them and every baseline (each also with weft's NIC routing), so it is
-//! never worse than a baseline on any input.
+//! never worse than a baseline on any input. The exception is FlexSP on
+//! clusters of more than 64 GPUs, whose solver is too slow to run every step;
+//! there weft's own layouts have beaten it in every benchmark so far.
 //!
 //! Its own layouts ("balanced hierarchical"):
 //! - Degree per sequence: at least what memory needs, and enough that no rank's
@@ -260,6 +262,9 @@ fn place_short_sequences(
 /// simulation tells.
 const DEGREE_SCALES: [f64; 3] = [0.25, 0.5, 1.0];
 
+/// Largest cluster on which weft also weighs FlexSP's plan.
+const FLEXSP_CANDIDATE_MAX_GPUS: u32 = 64;
+
 /// Every layout weft considers for a batch, named: its own balanced layouts
 /// (with and without a remap) and each baseline as it is and with weft's
 /// routing over all NICs.
@@ -295,7 +300,19 @@ pub fn candidates(
         timed("hdp".into(), &|| plan_hdp(ctx, lengths))?,
         timed("zeppelin".into(), &|| plan_zeppelin(ctx, lengths))?,
     ];
-    for baseline in baselines {
+    // FlexSP's solver takes seconds, too slow to run on every worker every step
+    // on a large cluster, so it is a candidate on small ones only. Its
+    // power-of-two groups cannot hold some sequences that other layouts can;
+    // then it is simply not a candidate.
+    let flexsp = if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
+        timed("flexsp".into(), &|| {
+            crate::flexsp::plan_flexsp(ctx, lengths)
+        })
+        .ok()
+    } else {
+        None
+    };
+    for baseline in baselines.into_iter().chain(flexsp) {
         if baseline.layout.routing != Routing::AllNics {
             let mut routed = baseline.layout.clone();
             routed.routing = Routing::AllNics;

@@ -53,6 +53,13 @@ const GOLDEN: &[(&str, &str, &str, &str, &str)] = &[
         "hdp",
     ),
     (
+        "wiki-like-flexsp",
+        "300\n1200\n90\n4000\n18000\n700\n2500\n150\n60000\n900\n",
+        "2x8:nics=8",
+        "llama-7b",
+        "flexsp",
+    ),
+    (
         "long-zeppelin",
         "300000\n2000\n2000\n",
         "4x8:nics=8",
@@ -153,7 +160,7 @@ fn plan_table_and_simulate_json_have_what_users_read() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["static", "hdp", "zeppelin", "weft"]);
+    assert_eq!(names, ["static", "hdp", "flexsp", "zeppelin", "weft"]);
     for s in report["strategies"].as_array().unwrap() {
         for key in [
             "step_time_s",
