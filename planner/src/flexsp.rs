@@ -426,7 +426,7 @@ fn place(world: u32, groups: Vec<(u32, Vec<usize>)>) -> Vec<LayoutGroup> {
         .into_iter()
         .map(|(d, sequences)| {
             let d = d.min(world);
-            if offset % d != 0 {
+            if !offset.is_multiple_of(d) {
                 offset = offset.div_ceil(d) * d;
             }
             if offset + d > world {
