@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use highs::{HighsModelStatus, HighsSolutionStatus, RowProblem, Sense};
 
 use crate::sim::{Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate};
-use crate::strategies::{PlanningError, check_fits, rank_capacity};
+use crate::strategies::{PlanningError, check_fits, estimate_docs_cost, rank_capacity};
 
 /// Buckets per micro-batch (FlexSP's default).
 const BUCKETS: usize = 16;
@@ -112,18 +112,7 @@ pub fn bucket_bounds(sorted: &[u64], buckets: usize) -> Vec<u64> {
 
 /// Time of one sequence of `length` in a group of `degree` ranks, alone.
 fn sequence_time(ctx: &PlanContext, length: u64, degree: u32) -> f64 {
-    let topo = &ctx.topology;
-    let gpu = topo.gpu_of(0);
-    let bandwidth = if degree <= topo.max_gpus_per_node() {
-        topo.nvlink_bytes_per_s(0)
-    } else {
-        topo.nic_bytes_per_s(0, 0)
-    };
-    let s = length as f64;
-    ctx.cost
-        .packed_ring_time(&[s], degree, bandwidth, gpu)
-        .total_s
-        + ctx.cost.linear_time(s / f64::from(degree.max(1)), gpu)
+    estimate_docs_cost(ctx, &[length as f64], degree, true)
 }
 
 /// The buckets of one micro-batch: bounds, members (longest first), and the

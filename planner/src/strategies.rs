@@ -268,9 +268,19 @@ pub(crate) fn estimate_cost(
     degree: u32,
     linear: bool,
 ) -> f64 {
+    let docs: Vec<f64> = sequences.iter().map(|s| lengths[*s] as f64).collect();
+    estimate_docs_cost(ctx, &docs, degree, linear)
+}
+
+/// [`estimate_cost`] for documents given by their lengths.
+pub(crate) fn estimate_docs_cost(
+    ctx: &PlanContext,
+    docs: &[f64],
+    degree: u32,
+    linear: bool,
+) -> f64 {
     let topo = &ctx.topology;
     let gpu = topo.gpu_of(0);
-    let docs: Vec<f64> = sequences.iter().map(|s| lengths[*s] as f64).collect();
     let bandwidth = if degree <= topo.max_gpus_per_node() {
         topo.nvlink_bytes_per_s(0)
     } else {
@@ -278,10 +288,10 @@ pub(crate) fn estimate_cost(
     };
     let ring = ctx
         .cost
-        .packed_ring_time(&docs, degree, bandwidth, gpu)
+        .packed_ring_time(docs, degree, bandwidth, gpu)
         .total_s;
-    let tokens: f64 = docs.iter().sum();
     let linear_s = if linear {
+        let tokens: f64 = docs.iter().sum();
         ctx.cost.linear_time(tokens / f64::from(degree.max(1)), gpu)
     } else {
         0.0
