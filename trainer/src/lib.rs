@@ -5,4 +5,5 @@
 //! and a global sample order that does not depend on the world size. The model,
 //! collectives and distributed attention follow.
 
+pub mod comm;
 pub mod data;

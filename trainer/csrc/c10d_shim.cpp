@@ -1,0 +1,161 @@
+// A thin extern "C" layer over libtorch's own collectives (c10d): a TCPStore for
+// rendezvous and ProcessGroupGloo for CPU collectives, for the Rust trainer.
+//
+// Rules (see shared/references/c10d.md):
+// - Handles are heap-boxed c10::intrusive_ptr<...>*, freed by the *_free calls.
+// - Every entry point catches every C++ exception and returns its message
+//   through `err` (strdup'd; Rust frees it with weft_c10d_free_string), with a
+//   non-zero return code. Nothing throws across the C boundary.
+// - Tensors arrive as at::Tensor* (what tch's as_ptr gives); they are copied
+//   into std::vector<at::Tensor> (refcounted aliases), so in-place results are
+//   visible to Rust.
+// - gloo's own types are never touched beyond creating the device: libtorch
+//   bundles a newer gloo than the headers this is compiled against.
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+using StorePtr = c10::intrusive_ptr<c10d::Store>;
+using BackendPtr = c10::intrusive_ptr<c10d::Backend>;
+
+int fail(char** err, const std::string& message) {
+  if (err != nullptr) {
+    *err = strdup(message.c_str());
+  }
+  return 1;
+}
+
+template <typename F>
+int guarded(char** err, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const c10::Error& e) {
+    return fail(err, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return fail(err, e.what());
+  } catch (...) {
+    return fail(err, "unknown C++ exception");
+  }
+}
+
+std::chrono::milliseconds millis(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+}
+
+int wait(const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait();
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) void weft_c10d_free_string(char* s) { free(s); }
+
+__attribute__((visibility("default"))) int weft_c10d_store_new(const char* host, uint16_t port,
+                                                               int world_size, int is_server,
+                                                               double timeout_s, void** out,
+                                                               char** err) {
+  return guarded(err, [&] {
+    c10d::TCPStoreOptions options;
+    options.port = port;
+    options.isServer = is_server != 0;
+    options.numWorkers = world_size;
+    // Every rank announces itself; only the server then waits for the others.
+    options.waitWorkers = true;
+    options.timeout = millis(timeout_s);
+    StorePtr store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    *out = new StorePtr(std::move(store));
+  });
+}
+
+__attribute__((visibility("default"))) void weft_c10d_store_free(void* store) {
+  delete static_cast<StorePtr*>(store);
+}
+
+__attribute__((visibility("default"))) int weft_c10d_gloo_new(void* store, int rank, int world_size,
+                                                              const char* hostname, double timeout_s,
+                                                              void** out, char** err) {
+  return guarded(err, [&] {
+    auto options = c10d::ProcessGroupGloo::Options::create();
+    options->timeout = millis(timeout_s);
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(hostname)));
+    BackendPtr group = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        *static_cast<StorePtr*>(store), rank, world_size, options);
+    *out = new BackendPtr(std::move(group));
+  });
+}
+
+__attribute__((visibility("default"))) void weft_c10d_group_free(void* group) {
+  delete static_cast<BackendPtr*>(group);
+}
+
+__attribute__((visibility("default"))) int weft_c10d_allreduce_sum(void* group, void* tensor, char** err) {
+  return guarded(err, [&] {
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    wait((*static_cast<BackendPtr*>(group))->allreduce(tensors, options));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_send(void* group, void* tensor, int dst, int tag,
+                                                          char** err) {
+  return guarded(err, [&] {
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    wait((*static_cast<BackendPtr*>(group))->send(tensors, dst, tag));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_recv(void* group, void* tensor, int src, int tag,
+                                                          char** err) {
+  return guarded(err, [&] {
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    wait((*static_cast<BackendPtr*>(group))->recv(tensors, src, tag));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_alltoall(void* group, void* output, void* input,
+                                                              const int64_t* output_splits,
+                                                              const int64_t* input_splits, int parts,
+                                                              char** err) {
+  return guarded(err, [&] {
+    std::vector<int64_t> out_splits(output_splits, output_splits + parts);
+    std::vector<int64_t> in_splits(input_splits, input_splits + parts);
+    at::Tensor out = *static_cast<at::Tensor*>(output);
+    at::Tensor in = *static_cast<at::Tensor*>(input);
+    c10d::AllToAllOptions options;
+    wait((*static_cast<BackendPtr*>(group))->alltoall_base(out, in, out_splits, in_splits, options));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_broadcast(void* group, void* tensor, int root,
+                                                               char** err) {
+  return guarded(err, [&] {
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    wait((*static_cast<BackendPtr*>(group))->broadcast(tensors, options));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_barrier(void* group, char** err) {
+  return guarded(err, [&] {
+    c10d::BarrierOptions options;
+    wait((*static_cast<BackendPtr*>(group))->barrier(options));
+  });
+}
+
+}  // extern "C"
