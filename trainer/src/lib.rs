@@ -5,5 +5,6 @@
 //! and a global sample order that does not depend on the world size. The model,
 //! collectives and distributed attention follow.
 
+pub mod attention;
 pub mod comm;
 pub mod data;
