@@ -98,14 +98,24 @@ pub struct ZigzagShard {
     pub v: [Tensor; 2],
 }
 
-/// Ring attention forward for one causal sequence over the ranks `ring` (in
-/// ring order), where this rank holds `shard`. Returns this rank's outputs for
-/// its two chunks, `[B, H, L_c, E]`, fp32.
-pub fn ring_attention_forward(
-    group: &mut ProcessGroup,
-    ring: &[u32],
-    shard: &ZigzagShard,
-) -> Result<[Tensor; 2], AttentionError> {
+/// What the forward keeps for the backward: per query chunk, the merged output
+/// `[B, H, L_c, E]` and log-sum-exp `[B, H, L_c]`, fp32.
+#[derive(Debug)]
+pub struct RingOutput {
+    pub out: [Tensor; 2],
+    pub lse: [Tensor; 2],
+}
+
+/// Gradients of one rank's chunks, fp32.
+#[derive(Debug)]
+pub struct RingGrads {
+    pub dq: [Tensor; 2],
+    pub dk: [Tensor; 2],
+    pub dv: [Tensor; 2],
+}
+
+/// This rank's position in `ring`, and the ranks before and after it.
+fn ring_position(group: &ProcessGroup, ring: &[u32]) -> Result<(usize, u32, u32), AttentionError> {
     let d = ring.len();
     let me = ring
         .iter()
@@ -114,6 +124,26 @@ pub fn ring_attention_forward(
             rank: group.rank(),
             ring: d,
         })?;
+    Ok((me, ring[(me + 1) % d], ring[(me + d - 1) % d]))
+}
+
+/// Token counts of the two chunks that ring position `owner` holds.
+fn owner_sizes(shard: &ZigzagShard, owner: usize, d: usize) -> [i64; 2] {
+    [
+        shard.chunk_lengths[owner],
+        shard.chunk_lengths[2 * d - 1 - owner],
+    ]
+}
+
+/// Ring attention forward for one causal sequence over the ranks `ring` (in
+/// ring order), where this rank holds `shard`.
+pub fn ring_attention_forward(
+    group: &mut ProcessGroup,
+    ring: &[u32],
+    shard: &ZigzagShard,
+) -> Result<RingOutput, AttentionError> {
+    let d = ring.len();
+    let (me, next, prev) = ring_position(group, ring)?;
     for c in 0..2 {
         let expected = shard.chunk_lengths.get(shard.chunks[c]).copied();
         let size = shard.k[c].size();
@@ -124,8 +154,6 @@ pub fn ring_attention_forward(
             return Err(AttentionError::Shape { chunk: c });
         }
     }
-    let next = ring[(me + 1) % d];
-    let prev = ring[(me + d - 1) % d];
     // The key/value chunks this rank currently holds, and whose they were.
     let mut held_k = [shard.k[0].f_contiguous()?, shard.k[1].f_contiguous()?];
     let mut held_v = [shard.v[0].f_contiguous()?, shard.v[1].f_contiguous()?];
@@ -147,11 +175,7 @@ pub fn ring_attention_forward(
         }
         if step + 1 < d {
             // Next step this rank holds the chunks of the rank one further back.
-            let incoming = (me + d - step - 1) % d;
-            let sizes = [
-                shard.chunk_lengths[incoming],
-                shard.chunk_lengths[2 * d - 1 - incoming],
-            ];
+            let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
             held_k = pass_along(group, &held_k, sizes, next, prev, me, 2 * step as i32)?;
             held_v = pass_along(group, &held_v, sizes, next, prev, me, 2 * step as i32 + 1)?;
         }
@@ -159,9 +183,82 @@ pub fn ring_attention_forward(
     let [a, b] = partial;
     // Every query chunk attends at least to itself (the causal diagonal).
     match (a, b) {
-        (Some(a), Some(b)) => Ok([a.out, b.out]),
+        (Some(a), Some(b)) => Ok(RingOutput {
+            out: [a.out, b.out],
+            lse: [a.lse, b.lse],
+        }),
         _ => Err(AttentionError::Shape { chunk: 0 }),
     }
+}
+
+/// Ring attention backward: given the forward's merged outputs and
+/// log-sum-exps and the gradient of this rank's outputs, the gradients of its
+/// queries, keys and values. Every block's contribution is recomputed from the
+/// merged log-sum-exp (so it is exact), dQ accumulates here, and dK/dV (fp32)
+/// travel around the ring with their keys and values, arriving back at their
+/// owner after d passes.
+pub fn ring_attention_backward(
+    group: &mut ProcessGroup,
+    ring: &[u32],
+    shard: &ZigzagShard,
+    forward: &RingOutput,
+    grad_out: &[Tensor; 2],
+) -> Result<RingGrads, AttentionError> {
+    let d = ring.len();
+    let (me, next, prev) = ring_position(group, ring)?;
+    let float = |t: &Tensor| t.f_to_kind(Kind::Float);
+    // Fresh fp32 accumulators (to_kind of an fp32 tensor would alias it).
+    let zeros = |t: &Tensor| Tensor::f_zeros(t.size().as_slice(), (Kind::Float, t.device()));
+    let mut dq = [zeros(&shard.q[0])?, zeros(&shard.q[1])?];
+    let mut held_k = [shard.k[0].f_contiguous()?, shard.k[1].f_contiguous()?];
+    let mut held_v = [shard.v[0].f_contiguous()?, shard.v[1].f_contiguous()?];
+    let mut held_dk = [zeros(&held_k[0])?, zeros(&held_k[1])?];
+    let mut held_dv = [zeros(&held_v[0])?, zeros(&held_v[1])?];
+    // Tags apart from the forward's.
+    let base = 1 << 20;
+    for step in 0..d {
+        let owner = (me + d - step) % d;
+        let kv_chunks = [owner, 2 * d - 1 - owner];
+        for (qi, &a) in shard.chunks.iter().enumerate() {
+            for (ki, &b) in kv_chunks.iter().enumerate() {
+                if b > a {
+                    continue;
+                }
+                let (g_q, g_k, g_v) =
+                    Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                        &grad_out[qi],
+                        &shard.q[qi],
+                        &held_k[ki],
+                        &held_v[ki],
+                        &forward.out[qi],
+                        &forward.lse[qi],
+                        0.0,
+                        a == b,
+                        None::<Tensor>,
+                        None,
+                    )?;
+                dq[qi] = dq[qi].f_add(&float(&g_q)?)?;
+                held_dk[ki] = held_dk[ki].f_add(&float(&g_k)?)?;
+                held_dv[ki] = held_dv[ki].f_add(&float(&g_v)?)?;
+            }
+        }
+        let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
+        let tag = base + 4 * step as i32;
+        if step + 1 < d {
+            held_k = pass_along(group, &held_k, sizes, next, prev, me, tag)?;
+            held_v = pass_along(group, &held_v, sizes, next, prev, me, tag + 1)?;
+        }
+        // The gradients move on every step, the last one bringing them home.
+        if d > 1 {
+            held_dk = pass_along(group, &held_dk, sizes, next, prev, me, tag + 2)?;
+            held_dv = pass_along(group, &held_dv, sizes, next, prev, me, tag + 3)?;
+        }
+    }
+    Ok(RingGrads {
+        dq,
+        dk: held_dk,
+        dv: held_dv,
+    })
 }
 
 /// Sends `chunks` to `next` and receives two chunks of `sizes` tokens (other
