@@ -2,16 +2,21 @@
 //! sequence, with zigzag (head-tail) load balance and the log-sum-exp merge of
 //! partial results in fp32 (`shared/references/systems.md` §3).
 //!
-//! A sequence split over a ring of d ranks is cut into 2d chunks; rank i of the
-//! ring holds chunks i and 2d−1−i ([`weft_planner::plan::zigzag_ranges`]). Each
+//! A sequence split over a ring of d ranks is cut into 2d chunks; ring
+//! position i holds chunks i and 2d−1−i, rotated by the document's position
+//! in its group ([`weft_planner::plan::group_zigzag`]). Each
 //! of the d ring steps, a rank attends its query chunks to the key/value chunks
 //! it holds (a chunk before its own in full, its own causally, a later one not
 //! at all), merges the partial outputs by their log-sum-exp, and passes the
 //! key/value chunks to the next rank. The result equals plain causal attention
 //! over the whole sequence, to floating-point rounding.
 //!
-//! This is the forward pass of one document per ring; packed documents,
-//! hierarchical rings and the backward pass follow.
+//! A ring group may carry several documents packed together: they share the
+//! ring's steps (one message per step carries every document's chunks), each
+//! is split zigzag with its own rotation, and no token attends across
+//! documents. The backward pass recomputes every block from the merged
+//! log-sum-exp and sends dK/dV back around the ring. Hierarchical rings come
+//! next.
 
 use tch::{Kind, Tensor};
 
@@ -82,31 +87,40 @@ impl Partial {
     }
 }
 
-/// This rank's part of one sequence in a ring: its two zigzag chunks of
-/// queries, keys and values, each `[B, H, L_c, E]`.
+/// One document's part, on this rank, of a ring of d ranks: its two zigzag
+/// chunks of queries, keys and values, each `[B, H, L_c, E]`.
 #[derive(Debug)]
-pub struct ZigzagShard {
-    /// Chunk indices (of the sequence's 2d chunks) this rank holds: i and 2d−1−i.
-    pub chunks: [usize; 2],
-    /// Tokens in each of the sequence's 2d chunks: a rank receiving another
-    /// rank's keys and values must know their sizes (chunks differ by a token
-    /// when the length does not divide; gloo aborts the process on a size
-    /// mismatch rather than returning an error).
+pub struct DocShard {
+    /// Position of the document in its group: its zigzag pairs are rotated by
+    /// it, as [`weft_planner::plan::group_zigzag`] does.
+    pub position: usize,
+    /// Tokens in each of the document's 2d chunks. A rank receiving another
+    /// rank's keys and values must know their sizes: chunks differ when the
+    /// length does not divide, and gloo aborts the process on a size mismatch
+    /// rather than returning an error.
     pub chunk_lengths: Vec<i64>,
     pub q: [Tensor; 2],
     pub k: [Tensor; 2],
     pub v: [Tensor; 2],
 }
 
-/// What the forward keeps for the backward: per query chunk, the merged output
-/// `[B, H, L_c, E]` and log-sum-exp `[B, H, L_c]`, fp32.
+/// This rank's part of the documents one ring group processes together
+/// (packed: they share the ring's steps, and no token attends across
+/// documents).
+#[derive(Debug)]
+pub struct RingShard {
+    pub docs: Vec<DocShard>,
+}
+
+/// What the forward keeps for the backward, per document and query chunk: the
+/// merged output `[B, H, L_c, E]` and log-sum-exp `[B, H, L_c]`, fp32.
 #[derive(Debug)]
 pub struct RingOutput {
     pub out: [Tensor; 2],
     pub lse: [Tensor; 2],
 }
 
-/// Gradients of one rank's chunks, fp32.
+/// Gradients of one document's chunks on this rank, fp32.
 #[derive(Debug)]
 pub struct RingGrads {
     pub dq: [Tensor; 2],
@@ -114,7 +128,14 @@ pub struct RingGrads {
     pub dv: [Tensor; 2],
 }
 
-/// This rank's position in `ring`, and the ranks before and after it.
+/// The chunk indices that ring position `p` holds of the document at
+/// `position` in a ring of `d`.
+pub fn chunks_of(p: usize, position: usize, d: usize) -> [usize; 2] {
+    let j = (p + position) % d;
+    [j, 2 * d - 1 - j]
+}
+
+/// This rank's position in `ring`, and the ranks after and before it.
 fn ring_position(group: &ProcessGroup, ring: &[u32]) -> Result<(usize, u32, u32), AttentionError> {
     let d = ring.len();
     let me = ring
@@ -127,175 +148,249 @@ fn ring_position(group: &ProcessGroup, ring: &[u32]) -> Result<(usize, u32, u32)
     Ok((me, ring[(me + 1) % d], ring[(me + d - 1) % d]))
 }
 
-/// Token counts of the two chunks that ring position `owner` holds.
-fn owner_sizes(shard: &ZigzagShard, owner: usize, d: usize) -> [i64; 2] {
-    [
-        shard.chunk_lengths[owner],
-        shard.chunk_lengths[2 * d - 1 - owner],
-    ]
+/// Token counts of the chunks that ring position `owner` holds of each document.
+fn owner_sizes(shard: &RingShard, owner: usize, d: usize) -> Vec<[i64; 2]> {
+    shard
+        .docs
+        .iter()
+        .map(|doc| chunks_of(owner, doc.position, d).map(|c| doc.chunk_lengths[c]))
+        .collect()
 }
 
-/// Ring attention forward for one causal sequence over the ranks `ring` (in
-/// ring order), where this rank holds `shard`.
+/// Checks that every chunk has the length the split says.
+fn validate(shard: &RingShard, me: usize, d: usize) -> Result<(), AttentionError> {
+    for (i, doc) in shard.docs.iter().enumerate() {
+        if doc.chunk_lengths.len() != 2 * d {
+            return Err(AttentionError::Shape { chunk: 2 * i });
+        }
+        let mine = chunks_of(me, doc.position, d);
+        for (c, chunk) in mine.iter().enumerate() {
+            let want = Some(doc.chunk_lengths[*chunk]);
+            for t in [&doc.q[c], &doc.k[c], &doc.v[c]] {
+                if t.size().get(2).copied() != want {
+                    return Err(AttentionError::Shape { chunk: 2 * i + c });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Ring attention forward for the documents of one ring group over the ranks
+/// `ring` (in ring order), where this rank holds `shard`. Returns, per
+/// document, the outputs of this rank's two chunks and their log-sum-exps.
 pub fn ring_attention_forward(
     group: &mut ProcessGroup,
     ring: &[u32],
-    shard: &ZigzagShard,
-) -> Result<RingOutput, AttentionError> {
+    shard: &RingShard,
+) -> Result<Vec<RingOutput>, AttentionError> {
     let d = ring.len();
     let (me, next, prev) = ring_position(group, ring)?;
-    for c in 0..2 {
-        let expected = shard.chunk_lengths.get(shard.chunks[c]).copied();
-        let size = shard.k[c].size();
-        if shard.q[c].size() != size
-            || size.get(2).copied() != expected
-            || shard.chunk_lengths.len() != 2 * d
-        {
-            return Err(AttentionError::Shape { chunk: c });
-        }
-    }
-    // The key/value chunks this rank currently holds, and whose they were.
-    let mut held_k = [shard.k[0].f_contiguous()?, shard.k[1].f_contiguous()?];
-    let mut held_v = [shard.v[0].f_contiguous()?, shard.v[1].f_contiguous()?];
-    let mut partial: [Option<Partial>; 2] = [None, None];
+    validate(shard, me, d)?;
+    let own = |t: &[Tensor; 2]| -> Result<[Tensor; 2], tch::TchError> {
+        Ok([t[0].f_contiguous()?, t[1].f_contiguous()?])
+    };
+    let mut held_k = shard
+        .docs
+        .iter()
+        .map(|doc| own(&doc.k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut held_v = shard
+        .docs
+        .iter()
+        .map(|doc| own(&doc.v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut partial: Vec<[Option<Partial>; 2]> = shard.docs.iter().map(|_| [None, None]).collect();
     for step in 0..d {
         let owner = (me + d - step) % d;
-        let kv_chunks = [owner, 2 * d - 1 - owner];
-        for (qi, &a) in shard.chunks.iter().enumerate() {
-            for (ki, &b) in kv_chunks.iter().enumerate() {
-                if b > a {
-                    continue; // a later chunk: masked out entirely
+        for (i, doc) in shard.docs.iter().enumerate() {
+            let mine = chunks_of(me, doc.position, d);
+            let theirs = chunks_of(owner, doc.position, d);
+            for (qi, &a) in mine.iter().enumerate() {
+                for (ki, &b) in theirs.iter().enumerate() {
+                    // A later chunk is masked out entirely; empty chunks add nothing.
+                    if b > a || doc.chunk_lengths[a] == 0 || doc.chunk_lengths[b] == 0 {
+                        continue;
+                    }
+                    let p = Partial::compute(&doc.q[qi], &held_k[i][ki], &held_v[i][ki], a == b)?;
+                    partial[i][qi] = Some(match partial[i][qi].take() {
+                        None => p,
+                        Some(acc) => acc.merge(p)?,
+                    });
                 }
-                let p = Partial::compute(&shard.q[qi], &held_k[ki], &held_v[ki], a == b)?;
-                partial[qi] = Some(match partial[qi].take() {
-                    None => p,
-                    Some(acc) => acc.merge(p)?,
-                });
             }
         }
         if step + 1 < d {
             // Next step this rank holds the chunks of the rank one further back.
             let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
-            held_k = pass_along(group, &held_k, sizes, next, prev, me, 2 * step as i32)?;
-            held_v = pass_along(group, &held_v, sizes, next, prev, me, 2 * step as i32 + 1)?;
+            let tag = 2 * step as i32;
+            held_k = exchange(group, &held_k, &sizes, next, prev, me, tag)?;
+            held_v = exchange(group, &held_v, &sizes, next, prev, me, tag + 1)?;
         }
     }
-    let [a, b] = partial;
-    // Every query chunk attends at least to itself (the causal diagonal).
-    match (a, b) {
-        (Some(a), Some(b)) => Ok(RingOutput {
-            out: [a.out, b.out],
-            lse: [a.lse, b.lse],
-        }),
-        _ => Err(AttentionError::Shape { chunk: 0 }),
+    let mut outputs = Vec::with_capacity(shard.docs.len());
+    for (doc, parts) in shard.docs.iter().zip(partial) {
+        let [a, b] = parts;
+        let finish = |p: Option<Partial>, q: &Tensor| -> Result<(Tensor, Tensor), AttentionError> {
+            match p {
+                Some(p) => Ok((p.out, p.lse)),
+                // An empty chunk: empty output. Every non-empty chunk attends at
+                // least to itself, so it always has a partial result.
+                None => {
+                    let size = q.size();
+                    let opts = (Kind::Float, q.device());
+                    Ok((
+                        Tensor::f_zeros(size.as_slice(), opts)?,
+                        Tensor::f_zeros(&size[..size.len().saturating_sub(1)], opts)?,
+                    ))
+                }
+            }
+        };
+        let (out0, lse0) = finish(a, &doc.q[0])?;
+        let (out1, lse1) = finish(b, &doc.q[1])?;
+        outputs.push(RingOutput {
+            out: [out0, out1],
+            lse: [lse0, lse1],
+        });
     }
+    Ok(outputs)
 }
 
 /// Ring attention backward: given the forward's merged outputs and
-/// log-sum-exps and the gradient of this rank's outputs, the gradients of its
-/// queries, keys and values. Every block's contribution is recomputed from the
-/// merged log-sum-exp (so it is exact), dQ accumulates here, and dK/dV (fp32)
+/// log-sum-exps and the gradients of this rank's outputs, the gradients of its
+/// queries, keys and values, per document. Every block is recomputed from the
+/// merged log-sum-exp (so it is exact); dQ accumulates here, and dK/dV (fp32)
 /// travel around the ring with their keys and values, arriving back at their
 /// owner after d passes.
 pub fn ring_attention_backward(
     group: &mut ProcessGroup,
     ring: &[u32],
-    shard: &ZigzagShard,
-    forward: &RingOutput,
-    grad_out: &[Tensor; 2],
-) -> Result<RingGrads, AttentionError> {
+    shard: &RingShard,
+    forward: &[RingOutput],
+    grad_out: &[[Tensor; 2]],
+) -> Result<Vec<RingGrads>, AttentionError> {
     let d = ring.len();
     let (me, next, prev) = ring_position(group, ring)?;
+    validate(shard, me, d)?;
+    if forward.len() != shard.docs.len() || grad_out.len() != shard.docs.len() {
+        return Err(AttentionError::Shape { chunk: 0 });
+    }
     let float = |t: &Tensor| t.f_to_kind(Kind::Float);
     // Fresh fp32 accumulators (to_kind of an fp32 tensor would alias it).
     let zeros = |t: &Tensor| Tensor::f_zeros(t.size().as_slice(), (Kind::Float, t.device()));
-    let mut dq = [zeros(&shard.q[0])?, zeros(&shard.q[1])?];
-    let mut held_k = [shard.k[0].f_contiguous()?, shard.k[1].f_contiguous()?];
-    let mut held_v = [shard.v[0].f_contiguous()?, shard.v[1].f_contiguous()?];
-    let mut held_dk = [zeros(&held_k[0])?, zeros(&held_k[1])?];
-    let mut held_dv = [zeros(&held_v[0])?, zeros(&held_v[1])?];
+    let pair = |t: &[Tensor; 2], f: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>| {
+        Ok::<_, tch::TchError>([f(&t[0])?, f(&t[1])?])
+    };
+    let mut dq = Vec::new();
+    let mut held_k = Vec::new();
+    let mut held_v = Vec::new();
+    let mut held_dk = Vec::new();
+    let mut held_dv = Vec::new();
+    for doc in &shard.docs {
+        dq.push(pair(&doc.q, &zeros)?);
+        held_k.push(pair(&doc.k, &|t| t.f_contiguous())?);
+        held_v.push(pair(&doc.v, &|t| t.f_contiguous())?);
+        held_dk.push(pair(&doc.k, &zeros)?);
+        held_dv.push(pair(&doc.v, &zeros)?);
+    }
     // Tags apart from the forward's.
     let base = 1 << 20;
     for step in 0..d {
         let owner = (me + d - step) % d;
-        let kv_chunks = [owner, 2 * d - 1 - owner];
-        for (qi, &a) in shard.chunks.iter().enumerate() {
-            for (ki, &b) in kv_chunks.iter().enumerate() {
-                if b > a {
-                    continue;
+        for (i, doc) in shard.docs.iter().enumerate() {
+            let mine = chunks_of(me, doc.position, d);
+            let theirs = chunks_of(owner, doc.position, d);
+            for (qi, &a) in mine.iter().enumerate() {
+                for (ki, &b) in theirs.iter().enumerate() {
+                    if b > a || doc.chunk_lengths[a] == 0 || doc.chunk_lengths[b] == 0 {
+                        continue;
+                    }
+                    let (g_q, g_k, g_v) =
+                        Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                            &grad_out[i][qi],
+                            &doc.q[qi],
+                            &held_k[i][ki],
+                            &held_v[i][ki],
+                            &forward[i].out[qi],
+                            &forward[i].lse[qi],
+                            0.0,
+                            a == b,
+                            None::<Tensor>,
+                            None,
+                        )?;
+                    dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
+                    held_dk[i][ki] = held_dk[i][ki].f_add(&float(&g_k)?)?;
+                    held_dv[i][ki] = held_dv[i][ki].f_add(&float(&g_v)?)?;
                 }
-                let (g_q, g_k, g_v) =
-                    Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                        &grad_out[qi],
-                        &shard.q[qi],
-                        &held_k[ki],
-                        &held_v[ki],
-                        &forward.out[qi],
-                        &forward.lse[qi],
-                        0.0,
-                        a == b,
-                        None::<Tensor>,
-                        None,
-                    )?;
-                dq[qi] = dq[qi].f_add(&float(&g_q)?)?;
-                held_dk[ki] = held_dk[ki].f_add(&float(&g_k)?)?;
-                held_dv[ki] = held_dv[ki].f_add(&float(&g_v)?)?;
             }
         }
         let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
         let tag = base + 4 * step as i32;
         if step + 1 < d {
-            held_k = pass_along(group, &held_k, sizes, next, prev, me, tag)?;
-            held_v = pass_along(group, &held_v, sizes, next, prev, me, tag + 1)?;
+            held_k = exchange(group, &held_k, &sizes, next, prev, me, tag)?;
+            held_v = exchange(group, &held_v, &sizes, next, prev, me, tag + 1)?;
         }
         // The gradients move on every step, the last one bringing them home.
         if d > 1 {
-            held_dk = pass_along(group, &held_dk, sizes, next, prev, me, tag + 2)?;
-            held_dv = pass_along(group, &held_dv, sizes, next, prev, me, tag + 3)?;
+            held_dk = exchange(group, &held_dk, &sizes, next, prev, me, tag + 2)?;
+            held_dv = exchange(group, &held_dv, &sizes, next, prev, me, tag + 3)?;
         }
     }
-    Ok(RingGrads {
-        dq,
-        dk: held_dk,
-        dv: held_dv,
-    })
+    Ok(dq
+        .into_iter()
+        .zip(held_dk)
+        .zip(held_dv)
+        .map(|((dq, dk), dv)| RingGrads { dq, dk, dv })
+        .collect())
 }
 
-/// Sends `chunks` to `next` and receives two chunks of `sizes` tokens (other
-/// dimensions as `chunks`) from `prev`. Even ring positions send first and odd
-/// ones receive first, so blocking sends never wait on each other all around
-/// the ring.
-fn pass_along(
+/// Sends every document's two chunks to `next` as one tensor (concatenated
+/// along the sequence) and receives the chunks of `sizes` tokens from `prev`.
+/// Even ring positions send first and odd ones receive first, so blocking
+/// sends never wait on each other all around the ring. Nothing moves when
+/// both sides hold no tokens (both know it from the split).
+fn exchange(
     group: &mut ProcessGroup,
-    chunks: &[Tensor; 2],
-    sizes: [i64; 2],
+    chunks: &[[Tensor; 2]],
+    sizes: &[[i64; 2]],
     next: u32,
     prev: u32,
     position: usize,
     tag: i32,
-) -> Result<[Tensor; 2], AttentionError> {
-    let shaped = |c: usize| {
-        let mut shape = chunks[c].size();
-        shape[2] = sizes[c];
-        Tensor::f_empty(shape.as_slice(), (chunks[c].kind(), chunks[c].device()))
+) -> Result<Vec<[Tensor; 2]>, AttentionError> {
+    let Some(first) = chunks.first() else {
+        return Ok(Vec::new());
     };
-    let mut received = [shaped(0)?, shaped(1)?];
-    let send = |group: &mut ProcessGroup| -> Result<(), CommError> {
-        group.send(&chunks[0], next, 2 * tag)?;
-        group.send(&chunks[1], next, 2 * tag + 1)
-    };
-    if position.is_multiple_of(2) {
-        send(group)?;
-        let [r0, r1] = &mut received;
-        group.recv(r0, prev, 2 * tag)?;
-        group.recv(r1, prev, 2 * tag + 1)?;
-    } else {
-        let [r0, r1] = &mut received;
-        group.recv(r0, prev, 2 * tag)?;
-        group.recv(r1, prev, 2 * tag + 1)?;
-        send(group)?;
+    let flat: Vec<&Tensor> = chunks.iter().flat_map(|c| c.iter()).collect();
+    let outgoing = Tensor::f_cat(&flat, 2)?.f_contiguous()?;
+    let incoming: i64 = sizes.iter().flatten().sum();
+    let mut shape = first[0].size();
+    shape[2] = incoming;
+    let mut received = Tensor::f_empty(shape.as_slice(), (first[0].kind(), first[0].device()))?;
+    let sending = outgoing.size().get(2).copied().unwrap_or(0) > 0;
+    if sending || incoming > 0 {
+        if position.is_multiple_of(2) {
+            group.send(&outgoing, next, tag)?;
+            group.recv(&mut received, prev, tag)?;
+        } else {
+            group.recv(&mut received, prev, tag)?;
+            group.send(&outgoing, next, tag)?;
+        }
     }
-    Ok(received)
+    let flat_sizes: Vec<i64> = sizes.iter().flatten().copied().collect();
+    let mut pieces = received.f_split_with_sizes(&flat_sizes, 2)?.into_iter();
+    let mut out = Vec::with_capacity(sizes.len());
+    for _ in sizes {
+        match (pieces.next(), pieces.next()) {
+            (Some(a), Some(b)) => out.push([a.f_contiguous()?, b.f_contiguous()?]),
+            _ => {
+                return Err(AttentionError::Shape {
+                    chunk: out.len() * 2,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
