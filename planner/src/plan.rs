@@ -280,6 +280,106 @@ impl StepPlan {
     }
 }
 
+/// A run of tokens of one sequence: `[start, end)` of sequence `sequence`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenRun {
+    pub sequence: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl TokenRun {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// How one rank's tokens move through the remap of one micro-batch, derived
+/// from the plan alone, identically on every rank:
+/// - the attention layout is the rank's shards in plan order (groups in order,
+///   sequences in group order, each shard's ranges in order);
+/// - the rank keeps the first `keep` of those tokens in its linear layout and
+///   sends the rest, in order, to `sends` (ascending destination rank);
+/// - its linear layout is the kept tokens followed by what `recvs` brings
+///   (ascending source rank), each source's tokens in the source's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemapRoutes {
+    pub attention: Vec<TokenRun>,
+    pub keep: u64,
+    /// (destination rank, tokens), ascending destination.
+    pub sends: Vec<(u32, u64)>,
+    /// (source rank, tokens), ascending source.
+    pub recvs: Vec<(u32, u64)>,
+}
+
+impl StepPlan {
+    /// The runs of tokens `rank` holds in micro-batch `micro_batch`'s attention
+    /// layout, in plan order.
+    pub fn attention_layout(&self, micro_batch: u32, rank: u32) -> Vec<TokenRun> {
+        let mut runs = Vec::new();
+        let Some(mb) = self.micro_batches.iter().find(|m| m.index == micro_batch) else {
+            return runs;
+        };
+        for group in &mb.groups {
+            if !group.ranks.contains(&rank) {
+                continue;
+            }
+            for id in &group.sequences {
+                let Some(seq) = self.sequences.iter().find(|s| s.id == *id) else {
+                    continue;
+                };
+                for shard in seq.shards.iter().filter(|sh| sh.rank == rank) {
+                    runs.extend(
+                        shard
+                            .ranges
+                            .iter()
+                            .filter(|r| r[0] < r[1])
+                            .map(|r| TokenRun {
+                                sequence: *id,
+                                start: r[0],
+                                end: r[1],
+                            }),
+                    );
+                }
+            }
+        }
+        runs
+    }
+
+    /// The remap routes of `rank` in micro-batch `micro_batch` (see
+    /// [`RemapRoutes`]), or `None` when that micro-batch has no remap.
+    pub fn remap_routes(&self, micro_batch: u32, rank: u32) -> Option<RemapRoutes> {
+        let remap = self.remap.iter().find(|r| r.micro_batch == micro_batch)?;
+        let attention = self.attention_layout(micro_batch, rank);
+        let held: u64 = attention.iter().map(TokenRun::len).sum();
+        let mut sends: Vec<(u32, u64)> = remap
+            .sends
+            .iter()
+            .filter(|t| t.from == rank && t.tokens > 0)
+            .map(|t| (t.to, t.tokens))
+            .collect();
+        sends.sort_unstable();
+        let mut recvs: Vec<(u32, u64)> = remap
+            .sends
+            .iter()
+            .filter(|t| t.to == rank && t.tokens > 0)
+            .map(|t| (t.from, t.tokens))
+            .collect();
+        recvs.sort_unstable();
+        let sent: u64 = sends.iter().map(|s| s.1).sum();
+        Some(RemapRoutes {
+            attention,
+            keep: held.saturating_sub(sent),
+            sends,
+            recvs,
+        })
+    }
+}
+
 /// Zigzag (head-tail) split of `length` tokens over `degree` ranks: the sequence
 /// is cut into 2·degree chunks whose sizes differ by at most one token, and rank
 /// i takes chunks i and 2·degree−1−i, so every rank gets the same causal work.
@@ -321,6 +421,41 @@ pub fn group_zigzag(length: u64, degree: u32, position: usize) -> Vec<Vec<[u64; 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn remap_routes_conserve_tokens_and_match_the_linear_layout() {
+        use crate::cluster::parse_cluster;
+        use crate::cost::{CostCoefficients, CostModel};
+        use crate::model::ModelSpec;
+        use crate::sim::PlanContext;
+        use crate::strategies::Strategy;
+        use crate::topology::Topology;
+        let ctx = PlanContext {
+            topology: Topology::new(&parse_cluster("2x4").unwrap()).unwrap(),
+            cost: CostModel::new(
+                ModelSpec::preset("llama-7b").unwrap(),
+                CostCoefficients::default(),
+            ),
+        };
+        let lengths = [30_000, 900, 400, 400, 12_000, 50];
+        let plan = crate::plan_step(Strategy::Zeppelin, &ctx, &lengths, None).unwrap();
+        assert!(!plan.remap.is_empty());
+        for remap in &plan.remap {
+            let mb = remap.micro_batch;
+            let routes: Vec<RemapRoutes> = (0..plan.world_size)
+                .map(|r| plan.remap_routes(mb, r).unwrap())
+                .collect();
+            for (r, route) in routes.iter().enumerate() {
+                let received: u64 = route.recvs.iter().map(|x| x.1).sum();
+                // The linear layout holds exactly what the plan says.
+                assert_eq!(route.keep + received, remap.linear_tokens[r], "rank {r}");
+                // Every send is somebody's receive.
+                for (to, n) in &route.sends {
+                    assert!(routes[*to as usize].recvs.contains(&(r as u32, *n)));
+                }
+            }
+        }
+    }
 
     #[test]
     fn rotation_spreads_rounding_over_the_ranks() {

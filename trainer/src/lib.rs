@@ -8,3 +8,4 @@
 pub mod attention;
 pub mod comm;
 pub mod data;
+pub mod remap;
