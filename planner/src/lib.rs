@@ -4,6 +4,8 @@
 //!
 //! - [`cluster`]: nodes, GPUs, NICs and their affinity, and the shorthand that
 //!   describes them; [`topology`]: the ranks of a cluster.
+//! - [`mesh`]: the topology-aware mesh of each epoch (which workers, where,
+//!   with which ranks and NICs), for the operator.
 //! - [`model`]: transformer shapes and presets.
 //! - [`cost`]: time and memory of a sequence's share of a step.
 //! - [`plan`]: the step plan document and its invariants.
@@ -18,6 +20,7 @@ pub mod cluster;
 pub mod cost;
 pub mod flexsp;
 pub mod input;
+pub mod mesh;
 pub mod model;
 pub mod plan;
 pub mod report;

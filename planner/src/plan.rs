@@ -20,12 +20,13 @@
 //!   see a token-balanced layout and an all-to-all moves tokens to the attention
 //!   layout and back (both ways, forward and backward).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Version of the step plan document.
 pub const STEP_PLAN_VERSION: u32 = 1;
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct StepPlan {
     pub version: u32,
     pub strategy: String,
@@ -42,7 +43,7 @@ pub struct StepPlan {
     pub predicted: Prediction,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct MicroBatch {
     pub index: u32,
     pub groups: Vec<Group>,
@@ -50,7 +51,7 @@ pub struct MicroBatch {
     pub remap: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Group {
     /// Ranks in ring order; neighbours exchange K/V chunks.
     pub ranks: Vec<u32>,
@@ -58,7 +59,7 @@ pub struct Group {
     pub sequences: Vec<u64>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct SequencePlan {
     pub id: u64,
     pub length: u64,
@@ -68,14 +69,14 @@ pub struct SequencePlan {
     pub shards: Vec<Shard>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Shard {
     pub rank: u32,
     /// Token ranges `[start, end)` of the sequence held by this rank.
     pub ranges: Vec<[u64; 2]>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct RemapPlan {
     pub micro_batch: u32,
     /// Tokens each rank holds in the linear layout, indexed by rank.
@@ -85,14 +86,14 @@ pub struct RemapPlan {
     pub sends: Vec<Transfer>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Transfer {
     pub from: u32,
     pub to: u32,
     pub tokens: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct NicRoute {
     pub micro_batch: u32,
     pub from_rank: u32,
@@ -108,7 +109,7 @@ pub struct NicRoute {
     pub gbytes_per_s: f64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct RouteLeg {
     pub nic: String,
     /// The rank that forwards this part to the NIC, when it is not the sender.
@@ -117,7 +118,7 @@ pub struct RouteLeg {
     pub share: f64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct RankPrediction {
     pub rank: u32,
     pub node: String,
@@ -133,7 +134,7 @@ pub struct RankPrediction {
     pub linear_tokens: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Prediction {
     pub step_time_s: f64,
     pub lower_bound_s: f64,
@@ -281,7 +282,7 @@ impl StepPlan {
 }
 
 /// A run of tokens of one sequence: `[start, end)` of sequence `sequence`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenRun {
     pub sequence: u64,
     pub start: u64,

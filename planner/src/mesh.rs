@@ -1,0 +1,435 @@
+//! The mesh of an epoch: which workers a job runs, on which nodes, with which
+//! ranks and NICs. The operator computes it whenever membership changes (this
+//! function is pure, so the same inputs always give the same mesh) and
+//! publishes it for the workers as a [`MeshPlan`] document.
+//!
+//! Placement:
+//! - Workers that still run on a healthy node keep their place (a resize never
+//!   moves a surviving worker).
+//! - New workers fill the job's existing racks and blocks first, then the
+//!   blocks, racks and nodes with the most free slots, so the job spans as few
+//!   blocks, racks and nodes as it can.
+//! - Ranks follow (block, rack, node): ring neighbours share a node or a rack.
+//! - A worker that takes a whole node gets each local GPU rank's closest NIC;
+//!   one that takes part of a node gets the node's NIC table, since the device
+//!   plugin decides which GPUs it receives.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Node;
+
+/// Version of the mesh plan document.
+pub const MESH_PLAN_VERSION: u32 = 1;
+
+/// A node as the mesh planner sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshNode {
+    pub node: Node,
+    /// Ready and schedulable.
+    pub healthy: bool,
+    /// GPUs not taken by other jobs' pods.
+    pub free_gpus: u32,
+}
+
+/// A worker that exists now.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExistingWorker {
+    pub name: String,
+    pub node: String,
+}
+
+/// What the job asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshRequest {
+    pub job: String,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub gpus_per_worker: u32,
+    pub epoch: u64,
+}
+
+/// The NIC a GPU rank should use.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct RankNic {
+    pub local_rank: u32,
+    pub nic: String,
+}
+
+/// A NIC of a node and the GPUs close to it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct NodeNic {
+    pub name: String,
+    pub gbps: f64,
+    pub gpus: Vec<u32>,
+}
+
+/// One worker of the mesh.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct MeshWorker {
+    /// Pod name of the worker.
+    pub name: String,
+    pub node: String,
+    pub block: String,
+    pub rack: String,
+    /// Its GPU ranks are `first_rank .. first_rank + gpus`.
+    pub first_rank: u32,
+    pub gpus: u32,
+    /// Index of the worker among those on its node.
+    pub slot_on_node: u32,
+    /// The closest NIC of each local rank, when the worker has the whole node.
+    pub rank_nics: Vec<RankNic>,
+    /// The node's NICs, for workers that learn their GPUs at start.
+    pub node_nics: Vec<NodeNic>,
+}
+
+/// The mesh plan document for one epoch (`version: 1`).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct MeshPlan {
+    pub version: u32,
+    pub job: String,
+    pub epoch: u64,
+    pub world_size: u32,
+    pub workers: Vec<MeshWorker>,
+    /// Ranks grouped by node, in rank order: each list holds the ranks that share a node.
+    pub node_groups: Vec<Vec<u32>>,
+}
+
+/// Why no mesh can be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MeshError {
+    #[error(
+        "job needs {min_workers} workers of {gpus_per_worker} GPUs ({needed} GPUs); the healthy nodes can take {placeable} such workers ({available} GPUs)"
+    )]
+    NotEnoughCapacity {
+        min_workers: u32,
+        gpus_per_worker: u32,
+        needed: u64,
+        placeable: u32,
+        available: u64,
+    },
+    #[error("workers.min ({min}) must be between 1 and workers.max ({max})")]
+    BadRange { min: u32, max: u32 },
+    #[error("gpus per worker must be at least 1")]
+    NoGpus,
+}
+
+impl MeshError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            MeshError::NotEnoughCapacity { .. } => "insufficient_capacity",
+            MeshError::BadRange { .. } | MeshError::NoGpus => "invalid_request",
+        }
+    }
+}
+
+/// Plans the mesh of an epoch (see the module documentation).
+pub fn plan_mesh(
+    request: &MeshRequest,
+    nodes: &[MeshNode],
+    existing: &[ExistingWorker],
+) -> Result<MeshPlan, MeshError> {
+    let g = request.gpus_per_worker;
+    if g == 0 {
+        return Err(MeshError::NoGpus);
+    }
+    if request.min_workers == 0 || request.min_workers > request.max_workers {
+        return Err(MeshError::BadRange {
+            min: request.min_workers,
+            max: request.max_workers,
+        });
+    }
+    let by_name: BTreeMap<&str, &MeshNode> =
+        nodes.iter().map(|n| (n.node.name.as_str(), n)).collect();
+    // Surviving workers keep their node; their GPUs count as theirs, not free.
+    let mut kept: Vec<&ExistingWorker> = existing
+        .iter()
+        .filter(|w| by_name.get(w.node.as_str()).is_some_and(|n| n.healthy))
+        .collect();
+    kept.sort();
+    kept.truncate(request.max_workers as usize);
+    // Free slots for new workers on each healthy node.
+    let mut slots: BTreeMap<&str, u32> = nodes
+        .iter()
+        .filter(|n| n.healthy)
+        .map(|n| (n.node.name.as_str(), n.free_gpus / g))
+        .collect();
+    let placeable = kept.len() as u32 + slots.values().sum::<u32>();
+    if placeable < request.min_workers {
+        return Err(MeshError::NotEnoughCapacity {
+            min_workers: request.min_workers,
+            gpus_per_worker: g,
+            needed: u64::from(request.min_workers) * u64::from(g),
+            placeable,
+            available: nodes
+                .iter()
+                .filter(|n| n.healthy)
+                .map(|n| u64::from(n.free_gpus))
+                .sum::<u64>()
+                + kept.len() as u64 * u64::from(g),
+        });
+    }
+    let want = placeable.min(request.max_workers);
+    let mut chosen: Vec<(&str, Option<String>)> = kept
+        .iter()
+        .map(|w| (w.node.as_str(), Some(w.name.clone())))
+        .collect();
+
+    // Fill: the job's own blocks and racks first, then the fullest ones.
+    let place_of = |name: &str| {
+        by_name
+            .get(name)
+            .map(|n| (n.node.block.clone(), n.node.rack.clone()))
+            .unwrap_or_default()
+    };
+    while (chosen.len() as u32) < want {
+        let used_blocks: BTreeSet<String> = chosen.iter().map(|(n, _)| place_of(n).0).collect();
+        let used_racks: BTreeSet<(String, String)> =
+            chosen.iter().map(|(n, _)| place_of(n)).collect();
+        let mut block_slots: BTreeMap<String, u32> = BTreeMap::new();
+        let mut rack_slots: BTreeMap<(String, String), u32> = BTreeMap::new();
+        for (name, free) in &slots {
+            let place = place_of(name);
+            *block_slots.entry(place.0.clone()).or_default() += free;
+            *rack_slots.entry(place).or_default() += free;
+        }
+        let best = slots
+            .iter()
+            .filter(|(_, free)| **free > 0)
+            .max_by_key(|(name, free)| {
+                let place = place_of(name);
+                (
+                    used_blocks.contains(&place.0),
+                    used_racks.contains(&place),
+                    block_slots.get(&place.0).copied().unwrap_or(0),
+                    rack_slots.get(&place).copied().unwrap_or(0),
+                    **free,
+                    std::cmp::Reverse(name.to_string()),
+                )
+            })
+            .map(|(name, _)| *name);
+        let Some(name) = best else { break };
+        if let Some(free) = slots.get_mut(name) {
+            *free -= 1;
+        }
+        chosen.push((name, None));
+    }
+
+    // Rank order: block, rack, node; surviving workers first on their node.
+    chosen.sort_by(|a, b| {
+        let (pa, pb) = (place_of(a.0), place_of(b.0));
+        (pa, a.0, a.1.is_none(), a.1.clone()).cmp(&(pb, b.0, b.1.is_none(), b.1.clone()))
+    });
+    // New workers never reuse a name of an existing worker, lost ones included:
+    // their pods may still exist until they are cleaned up.
+    let taken: BTreeSet<String> = existing.iter().map(|w| w.name.clone()).collect();
+    let mut fresh = (0u32..)
+        .map(|i| format!("{}-worker-{i}", request.job))
+        .filter(|n| !taken.contains(n));
+    let mut workers = Vec::with_capacity(chosen.len());
+    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut node_groups: Vec<Vec<u32>> = Vec::new();
+    for (i, (node_name, name)) in chosen.iter().enumerate() {
+        let Some(node) = by_name.get(node_name) else {
+            continue;
+        };
+        let slot = per_node.entry(node_name).or_default();
+        let first_rank = i as u32 * g;
+        let whole_node = g == node.node.gpus;
+        let rank_nics = if whole_node {
+            (0..g)
+                .filter_map(|local| {
+                    node.node
+                        .nics
+                        .iter()
+                        .find(|n| n.gpus.contains(&local))
+                        .map(|n| RankNic {
+                            local_rank: local,
+                            nic: n.name.clone(),
+                        })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if *slot == 0 {
+            node_groups.push(Vec::new());
+        }
+        if let Some(group) = node_groups.last_mut() {
+            group.extend(first_rank..first_rank + g);
+        }
+        workers.push(MeshWorker {
+            name: name
+                .clone()
+                .unwrap_or_else(|| fresh.next().unwrap_or_default()),
+            node: node_name.to_string(),
+            block: node.node.block.clone(),
+            rack: node.node.rack.clone(),
+            first_rank,
+            gpus: g,
+            slot_on_node: *slot,
+            rank_nics,
+            node_nics: node
+                .node
+                .nics
+                .iter()
+                .map(|n| NodeNic {
+                    name: n.name.clone(),
+                    gbps: n.gbps,
+                    gpus: n.gpus.clone(),
+                })
+                .collect(),
+        });
+        *slot += 1;
+    }
+    Ok(MeshPlan {
+        version: MESH_PLAN_VERSION,
+        job: request.job.clone(),
+        epoch: request.epoch,
+        world_size: workers.len() as u32 * g,
+        workers,
+        node_groups,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::parse_cluster;
+    use proptest::prelude::*;
+
+    fn mesh_nodes(spec: &str) -> Vec<MeshNode> {
+        parse_cluster(spec)
+            .unwrap()
+            .nodes
+            .into_iter()
+            .map(|node| MeshNode {
+                free_gpus: node.gpus,
+                node,
+                healthy: true,
+            })
+            .collect()
+    }
+
+    fn request(min: u32, max: u32, gpus: u32) -> MeshRequest {
+        MeshRequest {
+            job: "job".into(),
+            min_workers: min,
+            max_workers: max,
+            gpus_per_worker: gpus,
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn whole_node_workers_get_each_ranks_closest_nic_and_share_racks() {
+        let nodes = mesh_nodes("8x8:nics=4,rack=4");
+        let mesh = plan_mesh(&request(2, 4, 8), &nodes, &[]).unwrap();
+        assert_eq!(mesh.world_size, 32);
+        assert_eq!(mesh.workers.len(), 4);
+        let racks: BTreeSet<&str> = mesh.workers.iter().map(|w| w.rack.as_str()).collect();
+        assert_eq!(racks.len(), 1, "four workers fit one rack of four nodes");
+        let w = &mesh.workers[0];
+        assert_eq!(w.rank_nics.len(), 8);
+        assert_eq!(w.rank_nics[3].nic, "mlx5_1");
+        assert_eq!(mesh.node_groups.len(), 4);
+        assert_eq!(mesh.node_groups[1], (8..16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn partial_node_workers_get_the_node_nic_table() {
+        let nodes = mesh_nodes("2x8:nics=2");
+        let mesh = plan_mesh(&request(3, 3, 4), &nodes, &[]).unwrap();
+        assert_eq!(mesh.workers.len(), 3);
+        assert!(
+            mesh.workers
+                .iter()
+                .all(|w| w.rank_nics.is_empty() && w.node_nics.len() == 2)
+        );
+        // Two workers share a node: one node group of 8 ranks, then 4.
+        assert_eq!(
+            mesh.node_groups.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![8, 4]
+        );
+    }
+
+    #[test]
+    fn survivors_keep_their_node_and_name_and_lost_ones_are_replaced() {
+        let mut nodes = mesh_nodes("4x8");
+        let existing = vec![
+            ExistingWorker {
+                name: "job-worker-0".into(),
+                node: "gpu-a-0".into(),
+            },
+            ExistingWorker {
+                name: "job-worker-1".into(),
+                node: "gpu-a-1".into(),
+            },
+        ];
+        nodes[1].healthy = false;
+        nodes[0].free_gpus = 0; // its GPUs are the surviving worker's
+        let mesh = plan_mesh(&request(2, 3, 8), &nodes, &existing).unwrap();
+        let on: BTreeMap<&str, &str> = mesh
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), w.node.as_str()))
+            .collect();
+        assert_eq!(on["job-worker-0"], "gpu-a-0");
+        assert!(!on.contains_key("job-worker-1"), "its node is not healthy");
+        assert_eq!(mesh.workers.len(), 3);
+        assert!(mesh.workers.iter().all(|w| w.node != "gpu-a-1"));
+    }
+
+    #[test]
+    fn too_little_capacity_says_how_much_is_needed_and_available() {
+        let nodes = mesh_nodes("2x8");
+        let err = plan_mesh(&request(3, 4, 8), &nodes, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job needs 3 workers of 8 GPUs (24 GPUs); the healthy nodes can take 2 such workers (16 GPUs)"
+        );
+        assert!(plan_mesh(&request(0, 4, 8), &nodes, &[]).is_err());
+        assert!(plan_mesh(&request(1, 4, 0), &nodes, &[]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn meshes_respect_capacity_range_and_health(
+            pools in prop_oneof![Just("8x8:rack=2"), Just("4x8+6x4:gpu=a100-80g"), Just("16x8:rack=4,block=2")],
+            gpus in prop_oneof![Just(1u32), Just(2), Just(4), Just(8)],
+            min in 1u32..20,
+            extra in 0u32..20,
+            unhealthy in proptest::collection::vec(any::<bool>(), 16),
+        ) {
+            let mut nodes = mesh_nodes(pools);
+            for (n, bad) in nodes.iter_mut().zip(&unhealthy) {
+                n.healthy = !bad;
+            }
+            let request = request(min, min + extra, gpus);
+            match plan_mesh(&request, &nodes, &[]) {
+                Err(MeshError::NotEnoughCapacity { placeable, .. }) => prop_assert!(placeable < min),
+                Err(other) => return Err(TestCaseError::fail(other.to_string())),
+                Ok(mesh) => {
+                    let count = mesh.workers.len() as u32;
+                    prop_assert!(count >= min && count <= min + extra);
+                    prop_assert_eq!(mesh.world_size, count * gpus);
+                    let mut used: BTreeMap<&str, u32> = BTreeMap::new();
+                    for (i, w) in mesh.workers.iter().enumerate() {
+                        prop_assert_eq!(w.first_rank, i as u32 * gpus);
+                        *used.entry(w.node.as_str()).or_default() += gpus;
+                    }
+                    for n in &nodes {
+                        let u = used.get(n.node.name.as_str()).copied().unwrap_or(0);
+                        prop_assert!(u <= n.free_gpus, "node {} overcommitted", n.node.name);
+                        prop_assert!(u == 0 || n.healthy, "worker on unhealthy node {}", n.node.name);
+                    }
+                    // The same inputs give the same mesh.
+                    prop_assert_eq!(plan_mesh(&request, &nodes, &[]).unwrap(), mesh);
+                }
+            }
+        }
+    }
+}
