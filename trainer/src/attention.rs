@@ -148,6 +148,42 @@ fn ring_position(group: &ProcessGroup, ring: &[u32]) -> Result<(usize, u32, u32)
     Ok((me, ring[(me + 1) % d], ring[(me + d - 1) % d]))
 }
 
+/// One block of work at a ring step: query chunk `q` of document `doc`
+/// against the held key/value chunk `kv`, causal on the diagonal.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    doc: usize,
+    q: usize,
+    kv: usize,
+    causal: bool,
+}
+
+/// The blocks ring position `me` computes while it holds the key/value chunks
+/// of position `owner`: a later chunk is masked out entirely, empty chunks add
+/// nothing, and a chunk against itself is causal. Forward and backward use the
+/// same blocks.
+fn blocks(shard: &RingShard, me: usize, owner: usize, d: usize) -> Vec<Block> {
+    let mut out = Vec::new();
+    for (i, doc) in shard.docs.iter().enumerate() {
+        let mine = chunks_of(me, doc.position, d);
+        let theirs = chunks_of(owner, doc.position, d);
+        for (qi, &a) in mine.iter().enumerate() {
+            for (ki, &b) in theirs.iter().enumerate() {
+                if b > a || doc.chunk_lengths[a] == 0 || doc.chunk_lengths[b] == 0 {
+                    continue;
+                }
+                out.push(Block {
+                    doc: i,
+                    q: qi,
+                    kv: ki,
+                    causal: a == b,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Token counts of the chunks that ring position `owner` holds of each document.
 fn owner_sizes(shard: &RingShard, owner: usize, d: usize) -> Vec<[i64; 2]> {
     shard
@@ -202,23 +238,18 @@ pub fn ring_attention_forward(
         .collect::<Result<Vec<_>, _>>()?;
     let mut partial: Vec<[Option<Partial>; 2]> = shard.docs.iter().map(|_| [None, None]).collect();
     for step in 0..d {
-        let owner = (me + d - step) % d;
-        for (i, doc) in shard.docs.iter().enumerate() {
-            let mine = chunks_of(me, doc.position, d);
-            let theirs = chunks_of(owner, doc.position, d);
-            for (qi, &a) in mine.iter().enumerate() {
-                for (ki, &b) in theirs.iter().enumerate() {
-                    // A later chunk is masked out entirely; empty chunks add nothing.
-                    if b > a || doc.chunk_lengths[a] == 0 || doc.chunk_lengths[b] == 0 {
-                        continue;
-                    }
-                    let p = Partial::compute(&doc.q[qi], &held_k[i][ki], &held_v[i][ki], a == b)?;
-                    partial[i][qi] = Some(match partial[i][qi].take() {
-                        None => p,
-                        Some(acc) => acc.merge(p)?,
-                    });
-                }
-            }
+        for b in blocks(shard, me, (me + d - step) % d, d) {
+            let doc = &shard.docs[b.doc];
+            let p = Partial::compute(
+                &doc.q[b.q],
+                &held_k[b.doc][b.kv],
+                &held_v[b.doc][b.kv],
+                b.causal,
+            )?;
+            partial[b.doc][b.q] = Some(match partial[b.doc][b.q].take() {
+                None => p,
+                Some(acc) => acc.merge(p)?,
+            });
         }
         if step + 1 < d {
             // Next step this rank holds the chunks of the rank one further back.
@@ -296,33 +327,24 @@ pub fn ring_attention_backward(
     // Tags apart from the forward's.
     let base = 1 << 20;
     for step in 0..d {
-        let owner = (me + d - step) % d;
-        for (i, doc) in shard.docs.iter().enumerate() {
-            let mine = chunks_of(me, doc.position, d);
-            let theirs = chunks_of(owner, doc.position, d);
-            for (qi, &a) in mine.iter().enumerate() {
-                for (ki, &b) in theirs.iter().enumerate() {
-                    if b > a || doc.chunk_lengths[a] == 0 || doc.chunk_lengths[b] == 0 {
-                        continue;
-                    }
-                    let (g_q, g_k, g_v) =
-                        Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                            &grad_out[i][qi],
-                            &doc.q[qi],
-                            &held_k[i][ki],
-                            &held_v[i][ki],
-                            &forward[i].out[qi],
-                            &forward[i].lse[qi],
-                            0.0,
-                            a == b,
-                            None::<Tensor>,
-                            None,
-                        )?;
-                    dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
-                    held_dk[i][ki] = held_dk[i][ki].f_add(&float(&g_k)?)?;
-                    held_dv[i][ki] = held_dv[i][ki].f_add(&float(&g_v)?)?;
-                }
-            }
+        for b in blocks(shard, me, (me + d - step) % d, d) {
+            let (i, qi, ki) = (b.doc, b.q, b.kv);
+            let (g_q, g_k, g_v) =
+                Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                    &grad_out[i][qi],
+                    &shard.docs[i].q[qi],
+                    &held_k[i][ki],
+                    &held_v[i][ki],
+                    &forward[i].out[qi],
+                    &forward[i].lse[qi],
+                    0.0,
+                    b.causal,
+                    None::<Tensor>,
+                    None,
+                )?;
+            dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
+            held_dk[i][ki] = held_dk[i][ki].f_add(&float(&g_k)?)?;
+            held_dv[i][ki] = held_dv[i][ki].f_add(&float(&g_v)?)?;
         }
         let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
         let tag = base + 4 * step as i32;
