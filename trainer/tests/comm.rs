@@ -4,18 +4,12 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 use weft_trainer::comm::{CommError, ProcessGroup, Store};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs `body` on `world` ranks at once and returns their results by rank.
 fn on_ranks<R: Send + 'static>(
@@ -23,15 +17,12 @@ fn on_ranks<R: Send + 'static>(
     timeout: Duration,
     body: impl Fn(ProcessGroup) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
-    let port = free_port();
+    let port = common::free_port();
     let threads: Vec<_> = (0..world)
         .map(|rank| {
             let body = body.clone();
             std::thread::spawn(move || {
-                let store =
-                    Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(20))
-                        .unwrap();
-                let group = ProcessGroup::gloo(&store, rank, world, "127.0.0.1", timeout).unwrap();
+                let (_store, group) = common::join(rank, world, port, timeout);
                 body(group)
             })
         })
@@ -189,7 +180,7 @@ fn a_peer_that_never_sends_is_a_timeout_not_a_hang() {
 
 #[test]
 fn a_client_with_no_server_fails_with_the_address() {
-    let port = free_port();
+    let port = common::free_port();
     let start = Instant::now();
     let err = Store::open("127.0.0.1", port, 2, false, Duration::from_secs(1)).unwrap_err();
     assert!(

@@ -4,6 +4,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use weft_planner::cluster::parse_cluster;
@@ -12,7 +14,6 @@ use weft_planner::model::ModelSpec;
 use weft_planner::plan::{RemapRoutes, StepPlan};
 use weft_planner::topology::Topology;
 use weft_planner::{PlanContext, Strategy, plan_step};
-use weft_trainer::comm::{ProcessGroup, Store};
 use weft_trainer::remap::{Remap, token_id_rows};
 
 fn plan() -> StepPlan {
@@ -69,21 +70,12 @@ fn remap_moves_the_planned_tokens_and_back() {
             rows
         })
         .collect();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let threads: Vec<_> = (0..world)
         .map(|rank| {
             let route = routes[rank as usize].clone();
             std::thread::spawn(move || {
-                let store =
-                    Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(20))
-                        .unwrap();
-                let mut group =
-                    ProcessGroup::gloo(&store, rank, world, "127.0.0.1", Duration::from_secs(20))
-                        .unwrap();
+                let (_store, mut group) = common::join(rank, world, port, Duration::from_secs(20));
                 let remap = Remap::new(&route, rank, world);
                 let x = token_id_rows(&route).unwrap();
                 let linear = remap.to_linear(&mut group, &x).unwrap();

@@ -6,6 +6,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use tch::{Kind, Tensor};
@@ -13,7 +15,6 @@ use weft_planner::plan::group_zigzag;
 use weft_trainer::attention::{
     DocShard, Partial, RingShard, ring_attention_backward, ring_attention_forward,
 };
-use weft_trainer::comm::{ProcessGroup, Store};
 
 const HEADS: i64 = 2;
 const HEAD_DIM: i64 = 8;
@@ -52,11 +53,7 @@ impl Doc {
 /// Largest error of the ring against plain per-document attention:
 /// [output, dQ, dK, dV].
 fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     // libtorch's generator is global: draw the data once, before the rank threads.
     tch::manual_seed(7);
     let docs: Vec<Doc> = lengths
@@ -74,12 +71,7 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
             let docs: Vec<Doc> = docs.iter().map(Doc::copy).collect();
             let lengths = lengths.clone();
             std::thread::spawn(move || {
-                let store =
-                    Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(20))
-                        .unwrap();
-                let mut group =
-                    ProcessGroup::gloo(&store, rank, world, "127.0.0.1", Duration::from_secs(20))
-                        .unwrap();
+                let (_store, mut group) = common::join(rank, world, port, Duration::from_secs(20));
                 let d = world as usize;
                 // Each document's split, as the plan gives it (rotated by position).
                 let splits: Vec<Vec<Vec<[u64; 2]>>> = lengths
