@@ -152,9 +152,12 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     work / capacity
 }
 
-/// The least time one sequence of `length` tokens can take, and the degree
-/// that achieves it: best degree, fastest GPUs, fastest link, no contention.
-/// More ranks than that degree only make the sequence slower.
+/// A bound on the time the step spends on one sequence of `length` tokens:
+/// its attention at the best degree, on the fastest GPUs, over the fastest
+/// link with no contention (ring steps still pay their latency and any
+/// transfer compute cannot hide), plus its linear modules spread over every
+/// GPU (a remap can spread them beyond the ranks that hold its attention).
+/// Also returns the degree of that best attention time.
 pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
     let topo = &ctx.topology;
     let world = topo.world();
@@ -167,19 +170,21 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
         .map(|n| topo.nvlink_bytes_per_s(n).max(topo.node_nic_bytes_per_s(n)))
         .fold(0.0, f64::max);
     let s = length as f64;
-    (1..=world)
+    let (attention, degree) = (1..=world)
         .map(|d| {
-            let t = ctx
-                .cost
-                .packed_ring_time(&[s], d, best_link, &fastest)
-                .total_s
-                + ctx.cost.linear_time(s / f64::from(d), &fastest);
-            (t, d)
+            (
+                ctx.cost
+                    .packed_ring_time(&[s], d, best_link, &fastest)
+                    .total_s,
+                d,
+            )
         })
         .fold(
             (f64::INFINITY, 1),
             |best, x| if x.0 < best.0 { x } else { best },
-        )
+        );
+    let linear = ctx.cost.linear_time(s, &fastest) / f64::from(world.max(1));
+    (attention + linear, degree)
 }
 
 /// Integer split of `total` proportional to `weights` (largest remainder), so
@@ -283,11 +288,25 @@ fn route_legs(topo: &Topology, routing: Routing, from: u32) -> Vec<RouteLeg> {
 }
 
 /// Tokens of the `position`-th sequence of a group held by each of its ranks.
-fn shard_tokens(length: u64, degree: u32, position: usize) -> Vec<u64> {
-    group_zigzag(length, degree, position)
-        .iter()
-        .map(|ranges| ranges.iter().map(|r| r[1] - r[0]).sum())
-        .collect()
+///
+/// Counted in closed form (no ranges are built): with 2d chunks of `base`
+/// tokens plus one for the first `extra`, ring position i holds chunks j and
+/// 2d−1−j, j = (i + position) mod d, as [`group_zigzag`] lays them out.
+fn shard_tokens(length: u64, degree: u32, position: usize) -> impl Iterator<Item = u64> {
+    let d = u64::from(degree.max(1));
+    let (base, extra) = if d == 1 {
+        (length, 0)
+    } else {
+        (length / (2 * d), length % (2 * d))
+    };
+    (0..d).map(move |i| {
+        if d == 1 {
+            return length;
+        }
+        let j = (i + position as u64) % d;
+        let chunk = |c: u64| base + u64::from(c < extra);
+        chunk(j) + chunk(2 * d - 1 - j)
+    })
 }
 
 /// Integer split of `total` proportional to `weights` with no part above its
@@ -384,7 +403,23 @@ fn plan_remap(ctx: &PlanContext, index: u32, attention: &[u64]) -> RemapPlan {
 }
 
 /// Simulates a layout. Deterministic: the same inputs give the same outcome.
+/// Prices only: the outcome lists no routes (see [`simulate_with_routes`]).
 pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome {
+    simulate_inner(ctx, lengths, layout, false)
+}
+
+/// [`simulate`], also listing every inter-node transfer and its NICs, as the
+/// step plan document does.
+pub fn simulate_with_routes(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome {
+    simulate_inner(ctx, lengths, layout, true)
+}
+
+fn simulate_inner(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    layout: &Layout,
+    with_routes: bool,
+) -> Outcome {
     let topo = &ctx.topology;
     let cost = &ctx.cost;
     let world = topo.world() as usize;
@@ -403,10 +438,7 @@ pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome 
             let d = group.ranks.len() as u32;
             let mut per_rank = vec![0u64; group.ranks.len()];
             for (position, &seq) in group.sequences.iter().enumerate() {
-                for (i, t) in shard_tokens(lengths[seq], d, position)
-                    .into_iter()
-                    .enumerate()
-                {
+                for (i, t) in shard_tokens(lengths[seq], d, position).enumerate() {
                     per_rank[i] += t;
                 }
             }
@@ -475,6 +507,9 @@ pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome 
                     / cost.coefficients.link_efficiency;
                 inter[t.from as usize] = inter[t.from as usize].max(busy);
                 inter[t.to as usize] = inter[t.to as usize].max(busy);
+                if !with_routes {
+                    continue;
+                }
                 routes.push(NicRoute {
                     micro_batch: index,
                     from_rank: t.from,
@@ -519,16 +554,18 @@ pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome 
                         } else {
                             f64::INFINITY
                         };
-                        routes.push(NicRoute {
-                            micro_batch: index,
-                            from_rank: a,
-                            to_rank: b,
-                            from_node: topo.nodes[topo.node_of(a)].name.clone(),
-                            to_node: topo.nodes[topo.node_of(b)].name.clone(),
-                            legs: route_legs(topo, layout.routing, a),
-                            bytes: hop_bytes[g],
-                            gbytes_per_s: bw / 1e9,
-                        });
+                        if with_routes {
+                            routes.push(NicRoute {
+                                micro_batch: index,
+                                from_rank: a,
+                                to_rank: b,
+                                from_node: topo.nodes[topo.node_of(a)].name.clone(),
+                                to_node: topo.nodes[topo.node_of(b)].name.clone(),
+                                legs: route_legs(topo, layout.routing, a),
+                                bytes: hop_bytes[g],
+                                gbytes_per_s: bw / 1e9,
+                            });
+                        }
                         bw
                     };
                     bandwidth = bandwidth.min(hop);
@@ -587,7 +624,7 @@ pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome 
 /// The step plan document of a layout.
 pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPlan {
     let topo = &ctx.topology;
-    let outcome = simulate(ctx, lengths, layout);
+    let outcome = simulate_with_routes(ctx, lengths, layout);
     let mut sequences: Vec<Option<SequencePlan>> = vec![None; lengths.len()];
     let mut micro_batches = Vec::with_capacity(layout.micro_batches.len());
     for (index, mb) in layout.micro_batches.iter().enumerate() {
@@ -686,6 +723,25 @@ mod tests {
                 ModelSpec::preset(model).unwrap(),
                 CostCoefficients::default(),
             ),
+        }
+    }
+
+    #[test]
+    fn shard_tokens_counts_what_group_zigzag_lays_out() {
+        for length in [0u64, 1, 7, 40, 61, 1000, 12_345] {
+            for degree in 1..=9u32 {
+                for position in 0..5 {
+                    let counted: Vec<u64> = shard_tokens(length, degree, position).collect();
+                    let laid: Vec<u64> = group_zigzag(length, degree, position)
+                        .iter()
+                        .map(|ranges| ranges.iter().map(|r| r[1] - r[0]).sum())
+                        .collect();
+                    assert_eq!(
+                        counted, laid,
+                        "{length} tokens, degree {degree}, position {position}"
+                    );
+                }
+            }
         }
     }
 

@@ -275,56 +275,112 @@ pub fn candidates(
 ) -> Result<Vec<Candidate>, PlanningError> {
     let capacity = rank_capacity(ctx)?;
     check_fits(ctx, lengths, capacity)?;
-    let timed = |name: String, build: &dyn Fn() -> Result<Layout, PlanningError>| {
-        let start = std::time::Instant::now();
-        let layout = build()?;
-        Ok::<_, PlanningError>(Candidate {
-            name,
-            layout,
-            build_ms: start.elapsed().as_secs_f64() * 1e3,
-        })
-    };
-    let mut candidates = Vec::new();
+    #[derive(Clone, Copy)]
+    enum Build {
+        Balanced { remap: bool, scale: f64 },
+        Static,
+        Hdp,
+        Zeppelin,
+        FlexSp,
+    }
+    let mut builds = Vec::new();
     for scale in DEGREE_SCALES {
         for remap in [true, false] {
             let name = format!("balanced{}x{scale}", if remap { "+remap" } else { "" });
-            candidates.push(timed(name, &|| {
-                Ok(balanced(ctx, lengths, capacity, remap, scale))
-            })?);
+            builds.push((name, Build::Balanced { remap, scale }));
         }
     }
-    let baselines = [
-        timed("static".into(), &|| {
-            plan_static(ctx, lengths, context_length)
-        })?,
-        timed("hdp".into(), &|| plan_hdp(ctx, lengths))?,
-        timed("zeppelin".into(), &|| plan_zeppelin(ctx, lengths))?,
-    ];
+    builds.push(("static".to_string(), Build::Static));
+    builds.push(("hdp".to_string(), Build::Hdp));
+    builds.push(("zeppelin".to_string(), Build::Zeppelin));
     // FlexSP's solver takes seconds, too slow to run on every worker every step
-    // on a large cluster, so it is a candidate on small ones only. Its
-    // power-of-two groups cannot hold some sequences that other layouts can;
-    // then it is simply not a candidate.
-    let flexsp = if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
-        timed("flexsp".into(), &|| {
-            crate::flexsp::plan_flexsp(ctx, lengths)
-        })
-        .ok()
-    } else {
-        None
-    };
-    for baseline in baselines.into_iter().chain(flexsp) {
-        if baseline.layout.routing != Routing::AllNics {
-            let mut routed = baseline.layout.clone();
+    // on a large cluster, so it is a candidate on small ones only.
+    if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
+        builds.push(("flexsp".to_string(), Build::FlexSp));
+    }
+    let built = parallel_map(builds, |(name, build)| {
+        let start = std::time::Instant::now();
+        let layout = match build {
+            Build::Balanced { remap, scale } => Ok(balanced(ctx, lengths, capacity, remap, scale)),
+            Build::Static => plan_static(ctx, lengths, context_length),
+            Build::Hdp => plan_hdp(ctx, lengths),
+            Build::Zeppelin => plan_zeppelin(ctx, lengths),
+            Build::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
+        };
+        let build_ms = start.elapsed().as_secs_f64() * 1e3;
+        (name, matches!(build, Build::FlexSp), layout, build_ms)
+    });
+    let mut candidates = Vec::new();
+    for (name, optional, layout, build_ms) in built {
+        let layout = match layout {
+            Ok(layout) => layout,
+            // FlexSP's power-of-two groups cannot hold some sequences that
+            // other layouts can; then it is simply not a candidate.
+            Err(_) if optional => continue,
+            Err(e) => return Err(e),
+        };
+        if layout.routing != Routing::AllNics {
+            let mut routed = layout.clone();
             routed.routing = Routing::AllNics;
             candidates.push(Candidate {
-                name: format!("{}+routing", baseline.name),
+                name: format!("{name}+routing"),
                 layout: routed,
                 build_ms: 0.0,
             });
         }
-        candidates.push(baseline);
+        candidates.push(Candidate {
+            name,
+            layout,
+            build_ms,
+        });
     }
     Ok(candidates)
+}
+
+/// `f` over `items` on every available core, results in the items' order.
+/// The planner is pure, so running its independent pieces at once changes
+/// nothing but the wall time.
+pub fn parallel_map<T, R, F>(items: Vec<T>, f: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    F: Fn(T) -> R + Sync,
+{
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(items.len());
+    if threads <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<T>>> = items
+        .into_iter()
+        .map(|t| std::sync::Mutex::new(Some(t)))
+        .collect();
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        slots.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(slot) = slots.get(i) else { break };
+                    let item = slot.lock().ok().and_then(|mut s| s.take());
+                    if let Some(item) = item {
+                        let r = f(item);
+                        if let Ok(mut out) = results[i].lock() {
+                            *out = Some(r);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .filter_map(|m| m.into_inner().ok().flatten())
+        .collect()
 }
 
 /// A layout weft weighs, with how long it took to build.
@@ -341,19 +397,21 @@ pub fn plan_weft(
     lengths: &[u64],
     context_length: Option<u64>,
 ) -> Result<Layout, PlanningError> {
+    let priced = parallel_map(candidates(ctx, lengths, context_length)?, |c| {
+        let outcome = simulate(ctx, lengths, &c.layout);
+        (c.layout, outcome.fits_in_memory, outcome.step_time_s)
+    });
     // Fastest plan that fits in memory; among equals, the first (deterministic).
     let mut best: Option<(bool, f64, Layout)> = None;
-    for Candidate { layout, .. } in candidates(ctx, lengths, context_length)? {
-        let outcome = simulate(ctx, lengths, &layout);
+    for (layout, fits, time) in priced {
         let better = match &best {
             None => true,
-            Some((fits, time, _)) => {
-                (outcome.fits_in_memory && !fits)
-                    || (outcome.fits_in_memory == *fits && outcome.step_time_s < *time)
+            Some((best_fits, best_time, _)) => {
+                (fits && !best_fits) || (fits == *best_fits && time < *best_time)
             }
         };
         if better {
-            best = Some((outcome.fits_in_memory, outcome.step_time_s, layout));
+            best = Some((fits, time, layout));
         }
     }
     let mut layout = match best {

@@ -193,3 +193,11 @@ fn heterogeneous_nodes_are_planned() {
         .collect();
     check_all(&ctx, &lengths).unwrap();
 }
+
+#[test]
+fn a_remap_spreading_one_tiny_sequence_does_not_beat_the_bound() {
+    // Found by the property test: a remap spreads a sequence's linear work over
+    // ranks that do not hold its attention, which the bound must allow for.
+    let ctx = context("1x8", "llama-7b", false);
+    check_all(&ctx, &[2]).unwrap();
+}
