@@ -1,0 +1,191 @@
+//! The operator's pure steps against the real API server: the nodes are read
+//! (observe), a mesh is planned (planner) and the job's objects are built
+//! (build); applied, they are accepted, and the real scheduler places every
+//! worker on the node the mesh chose, where kwok runs it.
+//!
+//! Its own test binary, so that it does not share GPUs with the ground suite's
+//! tests running in parallel.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, CustomResourceExt};
+use weft_crds::topology::RESOURCE_GPU;
+use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
+use weft_e2e::{HarnessError, TestEnv, wait_for};
+use weft_operator::build::build;
+use weft_operator::inventory::read_nodes;
+use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
+
+fn gpus_requested(pod: &Pod) -> u32 {
+    pod.spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get(RESOURCE_GPU))
+                .filter_map(|q| q.0.parse::<u32>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Installs the TrainingJob CRD unless it is there (as the chart would).
+async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    match crds
+        .create(&PostParams::default(), &TrainingJob::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    wait_for(
+        "the TrainingJob CRD to be Established",
+        Duration::from_secs(60),
+        || {
+            let crds = crds.clone();
+            async move {
+                let established = crds
+                    .get_opt("trainingjobs.weft.dev")
+                    .await?
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                Ok(established.then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyhow::Result<()> {
+    let env = TestEnv::connect().await?;
+    ensure_crd(&env).await?;
+    env.run("mesh-placement", |ns| async move {
+        // Observe: GPU nodes, and the GPUs pods already hold on each.
+        let nodes: Api<Node> = Api::all(ns.client.clone());
+        let (gpu_nodes, _) = read_nodes(&nodes.list(&ListParams::default()).await?.items);
+        let all_pods: Api<Pod> = Api::all(ns.client.clone());
+        let mut used: BTreeMap<String, u32> = BTreeMap::new();
+        for pod in all_pods.list(&ListParams::default()).await?.items {
+            let phase = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
+                && phase != "Succeeded"
+                && phase != "Failed"
+            {
+                *used.entry(node).or_default() += gpus_requested(&pod);
+            }
+        }
+        let mesh_nodes: Vec<MeshNode> = gpu_nodes
+            .into_iter()
+            .map(|n| MeshNode {
+                free_gpus: n
+                    .node
+                    .gpus
+                    .saturating_sub(used.get(&n.node.name).copied().unwrap_or(0)),
+                healthy: n.ready && n.schedulable,
+                node: n.node,
+            })
+            .collect();
+
+        // The job, as a user would create it.
+        let jobs: Api<TrainingJob> = ns.api();
+        let job = jobs
+            .create(
+                &PostParams::default(),
+                &TrainingJob::new(
+                    "mesh-demo",
+                    TrainingJobSpec {
+                        image: std::env::var("WEFT_E2E_IMAGE")
+                            .unwrap_or_else(|_| "busybox:1.36".into()),
+                        command: Some(vec!["sleep".into(), "3600".into()]),
+                        args: None,
+                        workers: WorkerRange { min: 2, max: 3 },
+                        resources: WorkerResources {
+                            gpus: 2,
+                            cpu: Some("1".into()),
+                            memory: Some("1Gi".into()),
+                        },
+                        suspend: false,
+                    },
+                ),
+            )
+            .await?;
+
+        // Plan and build.
+        let mesh = plan_mesh(
+            &MeshRequest {
+                job: "mesh-demo".into(),
+                min_workers: 2,
+                max_workers: 3,
+                gpus_per_worker: 2,
+                epoch: 1,
+            },
+            &mesh_nodes,
+            &[],
+        )?;
+        ensure!(
+            mesh.workers.len() == 3,
+            "the cluster has room for 3 workers of 2 GPUs"
+        );
+        let objects = build(&job, &mesh)?;
+
+        // Apply.
+        ns.api::<ConfigMap>()
+            .create(&PostParams::default(), &objects.mesh)
+            .await?;
+        ns.api::<Service>()
+            .create(&PostParams::default(), &objects.service)
+            .await?;
+        let pods: Api<Pod> = ns.api();
+        for pod in &objects.pods {
+            pods.create(&PostParams::default(), pod).await?;
+        }
+
+        // Every worker runs on the node the mesh chose.
+        for worker in &mesh.workers {
+            let name = worker.name.clone();
+            let pod = wait_for(
+                &format!("worker {name} to run"),
+                Duration::from_secs(90),
+                || {
+                    let pods = pods.clone();
+                    let name = name.clone();
+                    async move {
+                        let pod = pods.get(&name).await.map_err(HarnessError::Api)?;
+                        let running =
+                            pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                        Ok(running.then_some(pod))
+                    }
+                },
+            )
+            .await?;
+            let node = pod
+                .spec
+                .and_then(|s| s.node_name)
+                .context("a running pod has no node")?;
+            ensure!(
+                node == worker.node,
+                "worker {name} runs on {node}, the mesh chose {}",
+                worker.node
+            );
+        }
+        Ok(())
+    })
+    .await
+}
