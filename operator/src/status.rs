@@ -1,0 +1,334 @@
+//! Status step of the reconcile pipeline: the TrainingJob's status as a pure
+//! function of the job, the mesh of the current epoch (or why none could be
+//! made), and the worker pods observed. The controller writes it once per
+//! reconcile.
+//!
+//! Phases: `Suspended` when `spec.suspend`; `Pending` while no mesh can be made
+//! (the `Schedulable` condition says how many GPUs the job needs and how many
+//! it could get); `Starting` until every worker of the mesh runs; `Running`
+//! once they all do; `Succeeded` when every worker finished well; `Failed`
+//! when a worker failed (elastic recovery of failed workers comes with the
+//! controller). Conditions keep their transition time while their status
+//! holds.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use weft_crds::{Phase, TrainingJob, TrainingJobStatus};
+use weft_planner::mesh::{MeshError, MeshPlan};
+
+/// Condition types weft sets.
+pub const CONDITION_SCHEDULABLE: &str = "Schedulable";
+pub const CONDITION_READY: &str = "WorkersReady";
+
+/// What the status is computed from.
+#[derive(Debug)]
+pub struct Observed<'a> {
+    /// The mesh of the current epoch, or why none could be made.
+    pub mesh: Result<&'a MeshPlan, &'a MeshError>,
+    /// The job's worker pods.
+    pub pods: &'a [Pod],
+    pub now: Time,
+}
+
+fn phase_of(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
+fn condition(
+    previous: Option<&TrainingJobStatus>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    // The transition time moves only when the condition's status changes.
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// The status `job` should have given what was observed.
+pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJobStatus {
+    let previous = job.status.as_ref();
+    let generation = job.metadata.generation;
+    let now = &observed.now;
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+
+    let (schedulable, desired) = match observed.mesh {
+        Ok(mesh) => {
+            status.mesh_epoch = mesh.epoch as i64;
+            let workers = mesh.workers.len() as i32;
+            (
+                condition(
+                    previous,
+                    CONDITION_SCHEDULABLE,
+                    true,
+                    "MeshPlanned",
+                    format!(
+                        "{workers} workers of {} GPUs placed on {} nodes",
+                        mesh.workers.first().map(|w| w.gpus).unwrap_or(0),
+                        mesh.node_groups.len()
+                    ),
+                    generation,
+                    now,
+                ),
+                workers,
+            )
+        }
+        Err(err) => (
+            condition(
+                previous,
+                CONDITION_SCHEDULABLE,
+                false,
+                match err {
+                    MeshError::NotEnoughCapacity { .. } => "InsufficientCapacity",
+                    _ => "InvalidRequest",
+                },
+                err.to_string(),
+                generation,
+                now,
+            ),
+            0,
+        ),
+    };
+
+    let count = |p: &str| {
+        observed
+            .pods
+            .iter()
+            .filter(|pod| phase_of(pod) == p)
+            .count() as i32
+    };
+    let (running, succeeded, failed) = (count("Running"), count("Succeeded"), count("Failed"));
+    status.workers_desired = desired;
+    status.workers_ready = running;
+    status.workers_ready_summary = Some(format!("{running}/{desired}"));
+
+    status.phase = if job.spec.suspend {
+        Phase::Suspended
+    } else if failed > 0 {
+        Phase::Failed
+    } else if desired > 0 && succeeded == desired {
+        Phase::Succeeded
+    } else if observed.mesh.is_err() {
+        Phase::Pending
+    } else if running == desired {
+        Phase::Running
+    } else {
+        Phase::Starting
+    };
+    let ready = condition(
+        previous,
+        CONDITION_READY,
+        desired > 0 && running == desired,
+        if failed > 0 {
+            "WorkerFailed"
+        } else if running == desired && desired > 0 {
+            "AllWorkersRunning"
+        } else {
+            "WaitingForWorkers"
+        },
+        format!("{running} of {desired} workers running, {failed} failed, {succeeded} succeeded"),
+        generation,
+        now,
+    );
+    status.conditions = vec![schedulable, ready];
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::jiff::Timestamp;
+    use weft_crds::{TrainingJobSpec, WorkerRange, WorkerResources};
+    use weft_planner::cluster::parse_cluster;
+    use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
+
+    fn job(suspend: bool) -> TrainingJob {
+        let mut job = TrainingJob::new(
+            "llm",
+            TrainingJobSpec {
+                image: "weft-trainer:dev".into(),
+                command: None,
+                args: None,
+                workers: WorkerRange { min: 2, max: 2 },
+                resources: WorkerResources::default(),
+                suspend,
+            },
+        );
+        job.metadata.generation = Some(3);
+        job
+    }
+
+    fn mesh(nodes: &str, min: u32) -> Result<MeshPlan, MeshError> {
+        let nodes: Vec<MeshNode> = parse_cluster(nodes)
+            .unwrap()
+            .nodes
+            .into_iter()
+            .map(|node| MeshNode {
+                free_gpus: node.gpus,
+                node,
+                healthy: true,
+            })
+            .collect();
+        plan_mesh(
+            &MeshRequest {
+                job: "llm".into(),
+                min_workers: min,
+                max_workers: 2,
+                gpus_per_worker: 8,
+                epoch: 7,
+            },
+            &nodes,
+            &[],
+        )
+    }
+
+    fn pod(phase: &str) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    #[test]
+    fn phases_follow_the_workers() {
+        let m = mesh("2x8", 2).unwrap();
+        let cases = [
+            (vec![], Phase::Starting),
+            (vec![pod("Running"), pod("Pending")], Phase::Starting),
+            (vec![pod("Running"), pod("Running")], Phase::Running),
+            (vec![pod("Running"), pod("Failed")], Phase::Failed),
+            (vec![pod("Succeeded"), pod("Succeeded")], Phase::Succeeded),
+        ];
+        for (pods, phase) in cases {
+            let observed = Observed {
+                mesh: Ok(&m),
+                pods: &pods,
+                now: at(100),
+            };
+            let status = compute_status(&job(false), &observed);
+            assert_eq!(
+                status.phase,
+                phase,
+                "{:?}",
+                pods.iter().map(phase_of).collect::<Vec<_>>()
+            );
+            assert_eq!(status.mesh_epoch, 7);
+            assert_eq!(status.observed_generation, Some(3));
+        }
+        let both = [pod("Running"), pod("Running")];
+        let observed = Observed {
+            mesh: Ok(&m),
+            pods: &both,
+            now: at(100),
+        };
+        assert_eq!(
+            compute_status(&job(true), &observed).phase,
+            Phase::Suspended
+        );
+        let status = compute_status(&job(false), &observed);
+        assert_eq!(status.workers_ready_summary.as_deref(), Some("2/2"));
+    }
+
+    #[test]
+    fn a_job_that_cannot_fit_is_pending_and_says_what_it_needs() {
+        let err = mesh("1x8", 2).unwrap_err();
+        let observed = Observed {
+            mesh: Err(&err),
+            pods: &[],
+            now: at(100),
+        };
+        let status = compute_status(&job(false), &observed);
+        assert_eq!(status.phase, Phase::Pending);
+        let schedulable = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_SCHEDULABLE)
+            .unwrap();
+        assert_eq!(schedulable.status, "False");
+        assert_eq!(schedulable.reason, "InsufficientCapacity");
+        assert!(
+            schedulable
+                .message
+                .contains("needs 2 workers of 8 GPUs (16 GPUs)"),
+            "{}",
+            schedulable.message
+        );
+        assert!(
+            schedulable
+                .message
+                .contains("can take 1 such workers (8 GPUs)"),
+            "{}",
+            schedulable.message
+        );
+    }
+
+    #[test]
+    fn transition_times_hold_while_a_condition_holds() {
+        let m = mesh("2x8", 2).unwrap();
+        let running = [pod("Running"), pod("Running")];
+        let mut j = job(false);
+        j.status = Some(compute_status(
+            &j,
+            &Observed {
+                mesh: Ok(&m),
+                pods: &running,
+                now: at(100),
+            },
+        ));
+        let later = compute_status(
+            &j,
+            &Observed {
+                mesh: Ok(&m),
+                pods: &running,
+                now: at(500),
+            },
+        );
+        let ready = |s: &TrainingJobStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_READY)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(ready(&later).last_transition_time, at(100));
+        let one_failed = [pod("Running"), pod("Failed")];
+        let failed = compute_status(
+            &j,
+            &Observed {
+                mesh: Ok(&m),
+                pods: &one_failed,
+                now: at(900),
+            },
+        );
+        assert_eq!(ready(&failed).status, "False");
+        assert_eq!(ready(&failed).last_transition_time, at(900));
+        assert_eq!(ready(&failed).reason, "WorkerFailed");
+    }
+}
