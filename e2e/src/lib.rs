@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Config};
 
@@ -269,6 +270,35 @@ where
         }
         Err(err) => format!("--- {label}: could not list: {err}\n"),
     }
+}
+
+/// Waits until the CustomResourceDefinition `name` is Established.
+pub async fn wait_for_crd(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), HarnessError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_for(
+        &format!("the CRD {name} to be Established"),
+        timeout,
+        || {
+            let crds = crds.clone();
+            async move {
+                let established = crds
+                    .get_opt(name)
+                    .await?
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                Ok(established.then_some(()))
+            }
+        },
+    )
+    .await
 }
 
 /// Polls `probe` every 250 ms until it returns `Some`, an error, or `timeout` passes.

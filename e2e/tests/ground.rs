@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, PodSpec, ResourceRequirements};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use weft_crds::topology::{self, ANNOTATION_NICS, LABEL_GPU_PRODUCT, RESOURCE_GPU};
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, helm_binary, repo_root, wait_for};
+use weft_e2e::{HarnessError, TestEnv, helm_binary, repo_root, wait_for, wait_for_crd};
 
 fn gpus_of(node: &Node) -> u32 {
     node.status
@@ -326,26 +325,7 @@ async fn the_helm_chart_installs_the_trainingjob_crd_and_the_api_server_serves_a
             "helm install failed: {}",
             String::from_utf8_lossy(&install.stderr)
         );
-        let crds: Api<CustomResourceDefinition> = Api::all(ns.client.clone());
-        wait_for(
-            "the TrainingJob CRD to be Established",
-            Duration::from_secs(60),
-            || {
-                let crds = crds.clone();
-                async move {
-                    let crd = crds.get_opt("trainingjobs.weft.dev").await?;
-                    let established = crd
-                        .and_then(|c| c.status)
-                        .and_then(|s| s.conditions)
-                        .is_some_and(|c| {
-                            c.iter()
-                                .any(|c| c.type_ == "Established" && c.status == "True")
-                        });
-                    Ok(established.then_some(()))
-                }
-            },
-        )
-        .await?;
+        wait_for_crd(&ns.client, "trainingjobs.weft.dev", Duration::from_secs(60)).await?;
 
         let jobs: Api<TrainingJob> = ns.api();
         let spec = TrainingJobSpec {

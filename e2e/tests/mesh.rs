@@ -16,7 +16,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, CustomResourceExt};
 use weft_crds::topology::RESOURCE_GPU;
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, wait_for};
+use weft_e2e::{HarnessError, TestEnv, wait_for, wait_for_crd};
 use weft_operator::build::build;
 use weft_operator::inventory::read_nodes;
 use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
@@ -45,24 +45,10 @@ async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    wait_for(
-        "the TrainingJob CRD to be Established",
+    wait_for_crd(
+        &env.client,
+        "trainingjobs.weft.dev",
         Duration::from_secs(60),
-        || {
-            let crds = crds.clone();
-            async move {
-                let established = crds
-                    .get_opt("trainingjobs.weft.dev")
-                    .await?
-                    .and_then(|c| c.status)
-                    .and_then(|s| s.conditions)
-                    .is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True")
-                    });
-                Ok(established.then_some(()))
-            }
-        },
     )
     .await?;
     Ok(())
