@@ -254,16 +254,7 @@ mod tests {
     }
 
     fn mesh() -> MeshPlan {
-        let nodes: Vec<MeshNode> = parse_cluster("4x8:nics=4")
-            .unwrap()
-            .nodes
-            .into_iter()
-            .map(|node| MeshNode {
-                free_gpus: node.gpus,
-                node,
-                healthy: true,
-            })
-            .collect();
+        let nodes = MeshNode::all_free(&parse_cluster("4x8:nics=4").unwrap());
         let request = MeshRequest {
             job: "llm".into(),
             min_workers: 2,

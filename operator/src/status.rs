@@ -179,16 +179,7 @@ mod tests {
     }
 
     fn mesh(nodes: &str, min: u32) -> Result<MeshPlan, MeshError> {
-        let nodes: Vec<MeshNode> = parse_cluster(nodes)
-            .unwrap()
-            .nodes
-            .into_iter()
-            .map(|node| MeshNode {
-                free_gpus: node.gpus,
-                node,
-                healthy: true,
-            })
-            .collect();
+        let nodes = MeshNode::all_free(&parse_cluster(nodes).unwrap());
         plan_mesh(
             &MeshRequest {
                 job: "llm".into(),

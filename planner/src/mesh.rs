@@ -34,6 +34,22 @@ pub struct MeshNode {
     pub free_gpus: u32,
 }
 
+impl MeshNode {
+    /// Every node of `cluster`, healthy, with all its GPUs free: a cluster as
+    /// described rather than observed (tests, the CLI, capacity questions).
+    pub fn all_free(cluster: &crate::cluster::Cluster) -> Vec<MeshNode> {
+        cluster
+            .nodes
+            .iter()
+            .map(|node| MeshNode {
+                free_gpus: node.gpus,
+                node: node.clone(),
+                healthy: true,
+            })
+            .collect()
+    }
+}
+
 /// A worker that exists now.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ExistingWorker {
@@ -302,16 +318,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn mesh_nodes(spec: &str) -> Vec<MeshNode> {
-        parse_cluster(spec)
-            .unwrap()
-            .nodes
-            .into_iter()
-            .map(|node| MeshNode {
-                free_gpus: node.gpus,
-                node,
-                healthy: true,
-            })
-            .collect()
+        MeshNode::all_free(&parse_cluster(spec).unwrap())
     }
 
     fn request(min: u32, max: u32, gpus: u32) -> MeshRequest {
