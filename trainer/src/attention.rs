@@ -15,8 +15,10 @@
 //! ring's steps (one message per step carries every document's chunks), each
 //! is split zigzag with its own rotation, and no token attends across
 //! documents. The backward pass recomputes every block from the merged
-//! log-sum-exp and sends dK/dV back around the ring. Hierarchical rings come
-//! next.
+//! log-sum-exp and sends dK/dV back around the ring. Keys and values may have
+//! fewer heads than queries (grouped-query attention): they travel the ring
+//! unexpanded, and each block expands them and sums their gradients back.
+//! Hierarchical rings come next.
 
 use tch::{Kind, Tensor};
 
@@ -193,10 +195,40 @@ fn owner_sizes(shard: &RingShard, owner: usize, d: usize) -> Vec<[i64; 2]> {
         .collect()
 }
 
+/// Keys or values `[B, H_kv, L, E]` expanded to `heads` query heads
+/// (grouped-query attention: each key/value head serves `heads / H_kv` query
+/// heads). The ring moves them unexpanded.
+fn expand_heads(kv: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
+    let kv_heads = kv.size().get(1).copied().unwrap_or(heads);
+    if kv_heads == heads {
+        Ok(kv.shallow_clone())
+    } else {
+        kv.f_repeat_interleave_self_int(heads / kv_heads, 1, None)
+    }
+}
+
+/// The gradient of expanded keys or values summed back to `kv_heads` heads.
+fn reduce_heads(grad: &Tensor, kv_heads: i64) -> Result<Tensor, tch::TchError> {
+    let size = grad.size();
+    let heads = size.get(1).copied().unwrap_or(kv_heads);
+    if heads == kv_heads {
+        return Ok(grad.shallow_clone());
+    }
+    let grouped = [size[0], kv_heads, heads / kv_heads, size[2], size[3]];
+    grad.f_reshape(grouped)?
+        .f_sum_dim_intlist(Some(&[2i64][..]), false, None)
+}
+
 /// Checks that every chunk has the length the split says.
 fn validate(shard: &RingShard, me: usize, d: usize) -> Result<(), AttentionError> {
     for (i, doc) in shard.docs.iter().enumerate() {
         if doc.chunk_lengths.len() != 2 * d {
+            return Err(AttentionError::Shape { chunk: 2 * i });
+        }
+        // Grouped-query attention: key/value heads divide the query heads.
+        let heads = doc.q[0].size().get(1).copied().unwrap_or(0);
+        let kv_heads = doc.k[0].size().get(1).copied().unwrap_or(0);
+        if kv_heads == 0 || heads % kv_heads != 0 || doc.k[0].size() != doc.v[0].size() {
             return Err(AttentionError::Shape { chunk: 2 * i });
         }
         let mine = chunks_of(me, doc.position, d);
@@ -240,10 +272,11 @@ pub fn ring_attention_forward(
     for step in 0..d {
         for b in blocks(shard, me, (me + d - step) % d, d) {
             let doc = &shard.docs[b.doc];
+            let heads = doc.q[b.q].size()[1];
             let p = Partial::compute(
                 &doc.q[b.q],
-                &held_k[b.doc][b.kv],
-                &held_v[b.doc][b.kv],
+                &expand_heads(&held_k[b.doc][b.kv], heads)?,
+                &expand_heads(&held_v[b.doc][b.kv], heads)?,
                 b.causal,
             )?;
             partial[b.doc][b.q] = Some(match partial[b.doc][b.q].take() {
@@ -329,12 +362,14 @@ pub fn ring_attention_backward(
     for step in 0..d {
         for b in blocks(shard, me, (me + d - step) % d, d) {
             let (i, qi, ki) = (b.doc, b.q, b.kv);
+            let heads = shard.docs[i].q[qi].size()[1];
+            let kv_heads = held_k[i][ki].size()[1];
             let (g_q, g_k, g_v) =
                 Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
                     &grad_out[i][qi],
                     &shard.docs[i].q[qi],
-                    &held_k[i][ki],
-                    &held_v[i][ki],
+                    &expand_heads(&held_k[i][ki], heads)?,
+                    &expand_heads(&held_v[i][ki], heads)?,
                     &forward[i].out[qi],
                     &forward[i].lse[qi],
                     0.0,
@@ -343,8 +378,8 @@ pub fn ring_attention_backward(
                     None,
                 )?;
             dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
-            held_dk[i][ki] = held_dk[i][ki].f_add(&float(&g_k)?)?;
-            held_dv[i][ki] = held_dv[i][ki].f_add(&float(&g_v)?)?;
+            held_dk[i][ki] = held_dk[i][ki].f_add(&float(&reduce_heads(&g_k, kv_heads)?)?)?;
+            held_dv[i][ki] = held_dv[i][ki].f_add(&float(&reduce_heads(&g_v, kv_heads)?)?)?;
         }
         let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
         let tag = base + 4 * step as i32;

@@ -1,7 +1,8 @@
 //! Ring attention over real Gloo collectives equals plain causal attention per
 //! document, in its output and in all its gradients: one document per ring, and
 //! several packed documents sharing a ring (some shorter than the ring's
-//! chunk count, so some chunks are empty).
+//! chunk count, so some chunks are empty), with as many key/value heads as
+//! query heads or fewer (grouped-query attention).
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,14 +17,25 @@ use weft_trainer::attention::{
     DocShard, Partial, RingShard, ring_attention_backward, ring_attention_forward,
 };
 
-const HEADS: i64 = 2;
 const HEAD_DIM: i64 = 8;
 
-fn random(length: i64) -> Tensor {
+fn random(heads: i64, length: i64) -> Tensor {
     Tensor::randn(
-        [1, HEADS, length, HEAD_DIM],
+        [1, heads, length, HEAD_DIM],
         (Kind::Float, tch::Device::Cpu),
     )
+}
+
+/// Keys or values expanded to `heads` query heads, as grouped-query attention reads them.
+fn expand(kv: &Tensor, heads: i64) -> Tensor {
+    kv.repeat_interleave_self_int(heads / kv.size()[1], 1, None)
+}
+
+/// The gradient of expanded keys or values summed back to `kv_heads` heads.
+fn reduce(grad: &Tensor, kv_heads: i64) -> Tensor {
+    let s = grad.size();
+    grad.reshape([s[0], kv_heads, s[1] / kv_heads, s[2], s[3]])
+        .sum_dim_intlist(Some(&[2i64][..]), false, None)
 }
 
 fn slice(t: &Tensor, range: [u64; 2]) -> Tensor {
@@ -52,17 +64,17 @@ impl Doc {
 
 /// Largest error of the ring against plain per-document attention:
 /// [output, dQ, dK, dV].
-fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
+fn max_error_over_a_ring(world: u32, lengths: &[i64], heads: i64, kv_heads: i64) -> [f64; 4] {
     let port = common::free_port();
     // libtorch's generator is global: draw the data once, before the rank threads.
     tch::manual_seed(7);
     let docs: Vec<Doc> = lengths
         .iter()
         .map(|l| Doc {
-            q: random(*l),
-            k: random(*l),
-            v: random(*l),
-            g: random(*l),
+            q: random(heads, *l),
+            k: random(kv_heads, *l),
+            v: random(kv_heads, *l),
+            g: random(heads, *l),
         })
         .collect();
     let lengths = lengths.to_vec();
@@ -119,13 +131,14 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
                 let mut worst = [0.0f64; 4];
                 for (p, doc) in docs.iter().enumerate() {
                     // Plain causal attention over this document alone, and its gradients.
-                    let reference = Partial::compute(&doc.q, &doc.k, &doc.v, true).unwrap();
+                    let (k, v) = (expand(&doc.k, heads), expand(&doc.v, heads));
+                    let reference = Partial::compute(&doc.q, &k, &v, true).unwrap();
                     let (dq, dk, dv) =
                         Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
                             &doc.g,
                             &doc.q,
-                            &doc.k,
-                            &doc.v,
+                            &k,
+                            &v,
                             &reference.out,
                             &reference.lse,
                             0.0,
@@ -133,6 +146,7 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
                             None::<Tensor>,
                             None,
                         );
+                    let (dk, dv) = (reduce(&dk, kv_heads), reduce(&dv, kv_heads));
                     let mine = &splits[p][rank as usize];
                     let err = |got: &[Tensor; 2], full: &Tensor| {
                         (0..2)
@@ -166,9 +180,13 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64]) -> [f64; 4] {
 }
 
 fn check(world: u32, lengths: &[i64]) {
-    let [out, dq, dk, dv] = max_error_over_a_ring(world, lengths);
+    check_heads(world, lengths, 2, 2);
+}
+
+fn check_heads(world: u32, lengths: &[i64], heads: i64, kv_heads: i64) {
+    let [out, dq, dk, dv] = max_error_over_a_ring(world, lengths, heads, kv_heads);
     eprintln!(
-        "{world} ranks, documents {lengths:?}: max |ring - plain| output {out:.1e}, dQ {dq:.1e}, dK {dk:.1e}, dV {dv:.1e}"
+        "{world} ranks, {heads} heads / {kv_heads} kv heads, documents {lengths:?}: max |ring - plain| output {out:.1e}, dQ {dq:.1e}, dK {dk:.1e}, dV {dv:.1e}"
     );
     for (what, err) in [("output", out), ("dQ", dq), ("dK", dk), ("dV", dv)] {
         assert!(err < 1e-5, "{world} ranks, {lengths:?}: {what} error {err}");
@@ -187,5 +205,13 @@ fn one_document_per_ring_matches_plain_causal_attention() {
 fn packed_documents_match_attention_within_each_document() {
     for world in [2, 3, 4] {
         check(world, &[40, 7, 3, 61, 1]);
+    }
+}
+
+#[test]
+fn grouped_query_attention_moves_fewer_heads_and_stays_exact() {
+    for world in [2, 4] {
+        check_heads(world, &[40, 7, 61], 4, 2);
+        check_heads(world, &[33], 6, 1);
     }
 }
