@@ -106,6 +106,83 @@ pub struct DocShard {
     pub v: [Tensor; 2],
 }
 
+impl DocShard {
+    /// This ring position's part of a whole document `[B, H, L, E]` (queries
+    /// `q`, keys and values `k`, `v`, which may have fewer heads), split as the
+    /// step plan splits the `position`-th document of a group over `ring_len`
+    /// ranks ([`weft_planner::plan::group_zigzag`]): ring position i holds
+    /// chunks j and 2d−1−j of 2d, j = (i + position) mod d.
+    pub fn split(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        position: usize,
+        ring_len: u32,
+        ring_position: usize,
+    ) -> Result<DocShard, AttentionError> {
+        let length = q.size().get(2).copied().unwrap_or(0).max(0);
+        let d = ring_len.max(1) as usize;
+        // 2d chunks whose sizes differ by at most one token, as the plan cuts
+        // them (for d = 1 the plan's single range is these two chunks).
+        let chunks = 2 * d as i64;
+        let (base, extra) = (length / chunks, length % chunks);
+        let start = |c: i64| c * base + c.min(extra);
+        let chunk_lengths: Vec<i64> = (0..chunks).map(|c| start(c + 1) - start(c)).collect();
+        let held = chunks_of(ring_position, position, d);
+        if ring_position >= d {
+            return Err(AttentionError::Shape { chunk: 0 });
+        }
+        let mine = held.map(|c| [start(c as i64) as u64, start(c as i64 + 1) as u64]);
+        let part = |t: &Tensor, r: [u64; 2]| -> Result<Tensor, tch::TchError> {
+            t.f_narrow(2, r[0] as i64, (r[1] - r[0]) as i64)?
+                .f_contiguous()
+        };
+        let two = |t: &Tensor| -> Result<[Tensor; 2], tch::TchError> {
+            Ok([part(t, mine[0])?, part(t, mine[1])?])
+        };
+        Ok(DocShard {
+            position,
+            chunk_lengths,
+            q: two(q)?,
+            k: two(k)?,
+            v: two(v)?,
+        })
+    }
+}
+
+/// Plain causal attention over one whole document in one process, and the
+/// gradients of `q`, `k`, `v` for output gradient `grad`: the reference
+/// distributed attention must match. `k`, `v` may have fewer heads (GQA).
+pub fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+) -> Result<[Tensor; 4], AttentionError> {
+    let heads = q.size()[1];
+    let kv_heads = k.size()[1];
+    let (ke, ve) = (expand_heads(k, heads)?, expand_heads(v, heads)?);
+    let forward = Partial::compute(q, &ke, &ve, true)?;
+    let (dq, dk, dv) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+        grad,
+        q,
+        &ke,
+        &ve,
+        &forward.out,
+        &forward.lse,
+        0.0,
+        true,
+        None::<Tensor>,
+        None,
+    )?;
+    Ok([
+        forward.out,
+        dq,
+        reduce_heads(&dk, kv_heads)?,
+        reduce_heads(&dv, kv_heads)?,
+    ])
+}
+
 /// This rank's part of the documents one ring group processes together
 /// (packed: they share the ring's steps, and no token attends across
 /// documents).

@@ -1,11 +1,20 @@
 //! weft's trainer: the worker that runs inside each pod (and on its own on one
 //! machine), executing the planner's step plans on libtorch.
 //!
-//! So far it holds the data pipeline ([`data`]): the corpus, the byte tokenizer
-//! and a global sample order that does not depend on the world size. The model,
-//! collectives and distributed attention follow.
+//! - [`data`]: the corpus, the byte tokenizer, and a global sample order that
+//!   does not depend on the world size.
+//! - [`comm`]: libtorch's collectives (c10d: TCPStore and Gloo) from Rust.
+//! - [`attention`]: zigzag ring attention, forward and backward, packed
+//!   documents and grouped-query attention; [`remap`]: the attention ↔ linear
+//!   layout all-to-all of the step plan.
+//! - [`launch`] and [`selfcheck`]: local multi-process workers, and the check
+//!   a user runs on a new cluster.
+//!
+//! The model, the training loop and `local` follow.
 
 pub mod attention;
 pub mod comm;
 pub mod data;
+pub mod launch;
 pub mod remap;
+pub mod selfcheck;

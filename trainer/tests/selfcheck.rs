@@ -1,0 +1,62 @@
+//! `weft-trainer selfcheck` as a user runs it: real worker processes of the
+//! binary, a verdict per component, and a clear, prompt error when a worker dies.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn selfcheck(args: &[&str]) -> (bool, String, String, Duration) {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
+        .arg("selfcheck")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[test]
+fn selfcheck_passes_on_local_ranks_and_reports_every_component() {
+    let (ok, stdout, stderr, _) = selfcheck(&["--ranks", "3", "--cases", "4", "--seed", "9"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("selfcheck on 3 ranks"), "{stdout}");
+    for component in [
+        "attention out",
+        "attention dQ",
+        "attention dK",
+        "attention dV",
+    ] {
+        let line = stdout.lines().find(|l| l.starts_with(component)).unwrap();
+        assert!(line.ends_with("ok"), "{line}");
+    }
+}
+
+#[test]
+fn a_tolerance_that_cannot_be_met_fails_the_check() {
+    let (ok, stdout, stderr, _) = selfcheck(&["--ranks", "2", "--cases", "2", "--tolerance", "0"]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    assert!(stderr.contains("above the tolerance"), "{stderr}");
+}
+
+#[test]
+fn a_dead_worker_is_reported_at_once_not_waited_for() {
+    let (ok, _, stderr, elapsed) = selfcheck(&["--ranks", "3", "--kill-rank", "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("worker 2 failed"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+}
+
+#[test]
+fn one_rank_is_refused_with_the_reason() {
+    let (ok, _, stderr, _) = selfcheck(&["--ranks", "1"]);
+    assert!(!ok);
+    assert!(stderr.contains("--ranks must be at least 2"), "{stderr}");
+}
