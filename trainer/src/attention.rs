@@ -537,6 +537,30 @@ mod tests {
     }
 
     #[test]
+    fn split_holds_exactly_the_plans_ranges() {
+        for length in [1i64, 7, 40, 61, 100] {
+            let t =
+                Tensor::arange(length, (Kind::Float, tch::Device::Cpu)).reshape([1, 1, length, 1]);
+            for d in 2..=5u32 {
+                for position in 0..3 {
+                    let plan = weft_planner::plan::group_zigzag(length as u64, d, position);
+                    for (i, ranges) in plan.iter().enumerate() {
+                        let shard = DocShard::split(&t, &t, &t, position, d, i).unwrap();
+                        for (chunk, range) in shard.q.iter().zip(ranges) {
+                            let got = Vec::<f32>::try_from(chunk.flatten(0, -1)).unwrap();
+                            let want: Vec<f32> = (range[0]..range[1]).map(|x| x as f32).collect();
+                            assert_eq!(
+                                got, want,
+                                "length {length}, d {d}, position {position}, rank {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn merging_two_halves_of_the_keys_equals_attention_over_all_of_them() {
         let q = random(&[1, 3, 16, 8], 1);
         let k = random(&[1, 3, 32, 8], 2);
