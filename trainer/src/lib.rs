@@ -16,5 +16,6 @@ pub mod attention;
 pub mod comm;
 pub mod data;
 pub mod launch;
+pub mod model;
 pub mod remap;
 pub mod selfcheck;
