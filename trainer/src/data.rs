@@ -51,6 +51,8 @@ pub enum DataError {
     Empty(PathBuf),
     #[error("{field} must be at least 1, got {value}")]
     BadSize { field: &'static str, value: usize },
+    #[error("dataset decomposition: {0}")]
+    Decomposition(String),
 }
 
 impl DataError {
@@ -62,7 +64,7 @@ impl DataError {
             }
             DataError::Io { .. } => "corpus_io",
             DataError::NotUtf8 { .. } | DataError::BadJsonLine { .. } => "corpus_format",
-            DataError::BadSize { .. } => "data_config",
+            DataError::BadSize { .. } | DataError::Decomposition(_) => "data_config",
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod attention;
 pub mod comm;
 pub mod data;
+pub mod decompose;
 pub mod launch;
 pub mod model;
 pub mod remap;

@@ -1,0 +1,254 @@
+//! Dataset Decomposition (Pouransari et al., NeurIPS'24) and a length
+//! curriculum, an option of the data pipeline.
+//!
+//! Each document (tokenised) is cut into chunks whose lengths are the powers of
+//! two of its length's binary form, longest first (1000 tokens with a
+//! 256-token floor: 512 + 256, the last 232 tokens too short for a bucket are
+//! dropped), and each chunk goes into the bucket of its length. A step draws
+//! its whole batch from one bucket, `tokens_per_step / length` sequences, so
+//! every step has the same number of tokens and no padding. Which bucket comes
+//! next follows a curriculum: cycles that go from the shortest bucket to the
+//! longest, each bucket visited in proportion to the tokens it holds; within a
+//! bucket, sequences come in a seeded order. Everything depends on the seed and
+//! the corpus only, never on the world size, and a [`DecompositionCursor`]
+//! resumes exactly.
+
+use std::collections::BTreeMap;
+
+use weft_planner::rng::SplitMix64;
+
+use crate::data::{Batch, Corpus, DataError, Sample, epoch_order, tokenize};
+
+/// One chunk of a document: tokens `[start, start + length)` of document `document`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub document: usize,
+    pub start: usize,
+}
+
+/// The buckets of a decomposed corpus, by chunk length.
+#[derive(Clone, Debug)]
+pub struct Decomposition {
+    /// Chunks of each bucket length, in corpus order.
+    pub buckets: BTreeMap<usize, Vec<Chunk>>,
+    tokens: Vec<Vec<u32>>,
+}
+
+/// Where a decomposed stream stands; saved with each checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecompositionCursor {
+    pub step: u64,
+    /// Sequences already drawn from each bucket, by bucket index (shortest first).
+    pub drawn: [u64; 32],
+}
+
+/// Lengths of the chunks of an `n`-token document: powers of two of `n`'s
+/// binary form, at least `min` and at most `max`, longest first. Parts above
+/// `max` become several `max` chunks.
+pub fn chunk_lengths(n: usize, min: usize, max: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = n;
+    while rest >= max {
+        out.push(max);
+        rest -= max;
+    }
+    let mut bit = max / 2;
+    while bit >= min.max(1) {
+        if rest >= bit {
+            out.push(bit);
+            rest -= bit;
+        }
+        bit /= 2;
+    }
+    out
+}
+
+impl Decomposition {
+    /// Decomposes `corpus` into buckets of powers of two from `min_length` to
+    /// `max_length` tokens (both powers of two).
+    pub fn new(
+        corpus: &Corpus,
+        min_length: usize,
+        max_length: usize,
+    ) -> Result<Decomposition, DataError> {
+        let bad = |m: String| Err(DataError::Decomposition(m));
+        for (field, value) in [
+            ("min bucket length", min_length),
+            ("max bucket length", max_length),
+        ] {
+            if !value.is_power_of_two() {
+                return bad(format!("{field} {value} is not a power of two"));
+            }
+        }
+        if min_length > max_length {
+            return bad(format!(
+                "min bucket length {min_length} is above the max {max_length}"
+            ));
+        }
+        if max_length / min_length >= 1 << 31 {
+            return bad(format!(
+                "{min_length}..{max_length} makes more than 32 buckets"
+            ));
+        }
+        let tokens: Vec<Vec<u32>> = corpus.documents.iter().map(|d| tokenize(&d.text)).collect();
+        let mut buckets: BTreeMap<usize, Vec<Chunk>> = BTreeMap::new();
+        for (document, t) in tokens.iter().enumerate() {
+            let mut start = 0;
+            for length in chunk_lengths(t.len(), min_length, max_length) {
+                buckets
+                    .entry(length)
+                    .or_default()
+                    .push(Chunk { document, start });
+                start += length;
+            }
+        }
+        if buckets.is_empty() {
+            return bad(format!(
+                "no document has {min_length} tokens or more (the min bucket length)"
+            ));
+        }
+        Ok(Decomposition { buckets, tokens })
+    }
+
+    /// The bucket lengths, shortest first.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.buckets.keys().copied().collect()
+    }
+
+    /// One curriculum cycle: bucket indices (shortest first) from short to long,
+    /// each as many times as its share of the tokens in `cycle_steps` steps
+    /// (at least once).
+    pub fn cycle(&self, cycle_steps: usize) -> Vec<usize> {
+        let tokens: Vec<f64> = self
+            .buckets
+            .iter()
+            .map(|(len, chunks)| (*len * chunks.len()) as f64)
+            .collect();
+        let total: f64 = tokens.iter().sum();
+        tokens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| {
+                let visits = ((t / total) * cycle_steps as f64).round().max(1.0) as usize;
+                std::iter::repeat_n(i, visits)
+            })
+            .collect()
+    }
+
+    /// The batch of step `cursor.step`, and the cursor after it.
+    pub fn batch(
+        &self,
+        seed: u64,
+        tokens_per_step: usize,
+        cycle_steps: usize,
+        cursor: DecompositionCursor,
+    ) -> (Batch, DecompositionCursor) {
+        let cycle = self.cycle(cycle_steps.max(1));
+        let bucket = cycle[(cursor.step % cycle.len() as u64) as usize];
+        let (&length, chunks) = self
+            .buckets
+            .iter()
+            .nth(bucket)
+            .map(|(l, c)| (l, c.as_slice()))
+            .unwrap_or((&0, &[]));
+        let count = (tokens_per_step / length.max(1)).max(1) as u64;
+        let mut next = cursor;
+        let mut samples = Vec::new();
+        let n = chunks.len() as u64;
+        // Each bucket has its own seeded order per epoch, computed once per epoch.
+        let bucket_seed =
+            SplitMix64::new(seed ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
+        let mut order: Option<(u64, Vec<usize>)> = None;
+        for _ in 0..count {
+            let index = next.drawn[bucket];
+            let (epoch, position) = (index / n, (index % n) as usize);
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, epoch_order(chunks.len(), bucket_seed, epoch)));
+            }
+            let Some((_, current)) = &order else { break };
+            let chunk = chunks[current[position]];
+            samples.push(Sample {
+                index,
+                document: chunk.document,
+                tokens: self.tokens[chunk.document][chunk.start..chunk.start + length].to_vec(),
+            });
+            next.drawn[bucket] += 1;
+        }
+        next.step += 1;
+        (Batch { samples }, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Document;
+
+    fn corpus(lengths: &[usize]) -> Corpus {
+        Corpus {
+            documents: lengths
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Document {
+                    source: format!("doc{i}"),
+                    // tokenize adds one end-of-document token.
+                    text: "x".repeat(n.saturating_sub(1)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn documents_split_into_their_powers_of_two() {
+        assert_eq!(chunk_lengths(1000, 256, 4096), vec![512, 256]);
+        assert_eq!(chunk_lengths(1000, 8, 4096), vec![512, 256, 128, 64, 32, 8]);
+        // 10,000 = 2·4096 + 1024 + 512 + 256 + 16.
+        assert_eq!(
+            chunk_lengths(10_000, 256, 4096),
+            vec![4096, 4096, 1024, 512, 256]
+        );
+        assert_eq!(chunk_lengths(100, 256, 4096), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn every_step_has_the_same_tokens_from_one_bucket_and_resumes_exactly() {
+        let c = corpus(&[1000, 5000, 300, 2048, 700, 9000, 260, 4100, 1100]);
+        let dd = Decomposition::new(&c, 256, 2048).unwrap();
+        assert_eq!(dd.lengths(), vec![256, 512, 1024, 2048]);
+        let mut cursor = DecompositionCursor::default();
+        let mut batches = Vec::new();
+        for _ in 0..20 {
+            let (batch, next) = dd.batch(5, 4096, 8, cursor);
+            let length = batch.samples[0].tokens.len();
+            assert!(batch.samples.iter().all(|s| s.tokens.len() == length));
+            assert_eq!(batch.tokens(), 4096);
+            batches.push(batch);
+            cursor = next;
+        }
+        // The curriculum goes from short to long within a cycle.
+        let cycle = dd.cycle(8);
+        assert!(cycle.windows(2).all(|w| w[0] <= w[1]));
+        // Resuming from a saved cursor replays the same batches.
+        let mut resumed = DecompositionCursor::default();
+        for _ in 0..7 {
+            resumed = dd.batch(5, 4096, 8, resumed).1;
+        }
+        for expected in &batches[7..] {
+            let (batch, next) = dd.batch(5, 4096, 8, resumed);
+            assert_eq!(&batch, expected);
+            resumed = next;
+        }
+    }
+
+    #[test]
+    fn bad_bucket_bounds_are_refused() {
+        let c = corpus(&[1000]);
+        let message = |r: Result<Decomposition, DataError>| r.unwrap_err().to_string();
+        assert!(message(Decomposition::new(&c, 300, 2048)).contains("300 is not a power of two"));
+        assert!(message(Decomposition::new(&c, 4096, 2048)).contains("above the max 2048"));
+        let short = corpus(&[100]);
+        assert!(
+            message(Decomposition::new(&short, 256, 2048)).contains("no document has 256 tokens")
+        );
+    }
+}
