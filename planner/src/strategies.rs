@@ -313,7 +313,7 @@ pub(crate) fn list_schedule<P>(
     mut work: Vec<Work>,
     capacity: Option<u64>,
     pick: P,
-) -> (Vec<LayoutMicroBatch>, Vec<Work>)
+) -> Schedule
 where
     P: Pick,
 {
@@ -362,7 +362,21 @@ where
             sequences: w.sequences,
         });
     }
-    (micro_batches, overflow)
+    Schedule {
+        micro_batches,
+        overflow,
+        ready: load.into_iter().zip(count).collect(),
+    }
+}
+
+/// What [`list_schedule`] decided.
+#[derive(Debug)]
+pub(crate) struct Schedule {
+    pub micro_batches: Vec<LayoutMicroBatch>,
+    /// Work that fit on no rank (with a capacity), for another micro-batch.
+    pub overflow: Vec<Work>,
+    /// Per rank: when it is free, and how many micro-batches it has.
+    pub ready: Vec<(f64, usize)>,
 }
 
 /// How much slower each rank's GPU is than rank 0's, which work costs are
@@ -419,7 +433,7 @@ pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningEr
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         min_degree(s, capacity)
     });
-    let (micro_batches, _) = list_schedule(ctx, lengths, work, None, least_loaded);
+    let micro_batches = list_schedule(ctx, lengths, work, None, least_loaded).micro_batches;
     Ok(Layout {
         strategy: "hdp".to_string(),
         micro_batches,
@@ -568,7 +582,11 @@ where
     let mut micro_batches = Vec::new();
     let mut work = make_work(part);
     while !work.is_empty() {
-        let (scheduled, overflow) = list_schedule(ctx, lengths, work, Some(capacity), pick);
+        let Schedule {
+            micro_batches: scheduled,
+            overflow,
+            ..
+        } = list_schedule(ctx, lengths, work, Some(capacity), pick);
         let groups: Vec<LayoutGroup> = scheduled.into_iter().flat_map(|m| m.groups).collect();
         if groups.is_empty() {
             // Nothing fits even on an empty micro-batch: cannot happen for pieces

@@ -132,13 +132,14 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scal
                 }
             })
             .collect();
-        let (mut micro_batches, _) = list_schedule(ctx, lengths, work, None, &pick);
+        let schedule = list_schedule(ctx, lengths, work, None, &pick);
+        let mut micro_batches = schedule.micro_batches;
         place_short_sequences(
             ctx,
             lengths,
             &short,
             capacity,
-            &micro_batches_load(ctx, lengths, &micro_batches),
+            &schedule.ready,
             &mut micro_batches,
         );
         micro_batches
@@ -148,42 +149,6 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scal
         micro_batches,
         routing: Routing::AllNics,
     }
-}
-
-/// Each rank's busy time and number of micro-batches after the long sequences.
-fn micro_batches_load(
-    ctx: &PlanContext,
-    lengths: &[u64],
-    micro_batches: &[LayoutMicroBatch],
-) -> Vec<(f64, usize)> {
-    let world = ctx.topology.world() as usize;
-    let slowdown = slowdowns(ctx);
-    let mut load = vec![(0.0f64, 0usize); world];
-    for (m, mb) in micro_batches.iter().enumerate() {
-        for group in &mb.groups {
-            let cost = estimate_cost(
-                ctx,
-                lengths,
-                &group.sequences,
-                group.ranks.len() as u32,
-                true,
-            );
-            let start = group
-                .ranks
-                .iter()
-                .map(|r| load[*r as usize].0)
-                .fold(0.0, f64::max);
-            let pace = group
-                .ranks
-                .iter()
-                .map(|r| slowdown[*r as usize])
-                .fold(1.0, f64::max);
-            for r in &group.ranks {
-                load[*r as usize] = (start + cost * pace, m + 1);
-            }
-        }
-    }
-    load
 }
 
 /// Ranks by load, least loaded first.
