@@ -381,6 +381,16 @@ impl StepPlan {
     }
 }
 
+/// First token of chunk `chunk` when `length` tokens are cut into the
+/// 2·`degree` chunks of a zigzag split: sizes differ by at most one token, the
+/// first `length mod 2·degree` chunks holding the extra ones. The one place the
+/// planner, the simulator and the trainer take chunk boundaries from.
+pub fn zigzag_chunk_start(length: u64, degree: u32, chunk: u64) -> u64 {
+    let chunks = 2 * u64::from(degree.max(1));
+    let (base, extra) = (length / chunks, length % chunks);
+    chunk * base + chunk.min(extra)
+}
+
 /// Zigzag (head-tail) split of `length` tokens over `degree` ranks: the sequence
 /// is cut into 2·degree chunks whose sizes differ by at most one token, and rank
 /// i takes chunks i and 2·degree−1−i, so every rank gets the same causal work.
@@ -390,10 +400,7 @@ pub fn zigzag_ranges(length: u64, degree: u32) -> Vec<Vec<[u64; 2]>> {
         return vec![vec![[0, length]]];
     }
     let chunks = 2 * d;
-    let base = length / chunks;
-    let extra = length % chunks;
-    // Chunk c has base+1 tokens when c < extra.
-    let start = |c: u64| c * base + c.min(extra);
+    let start = |c: u64| zigzag_chunk_start(length, degree, c);
     (0..d)
         .map(|i| {
             let head = [start(i), start(i + 1)];

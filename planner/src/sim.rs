@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use crate::cost::{CostModel, gib};
 use crate::plan::{
     MicroBatch, NicRoute, Prediction, RankPrediction, RemapPlan, RouteLeg, STEP_PLAN_VERSION,
-    SequencePlan, Shard, StepPlan, Transfer, group_zigzag,
+    SequencePlan, Shard, StepPlan, Transfer, group_zigzag, zigzag_chunk_start,
 };
 use crate::topology::Topology;
 
@@ -289,22 +289,16 @@ fn route_legs(topo: &Topology, routing: Routing, from: u32) -> Vec<RouteLeg> {
 
 /// Tokens of the `position`-th sequence of a group held by each of its ranks.
 ///
-/// Counted in closed form (no ranges are built): with 2d chunks of `base`
-/// tokens plus one for the first `extra`, ring position i holds chunks j and
-/// 2d−1−j, j = (i + position) mod d, as [`group_zigzag`] lays them out.
+/// Counted in closed form (no ranges are built): ring position i holds chunks
+/// j and 2d−1−j, j = (i + position) mod d, of the chunks
+/// [`zigzag_chunk_start`] cuts, as [`group_zigzag`] lays them out.
 fn shard_tokens(length: u64, degree: u32, position: usize) -> impl Iterator<Item = u64> {
     let d = u64::from(degree.max(1));
-    let (base, extra) = if d == 1 {
-        (length, 0)
-    } else {
-        (length / (2 * d), length % (2 * d))
+    let chunk = move |c: u64| {
+        zigzag_chunk_start(length, degree, c + 1) - zigzag_chunk_start(length, degree, c)
     };
     (0..d).map(move |i| {
-        if d == 1 {
-            return length;
-        }
         let j = (i + position as u64) % d;
-        let chunk = |c: u64| base + u64::from(c < extra);
         chunk(j) + chunk(2 * d - 1 - j)
     })
 }

@@ -125,8 +125,9 @@ impl DocShard {
         // 2d chunks whose sizes differ by at most one token, as the plan cuts
         // them (for d = 1 the plan's single range is these two chunks).
         let chunks = 2 * d as i64;
-        let (base, extra) = (length / chunks, length % chunks);
-        let start = |c: i64| c * base + c.min(extra);
+        let start = |c: i64| {
+            weft_planner::plan::zigzag_chunk_start(length as u64, d as u32, c as u64) as i64
+        };
         let chunk_lengths: Vec<i64> = (0..chunks).map(|c| start(c + 1) - start(c)).collect();
         let held = chunks_of(ring_position, position, d);
         if ring_position >= d {
