@@ -47,6 +47,10 @@ pub struct CostCoefficients {
     pub streambp: bool,
     /// StreamBP chunk length in tokens.
     pub streambp_chunk: u64,
+    /// A cap on the tokens one rank holds, whatever its memory says: a
+    /// worker's configured budget (the CPU trainer uses it to plan context
+    /// parallelism at small scale).
+    pub max_tokens_per_rank: Option<u64>,
 }
 
 impl Default for CostCoefficients {
@@ -59,6 +63,7 @@ impl Default for CostCoefficients {
             usable_memory_fraction: 0.90,
             streambp: false,
             streambp_chunk: 4096,
+            max_tokens_per_rank: None,
         }
     }
 }
@@ -278,7 +283,10 @@ impl CostModel {
         if budget <= fixed || per_token <= 0.0 {
             return 0;
         }
-        ((budget - fixed) / per_token).floor() as u64
+        let capacity = ((budget - fixed) / per_token).floor() as u64;
+        self.coefficients
+            .max_tokens_per_rank
+            .map_or(capacity, |cap| capacity.min(cap))
     }
 }
 

@@ -381,6 +381,62 @@ impl StepPlan {
     }
 }
 
+impl StepPlan {
+    /// The runs of tokens `rank` holds in micro-batch `micro_batch`'s linear
+    /// layout, in order (see [`RemapRoutes`]): its kept tokens, then each
+    /// source's tokens by ascending source. Without a remap the linear layout
+    /// is the attention layout. Every rank derives every other rank's routes
+    /// from the plan, so this needs no communication.
+    pub fn linear_layout(&self, micro_batch: u32, rank: u32) -> Vec<TokenRun> {
+        let Some(routes) = self.remap_routes(micro_batch, rank) else {
+            return self.attention_layout(micro_batch, rank);
+        };
+        let mut runs = take_tokens(&routes.attention, 0, routes.keep);
+        for (from, tokens) in &routes.recvs {
+            let Some(theirs) = self.remap_routes(micro_batch, *from) else {
+                continue;
+            };
+            // The source sends its tokens after the kept ones, by ascending destination.
+            let before: u64 = theirs
+                .sends
+                .iter()
+                .filter(|(to, _)| *to < rank)
+                .map(|(_, n)| n)
+                .sum();
+            runs.extend(take_tokens(
+                &theirs.attention,
+                theirs.keep + before,
+                *tokens,
+            ));
+        }
+        runs
+    }
+}
+
+/// `count` tokens of `runs` after the first `skip`, as runs.
+fn take_tokens(runs: &[TokenRun], mut skip: u64, mut count: u64) -> Vec<TokenRun> {
+    let mut out = Vec::new();
+    for run in runs {
+        if count == 0 {
+            break;
+        }
+        let len = run.len();
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let take = (len - skip).min(count);
+        out.push(TokenRun {
+            sequence: run.sequence,
+            start: run.start + skip,
+            end: run.start + skip + take,
+        });
+        count -= take;
+        skip = 0;
+    }
+    out
+}
+
 /// First token of chunk `chunk` when `length` tokens are cut into the
 /// 2·`degree` chunks of a zigzag split: sizes differ by at most one token, the
 /// first `length mod 2·degree` chunks holding the extra ones. The one place the
@@ -460,6 +516,53 @@ mod tests {
                 // Every send is somebody's receive.
                 for (to, n) in &route.sends {
                     assert!(routes[*to as usize].recvs.contains(&(r as u32, *n)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_layouts_hold_every_token_once_in_the_planned_amounts() {
+        use crate::cluster::parse_cluster;
+        use crate::cost::{CostCoefficients, CostModel};
+        use crate::model::ModelSpec;
+        use crate::sim::PlanContext;
+        use crate::strategies::Strategy;
+        use crate::topology::Topology;
+        let ctx = PlanContext {
+            topology: Topology::new(&parse_cluster("2x4").unwrap()).unwrap(),
+            cost: CostModel::new(
+                ModelSpec::preset("llama-7b").unwrap(),
+                CostCoefficients::default(),
+            ),
+        };
+        let lengths = [30_000, 900, 400, 400, 12_000, 50];
+        for strategy in [Strategy::Zeppelin, Strategy::Static, Strategy::Weft] {
+            let plan = crate::plan_step(strategy, &ctx, &lengths, None).unwrap();
+            for mb in &plan.micro_batches {
+                let mut seen: Vec<Vec<bool>> =
+                    lengths.iter().map(|l| vec![false; *l as usize]).collect();
+                let planned = plan.remap.iter().find(|r| r.micro_batch == mb.index);
+                for rank in 0..plan.world_size {
+                    let runs = plan.linear_layout(mb.index, rank);
+                    let held: u64 = runs.iter().map(TokenRun::len).sum();
+                    if let Some(remap) = planned {
+                        assert_eq!(held, remap.linear_tokens[rank as usize], "rank {rank}");
+                    }
+                    for run in runs {
+                        for t in run.start..run.end {
+                            let slot = &mut seen[run.sequence as usize][t as usize];
+                            assert!(!*slot, "token {t} of {} twice", run.sequence);
+                            *slot = true;
+                        }
+                    }
+                }
+                for seq in plan.sequences.iter().filter(|s| s.micro_batch == mb.index) {
+                    assert!(
+                        seen[seq.id as usize].iter().all(|x| *x),
+                        "sequence {}",
+                        seq.id
+                    );
                 }
             }
         }

@@ -20,3 +20,4 @@ pub mod launch;
 pub mod model;
 pub mod remap;
 pub mod selfcheck;
+pub mod step;

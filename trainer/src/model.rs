@@ -37,7 +37,7 @@ impl ModelError {
 
 /// Root-mean-square layer norm with a learned scale.
 #[derive(Debug)]
-struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
@@ -50,7 +50,7 @@ impl RmsNorm {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         let rms = x
             .f_pow_tensor_scalar(2)?
             .f_mean_dim(Some(&[-1i64][..]), true, None)?
@@ -62,27 +62,27 @@ impl RmsNorm {
 
 /// One decoder layer.
 #[derive(Debug)]
-struct Block {
-    attention_norm: RmsNorm,
-    wq: nn::Linear,
-    wk: nn::Linear,
-    wv: nn::Linear,
-    wo: nn::Linear,
-    mlp_norm: RmsNorm,
-    gate: nn::Linear,
-    up: nn::Linear,
-    down: nn::Linear,
+pub(crate) struct Block {
+    pub(crate) attention_norm: RmsNorm,
+    pub(crate) wq: nn::Linear,
+    pub(crate) wk: nn::Linear,
+    pub(crate) wv: nn::Linear,
+    pub(crate) wo: nn::Linear,
+    pub(crate) mlp_norm: RmsNorm,
+    pub(crate) gate: nn::Linear,
+    pub(crate) up: nn::Linear,
+    pub(crate) down: nn::Linear,
 }
 
 /// The decoder.
 #[derive(Debug)]
 pub struct Llama {
     spec: ModelSpec,
-    embedding: nn::Embedding,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    head: nn::Linear,
-    rope_theta: f64,
+    pub(crate) embedding: nn::Embedding,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) head: nn::Linear,
+    pub(crate) rope_theta: f64,
 }
 
 fn linear(vs: nn::Path, input: i64, output: i64) -> nn::Linear {
@@ -242,6 +242,23 @@ impl Llama {
     /// Mean next-token cross-entropy over a row of packed documents: each
     /// document predicts its own next tokens (no target crosses a document).
     pub fn loss(&self, tokens: &Tensor, documents: &[i64]) -> Result<Tensor, ModelError> {
+        let (sum, count) = self.loss_sum(tokens, documents)?;
+        if count == 0 {
+            return Err(ModelError::Shape(
+                "no document has two tokens: nothing to predict".to_string(),
+            ));
+        }
+        Ok(sum.f_div_scalar(count as f64)?)
+    }
+
+    /// The summed next-token cross-entropy of a row of packed documents and
+    /// the number of predicted tokens: the pieces of a loss normalised over a
+    /// whole global batch.
+    pub fn loss_sum(
+        &self,
+        tokens: &Tensor,
+        documents: &[i64],
+    ) -> Result<(Tensor, i64), ModelError> {
         let logits = self.forward(tokens, documents)?.f_squeeze_dim(0)?;
         let mut inputs = Vec::new();
         let mut targets = Vec::new();
@@ -254,18 +271,18 @@ impl Llama {
             start += n;
         }
         if inputs.is_empty() {
-            return Err(ModelError::Shape(
-                "no document has two tokens: nothing to predict".to_string(),
-            ));
+            return Ok((Tensor::f_zeros([], (Kind::Float, tokens.device()))?, 0));
         }
         let inputs = Tensor::f_cat(&inputs, 0)?;
         let targets = Tensor::f_cat(&targets, 0)?;
-        Ok(inputs.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+        let count = targets.size()[0];
+        let sum = inputs.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
             &targets,
             None::<Tensor>,
-            tch::Reduction::Mean,
+            tch::Reduction::Sum,
             -100,
-        )?)
+        )?;
+        Ok((sum, count))
     }
 }
 

@@ -1,0 +1,753 @@
+//! The distributed training step: forward and backward of the model over one
+//! step plan, on this rank, with the other ranks of the plan.
+//!
+//! Every rank holds the whole model (data parallel) and the plan's tokens:
+//! - the linear modules (embedding, norms, projections, MLP, head and loss)
+//!   run on the micro-batch's linear layout ([`StepPlan::linear_layout`]);
+//! - per layer, queries, keys and values (rotated at their tokens' true
+//!   positions) move to the attention layout through the remap's all-to-all,
+//!   ring attention runs over every ring group this rank belongs to, and the
+//!   attention output moves back.
+//!
+//! Autograd cannot see through the collectives, so each layer is cut at them:
+//! the local pieces are libtorch graphs whose cut points are leaves, and the
+//! backward walks the layers in reverse, feeding each graph its output's
+//! gradient, carrying gradients through the remap (each direction's backward
+//! is the other direction) and through the ring's own backward. The loss is
+//! the summed next-token cross-entropy divided by the number of predicted
+//! tokens of the *global* batch, so after the gradient all-reduce every plan,
+//! on any number of ranks, yields the gradient of one process over the whole
+//! batch.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::nn::Module;
+use tch::{Kind, Tensor};
+use weft_planner::plan::{MicroBatch, StepPlan, TokenRun, zigzag_chunk_start};
+
+use crate::attention::{
+    AttentionError, DocShard, RingOutput, RingShard, chunks_of, ring_attention_backward,
+    ring_attention_forward,
+};
+use crate::comm::{CommError, ProcessGroup};
+use crate::data::Batch;
+use crate::model::{Block, Llama, ModelError, rope};
+use crate::remap::{Remap, RemapError};
+
+/// What went wrong in a training step.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
+    #[error(transparent)]
+    Remap(#[from] RemapError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("the step plan is for {plan} ranks, but {world} ranks are running")]
+    World { plan: u32, world: u32 },
+    #[error("the step plan does not match the batch: {0}")]
+    PlanBatch(String),
+    #[error("the batch has no token to predict (every sequence is a single token)")]
+    NothingToPredict,
+}
+
+impl StepError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            StepError::Comm(e) => e.category(),
+            StepError::Attention(e) => e.category(),
+            StepError::Remap(e) => e.category(),
+            StepError::Model(e) => e.category(),
+            StepError::Torch(_) => "torch",
+            StepError::World { .. } | StepError::PlanBatch(_) => "plan_mismatch",
+            StepError::NothingToPredict => "data_config",
+        }
+    }
+}
+
+/// Seconds this rank spent on each kind of work in one step.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// Ring attention, forward and backward, with its point-to-point transfers.
+    pub attention_s: f64,
+    /// The remap's all-to-alls, both ways.
+    pub remap_s: f64,
+    /// The gradient all-reduce.
+    pub all_reduce_s: f64,
+    /// Everything, from the first micro-batch to the reduced gradients.
+    pub total_s: f64,
+}
+
+/// What one rank did in one step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutcome {
+    /// This rank's summed next-token loss (not yet normalised).
+    pub loss_sum: f64,
+    /// Predicted tokens of the global batch (the loss normaliser).
+    pub predicted: i64,
+    pub times: StepTimes,
+    /// Tokens this rank held in the attention and in the linear layouts, over
+    /// all micro-batches.
+    pub attention_tokens: i64,
+    pub linear_tokens: i64,
+}
+
+/// One document of a ring group, as this rank holds it.
+#[derive(Clone, Debug)]
+struct DocPart {
+    position: usize,
+    chunk_lengths: Vec<i64>,
+    /// Rows of this rank's two chunks, in layout order.
+    rows: [i64; 2],
+}
+
+/// A ring group this rank belongs to, and its documents.
+#[derive(Clone, Debug)]
+struct RingPart {
+    ring: Vec<u32>,
+    docs: Vec<DocPart>,
+}
+
+/// The ring groups of micro-batch `mb` that `rank` belongs to, in plan order:
+/// the order of its attention layout.
+fn ring_parts(plan: &StepPlan, mb: &MicroBatch, rank: u32) -> Result<Vec<RingPart>, StepError> {
+    let mut parts = Vec::new();
+    for group in &mb.groups {
+        let Some(me) = group.ranks.iter().position(|r| *r == rank) else {
+            continue;
+        };
+        let d = group.ranks.len();
+        let mut docs = Vec::with_capacity(group.sequences.len());
+        for (position, id) in group.sequences.iter().enumerate() {
+            let length = plan
+                .sequences
+                .iter()
+                .find(|s| s.id == *id)
+                .map(|s| s.length)
+                .ok_or_else(|| {
+                    StepError::PlanBatch(format!("group lists sequence {id}, which has no plan"))
+                })?;
+            let start = |c: usize| zigzag_chunk_start(length, d as u32, c as u64) as i64;
+            let chunk_lengths: Vec<i64> = (0..2 * d).map(|c| start(c + 1) - start(c)).collect();
+            let mine = chunks_of(me, position, d);
+            docs.push(DocPart {
+                position,
+                rows: [chunk_lengths[mine[0]], chunk_lengths[mine[1]]],
+                chunk_lengths,
+            });
+        }
+        parts.push(RingPart {
+            ring: group.ranks.clone(),
+            docs,
+        });
+    }
+    Ok(parts)
+}
+
+/// Token ids, positions and next-token targets (−100: none, at a document's
+/// end) of a layout's runs.
+struct TokenRows {
+    tokens: Vec<i64>,
+    positions: Vec<i64>,
+    targets: Vec<i64>,
+}
+
+impl TokenRows {
+    fn of(runs: &[TokenRun], batch: &Batch) -> Result<TokenRows, StepError> {
+        let mut rows = TokenRows {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            targets: Vec::new(),
+        };
+        for run in runs {
+            let sample = batch.samples.get(run.sequence as usize).ok_or_else(|| {
+                StepError::PlanBatch(format!(
+                    "the plan places sequence {}, but the batch has {} sequences",
+                    run.sequence,
+                    batch.samples.len()
+                ))
+            })?;
+            let tokens = &sample.tokens;
+            if run.end as usize > tokens.len() {
+                return Err(StepError::PlanBatch(format!(
+                    "the plan places tokens up to {} of sequence {}, which has {}",
+                    run.end,
+                    run.sequence,
+                    tokens.len()
+                )));
+            }
+            for p in run.start as usize..run.end as usize {
+                rows.tokens.push(i64::from(tokens[p]));
+                rows.positions.push(p as i64);
+                rows.targets
+                    .push(tokens.get(p + 1).map_or(-100, |t| i64::from(*t)));
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Head layout of the model.
+#[derive(Clone, Copy, Debug)]
+struct Heads {
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Heads {
+    fn of(model: &Llama) -> Heads {
+        let spec = model.spec();
+        let heads = i64::from(spec.heads);
+        Heads {
+            heads,
+            kv_heads: i64::from(spec.kv_heads),
+            head_dim: i64::from(spec.hidden) / heads,
+        }
+    }
+
+    fn q_width(self) -> i64 {
+        self.heads * self.head_dim
+    }
+
+    fn kv_width(self) -> i64 {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Rows `[n, heads·E]` as `[1, heads, n, E]`.
+fn heads_first(rows: &Tensor, heads: i64, head_dim: i64) -> Result<Tensor, tch::TchError> {
+    let n = rows.size()[0];
+    rows.f_reshape([n, heads, head_dim])?
+        .f_transpose(0, 1)?
+        .f_unsqueeze(0)?
+        .f_contiguous()
+}
+
+/// `[1, heads, n, E]` as rows `[n, heads·E]`.
+fn rows_first(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    let size = t.size();
+    let (heads, n, e) = (size[1], size[2], size[3]);
+    t.f_squeeze_dim(0)?
+        .f_transpose(0, 1)?
+        .f_contiguous()?
+        .f_reshape([n, heads * e])
+}
+
+/// Rotates rows `[n, heads·E]` at `positions` `[n]`.
+fn rope_rows(
+    rows: &Tensor,
+    positions: &Tensor,
+    heads: i64,
+    head_dim: i64,
+    theta: f64,
+) -> Result<Tensor, tch::TchError> {
+    rows_first(&rope(
+        &heads_first(rows, heads, head_dim)?,
+        positions,
+        theta,
+    )?)
+}
+
+/// The attention half of a layer's linear modules: queries, keys and values
+/// of `x`, rotated, as rows `[n, (H + 2·H_kv)·E]`.
+fn project_qkv(
+    model: &Llama,
+    block: &Block,
+    x: &Tensor,
+    positions: &Tensor,
+    h: Heads,
+) -> Result<Tensor, tch::TchError> {
+    let y = block.attention_norm.forward(x)?;
+    let q = rope_rows(
+        &block.wq.forward(&y),
+        positions,
+        h.heads,
+        h.head_dim,
+        model.rope_theta,
+    )?;
+    let k = rope_rows(
+        &block.wk.forward(&y),
+        positions,
+        h.kv_heads,
+        h.head_dim,
+        model.rope_theta,
+    )?;
+    let v = block.wv.forward(&y);
+    Tensor::f_cat(&[q, k, v], 1)
+}
+
+/// The rest of a layer: output projection, residual, MLP.
+fn finish_layer(block: &Block, x: &Tensor, attended: &Tensor) -> Result<Tensor, tch::TchError> {
+    let x = x.f_add(&block.wo.forward(attended))?;
+    let y = block.mlp_norm.forward(&x)?;
+    let hidden = block
+        .gate
+        .forward(&y)
+        .f_silu()?
+        .f_mul(&block.up.forward(&y))?;
+    x.f_add(&block.down.forward(&hidden))
+}
+
+/// What the forward of one ring group keeps for its backward.
+struct RingSaved {
+    shard: RingShard,
+    forward: Vec<RingOutput>,
+}
+
+/// Ring attention over every group of `parts`, on attention-layout rows
+/// `[n, (H + 2·H_kv)·E]`; returns output rows `[n, H·E]`.
+fn attend(
+    group: &mut ProcessGroup,
+    parts: &[RingPart],
+    qkv: &Tensor,
+    h: Heads,
+) -> Result<(Tensor, Vec<RingSaved>), StepError> {
+    let (qw, kw) = (h.q_width(), h.kv_width());
+    let mut offset = 0;
+    let mut outs = Vec::new();
+    let mut saved = Vec::with_capacity(parts.len());
+    for part in parts {
+        let mut docs = Vec::with_capacity(part.docs.len());
+        for doc in &part.docs {
+            let mut pieces: Vec<[Tensor; 3]> = Vec::with_capacity(2);
+            for n in doc.rows {
+                let rows = qkv.f_narrow(0, offset, n)?;
+                offset += n;
+                pieces.push([
+                    heads_first(&rows.f_narrow(1, 0, qw)?, h.heads, h.head_dim)?,
+                    heads_first(&rows.f_narrow(1, qw, kw)?, h.kv_heads, h.head_dim)?,
+                    heads_first(&rows.f_narrow(1, qw + kw, kw)?, h.kv_heads, h.head_dim)?,
+                ]);
+            }
+            let [[q0, k0, v0], [q1, k1, v1]] = <[[Tensor; 3]; 2]>::try_from(pieces)
+                .map_err(|_| StepError::PlanBatch("a document without two chunks".into()))?;
+            docs.push(DocShard {
+                position: doc.position,
+                chunk_lengths: doc.chunk_lengths.clone(),
+                q: [q0, q1],
+                k: [k0, k1],
+                v: [v0, v1],
+            });
+        }
+        let shard = RingShard { docs };
+        let forward = ring_attention_forward(group, &part.ring, &shard)?;
+        for out in &forward {
+            for chunk in &out.out {
+                outs.push(rows_first(chunk)?);
+            }
+        }
+        saved.push(RingSaved { shard, forward });
+    }
+    let out = if outs.is_empty() {
+        Tensor::f_zeros([0, qw], (Kind::Float, qkv.device()))?
+    } else {
+        Tensor::f_cat(&outs, 0)?
+    };
+    Ok((out, saved))
+}
+
+/// The backward of [`attend`]: from the gradient of its output rows to the
+/// gradient of its `[n, (H + 2·H_kv)·E]` input rows.
+fn attend_backward(
+    group: &mut ProcessGroup,
+    parts: &[RingPart],
+    saved: &[RingSaved],
+    grad: &Tensor,
+    h: Heads,
+) -> Result<Tensor, StepError> {
+    let mut offset = 0;
+    let mut rows = Vec::new();
+    for (part, saved) in parts.iter().zip(saved) {
+        let mut grad_out = Vec::with_capacity(part.docs.len());
+        for doc in &part.docs {
+            let [a, b] = doc.rows;
+            let first = heads_first(&grad.f_narrow(0, offset, a)?, h.heads, h.head_dim)?;
+            let second = heads_first(&grad.f_narrow(0, offset + a, b)?, h.heads, h.head_dim)?;
+            offset += a + b;
+            grad_out.push([first, second]);
+        }
+        let grads =
+            ring_attention_backward(group, &part.ring, &saved.shard, &saved.forward, &grad_out)?;
+        for g in &grads {
+            for c in 0..2 {
+                rows.push(Tensor::f_cat(
+                    &[
+                        rows_first(&g.dq[c])?,
+                        rows_first(&g.dk[c])?,
+                        rows_first(&g.dv[c])?,
+                    ],
+                    1,
+                )?);
+            }
+        }
+    }
+    if rows.is_empty() {
+        let width = h.q_width() + 2 * h.kv_width();
+        return Ok(Tensor::f_zeros([0, width], (Kind::Float, grad.device()))?);
+    }
+    Ok(Tensor::f_cat(&rows, 0)?)
+}
+
+/// The gradient libtorch accumulated on a leaf, zeros when it has none.
+fn grad_of(leaf: &Tensor) -> Result<Tensor, tch::TchError> {
+    let g = leaf.grad();
+    if g.defined() {
+        Ok(g)
+    } else {
+        leaf.f_zeros_like()
+    }
+}
+
+/// Backpropagates `grad` into the graph that produced `output` (accumulating
+/// into parameters and leaves).
+fn backward_from(output: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
+    output.f_mul(&grad.f_detach()?)?.f_sum(None)?.f_backward()
+}
+
+/// Moves rows between the layouts, or not at all when the micro-batch has no
+/// remap; times the move.
+struct Layouts {
+    remap: Option<Remap>,
+    seconds: f64,
+}
+
+impl Layouts {
+    fn move_to_attention(
+        &mut self,
+        group: &mut ProcessGroup,
+        x: &Tensor,
+    ) -> Result<Tensor, StepError> {
+        let Some(remap) = &self.remap else {
+            return Ok(x.shallow_clone());
+        };
+        let t = Instant::now();
+        let out = remap.to_attention(group, x)?;
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    fn move_to_linear(
+        &mut self,
+        group: &mut ProcessGroup,
+        x: &Tensor,
+    ) -> Result<Tensor, StepError> {
+        let Some(remap) = &self.remap else {
+            return Ok(x.shallow_clone());
+        };
+        let t = Instant::now();
+        let out = remap.to_linear(group, x)?;
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+/// One layer's forward state, kept for its backward.
+struct LayerSaved {
+    /// The layer's input (a leaf) and output.
+    input: Tensor,
+    output: Tensor,
+    /// Queries, keys and values in the linear layout (the first graph's output).
+    qkv: Tensor,
+    /// The attention output in the linear layout (the second graph's leaf).
+    attended: Tensor,
+    rings: Vec<RingSaved>,
+}
+
+/// Checks that the plan is for this world and this batch.
+pub fn check_plan(plan: &StepPlan, batch: &Batch, world: u32) -> Result<(), StepError> {
+    if plan.world_size != world {
+        return Err(StepError::World {
+            plan: plan.world_size,
+            world,
+        });
+    }
+    plan.check()
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    if plan.sequences.len() != batch.samples.len() {
+        return Err(StepError::PlanBatch(format!(
+            "the plan has {} sequences, the batch {}",
+            plan.sequences.len(),
+            batch.samples.len()
+        )));
+    }
+    for (i, (seq, sample)) in plan.sequences.iter().zip(&batch.samples).enumerate() {
+        if seq.id != i as u64 || seq.length != sample.tokens.len() as u64 {
+            return Err(StepError::PlanBatch(format!(
+                "the plan's sequence {} has {} tokens, the batch's sequence {i} has {}",
+                seq.id,
+                seq.length,
+                sample.tokens.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Predicted tokens of a batch: every token but each sequence's last.
+pub fn predicted_tokens(batch: &Batch) -> i64 {
+    batch
+        .samples
+        .iter()
+        .map(|s| s.tokens.len().saturating_sub(1) as i64)
+        .sum()
+}
+
+/// Forward and backward of `plan` on this rank: accumulates into the model's
+/// parameter gradients this rank's share of the gradient of the global mean
+/// loss. Summed over all ranks (the gradient all-reduce) it is the gradient
+/// one process computes over the whole batch.
+pub fn forward_backward(
+    model: &Llama,
+    group: &mut ProcessGroup,
+    plan: &StepPlan,
+    batch: &Batch,
+) -> Result<StepOutcome, StepError> {
+    let (rank, world) = (group.rank(), group.world());
+    check_plan(plan, batch, world)?;
+    let predicted = predicted_tokens(batch);
+    if predicted == 0 {
+        return Err(StepError::NothingToPredict);
+    }
+    let h = Heads::of(model);
+    let started = Instant::now();
+    let mut outcome = StepOutcome {
+        predicted,
+        ..Default::default()
+    };
+    let device = model.head.ws.device();
+    for mb in &plan.micro_batches {
+        let parts = ring_parts(plan, mb, rank)?;
+        let routes = if mb.remap {
+            plan.remap_routes(mb.index, rank)
+        } else {
+            None
+        };
+        let mut layouts = Layouts {
+            remap: routes.map(|r| Remap::new(&r, rank, world)),
+            seconds: 0.0,
+        };
+        let rows = TokenRows::of(&plan.linear_layout(mb.index, rank), batch)?;
+        let attention_rows: i64 = parts
+            .iter()
+            .flat_map(|p| p.docs.iter().map(|d| d.rows[0] + d.rows[1]))
+            .sum();
+        let expected = layouts
+            .remap
+            .as_ref()
+            .map_or(rows.tokens.len() as i64, Remap::attention_rows);
+        if attention_rows != expected {
+            return Err(StepError::PlanBatch(format!(
+                "micro-batch {}: rank {rank}'s ring groups hold {attention_rows} tokens, its attention layout {expected}",
+                mb.index
+            )));
+        }
+        outcome.attention_tokens += attention_rows;
+        outcome.linear_tokens += rows.tokens.len() as i64;
+        let tokens = Tensor::from_slice(&rows.tokens).f_to_device(device)?;
+        let positions = Tensor::from_slice(&rows.positions).f_to_device(device)?;
+        let targets = Tensor::from_slice(&rows.targets).f_to_device(device)?;
+
+        // Forward, one graph per piece between collectives.
+        let embedded = model.embedding.forward(&tokens);
+        let first = embedded.f_detach()?.set_requires_grad(true);
+        let mut x = first.shallow_clone();
+        let mut layers = Vec::with_capacity(model.blocks.len());
+        for block in &model.blocks {
+            let qkv = project_qkv(model, block, &x, &positions, h)?;
+            let qkv_attention = layouts.move_to_attention(group, &qkv.f_detach()?)?;
+            let t = Instant::now();
+            let (out, rings) = attend(group, &parts, &qkv_attention, h)?;
+            outcome.times.attention_s += t.elapsed().as_secs_f64();
+            let attended = layouts
+                .move_to_linear(group, &out)?
+                .f_detach()?
+                .set_requires_grad(true);
+            let output = finish_layer(block, &x, &attended)?;
+            let next = output.f_detach()?.set_requires_grad(true);
+            layers.push(LayerSaved {
+                input: x,
+                output,
+                qkv,
+                attended,
+                rings,
+            });
+            x = next;
+        }
+        let logits = model.head.forward(&model.norm.forward(&x)?);
+        let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+            &targets,
+            None::<Tensor>,
+            tch::Reduction::Sum,
+            -100,
+        )?;
+        outcome.loss_sum += loss_sum.f_double_value(&[])?;
+        loss_sum.f_div_scalar(predicted as f64)?.f_backward()?;
+
+        // Backward, layer by layer in reverse.
+        let mut grad = grad_of(&x)?;
+        for layer in layers.iter().rev() {
+            backward_from(&layer.output, &grad)?;
+            let grad_attended = layouts.move_to_attention(group, &grad_of(&layer.attended)?)?;
+            let t = Instant::now();
+            let grad_qkv = attend_backward(group, &parts, &layer.rings, &grad_attended, h)?;
+            outcome.times.attention_s += t.elapsed().as_secs_f64();
+            let grad_qkv = layouts.move_to_linear(group, &grad_qkv)?;
+            backward_from(&layer.qkv, &grad_qkv)?;
+            grad = grad_of(&layer.input)?;
+        }
+        backward_from(&embedded, &grad)?;
+        outcome.times.remap_s += layouts.seconds;
+    }
+    outcome.times.total_s = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// The model's variables by name, in name order: the same order on every
+/// rank (the variable store itself is a hash map).
+pub fn named_parameters(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Zeroes every parameter's gradient, giving one to any parameter that has
+/// none yet, so every rank reduces the same list of tensors.
+pub fn zero_gradients(params: &[(String, Tensor)]) -> Result<(), StepError> {
+    for (_, p) in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.f_zero_()?;
+        } else {
+            p.f_mul_scalar(0.0)?.f_sum(None)?.f_backward()?;
+        }
+    }
+    Ok(())
+}
+
+/// Sums every parameter's gradient over all ranks, in one all-reduce; returns
+/// the seconds it took.
+pub fn all_reduce_gradients(
+    params: &[(String, Tensor)],
+    group: &mut ProcessGroup,
+) -> Result<f64, StepError> {
+    let t = Instant::now();
+    if params.is_empty() || group.world() == 1 {
+        return Ok(t.elapsed().as_secs_f64());
+    }
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| grad_of(p).and_then(|g| g.f_reshape([-1])))
+        .collect::<Result<_, _>>()?;
+    let mut flat = Tensor::f_cat(&grads, 0)?.f_contiguous()?;
+    group.all_reduce_sum(&mut flat)?;
+    let mut offset = 0;
+    for (name, p) in params {
+        let n = p.numel() as i64;
+        let mut g = p.grad();
+        if !g.defined() {
+            return Err(StepError::PlanBatch(format!(
+                "parameter {name} has no gradient (call zero_gradients first)"
+            )));
+        }
+        g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(p)?)?;
+        offset += n;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// One process's reference: the gradient of the mean next-token loss over the
+/// whole batch, each sequence on its own, accumulated into the model's
+/// parameter gradients. Returns the loss.
+pub fn reference_forward_backward(model: &Llama, batch: &Batch) -> Result<f64, StepError> {
+    let predicted = predicted_tokens(batch);
+    if predicted == 0 {
+        return Err(StepError::NothingToPredict);
+    }
+    let device = model.head.ws.device();
+    let mut total = 0.0;
+    for sample in &batch.samples {
+        let ids: Vec<i64> = sample.tokens.iter().map(|t| i64::from(*t)).collect();
+        let tokens = Tensor::from_slice(&ids).f_to_device(device)?;
+        let (sum, count) = model.loss_sum(&tokens, &[ids.len() as i64])?;
+        if count == 0 {
+            continue;
+        }
+        total += sum.f_double_value(&[])?;
+        sum.f_div_scalar(predicted as f64)?.f_backward()?;
+    }
+    Ok(total / predicted as f64)
+}
+
+/// A random valid step plan for `lengths` on `world` ranks, drawn from `rng`:
+/// one or two micro-batches, ranks cut into ring groups of random sizes (flat
+/// rings in random rank order), each sequence given to a random group (so
+/// groups pack several documents, and degrees from 1 to the world size occur
+/// in one step), remap on or off. `selfcheck` and the tests run these against
+/// the single-process reference.
+pub fn random_plan(
+    rng: &mut weft_planner::rng::SplitMix64,
+    lengths: &[u64],
+    world: u32,
+    model: &weft_planner::model::ModelSpec,
+) -> Result<StepPlan, StepError> {
+    use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+    let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    let topology = weft_planner::topology::Topology::new(&cluster)
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    let ctx = weft_planner::PlanContext {
+        topology,
+        cost: weft_planner::cost::CostModel::new(model.clone(), Default::default()),
+    };
+    let micro_batches = 1 + rng.below(2.min(lengths.len() as u64).max(1)) as usize;
+    let mut layout = Layout {
+        strategy: "random".to_string(),
+        micro_batches: Vec::with_capacity(micro_batches),
+        routing: Routing::ClosestNic,
+    };
+    for _ in 0..micro_batches {
+        let mut ranks: Vec<u32> = (0..world).collect();
+        for i in (1..ranks.len()).rev() {
+            ranks.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let mut groups = Vec::new();
+        let mut rest = &ranks[..];
+        while !rest.is_empty() {
+            let size = 1 + rng.below(rest.len() as u64) as usize;
+            groups.push(LayoutGroup {
+                ranks: rest[..size].to_vec(),
+                sequences: Vec::new(),
+            });
+            rest = &rest[size..];
+        }
+        layout.micro_batches.push(LayoutMicroBatch {
+            groups,
+            remap: rng.below(2) == 1,
+        });
+    }
+    for seq in 0..lengths.len() {
+        // The first sequences go one to each micro-batch, so none is empty.
+        let mb = if seq < micro_batches {
+            seq
+        } else {
+            rng.below(micro_batches as u64) as usize
+        };
+        let groups = &mut layout.micro_batches[mb].groups;
+        let g = rng.below(groups.len() as u64) as usize;
+        groups[g].sequences.push(seq);
+    }
+    for mb in &mut layout.micro_batches {
+        mb.groups.retain(|g| !g.sequences.is_empty());
+    }
+    let plan = weft_planner::build_plan(&ctx, lengths, &layout);
+    plan.check()
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    Ok(plan)
+}
