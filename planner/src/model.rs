@@ -2,7 +2,7 @@
 
 /// A decoder-only transformer (Llama-style: RMSNorm, RoPE, grouped-query
 /// attention, SwiGLU).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
     pub layers: u32,

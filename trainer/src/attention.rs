@@ -533,8 +533,9 @@ mod tests {
     use super::*;
 
     fn random(shape: &[i64], seed: i64) -> Tensor {
-        tch::manual_seed(seed);
-        Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+        crate::seeded(seed, || {
+            Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+        })
     }
 
     #[test]

@@ -50,11 +50,13 @@ pub fn free_port() -> Result<u16, LaunchError> {
 }
 
 /// Runs `ranks` copies of this program with `args(rank, port)` and returns
-/// each worker's standard output lines, by rank.
+/// each worker's standard output lines, by rank. `on_line(rank, line)` sees
+/// every standard output line as it arrives (for progress).
 pub fn run_local(
     ranks: u32,
     timeout: Duration,
     args: impl Fn(u32, u16) -> Vec<String>,
+    mut on_line: impl FnMut(u32, &str),
 ) -> Result<Vec<Vec<String>>, LaunchError> {
     let exe = std::env::current_exe().map_err(LaunchError::Exe)?;
     let port = free_port()?;
@@ -73,28 +75,47 @@ pub fn run_local(
             }
         }
     }
-    // Read every worker's output on its own thread, so no pipe fills up.
-    let readers: Vec<_> = children
-        .iter_mut()
-        .map(|c| {
-            let out = c.stdout.take();
-            let err = c.stderr.take();
-            std::thread::spawn(move || {
-                let lines = |r: Option<Box<dyn std::io::Read + Send>>| -> Vec<String> {
-                    r.map(|r| BufReader::new(r).lines().map_while(Result::ok).collect())
-                        .unwrap_or_default()
-                };
-                (
-                    lines(out.map(|o| Box::new(o) as Box<dyn std::io::Read + Send>)),
-                    lines(err.map(|e| Box::new(e) as Box<dyn std::io::Read + Send>)),
-                )
+    // Read every worker's output on threads of its own, so no pipe fills up;
+    // standard output lines come here as they are written.
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<(u32, String)>();
+    let mut out_readers = Vec::new();
+    let mut err_readers = Vec::new();
+    for (rank, child) in children.iter_mut().enumerate() {
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        let tx = lines_tx.clone();
+        out_readers.push(std::thread::spawn(move || {
+            if let Some(out) = out {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send((rank as u32, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+        err_readers.push(std::thread::spawn(move || {
+            err.map(|e| {
+                BufReader::new(e)
+                    .lines()
+                    .map_while(Result::ok)
+                    .collect::<Vec<_>>()
             })
-        })
-        .collect();
+            .unwrap_or_default()
+        }));
+    }
+    drop(lines_tx);
+    let mut outputs: Vec<Vec<String>> = vec![Vec::new(); children.len()];
+    let mut take = |rank: u32, line: String, outputs: &mut Vec<Vec<String>>| {
+        on_line(rank, &line);
+        outputs[rank as usize].push(line);
+    };
     let deadline = Instant::now() + timeout;
     let mut failure: Option<(u32, String)> = None;
     let mut done = vec![false; children.len()];
     while done.iter().any(|d| !d) {
+        while let Ok((rank, line)) = lines_rx.recv_timeout(Duration::from_millis(20)) {
+            take(rank, line, &mut outputs);
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if done[rank] {
                 continue;
@@ -109,18 +130,23 @@ pub fn run_local(
         if failure.is_some() || Instant::now() > deadline {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     let timed_out = failure.is_none() && done.iter().any(|d| !d);
     stop(&mut children);
-    let outputs: Vec<(Vec<String>, Vec<String>)> = readers
+    for reader in out_readers {
+        let _ = reader.join();
+    }
+    while let Ok((rank, line)) = lines_rx.try_recv() {
+        take(rank, line, &mut outputs);
+    }
+    let errors: Vec<Vec<String>> = err_readers
         .into_iter()
         .map(|r| r.join().unwrap_or_default())
         .collect();
     if let Some((rank, status)) = failure {
-        let tail = outputs
+        let tail = errors
             .get(rank as usize)
-            .map(|(_, err)| {
+            .map(|err| {
                 err.iter()
                     .rev()
                     .take(5)
@@ -135,7 +161,7 @@ pub fn run_local(
     if timed_out {
         return Err(LaunchError::Timeout(timeout.as_secs()));
     }
-    Ok(outputs.into_iter().map(|(out, _)| out).collect())
+    Ok(outputs)
 }
 
 fn stop(children: &mut [Child]) {

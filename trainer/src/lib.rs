@@ -18,6 +18,19 @@ pub mod data;
 pub mod decompose;
 pub mod launch;
 pub mod model;
+pub mod optim;
 pub mod remap;
 pub mod selfcheck;
 pub mod step;
+pub mod train;
+
+/// Runs `f` right after seeding libtorch's global generator, holding a lock:
+/// unit tests run in parallel threads and would otherwise draw from each
+/// other's seeds.
+#[cfg(test)]
+pub(crate) fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    f()
+}

@@ -296,10 +296,11 @@ mod tests {
     }
 
     fn model(seed: i64) -> (nn::VarStore, Llama) {
-        tch::manual_seed(seed);
-        let vs = nn::VarStore::new(tch::Device::Cpu);
-        let m = Llama::new(&vs.root(), &tiny()).unwrap();
-        (vs, m)
+        crate::seeded(seed, || {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let m = Llama::new(&vs.root(), &tiny()).unwrap();
+            (vs, m)
+        })
     }
 
     fn tokens(text: &str) -> Tensor {
@@ -332,9 +333,12 @@ mod tests {
     #[test]
     fn rotary_embeddings_depend_only_on_relative_position() {
         // Shifting every position by the same amount leaves q·k unchanged.
-        tch::manual_seed(3);
-        let q = Tensor::randn([1, 2, 5, 8], (Kind::Float, tch::Device::Cpu));
-        let k = Tensor::randn([1, 2, 5, 8], (Kind::Float, tch::Device::Cpu));
+        let (q, k) = crate::seeded(3, || {
+            (
+                Tensor::randn([1, 2, 5, 8], (Kind::Float, tch::Device::Cpu)),
+                Tensor::randn([1, 2, 5, 8], (Kind::Float, tch::Device::Cpu)),
+            )
+        });
         let at = |offset: i64| {
             let p = Tensor::arange_start(offset, offset + 5, (Kind::Int64, tch::Device::Cpu));
             let (qr, kr) = (

@@ -1,9 +1,14 @@
 //! `weft-trainer selfcheck`: what a user runs on a new cluster, as people run
-//! nccl-tests. Every rank runs random cases through the distributed attention
-//! (random packed documents, random head layouts including grouped-query
-//! attention) over the real collectives, forward and backward, and compares
-//! its part with plain attention computed whole in one process; the launcher
-//! reports the worst error per component.
+//! nccl-tests. Every rank runs random cases over the real collectives and
+//! compares its part with the same computation done whole in one process:
+//! - the distributed attention (random packed documents, random head layouts
+//!   including grouped-query attention), forward and backward;
+//! - the remap of a random step plan, both ways, against the token layout the
+//!   plan says;
+//! - one whole training step of the `tiny` model over a random step plan
+//!   (loss and every parameter's gradient after the all-reduce).
+//!
+//! The launcher reports the worst error per component.
 //!
 //! Data is drawn from the seed alone, so every rank draws the same documents
 //! without talking; each rank then checks its own chunks.
@@ -19,6 +24,13 @@ use crate::attention::{
     ring_attention_forward,
 };
 use crate::comm::{CommError, ProcessGroup, Store};
+use crate::data::{Batch, Sample};
+use crate::model::Llama;
+use crate::remap::{Remap, RemapError, token_id_rows};
+use crate::step::{
+    StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
+    reference_forward_backward, zero_gradients,
+};
 
 /// The worst errors one rank saw, against the single-process reference.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -30,6 +42,13 @@ pub struct SelfcheckReport {
     pub attention_dq: f64,
     pub attention_dk: f64,
     pub attention_dv: f64,
+    /// Largest difference between remapped token ids and the plan's layout
+    /// (exact: any difference is a wrong token).
+    pub remap: f64,
+    /// Training step: loss difference, and the largest gradient difference
+    /// relative to the largest reference gradient.
+    pub step_loss: f64,
+    pub step_gradients: f64,
 }
 
 impl SelfcheckReport {
@@ -41,6 +60,9 @@ impl SelfcheckReport {
         self.attention_dq = self.attention_dq.max(other.attention_dq);
         self.attention_dk = self.attention_dk.max(other.attention_dk);
         self.attention_dv = self.attention_dv.max(other.attention_dv);
+        self.remap = self.remap.max(other.remap);
+        self.step_loss = self.step_loss.max(other.step_loss);
+        self.step_gradients = self.step_gradients.max(other.step_gradients);
         self
     }
 
@@ -50,6 +72,9 @@ impl SelfcheckReport {
             self.attention_dq,
             self.attention_dk,
             self.attention_dv,
+            self.remap,
+            self.step_loss,
+            self.step_gradients,
         ]
         .into_iter()
         .fold(0.0, f64::max)
@@ -63,6 +88,12 @@ pub enum SelfcheckError {
     Comm(#[from] CommError),
     #[error(transparent)]
     Attention(#[from] AttentionError),
+    #[error(transparent)]
+    Remap(#[from] RemapError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -145,8 +176,111 @@ pub fn run_worker(
             report.attention_dv = report.attention_dv.max(error(&grads[p].dv, &dv)?);
             report.documents += 1;
         }
+        report.remap = report.remap.max(check_remap(&mut group, &mut rng)?);
+        let (loss, gradients) = check_step(&mut group, &mut rng, seed ^ u64::from(case))?;
+        report.step_loss = report.step_loss.max(loss);
+        report.step_gradients = report.step_gradients.max(gradients);
         report.cases += 1;
     }
     group.barrier()?;
     Ok(report)
+}
+
+/// Random lengths for a plan: up to `count` sequences of up to `longest` tokens.
+fn random_lengths(rng: &mut SplitMix64, count: u64, longest: u64) -> Vec<u64> {
+    let n = 1 + rng.below(count);
+    (0..n).map(|_| 1 + rng.below(longest)).collect()
+}
+
+/// Remaps the token ids of a random plan's attention layout to the linear
+/// layout and back; the largest difference from what the plan says.
+fn check_remap(group: &mut ProcessGroup, rng: &mut SplitMix64) -> Result<f64, SelfcheckError> {
+    let (rank, world) = (group.rank(), group.world());
+    let lengths = random_lengths(rng, 10, 400);
+    let spec = weft_planner::model::ModelSpec::preset("tiny")
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    let plan = random_plan(rng, &lengths, world, &spec)?;
+    let mut worst = 0.0f64;
+    for mb in plan.micro_batches.iter().filter(|m| m.remap) {
+        let Some(routes) = plan.remap_routes(mb.index, rank) else {
+            continue;
+        };
+        let remap = Remap::new(&routes, rank, world);
+        let ids = token_id_rows(&routes)?;
+        let linear = remap.to_linear(group, &ids)?;
+        let expected: Vec<f32> = plan
+            .linear_layout(mb.index, rank)
+            .iter()
+            .flat_map(|r| (r.start..r.end).map(move |p| (r.sequence * 1_000_000 + p) as f32))
+            .collect();
+        let expected = Tensor::from_slice(&expected).f_reshape([-1, 1])?;
+        let back = remap.to_attention(group, &linear)?;
+        for (got, want) in [(&linear, &expected), (&back, &ids)] {
+            if got.size() != want.size() {
+                worst = f64::INFINITY;
+            } else if got.numel() > 0 {
+                let diff = got.f_sub(want)?.f_abs()?.f_max()?.f_double_value(&[])?;
+                worst = worst.max(diff);
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// One training step of the `tiny` model over a random plan on every rank,
+/// against the same step computed whole by this rank alone: (loss error,
+/// largest gradient error relative to the largest reference gradient).
+fn check_step(
+    group: &mut ProcessGroup,
+    rng: &mut SplitMix64,
+    seed: u64,
+) -> Result<(f64, f64), SelfcheckError> {
+    let world = group.world();
+    let spec = weft_planner::model::ModelSpec::preset("tiny")
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    let lengths = random_lengths(rng, 8, 200);
+    let batch = Batch {
+        samples: lengths
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Sample {
+                index: i as u64,
+                document: i,
+                tokens: (0..*n).map(|_| rng.below(257) as u32).collect(),
+            })
+            .collect(),
+    };
+    let plan = random_plan(rng, &lengths, world, &spec)?;
+    tch::manual_seed(seed as i64);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = Llama::new(&vs.root(), &spec)?;
+    let params = named_parameters(&vs);
+    // Every rank starts from rank 0's parameters.
+    tch::no_grad(|| -> Result<(), SelfcheckError> {
+        for (_, p) in &params {
+            let mut p = p.shallow_clone();
+            group.broadcast(&mut p, 0)?;
+        }
+        Ok(())
+    })?;
+    zero_gradients(&params)?;
+    let outcome = forward_backward(&model, group, &plan, &batch)?;
+    all_reduce_gradients(&params, group)?;
+    let mut loss = Tensor::from_slice(&[outcome.loss_sum]);
+    group.all_reduce_sum(&mut loss)?;
+    let loss = loss.f_double_value(&[0])? / outcome.predicted as f64;
+    let distributed: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();
+    zero_gradients(&params)?;
+    let reference_loss = reference_forward_backward(&model, &batch)?;
+    let mut scale = 0.0f64;
+    let mut worst = 0.0f64;
+    for ((_, p), got) in params.iter().zip(&distributed) {
+        let want = p.grad();
+        scale = scale.max(want.f_abs()?.f_max()?.f_double_value(&[])?);
+        worst = worst.max(got.f_sub(&want)?.f_abs()?.f_max()?.f_double_value(&[])?);
+    }
+    Ok((
+        (loss - reference_loss).abs(),
+        worst / scale.max(f64::MIN_POSITIVE),
+    ))
 }

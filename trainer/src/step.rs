@@ -751,3 +751,82 @@ pub fn random_plan(
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Sample;
+
+    fn batch(lengths: &[usize]) -> Batch {
+        Batch {
+            samples: lengths
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Sample {
+                    index: i as u64,
+                    document: i,
+                    tokens: vec![7; *n],
+                })
+                .collect(),
+        }
+    }
+
+    fn plan(lengths: &[usize], world: u32) -> StepPlan {
+        let spec = weft_planner::model::ModelSpec::preset("tiny").unwrap();
+        let lengths: Vec<u64> = lengths.iter().map(|l| *l as u64).collect();
+        random_plan(
+            &mut weft_planner::rng::SplitMix64::new(1),
+            &lengths,
+            world,
+            &spec,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_plan_for_another_world_or_batch_is_refused_by_name() {
+        let p = plan(&[10, 20], 3);
+        let err = check_plan(&p, &batch(&[10, 20]), 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the step plan is for 3 ranks, but 2 ranks are running"
+        );
+        assert_eq!(err.category(), "plan_mismatch");
+        let err = check_plan(&p, &batch(&[10, 21]), 3).unwrap_err();
+        assert!(err.to_string().contains("sequence 1 has 21"), "{err}");
+        let err = check_plan(&p, &batch(&[10]), 3).unwrap_err();
+        assert!(
+            err.to_string().contains("2 sequences, the batch 1"),
+            "{err}"
+        );
+        assert!(check_plan(&p, &batch(&[10, 20]), 3).is_ok());
+    }
+
+    #[test]
+    fn ring_parts_hold_exactly_each_ranks_attention_layout() {
+        let lengths = [1, 5, 40, 77, 3, 120];
+        for world in 1..=6 {
+            for seed in 0..5 {
+                let spec = weft_planner::model::ModelSpec::preset("tiny").unwrap();
+                let l: Vec<u64> = lengths.iter().map(|x| *x as u64).collect();
+                let mut rng = weft_planner::rng::SplitMix64::new(seed);
+                let p = random_plan(&mut rng, &l, world, &spec).unwrap();
+                for mb in &p.micro_batches {
+                    for rank in 0..world {
+                        let parts = ring_parts(&p, mb, rank).unwrap();
+                        let rows: i64 = parts
+                            .iter()
+                            .flat_map(|x| x.docs.iter().map(|d| d.rows[0] + d.rows[1]))
+                            .sum();
+                        let layout: u64 = p
+                            .attention_layout(mb.index, rank)
+                            .iter()
+                            .map(TokenRun::len)
+                            .sum();
+                        assert_eq!(rows as u64, layout, "world {world}, rank {rank}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,18 +1,26 @@
 //! `weft-trainer`: the worker binary.
 //!
+//! `weft-trainer local --ranks N` trains a small model on N local worker
+//! processes of this binary (the code path a pod runs): a progress display
+//! on the terminal, one JSON object per step in `--metrics FILE`.
+//!
 //! `weft-trainer selfcheck --ranks N` starts N local workers of this binary,
 //! runs random cases through the distributed attention over the real
 //! collectives, compares every rank's part with plain attention computed whole,
 //! prints the worst error per component, and exits non-zero past the
 //! tolerance or when a worker fails.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
 use weft_trainer::launch::run_local;
+use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
+use weft_trainer::train::{StepMetrics, TrainConfig};
 
 #[derive(Parser)]
 #[command(name = "weft-trainer", version, about = "weft's trainer")]
@@ -21,9 +29,150 @@ struct Cli {
     command: Command,
 }
 
+/// What a training run is asked to do (shared by `local` and its workers).
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+struct TrainArgs {
+    /// Steps to train.
+    #[arg(long, default_value_t = 50)]
+    steps: u64,
+    /// Seed of the model's initialisation and of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Corpus: a directory of .txt/.md files (a document each) and .jsonl files
+    /// (a document per line, its "text" field). Default: the corpus that ships
+    /// with weft (trainer/corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b) or a YAML/JSON
+    /// file with layers, hidden, heads, kv_heads, ffn, vocab.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Tokens of each step's global batch (whole documents).
+    #[arg(long, default_value_t = 4096)]
+    tokens_per_step: usize,
+    /// Longer documents are cut to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// Most tokens one rank holds; longer sequences are split over several
+    /// ranks (context parallelism). Default: what the memory model allows.
+    #[arg(long)]
+    rank_tokens: Option<u64>,
+    /// Planning strategy: weft, zeppelin, hdp, flexsp or static.
+    #[arg(long, default_value = "weft")]
+    strategy: String,
+    /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 5)]
+    warmup_steps: u64,
+    /// Largest global gradient norm.
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
+    /// Directory of the checkpoint (model, optimizer, data cursor).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every K steps (and after the last); 0: only after the last.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u64,
+    /// Continue from the checkpoint in --checkpoint-dir, on any number of ranks.
+    #[arg(long)]
+    resume: bool,
+    /// Seconds a collective may wait for a peer before failing.
+    #[arg(long, default_value_t = 120)]
+    collective_timeout_s: u64,
+    /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
+    #[arg(long, hide = true)]
+    fail_at: Option<String>,
+}
+
+impl TrainArgs {
+    fn config(&self, threads: i32) -> anyhow::Result<TrainConfig> {
+        let model = weft_planner::input::load_model(&self.model)?;
+        let vocab = weft_trainer::data::END_OF_DOCUMENT + 1;
+        if model.vocab < vocab {
+            bail!(
+                "model {} has a vocabulary of {}, but the byte tokenizer needs {vocab}",
+                model.name,
+                model.vocab
+            );
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if self.rank_tokens == Some(0) {
+            bail!("--rank-tokens must be at least 1");
+        }
+        let fail_at = match &self.fail_at {
+            None => None,
+            Some(text) => {
+                let parsed = text
+                    .split_once(':')
+                    .and_then(|(r, s)| Some((r.parse().ok()?, s.parse().ok()?)));
+                Some(parsed.with_context(|| format!("--fail-at {text:?} is not RANK:STEP"))?)
+            }
+        };
+        Ok(TrainConfig {
+            data: self.data.clone().unwrap_or_else(default_corpus),
+            model,
+            steps: self.steps,
+            seed: self.seed,
+            tokens_per_step: self.tokens_per_step,
+            max_seq_len: self.max_seq_len,
+            strategy: weft_planner::Strategy::parse(&self.strategy)?,
+            rank_tokens: self.rank_tokens,
+            optimizer: AdamWConfig {
+                lr: self.lr,
+                warmup_steps: self.warmup_steps,
+                clip_norm: self.clip_norm,
+                ..Default::default()
+            },
+            threads,
+            timeout: Duration::from_secs(self.collective_timeout_s.max(1)),
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
+            fail_at,
+        })
+    }
+}
+
+/// The corpus that ships with weft.
+fn default_corpus() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus"))
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Check the distributed attention on N local ranks against a single-process reference.
+    /// Train on N local worker processes (the embedded default job).
+    Local {
+        /// Local worker processes.
+        #[arg(long, default_value_t = 2)]
+        ranks: u32,
+        /// Write one JSON object per step to this file.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Seconds before the workers are stopped.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+        #[command(flatten)]
+        train: Box<TrainArgs>,
+    },
+    /// One training worker (started by `local`).
+    #[command(hide = true)]
+    TrainWorker {
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        world: u32,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        threads: i32,
+        /// The run's settings, as JSON.
+        #[arg(long)]
+        config: String,
+    },
+    /// Check distributed attention, the remap and a training step on N local ranks against a single-process reference.
     Selfcheck {
         /// Local worker processes (at least 2).
         #[arg(long)]
@@ -77,20 +226,25 @@ fn selfcheck(
     if kill.is_some_and(|k| k >= ranks) {
         bail!("--kill-rank must be below --ranks");
     }
-    let outputs = run_local(ranks, timeout, |rank, port| {
-        let mut args = vec![
-            "selfcheck-worker".to_string(),
-            format!("--rank={rank}"),
-            format!("--world={ranks}"),
-            format!("--port={port}"),
-            format!("--seed={seed}"),
-            format!("--cases={cases}"),
-        ];
-        if kill == Some(rank) {
-            args.push("--die".to_string());
-        }
-        args
-    })?;
+    let outputs = run_local(
+        ranks,
+        timeout,
+        |rank, port| {
+            let mut args = vec![
+                "selfcheck-worker".to_string(),
+                format!("--rank={rank}"),
+                format!("--world={ranks}"),
+                format!("--port={port}"),
+                format!("--seed={seed}"),
+                format!("--cases={cases}"),
+            ];
+            if kill == Some(rank) {
+                args.push("--die".to_string());
+            }
+            args
+        },
+        |_, _| {},
+    )?;
     let mut worst = SelfcheckReport::default();
     for (rank, lines) in outputs.iter().enumerate() {
         let line = lines
@@ -113,6 +267,9 @@ fn selfcheck(
         ("attention dQ", worst.attention_dq),
         ("attention dK", worst.attention_dk),
         ("attention dV", worst.attention_dv),
+        ("remap", worst.remap),
+        ("step loss", worst.step_loss),
+        ("step gradients", worst.step_gradients),
     ] {
         let verdict = if error <= tolerance { "ok" } else { "FAIL" };
         println!("{name:<16} {error:>12.2e} {tolerance:>12.1e}  {verdict}");
@@ -120,8 +277,167 @@ fn selfcheck(
     Ok(worst.max_error() <= tolerance)
 }
 
+/// Marks a worker's metrics line on its standard output.
+const METRICS_PREFIX: &str = "weft-metrics ";
+
+/// Shows training progress: one line updated in place on a terminal, a line
+/// every tenth of the run otherwise.
+struct Progress {
+    steps: u64,
+    terminal: bool,
+    shown: bool,
+}
+
+impl Progress {
+    fn show(&mut self, m: &StepMetrics) {
+        use std::io::Write;
+        let busy = m.step_time_s.max(1e-9);
+        let line = format!(
+            "step {:>4}/{}  loss {:.4}  {:>8.0} tokens/s  {:.2} s/step  balance {:.2}  cp≤{}  attention {:.0}%  remap {:.0}%  all-reduce {:.0}%",
+            m.step,
+            self.steps,
+            m.loss,
+            m.tokens_per_s,
+            m.step_time_s,
+            m.balance,
+            m.max_cp_degree,
+            100.0 * m.attention_s / busy,
+            100.0 * m.remap_s / busy,
+            100.0 * m.all_reduce_s / busy,
+        );
+        let mut err = std::io::stderr();
+        if self.terminal {
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+            self.shown = true;
+        } else if m.step == 1 || m.step == self.steps || m.step.is_multiple_of((self.steps / 10).max(1)) {
+            let _ = writeln!(err, "{line}");
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.shown {
+            eprintln!();
+            self.shown = false;
+        }
+    }
+}
+
+fn local(
+    ranks: u32,
+    metrics: Option<PathBuf>,
+    timeout: Duration,
+    train: TrainArgs,
+) -> anyhow::Result<bool> {
+    use std::io::{IsTerminal, Write};
+    if ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let threads = (cores / ranks).max(1) as i32;
+    // Check everything here first, so a bad flag is one clear error, not N.
+    let config = train.config(threads)?;
+    weft_trainer::data::Corpus::load(&config.data)?;
+    let mut file = match &metrics {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot write the metrics file {}", path.display()))?,
+        )),
+        None => None,
+    };
+    eprintln!(
+        "weft-trainer local: {ranks} ranks, model {}, {} steps of {} tokens, corpus {}",
+        config.model.name,
+        config.steps,
+        config.tokens_per_step,
+        config.data.display()
+    );
+    let json = serde_json::to_string(&train)?;
+    let mut progress = Progress {
+        steps: config.steps,
+        terminal: std::io::stderr().is_terminal(),
+        shown: false,
+    };
+    let mut last: Option<StepMetrics> = None;
+    let mut sum_tokens = 0u64;
+    let mut sum_time = 0.0f64;
+    let mut write_error: Option<std::io::Error> = None;
+    let result = run_local(
+        ranks,
+        timeout,
+        |rank, port| {
+            vec![
+                "train-worker".to_string(),
+                format!("--rank={rank}"),
+                format!("--world={ranks}"),
+                format!("--port={port}"),
+                format!("--threads={threads}"),
+                format!("--config={json}"),
+            ]
+        },
+        |rank, line| {
+            let Some(body) = line.strip_prefix(METRICS_PREFIX) else {
+                return;
+            };
+            if rank != 0 {
+                return;
+            }
+            if let Ok(m) = serde_json::from_str::<StepMetrics>(body) {
+                progress.show(&m);
+                if let Some(f) = file.as_mut()
+                    && let Err(e) = writeln!(f, "{body}").and_then(|_| f.flush())
+                {
+                    write_error.get_or_insert(e);
+                }
+                sum_tokens += m.tokens;
+                sum_time += m.step_time_s;
+                last = Some(m);
+            }
+        },
+    );
+    progress.finish();
+    result?;
+    if let Some(e) = write_error {
+        bail!("writing the metrics file failed: {e}");
+    }
+    let last = last.context("the workers reported no step")?;
+    println!(
+        "trained {} steps on {ranks} ranks: final loss {:.4}, {:.0} tokens/s on average",
+        last.step,
+        last.loss,
+        sum_tokens as f64 / sum_time.max(1e-9)
+    );
+    if let Some(path) = metrics {
+        println!("metrics: {}", path.display());
+    }
+    Ok(true)
+}
+
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
+        Command::Local {
+            ranks,
+            metrics,
+            timeout_s,
+            train,
+        } => local(ranks, metrics, Duration::from_secs(timeout_s), *train),
+        Command::TrainWorker {
+            rank,
+            world,
+            port,
+            threads,
+            config,
+        } => {
+            let args: TrainArgs =
+                serde_json::from_str(&config).context("the worker's --config is not valid")?;
+            let config = args.config(threads)?;
+            weft_trainer::train::run_worker(rank, world, "127.0.0.1", port, &config, |m| {
+                if let Ok(json) = serde_json::to_string(m) {
+                    println!("{METRICS_PREFIX}{json}");
+                }
+            })?;
+            Ok(true)
+        }
         Command::Selfcheck {
             ranks,
             cases,

@@ -1,0 +1,416 @@
+//! The training loop one worker runs: the same on a laptop (`weft-trainer
+//! local`) and in a pod.
+//!
+//! Each step every rank draws the same global batch (the sample order depends
+//! on the seed only), plans it with the planner, identically and without
+//! talking, runs its part of the plan ([`crate::step`]), all-reduces the
+//! gradients, and applies the same AdamW update. Rank 0 reports each step and
+//! writes checkpoints: model, optimizer state, and the data cursor, which is
+//! independent of the world size, so a job resumed on a different number of
+//! ranks continues with exactly the next batch.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+use tch::nn::VarStore;
+use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::model::ModelSpec;
+use weft_planner::{PlanContext, Strategy};
+
+use crate::comm::{CommError, ProcessGroup, Store};
+use crate::data::{BatchCursor, BatchStream, Corpus, DataError};
+use crate::model::{Llama, ModelError};
+use crate::optim::{AdamW, AdamWConfig, OptimError};
+use crate::step::{
+    StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
+};
+
+/// Why training stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("planning step {step}: {reason}")]
+    Plan { step: u64, reason: String },
+    #[error(
+        "step {step}: the ranks planned different steps (plan digests differ); the planner must be deterministic"
+    )]
+    PlanDiverged { step: u64 },
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error(
+        "step {step}: the loss is {loss} (not finite); stopping rather than training on garbage"
+    )]
+    Diverged { step: u64, loss: f64 },
+    #[error("rank {rank} stops at step {step}, as it was told to (fault injection)")]
+    Injected { rank: u32, step: u64 },
+}
+
+impl TrainError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            TrainError::Data(e) => e.category(),
+            TrainError::Comm(e) => e.category(),
+            TrainError::Step(e) => e.category(),
+            TrainError::Model(e) => e.category(),
+            TrainError::Optim(e) => e.category(),
+            TrainError::Torch(_) => "torch",
+            TrainError::Plan { .. } => "planning",
+            TrainError::PlanDiverged { .. } => "plan_diverged",
+            TrainError::Checkpoint { .. } => "checkpoint",
+            TrainError::Diverged { .. } => "diverged",
+            TrainError::Injected { .. } => "injected_fault",
+        }
+    }
+}
+
+/// Everything a training run needs besides its place in the world.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub model: ModelSpec,
+    /// Steps to run in all (a resumed run continues up to this step).
+    pub steps: u64,
+    pub seed: u64,
+    pub tokens_per_step: usize,
+    pub max_seq_len: usize,
+    pub strategy: Strategy,
+    /// Most tokens one rank may hold: the budget the planner plans for. Long
+    /// sequences are split over several ranks (context parallelism) to keep it.
+    pub rank_tokens: Option<u64>,
+    pub optimizer: AdamWConfig,
+    /// Intra-op threads of libtorch per worker.
+    pub threads: i32,
+    /// Bound on every collective: a dead peer is an error after this long.
+    pub timeout: Duration,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Save every this many steps (and after the last step); 0: only at the end.
+    pub checkpoint_every: u64,
+    /// Resume from the checkpoint in `checkpoint_dir`, if there is one.
+    pub resume: bool,
+    /// Fault injection for tests: rank `.0` stops with an error at the start
+    /// of step `.1` (1-based), as a worker that dies mid-run.
+    pub fail_at: Option<(u32, u64)>,
+}
+
+/// What rank 0 reports after each step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepMetrics {
+    /// 1-based step number.
+    pub step: u64,
+    /// Mean next-token loss of the global batch, before the update.
+    pub loss: f64,
+    /// Tokens in the global batch.
+    pub tokens: u64,
+    pub sequences: u64,
+    /// Wall time of the step on rank 0: planning, forward, backward, all-reduce, update.
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub world: u32,
+    pub strategy: String,
+    pub micro_batches: u32,
+    /// Largest context-parallel degree in the plan.
+    pub max_cp_degree: u32,
+    /// The plan's predicted max/mean rank time (1 is perfect balance).
+    pub balance: f64,
+    /// Max/mean over ranks of the tokens each holds for the linear modules.
+    pub token_balance: f64,
+    /// Slowest rank's seconds in ring attention (with its transfers), the
+    /// remap's all-to-alls, and the gradient all-reduce; the planner's time.
+    pub attention_s: f64,
+    pub remap_s: f64,
+    pub all_reduce_s: f64,
+    pub plan_s: f64,
+}
+
+/// What a checkpoint's `state.json` holds besides the tensors.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CheckpointState {
+    /// Steps completed.
+    pub step: u64,
+    /// The next global sample: the data order continues from here whatever
+    /// the new world size.
+    pub next_sample: u64,
+    pub seed: u64,
+    pub model: ModelSpec,
+    /// World size when it was written (for information: any world may resume).
+    pub world: u32,
+}
+
+/// The planning context for `world` local ranks: one node of `world` GPUs of
+/// the default kind (the planner needs a topology; on CPU only the split
+/// matters), capped at `rank_tokens` tokens per rank.
+pub fn local_plan_context(
+    world: u32,
+    model: &ModelSpec,
+    rank_tokens: Option<u64>,
+) -> Result<PlanContext, TrainError> {
+    let planning = |reason: String| TrainError::Plan { step: 0, reason };
+    let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
+        .map_err(|e| planning(e.to_string()))?;
+    let topology =
+        weft_planner::topology::Topology::new(&cluster).map_err(|e| planning(e.to_string()))?;
+    Ok(PlanContext {
+        topology,
+        cost: CostModel::new(
+            model.clone(),
+            CostCoefficients {
+                max_tokens_per_rank: rank_tokens,
+                ..Default::default()
+            },
+        ),
+    })
+}
+
+/// A 52-bit digest of a plan (exact in an f64), to check that every rank
+/// planned the same step.
+fn digest(text: &str) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 12) as f64
+}
+
+fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Writes a checkpoint into `dir` atomically: a new directory renamed over
+/// the old one, so a crash mid-write leaves the previous checkpoint whole.
+fn save_checkpoint(
+    dir: &Path,
+    vs: &VarStore,
+    optimizer: &AdamW,
+    state: &CheckpointState,
+) -> Result<(), TrainError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| checkpoint_error(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".to_string());
+    let staging = parent.join(format!(".{name}.writing"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| checkpoint_error(&staging, e))?;
+    vs.save(staging.join("model.safetensors"))
+        .map_err(|e| checkpoint_error(&staging, e))?;
+    optimizer.save(&staging.join("optimizer.safetensors"))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| checkpoint_error(&staging, e))?;
+    std::fs::write(staging.join("state.json"), json).map_err(|e| checkpoint_error(&staging, e))?;
+    let old = parent.join(format!(".{name}.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| checkpoint_error(dir, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| checkpoint_error(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Reads a checkpoint's state, or `None` when `dir` holds none.
+pub fn read_checkpoint_state(dir: &Path) -> Result<Option<CheckpointState>, TrainError> {
+    let path = dir.join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| checkpoint_error(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| checkpoint_error(&path, e))
+}
+
+/// Trains as rank `rank` of `world`, meeting the others at the store on
+/// `host:port` (rank 0 serves it); calls `report` with each step's metrics
+/// on rank 0.
+pub fn run_worker(
+    rank: u32,
+    world: u32,
+    host: &str,
+    port: u16,
+    config: &TrainConfig,
+    mut report: impl FnMut(&StepMetrics),
+) -> Result<(), TrainError> {
+    tch::set_num_threads(config.threads.max(1));
+    let corpus = Corpus::load(&config.data)?;
+    let store = Store::open(host, port, world, rank == 0, config.timeout)?;
+    let mut group = ProcessGroup::gloo(&store, rank, world, host, config.timeout)?;
+
+    tch::manual_seed(config.seed as i64);
+    let mut vs = VarStore::new(tch::Device::Cpu);
+    let model = Llama::new(&vs.root(), &config.model)?;
+    let mut start_step = 0;
+    let mut cursor = BatchCursor::default();
+    let resumed = match (&config.checkpoint_dir, config.resume) {
+        (Some(dir), true) => read_checkpoint_state(dir)?.map(|s| (dir.clone(), s)),
+        _ => None,
+    };
+    if let Some((dir, state)) = &resumed {
+        if state.model != config.model {
+            return Err(checkpoint_error(
+                dir,
+                format!(
+                    "it holds model {:?}, this run asks for {:?}",
+                    state.model.name, config.model.name
+                ),
+            ));
+        }
+        vs.load(dir.join("model.safetensors"))
+            .map_err(|e| checkpoint_error(dir, e))?;
+        start_step = state.step;
+        cursor = BatchCursor {
+            next_sample: state.next_sample,
+        };
+    }
+    let params = named_parameters(&vs);
+    let mut optimizer = AdamW::new(
+        params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect(),
+        AdamWConfig {
+            total_steps: config.steps,
+            ..config.optimizer.clone()
+        },
+    )?;
+    if let Some((dir, _)) = &resumed {
+        optimizer.load(&dir.join("optimizer.safetensors"))?;
+    }
+    let ctx = local_plan_context(world, &config.model, config.rank_tokens)?;
+    let mut stream = BatchStream::new(
+        &corpus,
+        config.seed,
+        config.tokens_per_step,
+        config.max_seq_len,
+        cursor,
+    )?;
+
+    for step in start_step..config.steps {
+        if config.fail_at == Some((rank, step + 1)) {
+            return Err(TrainError::Injected {
+                rank,
+                step: step + 1,
+            });
+        }
+        let started = Instant::now();
+        let batch = stream.next_batch();
+        let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+        let planning = Instant::now();
+        let plan = weft_planner::plan_step(
+            config.strategy,
+            &ctx,
+            &lengths,
+            Some(config.max_seq_len as u64),
+        )
+        .map_err(|e| TrainError::Plan {
+            step: step + 1,
+            reason: e.to_string(),
+        })?;
+        let plan_s = planning.elapsed().as_secs_f64();
+        let plan_json = serde_json::to_string(&plan).map_err(|e| TrainError::Plan {
+            step: step + 1,
+            reason: e.to_string(),
+        })?;
+
+        zero_gradients(&params)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
+        let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
+
+        // One small all-reduce carries the loss, the plan digest and every
+        // rank's figures (each rank fills its own slots).
+        const PER_RANK: usize = 4;
+        let mut figures = vec![0f64; 2 + PER_RANK * world as usize];
+        figures[0] = outcome.loss_sum;
+        figures[1] = digest(&plan_json);
+        let slot = 2 + PER_RANK * rank as usize;
+        figures[slot] = outcome.times.attention_s;
+        figures[slot + 1] = outcome.times.remap_s;
+        figures[slot + 2] = all_reduce_s;
+        figures[slot + 3] = outcome.linear_tokens as f64;
+        let mut shared = Tensor::from_slice(&figures);
+        group.all_reduce_sum(&mut shared)?;
+        let shared = Vec::<f64>::try_from(&shared)?;
+        if shared[1] != figures[1] * f64::from(world) {
+            return Err(TrainError::PlanDiverged { step: step + 1 });
+        }
+        let loss = shared[0] / outcome.predicted as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss,
+            });
+        }
+        let update = optimizer.step()?;
+        let step_time_s = started.elapsed().as_secs_f64();
+
+        let ranks = shared[2..].chunks(PER_RANK);
+        let max_of = |k: usize| ranks.clone().map(|r| r[k]).fold(0.0, f64::max);
+        let linear: Vec<f64> = ranks.clone().map(|r| r[3]).collect();
+        let mean_linear = linear.iter().sum::<f64>() / linear.len().max(1) as f64;
+        let tokens = batch.tokens() as u64;
+        let metrics = StepMetrics {
+            step: step + 1,
+            loss,
+            tokens,
+            sequences: batch.samples.len() as u64,
+            step_time_s,
+            tokens_per_s: tokens as f64 / step_time_s.max(1e-9),
+            lr: update.lr,
+            grad_norm: update.grad_norm,
+            world,
+            strategy: plan.strategy.clone(),
+            micro_batches: plan.micro_batches.len() as u32,
+            max_cp_degree: plan.sequences.iter().map(|s| s.degree).max().unwrap_or(1),
+            balance: plan.predicted.max_over_mean,
+            token_balance: if mean_linear > 0.0 {
+                linear.iter().copied().fold(0.0, f64::max) / mean_linear
+            } else {
+                1.0
+            },
+            attention_s: max_of(0),
+            remap_s: max_of(1),
+            all_reduce_s: max_of(2),
+            plan_s,
+        };
+        if rank == 0 {
+            report(&metrics);
+        }
+        let done = step + 1;
+        let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
+        if let Some(dir) = &config.checkpoint_dir
+            && rank == 0
+            && (due || done == config.steps)
+        {
+            let state = CheckpointState {
+                step: done,
+                next_sample: stream.cursor().next_sample,
+                seed: config.seed,
+                model: config.model.clone(),
+                world,
+            };
+            save_checkpoint(dir, &vs, &optimizer, &state)?;
+        }
+    }
+    // Nobody leaves while another rank may still need it (rank 0 serves the store).
+    group.barrier()?;
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! `weft-trainer local` as a user runs it: real text, real worker processes,
+//! real collectives. Four ranks train exactly like one; every strategy's
+//! plans give the same losses; a job that dies resumes from its checkpoint on
+//! another number of ranks with the same data order and losses; bad input
+//! gets a clear error and no hang.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use weft_trainer::train::StepMetrics;
+
+fn trainer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-local-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `local` with `args`, returns its output and the metrics it wrote.
+fn local(dir: &Path, name: &str, args: &[&str]) -> (Output, Vec<StepMetrics>) {
+    let metrics = dir.join(format!("{name}.jsonl"));
+    let output = trainer()
+        .arg("local")
+        .args(args)
+        .arg("--metrics")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    let steps = std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (output, steps)
+}
+
+fn ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn max_loss_gap(a: &[StepMetrics], b: &[StepMetrics]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            assert_eq!(
+                (x.step, x.tokens),
+                (y.step, y.tokens),
+                "same global batches"
+            );
+            (x.loss - y.loss).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn four_ranks_train_exactly_like_one_and_the_loss_falls() {
+    let dir = scratch("four");
+    // 384 tokens a rank: the longer documents are split over up to three ranks.
+    let (four_out, four) = local(
+        &dir,
+        "four",
+        &["--ranks", "4", "--steps", "50", "--rank-tokens", "384"],
+    );
+    ok(&four_out);
+    let (one_out, one) = local(&dir, "one", &["--ranks", "1", "--steps", "50"]);
+    ok(&one_out);
+    assert_eq!(four.len(), 50);
+    let gap = max_loss_gap(&four, &one);
+    assert!(gap < 1e-4, "loss curves differ by {gap}");
+    let (first, last) = (four[0].loss, four[49].loss);
+    assert!(last < 0.6 * first, "loss {first} -> {last}");
+    assert!(
+        four.iter().any(|m| m.max_cp_degree > 1),
+        "no context parallelism"
+    );
+    assert!(
+        four.iter()
+            .all(|m| m.world == 4 && m.tokens > 0 && m.tokens_per_s > 0.0)
+    );
+    let summary = String::from_utf8_lossy(&four_out.stdout);
+    assert!(summary.contains("trained 50 steps on 4 ranks"), "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_strategy_gives_the_same_losses() {
+    let dir = scratch("strategies");
+    let (out, reference) = local(&dir, "one", &["--ranks", "1", "--steps", "4"]);
+    ok(&out);
+    for strategy in ["zeppelin", "static", "hdp", "weft"] {
+        let (out, got) = local(
+            &dir,
+            strategy,
+            &[
+                "--ranks",
+                "3",
+                "--steps",
+                "4",
+                "--rank-tokens",
+                "400",
+                "--strategy",
+                strategy,
+            ],
+        );
+        ok(&out);
+        let gap = max_loss_gap(&got, &reference);
+        assert!(gap < 1e-4, "{strategy}: {gap}");
+        if strategy == "zeppelin" {
+            assert!(got.iter().any(|m| m.remap_s > 0.0), "zeppelin remaps");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_dead_job_resumes_on_another_world_size_with_the_same_data_and_losses() {
+    let dir = scratch("resume");
+    let (out, straight) = local(&dir, "straight", &["--ranks", "2", "--steps", "6"]);
+    ok(&out);
+    let checkpoint = dir.join("checkpoint");
+    let checkpoint = checkpoint.to_str().unwrap();
+    let started = Instant::now();
+    let (out, first) = local(
+        &dir,
+        "first",
+        &[
+            "--ranks",
+            "2",
+            "--steps",
+            "6",
+            "--checkpoint-dir",
+            checkpoint,
+            "--checkpoint-every",
+            "3",
+            "--fail-at",
+            "1:5",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(60), "no hang");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("worker 1 failed") && err.contains("step 5"),
+        "{err}"
+    );
+    assert_eq!(first.len(), 4);
+    let (out, resumed) = local(
+        &dir,
+        "resumed",
+        &[
+            "--ranks",
+            "3",
+            "--steps",
+            "6",
+            "--checkpoint-dir",
+            checkpoint,
+            "--resume",
+        ],
+    );
+    ok(&out);
+    assert_eq!(
+        resumed.iter().map(|m| m.step).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    let gap = max_loss_gap(&resumed, &straight[3..]);
+    assert!(gap < 1e-4, "resumed losses differ by {gap}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fails_with(args: &[&str], expected: &str) {
+    let started = Instant::now();
+    let output = trainer().arg("local").args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(expected), "{args:?}: {err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{args:?} hung");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = scratch("bad");
+    let missing = dir.join("missing");
+    fails_with(&["--data", missing.to_str().unwrap()], "corpus directory");
+    let corrupt = dir.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("a.jsonl"), "{\"text\": \"fine\"}\n{not json\n").unwrap();
+    fails_with(&["--data", corrupt.to_str().unwrap()], "a.jsonl");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    fails_with(&["--data", empty.to_str().unwrap()], "holds no documents");
+    fails_with(
+        &["--model", "llama-5b"],
+        "unknown model preset \"llama-5b\"",
+    );
+    fails_with(&["--strategy", "fastest"], "unknown strategy");
+    fails_with(&["--ranks", "0"], "--ranks must be at least 1");
+    fails_with(
+        &["--ranks", "2", "--rank-tokens", "100"],
+        "cannot fit even on the whole cluster",
+    );
+    fails_with(
+        &["--ranks", "3", "--steps", "3", "--fail-at", "2:2"],
+        "worker 2 failed",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
