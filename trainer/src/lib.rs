@@ -7,10 +7,12 @@
 //! - [`attention`]: zigzag ring attention, forward and backward, packed
 //!   documents and grouped-query attention; [`remap`]: the attention ↔ linear
 //!   layout all-to-all of the step plan.
+//! - [`model`]: the Llama-style decoder; [`step`]: its distributed forward
+//!   and backward over a step plan, exact against one process; [`optim`]:
+//!   AdamW, clipping and the learning-rate schedule; [`train`]: the loop every
+//!   worker runs, with checkpoints.
 //! - [`launch`] and [`selfcheck`]: local multi-process workers, and the check
 //!   a user runs on a new cluster.
-//!
-//! The model, the training loop and `local` follow.
 
 pub mod attention;
 pub mod comm;
