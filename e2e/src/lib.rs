@@ -37,6 +37,8 @@ pub enum HarnessError {
     Timeout { what: String, seconds: u64 },
     #[error("Kubernetes API call failed: {0}")]
     Api(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
 }
 
 impl HarnessError {
@@ -47,6 +49,7 @@ impl HarnessError {
             HarnessError::Unreachable { .. } => "control_plane_unreachable",
             HarnessError::Timeout { .. } => "timeout",
             HarnessError::Api(_) => "api",
+            HarnessError::Other(_) => "check",
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `weft-operator`: the operator binary.
 //!
-//! `weft-operator inventory` prints the GPU nodes of the cluster in `KUBECONFIG`
-//! as weft reads them (GPUs, product, rack, block, NICs and their GPU affinity),
+//! `weft-operator run [--namespace NS]` runs the controller (all namespaces by
+//! default) against the cluster in `KUBECONFIG` or, in a pod, its service
+//! account. `weft-operator inventory` prints the GPU nodes of the cluster as
+//! weft reads them (GPUs, product, rack, block, NICs and their GPU affinity),
 //! and every node it could not read, with the reason.
 
 use anyhow::{Context, bail};
@@ -10,7 +12,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use weft_operator::inventory::{GpuNode, read_nodes};
 
-const USAGE: &str = "usage: weft-operator inventory";
+const USAGE: &str = "usage: weft-operator run [--namespace NS] | weft-operator inventory";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -22,8 +24,22 @@ async fn main() -> anyhow::Result<()> {
         .as_slice()
     {
         ["inventory"] => inventory().await,
+        ["run"] => run(None).await,
+        ["run", "--namespace", ns] => run(Some(ns.to_string())).await,
         _ => bail!("{USAGE}"),
     }
+}
+
+async fn run(namespace: Option<String>) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no usable cluster configuration (set KUBECONFIG, or run in a pod)")?;
+    eprintln!(
+        "weft-operator: reconciling TrainingJobs in {}",
+        namespace.as_deref().unwrap_or("all namespaces")
+    );
+    weft_operator::controller::run(client, namespace).await;
+    Ok(())
 }
 
 async fn inventory() -> anyhow::Result<()> {

@@ -310,7 +310,10 @@ impl Progress {
             let _ = write!(err, "\r\x1b[2K{line}");
             let _ = err.flush();
             self.shown = true;
-        } else if m.step == 1 || m.step == self.steps || m.step.is_multiple_of((self.steps / 10).max(1)) {
+        } else if m.step == 1
+            || m.step == self.steps
+            || m.step.is_multiple_of((self.steps / 10).max(1))
+        {
             let _ = writeln!(err, "{line}");
         }
     }
