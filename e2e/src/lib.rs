@@ -373,6 +373,28 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// Installs the TrainingJob CRD unless it is there (as the chart would), and
+/// waits until the API server serves it.
+pub async fn ensure_training_job_crd(env: &TestEnv) -> anyhow::Result<()> {
+    use kube::CustomResourceExt;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    match crds
+        .create(&PostParams::default(), &weft_crds::TrainingJob::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    wait_for_crd(
+        &env.client,
+        "trainingjobs.weft.dev",
+        Duration::from_secs(60),
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

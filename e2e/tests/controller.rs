@@ -13,34 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, CustomResourceExt, ResourceExt};
+use kube::{Api, ResourceExt};
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, wait_for, wait_for_crd};
+use weft_e2e::{HarnessError, TestEnv, wait_for};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::mesh::MeshPlan;
 
 const NOT_READY: &str = "node-not-ready.stage.kwok.x-k8s.io";
-
-async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    match crds
-        .create(&PostParams::default(), &TrainingJob::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    wait_for_crd(
-        &env.client,
-        "trainingjobs.weft.dev",
-        Duration::from_secs(60),
-    )
-    .await?;
-    Ok(())
-}
 
 fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
     TrainingJob::new(
@@ -156,7 +136,7 @@ async fn set_not_ready(nodes: &Api<Node>, node: &str, not_ready: bool) -> anyhow
 #[tokio::test]
 async fn the_controller_gangs_places_shrinks_grows_and_suspends_jobs() -> anyhow::Result<()> {
     let env = TestEnv::connect().await?;
-    ensure_crd(&env).await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
     env.run("controller", |ns| async move {
         let controller = tokio::spawn(weft_operator::controller::run(
             ns.client.clone(),

@@ -11,53 +11,19 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
 use kube::api::{ListParams, PostParams};
-use kube::{Api, CustomResourceExt};
-use weft_crds::topology::RESOURCE_GPU;
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, wait_for, wait_for_crd};
+use weft_e2e::{HarnessError, TestEnv, wait_for};
 use weft_operator::build::build;
+use weft_operator::controller::gpus_requested;
 use weft_operator::inventory::read_nodes;
 use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
-
-fn gpus_requested(pod: &Pod) -> u32 {
-    pod.spec
-        .as_ref()
-        .map(|s| {
-            s.containers
-                .iter()
-                .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get(RESOURCE_GPU))
-                .filter_map(|q| q.0.parse::<u32>().ok())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Installs the TrainingJob CRD unless it is there (as the chart would).
-async fn ensure_crd(env: &TestEnv) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    match crds
-        .create(&PostParams::default(), &TrainingJob::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    wait_for_crd(
-        &env.client,
-        "trainingjobs.weft.dev",
-        Duration::from_secs(60),
-    )
-    .await?;
-    Ok(())
-}
 
 #[tokio::test]
 async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyhow::Result<()> {
     let env = TestEnv::connect().await?;
-    ensure_crd(&env).await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
     env.run("mesh-placement", |ns| async move {
         // Observe: GPU nodes, and the GPUs pods already hold on each.
         let nodes: Api<Node> = Api::all(ns.client.clone());
