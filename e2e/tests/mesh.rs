@@ -6,7 +6,6 @@
 //! Its own test binary, so that it does not share GPUs with the ground suite's
 //! tests running in parallel.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -16,9 +15,9 @@ use kube::api::{ListParams, PostParams};
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
 use weft_e2e::{HarnessError, TestEnv, wait_for};
 use weft_operator::build::build;
-use weft_operator::controller::gpus_requested;
+use weft_operator::controller::mesh_inputs;
 use weft_operator::inventory::read_nodes;
-use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
+use weft_planner::mesh::{MeshRequest, plan_mesh};
 
 #[tokio::test]
 async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyhow::Result<()> {
@@ -29,31 +28,8 @@ async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyho
         let nodes: Api<Node> = Api::all(ns.client.clone());
         let (gpu_nodes, _) = read_nodes(&nodes.list(&ListParams::default()).await?.items);
         let all_pods: Api<Pod> = Api::all(ns.client.clone());
-        let mut used: BTreeMap<String, u32> = BTreeMap::new();
-        for pod in all_pods.list(&ListParams::default()).await?.items {
-            let phase = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.phase.clone())
-                .unwrap_or_default();
-            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
-                && phase != "Succeeded"
-                && phase != "Failed"
-            {
-                *used.entry(node).or_default() += gpus_requested(&pod);
-            }
-        }
-        let mesh_nodes: Vec<MeshNode> = gpu_nodes
-            .into_iter()
-            .map(|n| MeshNode {
-                free_gpus: n
-                    .node
-                    .gpus
-                    .saturating_sub(used.get(&n.node.name).copied().unwrap_or(0)),
-                healthy: n.ready && n.schedulable,
-                node: n.node,
-            })
-            .collect();
+        let all_pods = all_pods.list(&ListParams::default()).await?.items;
+        let (mesh_nodes, _) = mesh_inputs(&gpu_nodes, &all_pods, &[]);
 
         // The job, as a user would create it.
         let jobs: Api<TrainingJob> = ns.api();

@@ -64,15 +64,8 @@ impl ControllerError {
     }
 }
 
-fn pod_phase(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-}
-
 fn terminal(pod: &Pod) -> bool {
-    matches!(pod_phase(pod), "Succeeded" | "Failed")
+    matches!(crate::status::phase_of(pod), "Succeeded" | "Failed")
 }
 
 /// GPUs a pod asks for.

@@ -30,7 +30,8 @@ pub struct Observed<'a> {
     pub now: Time,
 }
 
-fn phase_of(pod: &Pod) -> &str {
+/// A pod's phase; a pod with no status yet is Pending.
+pub(crate) fn phase_of(pod: &Pod) -> &str {
     pod.status
         .as_ref()
         .and_then(|s| s.phase.as_deref())

@@ -424,13 +424,7 @@ impl Layouts {
         group: &mut ProcessGroup,
         x: &Tensor,
     ) -> Result<Tensor, StepError> {
-        let Some(remap) = &self.remap else {
-            return Ok(x.shallow_clone());
-        };
-        let t = Instant::now();
-        let out = remap.to_attention(group, x)?;
-        self.seconds += t.elapsed().as_secs_f64();
-        Ok(out)
+        self.timed(group, x, Remap::to_attention)
     }
 
     fn move_to_linear(
@@ -438,11 +432,20 @@ impl Layouts {
         group: &mut ProcessGroup,
         x: &Tensor,
     ) -> Result<Tensor, StepError> {
+        self.timed(group, x, Remap::to_linear)
+    }
+
+    fn timed(
+        &mut self,
+        group: &mut ProcessGroup,
+        x: &Tensor,
+        direction: fn(&Remap, &mut ProcessGroup, &Tensor) -> Result<Tensor, RemapError>,
+    ) -> Result<Tensor, StepError> {
         let Some(remap) = &self.remap else {
             return Ok(x.shallow_clone());
         };
         let t = Instant::now();
-        let out = remap.to_linear(group, x)?;
+        let out = direction(remap, group, x)?;
         self.seconds += t.elapsed().as_secs_f64();
         Ok(out)
     }
