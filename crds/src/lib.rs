@@ -11,7 +11,9 @@ pub mod topology;
 pub mod training_job;
 
 pub use training_job::{
-    Phase, TrainingJob, TrainingJobSpec, TrainingJobStatus, WorkerRange, WorkerResources,
+    CheckpointRecord, CheckpointSpec, ContextParallelism, DataSpec, ElasticitySpec, ModelPreset,
+    ModelSpec, ParallelismSpec, Phase, SchedulingSpec, TrainingJob, TrainingJobSpec,
+    TrainingJobStatus, WorkerFailure, WorkerRange, WorkerResources,
 };
 
 use kube::CustomResourceExt;

@@ -5,11 +5,15 @@
 //! OpenAPI bounds and CEL rules generated from the attributes below, so a bad
 //! object is refused at `kubectl apply` with a message that names the field.
 //!
-//! This is the first draft of the API: the worker gang, its resources and
-//! `suspend`. The model, data, parallelism, checkpoint, elasticity and scheduling
-//! sections follow with the operator.
+//! Every section but `workers` has defaults, so the smallest job is an image
+//! and a worker range. What a running job cannot change is enforced the same
+//! way (CEL transition rules): the model and data never, the image and the
+//! resources only while suspended.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -48,25 +52,78 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.model == oldSelf.model").message("spec.model cannot change once the job exists: its checkpoints hold this model"))]
+#[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
+#[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
 pub struct TrainingJobSpec {
     /// Container image of the weft trainer.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512))]
     pub image: String,
     /// Overrides the image's entrypoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub command: Option<Vec<String>>,
     /// Overrides the image's arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub args: Option<Vec<String>>,
+    /// Extra environment variables of every worker. Names starting with
+    /// `WEFT_` are weft's own and are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('WEFT_'))").message("env: names starting with WEFT_ are set by weft itself"))]
+    pub env: Vec<EnvVar>,
     /// How many workers (one pod each) the job may run with.
     pub workers: WorkerRange,
     /// What each worker asks for.
     #[serde(default)]
     pub resources: WorkerResources,
+    /// The model to train.
+    #[serde(default)]
+    pub model: ModelSpec,
+    /// The training data.
+    #[serde(default)]
+    pub data: DataSpec,
+    /// How sequences are spread over the GPUs.
+    #[serde(default)]
+    pub parallelism: ParallelismSpec,
+    /// Where and how often training state is saved.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// How the job reacts to lost and added capacity.
+    #[serde(default)]
+    pub elasticity: ElasticitySpec,
+    /// Where the workers may run.
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
     /// A suspended job runs no workers; setting it back to false resumes from the
-    /// last checkpoint.
+    /// last checkpoint. (The semantics Kueue expects of `suspend`.)
     #[serde(default)]
     pub suspend: bool,
+}
+
+impl TrainingJobSpec {
+    /// A spec with every section at its default.
+    pub fn new(image: impl Into<String>, min_workers: i32, max_workers: i32) -> Self {
+        TrainingJobSpec {
+            image: image.into(),
+            command: None,
+            args: None,
+            env: Vec::new(),
+            workers: WorkerRange {
+                min: min_workers,
+                max: max_workers,
+            },
+            resources: WorkerResources::default(),
+            model: ModelSpec::default(),
+            data: DataSpec::default(),
+            parallelism: ParallelismSpec::default(),
+            checkpoint: CheckpointSpec::default(),
+            elasticity: ElasticitySpec::default(),
+            scheduling: SchedulingSpec::default(),
+            suspend: false,
+        }
+    }
 }
 
 /// Bounds on the size of the worker gang.
@@ -112,6 +169,314 @@ impl Default for WorkerResources {
             gpus: default_gpus(),
             cpu: None,
             memory: None,
+        }
+    }
+}
+
+/// Model presets the trainer and planner both know (sizes in
+/// `weft_planner::model::ModelSpec::preset`, with their sources).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ModelPreset {
+    /// Two layers, hidden 64: trains on a CPU in seconds.
+    #[default]
+    #[serde(rename = "tiny")]
+    Tiny,
+    #[serde(rename = "llama-7b")]
+    Llama7b,
+    #[serde(rename = "llama-13b")]
+    Llama13b,
+    #[serde(rename = "llama-70b")]
+    Llama70b,
+}
+
+impl ModelPreset {
+    /// The preset's name, as the planner and trainer spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelPreset::Tiny => "tiny",
+            ModelPreset::Llama7b => "llama-7b",
+            ModelPreset::Llama13b => "llama-13b",
+            ModelPreset::Llama70b => "llama-70b",
+        }
+    }
+}
+
+/// The model: a named preset, or every dimension given explicitly.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.preset) ? !(has(self.layers) || has(self.hidden) || has(self.heads) || has(self.kvHeads) || has(self.ffn) || has(self.vocab)) : (has(self.layers) && has(self.hidden) && has(self.heads) && has(self.kvHeads) && has(self.ffn) && has(self.vocab))").message("model: give either a preset or all of layers, hidden, heads, kvHeads, ffn and vocab, not both"))]
+#[x_kube(validation = Rule::new("!has(self.heads) || !has(self.kvHeads) || self.heads % self.kvHeads == 0").message("model.heads must be a multiple of model.kvHeads (grouped-query attention)"))]
+#[x_kube(validation = Rule::new("!has(self.hidden) || !has(self.heads) || (self.hidden % self.heads == 0 && (self.hidden / self.heads) % 2 == 0)").message("model.hidden must be model.heads times an even head dimension (RoPE rotates pairs)"))]
+pub struct ModelSpec {
+    /// A named model: `tiny`, `llama-7b`, `llama-13b` or `llama-70b`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<ModelPreset>,
+    /// Decoder layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub layers: Option<i32>,
+    /// Hidden size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 65536))]
+    pub hidden: Option<i32>,
+    /// Attention (query) heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub heads: Option<i32>,
+    /// Key/value heads (grouped-query attention); equal to `heads` for plain
+    /// multi-head attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub kv_heads: Option<i32>,
+    /// SwiGLU intermediate size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub ffn: Option<i32>,
+    /// Vocabulary size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 4194304))]
+    pub vocab: Option<i32>,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec {
+            preset: Some(ModelPreset::Tiny),
+            layers: None,
+            hidden: None,
+            heads: None,
+            kv_heads: None,
+            ffn: None,
+            vocab: None,
+        }
+    }
+}
+
+/// The training data.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.tokensPerStep >= self.maxSequenceLength").message("data.tokensPerStep must be at least data.maxSequenceLength (a step holds at least one whole sequence)"))]
+pub struct DataSpec {
+    /// A directory of text or JSONL files inside the worker (an absolute
+    /// path, typically on a volume), or `builtin:python-reference` for the
+    /// corpus that ships in the trainer image.
+    #[serde(default = "default_data_source")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') || self == 'builtin:python-reference'").message("data.source must be an absolute path inside the worker or builtin:python-reference"))]
+    pub source: String,
+    /// Documents longer than this are cut; shorter ones are kept whole.
+    #[serde(default = "default_max_sequence_length")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_sequence_length: i64,
+    /// Tokens in one global training step, over all workers.
+    #[serde(default = "default_tokens_per_step")]
+    #[schemars(range(min = 1, max = 1099511627776_i64))]
+    pub tokens_per_step: i64,
+}
+
+fn default_data_source() -> String {
+    "builtin:python-reference".to_string()
+}
+
+fn default_max_sequence_length() -> i64 {
+    32768
+}
+
+fn default_tokens_per_step() -> i64 {
+    1 << 20
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        DataSpec {
+            source: default_data_source(),
+            max_sequence_length: default_max_sequence_length(),
+            tokens_per_step: default_tokens_per_step(),
+        }
+    }
+}
+
+/// How context parallelism is chosen.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ContextParallelism {
+    /// Every step, each sequence gets the context-parallel degree that fits
+    /// it best (weft's planner).
+    #[default]
+    Adaptive,
+    /// One fixed degree for every sequence (the Megatron-LM way); needs
+    /// `cpDegree`.
+    Static,
+}
+
+/// How sequences are spread over the GPUs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.contextParallelism == 'Static' ? has(self.cpDegree) : !has(self.cpDegree)").message("parallelism.cpDegree is required with contextParallelism Static, and only then"))]
+#[x_kube(validation = Rule::new("!has(self.cpDegree) || !has(self.maxCpDegree) || self.cpDegree <= self.maxCpDegree").message("parallelism.cpDegree must not be greater than parallelism.maxCpDegree"))]
+pub struct ParallelismSpec {
+    #[serde(default)]
+    pub context_parallelism: ContextParallelism,
+    /// The fixed degree of `Static` context parallelism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub cp_degree: Option<i32>,
+    /// The largest context-parallel group a sequence may get; unbounded when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_cp_degree: Option<i32>,
+    /// Split a sequence inside a node before going across nodes.
+    #[serde(default = "yes")]
+    pub hierarchical: bool,
+    /// Spread inter-node transfers over every NIC by GPU affinity.
+    #[serde(default = "yes")]
+    pub nic_aware_routing: bool,
+    /// StreamBP: backpropagate along the sequence in chunks of this many
+    /// tokens (activation memory falls with the chunk); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub stream_bp_chunk_tokens: Option<i64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ParallelismSpec {
+    fn default() -> Self {
+        ParallelismSpec {
+            context_parallelism: ContextParallelism::Adaptive,
+            cp_degree: None,
+            max_cp_degree: None,
+            hierarchical: true,
+            nic_aware_routing: true,
+            stream_bp_chunk_tokens: None,
+        }
+    }
+}
+
+/// Where and how often training state is saved.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// Directory of checkpoints inside every worker.
+    #[serde(default = "default_checkpoint_path")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("checkpoint.path must be an absolute path"))]
+    pub path: String,
+    /// A PersistentVolumeClaim (ReadWriteMany) mounted at `path` in every
+    /// worker, so checkpoints outlive any pod. Without one, `path` is an
+    /// emptyDir: a resize keeps its state only in surviving workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// Steps between checkpoints.
+    #[serde(default = "default_checkpoint_interval")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub interval_steps: i32,
+    /// How many complete checkpoints are kept.
+    #[serde(default = "default_checkpoint_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: i32,
+}
+
+fn default_checkpoint_path() -> String {
+    "/var/lib/weft/checkpoints".to_string()
+}
+
+fn default_checkpoint_interval() -> i32 {
+    500
+}
+
+fn default_checkpoint_keep() -> i32 {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            path: default_checkpoint_path(),
+            claim_name: None,
+            interval_steps: default_checkpoint_interval(),
+            keep: default_checkpoint_keep(),
+        }
+    }
+}
+
+/// How the job reacts to lost and added capacity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticitySpec {
+    /// Worker failures (a pod that fails, not a node that is lost) the job
+    /// survives over its whole life; one more fails the job. The count is
+    /// kept in the status and never resets.
+    #[serde(default = "default_restart_limit")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub restart_limit: i32,
+    /// After a membership change, the job waits this long before it grows
+    /// into new capacity (shrinking on a loss never waits).
+    #[serde(default = "default_rescale_cooldown")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub rescale_cooldown_seconds: i32,
+}
+
+fn default_restart_limit() -> i32 {
+    5
+}
+
+fn default_rescale_cooldown() -> i32 {
+    60
+}
+
+impl Default for ElasticitySpec {
+    fn default() -> Self {
+        ElasticitySpec {
+            restart_limit: default_restart_limit(),
+            rescale_cooldown_seconds: default_rescale_cooldown(),
+        }
+    }
+}
+
+/// Where the workers may run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// The scheduler that binds the worker pods (e.g. a gang scheduler);
+    /// the cluster's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Only nodes with all these labels are used.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the worker pods (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+    /// The node label that names a rack: workers are packed into as few
+    /// distinct values of it as possible, and ring neighbours share one.
+    #[serde(default = "default_topology_key")]
+    #[schemars(length(min = 1, max = 317))]
+    pub topology_key: String,
+}
+
+fn default_topology_key() -> String {
+    crate::topology::LABEL_RACK.to_string()
+}
+
+impl Default for SchedulingSpec {
+    fn default() -> Self {
+        SchedulingSpec {
+            scheduler_name: None,
+            priority_class_name: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            topology_key: default_topology_key(),
         }
     }
 }
@@ -166,6 +531,48 @@ pub struct TrainingJobStatus {
     /// Training throughput reported by the workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// The last complete checkpoint the workers reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointRecord>,
+    /// Worker failures counted against `elasticity.restartLimit`, over the
+    /// job's whole life (never reset).
+    #[serde(default)]
+    pub restarts: i32,
+    /// The most recent worker failures, newest last (at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_failures: Vec<WorkerFailure>,
+    /// When the job's first workers were created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job succeeded or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// When the mesh epoch last changed; growth waits for
+    /// `elasticity.rescaleCooldownSeconds` after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rescale_time: Option<Time>,
+}
+
+/// A complete checkpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRecord {
+    pub step: i64,
+    pub path: String,
+    pub time: Time,
+}
+
+/// One counted worker failure.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerFailure {
+    /// The worker pod.
+    pub worker: String,
+    /// The pod's UID: a failure is counted once per pod.
+    pub uid: String,
+    /// Why it failed (container reason and exit code, or the pod's reason).
+    pub reason: String,
+    pub time: Time,
 }
 
 #[cfg(test)]
@@ -207,5 +614,47 @@ mod tests {
             serde_json::from_str(r#"{"image":"weft:dev","workers":{"min":1,"max":2}}"#).unwrap();
         assert_eq!(spec.resources.gpus, 8);
         assert!(!spec.suspend);
+        assert_eq!(spec, TrainingJobSpec::new("weft:dev", 1, 2));
+        assert_eq!(spec.model.preset, Some(ModelPreset::Tiny));
+        assert_eq!(spec.elasticity.restart_limit, 5);
+        assert_eq!(spec.scheduling.topology_key, crate::topology::LABEL_RACK);
+    }
+
+    #[test]
+    fn schema_carries_defaults_for_the_api_server_to_apply() {
+        let crd = serde_json::to_value(TrainingJob::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let data = &spec["properties"]["data"]["properties"];
+        assert_eq!(data["maxSequenceLength"]["default"], 32768);
+        assert_eq!(
+            spec["properties"]["elasticity"]["properties"]["rescaleCooldownSeconds"]["default"],
+            60
+        );
+    }
+
+    #[test]
+    fn schema_carries_the_immutability_rules() {
+        let json = serde_json::to_string(&TrainingJob::crd()).unwrap();
+        for rule in [
+            "self.model == oldSelf.model",
+            "self.data == oldSelf.data",
+            "oldSelf.suspend || (self.image == oldSelf.image",
+            "self.heads % self.kvHeads == 0",
+        ] {
+            assert!(json.contains(rule), "missing rule {rule}");
+        }
+    }
+
+    #[test]
+    fn model_presets_round_trip_by_name() {
+        for preset in [
+            ModelPreset::Tiny,
+            ModelPreset::Llama7b,
+            ModelPreset::Llama13b,
+            ModelPreset::Llama70b,
+        ] {
+            let json = serde_json::to_string(&preset).unwrap();
+            assert_eq!(json, format!("\"{}\"", preset.name()));
+        }
     }
 }

@@ -378,14 +378,15 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 pub async fn ensure_training_job_crd(env: &TestEnv) -> anyhow::Result<()> {
     use kube::CustomResourceExt;
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    match crds
-        .create(&PostParams::default(), &weft_crds::TrainingJob::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
+    // Applied, not created: a cluster left up by an earlier build gets this
+    // build's schema.
+    let crd = weft_crds::TrainingJob::crd();
+    crds.patch(
+        "trainingjobs.weft.dev",
+        &kube::api::PatchParams::apply("weft-e2e").force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await?;
     wait_for_crd(
         &env.client,
         "trainingjobs.weft.dev",

@@ -3,8 +3,11 @@
 //! Pending with no pod and says why (gang start); a job that fits gets one
 //! worker per 8-GPU node, placed where the mesh says, and runs; a lost node
 //! shrinks it (the survivors' pods untouched, a new mesh epoch); the node's
-//! return grows it again; suspend removes its workers and resume brings them
-//! back.
+//! return grows it again, but not before the rescale cooldown; a failed
+//! worker is counted and replaced; suspend removes its workers and resume
+//! brings them back; a worker that finishes ends the job and frees its GPUs;
+//! a job whose workers fail past its restart limit fails and says why; and
+//! each of these is a Kubernetes event on the job.
 //!
 //! Its own test binary (one test), so it has the GPUs to itself.
 
@@ -12,32 +15,66 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
+use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
 use weft_e2e::{HarnessError, TestEnv, wait_for};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::mesh::MeshPlan;
 
 const NOT_READY: &str = "node-not-ready.stage.kwok.x-k8s.io";
 
+const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
+const COOLDOWN_S: i32 = 5;
+
 fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
-    TrainingJob::new(
-        name,
-        TrainingJobSpec {
-            image: "busybox:1.36".into(),
-            command: Some(vec!["sleep".into(), "3600".into()]),
-            args: None,
-            workers: WorkerRange { min, max },
-            resources: WorkerResources {
-                gpus,
-                cpu: Some("1".into()),
-                memory: Some("1Gi".into()),
-            },
-            suspend: false,
+    let mut spec = TrainingJobSpec {
+        command: Some(vec!["sleep".into(), "3600".into()]),
+        resources: WorkerResources {
+            gpus,
+            cpu: Some("1".into()),
+            memory: Some("1Gi".into()),
         },
-    )
+        ..TrainingJobSpec::new("busybox:1.36", min, max)
+    };
+    spec.elasticity.rescale_cooldown_seconds = COOLDOWN_S;
+    TrainingJob::new(name, spec)
+}
+
+/// Makes kwok fail a worker pod's container (exit code 1).
+async fn fail_pod(pods: &Api<Pod>, pod: &str) -> anyhow::Result<()> {
+    let patch = serde_json::json!({ "metadata": { "labels": { FAIL: "true" } } });
+    pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Waits until the job's status satisfies `done`.
+async fn wait_status(
+    jobs: &Api<TrainingJob>,
+    job: &str,
+    what: &str,
+    done: impl Fn(&weft_crds::TrainingJobStatus) -> bool,
+) -> anyhow::Result<weft_crds::TrainingJobStatus> {
+    let done = &done;
+    let status = wait_for(what, Duration::from_secs(90), || {
+        let jobs = jobs.clone();
+        async move {
+            let status = jobs.get(job).await?.status.unwrap_or_default();
+            Ok(done(&status).then_some(status))
+        }
+    })
+    .await?;
+    Ok(status)
+}
+
+/// The reasons of the events recorded about a job.
+async fn event_reasons(events: &Api<Event>, job: &str) -> anyhow::Result<Vec<String>> {
+    let list = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={job}")))
+        .await?;
+    Ok(list.items.into_iter().filter_map(|e| e.reason).collect())
 }
 
 /// The job's running pods: name → (uid, node).
@@ -134,7 +171,8 @@ async fn set_not_ready(nodes: &Api<Node>, node: &str, not_ready: bool) -> anyhow
 }
 
 #[tokio::test]
-async fn the_controller_gangs_places_shrinks_grows_and_suspends_jobs() -> anyhow::Result<()> {
+async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jobs()
+-> anyhow::Result<()> {
     let env = TestEnv::connect().await?;
     weft_e2e::ensure_training_job_crd(&env).await?;
     env.run("controller", |ns| async move {
@@ -203,8 +241,61 @@ async fn the_controller_gangs_places_shrinks_grows_and_suspends_jobs() -> anyhow
             );
         }
 
-        // The node comes back: the job grows to three again.
+        let shrink_time = jobs
+            .get("elastic")
+            .await?
+            .status
+            .and_then(|s| s.last_rescale_time)
+            .context("a shrink records its time")?;
+
+        // The node comes back: the job grows to three again, once the
+        // cooldown after the shrink has passed.
         let (_, mesh) = wait_running(&ns, "elastic", 3, mesh.epoch + 1).await?;
+        let grow_time = jobs
+            .get("elastic")
+            .await?
+            .status
+            .and_then(|s| s.last_rescale_time)
+            .context("a growth records its time")?;
+        let waited = grow_time.0.duration_since(shrink_time.0).as_secs_f64();
+        ensure!(
+            waited >= f64::from(COOLDOWN_S) - 0.001,
+            "grew {waited:.1} s after the shrink, inside the {COOLDOWN_S} s cooldown"
+        );
+
+        // A worker fails: counted once, replaced, the others untouched.
+        let (before, _) = wait_running(&ns, "elastic", 3, mesh.epoch).await?;
+        let victim = mesh.workers[1].name.clone();
+        fail_pod(&pods, &victim).await?;
+        let status = wait_status(&jobs, "elastic", "the failure to be counted", |s| {
+            s.restarts == 1
+        })
+        .await?;
+        ensure!(
+            status.recent_failures[0].worker == victim
+                && status.recent_failures[0]
+                    .reason
+                    .contains("exited with code 1"),
+            "{:?}",
+            status.recent_failures
+        );
+        let (after, mesh) = wait_running(&ns, "elastic", 3, mesh.epoch + 1).await?;
+        ensure!(
+            after[&victim].0 != before[&victim].0,
+            "the failed worker is a new pod"
+        );
+        for (name, (uid, _)) in after.iter().filter(|(n, _)| **n != victim) {
+            ensure!(before[name].0 == *uid, "survivor {name} was recreated");
+        }
+        ensure!(
+            jobs.get("elastic")
+                .await?
+                .status
+                .unwrap_or_default()
+                .restarts
+                == 1,
+            "one failure is one restart"
+        );
 
         // Suspend: no workers; resume: three again.
         let suspend = serde_json::json!({ "spec": { "suspend": true } });
@@ -224,7 +315,88 @@ async fn the_controller_gangs_places_shrinks_grows_and_suspends_jobs() -> anyhow
         let resume = serde_json::json!({ "spec": { "suspend": false } });
         jobs.patch("elastic", &PatchParams::default(), &Patch::Merge(&resume))
             .await?;
-        wait_running(&ns, "elastic", 3, mesh.epoch + 1).await?;
+        let (_, mesh) = wait_running(&ns, "elastic", 3, mesh.epoch + 1).await?;
+
+        // A worker finishes: the job has succeeded and its GPUs are free.
+        let finisher = mesh.workers[0].name.clone();
+        let done = serde_json::json!({ "status": { "phase": "Succeeded" } });
+        pods.patch_status(&finisher, &PatchParams::default(), &Patch::Merge(&done))
+            .await?;
+        let status = wait_status(&jobs, "elastic", "elastic to succeed", |s| {
+            s.phase == Phase::Succeeded
+        })
+        .await?;
+        ensure!(status.completion_time.is_some(), "a finished job says when");
+        wait_for(
+            "elastic's workers to be gone",
+            Duration::from_secs(60),
+            || {
+                let pods = pods.clone();
+                async move {
+                    let live = pods
+                        .list(&ListParams::default().labels(&format!("{LABEL_JOB}=elastic")))
+                        .await?
+                        .items
+                        .into_iter()
+                        .filter(|p| {
+                            p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Succeeded")
+                        })
+                        .count();
+                    Ok((live == 0).then_some(()))
+                }
+            },
+        )
+        .await?;
+
+        // Past the restart limit the job fails, says why, and stops.
+        let mut flaky = job("flaky", 2, 2, 8);
+        flaky.spec.elasticity.restart_limit = 1;
+        jobs.create(&PostParams::default(), &flaky).await?;
+        let (workers, _) = wait_running(&ns, "flaky", 2, 1).await?;
+        for name in workers.keys() {
+            fail_pod(&pods, name).await?;
+        }
+        let status = wait_status(&jobs, "flaky", "flaky to fail", |s| {
+            s.phase == Phase::Failed
+        })
+        .await?;
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .context("a Failed condition")?;
+        ensure!(
+            failed.reason == "RestartLimitExceeded"
+                && failed
+                    .message
+                    .contains("2 worker failures, more than elasticity.restartLimit 1"),
+            "{failed:?}"
+        );
+        ensure!(
+            running_workers(&pods, "flaky").await?.is_empty(),
+            "a failed job runs nothing"
+        );
+
+        // What happened is told as events on the jobs.
+        let events: Api<Event> = ns.api();
+        let reasons = wait_for("the events to be recorded", Duration::from_secs(30), || {
+            let events = events.clone();
+            async move {
+                let elastic = event_reasons(&events, "elastic")
+                    .await
+                    .map_err(|e| HarnessError::Other(e.to_string()))?;
+                let flaky = event_reasons(&events, "flaky")
+                    .await
+                    .map_err(|e| HarnessError::Other(e.to_string()))?;
+                let all = ["MeshEpoch", "WorkerFailed", "Suspended", "Succeeded"]
+                    .iter()
+                    .all(|r| elastic.iter().any(|e| e == r))
+                    && flaky.iter().any(|e| e == "RestartLimitExceeded");
+                Ok(all.then_some((elastic, flaky)))
+            }
+        })
+        .await;
+        ensure!(reasons.is_ok(), "missing events: {reasons:?}");
         controller.abort();
         Ok(())
     })

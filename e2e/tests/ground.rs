@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use weft_crds::topology::{self, ANNOTATION_NICS, LABEL_GPU_PRODUCT, RESOURCE_GPU};
-use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
+use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange};
 use weft_e2e::{HarnessError, TestEnv, helm_binary, repo_root, wait_for, wait_for_crd};
 
 fn gpus_of(node: &Node) -> u32 {
@@ -328,14 +328,7 @@ async fn the_helm_chart_installs_the_trainingjob_crd_and_the_api_server_serves_a
         wait_for_crd(&ns.client, "trainingjobs.weft.dev", Duration::from_secs(60)).await?;
 
         let jobs: Api<TrainingJob> = ns.api();
-        let spec = TrainingJobSpec {
-            image: "weft-trainer:dev".into(),
-            command: None,
-            args: None,
-            workers: WorkerRange { min: 2, max: 4 },
-            resources: WorkerResources::default(),
-            suspend: false,
-        };
+        let spec = TrainingJobSpec::new("weft-trainer:dev", 2, 4);
         let job = TrainingJob::new("tiny", spec.clone());
         // The API server may take a moment to serve a freshly established CRD.
         wait_for(

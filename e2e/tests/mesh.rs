@@ -12,7 +12,7 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange, WorkerResources};
+use weft_crds::{TrainingJob, TrainingJobSpec, WorkerResources};
 use weft_e2e::{HarnessError, TestEnv, wait_for};
 use weft_operator::build::build;
 use weft_operator::controller::mesh_inputs;
@@ -39,17 +39,18 @@ async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyho
                 &TrainingJob::new(
                     "mesh-demo",
                     TrainingJobSpec {
-                        image: std::env::var("WEFT_E2E_IMAGE")
-                            .unwrap_or_else(|_| "busybox:1.36".into()),
                         command: Some(vec!["sleep".into(), "3600".into()]),
-                        args: None,
-                        workers: WorkerRange { min: 2, max: 3 },
                         resources: WorkerResources {
                             gpus: 2,
                             cpu: Some("1".into()),
                             memory: Some("1Gi".into()),
                         },
-                        suspend: false,
+                        ..TrainingJobSpec::new(
+                            std::env::var("WEFT_E2E_IMAGE")
+                                .unwrap_or_else(|_| "busybox:1.36".into()),
+                            2,
+                            3,
+                        )
                     },
                 ),
             )

@@ -7,7 +7,12 @@
 //!   its ranks and epoch through its environment. `restartPolicy: Never`: a
 //!   failed worker is the operator's to handle (shrink, replace, count).
 //! - A headless Service over the job's workers, for rendezvous.
-//! - A ConfigMap holding the mesh plan as JSON, mounted into every worker.
+//! - A ConfigMap holding the mesh plan (`mesh.json`) and the training
+//!   parameters the per-step planner and the trainer need (`training.json`:
+//!   the resolved model, data, parallelism and checkpoint sections), mounted
+//!   into every worker.
+//! - The job's scheduling section (scheduler, priority class, node selector,
+//!   tolerations) and checkpoint volume (a PVC, or an emptyDir) on every pod.
 //!
 //! Every object carries the job's labels and a controller owner reference, so
 //! deleting the job deletes them.
@@ -15,8 +20,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, Pod, PodSpec, ResourceRequirements,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -36,6 +42,43 @@ pub const RENDEZVOUS_PORT: i32 = 29500;
 /// Where workers find the mesh plan.
 pub const MESH_MOUNT: &str = "/etc/weft/mesh";
 
+/// What the workers of a job need besides the mesh, published next to it as
+/// `training.json`. Version 1.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingParameters {
+    pub version: u32,
+    /// The model with every dimension resolved (a preset's sizes filled in).
+    pub model: weft_planner::model::ModelSpec,
+    pub data: weft_crds::DataSpec,
+    pub parallelism: weft_crds::ParallelismSpec,
+    pub checkpoint: weft_crds::CheckpointSpec,
+}
+
+/// The model a spec names, every dimension resolved and checked.
+pub fn resolve_model(
+    spec: &weft_crds::ModelSpec,
+) -> Result<weft_planner::model::ModelSpec, BuildError> {
+    use weft_planner::model::ModelSpec;
+    let model = match spec.preset {
+        Some(preset) => ModelSpec::preset(preset.name())?,
+        None => {
+            let dim = |v: Option<i32>| v.unwrap_or(0).max(0) as u32;
+            ModelSpec {
+                name: "custom".to_string(),
+                layers: dim(spec.layers),
+                hidden: dim(spec.hidden),
+                heads: dim(spec.heads),
+                kv_heads: dim(spec.kv_heads),
+                ffn: dim(spec.ffn),
+                vocab: dim(spec.vocab),
+            }
+        }
+    };
+    model.validate()?;
+    Ok(model)
+}
+
 /// Why the objects of a job cannot be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BuildError {
@@ -43,6 +86,8 @@ pub enum BuildError {
     Unsaved(&'static str),
     #[error("the mesh plan cannot be serialised: {0}")]
     Mesh(String),
+    #[error("spec.model: {0}")]
+    Model(#[from] weft_planner::model::ModelError),
 }
 
 impl BuildError {
@@ -51,6 +96,7 @@ impl BuildError {
         match self {
             BuildError::Unsaved(_) => "job_metadata",
             BuildError::Mesh(_) => "mesh_plan",
+            BuildError::Model(e) => e.category(),
         }
     }
 }
@@ -99,12 +145,24 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
 
     let mesh_json =
         serde_json::to_string_pretty(mesh).map_err(|e| BuildError::Mesh(e.to_string()))?;
+    let parameters = TrainingParameters {
+        version: 1,
+        model: resolve_model(&job.spec.model)?,
+        data: job.spec.data.clone(),
+        parallelism: job.spec.parallelism.clone(),
+        checkpoint: job.spec.checkpoint.clone(),
+    };
+    let parameters_json =
+        serde_json::to_string_pretty(&parameters).map_err(|e| BuildError::Mesh(e.to_string()))?;
     let config_map = ConfigMap {
         metadata: meta(
             mesh_config_map_name(&name),
             &[(LABEL_EPOCH, mesh.epoch.to_string())],
         ),
-        data: Some(BTreeMap::from([("mesh.json".to_string(), mesh_json)])),
+        data: Some(BTreeMap::from([
+            ("mesh.json".to_string(), mesh_json),
+            ("training.json".to_string(), parameters_json),
+        ])),
         ..Default::default()
     };
 
@@ -161,6 +219,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 ("WEFT_LOCAL_RANKS", worker.gpus.to_string()),
                 ("WEFT_RENDEZVOUS", rendezvous.clone()),
                 ("WEFT_MESH", format!("{MESH_MOUNT}/mesh.json")),
+                ("WEFT_TRAINING", format!("{MESH_MOUNT}/training.json")),
             ]
             .into_iter()
             .map(|(k, v)| EnvVar {
@@ -168,7 +227,10 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 value: Some(v),
                 ..Default::default()
             })
+            .chain(spec.env.iter().cloned())
             .collect();
+            let mut node_selector = spec.scheduling.node_selector.clone();
+            node_selector.insert("kubernetes.io/hostname".to_string(), worker.node.clone());
             Pod {
                 metadata: meta(
                     worker.name.clone(),
@@ -181,10 +243,11 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                     hostname: Some(worker.name.clone()),
                     subdomain: Some(service_name(&name)),
                     restart_policy: Some("Never".to_string()),
-                    node_selector: Some(BTreeMap::from([(
-                        "kubernetes.io/hostname".to_string(),
-                        worker.node.clone(),
-                    )])),
+                    node_selector: Some(node_selector),
+                    scheduler_name: spec.scheduling.scheduler_name.clone(),
+                    priority_class_name: spec.scheduling.priority_class_name.clone(),
+                    tolerations: (!spec.scheduling.tolerations.is_empty())
+                        .then(|| spec.scheduling.tolerations.clone()),
                     containers: vec![Container {
                         name: "trainer".to_string(),
                         image: Some(spec.image.clone()),
@@ -196,22 +259,32 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                             requests: (!requests.is_empty()).then(|| requests.clone()),
                             ..Default::default()
                         }),
-                        volume_mounts: Some(vec![VolumeMount {
-                            name: "mesh".to_string(),
-                            mount_path: MESH_MOUNT.to_string(),
-                            read_only: Some(true),
-                            ..Default::default()
-                        }]),
+                        volume_mounts: Some(vec![
+                            VolumeMount {
+                                name: "mesh".to_string(),
+                                mount_path: MESH_MOUNT.to_string(),
+                                read_only: Some(true),
+                                ..Default::default()
+                            },
+                            VolumeMount {
+                                name: "checkpoints".to_string(),
+                                mount_path: spec.checkpoint.path.clone(),
+                                ..Default::default()
+                            },
+                        ]),
                         ..Default::default()
                     }],
-                    volumes: Some(vec![Volume {
-                        name: "mesh".to_string(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: mesh_config_map_name(&name),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "mesh".to_string(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: mesh_config_map_name(&name),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                        },
+                        checkpoint_volume(&spec.checkpoint),
+                    ]),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -225,10 +298,29 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
     })
 }
 
+fn checkpoint_volume(checkpoint: &weft_crds::CheckpointSpec) -> Volume {
+    match &checkpoint.claim_name {
+        Some(claim) => Volume {
+            name: "checkpoints".to_string(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        },
+        None => Volume {
+            name: "checkpoints".to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_crds::{TrainingJobSpec, WorkerRange, WorkerResources};
+    use k8s_openapi::api::core::v1::Toleration;
+    use weft_crds::{ModelPreset, ModelSpec as JobModel, TrainingJobSpec, WorkerResources};
     use weft_planner::cluster::parse_cluster;
     use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
 
@@ -236,16 +328,13 @@ mod tests {
         let mut job = TrainingJob::new(
             "llm",
             TrainingJobSpec {
-                image: "weft-trainer:dev".into(),
-                command: None,
                 args: Some(vec!["--steps".into(), "10".into()]),
-                workers: WorkerRange { min: 2, max: 3 },
                 resources: WorkerResources {
                     gpus: 8,
                     cpu: Some("96".into()),
                     memory: Some("1Ti".into()),
                 },
-                suspend: false,
+                ..TrainingJobSpec::new("weft-trainer:dev", 2, 3)
             },
         );
         job.metadata.namespace = Some("team-a".into());
@@ -337,5 +426,111 @@ mod tests {
             "the TrainingJob has no uid yet (it must be read from the API server)"
         );
         assert_eq!(err.category(), "job_metadata");
+    }
+
+    #[test]
+    fn scheduling_env_and_checkpoint_volume_reach_every_pod() {
+        let mut job = job();
+        job.spec.scheduling.scheduler_name = Some("volcano".into());
+        job.spec.scheduling.priority_class_name = Some("training-high".into());
+        job.spec.scheduling.node_selector =
+            BTreeMap::from([("pool".to_string(), "h100".to_string())]);
+        job.spec.scheduling.tolerations = vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }];
+        job.spec.env = vec![EnvVar {
+            name: "HF_HOME".into(),
+            value: Some("/cache".into()),
+            ..Default::default()
+        }];
+        job.spec.checkpoint.claim_name = Some("ckpt".into());
+        let mesh = mesh();
+        for (pod, worker) in build(&job, &mesh).unwrap().pods.iter().zip(&mesh.workers) {
+            let spec = pod.spec.as_ref().unwrap();
+            assert_eq!(spec.scheduler_name.as_deref(), Some("volcano"));
+            assert_eq!(spec.priority_class_name.as_deref(), Some("training-high"));
+            let selector = spec.node_selector.as_ref().unwrap();
+            assert_eq!(selector["pool"], "h100");
+            assert_eq!(selector["kubernetes.io/hostname"], worker.node);
+            assert_eq!(spec.tolerations.as_ref().unwrap().len(), 1);
+            let c = &spec.containers[0];
+            let env = c.env.as_ref().unwrap();
+            assert!(env.iter().any(|e| e.name == "HF_HOME"));
+            assert!(env.iter().any(|e| e.name == "WEFT_TRAINING"));
+            let mount = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.name == "checkpoints")
+                .unwrap();
+            assert_eq!(mount.mount_path, "/var/lib/weft/checkpoints");
+            let volume = spec
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == "checkpoints")
+                .unwrap();
+            assert_eq!(
+                volume.persistent_volume_claim.as_ref().unwrap().claim_name,
+                "ckpt"
+            );
+        }
+        // Without a claim, checkpoints live in an emptyDir.
+        let pods = build(&self::job(), &mesh).unwrap().pods;
+        let volumes = pods[0].spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(volumes.iter().any(|v| v.empty_dir.is_some()));
+    }
+
+    #[test]
+    fn training_parameters_carry_the_resolved_model() {
+        let mut job = job();
+        job.spec.model = JobModel {
+            preset: Some(ModelPreset::Llama70b),
+            ..JobModel::default()
+        };
+        let objects = build(&job, &mesh()).unwrap();
+        let json = &objects.mesh.data.as_ref().unwrap()["training.json"];
+        let parameters: TrainingParameters = serde_json::from_str(json).unwrap();
+        assert_eq!(parameters.version, 1);
+        assert_eq!(
+            (parameters.model.layers, parameters.model.kv_heads),
+            (80, 8)
+        );
+        assert_eq!(parameters.data, job.spec.data);
+    }
+
+    #[test]
+    fn every_preset_resolves_and_bad_explicit_dimensions_are_named() {
+        for preset in [
+            ModelPreset::Tiny,
+            ModelPreset::Llama7b,
+            ModelPreset::Llama13b,
+            ModelPreset::Llama70b,
+        ] {
+            let model = resolve_model(&JobModel {
+                preset: Some(preset),
+                ..JobModel::default()
+            })
+            .unwrap();
+            assert_eq!(model.name, preset.name());
+        }
+        let bad = JobModel {
+            preset: None,
+            layers: Some(2),
+            hidden: Some(96),
+            heads: Some(6),
+            kv_heads: Some(4),
+            ffn: Some(256),
+            vocab: Some(257),
+        };
+        let err = resolve_model(&bad).unwrap_err();
+        assert!(err.to_string().starts_with("spec.model:"), "{err}");
+        assert!(err.to_string().contains("6 heads"), "{err}");
+        assert_eq!(err.category(), "model_description");
     }
 }

@@ -13,9 +13,15 @@
 //!   Free capacity grows the job up to `max`.
 //! - **Suspend**: a suspended job's pods are deleted; clearing `suspend`
 //!   starts it again.
+//! - **Below min**: a job that can no longer place `workers.min` workers
+//!   stops the ones it has (holding GPUs while waiting is how gangs
+//!   deadlock) and waits, Pending, saying what it needs.
+//! - **Restart budget, completion, cooldown**: see [`crate::lifecycle`].
+//!   An ended job (Succeeded or Failed) keeps no worker running.
 //!
-//! Not yet: the rescale cooldown and restart budget, completion handling
-//! beyond the status phase, events, leader election, metrics.
+//! Every transition a user would want to see is a Kubernetes event on the
+//! job (`kubectl describe tj`): worker failures, mesh epochs (who joined and
+//! left), phase changes, suspension, the end and why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,15 +32,19 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, ResourceExt};
-use weft_crds::TrainingJob;
+use kube::{Api, Client, Resource, ResourceExt};
 use weft_crds::topology::RESOURCE_GPU;
+use weft_crds::{Phase, TrainingJob};
 use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
 
-use crate::build::{BuildError, LABEL_JOB, build};
+use crate::build::{BuildError, LABEL_JOB, build, resolve_model};
 use crate::inventory::GpuNode;
-use crate::status::{Observed, compute_status};
+use crate::lifecycle::{
+    finished_worker, growth_limit, new_failures, record_failures, restart_budget_exhausted,
+};
+use crate::status::{Observed, Outcome, compute_status, finished_status};
 
 /// The field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -140,11 +150,44 @@ fn pinned_node(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    /// Publishes Kubernetes events about jobs.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Context")
+    }
+}
+
+/// Publishes an event about `job`. Events are for people: a failure to
+/// publish one is logged, never fails the reconcile.
+async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+        eprintln!(
+            "weft-operator: could not publish event {reason} for {}: {e}",
+            job.name_any()
+        );
     }
 }
 
@@ -158,12 +201,17 @@ pub async fn reconcile(
     let client = ctx.client.clone();
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    // The job as this reconcile has brought it so far (status included).
+    let mut job: TrainingJob = (*job).clone();
+    let previous_phase = job.status.as_ref().map(|s| s.phase);
 
     // Observe.
     let node_list = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await?;
-    let (gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list.items);
+    let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list.items);
+    crate::inventory::fit_to_job(&mut gpu_nodes, &node_list.items, &job.spec.scheduling);
     let all_pods = Api::<Pod>::all(client.clone())
         .list(&ListParams::default())
         .await?
@@ -173,16 +221,83 @@ pub async fn reconcile(
         .await?
         .items;
 
+    // An ended job keeps its workers stopped.
+    if matches!(previous_phase, Some(Phase::Succeeded | Phase::Failed)) {
+        stop_workers(&pods, &job_pods).await?;
+        return Ok(Action::await_change());
+    }
+
+    // Validate what the schema cannot.
+    if let Err(err) = resolve_model(&job.spec.model) {
+        let outcome = Outcome::Failed {
+            reason: "InvalidSpec".to_string(),
+            message: err.to_string(),
+        };
+        return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+    }
+
+    // Restart budget: count each failed worker once, and write the count
+    // down before anything is deleted, so a restart of the operator can
+    // neither lose nor double it.
+    let mut status = job.status.clone().unwrap_or_default();
+    let failures = new_failures(&status, &job_pods, &now);
+    if !failures.is_empty() {
+        record_failures(&mut status, &failures);
+        for failure in &failures {
+            event(
+                &ctx,
+                &job,
+                EventType::Warning,
+                "WorkerFailed",
+                format!(
+                    "{}: {} (restart {} of {} allowed)",
+                    failure.worker,
+                    failure.reason,
+                    status.restarts,
+                    job.spec.elasticity.restart_limit
+                ),
+            )
+            .await;
+        }
+        if let Some(message) = restart_budget_exhausted(&job, &status) {
+            job.status = Some(status);
+            let outcome = Outcome::Failed {
+                reason: "RestartLimitExceeded".to_string(),
+                message,
+            };
+            return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+        }
+        write_status(&jobs, &name, &status).await?;
+        job.status = Some(status);
+    }
+
+    // Completion.
+    if let Some(worker) = finished_worker(&job_pods) {
+        let outcome = Outcome::Succeeded {
+            message: format!("worker {} finished training", worker.name_any()),
+        };
+        return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+    }
+
     // Suspended: no workers.
     if job.spec.suspend {
-        for pod in &job_pods {
-            delete_pod(&pods, &pod.name_any()).await?;
-        }
+        stop_workers(&pods, &job_pods).await?;
         let mut status = job.status.clone().unwrap_or_default();
-        status.phase = weft_crds::Phase::Suspended;
+        status.phase = Phase::Suspended;
         status.workers_ready = 0;
+        status.workers_ready_summary = Some(format!("0/{}", status.workers_desired));
         status.observed_generation = job.metadata.generation;
         write_status(&jobs, &name, &status).await?;
+        if previous_phase != Some(Phase::Suspended) {
+            event(
+                &ctx,
+                &job,
+                EventType::Normal,
+                "Suspended",
+                format!("spec.suspend is true: {} workers stopped", job_pods.len()),
+            )
+            .await;
+        }
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
 
@@ -201,26 +316,28 @@ pub async fn reconcile(
         .map(|s| s.mesh_epoch.max(0) as u64)
         .unwrap_or(0)
         .max(published.as_ref().map_or(0, |m| m.epoch));
+    let (max_workers, cooldown_left) =
+        growth_limit(&job, job.status.as_ref(), existing.len() as u32, &now);
     let request = MeshRequest {
         job: name.clone(),
         min_workers: job.spec.workers.min.max(0) as u32,
-        max_workers: job.spec.workers.max.max(0) as u32,
+        max_workers,
         gpus_per_worker: job.spec.resources.gpus.max(0) as u32,
         epoch: previous_epoch.max(1),
     };
+    let alive: BTreeSet<(String, String)> = existing
+        .iter()
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .collect();
+    let before: BTreeSet<(String, String)> = published
+        .iter()
+        .flat_map(|m| m.workers.iter())
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .filter(|w| alive.contains(w))
+        .collect();
     let planned = plan_mesh(&request, &mesh_nodes, &existing).map(|mut mesh| {
         // The epoch moves on whenever the membership differs from the
         // published mesh's workers that are still alive.
-        let alive: BTreeSet<(String, String)> = existing
-            .iter()
-            .map(|w| (w.name.clone(), w.node.clone()))
-            .collect();
-        let before: BTreeSet<(String, String)> = published
-            .iter()
-            .flat_map(|m| m.workers.iter())
-            .map(|w| (w.name.clone(), w.node.clone()))
-            .filter(|w| alive.contains(w))
-            .collect();
         let after: BTreeSet<(String, String)> = mesh
             .workers
             .iter()
@@ -235,50 +352,105 @@ pub async fn reconcile(
     });
 
     // Build and apply.
-    if let Ok(mesh) = &planned {
-        let objects = build(&job, mesh)?;
-        let apply = PatchParams::apply(FIELD_MANAGER).force();
-        config_maps
-            .patch(
-                &objects.mesh.name_any(),
-                &apply,
-                &Patch::Apply(&objects.mesh),
-            )
-            .await?;
-        let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-        services
-            .patch(
-                &objects.service.name_any(),
-                &apply,
-                &Patch::Apply(&objects.service),
-            )
-            .await?;
-        // Surviving pods are left as they are (a pod's spec cannot change);
-        // missing ones are created; ones the mesh dropped are deleted.
-        let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
-        for pod in &job_pods {
-            if !wanted.contains(&pod.name_any()) || terminal(pod) {
-                delete_pod(&pods, &pod.name_any()).await?;
+    let mut status = job.status.clone().unwrap_or_default();
+    match &planned {
+        Ok(mesh) => {
+            let objects = build(&job, mesh)?;
+            let apply = PatchParams::apply(FIELD_MANAGER).force();
+            config_maps
+                .patch(
+                    &objects.mesh.name_any(),
+                    &apply,
+                    &Patch::Apply(&objects.mesh),
+                )
+                .await?;
+            let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+            services
+                .patch(
+                    &objects.service.name_any(),
+                    &apply,
+                    &Patch::Apply(&objects.service),
+                )
+                .await?;
+            // Surviving pods are left as they are (a pod's spec cannot change);
+            // missing ones are created; ones the mesh dropped are deleted.
+            let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
+            for pod in &job_pods {
+                if !wanted.contains(&pod.name_any()) || terminal(pod) {
+                    delete_pod(&pods, &pod.name_any()).await?;
+                }
+            }
+            let present: BTreeSet<String> = job_pods
+                .iter()
+                .filter(|p| !terminal(p))
+                .map(|p| p.name_any())
+                .collect();
+            for pod in objects
+                .pods
+                .iter()
+                .filter(|p| !present.contains(&p.name_any()))
+            {
+                match pods.create(&PostParams::default(), pod).await {
+                    Ok(_) => {}
+                    // Created by an earlier reconcile that did not see it yet.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if status.start_time.is_none() {
+                status.start_time = Some(now.clone());
+            }
+            if mesh.epoch != previous_epoch {
+                status.last_rescale_time = Some(now.clone());
+                let after: BTreeSet<&str> = mesh.workers.iter().map(|w| w.name.as_str()).collect();
+                let joined = after
+                    .iter()
+                    .filter(|w| !before.iter().any(|(b, _)| b == *w))
+                    .count();
+                let left = before
+                    .iter()
+                    .filter(|(b, _)| !after.contains(b.as_str()))
+                    .count()
+                    + published.as_ref().map_or(0, |m| {
+                        m.workers
+                            .iter()
+                            .filter(|w| !alive.contains(&(w.name.clone(), w.node.clone())))
+                            .count()
+                    });
+                event(
+                    &ctx,
+                    &job,
+                    EventType::Normal,
+                    "MeshEpoch",
+                    format!(
+                        "mesh epoch {}: {} workers ({} GPUs) on {} nodes; {joined} joined, {left} left",
+                        mesh.epoch,
+                        mesh.workers.len(),
+                        mesh.world_size,
+                        mesh.node_groups.len()
+                    ),
+                )
+                .await;
             }
         }
-        let present: BTreeSet<String> = job_pods
-            .iter()
-            .filter(|p| !terminal(p))
-            .map(|p| p.name_any())
-            .collect();
-        for pod in objects
-            .pods
-            .iter()
-            .filter(|p| !present.contains(&p.name_any()))
-        {
-            match pods.create(&PostParams::default(), pod).await {
-                Ok(_) => {}
-                // Created by an earlier reconcile that did not see it yet.
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(e.into()),
+        Err(err) => {
+            // Below min (or never started): hold no GPUs while waiting, so
+            // two half-placed gangs can never deadlock each other.
+            let live = job_pods.iter().filter(|p| !terminal(p)).count();
+            if live > 0 {
+                stop_workers(&pods, &job_pods).await?;
+                event(
+                    &ctx,
+                    &job,
+                    EventType::Warning,
+                    "BelowMinimum",
+                    format!("{live} workers stopped: {err}"),
+                )
+                .await;
             }
         }
     }
+    job.status = Some(status);
 
     // Status, from a fresh look at the job's pods.
     let job_pods = pods
@@ -290,11 +462,65 @@ pub async fn reconcile(
         &Observed {
             mesh: planned.as_ref(),
             pods: &job_pods,
-            now: Time(k8s_openapi::jiff::Timestamp::now()),
+            now: now.clone(),
         },
     );
     write_status(&jobs, &name, &status).await?;
-    Ok(Action::requeue(Duration::from_secs(30)))
+    if previous_phase != Some(status.phase) {
+        let note = status
+            .conditions
+            .iter()
+            .map(|c| c.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let type_ = if status.phase == Phase::Pending {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        event(&ctx, &job, type_, &format!("{:?}", status.phase), note).await;
+    }
+    Ok(match cooldown_left {
+        // Look again when growth is allowed.
+        Some(left) if planned.is_ok() => Action::requeue(left + Duration::from_secs(1)),
+        _ => Action::requeue(Duration::from_secs(30)),
+    })
+}
+
+/// Ends the job: writes the final status first (so a restarted operator
+/// sees the job has ended), then stops every worker still running.
+async fn finish(
+    ctx: &Context,
+    jobs: &Api<TrainingJob>,
+    pods: &Api<Pod>,
+    job: &TrainingJob,
+    job_pods: &[Pod],
+    outcome: &Outcome,
+    now: &Time,
+) -> Result<Action, ControllerError> {
+    let status = finished_status(job, outcome, now);
+    write_status(jobs, &job.name_any(), &status).await?;
+    stop_workers(pods, job_pods).await?;
+    let (type_, reason, note) = match outcome {
+        Outcome::Succeeded { message } => (EventType::Normal, "Succeeded", message.clone()),
+        Outcome::Failed { reason, message } => {
+            (EventType::Warning, reason.as_str(), message.clone())
+        }
+    };
+    event(ctx, job, type_, reason, note).await;
+    Ok(Action::await_change())
+}
+
+/// Deletes every worker pod that still runs (finished pods hold no GPUs and
+/// keep their logs).
+async fn stop_workers(pods: &Api<Pod>, job_pods: &[Pod]) -> Result<(), ControllerError> {
+    for pod in job_pods
+        .iter()
+        .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+    {
+        delete_pod(pods, &pod.name_any()).await?;
+    }
+    Ok(())
 }
 
 async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), ControllerError> {
@@ -352,7 +578,7 @@ pub async fn run(client: Client, namespace: Option<String>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(reconcile, error_policy, Arc::new(Context { client }))
+        .run(reconcile, error_policy, Arc::new(Context::new(client)))
         .for_each(|result| async move {
             if let Err(e) = result {
                 eprintln!("weft-operator: {e}");

@@ -171,6 +171,64 @@ pub fn read_nodes(nodes: &[KubeNode]) -> (Vec<GpuNode>, Vec<InventoryError>) {
     (good, bad)
 }
 
+/// Narrows the cluster to what one job may use: a node whose labels miss the
+/// job's node selector, or that has a NoSchedule/NoExecute taint the job does
+/// not tolerate, is not schedulable for it (a worker pinned there would wait
+/// forever); and the rack of each node is read from the job's topology key.
+pub fn fit_to_job(
+    gpu_nodes: &mut [GpuNode],
+    nodes: &[KubeNode],
+    scheduling: &weft_crds::SchedulingSpec,
+) {
+    for gpu_node in gpu_nodes.iter_mut() {
+        let Some(node) = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(gpu_node.node.name.as_str()))
+        else {
+            continue;
+        };
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let selected = scheduling
+            .node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v));
+        let tolerated = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .all(|t| scheduling.tolerations.iter().any(|tol| tolerates(tol, t)));
+        if !(selected && tolerated) {
+            gpu_node.schedulable = false;
+        }
+        if scheduling.topology_key != topology::LABEL_RACK {
+            gpu_node.node.rack = labels
+                .get(&scheduling.topology_key)
+                .cloned()
+                .unwrap_or_default();
+        }
+    }
+}
+
+/// Whether a toleration tolerates a taint (the rules of the Kubernetes scheduler).
+fn tolerates(
+    toleration: &k8s_openapi::api::core::v1::Toleration,
+    taint: &k8s_openapi::api::core::v1::Taint,
+) -> bool {
+    let effect_ok = toleration
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key = toleration.key.as_deref().unwrap_or("");
+    let exists = toleration.operator.as_deref() == Some("Exists");
+    let key_ok = (key.is_empty() && exists) || key == taint.key;
+    let value_ok =
+        exists || toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+    effect_ok && key_ok && value_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +329,78 @@ mod tests {
         assert!(messages[1].contains("node l40") && messages[1].contains("NVIDIA-L40S"));
         assert!(messages[2].contains("node badnic") && messages[2].contains("GPU 9"));
         assert_eq!(bad[1].category(), "gpu_product");
+    }
+
+    #[test]
+    fn a_job_sees_only_the_nodes_its_selector_and_tolerations_allow() {
+        use k8s_openapi::api::core::v1::{Taint, Toleration};
+        let mut tainted = kube_node("n2", "8", "NVIDIA-H100-80GB-HBM3", None, true);
+        tainted.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "nvidia.com/gpu".into(),
+                effect: "NoSchedule".into(),
+                value: Some("present".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let mut pooled = kube_node("n1", "8", "NVIDIA-H100-80GB-HBM3", None, true);
+        pooled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("pool".into(), "a".into());
+        pooled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("example.com/switch".into(), "leaf-7".into());
+        let nodes = vec![pooled, tainted];
+        let fit = |scheduling: &weft_crds::SchedulingSpec| {
+            let (mut gpu_nodes, _) = read_nodes(&nodes);
+            fit_to_job(&mut gpu_nodes, &nodes, scheduling);
+            gpu_nodes
+                .iter()
+                .map(|n| (n.node.name.clone(), n.schedulable, n.node.rack.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut scheduling = weft_crds::SchedulingSpec::default();
+        assert_eq!(
+            fit(&scheduling),
+            [
+                ("n1".into(), true, "r1".into()),
+                ("n2".into(), false, "r1".into())
+            ]
+        );
+        scheduling.tolerations = vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }];
+        scheduling.node_selector = BTreeMap::from([("pool".to_string(), "a".to_string())]);
+        scheduling.topology_key = "example.com/switch".into();
+        assert_eq!(
+            fit(&scheduling),
+            [
+                ("n1".into(), true, "leaf-7".into()),
+                ("n2".into(), false, String::new())
+            ]
+        );
+        scheduling.node_selector.clear();
+        assert!(
+            fit(&scheduling)[1].1,
+            "the toleration admits the tainted node"
+        );
+        // A toleration of another value does not.
+        scheduling.tolerations = vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Equal".into()),
+            value: Some("absent".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }];
+        assert!(!fit(&scheduling)[1].1);
     }
 }

@@ -5,11 +5,12 @@
 //!
 //! Phases: `Suspended` when `spec.suspend`; `Pending` while no mesh can be made
 //! (the `Schedulable` condition says how many GPUs the job needs and how many
-//! it could get); `Starting` until every worker of the mesh runs; `Running`
-//! once they all do; `Succeeded` when every worker finished well; `Failed`
-//! when a worker failed (elastic recovery of failed workers comes with the
-//! controller). Conditions keep their transition time while their status
-//! holds.
+//! it could get); `Starting` until every worker of the first mesh runs;
+//! `Rescaling` while the workers of a later epoch come up; `Running` once they
+//! all do. The end of a job (`Succeeded`, `Failed`) and the restart budget
+//! are decided by [`lifecycle`](crate::lifecycle) and written with
+//! [`finished_status`]. Conditions keep their transition time while their
+//! status holds.
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -19,6 +20,8 @@ use weft_planner::mesh::{MeshError, MeshPlan};
 /// Condition types weft sets.
 pub const CONDITION_SCHEDULABLE: &str = "Schedulable";
 pub const CONDITION_READY: &str = "WorkersReady";
+pub const CONDITION_COMPLETE: &str = "Complete";
+pub const CONDITION_FAILED: &str = "Failed";
 
 /// What the status is computed from.
 #[derive(Debug)]
@@ -122,16 +125,18 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
     status.workers_ready = running;
     status.workers_ready_summary = Some(format!("{running}/{desired}"));
 
+    let was_running = matches!(
+        previous.map(|p| p.phase),
+        Some(Phase::Running | Phase::Rescaling)
+    );
     status.phase = if job.spec.suspend {
         Phase::Suspended
-    } else if failed > 0 {
-        Phase::Failed
-    } else if desired > 0 && succeeded == desired {
-        Phase::Succeeded
     } else if observed.mesh.is_err() {
         Phase::Pending
     } else if running == desired {
         Phase::Running
+    } else if was_running {
+        Phase::Rescaling
     } else {
         Phase::Starting
     };
@@ -154,12 +159,59 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
     status
 }
 
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded { message: String },
+    Failed { reason: String, message: String },
+}
+
+/// The status of a job that has ended: its phase, completion time and the
+/// `Complete` or `Failed` condition. Idempotent: the completion time and the
+/// condition's transition time stay those of the first call.
+pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> TrainingJobStatus {
+    let previous = job.status.as_ref();
+    let generation = job.metadata.generation;
+    let mut status = previous.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    status.workers_ready = 0;
+    status.workers_desired = 0;
+    status.workers_ready_summary = Some("0/0".to_string());
+    if status.completion_time.is_none() {
+        status.completion_time = Some(now.clone());
+    }
+    let (phase, type_, reason, message) = match outcome {
+        Outcome::Succeeded { message } => (
+            Phase::Succeeded,
+            CONDITION_COMPLETE,
+            "TrainingFinished",
+            message,
+        ),
+        Outcome::Failed { reason, message } => {
+            (Phase::Failed, CONDITION_FAILED, reason.as_str(), message)
+        }
+    };
+    status.phase = phase;
+    let done = condition(
+        previous,
+        type_,
+        true,
+        reason,
+        message.clone(),
+        generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != type_);
+    status.conditions.push(done);
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodStatus;
     use k8s_openapi::jiff::Timestamp;
-    use weft_crds::{TrainingJobSpec, WorkerRange, WorkerResources};
+    use weft_crds::TrainingJobSpec;
     use weft_planner::cluster::parse_cluster;
     use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
 
@@ -167,12 +219,8 @@ mod tests {
         let mut job = TrainingJob::new(
             "llm",
             TrainingJobSpec {
-                image: "weft-trainer:dev".into(),
-                command: None,
-                args: None,
-                workers: WorkerRange { min: 2, max: 2 },
-                resources: WorkerResources::default(),
                 suspend,
+                ..TrainingJobSpec::new("weft-trainer:dev", 2, 2)
             },
         );
         job.metadata.generation = Some(3);
@@ -215,8 +263,7 @@ mod tests {
             (vec![], Phase::Starting),
             (vec![pod("Running"), pod("Pending")], Phase::Starting),
             (vec![pod("Running"), pod("Running")], Phase::Running),
-            (vec![pod("Running"), pod("Failed")], Phase::Failed),
-            (vec![pod("Succeeded"), pod("Succeeded")], Phase::Succeeded),
+            (vec![pod("Running"), pod("Failed")], Phase::Starting),
         ];
         for (pods, phase) in cases {
             let observed = Observed {
@@ -322,5 +369,46 @@ mod tests {
         assert_eq!(ready(&failed).status, "False");
         assert_eq!(ready(&failed).last_transition_time, at(900));
         assert_eq!(ready(&failed).reason, "WorkerFailed");
+    }
+
+    #[test]
+    fn a_job_that_ran_is_rescaling_while_its_new_workers_come_up() {
+        let m = mesh("2x8", 2).unwrap();
+        let mut j = job(false);
+        j.status = Some(TrainingJobStatus {
+            phase: Phase::Running,
+            ..Default::default()
+        });
+        let pods = [pod("Running"), pod("Pending")];
+        let observed = Observed {
+            mesh: Ok(&m),
+            pods: &pods,
+            now: at(100),
+        };
+        assert_eq!(compute_status(&j, &observed).phase, Phase::Rescaling);
+    }
+
+    #[test]
+    fn a_finished_job_keeps_its_first_completion_time() {
+        let mut j = job(false);
+        let outcome = Outcome::Failed {
+            reason: "RestartLimitExceeded".into(),
+            message: "6 worker failures, limit 5".into(),
+        };
+        j.status = Some(finished_status(&j, &outcome, &at(100)));
+        let again = finished_status(&j, &outcome, &at(200));
+        assert_eq!(again.phase, Phase::Failed);
+        assert_eq!(again.completion_time, Some(at(100)));
+        let failed = again
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_FAILED)
+            .unwrap();
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("True", "RestartLimitExceeded")
+        );
+        assert_eq!(failed.last_transition_time, at(100));
+        assert_eq!(again.workers_ready_summary.as_deref(), Some("0/0"));
     }
 }

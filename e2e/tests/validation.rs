@@ -1,0 +1,280 @@
+//! Every bad TrainingJob is refused by the real API server, through the
+//! schema bounds and CEL rules generated from `weft-crds`, with a message
+//! that names the field, exactly as `kubectl apply` shows it; and the fields
+//! a running job cannot change are refused on update. The example manifests
+//! are accepted as they are.
+
+use anyhow::{bail, ensure};
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use weft_crds::TrainingJob;
+use weft_e2e::TestEnv;
+
+fn job(name: &str, spec: Value) -> anyhow::Result<DynamicObject> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))?)
+}
+
+/// A valid spec with `patch` merged over it (JSON merge-patch semantics).
+fn spec_with(patch: Value) -> Value {
+    let mut spec = json!({ "image": "busybox:1.36", "workers": { "min": 1, "max": 2 } });
+    merge(&mut spec, patch);
+    spec
+}
+
+fn merge(base: &mut Value, patch: Value) {
+    if patch.is_object() && !base.is_object() {
+        *base = json!({});
+    }
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (k, v) in patch {
+                if v.is_null() {
+                    base.remove(&k);
+                } else {
+                    merge(base.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (base, patch) => *base = patch,
+    }
+}
+
+fn expect_refusal(
+    what: &str,
+    result: Result<DynamicObject, kube::Error>,
+    wanted: &[&str],
+) -> anyhow::Result<()> {
+    match result {
+        Ok(_) => bail!("the API server accepted {what}"),
+        Err(kube::Error::Api(status)) => {
+            ensure!(
+                status.code == 422,
+                "{what}: expected 422 Invalid, got {}: {}",
+                status.code,
+                status.message
+            );
+            for w in wanted {
+                ensure!(
+                    status.message.contains(w),
+                    "{what}: the refusal does not say {w:?}: {}",
+                    status.message
+                );
+            }
+            Ok(())
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[tokio::test]
+async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow::Result<()> {
+    let env = TestEnv::connect().await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
+    env.run("validation", |ns| async move {
+        let resource = ApiResource::erase::<TrainingJob>(&());
+        let jobs: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+
+        // The smallest job is valid, and the server fills in the defaults.
+        let made = jobs
+            .create(&dry_run, &job("minimal", spec_with(json!({})))?)
+            .await?;
+        let spec = &made.data["spec"];
+        ensure!(
+            spec["model"]["preset"] == "tiny"
+                && spec["data"]["maxSequenceLength"] == 32768
+                && spec["elasticity"]["restartLimit"] == 5
+                && spec["parallelism"]["contextParallelism"] == "Adaptive",
+            "defaults not applied: {spec}"
+        );
+
+        // Every example in manifests/examples is accepted as it is.
+        let examples =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+        let mut applied = 0;
+        for entry in std::fs::read_dir(&examples)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let example: DynamicObject = serde_saphyr::from_str(&std::fs::read_to_string(&path)?)?;
+            jobs.create(&dry_run, &example)
+                .await
+                .map_err(|e| anyhow::anyhow!("{} was refused: {e}", path.display()))?;
+            applied += 1;
+        }
+        ensure!(
+            applied >= 3,
+            "expected the example manifests in {}",
+            examples.display()
+        );
+
+        let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+            (
+                "min > max",
+                json!({"workers": {"min": 3, "max": 2}}),
+                vec![
+                    "spec.workers",
+                    "workers.min must not be greater than workers.max",
+                ],
+            ),
+            (
+                "zero workers",
+                json!({"workers": {"min": 0}}),
+                vec!["spec.workers.min", "greater than or equal to 1"],
+            ),
+            (
+                "no image",
+                json!({"image": null}),
+                vec!["spec.image", "Required value"],
+            ),
+            (
+                "negative GPUs",
+                json!({"resources": {"gpus": -1}}),
+                vec!["spec.resources.gpus"],
+            ),
+            (
+                "memory that is not a quantity",
+                json!({"resources": {"memory": "lots"}}),
+                vec!["spec.resources.memory", "positive Kubernetes quantity"],
+            ),
+            (
+                "an unknown model preset",
+                json!({"model": {"preset": "gpt-5"}}),
+                vec!["spec.model.preset", "Unsupported value"],
+            ),
+            (
+                "a preset and dimensions",
+                json!({"model": {"preset": "tiny", "layers": 4}}),
+                vec!["spec.model", "either a preset or all of"],
+            ),
+            (
+                "heads not a multiple of kv heads",
+                json!({"model": {"preset": null, "layers": 2, "hidden": 96, "heads": 6,
+                                 "kvHeads": 4, "ffn": 256, "vocab": 257}}),
+                vec![
+                    "spec.model",
+                    "model.heads must be a multiple of model.kvHeads",
+                ],
+            ),
+            (
+                "an odd head dimension",
+                json!({"model": {"preset": null, "layers": 2, "hidden": 96, "heads": 32,
+                                 "kvHeads": 8, "ffn": 256, "vocab": 257}}),
+                vec!["spec.model", "even head dimension"],
+            ),
+            (
+                "a step smaller than a sequence",
+                json!({"data": {"maxSequenceLength": 4096, "tokensPerStep": 1024}}),
+                vec![
+                    "spec.data",
+                    "data.tokensPerStep must be at least data.maxSequenceLength",
+                ],
+            ),
+            (
+                "a relative data source",
+                json!({"data": {"source": "corpus/"}}),
+                vec!["spec.data.source", "absolute path"],
+            ),
+            (
+                "static CP without a degree",
+                json!({"parallelism": {"contextParallelism": "Static"}}),
+                vec!["spec.parallelism", "cpDegree is required"],
+            ),
+            (
+                "a CP degree over its maximum",
+                json!({"parallelism": {"contextParallelism": "Static", "cpDegree": 16,
+                                       "maxCpDegree": 8}}),
+                vec![
+                    "spec.parallelism",
+                    "must not be greater than parallelism.maxCpDegree",
+                ],
+            ),
+            (
+                "a relative checkpoint path",
+                json!({"checkpoint": {"path": "ckpt"}}),
+                vec!["spec.checkpoint.path", "absolute path"],
+            ),
+            (
+                "a zero checkpoint interval",
+                json!({"checkpoint": {"intervalSteps": 0}}),
+                vec!["spec.checkpoint.intervalSteps"],
+            ),
+            (
+                "weft's own environment variable",
+                json!({"env": [{"name": "WEFT_WORLD_SIZE", "value": "1"}]}),
+                vec![
+                    "spec.env",
+                    "names starting with WEFT_ are set by weft itself",
+                ],
+            ),
+            (
+                "a negative restart limit",
+                json!({"elasticity": {"restartLimit": -1}}),
+                vec!["spec.elasticity.restartLimit"],
+            ),
+            (
+                "an unknown context-parallel mode",
+                json!({"parallelism": {"contextParallelism": "Sometimes"}}),
+                vec!["spec.parallelism.contextParallelism", "Unsupported value"],
+            ),
+        ];
+        for (what, patch, wanted) in cases {
+            let result = jobs.create(&dry_run, &job("bad", spec_with(patch))?).await;
+            expect_refusal(what, result, &wanted)?;
+        }
+
+        // On a running (not suspended) job the model, data, image and
+        // resources are frozen; the worker range is not.
+        jobs.create(
+            &PostParams::default(),
+            &job("frozen", spec_with(json!({})))?,
+        )
+        .await?;
+        let patch = |body: Value| {
+            let jobs = jobs.clone();
+            async move {
+                jobs.patch("frozen", &PatchParams::default(), &Patch::Merge(&body))
+                    .await
+            }
+        };
+        expect_refusal(
+            "a new model",
+            patch(json!({"spec": {"model": {"preset": "llama-7b"}}})).await,
+            &["spec.model cannot change once the job exists"],
+        )?;
+        expect_refusal(
+            "new data",
+            patch(json!({"spec": {"data": {"maxSequenceLength": 1024}}})).await,
+            &["spec.data cannot change once the job exists"],
+        )?;
+        expect_refusal(
+            "a new image on a running job",
+            patch(json!({"spec": {"image": "busybox:1.37"}})).await,
+            &["spec.image and spec.resources can change only while the job is suspended"],
+        )?;
+        expect_refusal(
+            "new resources on a running job",
+            patch(json!({"spec": {"resources": {"gpus": 4}}})).await,
+            &["spec.image and spec.resources can change only while the job is suspended"],
+        )?;
+        patch(json!({"spec": {"workers": {"max": 4}}})).await?;
+        patch(json!({"spec": {"suspend": true}})).await?;
+        let changed = patch(json!({"spec": {"image": "busybox:1.37"}})).await?;
+        ensure!(
+            changed.data["spec"]["image"] == "busybox:1.37",
+            "a suspended job takes a new image"
+        );
+        Ok(())
+    })
+    .await
+}

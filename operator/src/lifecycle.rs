@@ -1,0 +1,285 @@
+//! The decisions of a reconcile that are about a job's life rather than its
+//! placement, each a pure function of the job and what was observed:
+//!
+//! - **Restart budget.** A worker pod that fails is a restart: counted once
+//!   per pod (by UID, remembered in `status.recentFailures`), in
+//!   `status.restarts`, which never resets, not on success, not on resize.
+//!   One more than `elasticity.restartLimit` fails the job. A lost *node*
+//!   is not the job's fault and is not counted; its worker just leaves the
+//!   mesh.
+//! - **Completion.** A worker exits 0 only when the training loop has run
+//!   its last step (every rank ends at the same step), so the first worker
+//!   that succeeds ends the job: it is Succeeded and its other workers are
+//!   stopped, releasing their GPUs.
+//! - **Rescale cooldown.** After a membership change the job does not grow
+//!   for `elasticity.rescaleCooldownSeconds`, so capacity that flaps does not
+//!   restart the workers over and over; it still shrinks at once, and it may
+//!   always grow back to `workers.min`.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use weft_crds::{TrainingJob, TrainingJobStatus, WorkerFailure};
+
+use crate::status::phase_of;
+
+/// How many failures `status.recentFailures` remembers.
+pub const RECENT_FAILURES: usize = 16;
+
+/// Why a pod failed, in a line: the first terminated container's reason and
+/// exit code, else the pod's own reason and message.
+pub fn failure_reason(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let t = c.state.as_ref()?.terminated.as_ref()?;
+            Some((c.name.clone(), t.clone()))
+        })
+        .find(|(_, t)| t.exit_code != 0);
+    if let Some((container, t)) = terminated {
+        let mut line = format!(
+            "container {container} exited with code {} ({})",
+            t.exit_code,
+            t.reason.as_deref().unwrap_or("Error")
+        );
+        if let Some(message) = t.message.as_deref().filter(|m| !m.is_empty()) {
+            line += &format!(": {message}");
+        }
+        return line;
+    }
+    match (
+        status.and_then(|s| s.reason.as_deref()),
+        status.and_then(|s| s.message.as_deref()),
+    ) {
+        (Some(reason), Some(message)) => format!("{reason}: {message}"),
+        (Some(reason), None) => reason.to_string(),
+        (None, Some(message)) => message.to_string(),
+        (None, None) => "the pod failed".to_string(),
+    }
+}
+
+/// Failed worker pods not counted yet, in name order.
+pub fn new_failures(status: &TrainingJobStatus, pods: &[Pod], now: &Time) -> Vec<WorkerFailure> {
+    let mut failures: Vec<WorkerFailure> = pods
+        .iter()
+        .filter(|p| phase_of(p) == "Failed")
+        .filter_map(|p| {
+            let uid = p.uid()?;
+            (!status.recent_failures.iter().any(|f| f.uid == uid)).then(|| WorkerFailure {
+                worker: p.name_any(),
+                uid,
+                reason: failure_reason(p),
+                time: now.clone(),
+            })
+        })
+        .collect();
+    failures.sort_by(|a, b| a.worker.cmp(&b.worker));
+    failures
+}
+
+/// Counts `failures` into `status`.
+pub fn record_failures(status: &mut TrainingJobStatus, failures: &[WorkerFailure]) {
+    status.restarts += failures.len() as i32;
+    status.recent_failures.extend(failures.iter().cloned());
+    let excess = status.recent_failures.len().saturating_sub(RECENT_FAILURES);
+    status.recent_failures.drain(..excess);
+}
+
+/// Whether the job has used up its restart budget, and the message that says so.
+pub fn restart_budget_exhausted(job: &TrainingJob, status: &TrainingJobStatus) -> Option<String> {
+    let limit = job.spec.elasticity.restart_limit;
+    (status.restarts > limit).then(|| {
+        let last = status
+            .recent_failures
+            .last()
+            .map(|f| format!("; last: {} ({})", f.worker, f.reason))
+            .unwrap_or_default();
+        format!(
+            "{} worker failures, more than elasticity.restartLimit {limit}{last}",
+            status.restarts
+        )
+    })
+}
+
+/// The worker whose success ends the job, if one succeeded.
+pub fn finished_worker(pods: &[Pod]) -> Option<&Pod> {
+    pods.iter()
+        .filter(|p| phase_of(p) == "Succeeded")
+        .min_by_key(|p| p.name_any())
+}
+
+/// How many workers the mesh may have now: `workers.max`, or while the
+/// cooldown after the last membership change runs, no more than the job has
+/// (but always `workers.min`). Also returns how long the cooldown has left.
+pub fn growth_limit(
+    job: &TrainingJob,
+    status: Option<&TrainingJobStatus>,
+    alive_workers: u32,
+    now: &Time,
+) -> (u32, Option<Duration>) {
+    let min = job.spec.workers.min.max(0) as u32;
+    let max = job.spec.workers.max.max(0) as u32;
+    let cooldown = Duration::from_secs(job.spec.elasticity.rescale_cooldown_seconds.max(0) as u64);
+    let Some(last) = status.and_then(|s| s.last_rescale_time.as_ref()) else {
+        return (max, None);
+    };
+    if alive_workers == 0 {
+        return (max, None);
+    }
+    let elapsed = now.0.duration_since(last.0);
+    let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
+    match cooldown.checked_sub(elapsed) {
+        Some(left) if !left.is_zero() => (alive_workers.clamp(min, max), Some(left)),
+        _ => (max, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::jiff::Timestamp;
+    use kube::api::ObjectMeta;
+    use weft_crds::TrainingJobSpec;
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn pod(name: &str, uid: &str, phase: &str, exit_code: i32) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: Some(uid.into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "trainer".into(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code,
+                            reason: Some("Error".into()),
+                            message: Some("NCCL timeout".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn job(limit: i32, cooldown: i32) -> TrainingJob {
+        let mut spec = TrainingJobSpec::new("weft:dev", 2, 6);
+        spec.elasticity.restart_limit = limit;
+        spec.elasticity.rescale_cooldown_seconds = cooldown;
+        TrainingJob::new("llm", spec)
+    }
+
+    #[test]
+    fn a_failed_pod_is_counted_once_and_the_count_never_resets() {
+        let mut status = TrainingJobStatus::default();
+        let pods = [
+            pod("llm-w1", "u1", "Failed", 137),
+            pod("llm-w0", "u0", "Running", 0),
+        ];
+        let first = new_failures(&status, &pods, &at(10));
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            first[0].reason,
+            "container trainer exited with code 137 (Error): NCCL timeout"
+        );
+        record_failures(&mut status, &first);
+        assert_eq!(status.restarts, 1);
+        // The same pod seen again (its deletion not yet observed) is not counted.
+        assert!(new_failures(&status, &pods, &at(20)).is_empty());
+        // A replacement pod of the same name is a new pod.
+        let again = [pod("llm-w1", "u2", "Failed", 1)];
+        let second = new_failures(&status, &again, &at(30));
+        record_failures(&mut status, &second);
+        assert_eq!(status.restarts, 2);
+    }
+
+    #[test]
+    fn the_failure_list_is_bounded_but_the_count_is_not() {
+        let mut status = TrainingJobStatus::default();
+        for i in 0..40 {
+            let pods = [pod(&format!("w{i}"), &format!("u{i}"), "Failed", 1)];
+            let f = new_failures(&status, &pods, &at(i));
+            record_failures(&mut status, &f);
+        }
+        assert_eq!(status.restarts, 40);
+        assert_eq!(status.recent_failures.len(), RECENT_FAILURES);
+        assert_eq!(status.recent_failures.last().unwrap().worker, "w39");
+    }
+
+    #[test]
+    fn one_failure_past_the_limit_fails_the_job_and_says_why() {
+        let j = job(2, 60);
+        let mut status = TrainingJobStatus::default();
+        for i in 0..3 {
+            let pods = [pod("llm-w1", &format!("u{i}"), "Failed", 1)];
+            let f = new_failures(&status, &pods, &at(i));
+            record_failures(&mut status, &f);
+            let exhausted = restart_budget_exhausted(&j, &status);
+            assert_eq!(exhausted.is_some(), i == 2, "after {} failures", i + 1);
+        }
+        let message = restart_budget_exhausted(&j, &status).unwrap();
+        assert!(
+            message.starts_with("3 worker failures, more than elasticity.restartLimit 2"),
+            "{message}"
+        );
+        assert!(message.contains("llm-w1"), "{message}");
+        // A zero limit tolerates no failure at all.
+        let strict = job(0, 60);
+        assert!(restart_budget_exhausted(&strict, &status).is_some());
+    }
+
+    #[test]
+    fn the_first_succeeded_worker_ends_the_job() {
+        let pods = [
+            pod("llm-w2", "u2", "Succeeded", 0),
+            pod("llm-w0", "u0", "Running", 0),
+            pod("llm-w1", "u1", "Succeeded", 0),
+        ];
+        assert_eq!(finished_worker(&pods).unwrap().name_any(), "llm-w1");
+        assert!(finished_worker(&pods[1..2]).is_none());
+    }
+
+    #[test]
+    fn growth_waits_for_the_cooldown_but_never_below_min() {
+        let j = job(5, 60);
+        let status = TrainingJobStatus {
+            last_rescale_time: Some(at(1000)),
+            ..Default::default()
+        };
+        // First start: no cooldown.
+        assert_eq!(growth_limit(&j, None, 0, &at(1010)), (6, None));
+        // 10 s after a change, 3 workers alive: hold at 3 for 50 s more.
+        assert_eq!(
+            growth_limit(&j, Some(&status), 3, &at(1010)),
+            (3, Some(Duration::from_secs(50)))
+        );
+        // One worker alive: may grow back to min at once.
+        assert_eq!(growth_limit(&j, Some(&status), 1, &at(1010)).0, 2);
+        // After the cooldown: up to max.
+        assert_eq!(growth_limit(&j, Some(&status), 3, &at(1060)), (6, None));
+        // A zero cooldown never holds.
+        assert_eq!(
+            growth_limit(&job(5, 0), Some(&status), 3, &at(1000)),
+            (6, None)
+        );
+    }
+}
