@@ -349,6 +349,26 @@ pub fn helm_binary() -> PathBuf {
     PathBuf::from("helm")
 }
 
+/// The `weft-operator` binary of this build (`target/<profile>/weft-operator`,
+/// next to the test binary's `deps/`), or `$WEFT_OPERATOR`.
+pub fn operator_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEFT_OPERATOR") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("cannot find the target directory of {}", exe.display()))?;
+    let binary = profile_dir.join("weft-operator");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: build it first with `cargo build -p weft-operator` (scripts/test does)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

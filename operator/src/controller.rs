@@ -44,6 +44,7 @@ use crate::inventory::GpuNode;
 use crate::lifecycle::{
     finished_worker, growth_limit, new_failures, record_failures, restart_budget_exhausted,
 };
+use crate::metrics::Metrics;
 use crate::status::{Observed, Outcome, compute_status, finished_status};
 
 /// The field manager of everything the operator applies.
@@ -152,10 +153,11 @@ pub struct Context {
     pub client: Client,
     /// Publishes Kubernetes events about jobs.
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
             instance: std::env::var("POD_NAME").ok(),
@@ -163,6 +165,7 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            metrics,
         }
     }
 }
@@ -191,8 +194,21 @@ async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str,
     }
 }
 
-/// One reconcile of one job.
+/// One reconcile of one job, counted and timed.
 pub async fn reconcile(
+    job: Arc<TrainingJob>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let started = std::time::Instant::now();
+    let result = reconcile_job(job, ctx.clone()).await;
+    ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_job(
     job: Arc<TrainingJob>,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
@@ -543,7 +559,8 @@ async fn write_status(
 }
 
 /// Retries a failed reconcile soon, without hammering the API server.
-pub fn error_policy(_job: Arc<TrainingJob>, error: &ControllerError, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_job: Arc<TrainingJob>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.category());
     eprintln!(
         "weft-operator: reconcile failed [{}]: {error}",
         error.category()
@@ -552,9 +569,15 @@ pub fn error_policy(_job: Arc<TrainingJob>, error: &ControllerError, _ctx: Arc<C
 }
 
 /// Runs the controller for the jobs of `namespace` (all namespaces when
+/// `None`) until the stream ends, with metrics of its own.
+pub async fn run(client: Client, namespace: Option<String>) {
+    run_with(client, namespace, Arc::new(Metrics::new())).await
+}
+
+/// Runs the controller for the jobs of `namespace` (all namespaces when
 /// `None`) until the stream ends. Node changes wake every job, so node loss
 /// and new capacity are seen at once.
-pub async fn run(client: Client, namespace: Option<String>) {
+pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Metrics>) {
     let jobs: Api<TrainingJob> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -565,6 +588,7 @@ pub async fn run(client: Client, namespace: Option<String>) {
     };
     let controller = Controller::new(jobs, watcher::Config::default());
     let store = controller.store();
+    metrics.watch_jobs(store.clone());
     controller
         .owns(pods, watcher::Config::default().labels(LABEL_JOB))
         .watches(
@@ -578,7 +602,11 @@ pub async fn run(client: Client, namespace: Option<String>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(reconcile, error_policy, Arc::new(Context::new(client)))
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context::new(client, metrics)),
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 eprintln!("weft-operator: {e}");

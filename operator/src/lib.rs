@@ -13,5 +13,7 @@
 pub mod build;
 pub mod controller;
 pub mod inventory;
+pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod status;

@@ -1,44 +1,126 @@
 //! `weft-operator`: the operator binary.
 //!
-//! `weft-operator run [--namespace NS]` runs the controller (all namespaces by
-//! default) against the cluster in `KUBECONFIG` or, in a pod, its service
-//! account. `weft-operator inventory` prints the GPU nodes of the cluster as
+//! `weft-operator run [--namespace NS] [--listen ADDR] [--leader-elect ...]`
+//! runs the controller (all namespaces by default) against the cluster in
+//! `KUBECONFIG` or, in a pod, its service account, serving `/metrics`,
+//! `/healthz` and `/readyz`; with `--leader-elect` it reconciles only while
+//! it holds a Lease. `weft-operator inventory` prints the GPU nodes of the cluster as
 //! weft reads them (GPUs, product, rack, block, NICs and their GPU affinity),
 //! and every node it could not read, with the reason.
 
-use anyhow::{Context, bail};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use weft_operator::inventory::{GpuNode, read_nodes};
+use weft_operator::leader::{Election, run_elected};
+use weft_operator::metrics::{Metrics, serve};
 
-const USAGE: &str = "usage: weft-operator run [--namespace NS] | weft-operator inventory";
+#[derive(Parser, Debug)]
+#[command(name = "weft-operator", version, about = "weft's Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reconcile TrainingJobs.
+    Run {
+        /// Only this namespace's jobs (all namespaces when absent).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Reconcile only while holding the Lease, so several replicas can run.
+        #[arg(long)]
+        leader_elect: bool,
+        /// Namespace of the Lease (default: $POD_NAMESPACE, else "default").
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// Name of the Lease.
+        #[arg(long, default_value = "weft-operator")]
+        lease_name: String,
+        /// This replica's identity (default: $POD_NAME, else host and process id).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Seconds a lease lasts without renewal (how soon a standby takes over).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
+        lease_seconds: u64,
+    },
+    /// Print the GPU nodes of the cluster as weft reads them.
+    Inventory,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["inventory"] => inventory().await,
-        ["run"] => run(None).await,
-        ["run", "--namespace", ns] => run(Some(ns.to_string())).await,
-        _ => bail!("{USAGE}"),
+    match Cli::parse().command {
+        Command::Inventory => inventory().await,
+        Command::Run {
+            namespace,
+            listen,
+            leader_elect,
+            lease_namespace,
+            lease_name,
+            identity,
+            lease_seconds,
+        } => {
+            let election = leader_elect.then(|| Election {
+                namespace: lease_namespace
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".to_string()),
+                lease: lease_name,
+                identity: identity
+                    .or_else(|| std::env::var("POD_NAME").ok())
+                    .unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "weft-operator".to_string());
+                        format!("{host}-{}", std::process::id())
+                    }),
+                duration_s: lease_seconds,
+            });
+            run(namespace, listen, election).await
+        }
     }
 }
 
-async fn run(namespace: Option<String>) -> anyhow::Result<()> {
+async fn run(
+    namespace: Option<String>,
+    listen: SocketAddr,
+    election: Option<Election>,
+) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no usable cluster configuration (set KUBECONFIG, or run in a pod)")?;
+    let metrics = Arc::new(Metrics::new());
+    let (bound, serving) = serve(listen, metrics.clone()).await?;
+    tokio::spawn(serving);
     eprintln!(
-        "weft-operator: reconciling TrainingJobs in {}",
+        "weft-operator: reconciling TrainingJobs in {}; metrics and health on http://{bound}",
         namespace.as_deref().unwrap_or("all namespaces")
     );
-    weft_operator::controller::run(client, namespace).await;
+    match election {
+        Some(election) => {
+            eprintln!(
+                "weft-operator: {} waits for lease {}/{}",
+                election.identity, election.namespace, election.lease
+            );
+            run_elected(client, election, namespace, metrics).await?;
+        }
+        None => {
+            metrics
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            metrics.leader.set(1);
+            weft_operator::controller::run_with(client, namespace, metrics).await;
+        }
+    }
     Ok(())
 }
 

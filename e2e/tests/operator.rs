@@ -1,0 +1,287 @@
+//! The `weft-operator` binary as it runs in production, two replicas with
+//! leader election against the real control plane, each with nothing but the
+//! credentials of the chart's ServiceAccount (installed with helm, so the
+//! chart's RBAC is what is tested): only the lease holder
+//! acts (every event on the job comes from it); when it is killed (SIGKILL,
+//! no goodbye) the standby takes over once the lease runs out and carries
+//! on; an operator killed in the middle of a resume and replaced converges
+//! to the same objects, with no duplicate or orphaned pod.
+//!
+//! Needs `cargo build -p weft-operator` first (scripts/test does it).
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use tokio::process::{Child, Command};
+use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_e2e::{HarnessError, TestEnv, TestNamespace, operator_binary, wait_for};
+use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
+use weft_planner::mesh::MeshPlan;
+
+const LEASE: &str = "weft-operator";
+const LEASE_SECONDS: &str = "3";
+
+/// Installs the chart (no in-cluster replicas) and writes a kubeconfig that
+/// authenticates as its ServiceAccount.
+async fn chart_credentials(ns: &TestNamespace) -> anyhow::Result<std::path::PathBuf> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let release = ns.name.clone();
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft");
+    let install = Command::new(weft_e2e::helm_binary())
+        .args(["upgrade", "--install", &release])
+        .arg(&chart)
+        .args(["--namespace", &ns.name, "--set", "replicas=0"])
+        .output()
+        .await
+        .context("could not run helm")?;
+    ensure!(
+        install.status.success(),
+        "helm install failed: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let accounts: Api<ServiceAccount> = ns.api();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request(
+            &format!("{release}-operator"),
+            &PostParams::default(),
+            &request,
+        )
+        .await?
+        .status
+        .context("a TokenRequest without status")?
+        .token;
+    let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
+    let admin = kube::config::Kubeconfig::read_from(&path)?;
+    let mut config = serde_json::to_value(&admin)?;
+    let user = "weft-operator-sa";
+    config["users"] = serde_json::json!([{ "name": user, "user": { "token": token } }]);
+    if let Some(contexts) = config["contexts"].as_array_mut() {
+        for context in contexts {
+            context["context"]["user"] = serde_json::json!(user);
+        }
+    }
+    let out = std::env::temp_dir().join(format!("weft-e2e-{}-sa.kubeconfig", ns.name));
+    std::fs::write(&out, serde_json::to_vec(&config)?)?;
+    Ok(out)
+}
+
+fn replica(
+    ns: &TestNamespace,
+    kubeconfig: &std::path::Path,
+    identity: &str,
+) -> anyhow::Result<Child> {
+    let log = std::env::temp_dir().join(format!("weft-e2e-{}-{identity}.log", ns.name));
+    let log = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+    let child = Command::new(operator_binary()?)
+        .args(["run", "--namespace", &ns.name, "--listen", "127.0.0.1:0"])
+        .args(["--leader-elect", "--lease-namespace", &ns.name])
+        .args(["--lease-name", LEASE, "--identity", identity])
+        .args(["--lease-seconds", LEASE_SECONDS])
+        .env("POD_NAME", identity)
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(child)
+}
+
+async fn holder(leases: &Api<Lease>) -> anyhow::Result<Option<String>> {
+    Ok(leases
+        .get_opt(LEASE)
+        .await?
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+async fn wait_holder(leases: &Api<Lease>, not: Option<&str>) -> anyhow::Result<String> {
+    let holder = wait_for(
+        "a replica to hold the lease",
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            let not = not.map(str::to_string);
+            async move {
+                let h = holder(&leases)
+                    .await
+                    .map_err(|e| HarnessError::Other(e.to_string()))?;
+                Ok(h.filter(|h| Some(h) != not.as_ref()))
+            }
+        },
+    )
+    .await?;
+    Ok(holder)
+}
+
+async fn wait_phase(jobs: &Api<TrainingJob>, job: &str, phase: Phase) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{job} to be {phase:?}"),
+        Duration::from_secs(90),
+        || {
+            let jobs = jobs.clone();
+            async move {
+                let status = jobs.get(job).await?.status.unwrap_or_default();
+                Ok((status.phase == phase).then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// (reason, reporting instance) of every event about `job`.
+async fn events(ns: &TestNamespace, job: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let events: Api<Event> = ns.api();
+    let list = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={job}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.reporting_instance.unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn two_replicas_one_leader_takeover_and_convergence_after_a_kill() -> anyhow::Result<()> {
+    let env = TestEnv::connect().await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
+    env.run("operator", |ns| async move {
+        let leases: Api<Lease> = ns.api();
+        let jobs: Api<TrainingJob> = ns.api();
+        let pods: Api<Pod> = ns.api();
+        let kubeconfig = chart_credentials(&ns).await?;
+        let mut replicas = vec![
+            ("replica-a", replica(&ns, &kubeconfig, "replica-a")?),
+            ("replica-b", replica(&ns, &kubeconfig, "replica-b")?),
+        ];
+        let leader = wait_holder(&leases, None).await?;
+
+        // Only the leader acts.
+        let mut spec = TrainingJobSpec {
+            command: Some(vec!["sleep".into(), "3600".into()]),
+            resources: WorkerResources {
+                gpus: 4,
+                cpu: Some("1".into()),
+                memory: Some("1Gi".into()),
+            },
+            ..TrainingJobSpec::new("busybox:1.36", 2, 2)
+        };
+        spec.elasticity.rescale_cooldown_seconds = 1;
+        jobs.create(&PostParams::default(), &TrainingJob::new("steady", spec))
+            .await?;
+        wait_phase(&jobs, "steady", Phase::Running).await?;
+        let reported: BTreeSet<String> = events(&ns, "steady")
+            .await?
+            .into_iter()
+            .map(|(_, instance)| instance)
+            .collect();
+        ensure!(
+            reported == BTreeSet::from([leader.clone()]),
+            "events came from {reported:?}, not only the leader {leader}"
+        );
+
+        // The leader dies without releasing its lease; the standby takes over.
+        let index = replicas
+            .iter()
+            .position(|(id, _)| *id == leader)
+            .context("the leader is one of ours")?;
+        let (_, mut dead) = replicas.remove(index);
+        dead.start_kill()?;
+        dead.wait().await?;
+        let killed = Instant::now();
+        let successor = wait_holder(&leases, Some(&leader)).await?;
+        let takeover = killed.elapsed();
+        eprintln!(
+            "takeover by {successor} {:.1} s after the leader was killed",
+            takeover.as_secs_f64()
+        );
+
+        // The new leader acts: suspend is carried out, and said by it.
+        let suspend = serde_json::json!({ "spec": { "suspend": true } });
+        jobs.patch("steady", &PatchParams::default(), &Patch::Merge(&suspend))
+            .await?;
+        wait_phase(&jobs, "steady", Phase::Suspended).await?;
+        ensure!(
+            events(&ns, "steady")
+                .await?
+                .iter()
+                .any(|(reason, instance)| reason == "Suspended" && *instance == successor),
+            "the successor {successor} did not report the suspension"
+        );
+
+        // Killed mid-resume and replaced: it converges with nothing twice.
+        let resume = serde_json::json!({ "spec": { "suspend": false } });
+        jobs.patch("steady", &PatchParams::default(), &Patch::Merge(&resume))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (_, mut second) = replicas.remove(0);
+        second.start_kill()?;
+        second.wait().await?;
+        let _third = replica(&ns, &kubeconfig, "replica-c")?;
+        wait_holder(&leases, Some(&successor)).await?;
+        wait_phase(&jobs, "steady", Phase::Running).await?;
+        let config_maps: Api<ConfigMap> = ns.api();
+        let mesh: MeshPlan = serde_json::from_str(
+            config_maps
+                .get(&mesh_config_map_name("steady"))
+                .await?
+                .data
+                .and_then(|d| d.get("mesh.json").cloned())
+                .as_deref()
+                .context("mesh.json")?,
+        )?;
+        let live: Vec<String> = pods
+            .list(&ListParams::default().labels(&format!("{LABEL_JOB}=steady")))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.name_any())
+            .collect();
+        let planned: Vec<String> = mesh.workers.iter().map(|w| w.name.clone()).collect();
+        ensure!(
+            live.len() == 2 && live.iter().collect::<BTreeSet<_>>() == planned.iter().collect(),
+            "pods {live:?} are not exactly the mesh's workers {planned:?}"
+        );
+        let services: Api<Service> = ns.api();
+        let owned_services = services
+            .list(&ListParams::default().labels(&format!("{LABEL_JOB}=steady")))
+            .await?
+            .items
+            .len();
+        ensure!(owned_services == 1, "{owned_services} Services for one job");
+        drop(replicas);
+        drop(_third);
+        let uninstall = Command::new(weft_e2e::helm_binary())
+            .args(["uninstall", &ns.name, "--namespace", &ns.name])
+            .output()
+            .await?;
+        ensure!(
+            uninstall.status.success(),
+            "helm uninstall failed: {}",
+            String::from_utf8_lossy(&uninstall.stderr)
+        );
+        Ok(())
+    })
+    .await
+}

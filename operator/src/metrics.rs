@@ -1,0 +1,368 @@
+//! The operator's Prometheus metrics and its HTTP endpoints: `/metrics`
+//! (OpenMetrics text), `/healthz` (the process serves) and `/readyz` (it has
+//! reached the API server: it leads, or stands by ready to).
+//!
+//! Counters and the latency histogram are updated by each reconcile; the
+//! per-job gauges (jobs by phase, workers, mesh epochs) are read from the
+//! controller's cache when scraped, so a deleted job disappears from them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use weft_crds::{Phase, TrainingJob};
+
+type Labels = Vec<(String, String)>;
+
+const PHASES: [Phase; 7] = [
+    Phase::Pending,
+    Phase::Starting,
+    Phase::Running,
+    Phase::Rescaling,
+    Phase::Suspended,
+    Phase::Succeeded,
+    Phase::Failed,
+];
+
+/// Errors of the HTTP endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ServeError::Bind { .. } => "metrics_listen",
+        }
+    }
+}
+
+/// Everything the operator measures.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run.
+    pub reconciles: Counter,
+    /// Failed reconciles, by error category.
+    pub errors: Family<Labels, Counter>,
+    /// How long a reconcile takes.
+    pub reconcile_seconds: Histogram,
+    /// 1 while this replica leads.
+    pub leader: Gauge,
+    /// 1 once the operator has reached the API server.
+    pub ready: AtomicBool,
+    jobs: Family<Labels, Gauge>,
+    workers_ready: Family<Labels, Gauge>,
+    workers_desired: Family<Labels, Gauge>,
+    mesh_epoch: Family<Labels, Gauge>,
+    restarts: Family<Labels, Gauge>,
+    store: Mutex<Option<Store<TrainingJob>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft");
+        let reconciles = Counter::default();
+        let errors = Family::<Labels, Counter>::default();
+        // 1 ms to ~33 s.
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let leader = Gauge::default();
+        let jobs = Family::<Labels, Gauge>::default();
+        let workers_ready = Family::<Labels, Gauge>::default();
+        let workers_desired = Family::<Labels, Gauge>::default();
+        let mesh_epoch = Family::<Labels, Gauge>::default();
+        let restarts = Family::<Labels, Gauge>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles, by error category",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile of one job takes",
+            reconcile_seconds.clone(),
+        );
+        registry.register("leader", "1 while this replica leads", leader.clone());
+        registry.register("jobs", "TrainingJobs by phase", jobs.clone());
+        registry.register(
+            "job_workers_ready",
+            "Running workers of a job",
+            workers_ready.clone(),
+        );
+        registry.register(
+            "job_workers_desired",
+            "Workers the job's current mesh wants",
+            workers_desired.clone(),
+        );
+        registry.register(
+            "job_mesh_epoch",
+            "The job's current mesh epoch",
+            mesh_epoch.clone(),
+        );
+        registry.register(
+            "job_restarts",
+            "Worker failures counted against the job's restart limit",
+            restarts.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            errors,
+            reconcile_seconds,
+            leader,
+            ready: AtomicBool::new(false),
+            jobs,
+            workers_ready,
+            workers_desired,
+            mesh_epoch,
+            restarts,
+            store: Mutex::new(None),
+        }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn error(&self, category: &str) {
+        self.errors
+            .get_or_create(&vec![("category".to_string(), category.to_string())])
+            .inc();
+    }
+
+    /// The controller's cache, from which the per-job gauges are read.
+    pub fn watch_jobs(&self, store: Store<TrainingJob>) {
+        if let Ok(mut slot) = self.store.lock() {
+            *slot = Some(store);
+        }
+    }
+
+    /// Sets the per-job gauges from `jobs`.
+    pub fn observe_jobs(&self, jobs: &[Arc<TrainingJob>]) {
+        for family in [
+            &self.workers_ready,
+            &self.workers_desired,
+            &self.mesh_epoch,
+            &self.restarts,
+        ] {
+            family.clear();
+        }
+        for phase in PHASES {
+            let count = jobs
+                .iter()
+                .filter(|j| j.status.as_ref().map(|s| s.phase).unwrap_or_default() == phase)
+                .count();
+            self.jobs
+                .get_or_create(&vec![("phase".to_string(), format!("{phase:?}"))])
+                .set(count as i64);
+        }
+        for job in jobs {
+            let labels = vec![
+                ("namespace".to_string(), job.namespace().unwrap_or_default()),
+                ("job".to_string(), job.name_any()),
+            ];
+            let status = job.status.clone().unwrap_or_default();
+            self.workers_ready
+                .get_or_create(&labels)
+                .set(status.workers_ready.into());
+            self.workers_desired
+                .get_or_create(&labels)
+                .set(status.workers_desired.into());
+            self.mesh_epoch
+                .get_or_create(&labels)
+                .set(status.mesh_epoch);
+            self.restarts
+                .get_or_create(&labels)
+                .set(status.restarts.into());
+        }
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn render(&self) -> String {
+        let jobs = self
+            .store
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.state()));
+        if let Some(jobs) = jobs {
+            self.observe_jobs(&jobs);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", "ok\n".to_string())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not connected to the API server yet\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Binds `addr`; the returned future serves the endpoints until dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let serving = async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let response = respond(&metrics, request.uri().path());
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                // A client that hangs up mid-request is its own problem.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    };
+    Ok((bound, serving))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_crds::{TrainingJobSpec, TrainingJobStatus};
+
+    fn job(name: &str, phase: Phase, epoch: i64) -> Arc<TrainingJob> {
+        let mut job = TrainingJob::new(name, TrainingJobSpec::new("weft:dev", 1, 2));
+        job.metadata.namespace = Some("team-a".into());
+        job.status = Some(TrainingJobStatus {
+            phase,
+            mesh_epoch: epoch,
+            workers_ready: 2,
+            workers_desired: 2,
+            ..Default::default()
+        });
+        Arc::new(job)
+    }
+
+    #[test]
+    fn the_exposition_counts_jobs_by_phase_and_names_each_job() {
+        let metrics = Metrics::new();
+        metrics.reconciles.inc();
+        metrics.error("kubernetes_api");
+        metrics.reconcile_seconds.observe(0.02);
+        metrics.observe_jobs(&[
+            job("a", Phase::Running, 3),
+            job("b", Phase::Running, 1),
+            job("c", Phase::Pending, 0),
+        ]);
+        let text = {
+            let mut out = String::new();
+            encode(&mut out, &metrics.registry).unwrap();
+            out
+        };
+        for line in [
+            "weft_reconciles_total 1",
+            "weft_reconcile_errors_total{category=\"kubernetes_api\"} 1",
+            "weft_reconcile_duration_seconds_count 1",
+            "weft_jobs{phase=\"Running\"} 2",
+            "weft_jobs{phase=\"Pending\"} 1",
+            "weft_jobs{phase=\"Failed\"} 0",
+            "weft_job_mesh_epoch{namespace=\"team-a\",job=\"a\"} 3",
+            "weft_job_workers_ready{namespace=\"team-a\",job=\"c\"} 2",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A job gone from the cache is gone from the gauges.
+        metrics.observe_jobs(&[job("a", Phase::Succeeded, 3)]);
+        let mut out = String::new();
+        encode(&mut out, &metrics.registry).unwrap();
+        assert!(!out.contains("job=\"b\""), "{out}");
+        assert!(out.contains("weft_jobs{phase=\"Running\"} 0"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_answer_over_http() {
+        let metrics = Arc::new(Metrics::new());
+        let (addr, serving) = serve("127.0.0.1:0".parse().unwrap(), metrics.clone())
+            .await
+            .unwrap();
+        let server = tokio::spawn(serving);
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        metrics.ready.store(true, Ordering::Relaxed);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let text = get("/metrics").await;
+        assert!(text.contains("weft_reconciles_total 0"), "{text}");
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}
