@@ -349,6 +349,26 @@ pub fn helm_binary() -> PathBuf {
     PathBuf::from("helm")
 }
 
+/// Runs helm with `args` (the chart path may be written `{chart}`), failing
+/// with helm's own error output.
+pub async fn helm(args: &[&str]) -> anyhow::Result<()> {
+    let chart = repo_root().join("charts/weft");
+    let chart = chart.to_string_lossy();
+    let args: Vec<String> = args.iter().map(|a| a.replace("{chart}", &chart)).collect();
+    let output = tokio::process::Command::new(helm_binary())
+        .args(&args)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("could not run {}: {e}", helm_binary().display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "helm {} failed: {}",
+        args.first().map(String::as_str).unwrap_or(""),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// The `weft-operator` binary of this build (`target/<profile>/weft-operator`,
 /// next to the test binary's `deps/`), or `$WEFT_OPERATOR`.
 pub fn operator_binary() -> anyhow::Result<PathBuf> {

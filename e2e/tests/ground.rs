@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use weft_crds::topology::{self, ANNOTATION_NICS, LABEL_GPU_PRODUCT, RESOURCE_GPU};
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerRange};
-use weft_e2e::{HarnessError, TestEnv, helm_binary, repo_root, wait_for, wait_for_crd};
+use weft_e2e::{HarnessError, TestEnv, wait_for, wait_for_crd};
 
 fn gpus_of(node: &Node) -> u32 {
     node.status
@@ -312,19 +312,18 @@ async fn the_helm_chart_installs_the_trainingjob_crd_and_the_api_server_serves_a
     let env = TestEnv::connect().await?;
     env.run("helm-crd", |ns| async move {
         let release = "weft-e2e";
-        let chart = repo_root().join("charts/weft");
-        let install = tokio::process::Command::new(helm_binary())
-            .args(["upgrade", "--install", release])
-            .arg(&chart)
-            .args(["--namespace", &ns.name, "--wait", "--timeout", "120s"])
-            .output()
-            .await
-            .context("could not run helm")?;
-        ensure!(
-            install.status.success(),
-            "helm install failed: {}",
-            String::from_utf8_lossy(&install.stderr)
-        );
+        weft_e2e::helm(&[
+            "upgrade",
+            "--install",
+            release,
+            "{chart}",
+            "--namespace",
+            &ns.name,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .await?;
         wait_for_crd(&ns.client, "trainingjobs.weft.dev", Duration::from_secs(60)).await?;
 
         let jobs: Api<TrainingJob> = ns.api();
@@ -380,15 +379,7 @@ async fn the_helm_chart_installs_the_trainingjob_crd_and_the_api_server_serves_a
             Err(other) => return Err(other.into()),
         }
 
-        let uninstall = tokio::process::Command::new(helm_binary())
-            .args(["uninstall", release, "--namespace", &ns.name])
-            .output()
-            .await?;
-        ensure!(
-            uninstall.status.success(),
-            "helm uninstall failed: {}",
-            String::from_utf8_lossy(&uninstall.stderr)
-        );
+        weft_e2e::helm(&["uninstall", release, "--namespace", &ns.name]).await?;
         Ok(())
     })
     .await

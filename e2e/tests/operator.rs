@@ -33,19 +33,17 @@ async fn chart_credentials(ns: &TestNamespace) -> anyhow::Result<std::path::Path
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let release = ns.name.clone();
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft");
-    let install = Command::new(weft_e2e::helm_binary())
-        .args(["upgrade", "--install", &release])
-        .arg(&chart)
-        .args(["--namespace", &ns.name, "--set", "replicas=0"])
-        .output()
-        .await
-        .context("could not run helm")?;
-    ensure!(
-        install.status.success(),
-        "helm install failed: {}",
-        String::from_utf8_lossy(&install.stderr)
-    );
+    weft_e2e::helm(&[
+        "upgrade",
+        "--install",
+        &release,
+        "{chart}",
+        "--namespace",
+        &ns.name,
+        "--set",
+        "replicas=0",
+    ])
+    .await?;
     let accounts: Api<ServiceAccount> = ns.api();
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
@@ -272,15 +270,7 @@ async fn two_replicas_one_leader_takeover_and_convergence_after_a_kill() -> anyh
         ensure!(owned_services == 1, "{owned_services} Services for one job");
         drop(replicas);
         drop(_third);
-        let uninstall = Command::new(weft_e2e::helm_binary())
-            .args(["uninstall", &ns.name, "--namespace", &ns.name])
-            .output()
-            .await?;
-        ensure!(
-            uninstall.status.success(),
-            "helm uninstall failed: {}",
-            String::from_utf8_lossy(&uninstall.stderr)
-        );
+        weft_e2e::helm(&["uninstall", &ns.name, "--namespace", &ns.name]).await?;
         Ok(())
     })
     .await
