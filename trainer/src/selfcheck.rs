@@ -20,13 +20,12 @@ use tch::{Kind, Tensor};
 use weft_planner::rng::SplitMix64;
 
 use crate::attention::{
-    AttentionError, DocShard, RingShard, reference_attention, ring_attention_backward,
-    ring_attention_forward,
+    DocShard, RingShard, reference_attention, ring_attention_backward, ring_attention_forward,
 };
-use crate::comm::{CommError, ProcessGroup, Store};
+use crate::comm::{ProcessGroup, Store};
 use crate::data::{Batch, Sample};
 use crate::model::Llama;
-use crate::remap::{Remap, RemapError, token_id_rows};
+use crate::remap::{Remap, token_id_rows};
 use crate::step::{
     StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
     reference_forward_backward, zero_gradients,
@@ -81,23 +80,6 @@ impl SelfcheckReport {
     }
 }
 
-/// Why a selfcheck worker could not finish.
-#[derive(Debug, thiserror::Error)]
-pub enum SelfcheckError {
-    #[error(transparent)]
-    Comm(#[from] CommError),
-    #[error(transparent)]
-    Attention(#[from] AttentionError),
-    #[error(transparent)]
-    Remap(#[from] RemapError),
-    #[error(transparent)]
-    Step(#[from] StepError),
-    #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-}
-
 /// One case's documents: lengths and head layout, drawn from the seed.
 fn case_shape(rng: &mut SplitMix64) -> (Vec<i64>, i64, i64) {
     let documents = 1 + rng.below(4) as usize;
@@ -114,7 +96,7 @@ pub fn run_worker(
     port: u16,
     seed: u64,
     cases: u32,
-) -> Result<SelfcheckReport, SelfcheckError> {
+) -> Result<SelfcheckReport, StepError> {
     let store = Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(60))?;
     let mut group = ProcessGroup::gloo(&store, rank, world, "127.0.0.1", Duration::from_secs(60))?;
     let ring: Vec<u32> = (0..world).collect();
@@ -159,7 +141,7 @@ pub fn run_worker(
             let [out, dq, dk, dv] = reference_attention(q, k, v, g)?;
             let reference =
                 |full: &Tensor| DocShard::split(full, full, full, p, world, rank as usize);
-            let error = |mine: &[Tensor; 2], full: &Tensor| -> Result<f64, SelfcheckError> {
+            let error = |mine: &[Tensor; 2], full: &Tensor| -> Result<f64, StepError> {
                 let expected = reference(full)?.q;
                 let mut worst = 0.0f64;
                 for c in 0..2 {
@@ -194,7 +176,7 @@ fn random_lengths(rng: &mut SplitMix64, count: u64, longest: u64) -> Vec<u64> {
 
 /// Remaps the token ids of a random plan's attention layout to the linear
 /// layout and back; the largest difference from what the plan says.
-fn check_remap(group: &mut ProcessGroup, rng: &mut SplitMix64) -> Result<f64, SelfcheckError> {
+fn check_remap(group: &mut ProcessGroup, rng: &mut SplitMix64) -> Result<f64, StepError> {
     let (rank, world) = (group.rank(), group.world());
     let lengths = random_lengths(rng, 10, 400);
     let spec = weft_planner::model::ModelSpec::preset("tiny")
@@ -234,7 +216,7 @@ fn check_step(
     group: &mut ProcessGroup,
     rng: &mut SplitMix64,
     seed: u64,
-) -> Result<(f64, f64), SelfcheckError> {
+) -> Result<(f64, f64), StepError> {
     let world = group.world();
     let spec = weft_planner::model::ModelSpec::preset("tiny")
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
@@ -256,7 +238,7 @@ fn check_step(
     let model = Llama::new(&vs.root(), &spec)?;
     let params = named_parameters(&vs);
     // Every rank starts from rank 0's parameters.
-    tch::no_grad(|| -> Result<(), SelfcheckError> {
+    tch::no_grad(|| -> Result<(), StepError> {
         for (_, p) in &params {
             let mut p = p.shallow_clone();
             group.broadcast(&mut p, 0)?;
