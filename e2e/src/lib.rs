@@ -349,6 +349,25 @@ pub fn helm_binary() -> PathBuf {
     PathBuf::from("helm")
 }
 
+/// Waits (up to 90 s) until the status of TrainingJob `job` satisfies
+/// `done`, and returns it.
+pub async fn wait_job_status(
+    jobs: &Api<weft_crds::TrainingJob>,
+    job: &str,
+    what: &str,
+    done: impl Fn(&weft_crds::TrainingJobStatus) -> bool,
+) -> Result<weft_crds::TrainingJobStatus, HarnessError> {
+    let done = &done;
+    wait_for(what, Duration::from_secs(90), || {
+        let jobs = jobs.clone();
+        async move {
+            let status = jobs.get(job).await?.status.unwrap_or_default();
+            Ok(done(&status).then_some(status))
+        }
+    })
+    .await
+}
+
 /// Runs helm with `args` (the chart path may be written `{chart}`), failing
 /// with helm's own error output.
 pub async fn helm(args: &[&str]) -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, wait_for};
+use weft_e2e::{HarnessError, TestEnv, wait_for, wait_job_status};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::mesh::MeshPlan;
 
@@ -48,25 +48,6 @@ async fn fail_pod(pods: &Api<Pod>, pod: &str) -> anyhow::Result<()> {
     pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
-}
-
-/// Waits until the job's status satisfies `done`.
-async fn wait_status(
-    jobs: &Api<TrainingJob>,
-    job: &str,
-    what: &str,
-    done: impl Fn(&weft_crds::TrainingJobStatus) -> bool,
-) -> anyhow::Result<weft_crds::TrainingJobStatus> {
-    let done = &done;
-    let status = wait_for(what, Duration::from_secs(90), || {
-        let jobs = jobs.clone();
-        async move {
-            let status = jobs.get(job).await?.status.unwrap_or_default();
-            Ok(done(&status).then_some(status))
-        }
-    })
-    .await?;
-    Ok(status)
 }
 
 /// The reasons of the events recorded about a job.
@@ -267,7 +248,7 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
         let (before, _) = wait_running(&ns, "elastic", 3, mesh.epoch).await?;
         let victim = mesh.workers[1].name.clone();
         fail_pod(&pods, &victim).await?;
-        let status = wait_status(&jobs, "elastic", "the failure to be counted", |s| {
+        let status = wait_job_status(&jobs, "elastic", "the failure to be counted", |s| {
             s.restarts == 1
         })
         .await?;
@@ -322,7 +303,7 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
         let done = serde_json::json!({ "status": { "phase": "Succeeded" } });
         pods.patch_status(&finisher, &PatchParams::default(), &Patch::Merge(&done))
             .await?;
-        let status = wait_status(&jobs, "elastic", "elastic to succeed", |s| {
+        let status = wait_job_status(&jobs, "elastic", "elastic to succeed", |s| {
             s.phase == Phase::Succeeded
         })
         .await?;
@@ -356,7 +337,7 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
         for name in workers.keys() {
             fail_pod(&pods, name).await?;
         }
-        let status = wait_status(&jobs, "flaky", "flaky to fail", |s| {
+        let status = wait_job_status(&jobs, "flaky", "flaky to fail", |s| {
             s.phase == Phase::Failed
         })
         .await?;

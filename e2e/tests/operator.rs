@@ -20,7 +20,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use tokio::process::{Child, Command};
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
-use weft_e2e::{HarnessError, TestEnv, TestNamespace, operator_binary, wait_for};
+use weft_e2e::{HarnessError, TestEnv, TestNamespace, operator_binary, wait_for, wait_job_status};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::mesh::MeshPlan;
 
@@ -126,17 +126,9 @@ async fn wait_holder(leases: &Api<Lease>, not: Option<&str>) -> anyhow::Result<S
 }
 
 async fn wait_phase(jobs: &Api<TrainingJob>, job: &str, phase: Phase) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{job} to be {phase:?}"),
-        Duration::from_secs(90),
-        || {
-            let jobs = jobs.clone();
-            async move {
-                let status = jobs.get(job).await?.status.unwrap_or_default();
-                Ok((status.phase == phase).then_some(()))
-            }
-        },
-    )
+    wait_job_status(jobs, job, &format!("{job} to be {phase:?}"), |s| {
+        s.phase == phase
+    })
     .await?;
     Ok(())
 }

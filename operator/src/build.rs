@@ -86,6 +86,8 @@ pub enum BuildError {
     Unsaved(&'static str),
     #[error("the mesh plan cannot be serialised: {0}")]
     Mesh(String),
+    #[error("the training parameters cannot be serialised: {0}")]
+    Parameters(String),
     #[error("spec.model: {0}")]
     Model(#[from] weft_planner::model::ModelError),
 }
@@ -95,7 +97,7 @@ impl BuildError {
     pub fn category(&self) -> &'static str {
         match self {
             BuildError::Unsaved(_) => "job_metadata",
-            BuildError::Mesh(_) => "mesh_plan",
+            BuildError::Mesh(_) | BuildError::Parameters(_) => "mesh_plan",
             BuildError::Model(e) => e.category(),
         }
     }
@@ -152,8 +154,8 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
         parallelism: job.spec.parallelism.clone(),
         checkpoint: job.spec.checkpoint.clone(),
     };
-    let parameters_json =
-        serde_json::to_string_pretty(&parameters).map_err(|e| BuildError::Mesh(e.to_string()))?;
+    let parameters_json = serde_json::to_string_pretty(&parameters)
+        .map_err(|e| BuildError::Parameters(e.to_string()))?;
     let config_map = ConfigMap {
         metadata: meta(
             mesh_config_map_name(&name),

@@ -486,21 +486,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn remap_routes_conserve_tokens_and_match_the_linear_layout() {
-        use crate::cluster::parse_cluster;
+    fn llama_7b_on_2x4() -> crate::sim::PlanContext {
         use crate::cost::{CostCoefficients, CostModel};
-        use crate::model::ModelSpec;
-        use crate::sim::PlanContext;
-        use crate::strategies::Strategy;
-        use crate::topology::Topology;
-        let ctx = PlanContext {
-            topology: Topology::new(&parse_cluster("2x4").unwrap()).unwrap(),
+        crate::sim::PlanContext {
+            topology: crate::topology::Topology::new(
+                &crate::cluster::parse_cluster("2x4").unwrap(),
+            )
+            .unwrap(),
             cost: CostModel::new(
-                ModelSpec::preset("llama-7b").unwrap(),
+                crate::model::ModelSpec::preset("llama-7b").unwrap(),
                 CostCoefficients::default(),
             ),
-        };
+        }
+    }
+
+    #[test]
+    fn remap_routes_conserve_tokens_and_match_the_linear_layout() {
+        use crate::strategies::Strategy;
+        let ctx = llama_7b_on_2x4();
         let lengths = [30_000, 900, 400, 400, 12_000, 50];
         let plan = crate::plan_step(Strategy::Zeppelin, &ctx, &lengths, None).unwrap();
         assert!(!plan.remap.is_empty());
@@ -523,19 +526,8 @@ mod tests {
 
     #[test]
     fn linear_layouts_hold_every_token_once_in_the_planned_amounts() {
-        use crate::cluster::parse_cluster;
-        use crate::cost::{CostCoefficients, CostModel};
-        use crate::model::ModelSpec;
-        use crate::sim::PlanContext;
         use crate::strategies::Strategy;
-        use crate::topology::Topology;
-        let ctx = PlanContext {
-            topology: Topology::new(&parse_cluster("2x4").unwrap()).unwrap(),
-            cost: CostModel::new(
-                ModelSpec::preset("llama-7b").unwrap(),
-                CostCoefficients::default(),
-            ),
-        };
+        let ctx = llama_7b_on_2x4();
         let lengths = [30_000, 900, 400, 400, 12_000, 50];
         for strategy in [Strategy::Zeppelin, Strategy::Static, Strategy::Weft] {
             let plan = crate::plan_step(strategy, &ctx, &lengths, None).unwrap();
