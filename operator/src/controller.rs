@@ -209,17 +209,22 @@ pub async fn reconcile(
 }
 
 async fn reconcile_job(
-    job: Arc<TrainingJob>,
+    cached: Arc<TrainingJob>,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
-    let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
-    let name = job.name_any();
+    let namespace = cached.namespace().ok_or(ControllerError::NoNamespace)?;
+    let name = cached.name_any();
     let client = ctx.client.clone();
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    // The job as this reconcile has brought it so far (status included).
-    let mut job: TrainingJob = (*job).clone();
+    // The job as the API server holds it now, not as the watch cache last
+    // saw it: the status accumulates (restarts, rescale times), and a status
+    // computed from a stale copy would write old values over new ones. Every
+    // status write is conditional on this version and keeps `job` current.
+    let Some(mut job) = jobs.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
     let previous_phase = job.status.as_ref().map(|s| s.phase);
 
     // Observe.
@@ -249,7 +254,7 @@ async fn reconcile_job(
             reason: "InvalidSpec".to_string(),
             message: err.to_string(),
         };
-        return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
     }
 
     // Restart budget: count each failed worker once, and write the count
@@ -281,10 +286,9 @@ async fn reconcile_job(
                 reason: "RestartLimitExceeded".to_string(),
                 message,
             };
-            return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+            return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
         }
-        write_status(&jobs, &name, &status).await?;
-        job.status = Some(status);
+        write_status(&jobs, &mut job, &status).await?;
     }
 
     // Completion.
@@ -292,7 +296,7 @@ async fn reconcile_job(
         let outcome = Outcome::Succeeded {
             message: format!("worker {} finished training", worker.name_any()),
         };
-        return finish(&ctx, &jobs, &pods, &job, &job_pods, &outcome, &now).await;
+        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
     }
 
     // Suspended: no workers.
@@ -303,7 +307,7 @@ async fn reconcile_job(
         status.workers_ready = 0;
         status.workers_ready_summary = Some(format!("0/{}", status.workers_desired));
         status.observed_generation = job.metadata.generation;
-        write_status(&jobs, &name, &status).await?;
+        write_status(&jobs, &mut job, &status).await?;
         if previous_phase != Some(Phase::Suspended) {
             event(
                 &ctx,
@@ -418,21 +422,18 @@ async fn reconcile_job(
             }
             if mesh.epoch != previous_epoch {
                 status.last_rescale_time = Some(now.clone());
-                let after: BTreeSet<&str> = mesh.workers.iter().map(|w| w.name.as_str()).collect();
-                let joined = after
+                // `before` is the published mesh's live workers; those the new
+                // mesh keeps stayed, every other published worker left.
+                let kept = mesh
+                    .workers
                     .iter()
-                    .filter(|w| !before.iter().any(|(b, _)| b == *w))
+                    .filter(|w| before.contains(&(w.name.clone(), w.node.clone())))
                     .count();
-                let left = before
-                    .iter()
-                    .filter(|(b, _)| !after.contains(b.as_str()))
-                    .count()
-                    + published.as_ref().map_or(0, |m| {
-                        m.workers
-                            .iter()
-                            .filter(|w| !alive.contains(&(w.name.clone(), w.node.clone())))
-                            .count()
-                    });
+                let joined = mesh.workers.len() - kept;
+                let left = published
+                    .as_ref()
+                    .map_or(0, |m| m.workers.len())
+                    .saturating_sub(kept);
                 event(
                     &ctx,
                     &job,
@@ -481,7 +482,7 @@ async fn reconcile_job(
             now: now.clone(),
         },
     );
-    write_status(&jobs, &name, &status).await?;
+    write_status(&jobs, &mut job, &status).await?;
     if previous_phase != Some(status.phase) {
         let note = status
             .conditions
@@ -509,13 +510,13 @@ async fn finish(
     ctx: &Context,
     jobs: &Api<TrainingJob>,
     pods: &Api<Pod>,
-    job: &TrainingJob,
+    job: &mut TrainingJob,
     job_pods: &[Pod],
     outcome: &Outcome,
     now: &Time,
 ) -> Result<Action, ControllerError> {
     let status = finished_status(job, outcome, now);
-    write_status(jobs, &job.name_any(), &status).await?;
+    write_status(jobs, job, &status).await?;
     stop_workers(pods, job_pods).await?;
     let (type_, reason, note) = match outcome {
         Outcome::Succeeded { message } => (EventType::Normal, "Succeeded", message.clone()),
@@ -547,14 +548,27 @@ async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), ControllerError> 
     }
 }
 
+/// Writes `status` if the job is still at the version `job` was read at (a
+/// write from an older view fails with a conflict and the reconcile runs
+/// again), and brings `job` up to the written version.
 async fn write_status(
     jobs: &Api<TrainingJob>,
-    name: &str,
+    job: &mut TrainingJob,
     status: &weft_crds::TrainingJobStatus,
 ) -> Result<(), ControllerError> {
-    let body = serde_json::json!({ "status": status });
-    jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+    let body = serde_json::json!({
+        "metadata": { "resourceVersion": job.metadata.resource_version },
+        "status": status,
+    });
+    let written = jobs
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
         .await?;
+    job.metadata.resource_version = written.metadata.resource_version;
+    job.status = written.status;
     Ok(())
 }
 
