@@ -2,6 +2,12 @@
 //! machine, meeting at a rendezvous store on 127.0.0.1, the same code path a
 //! pod runs. If any worker fails, the others are stopped, so a launch never
 //! hangs on a dead peer.
+//!
+//! When one worker dies, its peers fail too, a moment later, with a collective
+//! error ("connection closed by peer"). Those are symptoms: a worker whose
+//! collective failed exits with [`PEER_LOST_EXIT`], and the launcher waits a
+//! short while after the first failure so that it reports the worker that
+//! failed for a reason of its own, whichever exited first.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +46,14 @@ impl LaunchError {
         }
     }
 }
+
+/// The exit status of a worker whose collective operation failed: most often
+/// the sign that another worker died, not a fault of its own.
+pub const PEER_LOST_EXIT: i32 = 3;
+
+/// How long, after the first worker fails, the launcher waits for the others
+/// to exit before it names the cause.
+const FAILURE_GRACE: Duration = Duration::from_secs(3);
 
 /// A free loopback port for the rendezvous store.
 pub fn free_port() -> Result<u16, LaunchError> {
@@ -110,7 +124,8 @@ pub fn run_local(
         outputs[rank as usize].push(line);
     };
     let deadline = Instant::now() + timeout;
-    let mut failure: Option<(u32, String)> = None;
+    let mut failures: Vec<(u32, std::process::ExitStatus)> = Vec::new();
+    let mut grace_until: Option<Instant> = None;
     let mut done = vec![false; children.len()];
     while done.iter().any(|d| !d) {
         while let Ok((rank, line)) = lines_rx.recv_timeout(Duration::from_millis(20)) {
@@ -122,15 +137,24 @@ pub fn run_local(
             }
             if let Ok(Some(status)) = child.try_wait() {
                 done[rank] = true;
-                if !status.success() && failure.is_none() {
-                    failure = Some((rank as u32, status.to_string()));
+                if !status.success() {
+                    failures.push((rank as u32, status));
+                    grace_until.get_or_insert_with(|| Instant::now() + FAILURE_GRACE);
                 }
             }
         }
-        if failure.is_some() || Instant::now() > deadline {
+        let now = Instant::now();
+        if grace_until.is_some_and(|until| now > until) || now > deadline {
             break;
         }
     }
+    // The cause is the first worker that failed for a reason of its own; only
+    // if every failure was a lost peer is the first of those reported.
+    let failure = failures
+        .iter()
+        .find(|(_, status)| status.code() != Some(PEER_LOST_EXIT))
+        .or(failures.first())
+        .map(|(rank, status)| (*rank, status.to_string()));
     let timed_out = failure.is_none() && done.iter().any(|d| !d);
     stop(&mut children);
     for reader in out_readers {

@@ -17,10 +17,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use weft_trainer::launch::run_local;
+use weft_trainer::comm::CommError;
+use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
+use weft_trainer::step::StepError;
 use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
-use weft_trainer::train::{StepMetrics, TrainConfig};
+use weft_trainer::train::{StepMetrics, TrainConfig, TrainError};
 
 #[derive(Parser)]
 #[command(name = "weft-trainer", version, about = "weft's trainer")]
@@ -483,7 +485,26 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("weft-trainer: error: {err:#}");
-            ExitCode::from(2)
+            if collective_failed(&err) {
+                ExitCode::from(PEER_LOST_EXIT as u8)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
+}
+
+/// Whether the error is a failed collective operation: in a worker, most
+/// often the echo of a peer that died, which the launcher then looks past.
+fn collective_failed(err: &anyhow::Error) -> bool {
+    let category = if let Some(e) = err.downcast_ref::<TrainError>() {
+        e.category()
+    } else if let Some(e) = err.downcast_ref::<StepError>() {
+        e.category()
+    } else if let Some(e) = err.downcast_ref::<CommError>() {
+        e.category()
+    } else {
+        return false;
+    };
+    category == "collective"
 }
