@@ -267,3 +267,49 @@ async fn two_replicas_one_leader_takeover_and_convergence_after_a_kill() -> anyh
     })
     .await
 }
+
+/// The plain-YAML install (manifests/install.yaml) applies as a user would
+/// apply it, with kubectl, and makes the operator's Deployment, account and
+/// cluster role; deleting it removes them.
+#[tokio::test]
+async fn the_plain_yaml_install_applies() -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let env = TestEnv::connect().await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
+    let install = weft_e2e::repo_root().join("manifests/install.yaml");
+    let kubectl = weft_e2e::repo_root().join("e2e/cluster/kubectl");
+    let output = Command::new(&kubectl)
+        .args(["apply", "--server-side", "-f"])
+        .arg(&install)
+        .output()
+        .await?;
+    ensure!(
+        output.status.success(),
+        "kubectl apply -f {} failed: {}",
+        install.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), "weft-system");
+    let roles: Api<ClusterRole> = Api::all(env.client.clone());
+    let made = deployments.get_opt("weft-operator").await?.is_some()
+        && roles.get_opt("weft-operator").await?.is_some();
+    // Everything but the CRD, which the other tests share.
+    let output = Command::new(&kubectl)
+        .args(["delete", "--wait=false", "-f"])
+        .arg(&install)
+        .args(["-l", "app.kubernetes.io/name=weft-operator"])
+        .output()
+        .await?;
+    let _ = Command::new(&kubectl)
+        .args(["delete", "namespace", "weft-system", "--wait=false"])
+        .output()
+        .await;
+    ensure!(
+        output.status.success(),
+        "kubectl delete failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(made, "the install made no weft-operator Deployment or ClusterRole");
+    Ok(())
+}

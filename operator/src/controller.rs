@@ -35,6 +35,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use tracing::Instrument;
 use weft_crds::topology::RESOURCE_GPU;
 use weft_crds::{Phase, TrainingJob};
 use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
@@ -186,15 +187,26 @@ async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str,
         action: "Reconcile".to_string(),
         secondary: None,
     };
+    match type_ {
+        EventType::Warning => tracing::warn!(reason, note = event.note, "event"),
+        EventType::Normal => tracing::info!(reason, note = event.note, "event"),
+    }
     if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        eprintln!(
-            "weft-operator: could not publish event {reason} for {}: {e}",
-            job.name_any()
-        );
+        tracing::warn!(reason, error = %e, "could not publish the event");
     }
 }
 
-/// One reconcile of one job, counted and timed.
+/// One reconcile of one job, counted, timed and traced (a `reconcile` span
+/// named after the job, with a child span for each call to the API server).
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(
+        namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
+        job = job.metadata.name.as_deref().unwrap_or_default(),
+        outcome = tracing::field::Empty,
+    )
+)]
 pub async fn reconcile(
     job: Arc<TrainingJob>,
     ctx: Arc<Context>,
@@ -205,6 +217,16 @@ pub async fn reconcile(
     ctx.metrics
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    tracing::Span::current().record("outcome", outcome);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        outcome,
+        "reconciled"
+    );
     result
 }
 
@@ -222,7 +244,11 @@ async fn reconcile_job(
     // saw it: the status accumulates (restarts, rescale times), and a status
     // computed from a stale copy would write old values over new ones. Every
     // status write is conditional on this version and keeps `job` current.
-    let Some(mut job) = jobs.get_opt(&name).await? else {
+    let Some(mut job) = jobs
+        .get_opt(&name)
+        .instrument(tracing::info_span!("get_job"))
+        .await?
+    else {
         return Ok(Action::await_change());
     };
     let previous_phase = job.status.as_ref().map(|s| s.phase);
@@ -230,11 +256,13 @@ async fn reconcile_job(
     // Observe.
     let node_list = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
+        .instrument(tracing::info_span!("list_nodes"))
         .await?;
     let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list.items);
     crate::inventory::fit_to_job(&mut gpu_nodes, &node_list.items, &job.spec.scheduling);
     let all_pods = Api::<Pod>::all(client.clone())
         .list(&ListParams::default())
+        .instrument(tracing::info_span!("list_pods"))
         .await?
         .items;
     let job_pods = pods
@@ -355,26 +383,34 @@ async fn reconcile_job(
         .map(|w| (w.name.clone(), w.node.clone()))
         .filter(|w| alive.contains(w))
         .collect();
-    let planned = plan_mesh(&request, &mesh_nodes, &existing).map(|mut mesh| {
-        // The epoch moves on whenever the membership differs from the
-        // published mesh's workers that are still alive.
-        let after: BTreeSet<(String, String)> = mesh
-            .workers
-            .iter()
-            .map(|w| (w.name.clone(), w.node.clone()))
-            .collect();
-        mesh.epoch = if before == after && previous_epoch > 0 {
-            previous_epoch
-        } else {
-            previous_epoch + 1
-        };
-        mesh
-    });
+    let plan_span = tracing::info_span!("plan_mesh", nodes = mesh_nodes.len());
+    let planned = plan_span
+        .in_scope(|| plan_mesh(&request, &mesh_nodes, &existing))
+        .map(|mut mesh| {
+            // The epoch moves on whenever the membership differs from the
+            // published mesh's workers that are still alive.
+            let after: BTreeSet<(String, String)> = mesh
+                .workers
+                .iter()
+                .map(|w| (w.name.clone(), w.node.clone()))
+                .collect();
+            mesh.epoch = if before == after && previous_epoch > 0 {
+                previous_epoch
+            } else {
+                previous_epoch + 1
+            };
+            mesh
+        });
 
     // Build and apply.
     let mut status = job.status.clone().unwrap_or_default();
     match &planned {
         Ok(mesh) => {
+            tracing::debug!(
+                epoch = mesh.epoch,
+                workers = mesh.workers.len(),
+                "mesh planned"
+            );
             let objects = build(&job, mesh)?;
             let apply = PatchParams::apply(FIELD_MANAGER).force();
             config_maps
@@ -530,6 +566,7 @@ async fn finish(
 
 /// Deletes every worker pod that still runs (finished pods hold no GPUs and
 /// keep their logs).
+#[tracing::instrument(skip_all)]
 async fn stop_workers(pods: &Api<Pod>, job_pods: &[Pod]) -> Result<(), ControllerError> {
     for pod in job_pods
         .iter()
@@ -540,6 +577,7 @@ async fn stop_workers(pods: &Api<Pod>, job_pods: &[Pod]) -> Result<(), Controlle
     Ok(())
 }
 
+#[tracing::instrument(skip(pods))]
 async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), ControllerError> {
     match pods.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
@@ -551,6 +589,7 @@ async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), ControllerError> 
 /// Writes `status` if the job is still at the version `job` was read at (a
 /// write from an older view fails with a conflict and the reconcile runs
 /// again), and brings `job` up to the written version.
+#[tracing::instrument(skip_all, fields(phase = ?status.phase))]
 async fn write_status(
     jobs: &Api<TrainingJob>,
     job: &mut TrainingJob,
@@ -573,11 +612,14 @@ async fn write_status(
 }
 
 /// Retries a failed reconcile soon, without hammering the API server.
-pub fn error_policy(_job: Arc<TrainingJob>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+pub fn error_policy(job: Arc<TrainingJob>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(error.category());
-    eprintln!(
-        "weft-operator: reconcile failed [{}]: {error}",
-        error.category()
+    tracing::warn!(
+        namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
+        job = job.metadata.name.as_deref().unwrap_or_default(),
+        category = error.category(),
+        error = %error,
+        "reconcile failed; retrying in 5 s"
     );
     Action::requeue(Duration::from_secs(5))
 }
@@ -623,7 +665,7 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
         )
         .for_each(|result| async move {
             if let Err(e) = result {
-                eprintln!("weft-operator: {e}");
+                tracing::debug!(error = %e, "controller");
             }
         })
         .await;

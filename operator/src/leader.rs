@@ -79,9 +79,10 @@ pub async fn run_elected(
                 .map_err(|_| LeaderError::WatcherStopped)?;
         }
         metrics.leader.set(1);
-        eprintln!(
-            "weft-operator: {} leads (lease {}/{})",
-            election.identity, election.namespace, election.lease
+        tracing::info!(
+            identity = election.identity,
+            lease = format!("{}/{}", election.namespace, election.lease),
+            "leading"
         );
         let controller =
             crate::controller::run_with(client.clone(), namespace.clone(), metrics.clone());
@@ -96,7 +97,7 @@ pub async fn run_elected(
             _ = controller => return Ok(()),
             _ = lost => {
                 metrics.leader.set(0);
-                eprintln!("weft-operator: {} lost the lease; standing by", election.identity);
+                tracing::warn!(identity = election.identity, "lost the lease; standing by");
             }
         }
     }

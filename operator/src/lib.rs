@@ -17,3 +17,4 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod status;
+pub mod telemetry;

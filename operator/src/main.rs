@@ -19,10 +19,15 @@ use kube::{Api, Client};
 use weft_operator::inventory::{GpuNode, read_nodes};
 use weft_operator::leader::{Election, run_elected};
 use weft_operator::metrics::{Metrics, serve};
+use weft_operator::telemetry::LogFormat;
 
 #[derive(Parser, Debug)]
 #[command(name = "weft-operator", version, about = "weft's Kubernetes operator")]
 struct Cli {
+    /// Log lines as text or as JSON objects (levels from RUST_LOG, default
+    /// info). Traces go over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,9 +62,27 @@ enum Command {
     Inventory,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Before the runtime: the trace exporter's HTTP client blocks, and runs
+    // on a thread of its own. Dropped last, so the last spans are flushed.
+    let telemetry = weft_operator::telemetry::init(cli.log_format, "weft-operator")
+        .map_err(|e| anyhow::anyhow!("[{}] {e}", e.category()))?;
+    if let Some(endpoint) = &telemetry.traces_endpoint {
+        tracing::info!(endpoint, "exporting traces over OTLP/HTTP");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    let result = runtime.block_on(dispatch(cli.command));
+    drop(runtime);
+    drop(telemetry);
+    result
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Inventory => inventory().await,
         Command::Run {
             namespace,
@@ -101,15 +124,17 @@ async fn run(
     let metrics = Arc::new(Metrics::new());
     let (bound, serving) = serve(listen, metrics.clone()).await?;
     tokio::spawn(serving);
-    eprintln!(
-        "weft-operator: reconciling TrainingJobs in {}; metrics and health on http://{bound}",
-        namespace.as_deref().unwrap_or("all namespaces")
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("all namespaces"),
+        listen = %bound,
+        "reconciling TrainingJobs; metrics and health served"
     );
     match election {
         Some(election) => {
-            eprintln!(
-                "weft-operator: {} waits for lease {}/{}",
-                election.identity, election.namespace, election.lease
+            tracing::info!(
+                identity = election.identity,
+                lease = format!("{}/{}", election.namespace, election.lease),
+                "waiting for the lease"
             );
             run_elected(client, election, namespace, metrics).await?;
         }

@@ -19,9 +19,9 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use weft_trainer::comm::CommError;
 use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
-use weft_trainer::step::StepError;
 use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
+use weft_trainer::step::StepError;
 use weft_trainer::train::{StepMetrics, TrainConfig, TrainError};
 
 #[derive(Parser)]
