@@ -310,6 +310,9 @@ async fn the_plain_yaml_install_applies() -> anyhow::Result<()> {
         "kubectl delete failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    ensure!(made, "the install made no weft-operator Deployment or ClusterRole");
+    ensure!(
+        made,
+        "the install made no weft-operator Deployment or ClusterRole"
+    );
     Ok(())
 }

@@ -1,0 +1,381 @@
+//! The controller as the cluster's capacity changes under it, against the
+//! real API server, scheduler and garbage collector on kwok GPU nodes:
+//!
+//! - on a heterogeneous cluster (8-GPU nodes with a NIC per GPU, 4-GPU A100
+//!   nodes with a NIC per two GPUs) each rank's NIC in the mesh plan is the
+//!   one the node's annotation puts next to its GPU;
+//! - deleting a job deletes everything it owns;
+//! - a job too big for the cluster waits with no pod, and starts, whole, when
+//!   nodes are added;
+//! - below `min` (a node NotReady) it stops every worker and says why, and
+//!   starts again when the node returns;
+//! - a deleted node shrinks the job, the survivors untouched.
+//!
+//! Its own test binary (one test): it uses every GPU of the cluster, and adds
+//! and removes nodes of its own (always removed at the end).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use weft_crds::topology::{ANNOTATION_NICS, Nic};
+use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_e2e::nodes::node_objects;
+use weft_e2e::{HarnessError, TestEnv, TestNamespace, wait_for, wait_job_status};
+use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
+use weft_planner::cluster::parse_cluster;
+use weft_planner::mesh::MeshPlan;
+
+const NOT_READY: &str = "node-not-ready.stage.kwok.x-k8s.io";
+/// The nodes this test adds: two more 8-GPU nodes.
+const EXTRA: &str = "2x8:nics=8,name=extra";
+
+fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
+    let mut spec = TrainingJobSpec {
+        command: Some(vec!["sleep".into(), "3600".into()]),
+        resources: WorkerResources {
+            gpus,
+            cpu: Some("1".into()),
+            memory: Some("1Gi".into()),
+        },
+        ..TrainingJobSpec::new("busybox:1.36", min, max)
+    };
+    spec.elasticity.rescale_cooldown_seconds = 1;
+    TrainingJob::new(name, spec)
+}
+
+fn other(e: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Other(e.to_string())
+}
+
+async fn mesh_of(config_maps: &Api<ConfigMap>, job: &str) -> anyhow::Result<Option<MeshPlan>> {
+    let Some(cm) = config_maps.get_opt(&mesh_config_map_name(job)).await? else {
+        return Ok(None);
+    };
+    let text = cm
+        .data
+        .and_then(|d| d.get("mesh.json").cloned())
+        .context("mesh ConfigMap without mesh.json")?;
+    Ok(Some(serde_json::from_str(&text)?))
+}
+
+/// The job's live (not deleted, not finished) pods: name → (uid, node).
+async fn live_workers(
+    pods: &Api<Pod>,
+    job: &str,
+) -> anyhow::Result<BTreeMap<String, (String, String)>> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .map(|p| {
+            let node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            (p.name_any(), (p.uid().unwrap_or_default(), node))
+        })
+        .collect())
+}
+
+/// Waits until `job` is Running with `workers` running workers, each on the
+/// node its mesh (at `epoch` or later) says.
+async fn wait_running(
+    ns: &TestNamespace,
+    job: &str,
+    workers: usize,
+    epoch: u64,
+) -> anyhow::Result<(BTreeMap<String, (String, String)>, MeshPlan)> {
+    let pods: Api<Pod> = ns.api();
+    let config_maps: Api<ConfigMap> = ns.api();
+    let jobs: Api<TrainingJob> = ns.api();
+    let found = wait_for(
+        &format!("{job} to run {workers} workers at mesh epoch ≥ {epoch}"),
+        Duration::from_secs(120),
+        || {
+            let (pods, config_maps, jobs) = (pods.clone(), config_maps.clone(), jobs.clone());
+            async move {
+                let running = live_workers(&pods, job).await.map_err(other)?;
+                let Some(mesh) = mesh_of(&config_maps, job).await.map_err(other)? else {
+                    return Ok(None);
+                };
+                let status = jobs.get(job).await?.status.unwrap_or_default();
+                let placed = mesh.workers.iter().all(|w| {
+                    running
+                        .get(&w.name)
+                        .is_some_and(|(_, node)| *node == w.node)
+                });
+                let done = running.len() == workers
+                    && mesh.workers.len() == workers
+                    && mesh.epoch >= epoch
+                    && placed
+                    && status.phase == Phase::Running
+                    && status.mesh_epoch == mesh.epoch as i64;
+                Ok(done.then_some((running, mesh)))
+            }
+        },
+    )
+    .await?;
+    Ok(found)
+}
+
+/// Every NIC of every node, read from the annotation as the test sees it.
+async fn annotated_nics(nodes: &Api<Node>) -> anyhow::Result<BTreeMap<String, Vec<Nic>>> {
+    let mut out = BTreeMap::new();
+    for node in nodes.list(&ListParams::default()).await?.items {
+        if let Some(text) = node.annotations().get(ANNOTATION_NICS) {
+            out.insert(node.name_any(), serde_json::from_str(text)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn set_not_ready(nodes: &Api<Node>, node: &str, not_ready: bool) -> anyhow::Result<()> {
+    let value = if not_ready {
+        serde_json::json!("true")
+    } else {
+        serde_json::Value::Null
+    };
+    let patch = serde_json::json!({ "metadata": { "labels": { NOT_READY: value } } });
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Result<()> {
+    let env = TestEnv::connect().await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let extra = node_objects(&parse_cluster(EXTRA)?);
+    let result = env
+        .run("capacity", |ns| async move {
+            let controller = tokio::spawn(weft_operator::controller::run(
+                ns.client.clone(),
+                Some(ns.name.clone()),
+            ));
+            let result = scenario(&ns, &extra).await;
+            controller.abort();
+            result
+        })
+        .await;
+    // Whatever happened, the cluster is left as it was found.
+    for node in node_objects(&parse_cluster(EXTRA)?) {
+        let _ = nodes
+            .delete(&node.name_any(), &DeleteParams::default())
+            .await;
+    }
+    result
+}
+
+async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
+    let jobs: Api<TrainingJob> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let nodes: Api<Node> = Api::all(ns.client.clone());
+
+    // Heterogeneous NICs: 4-GPU workers fill the 8-GPU nodes two by two and
+    // the 4-GPU A100 nodes one by one (3×8 + 2×4 = 32 GPUs = 8 workers).
+    jobs.create(&PostParams::default(), &job("mixed", 8, 8, 4))
+        .await?;
+    let (_, mesh) = wait_running(ns, "mixed", 8, 1).await?;
+    let annotated = annotated_nics(&nodes).await?;
+    let mut whole_node_workers = 0;
+    for worker in &mesh.workers {
+        let nics = annotated
+            .get(&worker.node)
+            .with_context(|| format!("node {} has no NIC annotation", worker.node))?;
+        let node_gpus: usize = nics.iter().map(|n| n.gpus.len()).sum();
+        let listed: Vec<(&str, &[u32])> = worker
+            .node_nics
+            .iter()
+            .map(|n| (n.name.as_str(), n.gpus.as_slice()))
+            .collect();
+        let wanted: Vec<(&str, &[u32])> = nics
+            .iter()
+            .map(|n| (n.name.as_str(), n.gpus.as_slice()))
+            .collect();
+        ensure!(
+            listed == wanted,
+            "worker {} lists NICs {listed:?}, node {} has {wanted:?}",
+            worker.name,
+            worker.node
+        );
+        if worker.gpus as usize == node_gpus {
+            whole_node_workers += 1;
+            ensure!(
+                worker.rank_nics.len() == worker.gpus as usize,
+                "worker {} has the whole node but {} rank NICs",
+                worker.name,
+                worker.rank_nics.len()
+            );
+            for rank in &worker.rank_nics {
+                let closest = nics
+                    .iter()
+                    .find(|n| n.gpus.contains(&rank.local_rank))
+                    .with_context(|| format!("no NIC lists GPU {}", rank.local_rank))?;
+                ensure!(
+                    rank.nic == closest.name,
+                    "worker {} rank {} uses {} but GPU {} sits by {} on {}",
+                    worker.name,
+                    rank.local_rank,
+                    rank.nic,
+                    rank.local_rank,
+                    closest.name,
+                    worker.node
+                );
+            }
+        }
+    }
+    ensure!(
+        whole_node_workers == 2,
+        "expected the two A100 nodes to hold one whole-node worker each, got {whole_node_workers}"
+    );
+
+    // Deleting the job deletes what it owns (the garbage collector follows
+    // the owner references).
+    jobs.delete("mixed", &DeleteParams::background()).await?;
+    wait_for(
+        "mixed's pods, Service and ConfigMap to be deleted",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            let services: Api<Service> = ns.api();
+            let config_maps: Api<ConfigMap> = ns.api();
+            async move {
+                let selector = ListParams::default().labels(&format!("{LABEL_JOB}=mixed"));
+                let left = pods.list(&selector).await?.items.len()
+                    + services.list(&selector).await?.items.len()
+                    + config_maps.list(&selector).await?.items.len()
+                    + usize::from(
+                        config_maps
+                            .get_opt(&mesh_config_map_name("mixed"))
+                            .await?
+                            .is_some(),
+                    );
+                Ok((left == 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // Gang start: five 8-GPU workers do not fit on three 8-GPU nodes; the job
+    // waits with no pod at all, and starts, whole, when two nodes are added.
+    jobs.create(&PostParams::default(), &job("grown", 5, 5, 8))
+        .await?;
+    wait_job_status(&jobs, "grown", "grown to wait for capacity", |s| {
+        s.phase == Phase::Pending
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Schedulable" && c.status == "False")
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        live_workers(&pods, "grown").await?.is_empty()
+            && pods
+                .list(&ListParams::default().labels(&format!("{LABEL_JOB}=grown")))
+                .await?
+                .items
+                .is_empty(),
+        "a job that cannot start holds no pod"
+    );
+    for node in extra {
+        nodes.create(&PostParams::default(), node).await?;
+    }
+    let (five, mesh) = wait_running(ns, "grown", 5, 1).await?;
+    ensure!(
+        extra
+            .iter()
+            .all(|n| mesh.workers.iter().any(|w| w.node == n.name_any())),
+        "the added nodes hold workers"
+    );
+
+    // Below min: a node NotReady leaves four places for a job of at least
+    // five; every worker stops and the job says what it needs.
+    let lost = mesh.workers[0].node.clone();
+    set_not_ready(&nodes, &lost, true).await?;
+    let waiting = wait_for(
+        "grown to stop every worker below min",
+        Duration::from_secs(60),
+        || {
+            let (jobs, pods) = (jobs.clone(), pods.clone());
+            async move {
+                let status = jobs.get("grown").await?.status.unwrap_or_default();
+                let live = pods
+                    .list(&ListParams::default().labels(&format!("{LABEL_JOB}=grown")))
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .count();
+                let message = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Schedulable" && c.status == "False")
+                    .map(|c| c.message.clone());
+                Ok((status.phase == Phase::Pending && live == 0)
+                    .then_some(message)
+                    .flatten())
+            }
+        },
+    )
+    .await;
+    set_not_ready(&nodes, &lost, false).await?;
+    let message = waiting?;
+    ensure!(
+        message.contains("needs 5 workers of 8 GPUs (40 GPUs)"),
+        "{message}"
+    );
+    let events: Api<Event> = ns.api();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=grown"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    ensure!(
+        reasons.iter().any(|r| r == "BelowMinimum"),
+        "no BelowMinimum event: {reasons:?}"
+    );
+
+    // The node returns: the job starts again, whole.
+    let (_, mesh) = wait_running(ns, "grown", 5, mesh.epoch + 1).await?;
+
+    // A deleted node: with min lowered to four the job shrinks to the four
+    // nodes left, and the surviving workers' pods are the same pods.
+    let lower = serde_json::json!({ "spec": { "workers": { "min": 4 } } });
+    jobs.patch("grown", &PatchParams::default(), &Patch::Merge(&lower))
+        .await?;
+    let (before, _) = wait_running(ns, "grown", 5, mesh.epoch).await?;
+    let gone = extra
+        .first()
+        .map(|n| n.name_any())
+        .context("an added node")?;
+    nodes.delete(&gone, &DeleteParams::default()).await?;
+    let (after, mesh) = wait_running(ns, "grown", 4, mesh.epoch + 1).await?;
+    ensure!(
+        mesh.workers.iter().all(|w| w.node != gone),
+        "a worker is still on the deleted node {gone}"
+    );
+    for (name, (uid, _)) in &after {
+        ensure!(
+            before.get(name).is_some_and(|(u, _)| u == uid),
+            "survivor {name} was recreated"
+        );
+    }
+    ensure!(
+        five.len() == 5 && after.len() == 4,
+        "five workers, then four"
+    );
+    Ok(())
+}
