@@ -389,16 +389,22 @@ pub async fn helm(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// The `weft-operator` binary of this build (`target/<profile>/weft-operator`,
-/// next to the test binary's `deps/`), or `$WEFT_OPERATOR`.
+/// next to the test binary's `deps/` or to this crate's binaries), or
+/// `$WEFT_OPERATOR`.
 pub fn operator_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEFT_OPERATOR") {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
+    // A test binary lives in `<profile>/deps/`, a binary of this crate in `<profile>/`.
+    let dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
         .ok_or_else(|| anyhow::anyhow!("cannot find the target directory of {}", exe.display()))?;
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
     let binary = profile_dir.join("weft-operator");
     anyhow::ensure!(
         binary.exists(),

@@ -178,6 +178,13 @@ async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Resul
 }
 
 async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let stage = |what: &str| {
+        eprintln!(
+            "capacity: {what} at {:.1} s",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let jobs: Api<TrainingJob> = ns.api();
     let pods: Api<Pod> = ns.api();
     let nodes: Api<Node> = Api::all(ns.client.clone());
@@ -240,6 +247,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
         "expected the two A100 nodes to hold one whole-node worker each, got {whole_node_workers}"
     );
 
+    stage("Deleting the job deletes what it owns");
     // Deleting the job deletes what it owns (the garbage collector follows
     // the owner references).
     jobs.delete("mixed", &DeleteParams::background()).await?;
@@ -267,6 +275,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     )
     .await?;
 
+    stage("Gang start");
     // Gang start: five 8-GPU workers do not fit on three 8-GPU nodes; the job
     // waits with no pod at all, and starts, whole, when two nodes are added.
     jobs.create(&PostParams::default(), &job("grown", 5, 5, 8))
@@ -299,6 +308,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
         "the added nodes hold workers"
     );
 
+    stage("Below min");
     // Below min: a node NotReady leaves four places for a job of at least
     // five; every worker stops and the job says what it needs.
     let lost = mesh.workers[0].node.clone();
@@ -348,9 +358,11 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
         "no BelowMinimum event: {reasons:?}"
     );
 
+    stage("The node returns");
     // The node returns: the job starts again, whole.
     let (_, mesh) = wait_running(ns, "grown", 5, mesh.epoch + 1).await?;
 
+    stage("A deleted node");
     // A deleted node: with min lowered to four the job shrinks to the four
     // nodes left, and the surviving workers' pods are the same pods.
     let lower = serde_json::json!({ "spec": { "workers": { "min": 4 } } });
@@ -373,6 +385,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
             "survivor {name} was recreated"
         );
     }
+    stage("done");
     ensure!(
         five.len() == 5 && after.len() == 4,
         "five workers, then four"

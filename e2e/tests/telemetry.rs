@@ -169,7 +169,7 @@ async fn json_logs_and_otlp_traces_name_the_job() -> anyhow::Result<()> {
                                 == Some(namespace.as_str())
                             && attributes.get("outcome").and_then(|v| v.as_str()) == Some("ok")
                     });
-                    let children = spans.iter().any(|(name, _)| name == "list_nodes")
+                    let children = spans.iter().any(|(name, _)| name == "list_job_pods")
                         && spans.iter().any(|(name, _)| name == "write_status");
                     Ok::<_, HarnessError>((reconcile && children).then_some(spans.len()))
                 }

@@ -33,7 +33,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
 use weft_crds::topology::RESOURCE_GPU;
@@ -62,6 +63,8 @@ pub enum ControllerError {
     NoNamespace,
     #[error("status cannot be serialised: {0}")]
     Serialise(String),
+    #[error("the node or pod cache stopped (its watch ended)")]
+    CacheGone,
 }
 
 impl ControllerError {
@@ -72,9 +75,13 @@ impl ControllerError {
             ControllerError::Build(e) => e.category(),
             ControllerError::NoNamespace => "job_metadata",
             ControllerError::Serialise(_) => "status",
+            ControllerError::CacheGone => "cache",
         }
     }
 }
+
+/// Pod creations a reconcile keeps in flight at once.
+const POD_CREATES_IN_FLIGHT: usize = 32;
 
 fn terminal(pod: &Pod) -> bool {
     matches!(crate::status::phase_of(pod), "Succeeded" | "Failed")
@@ -155,19 +162,150 @@ pub struct Context {
     /// Publishes Kubernetes events about jobs.
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Every node, kept current by a watch (slimmed: see [`slim_node`]).
+    pub nodes: Store<Node>,
+    /// Every pod of the cluster, for the GPUs each node has left (slimmed:
+    /// see [`slim_pod`]). A job's own pods are listed afresh each reconcile.
+    pub pods: Store<Pod>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    /// A context whose node and pod caches are fed by watches: the pods' runs
+    /// as long as the returned task does; the nodes' is the returned stream,
+    /// which yields once the cache holds each change that matters to a mesh
+    /// (so a reconcile it triggers sees the change).
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+    ) -> (
+        Self,
+        impl futures::Stream<Item = ()> + Send + 'static,
+        tokio::task::JoinHandle<()>,
+    ) {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        Context {
+        let (nodes, node_writer) = reflector::store::<Node>();
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let node_changes = node_changes(
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(slim_node)
+                .reflect(node_writer),
+        );
+        let pod_watch = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(slim_pod)
+            .reflect(pod_writer)
+            .for_each(|_| std::future::ready(()));
+        let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            nodes,
+            pods,
+        };
+        (ctx, node_changes, tokio::spawn(pod_watch))
+    }
+}
+
+/// One item per change of a node that can change a mesh: a node added or
+/// deleted, or a change of its labels, NIC annotation, taints, cordon,
+/// capacity or readiness. Heartbeats (a new `lastHeartbeatTime`, every few
+/// seconds on every node) are not changes: on a big cluster they would
+/// wake every job many times a second.
+fn node_changes(
+    events: impl futures::Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    events.filter_map(move |event| {
+        let change = match event {
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                let fingerprint = mesh_fingerprint(&node);
+                (seen.insert(node.name_any(), fingerprint) != Some(fingerprint)).then_some(())
+            }
+            Ok(watcher::Event::Delete(node)) => {
+                seen.remove(&node.name_any());
+                Some(())
+            }
+            Ok(watcher::Event::InitDone) => Some(()),
+            Ok(watcher::Event::Init) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "node watch failed; retrying");
+                None
+            }
+        };
+        std::future::ready(change)
+    })
+}
+
+/// A hash of what of a node a mesh depends on.
+fn mesh_fingerprint(node: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    node.metadata.labels.hash(&mut hasher);
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(weft_crds::topology::ANNOTATION_NICS))
+        .hash(&mut hasher);
+    if let Some(spec) = &node.spec {
+        spec.unschedulable.hash(&mut hasher);
+        for taint in spec.taints.iter().flatten() {
+            (&taint.key, &taint.value, &taint.effect).hash(&mut hasher);
         }
+    }
+    if let Some(status) = &node.status {
+        for (name, quantity) in status.allocatable.iter().flatten() {
+            (name, &quantity.0).hash(&mut hasher);
+        }
+        for condition in status.conditions.iter().flatten() {
+            (&condition.type_, &condition.status).hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+/// What the operator keeps of a node: all but the managed fields and the
+/// list of images (which can be most of a node object).
+pub fn slim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+    }
+}
+
+/// What the operator keeps of a pod of the cluster: its name, labels,
+/// deletion mark, node (bound or pinned by affinity), GPU limits and phase,
+/// which is all that GPU accounting needs; the rest (env, volumes, statuses,
+/// annotations) could be most of the operator's memory on a busy cluster.
+pub fn slim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        let affinity = spec.affinity.take();
+        let node_name = spec.node_name.take();
+        let containers = std::mem::take(&mut spec.containers)
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                resources: c.resources,
+                ..Default::default()
+            })
+            .collect();
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            affinity,
+            node_name,
+            containers,
+            ..Default::default()
+        };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            ..Default::default()
+        };
     }
 }
 
@@ -253,20 +391,22 @@ async fn reconcile_job(
     };
     let previous_phase = job.status.as_ref().map(|s| s.phase);
 
-    // Observe.
-    let node_list = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .instrument(tracing::info_span!("list_nodes"))
-        .await?;
-    let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list.items);
-    crate::inventory::fit_to_job(&mut gpu_nodes, &node_list.items, &job.spec.scheduling);
-    let all_pods = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default())
-        .instrument(tracing::info_span!("list_pods"))
-        .await?
-        .items;
+    // Observe: nodes and the cluster's pods from the watch caches, the job's
+    // own pods afresh.
+    async {
+        ctx.nodes.wait_until_ready().await?;
+        ctx.pods.wait_until_ready().await
+    }
+    .instrument(tracing::info_span!("wait_for_caches"))
+    .await
+    .map_err(|_| ControllerError::CacheGone)?;
+    let node_list: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
+    let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
+    crate::inventory::fit_to_job(&mut gpu_nodes, &node_list, &job.spec.scheduling);
+    let all_pods: Vec<Pod> = ctx.pods.state().iter().map(|p| (**p).clone()).collect();
     let job_pods = pods
         .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
+        .instrument(tracing::info_span!("list_job_pods"))
         .await?
         .items;
 
@@ -431,9 +571,21 @@ async fn reconcile_job(
             // Surviving pods are left as they are (a pod's spec cannot change);
             // missing ones are created; ones the mesh dropped are deleted.
             let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
+            // A pod bound to a node that no longer exists has no kubelet to
+            // stop it and confirm: it is removed at once (as the pod garbage
+            // collector would, a minute later), so the job does not wait on it.
+            let known_nodes: BTreeSet<&str> = node_list
+                .iter()
+                .filter_map(|n| n.metadata.name.as_deref())
+                .collect();
             for pod in &job_pods {
                 if !wanted.contains(&pod.name_any()) || terminal(pod) {
-                    delete_pod(&pods, &pod.name_any()).await?;
+                    let orphaned = pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
+                        .is_some_and(|node| !known_nodes.contains(node));
+                    delete_pod(&pods, &pod.name_any(), orphaned).await?;
                 }
             }
             let present: BTreeSet<String> = job_pods
@@ -441,18 +593,31 @@ async fn reconcile_job(
                 .filter(|p| !terminal(p))
                 .map(|p| p.name_any())
                 .collect();
-            for pod in objects
+            // Created side by side: one at a time, a 256-worker job spends
+            // seconds on round trips before its last worker exists.
+            let missing: Vec<Pod> = objects
                 .pods
                 .iter()
                 .filter(|p| !present.contains(&p.name_any()))
-            {
-                match pods.create(&PostParams::default(), pod).await {
-                    Ok(_) => {}
-                    // Created by an earlier reconcile that did not see it yet.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+                .cloned()
+                .collect();
+            let created: Vec<Result<(), kube::Error>> = futures::stream::iter(missing)
+                .map(|pod: Pod| {
+                    let pods = pods.clone();
+                    async move {
+                        match pods.create(&PostParams::default(), &pod).await {
+                            Ok(_) => Ok(()),
+                            // Created by an earlier reconcile that did not see it yet.
+                            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .buffer_unordered(POD_CREATES_IN_FLIGHT)
+                .collect()
+                .instrument(tracing::info_span!("create_pods"))
+                .await;
+            created.into_iter().collect::<Result<Vec<()>, _>>()?;
             if status.start_time.is_none() {
                 status.start_time = Some(now.clone());
             }
@@ -572,14 +737,22 @@ async fn stop_workers(pods: &Api<Pod>, job_pods: &[Pod]) -> Result<(), Controlle
         .iter()
         .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
     {
-        delete_pod(pods, &pod.name_any()).await?;
+        delete_pod(pods, &pod.name_any(), false).await?;
     }
     Ok(())
 }
 
 #[tracing::instrument(skip(pods))]
-async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), ControllerError> {
-    match pods.delete(name, &DeleteParams::default()).await {
+async fn delete_pod(pods: &Api<Pod>, name: &str, force: bool) -> Result<(), ControllerError> {
+    let params = if force {
+        DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        }
+    } else {
+        DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
@@ -642,33 +815,33 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let (ctx, node_changes, pod_cache) = Context::new(client.clone(), metrics.clone());
+    let _stop_pod_cache = AbortOnDrop(vec![pod_cache]);
     let controller = Controller::new(jobs, watcher::Config::default());
     let store = controller.store();
     metrics.watch_jobs(store.clone());
     controller
         .owns(pods, watcher::Config::default().labels(LABEL_JOB))
-        .watches(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |_node| {
-                store
-                    .state()
-                    .iter()
-                    .map(|job| kube::runtime::reflector::ObjectRef::from_obj(job.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context::new(client, metrics)),
-        )
+        .reconcile_all_on(node_changes)
+        .run(reconcile, error_policy, Arc::new(ctx))
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller");
             }
         })
         .await;
+}
+
+/// Stops the cache watches when the controller that uses them stops (a
+/// replica that loses its lease starts afresh when it leads again).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -745,5 +918,92 @@ mod tests {
                 node: a
             }]
         );
+    }
+
+    fn kwok_node(name: &str, ready: &str, heartbeat: &str) -> Node {
+        use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let at: k8s_openapi::jiff::Timestamp = heartbeat.parse().unwrap();
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    last_heartbeat_time: Some(Time(at)),
+                    ..Default::default()
+                }]),
+                images: Some(vec![Default::default(); 3]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_node_changes_that_matter_to_a_mesh_wake_the_jobs() {
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(kwok_node(
+                "a",
+                "True",
+                "2026-01-01T00:00:00Z",
+            ))),
+            Ok(watcher::Event::InitDone),
+            // A heartbeat: nothing a mesh depends on changed.
+            Ok(watcher::Event::Apply(kwok_node(
+                "a",
+                "True",
+                "2026-01-01T00:00:10Z",
+            ))),
+            // Lost.
+            Ok(watcher::Event::Apply(kwok_node(
+                "a",
+                "False",
+                "2026-01-01T00:00:20Z",
+            ))),
+            Ok(watcher::Event::Apply(kwok_node(
+                "a",
+                "False",
+                "2026-01-01T00:00:30Z",
+            ))),
+            Ok(watcher::Event::Delete(kwok_node(
+                "a",
+                "False",
+                "2026-01-01T00:00:40Z",
+            ))),
+        ];
+        let woken: Vec<()> =
+            futures::executor::block_on(node_changes(futures::stream::iter(events)).collect());
+        // The first sight of the node, the end of the initial list, Ready
+        // turning False, and the deletion.
+        assert_eq!(woken.len(), 4);
+    }
+
+    #[test]
+    fn cached_pods_keep_what_gpu_accounting_reads() {
+        let mut full = pod("w-0", "n1", 8, "Running");
+        if let Some(spec) = full.spec.as_mut() {
+            spec.containers[0].env = Some(vec![Default::default(); 4]);
+            spec.volumes = Some(vec![Default::default(); 2]);
+        }
+        full.metadata.annotations = Some([("a".to_string(), "b".repeat(1000))].into());
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert_eq!(gpus_requested(&slim), 8);
+        assert_eq!(crate::status::phase_of(&slim), "Running");
+        assert_eq!(
+            slim.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some("n1")
+        );
+        assert!(slim.metadata.annotations.is_none());
+        let spec = slim.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
+        let mut node = kwok_node("a", "True", "2026-01-01T00:00:00Z");
+        slim_node(&mut node);
+        assert!(node.status.as_ref().unwrap().images.is_none());
     }
 }
