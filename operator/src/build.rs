@@ -37,7 +37,25 @@ pub const LABEL_JOB: &str = "weft.dev/job";
 pub const LABEL_WORKER: &str = "weft.dev/worker";
 /// Label with the mesh epoch a pod was created for.
 pub const LABEL_EPOCH: &str = "weft.dev/mesh-epoch";
-/// Port the rendezvous store listens on.
+/// `host:port` of the store of `mesh`'s epoch: rank 0's pod through the
+/// job's headless Service, on a port that moves with the epoch (so the
+/// store of an older epoch, still up in a pod that has not yet seen the new
+/// mesh, is never mistaken for this one's).
+pub fn rendezvous_address(job: &str, mesh: &MeshPlan) -> String {
+    let rank0 = mesh
+        .workers
+        .iter()
+        .min_by_key(|w| w.first_rank)
+        .map(|w| w.name.as_str())
+        .unwrap_or("");
+    let port = RENDEZVOUS_PORT as u64 + mesh.epoch % RENDEZVOUS_PORTS;
+    format!("{rank0}.{}:{port}", service_name(job))
+}
+
+/// How many ports the store cycles through, one per epoch.
+pub const RENDEZVOUS_PORTS: u64 = 500;
+
+/// First port of the rendezvous store.
 pub const RENDEZVOUS_PORT: i32 = 29500;
 /// Where workers find the mesh plan.
 pub const MESH_MOUNT: &str = "/etc/weft/mesh";
@@ -145,8 +163,15 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
         }
     };
 
+    // Rank 0's worker serves the store; pods are reachable as
+    // <hostname>.<subdomain> through the headless Service.
+    let rendezvous = rendezvous_address(&name, mesh);
+    let published = MeshPlan {
+        rendezvous: Some(rendezvous.clone()),
+        ..mesh.clone()
+    };
     let mesh_json =
-        serde_json::to_string_pretty(mesh).map_err(|e| BuildError::Mesh(e.to_string()))?;
+        serde_json::to_string_pretty(&published).map_err(|e| BuildError::Mesh(e.to_string()))?;
     let parameters = TrainingParameters {
         version: 1,
         model: resolve_model(&job.spec.model)?,
@@ -201,13 +226,6 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
             requests.insert(key.to_string(), Quantity(v.clone()));
         }
     }
-    // Rank 0's worker serves the store; pods are reachable as
-    // <hostname>.<subdomain> through the headless Service.
-    let rendezvous = format!(
-        "{}.{}:{RENDEZVOUS_PORT}",
-        mesh.workers.first().map(|w| w.name.as_str()).unwrap_or(""),
-        service_name(&name)
-    );
     let pods = mesh
         .workers
         .iter()
@@ -229,6 +247,18 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 value: Some(v),
                 ..Default::default()
             })
+            // The address this worker's collectives bind to.
+            .chain(std::iter::once(EnvVar {
+                name: "WEFT_POD_IP".to_string(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "status.podIP".to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
             .chain(spec.env.iter().cloned())
             .collect();
             let mut node_selector = spec.scheduling.node_selector.clone();
@@ -356,6 +386,44 @@ mod tests {
         plan_mesh(&request, &nodes, &[]).unwrap()
     }
 
+    /// The training parameters are the contract with the trainer, which
+    /// reads this same file in its tests (trainer/src/pod.rs). Regenerate
+    /// with `WEFT_UPDATE_GOLDEN=1 cargo test -p weft-operator`.
+    #[test]
+    fn the_training_parameters_match_the_golden_file() {
+        let objects = build(&job(), &mesh()).unwrap();
+        let data = objects.mesh.data.unwrap();
+        let text = data["training.json"].clone() + "\n";
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/training.json");
+        if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &text).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text, golden,
+            "training.json changed; if intended, regenerate with WEFT_UPDATE_GOLDEN=1 and check the trainer still reads it"
+        );
+    }
+
+    #[test]
+    fn the_published_mesh_names_its_epochs_rendezvous() {
+        let mesh = mesh();
+        let objects = build(&job(), &mesh).unwrap();
+        let data = objects.mesh.data.unwrap();
+        let published: MeshPlan = serde_json::from_str(&data["mesh.json"]).unwrap();
+        assert_eq!(
+            published.rendezvous.as_deref(),
+            Some(format!("{}.llm:29504", mesh.workers[0].name).as_str())
+        );
+        let next = MeshPlan {
+            epoch: 5,
+            ..mesh.clone()
+        };
+        assert!(rendezvous_address("llm", &next).ends_with(":29505"));
+    }
+
     #[test]
     fn a_pod_per_worker_pinned_to_its_node_with_its_ranks() {
         let mesh = mesh();
@@ -394,7 +462,19 @@ mod tests {
             assert_eq!(env["WEFT_MESH"], "/etc/weft/mesh/mesh.json");
             assert_eq!(
                 env["WEFT_RENDEZVOUS"],
-                format!("{}.llm:29500", mesh.workers[0].name)
+                format!("{}.llm:29504", mesh.workers[0].name)
+            );
+            let pod_ip = c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == "WEFT_POD_IP");
+            assert_eq!(
+                pod_ip
+                    .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+                    .map(|f| f.field_path.as_str()),
+                Some("status.podIP")
             );
             let resources = c.resources.as_ref().unwrap();
             assert_eq!(resources.limits.as_ref().unwrap()[RESOURCE_GPU].0, "8");
@@ -413,7 +493,15 @@ mod tests {
         assert_eq!(objects.mesh.metadata.name.as_deref(), Some("llm-mesh"));
         let json = &objects.mesh.data.as_ref().unwrap()["mesh.json"];
         let back: MeshPlan = serde_json::from_str(json).unwrap();
-        assert_eq!(back, mesh);
+        // The published mesh is the planned one with its rendezvous filled in.
+        assert!(back.rendezvous.is_some());
+        assert_eq!(
+            MeshPlan {
+                rendezvous: None,
+                ..back
+            },
+            mesh
+        );
         // Deterministic: the same job and mesh give the same objects.
         assert_eq!(build(&job(), &mesh).unwrap(), objects);
     }

@@ -111,6 +111,12 @@ pub struct MeshPlan {
     pub workers: Vec<MeshWorker>,
     /// Ranks grouped by node, in rank order: each list holds the ranks that share a node.
     pub node_groups: Vec<Vec<u32>>,
+    /// Where this epoch's workers meet: `host:port` of the store that rank 0
+    /// serves. Filled in by the operator (the planner does not know the
+    /// job's Service); its port moves with the epoch, so a worker still on an
+    /// older epoch can never join this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous: Option<String>,
 }
 
 /// Why no mesh can be made.
@@ -308,6 +314,7 @@ pub fn plan_mesh(
         world_size: workers.len() as u32 * g,
         workers,
         node_groups,
+        rendezvous: None,
     })
 }
 

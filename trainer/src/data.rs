@@ -83,10 +83,26 @@ pub struct Corpus {
     pub documents: Vec<Document>,
 }
 
+/// The data source that names the corpus built into this binary (the one in
+/// `trainer/corpus`), so a worker image needs no data volume to train.
+pub const BUILTIN_CORPUS: &str = "builtin:python-reference";
+
+const BUILTIN_CORPUS_TEXT: &str = include_str!("../corpus/python-reference.jsonl");
+
 impl Corpus {
     /// Loads every `.txt` and `.md` file (one document each) and every `.jsonl`
-    /// file (one document per non-empty line, from its `text` field) under `dir`.
+    /// file (one document per non-empty line, from its `text` field) under `dir`;
+    /// or, when `dir` is [`BUILTIN_CORPUS`], the corpus built into the binary.
     pub fn load(dir: &Path) -> Result<Corpus, DataError> {
+        if dir.to_str() == Some(BUILTIN_CORPUS) {
+            let mut documents = Vec::new();
+            push_jsonl(
+                Path::new(BUILTIN_CORPUS),
+                BUILTIN_CORPUS_TEXT,
+                &mut documents,
+            )?;
+            return Ok(Corpus { documents });
+        }
         if !dir.exists() {
             return Err(DataError::NotFound(dir.to_path_buf()));
         }
@@ -109,28 +125,7 @@ impl Corpus {
             let text =
                 String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path: path.clone() })?;
             if extension == "jsonl" {
-                for (index, line) in text.lines().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let bad = |reason: String| DataError::BadJsonLine {
-                        path: path.clone(),
-                        line: index + 1,
-                        reason,
-                    };
-                    let value: serde_json::Value =
-                        serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-                    let text = value
-                        .get("text")
-                        .and_then(|t| t.as_str())
-                        .ok_or_else(|| bad("no string field \"text\"".to_string()))?;
-                    if !text.is_empty() {
-                        documents.push(Document {
-                            source: format!("{}:{}", path.display(), index + 1),
-                            text: text.to_string(),
-                        });
-                    }
-                }
+                push_jsonl(&path, &text, &mut documents)?;
             } else if !text.trim().is_empty() {
                 documents.push(Document {
                     source: path.display().to_string(),
@@ -143,6 +138,33 @@ impl Corpus {
         }
         Ok(Corpus { documents })
     }
+}
+
+/// The documents of a JSONL text (one per non-empty line, its `text` field).
+fn push_jsonl(path: &Path, text: &str, documents: &mut Vec<Document>) -> Result<(), DataError> {
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| DataError::BadJsonLine {
+            path: path.to_path_buf(),
+            line: index + 1,
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let text = value
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| bad("no string field \"text\"".to_string()))?;
+        if !text.is_empty() {
+            documents.push(Document {
+                source: format!("{}:{}", path.display(), index + 1),
+                text: text.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
@@ -441,5 +463,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_builtin_corpus_is_the_shipped_one() {
+        let builtin = Corpus::load(Path::new(BUILTIN_CORPUS)).unwrap();
+        let shipped = Corpus::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")).unwrap();
+        assert!(builtin.documents.len() > 10);
+        assert_eq!(builtin.documents.len(), shipped.documents.len());
+        assert!(
+            builtin
+                .documents
+                .iter()
+                .zip(&shipped.documents)
+                .all(|(a, b)| a.text == b.text)
+        );
     }
 }

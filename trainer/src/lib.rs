@@ -21,6 +21,7 @@ pub mod decompose;
 pub mod launch;
 pub mod model;
 pub mod optim;
+pub mod pod;
 pub mod remap;
 pub mod selfcheck;
 pub mod step;

@@ -56,6 +56,15 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error("rank {rank} stops at step {step}, as it was told to (fault injection)")]
     Injected { rank: u32, step: u64 },
+    #[error(
+        "the ranks found different checkpoints in {path} ({with_checkpoint} of {world} ranks found one; mean step {mean_step:.1}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
+    )]
+    CheckpointsDiffer {
+        path: PathBuf,
+        with_checkpoint: u32,
+        world: u32,
+        mean_step: f64,
+    },
 }
 
 impl TrainError {
@@ -70,7 +79,7 @@ impl TrainError {
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
-            TrainError::Checkpoint { .. } => "checkpoint",
+            TrainError::Checkpoint { .. } | TrainError::CheckpointsDiffer { .. } => "checkpoint",
             TrainError::Diverged { .. } => "diverged",
             TrainError::Injected { .. } => "injected_fault",
         }
@@ -239,21 +248,46 @@ pub fn read_checkpoint_state(dir: &Path) -> Result<Option<CheckpointState>, Trai
         .map_err(|e| checkpoint_error(&path, e))
 }
 
-/// Trains as rank `rank` of `world`, meeting the others at the store on
-/// `host:port` (rank 0 serves it); calls `report` with each step's metrics
-/// on rank 0.
+/// Where the ranks of a run meet: the store at `store_host:port` (rank 0
+/// serves it), and the address this rank's collectives use (`bind_host`: its
+/// pod's IP in a cluster, the loopback address on one machine).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendezvous {
+    pub store_host: String,
+    pub port: u16,
+    pub bind_host: String,
+}
+
+impl Rendezvous {
+    /// Every rank on this machine.
+    pub fn local(port: u16) -> Rendezvous {
+        Rendezvous {
+            store_host: "127.0.0.1".to_string(),
+            port,
+            bind_host: "127.0.0.1".to_string(),
+        }
+    }
+}
+
+/// Trains as rank `rank` of `world`, meeting the others at `rendezvous`;
+/// calls `report` with each step's metrics on rank 0.
 pub fn run_worker(
     rank: u32,
     world: u32,
-    host: &str,
-    port: u16,
+    rendezvous: &Rendezvous,
     config: &TrainConfig,
     mut report: impl FnMut(&StepMetrics),
 ) -> Result<(), TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let corpus = Corpus::load(&config.data)?;
-    let store = Store::open(host, port, world, rank == 0, config.timeout)?;
-    let mut group = ProcessGroup::gloo(&store, rank, world, host, config.timeout)?;
+    let store = Store::open(
+        &rendezvous.store_host,
+        rendezvous.port,
+        world,
+        rank == 0,
+        config.timeout,
+    )?;
+    let mut group = ProcessGroup::gloo(&store, rank, world, &rendezvous.bind_host, config.timeout)?;
 
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
@@ -280,6 +314,29 @@ pub fn run_worker(
         cursor = BatchCursor {
             next_sample: state.next_sample,
         };
+    }
+    // Every rank must resume from the same step: a checkpoint directory that
+    // not every worker sees (a volume of one pod's own) would otherwise give
+    // ranks different models.
+    if config.resume {
+        // Sums of the step, its square and whether one was found: the
+        // steps are all equal exactly when their variance is zero (exact in
+        // f64 for any step count below 2^26).
+        let step = start_step as f64;
+        let found = if resumed.is_some() { 1.0 } else { 0.0 };
+        let mut sums = Tensor::from_slice(&[step, step * step, found]);
+        group.all_reduce_sum(&mut sums)?;
+        let n = f64::from(world);
+        let (sum, sum_sq) = (sums.double_value(&[0]), sums.double_value(&[1]));
+        let with_checkpoint = sums.double_value(&[2]) as u32;
+        if sum_sq * n != sum * sum || (with_checkpoint != 0 && with_checkpoint != world) {
+            return Err(TrainError::CheckpointsDiffer {
+                path: config.checkpoint_dir.clone().unwrap_or_default(),
+                with_checkpoint,
+                world,
+                mean_step: sum / n,
+            });
+        }
     }
     let params = named_parameters(&vs);
     let mut optimizer = AdamW::new(

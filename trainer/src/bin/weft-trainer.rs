@@ -49,6 +49,11 @@ struct TrainArgs {
     /// file with layers, hidden, heads, kv_heads, ffn, vocab.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// A model with every dimension given (from the operator's
+    /// training.json); takes the place of `model` when set.
+    #[arg(skip)]
+    #[serde(default)]
+    model_spec: Option<weft_planner::model::ModelSpec>,
     /// Tokens of each step's global batch (whole documents).
     #[arg(long, default_value_t = 4096)]
     tokens_per_step: usize,
@@ -89,7 +94,10 @@ struct TrainArgs {
 
 impl TrainArgs {
     fn config(&self, threads: i32) -> anyhow::Result<TrainConfig> {
-        let model = weft_planner::input::load_model(&self.model)?;
+        let model = match &self.model_spec {
+            Some(spec) => spec.clone(),
+            None => weft_planner::input::load_model(&self.model)?,
+        };
         let vocab = weft_trainer::data::END_OF_DOCUMENT + 1;
         if model.vocab < vocab {
             bail!(
@@ -159,7 +167,34 @@ enum Command {
         #[command(flatten)]
         train: Box<TrainArgs>,
     },
-    /// One training worker (started by `local`).
+    /// The worker of a TrainingJob's pod (its image's command): finds itself
+    /// in the mesh the operator publishes, runs one rank per GPU, and follows
+    /// the mesh from epoch to epoch, resuming from the last checkpoint.
+    Worker {
+        /// Steps to train in all; the pod succeeds after the last.
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Seed of the model's initialisation and of the data order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 5)]
+        warmup_steps: u64,
+        #[arg(long, default_value_t = 1.0)]
+        clip_norm: f64,
+        /// Most tokens one rank holds (default: what the memory model allows).
+        #[arg(long)]
+        rank_tokens: Option<u64>,
+        /// Seconds a collective may wait for a peer before failing.
+        #[arg(long, default_value_t = 120)]
+        collective_timeout_s: u64,
+        /// Seconds a failed rank waits for a new mesh epoch before the pod fails.
+        #[arg(long, default_value_t = 120)]
+        epoch_wait_s: u64,
+    },
+    /// One training worker (started by `local` and `worker`).
     #[command(hide = true)]
     TrainWorker {
         #[arg(long)]
@@ -168,6 +203,12 @@ enum Command {
         world: u32,
         #[arg(long)]
         port: u16,
+        /// Host of the rendezvous store (rank 0 serves it).
+        #[arg(long, default_value = "127.0.0.1")]
+        store_host: String,
+        /// Address this rank's collectives bind to.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind_host: String,
         #[arg(long)]
         threads: i32,
         /// The run's settings, as JSON.
@@ -426,17 +467,60 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             timeout_s,
             train,
         } => local(ranks, metrics, Duration::from_secs(timeout_s), *train),
+        Command::Worker {
+            steps,
+            seed,
+            lr,
+            warmup_steps,
+            clip_norm,
+            rank_tokens,
+            collective_timeout_s,
+            epoch_wait_s,
+        } => {
+            let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
+            let training = weft_trainer::pod::read_training(&env.training)?;
+            let args = TrainArgs {
+                steps,
+                seed,
+                data: Some(PathBuf::from(&training.data.source)),
+                model: training.model.name.clone(),
+                model_spec: Some(training.model.clone()),
+                tokens_per_step: training.data.tokens_per_step as usize,
+                max_seq_len: training.data.max_sequence_length as usize,
+                rank_tokens,
+                strategy: training.strategy().to_string(),
+                lr,
+                warmup_steps,
+                clip_norm,
+                checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
+                checkpoint_every: training.checkpoint.interval_steps,
+                resume: true,
+                collective_timeout_s,
+                fail_at: None,
+            };
+            // Check the settings here, once, rather than in every rank.
+            args.config(1)?;
+            pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?;
+            Ok(true)
+        }
         Command::TrainWorker {
             rank,
             world,
             port,
+            store_host,
+            bind_host,
             threads,
             config,
         } => {
             let args: TrainArgs =
                 serde_json::from_str(&config).context("the worker's --config is not valid")?;
             let config = args.config(threads)?;
-            weft_trainer::train::run_worker(rank, world, "127.0.0.1", port, &config, |m| {
+            let rendezvous = weft_trainer::train::Rendezvous {
+                store_host,
+                port,
+                bind_host,
+            };
+            weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
                 if let Ok(json) = serde_json::to_string(m) {
                     println!("{METRICS_PREFIX}{json}");
                 }
@@ -492,6 +576,43 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs the pod's worker: one rank process of this binary per GPU of the
+/// worker, for each epoch of the mesh (see `weft_trainer::pod`).
+fn pod_worker(
+    env: &weft_trainer::pod::PodEnv,
+    args: &TrainArgs,
+    wait_for_epoch: Duration,
+) -> anyhow::Result<()> {
+    let exe =
+        std::env::current_exe().context("could not locate this program to start its ranks")?;
+    let config = serde_json::to_string(args)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let worker = env.worker.clone();
+    weft_trainer::pod::supervise(
+        env,
+        wait_for_epoch,
+        |rank, place| {
+            let threads = (cores / place.ranks.len().max(1)).max(1);
+            std::process::Command::new(&exe)
+                .arg("train-worker")
+                .arg(format!("--rank={rank}"))
+                .arg(format!("--world={}", place.world))
+                .arg(format!("--port={}", place.port))
+                .arg(format!("--store-host={}", place.store_host))
+                .arg(format!("--bind-host={}", env.bind_host))
+                .arg(format!("--threads={threads}"))
+                .arg(format!("--config={config}"))
+                .spawn()
+                .map_err(|e| weft_trainer::pod::PodError::Spawn {
+                    rank,
+                    reason: e.to_string(),
+                })
+        },
+        |line| eprintln!("weft-trainer worker {worker}: {line}"),
+    )?;
+    Ok(())
 }
 
 /// Whether the error is a failed collective operation: in a worker, most

@@ -1,0 +1,439 @@
+//! The worker inside a pod of a TrainingJob (`weft-trainer worker`).
+//!
+//! The operator gives each pod its name (`WEFT_WORKER`), the mesh of the
+//! current epoch (`WEFT_MESH`, a file of the job's ConfigMap, which Kubernetes
+//! updates in place when the epoch changes), the training parameters
+//! (`WEFT_TRAINING`) and its pod IP (`WEFT_POD_IP`). The worker finds itself
+//! in the mesh, starts one rank process per GPU it was given (the same code
+//! path as `weft-trainer local`), and watches the mesh:
+//!
+//! - a new epoch (a node lost, capacity added): its ranks stop and start again
+//!   in the new world, resuming from the last checkpoint; the data order only
+//!   depends on the seed, so training continues as if nothing happened, less
+//!   the steps since that checkpoint;
+//! - not in the mesh: it waits (the operator deletes pods the mesh dropped);
+//! - a rank fails: it waits for the operator to publish a new epoch (a peer's
+//!   node lost looks like this from here) and fails only if none comes.
+//!
+//! Every rank exits 0 after the last step: the pod succeeds, and the job with it.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use weft_planner::mesh::{MeshPlan, MeshWorker};
+use weft_planner::model::ModelSpec;
+
+/// What can keep a pod's worker from running.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(
+        "${0} is not set: `weft-trainer worker` runs in a pod made by the weft operator (use `weft-trainer local` on one machine)"
+    )]
+    MissingEnv(&'static str),
+    #[error("{path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{path}: training parameters version {found}; this trainer reads version 1")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: the mesh of epoch {epoch} has no rendezvous address")]
+    NoRendezvous { path: PathBuf, epoch: u64 },
+    #[error("{path}: rendezvous {address:?} is not host:port")]
+    BadRendezvous { path: PathBuf, address: String },
+    #[error("could not start rank {rank}: {reason}")]
+    Spawn { rank: u32, reason: String },
+    #[error(
+        "rank {rank} failed ({status}) in epoch {epoch}, and no new epoch came within {waited_s} s"
+    )]
+    RankFailed {
+        rank: u32,
+        status: String,
+        epoch: u64,
+        waited_s: u64,
+    },
+}
+
+impl PodError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            PodError::MissingEnv(_) => "pod_environment",
+            PodError::Unreadable { .. }
+            | PodError::Version { .. }
+            | PodError::NoRendezvous { .. }
+            | PodError::BadRendezvous { .. } => "pod_config",
+            PodError::Spawn { .. } => "launch",
+            PodError::RankFailed { .. } => "worker_failed",
+        }
+    }
+}
+
+/// The training parameters the operator publishes (`training.json`,
+/// version 1); fields this trainer does not use are ignored.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTraining {
+    pub version: u32,
+    pub model: ModelSpec,
+    pub data: PodData,
+    pub parallelism: PodParallelism,
+    pub checkpoint: PodCheckpoint,
+}
+
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodData {
+    /// A directory inside the worker, or [`crate::data::BUILTIN_CORPUS`].
+    pub source: String,
+    pub max_sequence_length: u64,
+    pub tokens_per_step: u64,
+}
+
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodParallelism {
+    /// `Adaptive` (the weft strategy) or `Static` (Megatron-style).
+    pub context_parallelism: String,
+}
+
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCheckpoint {
+    pub path: String,
+    pub interval_steps: u64,
+}
+
+impl PodTraining {
+    /// The planning strategy the job's parallelism section asks for.
+    pub fn strategy(&self) -> &'static str {
+        match self.parallelism.context_parallelism.as_str() {
+            "Static" => "static",
+            _ => "weft",
+        }
+    }
+}
+
+/// What the pod's environment says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodEnv {
+    pub worker: String,
+    pub mesh: PathBuf,
+    pub training: PathBuf,
+    /// The address this pod's ranks bind their collectives to.
+    pub bind_host: String,
+}
+
+impl PodEnv {
+    /// Reads the environment the operator sets (`var` looks a name up).
+    pub fn read(var: impl Fn(&str) -> Option<String>) -> Result<PodEnv, PodError> {
+        let need = |name: &'static str| {
+            var(name)
+                .filter(|v| !v.is_empty())
+                .ok_or(PodError::MissingEnv(name))
+        };
+        let bind_host = var("WEFT_POD_IP")
+            .filter(|v| !v.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        Ok(PodEnv {
+            worker: need("WEFT_WORKER")?,
+            mesh: PathBuf::from(need("WEFT_MESH")?),
+            training: PathBuf::from(need("WEFT_TRAINING")?),
+            bind_host,
+        })
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PodError> {
+    let unreadable = |reason: String| PodError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))
+}
+
+/// Reads and checks the training parameters.
+pub fn read_training(path: &Path) -> Result<PodTraining, PodError> {
+    let training: PodTraining = read_json(path)?;
+    if training.version != 1 {
+        return Err(PodError::Version {
+            path: path.to_path_buf(),
+            found: training.version,
+        });
+    }
+    Ok(training)
+}
+
+/// This worker's place in one epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub epoch: u64,
+    pub world: u32,
+    /// The global ranks this pod runs.
+    pub ranks: Vec<u32>,
+    pub store_host: String,
+    pub port: u16,
+}
+
+/// Where `worker` stands in `mesh`, or `None` when the mesh does not have it.
+pub fn placement(
+    mesh: &MeshPlan,
+    worker: &str,
+    path: &Path,
+) -> Result<Option<Placement>, PodError> {
+    let Some(me): Option<&MeshWorker> = mesh.workers.iter().find(|w| w.name == worker) else {
+        return Ok(None);
+    };
+    let address = mesh
+        .rendezvous
+        .clone()
+        .ok_or_else(|| PodError::NoRendezvous {
+            path: path.to_path_buf(),
+            epoch: mesh.epoch,
+        })?;
+    let bad = || PodError::BadRendezvous {
+        path: path.to_path_buf(),
+        address: address.clone(),
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Some(Placement {
+        epoch: mesh.epoch,
+        world: mesh.world_size,
+        ranks: (me.first_rank..me.first_rank + me.gpus).collect(),
+        store_host: host.to_string(),
+        port,
+    }))
+}
+
+/// The mesh's epoch as the file holds it now (`None` while it cannot be
+/// read: Kubernetes swaps the file atomically, but it may be absent briefly).
+pub fn current_mesh(path: &Path) -> Option<MeshPlan> {
+    read_json(path).ok()
+}
+
+/// How one epoch ended.
+#[derive(Debug, PartialEq)]
+pub enum EpochEnd {
+    /// Every rank finished training.
+    Finished,
+    /// The mesh moved to a newer epoch; the ranks were stopped.
+    NewEpoch,
+    /// A rank failed and no newer epoch came within the wait.
+    Failed { rank: u32, status: String },
+}
+
+/// Runs the pod's worker until training ends: finds this worker in each
+/// epoch's mesh, starts its ranks with `spawn(rank, placement)`, and follows
+/// the mesh. `wait_for_epoch` bounds how long a failed rank waits for the
+/// operator to publish a new epoch before the pod fails.
+pub fn supervise(
+    env: &PodEnv,
+    wait_for_epoch: Duration,
+    mut spawn: impl FnMut(u32, &Placement) -> Result<Child, PodError>,
+    mut log: impl FnMut(&str),
+) -> Result<(), PodError> {
+    let poll = Duration::from_millis(250);
+    let mut waiting_logged_for = None;
+    loop {
+        let Some(mesh) = current_mesh(&env.mesh) else {
+            std::thread::sleep(poll);
+            continue;
+        };
+        let Some(place) = placement(&mesh, &env.worker, &env.mesh)? else {
+            if waiting_logged_for != Some(mesh.epoch) {
+                log(&format!("not in the mesh of epoch {}; waiting", mesh.epoch));
+                waiting_logged_for = Some(mesh.epoch);
+            }
+            std::thread::sleep(poll);
+            continue;
+        };
+        log(&format!(
+            "epoch {}: ranks {:?} of {}, store {}:{}",
+            place.epoch, place.ranks, place.world, place.store_host, place.port
+        ));
+        let mut children = Vec::new();
+        for &rank in &place.ranks {
+            match spawn(rank, &place) {
+                Ok(child) => children.push((rank, child)),
+                Err(e) => {
+                    stop(&mut children);
+                    return Err(e);
+                }
+            }
+        }
+        match follow(&mut children, &env.mesh, place.epoch, wait_for_epoch, poll) {
+            EpochEnd::Finished => return Ok(()),
+            EpochEnd::NewEpoch => {
+                log(&format!(
+                    "epoch {} ended: a new mesh is published",
+                    place.epoch
+                ));
+            }
+            EpochEnd::Failed { rank, status } => {
+                return Err(PodError::RankFailed {
+                    rank,
+                    status,
+                    epoch: place.epoch,
+                    waited_s: wait_for_epoch.as_secs(),
+                });
+            }
+        }
+    }
+}
+
+/// Watches one epoch's ranks and the mesh file until the epoch ends.
+fn follow(
+    children: &mut [(u32, Child)],
+    mesh: &Path,
+    epoch: u64,
+    wait_for_epoch: Duration,
+    poll: Duration,
+) -> EpochEnd {
+    let newer = || current_mesh(mesh).is_some_and(|m| m.epoch > epoch);
+    let mut finished = vec![false; children.len()];
+    loop {
+        if newer() {
+            stop(children);
+            return EpochEnd::NewEpoch;
+        }
+        for (index, (rank, child)) in children.iter_mut().enumerate() {
+            if finished[index] {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => finished[index] = true,
+                Ok(Some(status)) => {
+                    let (rank, status) = (*rank, status.to_string());
+                    stop(children);
+                    // A peer's node lost looks like this from here: give
+                    // the operator the time to publish the next epoch.
+                    let deadline = Instant::now() + wait_for_epoch;
+                    while Instant::now() < deadline {
+                        if newer() {
+                            return EpochEnd::NewEpoch;
+                        }
+                        std::thread::sleep(poll);
+                    }
+                    return EpochEnd::Failed { rank, status };
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let status = e.to_string();
+                    let rank = *rank;
+                    stop(children);
+                    return EpochEnd::Failed { rank, status };
+                }
+            }
+        }
+        if finished.iter().all(|f| *f) {
+            return EpochEnd::Finished;
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+fn stop(children: &mut [(u32, Child)]) {
+    for (_, child) in children.iter_mut() {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_planner::cluster::parse_cluster;
+    use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
+
+    fn mesh(workers: u32, gpus: u32, epoch: u64) -> MeshPlan {
+        let nodes = MeshNode::all_free(&parse_cluster(&format!("{workers}x{gpus}")).unwrap());
+        let request = MeshRequest {
+            job: "llm".into(),
+            min_workers: workers,
+            max_workers: workers,
+            gpus_per_worker: gpus,
+            epoch,
+        };
+        let mut mesh = plan_mesh(&request, &nodes, &[]).unwrap();
+        mesh.rendezvous = Some(format!("{}.llm:29507", mesh.workers[0].name));
+        mesh
+    }
+
+    #[test]
+    fn a_worker_runs_its_own_ranks_and_meets_at_the_epochs_store() {
+        let mesh = mesh(3, 4, 7);
+        let second = &mesh.workers[1];
+        let place = placement(&mesh, &second.name, Path::new("mesh.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(place.world, 12);
+        assert_eq!(
+            place.ranks,
+            (second.first_rank..second.first_rank + 4).collect::<Vec<_>>()
+        );
+        assert_eq!(place.port, 29507);
+        assert_eq!(place.store_host, format!("{}.llm", mesh.workers[0].name));
+        assert_eq!(place.epoch, 7);
+        assert_eq!(
+            placement(&mesh, "someone-else", Path::new("mesh.json")).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_mesh_without_a_usable_rendezvous_is_refused_by_name() {
+        let mut m = mesh(2, 1, 1);
+        let name = m.workers[0].name.clone();
+        m.rendezvous = None;
+        let err = placement(&m, &name, Path::new("/etc/weft/mesh/mesh.json")).unwrap_err();
+        assert!(err.to_string().contains("no rendezvous address"), "{err}");
+        m.rendezvous = Some("no-port".into());
+        let err = placement(&m, &name, Path::new("mesh.json")).unwrap_err();
+        assert_eq!(err.category(), "pod_config");
+        assert!(err.to_string().contains("\"no-port\""), "{err}");
+    }
+
+    #[test]
+    fn the_environment_must_come_from_the_operator() {
+        let err = PodEnv::read(|_| None).unwrap_err();
+        assert!(err.to_string().contains("$WEFT_WORKER"), "{err}");
+        let env = PodEnv::read(|name| {
+            Some(
+                match name {
+                    "WEFT_WORKER" => "llm-0",
+                    "WEFT_MESH" => "/etc/weft/mesh/mesh.json",
+                    "WEFT_TRAINING" => "/etc/weft/mesh/training.json",
+                    "WEFT_POD_IP" => "10.0.0.7",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        })
+        .unwrap();
+        assert_eq!(env.bind_host, "10.0.0.7");
+        assert_eq!(env.worker, "llm-0");
+    }
+
+    #[test]
+    fn the_operators_training_parameters_are_read() {
+        // The file the operator's golden test pins (operator/tests/golden).
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
+        let training = read_training(&path).unwrap();
+        assert_eq!(training.model.name, "tiny");
+        assert_eq!(training.strategy(), "weft");
+        assert!(training.checkpoint.interval_steps > 0);
+        assert!(training.data.tokens_per_step >= training.data.max_sequence_length);
+    }
+}

@@ -1,0 +1,215 @@
+//! `weft-trainer worker`, the command of a TrainingJob's pods, run as two
+//! "pods" (processes) on this machine with the environment and the files the
+//! operator gives them: the mesh of epoch 1 (two workers of one rank), the
+//! operator's training parameters (its golden training.json, made small).
+//! Mid-run the mesh moves to epoch 2 with one worker, as when a node is lost:
+//! the remaining worker starts again as a world of one from the last
+//! checkpoint, the dropped one waits, and the run ends at the last step with
+//! every loss equal to a straight run's on the same global batches (the data
+//! order does not depend on the world).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use weft_planner::cluster::parse_cluster;
+use weft_planner::mesh::{MeshNode, MeshPlan, MeshRequest, plan_mesh};
+use weft_trainer::train::StepMetrics;
+
+const STEPS: u64 = 6;
+const METRICS_PREFIX: &str = "weft-metrics ";
+
+fn trainer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-pod-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes the mesh as Kubernetes updates a ConfigMap file: all at once.
+fn publish(path: &Path, mesh: &MeshPlan) {
+    let staging = path.with_extension("writing");
+    std::fs::write(&staging, serde_json::to_string_pretty(mesh).unwrap()).unwrap();
+    std::fs::rename(&staging, path).unwrap();
+}
+
+fn pod(dir: &Path, worker: &str) -> Child {
+    trainer()
+        .args([
+            "worker",
+            "--steps",
+            &STEPS.to_string(),
+            "--epoch-wait-s",
+            "30",
+        ])
+        .args(["--collective-timeout-s", "20"])
+        .env("WEFT_WORKER", worker)
+        .env("WEFT_MESH", dir.join("mesh.json"))
+        .env("WEFT_TRAINING", dir.join("training.json"))
+        .env("WEFT_POD_IP", "127.0.0.1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends each metrics line of `child`'s standard output down a channel.
+fn metrics_of(child: &mut Child) -> mpsc::Receiver<StepMetrics> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(body) = line.strip_prefix(METRICS_PREFIX)
+                && let Ok(m) = serde_json::from_str::<StepMetrics>(body)
+                && tx.send(m).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut text = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+    }
+    text
+}
+
+#[test]
+fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
+    let dir = scratch("shrink");
+    let checkpoints = dir.join("checkpoints");
+
+    // The operator's training parameters, made small enough for a test.
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
+    let mut training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
+    training["data"]["maxSequenceLength"] = 1024.into();
+    training["data"]["tokensPerStep"] = 4096.into();
+    training["checkpoint"]["path"] = checkpoints.to_string_lossy().into_owned().into();
+    training["checkpoint"]["intervalSteps"] = 1.into();
+    std::fs::write(dir.join("training.json"), training.to_string()).unwrap();
+
+    // Epoch 1: two workers of one rank each.
+    let nodes = MeshNode::all_free(&parse_cluster("2x1").unwrap());
+    let request = MeshRequest {
+        job: "llm".into(),
+        min_workers: 2,
+        max_workers: 2,
+        gpus_per_worker: 1,
+        epoch: 1,
+    };
+    let mut first = plan_mesh(&request, &nodes, &[]).unwrap();
+    first.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
+    publish(&dir.join("mesh.json"), &first);
+    let stays = first.workers[0].name.clone();
+    let leaves = first.workers[1].name.clone();
+
+    // The reference: a straight run of the same settings on 2 local ranks.
+    let reference_file = dir.join("reference.jsonl");
+    let out = trainer()
+        .args(["local", "--ranks", "2", "--steps", &STEPS.to_string()])
+        .args(["--data", "builtin:python-reference", "--model", "tiny"])
+        .args(["--tokens-per-step", "4096", "--max-seq-len", "1024"])
+        .arg("--metrics")
+        .arg(&reference_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Vec<StepMetrics> = std::fs::read_to_string(&reference_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reference.len() as u64, STEPS);
+
+    let mut a = pod(&dir, &stays);
+    let mut b = pod(&dir, &leaves);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let started = Instant::now();
+    let mut seen: Vec<StepMetrics> = Vec::new();
+
+    // After step 3, a node is lost: epoch 2 has only the first worker.
+    while seen.last().is_none_or(|m| m.step < 3) {
+        let m = metrics
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no step 3 from the pods: {}", stderr_of(&mut a)));
+        seen.push(m);
+    }
+    let mut second = first.clone();
+    second.epoch = 2;
+    second.workers.truncate(1);
+    second.world_size = 1;
+    second.node_groups = vec![vec![0]];
+    second.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
+    publish(&dir.join("mesh.json"), &second);
+
+    let status = loop {
+        if let Some(status) = a.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the remaining worker did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    seen.extend(metrics.try_iter());
+    let log = stderr_of(&mut a);
+    assert!(status.success(), "the worker failed: {log}");
+    assert!(log.contains("epoch 2: ranks [0] of 1"), "{log}");
+
+    // The dropped worker waits for the operator to delete its pod.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(b.try_wait().unwrap().is_none(), "the dropped worker exited");
+    b.kill().unwrap();
+    let _ = b.wait();
+    assert!(stderr_of(&mut b).contains("not in the mesh of epoch 2; waiting"));
+
+    // Every step to the last, some on two ranks and the rest on one; every
+    // loss the straight run's (a step redone after the resume included).
+    assert_eq!(seen.last().map(|m| m.step), Some(STEPS));
+    assert!(seen.iter().any(|m| m.world == 2) && seen.iter().any(|m| m.world == 1));
+    for m in &seen {
+        let straight = &reference[(m.step - 1) as usize];
+        assert_eq!(
+            m.tokens, straight.tokens,
+            "step {}: same global batch",
+            m.step
+        );
+        assert!(
+            (m.loss - straight.loss).abs() < 1e-4,
+            "step {} on {} ranks: loss {} vs {} in the straight run",
+            m.step,
+            m.world,
+            m.loss,
+            straight.loss
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
