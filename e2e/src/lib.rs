@@ -392,7 +392,16 @@ pub async fn helm(args: &[&str]) -> anyhow::Result<()> {
 /// next to the test binary's `deps/` or to this crate's binaries), or
 /// `$WEFT_OPERATOR`.
 pub fn operator_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WEFT_OPERATOR") {
+    workspace_binary("weft-operator", "WEFT_OPERATOR")
+}
+
+/// The `weft-trainer` binary of this build, or `$WEFT_TRAINER`.
+pub fn trainer_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("weft-trainer", "WEFT_TRAINER")
+}
+
+fn workspace_binary(name: &str, variable: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(variable) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
@@ -405,10 +414,10 @@ pub fn operator_binary() -> anyhow::Result<PathBuf> {
     } else {
         dir
     };
-    let binary = profile_dir.join("weft-operator");
+    let binary = profile_dir.join(name);
     anyhow::ensure!(
         binary.exists(),
-        "{} is missing: build it first with `cargo build -p weft-operator` (scripts/test does)",
+        "{} is missing: build it first with `cargo build -p {name}` (scripts/test does)",
         binary.display()
     );
     Ok(binary)

@@ -1,0 +1,118 @@
+//! The operator's published documents drive a real training run: a job is
+//! reconciled against the real API server, and the mesh and training
+//! parameters it publishes in the job's ConfigMap are handed, as they are,
+//! to `weft-trainer worker` processes named after its pods (kwok runs no
+//! containers, so the pods' command runs here). The only change is the
+//! rendezvous host, which names rank 0's pod through the job's Service and
+//! is the loopback address here. Both workers train to the last step.
+//!
+//! Needs `cargo build -p weft-trainer` first (scripts/test does it).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::PostParams;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Command;
+use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_e2e::{TestEnv, trainer_binary, wait_job_status};
+use weft_operator::build::mesh_config_map_name;
+use weft_planner::mesh::MeshPlan;
+
+#[tokio::test]
+async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()> {
+    let env = TestEnv::connect().await?;
+    weft_e2e::ensure_training_job_crd(&env).await?;
+    env.run("workers", |ns| async move {
+        let controller = tokio::spawn(weft_operator::controller::run(
+            ns.client.clone(),
+            Some(ns.name.clone()),
+        ));
+        let scratch = std::env::temp_dir().join(format!("weft-e2e-{}", ns.name));
+        std::fs::create_dir_all(&scratch)?;
+        let mut spec = TrainingJobSpec {
+            resources: WorkerResources {
+                gpus: 1,
+                cpu: Some("1".into()),
+                memory: Some("1Gi".into()),
+            },
+            ..TrainingJobSpec::new("ghcr.io/weft-dev/weft-trainer:0.1.0", 2, 2)
+        };
+        spec.data.max_sequence_length = 1024;
+        spec.data.tokens_per_step = 4096;
+        spec.checkpoint.path = scratch.join("checkpoints").to_string_lossy().into_owned();
+        spec.checkpoint.interval_steps = 1;
+        let jobs: Api<TrainingJob> = ns.api();
+        jobs.create(&PostParams::default(), &TrainingJob::new("trained", spec))
+            .await?;
+        wait_job_status(&jobs, "trained", "trained to be Running", |s| {
+            s.phase == Phase::Running
+        })
+        .await?;
+        controller.abort();
+
+        // The ConfigMap as the pods would mount it.
+        let config_maps: Api<ConfigMap> = ns.api();
+        let data = config_maps
+            .get(&mesh_config_map_name("trained"))
+            .await?
+            .data
+            .context("the mesh ConfigMap has no data")?;
+        let mut mesh: MeshPlan = serde_json::from_str(&data["mesh.json"])?;
+        let published = mesh.rendezvous.clone().context("no rendezvous in the mesh")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        mesh.rendezvous = Some(format!("127.0.0.1:{port}"));
+        std::fs::write(scratch.join("mesh.json"), serde_json::to_string(&mesh)?)?;
+        std::fs::write(scratch.join("training.json"), &data["training.json"])?;
+        ensure!(mesh.workers.len() == 2 && mesh.world_size == 2, "{mesh:?}");
+
+        let mut workers = Vec::new();
+        for worker in &mesh.workers {
+            let child = Command::new(trainer_binary()?)
+                .args(["worker", "--steps", "2", "--epoch-wait-s", "20"])
+                .env("WEFT_WORKER", &worker.name)
+                .env("WEFT_MESH", scratch.join("mesh.json"))
+                .env("WEFT_TRAINING", scratch.join("training.json"))
+                .env("WEFT_POD_IP", "127.0.0.1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            workers.push(child);
+        }
+        let mut steps = Vec::new();
+        for (index, child) in workers.into_iter().enumerate() {
+            let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+                .await
+                .context("the workers did not finish within 120 s")??;
+            ensure!(
+                output.status.success(),
+                "worker {index} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let mut lines = tokio::io::BufReader::new(output.stdout.as_slice()).lines();
+            while let Some(line) = lines.next_line().await? {
+                if let Some(body) = line.strip_prefix("weft-metrics ") {
+                    let m: serde_json::Value = serde_json::from_str(body)?;
+                    steps.push((m["step"].as_u64(), m["world"].as_u64(), m["loss"].as_f64()));
+                }
+            }
+        }
+        ensure!(
+            steps.len() == 2
+                && steps.iter().all(|(_, world, loss)| *world == Some(2)
+                    && loss.is_some_and(f64::is_finite)),
+            "rank 0 reports each of the 2 steps on a world of 2: {steps:?} (published rendezvous {published})"
+        );
+        ensure!(
+            scratch.join("checkpoints/state.json").exists(),
+            "no checkpoint at the job's checkpoint.path"
+        );
+        let _ = std::fs::remove_dir_all(&scratch);
+        Ok(())
+    })
+    .await
+}
