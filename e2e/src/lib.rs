@@ -470,6 +470,45 @@ pub async fn ensure_training_job_crd(env: &TestEnv) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a kubeconfig that authenticates as ServiceAccount `account` of
+/// `ns` (a token from the TokenRequest API, valid for an hour), against the
+/// cluster of `KUBECONFIG`; returns its path. What that account may do is
+/// then exactly what RBAC grants it.
+pub async fn service_account_kubeconfig(
+    ns: &TestNamespace,
+    account: &str,
+) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let accounts: Api<ServiceAccount> = ns.api();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?
+        .status
+        .context("a TokenRequest without status")?
+        .token;
+    let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
+    let admin = kube::config::Kubeconfig::read_from(&path)?;
+    let mut config = serde_json::to_value(&admin)?;
+    let user = format!("{account}-sa");
+    config["users"] = serde_json::json!([{ "name": user, "user": { "token": token } }]);
+    if let Some(contexts) = config["contexts"].as_array_mut() {
+        for context in contexts {
+            context["context"]["user"] = serde_json::json!(user);
+        }
+    }
+    let out = std::env::temp_dir().join(format!("weft-e2e-{}-{account}.kubeconfig", ns.name));
+    std::fs::write(&out, serde_json::to_vec(&config)?)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

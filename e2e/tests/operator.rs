@@ -30,8 +30,6 @@ const LEASE_SECONDS: &str = "3";
 /// Installs the chart (no in-cluster replicas) and writes a kubeconfig that
 /// authenticates as its ServiceAccount.
 async fn chart_credentials(ns: &TestNamespace) -> anyhow::Result<std::path::PathBuf> {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::ServiceAccount;
     let release = ns.name.clone();
     weft_e2e::helm(&[
         "upgrade",
@@ -44,37 +42,7 @@ async fn chart_credentials(ns: &TestNamespace) -> anyhow::Result<std::path::Path
         "replicas=0",
     ])
     .await?;
-    let accounts: Api<ServiceAccount> = ns.api();
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = accounts
-        .create_token_request(
-            &format!("{release}-operator"),
-            &PostParams::default(),
-            &request,
-        )
-        .await?
-        .status
-        .context("a TokenRequest without status")?
-        .token;
-    let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
-    let admin = kube::config::Kubeconfig::read_from(&path)?;
-    let mut config = serde_json::to_value(&admin)?;
-    let user = "weft-operator-sa";
-    config["users"] = serde_json::json!([{ "name": user, "user": { "token": token } }]);
-    if let Some(contexts) = config["contexts"].as_array_mut() {
-        for context in contexts {
-            context["context"]["user"] = serde_json::json!(user);
-        }
-    }
-    let out = std::env::temp_dir().join(format!("weft-e2e-{}-sa.kubeconfig", ns.name));
-    std::fs::write(&out, serde_json::to_vec(&config)?)?;
-    Ok(out)
+    weft_e2e::service_account_kubeconfig(ns, &format!("{release}-operator")).await
 }
 
 fn replica(

@@ -4,7 +4,11 @@
 //! to `weft-trainer worker` processes named after its pods (kwok runs no
 //! containers, so the pods' command runs here). The only change is the
 //! rendezvous host, which names rank 0's pod through the job's Service and
-//! is the loopback address here. Both workers train to the last step.
+//! is the loopback address here. Both workers train to the last step, and
+//! rank 0's worker writes the job's progress (step, tokens/s, the last
+//! checkpoint) into its status as the job's worker ServiceAccount, which the
+//! operator made and which may do nothing else; the operator, reconciling
+//! all the while, keeps those fields.
 //!
 //! Needs `cargo build -p weft-trainer` first (scripts/test does it).
 
@@ -19,7 +23,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
 use weft_e2e::{TestEnv, trainer_binary, wait_job_status};
-use weft_operator::build::mesh_config_map_name;
+use weft_operator::build::{mesh_config_map_name, worker_account_name};
 use weft_planner::mesh::MeshPlan;
 
 #[tokio::test]
@@ -52,7 +56,8 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             s.phase == Phase::Running
         })
         .await?;
-        controller.abort();
+        let kubeconfig =
+            weft_e2e::service_account_kubeconfig(&ns, &worker_account_name("trained")).await?;
 
         // The ConfigMap as the pods would mount it.
         let config_maps: Api<ConfigMap> = ns.api();
@@ -77,6 +82,9 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
                 .env("WEFT_MESH", scratch.join("mesh.json"))
                 .env("WEFT_TRAINING", scratch.join("training.json"))
                 .env("WEFT_POD_IP", "127.0.0.1")
+                .env("WEFT_JOB", "trained")
+                .env("WEFT_NAMESPACE", &ns.name)
+                .env("KUBECONFIG", &kubeconfig)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
@@ -84,6 +92,7 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             workers.push(child);
         }
         let mut steps = Vec::new();
+        let mut logs = String::new();
         for (index, child) in workers.into_iter().enumerate() {
             let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
                 .await
@@ -93,6 +102,7 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
                 "worker {index} failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
+            logs += &String::from_utf8_lossy(&output.stderr);
             let mut lines = tokio::io::BufReader::new(output.stdout.as_slice()).lines();
             while let Some(line) = lines.next_line().await? {
                 if let Some(body) = line.strip_prefix("weft-metrics ") {
@@ -111,6 +121,26 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             scratch.join("checkpoints/state.json").exists(),
             "no checkpoint at the job's checkpoint.path"
         );
+
+        // The progress is in the status, and stays there while the operator
+        // reconciles (the status changes wake it).
+        let checkpoints = scratch.join("checkpoints").to_string_lossy().into_owned();
+        let status = wait_job_status(&jobs, "trained", "the progress in the status", |s| {
+            s.step == 2
+                && s.tokens_per_second.is_some_and(|t| t > 0.0)
+                && s.last_checkpoint
+                    .as_ref()
+                    .is_some_and(|c| c.step == 2 && c.path == checkpoints)
+        })
+        .await
+        .with_context(|| format!("the workers said:\n{logs}"))?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let later = jobs.get("trained").await?.status.unwrap_or_default();
+        ensure!(
+            later.step == 2 && later.last_checkpoint == status.last_checkpoint,
+            "the operator dropped the progress: {later:?}"
+        );
+        controller.abort();
         let _ = std::fs::remove_dir_all(&scratch);
         Ok(())
     })

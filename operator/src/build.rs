@@ -19,11 +19,13 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, Service, ServicePort,
     ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
@@ -127,6 +129,16 @@ pub struct DesiredObjects {
     pub pods: Vec<Pod>,
     pub service: Service,
     pub mesh: ConfigMap,
+    /// The workers' identity, allowed to write the job's status (their
+    /// progress: step, tokens/s, last checkpoint) and nothing else.
+    pub account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+}
+
+/// The ServiceAccount (and Role, RoleBinding) of a job's workers.
+pub fn worker_account_name(job: &str) -> String {
+    format!("{job}-worker")
 }
 
 /// Names of a job's owned objects other than pods.
@@ -232,6 +244,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
         .map(|worker| {
             let env = [
                 ("WEFT_JOB", name.clone()),
+                ("WEFT_NAMESPACE", namespace.clone().unwrap_or_default()),
                 ("WEFT_WORKER", worker.name.clone()),
                 ("WEFT_MESH_EPOCH", mesh.epoch.to_string()),
                 ("WEFT_WORLD_SIZE", mesh.world_size.to_string()),
@@ -273,6 +286,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 ),
                 spec: Some(PodSpec {
                     hostname: Some(worker.name.clone()),
+                    service_account_name: Some(worker_account_name(&name)),
                     subdomain: Some(service_name(&name)),
                     restart_policy: Some("Never".to_string()),
                     node_selector: Some(node_selector),
@@ -323,10 +337,42 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
             }
         })
         .collect();
+    let account_name = worker_account_name(&name);
+    let account = ServiceAccount {
+        metadata: meta(account_name.clone(), &[]),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta(account_name.clone(), &[]),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["weft.dev".to_string()]),
+            resources: Some(vec!["trainingjobs/status".to_string()]),
+            resource_names: Some(vec![name.clone()]),
+            verbs: vec!["get".to_string(), "patch".to_string()],
+            ..Default::default()
+        }]),
+    };
+    let role_binding = RoleBinding {
+        metadata: meta(account_name.clone(), &[]),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_string()),
+            kind: "Role".to_string(),
+            name: account_name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_string(),
+            name: account_name,
+            namespace: namespace.clone(),
+            ..Default::default()
+        }]),
+    };
     Ok(DesiredObjects {
         pods,
         service,
         mesh: config_map,
+        account,
+        role,
+        role_binding,
     })
 }
 

@@ -28,7 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -566,6 +567,31 @@ async fn reconcile_job(
                     &objects.service.name_any(),
                     &apply,
                     &Patch::Apply(&objects.service),
+                )
+                .await?;
+            // The workers' identity, before any pod that runs as it.
+            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+            accounts
+                .patch(
+                    &objects.account.name_any(),
+                    &apply,
+                    &Patch::Apply(&objects.account),
+                )
+                .await?;
+            let roles: Api<Role> = Api::namespaced(client.clone(), &namespace);
+            roles
+                .patch(
+                    &objects.role.name_any(),
+                    &apply,
+                    &Patch::Apply(&objects.role),
+                )
+                .await?;
+            let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
+            bindings
+                .patch(
+                    &objects.role_binding.name_any(),
+                    &apply,
+                    &Patch::Apply(&objects.role_binding),
                 )
                 .await?;
             // Surviving pods are left as they are (a pod's spec cannot change);

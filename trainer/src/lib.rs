@@ -23,6 +23,7 @@ pub mod model;
 pub mod optim;
 pub mod pod;
 pub mod remap;
+pub mod report;
 pub mod selfcheck;
 pub mod step;
 pub mod train;

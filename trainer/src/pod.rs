@@ -116,6 +116,10 @@ impl PodTraining {
 /// What the pod's environment says.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodEnv {
+    /// The job (`WEFT_JOB`) and its namespace (`WEFT_NAMESPACE`): where
+    /// progress is reported, when both are known.
+    pub job: Option<String>,
+    pub namespace: Option<String>,
     pub worker: String,
     pub mesh: PathBuf,
     pub training: PathBuf,
@@ -140,6 +144,8 @@ impl PodEnv {
             })
             .unwrap_or_else(|| "127.0.0.1".to_string());
         Ok(PodEnv {
+            job: var("WEFT_JOB").filter(|v| !v.is_empty()),
+            namespace: var("WEFT_NAMESPACE").filter(|v| !v.is_empty()),
             worker: need("WEFT_WORKER")?,
             mesh: PathBuf::from(need("WEFT_MESH")?),
             training: PathBuf::from(need("WEFT_TRAINING")?),

@@ -145,6 +145,9 @@ pub struct StepMetrics {
     pub remap_s: f64,
     pub all_reduce_s: f64,
     pub plan_s: f64,
+    /// The step of the checkpoint completed after this step, if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
 }
 
 /// What a checkpoint's `state.json` holds besides the tensors.
@@ -424,7 +427,7 @@ pub fn run_worker(
         let linear: Vec<f64> = ranks.clone().map(|r| r[3]).collect();
         let mean_linear = linear.iter().sum::<f64>() / linear.len().max(1) as f64;
         let tokens = batch.tokens() as u64;
-        let metrics = StepMetrics {
+        let mut metrics = StepMetrics {
             step: step + 1,
             loss,
             tokens,
@@ -447,10 +450,8 @@ pub fn run_worker(
             remap_s: max_of(1),
             all_reduce_s: max_of(2),
             plan_s,
+            checkpoint: None,
         };
-        if rank == 0 {
-            report(&metrics);
-        }
         let done = step + 1;
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         if let Some(dir) = &config.checkpoint_dir
@@ -465,6 +466,10 @@ pub fn run_worker(
                 world,
             };
             save_checkpoint(dir, &vs, &optimizer, &state)?;
+            metrics.checkpoint = Some(done);
+        }
+        if rank == 0 {
+            report(&metrics);
         }
     }
     // Nobody leaves while another rank may still need it (rank 0 serves the store).

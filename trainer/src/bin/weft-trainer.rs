@@ -590,12 +590,33 @@ fn pod_worker(
     let config = serde_json::to_string(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let worker = env.worker.clone();
-    weft_trainer::pod::supervise(
+    // The pod of rank 0 writes the job's progress into its status.
+    let reporter = match (&env.namespace, &env.job) {
+        (Some(namespace), Some(job)) => {
+            let worker = worker.clone();
+            Some(weft_trainer::report::StatusReporter::start(
+                namespace.clone(),
+                job.clone(),
+                args.checkpoint_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                move |line| eprintln!("weft-trainer worker {worker}: {line}"),
+            ))
+        }
+        _ => None,
+    };
+    let progress = reporter.as_ref().and_then(|r| r.sender());
+    let result = weft_trainer::pod::supervise(
         env,
         wait_for_epoch,
         |rank, place| {
             let threads = (cores / place.ranks.len().max(1)).max(1);
-            std::process::Command::new(&exe)
+            let mut command = std::process::Command::new(&exe);
+            if rank == 0 && progress.is_some() {
+                command.stdout(std::process::Stdio::piped());
+            }
+            let mut child = command
                 .arg("train-worker")
                 .arg(format!("--rank={rank}"))
                 .arg(format!("--world={}", place.world))
@@ -608,10 +629,32 @@ fn pod_worker(
                 .map_err(|e| weft_trainer::pod::PodError::Spawn {
                     rank,
                     reason: e.to_string(),
-                })
+                })?;
+            // Rank 0's lines still go to the pod's log; its metrics also go
+            // to the job's status.
+            if let (Some(out), Some(tx)) = (child.stdout.take(), progress.clone()) {
+                std::thread::spawn(move || {
+                    use std::io::BufRead;
+                    for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                        println!("{line}");
+                        if let Some(m) = line
+                            .strip_prefix(METRICS_PREFIX)
+                            .and_then(|body| serde_json::from_str::<StepMetrics>(body).ok())
+                        {
+                            let _ = tx.send(m);
+                        }
+                    }
+                });
+            }
+            Ok(child)
         },
         |line| eprintln!("weft-trainer worker {worker}: {line}"),
-    )?;
+    );
+    drop(progress);
+    if let Some(reporter) = reporter {
+        reporter.finish();
+    }
+    result?;
     Ok(())
 }
 
