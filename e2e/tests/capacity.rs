@@ -1,6 +1,7 @@
 //! The controller as the cluster's capacity changes under it, against the
 //! real API server, scheduler and garbage collector on kwok GPU nodes:
 //!
+//! - the tiny CPU example (manifests/examples) runs, a CPU rank per node;
 //! - on a heterogeneous cluster (8-GPU nodes with a NIC per GPU, 4-GPU A100
 //!   nodes with a NIC per two GPUs) each rank's NIC in the mesh plan is the
 //!   one the node's annotation puts next to its GPU;
@@ -188,6 +189,23 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     let jobs: Api<TrainingJob> = ns.api();
     let pods: Api<Pod> = ns.api();
     let nodes: Api<Node> = Api::all(ns.client.clone());
+
+    // The tiny CPU example: CPU-only workers, one rank each, one per node.
+    let example = weft_e2e::repo_root().join("manifests/examples/tiny-cpu.yaml");
+    let tiny: TrainingJob = serde_saphyr::from_str(&std::fs::read_to_string(&example)?)?;
+    let tiny_name = tiny
+        .metadata
+        .name
+        .clone()
+        .context("the example has a name")?;
+    jobs.create(&PostParams::default(), &tiny).await?;
+    let (_, mesh) = wait_running(ns, &tiny_name, 4, 1).await?;
+    ensure!(
+        mesh.world_size == 4 && mesh.workers.iter().all(|w| w.gpus == 0),
+        "{mesh:?}"
+    );
+    jobs.delete(&tiny_name, &DeleteParams::background()).await?;
+    stage("the CPU example ran");
 
     // Heterogeneous NICs: 4-GPU workers fill the 8-GPU nodes two by two and
     // the 4-GPU A100 nodes one by one (3×8 + 2×4 = 32 GPUs = 8 workers).

@@ -249,7 +249,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 ("WEFT_MESH_EPOCH", mesh.epoch.to_string()),
                 ("WEFT_WORLD_SIZE", mesh.world_size.to_string()),
                 ("WEFT_FIRST_RANK", worker.first_rank.to_string()),
-                ("WEFT_LOCAL_RANKS", worker.gpus.to_string()),
+                ("WEFT_LOCAL_RANKS", worker.gpus.max(1).to_string()),
                 ("WEFT_RENDEZVOUS", rendezvous.clone()),
                 ("WEFT_MESH", format!("{MESH_MOUNT}/mesh.json")),
                 ("WEFT_TRAINING", format!("{MESH_MOUNT}/training.json")),

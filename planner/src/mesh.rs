@@ -90,7 +90,8 @@ pub struct MeshWorker {
     pub node: String,
     pub block: String,
     pub rack: String,
-    /// Its GPU ranks are `first_rank .. first_rank + gpus`.
+    /// Its ranks are `first_rank .. first_rank + gpus`, one per GPU; a
+    /// CPU-only worker (`gpus` 0) is the one rank `first_rank`.
     pub first_rank: u32,
     pub gpus: u32,
     /// Index of the worker among those on its node.
@@ -134,8 +135,10 @@ pub enum MeshError {
     },
     #[error("workers.min ({min}) must be between 1 and workers.max ({max})")]
     BadRange { min: u32, max: u32 },
-    #[error("gpus per worker must be at least 1")]
-    NoGpus,
+    #[error(
+        "job needs {min_workers} CPU workers, one per node; the healthy nodes can take {placeable}"
+    )]
+    NotEnoughNodes { min_workers: u32, placeable: u32 },
 }
 
 impl MeshError {
@@ -143,7 +146,8 @@ impl MeshError {
     pub fn category(&self) -> &'static str {
         match self {
             MeshError::NotEnoughCapacity { .. } => "insufficient_capacity",
-            MeshError::BadRange { .. } | MeshError::NoGpus => "invalid_request",
+            MeshError::NotEnoughNodes { .. } => "insufficient_capacity",
+            MeshError::BadRange { .. } => "invalid_request",
         }
     }
 }
@@ -155,9 +159,8 @@ pub fn plan_mesh(
     existing: &[ExistingWorker],
 ) -> Result<MeshPlan, MeshError> {
     let g = request.gpus_per_worker;
-    if g == 0 {
-        return Err(MeshError::NoGpus);
-    }
+    // A CPU-only worker (no GPU) is one rank, and takes a node of its own.
+    let ranks_per_worker = g.max(1);
     if request.min_workers == 0 || request.min_workers > request.max_workers {
         return Err(MeshError::BadRange {
             min: request.min_workers,
@@ -177,9 +180,21 @@ pub fn plan_mesh(
     let mut slots: BTreeMap<&str, u32> = nodes
         .iter()
         .filter(|n| n.healthy)
-        .map(|n| (n.node.name.as_str(), n.free_gpus / g))
+        .map(|n| {
+            let free = n
+                .free_gpus
+                .checked_div(g)
+                .unwrap_or_else(|| u32::from(!kept.iter().any(|w| w.node == n.node.name)));
+            (n.node.name.as_str(), free)
+        })
         .collect();
     let placeable = kept.len() as u32 + slots.values().sum::<u32>();
+    if placeable < request.min_workers && g == 0 {
+        return Err(MeshError::NotEnoughNodes {
+            min_workers: request.min_workers,
+            placeable,
+        });
+    }
     if placeable < request.min_workers {
         return Err(MeshError::NotEnoughCapacity {
             min_workers: request.min_workers,
@@ -259,8 +274,8 @@ pub fn plan_mesh(
             continue;
         };
         let slot = per_node.entry(node_name).or_default();
-        let first_rank = i as u32 * g;
-        let whole_node = g == node.node.gpus;
+        let first_rank = i as u32 * ranks_per_worker;
+        let whole_node = g > 0 && g == node.node.gpus;
         let rank_nics = if whole_node {
             (0..g)
                 .filter_map(|local| {
@@ -281,7 +296,7 @@ pub fn plan_mesh(
             node_groups.push(Vec::new());
         }
         if let Some(group) = node_groups.last_mut() {
-            group.extend(first_rank..first_rank + g);
+            group.extend(first_rank..first_rank + ranks_per_worker);
         }
         workers.push(MeshWorker {
             name: name
@@ -311,7 +326,7 @@ pub fn plan_mesh(
         version: MESH_PLAN_VERSION,
         job: request.job.clone(),
         epoch: request.epoch,
-        world_size: workers.len() as u32 * g,
+        world_size: workers.len() as u32 * ranks_per_worker,
         workers,
         node_groups,
         rendezvous: None,
@@ -406,7 +421,8 @@ mod tests {
             "job needs 3 workers of 8 GPUs (24 GPUs); the healthy nodes can take 2 such workers (16 GPUs)"
         );
         assert!(plan_mesh(&request(0, 4, 8), &nodes, &[]).is_err());
-        assert!(plan_mesh(&request(1, 4, 0), &nodes, &[]).is_err());
+        // CPU-only workers take a node each: three do not fit on two nodes.
+        assert!(plan_mesh(&request(3, 4, 0), &nodes, &[]).is_err());
     }
 
     proptest! {
@@ -445,5 +461,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn cpu_only_workers_are_one_rank_and_one_per_node() {
+        let nodes = MeshNode::all_free(&parse_cluster("3x8").unwrap());
+        let request = MeshRequest {
+            job: "tiny".into(),
+            min_workers: 2,
+            max_workers: 4,
+            gpus_per_worker: 0,
+            epoch: 1,
+        };
+        let mesh = plan_mesh(&request, &nodes, &[]).unwrap();
+        assert_eq!(mesh.workers.len(), 3);
+        assert_eq!(mesh.world_size, 3);
+        let ranks: Vec<u32> = mesh.workers.iter().map(|w| w.first_rank).collect();
+        assert_eq!(ranks, vec![0, 1, 2]);
+        let nodes_used: BTreeSet<&str> = mesh.workers.iter().map(|w| w.node.as_str()).collect();
+        assert_eq!(nodes_used.len(), 3);
+        assert!(
+            mesh.workers
+                .iter()
+                .all(|w| w.gpus == 0 && w.rank_nics.is_empty())
+        );
+        let too_many = MeshRequest {
+            min_workers: 4,
+            ..request
+        };
+        let err = plan_mesh(&too_many, &nodes, &[]).unwrap_err();
+        assert_eq!(err.category(), "insufficient_capacity");
+        assert!(err.to_string().contains("4 CPU workers"), "{err}");
     }
 }

@@ -214,7 +214,7 @@ pub fn placement(
     Ok(Some(Placement {
         epoch: mesh.epoch,
         world: mesh.world_size,
-        ranks: (me.first_rank..me.first_rank + me.gpus).collect(),
+        ranks: (me.first_rank..me.first_rank + me.gpus.max(1)).collect(),
         store_host: host.to_string(),
         port,
     }))
