@@ -10,6 +10,7 @@
 //! be reached fails the test at `connect` with [`HarnessError::Unreachable`], whose
 //! message says which server was tried and how to start the local one.
 
+pub mod jobs;
 pub mod nodes;
 
 use std::future::Future;

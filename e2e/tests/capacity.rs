@@ -23,109 +23,18 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use weft_crds::topology::{ANNOTATION_NICS, Nic};
-use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_crds::{Phase, TrainingJob};
+use weft_e2e::jobs::{running_workers, set_not_ready, sleeper_job, wait_running};
 use weft_e2e::nodes::node_objects;
-use weft_e2e::{HarnessError, TestEnv, TestNamespace, wait_for, wait_job_status};
+use weft_e2e::{TestEnv, TestNamespace, wait_for, wait_job_status};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::cluster::parse_cluster;
-use weft_planner::mesh::MeshPlan;
 
-const NOT_READY: &str = "node-not-ready.stage.kwok.x-k8s.io";
 /// The nodes this test adds: two more 8-GPU nodes.
 const EXTRA: &str = "2x8:nics=8,name=extra";
 
 fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
-    let mut spec = TrainingJobSpec {
-        command: Some(vec!["sleep".into(), "3600".into()]),
-        resources: WorkerResources {
-            gpus,
-            cpu: Some("1".into()),
-            memory: Some("1Gi".into()),
-        },
-        ..TrainingJobSpec::new("busybox:1.36", min, max)
-    };
-    spec.elasticity.rescale_cooldown_seconds = 1;
-    TrainingJob::new(name, spec)
-}
-
-fn other(e: impl std::fmt::Display) -> HarnessError {
-    HarnessError::Other(e.to_string())
-}
-
-async fn mesh_of(config_maps: &Api<ConfigMap>, job: &str) -> anyhow::Result<Option<MeshPlan>> {
-    let Some(cm) = config_maps.get_opt(&mesh_config_map_name(job)).await? else {
-        return Ok(None);
-    };
-    let text = cm
-        .data
-        .and_then(|d| d.get("mesh.json").cloned())
-        .context("mesh ConfigMap without mesh.json")?;
-    Ok(Some(serde_json::from_str(&text)?))
-}
-
-/// The job's live (not deleted, not finished) pods: name → (uid, node).
-async fn live_workers(
-    pods: &Api<Pod>,
-    job: &str,
-) -> anyhow::Result<BTreeMap<String, (String, String)>> {
-    let list = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .map(|p| {
-            let node = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default();
-            (p.name_any(), (p.uid().unwrap_or_default(), node))
-        })
-        .collect())
-}
-
-/// Waits until `job` is Running with `workers` running workers, each on the
-/// node its mesh (at `epoch` or later) says.
-async fn wait_running(
-    ns: &TestNamespace,
-    job: &str,
-    workers: usize,
-    epoch: u64,
-) -> anyhow::Result<(BTreeMap<String, (String, String)>, MeshPlan)> {
-    let pods: Api<Pod> = ns.api();
-    let config_maps: Api<ConfigMap> = ns.api();
-    let jobs: Api<TrainingJob> = ns.api();
-    let found = wait_for(
-        &format!("{job} to run {workers} workers at mesh epoch ≥ {epoch}"),
-        Duration::from_secs(120),
-        || {
-            let (pods, config_maps, jobs) = (pods.clone(), config_maps.clone(), jobs.clone());
-            async move {
-                let running = live_workers(&pods, job).await.map_err(other)?;
-                let Some(mesh) = mesh_of(&config_maps, job).await.map_err(other)? else {
-                    return Ok(None);
-                };
-                let status = jobs.get(job).await?.status.unwrap_or_default();
-                let placed = mesh.workers.iter().all(|w| {
-                    running
-                        .get(&w.name)
-                        .is_some_and(|(_, node)| *node == w.node)
-                });
-                let done = running.len() == workers
-                    && mesh.workers.len() == workers
-                    && mesh.epoch >= epoch
-                    && placed
-                    && status.phase == Phase::Running
-                    && status.mesh_epoch == mesh.epoch as i64;
-                Ok(done.then_some((running, mesh)))
-            }
-        },
-    )
-    .await?;
-    Ok(found)
+    sleeper_job(name, min, max, gpus, 1)
 }
 
 /// Every NIC of every node, read from the annotation as the test sees it.
@@ -137,19 +46,6 @@ async fn annotated_nics(nodes: &Api<Node>) -> anyhow::Result<BTreeMap<String, Ve
         }
     }
     Ok(out)
-}
-
-async fn set_not_ready(nodes: &Api<Node>, node: &str, not_ready: bool) -> anyhow::Result<()> {
-    let value = if not_ready {
-        serde_json::json!("true")
-    } else {
-        serde_json::Value::Null
-    };
-    let patch = serde_json::json!({ "metadata": { "labels": { NOT_READY: value } } });
-    nodes
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
 }
 
 #[tokio::test]
@@ -307,7 +203,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
-        live_workers(&pods, "grown").await?.is_empty()
+        running_workers(&pods, "grown").await?.is_empty()
             && pods
                 .list(&ListParams::default().labels(&format!("{LABEL_JOB}=grown")))
                 .await?

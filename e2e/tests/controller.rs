@@ -11,35 +11,22 @@
 //!
 //! Its own test binary (one test), so it has the GPUs to itself.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
-use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_crds::{Phase, TrainingJob};
+use weft_e2e::jobs::{running_workers, set_not_ready, sleeper_job, wait_running};
 use weft_e2e::{HarnessError, TestEnv, wait_for, wait_job_status};
-use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
-use weft_planner::mesh::MeshPlan;
-
-const NOT_READY: &str = "node-not-ready.stage.kwok.x-k8s.io";
+use weft_operator::build::LABEL_JOB;
 
 const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
 const COOLDOWN_S: i32 = 5;
 
 fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
-    let mut spec = TrainingJobSpec {
-        command: Some(vec!["sleep".into(), "3600".into()]),
-        resources: WorkerResources {
-            gpus,
-            cpu: Some("1".into()),
-            memory: Some("1Gi".into()),
-        },
-        ..TrainingJobSpec::new("busybox:1.36", min, max)
-    };
-    spec.elasticity.rescale_cooldown_seconds = COOLDOWN_S;
-    TrainingJob::new(name, spec)
+    sleeper_job(name, min, max, gpus, COOLDOWN_S)
 }
 
 /// Makes kwok fail a worker pod's container (exit code 1).
@@ -56,99 +43,6 @@ async fn event_reasons(events: &Api<Event>, job: &str) -> anyhow::Result<Vec<Str
         .list(&ListParams::default().fields(&format!("involvedObject.name={job}")))
         .await?;
     Ok(list.items.into_iter().filter_map(|e| e.reason).collect())
-}
-
-/// The job's running pods: name → (uid, node).
-async fn running_workers(
-    pods: &Api<Pod>,
-    job: &str,
-) -> anyhow::Result<BTreeMap<String, (String, String)>> {
-    let list = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .map(|p| {
-            let node = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default();
-            (p.name_any(), (p.uid().unwrap_or_default(), node))
-        })
-        .collect())
-}
-
-async fn mesh_of(config_maps: &Api<ConfigMap>, job: &str) -> anyhow::Result<Option<MeshPlan>> {
-    let Some(cm) = config_maps.get_opt(&mesh_config_map_name(job)).await? else {
-        return Ok(None);
-    };
-    let text = cm
-        .data
-        .and_then(|d| d.get("mesh.json").cloned())
-        .context("mesh ConfigMap without mesh.json")?;
-    Ok(Some(serde_json::from_str(&text)?))
-}
-
-/// Waits until the job runs `workers` workers, each on the node its mesh
-/// says, with the job Running and the mesh at `epoch` or later; returns the
-/// workers and the mesh.
-async fn wait_running(
-    ns: &weft_e2e::TestNamespace,
-    job: &str,
-    workers: usize,
-    epoch: u64,
-) -> anyhow::Result<(BTreeMap<String, (String, String)>, MeshPlan)> {
-    let pods: Api<Pod> = ns.api();
-    let config_maps: Api<ConfigMap> = ns.api();
-    let jobs: Api<TrainingJob> = ns.api();
-    wait_for(
-        &format!("{job} to run {workers} workers at mesh epoch ≥ {epoch}"),
-        Duration::from_secs(120),
-        || {
-            let (pods, config_maps, jobs) = (pods.clone(), config_maps.clone(), jobs.clone());
-            async move {
-                let run = async {
-                    let running = running_workers(&pods, job).await?;
-                    let Some(mesh) = mesh_of(&config_maps, job).await? else {
-                        return Ok::<_, anyhow::Error>(None);
-                    };
-                    let status = jobs.get(job).await?.status.unwrap_or_default();
-                    let placed = mesh.workers.iter().all(|w| {
-                        running
-                            .get(&w.name)
-                            .is_some_and(|(_, node)| *node == w.node)
-                    });
-                    let done = running.len() == workers
-                        && mesh.workers.len() == workers
-                        && mesh.epoch >= epoch
-                        && placed
-                        && status.phase == Phase::Running
-                        && status.mesh_epoch == mesh.epoch as i64;
-                    Ok(done.then_some((running, mesh)))
-                };
-                run.await.map_err(|e| HarnessError::Other(e.to_string()))
-            }
-        },
-    )
-    .await
-    .map_err(Into::into)
-}
-
-async fn set_not_ready(nodes: &Api<Node>, node: &str, not_ready: bool) -> anyhow::Result<()> {
-    let value = if not_ready {
-        serde_json::json!("true")
-    } else {
-        serde_json::Value::Null
-    };
-    let patch = serde_json::json!({ "metadata": { "labels": { NOT_READY: value } } });
-    nodes
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
 }
 
 #[tokio::test]

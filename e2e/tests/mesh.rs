@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use weft_crds::{TrainingJob, TrainingJobSpec, WorkerResources};
@@ -80,6 +81,17 @@ async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyho
             .await?;
         ns.api::<Service>()
             .create(&PostParams::default(), &objects.service)
+            .await?;
+        // The workers' identity and what it may do, before the pods that
+        // run as it (the API server refuses a pod whose account is missing).
+        ns.api::<ServiceAccount>()
+            .create(&PostParams::default(), &objects.account)
+            .await?;
+        ns.api::<Role>()
+            .create(&PostParams::default(), &objects.role)
+            .await?;
+        ns.api::<RoleBinding>()
+            .create(&PostParams::default(), &objects.role_binding)
             .await?;
         let pods: Api<Pod> = ns.api();
         for pod in &objects.pods {
