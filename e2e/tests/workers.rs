@@ -118,13 +118,16 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             "rank 0 reports each of the 2 steps on a world of 2: {steps:?} (published rendezvous {published})"
         );
         ensure!(
-            scratch.join("checkpoints/state.json").exists(),
+            scratch.join("checkpoints/step-00000002/state.json").exists(),
             "no checkpoint at the job's checkpoint.path"
         );
 
         // The progress is in the status, and stays there while the operator
         // reconciles (the status changes wake it).
-        let checkpoints = scratch.join("checkpoints").to_string_lossy().into_owned();
+        let checkpoints = scratch
+            .join("checkpoints/step-00000002")
+            .to_string_lossy()
+            .into_owned();
         let status = wait_job_status(&jobs, "trained", "the progress in the status", |s| {
             s.step == 2
                 && s.tokens_per_second.is_some_and(|t| t > 0.0)

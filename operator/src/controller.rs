@@ -66,6 +66,10 @@ pub enum ControllerError {
     Serialise(String),
     #[error("the node or pod cache stopped (its watch ended)")]
     CacheGone,
+    #[error(
+        "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
+    )]
+    Conflict,
 }
 
 impl ControllerError {
@@ -77,6 +81,7 @@ impl ControllerError {
             ControllerError::NoNamespace => "job_metadata",
             ControllerError::Serialise(_) => "status",
             ControllerError::CacheGone => "cache",
+            ControllerError::Conflict => "conflict",
         }
     }
 }
@@ -351,7 +356,15 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
     let started = std::time::Instant::now();
-    let result = reconcile_job(job, ctx.clone()).await;
+    let result = match reconcile_job(job, ctx.clone()).await {
+        // Someone else (the workers, reporting progress) wrote the job in
+        // the meantime: not a failure, only a reason to look again at once.
+        Err(ControllerError::Conflict) => {
+            tracing::debug!("the job changed during the reconcile; again");
+            Ok(Action::requeue(Duration::from_millis(100)))
+        }
+        other => other,
+    };
     ctx.metrics.reconciles.inc();
     ctx.metrics
         .reconcile_seconds
@@ -804,7 +817,11 @@ async fn write_status(
             &PatchParams::default(),
             &Patch::Merge(&body),
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 409 => ControllerError::Conflict,
+            e => e.into(),
+        })?;
     job.metadata.resource_version = written.metadata.resource_version;
     job.status = written.status;
     Ok(())

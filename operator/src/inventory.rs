@@ -180,14 +180,16 @@ pub fn fit_to_job(
     nodes: &[KubeNode],
     scheduling: &weft_crds::SchedulingSpec,
 ) {
+    let by_name: std::collections::HashMap<&str, &KubeNode> = nodes
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.as_deref()?, n)))
+        .collect();
     for gpu_node in gpu_nodes.iter_mut() {
-        let Some(node) = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(gpu_node.node.name.as_str()))
-        else {
+        let Some(node) = by_name.get(gpu_node.node.name.as_str()) else {
             continue;
         };
-        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let empty = std::collections::BTreeMap::new();
+        let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
         let selected = scheduling
             .node_selector
             .iter()

@@ -101,6 +101,8 @@ pub struct PodParallelism {
 pub struct PodCheckpoint {
     pub path: String,
     pub interval_steps: u64,
+    /// Complete checkpoints kept.
+    pub keep: u64,
 }
 
 impl PodTraining {

@@ -134,7 +134,7 @@ fn drain(rx: mpsc::Receiver<StepMetrics>) {
 }
 
 /// The merge patch of the status for a step (and the checkpoint completed
-/// since the last write, if any).
+/// since the last write, if any: its directory under `checkpoint_path`).
 pub fn progress_patch(
     metrics: &StepMetrics,
     checkpoint: Option<u64>,
@@ -146,9 +146,10 @@ pub fn progress_patch(
     });
     if let Some(step) = checkpoint {
         let now = k8s_openapi::jiff::Timestamp::now();
+        let path = crate::train::checkpoint_path(std::path::Path::new(checkpoint_path), step);
         status["lastCheckpoint"] = serde_json::json!({
             "step": step,
-            "path": checkpoint_path,
+            "path": path.display().to_string(),
             "time": now.to_string(),
         });
     }
@@ -173,7 +174,10 @@ mod tests {
         assert_eq!(patch["status"]["step"], 12);
         assert_eq!(patch["status"]["tokensPerSecond"], 8192.0);
         assert_eq!(patch["status"]["lastCheckpoint"]["step"], 12);
-        assert_eq!(patch["status"]["lastCheckpoint"]["path"], "/ckpt");
+        assert_eq!(
+            patch["status"]["lastCheckpoint"]["path"],
+            "/ckpt/step-00000012"
+        );
         assert!(
             patch["status"]["lastCheckpoint"]["time"]
                 .as_str()

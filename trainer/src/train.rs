@@ -105,10 +105,13 @@ pub struct TrainConfig {
     pub threads: i32,
     /// Bound on every collective: a dead peer is an error after this long.
     pub timeout: Duration,
+    /// Where checkpoints go: one directory per step (`step-00000123`).
     pub checkpoint_dir: Option<PathBuf>,
     /// Save every this many steps (and after the last step); 0: only at the end.
     pub checkpoint_every: u64,
-    /// Resume from the checkpoint in `checkpoint_dir`, if there is one.
+    /// Complete checkpoints kept (the oldest are deleted); at least 1.
+    pub checkpoint_keep: usize,
+    /// Resume from the newest complete checkpoint in `checkpoint_dir`, if any.
     pub resume: bool,
     /// Fault injection for tests: rank `.0` stops with an error at the start
     /// of step `.1` (1-based), as a worker that dies mid-run.
@@ -207,8 +210,9 @@ fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
     }
 }
 
-/// Writes a checkpoint into `dir` atomically: a new directory renamed over
-/// the old one, so a crash mid-write leaves the previous checkpoint whole.
+/// Writes a checkpoint into `dir` atomically: it is written under another
+/// name and renamed, so a crash mid-write leaves no partial checkpoint (and
+/// the previous ones whole).
 fn save_checkpoint(
     dir: &Path,
     vs: &VarStore,
@@ -236,6 +240,55 @@ fn save_checkpoint(
     }
     std::fs::rename(&staging, dir).map_err(|e| checkpoint_error(dir, e))?;
     let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// The directory of the checkpoint after `step` under `root`.
+pub fn checkpoint_path(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// The complete checkpoints under `root`, oldest first: (step, directory).
+/// A checkpoint is complete once its directory has its final name (it is
+/// written under another name and renamed).
+fn checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(root).map_err(|e| checkpoint_error(root, e))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| checkpoint_error(root, e))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step
+            && path.join("state.json").exists()
+        {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint under `root`, with its state.
+pub fn latest_checkpoint(root: &Path) -> Result<Option<(PathBuf, CheckpointState)>, TrainError> {
+    let Some((_, dir)) = checkpoints(root)?.pop() else {
+        return Ok(None);
+    };
+    Ok(read_checkpoint_state(&dir)?.map(|state| (dir, state)))
+}
+
+/// Deletes all but the newest `keep` checkpoints under `root`.
+fn prune_checkpoints(root: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = checkpoints(root)?;
+    let excess = all.len().saturating_sub(keep);
+    for (_, dir) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&dir).map_err(|e| checkpoint_error(&dir, e))?;
+    }
     Ok(())
 }
 
@@ -298,7 +351,7 @@ pub fn run_worker(
     let mut start_step = 0;
     let mut cursor = BatchCursor::default();
     let resumed = match (&config.checkpoint_dir, config.resume) {
-        (Some(dir), true) => read_checkpoint_state(dir)?.map(|s| (dir.clone(), s)),
+        (Some(root), true) => latest_checkpoint(root)?,
         _ => None,
     };
     if let Some((dir, state)) = &resumed {
@@ -465,7 +518,8 @@ pub fn run_worker(
                 model: config.model.clone(),
                 world,
             };
-            save_checkpoint(dir, &vs, &optimizer, &state)?;
+            save_checkpoint(&checkpoint_path(dir, done), &vs, &optimizer, &state)?;
+            prune_checkpoints(dir, config.checkpoint_keep.max(1))?;
             metrics.checkpoint = Some(done);
         }
         if rank == 0 {
@@ -475,4 +529,40 @@ pub fn run_worker(
     // Nobody leaves while another rank may still need it (rank 0 serves the store).
     group.barrier()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_complete_checkpoints_are_kept() {
+        let root = std::env::temp_dir().join(format!("weft-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for step in [2u64, 10, 4, 8, 6] {
+            let dir = checkpoint_path(&root, step);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("state.json"), "{}").unwrap();
+        }
+        // Being written (not yet renamed), and a stray directory: not checkpoints.
+        std::fs::create_dir_all(root.join(".step-00000012.writing")).unwrap();
+        std::fs::create_dir_all(root.join("step-00000014")).unwrap();
+        let steps = |root: &Path| -> Vec<u64> {
+            checkpoints(root)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        };
+        assert_eq!(steps(&root), vec![2, 4, 6, 8, 10]);
+        prune_checkpoints(&root, 3).unwrap();
+        assert_eq!(steps(&root), vec![6, 8, 10]);
+        assert!(root.join(".step-00000012.writing").exists());
+        assert_eq!(
+            checkpoint_path(&root, 10).file_name().unwrap(),
+            "step-00000010"
+        );
+        assert!(checkpoints(&root.join("absent")).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

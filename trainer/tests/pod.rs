@@ -211,5 +211,13 @@ fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
             straight.loss
         );
     }
+    // checkpoint.keep (3 in the operator's parameters): the newest three.
+    let mut kept: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000004", "step-00000005", "step-00000006"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -75,13 +75,18 @@ struct TrainArgs {
     /// Largest global gradient norm.
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
-    /// Directory of the checkpoint (model, optimizer, data cursor).
+    /// Directory of the checkpoints (model, optimizer, data cursor), one
+    /// directory per step.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every K steps (and after the last); 0: only after the last.
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u64,
-    /// Continue from the checkpoint in --checkpoint-dir, on any number of ranks.
+    /// Complete checkpoints kept (one directory per step); the oldest go.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(default = "default_keep")]
+    checkpoint_keep: u64,
+    /// Continue from the newest checkpoint in --checkpoint-dir, on any number of ranks.
     #[arg(long)]
     resume: bool,
     /// Seconds a collective may wait for a peer before failing.
@@ -140,10 +145,15 @@ impl TrainArgs {
             timeout: Duration::from_secs(self.collective_timeout_s.max(1)),
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every: self.checkpoint_every,
+            checkpoint_keep: self.checkpoint_keep.max(1) as usize,
             resume: self.resume,
             fail_at,
         })
     }
+}
+
+fn default_keep() -> u64 {
+    3
 }
 
 /// The corpus that ships with weft.
@@ -494,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 clip_norm,
                 checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
                 checkpoint_every: training.checkpoint.interval_steps,
+                checkpoint_keep: training.checkpoint.keep.max(1),
                 resume: true,
                 collective_timeout_s,
                 fail_at: None,
