@@ -228,6 +228,15 @@ pub fn current_mesh(path: &Path) -> Option<MeshPlan> {
     read_json(path).ok()
 }
 
+/// The exit status of a rank that stopped, with every other rank after the
+/// same step and a checkpoint of it, because a newer mesh epoch was published.
+pub const NEW_EPOCH_EXIT: i32 = 4;
+
+/// How long the ranks get, once the mesh has moved on, to stop together at a
+/// step boundary before they are stopped (a rank stuck in a collective with
+/// a lost peer would otherwise wait out the collective timeout).
+const DRAIN: Duration = Duration::from_secs(30);
+
 /// How one epoch ended.
 #[derive(Debug, PartialEq)]
 pub enum EpochEnd {
@@ -298,7 +307,10 @@ pub fn supervise(
     }
 }
 
-/// Watches one epoch's ranks and the mesh file until the epoch ends.
+/// Watches one epoch's ranks and the mesh file until the epoch ends. When
+/// the mesh moves on, the ranks get [`DRAIN`] to stop together at a step
+/// boundary (they watch the mesh too, and agree on the step) before they are
+/// stopped.
 fn follow(
     children: &mut [(u32, Child)],
     mesh: &Path,
@@ -307,43 +319,56 @@ fn follow(
     poll: Duration,
 ) -> EpochEnd {
     let newer = || current_mesh(mesh).is_some_and(|m| m.epoch > epoch);
-    let mut finished = vec![false; children.len()];
+    let mut exited: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
+    let mut drain_until: Option<Instant> = None;
     loop {
-        if newer() {
+        if drain_until.is_none() && newer() {
+            drain_until = Some(Instant::now() + DRAIN);
+        }
+        for (index, (_, child)) in children.iter_mut().enumerate() {
+            if exited[index].is_none()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                exited[index] = Some(status);
+            }
+        }
+        let failed = children
+            .iter()
+            .zip(&exited)
+            .find_map(|((rank, _), status)| {
+                status
+                    .filter(|s| !s.success() && s.code() != Some(NEW_EPOCH_EXIT))
+                    .map(|s| (*rank, s.to_string()))
+            });
+        let stopped_for_epoch = exited
+            .iter()
+            .any(|s| s.is_some_and(|s| s.code() == Some(NEW_EPOCH_EXIT)));
+        if exited.iter().all(Option::is_some) && failed.is_none() {
+            stop(children);
+            return if stopped_for_epoch {
+                EpochEnd::NewEpoch
+            } else {
+                EpochEnd::Finished
+            };
+        }
+        if drain_until.is_some_and(|until| Instant::now() > until) {
             stop(children);
             return EpochEnd::NewEpoch;
         }
-        for (index, (rank, child)) in children.iter_mut().enumerate() {
-            if finished[index] {
-                continue;
-            }
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => finished[index] = true,
-                Ok(Some(status)) => {
-                    let (rank, status) = (*rank, status.to_string());
-                    stop(children);
-                    // A peer's node lost looks like this from here: give
-                    // the operator the time to publish the next epoch.
-                    let deadline = Instant::now() + wait_for_epoch;
-                    while Instant::now() < deadline {
-                        if newer() {
-                            return EpochEnd::NewEpoch;
-                        }
-                        std::thread::sleep(poll);
-                    }
+        if let Some((rank, status)) = failed {
+            stop(children);
+            // A peer's node lost looks like this from here: give the
+            // operator the time to publish the next epoch.
+            let deadline = Instant::now() + wait_for_epoch;
+            loop {
+                if newer() {
+                    return EpochEnd::NewEpoch;
+                }
+                if Instant::now() >= deadline {
                     return EpochEnd::Failed { rank, status };
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    let status = e.to_string();
-                    let rank = *rank;
-                    stop(children);
-                    return EpochEnd::Failed { rank, status };
-                }
+                std::thread::sleep(poll);
             }
-        }
-        if finished.iter().all(|f| *f) {
-            return EpochEnd::Finished;
         }
         std::thread::sleep(poll);
     }

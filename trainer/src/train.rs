@@ -116,6 +116,33 @@ pub struct TrainConfig {
     /// Fault injection for tests: rank `.0` stops with an error at the start
     /// of step `.1` (1-based), as a worker that dies mid-run.
     pub fail_at: Option<(u32, u64)>,
+    /// In a pod: the mesh file and the epoch this run belongs to. When any
+    /// rank sees a newer epoch there, every rank stops after the same step,
+    /// with a checkpoint of it, so a change of membership loses no step.
+    pub epoch_watch: Option<(PathBuf, u64)>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every step was trained.
+    Finished,
+    /// A newer mesh epoch was published; the ranks stopped together after
+    /// `step`, checkpointed when a checkpoint directory was given.
+    NewEpoch { step: u64 },
+}
+
+/// Whether the mesh at `path` is newer than `epoch` (an unreadable file,
+/// briefly absent while Kubernetes swaps it, is not).
+fn newer_epoch(path: &Path, epoch: u64) -> bool {
+    #[derive(Deserialize)]
+    struct Epoch {
+        epoch: u64,
+    }
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Epoch>(&text).ok())
+        .is_some_and(|m| m.epoch > epoch)
 }
 
 /// What rank 0 reports after each step.
@@ -333,7 +360,7 @@ pub fn run_worker(
     rendezvous: &Rendezvous,
     config: &TrainConfig,
     mut report: impl FnMut(&StepMetrics),
-) -> Result<(), TrainError> {
+) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let corpus = Corpus::load(&config.data)?;
     let store = Store::open(
@@ -451,10 +478,14 @@ pub fn run_worker(
         // One small all-reduce carries the loss, the plan digest and every
         // rank's figures (each rank fills its own slots).
         const PER_RANK: usize = 4;
-        let mut figures = vec![0f64; 2 + PER_RANK * world as usize];
+        let mut figures = vec![0f64; 3 + PER_RANK * world as usize];
         figures[0] = outcome.loss_sum;
         figures[1] = digest(&plan_json);
-        let slot = 2 + PER_RANK * rank as usize;
+        figures[2] = match &config.epoch_watch {
+            Some((mesh, epoch)) if newer_epoch(mesh, *epoch) => 1.0,
+            _ => 0.0,
+        };
+        let slot = 3 + PER_RANK * rank as usize;
         figures[slot] = outcome.times.attention_s;
         figures[slot + 1] = outcome.times.remap_s;
         figures[slot + 2] = all_reduce_s;
@@ -475,7 +506,9 @@ pub fn run_worker(
         let update = optimizer.step()?;
         let step_time_s = started.elapsed().as_secs_f64();
 
-        let ranks = shared[2..].chunks(PER_RANK);
+        // Any rank that saw a newer epoch stops every rank after this step.
+        let stop_for_epoch = shared[2] > 0.0;
+        let ranks = shared[3..].chunks(PER_RANK);
         let max_of = |k: usize| ranks.clone().map(|r| r[k]).fold(0.0, f64::max);
         let linear: Vec<f64> = ranks.clone().map(|r| r[3]).collect();
         let mean_linear = linear.iter().sum::<f64>() / linear.len().max(1) as f64;
@@ -509,7 +542,7 @@ pub fn run_worker(
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         if let Some(dir) = &config.checkpoint_dir
             && rank == 0
-            && (due || done == config.steps)
+            && (due || done == config.steps || stop_for_epoch)
         {
             let state = CheckpointState {
                 step: done,
@@ -525,10 +558,14 @@ pub fn run_worker(
         if rank == 0 {
             report(&metrics);
         }
+        if stop_for_epoch && done < config.steps {
+            group.barrier()?;
+            return Ok(RunEnd::NewEpoch { step: done });
+        }
     }
     // Nobody leaves while another rank may still need it (rank 0 serves the store).
     group.barrier()?;
-    Ok(())
+    Ok(RunEnd::Finished)
 }
 
 #[cfg(test)]

@@ -2,11 +2,16 @@
 //! "pods" (processes) on this machine with the environment and the files the
 //! operator gives them: the mesh of epoch 1 (two workers of one rank), the
 //! operator's training parameters (its golden training.json, made small).
-//! Mid-run the mesh moves to epoch 2 with one worker, as when a node is lost:
-//! the remaining worker starts again as a world of one from the last
-//! checkpoint, the dropped one waits, and the run ends at the last step with
-//! every loss equal to a straight run's on the same global batches (the data
-//! order does not depend on the world).
+//! Mid-run the mesh moves to epoch 2 with one worker:
+//! - with both pods alive, every rank stops after the same step, with a
+//!   checkpoint of it; the remaining worker goes on as a world of one from
+//!   there, the dropped one waits, and each step is trained exactly once;
+//! - with the second pod killed (its node lost), the survivor's collective
+//!   fails, it waits for the new epoch and goes on from the last checkpoint.
+//!
+//! Either way the run ends at the last step with every loss equal to a
+//! straight run's on the same global batches (the data order does not depend
+//! on the world).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -49,12 +54,16 @@ fn publish(path: &Path, mesh: &MeshPlan) {
     std::fs::rename(&staging, path).unwrap();
 }
 
-fn pod(dir: &Path, worker: &str) -> Child {
+fn pod(dir: &Path, worker: &str, steps: u64) -> Child {
+    use std::os::unix::process::CommandExt;
     trainer()
+        // A group of its own, so a test can kill the pod (the worker and its
+        // ranks), as a lost node takes the whole container.
+        .process_group(0)
         .args([
             "worker",
             "--steps",
-            &STEPS.to_string(),
+            &steps.to_string(),
             "--epoch-wait-s",
             "30",
         ])
@@ -94,23 +103,25 @@ fn stderr_of(child: &mut Child) -> String {
     text
 }
 
-#[test]
-fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
-    let dir = scratch("shrink");
-    let checkpoints = dir.join("checkpoints");
-
-    // The operator's training parameters, made small enough for a test.
+/// The scratch directory with the operator's training parameters (made
+/// small) and the mesh of epoch 1 (two workers of one rank) published; and
+/// the straight run's metrics on the same settings.
+fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
+    let dir = scratch(name);
     let golden =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
     let mut training: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
     training["data"]["maxSequenceLength"] = 1024.into();
     training["data"]["tokensPerStep"] = 4096.into();
-    training["checkpoint"]["path"] = checkpoints.to_string_lossy().into_owned().into();
+    training["checkpoint"]["path"] = dir
+        .join("checkpoints")
+        .to_string_lossy()
+        .into_owned()
+        .into();
     training["checkpoint"]["intervalSteps"] = 1.into();
     std::fs::write(dir.join("training.json"), training.to_string()).unwrap();
 
-    // Epoch 1: two workers of one rank each.
     let nodes = MeshNode::all_free(&parse_cluster("2x1").unwrap());
     let request = MeshRequest {
         job: "llm".into(),
@@ -122,13 +133,10 @@ fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
     let mut first = plan_mesh(&request, &nodes, &[]).unwrap();
     first.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
     publish(&dir.join("mesh.json"), &first);
-    let stays = first.workers[0].name.clone();
-    let leaves = first.workers[1].name.clone();
 
-    // The reference: a straight run of the same settings on 2 local ranks.
     let reference_file = dir.join("reference.jsonl");
     let out = trainer()
-        .args(["local", "--ranks", "2", "--steps", &STEPS.to_string()])
+        .args(["local", "--ranks", "2", "--steps", &steps.to_string()])
         .args(["--data", "builtin:python-reference", "--model", "tiny"])
         .args(["--tokens-per-step", "4096", "--max-seq-len", "1024"])
         .arg("--metrics")
@@ -145,40 +153,78 @@ fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(reference.len() as u64, STEPS);
+    assert_eq!(reference.len() as u64, steps);
+    (dir, first, reference)
+}
 
-    let mut a = pod(&dir, &stays);
-    let mut b = pod(&dir, &leaves);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
-    let started = Instant::now();
-    let mut seen: Vec<StepMetrics> = Vec::new();
-
-    // After step 3, a node is lost: epoch 2 has only the first worker.
-    while seen.last().is_none_or(|m| m.step < 3) {
-        let m = metrics
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("no step 3 from the pods: {}", stderr_of(&mut a)));
-        seen.push(m);
-    }
+/// Epoch 2 of `first`: its first worker alone.
+fn without_the_second_worker(first: &MeshPlan) -> MeshPlan {
     let mut second = first.clone();
     second.epoch = 2;
     second.workers.truncate(1);
     second.world_size = 1;
     second.node_groups = vec![vec![0]];
     second.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
-    publish(&dir.join("mesh.json"), &second);
+    second
+}
 
-    let status = loop {
-        if let Some(status) = a.try_wait().unwrap() {
-            break status;
+/// Reads rank 0's metrics until step `step` has been reported.
+fn until_step(
+    metrics: &mpsc::Receiver<StepMetrics>,
+    step: u64,
+    pod: &mut Child,
+) -> Vec<StepMetrics> {
+    let mut seen: Vec<StepMetrics> = Vec::new();
+    while seen.last().is_none_or(|m| m.step < step) {
+        match metrics.recv_timeout(Duration::from_secs(120)) {
+            Ok(m) => seen.push(m),
+            Err(_) => panic!("no step {step} from the pods: {}", stderr_of(pod)),
+        }
+    }
+    seen
+}
+
+/// Waits for `child` to exit (at most 180 s).
+fn wait(child: &mut Child) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
         assert!(
             started.elapsed() < Duration::from_secs(180),
-            "the remaining worker did not finish"
+            "the worker did not finish"
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+fn assert_same_losses(seen: &[StepMetrics], reference: &[StepMetrics]) {
+    for m in seen {
+        let straight = &reference[(m.step - 1) as usize];
+        assert_eq!(m.tokens, straight.tokens, "step {}: same batch", m.step);
+        assert!(
+            (m.loss - straight.loss).abs() < 1e-4,
+            "step {} on {} ranks: loss {} vs {} in the straight run",
+            m.step,
+            m.world,
+            m.loss,
+            straight.loss
+        );
+    }
+}
+
+#[test]
+fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
+    let (dir, first, reference) = setup("shrink", STEPS);
+    let mut a = pod(&dir, &first.workers[0].name, STEPS);
+    let mut b = pod(&dir, &first.workers[1].name, STEPS);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let mut seen = until_step(&metrics, 3, &mut a);
+    publish(&dir.join("mesh.json"), &without_the_second_worker(&first));
+
+    let status = wait(&mut a);
     seen.extend(metrics.try_iter());
     let log = stderr_of(&mut a);
     assert!(status.success(), "the worker failed: {log}");
@@ -191,33 +237,51 @@ fn pods_train_and_keep_the_data_order_when_the_mesh_shrinks() {
     let _ = b.wait();
     assert!(stderr_of(&mut b).contains("not in the mesh of epoch 2; waiting"));
 
-    // Every step to the last, some on two ranks and the rest on one; every
-    // loss the straight run's (a step redone after the resume included).
-    assert_eq!(seen.last().map(|m| m.step), Some(STEPS));
+    // Every step once (the ranks stopped together after a step, with its
+    // checkpoint: nothing lost or redone), on two ranks and then on one.
+    let steps: Vec<u64> = seen.iter().map(|m| m.step).collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "{log}");
     assert!(seen.iter().any(|m| m.world == 2) && seen.iter().any(|m| m.world == 1));
-    for m in &seen {
-        let straight = &reference[(m.step - 1) as usize];
-        assert_eq!(
-            m.tokens, straight.tokens,
-            "step {}: same global batch",
-            m.step
-        );
-        assert!(
-            (m.loss - straight.loss).abs() < 1e-4,
-            "step {} on {} ranks: loss {} vs {} in the straight run",
-            m.step,
-            m.world,
-            m.loss,
-            straight.loss
-        );
-    }
+    assert_same_losses(&seen, &reference);
+
     // checkpoint.keep (3 in the operator's parameters): the newest three.
-    let mut kept: Vec<String> = std::fs::read_dir(&checkpoints)
+    let mut kept: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("step-"))
         .collect();
     kept.sort();
     assert_eq!(kept, ["step-00000004", "step-00000005", "step-00000006"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_lost_pod_is_survived_from_the_last_checkpoint() {
+    // Long enough that the kill comes well before the end.
+    let steps = 40;
+    let (dir, first, reference) = setup("lost", steps);
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = pod(&dir, &first.workers[1].name, steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let mut seen = until_step(&metrics, 2, &mut a);
+    let killed = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{}", b.id())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = b.wait();
+    // The operator sees the pod fail and publishes the next epoch.
+    std::thread::sleep(Duration::from_millis(500));
+    publish(&dir.join("mesh.json"), &without_the_second_worker(&first));
+
+    let status = wait(&mut a);
+    seen.extend(metrics.try_iter());
+    let log = stderr_of(&mut a);
+    assert!(status.success(), "the survivor failed: {log}");
+    assert!(log.contains("epoch 2: ranks [0] of 1"), "{log}");
+    assert_eq!(seen.last().map(|m| m.step), Some(steps), "{log}");
+    assert!(seen.iter().any(|m| m.world == 1));
+    assert_same_losses(&seen, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }

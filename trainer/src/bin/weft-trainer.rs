@@ -148,6 +148,7 @@ impl TrainArgs {
             checkpoint_keep: self.checkpoint_keep.max(1) as usize,
             resume: self.resume,
             fail_at,
+            epoch_watch: None,
         })
     }
 }
@@ -219,6 +220,11 @@ enum Command {
         /// Address this rank's collectives bind to.
         #[arg(long, default_value = "127.0.0.1")]
         bind_host: String,
+        /// In a pod: the mesh file to watch, and the epoch this run belongs to.
+        #[arg(long, requires = "epoch")]
+        watch_mesh: Option<PathBuf>,
+        #[arg(long)]
+        epoch: Option<u64>,
         #[arg(long)]
         threads: i32,
         /// The run's settings, as JSON.
@@ -520,22 +526,29 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             port,
             store_host,
             bind_host,
+            watch_mesh,
+            epoch,
             threads,
             config,
         } => {
             let args: TrainArgs =
                 serde_json::from_str(&config).context("the worker's --config is not valid")?;
-            let config = args.config(threads)?;
+            let mut config = args.config(threads)?;
+            config.epoch_watch = watch_mesh.zip(epoch);
             let rendezvous = weft_trainer::train::Rendezvous {
                 store_host,
                 port,
                 bind_host,
             };
-            weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
+            let end = weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
                 if let Ok(json) = serde_json::to_string(m) {
                     println!("{METRICS_PREFIX}{json}");
                 }
             })?;
+            if let weft_trainer::train::RunEnd::NewEpoch { .. } = end {
+                // The pod's worker starts this rank again in the new mesh.
+                std::process::exit(weft_trainer::pod::NEW_EPOCH_EXIT);
+            }
             Ok(true)
         }
         Command::Selfcheck {
@@ -634,6 +647,8 @@ fn pod_worker(
                 .arg(format!("--port={}", place.port))
                 .arg(format!("--store-host={}", place.store_host))
                 .arg(format!("--bind-host={}", env.bind_host))
+                .arg(format!("--watch-mesh={}", env.mesh.display()))
+                .arg(format!("--epoch={}", place.epoch))
                 .arg(format!("--threads={threads}"))
                 .arg(format!("--config={config}"))
                 .spawn()
