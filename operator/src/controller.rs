@@ -87,7 +87,7 @@ impl ControllerError {
 }
 
 /// Pod creations a reconcile keeps in flight at once.
-const POD_CREATES_IN_FLIGHT: usize = 32;
+const POD_CREATES_IN_FLIGHT: usize = 16;
 
 fn terminal(pod: &Pod) -> bool {
     matches!(crate::status::phase_of(pod), "Succeeded" | "Failed")
