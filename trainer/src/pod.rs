@@ -237,6 +237,9 @@ pub const NEW_EPOCH_EXIT: i32 = 4;
 /// a lost peer would otherwise wait out the collective timeout).
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// How long the mesh file may stay unreadable before the worker gives up.
+const MESH_UNREADABLE_FOR: Duration = Duration::from_secs(30);
+
 /// How one epoch ended.
 #[derive(Debug, PartialEq)]
 pub enum EpochEnd {
@@ -260,10 +263,23 @@ pub fn supervise(
 ) -> Result<(), PodError> {
     let poll = Duration::from_millis(250);
     let mut waiting_logged_for = None;
+    let mut unreadable_since: Option<Instant> = None;
     loop {
-        let Some(mesh) = current_mesh(&env.mesh) else {
-            std::thread::sleep(poll);
-            continue;
+        let mesh = match read_json::<MeshPlan>(&env.mesh) {
+            Ok(mesh) => {
+                unreadable_since = None;
+                mesh
+            }
+            // Kubernetes swaps the file atomically, but it may be absent
+            // for a moment; a file that stays unreadable is an error.
+            Err(e) => {
+                let since = *unreadable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > MESH_UNREADABLE_FOR {
+                    return Err(e);
+                }
+                std::thread::sleep(poll);
+                continue;
+            }
         };
         let Some(place) = placement(&mesh, &env.worker, &env.mesh)? else {
             if waiting_logged_for != Some(mesh.epoch) {
