@@ -2,6 +2,7 @@
 //! real API server, scheduler and garbage collector on kwok GPU nodes:
 //!
 //! - the tiny CPU example (manifests/examples) runs, a CPU rank per node;
+//! - a worker the scheduler cannot place makes the job say why;
 //! - on a heterogeneous cluster (8-GPU nodes with a NIC per GPU, 4-GPU A100
 //!   nodes with a NIC per two GPUs) each rank's NIC in the mesh plan is the
 //!   one the node's annotation puts next to its GPU;
@@ -102,6 +103,37 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     );
     jobs.delete(&tiny_name, &DeleteParams::background()).await?;
     stage("the CPU example ran");
+
+    // A worker the scheduler cannot place (more memory than any node has):
+    // the job says so, with the scheduler's words, instead of waiting mute.
+    let mut hungry = job("hungry", 1, 1, 8);
+    hungry.spec.resources.memory = Some("100Ti".into());
+    jobs.create(&PostParams::default(), &hungry).await?;
+    let status = wait_job_status(
+        &jobs,
+        "hungry",
+        "hungry to say it cannot be scheduled",
+        |s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Schedulable"
+                    && c.status == "False"
+                    && c.reason == "WorkersUnschedulable"
+            })
+        },
+    )
+    .await?;
+    let said = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Schedulable")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        said.contains("1 of 1 workers cannot be scheduled") && said.contains("Insufficient memory"),
+        "{said}"
+    );
+    jobs.delete("hungry", &DeleteParams::background()).await?;
+    stage("an unschedulable worker was reported");
 
     // Heterogeneous NICs: 4-GPU workers fill the 8-GPU nodes two by two and
     // the 4-GPU A100 nodes one by one (3×8 + 2×4 = 32 GPUs = 8 workers).

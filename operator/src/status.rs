@@ -67,6 +67,24 @@ fn condition(
     }
 }
 
+/// The job's pods the scheduler has said it cannot place: (pod, its message).
+pub fn unschedulable_pods(pods: &[Pod]) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|p| phase_of(p) == "Pending" && p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let condition = p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })?;
+            Some((
+                p.metadata.name.clone().unwrap_or_default(),
+                condition.message.clone().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
 /// The status `job` should have given what was observed.
 pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJobStatus {
     let previous = job.status.as_ref();
@@ -79,22 +97,43 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
         Ok(mesh) => {
             status.mesh_epoch = mesh.epoch as i64;
             let workers = mesh.workers.len() as i32;
-            (
-                condition(
-                    previous,
-                    CONDITION_SCHEDULABLE,
-                    true,
-                    "MeshPlanned",
-                    format!(
-                        "{workers} workers of {} GPUs placed on {} nodes",
-                        mesh.workers.first().map(|w| w.gpus).unwrap_or(0),
-                        mesh.node_groups.len()
+            let unschedulable = unschedulable_pods(observed.pods);
+            if let Some((_, reason)) = unschedulable.first() {
+                // The mesh placed them, but the scheduler will not: say why
+                // rather than wait in Starting without a word.
+                (
+                    condition(
+                        previous,
+                        CONDITION_SCHEDULABLE,
+                        false,
+                        "WorkersUnschedulable",
+                        format!(
+                            "{} of {workers} workers cannot be scheduled: {reason}",
+                            unschedulable.len()
+                        ),
+                        generation,
+                        now,
                     ),
-                    generation,
-                    now,
-                ),
-                workers,
-            )
+                    workers,
+                )
+            } else {
+                (
+                    condition(
+                        previous,
+                        CONDITION_SCHEDULABLE,
+                        true,
+                        "MeshPlanned",
+                        format!(
+                            "{workers} workers of {} GPUs placed on {} nodes",
+                            mesh.workers.first().map(|w| w.gpus).unwrap_or(0),
+                            mesh.node_groups.len()
+                        ),
+                        generation,
+                        now,
+                    ),
+                    workers,
+                )
+            }
         }
         Err(err) => (
             condition(
@@ -102,7 +141,9 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                 CONDITION_SCHEDULABLE,
                 false,
                 match err {
-                    MeshError::NotEnoughCapacity { .. } => "InsufficientCapacity",
+                    MeshError::NotEnoughCapacity { .. } | MeshError::NotEnoughNodes { .. } => {
+                        "InsufficientCapacity"
+                    }
                     _ => "InvalidRequest",
                 },
                 err.to_string(),
@@ -410,5 +451,44 @@ mod tests {
         );
         assert_eq!(failed.last_transition_time, at(100));
         assert_eq!(again.workers_ready_summary.as_deref(), Some("0/0"));
+    }
+
+    #[test]
+    fn workers_the_scheduler_cannot_place_make_the_job_say_why() {
+        use k8s_openapi::api::core::v1::PodCondition;
+        let m = mesh("2x8", 2).unwrap();
+        let mut stuck = pod("Pending");
+        stuck.metadata.name = Some("w-1".into());
+        if let Some(status) = stuck.status.as_mut() {
+            status.conditions = Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/2 nodes are available: 2 Insufficient memory.".into()),
+                ..Default::default()
+            }]);
+        }
+        let pods = [pod("Running"), stuck];
+        let observed = Observed {
+            mesh: Ok(&m),
+            pods: &pods,
+            now: at(100),
+        };
+        let status = compute_status(&job(false), &observed);
+        assert_eq!(status.phase, Phase::Starting);
+        let schedulable = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_SCHEDULABLE)
+            .unwrap();
+        assert_eq!(schedulable.status, "False");
+        assert_eq!(schedulable.reason, "WorkersUnschedulable");
+        assert_eq!(
+            schedulable.message,
+            "1 of 2 workers cannot be scheduled: 0/2 nodes are available: 2 Insufficient memory."
+        );
+        // A pod merely waiting (no word from the scheduler yet) is not stuck.
+        let waiting = [pod("Running"), pod("Pending")];
+        assert!(unschedulable_pods(&waiting).is_empty());
     }
 }
