@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -566,47 +565,12 @@ async fn reconcile_job(
                 "mesh planned"
             );
             let objects = build(&job, mesh)?;
-            let apply = PatchParams::apply(FIELD_MANAGER).force();
-            config_maps
-                .patch(
-                    &objects.mesh.name_any(),
-                    &apply,
-                    &Patch::Apply(&objects.mesh),
-                )
-                .await?;
-            let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-            services
-                .patch(
-                    &objects.service.name_any(),
-                    &apply,
-                    &Patch::Apply(&objects.service),
-                )
-                .await?;
+            apply(&client, &namespace, &objects.mesh).await?;
+            apply(&client, &namespace, &objects.service).await?;
             // The workers' identity, before any pod that runs as it.
-            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-            accounts
-                .patch(
-                    &objects.account.name_any(),
-                    &apply,
-                    &Patch::Apply(&objects.account),
-                )
-                .await?;
-            let roles: Api<Role> = Api::namespaced(client.clone(), &namespace);
-            roles
-                .patch(
-                    &objects.role.name_any(),
-                    &apply,
-                    &Patch::Apply(&objects.role),
-                )
-                .await?;
-            let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &namespace);
-            bindings
-                .patch(
-                    &objects.role_binding.name_any(),
-                    &apply,
-                    &Patch::Apply(&objects.role_binding),
-                )
-                .await?;
+            apply(&client, &namespace, &objects.account).await?;
+            apply(&client, &namespace, &objects.role).await?;
+            apply(&client, &namespace, &objects.role_binding).await?;
             // Surviving pods are left as they are (a pod's spec cannot change);
             // missing ones are created; ones the mesh dropped are deleted.
             let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
@@ -766,6 +730,23 @@ async fn finish(
     };
     event(ctx, job, type_, reason, note).await;
     Ok(Action::await_change())
+}
+
+/// Applies `object` in `namespace` (server-side apply, as the operator's
+/// field manager, taking over fields another manager set).
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<(), ControllerError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await?;
+    Ok(())
 }
 
 /// Deletes every worker pod that still runs (finished pods hold no GPUs and

@@ -53,7 +53,7 @@ fn condition(
     let status = if ok { "True" } else { "False" }.to_string();
     // The transition time moves only when the condition's status changes.
     let since = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .and_then(|p| find_condition(p, type_))
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| now.clone());
@@ -83,6 +83,11 @@ pub fn unschedulable_pods(pods: &[Pod]) -> Vec<(String, String)> {
             ))
         })
         .collect()
+}
+
+/// The condition of type `type_` in `status`, if it has one.
+pub fn find_condition<'a>(status: &'a TrainingJobStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// The status `job` should have given what was observed.
@@ -346,11 +351,7 @@ mod tests {
         };
         let status = compute_status(&job(false), &observed);
         assert_eq!(status.phase, Phase::Pending);
-        let schedulable = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == CONDITION_SCHEDULABLE)
-            .unwrap();
+        let schedulable = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
         assert_eq!(schedulable.status, "False");
         assert_eq!(schedulable.reason, "InsufficientCapacity");
         assert!(
@@ -390,13 +391,7 @@ mod tests {
                 now: at(500),
             },
         );
-        let ready = |s: &TrainingJobStatus| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == CONDITION_READY)
-                .unwrap()
-                .clone()
-        };
+        let ready = |s: &TrainingJobStatus| find_condition(s, CONDITION_READY).unwrap().clone();
         assert_eq!(ready(&later).last_transition_time, at(100));
         let one_failed = [pod("Running"), pod("Failed")];
         let failed = compute_status(
@@ -440,11 +435,7 @@ mod tests {
         let again = finished_status(&j, &outcome, &at(200));
         assert_eq!(again.phase, Phase::Failed);
         assert_eq!(again.completion_time, Some(at(100)));
-        let failed = again
-            .conditions
-            .iter()
-            .find(|c| c.type_ == CONDITION_FAILED)
-            .unwrap();
+        let failed = find_condition(&again, CONDITION_FAILED).unwrap();
         assert_eq!(
             (failed.status.as_str(), failed.reason.as_str()),
             ("True", "RestartLimitExceeded")
@@ -476,11 +467,7 @@ mod tests {
         };
         let status = compute_status(&job(false), &observed);
         assert_eq!(status.phase, Phase::Starting);
-        let schedulable = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == CONDITION_SCHEDULABLE)
-            .unwrap();
+        let schedulable = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
         assert_eq!(schedulable.status, "False");
         assert_eq!(schedulable.reason, "WorkersUnschedulable");
         assert_eq!(
