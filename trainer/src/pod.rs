@@ -222,10 +222,15 @@ pub fn placement(
     }))
 }
 
-/// The mesh's epoch as the file holds it now (`None` while it cannot be
-/// read: Kubernetes swaps the file atomically, but it may be absent briefly).
-pub fn current_mesh(path: &Path) -> Option<MeshPlan> {
-    read_json(path).ok()
+/// Whether the mesh at `path` is of a newer epoch than `epoch` (a file that
+/// cannot be read, briefly absent while Kubernetes swaps it, is not). Only
+/// the epoch is parsed: every rank asks this after every step.
+pub fn mesh_is_newer(path: &Path, epoch: u64) -> bool {
+    #[derive(Deserialize)]
+    struct Epoch {
+        epoch: u64,
+    }
+    read_json::<Epoch>(path).is_ok_and(|m| m.epoch > epoch)
 }
 
 /// The exit status of a rank that stopped, with every other rank after the
@@ -334,7 +339,7 @@ fn follow(
     wait_for_epoch: Duration,
     poll: Duration,
 ) -> EpochEnd {
-    let newer = || current_mesh(mesh).is_some_and(|m| m.epoch > epoch);
+    let newer = || mesh_is_newer(mesh, epoch);
     let mut exited: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
     let mut drain_until: Option<Instant> = None;
     loop {

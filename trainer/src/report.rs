@@ -108,13 +108,6 @@ impl StatusReporter {
         }
     }
 
-    /// Passes on one step's metrics (never blocks).
-    pub fn step(&self, metrics: &StepMetrics) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(metrics.clone());
-        }
-    }
-
     /// A sender for another thread (the reader of rank 0's output).
     pub fn sender(&self) -> Option<mpsc::Sender<StepMetrics>> {
         self.tx.clone()

@@ -132,19 +132,6 @@ pub enum RunEnd {
     NewEpoch { step: u64 },
 }
 
-/// Whether the mesh at `path` is newer than `epoch` (an unreadable file,
-/// briefly absent while Kubernetes swaps it, is not).
-fn newer_epoch(path: &Path, epoch: u64) -> bool {
-    #[derive(Deserialize)]
-    struct Epoch {
-        epoch: u64,
-    }
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<Epoch>(&text).ok())
-        .is_some_and(|m| m.epoch > epoch)
-}
-
 /// What rank 0 reports after each step.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StepMetrics {
@@ -482,7 +469,7 @@ pub fn run_worker(
         figures[0] = outcome.loss_sum;
         figures[1] = digest(&plan_json);
         figures[2] = match &config.epoch_watch {
-            Some((mesh, epoch)) if newer_epoch(mesh, *epoch) => 1.0,
+            Some((mesh, epoch)) if crate::pod::mesh_is_newer(mesh, *epoch) => 1.0,
             _ => 0.0,
         };
         let slot = 3 + PER_RANK * rank as usize;
