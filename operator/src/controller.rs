@@ -110,13 +110,13 @@ pub fn gpus_requested(pod: &Pod) -> u32 {
 /// held by any live pod, the job's own included: the planner counts its
 /// survivors' GPUs as theirs), and the job's surviving workers (live pods
 /// with a node).
-pub fn mesh_inputs(
+pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
     gpu_nodes: &[GpuNode],
-    all_pods: &[Pod],
+    all_pods: &[P],
     job_pods: &[Pod],
 ) -> (Vec<MeshNode>, Vec<ExistingWorker>) {
     let mut used: BTreeMap<String, u32> = BTreeMap::new();
-    for pod in all_pods.iter().filter(|p| !terminal(p)) {
+    for pod in all_pods.iter().map(P::borrow).filter(|p| !terminal(p)) {
         let node = pod
             .spec
             .as_ref()
@@ -413,10 +413,11 @@ async fn reconcile_job(
     .instrument(tracing::info_span!("wait_for_caches"))
     .await
     .map_err(|_| ControllerError::CacheGone)?;
-    let node_list: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
+    // Shared handles to the cached objects: nothing of the cluster is copied.
+    let node_list = ctx.nodes.state();
     let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
     crate::inventory::fit_to_job(&mut gpu_nodes, &node_list, &job.spec.scheduling);
-    let all_pods: Vec<Pod> = ctx.pods.state().iter().map(|p| (**p).clone()).collect();
+    let all_pods = ctx.pods.state();
     let job_pods = pods
         .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
         .instrument(tracing::info_span!("list_job_pods"))

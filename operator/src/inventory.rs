@@ -5,6 +5,8 @@
 //! Pure: no client. A node that cannot be understood is reported with a typed
 //! error naming the node and the field, and the others are still used.
 
+use std::borrow::Borrow;
+
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use weft_crds::topology::{self, TopologyError};
 use weft_planner::cluster::{GpuModel, Nic, Node};
@@ -157,11 +159,13 @@ pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
 }
 
 /// Reads every node; GPU nodes that could be read, and the errors of those that could not.
-pub fn read_nodes(nodes: &[KubeNode]) -> (Vec<GpuNode>, Vec<InventoryError>) {
+/// `nodes` may be the nodes themselves or shared handles to them (the
+/// controller's cache), so a reconcile need not copy the cluster.
+pub fn read_nodes<N: Borrow<KubeNode>>(nodes: &[N]) -> (Vec<GpuNode>, Vec<InventoryError>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for node in nodes {
-        match read_node(node) {
+        match read_node(node.borrow()) {
             Ok(Some(gpu_node)) => good.push(gpu_node),
             Ok(None) => {}
             Err(err) => bad.push(err),
@@ -175,14 +179,15 @@ pub fn read_nodes(nodes: &[KubeNode]) -> (Vec<GpuNode>, Vec<InventoryError>) {
 /// job's node selector, or that has a NoSchedule/NoExecute taint the job does
 /// not tolerate, is not schedulable for it (a worker pinned there would wait
 /// forever); and the rack of each node is read from the job's topology key.
-pub fn fit_to_job(
+pub fn fit_to_job<N: Borrow<KubeNode>>(
     gpu_nodes: &mut [GpuNode],
-    nodes: &[KubeNode],
+    nodes: &[N],
     scheduling: &weft_crds::SchedulingSpec,
 ) {
     let by_name: std::collections::HashMap<&str, &KubeNode> = nodes
         .iter()
-        .filter_map(|n| Some((n.metadata.name.as_deref()?, n)))
+        .map(Borrow::borrow)
+        .filter_map(|n: &KubeNode| Some((n.metadata.name.as_deref()?, n)))
         .collect();
     for gpu_node in gpu_nodes.iter_mut() {
         let Some(node) = by_name.get(gpu_node.node.name.as_str()) else {
