@@ -163,7 +163,25 @@ impl CostModel {
         bytes_per_s: f64,
         gpu: &GpuModel,
     ) -> RingTime {
-        let d = f64::from(degree.max(1));
+        self.hierarchical_ring_time(lengths, 1, degree, bytes_per_s, bytes_per_s, gpu)
+    }
+
+    /// Ring attention over a hierarchical ring: `outer` node-local inner rings
+    /// of `inner` ranks (see [`crate::plan::Group::inner_ring`]). Each inner
+    /// round is `inner` ring steps whose hops move `intra_bytes_per_s`; the
+    /// inter-node transfer of each round (`inter_bytes_per_s` per rank) starts
+    /// with the round and is hidden behind it. One outer ring is a flat ring.
+    pub fn hierarchical_ring_time(
+        &self,
+        lengths: &[f64],
+        outer: u32,
+        inner: u32,
+        intra_bytes_per_s: f64,
+        inter_bytes_per_s: f64,
+        gpu: &GpuModel,
+    ) -> RingTime {
+        let (outer_f, inner_f) = (f64::from(outer.max(1)), f64::from(inner.max(1)));
+        let d = outer_f * inner_f;
         let flops = self.attention_flops_per_s(gpu);
         // Zigzag: each of the d steps holds 1/d² of a document's forward work on every rank.
         let step_forward: f64 = lengths
@@ -172,7 +190,7 @@ impl CostModel {
             .sum();
         let step_backward = 2.0 * step_forward;
         let compute = self.layers() * d * (self.forward_passes() * step_forward + step_backward);
-        if degree <= 1 {
+        if d <= 1.0 {
             return RingTime {
                 total_s: compute,
                 compute_s: compute,
@@ -180,26 +198,36 @@ impl CostModel {
         }
         let tokens: f64 = lengths.iter().sum();
         let (bytes_forward, bytes_backward) = self.ring_step_bytes(tokens / d);
-        let bandwidth = bytes_per_s * self.coefficients.link_efficiency;
+        let efficiency = self.coefficients.link_efficiency;
+        let (intra, inter) = (
+            intra_bytes_per_s * efficiency,
+            inter_bytes_per_s * efficiency,
+        );
         let latency = self.coefficients.p2p_latency_s;
-        let forward =
-            step_forward + (d - 1.0) * (step_forward.max(bytes_forward / bandwidth) + latency);
-        let backward =
-            step_backward + (d - 1.0) * (step_backward.max(bytes_backward / bandwidth) + latency);
+        let pass = |step: f64, bytes: f64| {
+            let round = step + (inner_f - 1.0) * (step.max(bytes / intra) + latency);
+            round + (outer_f - 1.0) * round.max(bytes / inter + latency)
+        };
+        let forward = pass(step_forward, bytes_forward);
+        let backward = pass(step_backward, bytes_backward);
         RingTime {
             total_s: self.layers() * (self.forward_passes() * forward + backward),
             compute_s: compute,
         }
     }
 
-    /// Bytes one rank sends per ring hop over the whole step (all layers, forward and backward).
-    pub fn ring_bytes_per_rank(&self, length: f64, degree: u32) -> f64 {
+    /// Bytes one rank of a ring of `degree` ranks sends over the whole step
+    /// (all layers, forward and backward) when it passes `passes` chunks of
+    /// keys and values (with their gradients in the backward) to a neighbour:
+    /// `degree − 1` in a flat ring; in a hierarchical ring of `outer` inner
+    /// rings of `inner` ranks, `outer × (inner − 1)` inside the node and
+    /// `outer − 1` to the next inner ring.
+    pub fn ring_bytes_per_rank(&self, length: f64, degree: u32, passes: u32) -> f64 {
         if degree <= 1 {
             return 0.0;
         }
-        let d = f64::from(degree);
-        let (f, b) = self.ring_step_bytes(length / d);
-        self.layers() * (d - 1.0) * (self.forward_passes() * f + b)
+        let (f, b) = self.ring_step_bytes(length / f64::from(degree));
+        self.layers() * f64::from(passes) * (self.forward_passes() * f + b)
     }
 
     /// Bytes that move per token when the remapping layer carries it between the

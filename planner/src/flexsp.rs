@@ -423,7 +423,7 @@ fn place(world: u32, groups: Vec<(u32, Vec<usize>)>) -> Vec<LayoutGroup> {
             }
             let ranks = (offset..offset + d).collect();
             offset += d;
-            LayoutGroup { ranks, sequences }
+            LayoutGroup::flat(ranks, sequences)
         })
         .collect()
 }

@@ -57,6 +57,18 @@ pub struct Group {
     pub ranks: Vec<u32>,
     /// Ids of the sequences this group processes.
     pub sequences: Vec<u64>,
+    /// Hierarchical ring: the ranks are consecutive node-local inner rings of
+    /// this many ranks (one per node). Key/value chunks go round each inner
+    /// ring, and once per inner round every rank passes the chunks it started
+    /// the round with to the rank at its place in the next inner ring (over
+    /// its own NIC), so each inter-node transfer is hidden behind a whole
+    /// inner round of compute. Absent or 0: one flat ring over `ranks`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inner_ring: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
@@ -170,6 +182,14 @@ pub enum PlanError {
     #[error("group of micro-batch {micro_batch} names rank {rank} twice")]
     DuplicateRank { micro_batch: u32, rank: u32 },
     #[error(
+        "group of micro-batch {micro_batch} has {ranks} ranks, which inner rings of {inner_ring} do not divide"
+    )]
+    InnerRing {
+        micro_batch: u32,
+        ranks: usize,
+        inner_ring: u32,
+    },
+    #[error(
         "micro-batch {micro_batch}: the linear layout holds {linear} tokens, the attention layout {attention}"
     )]
     RemapMismatch {
@@ -206,6 +226,14 @@ impl StepPlan {
                             rank,
                         });
                     }
+                }
+                let inner = group.inner_ring as usize;
+                if inner != 0 && !group.ranks.len().is_multiple_of(inner) {
+                    return Err(PlanError::InnerRing {
+                        micro_batch: mb.index,
+                        ranks: group.ranks.len(),
+                        inner_ring: group.inner_ring,
+                    });
                 }
                 for id in &group.sequences {
                     *group_count.entry(*id).or_default() += 1;

@@ -41,6 +41,56 @@ pub struct LayoutGroup {
     pub ranks: Vec<u32>,
     /// Indices into the batch.
     pub sequences: Vec<usize>,
+    /// Ranks of each node-local inner ring when the group runs as a
+    /// hierarchical ring (see [`crate::plan::Group::inner_ring`]); 0: one flat ring.
+    pub inner_ring: u32,
+}
+
+impl LayoutGroup {
+    /// A group that runs one flat ring.
+    pub fn flat(ranks: Vec<u32>, sequences: Vec<usize>) -> LayoutGroup {
+        LayoutGroup {
+            ranks,
+            sequences,
+            inner_ring: 0,
+        }
+    }
+}
+
+/// The inner ring size with which `ranks` can run as a hierarchical ring: the
+/// ranks are consecutive blocks of the same size, each the ranks of one node,
+/// at least two nodes of at least two ranks each. 0 when they are not.
+pub fn node_blocks(topo: &Topology, ranks: &[u32]) -> u32 {
+    let Some(&first) = ranks.first() else {
+        return 0;
+    };
+    let node = topo.node_of(first);
+    let inner = ranks
+        .iter()
+        .take_while(|r| topo.node_of(**r) == node)
+        .count();
+    if inner < 2 || inner == ranks.len() || !ranks.len().is_multiple_of(inner) {
+        return 0;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for block in ranks.chunks(inner) {
+        let node = topo.node_of(block[0]);
+        if !seen.insert(node) || block.iter().any(|r| topo.node_of(*r) != node) {
+            return 0;
+        }
+    }
+    inner as u32
+}
+
+/// Makes every group of `layout` that spans whole node blocks (see
+/// [`node_blocks`]) a hierarchical ring: key/value blocks go round inside each
+/// node first and cross nodes once per inner round, each rank over its own NIC.
+pub fn use_hierarchical_rings(topo: &Topology, layout: &mut Layout) {
+    for mb in &mut layout.micro_batches {
+        for group in &mut mb.groups {
+            group.inner_ring = node_blocks(topo, &group.ranks);
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -153,8 +203,8 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 }
 
 /// A bound on the time the step spends on one sequence of `length` tokens:
-/// its attention at the best degree, on the fastest GPUs, over the fastest
-/// link with no contention (ring steps still pay their latency and any
+/// its attention at the best degree and ring shape, on the fastest GPUs, over
+/// the fastest link with no contention (ring steps still pay their latency and any
 /// transfer compute cannot hide), plus its linear modules spread over every
 /// GPU (a remap can spread them beyond the ranks that hold its attention).
 /// Also returns the degree of that best attention time.
@@ -170,14 +220,40 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
         .map(|n| topo.nvlink_bytes_per_s(n).max(topo.node_nic_bytes_per_s(n)))
         .fold(0.0, f64::max);
     let s = length as f64;
+    // Every ring shape of each degree: flat over the fastest link, or
+    // hierarchical with node-local inner rings of any size that divides it
+    // (inner hops on the fastest NVLink; the inner ring's ranks all send to
+    // the next node at once, so each gets at most its share of the fastest
+    // node's NICs).
+    let nvlink = (0..topo.nodes.len())
+        .map(|n| topo.nvlink_bytes_per_s(n))
+        .fold(0.0, f64::max);
+    let nics = (0..topo.nodes.len())
+        .map(|n| topo.node_nic_bytes_per_s(n))
+        .fold(0.0, f64::max);
+    let per_node = topo.max_gpus_per_node();
     let (attention, degree) = (1..=world)
         .map(|d| {
-            (
-                ctx.cost
-                    .packed_ring_time(&[s], d, best_link, &fastest)
-                    .total_s,
-                d,
-            )
+            let flat = ctx
+                .cost
+                .packed_ring_time(&[s], d, best_link, &fastest)
+                .total_s;
+            let hierarchical = (2..=per_node.min(d / 2))
+                .filter(|inner| d.is_multiple_of(*inner))
+                .map(|inner| {
+                    ctx.cost
+                        .hierarchical_ring_time(
+                            &[s],
+                            d / inner,
+                            inner,
+                            nvlink,
+                            nics / f64::from(inner),
+                            &fastest,
+                        )
+                        .total_s
+                })
+                .fold(f64::INFINITY, f64::min);
+            (flat.min(hierarchical), d)
         })
         .fold(
             (f64::INFINITY, 1),
@@ -285,6 +361,40 @@ fn route_legs(topo: &Topology, routing: Routing, from: u32) -> Vec<RouteLeg> {
                 .collect()
         }
     }
+}
+
+/// A group's ring as (outer, inner): `outer` inner rings of `inner` ranks;
+/// a flat ring is one inner ring of all its ranks.
+fn ring_shape(group: &LayoutGroup) -> (u32, u32) {
+    let d = group.ranks.len() as u32;
+    let inner = group.inner_ring;
+    if inner >= 1 && inner < d && d.is_multiple_of(inner) {
+        (d / inner, inner)
+    } else {
+        (1, d.max(1))
+    }
+}
+
+/// The hops along a group's (inner) rings: each rank to the next of its ring.
+fn ring_hops(group: &LayoutGroup) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let (_, inner) = ring_shape(group);
+    let inner = inner as usize;
+    let ranks = &group.ranks;
+    (0..ranks.len()).filter(move |_| inner > 1).map(move |p| {
+        let base = p - p % inner;
+        (ranks[p], ranks[base + (p - base + 1) % inner])
+    })
+}
+
+/// The hops between the inner rings of a hierarchical group: each rank to the
+/// rank at its place in the next inner ring. None for a flat ring.
+fn outer_hops(group: &LayoutGroup) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let (outer, inner) = ring_shape(group);
+    let d = group.ranks.len();
+    let ranks = &group.ranks;
+    (0..d)
+        .filter(move |_| outer > 1)
+        .map(move |p| (ranks[p], ranks[(p + inner as usize) % d]))
 }
 
 /// Tokens of the `position`-th sequence of a group held by each of its ranks.
@@ -444,25 +554,58 @@ fn simulate_inner(
 
         // Ring flows that cross nodes, and the NIC load they make.
         let mut load = NicLoad::default();
-        let mut hop_bytes: Vec<f64> = Vec::with_capacity(mb.groups.len());
+        // Bytes per rank of each group's hops: along its (inner) rings, and
+        // between inner rings when it is hierarchical.
+        let mut hop_bytes: Vec<(f64, f64)> = Vec::with_capacity(mb.groups.len());
         for group in &mb.groups {
             let d = group.ranks.len() as u32;
-            let bytes: f64 = if d > 1 {
-                let tokens: f64 = group.sequences.iter().map(|s| lengths[*s] as f64).sum();
-                cost.ring_bytes_per_rank(tokens, d)
-            } else {
-                0.0
-            };
+            let tokens: f64 = group.sequences.iter().map(|s| lengths[*s] as f64).sum();
+            let (outer, inner) = ring_shape(group);
+            let bytes = (
+                cost.ring_bytes_per_rank(tokens, d, outer * (inner - 1)),
+                cost.ring_bytes_per_rank(tokens, d, outer - 1),
+            );
             hop_bytes.push(bytes);
-            if d > 1 {
-                for i in 0..group.ranks.len() {
-                    let (a, b) = (group.ranks[i], group.ranks[(i + 1) % group.ranks.len()]);
-                    if !topo.same_node(a, b) {
-                        load.add(topo, layout.routing, a, b, bytes);
-                    }
+            for (a, b) in ring_hops(group) {
+                if !topo.same_node(a, b) {
+                    load.add(topo, layout.routing, a, b, bytes.0);
+                }
+            }
+            for (a, b) in outer_hops(group) {
+                if !topo.same_node(a, b) {
+                    load.add(topo, layout.routing, a, b, bytes.1);
                 }
             }
         }
+        // Bandwidth a transfer of `bytes` from `a` to `b` gets on the NICs it
+        // shares with this micro-batch's other ring flows; listed as a route.
+        let network_hop = |routes: &mut Vec<NicRoute>, a: u32, b: u32, bytes: f64| {
+            let busy = load.busy_s(topo, layout.routing, a, b);
+            if with_routes {
+                routes.push(NicRoute {
+                    micro_batch: index,
+                    from_rank: a,
+                    to_rank: b,
+                    from_node: topo.nodes[topo.node_of(a)].name.clone(),
+                    to_node: topo.nodes[topo.node_of(b)].name.clone(),
+                    legs: route_legs(topo, layout.routing, a),
+                    bytes,
+                    gbytes_per_s: bytes / busy.max(1e-12) / 1e9,
+                });
+            }
+            if busy > 0.0 {
+                bytes / busy
+            } else {
+                f64::INFINITY
+            }
+        };
+        let hop_bandwidth = |routes: &mut Vec<NicRoute>, a: u32, b: u32, bytes: f64| {
+            if topo.same_node(a, b) {
+                topo.nvlink_bytes_per_s(topo.node_of(a))
+            } else {
+                network_hop(routes, a, b, bytes)
+            }
+        };
 
         // Memory and the remap.
         let remap = mb.remap.then(|| plan_remap(ctx, index, &attention));
@@ -534,37 +677,21 @@ fn simulate_inner(
                 .iter()
                 .map(|r| avail[*r as usize])
                 .fold(0.0, f64::max);
-            // The slowest hop sets the pace of the ring.
-            let mut bandwidth = f64::INFINITY;
-            if d > 1 {
-                for i in 0..group.ranks.len() {
-                    let (a, b) = (group.ranks[i], group.ranks[(i + 1) % group.ranks.len()]);
-                    let hop = if topo.same_node(a, b) {
-                        topo.nvlink_bytes_per_s(topo.node_of(a))
-                    } else {
-                        let busy = load.busy_s(topo, layout.routing, a, b);
-                        let bw = if busy > 0.0 {
-                            hop_bytes[g] / busy
-                        } else {
-                            f64::INFINITY
-                        };
-                        if with_routes {
-                            routes.push(NicRoute {
-                                micro_batch: index,
-                                from_rank: a,
-                                to_rank: b,
-                                from_node: topo.nodes[topo.node_of(a)].name.clone(),
-                                to_node: topo.nodes[topo.node_of(b)].name.clone(),
-                                legs: route_legs(topo, layout.routing, a),
-                                bytes: hop_bytes[g],
-                                gbytes_per_s: bw / 1e9,
-                            });
-                        }
-                        bw
-                    };
-                    bandwidth = bandwidth.min(hop);
-                }
-            }
+            // The slowest hop sets the pace: of the (inner) rings, and of the
+            // hops between inner rings when the ring is hierarchical.
+            let (outer, inner) = ring_shape(group);
+            let (intra, inter) = if d > 1 {
+                let (inner_bytes, outer_bytes) = hop_bytes[g];
+                let intra = ring_hops(group)
+                    .map(|(a, b)| hop_bandwidth(&mut routes, a, b, inner_bytes))
+                    .fold(f64::INFINITY, f64::min);
+                let inter = outer_hops(group)
+                    .map(|(a, b)| hop_bandwidth(&mut routes, a, b, outer_bytes))
+                    .fold(f64::INFINITY, f64::min);
+                (intra, inter)
+            } else {
+                (f64::INFINITY, f64::INFINITY)
+            };
             let slowest = group
                 .ranks
                 .iter()
@@ -576,7 +703,7 @@ fn simulate_inner(
                 .map(|r| topo.gpu_of(*r).clone());
             let Some(gpu) = slowest else { continue };
             let docs: Vec<f64> = group.sequences.iter().map(|s| lengths[*s] as f64).collect();
-            let ring = cost.packed_ring_time(&docs, d, bandwidth, &gpu);
+            let ring = cost.hierarchical_ring_time(&docs, outer, inner, intra, inter, &gpu);
             let linear = if mb.remap {
                 0.0
             } else {
@@ -645,6 +772,7 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
             groups.push(crate::plan::Group {
                 ranks: group.ranks.clone(),
                 sequences: group.sequences.iter().map(|s| *s as u64).collect(),
+                inner_ring: group.inner_ring,
             });
         }
         micro_batches.push(MicroBatch {
@@ -709,6 +837,7 @@ mod tests {
     use crate::cluster::parse_cluster;
     use crate::cost::{CostCoefficients, CostModel};
     use crate::model::ModelSpec;
+    use crate::plan::PlanError;
 
     pub(crate) fn context(cluster: &str, model: &str) -> PlanContext {
         PlanContext {
@@ -760,10 +889,7 @@ mod tests {
             strategy: "test".into(),
             micro_batches: vec![LayoutMicroBatch {
                 groups: (0..8)
-                    .map(|r| LayoutGroup {
-                        ranks: vec![r],
-                        sequences: vec![r as usize],
-                    })
+                    .map(|r| LayoutGroup::flat(vec![r], vec![r as usize]))
                     .collect(),
                 remap: false,
             }],
@@ -790,10 +916,7 @@ mod tests {
         let layout = |routing| Layout {
             strategy: "test".into(),
             micro_batches: vec![LayoutMicroBatch {
-                groups: vec![LayoutGroup {
-                    ranks: ring.clone(),
-                    sequences: vec![0],
-                }],
+                groups: vec![LayoutGroup::flat(ring.clone(), vec![0])],
                 remap: false,
             }],
             routing,
@@ -809,6 +932,64 @@ mod tests {
     }
 
     #[test]
+    fn node_blocks_finds_whole_node_inner_rings_only() {
+        let topo = context("4x4", "llama-7b").topology;
+        assert_eq!(node_blocks(&topo, &[0, 1, 2, 3, 4, 5, 6, 7]), 4);
+        assert_eq!(node_blocks(&topo, &[0, 1, 4, 5, 8, 9]), 2);
+        // One node, ranks across nodes one by one, uneven or repeated blocks: flat.
+        assert_eq!(node_blocks(&topo, &[0, 1, 2, 3]), 0);
+        assert_eq!(node_blocks(&topo, &[0, 4, 8]), 0);
+        assert_eq!(node_blocks(&topo, &[0, 1, 2, 4, 5]), 0);
+        assert_eq!(node_blocks(&topo, &[0, 1, 4, 5, 2, 3]), 0);
+        assert_eq!(node_blocks(&topo, &[]), 0);
+    }
+
+    #[test]
+    fn hierarchical_rings_use_every_nic_and_are_priced_as_a_flat_ring_when_flat() {
+        // Two nodes of 8 GPUs, one NIC per GPU, collectives on the closest NIC:
+        // a flat ring crosses nodes on two hops, through two NICs; a
+        // hierarchical one crosses on all 16, each over its own NIC.
+        let ctx = context("2x8:nics=8", "llama-7b");
+        let lengths = vec![262_144u64];
+        let ring: Vec<u32> = (0..16).collect();
+        let layout = |inner_ring| Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![LayoutGroup {
+                    ranks: ring.clone(),
+                    sequences: vec![0],
+                    inner_ring,
+                }],
+                remap: false,
+            }],
+            routing: Routing::ClosestNic,
+        };
+        let flat = simulate(&ctx, &lengths, &layout(0));
+        let hierarchical = simulate(&ctx, &lengths, &layout(8));
+        assert!(
+            hierarchical.step_time_s < flat.step_time_s,
+            "{} vs {}",
+            hierarchical.step_time_s,
+            flat.step_time_s
+        );
+        assert!(hierarchical.step_time_s >= lower_bound(&ctx, &lengths));
+        // An inner ring of all 16 ranks is the flat ring.
+        let whole = simulate(&ctx, &lengths, &layout(16));
+        assert_eq!(whole.step_time_s, flat.step_time_s);
+        let plan = build_plan(&ctx, &lengths, &layout(8));
+        plan.check().unwrap();
+        assert_eq!(plan.micro_batches[0].groups[0].inner_ring, 8);
+        assert_eq!(plan.routes.len(), 16);
+        let nics: std::collections::BTreeSet<&str> =
+            plan.routes.iter().map(|r| r.legs[0].nic.as_str()).collect();
+        assert_eq!(nics.len(), 8, "every NIC of a node carries its rail");
+        // An inner ring that does not divide the group is refused by the check.
+        let mut broken = plan.clone();
+        broken.micro_batches[0].groups[0].inner_ring = 5;
+        assert!(matches!(broken.check(), Err(PlanError::InnerRing { .. })));
+    }
+
+    #[test]
     fn remap_balances_linear_tokens_and_keeps_them_all() {
         let ctx = context("2x4", "llama-7b");
         let lengths = vec![10_000u64, 100, 100, 100];
@@ -816,14 +997,8 @@ mod tests {
             strategy: "test".into(),
             micro_batches: vec![LayoutMicroBatch {
                 groups: vec![
-                    LayoutGroup {
-                        ranks: vec![0, 1],
-                        sequences: vec![0],
-                    },
-                    LayoutGroup {
-                        ranks: vec![2],
-                        sequences: vec![1, 2, 3],
-                    },
+                    LayoutGroup::flat(vec![0, 1], vec![0]),
+                    LayoutGroup::flat(vec![2], vec![1, 2, 3]),
                 ],
                 remap: true,
             }],

@@ -23,7 +23,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use crate::sim::{Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing};
+use crate::sim::{
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, use_hierarchical_rings,
+};
 
 /// Why a batch cannot be planned.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -229,9 +231,11 @@ pub fn plan_static(
         .map(|k| LayoutMicroBatch {
             groups: (0..groups)
                 .filter_map(|g| {
-                    queue[g].get(k).map(|p| LayoutGroup {
-                        ranks: (g as u32 * degree..(g as u32 + 1) * degree).collect(),
-                        sequences: p.clone(),
+                    queue[g].get(k).map(|p| {
+                        LayoutGroup::flat(
+                            (g as u32 * degree..(g as u32 + 1) * degree).collect(),
+                            p.clone(),
+                        )
                     })
                 })
                 .collect(),
@@ -357,10 +361,9 @@ where
         if micro_batches.len() <= mb {
             micro_batches.resize_with(mb + 1, LayoutMicroBatch::default);
         }
-        micro_batches[mb].groups.push(LayoutGroup {
-            ranks,
-            sequences: w.sequences,
-        });
+        micro_batches[mb]
+            .groups
+            .push(LayoutGroup::flat(ranks, w.sequences));
     }
     Schedule {
         micro_batches,
@@ -663,11 +666,14 @@ pub fn plan_zeppelin(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, Plann
             &pick,
         ));
     }
-    Ok(Layout {
+    let mut layout = Layout {
         strategy: "zeppelin".to_string(),
         micro_batches,
         routing: Routing::AllNics,
-    })
+    };
+    // Intra-node before inter-node: multi-node rings go round inside each node first.
+    use_hierarchical_rings(&ctx.topology, &mut layout);
+    Ok(layout)
 }
 
 #[cfg(test)]

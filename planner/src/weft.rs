@@ -1,7 +1,8 @@
 //! `weft`: weft's own strategy.
 //!
 //! It builds its own layouts and keeps whichever the simulator prices fastest
-//! among them and every baseline (each also with weft's NIC routing), so it is
+//! among them and every baseline (each also with weft's NIC routing and
+//! hierarchical rings), so it is
 //! never worse than a baseline on any input. The exception is FlexSP on
 //! clusters of more than 64 GPUs, whose solver is too slow to run every step;
 //! there weft's own layouts have beaten it in every benchmark so far.
@@ -15,13 +16,16 @@
 //!   nodes), list-scheduled costliest first onto the ranks free soonest.
 //! - With a remap, linear modules see a token-balanced layout and only
 //!   attention is balanced by placement; without, placement balances both.
-//! - Inter-node transfers are spread over every NIC of a node.
+//! - Inter-node transfers are spread over every NIC of a node, and rings that
+//!   span whole nodes are hierarchical: round each node first, then one hop
+//!   between nodes per round from every rank.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use crate::sim::{
-    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate, work_bound,
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate, use_hierarchical_rings,
+    work_bound,
 };
 use crate::strategies::{
     OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost, hierarchical_pick,
@@ -144,11 +148,13 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scal
         );
         micro_batches
     };
-    Layout {
+    let mut layout = Layout {
         strategy: "weft".to_string(),
         micro_batches,
         routing: Routing::AllNics,
-    }
+    };
+    use_hierarchical_rings(&ctx.topology, &mut layout);
+    layout
 }
 
 /// Ranks by load, least loaded first.
@@ -213,10 +219,9 @@ fn place_short_sequences(
             if micro_batches.len() <= m {
                 micro_batches.resize_with(m + 1, LayoutMicroBatch::default);
             }
-            micro_batches[m].groups.push(LayoutGroup {
-                ranks: vec![r as u32],
-                sequences: bin,
-            });
+            micro_batches[m]
+                .groups
+                .push(LayoutGroup::flat(vec![r as u32], bin));
         }
     }
 }
@@ -287,6 +292,16 @@ pub fn candidates(
         if layout.routing != Routing::AllNics {
             let mut routed = layout.clone();
             routed.routing = Routing::AllNics;
+            // And its rings that span whole nodes made hierarchical.
+            let mut hierarchical = routed.clone();
+            use_hierarchical_rings(&ctx.topology, &mut hierarchical);
+            if hierarchical != routed {
+                candidates.push(Candidate {
+                    name: format!("{name}+routing+hierarchical"),
+                    layout: hierarchical,
+                    build_ms: 0.0,
+                });
+            }
             candidates.push(Candidate {
                 name: format!("{name}+routing"),
                 layout: routed,

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use weft_planner::cluster::parse_cluster;
 use weft_planner::cost::{CostCoefficients, CostModel};
 use weft_planner::model::ModelSpec;
+use weft_planner::sim::node_blocks;
 use weft_planner::topology::Topology;
 use weft_planner::{PlanContext, PlanningError, Strategy, lower_bound, plan_step};
 
@@ -66,6 +67,19 @@ fn check_all(ctx: &PlanContext, lengths: &[u64]) -> Result<(), TestCaseError> {
         plan.check()
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", strategy.name())))?;
         prop_assert_eq!(plan.sequences.len(), lengths.len());
+        // A hierarchical ring's inner rings are each the ranks of one node.
+        for group in plan.micro_batches.iter().flat_map(|m| &m.groups) {
+            if group.inner_ring > 0 {
+                prop_assert_eq!(
+                    node_blocks(&ctx.topology, &group.ranks),
+                    group.inner_ring,
+                    "{}: inner rings of {} over ranks {:?}",
+                    strategy.name(),
+                    group.inner_ring,
+                    &group.ranks
+                );
+            }
+        }
         prop_assert!(
             plan.predicted.step_time_s >= lb * (1.0 - 1e-9),
             "{} beats the lower bound: {} < {}",

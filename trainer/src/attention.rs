@@ -18,7 +18,17 @@
 //! log-sum-exp and sends dK/dV back around the ring. Keys and values may have
 //! fewer heads than queries (grouped-query attention): they travel the ring
 //! unexpanded, and each block expands them and sums their gradients back.
-//! Hierarchical rings come next.
+//!
+//! A ring may be hierarchical (the plan's `inner_ring`): its d ranks are O
+//! inner rings of I consecutive ranks, one per node. Position (o, i) = o·I + i
+//! spends round a of O going round its inner ring (I steps, I − 1 hops over
+//! NVLink), holding the chunks of position (o − a, i − b) at step b; at the end
+//! of the round it passes the chunks it started the round with to (o + 1, i),
+//! over its own NIC. In the backward, dK/dV go round the inner ring with their
+//! chunks and come back to where the round started (I hops), then move on to
+//! the next inner ring with the chunks they belong to; after the last round
+//! they reach their owner. Every rank still meets every chunk once, so the
+//! result is the flat ring's, to rounding. A flat ring is one inner ring.
 
 use tch::{Kind, Tensor};
 
@@ -215,17 +225,88 @@ pub fn chunks_of(p: usize, position: usize, d: usize) -> [usize; 2] {
     [j, 2 * d - 1 - j]
 }
 
-/// This rank's position in `ring`, and the ranks after and before it.
-fn ring_position(group: &ProcessGroup, ring: &[u32]) -> Result<(usize, u32, u32), AttentionError> {
-    let d = ring.len();
-    let me = ring
-        .iter()
-        .position(|r| *r == group.rank())
-        .ok_or(AttentionError::NotInRing {
-            rank: group.rank(),
-            ring: d,
-        })?;
-    Ok((me, ring[(me + 1) % d], ring[(me + d - 1) % d]))
+/// A ring as this rank runs it: `outer` inner rings of `inner` consecutive
+/// ranks (a flat ring is one inner ring of all), and where this rank is in it.
+#[derive(Clone, Debug)]
+struct RingLayout<'a> {
+    ranks: &'a [u32],
+    outer: usize,
+    inner: usize,
+    /// This rank's position: inner ring `o`, place `i` in it.
+    o: usize,
+    i: usize,
+}
+
+impl<'a> RingLayout<'a> {
+    /// This rank's place in `ring` run with inner rings of `inner_ring` ranks
+    /// (0, or a size that does not divide the ring: flat).
+    fn new(group: &ProcessGroup, ring: &'a [u32], inner_ring: u32) -> Result<Self, AttentionError> {
+        let d = ring.len();
+        let me = ring
+            .iter()
+            .position(|r| *r == group.rank())
+            .ok_or(AttentionError::NotInRing {
+                rank: group.rank(),
+                ring: d,
+            })?;
+        let inner = inner_ring as usize;
+        let inner = if inner >= 1 && inner < d && d.is_multiple_of(inner) {
+            inner
+        } else {
+            d.max(1)
+        };
+        Ok(RingLayout {
+            ranks: ring,
+            outer: d / inner,
+            inner,
+            o: me / inner,
+            i: me % inner,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn me(&self) -> usize {
+        self.o * self.inner + self.i
+    }
+
+    /// The position whose chunks this rank holds at step `b` of round `a`.
+    fn owner(&self, a: usize, b: usize) -> usize {
+        let o = (self.o + self.outer - a % self.outer) % self.outer;
+        let i = (self.i + self.inner - b % self.inner) % self.inner;
+        o * self.inner + i
+    }
+
+    /// The next and previous ranks of this rank's inner ring, and its parity there.
+    fn inner_hop(&self) -> Hop {
+        let at = |i: usize| self.ranks[self.o * self.inner + i % self.inner];
+        Hop {
+            next: at(self.i + 1),
+            prev: at(self.i + self.inner - 1),
+            position: self.i,
+        }
+    }
+
+    /// The ranks at this rank's place in the next and previous inner rings.
+    fn outer_hop(&self) -> Hop {
+        let at = |o: usize| self.ranks[(o % self.outer) * self.inner + self.i];
+        Hop {
+            next: at(self.o + 1),
+            prev: at(self.o + self.outer - 1),
+            position: self.o,
+        }
+    }
+}
+
+/// Where an exchange sends, receives from, and this rank's place in that ring
+/// (even places send first).
+#[derive(Clone, Copy, Debug)]
+struct Hop {
+    next: u32,
+    prev: u32,
+    position: usize,
 }
 
 /// One block of work at a ring step: query chunk `q` of document `doc`
@@ -323,15 +404,17 @@ fn validate(shard: &RingShard, me: usize, d: usize) -> Result<(), AttentionError
 }
 
 /// Ring attention forward for the documents of one ring group over the ranks
-/// `ring` (in ring order), where this rank holds `shard`. Returns, per
-/// document, the outputs of this rank's two chunks and their log-sum-exps.
+/// `ring` (in ring order; hierarchical with inner rings of `inner_ring` ranks,
+/// 0 for flat), where this rank holds `shard`. Returns, per document, the
+/// outputs of this rank's two chunks and their log-sum-exps.
 pub fn ring_attention_forward(
     group: &mut ProcessGroup,
     ring: &[u32],
+    inner_ring: u32,
     shard: &RingShard,
 ) -> Result<Vec<RingOutput>, AttentionError> {
-    let d = ring.len();
-    let (me, next, prev) = ring_position(group, ring)?;
+    let layout = RingLayout::new(group, ring, inner_ring)?;
+    let (d, me) = (layout.len(), layout.me());
     validate(shard, me, d)?;
     let own = |t: &[Tensor; 2]| -> Result<[Tensor; 2], tch::TchError> {
         Ok([t[0].f_contiguous()?, t[1].f_contiguous()?])
@@ -347,27 +430,39 @@ pub fn ring_attention_forward(
         .map(|doc| own(&doc.v))
         .collect::<Result<Vec<_>, _>>()?;
     let mut partial: Vec<[Option<Partial>; 2]> = shard.docs.iter().map(|_| [None, None]).collect();
-    for step in 0..d {
-        for b in blocks(shard, me, (me + d - step) % d, d) {
-            let doc = &shard.docs[b.doc];
-            let heads = doc.q[b.q].size()[1];
-            let p = Partial::compute(
-                &doc.q[b.q],
-                &expand_heads(&held_k[b.doc][b.kv], heads)?,
-                &expand_heads(&held_v[b.doc][b.kv], heads)?,
-                b.causal,
-            )?;
-            partial[b.doc][b.q] = Some(match partial[b.doc][b.q].take() {
-                None => p,
-                Some(acc) => acc.merge(p)?,
-            });
+    let mut tags = 0..;
+    let mut tag = || 2 * tags.next().unwrap_or(0);
+    for a in 0..layout.outer {
+        // What this rank passes to the next inner ring at the end of the round.
+        let round_start = (shallow(&held_k), shallow(&held_v));
+        for b in 0..layout.inner {
+            for block in blocks(shard, me, layout.owner(a, b), d) {
+                let doc = &shard.docs[block.doc];
+                let heads = doc.q[block.q].size()[1];
+                let p = Partial::compute(
+                    &doc.q[block.q],
+                    &expand_heads(&held_k[block.doc][block.kv], heads)?,
+                    &expand_heads(&held_v[block.doc][block.kv], heads)?,
+                    block.causal,
+                )?;
+                partial[block.doc][block.q] = Some(match partial[block.doc][block.q].take() {
+                    None => p,
+                    Some(acc) => acc.merge(p)?,
+                });
+            }
+            if b + 1 < layout.inner {
+                // Next step this rank holds the chunks of the place one further back.
+                let sizes = owner_sizes(shard, layout.owner(a, b + 1), d);
+                let (hop, t) = (layout.inner_hop(), tag());
+                held_k = exchange(group, &held_k, &sizes, hop, t)?;
+                held_v = exchange(group, &held_v, &sizes, hop, t + 1)?;
+            }
         }
-        if step + 1 < d {
-            // Next step this rank holds the chunks of the rank one further back.
-            let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
-            let tag = 2 * step as i32;
-            held_k = exchange(group, &held_k, &sizes, next, prev, me, tag)?;
-            held_v = exchange(group, &held_v, &sizes, next, prev, me, tag + 1)?;
+        if a + 1 < layout.outer {
+            let sizes = owner_sizes(shard, layout.owner(a + 1, 0), d);
+            let (hop, t) = (layout.outer_hop(), tag());
+            held_k = exchange(group, &round_start.0, &sizes, hop, t)?;
+            held_v = exchange(group, &round_start.1, &sizes, hop, t + 1)?;
         }
     }
     let mut outputs = Vec::with_capacity(shard.docs.len());
@@ -402,17 +497,18 @@ pub fn ring_attention_forward(
 /// log-sum-exps and the gradients of this rank's outputs, the gradients of its
 /// queries, keys and values, per document. Every block is recomputed from the
 /// merged log-sum-exp (so it is exact); dQ accumulates here, and dK/dV (fp32)
-/// travel around the ring with their keys and values, arriving back at their
-/// owner after d passes.
+/// travel with their keys and values (see the module documentation), arriving
+/// back at their owner at the end.
 pub fn ring_attention_backward(
     group: &mut ProcessGroup,
     ring: &[u32],
+    inner_ring: u32,
     shard: &RingShard,
     forward: &[RingOutput],
     grad_out: &[[Tensor; 2]],
 ) -> Result<Vec<RingGrads>, AttentionError> {
-    let d = ring.len();
-    let (me, next, prev) = ring_position(group, ring)?;
+    let layout = RingLayout::new(group, ring, inner_ring)?;
+    let (d, me) = (layout.len(), layout.me());
     validate(shard, me, d)?;
     if forward.len() != shard.docs.len() || grad_out.len() != shard.docs.len() {
         return Err(AttentionError::Shape { chunk: 0 });
@@ -436,39 +532,58 @@ pub fn ring_attention_backward(
         held_dv.push(pair(&doc.v, &zeros)?);
     }
     // Tags apart from the forward's.
-    let base = 1 << 20;
-    for step in 0..d {
-        for b in blocks(shard, me, (me + d - step) % d, d) {
-            let (i, qi, ki) = (b.doc, b.q, b.kv);
-            let heads = shard.docs[i].q[qi].size()[1];
-            let kv_heads = held_k[i][ki].size()[1];
-            let (g_q, g_k, g_v) =
-                Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                    &grad_out[i][qi],
-                    &shard.docs[i].q[qi],
-                    &expand_heads(&held_k[i][ki], heads)?,
-                    &expand_heads(&held_v[i][ki], heads)?,
-                    &forward[i].out[qi],
-                    &forward[i].lse[qi],
-                    0.0,
-                    b.causal,
-                    None::<Tensor>,
-                    None,
-                )?;
-            dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
-            held_dk[i][ki] = held_dk[i][ki].f_add(&float(&reduce_heads(&g_k, kv_heads)?)?)?;
-            held_dv[i][ki] = held_dv[i][ki].f_add(&float(&reduce_heads(&g_v, kv_heads)?)?)?;
+    let mut tags = 0..;
+    let mut tag = || (1 << 20) + 4 * tags.next().unwrap_or(0);
+    for a in 0..layout.outer {
+        let round_start = (shallow(&held_k), shallow(&held_v));
+        for b in 0..layout.inner {
+            for block in blocks(shard, me, layout.owner(a, b), d) {
+                let (i, qi, ki) = (block.doc, block.q, block.kv);
+                let heads = shard.docs[i].q[qi].size()[1];
+                let kv_heads = held_k[i][ki].size()[1];
+                let (g_q, g_k, g_v) =
+                    Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                        &grad_out[i][qi],
+                        &shard.docs[i].q[qi],
+                        &expand_heads(&held_k[i][ki], heads)?,
+                        &expand_heads(&held_v[i][ki], heads)?,
+                        &forward[i].out[qi],
+                        &forward[i].lse[qi],
+                        0.0,
+                        block.causal,
+                        None::<Tensor>,
+                        None,
+                    )?;
+                dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
+                held_dk[i][ki] = held_dk[i][ki].f_add(&float(&reduce_heads(&g_k, kv_heads)?)?)?;
+                held_dv[i][ki] = held_dv[i][ki].f_add(&float(&reduce_heads(&g_v, kv_heads)?)?)?;
+            }
+            let (hop, t) = (layout.inner_hop(), tag());
+            if b + 1 < layout.inner {
+                let sizes = owner_sizes(shard, layout.owner(a, b + 1), d);
+                held_k = exchange(group, &held_k, &sizes, hop, t)?;
+                held_v = exchange(group, &held_v, &sizes, hop, t + 1)?;
+            }
+            // The gradients move on every step, the last one bringing them
+            // back to where the round started.
+            if layout.inner > 1 {
+                let sizes = owner_sizes(shard, layout.owner(a, b + 1), d);
+                held_dk = exchange(group, &held_dk, &sizes, hop, t + 2)?;
+                held_dv = exchange(group, &held_dv, &sizes, hop, t + 3)?;
+            }
         }
-        let sizes = owner_sizes(shard, (me + d - step - 1) % d, d);
-        let tag = base + 4 * step as i32;
-        if step + 1 < d {
-            held_k = exchange(group, &held_k, &sizes, next, prev, me, tag)?;
-            held_v = exchange(group, &held_v, &sizes, next, prev, me, tag + 1)?;
-        }
-        // The gradients move on every step, the last one bringing them home.
-        if d > 1 {
-            held_dk = exchange(group, &held_dk, &sizes, next, prev, me, tag + 2)?;
-            held_dv = exchange(group, &held_dv, &sizes, next, prev, me, tag + 3)?;
+        if layout.outer > 1 {
+            // The round's gradients and (but after the last round) its chunks
+            // move on to the next inner ring; after the last round the
+            // gradients reach their owner.
+            let sizes = owner_sizes(shard, layout.owner(a + 1, 0), d);
+            let (hop, t) = (layout.outer_hop(), tag());
+            held_dk = exchange(group, &held_dk, &sizes, hop, t)?;
+            held_dv = exchange(group, &held_dv, &sizes, hop, t + 1)?;
+            if a + 1 < layout.outer {
+                held_k = exchange(group, &round_start.0, &sizes, hop, t + 2)?;
+                held_v = exchange(group, &round_start.1, &sizes, hop, t + 3)?;
+            }
         }
     }
     Ok(dq
@@ -479,20 +594,31 @@ pub fn ring_attention_backward(
         .collect())
 }
 
-/// Sends every document's two chunks to `next` as one tensor (concatenated
-/// along the sequence) and receives the chunks of `sizes` tokens from `prev`.
-/// Even ring positions send first and odd ones receive first, so blocking
-/// sends never wait on each other all around the ring. Nothing moves when
-/// both sides hold no tokens (both know it from the split).
+/// Shallow copies of held chunks (the tensors are replaced, never written).
+fn shallow(chunks: &[[Tensor; 2]]) -> Vec<[Tensor; 2]> {
+    chunks
+        .iter()
+        .map(|[a, b]| [a.shallow_clone(), b.shallow_clone()])
+        .collect()
+}
+
+/// Sends every document's two chunks to `hop.next` as one tensor
+/// (concatenated along the sequence) and receives the chunks of `sizes` tokens
+/// from `hop.prev`. Even ring positions send first and odd ones receive first,
+/// so blocking sends never wait on each other all around the ring. Nothing
+/// moves when both sides hold no tokens (both know it from the split).
 fn exchange(
     group: &mut ProcessGroup,
     chunks: &[[Tensor; 2]],
     sizes: &[[i64; 2]],
-    next: u32,
-    prev: u32,
-    position: usize,
+    hop: Hop,
     tag: i32,
 ) -> Result<Vec<[Tensor; 2]>, AttentionError> {
+    let Hop {
+        next,
+        prev,
+        position,
+    } = hop;
     let Some(first) = chunks.first() else {
         return Ok(Vec::new());
     };

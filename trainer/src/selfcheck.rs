@@ -107,6 +107,7 @@ pub fn run_worker(
     };
     for case in 0..cases {
         let (lengths, heads, kv_heads) = case_shape(&mut rng);
+        let inner_ring = crate::step::random_inner_ring(&mut rng, world);
         tch::manual_seed(seed.wrapping_add(u64::from(case)) as i64);
         let opts = (Kind::Float, tch::Device::Cpu);
         let docs: Vec<[Tensor; 4]> = lengths
@@ -135,8 +136,9 @@ pub fn run_worker(
                 DocShard::split(g, q, q, p, world, rank as usize).map(|s| s.q)
             })
             .collect::<Result<_, _>>()?;
-        let forward = ring_attention_forward(&mut group, &ring, &shard)?;
-        let grads = ring_attention_backward(&mut group, &ring, &shard, &forward, &grads_out)?;
+        let forward = ring_attention_forward(&mut group, &ring, inner_ring, &shard)?;
+        let grads =
+            ring_attention_backward(&mut group, &ring, inner_ring, &shard, &forward, &grads_out)?;
         for (p, [q, k, v, g]) in docs.iter().enumerate() {
             let [out, dq, dk, dv] = reference_attention(q, k, v, g)?;
             let reference =

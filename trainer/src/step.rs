@@ -111,6 +111,8 @@ struct DocPart {
 #[derive(Clone, Debug)]
 struct RingPart {
     ring: Vec<u32>,
+    /// Inner ring size of a hierarchical ring; 0: flat.
+    inner_ring: u32,
     docs: Vec<DocPart>,
 }
 
@@ -144,6 +146,7 @@ fn ring_parts(plan: &StepPlan, mb: &MicroBatch, rank: u32) -> Result<Vec<RingPar
         }
         parts.push(RingPart {
             ring: group.ranks.clone(),
+            inner_ring: group.inner_ring,
             docs,
         });
     }
@@ -337,7 +340,7 @@ fn attend(
             });
         }
         let shard = RingShard { docs };
-        let forward = ring_attention_forward(group, &part.ring, &shard)?;
+        let forward = ring_attention_forward(group, &part.ring, part.inner_ring, &shard)?;
         for out in &forward {
             for chunk in &out.out {
                 outs.push(rows_first(chunk)?);
@@ -373,8 +376,14 @@ fn attend_backward(
             offset += a + b;
             grad_out.push([first, second]);
         }
-        let grads =
-            ring_attention_backward(group, &part.ring, &saved.shard, &saved.forward, &grad_out)?;
+        let grads = ring_attention_backward(
+            group,
+            &part.ring,
+            part.inner_ring,
+            &saved.shard,
+            &saved.forward,
+            &grad_out,
+        )?;
         for g in &grads {
             for c in 0..2 {
                 rows.push(Tensor::f_cat(
@@ -688,9 +697,19 @@ pub fn reference_forward_backward(model: &Llama, batch: &Batch) -> Result<f64, S
     Ok(total / predicted as f64)
 }
 
+/// A ring shape for a ring of `size` ranks, drawn from `rng`: flat (0), or
+/// hierarchical with inner rings of any size that divides it (1: every hop
+/// between inner rings).
+pub fn random_inner_ring(rng: &mut weft_planner::rng::SplitMix64, size: u32) -> u32 {
+    let shapes: Vec<u32> = std::iter::once(0)
+        .chain((1..size).filter(|i| size.is_multiple_of(*i)))
+        .collect();
+    shapes[rng.below(shapes.len() as u64) as usize]
+}
+
 /// A random valid step plan for `lengths` on `world` ranks, drawn from `rng`:
 /// one or two micro-batches, ranks cut into ring groups of random sizes (flat
-/// rings in random rank order), each sequence given to a random group (so
+/// or hierarchical rings in random rank order), each sequence given to a random group (so
 /// groups pack several documents, and degrees from 1 to the world size occur
 /// in one step), remap on or off. `selfcheck` and the tests run these against
 /// the single-process reference.
@@ -727,6 +746,7 @@ pub fn random_plan(
             groups.push(LayoutGroup {
                 ranks: rest[..size].to_vec(),
                 sequences: Vec::new(),
+                inner_ring: random_inner_ring(rng, size as u32),
             });
             rest = &rest[size..];
         }

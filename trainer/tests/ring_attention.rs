@@ -1,5 +1,6 @@
 //! Ring attention over real Gloo collectives equals plain causal attention per
-//! document, in its output and in all its gradients: one document per ring, and
+//! document, in its output and in all its gradients: flat and hierarchical
+//! rings, one document per ring, and
 //! several packed documents sharing a ring (some shorter than the ring's
 //! chunk count, so some chunks are empty), with as many key/value heads as
 //! query heads or fewer (grouped-query attention).
@@ -64,7 +65,13 @@ impl Doc {
 
 /// Largest error of the ring against plain per-document attention:
 /// [output, dQ, dK, dV].
-fn max_error_over_a_ring(world: u32, lengths: &[i64], heads: i64, kv_heads: i64) -> [f64; 4] {
+fn max_error_over_a_ring(
+    world: u32,
+    inner_ring: u32,
+    lengths: &[i64],
+    heads: i64,
+    kv_heads: i64,
+) -> [f64; 4] {
     let port = common::free_port();
     // libtorch's generator is global: draw the data once, before the rank threads.
     tch::manual_seed(7);
@@ -117,7 +124,8 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64], heads: i64, kv_heads: i64)
                         .collect(),
                 };
                 let ring: Vec<u32> = (0..world).collect();
-                let forward = ring_attention_forward(&mut group, &ring, &shard).unwrap();
+                let forward =
+                    ring_attention_forward(&mut group, &ring, inner_ring, &shard).unwrap();
                 let grad_out: Vec<[Tensor; 2]> = docs
                     .iter()
                     .enumerate()
@@ -126,8 +134,10 @@ fn max_error_over_a_ring(world: u32, lengths: &[i64], heads: i64, kv_heads: i64)
                         [slice(&doc.g, mine[0]), slice(&doc.g, mine[1])]
                     })
                     .collect();
-                let grads = ring_attention_backward(&mut group, &ring, &shard, &forward, &grad_out)
-                    .unwrap();
+                let grads = ring_attention_backward(
+                    &mut group, &ring, inner_ring, &shard, &forward, &grad_out,
+                )
+                .unwrap();
                 let mut worst = [0.0f64; 4];
                 for (p, doc) in docs.iter().enumerate() {
                     // Plain causal attention over this document alone, and its gradients.
@@ -184,12 +194,19 @@ fn check(world: u32, lengths: &[i64]) {
 }
 
 fn check_heads(world: u32, lengths: &[i64], heads: i64, kv_heads: i64) {
-    let [out, dq, dk, dv] = max_error_over_a_ring(world, lengths, heads, kv_heads);
+    check_ring(world, 0, lengths, heads, kv_heads);
+}
+
+fn check_ring(world: u32, inner_ring: u32, lengths: &[i64], heads: i64, kv_heads: i64) {
+    let [out, dq, dk, dv] = max_error_over_a_ring(world, inner_ring, lengths, heads, kv_heads);
     eprintln!(
-        "{world} ranks, {heads} heads / {kv_heads} kv heads, documents {lengths:?}: max |ring - plain| output {out:.1e}, dQ {dq:.1e}, dK {dk:.1e}, dV {dv:.1e}"
+        "{world} ranks (inner rings of {inner_ring}), {heads} heads / {kv_heads} kv heads, documents {lengths:?}: max |ring - plain| output {out:.1e}, dQ {dq:.1e}, dK {dk:.1e}, dV {dv:.1e}"
     );
     for (what, err) in [("output", out), ("dQ", dq), ("dK", dk), ("dV", dv)] {
-        assert!(err < 1e-5, "{world} ranks, {lengths:?}: {what} error {err}");
+        assert!(
+            err < 1e-5,
+            "{world} ranks, inner rings of {inner_ring}, {lengths:?}: {what} error {err}"
+        );
     }
 }
 
@@ -213,5 +230,15 @@ fn grouped_query_attention_moves_fewer_heads_and_stays_exact() {
     for world in [2, 4] {
         check_heads(world, &[40, 7, 61], 4, 2);
         check_heads(world, &[33], 6, 1);
+    }
+}
+
+#[test]
+fn hierarchical_rings_match_plain_causal_attention() {
+    // Inner rings of 2 over 2 and 3 "nodes", of 3 over 2, of 1 (every hop
+    // between inner rings); one document, packed ones with empty chunks, GQA.
+    for (world, inner) in [(4, 2), (6, 2), (6, 3), (3, 1)] {
+        check_ring(world, inner, &[61], 2, 2);
+        check_ring(world, inner, &[40, 7, 3, 61, 1], 4, 2);
     }
 }

@@ -130,6 +130,7 @@ fn a_distributed_step_equals_one_process_over_random_plans() {
     let mut rng = SplitMix64::new(11);
     let mut degrees = std::collections::BTreeSet::new();
     let mut remapped = 0;
+    let mut hierarchical = 0;
     for (world, cases) in [(2u32, 3), (3, 2), (4, 3), (8, 1)] {
         for case in 0..cases {
             let sequences = 2 + rng.below(6) as usize;
@@ -138,6 +139,12 @@ fn a_distributed_step_equals_one_process_over_random_plans() {
             let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
             degrees.extend(plan.sequences.iter().map(|s| s.degree));
             remapped += plan.micro_batches.iter().filter(|m| m.remap).count();
+            hierarchical += plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
+                .count();
             let (error, loss_error) = step_error(&spec, &params, &plan, &batch);
             eprintln!(
                 "world {world}, case {case}: gradient error {error:.2e}, loss error {loss_error:.2e}"
@@ -151,6 +158,7 @@ fn a_distributed_step_equals_one_process_over_random_plans() {
     // The random plans did exercise what they are meant to.
     assert!(degrees.len() >= 4, "CP degrees seen: {degrees:?}");
     assert!(remapped > 0);
+    assert!(hierarchical > 0, "no hierarchical ring was drawn");
 }
 
 #[test]
@@ -177,6 +185,16 @@ fn the_planners_own_plans_with_context_parallelism_match_too() {
         let strategy = weft_planner::Strategy::parse(strategy).unwrap();
         let plan = weft_planner::plan_step(strategy, &ctx, &lengths, Some(300)).unwrap();
         assert!(plan.sequences.iter().any(|s| s.degree > 1), "{strategy:?}");
+        let rings: Vec<u32> = plan
+            .micro_batches
+            .iter()
+            .flat_map(|m| &m.groups)
+            .map(|g| g.inner_ring)
+            .collect();
+        // Zeppelin runs the rings that span both nodes hierarchically.
+        if strategy == weft_planner::Strategy::Zeppelin {
+            assert!(rings.iter().any(|i| *i > 0), "{strategy:?}: {rings:?}");
+        }
         let (error, loss_error) = step_error(&spec, &params, &plan, &batch);
         assert!(
             error < 2e-5 && loss_error < 1e-5,
