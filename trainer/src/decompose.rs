@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 
 use weft_planner::rng::SplitMix64;
 
-use crate::data::{Batch, Corpus, DataError, Sample, epoch_order, tokenize};
+use crate::data::{
+    Batch, BatchCursor, BatchStream, Corpus, DataError, Sample, epoch_order, tokenize,
+};
 
 /// One chunk of a document: tokens `[start, start + length)` of document `document`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +37,7 @@ pub struct Decomposition {
 }
 
 /// Where a decomposed stream stands; saved with each checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DecompositionCursor {
     pub step: u64,
     /// Sequences already drawn from each bucket, by bucket index (shortest first).
@@ -176,6 +178,120 @@ impl Decomposition {
         }
         next.step += 1;
         (Batch { samples }, next)
+    }
+}
+
+/// How a run draws its global batches from the corpus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "order", rename_all = "lowercase")]
+pub enum DataOrder {
+    /// Whole documents (cut at the max sequence length) in a seeded order,
+    /// as many as fit the step's tokens ([`crate::data::BatchStream`]).
+    Documents,
+    /// Dataset Decomposition: power-of-two chunks from `min_length` tokens to
+    /// the max sequence length, each step from one bucket, buckets visited
+    /// short to long in curriculum cycles of `cycle_steps` steps.
+    Decomposed {
+        min_length: usize,
+        cycle_steps: usize,
+    },
+}
+
+/// The global batches of a run, in either order; both depend on the seed and
+/// the corpus only, and resume exactly from their cursor.
+#[derive(Debug)]
+pub enum Sampler<'a> {
+    Documents(BatchStream<'a>),
+    Decomposed {
+        buckets: Decomposition,
+        seed: u64,
+        tokens_per_step: usize,
+        cycle_steps: usize,
+        cursor: DecompositionCursor,
+    },
+}
+
+impl<'a> Sampler<'a> {
+    /// The sampler of `order` over `corpus`, resuming at `next_sample` (whole
+    /// documents) or `cursor` (decomposed).
+    pub fn new(
+        corpus: &'a Corpus,
+        order: DataOrder,
+        seed: u64,
+        tokens_per_step: usize,
+        max_seq_len: usize,
+        next_sample: u64,
+        cursor: DecompositionCursor,
+    ) -> Result<Sampler<'a>, DataError> {
+        let stream = BatchStream::new(
+            corpus,
+            seed,
+            tokens_per_step,
+            max_seq_len,
+            BatchCursor { next_sample },
+        )?;
+        let DataOrder::Decomposed {
+            min_length,
+            cycle_steps,
+        } = order
+        else {
+            return Ok(Sampler::Documents(stream));
+        };
+        let bad = |m: String| Err(DataError::Decomposition(m));
+        if !max_seq_len.is_power_of_two() {
+            return bad(format!(
+                "the max sequence length {max_seq_len} is the longest bucket and must be a power of two"
+            ));
+        }
+        if max_seq_len > tokens_per_step {
+            return bad(format!(
+                "a step of {tokens_per_step} tokens cannot hold one sequence of the longest bucket ({max_seq_len} tokens)"
+            ));
+        }
+        if cycle_steps == 0 {
+            return bad("a curriculum cycle must have at least one step".to_string());
+        }
+        Ok(Sampler::Decomposed {
+            buckets: Decomposition::new(corpus, min_length, max_seq_len)?,
+            seed,
+            tokens_per_step,
+            cycle_steps,
+            cursor,
+        })
+    }
+
+    /// The next global batch.
+    pub fn next_batch(&mut self) -> Batch {
+        match self {
+            Sampler::Documents(stream) => stream.next_batch(),
+            Sampler::Decomposed {
+                buckets,
+                seed,
+                tokens_per_step,
+                cycle_steps,
+                cursor,
+            } => {
+                let (batch, next) = buckets.batch(*seed, *tokens_per_step, *cycle_steps, *cursor);
+                *cursor = next;
+                batch
+            }
+        }
+    }
+
+    /// The next whole document's place in the order (0 when decomposed).
+    pub fn next_sample(&self) -> u64 {
+        match self {
+            Sampler::Documents(stream) => stream.cursor().next_sample,
+            Sampler::Decomposed { .. } => 0,
+        }
+    }
+
+    /// Where a decomposed stream stands (None for whole documents).
+    pub fn bucket_cursor(&self) -> Option<DecompositionCursor> {
+        match self {
+            Sampler::Documents(_) => None,
+            Sampler::Decomposed { cursor, .. } => Some(*cursor),
+        }
     }
 }
 

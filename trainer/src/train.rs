@@ -20,7 +20,8 @@ use weft_planner::model::ModelSpec;
 use weft_planner::{PlanContext, Strategy};
 
 use crate::comm::{CommError, ProcessGroup, Store};
-use crate::data::{BatchCursor, BatchStream, Corpus, DataError};
+use crate::data::{Corpus, DataError};
+use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
 use crate::model::{Llama, ModelError};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
@@ -96,6 +97,8 @@ pub struct TrainConfig {
     pub seed: u64,
     pub tokens_per_step: usize,
     pub max_seq_len: usize,
+    /// Whole documents, or Dataset Decomposition's buckets with a curriculum.
+    pub data_order: DataOrder,
     pub strategy: Strategy,
     /// Most tokens one rank may hold: the budget the planner plans for. Long
     /// sequences are split over several ranks (context parallelism) to keep it.
@@ -179,6 +182,16 @@ pub struct CheckpointState {
     pub model: ModelSpec,
     /// World size when it was written (for information: any world may resume).
     pub world: u32,
+    /// How the batches were drawn; a run resumes only in the same order.
+    #[serde(default = "whole_documents")]
+    pub data_order: DataOrder,
+    /// Where Dataset Decomposition's buckets stand, when the order is that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<DecompositionCursor>,
+}
+
+fn whole_documents() -> DataOrder {
+    DataOrder::Documents
 }
 
 /// The planning context for `world` local ranks: one node of `world` GPUs of
@@ -363,7 +376,8 @@ pub fn run_worker(
     let mut vs = VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &config.model)?;
     let mut start_step = 0;
-    let mut cursor = BatchCursor::default();
+    let mut next_sample = 0;
+    let mut buckets = DecompositionCursor::default();
     let resumed = match (&config.checkpoint_dir, config.resume) {
         (Some(root), true) => latest_checkpoint(root)?,
         _ => None,
@@ -380,10 +394,18 @@ pub fn run_worker(
         }
         vs.load(dir.join("model.safetensors"))
             .map_err(|e| checkpoint_error(dir, e))?;
+        if state.data_order != config.data_order {
+            return Err(checkpoint_error(
+                dir,
+                format!(
+                    "its batches were drawn in data order {:?}, this run asks for {:?}; resume in the same order",
+                    state.data_order, config.data_order
+                ),
+            ));
+        }
         start_step = state.step;
-        cursor = BatchCursor {
-            next_sample: state.next_sample,
-        };
+        next_sample = state.next_sample;
+        buckets = state.buckets.unwrap_or_default();
     }
     // Every rank must resume from the same step: a checkpoint directory that
     // not every worker sees (a volume of one pod's own) would otherwise give
@@ -423,12 +445,14 @@ pub fn run_worker(
         optimizer.load(&dir.join("optimizer.safetensors"))?;
     }
     let ctx = local_plan_context(world, &config.model, config.rank_tokens)?;
-    let mut stream = BatchStream::new(
+    let mut stream = Sampler::new(
         &corpus,
+        config.data_order,
         config.seed,
         config.tokens_per_step,
         config.max_seq_len,
-        cursor,
+        next_sample,
+        buckets,
     )?;
 
     for step in start_step..config.steps {
@@ -533,10 +557,12 @@ pub fn run_worker(
         {
             let state = CheckpointState {
                 step: done,
-                next_sample: stream.cursor().next_sample,
+                next_sample: stream.next_sample(),
                 seed: config.seed,
                 model: config.model.clone(),
                 world,
+                data_order: config.data_order,
+                buckets: stream.bucket_cursor(),
             };
             save_checkpoint(&checkpoint_path(dir, done), &vs, &optimizer, &state)?;
             prune_checkpoints(dir, config.checkpoint_keep.max(1))?;

@@ -1,8 +1,9 @@
 //! `weft-trainer local` as a user runs it: real text, real worker processes,
 //! real collectives. Four ranks train exactly like one; every strategy's
 //! plans give the same losses; a job that dies resumes from its checkpoint on
-//! another number of ranks with the same data order and losses; bad input
-//! gets a clear error and no hang.
+//! another number of ranks with the same data order and losses; Dataset
+//! Decomposition's batches do all of that too; bad input gets a clear error
+//! and no hang.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -181,6 +182,109 @@ fn a_dead_job_resumes_on_another_world_size_with_the_same_data_and_losses() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Dataset Decomposition: 2,048 tokens a step from buckets of 64 to 512.
+const DECOMPOSED: [&str; 10] = [
+    "--data-order",
+    "decomposed",
+    "--max-seq-len",
+    "512",
+    "--tokens-per-step",
+    "2048",
+    "--bucket-min",
+    "64",
+    "--curriculum-steps",
+    "4",
+];
+
+#[test]
+fn decomposed_batches_are_one_bucket_each_train_exactly_and_resume() {
+    let dir = scratch("decomposed");
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = DECOMPOSED.to_vec();
+        args.extend_from_slice(extra);
+        local(&dir, name, &args)
+    };
+    let (out, one) = run("one", &["--ranks", "1", "--steps", "6"]);
+    ok(&out);
+    // Every step is 2,048 tokens of equal sequences, and the curriculum starts
+    // with the shortest bucket (32 sequences of 64 tokens).
+    assert!(one.iter().all(|m| m.tokens == 2048), "{one:?}");
+    assert!(
+        one.iter()
+            .all(|m| m.sequences.is_power_of_two() && (4..=32).contains(&m.sequences))
+    );
+    assert_eq!(one[0].sequences, 32);
+    let buckets: std::collections::BTreeSet<u64> = one.iter().map(|m| m.sequences).collect();
+    assert!(buckets.len() >= 2, "one bucket only: {buckets:?}");
+    // Three ranks (the 512-token chunks split over two or three) train alike.
+    let (out, three) = run(
+        "three",
+        &["--ranks", "3", "--steps", "6", "--rank-tokens", "300"],
+    );
+    ok(&out);
+    assert!(three.iter().any(|m| m.max_cp_degree > 1));
+    let gap = max_loss_gap(&three, &one);
+    assert!(gap < 1e-4, "decomposed losses differ by {gap}");
+    // A run that dies after its step-3 checkpoint resumes on one rank with
+    // the same batches; the other data order is refused by name.
+    let checkpoint = dir.join("checkpoint");
+    let checkpoint = checkpoint.to_str().unwrap();
+    let (out, _) = run(
+        "first",
+        &[
+            "--ranks",
+            "2",
+            "--steps",
+            "6",
+            "--checkpoint-dir",
+            checkpoint,
+            "--checkpoint-every",
+            "3",
+            "--fail-at",
+            "0:5",
+        ],
+    );
+    assert!(!out.status.success());
+    let (out, resumed) = run(
+        "resumed",
+        &[
+            "--ranks",
+            "1",
+            "--steps",
+            "6",
+            "--checkpoint-dir",
+            checkpoint,
+            "--resume",
+        ],
+    );
+    ok(&out);
+    assert_eq!(
+        resumed.iter().map(|m| m.step).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    let gap = max_loss_gap(&resumed, &one[3..]);
+    assert!(gap < 1e-4, "resumed losses differ by {gap}");
+    let (out, _) = local(
+        &dir,
+        "documents",
+        &[
+            "--ranks",
+            "1",
+            "--steps",
+            "6",
+            "--max-seq-len",
+            "512",
+            "--checkpoint-dir",
+            checkpoint,
+            "--resume",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data order"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn fails_with(args: &[&str], expected: &str) {
     let started = Instant::now();
     let output = trainer().arg("local").args(args).output().unwrap();
@@ -216,5 +320,25 @@ fn bad_input_gets_a_clear_error() {
         &["--ranks", "3", "--steps", "3", "--fail-at", "2:2"],
         "worker 2 failed",
     );
+    fails_with(
+        &["--data-order", "decomposed", "--max-seq-len", "1000"],
+        "--max-seq-len to be a power of two",
+    );
+    fails_with(
+        &["--data-order", "decomposed", "--bucket-min", "48"],
+        "--bucket-min 48 must be a power of two",
+    );
+    fails_with(
+        &[
+            "--data-order",
+            "decomposed",
+            "--max-seq-len",
+            "8192",
+            "--tokens-per-step",
+            "4096",
+        ],
+        "to hold one sequence of --max-seq-len",
+    );
+    fails_with(&["--data-order", "shuffled"], "invalid value 'shuffled'");
     let _ = std::fs::remove_dir_all(&dir);
 }

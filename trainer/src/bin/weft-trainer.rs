@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use weft_trainer::comm::CommError;
+use weft_trainer::decompose::DataOrder;
 use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
 use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
@@ -60,6 +61,23 @@ struct TrainArgs {
     /// Longer documents are cut to this many tokens.
     #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
+    /// How batches are drawn: `documents` (whole documents in a seeded order)
+    /// or `decomposed` (Dataset Decomposition: every document cut into
+    /// power-of-two chunks, each step all from one bucket, buckets visited
+    /// short to long; --max-seq-len is the longest bucket and must be a power
+    /// of two).
+    #[arg(long, default_value = "documents", value_parser = ["documents", "decomposed"])]
+    #[serde(default = "default_data_order")]
+    data_order: String,
+    /// Decomposed: the shortest bucket, in tokens (a power of two); shorter
+    /// leftovers of a document are not used.
+    #[arg(long, default_value_t = 64)]
+    #[serde(default = "default_bucket_min")]
+    bucket_min: usize,
+    /// Decomposed: steps of one curriculum cycle (short to long).
+    #[arg(long, default_value_t = 16)]
+    #[serde(default = "default_curriculum_steps")]
+    curriculum_steps: usize,
     /// Most tokens one rank holds; longer sequences are split over several
     /// ranks (context parallelism). Default: what the memory model allows.
     #[arg(long)]
@@ -126,8 +144,42 @@ impl TrainArgs {
                 Some(parsed.with_context(|| format!("--fail-at {text:?} is not RANK:STEP"))?)
             }
         };
+        let data_order = match self.data_order.as_str() {
+            "documents" => DataOrder::Documents,
+            "decomposed" => {
+                if !self.bucket_min.is_power_of_two() || self.bucket_min > self.max_seq_len {
+                    bail!(
+                        "--bucket-min {} must be a power of two no larger than --max-seq-len {}",
+                        self.bucket_min,
+                        self.max_seq_len
+                    );
+                }
+                if !self.max_seq_len.is_power_of_two() {
+                    bail!(
+                        "--data-order decomposed needs --max-seq-len to be a power of two (the longest bucket), got {}",
+                        self.max_seq_len
+                    );
+                }
+                if self.max_seq_len > self.tokens_per_step {
+                    bail!(
+                        "--data-order decomposed needs --tokens-per-step ({}) to hold one sequence of --max-seq-len ({})",
+                        self.tokens_per_step,
+                        self.max_seq_len
+                    );
+                }
+                if self.curriculum_steps == 0 {
+                    bail!("--curriculum-steps must be at least 1");
+                }
+                DataOrder::Decomposed {
+                    min_length: self.bucket_min,
+                    cycle_steps: self.curriculum_steps,
+                }
+            }
+            other => bail!("--data-order {other:?} is neither documents nor decomposed"),
+        };
         Ok(TrainConfig {
             data: self.data.clone().unwrap_or_else(default_corpus),
+            data_order,
             model,
             steps: self.steps,
             seed: self.seed,
@@ -155,6 +207,18 @@ impl TrainArgs {
 
 fn default_keep() -> u64 {
     3
+}
+
+fn default_data_order() -> String {
+    "documents".to_string()
+}
+
+fn default_bucket_min() -> usize {
+    64
+}
+
+fn default_curriculum_steps() -> usize {
+    16
 }
 
 /// The corpus that ships with weft.
@@ -503,6 +567,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 model_spec: Some(training.model.clone()),
                 tokens_per_step: training.data.tokens_per_step as usize,
                 max_seq_len: training.data.max_sequence_length as usize,
+                data_order: default_data_order(),
+                bucket_min: default_bucket_min(),
+                curriculum_steps: default_curriculum_steps(),
                 rank_tokens,
                 strategy: training.strategy().to_string(),
                 lr,
