@@ -11,8 +11,8 @@ pub mod topology;
 pub mod training_job;
 
 pub use training_job::{
-    CheckpointRecord, CheckpointSpec, ContextParallelism, DataSpec, ElasticitySpec, ModelPreset,
-    ModelSpec, ParallelismSpec, Phase, SchedulingSpec, TrainingJob, TrainingJobSpec,
+    CheckpointRecord, CheckpointSpec, ContextParallelism, DataOrder, DataSpec, ElasticitySpec,
+    ModelPreset, ModelSpec, ParallelismSpec, Phase, SchedulingSpec, TrainingJob, TrainingJobSpec,
     TrainingJobStatus, WorkerFailure, WorkerRange, WorkerResources,
 };
 

@@ -256,6 +256,8 @@ impl Default for ModelSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.tokensPerStep >= self.maxSequenceLength").message("data.tokensPerStep must be at least data.maxSequenceLength (a step holds at least one whole sequence)"))]
+#[x_kube(validation = Rule::new("self.order != 'Decomposed' || self.maxSequenceLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216]").message("data.order Decomposed needs data.maxSequenceLength to be a power of two (the longest bucket)"))]
+#[x_kube(validation = Rule::new("self.order != 'Decomposed' || (self.minBucketLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216] && self.minBucketLength <= self.maxSequenceLength)").message("data.minBucketLength must be a power of two no larger than data.maxSequenceLength"))]
 pub struct DataSpec {
     /// A directory of text or JSONL files inside the worker (an absolute
     /// path, typically on a volume), or `builtin:python-reference` for the
@@ -272,6 +274,42 @@ pub struct DataSpec {
     #[serde(default = "default_tokens_per_step")]
     #[schemars(range(min = 1, max = 1099511627776_i64))]
     pub tokens_per_step: i64,
+    /// How the global batches are drawn from the documents.
+    #[serde(default)]
+    pub order: DataOrder,
+    /// `Decomposed`: the shortest bucket, in tokens (a power of two); the
+    /// longest is `maxSequenceLength`.
+    #[serde(default = "default_min_bucket_length")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub min_bucket_length: i64,
+    /// `Decomposed`: steps of one curriculum cycle, from the shortest bucket
+    /// to the longest.
+    #[serde(default = "default_curriculum_steps")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub curriculum_steps: i64,
+}
+
+/// How the global batches are drawn. Either way the order depends on the
+/// seed and the corpus only, never on the number of workers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataOrder {
+    /// Whole documents (cut at `maxSequenceLength`) in a seeded order, as
+    /// many as fit a step.
+    #[default]
+    Documents,
+    /// Dataset Decomposition (Pouransari et al., NeurIPS'24): every document
+    /// cut into power-of-two chunks from `minBucketLength` to
+    /// `maxSequenceLength` (both powers of two), each step all from one
+    /// bucket, buckets visited short to long in cycles of `curriculumSteps`.
+    Decomposed,
+}
+
+fn default_min_bucket_length() -> i64 {
+    256
+}
+
+fn default_curriculum_steps() -> i64 {
+    64
 }
 
 fn default_data_source() -> String {
@@ -292,6 +330,9 @@ impl Default for DataSpec {
             source: default_data_source(),
             max_sequence_length: default_max_sequence_length(),
             tokens_per_step: default_tokens_per_step(),
+            order: DataOrder::default(),
+            min_bucket_length: default_min_bucket_length(),
+            curriculum_steps: default_curriculum_steps(),
         }
     }
 }
@@ -325,7 +366,9 @@ pub struct ParallelismSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65536))]
     pub max_cp_degree: Option<i32>,
-    /// Split a sequence inside a node before going across nodes.
+    /// Split a sequence inside a node before going across nodes, and run a
+    /// ring that spans nodes hierarchically (round each node over NVLink
+    /// first, then one hop between nodes per round on every GPU's NIC).
     #[serde(default = "yes")]
     pub hierarchical: bool,
     /// Spread inter-node transfers over every NIC by GPU affinity.

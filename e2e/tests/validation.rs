@@ -181,6 +181,28 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 ],
             ),
             (
+                "decomposed data whose longest bucket is not a power of two",
+                json!({"data": {"order": "Decomposed", "maxSequenceLength": 3000}}),
+                vec![
+                    "spec.data",
+                    "data.order Decomposed needs data.maxSequenceLength to be a power of two",
+                ],
+            ),
+            (
+                "decomposed data with a shortest bucket above the longest",
+                json!({"data": {"order": "Decomposed", "maxSequenceLength": 1024,
+                                "minBucketLength": 2048}}),
+                vec![
+                    "spec.data",
+                    "data.minBucketLength must be a power of two no larger than",
+                ],
+            ),
+            (
+                "an unknown data order",
+                json!({"data": {"order": "Shuffled"}}),
+                vec!["spec.data.order", "Unsupported value"],
+            ),
+            (
                 "a relative data source",
                 json!({"data": {"source": "corpus/"}}),
                 vec!["spec.data.source", "absolute path"],

@@ -87,6 +87,35 @@ pub struct PodData {
     pub source: String,
     pub max_sequence_length: u64,
     pub tokens_per_step: u64,
+    /// `Documents` or `Decomposed` (Dataset Decomposition).
+    #[serde(default = "documents")]
+    pub order: String,
+    #[serde(default = "min_bucket_length")]
+    pub min_bucket_length: u64,
+    #[serde(default = "curriculum_steps")]
+    pub curriculum_steps: u64,
+}
+
+fn documents() -> String {
+    "Documents".to_string()
+}
+
+fn min_bucket_length() -> u64 {
+    256
+}
+
+fn curriculum_steps() -> u64 {
+    64
+}
+
+impl PodData {
+    /// The trainer's `--data-order` for the job's `data.order`.
+    pub fn data_order(&self) -> &'static str {
+        match self.order.as_str() {
+            "Decomposed" => "decomposed",
+            _ => "documents",
+        }
+    }
 }
 
 #[derive(Deserialize, Clone, Debug, PartialEq)]
@@ -94,6 +123,13 @@ pub struct PodData {
 pub struct PodParallelism {
     /// `Adaptive` (the weft strategy) or `Static` (Megatron-style).
     pub context_parallelism: String,
+    /// Rings that span nodes go round each node first (hierarchical rings).
+    #[serde(default = "yes")]
+    pub hierarchical: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Clone, Debug, PartialEq)]
@@ -422,6 +458,27 @@ mod tests {
         let mut mesh = plan_mesh(&request, &nodes, &[]).unwrap();
         mesh.rendezvous = Some(format!("{}.llm:29507", mesh.workers[0].name));
         mesh
+    }
+
+    #[test]
+    fn the_operators_training_parameters_carry_the_data_order() {
+        let golden =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
+        let text = std::fs::read_to_string(&golden).unwrap();
+        let training: PodTraining = serde_json::from_str(&text).unwrap();
+        assert_eq!(training.data.data_order(), "documents");
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["data"]["order"] = "Decomposed".into();
+        value["data"]["minBucketLength"] = 128.into();
+        let training: PodTraining = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(training.data.data_order(), "decomposed");
+        assert_eq!(training.data.min_bucket_length, 128);
+        // Parameters from an operator that predates the data order: whole documents.
+        for field in ["order", "minBucketLength", "curriculumSteps"] {
+            value["data"].as_object_mut().unwrap().remove(field);
+        }
+        let training: PodTraining = serde_json::from_value(value).unwrap();
+        assert_eq!(training.data.data_order(), "documents");
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct TrainConfig {
     /// Whole documents, or Dataset Decomposition's buckets with a curriculum.
     pub data_order: DataOrder,
     pub strategy: Strategy,
+    /// Run the rings the plan makes hierarchical as such (the job's
+    /// `parallelism.hierarchical`); false runs every ring flat.
+    pub hierarchical_rings: bool,
     /// Most tokens one rank may hold: the budget the planner plans for. Long
     /// sequences are split over several ranks (context parallelism) to keep it.
     pub rank_tokens: Option<u64>,
@@ -466,7 +469,7 @@ pub fn run_worker(
         let batch = stream.next_batch();
         let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
         let planning = Instant::now();
-        let plan = weft_planner::plan_step(
+        let mut plan = weft_planner::plan_step(
             config.strategy,
             &ctx,
             &lengths,
@@ -476,6 +479,12 @@ pub fn run_worker(
             step: step + 1,
             reason: e.to_string(),
         })?;
+        if !config.hierarchical_rings {
+            plan.micro_batches
+                .iter_mut()
+                .flat_map(|m| m.groups.iter_mut())
+                .for_each(|g| g.inner_ring = 0);
+        }
         let plan_s = planning.elapsed().as_secs_f64();
         let plan_json = serde_json::to_string(&plan).map_err(|e| TrainError::Plan {
             step: step + 1,

@@ -85,6 +85,11 @@ struct TrainArgs {
     /// Planning strategy: weft, zeppelin, hdp, flexsp or static.
     #[arg(long, default_value = "weft")]
     strategy: String,
+    /// Run every ring flat, also those the plan makes hierarchical (round
+    /// each node first, then across nodes).
+    #[arg(long)]
+    #[serde(default)]
+    flat_rings: bool,
     /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
@@ -186,6 +191,7 @@ impl TrainArgs {
             tokens_per_step: self.tokens_per_step,
             max_seq_len: self.max_seq_len,
             strategy: weft_planner::Strategy::parse(&self.strategy)?,
+            hierarchical_rings: !self.flat_rings,
             rank_tokens: self.rank_tokens,
             optimizer: AdamWConfig {
                 lr: self.lr,
@@ -567,11 +573,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 model_spec: Some(training.model.clone()),
                 tokens_per_step: training.data.tokens_per_step as usize,
                 max_seq_len: training.data.max_sequence_length as usize,
-                data_order: default_data_order(),
-                bucket_min: default_bucket_min(),
-                curriculum_steps: default_curriculum_steps(),
+                data_order: training.data.data_order().to_string(),
+                bucket_min: training.data.min_bucket_length as usize,
+                curriculum_steps: training.data.curriculum_steps as usize,
                 rank_tokens,
                 strategy: training.strategy().to_string(),
+                flat_rings: !training.parallelism.hierarchical,
                 lr,
                 warmup_steps,
                 clip_norm,
