@@ -18,8 +18,12 @@
 
 use std::fmt;
 
+/// The GPU model of nodes that name none (and of CPU workers, to plan with).
+pub const DEFAULT_GPU: &str = "h100";
+
 /// A GPU model with the constants the cost model needs.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct GpuModel {
     /// Preset name, e.g. `h100`.
     pub name: String,
@@ -208,7 +212,7 @@ fn parse_pool(text: &str, index: usize) -> Result<PoolSpec, ClusterError> {
     let nodes = count("node count", 1, nodes)?;
     let gpus_per_node = count("GPUs per node", 1, gpus)?;
 
-    let mut gpu = GpuModel::preset("h100")?;
+    let mut gpu = GpuModel::preset(DEFAULT_GPU)?;
     let mut nics_per_node = None;
     let mut nic_gbps = None;
     let mut nodes_per_rack = 4;

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Node;
+use crate::cluster::{Cluster, GpuModel, Nic, Node};
 
 /// Version of the mesh plan document.
 pub const MESH_PLAN_VERSION: u32 = 1;
@@ -100,6 +100,9 @@ pub struct MeshWorker {
     pub rank_nics: Vec<RankNic>,
     /// The node's NICs, for workers that learn their GPUs at start.
     pub node_nics: Vec<NodeNic>,
+    /// The node's GPU model, for the per-step planner (absent for CPU workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuModel>,
 }
 
 /// The mesh plan document for one epoch (`version: 1`).
@@ -319,6 +322,7 @@ pub fn plan_mesh(
                     gpus: n.gpus.clone(),
                 })
                 .collect(),
+            gpu: (g > 0).then(|| node.node.gpu.clone()),
         });
         *slot += 1;
     }
@@ -331,6 +335,66 @@ pub fn plan_mesh(
         node_groups,
         rendezvous: None,
     })
+}
+
+/// The cluster the mesh's ranks form, node by node in rank order, as the
+/// per-step planner of its workers sees it: each node with as many GPUs as
+/// the job has ranks on it, its GPU model (the default preset for CPU
+/// workers) and its NICs. A job that holds part of a node does not know which
+/// of the node's GPUs it got, so its ranks are taken as the node's first
+/// GPUs for NIC affinity. Every worker derives the same cluster from the same
+/// mesh, so their plans agree.
+pub fn mesh_cluster(mesh: &MeshPlan) -> Cluster {
+    let mut nodes = Vec::with_capacity(mesh.node_groups.len());
+    for group in &mesh.node_groups {
+        let Some(&first) = group.first() else {
+            continue;
+        };
+        let worker = mesh
+            .workers
+            .iter()
+            .find(|w| first >= w.first_rank && first < w.first_rank + w.gpus.max(1));
+        let gpus = group.len() as u32;
+        let (name, gpu, nics, block, rack) = match worker {
+            Some(w) => (
+                w.node.clone(),
+                w.gpu.clone(),
+                w.node_nics
+                    .iter()
+                    .map(|n| Nic {
+                        name: n.name.clone(),
+                        gbps: n.gbps,
+                        gpus: n.gpus.iter().copied().filter(|g| *g < gpus).collect(),
+                    })
+                    .filter(|n| !n.gpus.is_empty())
+                    .collect(),
+                w.block.clone(),
+                w.rack.clone(),
+            ),
+            None => (
+                format!("rank-{first}"),
+                None,
+                Vec::new(),
+                String::new(),
+                String::new(),
+            ),
+        };
+        let Some(gpu) = gpu.or_else(|| GpuModel::preset(crate::cluster::DEFAULT_GPU).ok()) else {
+            continue;
+        };
+        nodes.push(Node {
+            name,
+            gpu,
+            gpus,
+            nics,
+            zone: String::new(),
+            block,
+            rack,
+            cpu_cores: 0,
+            memory_gib: 0,
+        });
+    }
+    Cluster { nodes }
 }
 
 #[cfg(test)]
@@ -366,6 +430,50 @@ mod tests {
         assert_eq!(w.rank_nics[3].nic, "mlx5_1");
         assert_eq!(mesh.node_groups.len(), 4);
         assert_eq!(mesh.node_groups[1], (8..16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_meshs_cluster_is_the_cluster_its_ranks_hold() {
+        // Whole nodes of a heterogeneous cluster: the same topology as the
+        // cluster itself, node for node, rank for rank, NIC for NIC.
+        let cluster = parse_cluster("2x8:nics=8+2x4:gpu=a100-80g,nics=2").unwrap();
+        let nodes = MeshNode::all_free(&cluster);
+        let mesh = plan_mesh(&request(2, 2, 8), &nodes, &[]).unwrap();
+        let seen = mesh_cluster(&mesh);
+        assert_eq!(seen.nodes.len(), 2);
+        for node in &seen.nodes {
+            let original = cluster.nodes.iter().find(|n| n.name == node.name).unwrap();
+            assert_eq!(node.gpu, original.gpu);
+            assert_eq!(node.gpus, 8);
+            assert_eq!(node.nics, original.nics);
+        }
+        let topology = crate::topology::Topology::new(&seen).unwrap();
+        assert_eq!(topology.world(), mesh.world_size);
+        // Workers of 4 GPUs: two A100 nodes of 4 and one H100 node holding two
+        // workers, each node with as many ranks as the job has on it.
+        let mesh = plan_mesh(&request(4, 4, 4), &nodes, &[]).unwrap();
+        let seen = mesh_cluster(&mesh);
+        assert_eq!(
+            seen.nodes.iter().map(|n| n.gpus).sum::<u32>(),
+            mesh.world_size
+        );
+        for (node, group) in seen.nodes.iter().zip(&mesh.node_groups) {
+            assert_eq!(node.gpus as usize, group.len());
+            assert!(
+                node.nics
+                    .iter()
+                    .all(|n| n.gpus.iter().all(|g| *g < node.gpus))
+            );
+        }
+        // CPU workers: one rank a node, planned as the default GPU.
+        let mesh = plan_mesh(&request(2, 2, 0), &nodes, &[]).unwrap();
+        let seen = mesh_cluster(&mesh);
+        assert_eq!(seen.nodes.len(), 2);
+        assert!(
+            seen.nodes
+                .iter()
+                .all(|n| n.gpus == 1 && n.gpu.name == "h100")
+        );
     }
 
     #[test]

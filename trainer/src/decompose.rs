@@ -202,13 +202,17 @@ pub enum DataOrder {
 #[derive(Debug)]
 pub enum Sampler<'a> {
     Documents(BatchStream<'a>),
-    Decomposed {
-        buckets: Decomposition,
-        seed: u64,
-        tokens_per_step: usize,
-        cycle_steps: usize,
-        cursor: DecompositionCursor,
-    },
+    Decomposed(Box<DecomposedStream>),
+}
+
+/// A decomposed corpus and where its stream stands.
+#[derive(Debug)]
+pub struct DecomposedStream {
+    buckets: Decomposition,
+    seed: u64,
+    tokens_per_step: usize,
+    cycle_steps: usize,
+    cursor: DecompositionCursor,
 }
 
 impl<'a> Sampler<'a> {
@@ -251,28 +255,27 @@ impl<'a> Sampler<'a> {
         if cycle_steps == 0 {
             return bad("a curriculum cycle must have at least one step".to_string());
         }
-        Ok(Sampler::Decomposed {
+        Ok(Sampler::Decomposed(Box::new(DecomposedStream {
             buckets: Decomposition::new(corpus, min_length, max_seq_len)?,
             seed,
             tokens_per_step,
             cycle_steps,
             cursor,
-        })
+        })))
     }
 
     /// The next global batch.
     pub fn next_batch(&mut self) -> Batch {
         match self {
             Sampler::Documents(stream) => stream.next_batch(),
-            Sampler::Decomposed {
-                buckets,
-                seed,
-                tokens_per_step,
-                cycle_steps,
-                cursor,
-            } => {
-                let (batch, next) = buckets.batch(*seed, *tokens_per_step, *cycle_steps, *cursor);
-                *cursor = next;
+            Sampler::Decomposed(stream) => {
+                let (batch, next) = stream.buckets.batch(
+                    stream.seed,
+                    stream.tokens_per_step,
+                    stream.cycle_steps,
+                    stream.cursor,
+                );
+                stream.cursor = next;
                 batch
             }
         }
@@ -282,7 +285,7 @@ impl<'a> Sampler<'a> {
     pub fn next_sample(&self) -> u64 {
         match self {
             Sampler::Documents(stream) => stream.cursor().next_sample,
-            Sampler::Decomposed { .. } => 0,
+            Sampler::Decomposed(_) => 0,
         }
     }
 
@@ -290,7 +293,7 @@ impl<'a> Sampler<'a> {
     pub fn bucket_cursor(&self) -> Option<DecompositionCursor> {
         match self {
             Sampler::Documents(_) => None,
-            Sampler::Decomposed { cursor, .. } => Some(*cursor),
+            Sampler::Decomposed(stream) => Some(stream.cursor),
         }
     }
 }

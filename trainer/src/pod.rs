@@ -192,6 +192,11 @@ impl PodEnv {
     }
 }
 
+/// The mesh document at `path`.
+pub fn read_mesh(path: &Path) -> Result<MeshPlan, PodError> {
+    read_json(path)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PodError> {
     let unreadable = |reason: String| PodError::Unreadable {
         path: path.to_path_buf(),

@@ -57,6 +57,8 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error("rank {rank} stops at step {step}, as it was told to (fault injection)")]
     Injected { rank: u32, step: u64 },
+    #[error("mesh {path}: {reason}")]
+    Mesh { path: PathBuf, reason: String },
     #[error(
         "the ranks found different checkpoints in {path} ({with_checkpoint} of {world} ranks found one; mean step {mean_step:.1}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
     )]
@@ -82,6 +84,7 @@ impl TrainError {
             TrainError::PlanDiverged { .. } => "plan_diverged",
             TrainError::Checkpoint { .. } | TrainError::CheckpointsDiffer { .. } => "checkpoint",
             TrainError::Diverged { .. } => "diverged",
+            TrainError::Mesh { .. } => "mesh",
             TrainError::Injected { .. } => "injected_fault",
         }
     }
@@ -158,6 +161,10 @@ pub struct StepMetrics {
     pub micro_batches: u32,
     /// Largest context-parallel degree in the plan.
     pub max_cp_degree: u32,
+    /// Ring groups of the plan run as hierarchical rings (round each node
+    /// first, then across nodes).
+    #[serde(default)]
+    pub hierarchical_rings: u32,
     /// The plan's predicted max/mean rank time (1 is perfect balance).
     pub balance: f64,
     /// Max/mean over ranks of the tokens each holds for the linear modules.
@@ -220,6 +227,61 @@ pub fn local_plan_context(
             },
         ),
     })
+}
+
+/// The planning context of a pod's rank: the cluster the mesh of `epoch` at
+/// `path` describes ([`weft_planner::mesh::mesh_cluster`]: its nodes, GPU
+/// models and NICs), so that plans use the real topology (rings across nodes
+/// run hierarchically, transfers are routed over the nodes' NICs); every
+/// rank of the epoch reads the same mesh and plans alike. `None` when the
+/// mesh is already of a newer epoch. A mesh briefly unreadable (Kubernetes
+/// swaps the file) is read again for up to 10 s.
+fn mesh_plan_context(
+    path: &Path,
+    epoch: u64,
+    world: u32,
+    config: &TrainConfig,
+) -> Result<Option<PlanContext>, TrainError> {
+    let mesh_error = |reason: String| TrainError::Mesh {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mesh = loop {
+        match crate::pod::read_mesh(path) {
+            Ok(mesh) => break mesh,
+            Err(e) if Instant::now() >= deadline => return Err(mesh_error(e.to_string())),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    if mesh.epoch > epoch {
+        return Ok(None);
+    }
+    if mesh.epoch < epoch || mesh.world_size != world {
+        return Err(mesh_error(format!(
+            "it is epoch {} of {} ranks; this rank was started for epoch {epoch} of {world}",
+            mesh.epoch, mesh.world_size
+        )));
+    }
+    let cluster = weft_planner::mesh::mesh_cluster(&mesh);
+    let topology =
+        weft_planner::topology::Topology::new(&cluster).map_err(|e| mesh_error(e.to_string()))?;
+    if topology.world() != world {
+        return Err(mesh_error(format!(
+            "its nodes hold {} ranks, the epoch {world}",
+            topology.world()
+        )));
+    }
+    Ok(Some(PlanContext {
+        topology,
+        cost: CostModel::new(
+            config.model.clone(),
+            CostCoefficients {
+                max_tokens_per_rank: config.rank_tokens,
+                ..Default::default()
+            },
+        ),
+    }))
 }
 
 /// A 52-bit digest of a plan (exact in an f64), to check that every rank
@@ -366,6 +428,15 @@ pub fn run_worker(
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let corpus = Corpus::load(&config.data)?;
+    // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
+    // the mesh already moved on stops at once, as it would after a step.
+    let ctx = match &config.epoch_watch {
+        Some((path, epoch)) => match mesh_plan_context(path, *epoch, world, config)? {
+            Some(ctx) => ctx,
+            None => return Ok(RunEnd::NewEpoch { step: 0 }),
+        },
+        None => local_plan_context(world, &config.model, config.rank_tokens)?,
+    };
     let store = Store::open(
         &rendezvous.store_host,
         rendezvous.port,
@@ -447,7 +518,6 @@ pub fn run_worker(
     if let Some((dir, _)) = &resumed {
         optimizer.load(&dir.join("optimizer.safetensors"))?;
     }
-    let ctx = local_plan_context(world, &config.model, config.rank_tokens)?;
     let mut stream = Sampler::new(
         &corpus,
         config.data_order,
@@ -546,6 +616,12 @@ pub fn run_worker(
             strategy: plan.strategy.clone(),
             micro_batches: plan.micro_batches.len() as u32,
             max_cp_degree: plan.sequences.iter().map(|s| s.degree).max().unwrap_or(1),
+            hierarchical_rings: plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
+                .count() as u32,
             balance: plan.predicted.max_over_mean,
             token_balance: if mean_linear > 0.0 {
                 linear.iter().copied().fold(0.0, f64::max) / mean_linear

@@ -11,7 +11,9 @@
 //!
 //! Either way the run ends at the last step with every loss equal to a
 //! straight run's on the same global batches (the data order does not depend
-//! on the world).
+//! on the world). Pods plan each step on the nodes of their mesh: two workers
+//! of two ranks on two nodes run rings across the nodes hierarchically, with
+//! the losses of one node of four.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -55,6 +57,10 @@ fn publish(path: &Path, mesh: &MeshPlan) {
 }
 
 fn pod(dir: &Path, worker: &str, steps: u64) -> Child {
+    pod_with(dir, worker, steps, &[])
+}
+
+fn pod_with(dir: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
     use std::os::unix::process::CommandExt;
     trainer()
         // A group of its own, so a test can kill the pod (the worker and its
@@ -68,6 +74,7 @@ fn pod(dir: &Path, worker: &str, steps: u64) -> Child {
             "30",
         ])
         .args(["--collective-timeout-s", "20"])
+        .args(extra)
         .env("WEFT_WORKER", worker)
         .env("WEFT_MESH", dir.join("mesh.json"))
         .env("WEFT_TRAINING", dir.join("training.json"))
@@ -103,11 +110,8 @@ fn stderr_of(child: &mut Child) -> String {
     text
 }
 
-/// The scratch directory with the operator's training parameters (made
-/// small) and the mesh of epoch 1 (two workers of one rank) published; and
-/// the straight run's metrics on the same settings.
-fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
-    let dir = scratch(name);
+/// Writes the operator's training parameters, made small, into `dir`.
+fn write_training(dir: &Path) {
     let golden =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
     let mut training: serde_json::Value =
@@ -121,24 +125,22 @@ fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
         .into();
     training["checkpoint"]["intervalSteps"] = 1.into();
     std::fs::write(dir.join("training.json"), training.to_string()).unwrap();
+}
 
-    let nodes = MeshNode::all_free(&parse_cluster("2x1").unwrap());
-    let request = MeshRequest {
-        job: "llm".into(),
-        min_workers: 2,
-        max_workers: 2,
-        gpus_per_worker: 1,
-        epoch: 1,
-    };
-    let mut first = plan_mesh(&request, &nodes, &[]).unwrap();
-    first.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
-    publish(&dir.join("mesh.json"), &first);
-
+/// The straight run's metrics: `local` on `ranks` ranks with the pods' data settings.
+fn straight_run(dir: &Path, ranks: u32, steps: u64, extra: &[&str]) -> Vec<StepMetrics> {
     let reference_file = dir.join("reference.jsonl");
     let out = trainer()
-        .args(["local", "--ranks", "2", "--steps", &steps.to_string()])
+        .args([
+            "local",
+            "--ranks",
+            &ranks.to_string(),
+            "--steps",
+            &steps.to_string(),
+        ])
         .args(["--data", "builtin:python-reference", "--model", "tiny"])
         .args(["--tokens-per-step", "4096", "--max-seq-len", "1024"])
+        .args(extra)
         .arg("--metrics")
         .arg(&reference_file)
         .output()
@@ -154,6 +156,28 @@ fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(reference.len() as u64, steps);
+    reference
+}
+
+/// The scratch directory with the operator's training parameters (made
+/// small) and the mesh of epoch 1 (two workers of one rank) published; and
+/// the straight run's metrics on the same settings.
+fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
+    let dir = scratch(name);
+    write_training(&dir);
+
+    let nodes = MeshNode::all_free(&parse_cluster("2x1").unwrap());
+    let request = MeshRequest {
+        job: "llm".into(),
+        min_workers: 2,
+        max_workers: 2,
+        gpus_per_worker: 1,
+        epoch: 1,
+    };
+    let mut first = plan_mesh(&request, &nodes, &[]).unwrap();
+    first.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
+    publish(&dir.join("mesh.json"), &first);
+    let reference = straight_run(&dir, 2, steps, &[]);
     (dir, first, reference)
 }
 
@@ -283,5 +307,43 @@ fn a_lost_pod_is_survived_from_the_last_checkpoint() {
     assert_eq!(seen.last().map(|m| m.step), Some(steps), "{log}");
     assert!(seen.iter().any(|m| m.world == 1));
     assert_same_losses(&seen, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
+    // Two workers of two ranks, each on a node of its own; 300 tokens a rank
+    // at most, so the longer documents are split over both nodes.
+    let dir = scratch("hierarchical");
+    write_training(&dir);
+    let nodes = MeshNode::all_free(&parse_cluster("2x2").unwrap());
+    let request = MeshRequest {
+        job: "llm".into(),
+        min_workers: 2,
+        max_workers: 2,
+        gpus_per_worker: 2,
+        epoch: 1,
+    };
+    let mut mesh = plan_mesh(&request, &nodes, &[]).unwrap();
+    mesh.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
+    publish(&dir.join("mesh.json"), &mesh);
+    let steps = 3;
+    let limit = ["--rank-tokens", "300"];
+    let mut a = pod_with(&dir, &mesh.workers[0].name, steps, &limit);
+    let mut b = pod_with(&dir, &mesh.workers[1].name, steps, &limit);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let (status_a, status_b) = (wait(&mut a), wait(&mut b));
+    let seen: Vec<StepMetrics> = metrics.try_iter().collect();
+    assert!(status_a.success(), "{}", stderr_of(&mut a));
+    assert!(status_b.success(), "{}", stderr_of(&mut b));
+    assert_eq!(seen.len() as u64, steps);
+    assert!(seen.iter().all(|m| m.world == 4));
+    assert!(
+        seen.iter().any(|m| m.hierarchical_rings > 0),
+        "no ring ran hierarchically: {seen:?}"
+    );
+    // The same losses as one node of four ranks planned flat.
+    assert_same_losses(&seen, &straight_run(&dir, 4, steps, &limit));
     let _ = std::fs::remove_dir_all(&dir);
 }
