@@ -398,6 +398,17 @@ pub(crate) fn least_loaded(
     has_room: &dyn Fn(u32) -> bool,
     n: u32,
 ) -> Option<Vec<u32>> {
+    if n == 1 {
+        // The common case (whole sequences), without building a heap.
+        let mut best: Option<(f64, u32)> = None;
+        for (r, l) in load.iter().enumerate() {
+            let r = r as u32;
+            if best.is_none_or(|(b, _)| *l < b) && has_room(r) {
+                best = Some((*l, r));
+            }
+        }
+        return best.map(|(_, r)| vec![r]);
+    }
     let mut heap: BinaryHeap<Reverse<(OrdF64, u32)>> = load
         .iter()
         .enumerate()

@@ -13,7 +13,10 @@
 //!   work (the lower bound per rank), so a long sequence never becomes the
 //!   critical path alone. Short sequences stay whole on one rank (no ring).
 //! - Placement: hierarchical (inside one node when the degree allows, else whole
-//!   nodes), list-scheduled costliest first onto the ranks free soonest.
+//!   nodes), list-scheduled costliest first onto the ranks free soonest. A
+//!   degree past a node's GPUs is also tried rounded up to whole nodes: the
+//!   ring is then hierarchical, shares no node with another ring, and the
+//!   ranks it leaves idle take short sequences.
 //! - With a remap, linear modules see a token-balanced layout and only
 //!   attention is balanced by placement; without, placement balances both.
 //! - Inter-node transfers are spread over every NIC of a node, and rings that
@@ -69,12 +72,29 @@ fn split_by_work(lengths: &[u64], cap: u64, work: impl Fn(u64) -> f64) -> Vec<Ve
         .collect()
 }
 
+/// The shape of a balanced layout weft tries.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    /// Linear modules on a token-balanced layout of their own.
+    remap: bool,
+    /// Degrees scaled by this (see [`DEGREE_SCALES`]).
+    scale: f64,
+    /// Degrees past a node's GPUs rounded up to whole nodes.
+    whole_nodes: bool,
+}
+
 /// Balanced hierarchical layout (see the module documentation).
-fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scale: f64) -> Layout {
+fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> Layout {
+    let Shape {
+        remap,
+        scale,
+        whole_nodes,
+    } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
     let gpu = topo.gpu_of(0);
     let pick = hierarchical_pick(ctx);
+    let per_node = topo.max_gpus_per_node();
     let work_of = |s: u64| {
         let s = s as f64;
         let attention = ctx.cost.attention_compute_time(s, gpu);
@@ -96,7 +116,15 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, remap: bool, scal
                 1
             };
             let by_balance = (f64::from(by_balance) * scale).ceil() as u32;
-            by_memory.max(by_balance).min(world)
+            let d = by_memory.max(by_balance);
+            // Past a node, whole nodes: the ring runs hierarchically, every
+            // NIC carries its rail, and no node is shared by two rings.
+            let d = if whole_nodes && d > per_node {
+                d.div_ceil(per_node) * per_node
+            } else {
+                d
+            };
+            d.min(world)
         }
     };
     let micro_batches = if remap {
@@ -247,7 +275,7 @@ pub fn candidates(
     check_fits(ctx, lengths, capacity)?;
     #[derive(Clone, Copy)]
     enum Build {
-        Balanced { remap: bool, scale: f64 },
+        Balanced(Shape),
         Static,
         Hdp,
         Zeppelin,
@@ -256,8 +284,25 @@ pub fn candidates(
     let mut builds = Vec::new();
     for scale in DEGREE_SCALES {
         for remap in [true, false] {
-            let name = format!("balanced{}x{scale}", if remap { "+remap" } else { "" });
-            builds.push((name, Build::Balanced { remap, scale }));
+            for whole_nodes in [true, false] {
+                // Below the even degrees, only whole nodes without a remap:
+                // the other layouts have never been the fastest there, and
+                // the remap's cost the most to build and to price.
+                if scale != 1.0 && (remap || !whole_nodes) {
+                    continue;
+                }
+                let name = format!(
+                    "balanced{}{}x{scale}",
+                    if remap { "+remap" } else { "" },
+                    if whole_nodes { "+nodes" } else { "" }
+                );
+                let shape = Shape {
+                    remap,
+                    scale,
+                    whole_nodes,
+                };
+                builds.push((name, Build::Balanced(shape)));
+            }
         }
     }
     builds.push(("static".to_string(), Build::Static));
@@ -271,7 +316,7 @@ pub fn candidates(
     let built = parallel_map(builds, |(name, build)| {
         let start = std::time::Instant::now();
         let layout = match build {
-            Build::Balanced { remap, scale } => Ok(balanced(ctx, lengths, capacity, remap, scale)),
+            Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape)),
             Build::Static => plan_static(ctx, lengths, context_length),
             Build::Hdp => plan_hdp(ctx, lengths),
             Build::Zeppelin => plan_zeppelin(ctx, lengths),
@@ -396,7 +441,16 @@ pub fn plan_weft(
     }
     let mut layout = match best {
         Some((_, _, layout)) => layout,
-        None => balanced(ctx, lengths, rank_capacity(ctx)?, true, 1.0),
+        None => balanced(
+            ctx,
+            lengths,
+            rank_capacity(ctx)?,
+            Shape {
+                remap: true,
+                scale: 1.0,
+                whole_nodes: true,
+            },
+        ),
     };
     layout.strategy = "weft".to_string();
     Ok(layout)
