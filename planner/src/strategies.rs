@@ -276,6 +276,33 @@ pub(crate) fn estimate_cost(
     estimate_docs_cost(ctx, &docs, degree, linear)
 }
 
+/// [`estimate_cost`] of a ring that, past a node, takes whole nodes and runs
+/// hierarchically with its inter-node hops spread over each node's NICs, as
+/// weft's own layouts do: the time the simulator gives such a ring alone.
+pub(crate) fn estimate_hierarchical_cost(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    sequence: usize,
+    degree: u32,
+) -> f64 {
+    let topo = &ctx.topology;
+    let per_node = topo.max_gpus_per_node();
+    let docs = [lengths[sequence] as f64];
+    if degree <= per_node || !degree.is_multiple_of(per_node) {
+        return estimate_docs_cost(ctx, &docs, degree, true);
+    }
+    let gpu = topo.gpu_of(0);
+    let ring = ctx.cost.hierarchical_ring_time(
+        &docs,
+        degree / per_node,
+        per_node,
+        topo.nvlink_bytes_per_s(0),
+        topo.node_nic_bytes_per_s(0) / f64::from(per_node),
+        gpu,
+    );
+    ring.total_s + ctx.cost.linear_time(docs[0] / f64::from(degree), gpu)
+}
+
 /// [`estimate_cost`] for documents given by their lengths.
 pub(crate) fn estimate_docs_cost(
     ctx: &PlanContext,
@@ -333,6 +360,7 @@ where
     let mut held = vec![0u64; world as usize];
     let mut micro_batches: Vec<LayoutMicroBatch> = Vec::new();
     let mut overflow = Vec::new();
+    let mut gaps: Vec<Vec<Gap>> = vec![Vec::new(); world as usize];
     for w in work {
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
         let share = tokens.div_ceil(u64::from(w.degree.max(1)));
@@ -354,6 +382,15 @@ where
             ranks.iter().map(|r| count[*r as usize]).max().unwrap_or(0)
         };
         for r in &ranks {
+            // A rank that waits for the others of the group, with a
+            // micro-batch it skips: time and a slot to fill.
+            let r_ = *r as usize;
+            if capacity.is_none() && start > load[r_] && count[r_] < mb {
+                gaps[r_].push(Gap {
+                    idle_s: start - load[r_],
+                    micro_batch: count[r_],
+                });
+            }
             load[*r as usize] = start + w.cost_s * pace;
             count[*r as usize] = mb + 1;
             held[*r as usize] += share;
@@ -369,7 +406,16 @@ where
         micro_batches,
         overflow,
         ready: load.into_iter().zip(count).collect(),
+        gaps,
     }
+}
+
+/// Time a rank spends waiting for the other ranks of its next group, and the
+/// micro-batch it skips meanwhile, where other work can run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Gap {
+    pub idle_s: f64,
+    pub micro_batch: usize,
 }
 
 /// What [`list_schedule`] decided.
@@ -380,6 +426,8 @@ pub(crate) struct Schedule {
     pub overflow: Vec<Work>,
     /// Per rank: when it is free, and how many micro-batches it has.
     pub ready: Vec<(f64, usize)>,
+    /// Per rank: its waits before groups (without a capacity only).
+    pub gaps: Vec<Vec<Gap>>,
 }
 
 /// How much slower each rank's GPU is than rank 0's, which work costs are

@@ -24,16 +24,16 @@
 //!   between nodes per round from every rank.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::sim::{
     Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate, use_hierarchical_rings,
     work_bound,
 };
 use crate::strategies::{
-    OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost, hierarchical_pick,
-    list_schedule, min_degree, pieces, plan_hdp, plan_static, plan_zeppelin, rank_capacity,
-    schedule_remapped, slowdowns,
+    Gap, OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost,
+    estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp,
+    plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -160,7 +160,11 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
                 Work {
                     sequences: vec![i],
                     degree: d,
-                    cost_s: estimate_cost(ctx, lengths, &[i], d, true),
+                    cost_s: if whole_nodes {
+                        estimate_hierarchical_cost(ctx, lengths, i, d)
+                    } else {
+                        estimate_cost(ctx, lengths, &[i], d, true)
+                    },
                 }
             })
             .collect();
@@ -171,7 +175,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
             lengths,
             &short,
             capacity,
-            &schedule.ready,
+            (&schedule.ready, &schedule.gaps),
             &mut micro_batches,
         );
         micro_batches
@@ -188,15 +192,19 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
 /// Ranks by load, least loaded first.
 type RankHeap = BinaryHeap<Reverse<(OrdF64, u32)>>;
 
-/// Places whole short sequences one at a time, costliest first, on the rank
-/// where it would finish first (its GPU's speed counted), then packs each rank's sequences into micro-batches of
-/// at most `capacity` tokens after the ones it already has.
+/// Places whole short sequences, costliest first. First into the waits
+/// (`gaps`) ranks have before their groups, each into the shortest wait that
+/// holds it (in the micro-batch the rank skips there, so the group does not
+/// start later); then one at a time on the rank where it would finish first
+/// (its GPU's speed counted), each rank's packed into micro-batches of at most
+/// `capacity` tokens after the ones it already has (`start`: when each rank
+/// is free and its micro-batch count).
 fn place_short_sequences(
     ctx: &PlanContext,
     lengths: &[u64],
     short: &[usize],
     capacity: u64,
-    start: &[(f64, usize)],
+    (start, gaps): (&[(f64, usize)], &[Vec<Gap>]),
     micro_batches: &mut Vec<LayoutMicroBatch>,
 ) {
     let world = ctx.topology.world() as usize;
@@ -206,6 +214,7 @@ fn place_short_sequences(
         .map(|&i| (estimate_cost(ctx, lengths, &[i], 1, true), i))
         .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let order = backfill(lengths, order, capacity, gaps, &slowdown, micro_batches);
     // One heap of ranks per GPU speed: the best rank of a class is its least
     // loaded, and the best overall is the class's best that finishes first.
     let mut classes: Vec<(f64, RankHeap)> = Vec::new();
@@ -252,6 +261,49 @@ fn place_short_sequences(
                 .push(LayoutGroup::flat(vec![r as u32], bin));
         }
     }
+}
+
+/// Fills the waits of `gaps` with sequences of `order` (cost, index; costliest
+/// first), each into the shortest wait that holds it (in reference-GPU
+/// seconds, so a slower rank's wait holds less) and whose micro-batch has
+/// room for its tokens; returns the sequences left over, in order.
+fn backfill(
+    lengths: &[u64],
+    order: Vec<(f64, usize)>,
+    capacity: u64,
+    gaps: &[Vec<Gap>],
+    slowdown: &[f64],
+    micro_batches: &mut [LayoutMicroBatch],
+) -> Vec<(f64, usize)> {
+    // Open waits by how much they still hold: (seconds, rank, wait) -> tokens left.
+    let mut open: BTreeMap<(OrdF64, usize, usize), u64> = BTreeMap::new();
+    for (r, waits) in gaps.iter().enumerate() {
+        for (k, gap) in waits.iter().enumerate() {
+            open.insert((OrdF64(gap.idle_s / slowdown[r]), r, k), capacity);
+        }
+    }
+    let mut filled: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    let mut rest = Vec::new();
+    for (cost, i) in order {
+        let fit = open
+            .range((OrdF64(cost), 0, 0)..)
+            .find(|(_, left)| **left >= lengths[i])
+            .map(|(key, left)| (*key, *left));
+        let Some(((OrdF64(held), r, k), left)) = fit else {
+            rest.push((cost, i));
+            continue;
+        };
+        open.remove(&(OrdF64(held), r, k));
+        open.insert((OrdF64(held - cost), r, k), left - lengths[i]);
+        filled.entry((r, k)).or_default().push(i);
+    }
+    for ((r, k), sequences) in filled {
+        let m = gaps[r][k].micro_batch;
+        if let Some(mb) = micro_batches.get_mut(m) {
+            mb.groups.push(LayoutGroup::flat(vec![r as u32], sequences));
+        }
+    }
+    rest
 }
 
 /// Degree scales weft tries for its own layouts: whether a long sequence is
@@ -454,4 +506,53 @@ pub fn plan_weft(
     };
     layout.strategy = "weft".to_string();
     Ok(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backfill_puts_sequences_into_the_waits_that_hold_them() {
+        // Rank 1 waits 5 s in micro-batch 0 before its next group; rank 0
+        // waits 1 s in micro-batch 1 but its GPU is twice as slow.
+        let gaps = vec![
+            vec![Gap {
+                idle_s: 1.0,
+                micro_batch: 1,
+            }],
+            vec![Gap {
+                idle_s: 5.0,
+                micro_batch: 0,
+            }],
+        ];
+        let lengths = vec![300, 200, 100, 50];
+        let order = vec![(3.0, 0), (2.5, 1), (1.0, 2), (0.5, 3)];
+        let mut micro_batches = vec![LayoutMicroBatch::default(); 2];
+        let rest = backfill(
+            &lengths,
+            order,
+            1000,
+            &gaps,
+            &[2.0, 1.0],
+            &mut micro_batches,
+        );
+        // 3 s then 1 s into rank 1's wait (2.5 s no longer fits there), and
+        // 0.5 s into rank 0's (1 s at half speed).
+        assert_eq!(rest, vec![(2.5, 1)]);
+        assert_eq!(
+            micro_batches[0].groups,
+            vec![LayoutGroup::flat(vec![1], vec![0, 2])]
+        );
+        assert_eq!(
+            micro_batches[1].groups,
+            vec![LayoutGroup::flat(vec![0], vec![3])]
+        );
+        // A micro-batch without room for the tokens takes nothing.
+        let mut micro_batches = vec![LayoutMicroBatch::default(); 2];
+        let order = vec![(3.0, 0)];
+        let rest = backfill(&lengths, order, 100, &gaps, &[2.0, 1.0], &mut micro_batches);
+        assert_eq!(rest, vec![(3.0, 0)]);
+        assert!(micro_batches.iter().all(|m| m.groups.is_empty()));
+    }
 }
