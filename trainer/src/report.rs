@@ -138,12 +138,16 @@ pub fn progress_patch(
         "tokensPerSecond": metrics.tokens_per_s,
     });
     if let Some(step) = checkpoint {
-        let now = k8s_openapi::jiff::Timestamp::now();
+        // As Kubernetes writes a Time (whole seconds), so that the operator,
+        // which writes the status back, keeps the value as it is.
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
         let path = crate::train::checkpoint_path(std::path::Path::new(checkpoint_path), step);
         status["lastCheckpoint"] = serde_json::json!({
             "step": step,
             "path": path.display().to_string(),
-            "time": now.to_string(),
+            "time": now,
         });
     }
     serde_json::json!({ "status": status })
@@ -171,12 +175,10 @@ mod tests {
             patch["status"]["lastCheckpoint"]["path"],
             "/ckpt/step-00000012"
         );
-        assert!(
-            patch["status"]["lastCheckpoint"]["time"]
-                .as_str()
-                .unwrap()
-                .ends_with('Z')
-        );
+        // Whole seconds, as the API server and the operator write it.
+        let time = patch["status"]["lastCheckpoint"]["time"].as_str().unwrap();
+        assert!(time.ends_with('Z') && !time.contains('.'), "{time}");
+        assert_eq!(time.len(), "2026-11-29T09:20:52Z".len(), "{time}");
         let plain = progress_patch(&metrics, None, "/ckpt");
         assert!(plain["status"].get("lastCheckpoint").is_none());
     }
