@@ -1,4 +1,5 @@
-//! Fake GPU nodes for kwok, rendered from a planner cluster description.
+//! Fake GPU nodes (and CPU-only ones: nodes of no GPUs) for kwok, rendered
+//! from a planner cluster description.
 //!
 //! Each node carries the GPU capacity, the GPU product label, the zone/block/rack
 //! labels and the NIC annotation that weft reads (names from `weft_crds::topology`),
@@ -23,20 +24,25 @@ pub fn node_objects(cluster: &Cluster) -> Vec<Node> {
         .nodes
         .iter()
         .map(|node| {
-            let labels = BTreeMap::from([
+            let mut labels = BTreeMap::from([
                 ("kubernetes.io/hostname".to_string(), node.name.clone()),
                 ("kubernetes.io/os".to_string(), "linux".to_string()),
                 ("kubernetes.io/arch".to_string(), "amd64".to_string()),
                 ("type".to_string(), "kwok".to_string()),
                 (FAKE_NODE_LABEL.to_string(), "true".to_string()),
-                (
-                    topology::LABEL_GPU_PRODUCT.to_string(),
-                    node.gpu.product_label.clone(),
-                ),
                 (topology::LABEL_ZONE.to_string(), node.zone.clone()),
                 (topology::LABEL_BLOCK.to_string(), node.block.clone()),
                 (topology::LABEL_RACK.to_string(), node.rack.clone()),
             ]);
+            // A node of no GPUs is a CPU-only node: no GPU product, resource
+            // or NIC table, as on a cluster without the GPU operator.
+            let gpu_node = node.gpus > 0;
+            if gpu_node {
+                labels.insert(
+                    topology::LABEL_GPU_PRODUCT.to_string(),
+                    node.gpu.product_label.clone(),
+                );
+            }
             let nics: Vec<Nic> = node
                 .nics
                 .iter()
@@ -46,25 +52,26 @@ pub fn node_objects(cluster: &Cluster) -> Vec<Node> {
                     gpus: n.gpus.clone(),
                 })
                 .collect();
-            let annotations = BTreeMap::from([
-                (KWOK_NODE_ANNOTATION.to_string(), "fake".to_string()),
-                (
-                    topology::ANNOTATION_NICS.to_string(),
-                    topology::format_nics(&nics),
-                ),
-            ]);
-            let resources = BTreeMap::from([
+            let mut annotations =
+                BTreeMap::from([(KWOK_NODE_ANNOTATION.to_string(), "fake".to_string())]);
+            let mut resources = BTreeMap::from([
                 ("cpu".to_string(), Quantity(node.cpu_cores.to_string())),
                 (
                     "memory".to_string(),
                     Quantity(format!("{}Gi", node.memory_gib)),
                 ),
                 ("pods".to_string(), Quantity("110".to_string())),
-                (
+            ]);
+            if gpu_node {
+                annotations.insert(
+                    topology::ANNOTATION_NICS.to_string(),
+                    topology::format_nics(&nics),
+                );
+                resources.insert(
                     topology::RESOURCE_GPU.to_string(),
                     Quantity(node.gpus.to_string()),
-                ),
-            ]);
+                );
+            }
             Node {
                 metadata: ObjectMeta {
                     name: Some(node.name.clone()),

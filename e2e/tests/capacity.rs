@@ -1,6 +1,7 @@
 //! The controller as the cluster's capacity changes under it, against the
 //! real API server, scheduler and garbage collector on kwok GPU nodes:
 //!
+//! - CPU-only nodes (no GPU resource at all) run a CPU job selected onto them;
 //! - the tiny CPU example (manifests/examples) runs, a CPU rank per node;
 //! - a worker the scheduler cannot place makes the job say why;
 //! - on a heterogeneous cluster (8-GPU nodes with a NIC per GPU, 4-GPU A100
@@ -23,7 +24,7 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use weft_crds::topology::{ANNOTATION_NICS, Nic};
+use weft_crds::topology::{ANNOTATION_NICS, LABEL_ZONE, Nic};
 use weft_crds::{Phase, TrainingJob};
 use weft_e2e::jobs::{running_workers, set_not_ready, sleeper_job, wait_running};
 use weft_e2e::nodes::node_objects;
@@ -33,6 +34,17 @@ use weft_planner::cluster::parse_cluster;
 
 /// The nodes this test adds: two more 8-GPU nodes.
 const EXTRA: &str = "2x8:nics=8,name=extra";
+
+/// Two CPU-only nodes (no GPU resource, product label or NIC table) of their
+/// own zone.
+fn cpu_only_nodes() -> anyhow::Result<Vec<Node>> {
+    let mut cluster = parse_cluster("2x1:name=cpu-only,zone=cpu-only")?;
+    for node in &mut cluster.nodes {
+        node.gpus = 0;
+        node.nics.clear();
+    }
+    Ok(node_objects(&cluster))
+}
 
 fn job(name: &str, min: i32, max: i32, gpus: i32) -> TrainingJob {
     sleeper_job(name, min, max, gpus, 1)
@@ -67,7 +79,10 @@ async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Resul
         })
         .await;
     // Whatever happened, the cluster is left as it was found.
-    for node in node_objects(&parse_cluster(EXTRA)?) {
+    for node in node_objects(&parse_cluster(EXTRA)?)
+        .into_iter()
+        .chain(cpu_only_nodes()?)
+    {
         let _ = nodes
             .delete(&node.name_any(), &DeleteParams::default())
             .await;
@@ -86,6 +101,30 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     let jobs: Api<TrainingJob> = ns.api();
     let pods: Api<Pod> = ns.api();
     let nodes: Api<Node> = Api::all(ns.client.clone());
+
+    // CPU-only nodes: the operator sees them, and a CPU job whose node
+    // selector picks them runs there, a worker per node.
+    let cpu_nodes = cpu_only_nodes()?;
+    for node in &cpu_nodes {
+        nodes.create(&PostParams::default(), node).await?;
+    }
+    let mut on_cpus = job("on-cpus", 2, 2, 0);
+    on_cpus.spec.scheduling.node_selector =
+        BTreeMap::from([(LABEL_ZONE.to_string(), "cpu-only".to_string())]);
+    jobs.create(&PostParams::default(), &on_cpus).await?;
+    let (_, mesh) = wait_running(ns, "on-cpus", 2, 1).await?;
+    let placed: Vec<&str> = mesh.workers.iter().map(|w| w.node.as_str()).collect();
+    ensure!(
+        placed.len() == 2 && placed.iter().all(|n| n.starts_with("cpu-only")),
+        "the CPU job's workers are on {placed:?}"
+    );
+    jobs.delete("on-cpus", &DeleteParams::background()).await?;
+    for node in &cpu_nodes {
+        nodes
+            .delete(&node.name_any(), &DeleteParams::default())
+            .await?;
+    }
+    stage("a CPU job ran on CPU-only nodes");
 
     // The tiny CPU example: CPU-only workers, one rank each, one per node.
     let example = weft_e2e::repo_root().join("manifests/examples/tiny-cpu.yaml");

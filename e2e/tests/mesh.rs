@@ -27,10 +27,10 @@ async fn built_workers_are_accepted_and_placed_where_the_mesh_planned() -> anyho
     env.run("mesh-placement", |ns| async move {
         // Observe: GPU nodes, and the GPUs pods already hold on each.
         let nodes: Api<Node> = Api::all(ns.client.clone());
-        let (gpu_nodes, _) = read_nodes(&nodes.list(&ListParams::default()).await?.items);
+        let (cluster_nodes, _) = read_nodes(&nodes.list(&ListParams::default()).await?.items);
         let all_pods: Api<Pod> = Api::all(ns.client.clone());
         let all_pods = all_pods.list(&ListParams::default()).await?.items;
-        let (mesh_nodes, _) = mesh_inputs(&gpu_nodes, &all_pods, &[]);
+        let (mesh_nodes, _) = mesh_inputs(&cluster_nodes, &all_pods, &[]);
 
         // The job, as a user would create it.
         let jobs: Api<TrainingJob> = ns.api();

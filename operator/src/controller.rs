@@ -42,7 +42,7 @@ use weft_crds::{Phase, TrainingJob};
 use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
 
 use crate::build::{BuildError, LABEL_JOB, build, resolve_model};
-use crate::inventory::GpuNode;
+use crate::inventory::ClusterNode;
 use crate::lifecycle::{
     finished_worker, growth_limit, new_failures, record_failures, restart_budget_exhausted,
 };
@@ -111,7 +111,7 @@ pub fn gpus_requested(pod: &Pod) -> u32 {
 /// survivors' GPUs as theirs), and the job's surviving workers (live pods
 /// with a node).
 pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
-    gpu_nodes: &[GpuNode],
+    cluster_nodes: &[ClusterNode],
     all_pods: &[P],
     job_pods: &[Pod],
 ) -> (Vec<MeshNode>, Vec<ExistingWorker>) {
@@ -125,7 +125,7 @@ pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
             *used.entry(node).or_default() += gpus_requested(pod);
         }
     }
-    let nodes = gpu_nodes
+    let nodes = cluster_nodes
         .iter()
         .map(|n| MeshNode {
             free_gpus: n
@@ -415,8 +415,8 @@ async fn reconcile_job(
     .map_err(|_| ControllerError::CacheGone)?;
     // Shared handles to the cached objects: nothing of the cluster is copied.
     let node_list = ctx.nodes.state();
-    let (mut gpu_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
-    crate::inventory::fit_to_job(&mut gpu_nodes, &node_list, &job.spec.scheduling);
+    let (mut cluster_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
+    crate::inventory::fit_to_job(&mut cluster_nodes, &node_list, &job.spec.scheduling);
     let all_pods = ctx.pods.state();
     let job_pods = pods
         .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
@@ -511,7 +511,7 @@ async fn reconcile_job(
         .await?
         .and_then(|cm| cm.data?.get("mesh.json").cloned())
         .and_then(|text| serde_json::from_str(&text).ok());
-    let (mesh_nodes, existing) = mesh_inputs(&gpu_nodes, &all_pods, &job_pods);
+    let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &all_pods, &job_pods);
     let previous_epoch = job
         .status
         .as_ref()
@@ -909,10 +909,10 @@ mod tests {
     #[test]
     fn free_gpus_exclude_every_live_pod_and_survivors_are_the_jobs_live_pods() {
         let cluster = parse_cluster("2x8").unwrap();
-        let gpu_nodes: Vec<GpuNode> = cluster
+        let cluster_nodes: Vec<ClusterNode> = cluster
             .nodes
             .iter()
-            .map(|n| GpuNode {
+            .map(|n| ClusterNode {
                 node: n.clone(),
                 ready: true,
                 schedulable: true,
@@ -927,7 +927,7 @@ mod tests {
         let mut all = mine.clone();
         all.push(pod("other", &b, 2, "Running"));
         all.push(pod("done", &b, 8, "Succeeded"));
-        let (nodes, existing) = mesh_inputs(&gpu_nodes, &all, &mine);
+        let (nodes, existing) = mesh_inputs(&cluster_nodes, &all, &mine);
         assert_eq!(
             nodes[0].free_gpus, 4,
             "the job's own live worker holds its GPUs"

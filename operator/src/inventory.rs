@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use weft_crds::topology::{self, TopologyError};
 use weft_planner::cluster::{GpuModel, Nic, Node};
 
-/// A GPU node as weft sees it, with what the scheduler needs to know about it.
+/// A node as weft sees it, with what the scheduler needs to know about it:
+/// a GPU node, or a CPU-only one (`node.gpus` 0), where CPU-only workers run.
 #[derive(Clone, Debug, PartialEq)]
-pub struct GpuNode {
+pub struct ClusterNode {
     pub node: Node,
     /// The node's Ready condition is True.
     pub ready: bool,
@@ -68,15 +69,16 @@ pub fn gpu_model_for_product(product: &str) -> Option<GpuModel> {
         .find(|model| model.product_label == product)
 }
 
-/// Reads one node. `Ok(None)` for nodes without GPUs, which weft does not plan on.
-pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
+/// Reads one node: a GPU node, or a CPU-only one (no GPUs allocatable), which
+/// only CPU-only workers use. Always `Some` for a node it can read.
+pub fn read_node(node: &KubeNode) -> Result<Option<ClusterNode>, InventoryError> {
     let name = node.metadata.name.clone().ok_or(InventoryError::Unnamed)?;
     let status = node.status.as_ref();
     let gpus = match status
         .and_then(|s| s.allocatable.as_ref())
         .and_then(|a| a.get(topology::RESOURCE_GPU))
     {
-        None => return Ok(None),
+        None => 0,
         Some(quantity) => {
             quantity
                 .0
@@ -88,13 +90,18 @@ pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
                 })?
         }
     };
-    if gpus == 0 {
-        return Ok(None);
-    }
     let labels = node.metadata.labels.clone().unwrap_or_default();
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
     let product = label(topology::LABEL_GPU_PRODUCT);
-    let gpu = gpu_model_for_product(&product).ok_or_else(|| InventoryError::UnknownGpuProduct {
+    // A CPU-only node has no GPU product to know and no GPU for a NIC to be
+    // close to; the default model only fills the field (no GPU work goes there).
+    let cpu_only = if gpus == 0 {
+        GpuModel::preset(weft_planner::cluster::DEFAULT_GPU).ok()
+    } else {
+        None
+    };
+    let known = cpu_only.or_else(|| gpu_model_for_product(&product));
+    let gpu = known.ok_or_else(|| InventoryError::UnknownGpuProduct {
         node: name.clone(),
         product: product.clone(),
         label: topology::LABEL_GPU_PRODUCT,
@@ -110,6 +117,7 @@ pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
         .annotations
         .as_ref()
         .and_then(|a| a.get(topology::ANNOTATION_NICS))
+        .filter(|_| gpus > 0)
     {
         None => Vec::new(),
         Some(value) => topology::parse_nics(value, gpus)
@@ -139,7 +147,7 @@ pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false);
-    Ok(Some(GpuNode {
+    Ok(Some(ClusterNode {
         node: Node {
             name,
             gpu,
@@ -161,12 +169,12 @@ pub fn read_node(node: &KubeNode) -> Result<Option<GpuNode>, InventoryError> {
 /// Reads every node; GPU nodes that could be read, and the errors of those that could not.
 /// `nodes` may be the nodes themselves or shared handles to them (the
 /// controller's cache), so a reconcile need not copy the cluster.
-pub fn read_nodes<N: Borrow<KubeNode>>(nodes: &[N]) -> (Vec<GpuNode>, Vec<InventoryError>) {
+pub fn read_nodes<N: Borrow<KubeNode>>(nodes: &[N]) -> (Vec<ClusterNode>, Vec<InventoryError>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for node in nodes {
         match read_node(node.borrow()) {
-            Ok(Some(gpu_node)) => good.push(gpu_node),
+            Ok(Some(cluster_node)) => good.push(cluster_node),
             Ok(None) => {}
             Err(err) => bad.push(err),
         }
@@ -180,7 +188,7 @@ pub fn read_nodes<N: Borrow<KubeNode>>(nodes: &[N]) -> (Vec<GpuNode>, Vec<Invent
 /// not tolerate, is not schedulable for it (a worker pinned there would wait
 /// forever); and the rack of each node is read from the job's topology key.
 pub fn fit_to_job<N: Borrow<KubeNode>>(
-    gpu_nodes: &mut [GpuNode],
+    cluster_nodes: &mut [ClusterNode],
     nodes: &[N],
     scheduling: &weft_crds::SchedulingSpec,
 ) {
@@ -189,8 +197,8 @@ pub fn fit_to_job<N: Borrow<KubeNode>>(
         .map(Borrow::borrow)
         .filter_map(|n: &KubeNode| Some((n.metadata.name.as_deref()?, n)))
         .collect();
-    for gpu_node in gpu_nodes.iter_mut() {
-        let Some(node) = by_name.get(gpu_node.node.name.as_str()) else {
+    for cluster_node in cluster_nodes.iter_mut() {
+        let Some(node) = by_name.get(cluster_node.node.name.as_str()) else {
             continue;
         };
         let empty = std::collections::BTreeMap::new();
@@ -208,10 +216,10 @@ pub fn fit_to_job<N: Borrow<KubeNode>>(
             .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
             .all(|t| scheduling.tolerations.iter().any(|tol| tolerates(tol, t)));
         if !(selected && tolerated) {
-            gpu_node.schedulable = false;
+            cluster_node.schedulable = false;
         }
         if scheduling.topology_key != topology::LABEL_RACK {
-            gpu_node.node.rack = labels
+            cluster_node.node.rack = labels
                 .get(&scheduling.topology_key)
                 .cloned()
                 .unwrap_or_default();
@@ -303,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn skips_cpu_nodes_and_reports_bad_ones_by_name() {
+    fn reads_cpu_only_nodes_and_reports_bad_ones_by_name() {
         let mut cpu = kube_node("cpu", "0", "", None, true);
         cpu.status
             .as_mut()
@@ -327,9 +335,13 @@ mod tests {
             ),
         ];
         let (good, bad) = read_nodes(&nodes);
-        assert_eq!(good.len(), 1);
-        assert_eq!(good[0].node.name, "ok");
-        assert!(!good[0].ready);
+        let names: Vec<&str> = good.iter().map(|n| n.node.name.as_str()).collect();
+        assert_eq!(names, ["cpu", "ok", "zero"]);
+        // CPU-only nodes: no GPU, whatever their product label says.
+        assert_eq!((good[0].node.gpus, good[2].node.gpus), (0, 0));
+        assert!(good[0].node.nics.is_empty());
+        assert_eq!(good[1].node.gpus, 4);
+        assert!(!good[1].ready);
         let messages: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
         assert_eq!(messages.len(), 3, "{messages:?}");
         assert!(messages[0].contains("node odd") && messages[0].contains("\"eight\""));
@@ -366,9 +378,9 @@ mod tests {
             .insert("example.com/switch".into(), "leaf-7".into());
         let nodes = vec![pooled, tainted];
         let fit = |scheduling: &weft_crds::SchedulingSpec| {
-            let (mut gpu_nodes, _) = read_nodes(&nodes);
-            fit_to_job(&mut gpu_nodes, &nodes, scheduling);
-            gpu_nodes
+            let (mut cluster_nodes, _) = read_nodes(&nodes);
+            fit_to_job(&mut cluster_nodes, &nodes, scheduling);
+            cluster_nodes
                 .iter()
                 .map(|n| (n.node.name.clone(), n.schedulable, n.node.rack.clone()))
                 .collect::<Vec<_>>()

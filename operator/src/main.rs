@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::ListParams;
 use kube::{Api, Client};
-use weft_operator::inventory::{GpuNode, read_nodes};
+use weft_operator::inventory::{ClusterNode, read_nodes};
 use weft_operator::leader::{Election, run_elected};
 use weft_operator::metrics::{Metrics, serve};
 use weft_operator::telemetry::LogFormat;
@@ -158,15 +158,15 @@ async fn inventory() -> anyhow::Result<()> {
         .list(&ListParams::default())
         .await
         .context("could not list nodes")?;
-    let (gpu_nodes, errors) = read_nodes(&list.items);
-    print!("{}", render_table(&gpu_nodes));
+    let (cluster_nodes, errors) = read_nodes(&list.items);
+    print!("{}", render_table(&cluster_nodes));
     for err in &errors {
         eprintln!("warning [{}]: {err}", err.category());
     }
     Ok(())
 }
 
-fn render_table(nodes: &[GpuNode]) -> String {
+fn render_table(nodes: &[ClusterNode]) -> String {
     let mut out = format!(
         "{:<16} {:<6} {:>4} {:<10} {:<16} {:<16} NICS (name:Gbps:gpus)\n",
         "NODE", "READY", "GPUS", "GPU", "RACK", "BLOCK"
@@ -191,7 +191,11 @@ fn render_table(nodes: &[GpuNode]) -> String {
             n.node.name,
             ready,
             n.node.gpus,
-            n.node.gpu.name,
+            if n.node.gpus == 0 {
+                "-"
+            } else {
+                n.node.gpu.name.as_str()
+            },
             n.node.rack,
             n.node.block,
             nics.join(" ")
@@ -202,6 +206,10 @@ fn render_table(nodes: &[GpuNode]) -> String {
         .filter(|n| n.ready && n.schedulable)
         .map(|n| n.node.gpus)
         .sum();
-    out += &format!("{} GPU nodes, {total} schedulable GPUs\n", nodes.len());
+    let gpu_nodes = nodes.iter().filter(|n| n.node.gpus > 0).count();
+    out += &format!(
+        "{gpu_nodes} GPU nodes, {} CPU-only nodes, {total} schedulable GPUs\n",
+        nodes.len() - gpu_nodes
+    );
     out
 }
