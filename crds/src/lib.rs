@@ -11,9 +11,10 @@ pub mod topology;
 pub mod training_job;
 
 pub use training_job::{
-    CheckpointRecord, CheckpointSpec, ContextParallelism, DataOrder, DataSpec, ElasticitySpec,
-    ModelPreset, ModelSpec, ParallelismSpec, Phase, SchedulingSpec, TrainingJob, TrainingJobSpec,
-    TrainingJobStatus, WorkerFailure, WorkerRange, WorkerResources,
+    AVOID_NODE_SECONDS, AvoidedNode, CheckpointRecord, CheckpointSpec, ContextParallelism,
+    DataOrder, DataSpec, ElasticitySpec, ModelPreset, ModelSpec, ParallelismSpec, Phase,
+    SchedulingSpec, TrainingJob, TrainingJobSpec, TrainingJobStatus, WorkerFailure, WorkerRange,
+    WorkerResources,
 };
 
 use kube::CustomResourceExt;

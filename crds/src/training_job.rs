@@ -461,7 +461,21 @@ pub struct ElasticitySpec {
     #[serde(default = "default_rescale_cooldown")]
     #[schemars(range(min = 0, max = 86400))]
     pub rescale_cooldown_seconds: i32,
+    /// A worker the scheduler cannot place on its node for this long (the
+    /// node lacks memory or CPU the mesh cannot see, a taint, ...) gives the
+    /// node up: the job avoids it for `AVOID_NODE_SECONDS` (5 minutes) and
+    /// places the worker elsewhere, or shrinks, instead of waiting for ever.
+    #[serde(default = "default_unschedulable_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub unschedulable_timeout_seconds: i32,
 }
+
+fn default_unschedulable_timeout() -> i32 {
+    60
+}
+
+/// How long a job avoids a node where one of its workers could not be scheduled.
+pub const AVOID_NODE_SECONDS: i64 = 300;
 
 fn default_restart_limit() -> i32 {
     5
@@ -476,6 +490,7 @@ impl Default for ElasticitySpec {
         ElasticitySpec {
             restart_limit: default_restart_limit(),
             rescale_cooldown_seconds: default_rescale_cooldown(),
+            unschedulable_timeout_seconds: default_unschedulable_timeout(),
         }
     }
 }
@@ -594,6 +609,21 @@ pub struct TrainingJobStatus {
     /// `elasticity.rescaleCooldownSeconds` after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rescale_time: Option<Time>,
+    /// Nodes the job avoids for now: one of its workers could not be
+    /// scheduled there (see `elasticity.unschedulableTimeoutSeconds`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoided_nodes: Vec<AvoidedNode>,
+}
+
+/// A node a job avoids, and why.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AvoidedNode {
+    pub node: String,
+    /// What the scheduler said about the worker it could not place there.
+    pub reason: String,
+    /// Since when; the node is tried again `AVOID_NODE_SECONDS` later.
+    pub since: Time,
 }
 
 /// A complete checkpoint.

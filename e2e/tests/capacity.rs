@@ -4,6 +4,9 @@
 //! - CPU-only nodes (no GPU resource at all) run a CPU job selected onto them;
 //! - the tiny CPU example (manifests/examples) runs, a CPU rank per node;
 //! - a worker the scheduler cannot place makes the job say why;
+//! - a node that will not take its worker (too little memory) is avoided
+//!   after `elasticity.unschedulableTimeoutSeconds`, and the worker goes to
+//!   a node that will;
 //! - on a heterogeneous cluster (8-GPU nodes with a NIC per GPU, 4-GPU A100
 //!   nodes with a NIC per two GPUs) each rank's NIC in the mesh plan is the
 //!   one the node's annotation puts next to its GPU;
@@ -34,6 +37,13 @@ use weft_planner::cluster::parse_cluster;
 
 /// The nodes this test adds: two more 8-GPU nodes.
 const EXTRA: &str = "2x8:nics=8,name=extra";
+
+/// An 8-GPU node with 1 GiB of memory, and one with plenty, in a zone of
+/// their own.
+const SPILL: [&str; 2] = [
+    "1x8:nics=8,name=spill-small,zone=spill,mem=1",
+    "1x8:nics=8,name=spill-roomy,zone=spill",
+];
 
 /// Two CPU-only nodes (no GPU resource, product label or NIC table) of their
 /// own zone.
@@ -82,6 +92,8 @@ async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Resul
     for node in node_objects(&parse_cluster(EXTRA)?)
         .into_iter()
         .chain(cpu_only_nodes()?)
+        .chain(node_objects(&parse_cluster(SPILL[0])?))
+        .chain(node_objects(&parse_cluster(SPILL[1])?))
     {
         let _ = nodes
             .delete(&node.name_any(), &DeleteParams::default())
@@ -173,6 +185,50 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     );
     jobs.delete("hungry", &DeleteParams::background()).await?;
     stage("an unschedulable worker was reported");
+
+    // A node that will not take the worker the mesh put there (it has 1 GiB,
+    // the worker asks 2): after the timeout the job avoids it, says so, and
+    // moves the worker to a node that takes it as soon as there is one.
+    let small = node_objects(&parse_cluster(SPILL[0])?);
+    for node in &small {
+        nodes.create(&PostParams::default(), node).await?;
+    }
+    let mut spill = job("spill", 1, 1, 8);
+    spill.spec.resources.memory = Some("2Gi".into());
+    spill.spec.elasticity.unschedulable_timeout_seconds = 2;
+    spill.spec.scheduling.node_selector =
+        BTreeMap::from([(LABEL_ZONE.to_string(), "spill".to_string())]);
+    jobs.create(&PostParams::default(), &spill).await?;
+    let small_name = small[0].name_any();
+    let status = wait_job_status(&jobs, "spill", "spill to avoid the small node", |s| {
+        s.avoided_nodes.iter().any(|a| a.node == small_name)
+            && s.conditions
+                .iter()
+                .any(|c| c.reason == "InsufficientCapacity" && c.message.contains(&small_name))
+    })
+    .await?;
+    let avoided = &status.avoided_nodes[0];
+    ensure!(
+        avoided.reason.contains("Insufficient memory"),
+        "{avoided:?}"
+    );
+    let roomy = node_objects(&parse_cluster(SPILL[1])?);
+    for node in &roomy {
+        nodes.create(&PostParams::default(), node).await?;
+    }
+    let (workers, mesh) = wait_running(ns, "spill", 1, 2).await?;
+    ensure!(
+        mesh.workers[0].node == roomy[0].name_any(),
+        "the worker went to {:?} ({workers:?})",
+        mesh.workers[0].node
+    );
+    jobs.delete("spill", &DeleteParams::background()).await?;
+    for node in small.iter().chain(&roomy) {
+        nodes
+            .delete(&node.name_any(), &DeleteParams::default())
+            .await?;
+    }
+    stage("a node that would not take the worker was avoided");
 
     // Heterogeneous NICs: 4-GPU workers fill the 8-GPU nodes two by two and
     // the 4-GPU A100 nodes one by one (3×8 + 2×4 = 32 GPUs = 8 workers).

@@ -38,13 +38,14 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
 use weft_crds::topology::RESOURCE_GPU;
-use weft_crds::{Phase, TrainingJob};
+use weft_crds::{AVOID_NODE_SECONDS, Phase, TrainingJob};
 use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
 
 use crate::build::{BuildError, LABEL_JOB, build, resolve_model};
 use crate::inventory::ClusterNode;
 use crate::lifecycle::{
-    finished_worker, growth_limit, new_failures, record_failures, restart_budget_exhausted,
+    avoided_nodes, finished_worker, growth_limit, new_failures, next_refusal_timeout,
+    record_failures, restart_budget_exhausted,
 };
 use crate::metrics::Metrics;
 use crate::status::{Observed, Outcome, compute_status, finished_status};
@@ -503,6 +504,45 @@ async fn reconcile_job(
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
 
+    // Nodes that will not take a worker: avoided for a while, recorded
+    // before the mesh leaves them, so a restart of the operator keeps them.
+    let mut status = job.status.clone().unwrap_or_default();
+    let avoided = avoided_nodes(
+        &status,
+        &job_pods,
+        i64::from(job.spec.elasticity.unschedulable_timeout_seconds.max(1)),
+        &now,
+    );
+    if avoided != status.avoided_nodes {
+        for node in avoided
+            .iter()
+            .filter(|a| !status.avoided_nodes.iter().any(|b| b.node == a.node))
+        {
+            event(
+                &ctx,
+                &job,
+                EventType::Warning,
+                "NodeAvoided",
+                format!(
+                    "node {}: {}; avoided for {AVOID_NODE_SECONDS} s",
+                    node.node, node.reason
+                ),
+            )
+            .await;
+        }
+        status.avoided_nodes = avoided;
+        write_status(&jobs, &mut job, &status).await?;
+    }
+    for node in cluster_nodes.iter_mut() {
+        if status
+            .avoided_nodes
+            .iter()
+            .any(|a| a.node == node.node.name)
+        {
+            node.schedulable = false;
+        }
+    }
+
     // Plan. The current epoch is the published mesh's (the ConfigMap is the
     // record; a status written from a stale cache can lag behind it).
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
@@ -702,11 +742,21 @@ async fn reconcile_job(
         };
         event(&ctx, &job, type_, &format!("{:?}", status.phase), note).await;
     }
-    Ok(match cooldown_left {
-        // Look again when growth is allowed.
-        Some(left) if planned.is_ok() => Action::requeue(left + Duration::from_secs(1)),
-        _ => Action::requeue(Duration::from_secs(30)),
-    })
+    let look_again = match cooldown_left {
+        // When growth is allowed.
+        Some(left) if planned.is_ok() => left + Duration::from_secs(1),
+        _ => Duration::from_secs(30),
+    };
+    // And when a worker the scheduler refuses reaches its timeout.
+    let refusal = next_refusal_timeout(
+        &job_pods,
+        i64::from(job.spec.elasticity.unschedulable_timeout_seconds.max(1)),
+        &now,
+    );
+    Ok(Action::requeue(match refusal {
+        Some(left) => look_again.min(left + Duration::from_secs(1)),
+        None => look_again,
+    }))
 }
 
 /// Ends the job: writes the final status first (so a restarted operator

@@ -11,6 +11,12 @@
 //!   its last step (every rank ends at the same step), so the first worker
 //!   that succeeds ends the job: it is Succeeded and its other workers are
 //!   stopped, releasing their GPUs.
+//! - **Nodes that will not take a worker.** A worker the scheduler has
+//!   refused on its node for `elasticity.unschedulableTimeoutSeconds` (the
+//!   node lacks memory or CPU the mesh does not see, a taint came) makes the
+//!   job avoid that node for `AVOID_NODE_SECONDS`, recorded in
+//!   `status.avoidedNodes`: the next mesh places the worker elsewhere, or
+//!   shrinks, and the job never waits on that node for ever.
 //! - **Rescale cooldown.** After a membership change the job does not grow
 //!   for `elasticity.rescaleCooldownSeconds`, so capacity that flaps does not
 //!   restart the workers over and over; it still shrinks at once, and it may
@@ -21,7 +27,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use weft_crds::{TrainingJob, TrainingJobStatus, WorkerFailure};
+use weft_crds::{AVOID_NODE_SECONDS, AvoidedNode, TrainingJob, TrainingJobStatus, WorkerFailure};
 
 use crate::status::phase_of;
 
@@ -61,6 +67,76 @@ pub fn failure_reason(pod: &Pod) -> String {
         (None, Some(message)) => message.to_string(),
         (None, None) => "the pod failed".to_string(),
     }
+}
+
+/// The nodes the job avoids from `now` on: those of `status.avoidedNodes`
+/// avoided for less than [`AVOID_NODE_SECONDS`], and the node of every worker
+/// pod the scheduler has refused (`PodScheduled` False, `Unschedulable`) for
+/// `timeout_s` or more, by node name.
+pub fn avoided_nodes(
+    status: &TrainingJobStatus,
+    pods: &[Pod],
+    timeout_s: i64,
+    now: &Time,
+) -> Vec<AvoidedNode> {
+    let age = |since: &Time| now.0.as_second() - since.0.as_second();
+    let mut avoided: Vec<AvoidedNode> = status
+        .avoided_nodes
+        .iter()
+        .filter(|a| age(&a.since) < AVOID_NODE_SECONDS)
+        .cloned()
+        .collect();
+    for (pod, node, refused) in refused_workers(pods) {
+        let since = refused.last_transition_time.as_ref();
+        if since.is_none_or(|t| age(t) < timeout_s) || avoided.iter().any(|a| a.node == node) {
+            continue;
+        }
+        avoided.push(AvoidedNode {
+            node: node.to_string(),
+            reason: format!(
+                "worker {} could not be scheduled there: {}",
+                pod.name_any(),
+                refused.message.as_deref().unwrap_or("no reason given")
+            ),
+            since: now.clone(),
+        });
+    }
+    avoided.sort_by(|a, b| a.node.cmp(&b.node));
+    avoided
+}
+
+/// How long until a worker the scheduler refuses reaches `timeout_s` (when
+/// the reconcile must look again), if one is still under it.
+pub fn next_refusal_timeout(pods: &[Pod], timeout_s: i64, now: &Time) -> Option<Duration> {
+    refused_workers(pods)
+        .filter_map(|(_, _, c)| c.last_transition_time.as_ref())
+        .map(|t| timeout_s - (now.0.as_second() - t.0.as_second()))
+        .filter(|left| *left > 0)
+        .min()
+        .map(|left| Duration::from_secs(left as u64))
+}
+
+/// Pending workers pinned to a node that the scheduler refuses there: the
+/// pod, its node and the `PodScheduled` condition.
+fn refused_workers(
+    pods: &[Pod],
+) -> impl Iterator<Item = (&Pod, &str, &k8s_openapi::api::core::v1::PodCondition)> {
+    pods.iter()
+        .filter(|p| phase_of(p) == "Pending")
+        .filter_map(|pod| {
+            let refused = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })?;
+            let node = pod
+                .spec
+                .as_ref()?
+                .node_selector
+                .as_ref()?
+                .get("kubernetes.io/hostname")?;
+            Some((pod, node.as_str(), refused))
+        })
 }
 
 /// Failed worker pods not counted yet, in name order.
@@ -179,6 +255,86 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    /// A worker pending on `node`, refused by the scheduler since `since`.
+    fn refused(name: &str, node: &str, since: i64) -> Pod {
+        use k8s_openapi::api::core::v1::{PodCondition, PodSpec};
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_selector: Some(
+                    [("kubernetes.io/hostname".to_string(), node.to_string())].into(),
+                ),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                conditions: Some(vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some("0/5 nodes are available: 1 Insufficient memory.".into()),
+                    last_transition_time: Some(at(since)),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_node_that_will_not_take_a_worker_is_avoided_for_a_while() {
+        let mut status = TrainingJobStatus::default();
+        let pods = vec![
+            refused("w-0", "gpu-a-0", 1000),
+            refused("w-1", "gpu-a-1", 1050),
+        ];
+        // Refused for 70 s and 20 s: with a 60 s timeout only the first node goes.
+        let avoided = avoided_nodes(&status, &pods, 60, &at(1070));
+        assert_eq!(avoided.len(), 1);
+        assert_eq!(avoided[0].node, "gpu-a-0");
+        assert!(
+            avoided[0].reason.contains("w-0") && avoided[0].reason.contains("Insufficient memory")
+        );
+        assert_eq!(avoided[0].since, at(1070));
+        status.avoided_nodes = avoided;
+        // Level-triggered: the same observation gives the same list, kept
+        // from the status even when the pod is gone.
+        assert_eq!(
+            avoided_nodes(&status, &pods, 60, &at(1080)),
+            status.avoided_nodes
+        );
+        assert_eq!(
+            avoided_nodes(&status, &[], 60, &at(1080)),
+            status.avoided_nodes
+        );
+        // The reconcile looks again when the second reaches the timeout.
+        assert_eq!(
+            next_refusal_timeout(&pods, 60, &at(1070)),
+            Some(Duration::from_secs(40))
+        );
+        assert_eq!(next_refusal_timeout(&pods, 60, &at(1200)), None);
+        // Tried again AVOID_NODE_SECONDS later.
+        let later = at(1070 + AVOID_NODE_SECONDS);
+        assert!(avoided_nodes(&status, &[], 60, &later).is_empty());
+        // A pod the scheduler has not refused, or not pinned, avoids nothing.
+        let mut waiting = refused("w-2", "gpu-a-2", 0);
+        waiting.status.as_mut().unwrap().conditions = None;
+        let mut unpinned = refused("w-3", "gpu-a-3", 0);
+        unpinned.spec = None;
+        assert!(
+            avoided_nodes(
+                &TrainingJobStatus::default(),
+                &[waiting, unpinned],
+                60,
+                &at(1000)
+            )
+            .is_empty()
+        );
     }
 
     fn job(limit: i32, cooldown: i32) -> TrainingJob {

@@ -151,7 +151,17 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                     }
                     _ => "InvalidRequest",
                 },
-                err.to_string(),
+                match status.avoided_nodes.as_slice() {
+                    [] => err.to_string(),
+                    avoided => format!(
+                        "{err}; avoiding for now: {}",
+                        avoided
+                            .iter()
+                            .map(|a| format!("{} ({})", a.node, a.reason))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
                 generation,
                 now,
             ),
