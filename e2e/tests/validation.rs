@@ -93,6 +93,8 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             spec["model"]["preset"] == "tiny"
                 && spec["data"]["maxSequenceLength"] == 32768
                 && spec["elasticity"]["restartLimit"] == 5
+                && spec["elasticity"]["unschedulableTimeoutSeconds"] == 60
+                && spec["data"]["order"] == "Documents"
                 && spec["parallelism"]["contextParallelism"] == "Adaptive",
             "defaults not applied: {spec}"
         );
@@ -243,6 +245,11 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 "a negative restart limit",
                 json!({"elasticity": {"restartLimit": -1}}),
                 vec!["spec.elasticity.restartLimit"],
+            ),
+            (
+                "no time at all for a worker to be scheduled",
+                json!({"elasticity": {"unschedulableTimeoutSeconds": 0}}),
+                vec!["spec.elasticity.unschedulableTimeoutSeconds"],
             ),
             (
                 "an unknown context-parallel mode",
