@@ -37,6 +37,14 @@ pub struct GpuModel {
     pub nvlink_gbytes_per_s: f64,
     /// Line rate of the NICs such nodes usually carry, Gbit/s.
     pub default_nic_gbps: f64,
+    /// Host link (PCIe) bandwidth one way, GB/s achievable: what offloaded
+    /// activations move at.
+    #[serde(default = "default_pcie")]
+    pub pcie_gbytes_per_s: f64,
+}
+
+fn default_pcie() -> f64 {
+    25.0
 }
 
 impl GpuModel {
@@ -49,12 +57,13 @@ impl GpuModel {
     /// bf16, 80 GB HBM2e, NVLink 3 at 600 GB/s total, i.e. 300 GB/s each way; nodes
     /// with HDR 200 Gbit/s NICs); H100 SXM5 (989 TFLOP/s dense bf16, 80 GB HBM3,
     /// NVLink 4 at 900 GB/s total; NDR 400 Gbit/s NICs); H200 SXM (same compute as
-    /// H100, 141 GB HBM3e).
+    /// H100, 141 GB HBM3e). Host links: PCIe Gen4 x16 (A100) and Gen5 x16
+    /// (H100, H200), 32 and 64 GB/s each way nominal, taken at about 80%.
     pub fn preset(name: &str) -> Result<GpuModel, ClusterError> {
-        let (product, tflops, memory, nvlink, nic) = match name {
-            "a100-80g" => ("NVIDIA-A100-SXM4-80GB", 312.0, 80.0, 300.0, 200.0),
-            "h100" => ("NVIDIA-H100-80GB-HBM3", 989.0, 80.0, 450.0, 400.0),
-            "h200" => ("NVIDIA-H200", 989.0, 141.0, 450.0, 400.0),
+        let (product, tflops, memory, nvlink, nic, pcie) = match name {
+            "a100-80g" => ("NVIDIA-A100-SXM4-80GB", 312.0, 80.0, 300.0, 200.0, 25.0),
+            "h100" => ("NVIDIA-H100-80GB-HBM3", 989.0, 80.0, 450.0, 400.0, 50.0),
+            "h200" => ("NVIDIA-H200", 989.0, 141.0, 450.0, 400.0, 50.0),
             other => {
                 return Err(ClusterError::UnknownGpuPreset {
                     name: other.to_string(),
@@ -68,6 +77,7 @@ impl GpuModel {
             memory_gib: memory,
             nvlink_gbytes_per_s: nvlink,
             default_nic_gbps: nic,
+            pcie_gbytes_per_s: pcie,
         })
     }
 }

@@ -96,6 +96,12 @@ impl CostModel {
         if self.coefficients.streambp { 2.0 } else { 1.0 }
     }
 
+    /// Share of a step's compute spent in forward passes (the first one only:
+    /// what offloaded copies to the host can hide under).
+    pub fn forward_share(&self) -> f64 {
+        1.0 / self.training_multiplier()
+    }
+
     /// Training FLOPs multiplier over one forward pass.
     fn training_multiplier(&self) -> f64 {
         self.forward_passes() + 2.0
@@ -269,6 +275,56 @@ impl CostModel {
         layers * self.attention_saved_bytes_per_layer()
     }
 
+    /// Share of a token's activation memory a rank keeps when `ratio` of the
+    /// middle layers' activations is offloaded to host memory (ByteScale's
+    /// selective offloading: the first and last layers' always stay).
+    pub fn offload_kept(&self, ratio: f64) -> f64 {
+        let l = self.layers();
+        if l <= 2.0 {
+            return 1.0;
+        }
+        (2.0 + (1.0 - ratio.clamp(0.0, 1.0)) * (l - 2.0)) / l
+    }
+
+    /// Seconds to copy `ratio` of the middle layers' activations of `tokens`
+    /// tokens to host memory one way (device to host in the forward, back in
+    /// the backward, each on its own DMA engine).
+    pub fn offload_transfer_time(&self, tokens: f64, ratio: f64, gpu: &GpuModel) -> f64 {
+        let bytes = tokens
+            * (self.activation_bytes_per_token() + self.attention_bytes_per_token())
+            * (1.0 - self.offload_kept(ratio));
+        bytes / (gpu.pcie_gbytes_per_s * 1e9 * self.coefficients.link_efficiency)
+    }
+
+    /// ByteScale's offload ratio for a sequence of `length` tokens on ranks of
+    /// `capacity` tokens (Eq. 3): the ratio that needs the fewest ranks while
+    /// the copies hide under the forward compute (both scale alike with the
+    /// ranks, so it is decided for the whole sequence), and among those the
+    /// smallest. Returns (ratio, ranks).
+    pub fn offload_plan(&self, length: u64, capacity: u64, gpu: &GpuModel) -> (f64, u32) {
+        let s = length as f64;
+        let c = capacity.max(1) as f64;
+        let plain = (s / c).ceil().max(1.0);
+        if self.layers() <= 2.0 || length <= capacity {
+            return (0.0, plain as u32);
+        }
+        // The most the forward compute hides.
+        let forward = (self.linear_time(s, gpu) + self.attention_compute_time(s, gpu))
+            / self.training_multiplier();
+        let full = self.offload_transfer_time(s, 1.0, gpu);
+        let most = if full > 0.0 {
+            (forward / full).min(1.0)
+        } else {
+            1.0
+        };
+        let ranks = (s * self.offload_kept(most) / c).ceil().max(1.0);
+        // The smallest ratio that still fits on that many ranks.
+        let l = self.layers();
+        let needed = 1.0 - (l * ranks * c / s - 2.0) / (l - 2.0);
+        // (A hair more, so rounding never leaves a token over the capacity.)
+        ((needed + 1e-9).clamp(0.0, most), ranks as u32)
+    }
+
     /// Memory, bytes, of a rank that holds `linear_tokens` tokens in the linear
     /// layout and `attention_tokens` in the attention layout, in a world of
     /// `world` ranks.
@@ -378,6 +434,34 @@ mod tests {
         assert!(
             c.ring_attention_time(8192.0, 8, 5e9, &g) > c.ring_attention_time(8192.0, 8, 400e9, &g)
         );
+    }
+
+    #[test]
+    fn selective_offloading_fits_a_long_sequence_on_fewer_ranks_with_the_copies_hidden() {
+        let g = h100();
+        let c = cost("llama-7b", false);
+        assert_eq!(c.offload_kept(0.0), 1.0);
+        assert!((c.offload_kept(1.0) - 2.0 / 32.0).abs() < 1e-12);
+        let capacity = 10_000;
+        // Short enough to fit on one rank: nothing to offload.
+        assert_eq!(c.offload_plan(8_000, capacity, &g), (0.0, 1));
+        for length in [65_536u64, 262_144, 2_097_152] {
+            let plain = length.div_ceil(capacity) as u32;
+            let (ratio, ranks) = c.offload_plan(length, capacity, &g);
+            assert!((0.0..=1.0).contains(&ratio), "{length}: ratio {ratio}");
+            assert!(
+                ranks < plain,
+                "{length}: {ranks} ranks, {plain} without offloading"
+            );
+            // The kept activations fit those ranks...
+            let kept = length as f64 * c.offload_kept(ratio);
+            assert!(kept <= f64::from(ranks) * capacity as f64 + 1.0);
+            // ...and the copies hide under the forward compute.
+            let s = length as f64;
+            let forward =
+                (c.linear_time(s, &g) + c.attention_compute_time(s, &g)) * c.forward_share();
+            assert!(c.offload_transfer_time(s, ratio, &g) <= forward * (1.0 + 1e-9));
+        }
     }
 
     #[test]

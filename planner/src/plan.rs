@@ -65,10 +65,21 @@ pub struct Group {
     /// inner round of compute. Absent or 0: one flat ring over `ranks`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub inner_ring: u32,
+    /// Selective offloading (ByteScale): the share of the middle layers'
+    /// activations of this group's tokens its ranks copy to host memory in
+    /// the forward and back in the backward, hidden under compute. It lets a
+    /// long sequence fit on fewer ranks; it changes no result. Absent or 0:
+    /// none. (The CPU trainer keeps everything in host memory anyway.)
+    #[serde(default, skip_serializing_if = "is_no_offload")]
+    pub offload: f64,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_no_offload(ratio: &f64) -> bool {
+    *ratio == 0.0
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
@@ -182,6 +193,10 @@ pub enum PlanError {
     #[error("group of micro-batch {micro_batch} names rank {rank} twice")]
     DuplicateRank { micro_batch: u32, rank: u32 },
     #[error(
+        "group of micro-batch {micro_batch} offloads a share {offload} of its activations; it must be in [0, 1]"
+    )]
+    OffloadRatio { micro_batch: u32, offload: f64 },
+    #[error(
         "group of micro-batch {micro_batch} has {ranks} ranks, which inner rings of {inner_ring} do not divide"
     )]
     InnerRing {
@@ -226,6 +241,12 @@ impl StepPlan {
                             rank,
                         });
                     }
+                }
+                if !(0.0..=1.0).contains(&group.offload) {
+                    return Err(PlanError::OffloadRatio {
+                        micro_batch: mb.index,
+                        offload: group.offload,
+                    });
                 }
                 let inner = group.inner_ring as usize;
                 if inner != 0 && !group.ranks.len().is_multiple_of(inner) {

@@ -44,6 +44,9 @@ pub struct LayoutGroup {
     /// Ranks of each node-local inner ring when the group runs as a
     /// hierarchical ring (see [`crate::plan::Group::inner_ring`]); 0: one flat ring.
     pub inner_ring: u32,
+    /// Share of the middle layers' activations offloaded to host memory
+    /// (see [`crate::plan::Group::offload`]); 0: none.
+    pub offload: f64,
 }
 
 impl LayoutGroup {
@@ -53,6 +56,7 @@ impl LayoutGroup {
             ranks,
             sequences,
             inner_ring: 0,
+            offload: 0.0,
         }
     }
 }
@@ -537,6 +541,9 @@ fn simulate_inner(
         let index = index as u32;
         // Tokens each rank holds in the attention layout.
         let mut attention = vec![0u64; world];
+        // Tokens whose activations are offloaded to host memory, per rank
+        // (a fraction of them counts: the memory they no longer take).
+        let mut offloaded = vec![0.0f64; world];
         let mut shares: Vec<Vec<u64>> = Vec::with_capacity(mb.groups.len());
         for group in &mb.groups {
             let d = group.ranks.len() as u32;
@@ -546,8 +553,10 @@ fn simulate_inner(
                     per_rank[i] += t;
                 }
             }
+            let freed = 1.0 - cost.offload_kept(group.offload);
             for (i, &r) in group.ranks.iter().enumerate() {
                 attention[r as usize] += per_rank[i];
+                offloaded[r as usize] += per_rank[i] as f64 * freed;
             }
             shares.push(per_rank);
         }
@@ -614,7 +623,11 @@ fn simulate_inner(
                 .as_ref()
                 .map(|p| p.linear_tokens[r])
                 .unwrap_or(attention[r]);
-            let bytes = cost.rank_memory_bytes(linear as f64, attention[r] as f64, topo.world());
+            let bytes = cost.rank_memory_bytes(
+                (linear as f64 - offloaded[r]).max(0.0),
+                (attention[r] as f64 - offloaded[r]).max(0.0),
+                topo.world(),
+            );
             let rank = &mut ranks[r];
             rank.peak_memory_bytes = rank.peak_memory_bytes.max(bytes);
             rank.attention_tokens += attention[r];
@@ -713,12 +726,23 @@ fn simulate_inner(
                     .map(|(t, r)| cost.linear_time(*t as f64, topo.gpu_of(*r)))
                     .fold(0.0, f64::max)
             };
-            let duration = ring.total_s + linear;
+            // Offloaded activations go to the host during the forward and come
+            // back during the backward; what compute does not hide waits.
+            let offload_s = if group.offload > 0.0 {
+                let most = shares[g].iter().copied().max().unwrap_or(0) as f64;
+                let transfer = cost.offload_transfer_time(most, group.offload, &gpu);
+                let compute = ring.compute_s + linear;
+                let forward = compute * cost.forward_share();
+                (transfer - forward).max(0.0) + (transfer - (compute - forward)).max(0.0)
+            } else {
+                0.0
+            };
+            let duration = ring.total_s + linear + offload_s;
             for &r in &group.ranks {
                 let r = r as usize;
                 avail[r] = start + duration;
                 ranks[r].compute_s += ring.compute_s + linear;
-                ranks[r].exposed_comm_s += ring.total_s - ring.compute_s;
+                ranks[r].exposed_comm_s += ring.total_s - ring.compute_s + offload_s;
             }
         }
 
@@ -773,6 +797,7 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
                 ranks: group.ranks.clone(),
                 sequences: group.sequences.iter().map(|s| *s as u64).collect(),
                 inner_ring: group.inner_ring,
+                offload: group.offload,
             });
         }
         micro_batches.push(MicroBatch {
@@ -959,6 +984,7 @@ mod tests {
                     ranks: ring.clone(),
                     sequences: vec![0],
                     inner_ring,
+                    offload: 0.0,
                 }],
                 remap: false,
             }],

@@ -10,6 +10,10 @@
 //!   packed onto single ranks; the balance scheduler hands the next, costliest
 //!   piece of work to the ranks that are least busy, so cheap ranks take more
 //!   micro-batches. One global communicator, no topology awareness.
+//! - `hdp-offload`: `hdp` with ByteScale's selective offloading: a sequence
+//!   longer than a rank holds copies a share of its middle layers'
+//!   activations to host memory, as much as the forward compute hides, and so
+//!   fits on fewer ranks (Eq. 3); the group carries that share.
 //! - `flexsp`: see [`crate::flexsp`].
 //! - `zeppelin`: hierarchical partitioning (a sequence that needs up to a node's
 //!   GPUs stays inside one node; longer ones take whole nodes), inter-node
@@ -44,7 +48,7 @@ pub enum PlanningError {
         capacity: u64,
         model: String,
     },
-    #[error("unknown strategy {0:?} (known: static, hdp, flexsp, zeppelin, weft)")]
+    #[error("unknown strategy {0:?} (known: static, hdp, hdp-offload, flexsp, zeppelin, weft)")]
     UnknownStrategy(String),
     #[error("the {strategy} solver failed: {reason}")]
     Solver { strategy: String, reason: String },
@@ -61,6 +65,7 @@ pub fn plan_layout(
     match strategy {
         Strategy::Static => plan_static(ctx, lengths, context_length),
         Strategy::Hdp => plan_hdp(ctx, lengths),
+        Strategy::HdpOffload => plan_hdp_offload(ctx, lengths),
         Strategy::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
         Strategy::Zeppelin => plan_zeppelin(ctx, lengths),
         Strategy::Weft => crate::weft::plan_weft(ctx, lengths, context_length),
@@ -85,15 +90,17 @@ impl PlanningError {
 pub enum Strategy {
     Static,
     Hdp,
+    HdpOffload,
     FlexSp,
     Zeppelin,
     Weft,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 5] = [
+    pub const ALL: [Strategy; 6] = [
         Strategy::Static,
         Strategy::Hdp,
+        Strategy::HdpOffload,
         Strategy::FlexSp,
         Strategy::Zeppelin,
         Strategy::Weft,
@@ -103,6 +110,7 @@ impl Strategy {
         match self {
             Strategy::Static => "static",
             Strategy::Hdp => "hdp",
+            Strategy::HdpOffload => "hdp-offload",
             Strategy::FlexSp => "flexsp",
             Strategy::Zeppelin => "zeppelin",
             Strategy::Weft => "weft",
@@ -498,6 +506,31 @@ pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningEr
     let micro_batches = list_schedule(ctx, lengths, work, None, least_loaded).micro_batches;
     Ok(Layout {
         strategy: "hdp".to_string(),
+        micro_batches,
+        routing: Routing::ClosestNic,
+    })
+}
+
+/// ByteScale's HDP with selective offloading (see the module documentation).
+pub fn plan_hdp_offload(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningError> {
+    let capacity = rank_capacity(ctx)?;
+    check_fits(ctx, lengths, capacity)?;
+    let gpu = ctx.topology.gpu_of(0).clone();
+    let all: Vec<usize> = (0..lengths.len()).collect();
+    let work = pieces(ctx, lengths, &all, capacity, true, |s| {
+        ctx.cost.offload_plan(s, capacity, &gpu).1
+    });
+    let mut micro_batches = list_schedule(ctx, lengths, work, None, least_loaded).micro_batches;
+    for group in micro_batches.iter_mut().flat_map(|m| m.groups.iter_mut()) {
+        if let [sequence] = group.sequences[..] {
+            let (ratio, ranks) = ctx.cost.offload_plan(lengths[sequence], capacity, &gpu);
+            if ranks as usize == group.ranks.len() {
+                group.offload = ratio;
+            }
+        }
+    }
+    Ok(Layout {
+        strategy: "hdp-offload".to_string(),
         micro_batches,
         routing: Routing::ClosestNic,
     })

@@ -33,7 +33,7 @@ use crate::sim::{
 use crate::strategies::{
     Gap, OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost,
     estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp,
-    plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
+    plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -330,6 +330,7 @@ pub fn candidates(
         Balanced(Shape),
         Static,
         Hdp,
+        HdpOffload,
         Zeppelin,
         FlexSp,
     }
@@ -359,6 +360,7 @@ pub fn candidates(
     }
     builds.push(("static".to_string(), Build::Static));
     builds.push(("hdp".to_string(), Build::Hdp));
+    builds.push(("hdp-offload".to_string(), Build::HdpOffload));
     builds.push(("zeppelin".to_string(), Build::Zeppelin));
     // FlexSP's solver takes seconds, too slow to run on every worker every step
     // on a large cluster, so it is a candidate on small ones only.
@@ -371,6 +373,7 @@ pub fn candidates(
             Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape)),
             Build::Static => plan_static(ctx, lengths, context_length),
             Build::Hdp => plan_hdp(ctx, lengths),
+            Build::HdpOffload => plan_hdp_offload(ctx, lengths),
             Build::Zeppelin => plan_zeppelin(ctx, lengths),
             Build::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
         };

@@ -160,7 +160,10 @@ fn plan_table_and_simulate_json_have_what_users_read() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["static", "hdp", "flexsp", "zeppelin", "weft"]);
+    assert_eq!(
+        names,
+        ["static", "hdp", "hdp-offload", "flexsp", "zeppelin", "weft"]
+    );
     for s in report["strategies"].as_array().unwrap() {
         for key in [
             "step_time_s",

@@ -747,6 +747,7 @@ pub fn random_plan(
                 ranks: rest[..size].to_vec(),
                 sequences: Vec::new(),
                 inner_ring: random_inner_ring(rng, size as u32),
+                offload: 0.0,
             });
             rest = &rest[size..];
         }

@@ -82,7 +82,8 @@ struct TrainArgs {
     /// ranks (context parallelism). Default: what the memory model allows.
     #[arg(long)]
     rank_tokens: Option<u64>,
-    /// Planning strategy: weft, zeppelin, hdp, flexsp or static.
+    /// Planning strategy: weft, zeppelin, hdp, hdp-offload, flexsp or static
+    /// (hdp-offload plans host offloading for GPUs; on CPU it changes nothing).
     #[arg(long, default_value = "weft")]
     strategy: String,
     /// Run every ring flat, also those the plan makes hierarchical (round
