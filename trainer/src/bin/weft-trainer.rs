@@ -689,8 +689,12 @@ fn pod_worker(
     let config = serde_json::to_string(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let worker = env.worker.clone();
-    // The pod of rank 0 writes the job's progress into its status.
-    let reporter = match (&env.namespace, &env.job) {
+    // The pod of rank 0 writes the job's progress into its status; which pod
+    // that is can change with the epoch, so the reporter starts the first
+    // time this pod runs rank 0.
+    let reporter: std::cell::OnceCell<Option<weft_trainer::report::StatusReporter>> =
+        std::cell::OnceCell::new();
+    let start_reporter = || match (&env.namespace, &env.job) {
         (Some(namespace), Some(job)) => {
             let worker = worker.clone();
             Some(weft_trainer::report::StatusReporter::start(
@@ -705,14 +709,21 @@ fn pod_worker(
         }
         _ => None,
     };
-    let progress = reporter.as_ref().and_then(|r| r.sender());
     let result = weft_trainer::pod::supervise(
         env,
         wait_for_epoch,
         |rank, place| {
             let threads = (cores / place.ranks.len().max(1)).max(1);
             let mut command = std::process::Command::new(&exe);
-            if rank == 0 && progress.is_some() {
+            let progress = if rank == 0 {
+                reporter
+                    .get_or_init(start_reporter)
+                    .as_ref()
+                    .and_then(|r| r.sender())
+            } else {
+                None
+            };
+            if progress.is_some() {
                 command.stdout(std::process::Stdio::piped());
             }
             let mut child = command
@@ -733,7 +744,7 @@ fn pod_worker(
                 })?;
             // Rank 0's lines still go to the pod's log; its metrics also go
             // to the job's status.
-            if let (Some(out), Some(tx)) = (child.stdout.take(), progress.clone()) {
+            if let (Some(out), Some(tx)) = (child.stdout.take(), progress) {
                 std::thread::spawn(move || {
                     use std::io::BufRead;
                     for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
@@ -751,8 +762,7 @@ fn pod_worker(
         },
         |line| eprintln!("weft-trainer worker {worker}: {line}"),
     );
-    drop(progress);
-    if let Some(reporter) = reporter {
+    if let Some(reporter) = reporter.into_inner().flatten() {
         reporter.finish();
     }
     result?;
