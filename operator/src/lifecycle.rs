@@ -29,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use weft_crds::{AVOID_NODE_SECONDS, AvoidedNode, TrainingJob, TrainingJobStatus, WorkerFailure};
 
-use crate::status::phase_of;
+use crate::status::{phase_of, scheduler_refusal};
 
 /// How many failures `status.recentFailures` remembers.
 pub const RECENT_FAILURES: usize = 16;
@@ -121,22 +121,16 @@ pub fn next_refusal_timeout(pods: &[Pod], timeout_s: i64, now: &Time) -> Option<
 fn refused_workers(
     pods: &[Pod],
 ) -> impl Iterator<Item = (&Pod, &str, &k8s_openapi::api::core::v1::PodCondition)> {
-    pods.iter()
-        .filter(|p| phase_of(p) == "Pending")
-        .filter_map(|pod| {
-            let refused = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            })?;
-            let node = pod
-                .spec
-                .as_ref()?
-                .node_selector
-                .as_ref()?
-                .get("kubernetes.io/hostname")?;
-            Some((pod, node.as_str(), refused))
-        })
+    pods.iter().filter_map(|pod| {
+        let refused = scheduler_refusal(pod)?;
+        let node = pod
+            .spec
+            .as_ref()?
+            .node_selector
+            .as_ref()?
+            .get("kubernetes.io/hostname")?;
+        Some((pod, node.as_str(), refused))
+    })
 }
 
 /// Failed worker pods not counted yet, in name order.

@@ -12,7 +12,7 @@
 //! [`finished_status`]. Conditions keep their transition time while their
 //! status holds.
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use weft_crds::{Phase, TrainingJob, TrainingJobStatus};
 use weft_planner::mesh::{MeshError, MeshPlan};
@@ -67,16 +67,25 @@ fn condition(
     }
 }
 
+/// The scheduler's refusal of a pending pod: its `PodScheduled` condition
+/// when that is False for the reason `Unschedulable`.
+pub fn scheduler_refusal(pod: &Pod) -> Option<&PodCondition> {
+    if phase_of(pod) != "Pending" {
+        return None;
+    }
+    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })
+}
+
 /// The job's pods the scheduler has said it cannot place: (pod, its message).
 pub fn unschedulable_pods(pods: &[Pod]) -> Vec<(String, String)> {
     pods.iter()
-        .filter(|p| phase_of(p) == "Pending" && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let condition = p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            })?;
+            let condition = scheduler_refusal(p)?;
             Some((
                 p.metadata.name.clone().unwrap_or_default(),
                 condition.message.clone().unwrap_or_default(),
