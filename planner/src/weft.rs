@@ -2,8 +2,8 @@
 //!
 //! It builds its own layouts and keeps whichever the simulator prices fastest
 //! among them and every baseline (each also with weft's NIC routing and
-//! hierarchical rings), so it is
-//! never worse than a baseline on any input. The exception is FlexSP on
+//! hierarchical rings), so it is never worse than a baseline on any input.
+//! The exception is FlexSP on
 //! clusters of more than 64 GPUs, whose solver is too slow to run every step;
 //! there weft's own layouts have beaten it in every benchmark so far.
 //!
@@ -16,7 +16,9 @@
 //!   nodes), list-scheduled costliest first onto the ranks free soonest. A
 //!   degree past a node's GPUs is also tried rounded up to whole nodes: the
 //!   ring is then hierarchical, shares no node with another ring, and the
-//!   ranks it leaves idle take short sequences.
+//!   ranks it leaves idle take short sequences. Short sequences first fill
+//!   the waits ranks have before their groups (backfill), then go where they
+//!   finish first.
 //! - With a remap, linear modules see a token-balanced layout and only
 //!   attention is balanced by placement; without, placement balances both.
 //! - Inter-node transfers are spread over every NIC of a node, and rings that
