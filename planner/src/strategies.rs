@@ -352,6 +352,7 @@ pub(crate) fn list_schedule<P>(
     mut work: Vec<Work>,
     capacity: Option<u64>,
     pick: P,
+    lookahead: usize,
 ) -> Schedule
 where
     P: Pick,
@@ -369,7 +370,33 @@ where
     let mut micro_batches: Vec<LayoutMicroBatch> = Vec::new();
     let mut overflow = Vec::new();
     let mut gaps: Vec<Vec<Gap>> = vec![Vec::new(); world as usize];
-    for w in work {
+    let mut pending: std::collections::VecDeque<Work> = work.into();
+    while let Some(head) = pending.front() {
+        // Without a capacity, a piece among the next few that can start
+        // sooner than the costliest goes first, into ranks that would
+        // otherwise wait for the costliest's gang.
+        let mut chosen = 0;
+        if capacity.is_none() && lookahead > 1 && head.degree > 1 {
+            let start_of = |w: &Work| {
+                let none = |_: u32| true;
+                pick(&load, &none, w.degree)
+                    .map(|ranks| ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max))
+            };
+            if let Some(head_start) = start_of(head) {
+                let mut best = head_start;
+                for (k, w) in pending.iter().enumerate().take(lookahead).skip(1) {
+                    if let Some(start) = start_of(w)
+                        && start + 1e-9 < best
+                    {
+                        best = start;
+                        chosen = k;
+                    }
+                }
+            }
+        }
+        let Some(w) = pending.remove(chosen) else {
+            break;
+        };
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
         let share = tokens.div_ceil(u64::from(w.degree.max(1)));
         let has_room = |r: u32| capacity.is_none_or(|c| held[r as usize] + share <= c);
@@ -503,7 +530,7 @@ pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningEr
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         min_degree(s, capacity)
     });
-    let micro_batches = list_schedule(ctx, lengths, work, None, least_loaded).micro_batches;
+    let micro_batches = list_schedule(ctx, lengths, work, None, least_loaded, 1).micro_batches;
     Ok(Layout {
         strategy: "hdp".to_string(),
         micro_batches,
@@ -520,7 +547,7 @@ pub fn plan_hdp_offload(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, Pl
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         ctx.cost.offload_plan(s, capacity, &gpu).1
     });
-    let mut micro_batches = list_schedule(ctx, lengths, work, None, least_loaded).micro_batches;
+    let mut micro_batches = list_schedule(ctx, lengths, work, None, least_loaded, 1).micro_batches;
     for group in micro_batches.iter_mut().flat_map(|m| m.groups.iter_mut()) {
         if let [sequence] = group.sequences[..] {
             let (ratio, ranks) = ctx.cost.offload_plan(lengths[sequence], capacity, &gpu);
@@ -681,7 +708,7 @@ where
             micro_batches: scheduled,
             overflow,
             ..
-        } = list_schedule(ctx, lengths, work, Some(capacity), pick);
+        } = list_schedule(ctx, lengths, work, Some(capacity), pick, 1);
         let groups: Vec<LayoutGroup> = scheduled.into_iter().flat_map(|m| m.groups).collect();
         if groups.is_empty() {
             // Nothing fits even on an empty micro-batch: cannot happen for pieces
@@ -783,6 +810,41 @@ mod tests {
             assert!(bin.iter().map(|i| items[*i].1).sum::<u64>() <= 10);
         }
         assert_eq!(bins.len(), 3);
+    }
+
+    #[test]
+    fn looking_ahead_lets_a_narrow_gang_start_before_a_wide_one_that_must_wait() {
+        let ctx = PlanContext {
+            topology: crate::topology::Topology::new(
+                &crate::cluster::parse_cluster("1x8").unwrap(),
+            )
+            .unwrap(),
+            cost: crate::cost::CostModel::new(
+                crate::model::ModelSpec::preset("llama-7b").unwrap(),
+                Default::default(),
+            ),
+        };
+        // Gangs of 4, 6 and 4 ranks of 10 s each on 8 ranks: in cost order the
+        // 6 waits for the first 4 and the last 4 waits for the 6 (30 s); the
+        // second 4 can run beside the first (20 s).
+        let work = || {
+            [4, 6, 4]
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Work {
+                    sequences: vec![i],
+                    degree: *d,
+                    cost_s: 10.0 - i as f64 * 1e-3,
+                })
+                .collect::<Vec<_>>()
+        };
+        let lengths = [100, 100, 100];
+        let makespan = |window| {
+            let schedule = list_schedule(&ctx, &lengths, work(), None, least_loaded, window);
+            schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max)
+        };
+        assert!((makespan(1) - 30.0).abs() < 0.01, "{}", makespan(1));
+        assert!((makespan(8) - 20.0).abs() < 0.01, "{}", makespan(8));
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //!   nodes), list-scheduled costliest first onto the ranks free soonest. A
 //!   degree past a node's GPUs is also tried rounded up to whole nodes: the
 //!   ring is then hierarchical, shares no node with another ring, and the
-//!   ranks it leaves idle take short sequences. Short sequences first fill
+//!   ranks it leaves idle take short sequences. When memory makes gangs so
+//!   wide they must run in waves, a schedule that lets a narrower gang among
+//!   the next few start first, into ranks that would otherwise wait, is also
+//!   tried. Short sequences first fill
 //!   the waits ranks have before their groups (backfill), then go where they
 //!   finish first.
 //! - With a remap, linear modules see a token-balanced layout and only
@@ -83,6 +86,9 @@ struct Shape {
     scale: f64,
     /// Degrees past a node's GPUs rounded up to whole nodes.
     whole_nodes: bool,
+    /// The list schedule looks [`LOOKAHEAD`] pieces ahead for one that
+    /// starts sooner (for gangs that must run in waves).
+    lookahead: bool,
 }
 
 /// Balanced hierarchical layout (see the module documentation).
@@ -91,6 +97,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
         remap,
         scale,
         whole_nodes,
+        lookahead,
     } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
@@ -170,7 +177,8 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
                 }
             })
             .collect();
-        let schedule = list_schedule(ctx, lengths, work, None, &pick);
+        let window = if lookahead { LOOKAHEAD } else { 1 };
+        let schedule = list_schedule(ctx, lengths, work, None, &pick, window);
         let mut micro_batches = schedule.micro_batches;
         place_short_sequences(
             ctx,
@@ -308,6 +316,9 @@ fn backfill(
     rest
 }
 
+/// Pieces weft's list schedule looks ahead for one that starts sooner.
+const LOOKAHEAD: usize = 8;
+
 /// Degree scales weft tries for its own layouts: whether a long sequence is
 /// better off on fewer, busier ranks or on more depends on how much of its ring
 /// traffic compute hides under the cluster's contention, which only the
@@ -355,10 +366,33 @@ pub fn candidates(
                     remap,
                     scale,
                     whole_nodes,
+                    lookahead: false,
                 };
                 builds.push((name, Build::Balanced(shape)));
             }
         }
+    }
+    // When memory makes gangs so wide that they must run in waves (the ranks
+    // of the widest sequences add up to more than the cluster), also a list
+    // schedule that lets a narrower gang start first into ranks that would
+    // otherwise wait.
+    let world = u64::from(ctx.topology.world());
+    let wide: u64 = lengths
+        .iter()
+        .map(|s| u64::from(min_degree(*s, capacity)))
+        .filter(|d| *d >= world / 8)
+        .sum();
+    if wide > world {
+        let shape = Shape {
+            remap: false,
+            scale: 1.0,
+            whole_nodes: true,
+            lookahead: true,
+        };
+        builds.push((
+            "balanced+nodes+lookaheadx1".to_string(),
+            Build::Balanced(shape),
+        ));
     }
     builds.push(("static".to_string(), Build::Static));
     builds.push(("hdp".to_string(), Build::Hdp));
@@ -506,6 +540,7 @@ pub fn plan_weft(
                 remap: true,
                 scale: 1.0,
                 whole_nodes: true,
+                lookahead: false,
             },
         ),
     };
