@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Appends to a planner benchmark report (planner/BENCHMARKS.md) the speedup of
+each strategy over `static` per workload, beside the speedups the papers
+publish for comparable setups (shared/references/systems.md). Reads the
+report's own tables, so the figures are those of the same run."""
+import re
+import sys
+
+path = sys.argv[1]
+text = open(path, encoding="utf-8").read()
+sections = re.split(r"^## ", text, flags=re.M)[1:]
+rows = []
+for section in sections:
+    title = section.splitlines()[0].strip()
+    times = {}
+    for line in section.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and re.fullmatch(r"[a-z-]+", fields[0]):
+            try:
+                times[fields[0]] = float(fields[1])
+            except ValueError:
+                pass
+    if "static" in times:
+        rows.append((title, times))
+
+published = {
+    "byted": "ByteScale on Byted data: up to 4.26x",
+    "github": "ByteScale on GitHub data at 2M: 6.21-7.89x (7B-30B)",
+    "Wikipedia": "FlexSP on Wikipedia (64 A100): up to 1.98x over Megatron-LM",
+}
+out = ["", "## Speedup over static (Megatron-LM CP), this run", ""]
+out.append("Step time of `static` over each strategy's, per workload; the papers' figures are for")
+out.append("their own clusters and models, so they compare in kind, not exactly.")
+out.append("")
+out.append("| workload | hdp | flexsp | weft | published, comparable setup |")
+out.append("|---|---:|---:|---:|---|")
+for title, times in rows:
+    def ratio(name):
+        return f"{times['static'] / times[name]:.2f}x" if name in times and times[name] > 0 else "-"
+    note = next((v for k, v in published.items() if title.startswith(k)), "")
+    out.append(f"| {title} | {ratio('hdp')} | {ratio('flexsp')} | {ratio('weft')} | {note} |")
+with open(path, "a", encoding="utf-8") as f:
+    f.write("\n".join(out) + "\n")
