@@ -38,9 +38,9 @@ struct TrainArgs {
     /// Steps to train.
     #[arg(long, default_value_t = 50)]
     steps: u64,
-    /// Seed of the model's initialisation and of the data order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    run: RunArgs,
     /// Corpus: a directory of .txt/.md files (a document each) and .jsonl files
     /// (a document per line, its "text" field). Default: the corpus that ships
     /// with weft (trainer/corpus).
@@ -78,10 +78,6 @@ struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     #[serde(default = "default_curriculum_steps")]
     curriculum_steps: usize,
-    /// Most tokens one rank holds; longer sequences are split over several
-    /// ranks (context parallelism). Default: what the memory model allows.
-    #[arg(long)]
-    rank_tokens: Option<u64>,
     /// Planning strategy: weft, zeppelin, hdp, hdp-offload, flexsp or static
     /// (hdp-offload plans host offloading for GPUs; on CPU it changes nothing).
     #[arg(long, default_value = "weft")]
@@ -91,14 +87,6 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     flat_rings: bool,
-    /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 5)]
-    warmup_steps: u64,
-    /// Largest global gradient norm.
-    #[arg(long, default_value_t = 1.0)]
-    clip_norm: f64,
     /// Directory of the checkpoints (model, optimizer, data cursor), one
     /// directory per step.
     #[arg(long)]
@@ -113,12 +101,32 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in --checkpoint-dir, on any number of ranks.
     #[arg(long)]
     resume: bool,
-    /// Seconds a collective may wait for a peer before failing.
-    #[arg(long, default_value_t = 120)]
-    collective_timeout_s: u64,
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
     fail_at: Option<String>,
+}
+
+/// The settings of a run that `local` and a pod's `worker` both take.
+#[derive(Args, Serialize, Deserialize, Clone, Debug)]
+struct RunArgs {
+    /// Seed of the model's initialisation and of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 5)]
+    warmup_steps: u64,
+    /// Largest global gradient norm.
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
+    /// Most tokens one rank holds; longer sequences are split over several
+    /// ranks (context parallelism). Default: what the memory model allows.
+    #[arg(long)]
+    rank_tokens: Option<u64>,
+    /// Seconds a collective may wait for a peer before failing.
+    #[arg(long, default_value_t = 120)]
+    collective_timeout_s: u64,
 }
 
 impl TrainArgs {
@@ -138,7 +146,7 @@ impl TrainArgs {
         if self.steps == 0 {
             bail!("--steps must be at least 1");
         }
-        if self.rank_tokens == Some(0) {
+        if self.run.rank_tokens == Some(0) {
             bail!("--rank-tokens must be at least 1");
         }
         let fail_at = match &self.fail_at {
@@ -188,20 +196,20 @@ impl TrainArgs {
             data_order,
             model,
             steps: self.steps,
-            seed: self.seed,
+            seed: self.run.seed,
             tokens_per_step: self.tokens_per_step,
             max_seq_len: self.max_seq_len,
             strategy: weft_planner::Strategy::parse(&self.strategy)?,
             hierarchical_rings: !self.flat_rings,
-            rank_tokens: self.rank_tokens,
+            rank_tokens: self.run.rank_tokens,
             optimizer: AdamWConfig {
-                lr: self.lr,
-                warmup_steps: self.warmup_steps,
-                clip_norm: self.clip_norm,
+                lr: self.run.lr,
+                warmup_steps: self.run.warmup_steps,
+                clip_norm: self.run.clip_norm,
                 ..Default::default()
             },
             threads,
-            timeout: Duration::from_secs(self.collective_timeout_s.max(1)),
+            timeout: Duration::from_secs(self.run.collective_timeout_s.max(1)),
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every: self.checkpoint_every,
             checkpoint_keep: self.checkpoint_keep.max(1) as usize,
@@ -256,22 +264,8 @@ enum Command {
         /// Steps to train in all; the pod succeeds after the last.
         #[arg(long, default_value_t = 1000)]
         steps: u64,
-        /// Seed of the model's initialisation and of the data order.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Peak learning rate (linear warm-up, then cosine decay to a tenth).
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 5)]
-        warmup_steps: u64,
-        #[arg(long, default_value_t = 1.0)]
-        clip_norm: f64,
-        /// Most tokens one rank holds (default: what the memory model allows).
-        #[arg(long)]
-        rank_tokens: Option<u64>,
-        /// Seconds a collective may wait for a peer before failing.
-        #[arg(long, default_value_t = 120)]
-        collective_timeout_s: u64,
+        #[command(flatten)]
+        run: RunArgs,
         /// Seconds a failed rank waits for a new mesh epoch before the pod fails.
         #[arg(long, default_value_t = 120)]
         epoch_wait_s: u64,
@@ -556,19 +550,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         } => local(ranks, metrics, Duration::from_secs(timeout_s), *train),
         Command::Worker {
             steps,
-            seed,
-            lr,
-            warmup_steps,
-            clip_norm,
-            rank_tokens,
-            collective_timeout_s,
+            run,
             epoch_wait_s,
         } => {
             let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
             let training = weft_trainer::pod::read_training(&env.training)?;
             let args = TrainArgs {
                 steps,
-                seed,
+                run,
                 data: Some(PathBuf::from(&training.data.source)),
                 model: training.model.name.clone(),
                 model_spec: Some(training.model.clone()),
@@ -577,17 +566,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 data_order: training.data.data_order().to_string(),
                 bucket_min: training.data.min_bucket_length as usize,
                 curriculum_steps: training.data.curriculum_steps as usize,
-                rank_tokens,
                 strategy: training.strategy().to_string(),
                 flat_rings: !training.parallelism.hierarchical,
-                lr,
-                warmup_steps,
-                clip_norm,
                 checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
                 checkpoint_every: training.checkpoint.interval_steps,
                 checkpoint_keep: training.checkpoint.keep.max(1),
                 resume: true,
-                collective_timeout_s,
                 fail_at: None,
             };
             // Check the settings here, once, rather than in every rank.
