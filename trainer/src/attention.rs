@@ -203,7 +203,8 @@ pub struct RingShard {
 }
 
 /// What the forward keeps for the backward, per document and query chunk: the
-/// merged output `[B, H, L_c, E]` and log-sum-exp `[B, H, L_c]`, fp32.
+/// merged output `[B, H, L_c, E]`, in the queries' kind, and log-sum-exp
+/// `[B, H, L_c]`, fp32.
 #[derive(Debug)]
 pub struct RingOutput {
     pub out: [Tensor; 2],
@@ -470,15 +471,20 @@ pub fn ring_attention_forward(
         let [a, b] = parts;
         let finish = |p: Option<Partial>, q: &Tensor| -> Result<(Tensor, Tensor), AttentionError> {
             match p {
-                Some(p) => Ok((p.out, p.lse)),
+                // Merged in fp32; the output goes on in the queries' kind
+                // (what the backward's kernel expects beside them).
+                Some(p) => Ok((p.out.f_to_kind(q.kind())?, p.lse)),
                 // An empty chunk: empty output. Every non-empty chunk attends at
                 // least to itself, so it always has a partial result.
                 None => {
                     let size = q.size();
-                    let opts = (Kind::Float, q.device());
+                    let device = q.device();
                     Ok((
-                        Tensor::f_zeros(size.as_slice(), opts)?,
-                        Tensor::f_zeros(&size[..size.len().saturating_sub(1)], opts)?,
+                        Tensor::f_zeros(size.as_slice(), (q.kind(), device))?,
+                        Tensor::f_zeros(
+                            &size[..size.len().saturating_sub(1)],
+                            (Kind::Float, device),
+                        )?,
                     ))
                 }
             }

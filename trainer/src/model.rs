@@ -10,9 +10,56 @@
 //! This is the single-process model; the distributed step (ring attention over
 //! the plan's groups and the remap) plugs into the attention call.
 
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 use weft_planner::model::ModelSpec;
+
+/// The number format of the model's matrix products and activations.
+///
+/// The parameters, their gradients and the optimizer's state stay fp32 in
+/// both: `Bf16` is mixed precision, as GPU training runs it. Each linear
+/// module multiplies in bf16 (its weight cast on the way, so the gradient
+/// reaches the fp32 weight), attention runs on bf16 queries, keys and values
+/// and merges its partial results in fp32, and the norms, the residual stream,
+/// the softmax of the loss and the ring's dK/dV accumulators stay fp32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything fp32: what the CPU runs by default.
+    #[default]
+    Fp32,
+    /// bf16 products and activations, fp32 master weights: what GPUs run.
+    Bf16,
+}
+
+impl Precision {
+    /// `fp32` or `bf16`.
+    pub fn parse(text: &str) -> Result<Precision, ModelError> {
+        match text {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(ModelError::Shape(format!(
+                "precision {other:?} is neither fp32 nor bf16"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The tensor kind of the products and activations.
+    pub fn compute_kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
 
 /// What went wrong in the model.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +130,7 @@ pub struct Llama {
     pub(crate) norm: RmsNorm,
     pub(crate) head: nn::Linear,
     pub(crate) rope_theta: f64,
+    precision: Precision,
 }
 
 fn linear(vs: nn::Path, input: i64, output: i64) -> nn::Linear {
@@ -115,7 +163,8 @@ pub fn rope(x: &Tensor, positions: &Tensor, theta: f64) -> Result<Tensor, tch::T
     let x2 = x.f_narrow(3, half, half)?;
     let first = x1.f_mul(&cos)?.f_sub(&x2.f_mul(&sin)?)?;
     let second = x2.f_mul(&cos)?.f_add(&x1.f_mul(&sin)?)?;
-    Tensor::f_cat(&[first, second], 3)
+    // The angles are fp32; the result keeps the input's kind.
+    Tensor::f_cat(&[first, second], 3)?.f_to_kind(x.kind())
 }
 
 impl Llama {
@@ -153,11 +202,45 @@ impl Llama {
             norm: RmsNorm::new(vs / "norm", h),
             head: linear(vs / "head", h, v),
             rope_theta: 10_000.0,
+            precision: Precision::Fp32,
         })
+    }
+
+    /// The same model computing in `precision` (its parameters unchanged).
+    pub fn with_precision(mut self, precision: Precision) -> Llama {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// `layer` applied to `x` in the model's precision: in bf16 both the
+    /// input and the (fp32) weight are cast, so the product is bf16 and the
+    /// weight's gradient comes back fp32.
+    pub(crate) fn linear(&self, layer: &nn::Linear, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        match self.precision {
+            Precision::Fp32 => Ok(layer.forward(x)),
+            Precision::Bf16 => {
+                let kind = self.precision.compute_kind();
+                x.f_to_kind(kind)?
+                    .f_linear(&layer.ws.f_to_kind(kind)?, None::<Tensor>)
+            }
+        }
+    }
+
+    /// One layer's MLP (SwiGLU) on normalised rows `y`.
+    pub(crate) fn mlp(&self, block: &Block, y: &Tensor) -> Result<Tensor, tch::TchError> {
+        let hidden = self
+            .linear(&block.gate, y)?
+            .f_silu()?
+            .f_mul(&self.linear(&block.up, y)?)?;
+        self.linear(&block.down, &hidden)
     }
 
     /// Logits `[1, L, vocab]` for one row of `tokens` `[L]` holding packed
@@ -184,16 +267,16 @@ impl Llama {
                 t.f_view([1, l, n, head_dim])?.f_transpose(1, 2)
             };
             let q = rope(
-                &split(block.wq.forward(&y), heads)?,
+                &split(self.linear(&block.wq, &y)?, heads)?,
                 &positions,
                 self.rope_theta,
             )?;
             let k = rope(
-                &split(block.wk.forward(&y), kv_heads)?,
+                &split(self.linear(&block.wk, &y)?, kv_heads)?,
                 &positions,
                 self.rope_theta,
             )?;
-            let v = split(block.wv.forward(&y), kv_heads)?;
+            let v = split(self.linear(&block.wv, &y)?, kv_heads)?;
             let (k, v) = if kv_heads == heads {
                 (k, v)
             } else {
@@ -227,16 +310,11 @@ impl Llama {
                 .f_transpose(1, 2)?
                 .f_contiguous()?
                 .f_view([1, l, heads * head_dim])?;
-            x = x.f_add(&block.wo.forward(&attended))?;
+            x = x.f_add(&self.linear(&block.wo, &attended)?)?;
             let y = block.mlp_norm.forward(&x)?;
-            let hidden = block
-                .gate
-                .forward(&y)
-                .f_silu()?
-                .f_mul(&block.up.forward(&y))?;
-            x = x.f_add(&block.down.forward(&hidden))?;
+            x = x.f_add(&self.mlp(block, &y)?)?;
         }
-        Ok(self.head.forward(&self.norm.forward(&x)?))
+        Ok(self.linear(&self.head, &self.norm.forward(&x)?)?)
     }
 
     /// Mean next-token cross-entropy over a row of packed documents: each

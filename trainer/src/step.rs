@@ -269,33 +269,33 @@ fn project_qkv(
 ) -> Result<Tensor, tch::TchError> {
     let y = block.attention_norm.forward(x)?;
     let q = rope_rows(
-        &block.wq.forward(&y),
+        &model.linear(&block.wq, &y)?,
         positions,
         h.heads,
         h.head_dim,
         model.rope_theta,
     )?;
     let k = rope_rows(
-        &block.wk.forward(&y),
+        &model.linear(&block.wk, &y)?,
         positions,
         h.kv_heads,
         h.head_dim,
         model.rope_theta,
     )?;
-    let v = block.wv.forward(&y);
+    let v = model.linear(&block.wv, &y)?;
     Tensor::f_cat(&[q, k, v], 1)
 }
 
 /// The rest of a layer: output projection, residual, MLP.
-fn finish_layer(block: &Block, x: &Tensor, attended: &Tensor) -> Result<Tensor, tch::TchError> {
-    let x = x.f_add(&block.wo.forward(attended))?;
+fn finish_layer(
+    model: &Llama,
+    block: &Block,
+    x: &Tensor,
+    attended: &Tensor,
+) -> Result<Tensor, tch::TchError> {
+    let x = x.f_add(&model.linear(&block.wo, attended)?)?;
     let y = block.mlp_norm.forward(&x)?;
-    let hidden = block
-        .gate
-        .forward(&y)
-        .f_silu()?
-        .f_mul(&block.up.forward(&y))?;
-    x.f_add(&block.down.forward(&hidden))
+    x.f_add(&model.mlp(block, &y)?)
 }
 
 /// What the forward of one ring group keeps for its backward.
@@ -349,7 +349,7 @@ fn attend(
         saved.push(RingSaved { shard, forward });
     }
     let out = if outs.is_empty() {
-        Tensor::f_zeros([0, qw], (Kind::Float, qkv.device()))?
+        Tensor::f_zeros([0, qw], (qkv.kind(), qkv.device()))?
     } else {
         Tensor::f_cat(&outs, 0)?
     };
@@ -399,9 +399,10 @@ fn attend_backward(
     }
     if rows.is_empty() {
         let width = h.q_width() + 2 * h.kv_width();
-        return Ok(Tensor::f_zeros([0, width], (Kind::Float, grad.device()))?);
+        return Ok(Tensor::f_zeros([0, width], (grad.kind(), grad.device()))?);
     }
-    Ok(Tensor::f_cat(&rows, 0)?)
+    // Accumulated in fp32; sent back in the activations' kind.
+    Ok(Tensor::f_cat(&rows, 0)?.f_to_kind(grad.kind())?)
 }
 
 /// The gradient libtorch accumulated on a leaf, zeros when it has none.
@@ -581,7 +582,7 @@ pub fn forward_backward(
                 .move_to_linear(group, &out)?
                 .f_detach()?
                 .set_requires_grad(true);
-            let output = finish_layer(block, &x, &attended)?;
+            let output = finish_layer(model, block, &x, &attended)?;
             let next = output.f_detach()?.set_requires_grad(true);
             layers.push(LayerSaved {
                 input: x,
@@ -592,7 +593,7 @@ pub fn forward_backward(
             });
             x = next;
         }
-        let logits = model.head.forward(&model.norm.forward(&x)?);
+        let logits = model.linear(&model.head, &model.norm.forward(&x)?)?;
         let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
             &targets,
             None::<Tensor>,

@@ -22,7 +22,7 @@ use weft_planner::{PlanContext, Strategy};
 use crate::comm::{CommError, ProcessGroup, Store};
 use crate::data::{Corpus, DataError};
 use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
-use crate::model::{Llama, ModelError};
+use crate::model::{Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
     StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
@@ -110,6 +110,8 @@ pub struct TrainConfig {
     /// sequences are split over several ranks (context parallelism) to keep it.
     pub rank_tokens: Option<u64>,
     pub optimizer: AdamWConfig,
+    /// fp32, or bf16 products and activations over fp32 weights.
+    pub precision: Precision,
     /// Intra-op threads of libtorch per worker.
     pub threads: i32,
     /// Bound on every collective: a dead peer is an error after this long.
@@ -448,7 +450,7 @@ pub fn run_worker(
 
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
-    let model = Llama::new(&vs.root(), &config.model)?;
+    let model = Llama::new(&vs.root(), &config.model)?.with_precision(config.precision);
     let mut start_step = 0;
     let mut next_sample = 0;
     let mut buckets = DecompositionCursor::default();

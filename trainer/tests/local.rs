@@ -127,6 +127,48 @@ fn every_strategy_gives_the_same_losses() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Mixed precision (`--precision bf16`) on three ranks with context
+/// parallelism follows the fp32 curve of one rank within bf16 rounding, and
+/// the loss falls.
+#[test]
+fn bf16_on_three_ranks_follows_the_fp32_curve() {
+    let dir = scratch("bf16");
+    let (out, fp32) = local(&dir, "fp32", &["--ranks", "1", "--steps", "12"]);
+    ok(&out);
+    let (out, bf16) = local(
+        &dir,
+        "bf16",
+        &[
+            "--ranks",
+            "3",
+            "--steps",
+            "12",
+            "--rank-tokens",
+            "400",
+            "--precision",
+            "bf16",
+        ],
+    );
+    ok(&out);
+    assert!(
+        bf16.iter().any(|m| m.max_cp_degree > 1),
+        "no context parallelism"
+    );
+    let gap = max_loss_gap(&bf16, &fp32);
+    assert!(gap < 2e-2, "bf16 strays from fp32 by {gap}");
+    assert!(
+        gap > 0.0,
+        "bf16 gives fp32's losses exactly: not computed in bf16"
+    );
+    assert!(
+        bf16[11].loss < 0.7 * bf16[0].loss,
+        "loss {} -> {}",
+        bf16[0].loss,
+        bf16[11].loss
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_dead_job_resumes_on_another_world_size_with_the_same_data_and_losses() {
     let dir = scratch("resume");
@@ -340,5 +382,6 @@ fn bad_input_gets_a_clear_error() {
         "to hold one sequence of --max-seq-len",
     );
     fails_with(&["--data-order", "shuffled"], "invalid value 'shuffled'");
+    fails_with(&["--precision", "fp16"], "invalid value 'fp16'");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,7 @@ use weft_planner::model::ModelSpec;
 use weft_planner::plan::StepPlan;
 use weft_planner::rng::SplitMix64;
 use weft_trainer::data::{Batch, Sample};
-use weft_trainer::model::Llama;
+use weft_trainer::model::{Llama, Precision};
 use weft_trainer::step::{
     all_reduce_gradients, forward_backward, named_parameters, random_plan,
     reference_forward_backward, zero_gradients,
@@ -28,10 +28,12 @@ use weft_trainer::step::{
 
 type Params = Vec<(String, Tensor)>;
 
-/// A model whose parameters are copies of `params`.
-fn model_from(spec: &ModelSpec, params: &Params) -> (VarStore, Llama) {
+/// A model whose parameters are copies of `params`, computing in `precision`.
+fn model_from(spec: &ModelSpec, params: &Params, precision: Precision) -> (VarStore, Llama) {
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), spec).unwrap();
+    let model = Llama::new(&vs.root(), spec)
+        .unwrap()
+        .with_precision(precision);
     let source: BTreeMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
@@ -63,19 +65,68 @@ fn grads(params: &Params) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-/// Largest gradient error of any rank relative to the largest reference
-/// gradient, and the largest loss error.
-fn step_error(spec: &ModelSpec, params: &Params, plan: &StepPlan, batch: &Batch) -> (f64, f64) {
-    let (vs, model) = model_from(spec, params);
+/// One process's loss and gradients over the whole batch.
+fn reference(
+    spec: &ModelSpec,
+    params: &Params,
+    batch: &Batch,
+    precision: Precision,
+) -> (f64, BTreeMap<String, Tensor>) {
+    let (vs, model) = model_from(spec, params, precision);
     let reference_params = named_parameters(&vs);
     zero_gradients(&reference_params).unwrap();
-    let reference_loss = reference_forward_backward(&model, batch).unwrap();
-    let reference = grads(&reference_params);
+    let loss = reference_forward_backward(&model, batch).unwrap();
+    (loss, grads(&reference_params))
+}
+
+/// The largest gradient error relative to the largest reference gradient.
+fn gradient_error(got: &BTreeMap<String, Tensor>, reference: &BTreeMap<String, Tensor>) -> f64 {
     let scale = reference
         .values()
         .map(|g| g.abs().max().double_value(&[]))
         .fold(0.0, f64::max);
+    got.iter()
+        .map(|(name, g)| (g - &reference[name]).abs().max().double_value(&[]) / scale)
+        .fold(0.0, f64::max)
+}
 
+/// Largest gradient error of any rank relative to the largest reference
+/// gradient, and the largest loss error, both computing in fp32.
+fn step_error(spec: &ModelSpec, params: &Params, plan: &StepPlan, batch: &Batch) -> (f64, f64) {
+    step_error_in(Precision::Fp32, spec, params, plan, batch)
+}
+
+/// [`step_error`] with the distributed step and the reference computing in
+/// `precision`.
+fn step_error_in(
+    precision: Precision,
+    spec: &ModelSpec,
+    params: &Params,
+    plan: &StepPlan,
+    batch: &Batch,
+) -> (f64, f64) {
+    let (reference_loss, reference) = reference(spec, params, batch, precision);
+    let (losses, ranks) = distributed(precision, spec, params, plan, batch);
+    let loss_error = losses
+        .iter()
+        .map(|l| (l - reference_loss).abs())
+        .fold(0.0, f64::max);
+    let worst = ranks
+        .iter()
+        .map(|g| gradient_error(g, &reference))
+        .fold(0.0, f64::max);
+    (worst, loss_error)
+}
+
+/// Every rank's global loss and all-reduced gradients after one distributed
+/// step of `plan`, over real Gloo.
+fn distributed(
+    precision: Precision,
+    spec: &ModelSpec,
+    params: &Params,
+    plan: &StepPlan,
+    batch: &Batch,
+) -> (Vec<f64>, Vec<BTreeMap<String, Tensor>>) {
     let world = plan.world_size;
     let port = common::free_port();
     let handles: Vec<_> = (0..world)
@@ -84,7 +135,7 @@ fn step_error(spec: &ModelSpec, params: &Params, plan: &StepPlan, batch: &Batch)
             let params: Params = params.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
             std::thread::spawn(move || {
                 let (_store, mut group) = common::join(rank, world, port, Duration::from_secs(60));
-                let (vs, model) = model_from(&spec, &params);
+                let (vs, model) = model_from(&spec, &params, precision);
                 let params = named_parameters(&vs);
                 zero_gradients(&params).unwrap();
                 let outcome = forward_backward(&model, &mut group, &plan, &batch).unwrap();
@@ -96,17 +147,7 @@ fn step_error(spec: &ModelSpec, params: &Params, plan: &StepPlan, batch: &Batch)
             })
         })
         .collect();
-    let mut worst = 0.0f64;
-    let mut loss_error = 0.0f64;
-    for handle in handles {
-        let (loss, got) = handle.join().unwrap();
-        loss_error = loss_error.max((loss - reference_loss).abs());
-        for (name, g) in &got {
-            let diff = (g - &reference[name]).abs().max().double_value(&[]);
-            worst = worst.max(diff / scale);
-        }
-    }
-    (worst, loss_error)
+    handles.into_iter().map(|h| h.join().unwrap()).unzip()
 }
 
 fn spec() -> ModelSpec {
@@ -201,4 +242,63 @@ fn the_planners_own_plans_with_context_parallelism_match_too() {
             "{strategy:?}: gradient error {error:.2e}, loss error {loss_error:.2e}"
         );
     }
+}
+
+/// The norm of the gradient difference relative to the reference's norm, over
+/// all parameters together.
+fn relative_l2(got: &BTreeMap<String, Tensor>, reference: &BTreeMap<String, Tensor>) -> f64 {
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (name, g) in got {
+        let r = &reference[name];
+        diff += (g - r).square().sum(tch::Kind::Double).double_value(&[]);
+        norm += r.square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    (diff / norm).sqrt()
+}
+
+/// Mixed precision (bf16 products and activations, fp32 weights and
+/// gradients), over random plans with context parallelism: a distributed step
+/// is no farther from the fp32 gradient than one bf16 process is (splitting a
+/// sequence over a ring adds no error of its own beyond rounding), and both
+/// differ from fp32 (bf16 really is computed).
+#[test]
+fn a_bf16_step_is_as_close_to_fp32_as_one_bf16_process() {
+    let spec = spec();
+    let params = initial_params(&spec, 7);
+    let mut rng = SplitMix64::new(21);
+    let mut split = 0;
+    for (world, cases) in [(2u32, 2), (3, 1), (4, 2)] {
+        for case in 0..cases {
+            let sequences = 2 + rng.below(5) as usize;
+            let batch = random_batch(&mut rng, sequences, 160);
+            let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+            let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
+            split += plan.sequences.iter().filter(|s| s.degree > 1).count();
+            let (fp32_loss, fp32) = reference(&spec, &params, &batch, Precision::Fp32);
+            let (bf16_loss, bf16) = reference(&spec, &params, &batch, Precision::Bf16);
+            let (losses, ranks) = distributed(Precision::Bf16, &spec, &params, &plan, &batch);
+            let single = relative_l2(&bf16, &fp32);
+            let single_loss = (bf16_loss - fp32_loss).abs();
+            for (loss, got) in losses.iter().zip(&ranks) {
+                let dist = relative_l2(got, &fp32);
+                let dist_loss = (loss - fp32_loss).abs();
+                eprintln!(
+                    "world {world}, case {case}: vs fp32, one bf16 process: gradient {single:.2e}, loss {single_loss:.2e}; distributed bf16: gradient {dist:.2e}, loss {dist_loss:.2e}"
+                );
+                assert!(
+                    dist < 2.0 * single + 1e-3 && dist_loss < 2.0 * single_loss + 2e-3,
+                    "world {world}, case {case}: distributed bf16 strays from fp32 (gradient {dist:.2e}, loss {dist_loss:.2e}) more than one bf16 process ({single:.2e}, {single_loss:.2e}); lengths {lengths:?}"
+                );
+                assert!(
+                    dist > 1e-4,
+                    "distributed bf16 equals fp32: not computed in bf16"
+                );
+            }
+            assert!(
+                single > 1e-4 && single < 3e-2,
+                "one bf16 process vs fp32: {single:.2e}"
+            );
+        }
+    }
+    assert!(split > 0, "no sequence was split over ranks");
 }

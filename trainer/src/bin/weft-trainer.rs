@@ -127,6 +127,11 @@ struct RunArgs {
     /// Seconds a collective may wait for a peer before failing.
     #[arg(long, default_value_t = 120)]
     collective_timeout_s: u64,
+    /// Number format: fp32, or bf16 (mixed precision: bf16 products and
+    /// activations, fp32 weights, gradients and optimizer state).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    #[serde(default = "default_precision")]
+    precision: String,
 }
 
 impl TrainArgs {
@@ -208,6 +213,7 @@ impl TrainArgs {
                 clip_norm: self.run.clip_norm,
                 ..Default::default()
             },
+            precision: weft_trainer::model::Precision::parse(&self.run.precision)?,
             threads,
             timeout: Duration::from_secs(self.run.collective_timeout_s.max(1)),
             checkpoint_dir: self.checkpoint_dir.clone(),
@@ -218,6 +224,10 @@ impl TrainArgs {
             epoch_watch: None,
         })
     }
+}
+
+fn default_precision() -> String {
+    "fp32".to_string()
 }
 
 fn default_keep() -> u64 {
