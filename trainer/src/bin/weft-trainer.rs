@@ -42,8 +42,9 @@ struct TrainArgs {
     #[serde(flatten)]
     run: RunArgs,
     /// Corpus: a directory of .txt/.md files (a document each) and .jsonl files
-    /// (a document per line, its "text" field). Default: the corpus that ships
-    /// with weft (trainer/corpus).
+    /// (a document per line, its "text" field), or builtin:python-reference.
+    /// Default: builtin:python-reference, the corpus of trainer/corpus built
+    /// into this binary (so it trains wherever it is copied, images included).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b) or a YAML/JSON
@@ -246,9 +247,9 @@ fn default_curriculum_steps() -> usize {
     16
 }
 
-/// The corpus that ships with weft.
+/// The corpus that ships with weft, built into the binary.
 fn default_corpus() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus"))
+    PathBuf::from(weft_trainer::data::BUILTIN_CORPUS)
 }
 
 #[derive(Subcommand)]
