@@ -4,6 +4,8 @@
 //! - CPU-only nodes (no GPU resource at all) run a CPU job selected onto them;
 //! - the tiny CPU example (manifests/examples) runs, a CPU rank per node;
 //! - a worker the scheduler cannot place makes the job say why;
+//! - a job whose checkpoint claim does not exist waits with no worker and
+//!   names the claim, and starts once the claim exists;
 //! - a node that will not take its worker (too little memory) is avoided
 //!   after `elasticity.unschedulableTimeoutSeconds`, and the worker goes to
 //!   a node that will;
@@ -24,7 +26,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use weft_crds::topology::{ANNOTATION_NICS, LABEL_ZONE, Nic};
@@ -44,6 +48,12 @@ const SPILL: [&str; 2] = [
     "1x8:nics=8,name=spill-small,zone=spill,mem=1",
     "1x8:nics=8,name=spill-roomy,zone=spill",
 ];
+
+/// The label of the volume this test binds a checkpoint claim to
+/// (cluster-scoped, so removed at the end whatever happens; named after the
+/// test's namespace, as one left over from an earlier run may still be
+/// terminating).
+const CLAIM_VOLUME_LABEL: &str = "weft.dev/e2e-volume=capacity";
 
 /// Two CPU-only nodes (no GPU resource, product label or NIC table) of their
 /// own zone.
@@ -89,6 +99,13 @@ async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Resul
         })
         .await;
     // Whatever happened, the cluster is left as it was found.
+    let volumes: Api<PersistentVolume> = Api::all(env.client.clone());
+    let _ = volumes
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(CLAIM_VOLUME_LABEL),
+        )
+        .await;
     for node in node_objects(&parse_cluster(EXTRA)?)
         .into_iter()
         .chain(cpu_only_nodes()?)
@@ -185,6 +202,69 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     );
     jobs.delete("hungry", &DeleteParams::background()).await?;
     stage("an unschedulable worker was reported");
+
+    // A checkpoint claim that does not exist: the job waits, Pending, with no
+    // worker (not workers the scheduler refuses on every node, which would
+    // get healthy nodes avoided), and names the claim; once the claim exists,
+    // bound to a volume, the job starts.
+    let mut claimed = job("claimed", 1, 1, 8);
+    claimed.spec.checkpoint.claim_name = Some("claimed-checkpoints".into());
+    jobs.create(&PostParams::default(), &claimed).await?;
+    let status = wait_job_status(&jobs, "claimed", "claimed to name its missing claim", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Schedulable" && c.reason == "CheckpointClaimNotFound")
+    })
+    .await?;
+    let said = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Schedulable")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        status.phase == Phase::Pending
+            && status.avoided_nodes.is_empty()
+            && said.contains("PersistentVolumeClaim \"claimed-checkpoints\" not found"),
+        "{status:?}"
+    );
+    let waiting = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}=claimed")))
+        .await?;
+    ensure!(
+        waiting.items.is_empty(),
+        "workers started without their claim"
+    );
+    let volumes: Api<PersistentVolume> = Api::all(ns.client.clone());
+    let volume_name = format!("{}-checkpoints", ns.name);
+    let (label_key, label_value) = CLAIM_VOLUME_LABEL
+        .split_once('=')
+        .context("the label is key=value")?;
+    let volume: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": volume_name, "labels": {label_key: label_value}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "hostPath": {"path": "/tmp/weft-e2e-checkpoints"},
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Retain"
+        }
+    }))?;
+    volumes.create(&PostParams::default(), &volume).await?;
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "claimed-checkpoints"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "1Gi"}},
+            "storageClassName": "",
+            "volumeName": volume_name
+        }
+    }))?;
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    claims.create(&PostParams::default(), &claim).await?;
+    wait_running(ns, "claimed", 1, 1).await?;
+    jobs.delete("claimed", &DeleteParams::background()).await?;
+    stage("a missing checkpoint claim was named, and the job started once it existed");
 
     // A node that will not take the worker the mesh put there (it has 1 GiB,
     // the worker asks 2): after the timeout the job avoids it, says so, and

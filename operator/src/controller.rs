@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -48,7 +48,10 @@ use crate::lifecycle::{
     record_failures, restart_budget_exhausted,
 };
 use crate::metrics::Metrics;
-use crate::status::{Observed, Outcome, compute_status, finished_status};
+use crate::status::{
+    CONDITION_SCHEDULABLE, Observed, Outcome, REASON_CLAIM_NOT_FOUND, compute_status,
+    find_condition, finished_status, missing_claim_status,
+};
 
 /// The field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -504,6 +507,44 @@ async fn reconcile_job(
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
 
+    // The checkpoint volume must exist before any worker is placed: a pod
+    // naming a missing claim is refused on every node, which is not the
+    // nodes' fault. Workers already running keep it (Kubernetes does not
+    // delete a claim while pods use it).
+    if let Some(claim) = &job.spec.checkpoint.claim_name {
+        let live = job_pods.iter().filter(|p| !terminal(p)).count();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+        if live == 0
+            && claims
+                .get_opt(claim)
+                .instrument(tracing::info_span!("get_checkpoint_claim"))
+                .await?
+                .is_none()
+        {
+            let status = missing_claim_status(&job, claim, &now);
+            let was_missing = job
+                .status
+                .as_ref()
+                .and_then(|s| find_condition(s, CONDITION_SCHEDULABLE))
+                .is_some_and(|c| c.reason == REASON_CLAIM_NOT_FOUND);
+            write_status(&jobs, &mut job, &status).await?;
+            if !was_missing {
+                let message = find_condition(&status, CONDITION_SCHEDULABLE)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                event(
+                    &ctx,
+                    &job,
+                    EventType::Warning,
+                    REASON_CLAIM_NOT_FOUND,
+                    message,
+                )
+                .await;
+            }
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+    }
+
     // Nodes that will not take a worker: avoided for a while, recorded
     // before the mesh leaves them, so a restart of the operator keeps them.
     let mut status = job.status.clone().unwrap_or_default();
@@ -685,10 +726,15 @@ async fn reconcile_job(
                     EventType::Normal,
                     "MeshEpoch",
                     format!(
-                        "mesh epoch {}: {} workers ({} GPUs) on {} nodes; {joined} joined, {left} left",
+                        "mesh epoch {}: {} workers ({} {}) on {} nodes; {joined} joined, {left} left",
                         mesh.epoch,
                         mesh.workers.len(),
                         mesh.world_size,
+                        if mesh.workers.iter().any(|w| w.gpus > 0) {
+                            "GPUs"
+                        } else {
+                            "CPU ranks"
+                        },
                         mesh.node_groups.len()
                     ),
                 )

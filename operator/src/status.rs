@@ -99,6 +99,47 @@ pub fn find_condition<'a>(status: &'a TrainingJobStatus, type_: &str) -> Option<
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// The status of a job that cannot start because the checkpoint volume it
+/// names (`checkpoint.claimName`) does not exist: Pending, no worker, and a
+/// condition naming the claim, rather than workers the scheduler would refuse
+/// on every node (which is not the nodes' fault).
+pub fn missing_claim_status(job: &TrainingJob, claim: &str, now: &Time) -> TrainingJobStatus {
+    let previous = job.status.as_ref();
+    let mut status = previous.cloned().unwrap_or_default();
+    let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
+    let schedulable = condition(
+        previous,
+        CONDITION_SCHEDULABLE,
+        false,
+        REASON_CLAIM_NOT_FOUND,
+        format!(
+            "checkpoint.claimName: PersistentVolumeClaim {claim:?} not found in namespace {namespace:?}; \
+             create it (ReadWriteMany, shared by every worker) or remove checkpoint.claimName"
+        ),
+        job.metadata.generation,
+        now,
+    );
+    let ready = condition(
+        previous,
+        CONDITION_READY,
+        false,
+        "WaitingForWorkers",
+        "0 of 0 workers running: none is started until the checkpoint claim exists".to_string(),
+        job.metadata.generation,
+        now,
+    );
+    status.conditions = vec![schedulable, ready];
+    status.observed_generation = job.metadata.generation;
+    status.phase = Phase::Pending;
+    status.workers_desired = 0;
+    status.workers_ready = 0;
+    status.workers_ready_summary = Some("0/0".to_string());
+    status
+}
+
+/// The `Schedulable` condition's reason while the checkpoint claim is missing.
+pub const REASON_CLAIM_NOT_FOUND: &str = "CheckpointClaimNotFound";
+
 /// The status `job` should have given what was observed.
 pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJobStatus {
     let previous = job.status.as_ref();
@@ -138,8 +179,11 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                         true,
                         "MeshPlanned",
                         format!(
-                            "{workers} workers of {} GPUs placed on {} nodes",
-                            mesh.workers.first().map(|w| w.gpus).unwrap_or(0),
+                            "{} placed on {} nodes",
+                            weft_planner::mesh::describe_workers(
+                                mesh.workers.len(),
+                                mesh.workers.first().map(|w| w.gpus).unwrap_or(0)
+                            ),
                             mesh.node_groups.len()
                         ),
                         generation,
@@ -387,6 +431,28 @@ mod tests {
             "{}",
             schedulable.message
         );
+    }
+
+    #[test]
+    fn a_missing_checkpoint_claim_keeps_the_job_pending_and_names_the_claim() {
+        let mut j = job(false);
+        j.metadata.namespace = Some("team".into());
+        let status = missing_claim_status(&j, "ckpt", &Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(status.phase, Phase::Pending);
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!((status.workers_desired, status.workers_ready), (0, 0));
+        let c = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", REASON_CLAIM_NOT_FOUND)
+        );
+        assert!(
+            c.message
+                .contains("PersistentVolumeClaim \"ckpt\" not found in namespace \"team\""),
+            "{}",
+            c.message
+        );
+        assert!(find_condition(&status, CONDITION_READY).is_some());
     }
 
     #[test]

@@ -123,6 +123,15 @@ pub struct MeshPlan {
     pub rendezvous: Option<String>,
 }
 
+/// `N workers of G GPUs`, or `N CPU-only workers` when they ask for none.
+pub fn describe_workers(workers: usize, gpus_per_worker: u32) -> String {
+    if gpus_per_worker == 0 {
+        format!("{workers} CPU-only workers")
+    } else {
+        format!("{workers} workers of {gpus_per_worker} GPUs")
+    }
+}
+
 /// Why no mesh can be made.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MeshError {
@@ -530,7 +539,13 @@ mod tests {
         );
         assert!(plan_mesh(&request(0, 4, 8), &nodes, &[]).is_err());
         // CPU-only workers take a node each: three do not fit on two nodes.
-        assert!(plan_mesh(&request(3, 4, 0), &nodes, &[]).is_err());
+        let err = plan_mesh(&request(3, 4, 0), &nodes, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job needs 3 CPU workers, one per node; the healthy nodes can take 2"
+        );
+        assert_eq!(describe_workers(2, 0), "2 CPU-only workers");
+        assert_eq!(describe_workers(2, 8), "2 workers of 8 GPUs");
     }
 
     proptest! {
