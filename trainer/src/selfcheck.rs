@@ -10,6 +10,13 @@
 //!
 //! The launcher reports the worst error per component.
 //!
+//! With [`Precision::Bf16`] every component runs as a bf16 training run does:
+//! the attention's queries, keys, values and output gradients are bf16 (the
+//! reference computes in fp32 on the same bf16 values, so the error measured
+//! is the distributed computation's own), the remap moves bf16 rows (small
+//! integers, exact in bf16), and the training step is the mixed-precision
+//! one, against one process computing in bf16.
+//!
 //! Data is drawn from the seed alone, so every rank draws the same documents
 //! without talking; each rank then checks its own chunks.
 
@@ -24,7 +31,7 @@ use crate::attention::{
 };
 use crate::comm::{ProcessGroup, Store};
 use crate::data::{Batch, Sample};
-use crate::model::Llama;
+use crate::model::{Llama, Precision};
 use crate::remap::{Remap, token_id_rows};
 use crate::step::{
     StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
@@ -35,6 +42,9 @@ use crate::step::{
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct SelfcheckReport {
     pub rank: u32,
+    /// The number format checked.
+    #[serde(default)]
+    pub precision: Precision,
     pub cases: u32,
     pub documents: u32,
     pub attention_out: f64,
@@ -53,6 +63,7 @@ pub struct SelfcheckReport {
 impl SelfcheckReport {
     /// The larger errors of two reports.
     pub fn worst(mut self, other: &SelfcheckReport) -> SelfcheckReport {
+        self.precision = other.precision;
         self.cases = self.cases.max(other.cases);
         self.documents += other.documents;
         self.attention_out = self.attention_out.max(other.attention_out);
@@ -89,13 +100,14 @@ fn case_shape(rng: &mut SplitMix64) -> (Vec<i64>, i64, i64) {
 }
 
 /// Runs `cases` random cases as rank `rank` of `world`, meeting at
-/// `127.0.0.1:port`.
+/// `127.0.0.1:port`, in `precision`.
 pub fn run_worker(
     rank: u32,
     world: u32,
     port: u16,
     seed: u64,
     cases: u32,
+    precision: Precision,
 ) -> Result<SelfcheckReport, StepError> {
     let store = Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(60))?;
     let mut group = ProcessGroup::gloo(&store, rank, world, "127.0.0.1", Duration::from_secs(60))?;
@@ -103,24 +115,29 @@ pub fn run_worker(
     let mut rng = SplitMix64::new(seed);
     let mut report = SelfcheckReport {
         rank,
+        precision,
         ..Default::default()
     };
+    let kind = precision.compute_kind();
     for case in 0..cases {
         let (lengths, heads, kv_heads) = case_shape(&mut rng);
         let inner_ring = crate::step::random_inner_ring(&mut rng, world);
         tch::manual_seed(seed.wrapping_add(u64::from(case)) as i64);
         let opts = (Kind::Float, tch::Device::Cpu);
+        // Drawn in fp32 and rounded to the precision checked: the distributed
+        // side computes on them in that kind, the reference in fp32.
+        let draw = |shape: [i64; 4]| Tensor::randn(shape, opts).f_to_kind(kind);
         let docs: Vec<[Tensor; 4]> = lengths
             .iter()
             .map(|l| {
-                [
-                    Tensor::randn([1, heads, *l, 16], opts),
-                    Tensor::randn([1, kv_heads, *l, 16], opts),
-                    Tensor::randn([1, kv_heads, *l, 16], opts),
-                    Tensor::randn([1, heads, *l, 16], opts),
-                ]
+                Ok([
+                    draw([1, heads, *l, 16])?,
+                    draw([1, kv_heads, *l, 16])?,
+                    draw([1, kv_heads, *l, 16])?,
+                    draw([1, heads, *l, 16])?,
+                ])
             })
-            .collect();
+            .collect::<Result<_, tch::TchError>>()?;
         let shard = RingShard {
             docs: docs
                 .iter()
@@ -140,7 +157,9 @@ pub fn run_worker(
         let grads =
             ring_attention_backward(&mut group, &ring, inner_ring, &shard, &forward, &grads_out)?;
         for (p, [q, k, v, g]) in docs.iter().enumerate() {
-            let [out, dq, dk, dv] = reference_attention(q, k, v, g)?;
+            let fp32 = |t: &Tensor| t.f_to_kind(Kind::Float);
+            let [out, dq, dk, dv] =
+                reference_attention(&fp32(q)?, &fp32(k)?, &fp32(v)?, &fp32(g)?)?;
             let reference =
                 |full: &Tensor| DocShard::split(full, full, full, p, world, rank as usize);
             let error = |mine: &[Tensor; 2], full: &Tensor| -> Result<f64, StepError> {
@@ -148,7 +167,11 @@ pub fn run_worker(
                 let mut worst = 0.0f64;
                 for c in 0..2 {
                     if expected[c].numel() > 0 {
-                        let diff = mine[c].f_sub(&expected[c])?.f_abs()?.f_max()?;
+                        let diff = mine[c]
+                            .f_to_kind(Kind::Float)?
+                            .f_sub(&expected[c])?
+                            .f_abs()?
+                            .f_max()?;
                         worst = worst.max(diff.f_double_value(&[])?);
                     }
                 }
@@ -160,8 +183,11 @@ pub fn run_worker(
             report.attention_dv = report.attention_dv.max(error(&grads[p].dv, &dv)?);
             report.documents += 1;
         }
-        report.remap = report.remap.max(check_remap(&mut group, &mut rng)?);
-        let (loss, gradients) = check_step(&mut group, &mut rng, seed ^ u64::from(case))?;
+        report.remap = report
+            .remap
+            .max(check_remap(&mut group, &mut rng, precision)?);
+        let (loss, gradients) =
+            check_step(&mut group, &mut rng, seed ^ u64::from(case), precision)?;
         report.step_loss = report.step_loss.max(loss);
         report.step_gradients = report.step_gradients.max(gradients);
         report.cases += 1;
@@ -177,8 +203,20 @@ fn random_lengths(rng: &mut SplitMix64, count: u64, longest: u64) -> Vec<u64> {
 }
 
 /// Remaps the token ids of a random plan's attention layout to the linear
-/// layout and back; the largest difference from what the plan says.
-fn check_remap(group: &mut ProcessGroup, rng: &mut SplitMix64) -> Result<f64, StepError> {
+/// layout and back; the largest difference from what the plan says. In bf16
+/// the ids are taken modulo 251, integers bf16 holds exactly.
+fn check_remap(
+    group: &mut ProcessGroup,
+    rng: &mut SplitMix64,
+    precision: Precision,
+) -> Result<f64, StepError> {
+    let kind = precision.compute_kind();
+    let id = |t: Tensor| -> Result<Tensor, tch::TchError> {
+        match precision {
+            Precision::Fp32 => Ok(t),
+            Precision::Bf16 => t.f_fmod(251)?.f_to_kind(kind),
+        }
+    };
     let (rank, world) = (group.rank(), group.world());
     let lengths = random_lengths(rng, 10, 400);
     let spec = weft_planner::model::ModelSpec::preset("tiny")
@@ -190,20 +228,25 @@ fn check_remap(group: &mut ProcessGroup, rng: &mut SplitMix64) -> Result<f64, St
             continue;
         };
         let remap = Remap::new(&routes, rank, world);
-        let ids = token_id_rows(&routes)?;
+        let ids = id(token_id_rows(&routes)?)?;
         let linear = remap.to_linear(group, &ids)?;
         let expected: Vec<f32> = plan
             .linear_layout(mb.index, rank)
             .iter()
             .flat_map(|r| (r.start..r.end).map(move |p| (r.sequence * 1_000_000 + p) as f32))
             .collect();
-        let expected = Tensor::from_slice(&expected).f_reshape([-1, 1])?;
+        let expected = id(Tensor::from_slice(&expected).f_reshape([-1, 1])?)?;
         let back = remap.to_attention(group, &linear)?;
         for (got, want) in [(&linear, &expected), (&back, &ids)] {
-            if got.size() != want.size() {
+            if got.size() != want.size() || got.kind() != kind {
                 worst = f64::INFINITY;
             } else if got.numel() > 0 {
-                let diff = got.f_sub(want)?.f_abs()?.f_max()?.f_double_value(&[])?;
+                let diff = got
+                    .f_to_kind(Kind::Float)?
+                    .f_sub(&want.f_to_kind(Kind::Float)?)?
+                    .f_abs()?
+                    .f_max()?
+                    .f_double_value(&[])?;
                 worst = worst.max(diff);
             }
         }
@@ -218,6 +261,7 @@ fn check_step(
     group: &mut ProcessGroup,
     rng: &mut SplitMix64,
     seed: u64,
+    precision: Precision,
 ) -> Result<(f64, f64), StepError> {
     let world = group.world();
     let spec = weft_planner::model::ModelSpec::preset("tiny")
@@ -237,7 +281,7 @@ fn check_step(
     let plan = random_plan(rng, &lengths, world, &spec)?;
     tch::manual_seed(seed as i64);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = Llama::new(&vs.root(), &spec)?;
+    let model = Llama::new(&vs.root(), &spec)?.with_precision(precision);
     let params = named_parameters(&vs);
     // Every rank starts from rank 0's parameters.
     tch::no_grad(|| -> Result<(), StepError> {

@@ -60,3 +60,37 @@ fn one_rank_is_refused_with_the_reason() {
     assert!(!ok);
     assert!(stderr.contains("--ranks must be at least 2"), "{stderr}");
 }
+
+/// The error a component's line reports.
+fn error_of(stdout: &str, component: &str) -> f64 {
+    let line = stdout.lines().find(|l| l.starts_with(component)).unwrap();
+    line[component.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn bf16_is_checked_at_its_own_tolerance() {
+    let (ok, stdout, stderr, _) = selfcheck(&[
+        "--ranks",
+        "3",
+        "--cases",
+        "3",
+        "--seed",
+        "4",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("Gloo on CPU, bf16"), "{stdout}");
+    // bf16 was really computed: its errors are far above fp32's, and the
+    // remap moves bf16 rows exactly.
+    assert!(error_of(&stdout, "attention out") > 1e-4, "{stdout}");
+    assert!(error_of(&stdout, "step gradients") > 1e-4, "{stdout}");
+    assert_eq!(error_of(&stdout, "remap"), 0.0, "{stdout}");
+    let (ok, stdout, _, _) = selfcheck(&["--ranks", "2", "--precision", "fp16"]);
+    assert!(!ok, "{stdout}");
+}

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use weft_trainer::comm::CommError;
 use weft_trainer::decompose::DataOrder;
 use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
+use weft_trainer::model::Precision;
 use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
 use weft_trainer::step::StepError;
@@ -214,7 +215,7 @@ impl TrainArgs {
                 clip_norm: self.run.clip_norm,
                 ..Default::default()
             },
-            precision: weft_trainer::model::Precision::parse(&self.run.precision)?,
+            precision: Precision::parse(&self.run.precision)?,
             threads,
             timeout: Duration::from_secs(self.run.collective_timeout_s.max(1)),
             checkpoint_dir: self.checkpoint_dir.clone(),
@@ -317,9 +318,14 @@ enum Command {
         cases: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Largest error accepted (fp32 on CPU).
-        #[arg(long, default_value_t = 1e-4)]
-        tolerance: f64,
+        /// Number format checked: fp32, or bf16 as mixed-precision runs use it.
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+        precision: String,
+        /// Largest error accepted. Default: 1e-4 in fp32; 5e-2 in bf16 (8
+        /// bits of mantissa: the error of one rounding of a value near 1 is
+        /// up to 4e-3, and attention sums many).
+        #[arg(long)]
+        tolerance: Option<f64>,
         /// Seconds before the workers are stopped.
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
@@ -340,19 +346,34 @@ enum Command {
         seed: u64,
         #[arg(long)]
         cases: u32,
+        #[arg(long, default_value = "fp32")]
+        precision: String,
         #[arg(long)]
         die: bool,
     },
 }
 
-fn selfcheck(
+/// What `selfcheck` is asked to check.
+struct SelfcheckArgs {
     ranks: u32,
     cases: u32,
     seed: u64,
+    precision: Precision,
     tolerance: f64,
     timeout: Duration,
     kill: Option<u32>,
-) -> anyhow::Result<bool> {
+}
+
+fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
+    let SelfcheckArgs {
+        ranks,
+        cases,
+        seed,
+        precision,
+        tolerance,
+        timeout,
+        kill,
+    } = args;
     if ranks < 2 {
         bail!(
             "--ranks must be at least 2: distributed attention needs a ring of two or more ranks"
@@ -372,6 +393,7 @@ fn selfcheck(
                 format!("--port={port}"),
                 format!("--seed={seed}"),
                 format!("--cases={cases}"),
+                format!("--precision={}", precision.name()),
             ];
             if kill == Some(rank) {
                 args.push("--die".to_string());
@@ -390,8 +412,10 @@ fn selfcheck(
         worst = worst.worst(&report);
     }
     println!(
-        "selfcheck on {ranks} ranks (Gloo on CPU): {} cases, {} document checks",
-        worst.cases, worst.documents
+        "selfcheck on {ranks} ranks (Gloo on CPU, {}): {} cases, {} document checks",
+        worst.precision.name(),
+        worst.cases,
+        worst.documents
     );
     println!(
         "{:<16} {:>12} {:>12}  result",
@@ -625,29 +649,46 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             ranks,
             cases,
             seed,
+            precision,
             tolerance,
             timeout_s,
             kill_rank,
-        } => selfcheck(
-            ranks,
-            cases,
-            seed,
-            tolerance,
-            Duration::from_secs(timeout_s),
-            kill_rank,
-        ),
+        } => {
+            let precision = Precision::parse(&precision)?;
+            let tolerance = tolerance.unwrap_or(match precision {
+                Precision::Fp32 => 1e-4,
+                Precision::Bf16 => 5e-2,
+            });
+            selfcheck(SelfcheckArgs {
+                ranks,
+                cases,
+                seed,
+                precision,
+                tolerance,
+                timeout: Duration::from_secs(timeout_s),
+                kill: kill_rank,
+            })
+        }
         Command::SelfcheckWorker {
             rank,
             world,
             port,
             seed,
             cases,
+            precision,
             die,
         } => {
             if die {
                 bail!("rank {rank} was told to exit (--kill-rank)");
             }
-            let report = run_worker(rank, world, port, seed, cases)?;
+            let report = run_worker(
+                rank,
+                world,
+                port,
+                seed,
+                cases,
+                Precision::parse(&precision)?,
+            )?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(true)
         }
