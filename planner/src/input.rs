@@ -315,6 +315,18 @@ pub fn load_model(spec: &str) -> Result<ModelSpec, InputError> {
     Ok(model)
 }
 
+/// A profile (`weft-trainer profile`'s JSON), checked.
+pub fn load_profile(path: &str) -> Result<crate::profile::Profile, InputError> {
+    let profile: crate::profile::Profile =
+        parse_structured(path, &read(Path::new(path))?, "profile")?;
+    profile.validate().map_err(|e| InputError::BadFile {
+        path: path.to_string(),
+        what: "profile",
+        reason: e.to_string(),
+    })?;
+    Ok(profile)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

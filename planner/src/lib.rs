@@ -23,6 +23,7 @@ pub mod input;
 pub mod mesh;
 pub mod model;
 pub mod plan;
+pub mod profile;
 pub mod report;
 pub mod rng;
 pub mod sim;

@@ -321,3 +321,70 @@ fn bad_inputs_exit_non_zero_naming_the_problem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tokens-per-step must be at least 1"));
 }
+
+/// The predicted step time of `weft plan --format json` with `extra` flags.
+fn predicted_step(lengths: &str, extra: &[&str]) -> f64 {
+    let mut args = vec![
+        "plan",
+        "--lengths",
+        lengths,
+        "--cluster",
+        "1x4",
+        "--model",
+        "tiny",
+        "--format",
+        "json",
+    ];
+    args.extend(extra);
+    let out = weft(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    plan["predicted"]["step_time_s"].as_f64().unwrap()
+}
+
+#[test]
+fn a_profile_prices_the_plan_at_the_measured_speeds() {
+    let lengths = fixture("profiled.txt", "4000\n1000\n700\n300\n");
+    let lengths = lengths.to_str().unwrap();
+    let datasheet = predicted_step(lengths, &[]);
+    // A device a thousand times slower than an H100 at the default
+    // efficiencies (0.55 and 0.40 of 989 TFLOP/s).
+    let profile = fixture(
+        "slow.json",
+        r#"{"version": 1, "device": "a slow test device", "linear_tflops": 0.544,
+            "attention_tflops": 0.396, "link_gbytes_per_s": 0.36, "p2p_latency_s": 0.015}"#,
+    );
+    let profiled = predicted_step(lengths, &["--profile", profile.to_str().unwrap()]);
+    let ratio = profiled / datasheet;
+    assert!(
+        (900.0..1100.0).contains(&ratio),
+        "{profiled} / {datasheet} = {ratio}"
+    );
+    // A bad profile is refused, naming the file and the field.
+    let bad = fixture(
+        "bad.json",
+        r#"{"version": 1, "device": "x", "linear_tflops": -1, "attention_tflops": 1,
+            "link_gbytes_per_s": 1, "p2p_latency_s": 0.001}"#,
+    );
+    let out = weft(&[
+        "plan",
+        "--lengths",
+        lengths,
+        "--cluster",
+        "1x4",
+        "--model",
+        "tiny",
+        "--profile",
+        bad.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.json") && stderr.contains("linear_tflops is -1"),
+        "{stderr}"
+    );
+}

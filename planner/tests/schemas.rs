@@ -1,5 +1,5 @@
-//! The JSON schemas of the documents the planner publishes (the step plan and
-//! the mesh plan) are committed in planner/schemas and must match the Rust
+//! The JSON schemas of the documents the planner publishes or reads (the step
+//! plan, the mesh plan, the device profile) are committed in planner/schemas and must match the Rust
 //! types. Regenerate with
 //! `WEFT_UPDATE_GOLDEN=1 cargo test -p weft-planner --test schemas`.
 
@@ -10,6 +10,7 @@ use std::path::Path;
 
 use weft_planner::mesh::MeshPlan;
 use weft_planner::plan::StepPlan;
+use weft_planner::profile::Profile;
 
 #[test]
 fn committed_schemas_match_the_types() {
@@ -17,6 +18,7 @@ fn committed_schemas_match_the_types() {
     for (file, schema) in [
         ("step-plan.schema.json", schemars::schema_for!(StepPlan)),
         ("mesh-plan.schema.json", schemars::schema_for!(MeshPlan)),
+        ("profile.schema.json", schemars::schema_for!(Profile)),
     ] {
         let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";
         let path = dir.join(file);

@@ -22,6 +22,7 @@ pub mod launch;
 pub mod model;
 pub mod optim;
 pub mod pod;
+pub mod profile;
 pub mod remap;
 pub mod report;
 pub mod selfcheck;

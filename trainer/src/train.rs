@@ -17,6 +17,7 @@ use tch::Tensor;
 use tch::nn::VarStore;
 use weft_planner::cost::{CostCoefficients, CostModel};
 use weft_planner::model::ModelSpec;
+use weft_planner::profile::Profile;
 use weft_planner::{PlanContext, Strategy};
 
 use crate::comm::{CommError, ProcessGroup, Store};
@@ -112,6 +113,8 @@ pub struct TrainConfig {
     pub optimizer: AdamWConfig,
     /// fp32, or bf16 products and activations over fp32 weights.
     pub precision: Precision,
+    /// Measured speeds to plan with instead of the datasheets'.
+    pub profile: Option<Profile>,
     /// Intra-op threads of libtorch per worker.
     pub threads: i32,
     /// Bound on every collective: a dead peer is an error after this long.
@@ -169,6 +172,10 @@ pub struct StepMetrics {
     pub hierarchical_rings: u32,
     /// The plan's predicted max/mean rank time (1 is perfect balance).
     pub balance: f64,
+    /// The plan's predicted forward and backward time (the cost model's, at
+    /// the profile's speeds when one is given).
+    #[serde(default)]
+    pub predicted_step_s: f64,
     /// Max/mean over ranks of the tokens each holds for the linear modules.
     pub token_balance: f64,
     /// Slowest rank's seconds in ring attention (with its transfers), the
@@ -207,28 +214,42 @@ fn whole_documents() -> DataOrder {
 }
 
 /// The planning context for `world` local ranks: one node of `world` GPUs of
-/// the default kind (the planner needs a topology; on CPU only the split
-/// matters), capped at `rank_tokens` tokens per rank.
+/// the default kind (the planner needs a topology), capped at `rank_tokens`
+/// tokens per rank, priced at the speeds of `profile` when given (else the
+/// datasheets', which only the split of the work follows on CPU).
 pub fn local_plan_context(
     world: u32,
     model: &ModelSpec,
     rank_tokens: Option<u64>,
+    profile: Option<&Profile>,
 ) -> Result<PlanContext, TrainError> {
     let planning = |reason: String| TrainError::Plan { step: 0, reason };
     let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
         .map_err(|e| planning(e.to_string()))?;
     let topology =
         weft_planner::topology::Topology::new(&cluster).map_err(|e| planning(e.to_string()))?;
+    let coefficients = coefficients(&topology, rank_tokens, profile);
     Ok(PlanContext {
         topology,
-        cost: CostModel::new(
-            model.clone(),
-            CostCoefficients {
-                max_tokens_per_rank: rank_tokens,
-                ..Default::default()
-            },
-        ),
+        cost: CostModel::new(model.clone(), coefficients),
     })
+}
+
+/// The cost model's coefficients: a rank's token budget, and the speeds of
+/// `profile` when given.
+fn coefficients(
+    topology: &weft_planner::topology::Topology,
+    rank_tokens: Option<u64>,
+    profile: Option<&Profile>,
+) -> CostCoefficients {
+    let mut coefficients = CostCoefficients {
+        max_tokens_per_rank: rank_tokens,
+        ..Default::default()
+    };
+    if let Some(profile) = profile {
+        profile.calibrate_for(topology, &mut coefficients);
+    }
+    coefficients
 }
 
 /// The planning context of a pod's rank: the cluster the mesh of `epoch` at
@@ -274,15 +295,10 @@ fn mesh_plan_context(
             topology.world()
         )));
     }
+    let coefficients = coefficients(&topology, config.rank_tokens, config.profile.as_ref());
     Ok(Some(PlanContext {
         topology,
-        cost: CostModel::new(
-            config.model.clone(),
-            CostCoefficients {
-                max_tokens_per_rank: config.rank_tokens,
-                ..Default::default()
-            },
-        ),
+        cost: CostModel::new(config.model.clone(), coefficients),
     }))
 }
 
@@ -437,7 +453,12 @@ pub fn run_worker(
             Some(ctx) => ctx,
             None => return Ok(RunEnd::NewEpoch { step: 0 }),
         },
-        None => local_plan_context(world, &config.model, config.rank_tokens)?,
+        None => local_plan_context(
+            world,
+            &config.model,
+            config.rank_tokens,
+            config.profile.as_ref(),
+        )?,
     };
     let store = Store::open(
         &rendezvous.store_host,
@@ -625,6 +646,7 @@ pub fn run_worker(
                 .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
                 .count() as u32,
             balance: plan.predicted.max_over_mean,
+            predicted_step_s: plan.predicted.step_time_s,
             token_balance: if mean_linear > 0.0 {
                 linear.iter().copied().fold(0.0, f64::max) / mean_linear
             } else {

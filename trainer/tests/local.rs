@@ -169,6 +169,55 @@ fn bf16_on_three_ranks_follows_the_fp32_curve() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `weft-trainer profile` measures this device; `local --profile` plans with
+/// it, and so predicts steps at this CPU's speed rather than an H100's (the
+/// prediction's accuracy is a benchmark figure, trainer/BENCHMARKS.md).
+#[test]
+fn a_measured_profile_prices_steps_at_this_devices_speed() {
+    let dir = scratch("profile");
+    let profile = dir.join("cpu.json");
+    let out = trainer()
+        .args(["profile", "--threads", "1", "--steps", "2", "--out"])
+        .arg(&profile)
+        .output()
+        .unwrap();
+    ok(&out);
+    let measured = weft_planner::input::load_profile(profile.to_str().unwrap()).unwrap();
+    assert!(measured.device.contains("model tiny"), "{measured:?}");
+    let (out, datasheet) = local(&dir, "datasheet", &["--ranks", "2", "--steps", "3"]);
+    ok(&out);
+    let (out, profiled) = local(
+        &dir,
+        "profiled",
+        &[
+            "--ranks",
+            "2",
+            "--steps",
+            "3",
+            "--profile",
+            profile.to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    // The same batches and plans' losses; predictions a CPU's, not an H100's.
+    assert!(max_loss_gap(&datasheet, &profiled) < 1e-4);
+    for (a, b) in datasheet.iter().zip(&profiled) {
+        assert!(
+            b.predicted_step_s > 100.0 * a.predicted_step_s,
+            "step {}: {} with the profile, {} without",
+            a.step,
+            b.predicted_step_s,
+            a.predicted_step_s
+        );
+    }
+    std::fs::write(dir.join("bad.json"), "{\"version\": 2}").unwrap();
+    fails_with(
+        &["--profile", dir.join("bad.json").to_str().unwrap()],
+        "bad.json",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_dead_job_resumes_on_another_world_size_with_the_same_data_and_losses() {
     let dir = scratch("resume");

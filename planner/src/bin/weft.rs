@@ -53,6 +53,10 @@ struct Common {
     /// Price activations as StreamBP keeps them (less memory, one more forward).
     #[arg(long)]
     streambp: bool,
+    /// Price compute and transfers at the speeds a profile measured
+    /// (`weft-trainer profile`'s JSON) instead of the datasheets'.
+    #[arg(long)]
+    profile: Option<String>,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
 }
@@ -108,13 +112,14 @@ fn context(common: &Common) -> anyhow::Result<(PlanContext, Vec<u64>)> {
         lengths.iter_mut().for_each(|s| *s = (*s).min(cap));
     }
     let topology = Topology::new(&cluster)?;
-    let cost = CostModel::new(
-        model,
-        CostCoefficients {
-            streambp: common.streambp,
-            ..Default::default()
-        },
-    );
+    let mut coefficients = CostCoefficients {
+        streambp: common.streambp,
+        ..Default::default()
+    };
+    if let Some(path) = &common.profile {
+        weft_planner::input::load_profile(path)?.calibrate_for(&topology, &mut coefficients);
+    }
+    let cost = CostModel::new(model, coefficients);
     Ok((PlanContext { topology, cost }, lengths))
 }
 

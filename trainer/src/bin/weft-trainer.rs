@@ -134,6 +134,11 @@ struct RunArgs {
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     #[serde(default = "default_precision")]
     precision: String,
+    /// Plan at the speeds this profile measured (`weft-trainer profile`'s
+    /// JSON) instead of the datasheets'.
+    #[arg(long)]
+    #[serde(default)]
+    profile: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -216,6 +221,10 @@ impl TrainArgs {
                 ..Default::default()
             },
             precision: Precision::parse(&self.run.precision)?,
+            profile: match &self.run.profile {
+                Some(path) => Some(weft_planner::input::load_profile(&path.to_string_lossy())?),
+                None => None,
+            },
             threads,
             timeout: Duration::from_secs(self.run.collective_timeout_s.max(1)),
             checkpoint_dir: self.checkpoint_dir.clone(),
@@ -307,6 +316,32 @@ enum Command {
         /// The run's settings, as JSON.
         #[arg(long)]
         config: String,
+    },
+    /// Measure this device's compute and link speeds, as the planner's cost
+    /// model counts them, and write them as a profile (JSON) for `weft plan
+    /// --profile` and `--profile` here.
+    Profile {
+        /// Model whose training step is timed.
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        /// Number format: fp32 or bf16.
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+        precision: String,
+        /// Tokens of the timed batch.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(2..))]
+        tokens: u64,
+        /// Tokens of each of its documents.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..))]
+        document_length: u64,
+        /// Timed steps (after one untimed).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        steps: u32,
+        /// libtorch threads (default: every core).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Write the profile here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Check distributed attention, the remap and a training step on N local ranks against a single-process reference.
     Selfcheck {
@@ -642,6 +677,41 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             if let weft_trainer::train::RunEnd::NewEpoch { .. } = end {
                 // The pod's worker starts this rank again in the new mesh.
                 std::process::exit(weft_trainer::pod::NEW_EPOCH_EXIT);
+            }
+            Ok(true)
+        }
+        Command::Profile {
+            model,
+            precision,
+            tokens,
+            document_length,
+            steps,
+            threads,
+            out,
+        } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+            let config = weft_trainer::profile::ProfileConfig {
+                model: weft_planner::input::load_model(&model)?,
+                precision: Precision::parse(&precision)?,
+                tokens: tokens as usize,
+                document_length: document_length as usize,
+                steps,
+                threads: threads.unwrap_or(cores).max(1),
+            };
+            let profile = weft_trainer::profile::measure(&config)?;
+            eprintln!(
+                "{}: linear modules {:.4} TFLOP/s, attention {:.4} TFLOP/s, link {:.3} GB/s, latency {:.1} µs",
+                profile.device,
+                profile.linear_tflops,
+                profile.attention_tflops,
+                profile.link_gbytes_per_s,
+                profile.p2p_latency_s * 1e6
+            );
+            let text = serde_json::to_string_pretty(&profile)? + "\n";
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
             }
             Ok(true)
         }

@@ -1,0 +1,251 @@
+//! `weft-trainer profile`: measures the speeds the planner's cost model needs
+//! on this device, with the trainer's own code, and writes them as a
+//! [`Profile`] for `weft plan|simulate --profile` and the trainer's
+//! `--profile`.
+//!
+//! - Compute: real training steps of the model on one rank (a batch of equal
+//!   documents, planned and run as training runs them), timed per component.
+//!   The linear modules' seconds are the step's less its attention; each is
+//!   turned into FLOP/s by counting the work as the cost model counts it, so
+//!   the calibrated model gives back the measured seconds.
+//! - Link: point-to-point transfers between two ranks over the real
+//!   collectives, ping-pong, at sizes from 4 KiB to 16 MiB; latency and
+//!   bandwidth are the least-squares line through the median one-way times.
+
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+use weft_planner::cluster::GpuModel;
+use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::model::ModelSpec;
+use weft_planner::profile::{PROFILE_VERSION, Profile};
+
+use crate::comm::{ProcessGroup, Store};
+use crate::data::{Batch, Sample};
+use crate::launch::free_port;
+use crate::model::{Llama, Precision};
+use crate::step::{StepError, forward_backward, named_parameters, zero_gradients};
+
+/// What went wrong while profiling.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Launch(#[from] crate::launch::LaunchError),
+    #[error("planning the profile's batch: {0}")]
+    Plan(String),
+    #[error("a profiling rank failed: {0}")]
+    Rank(String),
+    #[error("the measurement came out unusable: {0}")]
+    Unusable(String),
+}
+
+impl ProfileError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ProfileError::Step(e) => e.category(),
+            ProfileError::Launch(_) => "launch",
+            ProfileError::Plan(_) => "plan",
+            ProfileError::Rank(_) | ProfileError::Unusable(_) => "profile",
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct ProfileConfig {
+    pub model: ModelSpec,
+    pub precision: Precision,
+    /// Tokens of the profiling batch and the length of its documents.
+    pub tokens: usize,
+    pub document_length: usize,
+    /// Timed steps (after one untimed warm-up).
+    pub steps: u32,
+    pub threads: i32,
+}
+
+/// The compute speeds measured, and the raw seconds behind them.
+#[derive(Clone, Debug)]
+pub struct ComputeSpeeds {
+    pub linear_tflops: f64,
+    pub attention_tflops: f64,
+    pub linear_s: f64,
+    pub attention_s: f64,
+}
+
+/// Measures compute on one rank: see the module documentation.
+pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileError> {
+    tch::set_num_threads(config.threads.max(1));
+    let port = free_port()?;
+    let timeout = Duration::from_secs(60);
+    let store = Store::open("127.0.0.1", port, 1, true, timeout).map_err(StepError::from)?;
+    let mut group =
+        ProcessGroup::gloo(&store, 0, 1, "127.0.0.1", timeout).map_err(StepError::from)?;
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = Llama::new(&vs.root(), &config.model)
+        .map_err(StepError::from)?
+        .with_precision(config.precision);
+    let params = named_parameters(&vs);
+    let length = config.document_length.max(2);
+    let documents = (config.tokens / length).max(1);
+    let vocab = u64::from(config.model.vocab.max(2));
+    let mut rng = weft_planner::rng::SplitMix64::new(1);
+    let batch = Batch {
+        samples: (0..documents)
+            .map(|i| Sample {
+                index: i as u64,
+                document: i,
+                tokens: (0..length).map(|_| rng.below(vocab) as u32).collect(),
+            })
+            .collect(),
+    };
+    let lengths: Vec<u64> = vec![length as u64; documents];
+    let ctx = crate::train::local_plan_context(1, &config.model, None, None)
+        .map_err(|e| ProfileError::Plan(e.to_string()))?;
+    let plan = weft_planner::plan_step(weft_planner::Strategy::Static, &ctx, &lengths, None)
+        .map_err(|e| ProfileError::Plan(e.to_string()))?;
+    let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
+    for step in 0..=config.steps {
+        zero_gradients(&params)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
+        if step > 0 {
+            let t = outcome.times;
+            attention_s.push(t.attention_s);
+            linear_s.push((t.total_s - t.attention_s - t.remap_s).max(0.0));
+        }
+    }
+    let (linear_s, attention_s) = (median(&mut linear_s), median(&mut attention_s));
+    if !(linear_s > 0.0 && attention_s > 0.0) {
+        return Err(ProfileError::Unusable(format!(
+            "linear modules took {linear_s} s and attention {attention_s} s"
+        )));
+    }
+    // The cost model's seconds on a device of 1 TFLOP/s at full efficiency:
+    // the work in TFLOP, as the model counts it.
+    let mut unit = GpuModel::preset("h100").map_err(|e| ProfileError::Plan(e.to_string()))?;
+    unit.peak_bf16_tflops = 1.0;
+    let ideal = CostModel::new(
+        config.model.clone(),
+        CostCoefficients {
+            linear_efficiency: 1.0,
+            attention_efficiency: 1.0,
+            ..Default::default()
+        },
+    );
+    let linear_work = ideal.linear_time((documents * length) as f64, &unit);
+    let attention_work = documents as f64 * ideal.attention_compute_time(length as f64, &unit);
+    Ok(ComputeSpeeds {
+        linear_tflops: linear_work / linear_s,
+        attention_tflops: attention_work / attention_s,
+        linear_s,
+        attention_s,
+    })
+}
+
+/// Latency and bandwidth of point-to-point transfers between two ranks.
+#[derive(Clone, Debug)]
+pub struct LinkSpeeds {
+    pub latency_s: f64,
+    pub gbytes_per_s: f64,
+    /// (bytes, median one-way seconds) per size.
+    pub samples: Vec<(f64, f64)>,
+}
+
+/// Measures the link between two ranks of this machine: see the module
+/// documentation.
+pub fn measure_link(repeats: u32) -> Result<LinkSpeeds, ProfileError> {
+    let port = free_port()?;
+    let sizes: Vec<i64> = vec![1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22]; // floats
+    let run = move |rank: u32, sizes: Vec<i64>| -> Result<Vec<(f64, f64)>, StepError> {
+        let timeout = Duration::from_secs(60);
+        let store = Store::open("127.0.0.1", port, 2, rank == 0, timeout)?;
+        let mut group = ProcessGroup::gloo(&store, rank, 2, "127.0.0.1", timeout)?;
+        let peer = 1 - rank;
+        let mut out = Vec::new();
+        for (k, &n) in sizes.iter().enumerate() {
+            let mut buffer = Tensor::f_zeros([n], (tch::Kind::Float, tch::Device::Cpu))?;
+            let mut times = Vec::new();
+            for r in 0..=repeats {
+                let tag = (k as i32) * 1000 + r as i32;
+                let t = Instant::now();
+                if rank == 0 {
+                    group.send(&buffer, peer, tag)?;
+                    group.recv(&mut buffer, peer, tag)?;
+                } else {
+                    group.recv(&mut buffer, peer, tag)?;
+                    group.send(&buffer, peer, tag)?;
+                }
+                if r > 0 {
+                    times.push(t.elapsed().as_secs_f64() / 2.0);
+                }
+            }
+            out.push(((n * 4) as f64, median(&mut times)));
+        }
+        group.barrier()?;
+        Ok(out)
+    };
+    let other = {
+        let sizes = sizes.clone();
+        std::thread::spawn(move || run(1, sizes))
+    };
+    let mine = run(0, sizes);
+    let theirs = other
+        .join()
+        .map_err(|_| ProfileError::Rank("rank 1 panicked".to_string()))?;
+    theirs?;
+    let samples = mine?;
+    // Least squares: seconds = latency + bytes / bandwidth.
+    let n = samples.len() as f64;
+    let (sx, sy) = samples
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (sxx, sxy) = samples.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
+    });
+    let slope = sxy / sxx;
+    if !(slope.is_finite() && slope > 0.0) {
+        return Err(ProfileError::Unusable(format!(
+            "transfer times do not grow with size: {samples:?}"
+        )));
+    }
+    // A latency below a microsecond is below what the timer resolves here.
+    let latency_s = (my - slope * mx).max(1e-6);
+    Ok(LinkSpeeds {
+        latency_s,
+        gbytes_per_s: 1.0 / slope / 1e9,
+        samples,
+    })
+}
+
+/// The profile of this device: compute and link measured, described.
+pub fn measure(config: &ProfileConfig) -> Result<Profile, ProfileError> {
+    let compute = measure_compute(config)?;
+    let link = measure_link(5)?;
+    Ok(Profile {
+        version: PROFILE_VERSION,
+        device: format!(
+            "CPU, {} libtorch threads, model {}, {}, documents of {} tokens",
+            config.threads.max(1),
+            config.model.name,
+            config.precision.name(),
+            config.document_length
+        ),
+        linear_tflops: compute.linear_tflops,
+        attention_tflops: compute.attention_tflops,
+        link_gbytes_per_s: link.gbytes_per_s,
+        p2p_latency_s: link.latency_s,
+    })
+}
+
+/// The median of `values` (0 when empty).
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
