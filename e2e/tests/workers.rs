@@ -10,6 +10,14 @@
 //! operator made and which may do nothing else; the operator, reconciling
 //! all the while, keeps those fields.
 //!
+//! Then a new epoch reaches running workers through the API server alone:
+//! with the operator stopped, the test publishes epoch 2 (a new rendezvous)
+//! in the ConfigMap and never touches the workers' mounted copy (a kubelet
+//! refreshes it only on its next sync of the pod, a minute or more later);
+//! the workers, following the ConfigMap with their ServiceAccount, stop
+//! after the same step and go on in epoch 2 within the seconds left of
+//! their run.
+//!
 //! Needs `cargo build -p weft-trainer` first (scripts/test does it).
 
 use std::process::Stdio;
@@ -144,6 +152,94 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             "the operator dropped the progress: {later:?}"
         );
         controller.abort();
+
+        // A new epoch through the API server alone.
+        let epoch = mesh.epoch;
+        let workers: Vec<_> = mesh
+            .workers
+            .iter()
+            .map(|worker| {
+                Command::new(trainer_binary()?)
+                    .args(["worker", "--steps", "60", "--epoch-wait-s", "30"])
+                    .env("WEFT_WORKER", &worker.name)
+                    .env("WEFT_MESH", scratch.join("mesh.json"))
+                    .env("WEFT_MESH_CONFIGMAP", mesh_config_map_name("trained"))
+                    .env("WEFT_TRAINING", scratch.join("training.json"))
+                    .env("WEFT_POD_IP", "127.0.0.1")
+                    .env("WEFT_JOB", "trained")
+                    .env("WEFT_NAMESPACE", &ns.name)
+                    .env("KUBECONFIG", &kubeconfig)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let checkpoints = scratch.join("checkpoints");
+        let newest_step = || {
+            std::fs::read_dir(&checkpoints)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("step-")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let started = std::time::Instant::now();
+        while newest_step() < 5 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the workers did not reach step 5"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        mesh.epoch = epoch + 1;
+        mesh.rendezvous = Some(format!("127.0.0.1:{port}"));
+        let patch = serde_json::json!({"data": {"mesh.json": serde_json::to_string(&mesh)?}});
+        config_maps
+            .patch(
+                &mesh_config_map_name("trained"),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await?;
+        let published_at = newest_step();
+        let mut logs = String::new();
+        for (index, child) in workers.into_iter().enumerate() {
+            let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+                .await
+                .context("the workers did not finish within 120 s")??;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            ensure!(output.status.success(), "worker {index} failed: {stderr}");
+            logs += &stderr;
+        }
+        ensure!(
+            logs.matches(&format!("epoch {epoch} ended: a new mesh is published"))
+                .count()
+                == 2
+                && logs.matches(&format!("epoch {}: ranks", epoch + 1)).count() == 2,
+            "both workers should have left epoch {epoch} for epoch {} (published at step {published_at} of 60) through the API server: {logs}",
+            epoch + 1
+        );
+        for line in logs.lines().filter(|l| l.contains("epoch")) {
+            eprintln!("workers: {line}");
+        }
+        eprintln!(
+            "workers: epoch {} published through the API server only, after step {published_at} of 60",
+            epoch + 1
+        );
+        ensure!(
+            checkpoints.join("step-00000060/state.json").exists(),
+            "no checkpoint of the last step"
+        );
         let _ = std::fs::remove_dir_all(&scratch);
         Ok(())
     })

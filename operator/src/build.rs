@@ -252,6 +252,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                 ("WEFT_LOCAL_RANKS", worker.gpus.max(1).to_string()),
                 ("WEFT_RENDEZVOUS", rendezvous.clone()),
                 ("WEFT_MESH", format!("{MESH_MOUNT}/mesh.json")),
+                ("WEFT_MESH_CONFIGMAP", mesh_config_map_name(&name)),
                 ("WEFT_TRAINING", format!("{MESH_MOUNT}/training.json")),
             ]
             .into_iter()
@@ -344,13 +345,24 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
     };
     let role = Role {
         metadata: meta(account_name.clone(), &[]),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["weft.dev".to_string()]),
-            resources: Some(vec!["trainingjobs/status".to_string()]),
-            resource_names: Some(vec![name.clone()]),
-            verbs: vec!["get".to_string(), "patch".to_string()],
-            ..Default::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec!["weft.dev".to_string()]),
+                resources: Some(vec!["trainingjobs/status".to_string()]),
+                resource_names: Some(vec![name.clone()]),
+                verbs: vec!["get".to_string(), "patch".to_string()],
+                ..Default::default()
+            },
+            // The mesh, followed through the API server: a mounted ConfigMap
+            // is refreshed only on the kubelet's next sync of the pod.
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".to_string()]),
+                resource_names: Some(vec![mesh_config_map_name(&name)]),
+                verbs: vec!["get".to_string(), "list".to_string(), "watch".to_string()],
+                ..Default::default()
+            },
+        ]),
     };
     let role_binding = RoleBinding {
         metadata: meta(account_name.clone(), &[]),

@@ -19,6 +19,7 @@ pub mod comm;
 pub mod data;
 pub mod decompose;
 pub mod launch;
+pub mod mirror;
 pub mod model;
 pub mod optim;
 pub mod pod;

@@ -160,6 +160,9 @@ pub struct PodEnv {
     pub namespace: Option<String>,
     pub worker: String,
     pub mesh: PathBuf,
+    /// The ConfigMap the mesh comes from (`WEFT_MESH_CONFIGMAP`), followed
+    /// through the API server too when known ([`crate::mirror`]).
+    pub mesh_config_map: Option<String>,
     pub training: PathBuf,
     /// The address this pod's ranks bind their collectives to.
     pub bind_host: String,
@@ -186,6 +189,7 @@ impl PodEnv {
             namespace: var("WEFT_NAMESPACE").filter(|v| !v.is_empty()),
             worker: need("WEFT_WORKER")?,
             mesh: PathBuf::from(need("WEFT_MESH")?),
+            mesh_config_map: var("WEFT_MESH_CONFIGMAP").filter(|v| !v.is_empty()),
             training: PathBuf::from(need("WEFT_TRAINING")?),
             bind_host,
         })

@@ -795,6 +795,24 @@ fn pod_worker(
     let config = serde_json::to_string(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let worker = env.worker.clone();
+    // Follow the mesh through the API server as well as the volume, which
+    // Kubernetes refreshes only a minute or more after a new epoch: the
+    // supervisor and the ranks read a local copy of the newest.
+    let mirror = {
+        let copy = std::env::temp_dir()
+            .join(format!("weft-mesh-{}-{}", env.worker, std::process::id()))
+            .join("mesh.json");
+        let api = env.namespace.clone().zip(env.mesh_config_map.clone());
+        let worker = worker.clone();
+        weft_trainer::mirror::MeshMirror::start(env.mesh.clone(), copy.clone(), api, move |line| {
+            eprintln!("weft-trainer worker {worker}: {line}")
+        })
+        .with_context(|| format!("keeping a copy of the mesh at {}", copy.display()))?
+    };
+    let env = &weft_trainer::pod::PodEnv {
+        mesh: mirror.path().to_path_buf(),
+        ..env.clone()
+    };
     // The pod of rank 0 writes the job's progress into its status; which pod
     // that is can change with the epoch, so the reporter starts the first
     // time this pod runs rank 0.
