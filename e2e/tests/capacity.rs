@@ -119,6 +119,16 @@ async fn the_controller_follows_capacity_as_nodes_come_and_go() -> anyhow::Resul
     result
 }
 
+/// What the job's `Schedulable` condition says.
+fn schedulable_message(status: &weft_crds::TrainingJobStatus) -> String {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Schedulable")
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let stage = |what: &str| {
@@ -190,12 +200,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let said = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Schedulable")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let said = schedulable_message(&status);
     ensure!(
         said.contains("1 of 1 workers cannot be scheduled") && said.contains("Insufficient memory"),
         "{said}"
@@ -216,12 +221,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
             .any(|c| c.type_ == "Schedulable" && c.reason == "CheckpointClaimNotFound")
     })
     .await?;
-    let said = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Schedulable")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let said = schedulable_message(&status);
     ensure!(
         status.phase == Phase::Pending
             && status.avoided_nodes.is_empty()

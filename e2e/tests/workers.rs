@@ -82,20 +82,31 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
         std::fs::write(scratch.join("training.json"), &data["training.json"])?;
         ensure!(mesh.workers.len() == 2 && mesh.world_size == 2, "{mesh:?}");
 
-        let mut workers = Vec::new();
-        for worker in &mesh.workers {
-            let child = Command::new(trainer_binary()?)
-                .args(["worker", "--steps", "2", "--epoch-wait-s", "20"])
-                .env("WEFT_WORKER", &worker.name)
+        // `weft-trainer worker` as the pod of `worker` runs it, with the job's
+        // worker ServiceAccount; following the mesh ConfigMap through the API
+        // server too when `follow_api`.
+        let worker_command = |worker: &str, steps: &str, follow_api: bool| -> anyhow::Result<Command> {
+            let mut command = Command::new(trainer_binary()?);
+            command
+                .args(["worker", "--steps", steps, "--epoch-wait-s", "30"])
+                .env("WEFT_WORKER", worker)
                 .env("WEFT_MESH", scratch.join("mesh.json"))
                 .env("WEFT_TRAINING", scratch.join("training.json"))
                 .env("WEFT_POD_IP", "127.0.0.1")
                 .env("WEFT_JOB", "trained")
                 .env("WEFT_NAMESPACE", &ns.name)
                 .env("KUBECONFIG", &kubeconfig)
-                .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .kill_on_drop(true)
+                .kill_on_drop(true);
+            if follow_api {
+                command.env("WEFT_MESH_CONFIGMAP", mesh_config_map_name("trained"));
+            }
+            Ok(command)
+        };
+        let mut workers = Vec::new();
+        for worker in &mesh.workers {
+            let child = worker_command(&worker.name, "2", false)?
+                .stdout(Stdio::piped())
                 .spawn()?;
             workers.push(child);
         }
@@ -159,21 +170,9 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             .workers
             .iter()
             .map(|worker| {
-                Command::new(trainer_binary()?)
-                    .args(["worker", "--steps", "60", "--epoch-wait-s", "30"])
-                    .env("WEFT_WORKER", &worker.name)
-                    .env("WEFT_MESH", scratch.join("mesh.json"))
-                    .env("WEFT_MESH_CONFIGMAP", mesh_config_map_name("trained"))
-                    .env("WEFT_TRAINING", scratch.join("training.json"))
-                    .env("WEFT_POD_IP", "127.0.0.1")
-                    .env("WEFT_JOB", "trained")
-                    .env("WEFT_NAMESPACE", &ns.name)
-                    .env("KUBECONFIG", &kubeconfig)
+                Ok(worker_command(&worker.name, "60", true)?
                     .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .map_err(anyhow::Error::from)
+                    .spawn()?)
             })
             .collect::<anyhow::Result<_>>()?;
         let checkpoints = scratch.join("checkpoints");
