@@ -322,8 +322,8 @@ fn bad_inputs_exit_non_zero_naming_the_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tokens-per-step must be at least 1"));
 }
 
-/// The predicted step time of `weft plan --format json` with `extra` flags.
-fn predicted_step(lengths: &str, extra: &[&str]) -> f64 {
+/// `weft plan` of `lengths` on one node of 4 GPUs for the tiny model, with `extra` flags.
+fn plan_tiny(lengths: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "plan",
         "--lengths",
@@ -332,11 +332,16 @@ fn predicted_step(lengths: &str, extra: &[&str]) -> f64 {
         "1x4",
         "--model",
         "tiny",
-        "--format",
-        "json",
     ];
     args.extend(extra);
-    let out = weft(&args);
+    weft(&args)
+}
+
+/// The predicted step time of [`plan_tiny`] with `extra` flags.
+fn predicted_step(lengths: &str, extra: &[&str]) -> f64 {
+    let mut args = vec!["--format", "json"];
+    args.extend(extra);
+    let out = plan_tiny(lengths, &args);
     assert!(
         out.status.success(),
         "{}",
@@ -370,17 +375,7 @@ fn a_profile_prices_the_plan_at_the_measured_speeds() {
         r#"{"version": 1, "device": "x", "linear_tflops": -1, "attention_tflops": 1,
             "link_gbytes_per_s": 1, "p2p_latency_s": 0.001}"#,
     );
-    let out = weft(&[
-        "plan",
-        "--lengths",
-        lengths,
-        "--cluster",
-        "1x4",
-        "--model",
-        "tiny",
-        "--profile",
-        bad.to_str().unwrap(),
-    ]);
+    let out = plan_tiny(lengths, &["--profile", bad.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
