@@ -25,9 +25,10 @@
 //!
 //! FlexSP models Ulysses all-to-all; here every strategy runs on weft's ring
 //! attention engine and is priced by the same simulator, so the per-sequence
-//! time the MILP uses is the ring cost model's. The solver runs with a time
-//! limit (FlexSP's own takes 5–15 s and runs ahead of training); the best
-//! solution found by then is used.
+//! time the MILP uses is the ring cost model's. The solver runs with a limit
+//! on branch-and-bound nodes (FlexSP's own takes 5–15 s and runs ahead of
+//! training), and the best solution found within it is used: a limit on work,
+//! not time, so that every worker, busy or not, reaches the same plan.
 
 use std::collections::BTreeMap;
 
@@ -40,8 +41,14 @@ use crate::strategies::{PlanningError, check_fits, estimate_docs_cost, rank_capa
 const BUCKETS: usize = 16;
 /// Candidate bucket bounds for large batches.
 const QUANTILES: usize = 512;
-/// Seconds HiGHS may spend on one feasibility problem.
-const TIME_LIMIT_S: f64 = 0.25;
+/// Branch-and-bound nodes HiGHS may explore on one feasibility problem. A
+/// limit on work, not on time: every worker plans every step on its own and
+/// all must reach the same plan, which a wall-clock limit (hit sooner on a
+/// busier machine) would not give.
+const NODE_LIMIT: i32 = 200;
+/// Seconds after which a solve is abandoned all the same: a guard against a
+/// pathological problem, far above what the node limit takes.
+const TIME_GUARD_S: f64 = 60.0;
 /// Bisection steps on the makespan (to 2%).
 const BISECTIONS: usize = 8;
 
@@ -194,7 +201,10 @@ fn feasible(
     let mut model = problem.optimise(Sense::Minimise);
     model.make_quiet();
     model
-        .try_set_option("time_limit", TIME_LIMIT_S)
+        .try_set_option("mip_max_nodes", NODE_LIMIT)
+        .map_err(|e| solver_error(format!("setting mip_max_nodes: {e:?}")))?;
+    model
+        .try_set_option("time_limit", TIME_GUARD_S)
         .map_err(|e| solver_error(format!("setting time_limit: {e:?}")))?;
     model
         .try_set_option("threads", 1)
@@ -204,7 +214,9 @@ fn feasible(
         .map_err(|e| solver_error(format!("{e:?}")))?;
     match solved.status() {
         HighsModelStatus::Optimal => {}
-        HighsModelStatus::ReachedTimeLimit | HighsModelStatus::ReachedIterationLimit => {
+        HighsModelStatus::ReachedTimeLimit
+        | HighsModelStatus::ReachedIterationLimit
+        | HighsModelStatus::ReachedSolutionLimit => {
             if solved.primal_solution_status() != HighsSolutionStatus::Feasible {
                 return Ok(None);
             }
