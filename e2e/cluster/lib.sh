@@ -20,6 +20,8 @@ export GOSUMDB=off
 export GOFLAGS="-mod=mod -buildvcs=false"
 
 GO_VERSION="$(go env GOVERSION 2>/dev/null || echo unknown)"
+# weft's own version: the workspace's, in Cargo.toml.
+weft_version() { sed -n 's/^version = "\(.*\)"/\1/p' "$WEFT_ROOT/Cargo.toml" | head -n 1; }
 WEFT_BIN="$WEFT_CACHE/bin"
 
 log() { printf '[weft-cluster] %s\n' "$*" >&2; }

@@ -507,12 +507,14 @@ async fn reconcile_job(
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
 
+    // Workers not yet ended.
+    let live = job_pods.iter().filter(|p| !terminal(p)).count();
+
     // The checkpoint volume must exist before any worker is placed: a pod
     // naming a missing claim is refused on every node, which is not the
     // nodes' fault. Workers already running keep it (Kubernetes does not
     // delete a claim while pods use it).
     if let Some(claim) = &job.spec.checkpoint.claim_name {
-        let live = job_pods.iter().filter(|p| !terminal(p)).count();
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
         if live == 0
             && claims
@@ -744,7 +746,6 @@ async fn reconcile_job(
         Err(err) => {
             // Below min (or never started): hold no GPUs while waiting, so
             // two half-placed gangs can never deadlock each other.
-            let live = job_pods.iter().filter(|p| !terminal(p)).count();
             if live > 0 {
                 stop_workers(&pods, &job_pods).await?;
                 event(

@@ -56,6 +56,23 @@ fn publish(path: &Path, mesh: &MeshPlan) {
     std::fs::rename(&staging, path).unwrap();
 }
 
+/// Publishes in `dir` the epoch-1 mesh of two workers of `gpus` ranks on the
+/// nodes of `cluster`, meeting at a free port of 127.0.0.1.
+fn publish_first_mesh(dir: &Path, cluster: &str, gpus: u32) -> MeshPlan {
+    let nodes = MeshNode::all_free(&parse_cluster(cluster).unwrap());
+    let request = MeshRequest {
+        job: "llm".into(),
+        min_workers: 2,
+        max_workers: 2,
+        gpus_per_worker: gpus,
+        epoch: 1,
+    };
+    let mut mesh = plan_mesh(&request, &nodes, &[]).unwrap();
+    mesh.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
+    publish(&dir.join("mesh.json"), &mesh);
+    mesh
+}
+
 fn pod(dir: &Path, worker: &str, steps: u64) -> Child {
     pod_with(dir, worker, steps, &[])
 }
@@ -166,17 +183,7 @@ fn setup(name: &str, steps: u64) -> (PathBuf, MeshPlan, Vec<StepMetrics>) {
     let dir = scratch(name);
     write_training(&dir);
 
-    let nodes = MeshNode::all_free(&parse_cluster("2x1").unwrap());
-    let request = MeshRequest {
-        job: "llm".into(),
-        min_workers: 2,
-        max_workers: 2,
-        gpus_per_worker: 1,
-        epoch: 1,
-    };
-    let mut first = plan_mesh(&request, &nodes, &[]).unwrap();
-    first.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
-    publish(&dir.join("mesh.json"), &first);
+    let first = publish_first_mesh(&dir, "2x1", 1);
     let reference = straight_run(&dir, 2, steps, &[]);
     (dir, first, reference)
 }
@@ -316,17 +323,7 @@ fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
     // at most, so the longer documents are split over both nodes.
     let dir = scratch("hierarchical");
     write_training(&dir);
-    let nodes = MeshNode::all_free(&parse_cluster("2x2").unwrap());
-    let request = MeshRequest {
-        job: "llm".into(),
-        min_workers: 2,
-        max_workers: 2,
-        gpus_per_worker: 2,
-        epoch: 1,
-    };
-    let mut mesh = plan_mesh(&request, &nodes, &[]).unwrap();
-    mesh.rendezvous = Some(format!("127.0.0.1:{}", free_port()));
-    publish(&dir.join("mesh.json"), &mesh);
+    let mesh = publish_first_mesh(&dir, "2x2", 2);
     let steps = 3;
     let limit = ["--rank-tokens", "300"];
     let mut a = pod_with(&dir, &mesh.workers[0].name, steps, &limit);
