@@ -857,7 +857,7 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::parse_cluster;
     use crate::cost::{CostCoefficients, CostModel};

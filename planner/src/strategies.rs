@@ -352,7 +352,7 @@ pub(crate) fn list_schedule<P>(
     mut work: Vec<Work>,
     capacity: Option<u64>,
     pick: P,
-    lookahead: usize,
+    placement: Placement<'_>,
 ) -> Schedule
 where
     P: Pick,
@@ -376,6 +376,7 @@ where
         // sooner than the costliest goes first, into ranks that would
         // otherwise wait for the costliest's gang.
         let mut chosen = 0;
+        let lookahead = placement.lookahead;
         if capacity.is_none() && lookahead > 1 && head.degree > 1 {
             let start_of = |w: &Work| {
                 let none = |_: u32| true;
@@ -394,9 +395,14 @@ where
                 }
             }
         }
-        let Some(w) = pending.remove(chosen) else {
+        let Some(mut w) = pending.remove(chosen) else {
             break;
         };
+        if let (None, Some(widen)) = (capacity, &placement.widen)
+            && w.degree > 1
+        {
+            widen.choose(&load, &slowdown, &pick, &mut w);
+        }
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
         let share = tokens.div_ceil(u64::from(w.degree.max(1)));
         let has_room = |r: u32| capacity.is_none_or(|c| held[r as usize] + share <= c);
@@ -444,6 +450,104 @@ where
         gaps,
     }
 }
+
+/// How [`list_schedule`] places each piece, beyond costliest first onto the
+/// ranks free soonest.
+pub(crate) struct Placement<'a> {
+    /// A piece among this many next ones that can start sooner than the
+    /// costliest goes first (for gangs that must run in waves); 1: in order.
+    pub lookahead: usize,
+    /// Pieces may take more ranks than their degree (see [`Widen`]).
+    pub widen: Option<Widen<'a>>,
+}
+
+impl Placement<'_> {
+    /// Each piece at its own degree, costliest first.
+    pub const IN_ORDER: Placement<'static> = Placement {
+        lookahead: 1,
+        widen: None,
+    };
+}
+
+/// Widening of gang pieces: a sequence's ring can run on more ranks than its
+/// degree, for less time. A piece that would end past `target_s` at its degree
+/// (its ranks busy until late) takes the narrowest of its wider `options` that
+/// ends by then, else the one that ends soonest; so a gang fills ranks that
+/// other gangs left free early instead of waiting for one set to free up.
+/// Memory gives the reason: a sequence's degree is at least what its tokens
+/// need, so when memory forces gangs wider than their work, they end at
+/// different times and the ranks they free do not fit the next gang's degree.
+/// Only widths whose rank-time stays within [`WIDEN_SLACK`] of the own
+/// degree's are taken.
+pub(crate) struct Widen<'a> {
+    /// When the step should end: the work bound.
+    pub target_s: f64,
+    /// A piece that ends in time at its degree still takes more ranks
+    /// when they are free as soon as its own.
+    pub into_idle: bool,
+    /// A piece's other degrees and their costs, narrowest first.
+    pub options: &'a dyn Fn(&Work) -> Vec<(u32, f64)>,
+}
+
+impl Widen<'_> {
+    pub(crate) fn choose<P: Pick>(&self, load: &[f64], slowdown: &[f64], pick: &P, w: &mut Work) {
+        let none = |_: u32| true;
+        let finish = |degree: u32, cost_s: f64| {
+            pick(load, &none, degree).map(|ranks| {
+                let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
+                let pace = ranks
+                    .iter()
+                    .map(|r| slowdown[*r as usize])
+                    .fold(1.0, f64::max);
+                (start, start + cost_s * pace)
+            })
+        };
+        let Some((own_start, own)) = finish(w.degree, w.cost_s) else {
+            return;
+        };
+        let mut best = (own, w.degree, w.cost_s);
+        if own <= self.target_s {
+            // In time: wider only into ranks free as soon as its own; none
+            // beyond its own, nothing to weigh.
+            let free = load.iter().filter(|l| **l <= own_start + 1e-9).count();
+            if !self.into_idle || free <= w.degree as usize {
+                return;
+            }
+        }
+        let own_rank_s = f64::from(w.degree) * w.cost_s;
+        for (degree, cost_s) in (self.options)(w) {
+            // Only while the ring's rank-time stays about its own (its
+            // transfers still hidden): a wider ring that wastes ranks on
+            // waiting for transfers only moves the wait elsewhere.
+            if f64::from(degree) * cost_s > own_rank_s * (1.0 + WIDEN_SLACK) {
+                continue;
+            }
+            let Some((start, end)) = finish(degree, cost_s) else {
+                continue;
+            };
+            if own <= self.target_s {
+                // Ends in time anyway: only wider on ranks idle as soon.
+                if start <= own_start + 1e-9 && end < best.0 {
+                    best = (end, degree, cost_s);
+                }
+                continue;
+            }
+            if end <= self.target_s {
+                best = (end, degree, cost_s);
+                break;
+            }
+            if end < best.0 {
+                best = (end, degree, cost_s);
+            }
+        }
+        w.degree = best.1;
+        w.cost_s = best.2;
+    }
+}
+
+/// How much more rank-time (degree times duration) than at its own degree a
+/// widened piece may take.
+const WIDEN_SLACK: f64 = 0.02;
 
 /// Time a rank spends waiting for the other ranks of its next group, and the
 /// micro-batch it skips meanwhile, where other work can run.
@@ -530,7 +634,8 @@ pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningEr
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         min_degree(s, capacity)
     });
-    let micro_batches = list_schedule(ctx, lengths, work, None, least_loaded, 1).micro_batches;
+    let micro_batches =
+        list_schedule(ctx, lengths, work, None, least_loaded, Placement::IN_ORDER).micro_batches;
     Ok(Layout {
         strategy: "hdp".to_string(),
         micro_batches,
@@ -547,7 +652,8 @@ pub fn plan_hdp_offload(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, Pl
     let work = pieces(ctx, lengths, &all, capacity, true, |s| {
         ctx.cost.offload_plan(s, capacity, &gpu).1
     });
-    let mut micro_batches = list_schedule(ctx, lengths, work, None, least_loaded, 1).micro_batches;
+    let mut micro_batches =
+        list_schedule(ctx, lengths, work, None, least_loaded, Placement::IN_ORDER).micro_batches;
     for group in micro_batches.iter_mut().flat_map(|m| m.groups.iter_mut()) {
         if let [sequence] = group.sequences[..] {
             let (ratio, ranks) = ctx.cost.offload_plan(lengths[sequence], capacity, &gpu);
@@ -708,7 +814,14 @@ where
             micro_batches: scheduled,
             overflow,
             ..
-        } = list_schedule(ctx, lengths, work, Some(capacity), pick, 1);
+        } = list_schedule(
+            ctx,
+            lengths,
+            work,
+            Some(capacity),
+            pick,
+            Placement::IN_ORDER,
+        );
         let groups: Vec<LayoutGroup> = scheduled.into_iter().flat_map(|m| m.groups).collect();
         if groups.is_empty() {
             // Nothing fits even on an empty micro-batch: cannot happen for pieces
@@ -840,7 +953,17 @@ mod tests {
         };
         let lengths = [100, 100, 100];
         let makespan = |window| {
-            let schedule = list_schedule(&ctx, &lengths, work(), None, least_loaded, window);
+            let schedule = list_schedule(
+                &ctx,
+                &lengths,
+                work(),
+                None,
+                least_loaded,
+                Placement {
+                    lookahead: window,
+                    widen: None,
+                },
+            );
             schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max)
         };
         assert!((makespan(1) - 30.0).abs() < 0.01, "{}", makespan(1));

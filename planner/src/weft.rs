@@ -16,10 +16,13 @@
 //!   nodes), list-scheduled costliest first onto the ranks free soonest. A
 //!   degree past a node's GPUs is also tried rounded up to whole nodes: the
 //!   ring is then hierarchical, shares no node with another ring, and the
-//!   ranks it leaves idle take short sequences. When memory makes gangs so
-//!   wide they must run in waves, a schedule that lets a narrower gang among
-//!   the next few start first, into ranks that would otherwise wait, is also
-//!   tried. Short sequences first fill
+//!   ranks it leaves idle take short sequences. Memory can make gangs wider
+//!   than their work needs; they then end at different times, and the ranks
+//!   they free do not fit the next gang. So schedules in which a gang may
+//!   also widen, to whole nodes that are free sooner, are tried too; and when
+//!   gangs must run in waves, ones in which a narrower gang among the next
+//!   few may start first, into ranks that would otherwise wait. Short
+//!   sequences first fill
 //!   the waits ranks have before their groups (backfill), then go where they
 //!   finish first.
 //! - With a remap, linear modules see a token-balanced layout and only
@@ -36,9 +39,10 @@ use crate::sim::{
     work_bound,
 };
 use crate::strategies::{
-    Gap, OrdF64, PlanningError, Work, best_fit_decreasing, check_fits, estimate_cost,
-    estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp,
-    plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
+    Gap, OrdF64, Placement, PlanningError, Widen, Work, best_fit_decreasing, check_fits,
+    estimate_cost, estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree,
+    pieces, plan_hdp, plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity,
+    schedule_remapped, slowdowns,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -89,6 +93,9 @@ struct Shape {
     /// The list schedule looks [`LOOKAHEAD`] pieces ahead for one that
     /// starts sooner (for gangs that must run in waves).
     lookahead: bool,
+    /// Gangs may widen to whole nodes that free up early (see [`Widen`]),
+    /// and with `Some(true)` into ranks idle as soon as their own.
+    widen: Option<bool>,
 }
 
 /// Balanced hierarchical layout (see the module documentation).
@@ -98,6 +105,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
         scale,
         whole_nodes,
         lookahead,
+        widen,
     } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
@@ -177,8 +185,35 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
                 }
             })
             .collect();
-        let window = if lookahead { LOOKAHEAD } else { 1 };
-        let schedule = list_schedule(ctx, lengths, work, None, &pick, window);
+        // Wider rings for a sequence: whole nodes, from its own degree to
+        // WIDEST times it, in steps of about an eighth.
+        let wider = |w: &Work| -> Vec<(u32, f64)> {
+            let [i] = w.sequences[..] else {
+                return Vec::new();
+            };
+            let nodes = topo.nodes.len() as u32;
+            let first = w.degree.div_ceil(per_node);
+            let last = (w.degree * WIDEST).div_ceil(per_node).min(nodes);
+            let mut options = Vec::new();
+            let mut k = first;
+            while k <= last {
+                let d = k * per_node;
+                if d > w.degree {
+                    options.push((d, estimate_hierarchical_cost(ctx, lengths, i, d)));
+                }
+                k += (k / 8).max(1);
+            }
+            options
+        };
+        let placement = Placement {
+            lookahead: if lookahead { LOOKAHEAD } else { 1 },
+            widen: widen.map(|into_idle| Widen {
+                target_s: share,
+                into_idle,
+                options: &wider,
+            }),
+        };
+        let schedule = list_schedule(ctx, lengths, work, None, &pick, placement);
         let mut micro_batches = schedule.micro_batches;
         place_short_sequences(
             ctx,
@@ -319,6 +354,9 @@ fn backfill(
 /// Pieces weft's list schedule looks ahead for one that starts sooner.
 const LOOKAHEAD: usize = 8;
 
+/// How many times its own degree a widened gang may take.
+const WIDEST: u32 = 4;
+
 /// Degree scales weft tries for its own layouts: whether a long sequence is
 /// better off on fewer, busier ranks or on more depends on how much of its ring
 /// traffic compute hides under the cluster's contention, which only the
@@ -367,30 +405,49 @@ pub fn candidates(
                     scale,
                     whole_nodes,
                     lookahead: false,
+                    widen: None,
                 };
                 builds.push((name, Build::Balanced(shape)));
             }
         }
     }
-    // When memory makes gangs so wide that they must run in waves (the ranks
-    // of the widest sequences add up to more than the cluster), also a list
-    // schedule that lets a narrower gang start first into ranks that would
-    // otherwise wait.
+    // Gangs that widen into nodes other gangs free early (see `Widen`); when
+    // memory makes gangs so wide that they must run in waves (the ranks of
+    // the widest sequences add up to more than the cluster), with a list
+    // schedule that also lets a narrower gang among the next few start first,
+    // into ranks that would otherwise wait.
     let world = u64::from(ctx.topology.world());
     let wide: u64 = lengths
         .iter()
         .map(|s| u64::from(min_degree(*s, capacity)))
         .filter(|d| *d >= world / 8)
         .sum();
-    if wide > world {
+    let lookahead = wide > world;
+    // Only where memory binds: some sequence needs more ranks for its tokens
+    // than for its share of the work (else gangs end together anyway, and
+    // widening costs a pick per width on every gang).
+    let gpu = ctx.topology.gpu_of(0);
+    let share = work_bound(ctx, lengths);
+    let memory_binds = lengths.iter().any(|s| {
+        let by_memory = min_degree(*s, capacity);
+        let x = *s as f64;
+        let work = ctx.cost.attention_compute_time(x, gpu) + ctx.cost.linear_time(x, gpu);
+        by_memory > 1 && f64::from(by_memory) * share >= work
+    });
+    for into_idle in [false, true].into_iter().filter(|_| memory_binds) {
         let shape = Shape {
             remap: false,
             scale: 1.0,
             whole_nodes: true,
-            lookahead: true,
+            lookahead,
+            widen: Some(into_idle),
         };
         builds.push((
-            "balanced+nodes+lookaheadx1".to_string(),
+            format!(
+                "balanced+nodes{}+widen{}x1",
+                if lookahead { "+lookahead" } else { "" },
+                if into_idle { "+idle" } else { "" }
+            ),
             Build::Balanced(shape),
         ));
     }
@@ -541,6 +598,7 @@ pub fn plan_weft(
                 scale: 1.0,
                 whole_nodes: true,
                 lookahead: false,
+                widen: None,
             },
         ),
     };
@@ -551,6 +609,8 @@ pub fn plan_weft(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::sample_batches;
+    use crate::sim::{build_plan, lower_bound, tests::context};
 
     #[test]
     fn backfill_puts_sequences_into_the_waits_that_hold_them() {
@@ -594,5 +654,89 @@ mod tests {
         let rest = backfill(&lengths, order, 100, &gaps, &[2.0, 1.0], &mut micro_batches);
         assert_eq!(rest, vec![(3.0, 0)]);
         assert!(micro_batches.iter().all(|m| m.groups.is_empty()));
+    }
+
+    /// Batches of the byted mix on 128 and 256 GPUs where memory makes the
+    /// long sequences' gangs wider than their work: without widening, gangs
+    /// wait for one another's ranks.
+    #[test]
+    fn widening_gangs_closes_the_gap_memory_leaves() {
+        let all = crate::synthetic::sample("byted", 30_000, 1).unwrap();
+        for (cluster, model, tokens, batch, without_at_least) in [
+            ("16x8:nics=8", "llama-7b", 4u64 << 20, 1, 1.3),
+            ("32x8:nics=8", "llama-13b", 8u64 << 20, 0, 1.08),
+        ] {
+            let ctx = context(cluster, model);
+            let max = 524_288;
+            let lengths = &sample_batches(&all, tokens, batch + 1, 1, Some(max))[batch];
+            let bound = lower_bound(&ctx, lengths);
+            let candidates = candidates(&ctx, lengths, Some(max)).unwrap();
+            let ratio = |name: &str| {
+                let c = candidates.iter().find(|c| c.name == name).unwrap();
+                simulate(&ctx, lengths, &c.layout).step_time_s / bound
+            };
+            let without = ratio("balanced+nodesx1");
+            assert!(without >= without_at_least, "{cluster}: {without}");
+            let layout = plan_weft(&ctx, lengths, Some(max)).unwrap();
+            let outcome = simulate(&ctx, lengths, &layout);
+            assert!(outcome.fits_in_memory, "{cluster}");
+            let with = outcome.step_time_s / bound;
+            assert!(
+                with < 1.06,
+                "{cluster}: {with} (without widening {without})"
+            );
+            build_plan(&ctx, lengths, &layout).check().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_late_gang_takes_the_narrowest_wider_ring_that_ends_in_time() {
+        // Ranks 0-7 free at 0, ranks 8-15 at 4, 16-23 at 10 (three nodes).
+        let ctx = context("3x8", "llama-7b");
+        let mut load = vec![0.0; 24];
+        load[8..16].fill(4.0);
+        load[16..24].fill(10.0);
+        let pick = hierarchical_pick(&ctx);
+        let slowdown = vec![1.0; 24];
+        // A gang of 16 for 8 s: at its degree it waits for ranks 8-15 and
+        // ends at 12, past the target of 11.
+        let options = |_: &Work| vec![(24, 16.0 * 8.0 / 24.0)];
+        let widen = |target_s: f64, into_idle: bool| Widen {
+            target_s,
+            into_idle,
+            options: &options,
+        };
+        let piece = || Work {
+            sequences: vec![0],
+            degree: 16,
+            cost_s: 8.0,
+        };
+        // 24 ranks start at 10 and end at 15.3: later, so it keeps 16.
+        let mut w = piece();
+        widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(w.degree, 16);
+        // With ranks 16-23 free at 4 too, 24 ranks end at 9.3, in time.
+        load[16..24].fill(4.0);
+        let mut w = piece();
+        widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!((w.degree, w.cost_s), (24, 16.0 * 8.0 / 24.0));
+        // Ending in time at its own degree, it stays, unless idle ranks
+        // are as free as its own.
+        let mut w = piece();
+        widen(13.0, false).choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(w.degree, 16);
+        let mut w = piece();
+        widen(13.0, true).choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(w.degree, 24);
+        // A wider ring that wastes rank-time on transfers is never taken.
+        let wasteful = |_: &Work| vec![(24, 8.0)];
+        let mut w = piece();
+        Widen {
+            target_s: 11.0,
+            into_idle: true,
+            options: &wasteful,
+        }
+        .choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(w.degree, 16);
     }
 }
