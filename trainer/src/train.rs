@@ -10,6 +10,7 @@
 //! ranks continues with exactly the next batch.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -17,11 +18,12 @@ use tch::Tensor;
 use tch::nn::VarStore;
 use weft_planner::cost::{CostCoefficients, CostModel};
 use weft_planner::model::ModelSpec;
+use weft_planner::plan::StepPlan;
 use weft_planner::profile::Profile;
-use weft_planner::{PlanContext, Strategy};
+use weft_planner::{PlanContext, PlanningError, Strategy};
 
 use crate::comm::{CommError, ProcessGroup, Store};
-use crate::data::{Corpus, DataError};
+use crate::data::{Batch, Corpus, DataError};
 use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
 use crate::model::{Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
@@ -179,10 +181,13 @@ pub struct StepMetrics {
     /// Max/mean over ranks of the tokens each holds for the linear modules.
     pub token_balance: f64,
     /// Slowest rank's seconds in ring attention (with its transfers), the
-    /// remap's all-to-alls, and the gradient all-reduce; the planner's time.
+    /// remap's all-to-alls, and the gradient all-reduce.
     pub attention_s: f64,
     pub remap_s: f64,
     pub all_reduce_s: f64,
+    /// Seconds the step waited for its plan: plans are made during the step
+    /// before, so this is what planning adds to the step (all of it on the
+    /// first step).
     pub plan_s: f64,
     /// The step of the checkpoint completed after this step, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -435,6 +440,49 @@ impl Rendezvous {
     }
 }
 
+/// A step's batch and its plan, being made on a thread of its own.
+struct PlanAhead {
+    batch: Batch,
+    plan: Planning,
+}
+
+enum Planning {
+    Thread(std::thread::JoinHandle<Result<StepPlan, PlanningError>>),
+    /// Planned in place: the thread could not be started.
+    Done(Result<StepPlan, PlanningError>),
+}
+
+impl PlanAhead {
+    fn start(batch: Batch, ctx: &Arc<PlanContext>, config: &TrainConfig) -> PlanAhead {
+        let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+        let (strategy, context) = (config.strategy, Some(config.max_seq_len as u64));
+        let shared = Arc::clone(ctx);
+        let thread = std::thread::Builder::new()
+            .name("weft-planner".to_string())
+            .spawn(move || weft_planner::plan_step(strategy, &shared, &lengths, context));
+        let plan = match thread {
+            Ok(thread) => Planning::Thread(thread),
+            Err(_) => {
+                let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+                Planning::Done(weft_planner::plan_step(strategy, ctx, &lengths, context))
+            }
+        };
+        PlanAhead { batch, plan }
+    }
+
+    /// The batch and its plan, once made.
+    fn finish(self) -> (Batch, Result<StepPlan, String>) {
+        let plan = match self.plan {
+            Planning::Thread(thread) => match thread.join() {
+                Ok(planned) => planned.map_err(|e| e.to_string()),
+                Err(_) => Err("the planning thread stopped without a plan".to_string()),
+            },
+            Planning::Done(planned) => planned.map_err(|e| e.to_string()),
+        };
+        (self.batch, plan)
+    }
+}
+
 /// Trains as rank `rank` of `world`, meeting the others at `rendezvous`;
 /// calls `report` with each step's metrics on rank 0.
 pub fn run_worker(
@@ -551,6 +599,11 @@ pub fn run_worker(
         buckets,
     )?;
 
+    // Each step's plan is computed on a thread of its own while the step
+    // before it trains (the planner is pure and the data order known ahead),
+    // so planning leaves the critical path; the first is planned at once.
+    let ctx = Arc::new(ctx);
+    let mut ahead: Option<PlanAhead> = None;
     for step in start_step..config.steps {
         if config.fail_at == Some((rank, step + 1)) {
             return Err(TrainError::Injected {
@@ -559,26 +612,28 @@ pub fn run_worker(
             });
         }
         let started = Instant::now();
-        let batch = stream.next_batch();
-        let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
-        let planning = Instant::now();
-        let mut plan = weft_planner::plan_step(
-            config.strategy,
-            &ctx,
-            &lengths,
-            Some(config.max_seq_len as u64),
-        )
-        .map_err(|e| TrainError::Plan {
+        let current = match ahead.take() {
+            Some(current) => current,
+            None => PlanAhead::start(stream.next_batch(), &ctx, config),
+        };
+        // Where the data order stands after this step's batch, for its checkpoint.
+        let (next_sample, bucket_cursor) = (stream.next_sample(), stream.bucket_cursor());
+        let waiting = Instant::now();
+        let (batch, plan) = current.finish();
+        let mut plan = plan.map_err(|reason| TrainError::Plan {
             step: step + 1,
-            reason: e.to_string(),
+            reason,
         })?;
+        let plan_s = waiting.elapsed().as_secs_f64();
+        if step + 1 < config.steps {
+            ahead = Some(PlanAhead::start(stream.next_batch(), &ctx, config));
+        }
         if !config.hierarchical_rings {
             plan.micro_batches
                 .iter_mut()
                 .flat_map(|m| m.groups.iter_mut())
                 .for_each(|g| g.inner_ring = 0);
         }
-        let plan_s = planning.elapsed().as_secs_f64();
         let plan_json = serde_json::to_string(&plan).map_err(|e| TrainError::Plan {
             step: step + 1,
             reason: e.to_string(),
@@ -666,12 +721,12 @@ pub fn run_worker(
         {
             let state = CheckpointState {
                 step: done,
-                next_sample: stream.next_sample(),
+                next_sample,
                 seed: config.seed,
                 model: config.model.clone(),
                 world,
                 data_order: config.data_order,
-                buckets: stream.bucket_cursor(),
+                buckets: bucket_cursor,
             };
             save_checkpoint(&checkpoint_path(dir, done), &vs, &optimizer, &state)?;
             prune_checkpoints(dir, config.checkpoint_keep.max(1))?;
