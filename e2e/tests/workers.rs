@@ -211,6 +211,37 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             )
             .await?;
         let published_at = newest_step();
+        // How soon the API server's mesh reaches the workers' own copies
+        // (which their ranks and supervisors follow), against the minute or
+        // more a kubelet takes to refresh the mounted volume.
+        let patched = std::time::Instant::now();
+        let copies: Vec<std::path::PathBuf> = mesh
+            .workers
+            .iter()
+            .zip(&workers)
+            .filter_map(|(worker, child)| {
+                Some(
+                    std::env::temp_dir()
+                        .join(format!("weft-mesh-{}-{}", worker.name, child.id()?))
+                        .join("mesh.json"),
+                )
+            })
+            .collect();
+        let copied = |path: &std::path::PathBuf| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<MeshPlan>(&text).ok())
+                .is_some_and(|copy| copy.epoch == epoch + 1)
+        };
+        while !copies.iter().all(copied) && patched.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mirrored = patched.elapsed();
+        ensure!(
+            copies.len() == 2 && copies.iter().all(copied),
+            "the workers' copies of the mesh never reached epoch {}: {copies:?}",
+            epoch + 1
+        );
         let mut logs = String::new();
         for (index, child) in workers.into_iter().enumerate() {
             let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
@@ -232,8 +263,9 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             eprintln!("workers: {line}");
         }
         eprintln!(
-            "workers: epoch {} published through the API server only, after step {published_at} of 60",
-            epoch + 1
+            "workers: epoch {} published through the API server only, after step {published_at} of 60; in both workers' copies {} ms later",
+            epoch + 1,
+            mirrored.as_millis()
         );
         ensure!(
             checkpoints.join("step-00000060/state.json").exists(),
