@@ -311,6 +311,39 @@ pub(crate) fn estimate_hierarchical_cost(
     ring.total_s + ctx.cost.linear_time(docs[0] / f64::from(degree), gpu)
 }
 
+/// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs per node,
+/// NVLink and NICs (compute still on rank 0's GPU, as every estimate; a
+/// placement scales it by its GPUs' pace).
+pub(crate) fn estimate_cost_on_nodes_like(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    sequence: usize,
+    degree: u32,
+    node: usize,
+) -> f64 {
+    let topo = &ctx.topology;
+    let per_node = topo.nodes[node].gpus.max(1);
+    let gpu = topo.gpu_of(0);
+    let docs = [lengths[sequence] as f64];
+    let nvlink = topo.nvlink_bytes_per_s(node);
+    let ring = if degree <= per_node {
+        ctx.cost.packed_ring_time(&docs, degree, nvlink, gpu)
+    } else {
+        ctx.cost.hierarchical_ring_time(
+            &docs,
+            degree.div_ceil(per_node),
+            per_node,
+            nvlink,
+            topo.node_nic_bytes_per_s(node) / f64::from(per_node),
+            gpu,
+        )
+    };
+    ring.total_s
+        + ctx
+            .cost
+            .linear_time(docs[0] / f64::from(degree.max(1)), gpu)
+}
+
 /// [`estimate_cost`] for documents given by their lengths.
 pub(crate) fn estimate_docs_cost(
     ctx: &PlanContext,
@@ -398,15 +431,14 @@ where
         let Some(mut w) = pending.remove(chosen) else {
             break;
         };
-        if let (None, Some(widen)) = (capacity, &placement.widen)
-            && w.degree > 1
-        {
-            widen.choose(&load, &slowdown, &pick, &mut w);
-        }
+        let widened = match (capacity, &placement.widen) {
+            (None, Some(widen)) if w.degree > 1 => widen.choose(&load, &slowdown, &pick, &mut w),
+            _ => None,
+        };
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
         let share = tokens.div_ceil(u64::from(w.degree.max(1)));
         let has_room = |r: u32| capacity.is_none_or(|c| held[r as usize] + share <= c);
-        let Some(mut ranks) = pick(&load, &has_room, w.degree) else {
+        let Some(mut ranks) = widened.or_else(|| pick(&load, &has_room, w.degree)) else {
             overflow.push(w);
             continue;
         };
@@ -416,7 +448,7 @@ where
         let pace = ranks
             .iter()
             .map(|r| slowdown[*r as usize])
-            .fold(1.0, f64::max);
+            .fold(0.0, f64::max);
         let mb = if capacity.is_some() {
             0
         } else {
@@ -485,63 +517,88 @@ pub(crate) struct Widen<'a> {
     /// A piece that ends in time at its degree still takes more ranks
     /// when they are free as soon as its own.
     pub into_idle: bool,
-    /// A piece's other degrees and their costs, narrowest first.
-    pub options: &'a dyn Fn(&Work) -> Vec<(u32, f64)>,
+    /// A piece's other widths, narrowest first.
+    pub options: &'a dyn Fn(&Work) -> Vec<WidenOption>,
+}
+
+/// A width a gang piece may take instead of its own degree.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct WidenOption {
+    pub degree: u32,
+    /// Its time on reference GPUs.
+    pub cost_s: f64,
+    /// Only on GPUs of this pace (one class of a mixed cluster: a ring runs
+    /// at its slowest GPU's pace, so one class's ring wastes no faster GPU),
+    /// or on any.
+    pub pace: Option<f64>,
 }
 
 impl Widen<'_> {
-    pub(crate) fn choose<P: Pick>(&self, load: &[f64], slowdown: &[f64], pick: &P, w: &mut Work) {
-        let none = |_: u32| true;
-        let finish = |degree: u32, cost_s: f64| {
-            pick(load, &none, degree).map(|ranks| {
+    /// Picks the piece's width (see [`Widen`]); returns the ranks chosen
+    /// when they are not what `pick` gives for the new degree.
+    pub(crate) fn choose<P: Pick>(
+        &self,
+        load: &[f64],
+        slowdown: &[f64],
+        pick: &P,
+        w: &mut Work,
+    ) -> Option<Vec<u32>> {
+        // Start, end, rank-seconds and ranks of a placement.
+        let place = |degree: u32, cost_s: f64, pace: Option<f64>| {
+            let of_class = |r: u32| pace.is_none_or(|p| slowdown[r as usize] == p);
+            pick(load, &of_class, degree).map(|ranks| {
                 let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
-                let pace = ranks
+                let slowest = ranks
                     .iter()
                     .map(|r| slowdown[*r as usize])
-                    .fold(1.0, f64::max);
-                (start, start + cost_s * pace)
+                    .fold(0.0, f64::max);
+                let duration = cost_s * slowest;
+                (start, start + duration, f64::from(degree) * duration, ranks)
             })
         };
-        let Some((own_start, own)) = finish(w.degree, w.cost_s) else {
-            return;
-        };
-        let mut best = (own, w.degree, w.cost_s);
+        let (own_start, own, own_rank_s, _) = place(w.degree, w.cost_s, None)?;
         if own <= self.target_s {
             // In time: wider only into ranks free as soon as its own; none
             // beyond its own, nothing to weigh.
             let free = load.iter().filter(|l| **l <= own_start + 1e-9).count();
             if !self.into_idle || free <= w.degree as usize {
-                return;
+                return None;
             }
         }
-        let own_rank_s = f64::from(w.degree) * w.cost_s;
-        for (degree, cost_s) in (self.options)(w) {
+        let mut best: Option<(f64, WidenOption, Vec<u32>)> = None;
+        let best_end =
+            |best: &Option<(f64, WidenOption, Vec<u32>)>| best.as_ref().map_or(own, |b| b.0);
+        for option in (self.options)(w) {
+            let Some((start, end, rank_s, ranks)) =
+                place(option.degree, option.cost_s, option.pace)
+            else {
+                continue;
+            };
             // Only while the ring's rank-time stays about its own (its
             // transfers still hidden): a wider ring that wastes ranks on
             // waiting for transfers only moves the wait elsewhere.
-            if f64::from(degree) * cost_s > own_rank_s * (1.0 + WIDEN_SLACK) {
+            if rank_s > own_rank_s * (1.0 + WIDEN_SLACK) {
                 continue;
             }
-            let Some((start, end)) = finish(degree, cost_s) else {
-                continue;
-            };
             if own <= self.target_s {
                 // Ends in time anyway: only wider on ranks idle as soon.
-                if start <= own_start + 1e-9 && end < best.0 {
-                    best = (end, degree, cost_s);
+                if start <= own_start + 1e-9 && end < best_end(&best) {
+                    best = Some((end, option, ranks));
                 }
                 continue;
             }
             if end <= self.target_s {
-                best = (end, degree, cost_s);
+                best = Some((end, option, ranks));
                 break;
             }
-            if end < best.0 {
-                best = (end, degree, cost_s);
+            if end < best_end(&best) {
+                best = Some((end, option, ranks));
             }
         }
-        w.degree = best.1;
-        w.cost_s = best.2;
+        let (_, option, ranks) = best?;
+        w.degree = option.degree;
+        w.cost_s = option.cost_s;
+        Some(ranks)
     }
 }
 

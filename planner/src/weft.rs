@@ -19,7 +19,9 @@
 //!   ranks it leaves idle take short sequences. Memory can make gangs wider
 //!   than their work needs; they then end at different times, and the ranks
 //!   they free do not fit the next gang. So schedules in which a gang may
-//!   also widen, to whole nodes that are free sooner, are tried too; and when
+//!   also widen, to whole nodes that are free sooner (on a mixed cluster
+//!   also to whole nodes of one kind of GPU, as many more as that kind is
+//!   slower, since a ring runs at its slowest GPU's pace), are tried too; and when
 //!   gangs must run in waves, ones in which a narrower gang among the next
 //!   few may start first, into ranks that would otherwise wait. Short
 //!   sequences first fill
@@ -39,10 +41,10 @@ use crate::sim::{
     work_bound,
 };
 use crate::strategies::{
-    Gap, OrdF64, Placement, PlanningError, Widen, Work, best_fit_decreasing, check_fits,
-    estimate_cost, estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree,
-    pieces, plan_hdp, plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity,
-    schedule_remapped, slowdowns,
+    Gap, OrdF64, Placement, PlanningError, Widen, WidenOption, Work, best_fit_decreasing,
+    check_fits, estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost,
+    hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp, plan_hdp_offload, plan_static,
+    plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -112,6 +114,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
     let gpu = topo.gpu_of(0);
     let pick = hierarchical_pick(ctx);
     let per_node = topo.max_gpus_per_node();
+    let classes = gpu_classes(ctx);
     let work_of = |s: u64| {
         let s = s as f64;
         let attention = ctx.cost.attention_compute_time(s, gpu);
@@ -186,22 +189,42 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
             })
             .collect();
         // Wider rings for a sequence: whole nodes, from its own degree to
-        // WIDEST times it, in steps of about an eighth.
-        let wider = |w: &Work| -> Vec<(u32, f64)> {
+        // WIDEST times it, in steps of about an eighth; on a mixed cluster
+        // also on whole nodes of one GPU class, as many more as the class
+        // is slower.
+        let wider = |w: &Work| -> Vec<WidenOption> {
             let [i] = w.sequences[..] else {
                 return Vec::new();
             };
-            let nodes = topo.nodes.len() as u32;
-            let first = w.degree.div_ceil(per_node);
-            let last = (w.degree * WIDEST).div_ceil(per_node).min(nodes);
             let mut options = Vec::new();
-            let mut k = first;
-            while k <= last {
-                let d = k * per_node;
-                if d > w.degree {
-                    options.push((d, estimate_hierarchical_cost(ctx, lengths, i, d)));
+            let mut widths = |per_node: u32, nodes: u32, pace: f64, class: Option<usize>| {
+                let first = w.degree.div_ceil(per_node);
+                let widest = (f64::from(w.degree * WIDEST) * pace.max(1.0)).ceil() as u32;
+                let last = widest.div_ceil(per_node).min(nodes);
+                let mut k = first;
+                while k <= last {
+                    let degree = k * per_node;
+                    if degree > w.degree || class.is_some() {
+                        let cost_s = match class {
+                            Some(node) => {
+                                estimate_cost_on_nodes_like(ctx, lengths, i, degree, node)
+                            }
+                            None => estimate_hierarchical_cost(ctx, lengths, i, degree),
+                        };
+                        options.push(WidenOption {
+                            degree,
+                            cost_s,
+                            pace: class.map(|_| pace),
+                        });
+                    }
+                    k += (k / 8).max(1);
                 }
-                k += (k / 8).max(1);
+            };
+            widths(per_node, topo.nodes.len() as u32, 1.0, None);
+            if classes.len() > 1 {
+                for class in &classes {
+                    widths(class.gpus, class.nodes, class.pace, Some(class.node));
+                }
             }
             options
         };
@@ -232,6 +255,42 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
     };
     use_hierarchical_rings(&ctx.topology, &mut layout);
     layout
+}
+
+/// One kind of node of a cluster: GPUs of one pace (see [`slowdowns`]) and
+/// as many per node.
+struct GpuClass {
+    pace: f64,
+    gpus: u32,
+    /// How many such nodes, and the first.
+    nodes: u32,
+    node: usize,
+}
+
+/// The cluster's kinds of node, in node order of first appearance.
+fn gpu_classes(ctx: &PlanContext) -> Vec<GpuClass> {
+    let topo = &ctx.topology;
+    let slowdown = slowdowns(ctx);
+    let mut classes: Vec<GpuClass> = Vec::new();
+    for (n, node) in topo.nodes.iter().enumerate() {
+        let Some(first) = topo.ranks_of_node(n).next() else {
+            continue;
+        };
+        let pace = slowdown[first as usize];
+        match classes
+            .iter_mut()
+            .find(|c| c.pace == pace && c.gpus == node.gpus)
+        {
+            Some(class) => class.nodes += 1,
+            None => classes.push(GpuClass {
+                pace,
+                gpus: node.gpus,
+                nodes: 1,
+                node: n,
+            }),
+        }
+    }
+    classes
 }
 
 /// Ranks by load, least loaded first.
@@ -434,7 +493,10 @@ pub fn candidates(
         let work = ctx.cost.attention_compute_time(x, gpu) + ctx.cost.linear_time(x, gpu);
         by_memory > 1 && f64::from(by_memory) * share >= work
     });
-    for into_idle in [false, true].into_iter().filter(|_| memory_binds) {
+    // And on mixed clusters, where a ring on one class of GPU wastes no
+    // faster one.
+    let mixed = gpu_classes(ctx).len() > 1;
+    for into_idle in [false, true].into_iter().filter(|_| memory_binds || mixed) {
         let shape = Shape {
             remap: false,
             scale: 1.0,
@@ -700,7 +762,12 @@ mod tests {
         let slowdown = vec![1.0; 24];
         // A gang of 16 for 8 s: at its degree it waits for ranks 8-15 and
         // ends at 12, past the target of 11.
-        let options = |_: &Work| vec![(24, 16.0 * 8.0 / 24.0)];
+        let wide = |degree: u32, cost_s: f64| WidenOption {
+            degree,
+            cost_s,
+            pace: None,
+        };
+        let options = |_: &Work| vec![wide(24, 16.0 * 8.0 / 24.0)];
         let widen = |target_s: f64, into_idle: bool| Widen {
             target_s,
             into_idle,
@@ -713,13 +780,17 @@ mod tests {
         };
         // 24 ranks start at 10 and end at 15.3: later, so it keeps 16.
         let mut w = piece();
-        widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(
+            widen(11.0, false).choose(&load, &slowdown, &pick, &mut w),
+            None
+        );
         assert_eq!(w.degree, 16);
         // With ranks 16-23 free at 4 too, 24 ranks end at 9.3, in time.
         load[16..24].fill(4.0);
         let mut w = piece();
-        widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
+        let ranks = widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
         assert_eq!((w.degree, w.cost_s), (24, 16.0 * 8.0 / 24.0));
+        assert_eq!(ranks, Some((0..24).collect()));
         // Ending in time at its own degree, it stays, unless idle ranks
         // are as free as its own.
         let mut w = piece();
@@ -729,7 +800,7 @@ mod tests {
         widen(13.0, true).choose(&load, &slowdown, &pick, &mut w);
         assert_eq!(w.degree, 24);
         // A wider ring that wastes rank-time on transfers is never taken.
-        let wasteful = |_: &Work| vec![(24, 8.0)];
+        let wasteful = |_: &Work| vec![wide(24, 8.0)];
         let mut w = piece();
         Widen {
             target_s: 11.0,
@@ -738,5 +809,72 @@ mod tests {
         }
         .choose(&load, &slowdown, &pick, &mut w);
         assert_eq!(w.degree, 16);
+    }
+
+    #[test]
+    fn on_a_mixed_cluster_a_late_gang_may_take_one_class_of_gpu() {
+        // Two H100 nodes, then two A100 nodes of 4 GPUs: about 3.2 times
+        // slower. H100 ranks 0-7 are free at 0, 8-15 at 6; the A100s at 0.
+        let ctx = context("2x8+2x4:gpu=a100-80g", "llama-7b");
+        let slowdown = slowdowns(&ctx);
+        let pace = slowdown[16];
+        assert!(pace > 3.0);
+        let mut load = vec![0.0; 24];
+        load[8..16].fill(6.0);
+        let pick = hierarchical_pick(&ctx);
+        // A gang of 16 for 4 s: on 8 idle H100s and 8 idle A100s it runs
+        // at the A100s' pace, 4 x 3.2 s; on all 16 H100s it ends at 10.
+        let piece = || Work {
+            sequences: vec![0],
+            degree: 16,
+            cost_s: 4.0,
+        };
+        let mut w = piece();
+        let own = pick(&load, &|_| true, 16).unwrap();
+        assert!(own.iter().any(|r| *r >= 16), "{own:?}");
+        let h100s = |_: &Work| {
+            vec![WidenOption {
+                degree: 16,
+                cost_s: 4.0,
+                pace: Some(1.0),
+            }]
+        };
+        let ranks = Widen {
+            target_s: 8.0,
+            into_idle: false,
+            options: &h100s,
+        }
+        .choose(&load, &slowdown, &pick, &mut w);
+        assert_eq!(ranks, Some((0..16).collect()));
+        assert_eq!(w.degree, 16);
+    }
+
+    #[test]
+    fn a_mixed_cluster_plans_as_fast_whichever_kind_of_node_comes_first() {
+        // The planner's reference GPU is rank 0's: the slow one when the
+        // A100 nodes come first. Groups on faster GPUs must then be priced
+        // faster than the reference, not at its pace.
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/wikipedia_lengths.txt"
+        ));
+        let all: Vec<u64> = match text {
+            Ok(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
+            Err(_) => crate::synthetic::sample("github", 30_000, 1).unwrap(),
+        };
+        for batch in sample_batches(&all, 64 * 16_384, 2, 7, Some(131_072)) {
+            let time = |cluster: &str| {
+                let ctx = context(cluster, "llama-7b");
+                let layout = plan_weft(&ctx, &batch, Some(131_072)).unwrap();
+                let outcome = simulate(&ctx, &batch, &layout);
+                assert!(outcome.fits_in_memory);
+                (outcome.step_time_s, lower_bound(&ctx, &batch))
+            };
+            let (fast_first, bound) = time("4x8:nics=8+8x4:gpu=a100-80g,nics=2");
+            let (slow_first, same_bound) = time("8x4:gpu=a100-80g,nics=2+4x8:nics=8");
+            assert!((bound - same_bound).abs() < 1e-9 * bound);
+            let (a, b) = (fast_first / bound, slow_first / bound);
+            assert!(a < 1.05 && b < 1.05, "{a} {b}");
+        }
     }
 }
