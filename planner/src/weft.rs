@@ -100,11 +100,52 @@ struct Shape {
     widen: Option<bool>,
 }
 
+/// The degree of each sequence in a balanced layout of `shape`: what memory
+/// needs, and enough ranks that the sequence's share per rank stays within an
+/// even share (`share`) of the work, times the shape's scale (below 1, fewer
+/// and busier ranks with less communication; above 1, more).
+fn degree_rule(
+    ctx: &PlanContext,
+    capacity: u64,
+    shape: Shape,
+    share: f64,
+) -> impl Fn(u64) -> u32 + '_ {
+    let topo = &ctx.topology;
+    let gpu = topo.gpu_of(0);
+    let per_node = topo.max_gpus_per_node();
+    move |s: u64| {
+        let x = s as f64;
+        let attention = ctx.cost.attention_compute_time(x, gpu);
+        // With a remap, linear modules are balanced by tokens, apart.
+        let work = if shape.remap {
+            attention
+        } else {
+            attention + ctx.cost.linear_time(x, gpu)
+        };
+        let by_memory = min_degree(s, capacity);
+        let by_balance = if share > 0.0 {
+            (work / share).ceil() as u32
+        } else {
+            1
+        };
+        let by_balance = (f64::from(by_balance) * shape.scale).ceil() as u32;
+        let d = by_memory.max(by_balance);
+        // Past a node, whole nodes: the ring runs hierarchically, every
+        // NIC carries its rail, and no node is shared by two rings.
+        let d = if shape.whole_nodes && d > per_node {
+            d.div_ceil(per_node) * per_node
+        } else {
+            d
+        };
+        d.min(topo.world())
+    }
+}
+
 /// Balanced hierarchical layout (see the module documentation).
 fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> Layout {
     let Shape {
         remap,
-        scale,
+        scale: _,
         whole_nodes,
         lookahead,
         widen,
@@ -115,38 +156,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
     let pick = hierarchical_pick(ctx);
     let per_node = topo.max_gpus_per_node();
     let classes = gpu_classes(ctx);
-    let work_of = |s: u64| {
-        let s = s as f64;
-        let attention = ctx.cost.attention_compute_time(s, gpu);
-        if remap {
-            attention
-        } else {
-            attention + ctx.cost.linear_time(s, gpu)
-        }
-    };
-    // Degree: what memory needs, and enough ranks that the sequence's share per
-    // rank stays within an even share (`share`) of the work, times `scale`:
-    // below 1, fewer and busier ranks with less communication; above 1, more.
-    let degree_for = |share: f64| {
-        move |s: u64| {
-            let by_memory = min_degree(s, capacity);
-            let by_balance = if share > 0.0 {
-                (work_of(s) / share).ceil() as u32
-            } else {
-                1
-            };
-            let by_balance = (f64::from(by_balance) * scale).ceil() as u32;
-            let d = by_memory.max(by_balance);
-            // Past a node, whole nodes: the ring runs hierarchically, every
-            // NIC carries its rail, and no node is shared by two rings.
-            let d = if whole_nodes && d > per_node {
-                d.div_ceil(per_node) * per_node
-            } else {
-                d
-            };
-            d.min(world)
-        }
-    };
+    let degree_for = |share: f64| degree_rule(ctx, capacity, shape, share);
     let micro_batches = if remap {
         // Linear tokens are spread evenly; keep a tenth of room for rounding.
         let cap = (capacity * 9 / 10).saturating_mul(u64::from(world));
@@ -445,6 +455,27 @@ pub fn candidates(
         FlexSp,
     }
     let mut builds = Vec::new();
+    // Scales that give every sequence the same degree as a larger scale give
+    // the same layout: only the larger is built.
+    let share = work_bound(ctx, lengths);
+    let nodes_shape = |scale: f64| Shape {
+        remap: false,
+        scale,
+        whole_nodes: true,
+        lookahead: false,
+        widen: None,
+    };
+    let mut distinct: Vec<Vec<u32>> = Vec::new();
+    let mut same_as_larger: Vec<f64> = Vec::new();
+    for scale in DEGREE_SCALES.iter().rev().copied() {
+        let degree = degree_rule(ctx, capacity, nodes_shape(scale), share);
+        let degrees: Vec<u32> = lengths.iter().map(|s| degree(*s)).collect();
+        if distinct.contains(&degrees) {
+            same_as_larger.push(scale);
+        } else {
+            distinct.push(degrees);
+        }
+    }
     for scale in DEGREE_SCALES {
         for remap in [true, false] {
             for whole_nodes in [true, false] {
@@ -466,6 +497,9 @@ pub fn candidates(
                     lookahead: false,
                     widen: None,
                 };
+                if !remap && whole_nodes && same_as_larger.contains(&scale) {
+                    continue;
+                }
                 builds.push((name, Build::Balanced(shape)));
             }
         }
@@ -486,7 +520,6 @@ pub fn candidates(
     // than for its share of the work (else gangs end together anyway, and
     // widening costs a pick per width on every gang).
     let gpu = ctx.topology.gpu_of(0);
-    let share = work_bound(ctx, lengths);
     let memory_binds = lengths.iter().any(|s| {
         let by_memory = min_degree(*s, capacity);
         let x = *s as f64;
@@ -875,6 +908,46 @@ mod tests {
             assert!((bound - same_bound).abs() < 1e-9 * bound);
             let (a, b) = (fast_first / bound, slow_first / bound);
             assert!(a < 1.05 && b < 1.05, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn a_scale_that_changes_no_degree_is_not_built_twice() {
+        let ctx = context("2x8:nics=8", "llama-7b");
+        let names = |lengths: &[u64]| -> Vec<String> {
+            candidates(&ctx, lengths, None)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.name)
+                .filter(|n| n.starts_with("balanced+nodesx"))
+                .collect()
+        };
+        // Short sequences stay whole at every scale.
+        assert_eq!(names(&[4096; 16]), vec!["balanced+nodesx1"]);
+        // One long sequence among short ones: fewer ranks at lower scales,
+        // each distinct degree once.
+        let mut lengths = vec![2048; 64];
+        lengths.push(65_536);
+        let built = names(&lengths);
+        let capacity = rank_capacity(&ctx).unwrap();
+        let share = work_bound(&ctx, &lengths);
+        let degrees = |name: &str| {
+            let scale: f64 = name.trim_start_matches("balanced+nodesx").parse().unwrap();
+            let shape = Shape {
+                remap: false,
+                scale,
+                whole_nodes: true,
+                lookahead: false,
+                widen: None,
+            };
+            let degree = degree_rule(&ctx, capacity, shape, share);
+            lengths.iter().map(|s| degree(*s)).collect::<Vec<u32>>()
+        };
+        assert!(built.len() >= 2 && built.contains(&"balanced+nodesx1".to_string()));
+        for (i, a) in built.iter().enumerate() {
+            for b in &built[i + 1..] {
+                assert_ne!(degrees(a), degrees(b), "{a} {b}");
+            }
         }
     }
 }
