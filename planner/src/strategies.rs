@@ -286,7 +286,8 @@ pub(crate) fn estimate_cost(
 
 /// [`estimate_cost`] of a ring that, past a node, takes whole nodes and runs
 /// hierarchically with its inter-node hops spread over each node's NICs, as
-/// weft's own layouts do: the time the simulator gives such a ring alone.
+/// weft's own layouts do: the time the simulator gives such a ring alone on
+/// nodes like the [`reference_node`].
 pub(crate) fn estimate_hierarchical_cost(
     ctx: &PlanContext,
     lengths: &[u64],
@@ -299,21 +300,36 @@ pub(crate) fn estimate_hierarchical_cost(
     if degree <= per_node || !degree.is_multiple_of(per_node) {
         return estimate_docs_cost(ctx, &docs, degree, true);
     }
-    let gpu = topo.gpu_of(0);
-    let ring = ctx.cost.hierarchical_ring_time(
-        &docs,
-        degree / per_node,
-        per_node,
-        topo.nvlink_bytes_per_s(0),
-        topo.node_nic_bytes_per_s(0) / f64::from(per_node),
-        gpu,
-    );
-    ring.total_s + ctx.cost.linear_time(docs[0] / f64::from(degree), gpu)
+    estimate_cost_on_nodes_like(ctx, lengths, sequence, degree, reference_node(ctx))
 }
 
-/// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs per node,
-/// NVLink and NICs (compute still on rank 0's GPU, as every estimate; a
-/// placement scales it by its GPUs' pace).
+/// The node whose links estimates assume: the one with the least NIC
+/// bandwidth per GPU, the slowest GPUs among those, the first among equals.
+/// A ring placed later may land on any node, and on a mixed cluster the
+/// rings priced on the best links went where the links were worst; and not
+/// simply node 0, so the order a cluster lists its nodes in changes nothing.
+pub(crate) fn reference_node(ctx: &PlanContext) -> usize {
+    let topo = &ctx.topology;
+    let slowdown = slowdowns(ctx);
+    let pace = |n: usize| {
+        topo.ranks_of_node(n)
+            .next()
+            .map_or(f64::INFINITY, |r| slowdown[r as usize])
+    };
+    let per_gpu = |n: usize| topo.node_nic_bytes_per_s(n) / f64::from(topo.nodes[n].gpus.max(1));
+    (0..topo.nodes.len())
+        .min_by(|a, b| {
+            per_gpu(*a)
+                .total_cmp(&per_gpu(*b))
+                .then(pace(*b).total_cmp(&pace(*a)))
+                .then(a.cmp(b))
+        })
+        .unwrap_or(0)
+}
+
+/// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs, GPUs per
+/// node, NVLink and NICs. In rank 0's units, as every estimate: its time
+/// there over the pace of its GPUs, which a placement multiplies back.
 pub(crate) fn estimate_cost_on_nodes_like(
     ctx: &PlanContext,
     lengths: &[u64],
@@ -323,7 +339,9 @@ pub(crate) fn estimate_cost_on_nodes_like(
 ) -> f64 {
     let topo = &ctx.topology;
     let per_node = topo.nodes[node].gpus.max(1);
-    let gpu = topo.gpu_of(0);
+    let first = topo.ranks_of_node(node).next().unwrap_or(0);
+    let gpu = topo.gpu_of(first);
+    let pace = topo.gpu_of(0).peak_bf16_tflops / gpu.peak_bf16_tflops;
     let docs = [lengths[sequence] as f64];
     let nvlink = topo.nvlink_bytes_per_s(node);
     let ring = if degree <= per_node {
@@ -338,10 +356,11 @@ pub(crate) fn estimate_cost_on_nodes_like(
             gpu,
         )
     };
-    ring.total_s
+    (ring.total_s
         + ctx
             .cost
-            .linear_time(docs[0] / f64::from(degree.max(1)), gpu)
+            .linear_time(docs[0] / f64::from(degree.max(1)), gpu))
+        / pace
 }
 
 /// [`estimate_cost`] for documents given by their lengths.
@@ -353,10 +372,11 @@ pub(crate) fn estimate_docs_cost(
 ) -> f64 {
     let topo = &ctx.topology;
     let gpu = topo.gpu_of(0);
+    let node = reference_node(ctx);
     let bandwidth = if degree <= topo.max_gpus_per_node() {
-        topo.nvlink_bytes_per_s(0)
+        topo.nvlink_bytes_per_s(node)
     } else {
-        topo.nic_bytes_per_s(0, 0)
+        topo.nic_bytes_per_s(node, 0)
     };
     let ring = ctx
         .cost
@@ -732,6 +752,15 @@ pub fn plan_hdp_offload(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, Pl
 /// node order so that ring neighbours share racks) plus ranks of one more node
 /// for a remainder.
 pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
+    // Between nodes free as soon, the faster GPUs: so the order the
+    // cluster lists its nodes in does not decide which kind a ring gets.
+    let slowdown = slowdowns(ctx);
+    let pace_of = move |n: usize| {
+        ctx.topology
+            .ranks_of_node(n)
+            .next()
+            .map_or(1.0, |r| slowdown[r as usize])
+    };
     move |load: &[f64], has_room: &dyn Fn(u32) -> bool, degree: u32| {
         let topo = &ctx.topology;
         let by_load = |a: &u32, b: &u32| {
@@ -750,7 +779,7 @@ pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
             return least_loaded(load, has_room, 1);
         }
         if degree <= topo.max_gpus_per_node() {
-            let mut best: Option<(f64, Vec<u32>)> = None;
+            let mut best: Option<((f64, f64), Vec<u32>)> = None;
             for n in 0..nodes {
                 let ranks = free_ranks(n);
                 if ranks.len() < degree as usize {
@@ -758,8 +787,9 @@ pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
                 }
                 let ranks: Vec<u32> = ranks.into_iter().take(degree as usize).collect();
                 let ready = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
-                if best.as_ref().is_none_or(|(b, _)| ready < *b) {
-                    best = Some((ready, ranks));
+                let key = (ready, pace_of(n));
+                if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                    best = Some((key, ranks));
                 }
             }
             if best.is_some() {
@@ -777,7 +807,11 @@ pub(crate) fn hierarchical_pick(ctx: &PlanContext) -> impl Pick + '_ {
                 (busiest, n)
             })
             .collect();
-        whole.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        whole.sort_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then(pace_of(a.1).total_cmp(&pace_of(b.1)))
+                .then(a.1.cmp(&b.1))
+        });
         let mut chosen: Vec<usize> = Vec::new();
         let mut have = 0u32;
         for (_, n) in &whole {
