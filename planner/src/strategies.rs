@@ -303,28 +303,14 @@ pub(crate) fn estimate_hierarchical_cost(
     estimate_cost_on_nodes_like(ctx, lengths, sequence, degree, reference_node(ctx))
 }
 
-/// The node whose links estimates assume: the one with the least NIC
-/// bandwidth per GPU, the slowest GPUs among those, the first among equals.
-/// A ring placed later may land on any node, and on a mixed cluster the
-/// rings priced on the best links went where the links were worst; and not
-/// simply node 0, so the order a cluster lists its nodes in changes nothing.
+/// The node whose links estimates assume: [`Topology::weakest_node`]. A ring
+/// placed later may land on any node, and on a mixed cluster the rings priced
+/// on the best links went where the links were worst; and not simply node 0,
+/// so the order a cluster lists its nodes in changes nothing.
+///
+/// [`Topology::weakest_node`]: crate::topology::Topology::weakest_node
 pub(crate) fn reference_node(ctx: &PlanContext) -> usize {
-    let topo = &ctx.topology;
-    let slowdown = slowdowns(ctx);
-    let pace = |n: usize| {
-        topo.ranks_of_node(n)
-            .next()
-            .map_or(f64::INFINITY, |r| slowdown[r as usize])
-    };
-    let per_gpu = |n: usize| topo.node_nic_bytes_per_s(n) / f64::from(topo.nodes[n].gpus.max(1));
-    (0..topo.nodes.len())
-        .min_by(|a, b| {
-            per_gpu(*a)
-                .total_cmp(&per_gpu(*b))
-                .then(pace(*b).total_cmp(&pace(*a)))
-                .then(a.cmp(b))
-        })
-        .unwrap_or(0)
+    ctx.topology.weakest_node()
 }
 
 /// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs, GPUs per

@@ -28,6 +28,7 @@ pub struct Topology {
     pub nodes: Vec<Node>,
     pub ranks: Vec<RankInfo>,
     first_rank: Vec<u32>,
+    weakest_node: usize,
 }
 
 /// Why a cluster cannot be planned on.
@@ -70,11 +71,31 @@ impl Topology {
         if ranks.is_empty() {
             return Err(TopologyError::NoGpus);
         }
-        Ok(Topology {
+        let mut topology = Topology {
             nodes,
             ranks,
             first_rank,
-        })
+            weakest_node: 0,
+        };
+        topology.weakest_node = (0..topology.nodes.len())
+            .min_by(|a, b| {
+                let per_gpu = |n: usize| {
+                    topology.node_nic_bytes_per_s(n) / f64::from(topology.nodes[n].gpus.max(1))
+                };
+                let peak = |n: usize| topology.nodes[n].gpu.peak_bf16_tflops;
+                per_gpu(*a)
+                    .total_cmp(&per_gpu(*b))
+                    .then(peak(*a).total_cmp(&peak(*b)))
+                    .then(a.cmp(b))
+            })
+            .unwrap_or(0);
+        Ok(topology)
+    }
+
+    /// The node with the least NIC bandwidth per GPU, the slowest GPUs among
+    /// those, the first among equals (whatever order the cluster lists them in).
+    pub fn weakest_node(&self) -> usize {
+        self.weakest_node
     }
 
     pub fn world(&self) -> u32 {
@@ -150,5 +171,7 @@ mod tests {
         assert_eq!(topo.ranks[18].nic, 0);
         assert!(topo.same_node(16, 19) && !topo.same_node(15, 16));
         assert_eq!(topo.relay_for(0, 2), 4);
+        // 25 Gbit/s over 4 GPUs is less than 4 NICs' 200 over 8.
+        assert_eq!(topo.weakest_node(), 2);
     }
 }
