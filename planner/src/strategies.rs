@@ -571,10 +571,18 @@ impl Widen<'_> {
                 return None;
             }
         }
+        // No ranks are faster than the fastest: a bound on an option's
+        // rank-time that spares its pick when that cannot pass.
+        let fastest = slowdown.iter().copied().fold(f64::INFINITY, f64::min);
         let mut best: Option<(f64, WidenOption, Vec<u32>)> = None;
         let best_end =
             |best: &Option<(f64, WidenOption, Vec<u32>)>| best.as_ref().map_or(own, |b| b.0);
         for option in (self.options)(w) {
+            let least_rank_s =
+                f64::from(option.degree) * option.cost_s * option.pace.unwrap_or(fastest);
+            if least_rank_s > own_rank_s * (1.0 + WIDEN_SLACK) {
+                continue;
+            }
             let Some((start, end, rank_s, ranks)) =
                 place(option.degree, option.cost_s, option.pace)
             else {
