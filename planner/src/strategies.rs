@@ -515,8 +515,8 @@ impl Placement<'_> {
 /// Memory gives the reason: a sequence's degree is at least what its tokens
 /// need, so when memory forces gangs wider than their work, they end at
 /// different times and the ranks they free do not fit the next gang's degree.
-/// Only widths whose rank-time stays within [`WIDEN_SLACK`] of the own
-/// degree's are taken.
+/// On a mixed cluster a width may also be one kind of GPU's alone. Only widths
+/// whose rank-time stays within [`WIDEN_SLACK`] of the own degree's are taken.
 pub(crate) struct Widen<'a> {
     /// When the step should end: the work bound.
     pub target_s: f64,
@@ -540,8 +540,9 @@ pub(crate) struct WidenOption {
 }
 
 impl Widen<'_> {
-    /// Picks the piece's width (see [`Widen`]); returns the ranks chosen
-    /// when they are not what `pick` gives for the new degree.
+    /// Picks the piece's width (see [`Widen`]): when it takes another than
+    /// the piece's own, sets the piece's degree and cost to it and returns
+    /// the ranks it takes.
     pub(crate) fn choose<P: Pick>(
         &self,
         load: &[f64],

@@ -205,6 +205,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
         // WIDEST times it, in steps of about an eighth; on a mixed cluster
         // also on whole nodes of one GPU class, as many more as the class
         // is slower.
+        let fastest = classes.iter().map(|c| c.pace).fold(f64::INFINITY, f64::min);
         let wider = |w: &Work| -> Vec<WidenOption> {
             let [i] = w.sequences[..] else {
                 return Vec::new();
@@ -212,7 +213,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
             let mut options = Vec::new();
             let mut widths = |per_node: u32, nodes: u32, pace: f64, class: Option<usize>| {
                 let first = w.degree.div_ceil(per_node);
-                let widest = (f64::from(w.degree * WIDEST) * pace.max(1.0)).ceil() as u32;
+                let widest = (f64::from(w.degree * WIDEST) * pace / fastest).ceil() as u32;
                 let last = widest.div_ceil(per_node).min(nodes);
                 let mut k = first;
                 while k <= last {
@@ -233,7 +234,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
                     k += (k / 8).max(1);
                 }
             };
-            widths(per_node, topo.nodes.len() as u32, 1.0, None);
+            widths(per_node, topo.nodes.len() as u32, fastest, None);
             if classes.len() > 1 {
                 for class in &classes {
                     widths(class.gpus, class.nodes, class.pace, Some(class.node));
