@@ -530,8 +530,9 @@ pub fn candidates(
         let work = ctx.cost.attention_compute_time(x, gpu) + ctx.cost.linear_time(x, gpu);
         by_memory > 1 && f64::from(by_memory) * share >= work
     });
-    // And on mixed clusters, where a ring on one class of GPU wastes no
-    // faster one.
+    // (Waves imply it: the balance degrees add up to about the cluster, so
+    // memory degrees adding up to more must exceed some.) And on mixed
+    // clusters, where a ring on one class of GPU wastes no faster one.
     let mixed = gpu_classes(ctx).len() > 1;
     for into_idle in [false, true].into_iter().filter(|_| memory_binds || mixed) {
         let shape = Shape {
