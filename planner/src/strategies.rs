@@ -287,7 +287,10 @@ pub(crate) fn estimate_cost(
 /// [`estimate_cost`] of a ring that, past a node, takes whole nodes and runs
 /// hierarchically with its inter-node hops spread over each node's NICs, as
 /// weft's own layouts do: the time the simulator gives such a ring alone on
-/// nodes like the [`reference_node`].
+/// nodes like the topology's weakest (least NIC bandwidth per GPU): a ring
+/// placed later may land on any node, and on a mixed cluster the rings priced
+/// on the best links went where the links were worst; and not simply node 0,
+/// so the order a cluster lists its nodes in changes nothing.
 pub(crate) fn estimate_hierarchical_cost(
     ctx: &PlanContext,
     lengths: &[u64],
@@ -300,17 +303,7 @@ pub(crate) fn estimate_hierarchical_cost(
     if degree <= per_node || !degree.is_multiple_of(per_node) {
         return estimate_docs_cost(ctx, &docs, degree, true);
     }
-    estimate_cost_on_nodes_like(ctx, lengths, sequence, degree, reference_node(ctx))
-}
-
-/// The node whose links estimates assume: [`Topology::weakest_node`]. A ring
-/// placed later may land on any node, and on a mixed cluster the rings priced
-/// on the best links went where the links were worst; and not simply node 0,
-/// so the order a cluster lists its nodes in changes nothing.
-///
-/// [`Topology::weakest_node`]: crate::topology::Topology::weakest_node
-pub(crate) fn reference_node(ctx: &PlanContext) -> usize {
-    ctx.topology.weakest_node()
+    estimate_cost_on_nodes_like(ctx, lengths, sequence, degree, ctx.topology.weakest_node())
 }
 
 /// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs, GPUs per
@@ -358,7 +351,8 @@ pub(crate) fn estimate_docs_cost(
 ) -> f64 {
     let topo = &ctx.topology;
     let gpu = topo.gpu_of(0);
-    let node = reference_node(ctx);
+    // As estimate_hierarchical_cost: the weakest node's links.
+    let node = topo.weakest_node();
     let bandwidth = if degree <= topo.max_gpus_per_node() {
         topo.nvlink_bytes_per_s(node)
     } else {
@@ -437,14 +431,14 @@ where
         let Some(mut w) = pending.remove(chosen) else {
             break;
         };
-        let widened = match (capacity, &placement.widen) {
+        let placed = match (capacity, &placement.widen) {
             (None, Some(widen)) if w.degree > 1 => widen.choose(&load, &slowdown, &pick, &mut w),
             _ => None,
         };
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
         let share = tokens.div_ceil(u64::from(w.degree.max(1)));
         let has_room = |r: u32| capacity.is_none_or(|c| held[r as usize] + share <= c);
-        let Some(mut ranks) = widened.or_else(|| pick(&load, &has_room, w.degree)) else {
+        let Some(mut ranks) = placed.or_else(|| pick(&load, &has_room, w.degree)) else {
             overflow.push(w);
             continue;
         };
@@ -540,9 +534,9 @@ pub(crate) struct WidenOption {
 }
 
 impl Widen<'_> {
-    /// Picks the piece's width (see [`Widen`]): when it takes another than
-    /// the piece's own, sets the piece's degree and cost to it and returns
-    /// the ranks it takes.
+    /// Picks the piece's width (see [`Widen`]) and returns the ranks it takes
+    /// (None only when not even its own degree can be picked); when it takes
+    /// another than the piece's own, sets the piece's degree and cost to it.
     pub(crate) fn choose<P: Pick>(
         &self,
         load: &[f64],
@@ -563,13 +557,13 @@ impl Widen<'_> {
                 (start, start + duration, f64::from(degree) * duration, ranks)
             })
         };
-        let (own_start, own, own_rank_s, _) = place(w.degree, w.cost_s, None)?;
+        let (own_start, own, own_rank_s, own_ranks) = place(w.degree, w.cost_s, None)?;
         if own <= self.target_s {
             // In time: wider only into ranks free as soon as its own; none
             // beyond its own, nothing to weigh.
             let free = load.iter().filter(|l| **l <= own_start + 1e-9).count();
             if !self.into_idle || free <= w.degree as usize {
-                return None;
+                return Some(own_ranks);
             }
         }
         // No ranks are faster than the fastest: a bound on an option's
@@ -610,7 +604,9 @@ impl Widen<'_> {
                 best = Some((end, option, ranks));
             }
         }
-        let (_, option, ranks) = best?;
+        let Some((_, option, ranks)) = best else {
+            return Some(own_ranks);
+        };
         w.degree = option.degree;
         w.cost_s = option.cost_s;
         Some(ranks)

@@ -100,10 +100,36 @@ struct Shape {
     widen: Option<bool>,
 }
 
+/// What a sequence needs in a balanced layout: the ranks its tokens need,
+/// and the ranks (as a fraction, counted as the fastest GPUs, whatever kind
+/// of node the cluster lists first) that keep its work per rank within an
+/// even share of the whole (`share`, in rank 0's units, as every estimate).
+/// With a remap its work is attention alone: linear modules are balanced by
+/// tokens, apart.
+fn degree_needs(
+    ctx: &PlanContext,
+    capacity: u64,
+    remap: bool,
+    share: f64,
+) -> impl Fn(u64) -> (u32, f64) + '_ {
+    let gpu = ctx.topology.gpu_of(0);
+    let fastest = slowdowns(ctx).into_iter().fold(f64::INFINITY, f64::min);
+    move |s: u64| {
+        let x = s as f64;
+        let attention = ctx.cost.attention_compute_time(x, gpu);
+        let work = if remap {
+            attention
+        } else {
+            attention + ctx.cost.linear_time(x, gpu)
+        };
+        (min_degree(s, capacity), work / share * fastest)
+    }
+}
+
 /// The degree of each sequence in a balanced layout of `shape`: what memory
-/// needs, and enough ranks that the sequence's share per rank stays within an
-/// even share (`share`) of the work, times the shape's scale (below 1, fewer
-/// and busier ranks with less communication; above 1, more).
+/// needs, and enough ranks for balance (see [`degree_needs`]) times the
+/// shape's scale (below 1, fewer and busier ranks with less communication;
+/// above 1, more).
 fn degree_rule(
     ctx: &PlanContext,
     capacity: u64,
@@ -111,23 +137,12 @@ fn degree_rule(
     share: f64,
 ) -> impl Fn(u64) -> u32 + '_ {
     let topo = &ctx.topology;
-    let gpu = topo.gpu_of(0);
     let per_node = topo.max_gpus_per_node();
-    // Ranks counted as the fastest GPUs (the work is on rank 0's), whatever
-    // kind of node the cluster lists first.
-    let fastest = slowdowns(ctx).into_iter().fold(f64::INFINITY, f64::min);
+    let needs = degree_needs(ctx, capacity, shape.remap, share);
     move |s: u64| {
-        let x = s as f64;
-        let attention = ctx.cost.attention_compute_time(x, gpu);
-        // With a remap, linear modules are balanced by tokens, apart.
-        let work = if shape.remap {
-            attention
-        } else {
-            attention + ctx.cost.linear_time(x, gpu)
-        };
-        let by_memory = min_degree(s, capacity);
+        let (by_memory, balance) = needs(s);
         let by_balance = if share > 0.0 {
-            (work / share * fastest).ceil() as u32
+            balance.ceil() as u32
         } else {
             1
         };
@@ -523,12 +538,10 @@ pub fn candidates(
     // Only where memory binds: some sequence needs more ranks for its tokens
     // than for its share of the work (else gangs end together anyway, and
     // widening costs a pick per width on every gang).
-    let gpu = ctx.topology.gpu_of(0);
+    let needs = degree_needs(ctx, capacity, false, share);
     let memory_binds = lengths.iter().any(|s| {
-        let by_memory = min_degree(*s, capacity);
-        let x = *s as f64;
-        let work = ctx.cost.attention_compute_time(x, gpu) + ctx.cost.linear_time(x, gpu);
-        by_memory > 1 && f64::from(by_memory) * share >= work
+        let (by_memory, by_balance) = needs(*s);
+        by_memory > 1 && f64::from(by_memory) >= by_balance
     });
     // (Waves imply it: the balance degrees add up to about the cluster, so
     // memory degrees adding up to more must exceed some.) And on mixed
@@ -816,11 +829,11 @@ mod tests {
             degree: 16,
             cost_s: 8.0,
         };
-        // 24 ranks start at 10 and end at 15.3: later, so it keeps 16.
+        // 24 ranks start at 10 and end at 15.3: later, so it keeps its own 16.
         let mut w = piece();
         assert_eq!(
             widen(11.0, false).choose(&load, &slowdown, &pick, &mut w),
-            None
+            Some((0..16).collect())
         );
         assert_eq!(w.degree, 16);
         // With ranks 16-23 free at 4 too, 24 ranks end at 9.3, in time.
