@@ -45,16 +45,21 @@ pub async fn mesh_of(config_maps: &Api<ConfigMap>, job: &str) -> anyhow::Result<
     Ok(Some(serde_json::from_str(&text)?))
 }
 
+/// Every pod of the job, by its job label.
+pub async fn job_pods(pods: &Api<Pod>, job: &str) -> Result<Vec<Pod>, kube::Error> {
+    Ok(pods
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
+        .await?
+        .items)
+}
+
 /// The job's running pods (not being deleted): name → (uid, node).
 pub async fn running_workers(
     pods: &Api<Pod>,
     job: &str,
 ) -> anyhow::Result<BTreeMap<String, (String, String)>> {
-    let list = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
-        .await?;
-    Ok(list
-        .items
+    Ok(job_pods(pods, job)
+        .await?
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))

@@ -33,7 +33,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use weft_crds::topology::{ANNOTATION_NICS, LABEL_ZONE, Nic};
 use weft_crds::{Phase, TrainingJob};
-use weft_e2e::jobs::{running_workers, set_not_ready, sleeper_job, wait_running};
+use weft_e2e::jobs::{job_pods, running_workers, set_not_ready, sleeper_job, wait_running};
 use weft_e2e::nodes::node_objects;
 use weft_e2e::{TestEnv, TestNamespace, wait_for, wait_job_status};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
@@ -228,11 +228,8 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
             && said.contains("PersistentVolumeClaim \"claimed-checkpoints\" not found"),
         "{status:?}"
     );
-    let waiting = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}=claimed")))
-        .await?;
     ensure!(
-        waiting.items.is_empty(),
+        job_pods(&pods, "claimed").await?.is_empty(),
         "workers started without their claim"
     );
     let volumes: Api<PersistentVolume> = Api::all(ns.client.clone());
@@ -411,11 +408,7 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
         running_workers(&pods, "grown").await?.is_empty()
-            && pods
-                .list(&ListParams::default().labels(&format!("{LABEL_JOB}=grown")))
-                .await?
-                .items
-                .is_empty(),
+            && job_pods(&pods, "grown").await?.is_empty(),
         "a job that cannot start holds no pod"
     );
     for node in extra {
@@ -441,10 +434,8 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
             let (jobs, pods) = (jobs.clone(), pods.clone());
             async move {
                 let status = jobs.get("grown").await?.status.unwrap_or_default();
-                let live = pods
-                    .list(&ListParams::default().labels(&format!("{LABEL_JOB}=grown")))
+                let live = job_pods(&pods, "grown")
                     .await?
-                    .items
                     .into_iter()
                     .filter(|p| p.metadata.deletion_timestamp.is_none())
                     .count();

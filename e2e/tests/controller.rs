@@ -18,9 +18,8 @@ use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use weft_crds::{Phase, TrainingJob};
-use weft_e2e::jobs::{running_workers, set_not_ready, sleeper_job, wait_running};
+use weft_e2e::jobs::{job_pods, running_workers, set_not_ready, sleeper_job, wait_running};
 use weft_e2e::{HarnessError, TestEnv, wait_for, wait_job_status};
-use weft_operator::build::LABEL_JOB;
 
 const FAIL: &str = "pod-container-running-failed.stage.kwok.x-k8s.io";
 const COOLDOWN_S: i32 = 5;
@@ -84,11 +83,8 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
             message.contains("needs 5 workers of 8 GPUs (40 GPUs)"),
             "{message}"
         );
-        let waiting = pods
-            .list(&ListParams::default().labels(&format!("{LABEL_JOB}=too-big")))
-            .await?;
         ensure!(
-            waiting.items.is_empty(),
+            job_pods(&pods, "too-big").await?.is_empty(),
             "a job that cannot start has no pods"
         );
         jobs.delete("too-big", &Default::default()).await?;
@@ -208,10 +204,8 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
             || {
                 let pods = pods.clone();
                 async move {
-                    let live = pods
-                        .list(&ListParams::default().labels(&format!("{LABEL_JOB}=elastic")))
+                    let live = job_pods(&pods, "elastic")
                         .await?
-                        .items
                         .into_iter()
                         .filter(|p| {
                             p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Succeeded")

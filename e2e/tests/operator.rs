@@ -20,6 +20,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use tokio::process::{Child, Command};
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
+use weft_e2e::jobs::job_pods;
 use weft_e2e::{HarnessError, TestEnv, TestNamespace, operator_binary, wait_for, wait_job_status};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
 use weft_planner::mesh::MeshPlan;
@@ -208,10 +209,8 @@ async fn two_replicas_one_leader_takeover_and_convergence_after_a_kill() -> anyh
                 .as_deref()
                 .context("mesh.json")?,
         )?;
-        let live: Vec<String> = pods
-            .list(&ListParams::default().labels(&format!("{LABEL_JOB}=steady")))
+        let live: Vec<String> = job_pods(&pods, "steady")
             .await?
-            .items
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .map(|p| p.name_any())

@@ -29,8 +29,9 @@ use serde::Serialize;
 use weft_crds::topology::LABEL_ZONE;
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, WorkerResources};
 use weft_e2e::TestEnv;
+use weft_e2e::jobs::job_pods;
 use weft_e2e::nodes::node_objects;
-use weft_operator::build::{LABEL_JOB, mesh_config_map_name};
+use weft_operator::build::mesh_config_map_name;
 use weft_planner::cluster::parse_cluster;
 use weft_planner::mesh::MeshPlan;
 
@@ -257,10 +258,8 @@ async fn bench(
             job_running = Some(applied.elapsed());
         }
         if all_running.is_none() {
-            let running = pods
-                .list(&ListParams::default().labels(&format!("{LABEL_JOB}={JOB}")))
+            let running = job_pods(&pods, JOB)
                 .await?
-                .items
                 .iter()
                 .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
                 .count();
