@@ -259,6 +259,9 @@ pub fn plan_static(
 
 /// Chooses the ranks of a piece of work: given each rank's load and whether a
 /// rank has room, `degree` ranks, or `None` when no set of ranks has room.
+/// One rank is always the least-loaded with room, ties by index (one rank
+/// lives on one node anyway): [`list_schedule`] relies on it to keep them in
+/// a heap.
 pub trait Pick: Fn(&[f64], &dyn Fn(u32) -> bool, u32) -> Option<Vec<u32>> {}
 
 impl<F: Fn(&[f64], &dyn Fn(u32) -> bool, u32) -> Option<Vec<u32>>> Pick for F {}
@@ -404,22 +407,42 @@ where
     let mut overflow = Vec::new();
     let mut gaps: Vec<Vec<Gap>> = vec![Vec::new(); world as usize];
     let mut pending: std::collections::VecDeque<Work> = work.into();
+    // One-rank pieces without a capacity go to the idlest rank, kept in a
+    // heap: a scan of every rank per piece was most of the time with tens of
+    // thousands of short sequences.
+    let mut idlest = capacity.is_none().then(|| IdlestRanks::new(&load));
     while let Some(head) = pending.front() {
         // Without a capacity, a piece among the next few that can start
         // sooner than the costliest goes first, into ranks that would
         // otherwise wait for the costliest's gang.
         let mut chosen = 0;
         let lookahead = placement.lookahead;
+        // Picks at this load without a room test, by degree: pieces of one
+        // degree start at the same ranks, and the chosen piece takes them.
+        let mut known: Vec<(u32, Option<Vec<u32>>)> = Vec::new();
+        let none = |_: u32| true;
+        let mut pick_free = |degree: u32| match (&mut idlest, degree) {
+            (Some(idlest), 1) => idlest.peek(&load).map(|r| vec![r]),
+            _ => pick(&load, &none, degree),
+        };
         if capacity.is_none() && lookahead > 1 && head.degree > 1 {
-            let start_of = |w: &Work| {
-                let none = |_: u32| true;
-                pick(&load, &none, w.degree)
+            let mut start_of = |degree: u32| {
+                let index = match known.iter().position(|(d, _)| *d == degree) {
+                    Some(index) => index,
+                    None => {
+                        known.push((degree, pick_free(degree)));
+                        known.len() - 1
+                    }
+                };
+                known[index]
+                    .1
+                    .as_ref()
                     .map(|ranks| ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max))
             };
-            if let Some(head_start) = start_of(head) {
+            if let Some(head_start) = start_of(head.degree) {
                 let mut best = head_start;
                 for (k, w) in pending.iter().enumerate().take(lookahead).skip(1) {
-                    if let Some(start) = start_of(w)
+                    if let Some(start) = start_of(w.degree)
                         && start + 1e-9 < best
                     {
                         best = start;
@@ -431,8 +454,17 @@ where
         let Some(mut w) = pending.remove(chosen) else {
             break;
         };
+        // Without a capacity every rank has room: the pick at this load.
+        let own = match known.into_iter().find(|(d, _)| *d == w.degree) {
+            Some((_, ranks)) => ranks,
+            None if capacity.is_none() => pick_free(w.degree),
+            None => None,
+        };
         let placed = match (capacity, &placement.widen) {
-            (None, Some(widen)) if w.degree > 1 => widen.choose(&load, &slowdown, &pick, &mut w),
+            (None, Some(widen)) if w.degree > 1 => {
+                widen.choose(&load, &slowdown, &pick, own, &mut w)
+            }
+            (None, _) => own,
             _ => None,
         };
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
@@ -465,6 +497,9 @@ where
                 });
             }
             load[*r as usize] = start + w.cost_s * pace;
+            if let Some(idlest) = &mut idlest {
+                idlest.update(*r, load[*r as usize]);
+            }
             count[*r as usize] = mb + 1;
             held[*r as usize] += share;
         }
@@ -480,6 +515,36 @@ where
         overflow,
         ready: load.into_iter().zip(count).collect(),
         gaps,
+    }
+}
+
+/// The least-loaded rank, ties by index (as [`least_loaded`] finds it), in
+/// a heap of (load, rank) entries: a rank whose load grew has a newer entry,
+/// and its older ones are dropped when they surface (loads only grow).
+struct IdlestRanks(BinaryHeap<Reverse<(OrdF64, u32)>>);
+
+impl IdlestRanks {
+    fn new(load: &[f64]) -> Self {
+        IdlestRanks(
+            load.iter()
+                .enumerate()
+                .map(|(r, l)| Reverse((OrdF64(*l), r as u32)))
+                .collect(),
+        )
+    }
+
+    fn peek(&mut self, load: &[f64]) -> Option<u32> {
+        while let Some(Reverse((OrdF64(l), r))) = self.0.peek().copied() {
+            if load[r as usize].to_bits() == l.to_bits() {
+                return Some(r);
+            }
+            self.0.pop();
+        }
+        None
+    }
+
+    fn update(&mut self, rank: u32, load: f64) {
+        self.0.push(Reverse((OrdF64(load), rank)));
     }
 }
 
@@ -537,27 +602,34 @@ impl Widen<'_> {
     /// Picks the piece's width (see [`Widen`]) and returns the ranks it takes
     /// (None only when not even its own degree can be picked); when it takes
     /// another than the piece's own, sets the piece's degree and cost to it.
+    /// `own`: the ranks `pick` gives the piece's own degree at this load,
+    /// when the caller has them already.
     pub(crate) fn choose<P: Pick>(
         &self,
         load: &[f64],
         slowdown: &[f64],
         pick: &P,
+        own: Option<Vec<u32>>,
         w: &mut Work,
     ) -> Option<Vec<u32>> {
         // Start, end, rank-seconds and ranks of a placement.
+        let measure = |degree: u32, cost_s: f64, ranks: Vec<u32>| {
+            let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
+            let slowest = ranks
+                .iter()
+                .map(|r| slowdown[*r as usize])
+                .fold(0.0, f64::max);
+            let duration = cost_s * slowest;
+            (start, start + duration, f64::from(degree) * duration, ranks)
+        };
         let place = |degree: u32, cost_s: f64, pace: Option<f64>| {
             let of_class = |r: u32| pace.is_none_or(|p| slowdown[r as usize] == p);
-            pick(load, &of_class, degree).map(|ranks| {
-                let start = ranks.iter().map(|r| load[*r as usize]).fold(0.0, f64::max);
-                let slowest = ranks
-                    .iter()
-                    .map(|r| slowdown[*r as usize])
-                    .fold(0.0, f64::max);
-                let duration = cost_s * slowest;
-                (start, start + duration, f64::from(degree) * duration, ranks)
-            })
+            pick(load, &of_class, degree).map(|ranks| measure(degree, cost_s, ranks))
         };
-        let (own_start, own, own_rank_s, own_ranks) = place(w.degree, w.cost_s, None)?;
+        let (own_start, own, own_rank_s, own_ranks) = match own {
+            Some(ranks) => measure(w.degree, w.cost_s, ranks),
+            None => place(w.degree, w.cost_s, None)?,
+        };
         if own <= self.target_s {
             // In time: wider only into ranks free as soon as its own; none
             // beyond its own, nothing to weigh.
@@ -1065,5 +1137,23 @@ mod tests {
             Some(vec![3, 2])
         );
         assert_eq!(least_loaded(&[3.0, 1.0], &all, 3), None);
+    }
+
+    #[test]
+    fn idlest_ranks_follow_least_loaded_as_loads_grow() {
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let all = |_: u32| true;
+        let mut load = vec![0.0f64; 16];
+        let mut idlest = IdlestRanks::new(&load);
+        for step in 0..500 {
+            let want = least_loaded(&load, &all, 1).map(|r| r[0]);
+            assert_eq!(idlest.peek(&load), want, "step {step}");
+            // Grow a few ranks, sometimes by nothing (ties stay by index).
+            for _ in 0..=(rng.next_u64() % 3) {
+                let r = (rng.next_u64() % 16) as u32;
+                load[r as usize] += (rng.next_u64() % 4) as f64 * 0.5;
+                idlest.update(r, load[r as usize]);
+            }
+        }
     }
 }

@@ -832,23 +832,23 @@ mod tests {
         // 24 ranks start at 10 and end at 15.3: later, so it keeps its own 16.
         let mut w = piece();
         assert_eq!(
-            widen(11.0, false).choose(&load, &slowdown, &pick, &mut w),
+            widen(11.0, false).choose(&load, &slowdown, &pick, None, &mut w),
             Some((0..16).collect())
         );
         assert_eq!(w.degree, 16);
         // With ranks 16-23 free at 4 too, 24 ranks end at 9.3, in time.
         load[16..24].fill(4.0);
         let mut w = piece();
-        let ranks = widen(11.0, false).choose(&load, &slowdown, &pick, &mut w);
+        let ranks = widen(11.0, false).choose(&load, &slowdown, &pick, None, &mut w);
         assert_eq!((w.degree, w.cost_s), (24, 16.0 * 8.0 / 24.0));
         assert_eq!(ranks, Some((0..24).collect()));
         // Ending in time at its own degree, it stays, unless idle ranks
         // are as free as its own.
         let mut w = piece();
-        widen(13.0, false).choose(&load, &slowdown, &pick, &mut w);
+        widen(13.0, false).choose(&load, &slowdown, &pick, None, &mut w);
         assert_eq!(w.degree, 16);
         let mut w = piece();
-        widen(13.0, true).choose(&load, &slowdown, &pick, &mut w);
+        widen(13.0, true).choose(&load, &slowdown, &pick, None, &mut w);
         assert_eq!(w.degree, 24);
         // A wider ring that wastes rank-time on transfers is never taken.
         let wasteful = |_: &Work| vec![wide(24, 8.0)];
@@ -858,7 +858,7 @@ mod tests {
             into_idle: true,
             options: &wasteful,
         }
-        .choose(&load, &slowdown, &pick, &mut w);
+        .choose(&load, &slowdown, &pick, None, &mut w);
         assert_eq!(w.degree, 16);
     }
 
@@ -895,7 +895,7 @@ mod tests {
             into_idle: false,
             options: &h100s,
         }
-        .choose(&load, &slowdown, &pick, &mut w);
+        .choose(&load, &slowdown, &pick, None, &mut w);
         assert_eq!(ranks, Some((0..16).collect()));
         assert_eq!(w.degree, 16);
     }
