@@ -208,7 +208,7 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 
 /// A bound on the time the step spends on one sequence of `length` tokens:
 /// its attention at the best degree and ring shape, on the fastest GPUs, over
-/// the fastest link with no contention (ring steps still pay their latency and any
+/// the fastest links with no contention (ring steps still pay their latency and any
 /// transfer compute cannot hide), plus its linear modules spread over every
 /// GPU (a remap can spread them beyond the ranks that hold its attention).
 /// Also returns the degree of that best attention time.
@@ -224,7 +224,8 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
         .map(|n| topo.nvlink_bytes_per_s(n).max(topo.node_nic_bytes_per_s(n)))
         .fold(0.0, f64::max);
     let s = length as f64;
-    // Every ring shape of each degree: flat over the fastest link, or
+    // Every ring shape of each degree: flat over the fastest link (past a
+    // node's GPUs, no faster than the best node's NICs together), or
     // hierarchical with node-local inner rings of any size that divides it
     // (inner hops on the fastest NVLink; the inner ring's ranks all send to
     // the next node at once, so each gets at most its share of the fastest
@@ -238,10 +239,15 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
     let per_node = topo.max_gpus_per_node();
     let (attention, degree) = (1..=world)
         .map(|d| {
-            let flat = ctx
-                .cost
-                .packed_ring_time(&[s], d, best_link, &fastest)
-                .total_s;
+            // A flat ring past a node's GPUs has a hop between nodes, and
+            // each ring step waits for its slowest hop: at best all of the
+            // best node's NICs carry it.
+            let link = if d > per_node {
+                best_link.min(nics)
+            } else {
+                best_link
+            };
+            let flat = ctx.cost.packed_ring_time(&[s], d, link, &fastest).total_s;
             let hierarchical = (2..=per_node.min(d / 2))
                 .filter(|inner| d.is_multiple_of(*inner))
                 .map(|inner| {

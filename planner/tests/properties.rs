@@ -215,3 +215,54 @@ fn a_remap_spreading_one_tiny_sequence_does_not_beat_the_bound() {
     let ctx = context("1x8", "llama-7b", false);
     check_all(&ctx, &[2]).unwrap();
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// One sequence on any ring the simulator can price (any ranks in any
+    /// order, flat or hierarchical, either routing) never beats the bound:
+    /// in particular a flat ring across nodes is paced by their NICs, not by
+    /// NVLink.
+    #[test]
+    fn no_ring_of_one_sequence_beats_the_bound(
+        cluster in prop_oneof![cluster(), Just("128x8:nics=8".to_string()), Just("1536x8:nics=8".to_string())],
+        // Short ones too: spread wide, their transfers are what compute
+        // cannot hide.
+        length in prop_oneof![256u64..32_768, 32_768u64..2_000_000],
+        seed in any::<u64>(),
+        contiguous in any::<bool>(),
+        hierarchical in any::<bool>(),
+        all_nics in any::<bool>(),
+    ) {
+        use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+        let ctx = context(&cluster, "llama-7b", false);
+        let world = ctx.topology.world();
+        // A random degree; the first ranks in order (the fewest hops
+        // between nodes), or a random choice and order of ranks.
+        let mut rng = weft_planner::rng::SplitMix64::new(seed);
+        let degree = 1 + rng.below(u64::from(world)) as u32;
+        let mut ranks: Vec<u32> = (0..world).collect();
+        if !contiguous {
+            for i in (1..ranks.len()).rev() {
+                ranks.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+        }
+        ranks.truncate(degree as usize);
+        if hierarchical {
+            ranks.sort_unstable();
+        }
+        let mut group = LayoutGroup::flat(ranks, vec![0]);
+        if hierarchical {
+            group.inner_ring = node_blocks(&ctx.topology, &group.ranks);
+        }
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch { groups: vec![group], remap: false }],
+            routing: if all_nics { Routing::AllNics } else { Routing::ClosestNic },
+        };
+        let lengths = [length];
+        let time = weft_planner::simulate(&ctx, &lengths, &layout).step_time_s;
+        let bound = lower_bound(&ctx, &lengths);
+        prop_assert!(time >= bound * (1.0 - 1e-9), "{cluster}: {time} < {bound} at degree {degree}");
+    }
+}

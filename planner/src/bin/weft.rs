@@ -272,6 +272,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         sim_ms
                     );
                 }
+                // What the bound is made of: the step's work spread evenly,
+                // or its longest sequence at its best degree.
+                let work = weft_planner::sim::work_bound(&ctx, &lengths);
+                match lengths.iter().max() {
+                    Some(&longest) => {
+                        let (seq_s, degree) = weft_planner::sim::sequence_bound(&ctx, longest);
+                        eprintln!(
+                            "lower bound {lb:.4} s: work spread evenly {work:.4} s; longest sequence ({longest} tokens) {seq_s:.4} s at degree {degree}"
+                        );
+                    }
+                    None => eprintln!("lower bound {lb:.4} s: work spread evenly {work:.4} s"),
+                }
                 eprintln!();
             }
             let plan = plan_step(strategy, &ctx, &lengths, common.max_seq_len)?;
