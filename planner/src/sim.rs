@@ -170,19 +170,99 @@ impl Outcome {
 }
 
 /// Lower bound on the step time of a batch for ring-attention plans; no plan
-/// can beat it. The larger of two bounds:
+/// can beat it. The largest of three bounds:
 /// - work: all compute of the step spread perfectly over every GPU at its
 ///   achieved rate, with no communication, no imbalance and no memory limit;
 /// - longest sequence: the step cannot end before its longest sequence is done,
 ///   even at its best degree, on the fastest GPUs, over the fastest link with
 ///   no contention (ring steps still pay their latency and any transfer that
-///   compute cannot hide).
+///   compute cannot hide);
+/// - work with the longest sequences' exposed transfers (see
+///   [`exposed_work_bound`]).
 pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     let by_work = work_bound(ctx, lengths);
     let Some(&longest) = lengths.iter().max() else {
         return by_work;
     };
-    by_work.max(sequence_bound(ctx, longest).0)
+    let by_sequence = sequence_bound(ctx, longest).0;
+    by_work
+        .max(by_sequence)
+        .max(exposed_work_bound(ctx, lengths, by_work.max(by_sequence)))
+}
+
+/// The work bound with what the longest sequences' rings cannot hide. The
+/// step must end by T, so each longest sequence runs on enough ranks to be
+/// done by T (by its [`sequence_bound`] at that degree); the wider its ring,
+/// the shorter the chunks each step computes against the same bytes moved,
+/// so its transfers stretch its ring's steps by a factor κ ≥ 1 (the ring's
+/// time without step latency over its compute, at the best shape and links).
+/// Packing other documents into that ring cannot hide them: every other
+/// document is no longer, so it brings at least as many bytes per unit of
+/// compute, and the ring's steps stretch at least as much. So the ranks
+/// spend at least the step's work plus (κ − 1) times the longest sequences'
+/// attention work, and T is at least that over the cluster; the bound is the
+/// least T that satisfies it (found by bisection: a later T lets the
+/// sequences take fewer ranks, so the work it implies does not grow).
+/// Only on clusters of one kind of GPU; `floor`: a T known to be a bound.
+pub fn exposed_work_bound(ctx: &PlanContext, lengths: &[u64], floor: f64) -> f64 {
+    let topo = &ctx.topology;
+    let world = topo.world();
+    let gpu = topo.gpu_of(0);
+    let one_kind = (0..world).all(|r| topo.gpu_of(r).peak_bf16_tflops == gpu.peak_bf16_tflops);
+    let Some(&longest) = lengths.iter().max() else {
+        return floor;
+    };
+    if !one_kind || longest == 0 {
+        return floor;
+    }
+    let count = lengths.iter().filter(|s| **s == longest).count() as f64;
+    let attention_work = count * ctx.cost.attention_compute_time(longest as f64, gpu);
+    let work = work_bound(ctx, lengths) * f64::from(world);
+    // Degrees by the time the sequence takes at them, each with the least
+    // stretch of any degree at most as slow.
+    let mut degrees = ring_bounds(ctx, longest);
+    degrees.sort_by(|a, b| a.time_s.total_cmp(&b.time_s).then(a.degree.cmp(&b.degree)));
+    let mut least = Vec::with_capacity(degrees.len());
+    let mut so_far = f64::INFINITY;
+    for d in &degrees {
+        so_far = so_far.min(d.stretch);
+        least.push(so_far);
+    }
+    // Least stretch of the degrees that are done by `t`.
+    let stretch_by = |t: f64| {
+        let done = degrees.partition_point(|d| d.time_s <= t);
+        if done == 0 {
+            f64::INFINITY
+        } else {
+            least[done - 1]
+        }
+    };
+    let implied =
+        |t: f64| (work + attention_work * (stretch_by(t) - 1.0).max(0.0)) / f64::from(world);
+    if implied(floor) <= floor {
+        return floor;
+    }
+    let (mut lo, mut hi) = (floor, implied(floor));
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if implied(mid) <= mid {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+/// One degree of a sequence's ring, at its best shape and links with no
+/// contention (see [`sequence_bound`]).
+struct RingBound {
+    degree: u32,
+    /// The sequence's time at this degree: its attention plus its linear
+    /// modules spread over every GPU.
+    time_s: f64,
+    /// Least (over shapes) ring time without step latency over compute.
+    stretch: f64,
 }
 
 /// The work bound alone: every GPU busy with an even share of the step's
@@ -213,6 +293,19 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 /// GPU (a remap can spread them beyond the ranks that hold its attention).
 /// Also returns the degree of that best attention time.
 pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
+    ring_bounds(ctx, length)
+        .into_iter()
+        .fold((f64::INFINITY, 1), |best, d| {
+            if d.time_s < best.0 {
+                (d.time_s, d.degree)
+            } else {
+                best
+            }
+        })
+}
+
+/// [`RingBound`] of every degree from 1 to the cluster's size.
+fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
     let topo = &ctx.topology;
     let world = topo.world();
     let fastest = (0..world)
@@ -237,8 +330,29 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
         .map(|n| topo.node_nic_bytes_per_s(n))
         .fold(0.0, f64::max);
     let per_node = topo.max_gpus_per_node();
-    let (attention, degree) = (1..=world)
+    let mut without_latency = ctx.cost.clone();
+    without_latency.coefficients.p2p_latency_s = 0.0;
+    let linear = ctx.cost.linear_time(s, &fastest) / f64::from(world.max(1));
+    (1..=world)
         .map(|d| {
+            // Time and time without latency of one shape.
+            let shape = |outer: u32, inner: u32, intra: f64, inter: f64| {
+                let ring =
+                    ctx.cost
+                        .hierarchical_ring_time(&[s], outer, inner, intra, inter, &fastest);
+                let bare = without_latency.hierarchical_ring_time(
+                    &[s],
+                    outer,
+                    inner,
+                    intra,
+                    inter,
+                    &fastest,
+                );
+                (
+                    ring.total_s,
+                    bare.total_s / ring.compute_s.max(f64::MIN_POSITIVE),
+                )
+            };
             // A flat ring past a node's GPUs has a hop between nodes, and
             // each ring step waits for its slowest hop: at best all of the
             // best node's NICs carry it.
@@ -247,30 +361,19 @@ pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
             } else {
                 best_link
             };
-            let flat = ctx.cost.packed_ring_time(&[s], d, link, &fastest).total_s;
-            let hierarchical = (2..=per_node.min(d / 2))
-                .filter(|inner| d.is_multiple_of(*inner))
-                .map(|inner| {
-                    ctx.cost
-                        .hierarchical_ring_time(
-                            &[s],
-                            d / inner,
-                            inner,
-                            nvlink,
-                            nics / f64::from(inner),
-                            &fastest,
-                        )
-                        .total_s
-                })
-                .fold(f64::INFINITY, f64::min);
-            (flat.min(hierarchical), d)
+            let (mut time_s, mut stretch) = shape(1, d, link, link);
+            for inner in (2..=per_node.min(d / 2)).filter(|inner| d.is_multiple_of(*inner)) {
+                let (t, k) = shape(d / inner, inner, nvlink, nics / f64::from(inner));
+                time_s = time_s.min(t);
+                stretch = stretch.min(k);
+            }
+            RingBound {
+                degree: d,
+                time_s: time_s + linear,
+                stretch,
+            }
         })
-        .fold(
-            (f64::INFINITY, 1),
-            |best, x| if x.0 < best.0 { x } else { best },
-        );
-    let linear = ctx.cost.linear_time(s, &fastest) / f64::from(world.max(1));
-    (attention + linear, degree)
+        .collect()
 }
 
 /// Integer split of `total` proportional to `weights` (largest remainder), so
@@ -937,6 +1040,31 @@ pub(crate) mod tests {
         assert!((out.max_over_mean() - 1.0).abs() < 1e-12);
         let plan = build_plan(&ctx, &lengths, &layout);
         plan.check().unwrap();
+    }
+
+    #[test]
+    fn the_longest_sequences_exposed_transfers_raise_the_work_bound() {
+        // One 64K sequence among a hundred short ones on 64 GPUs: to end by
+        // the work or its own bound it needs so many ranks that its ring
+        // cannot hide its transfers, and the ranks' time adds up past both.
+        let ctx = context("8x8:nics=8", "llama-7b");
+        let mut lengths = vec![65_536u64];
+        lengths.extend(std::iter::repeat_n(2_048u64, 100));
+        let by_work = work_bound(&ctx, &lengths);
+        let by_sequence = sequence_bound(&ctx, 65_536).0;
+        let bound = lower_bound(&ctx, &lengths);
+        assert!(
+            bound > by_work.max(by_sequence) * 1.005,
+            "{bound} {by_work} {by_sequence}"
+        );
+        // And no strategy beats it.
+        for strategy in crate::Strategy::ALL {
+            let plan = crate::plan_step(strategy, &ctx, &lengths, None).unwrap();
+            assert!(plan.predicted.step_time_s >= bound, "{strategy:?}");
+        }
+        // Where no sequence needs a ring to end in time, the work decides.
+        let short = vec![2_048u64; 64];
+        assert_eq!(lower_bound(&ctx, &short), work_bound(&ctx, &short));
     }
 
     #[test]
