@@ -283,6 +283,11 @@ pub(crate) fn estimate_cost(
     degree: u32,
     linear: bool,
 ) -> f64 {
+    // One sequence (the common case: tens of thousands per batch) without
+    // an allocation.
+    if let [one] = sequences {
+        return estimate_docs_cost(ctx, &[lengths[*one] as f64], degree, linear);
+    }
     let docs: Vec<f64> = sequences.iter().map(|s| lengths[*s] as f64).collect();
     estimate_docs_cost(ctx, &docs, degree, linear)
 }

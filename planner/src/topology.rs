@@ -29,6 +29,8 @@ pub struct Topology {
     pub ranks: Vec<RankInfo>,
     first_rank: Vec<u32>,
     weakest_node: usize,
+    /// GPUs of the largest node (asked for every piece a plan prices).
+    max_gpus_per_node: u32,
 }
 
 /// Why a cluster cannot be planned on.
@@ -76,7 +78,9 @@ impl Topology {
             ranks,
             first_rank,
             weakest_node: 0,
+            max_gpus_per_node: 1,
         };
+        topology.max_gpus_per_node = topology.nodes.iter().map(|n| n.gpus).max().unwrap_or(1);
         topology.weakest_node = (0..topology.nodes.len())
             .min_by(|a, b| {
                 let per_gpu = |n: usize| {
@@ -147,7 +151,7 @@ impl Topology {
 
     /// GPUs per node of the largest node.
     pub fn max_gpus_per_node(&self) -> u32 {
-        self.nodes.iter().map(|n| n.gpus).max().unwrap_or(1)
+        self.max_gpus_per_node
     }
 }
 

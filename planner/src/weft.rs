@@ -159,8 +159,27 @@ fn degree_rule(
     }
 }
 
+/// Every sequence with its time whole on one rank (in rank 0's units),
+/// costliest first, ties by index: the order short sequences are placed in,
+/// the same for every layout of a batch, so it is priced and sorted once.
+fn one_rank_order(ctx: &PlanContext, lengths: &[u64]) -> Vec<(f64, usize)> {
+    let mut order: Vec<(f64, usize)> = (0..lengths.len())
+        .map(|i| (estimate_cost(ctx, lengths, &[i], 1, true), i))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    order
+}
+
 /// Balanced hierarchical layout (see the module documentation).
-fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> Layout {
+/// `by_cost`: every sequence with its time whole on one rank, costliest
+/// first (see [`one_rank_order`]).
+fn balanced(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    capacity: u64,
+    shape: Shape,
+    by_cost: &[(f64, usize)],
+) -> Layout {
     let Shape {
         remap,
         scale: _,
@@ -199,8 +218,13 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
     } else {
         let share = work_bound(ctx, lengths);
         let degree = degree_for(share);
-        let (long, short): (Vec<usize>, Vec<usize>) =
-            (0..lengths.len()).partition(|i| degree(lengths[*i]) > 1);
+        let is_long: Vec<bool> = lengths.iter().map(|s| degree(*s) > 1).collect();
+        let long: Vec<usize> = (0..lengths.len()).filter(|i| is_long[*i]).collect();
+        let short: Vec<(f64, usize)> = by_cost
+            .iter()
+            .filter(|(_, i)| !is_long[*i])
+            .copied()
+            .collect();
         let work = long
             .iter()
             .map(|&i| {
@@ -270,7 +294,7 @@ fn balanced(ctx: &PlanContext, lengths: &[u64], capacity: u64, shape: Shape) -> 
         place_short_sequences(
             ctx,
             lengths,
-            &short,
+            short,
             capacity,
             (&schedule.ready, &schedule.gaps),
             &mut micro_batches,
@@ -325,7 +349,8 @@ fn gpu_classes(ctx: &PlanContext) -> Vec<GpuClass> {
 /// Ranks by load, least loaded first.
 type RankHeap = BinaryHeap<Reverse<(OrdF64, u32)>>;
 
-/// Places whole short sequences, costliest first. First into the waits
+/// Places whole short sequences (`order`: each with its time on one rank,
+/// costliest first). First into the waits
 /// (`gaps`) ranks have before their groups, each into the shortest wait that
 /// holds it (in the micro-batch the rank skips there, so the group does not
 /// start later); then one at a time on the rank where it would finish first
@@ -335,18 +360,13 @@ type RankHeap = BinaryHeap<Reverse<(OrdF64, u32)>>;
 fn place_short_sequences(
     ctx: &PlanContext,
     lengths: &[u64],
-    short: &[usize],
+    order: Vec<(f64, usize)>,
     capacity: u64,
     (start, gaps): (&[(f64, usize)], &[Vec<Gap>]),
     micro_batches: &mut Vec<LayoutMicroBatch>,
 ) {
     let world = ctx.topology.world() as usize;
     let slowdown = slowdowns(ctx);
-    let mut order: Vec<(f64, usize)> = short
-        .iter()
-        .map(|&i| (estimate_cost(ctx, lengths, &[i], 1, true), i))
-        .collect();
-    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let order = backfill(lengths, order, capacity, gaps, &slowdown, micro_batches);
     // One heap of ranks per GPU speed: the best rank of a class is its least
     // loaded, and the best overall is the class's best that finishes first.
@@ -573,10 +593,11 @@ pub fn candidates(
     if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
         builds.push(("flexsp".to_string(), Build::FlexSp));
     }
+    let by_cost = one_rank_order(ctx, lengths);
     let built = parallel_map(builds, |(name, build)| {
         let start = std::time::Instant::now();
         let layout = match build {
-            Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape)),
+            Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
             Build::Static => plan_static(ctx, lengths, context_length),
             Build::Hdp => plan_hdp(ctx, lengths),
             Build::HdpOffload => plan_hdp_offload(ctx, lengths),
@@ -713,6 +734,7 @@ pub fn plan_weft(
                 lookahead: false,
                 widen: None,
             },
+            &one_rank_order(ctx, lengths),
         ),
     };
     layout.strategy = "weft".to_string();
