@@ -272,7 +272,7 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     let world = topo.world();
     // Work in "seconds on a reference GPU", then divide by the cluster's
     // capacity in reference GPUs, so heterogeneous clusters are handled.
-    let reference = topo.gpu_of(0).clone();
+    let reference = topo.reference_gpu().clone();
     let work: f64 = lengths
         .iter()
         .map(|s| {

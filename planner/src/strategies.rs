@@ -315,7 +315,7 @@ pub(crate) fn estimate_hierarchical_cost(
 }
 
 /// [`estimate_hierarchical_cost`] on nodes like `node`: its GPUs, GPUs per
-/// node, NVLink and NICs. In rank 0's units, as every estimate: its time
+/// node, NVLink and NICs. In the reference GPU's units, as every estimate: its time
 /// there over the pace of its GPUs, which a placement multiplies back.
 pub(crate) fn estimate_cost_on_nodes_like(
     ctx: &PlanContext,
@@ -328,7 +328,7 @@ pub(crate) fn estimate_cost_on_nodes_like(
     let per_node = topo.nodes[node].gpus.max(1);
     let first = topo.ranks_of_node(node).next().unwrap_or(0);
     let gpu = topo.gpu_of(first);
-    let pace = topo.gpu_of(0).peak_bf16_tflops / gpu.peak_bf16_tflops;
+    let pace = topo.reference_gpu().peak_bf16_tflops / gpu.peak_bf16_tflops;
     let docs = [lengths[sequence] as f64];
     let nvlink = topo.nvlink_bytes_per_s(node);
     let ring = if degree <= per_node {
@@ -358,7 +358,7 @@ pub(crate) fn estimate_docs_cost(
     linear: bool,
 ) -> f64 {
     let topo = &ctx.topology;
-    let gpu = topo.gpu_of(0);
+    let gpu = topo.reference_gpu();
     // As estimate_hierarchical_cost: the weakest node's links.
     let node = topo.weakest_node();
     let bandwidth = if degree <= topo.max_gpus_per_node() {
@@ -714,11 +714,13 @@ pub(crate) struct Schedule {
     pub gaps: Vec<Vec<Gap>>,
 }
 
-/// How much slower each rank's GPU is than rank 0's, which work costs are
-/// estimated on (1 for the same GPU, 3.2 for an A100 next to H100s).
+/// How much slower each rank's GPU is than the reference GPU, which work
+/// costs are estimated on (the fastest model; see
+/// [`crate::topology::Topology::reference_gpu`]): 1 for the same GPU, 3.2 for
+/// an A100 next to H100s.
 pub(crate) fn slowdowns(ctx: &PlanContext) -> Vec<f64> {
     let topo = &ctx.topology;
-    let reference = topo.gpu_of(0).peak_bf16_tflops;
+    let reference = topo.reference_gpu().peak_bf16_tflops;
     (0..topo.world())
         .map(|r| reference / topo.gpu_of(r).peak_bf16_tflops)
         .collect()

@@ -31,6 +31,8 @@ pub struct Topology {
     weakest_node: usize,
     /// GPUs of the largest node (asked for every piece a plan prices).
     max_gpus_per_node: u32,
+    /// A node with the fastest GPU model (see [`Topology::reference_gpu`]).
+    reference_node: usize,
 }
 
 /// Why a cluster cannot be planned on.
@@ -79,7 +81,18 @@ impl Topology {
             first_rank,
             weakest_node: 0,
             max_gpus_per_node: 1,
+            reference_node: 0,
         };
+        topology.reference_node = (0..topology.nodes.len())
+            .min_by(|a, b| {
+                let (ga, gb) = (&topology.nodes[*a].gpu, &topology.nodes[*b].gpu);
+                gb.peak_bf16_tflops
+                    .total_cmp(&ga.peak_bf16_tflops)
+                    .then(ga.name.cmp(&gb.name))
+                    .then(gb.memory_gib.total_cmp(&ga.memory_gib))
+                    .then(a.cmp(b))
+            })
+            .unwrap_or(0);
         topology.max_gpus_per_node = topology.nodes.iter().map(|n| n.gpus).max().unwrap_or(1);
         topology.weakest_node = (0..topology.nodes.len())
             .min_by(|a, b| {
@@ -108,6 +121,13 @@ impl Topology {
 
     pub fn node_of(&self, rank: u32) -> usize {
         self.ranks[rank as usize].node
+    }
+
+    /// The GPU model estimates are priced on and paces are relative to: the
+    /// fastest (then by name), so that the order a cluster lists its nodes
+    /// in changes no plan.
+    pub fn reference_gpu(&self) -> &GpuModel {
+        &self.nodes[self.reference_node].gpu
     }
 
     pub fn gpu_of(&self, rank: u32) -> &GpuModel {
