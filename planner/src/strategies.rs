@@ -398,9 +398,16 @@ pub(crate) fn list_schedule<P>(
 where
     P: Pick,
 {
+    let key = |w: &Work| {
+        if placement.by_area {
+            w.cost_s * f64::from(w.degree)
+        } else {
+            w.cost_s
+        }
+    };
     work.sort_by(|a, b| {
-        b.cost_s
-            .total_cmp(&a.cost_s)
+        key(b)
+            .total_cmp(&key(a))
             .then(a.sequences.cmp(&b.sequences))
     });
     let world = ctx.topology.world();
@@ -561,6 +568,10 @@ pub(crate) struct Placement<'a> {
     pub lookahead: usize,
     /// Pieces may take more ranks than their degree (see [`Widen`]).
     pub widen: Option<Widen<'a>>,
+    /// Pieces go costliest first by rank-time (degree times time) instead
+    /// of by time: a wide gang of short steps is placed while whole nodes
+    /// are still free, not after the narrower pieces have spread over them.
+    pub by_area: bool,
 }
 
 impl Placement<'_> {
@@ -568,6 +579,7 @@ impl Placement<'_> {
     pub const IN_ORDER: Placement<'static> = Placement {
         lookahead: 1,
         widen: None,
+        by_area: false,
     };
 }
 
@@ -1123,12 +1135,57 @@ mod tests {
                 Placement {
                     lookahead: window,
                     widen: None,
+                    by_area: false,
                 },
             );
             schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max)
         };
         assert!((makespan(1) - 30.0).abs() < 0.01, "{}", makespan(1));
         assert!((makespan(8) - 20.0).abs() < 0.01, "{}", makespan(8));
+    }
+
+    #[test]
+    fn by_area_places_gangs_by_rank_time() {
+        let ctx = PlanContext {
+            topology: crate::topology::Topology::new(
+                &crate::cluster::parse_cluster("1x8").unwrap(),
+            )
+            .unwrap(),
+            cost: crate::cost::CostModel::new(
+                crate::model::ModelSpec::preset("llama-7b").unwrap(),
+                Default::default(),
+            ),
+        };
+        // Four gangs of 2 ranks for 10 s, one of 8 ranks for 6 s: by time the
+        // narrow ones go first; by rank-time (20 against 48) the wide one.
+        let work = || {
+            let mut work: Vec<Work> = (0..4)
+                .map(|i| Work {
+                    sequences: vec![i],
+                    degree: 2,
+                    cost_s: 10.0,
+                })
+                .collect();
+            work.push(Work {
+                sequences: vec![4],
+                degree: 8,
+                cost_s: 6.0,
+            });
+            work
+        };
+        let first_group = |by_area| {
+            let placement = Placement {
+                lookahead: 1,
+                widen: None,
+                by_area,
+            };
+            let schedule = list_schedule(&ctx, &[100; 5], work(), None, least_loaded, placement);
+            let makespan = schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max);
+            assert!((makespan - 16.0).abs() < 1e-9, "{makespan}");
+            schedule.micro_batches[0].groups[0].sequences.clone()
+        };
+        assert_eq!(first_group(false), vec![0]);
+        assert_eq!(first_group(true), vec![4]);
     }
 
     #[test]

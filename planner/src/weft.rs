@@ -98,6 +98,8 @@ struct Shape {
     /// Gangs may widen to whole nodes that free up early (see [`Widen`]),
     /// and with `Some(true)` into ranks idle as soon as their own.
     widen: Option<bool>,
+    /// Gangs placed by rank-time, not time (see [`Placement::by_area`]).
+    by_area: bool,
 }
 
 /// What a sequence needs in a balanced layout: the ranks its tokens need,
@@ -187,6 +189,7 @@ fn balanced(
         whole_nodes,
         lookahead,
         widen,
+        by_area: _,
     } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
@@ -289,6 +292,7 @@ fn balanced(
                 into_idle,
                 options: &wider,
             }),
+            by_area: shape.by_area,
         };
         let schedule = list_schedule(ctx, lengths, work, None, &pick, placement);
         let mut micro_batches = schedule.micro_batches;
@@ -473,6 +477,11 @@ const WIDEST: u32 = 4;
 /// ten clusters it was never the fastest, so it no longer costs a build.)
 const DEGREE_SCALES: [f64; 2] = [0.5, 1.0];
 
+/// Largest cluster on which weft also weighs gangs placed by rank-time
+/// (over 170 sampled batches on clusters of 2 to 512 GPUs it was the fastest
+/// in 11; on the 1,024- and 12,288-GPU benchmarks, in none).
+const AREA_CANDIDATE_MAX_GPUS: u32 = 512;
+
 /// Largest cluster on which weft also weighs FlexSP's plan.
 const FLEXSP_CANDIDATE_MAX_GPUS: u32 = 64;
 
@@ -505,6 +514,7 @@ pub fn candidates(
         whole_nodes: true,
         lookahead: false,
         widen: None,
+        by_area: false,
     };
     let mut distinct: Vec<Vec<u32>> = Vec::new();
     let mut same_as_larger: Vec<f64> = Vec::new();
@@ -537,12 +547,29 @@ pub fn candidates(
                 whole_nodes,
                 lookahead: false,
                 widen: None,
+                by_area: false,
             };
             if !remap && whole_nodes && same_as_larger.contains(&scale) {
                 continue;
             }
             builds.push((name, Build::Balanced(shape)));
         }
+    }
+    // Gangs by rank-time, so that wide gangs of short steps find whole
+    // nodes free (one more build: on the largest clusters, where it has
+    // not been the fastest, the time it costs is left to the others).
+    if ctx.topology.world() <= AREA_CANDIDATE_MAX_GPUS {
+        builds.push((
+            "balanced+nodes+areax1".to_string(),
+            Build::Balanced(Shape {
+                remap: false,
+                scale: 1.0,
+                whole_nodes: true,
+                lookahead: false,
+                widen: None,
+                by_area: true,
+            }),
+        ));
     }
     // Gangs that widen into nodes other gangs free early (see `Widen`); when
     // memory makes gangs so wide that they must run in waves (the ranks of
@@ -575,6 +602,7 @@ pub fn candidates(
             whole_nodes: true,
             lookahead,
             widen: Some(into_idle),
+            by_area: false,
         };
         builds.push((
             format!(
@@ -777,6 +805,7 @@ pub fn plan_weft(
                 whole_nodes: true,
                 lookahead: false,
                 widen: None,
+                by_area: false,
             },
             &one_rank_order(ctx, lengths),
         ),
@@ -1018,6 +1047,7 @@ mod tests {
                 whole_nodes: true,
                 lookahead: false,
                 widen: None,
+                by_area: false,
             };
             let degree = degree_rule(&ctx, capacity, shape, share);
             lengths.iter().map(|s| degree(*s)).collect::<Vec<u32>>()
