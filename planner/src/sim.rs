@@ -184,10 +184,11 @@ pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     let Some(&longest) = lengths.iter().max() else {
         return by_work;
     };
-    let by_sequence = sequence_bound(ctx, longest).0;
-    by_work
-        .max(by_sequence)
-        .max(exposed_work_bound(ctx, lengths, by_work.max(by_sequence)))
+    // The longest sequence's rings, priced once for both bounds that use them.
+    let rings = ring_bounds(ctx, longest);
+    let by_sequence = fastest_ring(&rings).0;
+    let floor = by_work.max(by_sequence);
+    floor.max(stretched_work_bound(ctx, lengths, by_work, rings, floor))
 }
 
 /// The work bound with what the longest sequences' rings cannot hide. The
@@ -205,6 +206,22 @@ pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 /// sequences take fewer ranks, so the work it implies does not grow).
 /// Only on clusters of one kind of GPU; `floor`: a T known to be a bound.
 pub fn exposed_work_bound(ctx: &PlanContext, lengths: &[u64], floor: f64) -> f64 {
+    let Some(&longest) = lengths.iter().max() else {
+        return floor;
+    };
+    let by_work = work_bound(ctx, lengths);
+    stretched_work_bound(ctx, lengths, by_work, ring_bounds(ctx, longest), floor)
+}
+
+/// [`exposed_work_bound`] given the batch's [`work_bound`] and its longest
+/// sequence's [`ring_bounds`].
+fn stretched_work_bound(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    by_work: f64,
+    mut degrees: Vec<RingBound>,
+    floor: f64,
+) -> f64 {
     let topo = &ctx.topology;
     let world = topo.world();
     let gpu = topo.gpu_of(0);
@@ -217,10 +234,9 @@ pub fn exposed_work_bound(ctx: &PlanContext, lengths: &[u64], floor: f64) -> f64
     }
     let count = lengths.iter().filter(|s| **s == longest).count() as f64;
     let attention_work = count * ctx.cost.attention_compute_time(longest as f64, gpu);
-    let work = work_bound(ctx, lengths) * f64::from(world);
+    let work = by_work * f64::from(world);
     // Degrees by the time the sequence takes at them, each with the least
     // stretch of any degree at most as slow.
-    let mut degrees = ring_bounds(ctx, longest);
     degrees.sort_by(|a, b| a.time_s.total_cmp(&b.time_s).then(a.degree.cmp(&b.degree)));
     let mut least = Vec::with_capacity(degrees.len());
     let mut so_far = f64::INFINITY;
@@ -293,26 +309,26 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 /// GPU (a remap can spread them beyond the ranks that hold its attention).
 /// Also returns the degree of that best attention time.
 pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
-    ring_bounds(ctx, length)
-        .into_iter()
-        .fold((f64::INFINITY, 1), |best, d| {
-            if d.time_s < best.0 {
-                (d.time_s, d.degree)
-            } else {
-                best
-            }
-        })
+    fastest_ring(&ring_bounds(ctx, length))
+}
+
+/// The least time of `rings` and its degree (the first at that time).
+fn fastest_ring(rings: &[RingBound]) -> (f64, u32) {
+    rings.iter().fold((f64::INFINITY, 1), |best, d| {
+        if d.time_s < best.0 {
+            (d.time_s, d.degree)
+        } else {
+            best
+        }
+    })
 }
 
 /// [`RingBound`] of every degree from 1 to the cluster's size.
 fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
     let topo = &ctx.topology;
     let world = topo.world();
-    let fastest = (0..world)
-        .map(|r| topo.gpu_of(r))
-        .max_by(|a, b| a.peak_bf16_tflops.total_cmp(&b.peak_bf16_tflops))
-        .cloned()
-        .unwrap_or_else(|| topo.gpu_of(0).clone());
+    // The fastest GPU (its peak is all the ring and linear times ask of it).
+    let fastest = topo.reference_gpu();
     let best_link = (0..topo.nodes.len())
         .map(|n| topo.nvlink_bytes_per_s(n).max(topo.node_nic_bytes_per_s(n)))
         .fold(0.0, f64::max);
@@ -332,21 +348,21 @@ fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
     let per_node = topo.max_gpus_per_node();
     let mut without_latency = ctx.cost.clone();
     without_latency.coefficients.p2p_latency_s = 0.0;
-    let linear = ctx.cost.linear_time(s, &fastest) / f64::from(world.max(1));
+    let linear = ctx.cost.linear_time(s, fastest) / f64::from(world.max(1));
     (1..=world)
         .map(|d| {
             // Time and time without latency of one shape.
             let shape = |outer: u32, inner: u32, intra: f64, inter: f64| {
                 let ring =
                     ctx.cost
-                        .hierarchical_ring_time(&[s], outer, inner, intra, inter, &fastest);
+                        .hierarchical_ring_time(&[s], outer, inner, intra, inter, fastest);
                 let bare = without_latency.hierarchical_ring_time(
                     &[s],
                     outer,
                     inner,
                     intra,
                     inter,
-                    &fastest,
+                    fastest,
                 );
                 (
                     ring.total_s,

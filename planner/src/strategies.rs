@@ -1100,16 +1100,7 @@ mod tests {
 
     #[test]
     fn looking_ahead_lets_a_narrow_gang_start_before_a_wide_one_that_must_wait() {
-        let ctx = PlanContext {
-            topology: crate::topology::Topology::new(
-                &crate::cluster::parse_cluster("1x8").unwrap(),
-            )
-            .unwrap(),
-            cost: crate::cost::CostModel::new(
-                crate::model::ModelSpec::preset("llama-7b").unwrap(),
-                Default::default(),
-            ),
-        };
+        let ctx = crate::sim::tests::context("1x8", "llama-7b");
         // Gangs of 4, 6 and 4 ranks of 10 s each on 8 ranks: in cost order the
         // 6 waits for the first 4 and the last 4 waits for the 6 (30 s); the
         // second 4 can run beside the first (20 s).
@@ -1146,16 +1137,7 @@ mod tests {
 
     #[test]
     fn by_area_places_gangs_by_rank_time() {
-        let ctx = PlanContext {
-            topology: crate::topology::Topology::new(
-                &crate::cluster::parse_cluster("1x8").unwrap(),
-            )
-            .unwrap(),
-            cost: crate::cost::CostModel::new(
-                crate::model::ModelSpec::preset("llama-7b").unwrap(),
-                Default::default(),
-            ),
-        };
+        let ctx = crate::sim::tests::context("1x8", "llama-7b");
         // Four gangs of 2 ranks for 10 s, one of 8 ranks for 6 s: by time the
         // narrow ones go first; by rank-time (20 against 48) the wide one.
         let work = || {
