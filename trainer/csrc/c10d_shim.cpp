@@ -1,5 +1,6 @@
 // A thin extern "C" layer over libtorch's own collectives (c10d): a TCPStore for
-// rendezvous and ProcessGroupGloo for CPU collectives, for the Rust trainer.
+// rendezvous, ProcessGroupGloo for CPU collectives and, when built with
+// WEFT_WITH_NCCL (build.rs decides), ProcessGroupNCCL for GPU collectives.
 //
 // Rules (see shared/references/c10d.md):
 // - Handles are heap-boxed c10::intrusive_ptr<...>*, freed by the *_free calls.
@@ -15,11 +16,16 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef WEFT_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -95,6 +101,52 @@ __attribute__((visibility("default"))) int weft_c10d_gloo_new(void* store, int r
     BackendPtr group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         *static_cast<StorePtr*>(store), rank, world_size, options);
     *out = new BackendPtr(std::move(group));
+  });
+}
+
+__attribute__((visibility("default"))) int weft_c10d_has_nccl() {
+#ifdef WEFT_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// One NCCL group over every rank, bound to CUDA device `device` and connected
+// eagerly, so a failed rendezvous is reported here rather than at the first
+// collective, and point-to-point transfers share the one communicator.
+__attribute__((visibility("default"))) int weft_c10d_nccl_new(void* store, int rank, int world_size,
+                                                              int device, double timeout_s, void** out,
+                                                              char** err) {
+  return guarded(err, [&] {
+#ifdef WEFT_WITH_NCCL
+    // By default a timed-out NCCL operation is found by a watchdog thread
+    // that tears the process down. Blocking waits make wait() itself time out
+    // and throw, so the failure reaches Rust as an error naming the operation;
+    // with no async handling the watchdog leaves the process alone. Both are
+    // read when the group is created; a value the user set is kept.
+    setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+    setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0", 0);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = millis(timeout_s);
+    auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(*static_cast<StorePtr*>(store), rank,
+                                                             world_size, options);
+    at::Device bound(at::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+    group->setBoundDeviceId(bound);
+    group->eagerConnectSingleDevice(bound);
+    BackendPtr backend = group;
+    *out = new BackendPtr(std::move(backend));
+#else
+    (void)store;
+    (void)rank;
+    (void)world_size;
+    (void)device;
+    (void)timeout_s;
+    (void)out;
+    throw std::runtime_error(
+        "this weft-trainer was built without NCCL: the libtorch it links had no NCCL and CUDA "
+        "headers beside it (run `WEFT_TORCH_FULL=1 scripts/setup` on the GPU machine and rebuild)");
+#endif
   });
 }
 

@@ -33,6 +33,7 @@
 use tch::{Kind, Tensor};
 
 use crate::comm::{CommError, ProcessGroup};
+use crate::kernel::Kernel;
 
 /// What went wrong in distributed attention.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +74,7 @@ impl Partial {
         v: &Tensor,
         causal: bool,
     ) -> Result<Partial, AttentionError> {
-        let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-            q,
-            k,
-            v,
-            0.0,
-            causal,
-            None::<Tensor>,
-            None,
-        )?;
+        let (out, lse) = Kernel::for_device(q.device()).forward(q, k, v, causal)?;
         Ok(Partial {
             out: out.f_to_kind(Kind::Float)?,
             lse: lse.f_to_kind(Kind::Float)?,
@@ -174,18 +167,9 @@ pub fn reference_attention(
     let kv_heads = k.size()[1];
     let (ke, ve) = (expand_heads(k, heads)?, expand_heads(v, heads)?);
     let forward = Partial::compute(q, &ke, &ve, true)?;
-    let (dq, dk, dv) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-        grad,
-        q,
-        &ke,
-        &ve,
-        &forward.out,
-        &forward.lse,
-        0.0,
-        true,
-        None::<Tensor>,
-        None,
-    )?;
+    let out = forward.out.f_to_kind(q.kind())?;
+    let (dq, dk, dv) =
+        Kernel::for_device(q.device()).backward(grad, q, &ke, &ve, &out, &forward.lse, true)?;
     Ok([
         forward.out,
         dq,
@@ -547,19 +531,16 @@ pub fn ring_attention_backward(
                 let (i, qi, ki) = (block.doc, block.q, block.kv);
                 let heads = shard.docs[i].q[qi].size()[1];
                 let kv_heads = held_k[i][ki].size()[1];
-                let (g_q, g_k, g_v) =
-                    Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                        &grad_out[i][qi],
-                        &shard.docs[i].q[qi],
-                        &expand_heads(&held_k[i][ki], heads)?,
-                        &expand_heads(&held_v[i][ki], heads)?,
-                        &forward[i].out[qi],
-                        &forward[i].lse[qi],
-                        0.0,
-                        block.causal,
-                        None::<Tensor>,
-                        None,
-                    )?;
+                let kernel = Kernel::for_device(shard.docs[i].q[qi].device());
+                let (g_q, g_k, g_v) = kernel.backward(
+                    &grad_out[i][qi],
+                    &shard.docs[i].q[qi],
+                    &expand_heads(&held_k[i][ki], heads)?,
+                    &expand_heads(&held_v[i][ki], heads)?,
+                    &forward[i].out[qi],
+                    &forward[i].lse[qi],
+                    block.causal,
+                )?;
                 dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
                 held_dk[i][ki] = held_dk[i][ki].f_add(&float(&reduce_heads(&g_k, kv_heads)?)?)?;
                 held_dv[i][ki] = held_dv[i][ki].f_add(&float(&reduce_heads(&g_v, kv_heads)?)?)?;

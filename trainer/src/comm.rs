@@ -1,6 +1,7 @@
-//! Collectives through libtorch's own c10d: a TCPStore for rendezvous and a
-//! Gloo process group on CPU (NCCL on GPUs comes later), reached through a small
-//! C++ shim (`csrc/c10d_shim.cpp`).
+//! Collectives through libtorch's own c10d: a TCPStore for rendezvous, a Gloo
+//! process group on CPU and an NCCL one on GPUs, reached through a small C++
+//! shim (`csrc/c10d_shim.cpp`). NCCL is there only when the trainer was built
+//! against the full CUDA libtorch ([`nccl_built`]).
 //!
 //! One process group spans every rank; point-to-point send/recv on it serves
 //! the dynamic groups of each step plan without a communicator per group.
@@ -43,6 +44,16 @@ unsafe extern "C" {
         out: *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn weft_c10d_has_nccl() -> c_int;
+    fn weft_c10d_nccl_new(
+        store: *mut c_void,
+        rank: c_int,
+        world_size: c_int,
+        device: c_int,
+        timeout_s: f64,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn weft_c10d_group_free(group: *mut c_void);
     fn weft_c10d_allreduce_sum(
         group: *mut c_void,
@@ -79,6 +90,12 @@ unsafe extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn weft_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
+}
+
+/// Whether this build has NCCL (it was built against the full CUDA libtorch).
+pub fn nccl_built() -> bool {
+    // SAFETY: a constant answer, no arguments.
+    unsafe { weft_c10d_has_nccl() != 0 }
 }
 
 /// A failed communication step.
@@ -196,12 +213,14 @@ impl Drop for Store {
     }
 }
 
-/// One process group over every rank, on Gloo.
+/// One process group over every rank, on Gloo (host tensors; GPU tensors are
+/// staged through host memory) or NCCL (tensors on this rank's GPU).
 #[derive(Debug)]
 pub struct ProcessGroup {
     handle: *mut c_void,
     rank: u32,
     world: u32,
+    device: tch::Device,
 }
 
 // SAFETY: c10d backends are used from one thread at a time through &mut self.
@@ -247,7 +266,59 @@ impl ProcessGroup {
             handle,
             rank,
             world,
+            device: tch::Device::Cpu,
         })
+    }
+
+    /// An NCCL group of `world` ranks in which this process is `rank` and
+    /// owns CUDA device `gpu`, meeting through `store`. NCCL's watchdog is
+    /// told not to tear the process down and waits block, so an operation
+    /// past `timeout` is an error like any other.
+    pub fn nccl(
+        store: &Store,
+        rank: u32,
+        world: u32,
+        gpu: usize,
+        timeout: Duration,
+    ) -> Result<ProcessGroup, CommError> {
+        let group_err = |message| CommError::Group {
+            rank,
+            world,
+            message,
+        };
+        if rank >= world {
+            return Err(group_err(format!(
+                "rank {rank} is not below the world size {world}"
+            )));
+        }
+        let gpu_c = c_int::try_from(gpu)
+            .map_err(|_| group_err(format!("CUDA device index {gpu} is out of range")))?;
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the store handle is alive (borrowed); handle receives an owned box.
+        call(|err| unsafe {
+            weft_c10d_nccl_new(
+                store.handle,
+                rank as c_int,
+                world as c_int,
+                gpu_c,
+                timeout.as_secs_f64(),
+                &mut handle,
+                err,
+            )
+        })
+        .map_err(group_err)?;
+        Ok(ProcessGroup {
+            handle,
+            rank,
+            world,
+            device: tch::Device::Cuda(gpu),
+        })
+    }
+
+    /// Where this group's tensors must live: the CPU for Gloo, this rank's
+    /// GPU for NCCL.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     pub fn rank(&self) -> u32 {
@@ -272,15 +343,49 @@ impl ProcessGroup {
         Ok(peer as c_int)
     }
 
-    fn contiguous(operation: &'static str, tensor: &Tensor) -> Result<(), CommError> {
-        if tensor.is_contiguous() {
-            Ok(())
-        } else {
-            Err(CommError::Invalid {
-                operation,
-                reason: "the tensor is not contiguous".to_string(),
-            })
+    /// The tensor c10d works on for `tensor`: the tensor itself (it must be
+    /// contiguous), or, for a Gloo group and a GPU tensor, a host copy. Gloo
+    /// moves host memory; staging through it lets several ranks share one
+    /// GPU, which NCCL refuses. An NCCL group cannot reach a host tensor.
+    fn on_backend(&self, operation: &'static str, tensor: &Tensor) -> Result<Tensor, CommError> {
+        let invalid = |reason: String| CommError::Invalid { operation, reason };
+        if tensor.device() == self.device {
+            return if tensor.is_contiguous() {
+                Ok(tensor.shallow_clone())
+            } else {
+                Err(invalid("the tensor is not contiguous".to_string()))
+            };
         }
+        if self.device != tch::Device::Cpu {
+            return Err(invalid(format!(
+                "the tensor is on {:?}, the NCCL group works on {:?}",
+                tensor.device(),
+                self.device
+            )));
+        }
+        tensor
+            .f_to_device(tch::Device::Cpu)
+            .and_then(|t| t.f_contiguous())
+            .map_err(|e| CommError::Operation {
+                operation,
+                message: format!("staging through host memory: {e}"),
+            })
+    }
+
+    /// Writes a staged result back into the caller's tensor (nothing to do
+    /// when c10d worked on the tensor itself).
+    fn unstage(
+        operation: &'static str,
+        tensor: &mut Tensor,
+        work: &Tensor,
+    ) -> Result<(), CommError> {
+        if tensor.device() == work.device() {
+            return Ok(());
+        }
+        tensor.f_copy_(work).map_err(|e| CommError::Operation {
+            operation,
+            message: format!("copying back from host memory: {e}"),
+        })
     }
 
     fn op(
@@ -292,19 +397,20 @@ impl ProcessGroup {
 
     /// Sums `tensor` over all ranks, in place.
     pub fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CommError> {
-        Self::contiguous("all_reduce", tensor)?;
-        let t = tensor.as_mut_ptr() as *mut c_void;
+        let mut work = self.on_backend("all_reduce", tensor)?;
+        let t = work.as_mut_ptr() as *mut c_void;
         // SAFETY: the group and the tensor are alive and exclusively borrowed.
         Self::op("all_reduce", |err| unsafe {
             weft_c10d_allreduce_sum(self.handle, t, err)
-        })
+        })?;
+        Self::unstage("all_reduce", tensor, &work)
     }
 
     /// Sends `tensor` to rank `dst`; blocks until it is sent.
     pub fn send(&mut self, tensor: &Tensor, dst: u32, tag: i32) -> Result<(), CommError> {
         let dst = self.peer("send", dst)?;
-        Self::contiguous("send", tensor)?;
-        let t = tensor.as_ptr() as *mut c_void;
+        let work = self.on_backend("send", tensor)?;
+        let t = work.as_ptr() as *mut c_void;
         // SAFETY: c10d reads the tensor; it stays alive for the call.
         Self::op("send", |err| unsafe {
             weft_c10d_send(self.handle, t, dst, tag, err)
@@ -314,12 +420,13 @@ impl ProcessGroup {
     /// Receives into `tensor` (of the sender's shape) from rank `src`.
     pub fn recv(&mut self, tensor: &mut Tensor, src: u32, tag: i32) -> Result<(), CommError> {
         let src = self.peer("recv", src)?;
-        Self::contiguous("recv", tensor)?;
-        let t = tensor.as_mut_ptr() as *mut c_void;
+        let mut work = self.on_backend("recv", tensor)?;
+        let t = work.as_mut_ptr() as *mut c_void;
         // SAFETY: the tensor is exclusively borrowed and written in place.
         Self::op("recv", |err| unsafe {
             weft_c10d_recv(self.handle, t, src, tag, err)
-        })
+        })?;
+        Self::unstage("recv", tensor, &work)
     }
 
     /// All-to-all with uneven splits along dimension 0: rows
@@ -343,10 +450,10 @@ impl ProcessGroup {
                 ),
             });
         }
-        Self::contiguous("all_to_all", input)?;
-        Self::contiguous("all_to_all", output)?;
-        let out = output.as_mut_ptr() as *mut c_void;
-        let inp = input.as_ptr() as *mut c_void;
+        let input_work = self.on_backend("all_to_all", input)?;
+        let mut output_work = self.on_backend("all_to_all", output)?;
+        let out = output_work.as_mut_ptr() as *mut c_void;
+        let inp = input_work.as_ptr() as *mut c_void;
         // SAFETY: both tensors and both split slices outlive the call.
         Self::op("all_to_all", |err| unsafe {
             weft_c10d_alltoall(
@@ -358,7 +465,8 @@ impl ProcessGroup {
                 world as c_int,
                 err,
             )
-        })
+        })?;
+        Self::unstage("all_to_all", output, &output_work)
     }
 
     /// Copies `tensor` from rank `root` to every rank, in place.
@@ -369,12 +477,13 @@ impl ProcessGroup {
                 reason: format!("root {root} is not below the world size {}", self.world),
             });
         }
-        Self::contiguous("broadcast", tensor)?;
-        let t = tensor.as_mut_ptr() as *mut c_void;
+        let mut work = self.on_backend("broadcast", tensor)?;
+        let t = work.as_mut_ptr() as *mut c_void;
         // SAFETY: the tensor is exclusively borrowed.
         Self::op("broadcast", |err| unsafe {
             weft_c10d_broadcast(self.handle, t, root as c_int, err)
-        })
+        })?;
+        Self::unstage("broadcast", tensor, &work)
     }
 
     /// Waits until every rank reaches the barrier.
@@ -388,7 +497,8 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: the handle came from weft_c10d_gloo_new and is freed once.
+        // SAFETY: the handle came from weft_c10d_gloo_new or weft_c10d_nccl_new
+        // and is freed once.
         unsafe { weft_c10d_group_free(self.handle) }
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! - [`data`]: the corpus, the byte tokenizer, and a global sample order that
 //!   does not depend on the world size.
-//! - [`comm`]: libtorch's collectives (c10d: TCPStore and Gloo) from Rust.
+//! - [`comm`]: libtorch's collectives (c10d: TCPStore, Gloo and NCCL) from
+//!   Rust; [`device`]: the CPU or one GPU per rank.
 //! - [`attention`]: zigzag ring attention, forward and backward, packed
-//!   documents and grouped-query attention; [`remap`]: the attention ↔ linear
+//!   documents and grouped-query attention, over the block kernels of
+//!   [`kernel`]; [`remap`]: the attention ↔ linear
 //!   layout all-to-all of the step plan.
 //! - [`model`]: the Llama-style decoder; [`step`]: its distributed forward
 //!   and backward over a step plan, exact against one process; [`optim`]:
@@ -18,6 +20,8 @@ pub mod attention;
 pub mod comm;
 pub mod data;
 pub mod decompose;
+pub mod device;
+pub mod kernel;
 pub mod launch;
 pub mod mirror;
 pub mod model;

@@ -294,15 +294,33 @@ impl Llama {
                     continue;
                 }
                 let part = |t: &Tensor| t.f_narrow(2, start, n);
-                let (o, _lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-                    &part(&q)?,
-                    &part(&k)?,
-                    &part(&v)?,
-                    0.0,
-                    true,
-                    None::<Tensor>,
-                    None,
-                )?;
+                let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
+                // libtorch's CPU flash kernel, whose backward ring attention
+                // is held to; elsewhere its public attention, which picks the
+                // device's fused kernel.
+                let o = if q.device() == tch::Device::Cpu {
+                    Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+                        &q,
+                        &k,
+                        &v,
+                        0.0,
+                        true,
+                        None::<Tensor>,
+                        None,
+                    )?
+                    .0
+                } else {
+                    Tensor::f_scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        None::<Tensor>,
+                        0.0,
+                        true,
+                        None,
+                        false,
+                    )?
+                };
                 outs.push(o);
                 start += n;
             }

@@ -264,7 +264,8 @@ impl AdamW {
                     like.size()
                 )));
             }
-            Ok(t.shallow_clone())
+            // Saved from any device, read onto the parameter's.
+            Ok(t.f_to_device(like.device())?)
         };
         let mut exp_avg = Vec::with_capacity(self.params.len());
         let mut exp_avg_sq = Vec::with_capacity(self.params.len());

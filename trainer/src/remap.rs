@@ -120,6 +120,18 @@ impl Remap {
         }
     }
 
+    /// The same remap with its index tensors on `device`, where the
+    /// activations it moves live.
+    pub fn on_device(self, device: tch::Device) -> Result<Remap, RemapError> {
+        Ok(Remap {
+            gather_for_send: self.gather_for_send.f_to_device(device)?,
+            gather_linear: self.gather_linear.f_to_device(device)?,
+            scatter_for_send: self.scatter_for_send.f_to_device(device)?,
+            scatter_linear: self.scatter_linear.f_to_device(device)?,
+            ..self
+        })
+    }
+
     /// Rows this rank holds in the linear layout.
     pub fn linear_rows(&self) -> i64 {
         self.linear_rows

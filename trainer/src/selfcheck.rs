@@ -31,6 +31,7 @@ use crate::attention::{
 };
 use crate::comm::{ProcessGroup, Store};
 use crate::data::{Batch, Sample};
+use crate::device::{Collectives, open_group};
 use crate::model::{Llama, Precision};
 use crate::remap::{Remap, token_id_rows};
 use crate::step::{
@@ -99,18 +100,44 @@ fn case_shape(rng: &mut SplitMix64) -> (Vec<i64>, i64, i64) {
     (lengths, heads, kv_heads)
 }
 
-/// Runs `cases` random cases as rank `rank` of `world`, meeting at
-/// `127.0.0.1:port`, in `precision`.
+/// What a selfcheck worker checks, and where.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckSpec {
+    pub seed: u64,
+    pub cases: u32,
+    pub precision: Precision,
+    /// Where this rank computes: the CPU, or a GPU.
+    pub device: tch::Device,
+    pub collectives: Collectives,
+}
+
+/// Runs the random cases of `spec` as rank `rank` of `world`, meeting at
+/// `127.0.0.1:port`. The attention reference is always libtorch's CPU
+/// kernel, so a GPU is checked against an independent computation.
 pub fn run_worker(
     rank: u32,
     world: u32,
     port: u16,
-    seed: u64,
-    cases: u32,
-    precision: Precision,
+    spec: &CheckSpec,
 ) -> Result<SelfcheckReport, StepError> {
-    let store = Store::open("127.0.0.1", port, world, rank == 0, Duration::from_secs(60))?;
-    let mut group = ProcessGroup::gloo(&store, rank, world, "127.0.0.1", Duration::from_secs(60))?;
+    let CheckSpec {
+        seed,
+        cases,
+        precision,
+        device,
+        collectives,
+    } = *spec;
+    let timeout = Duration::from_secs(60);
+    let store = Store::open("127.0.0.1", port, world, rank == 0, timeout)?;
+    let mut group = open_group(
+        device,
+        collectives,
+        &store,
+        rank,
+        world,
+        "127.0.0.1",
+        timeout,
+    )?;
     let ring: Vec<u32> = (0..world).collect();
     let mut rng = SplitMix64::new(seed);
     let mut report = SelfcheckReport {
@@ -138,11 +165,14 @@ pub fn run_worker(
                 ])
             })
             .collect::<Result<_, tch::TchError>>()?;
+        let on = |t: &Tensor| t.f_to_device(device);
         let shard = RingShard {
             docs: docs
                 .iter()
                 .enumerate()
-                .map(|(p, [q, k, v, _])| DocShard::split(q, k, v, p, world, rank as usize))
+                .map(|(p, [q, k, v, _])| {
+                    DocShard::split(&on(q)?, &on(k)?, &on(v)?, p, world, rank as usize)
+                })
                 .collect::<Result<_, _>>()?,
         };
         let grads_out: Vec<[Tensor; 2]> = docs
@@ -150,7 +180,7 @@ pub fn run_worker(
             .enumerate()
             .map(|(p, [q, _, _, g])| {
                 // The output gradient is split like the queries.
-                DocShard::split(g, q, q, p, world, rank as usize).map(|s| s.q)
+                DocShard::split(&on(g)?, q, q, p, world, rank as usize).map(|s| s.q)
             })
             .collect::<Result<_, _>>()?;
         let forward = ring_attention_forward(&mut group, &ring, inner_ring, &shard)?;
@@ -168,6 +198,7 @@ pub fn run_worker(
                 for c in 0..2 {
                     if expected[c].numel() > 0 {
                         let diff = mine[c]
+                            .f_to_device(tch::Device::Cpu)?
                             .f_to_kind(Kind::Float)?
                             .f_sub(&expected[c])?
                             .f_abs()?
@@ -185,9 +216,14 @@ pub fn run_worker(
         }
         report.remap = report
             .remap
-            .max(check_remap(&mut group, &mut rng, precision)?);
-        let (loss, gradients) =
-            check_step(&mut group, &mut rng, seed ^ u64::from(case), precision)?;
+            .max(check_remap(&mut group, &mut rng, precision, device)?);
+        let (loss, gradients) = check_step(
+            &mut group,
+            &mut rng,
+            seed ^ u64::from(case),
+            precision,
+            device,
+        )?;
         report.step_loss = report.step_loss.max(loss);
         report.step_gradients = report.step_gradients.max(gradients);
         report.cases += 1;
@@ -209,6 +245,7 @@ fn check_remap(
     group: &mut ProcessGroup,
     rng: &mut SplitMix64,
     precision: Precision,
+    device: tch::Device,
 ) -> Result<f64, StepError> {
     let kind = precision.compute_kind();
     let id = |t: Tensor| -> Result<Tensor, tch::TchError> {
@@ -227,15 +264,17 @@ fn check_remap(
         let Some(routes) = plan.remap_routes(mb.index, rank) else {
             continue;
         };
-        let remap = Remap::new(&routes, rank, world);
-        let ids = id(token_id_rows(&routes)?)?;
+        let remap = Remap::new(&routes, rank, world).on_device(device)?;
+        let ids = id(token_id_rows(&routes)?.f_to_device(device)?)?;
         let linear = remap.to_linear(group, &ids)?;
         let expected: Vec<f32> = plan
             .linear_layout(mb.index, rank)
             .iter()
             .flat_map(|r| (r.start..r.end).map(move |p| (r.sequence * 1_000_000 + p) as f32))
             .collect();
-        let expected = id(Tensor::from_slice(&expected).f_reshape([-1, 1])?)?;
+        let expected = id(Tensor::from_slice(&expected)
+            .f_reshape([-1, 1])?
+            .f_to_device(device)?)?;
         let back = remap.to_attention(group, &linear)?;
         for (got, want) in [(&linear, &expected), (&back, &ids)] {
             if got.size() != want.size() || got.kind() != kind {
@@ -262,6 +301,7 @@ fn check_step(
     rng: &mut SplitMix64,
     seed: u64,
     precision: Precision,
+    device: tch::Device,
 ) -> Result<(f64, f64), StepError> {
     let world = group.world();
     let spec = weft_planner::model::ModelSpec::preset("tiny")
@@ -280,8 +320,9 @@ fn check_step(
     };
     let plan = random_plan(rng, &lengths, world, &spec)?;
     tch::manual_seed(seed as i64);
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &spec)?.with_precision(precision);
+    vs.set_device(device);
     let params = named_parameters(&vs);
     // Every rank starts from rank 0's parameters.
     tch::no_grad(|| -> Result<(), StepError> {
@@ -294,7 +335,7 @@ fn check_step(
     zero_gradients(&params)?;
     let outcome = forward_backward(&model, group, &plan, &batch)?;
     all_reduce_gradients(&params, group)?;
-    let mut loss = Tensor::from_slice(&[outcome.loss_sum]);
+    let mut loss = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
     group.all_reduce_sum(&mut loss)?;
     let loss = loss.f_double_value(&[0])? / outcome.predicted as f64;
     let distributed: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();

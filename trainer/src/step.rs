@@ -454,10 +454,20 @@ impl Layouts {
         let Some(remap) = &self.remap else {
             return Ok(x.shallow_clone());
         };
+        settle(x.device());
         let t = Instant::now();
         let out = direction(remap, group, x)?;
+        settle(x.device());
         self.seconds += t.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+/// Waits for the work queued on `device` (a GPU runs it asynchronously), so
+/// a component's seconds are its own; nothing to wait for on the CPU.
+fn settle(device: tch::Device) {
+    if let tch::Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
     }
 }
 
@@ -543,7 +553,9 @@ pub fn forward_backward(
             None
         };
         let mut layouts = Layouts {
-            remap: routes.map(|r| Remap::new(&r, rank, world)),
+            remap: routes
+                .map(|r| Remap::new(&r, rank, world).on_device(device))
+                .transpose()?,
             seconds: 0.0,
         };
         let rows = TokenRows::of(&plan.linear_layout(mb.index, rank), batch)?;
@@ -575,8 +587,10 @@ pub fn forward_backward(
         for block in &model.blocks {
             let qkv = project_qkv(model, block, &x, &positions, h)?;
             let qkv_attention = layouts.move_to_attention(group, &qkv.f_detach()?)?;
+            settle(device);
             let t = Instant::now();
             let (out, rings) = attend(group, &parts, &qkv_attention, h)?;
+            settle(device);
             outcome.times.attention_s += t.elapsed().as_secs_f64();
             let attended = layouts
                 .move_to_linear(group, &out)?
@@ -608,8 +622,10 @@ pub fn forward_backward(
         for layer in layers.iter().rev() {
             backward_from(&layer.output, &grad)?;
             let grad_attended = layouts.move_to_attention(group, &grad_of(&layer.attended)?)?;
+            settle(device);
             let t = Instant::now();
             let grad_qkv = attend_backward(group, &parts, &layer.rings, &grad_attended, h)?;
+            settle(device);
             outcome.times.attention_s += t.elapsed().as_secs_f64();
             let grad_qkv = layouts.move_to_linear(group, &grad_qkv)?;
             backward_from(&layer.qkv, &grad_qkv)?;
@@ -618,6 +634,7 @@ pub fn forward_backward(
         backward_from(&embedded, &grad)?;
         outcome.times.remap_s += layouts.seconds;
     }
+    settle(device);
     outcome.times.total_s = started.elapsed().as_secs_f64();
     Ok(outcome)
 }

@@ -22,9 +22,10 @@ use weft_planner::plan::StepPlan;
 use weft_planner::profile::Profile;
 use weft_planner::{PlanContext, PlanningError, Strategy};
 
-use crate::comm::{CommError, ProcessGroup, Store};
+use crate::comm::{CommError, Store};
 use crate::data::{Batch, Corpus, DataError};
 use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
+use crate::device::{Collectives, ComputeDevice, DeviceError, open_group};
 use crate::model::{Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
@@ -44,6 +45,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Optim(#[from] OptimError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("planning step {step}: {reason}")]
@@ -82,6 +85,7 @@ impl TrainError {
             TrainError::Step(e) => e.category(),
             TrainError::Model(e) => e.category(),
             TrainError::Optim(e) => e.category(),
+            TrainError::Device(e) => e.category(),
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
@@ -115,6 +119,10 @@ pub struct TrainConfig {
     pub optimizer: AdamWConfig,
     /// fp32, or bf16 products and activations over fp32 weights.
     pub precision: Precision,
+    /// The CPU, or a GPU per rank.
+    pub device: ComputeDevice,
+    /// Gloo (host memory), or NCCL (a GPU per rank).
+    pub collectives: Collectives,
     /// Measured speeds to plan with instead of the datasheets'.
     pub profile: Option<Profile>,
     /// Intra-op threads of libtorch per worker.
@@ -427,15 +435,19 @@ pub struct Rendezvous {
     pub store_host: String,
     pub port: u16,
     pub bind_host: String,
+    /// This rank's index among the ranks of its machine (or pod): on GPUs,
+    /// which of them it computes on.
+    pub local_rank: u32,
 }
 
 impl Rendezvous {
-    /// Every rank on this machine.
-    pub fn local(port: u16) -> Rendezvous {
+    /// Rank `rank` of a run whose every rank is on this machine.
+    pub fn local(port: u16, rank: u32) -> Rendezvous {
         Rendezvous {
             store_host: "127.0.0.1".to_string(),
             port,
             bind_host: "127.0.0.1".to_string(),
+            local_rank: rank,
         }
     }
 }
@@ -493,6 +505,7 @@ pub fn run_worker(
     mut report: impl FnMut(&StepMetrics),
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
+    let device = config.device.of_rank(rendezvous.local_rank)?;
     let corpus = Corpus::load(&config.data)?;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.
@@ -515,8 +528,18 @@ pub fn run_worker(
         rank == 0,
         config.timeout,
     )?;
-    let mut group = ProcessGroup::gloo(&store, rank, world, &rendezvous.bind_host, config.timeout)?;
+    let mut group = open_group(
+        device,
+        config.collectives,
+        &store,
+        rank,
+        world,
+        &rendezvous.bind_host,
+        config.timeout,
+    )?;
 
+    // The same seed gives the same initial weights on every device: they are
+    // drawn on the CPU, then moved.
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &config.model)?.with_precision(config.precision);
@@ -561,7 +584,7 @@ pub fn run_worker(
         // f64 for any step count below 2^26).
         let step = start_step as f64;
         let found = if resumed.is_some() { 1.0 } else { 0.0 };
-        let mut sums = Tensor::from_slice(&[step, step * step, found]);
+        let mut sums = Tensor::from_slice(&[step, step * step, found]).f_to_device(device)?;
         group.all_reduce_sum(&mut sums)?;
         let n = f64::from(world);
         let (sum, sum_sq) = (sums.double_value(&[0]), sums.double_value(&[1]));
@@ -575,6 +598,7 @@ pub fn run_worker(
             });
         }
     }
+    vs.set_device(device);
     let params = named_parameters(&vs);
     let mut optimizer = AdamW::new(
         params
@@ -658,7 +682,7 @@ pub fn run_worker(
         figures[slot + 1] = outcome.times.remap_s;
         figures[slot + 2] = all_reduce_s;
         figures[slot + 3] = outcome.linear_tokens as f64;
-        let mut shared = Tensor::from_slice(&figures);
+        let mut shared = Tensor::from_slice(&figures).f_to_device(device)?;
         group.all_reduce_sum(&mut shared)?;
         let shared = Vec::<f64>::try_from(&shared)?;
         if shared[1] != figures[1] * f64::from(world) {

@@ -190,3 +190,24 @@ fn a_client_with_no_server_fails_with_the_address() {
     assert_eq!(err.category(), "rendezvous");
     assert!(start.elapsed() < Duration::from_secs(30));
 }
+
+/// NCCL where there is no GPU (or no NCCL in this build): an error saying
+/// so, at once, never a crash or a hang.
+#[test]
+fn an_nccl_group_without_a_gpu_is_an_error_naming_why() {
+    if tch::Cuda::device_count() > 0 && weft_trainer::comm::nccl_built() {
+        return; // A GPU machine with NCCL: the selfcheck runs NCCL for real.
+    }
+    let port = common::free_port();
+    let store = Store::open("127.0.0.1", port, 1, true, Duration::from_secs(5)).unwrap();
+    let start = Instant::now();
+    let err = ProcessGroup::nccl(&store, 0, 1, 0, Duration::from_secs(5)).unwrap_err();
+    assert_eq!(err.category(), "process_group");
+    let text = err.to_string();
+    if weft_trainer::comm::nccl_built() {
+        assert!(text.contains("GPU"), "{text}");
+    } else {
+        assert!(text.contains("built without NCCL"), "{text}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

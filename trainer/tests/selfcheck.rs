@@ -94,3 +94,42 @@ fn bf16_is_checked_at_its_own_tolerance() {
     let (ok, stdout, _, _) = selfcheck(&["--ranks", "2", "--precision", "fp16"]);
     assert!(!ok, "{stdout}");
 }
+
+/// The blockwise attention kernel (what GPUs run) through the whole check on
+/// the CPU: ring attention, remap and a training step stay exact with it.
+#[test]
+fn the_blockwise_kernel_passes_the_same_check() {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
+        .env("WEFT_ATTENTION", "blockwise")
+        .args(["selfcheck", "--ranks", "3", "--cases", "3", "--seed", "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Blockwise attention kernel"), "{stdout}");
+    assert!(error_of(&stdout, "attention dK") < 1e-4, "{stdout}");
+}
+
+/// `--device cuda` runs where the build has NCCL and libtorch sees a GPU;
+/// anywhere else it is refused before any worker starts, saying why.
+#[test]
+fn cuda_is_refused_with_the_reason_where_it_cannot_run() {
+    let (ok, stdout, stderr, elapsed) =
+        selfcheck(&["--ranks", "2", "--cases", "1", "--device", "cuda"]);
+    if ok {
+        assert!(stdout.contains("NCCL on CUDA"), "{stdout}");
+    } else {
+        assert!(
+            stderr.contains("built for CPU only") || stderr.contains("sees no CUDA device"),
+            "{stderr}"
+        );
+        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    }
+    let (ok, _, stderr, _) = selfcheck(&["--ranks", "2", "--device", "tpu"]);
+    assert!(!ok);
+    assert!(stderr.contains("tpu"), "{stderr}");
+}

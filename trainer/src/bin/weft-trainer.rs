@@ -19,10 +19,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use weft_trainer::comm::CommError;
 use weft_trainer::decompose::DataOrder;
+use weft_trainer::device::{Collectives, ComputeDevice};
 use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
 use weft_trainer::model::Precision;
 use weft_trainer::optim::AdamWConfig;
-use weft_trainer::selfcheck::{SelfcheckReport, run_worker};
+use weft_trainer::selfcheck::{CheckSpec, SelfcheckReport, run_worker};
 use weft_trainer::step::StepError;
 use weft_trainer::train::{StepMetrics, TrainConfig, TrainError};
 
@@ -129,11 +130,25 @@ struct RunArgs {
     /// Seconds a collective may wait for a peer before failing.
     #[arg(long, default_value_t = 120)]
     collective_timeout_s: u64,
+    /// Where each rank computes: cpu (collectives over Gloo), cuda (one GPU
+    /// per rank, collectives over NCCL; needs the full CUDA libtorch), or
+    /// auto: cuda where it can run, else cpu.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    #[serde(default = "default_auto")]
+    device: String,
+    /// Library of the collectives: gloo (host memory; GPU tensors are staged
+    /// through it, so ranks may share GPUs), nccl (a GPU per rank), or auto:
+    /// nccl on cuda when every rank of a machine has a GPU of its own, else
+    /// gloo.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
+    #[serde(default = "default_auto")]
+    collectives: String,
     /// Number format: fp32, or bf16 (mixed precision: bf16 products and
-    /// activations, fp32 weights, gradients and optimizer state).
-    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-    #[serde(default = "default_precision")]
-    precision: String,
+    /// activations, fp32 weights, gradients and optimizer state). Default:
+    /// fp32 on cpu, bf16 on cuda.
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    #[serde(default)]
+    precision: Option<String>,
     /// Plan at the speeds this profile measured (`weft-trainer profile`'s
     /// JSON) instead of the datasheets'.
     #[arg(long)]
@@ -142,6 +157,17 @@ struct RunArgs {
 }
 
 impl TrainArgs {
+    /// These settings with the device and collectives chosen for
+    /// `local_ranks` ranks on each machine, as every rank must then use them.
+    fn settled(&self, local_ranks: u32) -> anyhow::Result<TrainArgs> {
+        let device = ComputeDevice::choose(&self.run.device)?;
+        let collectives = Collectives::choose(&self.run.collectives, device, local_ranks)?;
+        let mut settled = self.clone();
+        settled.run.device = device.name().to_string();
+        settled.run.collectives = collectives.name().to_string();
+        Ok(settled)
+    }
+
     fn config(&self, threads: i32) -> anyhow::Result<TrainConfig> {
         let model = match &self.model_spec {
             Some(spec) => spec.clone(),
@@ -203,6 +229,12 @@ impl TrainArgs {
             }
             other => bail!("--data-order {other:?} is neither documents nor decomposed"),
         };
+        let device = ComputeDevice::choose(&self.run.device)?;
+        // Refused here, before any worker starts, where it cannot run.
+        device.check()?;
+        // `auto` is settled by the launcher, which knows how many ranks share
+        // the machine ([`TrainArgs::settled`]); a rank alone here has a GPU.
+        let collectives = Collectives::choose(&self.run.collectives, device, 1)?;
         Ok(TrainConfig {
             data: self.data.clone().unwrap_or_else(default_corpus),
             data_order,
@@ -220,7 +252,12 @@ impl TrainArgs {
                 clip_norm: self.run.clip_norm,
                 ..Default::default()
             },
-            precision: Precision::parse(&self.run.precision)?,
+            precision: match &self.run.precision {
+                Some(text) => Precision::parse(text)?,
+                None => device.default_precision(),
+            },
+            device,
+            collectives,
             profile: match &self.run.profile {
                 Some(path) => Some(weft_planner::input::load_profile(&path.to_string_lossy())?),
                 None => None,
@@ -237,8 +274,8 @@ impl TrainArgs {
     }
 }
 
-fn default_precision() -> String {
-    "fp32".to_string()
+fn default_auto() -> String {
+    "auto".to_string()
 }
 
 fn default_keep() -> u64 {
@@ -313,6 +350,10 @@ enum Command {
         epoch: Option<u64>,
         #[arg(long)]
         threads: i32,
+        /// This rank's index among the ranks of its machine or pod (which
+        /// GPU it uses); default: its rank, as on one machine.
+        #[arg(long)]
+        local_rank: Option<u32>,
         /// The run's settings, as JSON.
         #[arg(long)]
         config: String,
@@ -356,6 +397,14 @@ enum Command {
         /// Number format checked: fp32, or bf16 as mixed-precision runs use it.
         #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
         precision: String,
+        /// Where the ranks compute: cpu (Gloo), cuda (a GPU each, NCCL), or
+        /// auto: cuda where it can run, else cpu.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+        device: String,
+        /// Library of the collectives: gloo, nccl (a GPU per rank), or auto:
+        /// nccl on cuda when there are GPUs enough for every rank.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
+        collectives: String,
         /// Largest error accepted. Default: 1e-4 in fp32; 5e-2 in bf16 (8
         /// bits of mantissa: the error of one rounding of a value near 1 is
         /// up to 4e-3, and attention sums many).
@@ -383,6 +432,10 @@ enum Command {
         cases: u32,
         #[arg(long, default_value = "fp32")]
         precision: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "gloo")]
+        collectives: String,
         #[arg(long)]
         die: bool,
     },
@@ -394,6 +447,8 @@ struct SelfcheckArgs {
     cases: u32,
     seed: u64,
     precision: Precision,
+    device: ComputeDevice,
+    collectives: Collectives,
     tolerance: f64,
     timeout: Duration,
     kill: Option<u32>,
@@ -405,6 +460,8 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
         cases,
         seed,
         precision,
+        device,
+        collectives,
         tolerance,
         timeout,
         kill,
@@ -429,6 +486,8 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
                 format!("--seed={seed}"),
                 format!("--cases={cases}"),
                 format!("--precision={}", precision.name()),
+                format!("--device={}", device.name()),
+                format!("--collectives={}", collectives.name()),
             ];
             if kill == Some(rank) {
                 args.push("--die".to_string());
@@ -446,8 +505,20 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
             .with_context(|| format!("worker {rank} printed {line:?}"))?;
         worst = worst.worst(&report);
     }
+    let backend = match collectives {
+        Collectives::Gloo => "Gloo",
+        Collectives::Nccl => "NCCL",
+    };
+    let on = match device {
+        ComputeDevice::Cpu => "CPU",
+        ComputeDevice::Cuda => "CUDA",
+    };
+    let kernel = weft_trainer::kernel::Kernel::for_device(match device {
+        ComputeDevice::Cpu => tch::Device::Cpu,
+        ComputeDevice::Cuda => tch::Device::Cuda(0),
+    });
     println!(
-        "selfcheck on {ranks} ranks (Gloo on CPU, {}): {} cases, {} document checks",
+        "selfcheck on {ranks} ranks ({backend} on {on}, {}, {kernel:?} attention kernel): {} cases, {} document checks",
         worst.precision.name(),
         worst.cases,
         worst.documents
@@ -533,6 +604,7 @@ fn local(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let threads = (cores / ranks).max(1) as i32;
     // Check everything here first, so a bad flag is one clear error, not N.
+    let train = train.settled(ranks)?;
     let config = train.config(threads)?;
     weft_trainer::data::Corpus::load(&config.data)?;
     let mut file = match &metrics {
@@ -543,7 +615,10 @@ fn local(
         None => None,
     };
     eprintln!(
-        "weft-trainer local: {ranks} ranks, model {}, {} steps of {} tokens, corpus {}",
+        "weft-trainer local: {ranks} ranks on {} ({}, {}), model {}, {} steps of {} tokens, corpus {}",
+        config.device.name(),
+        config.collectives.name(),
+        config.precision.name(),
         config.model.name,
         config.steps,
         config.tokens_per_step,
@@ -658,6 +733,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             watch_mesh,
             epoch,
             threads,
+            local_rank,
             config,
         } => {
             let args: TrainArgs =
@@ -668,6 +744,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 store_host,
                 port,
                 bind_host,
+                local_rank: local_rank.unwrap_or(rank),
             };
             let end = weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
                 if let Ok(json) = serde_json::to_string(m) {
@@ -720,11 +797,16 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             cases,
             seed,
             precision,
+            device,
+            collectives,
             tolerance,
             timeout_s,
             kill_rank,
         } => {
             let precision = Precision::parse(&precision)?;
+            let device = ComputeDevice::choose(&device)?;
+            device.check()?;
+            let collectives = Collectives::choose(&collectives, device, ranks)?;
             let tolerance = tolerance.unwrap_or(match precision {
                 Precision::Fp32 => 1e-4,
                 Precision::Bf16 => 5e-2,
@@ -734,6 +816,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 cases,
                 seed,
                 precision,
+                device,
+                collectives,
                 tolerance,
                 timeout: Duration::from_secs(timeout_s),
                 kill: kill_rank,
@@ -746,19 +830,24 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             seed,
             cases,
             precision,
+            device,
+            collectives,
             die,
         } => {
             if die {
                 bail!("rank {rank} was told to exit (--kill-rank)");
             }
-            let report = run_worker(
-                rank,
-                world,
-                port,
+            let compute = ComputeDevice::parse(&device)?;
+            let collectives = Collectives::choose(&collectives, compute, 1)?;
+            let device = compute.of_rank(rank)?;
+            let spec = CheckSpec {
                 seed,
                 cases,
-                Precision::parse(&precision)?,
-            )?;
+                precision: Precision::parse(&precision)?,
+                device,
+                collectives,
+            };
+            let report = run_worker(rank, world, port, &spec)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(true)
         }
@@ -792,7 +881,6 @@ fn pod_worker(
 ) -> anyhow::Result<()> {
     let exe =
         std::env::current_exe().context("could not locate this program to start its ranks")?;
-    let config = serde_json::to_string(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let worker = env.worker.clone();
     // Follow the mesh through the API server as well as the volume, which
@@ -838,6 +926,15 @@ fn pod_worker(
         wait_for_epoch,
         |rank, place| {
             let threads = (cores / place.ranks.len().max(1)).max(1);
+            // The pod's GPUs are its ranks' in order.
+            let local_rank = place.ranks.iter().position(|r| *r == rank).unwrap_or(0);
+            let config = args
+                .settled(place.ranks.len() as u32)
+                .and_then(|a| Ok(serde_json::to_string(&a)?))
+                .map_err(|e| weft_trainer::pod::PodError::Spawn {
+                    rank,
+                    reason: e.to_string(),
+                })?;
             let mut command = std::process::Command::new(&exe);
             let progress = if rank == 0 {
                 reporter
@@ -860,6 +957,7 @@ fn pod_worker(
                 .arg(format!("--watch-mesh={}", env.mesh.display()))
                 .arg(format!("--epoch={}", place.epoch))
                 .arg(format!("--threads={threads}"))
+                .arg(format!("--local-rank={local_rank}"))
                 .arg(format!("--config={config}"))
                 .spawn()
                 .map_err(|e| weft_trainer::pod::PodError::Spawn {
