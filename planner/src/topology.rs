@@ -130,6 +130,26 @@ impl Topology {
         &self.nodes[self.reference_node].gpu
     }
 
+    /// The same cluster with estimates priced on its slowest GPU model (then
+    /// by name) instead: on a mixed cluster, what a sequence costs depends on
+    /// the model it is priced on (transfers weigh more against a faster
+    /// GPU's compute), and either can give the better layout. Lower bounds
+    /// must keep the fastest.
+    pub fn priced_on_slowest(&self) -> Topology {
+        let mut topology = self.clone();
+        topology.reference_node = (0..self.nodes.len())
+            .min_by(|a, b| {
+                let (ga, gb) = (&self.nodes[*a].gpu, &self.nodes[*b].gpu);
+                ga.peak_bf16_tflops
+                    .total_cmp(&gb.peak_bf16_tflops)
+                    .then(ga.name.cmp(&gb.name))
+                    .then(ga.memory_gib.total_cmp(&gb.memory_gib))
+                    .then(a.cmp(b))
+            })
+            .unwrap_or(0);
+        topology
+    }
+
     pub fn gpu_of(&self, rank: u32) -> &GpuModel {
         &self.nodes[self.node_of(rank)].gpu
     }

@@ -21,7 +21,10 @@
 //!   they free do not fit the next gang. So schedules in which a gang may
 //!   also widen, to whole nodes that are free sooner (on a mixed cluster
 //!   also to whole nodes of one kind of GPU, as many more as that kind is
-//!   slower, since a ring runs at its slowest GPU's pace), are tried too; and when
+//!   slower, since a ring runs at its slowest GPU's pace), are tried too (on
+//!   a mixed cluster, also with every estimate priced on its slowest GPU
+//!   model rather than its fastest: transfers weigh more against a faster
+//!   GPU's compute, and either pricing can place the better); and when
 //!   gangs must run in waves, ones in which a narrower gang among the next
 //!   few may start first, into ranks that would otherwise wait. Short
 //!   sequences first fill
@@ -498,6 +501,8 @@ pub fn candidates(
     #[derive(Clone, Copy)]
     enum Build {
         Balanced(Shape),
+        /// Built on the cluster priced on its slowest GPU model.
+        BalancedOnSlowest(Shape),
         Static,
         Hdp,
         HdpOffload,
@@ -622,11 +627,36 @@ pub fn candidates(
     if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
         builds.push(("flexsp".to_string(), Build::FlexSp));
     }
+    // On mixed clusters the widening layouts are also built with estimates
+    // priced on the slowest GPU model (see `Topology::priced_on_slowest`).
+    let on_slowest = mixed.then(|| PlanContext {
+        topology: ctx.topology.priced_on_slowest(),
+        cost: ctx.cost.clone(),
+    });
+    if on_slowest.is_some() {
+        let widening: Vec<(String, Build)> = builds
+            .iter()
+            .filter_map(|(name, build)| match build {
+                Build::Balanced(shape) if shape.widen.is_some() => {
+                    Some((format!("{name}+slowest"), Build::BalancedOnSlowest(*shape)))
+                }
+                _ => None,
+            })
+            .collect();
+        builds.extend(widening);
+    }
     let by_cost = one_rank_order(ctx, lengths);
+    let by_cost_on_slowest = on_slowest
+        .as_ref()
+        .map(|slow| one_rank_order(slow, lengths));
     let built = parallel_map(builds, |(name, build)| {
         let start = std::time::Instant::now();
         let layout = match build {
             Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
+            Build::BalancedOnSlowest(shape) => match (&on_slowest, &by_cost_on_slowest) {
+                (Some(slow), Some(order)) => Ok(balanced(slow, lengths, capacity, shape, order)),
+                _ => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
+            },
             Build::Static => plan_static(ctx, lengths, context_length),
             Build::Hdp => plan_hdp(ctx, lengths),
             Build::HdpOffload => plan_hdp_offload(ctx, lengths),
@@ -862,6 +892,67 @@ mod tests {
         let rest = backfill(&lengths, order, 100, &gaps, &[2.0, 1.0], &mut micro_batches);
         assert_eq!(rest, vec![(3.0, 0)]);
         assert!(micro_batches.iter().all(|m| m.groups.is_empty()));
+    }
+
+    /// A github batch on 32 A100s (listed first) and 32 H100s: priced on the
+    /// H100s, every long sequence's ring goes to them and the A100s run out of
+    /// short work early; priced on the A100s, the same widening layout keeps
+    /// the two kinds closer. Both are built, and the weft plan is the faster.
+    #[test]
+    fn a_mixed_cluster_also_gets_layouts_priced_on_its_slowest_gpu() {
+        let lengths: Vec<u64> = vec![
+            2905, 3334, 322, 165, 1348, 329, 448, 1150, 4306, 5838, 347, 2515, 171, 527, 2530, 294,
+            2924, 42546, 3220, 307, 417, 4992, 36939, 3929, 7914, 127188, 1098, 68784, 274, 604,
+            246, 1235, 1028, 1034, 2019, 4836, 704, 1250, 4744, 2270, 4946, 6971, 60014, 2746,
+            7873, 4492, 507, 4701, 5142, 199, 49708, 2835, 27605, 2235, 304, 5537, 242, 941, 3247,
+            3877, 132, 691, 173, 6540, 366, 2216, 701, 168, 3577, 697, 193, 402, 4510, 302, 709,
+            189, 58671, 427, 200, 208, 240, 325, 157, 81208, 241, 5696, 6850, 87391, 1070, 146,
+            1225, 1048, 467, 847, 1449, 572, 3759, 936, 499, 11007, 1007, 6075, 3468, 2768, 2517,
+            92390, 198, 5059, 4082, 186, 141, 6042, 420, 357, 3166, 167, 264, 33725, 6722, 2555,
+            6788, 252, 6300, 2335, 3012, 7684, 139, 1544,
+        ];
+        for cluster in [
+            "8x4:gpu=a100-80g,nics=2+4x8:nics=8",
+            "4x8:nics=8+8x4:gpu=a100-80g,nics=2",
+        ] {
+            let ctx = context(cluster, "llama-7b");
+            let capacity = rank_capacity(&ctx).unwrap();
+            let shape = Shape {
+                remap: false,
+                scale: 1.0,
+                whole_nodes: true,
+                lookahead: false,
+                widen: Some(true),
+                by_area: false,
+            };
+            let slow = PlanContext {
+                topology: ctx.topology.priced_on_slowest(),
+                cost: ctx.cost.clone(),
+            };
+            assert_eq!(slow.topology.reference_gpu().name, "a100-80g");
+            assert_eq!(ctx.topology.reference_gpu().name, "h100");
+            let time = |c: &PlanContext| {
+                let layout = balanced(c, &lengths, capacity, shape, &one_rank_order(c, &lengths));
+                simulate(&ctx, &lengths, &layout).step_time_s
+            };
+            let (on_fastest, on_slowest) = (time(&ctx), time(&slow));
+            assert!(
+                on_slowest < 0.95 * on_fastest,
+                "{cluster}: {on_slowest} vs {on_fastest}"
+            );
+            let all = candidates(&ctx, &lengths, Some(131_072)).unwrap();
+            let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            assert!(
+                names.contains(&"balanced+nodes+widen+idlex1+slowest"),
+                "{names:?}"
+            );
+            let weft = plan_weft(&ctx, &lengths, Some(131_072)).unwrap();
+            let weft_s = simulate(&ctx, &lengths, &weft).step_time_s;
+            assert!(
+                weft_s <= on_slowest * (1.0 + 1e-9),
+                "{weft_s} vs {on_slowest}"
+            );
+        }
     }
 
     /// Batches of the byted mix on 128 and 256 GPUs where memory makes the
