@@ -11,6 +11,9 @@
 //! - Link: point-to-point transfers between two ranks over the real
 //!   collectives, ping-pong, at sizes from 4 KiB to 16 MiB; latency and
 //!   bandwidth are the least-squares line through the median one-way times.
+//!   On a GPU with another beside it, between the two over NCCL; else
+//!   between two CPU ranks over Gloo on loopback (the description says
+//!   which).
 
 use std::time::{Duration, Instant};
 
@@ -20,8 +23,9 @@ use weft_planner::cost::{CostCoefficients, CostModel};
 use weft_planner::model::ModelSpec;
 use weft_planner::profile::{PROFILE_VERSION, Profile};
 
-use crate::comm::{ProcessGroup, Store};
+use crate::comm::{ProcessGroup, Store, nccl_built};
 use crate::data::{Batch, Sample};
+use crate::device::{Collectives, open_group};
 use crate::launch::free_port;
 use crate::model::{Llama, Precision};
 use crate::step::{StepError, forward_backward, named_parameters, zero_gradients};
@@ -64,6 +68,8 @@ pub struct ProfileConfig {
     /// Timed steps (after one untimed warm-up).
     pub steps: u32,
     pub threads: i32,
+    /// Where the steps run: the CPU, or a GPU.
+    pub device: tch::Device,
 }
 
 /// The compute speeds measured, and the raw seconds behind them.
@@ -84,10 +90,11 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
     let mut group =
         ProcessGroup::gloo(&store, 0, 1, "127.0.0.1", timeout).map_err(StepError::from)?;
     tch::manual_seed(0);
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &config.model)
         .map_err(StepError::from)?
         .with_precision(config.precision);
+    vs.set_device(config.device);
     let params = named_parameters(&vs);
     let length = config.document_length.max(2);
     let documents = (config.tokens / length).max(1);
@@ -148,25 +155,38 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
 /// Latency and bandwidth of point-to-point transfers between two ranks.
 #[derive(Clone, Debug)]
 pub struct LinkSpeeds {
+    /// What carried the transfers.
+    pub over: String,
     pub latency_s: f64,
     pub gbytes_per_s: f64,
     /// (bytes, median one-way seconds) per size.
     pub samples: Vec<(f64, f64)>,
 }
 
-/// Measures the link between two ranks of this machine: see the module
-/// documentation.
-pub fn measure_link(repeats: u32) -> Result<LinkSpeeds, ProfileError> {
+/// Measures the link between two ranks of this machine, for a profile of
+/// `device`: see the module documentation.
+pub fn measure_link(repeats: u32, device: tch::Device) -> Result<LinkSpeeds, ProfileError> {
     let port = free_port()?;
     let sizes: Vec<i64> = vec![1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22]; // floats
+    let two_gpus = device.is_cuda() && nccl_built() && tch::Cuda::device_count() >= 2;
+    let (over, collectives) = if two_gpus {
+        ("NCCL between GPUs 0 and 1", Collectives::Nccl)
+    } else {
+        ("Gloo between two CPU ranks on loopback", Collectives::Gloo)
+    };
     let run = move |rank: u32, sizes: Vec<i64>| -> Result<Vec<(f64, f64)>, StepError> {
         let timeout = Duration::from_secs(60);
         let store = Store::open("127.0.0.1", port, 2, rank == 0, timeout)?;
-        let mut group = ProcessGroup::gloo(&store, rank, 2, "127.0.0.1", timeout)?;
+        let on = if two_gpus {
+            tch::Device::Cuda(rank as usize)
+        } else {
+            tch::Device::Cpu
+        };
+        let mut group = open_group(on, collectives, &store, rank, 2, "127.0.0.1", timeout)?;
         let peer = 1 - rank;
         let mut out = Vec::new();
         for (k, &n) in sizes.iter().enumerate() {
-            let mut buffer = Tensor::f_zeros([n], (tch::Kind::Float, tch::Device::Cpu))?;
+            let mut buffer = Tensor::f_zeros([n], (tch::Kind::Float, on))?;
             let mut times = Vec::new();
             for r in 0..=repeats {
                 let tag = (k as i32) * 1000 + r as i32;
@@ -215,6 +235,7 @@ pub fn measure_link(repeats: u32) -> Result<LinkSpeeds, ProfileError> {
     // A latency below a microsecond is below what the timer resolves here.
     let latency_s = (my - slope * mx).max(1e-6);
     Ok(LinkSpeeds {
+        over: over.to_string(),
         latency_s,
         gbytes_per_s: 1.0 / slope / 1e9,
         samples,
@@ -224,15 +245,19 @@ pub fn measure_link(repeats: u32) -> Result<LinkSpeeds, ProfileError> {
 /// The profile of this device: compute and link measured, described.
 pub fn measure(config: &ProfileConfig) -> Result<Profile, ProfileError> {
     let compute = measure_compute(config)?;
-    let link = measure_link(5)?;
+    let link = measure_link(5, config.device)?;
+    let on = match config.device {
+        tch::Device::Cuda(index) => format!("CUDA GPU {index}"),
+        _ => format!("CPU, {} libtorch threads", config.threads.max(1)),
+    };
     Ok(Profile {
         version: PROFILE_VERSION,
         device: format!(
-            "CPU, {} libtorch threads, model {}, {}, documents of {} tokens",
-            config.threads.max(1),
+            "{on}, model {}, {}, documents of {} tokens; link: {}",
             config.model.name,
             config.precision.name(),
-            config.document_length
+            config.document_length,
+            link.over
         ),
         linear_tflops: compute.linear_tflops,
         attention_tflops: compute.attention_tflops,

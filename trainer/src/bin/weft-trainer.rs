@@ -380,6 +380,10 @@ enum Command {
         /// libtorch threads (default: every core).
         #[arg(long)]
         threads: Option<i32>,
+        /// Where the steps run: cpu, cuda (GPU 0; the link is then measured
+        /// between GPUs 0 and 1 over NCCL when there are two), or auto.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+        device: String,
         /// Write the profile here (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -764,8 +768,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             document_length,
             steps,
             threads,
+            device,
             out,
         } => {
+            let device = ComputeDevice::choose(&device)?.of_rank(0)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
             let config = weft_trainer::profile::ProfileConfig {
                 model: weft_planner::input::load_model(&model)?,
@@ -774,6 +780,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 document_length: document_length as usize,
                 steps,
                 threads: threads.unwrap_or(cores).max(1),
+                device,
             };
             let profile = weft_trainer::profile::measure(&config)?;
             eprintln!(
