@@ -186,13 +186,28 @@ impl AdamW {
         let c = &self.config;
         let lr = c.lr_at(self.steps as u64);
         tch::no_grad(|| -> Result<Update, OptimError> {
-            let mut squares = 0.0;
+            // Each gradient's sum of squares, summed in f64 in order; read
+            // from the device in one transfer (a GPU is then waited for once,
+            // not once per parameter). Exact conversions: the same sum as
+            // reading each one.
+            let mut sums = Vec::new();
             for (_, p) in &self.params {
                 let g = p.grad();
                 if g.defined() {
-                    squares += g.f_pow_tensor_scalar(2)?.f_sum(None)?.f_double_value(&[])?;
+                    sums.push(g.f_pow_tensor_scalar(2)?.f_sum(None)?);
                 }
             }
+            let squares: f64 = if sums.is_empty() {
+                0.0
+            } else {
+                Vec::<f64>::try_from(
+                    Tensor::f_stack(&sums, 0)?
+                        .f_to_kind(tch::Kind::Double)?
+                        .f_to_device(tch::Device::Cpu)?,
+                )?
+                .into_iter()
+                .sum()
+            };
             let grad_norm = squares.sqrt();
             let clip = if grad_norm > c.clip_norm {
                 c.clip_norm / (grad_norm + 1e-6)
