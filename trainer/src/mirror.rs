@@ -72,13 +72,19 @@ impl MeshMirror {
         }
         let sources = Arc::new(Mutex::new(Sources::default()));
         let log = Arc::new(log);
-        // The volume, now and then every second.
+        // The volume, now and then every second (`WEFT_MESH_POLL_MS`
+        // milliseconds where set: tests whose steps take less).
         sync_volume(&volume, &copy, &sources)?;
+        let poll = std::env::var("WEFT_MESH_POLL_MS")
+            .ok()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map_or(Duration::from_secs(1), Duration::from_millis);
         {
             let (copy, sources, log) = (copy.clone(), sources.clone(), log.clone());
             std::thread::spawn(move || {
                 loop {
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(poll);
                     if let Err(e) = sync_volume(&volume, &copy, &sources) {
                         log(&format!("mesh copy {}: {e}", copy.display()));
                     }
