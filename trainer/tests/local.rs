@@ -434,3 +434,47 @@ fn bad_input_gets_a_clear_error() {
     fails_with(&["--precision", "fp16"], "invalid value 'fp16'");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The loss curve of a fixed run, against the one kept in
+/// `tests/golden/loss-curve.json` (`WEFT_UPDATE_GOLDEN=1` rewrites it): a
+/// change to the model, the data order, the plan's execution or the optimizer
+/// shows here. The tolerance absorbs what libtorch's kernels may round
+/// differently on another CPU (1e-6 relative and below), not a real change.
+#[test]
+fn the_loss_curve_of_a_fixed_run_is_the_golden_one() {
+    let dir = scratch("golden");
+    let (output, steps) = local(
+        &dir,
+        "curve",
+        &[
+            "--ranks",
+            "3",
+            "--steps",
+            "12",
+            "--seed",
+            "3",
+            "--rank-tokens",
+            "384",
+            "--device",
+            "cpu",
+        ],
+    );
+    ok(&output);
+    let losses: Vec<f64> = steps.iter().map(|m| m.loss).collect();
+    assert_eq!(losses.len(), 12);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/loss-curve.json");
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string_pretty(&losses).unwrap() + "\n").unwrap();
+    }
+    let golden: Vec<f64> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(golden.len(), losses.len());
+    for (step, (got, want)) in losses.iter().zip(&golden).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "step {}: loss {got}, golden {want}",
+            step + 1
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
