@@ -237,36 +237,20 @@ impl ProcessGroup {
         hostname: &str,
         timeout: Duration,
     ) -> Result<ProcessGroup, CommError> {
-        let group_err = |message| CommError::Group {
-            rank,
-            world,
-            message,
-        };
-        if rank >= world {
-            return Err(group_err(format!(
-                "rank {rank} is not below the world size {world}"
-            )));
-        }
         let host_c = c_string("process group", hostname)?;
-        let mut handle: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the store handle is alive (borrowed); host_c outlives the call.
-        call(|err| unsafe {
-            weft_c10d_gloo_new(
-                store.handle,
-                rank as c_int,
-                world as c_int,
-                host_c.as_ptr(),
-                timeout.as_secs_f64(),
-                &mut handle,
-                err,
-            )
-        })
-        .map_err(group_err)?;
-        Ok(ProcessGroup {
-            handle,
-            rank,
-            world,
-            device: tch::Device::Cpu,
+        Self::create(rank, world, tch::Device::Cpu, |out, err| {
+            // SAFETY: the store handle is alive (borrowed); host_c outlives the call.
+            unsafe {
+                weft_c10d_gloo_new(
+                    store.handle,
+                    rank as c_int,
+                    world as c_int,
+                    host_c.as_ptr(),
+                    timeout.as_secs_f64(),
+                    out,
+                    err,
+                )
+            }
         })
     }
 
@@ -281,6 +265,36 @@ impl ProcessGroup {
         gpu: usize,
         timeout: Duration,
     ) -> Result<ProcessGroup, CommError> {
+        let gpu_c = c_int::try_from(gpu).map_err(|_| CommError::Group {
+            rank,
+            world,
+            message: format!("CUDA device index {gpu} is out of range"),
+        })?;
+        Self::create(rank, world, tch::Device::Cuda(gpu), |out, err| {
+            // SAFETY: the store handle is alive (borrowed).
+            unsafe {
+                weft_c10d_nccl_new(
+                    store.handle,
+                    rank as c_int,
+                    world as c_int,
+                    gpu_c,
+                    timeout.as_secs_f64(),
+                    out,
+                    err,
+                )
+            }
+        })
+    }
+
+    /// A group of `world` ranks in which this process is `rank`, for tensors
+    /// on `device`, made by the shim call `new` (which boxes the backend into
+    /// its first argument).
+    fn create(
+        rank: u32,
+        world: u32,
+        device: tch::Device,
+        new: impl FnOnce(*mut *mut c_void, *mut *mut c_char) -> c_int,
+    ) -> Result<ProcessGroup, CommError> {
         let group_err = |message| CommError::Group {
             rank,
             world,
@@ -291,27 +305,13 @@ impl ProcessGroup {
                 "rank {rank} is not below the world size {world}"
             )));
         }
-        let gpu_c = c_int::try_from(gpu)
-            .map_err(|_| group_err(format!("CUDA device index {gpu} is out of range")))?;
         let mut handle: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the store handle is alive (borrowed); handle receives an owned box.
-        call(|err| unsafe {
-            weft_c10d_nccl_new(
-                store.handle,
-                rank as c_int,
-                world as c_int,
-                gpu_c,
-                timeout.as_secs_f64(),
-                &mut handle,
-                err,
-            )
-        })
-        .map_err(group_err)?;
+        call(|err| new(&mut handle, err)).map_err(group_err)?;
         Ok(ProcessGroup {
             handle,
             rank,
             world,
-            device: tch::Device::Cuda(gpu),
+            device,
         })
     }
 
@@ -344,10 +344,16 @@ impl ProcessGroup {
     }
 
     /// The tensor c10d works on for `tensor`: the tensor itself (it must be
-    /// contiguous), or, for a Gloo group and a GPU tensor, a host copy. Gloo
-    /// moves host memory; staging through it lets several ranks share one
-    /// GPU, which NCCL refuses. An NCCL group cannot reach a host tensor.
-    fn on_backend(&self, operation: &'static str, tensor: &Tensor) -> Result<Tensor, CommError> {
+    /// contiguous), or, for a Gloo group and a GPU tensor, a host copy (an
+    /// empty host buffer when the operation only `writes` it). Gloo moves
+    /// host memory; staging through it lets several ranks share one GPU,
+    /// which NCCL refuses. An NCCL group cannot reach a host tensor.
+    fn on_backend(
+        &self,
+        operation: &'static str,
+        tensor: &Tensor,
+        writes: bool,
+    ) -> Result<Tensor, CommError> {
         let invalid = |reason: String| CommError::Invalid { operation, reason };
         if tensor.device() == self.device {
             return if tensor.is_contiguous() {
@@ -363,13 +369,17 @@ impl ProcessGroup {
                 self.device
             )));
         }
-        tensor
-            .f_to_device(tch::Device::Cpu)
-            .and_then(|t| t.f_contiguous())
-            .map_err(|e| CommError::Operation {
-                operation,
-                message: format!("staging through host memory: {e}"),
-            })
+        let host = if writes {
+            Tensor::f_empty(tensor.size().as_slice(), (tensor.kind(), tch::Device::Cpu))
+        } else {
+            tensor
+                .f_to_device(tch::Device::Cpu)
+                .and_then(|t| t.f_contiguous())
+        };
+        host.map_err(|e| CommError::Operation {
+            operation,
+            message: format!("staging through host memory: {e}"),
+        })
     }
 
     /// Writes a staged result back into the caller's tensor (nothing to do
@@ -395,21 +405,34 @@ impl ProcessGroup {
         call(f).map_err(|message| CommError::Operation { operation, message })
     }
 
+    /// Runs the shim call `f` on `tensor` in place (through a host buffer
+    /// where it must be staged; `writes`: the call only writes it).
+    fn in_place(
+        &self,
+        operation: &'static str,
+        tensor: &mut Tensor,
+        writes: bool,
+        f: impl FnOnce(*mut c_void, *mut *mut c_char) -> c_int,
+    ) -> Result<(), CommError> {
+        let mut work = self.on_backend(operation, tensor, writes)?;
+        let t = work.as_mut_ptr() as *mut c_void;
+        Self::op(operation, |err| f(t, err))?;
+        Self::unstage(operation, tensor, &work)
+    }
+
     /// Sums `tensor` over all ranks, in place.
     pub fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CommError> {
-        let mut work = self.on_backend("all_reduce", tensor)?;
-        let t = work.as_mut_ptr() as *mut c_void;
+        let handle = self.handle;
         // SAFETY: the group and the tensor are alive and exclusively borrowed.
-        Self::op("all_reduce", |err| unsafe {
-            weft_c10d_allreduce_sum(self.handle, t, err)
-        })?;
-        Self::unstage("all_reduce", tensor, &work)
+        self.in_place("all_reduce", tensor, false, |t, err| unsafe {
+            weft_c10d_allreduce_sum(handle, t, err)
+        })
     }
 
     /// Sends `tensor` to rank `dst`; blocks until it is sent.
     pub fn send(&mut self, tensor: &Tensor, dst: u32, tag: i32) -> Result<(), CommError> {
         let dst = self.peer("send", dst)?;
-        let work = self.on_backend("send", tensor)?;
+        let work = self.on_backend("send", tensor, false)?;
         let t = work.as_ptr() as *mut c_void;
         // SAFETY: c10d reads the tensor; it stays alive for the call.
         Self::op("send", |err| unsafe {
@@ -420,13 +443,11 @@ impl ProcessGroup {
     /// Receives into `tensor` (of the sender's shape) from rank `src`.
     pub fn recv(&mut self, tensor: &mut Tensor, src: u32, tag: i32) -> Result<(), CommError> {
         let src = self.peer("recv", src)?;
-        let mut work = self.on_backend("recv", tensor)?;
-        let t = work.as_mut_ptr() as *mut c_void;
+        let handle = self.handle;
         // SAFETY: the tensor is exclusively borrowed and written in place.
-        Self::op("recv", |err| unsafe {
-            weft_c10d_recv(self.handle, t, src, tag, err)
-        })?;
-        Self::unstage("recv", tensor, &work)
+        self.in_place("recv", tensor, true, |t, err| unsafe {
+            weft_c10d_recv(handle, t, src, tag, err)
+        })
     }
 
     /// All-to-all with uneven splits along dimension 0: rows
@@ -450,14 +471,13 @@ impl ProcessGroup {
                 ),
             });
         }
-        let input_work = self.on_backend("all_to_all", input)?;
-        let mut output_work = self.on_backend("all_to_all", output)?;
-        let out = output_work.as_mut_ptr() as *mut c_void;
+        let input_work = self.on_backend("all_to_all", input, false)?;
         let inp = input_work.as_ptr() as *mut c_void;
+        let handle = self.handle;
         // SAFETY: both tensors and both split slices outlive the call.
-        Self::op("all_to_all", |err| unsafe {
+        self.in_place("all_to_all", output, true, |out, err| unsafe {
             weft_c10d_alltoall(
-                self.handle,
+                handle,
                 out,
                 inp,
                 output_splits.as_ptr(),
@@ -465,8 +485,7 @@ impl ProcessGroup {
                 world as c_int,
                 err,
             )
-        })?;
-        Self::unstage("all_to_all", output, &output_work)
+        })
     }
 
     /// Copies `tensor` from rank `root` to every rank, in place.
@@ -477,13 +496,11 @@ impl ProcessGroup {
                 reason: format!("root {root} is not below the world size {}", self.world),
             });
         }
-        let mut work = self.on_backend("broadcast", tensor)?;
-        let t = work.as_mut_ptr() as *mut c_void;
-        // SAFETY: the tensor is exclusively borrowed.
-        Self::op("broadcast", |err| unsafe {
-            weft_c10d_broadcast(self.handle, t, root as c_int, err)
-        })?;
-        Self::unstage("broadcast", tensor, &work)
+        let handle = self.handle;
+        // SAFETY: the tensor is exclusively borrowed (the root's is read).
+        self.in_place("broadcast", tensor, false, |t, err| unsafe {
+            weft_c10d_broadcast(handle, t, root as c_int, err)
+        })
     }
 
     /// Waits until every rank reaches the barrier.
