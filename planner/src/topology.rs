@@ -35,6 +35,32 @@ pub struct Topology {
     reference_node: usize,
 }
 
+/// Which end of the GPU models [`node_of_model`] looks for.
+#[derive(Clone, Copy, PartialEq)]
+enum Speed {
+    Fastest,
+    Slowest,
+}
+
+/// The first node of the fastest or the slowest GPU model: by peak, then by
+/// name, then by memory (the larger with the faster), so that the order the
+/// nodes are listed in does not decide.
+fn node_of_model(nodes: &[Node], speed: Speed) -> usize {
+    let toward = |order: std::cmp::Ordering| match speed {
+        Speed::Fastest => order.reverse(),
+        Speed::Slowest => order,
+    };
+    (0..nodes.len())
+        .min_by(|a, b| {
+            let (ga, gb) = (&nodes[*a].gpu, &nodes[*b].gpu);
+            toward(ga.peak_bf16_tflops.total_cmp(&gb.peak_bf16_tflops))
+                .then(ga.name.cmp(&gb.name))
+                .then(toward(ga.memory_gib.total_cmp(&gb.memory_gib)))
+                .then(a.cmp(b))
+        })
+        .unwrap_or(0)
+}
+
 /// Why a cluster cannot be planned on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TopologyError {
@@ -83,16 +109,7 @@ impl Topology {
             max_gpus_per_node: 1,
             reference_node: 0,
         };
-        topology.reference_node = (0..topology.nodes.len())
-            .min_by(|a, b| {
-                let (ga, gb) = (&topology.nodes[*a].gpu, &topology.nodes[*b].gpu);
-                gb.peak_bf16_tflops
-                    .total_cmp(&ga.peak_bf16_tflops)
-                    .then(ga.name.cmp(&gb.name))
-                    .then(gb.memory_gib.total_cmp(&ga.memory_gib))
-                    .then(a.cmp(b))
-            })
-            .unwrap_or(0);
+        topology.reference_node = node_of_model(&topology.nodes, Speed::Fastest);
         topology.max_gpus_per_node = topology.nodes.iter().map(|n| n.gpus).max().unwrap_or(1);
         topology.weakest_node = (0..topology.nodes.len())
             .min_by(|a, b| {
@@ -137,16 +154,7 @@ impl Topology {
     /// must keep the fastest.
     pub fn priced_on_slowest(&self) -> Topology {
         let mut topology = self.clone();
-        topology.reference_node = (0..self.nodes.len())
-            .min_by(|a, b| {
-                let (ga, gb) = (&self.nodes[*a].gpu, &self.nodes[*b].gpu);
-                ga.peak_bf16_tflops
-                    .total_cmp(&gb.peak_bf16_tflops)
-                    .then(ga.name.cmp(&gb.name))
-                    .then(ga.memory_gib.total_cmp(&gb.memory_gib))
-                    .then(a.cmp(b))
-            })
-            .unwrap_or(0);
+        topology.reference_node = node_of_model(&self.nodes, Speed::Slowest);
         topology
     }
 

@@ -628,12 +628,17 @@ pub fn candidates(
         builds.push(("flexsp".to_string(), Build::FlexSp));
     }
     // On mixed clusters the widening layouts are also built with estimates
-    // priced on the slowest GPU model (see `Topology::priced_on_slowest`).
-    let on_slowest = mixed.then(|| PlanContext {
-        topology: ctx.topology.priced_on_slowest(),
-        cost: ctx.cost.clone(),
+    // priced on the slowest GPU model (see `Topology::priced_on_slowest`),
+    // with that pricing's own order of short sequences.
+    let slowest = mixed.then(|| {
+        let slow = PlanContext {
+            topology: ctx.topology.priced_on_slowest(),
+            cost: ctx.cost.clone(),
+        };
+        let order = one_rank_order(&slow, lengths);
+        (slow, order)
     });
-    if on_slowest.is_some() {
+    if slowest.is_some() {
         let widening: Vec<(String, Build)> = builds
             .iter()
             .filter_map(|(name, build)| match build {
@@ -646,17 +651,15 @@ pub fn candidates(
         builds.extend(widening);
     }
     let by_cost = one_rank_order(ctx, lengths);
-    let by_cost_on_slowest = on_slowest
-        .as_ref()
-        .map(|slow| one_rank_order(slow, lengths));
     let built = parallel_map(builds, |(name, build)| {
         let start = std::time::Instant::now();
         let layout = match build {
             Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
-            Build::BalancedOnSlowest(shape) => match (&on_slowest, &by_cost_on_slowest) {
-                (Some(slow), Some(order)) => Ok(balanced(slow, lengths, capacity, shape, order)),
-                _ => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
-            },
+            Build::BalancedOnSlowest(shape) => {
+                // Only built on mixed clusters, where `slowest` is there.
+                let (on, order) = slowest.as_ref().map_or((ctx, &by_cost), |(c, o)| (c, o));
+                Ok(balanced(on, lengths, capacity, shape, order))
+            }
             Build::Static => plan_static(ctx, lengths, context_length),
             Build::Hdp => plan_hdp(ctx, lengths),
             Build::HdpOffload => plan_hdp_offload(ctx, lengths),
