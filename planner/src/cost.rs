@@ -222,6 +222,14 @@ impl CostModel {
         }
     }
 
+    /// Step latency one rank of a ring pays per hop over the whole step (all
+    /// layers, every pass). Each pass of a ring of d ranks (flat, or
+    /// `outer` inner rings of `inner`) pays it on `outer · (inner − 1)` hops
+    /// at least, which is d/2 or more for every shape.
+    pub fn ring_latency_s(&self) -> f64 {
+        self.coefficients.p2p_latency_s * self.layers() * (self.forward_passes() + 1.0)
+    }
+
     /// Bytes one rank of a ring of `degree` ranks sends over the whole step
     /// (all layers, forward and backward) when it passes `passes` chunks of
     /// keys and values (with their gradients in the backward) to a neighbour:

@@ -176,7 +176,8 @@ impl Outcome {
 /// - longest sequence: the step cannot end before its longest sequence is done,
 ///   even at its best degree, on the fastest GPUs, over the fastest link with
 ///   no contention (ring steps still pay their latency and any transfer that
-///   compute cannot hide);
+///   compute cannot hide), with the linear work its ring's ranks cannot shed
+///   (see [`sequence_bound`]);
 /// - work with the longest sequences' exposed transfers (see
 ///   [`exposed_work_bound`]).
 pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
@@ -185,7 +186,7 @@ pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
         return by_work;
     };
     // The longest sequence's rings, priced once for both bounds that use them.
-    let rings = ring_bounds(ctx, longest);
+    let rings = ring_bounds(ctx, lengths, longest);
     let by_sequence = fastest_ring(&rings).0;
     let floor = by_work.max(by_sequence);
     floor.max(stretched_work_bound(ctx, lengths, by_work, rings, floor))
@@ -204,13 +205,23 @@ pub fn lower_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
 /// attention work, and T is at least that over the cluster; the bound is the
 /// least T that satisfies it (found by bisection: a later T lets the
 /// sequences take fewer ranks, so the work it implies does not grow).
+/// Ring steps also pay a latency each, which packing cannot hide: every
+/// sequence too long to end by T on one rank adds the least latency a ring
+/// that ends it by T pays (see `stretched_work_bound`); the ranks spend the
+/// more of the two past the work.
 /// Only on clusters of one kind of GPU; `floor`: a T known to be a bound.
 pub fn exposed_work_bound(ctx: &PlanContext, lengths: &[u64], floor: f64) -> f64 {
     let Some(&longest) = lengths.iter().max() else {
         return floor;
     };
     let by_work = work_bound(ctx, lengths);
-    stretched_work_bound(ctx, lengths, by_work, ring_bounds(ctx, longest), floor)
+    stretched_work_bound(
+        ctx,
+        lengths,
+        by_work,
+        ring_bounds(ctx, lengths, longest),
+        floor,
+    )
 }
 
 /// [`exposed_work_bound`] given the batch's [`work_bound`] and its longest
@@ -253,12 +264,54 @@ fn stretched_work_bound(
             least[done - 1]
         }
     };
-    let implied =
-        |t: f64| (work + attention_work * (stretch_by(t) - 1.0).max(0.0)) / f64::from(world);
+    // Step latency: a ring of d ranks pays at least d/2 of it per hop (see
+    // [`CostModel::ring_latency_s`]); a sequence whose attention alone
+    // outlasts `t` on one rank needs a ring, of the least d whose share of
+    // its attention and latency, A/d + c·d/2, ends by `t`, and its ranks pay
+    // c·d²/2 together. That least d grows faster than A, so a ring holding
+    // several such sequences pays at least the sum of theirs.
+    let c = ctx.cost.ring_latency_s();
+    let ringed: Vec<f64> = lengths
+        .iter()
+        .map(|s| ctx.cost.attention_compute_time(*s as f64, gpu))
+        .filter(|a| *a > floor)
+        .collect();
+    let latency_by = |t: f64| -> f64 {
+        if c <= 0.0 {
+            return 0.0;
+        }
+        let mut total = 0.0;
+        for &a in ringed.iter().filter(|a| **a > t) {
+            let disc = t * t - 2.0 * c * a;
+            if disc < 0.0 {
+                // No ring ends by `t`.
+                return f64::INFINITY;
+            }
+            let d = (t - disc.sqrt()) / c;
+            total += 0.5 * c * d * d;
+        }
+        total
+    };
+    // Rank time past the work: the longest sequences' stretch, or the
+    // rings' latency, whichever is more (each is a bound on it).
+    let implied = |t: f64| {
+        let stretch = attention_work * (stretch_by(t) - 1.0).max(0.0);
+        (work + stretch.max(latency_by(t))) / f64::from(world)
+    };
     if implied(floor) <= floor {
         return floor;
     }
-    let (mut lo, mut hi) = (floor, implied(floor));
+    // A T late enough to satisfy it, then bisection.
+    let mut hi = floor;
+    while implied(hi) > hi {
+        let next = implied(hi);
+        hi = if next.is_finite() {
+            next.max(hi * 1.01)
+        } else {
+            hi * 2.0
+        };
+    }
+    let mut lo = floor;
     for _ in 0..60 {
         let mid = 0.5 * (lo + hi);
         if implied(mid) <= mid {
@@ -274,8 +327,8 @@ fn stretched_work_bound(
 /// contention (see [`sequence_bound`]).
 struct RingBound {
     degree: u32,
-    /// The sequence's time at this degree: its attention plus its linear
-    /// modules spread over every GPU.
+    /// The sequence's time at this degree: its attention plus the least
+    /// linear-module time its ranks can have (see [`sequence_bound`]).
     time_s: f64,
     /// Least (over shapes) ring time without step latency over compute.
     stretch: f64,
@@ -302,14 +355,27 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     work / capacity
 }
 
-/// A bound on the time the step spends on one sequence of `length` tokens:
-/// its attention at the best degree and ring shape, on the fastest GPUs, over
-/// the fastest links with no contention (ring steps still pay their latency and any
-/// transfer compute cannot hide), plus its linear modules spread over every
-/// GPU (a remap can spread them beyond the ranks that hold its attention).
-/// Also returns the degree of that best attention time.
-pub fn sequence_bound(ctx: &PlanContext, length: u64) -> (f64, u32) {
-    fastest_ring(&ring_bounds(ctx, length))
+/// A bound on the time the step spends on one sequence of `length` tokens of
+/// the batch `lengths`: its attention at the best degree and ring shape, on
+/// the fastest GPUs, over the fastest links with no contention (ring steps
+/// still pay their latency and any transfer compute cannot hide), plus the
+/// least linear-module time its ranks can have before its attention ends.
+/// Also returns the degree of that best time.
+///
+/// The linear modules: without a remap, the ranks of a ring of degree d run
+/// its tokens' linear modules themselves, at least `length / d` tokens on the
+/// busiest. With a remap, every rank holds an even share of its
+/// micro-batch's tokens for them, and runs them before the micro-batch's
+/// attention, which no other work overlaps; so the step takes at least that
+/// share's time plus the ring's, plus the work done outside the micro-batch
+/// over the cluster. All of the batch's linear work is done in or outside it
+/// and attention work adds no time to the ring's ranks that the ring does not
+/// already count, which leaves the ring plus the batch's linear work spread
+/// over the cluster. On a cluster of more than one kind of GPU the remap's
+/// shares follow speed within memory caps, so this only counts the
+/// sequence's own linear work spread over the cluster.
+pub fn sequence_bound(ctx: &PlanContext, lengths: &[u64], length: u64) -> (f64, u32) {
+    fastest_ring(&ring_bounds(ctx, lengths, length))
 }
 
 /// The least time of `rings` and its degree (the first at that time).
@@ -323,8 +389,9 @@ fn fastest_ring(rings: &[RingBound]) -> (f64, u32) {
     })
 }
 
-/// [`RingBound`] of every degree from 1 to the cluster's size.
-fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
+/// [`RingBound`] of every degree from 1 to the cluster's size, for a
+/// sequence of `length` tokens of the batch `lengths`.
+fn ring_bounds(ctx: &PlanContext, lengths: &[u64], length: u64) -> Vec<RingBound> {
     let topo = &ctx.topology;
     let world = topo.world();
     // The fastest GPU (its peak is all the ring and linear times ask of it).
@@ -348,7 +415,17 @@ fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
     let per_node = topo.max_gpus_per_node();
     let mut without_latency = ctx.cost.clone();
     without_latency.coefficients.p2p_latency_s = 0.0;
-    let linear = ctx.cost.linear_time(s, fastest) / f64::from(world.max(1));
+    // Linear-module time on the ring's ranks with a remap (see
+    // [`sequence_bound`]); a rank's share may be one token short of even.
+    let one_kind = (0..world).all(|r| topo.gpu_of(r).peak_bf16_tflops == fastest.peak_bf16_tflops);
+    let remapped = if one_kind {
+        let tokens: f64 = lengths.iter().map(|t| *t as f64).sum();
+        (ctx.cost.linear_time(tokens, fastest) / f64::from(world.max(1))
+            - ctx.cost.linear_time(1.0, fastest))
+        .max(0.0)
+    } else {
+        ctx.cost.linear_time(s, fastest) / f64::from(world.max(1))
+    };
     (1..=world)
         .map(|d| {
             // Time and time without latency of one shape.
@@ -383,9 +460,10 @@ fn ring_bounds(ctx: &PlanContext, length: u64) -> Vec<RingBound> {
                 time_s = time_s.min(t);
                 stretch = stretch.min(k);
             }
+            let own = ctx.cost.linear_time(s / f64::from(d), fastest);
             RingBound {
                 degree: d,
-                time_s: time_s + linear,
+                time_s: time_s + own.min(remapped),
                 stretch,
             }
         })
@@ -1067,7 +1145,7 @@ pub(crate) mod tests {
         let mut lengths = vec![65_536u64];
         lengths.extend(std::iter::repeat_n(2_048u64, 100));
         let by_work = work_bound(&ctx, &lengths);
-        let by_sequence = sequence_bound(&ctx, 65_536).0;
+        let by_sequence = sequence_bound(&ctx, &lengths, 65_536).0;
         let bound = lower_bound(&ctx, &lengths);
         assert!(
             bound > by_work.max(by_sequence) * 1.005,
@@ -1081,6 +1159,31 @@ pub(crate) mod tests {
         // Where no sequence needs a ring to end in time, the work decides.
         let short = vec![2_048u64; 64];
         assert_eq!(lower_bound(&ctx, &short), work_bound(&ctx, &short));
+    }
+
+    #[test]
+    fn the_longest_rings_ranks_keep_their_linear_work_or_an_even_share_of_the_batchs() {
+        // One NIC per node makes a 32K ring stay inside a node. Without a
+        // remap its 8 ranks run its linear modules; with one they run an even
+        // share of the whole batch's. Either way more than its own linear
+        // work spread over all 16 GPUs, which is what the bound counted before.
+        let ctx = context("2x8:nics=1", "llama-7b");
+        let mut lengths = vec![32_768u64];
+        lengths.extend(std::iter::repeat_n(2_048u64, 20));
+        let alone = sequence_bound(&ctx, &[32_768], 32_768).0;
+        let (in_batch, degree) = sequence_bound(&ctx, &lengths, 32_768);
+        assert_eq!(degree, 8);
+        assert!(in_batch > alone * 1.2, "{in_batch} vs {alone}");
+        let bound = lower_bound(&ctx, &lengths);
+        assert!(bound >= in_batch && bound > work_bound(&ctx, &lengths));
+        // No strategy beats it, and weft comes close.
+        for strategy in crate::Strategy::ALL {
+            let plan = crate::plan_step(strategy, &ctx, &lengths, None).unwrap();
+            assert!(plan.predicted.step_time_s >= bound, "{strategy:?}");
+            if strategy == crate::Strategy::Weft {
+                assert!(plan.predicted.step_time_s < bound * 1.15);
+            }
+        }
     }
 
     #[test]

@@ -277,7 +277,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let work = weft_planner::sim::work_bound(&ctx, &lengths);
                 match lengths.iter().max() {
                     Some(&longest) => {
-                        let (seq_s, degree) = weft_planner::sim::sequence_bound(&ctx, longest);
+                        let (seq_s, degree) =
+                            weft_planner::sim::sequence_bound(&ctx, &lengths, longest);
                         let exposed =
                             weft_planner::sim::exposed_work_bound(&ctx, &lengths, work.max(seq_s));
                         eprintln!(
