@@ -30,6 +30,10 @@
 //!   sequences first fill
 //!   the waits ranks have before their groups (backfill), then go where they
 //!   finish first.
+//! - Where rings cannot hide their transfers and step latency (the lower
+//!   bound lies past the even share of the work), a layout whose rings past
+//!   a node widen until they end by the least step time at which they and
+//!   the short sequences still fit the cluster (see `timed_degrees`).
 //! - With a remap, linear modules see a token-balanced layout and only
 //!   attention is balanced by placement; without, placement balances both.
 //! - Inter-node transfers are spread over every NIC of a node, and rings that
@@ -40,8 +44,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::sim::{
-    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, simulate, use_hierarchical_rings,
-    work_bound,
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, lower_bound, simulate,
+    use_hierarchical_rings, work_bound,
 };
 use crate::strategies::{
     Gap, OrdF64, Placement, PlanningError, Widen, WidenOption, Work, best_fit_decreasing,
@@ -103,6 +107,12 @@ struct Shape {
     widen: Option<bool>,
     /// Gangs placed by rank-time, not time (see [`Placement::by_area`]).
     by_area: bool,
+    /// A step time to aim for (the batch's lower bound): rings past a node
+    /// widen, by whole nodes, until their estimate ends by it, or as far as
+    /// widening still shortens them. The balance degrees end a ring's
+    /// compute by the even share of the work; its transfers and step
+    /// latency come on top, and the step waits for them.
+    timed: Option<f64>,
 }
 
 /// What a sequence needs in a balanced layout: the ranks its tokens need,
@@ -193,6 +203,7 @@ fn balanced(
         lookahead,
         widen,
         by_area: _,
+        timed,
     } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
@@ -232,19 +243,22 @@ fn balanced(
             .filter(|(_, i)| !is_long[*i])
             .copied()
             .collect();
+        let mut degrees: Vec<u32> = long.iter().map(|&i| degree(lengths[i])).collect();
+        if let (Some(bound), true) = (timed, whole_nodes) {
+            let short_work: f64 = short.iter().map(|(cost, _)| cost).sum();
+            degrees = timed_degrees(ctx, lengths, &long, &degrees, short_work, bound);
+        }
         let work = long
             .iter()
-            .map(|&i| {
-                let d = degree(lengths[i]);
-                Work {
-                    sequences: vec![i],
-                    degree: d,
-                    cost_s: if whole_nodes {
-                        estimate_hierarchical_cost(ctx, lengths, i, d)
-                    } else {
-                        estimate_cost(ctx, lengths, &[i], d, true)
-                    },
-                }
+            .zip(degrees)
+            .map(|(&i, d)| Work {
+                sequences: vec![i],
+                degree: d,
+                cost_s: if whole_nodes {
+                    estimate_hierarchical_cost(ctx, lengths, i, d)
+                } else {
+                    estimate_cost(ctx, lengths, &[i], d, true)
+                },
             })
             .collect();
         // Wider rings for a sequence: whole nodes, from its own degree to
@@ -316,6 +330,86 @@ fn balanced(
     };
     use_hierarchical_rings(&ctx.topology, &mut layout);
     layout
+}
+
+/// Degrees for the rings of `long` (whose balance degrees are `degrees`)
+/// that end them by a step time T: the least T from `bound` at which the
+/// rings widened to end by it (see [`widened_to_end_by`]) and the short
+/// sequences (`short_work`, their time on one rank) still fit the cluster's
+/// rank-time. Wider rings end sooner but take more rank-time for their
+/// transfers and step latency, so T is found by bisection.
+fn timed_degrees(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    long: &[usize],
+    degrees: &[u32],
+    short_work: f64,
+    bound: f64,
+) -> Vec<u32> {
+    let per_node = ctx.topology.max_gpus_per_node();
+    let ranks = f64::from(ctx.topology.world());
+    let at = |t: f64| -> (bool, Vec<u32>) {
+        let mut area = short_work;
+        let widened: Vec<u32> = long
+            .iter()
+            .zip(degrees)
+            .map(|(&i, &d)| {
+                let d = if d > per_node {
+                    widened_to_end_by(ctx, lengths, i, d, t)
+                } else {
+                    d
+                };
+                area += f64::from(d) * estimate_hierarchical_cost(ctx, lengths, i, d);
+                d
+            })
+            .collect();
+        (area <= ranks * t, widened)
+    };
+    let (fits, widened) = at(bound);
+    if fits {
+        return widened;
+    }
+    let (mut lo, mut hi) = (bound, bound * 1.25);
+    while !at(hi).0 && hi < bound * 4.0 {
+        (lo, hi) = (hi, hi * 2.0);
+    }
+    for _ in 0..12 {
+        let mid = 0.5 * (lo + hi);
+        if at(mid).0 {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    at(hi).1
+}
+
+/// The least whole-node degree from `degree` (itself whole nodes) whose
+/// ring estimate for sequence `i` ends by `target_s`; where none does, the
+/// degree past which widening no longer shortens it. Searched in steps of
+/// about a sixteenth, as a ring's estimate is its compute shrinking with the
+/// degree plus step latency growing with it.
+fn widened_to_end_by(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    i: usize,
+    degree: u32,
+    target_s: f64,
+) -> u32 {
+    let topo = &ctx.topology;
+    let per_node = topo.max_gpus_per_node();
+    let nodes = topo.nodes.len() as u32;
+    let mut k = degree.div_ceil(per_node);
+    let mut cost = estimate_hierarchical_cost(ctx, lengths, i, k * per_node);
+    while cost > target_s && k < nodes {
+        let next = (k + (k / 16).max(1)).min(nodes);
+        let next_cost = estimate_hierarchical_cost(ctx, lengths, i, next * per_node);
+        if next_cost >= cost {
+            break;
+        }
+        (k, cost) = (next, next_cost);
+    }
+    k * per_node
 }
 
 /// One kind of node of a cluster: GPUs of one pace (see [`slowdowns`]) and
@@ -520,6 +614,7 @@ pub fn candidates(
         lookahead: false,
         widen: None,
         by_area: false,
+        timed: None,
     };
     let mut distinct: Vec<Vec<u32>> = Vec::new();
     let mut same_as_larger: Vec<f64> = Vec::new();
@@ -553,6 +648,7 @@ pub fn candidates(
                 lookahead: false,
                 widen: None,
                 by_area: false,
+                timed: None,
             };
             if !remap && whole_nodes && same_as_larger.contains(&scale) {
                 continue;
@@ -573,6 +669,7 @@ pub fn candidates(
                 lookahead: false,
                 widen: None,
                 by_area: true,
+                timed: None,
             }),
         ));
     }
@@ -608,6 +705,7 @@ pub fn candidates(
             lookahead,
             widen: Some(into_idle),
             by_area: false,
+            timed: None,
         };
         builds.push((
             format!(
@@ -616,6 +714,19 @@ pub fn candidates(
                 if into_idle { "+idle" } else { "" }
             ),
             Build::Balanced(shape),
+        ));
+    }
+    // Where the bound lies at least 2% past the even share of the work
+    // (rings that cannot hide their transfers and step latency, or keep
+    // their linear work), rings widened to end by it.
+    let bound = lower_bound(ctx, lengths);
+    if bound > share * 1.02 {
+        builds.push((
+            "balanced+nodes+timedx1".to_string(),
+            Build::Balanced(Shape {
+                timed: Some(bound),
+                ..nodes_shape(1.0)
+            }),
         ));
     }
     builds.push(("static".to_string(), Build::Static));
@@ -839,6 +950,7 @@ pub fn plan_weft(
                 lookahead: false,
                 widen: None,
                 by_area: false,
+                timed: None,
             },
             &one_rank_order(ctx, lengths),
         ),
@@ -927,6 +1039,7 @@ mod tests {
                 lookahead: false,
                 widen: Some(true),
                 by_area: false,
+                timed: None,
             };
             let slow = PlanContext {
                 topology: ctx.topology.priced_on_slowest(),
@@ -989,6 +1102,32 @@ mod tests {
             );
             build_plan(&ctx, lengths, &layout).check().unwrap();
         }
+    }
+
+    #[test]
+    fn rings_widened_to_end_by_the_bound_close_the_gap_step_latency_leaves() {
+        // A 144K sequence among a thousand short ones on 256 GPUs: at its
+        // balance degree its ring ends its compute with the even share of
+        // the work, and its transfers and step latency come on top. Widened
+        // until it ends by the bound (with the short sequences still
+        // fitting), the step is at the bound.
+        let ctx = context("32x8:nics=8", "llama-13b");
+        let mut lengths = vec![143_901u64];
+        lengths.extend((0..1000u64).map(|i| 200 + (i * 7919) % 2048));
+        let bound = lower_bound(&ctx, &lengths);
+        let candidates = candidates(&ctx, &lengths, None).unwrap();
+        let time = |name: &str| {
+            let c = candidates.iter().find(|c| c.name == name).unwrap();
+            simulate(&ctx, &lengths, &c.layout).step_time_s
+        };
+        let balanced = time("balanced+nodesx1");
+        let timed = time("balanced+nodes+timedx1");
+        assert!(balanced > bound * 1.04, "{balanced} vs {bound}");
+        assert!(timed < bound * 1.01, "{timed} vs {bound}");
+        let layout = plan_weft(&ctx, &lengths, None).unwrap();
+        let outcome = simulate(&ctx, &lengths, &layout);
+        assert!(outcome.fits_in_memory && outcome.step_time_s <= timed);
+        build_plan(&ctx, &lengths, &layout).check().unwrap();
     }
 
     #[test]
@@ -1142,6 +1281,7 @@ mod tests {
                 lookahead: false,
                 widen: None,
                 by_area: false,
+                timed: None,
             };
             let degree = degree_rule(&ctx, capacity, shape, share);
             lengths.iter().map(|s| degree(*s)).collect::<Vec<u32>>()
