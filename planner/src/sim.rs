@@ -1145,7 +1145,7 @@ pub(crate) mod tests {
         let mut lengths = vec![65_536u64];
         lengths.extend(std::iter::repeat_n(2_048u64, 100));
         let by_work = work_bound(&ctx, &lengths);
-        let by_sequence = sequence_bound(&ctx, &lengths, 65_536).0;
+        let by_sequence = sequence_bound(&ctx, &lengths, 131_072).0;
         let bound = lower_bound(&ctx, &lengths);
         assert!(
             bound > by_work.max(by_sequence) * 1.005,
@@ -1183,6 +1183,32 @@ pub(crate) mod tests {
             if strategy == crate::Strategy::Weft {
                 assert!(plan.predicted.step_time_s < bound * 1.15);
             }
+        }
+    }
+
+    #[test]
+    fn step_latency_that_no_packing_hides_raises_the_work_bound() {
+        // Eight 128K sequences and short ones on 64 GPUs whose messages take
+        // 1 ms to start (as over TCP): every 128K sequence needs a ring to
+        // end in time, and each ring's ranks pay its step latency on top of
+        // the work.
+        let mut ctx = context("8x8:nics=8", "llama-7b");
+        ctx.cost.coefficients.p2p_latency_s = 1e-3;
+        let mut lengths = vec![131_072u64; 8];
+        lengths.extend(std::iter::repeat_n(2_048u64, 100));
+        let mut without = ctx.clone();
+        without.cost.coefficients.p2p_latency_s = 0.0;
+        let by_work = work_bound(&ctx, &lengths);
+        let by_sequence = sequence_bound(&ctx, &lengths, 131_072).0;
+        let bound = lower_bound(&ctx, &lengths);
+        let bound_without = lower_bound(&without, &lengths);
+        assert!(
+            bound > by_work.max(by_sequence).max(bound_without) * 1.01,
+            "{bound}: work {by_work}, sequence {by_sequence}, without latency {bound_without}"
+        );
+        for strategy in crate::Strategy::ALL {
+            let plan = crate::plan_step(strategy, &ctx, &lengths, None).unwrap();
+            assert!(plan.predicted.step_time_s >= bound, "{strategy:?}");
         }
     }
 
