@@ -24,6 +24,12 @@ fn context(cluster: &str, model: &str, streambp: bool) -> PlanContext {
     }
 }
 
+/// A message start time: none, the default (NVLink/InfiniBand class), or
+/// TCP class, where step latency weighs most in the bound.
+fn latency() -> impl proptest::strategy::Strategy<Value = f64> {
+    prop_oneof![Just(0.0), Just(15e-6), Just(1e-3)]
+}
+
 /// A skewed batch: mostly short sequences and a few long ones, like real corpora.
 fn batch() -> impl proptest::strategy::Strategy<Value = Vec<u64>> {
     proptest::collection::vec(
@@ -123,8 +129,10 @@ proptest! {
         lengths in batch(),
         cluster in cluster(),
         streambp: bool,
+        latency in latency(),
     ) {
-        let ctx = context(&cluster, "llama-7b", streambp);
+        let mut ctx = context(&cluster, "llama-7b", streambp);
+        ctx.cost.coefficients.p2p_latency_s = latency;
         check_all(&ctx, &lengths)?;
     }
 }
@@ -264,5 +272,42 @@ proptest! {
         let time = weft_planner::simulate(&ctx, &lengths, &layout).step_time_s;
         let bound = lower_bound(&ctx, &lengths);
         prop_assert!(time >= bound * (1.0 - 1e-9), "{cluster}: {time} < {bound} at degree {degree}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Several sequences packed into one ring, with or without a remap, at
+    /// any step latency, never beat the bound: packing hides neither the
+    /// longest sequence's transfers nor any ring's step latency, and a remap
+    /// gives the ring's ranks an even share of the batch's linear work.
+    #[test]
+    fn no_packed_ring_beats_the_bound(
+        cluster in prop_oneof![cluster(), Just("16x8:nics=8".to_string()), Just("2x8:nics=1".to_string())],
+        lengths in proptest::collection::vec(prop_oneof![256u64..32_768, 32_768u64..600_000], 1..6),
+        seed in any::<u64>(),
+        latency in latency(),
+        remap in any::<bool>(),
+    ) {
+        use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+        let mut ctx = context(&cluster, "llama-7b", false);
+        ctx.cost.coefficients.p2p_latency_s = latency;
+        let world = ctx.topology.world();
+        let mut rng = weft_planner::rng::SplitMix64::new(seed);
+        let degree = 1 + rng.below(u64::from(world)) as u32;
+        let mut group = LayoutGroup::flat((0..degree).collect(), (0..lengths.len()).collect());
+        group.inner_ring = node_blocks(&ctx.topology, &group.ranks);
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch { groups: vec![group], remap }],
+            routing: Routing::AllNics,
+        };
+        let time = weft_planner::simulate(&ctx, &lengths, &layout).step_time_s;
+        let bound = lower_bound(&ctx, &lengths);
+        prop_assert!(
+            time >= bound * (1.0 - 1e-9),
+            "{cluster}: {time} < {bound} at degree {degree}, latency {latency}, remap {remap}"
+        );
     }
 }
