@@ -1145,7 +1145,7 @@ pub(crate) mod tests {
         let mut lengths = vec![65_536u64];
         lengths.extend(std::iter::repeat_n(2_048u64, 100));
         let by_work = work_bound(&ctx, &lengths);
-        let by_sequence = sequence_bound(&ctx, &lengths, 131_072).0;
+        let by_sequence = sequence_bound(&ctx, &lengths, 65_536).0;
         let bound = lower_bound(&ctx, &lengths);
         assert!(
             bound > by_work.max(by_sequence) * 1.005,
