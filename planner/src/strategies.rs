@@ -387,6 +387,23 @@ pub(crate) fn estimate_docs_cost(
 /// one piece at a time). With `capacity`, everything goes into one micro-batch
 /// (a remap's barrier bounds it) and a rank takes pieces while their tokens fit;
 /// what fits nowhere is returned for another micro-batch.
+/// Pieces costliest first (by time, or with `by_area` by rank-time), ties
+/// by their sequences: the order [`list_schedule`] places them in.
+pub(crate) fn sort_costliest_first(work: &mut [Work], by_area: bool) {
+    let key = |w: &Work| {
+        if by_area {
+            w.cost_s * f64::from(w.degree)
+        } else {
+            w.cost_s
+        }
+    };
+    work.sort_by(|a, b| {
+        key(b)
+            .total_cmp(&key(a))
+            .then(a.sequences.cmp(&b.sequences))
+    });
+}
+
 pub(crate) fn list_schedule<P>(
     ctx: &PlanContext,
     lengths: &[u64],
@@ -398,18 +415,9 @@ pub(crate) fn list_schedule<P>(
 where
     P: Pick,
 {
-    let key = |w: &Work| {
-        if placement.by_area {
-            w.cost_s * f64::from(w.degree)
-        } else {
-            w.cost_s
-        }
-    };
-    work.sort_by(|a, b| {
-        key(b)
-            .total_cmp(&key(a))
-            .then(a.sequences.cmp(&b.sequences))
-    });
+    if !placement.keep_order {
+        sort_costliest_first(&mut work, placement.by_area);
+    }
     let world = ctx.topology.world();
     let slowdown = slowdowns(ctx);
     let mut load = vec![0.0f64; world as usize];
@@ -572,6 +580,9 @@ pub(crate) struct Placement<'a> {
     /// of by time: a wide gang of short steps is placed while whole nodes
     /// are still free, not after the narrower pieces have spread over them.
     pub by_area: bool,
+    /// The pieces are placed in the order given (see
+    /// [`sort_costliest_first`] for the usual one).
+    pub keep_order: bool,
 }
 
 impl Placement<'_> {
@@ -580,6 +591,7 @@ impl Placement<'_> {
         lookahead: 1,
         widen: None,
         by_area: false,
+        keep_order: false,
     };
 }
 
@@ -1127,6 +1139,7 @@ mod tests {
                     lookahead: window,
                     widen: None,
                     by_area: false,
+                    keep_order: false,
                 },
             );
             schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max)
@@ -1160,6 +1173,7 @@ mod tests {
                 lookahead: 1,
                 widen: None,
                 by_area,
+                keep_order: false,
             };
             let schedule = list_schedule(&ctx, &[100; 5], work(), None, least_loaded, placement);
             let makespan = schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max);
