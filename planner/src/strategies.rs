@@ -272,6 +272,9 @@ pub struct Work {
     pub sequences: Vec<usize>,
     pub degree: u32,
     pub cost_s: f64,
+    /// Only on GPUs of this pace (one kind of a mixed cluster; see
+    /// [`slowdowns`]), or on any.
+    pub only_pace: Option<f64>,
 }
 
 /// Rough time of a piece of work before placement, for ordering and balancing:
@@ -480,11 +483,15 @@ where
             None if capacity.is_none() => pick_free(w.degree),
             None => None,
         };
-        let placed = match (capacity, &placement.widen) {
-            (None, Some(widen)) if w.degree > 1 => {
+        let placed = match (capacity, &placement.widen, w.only_pace) {
+            (None, _, Some(pace)) => {
+                let of_class = |r: u32| slowdown[r as usize] == pace;
+                pick(&load, &of_class, w.degree)
+            }
+            (None, Some(widen), None) if w.degree > 1 => {
                 widen.choose(&load, &slowdown, &pick, own, &mut w)
             }
-            (None, _) => own,
+            (None, _, None) => own,
             _ => None,
         };
         let tokens: u64 = w.sequences.iter().map(|s| lengths[*s]).sum();
@@ -1043,6 +1050,7 @@ pub(crate) fn pieces(
                 sequences: vec![i],
                 degree: d,
                 cost_s: estimate_cost(ctx, lengths, &[i], d, linear_in_cost),
+                only_pace: None,
             });
         }
     }
@@ -1052,6 +1060,7 @@ pub(crate) fn pieces(
             sequences: bin,
             degree: 1,
             cost_s,
+            only_pace: None,
         });
     }
     work
@@ -1124,6 +1133,7 @@ mod tests {
                     sequences: vec![i],
                     degree: *d,
                     cost_s: 10.0 - i as f64 * 1e-3,
+                    only_pace: None,
                 })
                 .collect::<Vec<_>>()
         };
@@ -1159,12 +1169,14 @@ mod tests {
                     sequences: vec![i],
                     degree: 2,
                     cost_s: 10.0,
+                    only_pace: None,
                 })
                 .collect();
             work.push(Work {
                 sequences: vec![4],
                 degree: 8,
                 cost_s: 6.0,
+                only_pace: None,
             });
             work
         };
@@ -1182,6 +1194,48 @@ mod tests {
         };
         assert_eq!(first_group(false), vec![0]);
         assert_eq!(first_group(true), vec![4]);
+    }
+
+    #[test]
+    fn a_piece_for_one_kind_of_gpu_runs_on_that_kind_alone_in_the_order_given() {
+        // 8 H100s and 8 A100s; the A100s are idle, but a piece pinned to the
+        // A100s waits for them rather than take H100s, and with the order
+        // kept the cheap piece goes first.
+        let ctx = crate::sim::tests::context("1x8+2x4:gpu=a100-80g", "llama-7b");
+        let slowdown = slowdowns(&ctx);
+        let a100 = slowdown[8];
+        assert!(a100 > 1.0);
+        let work = vec![
+            Work {
+                sequences: vec![0],
+                degree: 8,
+                cost_s: 1.0,
+                only_pace: Some(a100),
+            },
+            Work {
+                sequences: vec![1],
+                degree: 8,
+                cost_s: 2.0,
+                only_pace: Some(a100),
+            },
+        ];
+        let placement = Placement {
+            keep_order: true,
+            ..Placement::IN_ORDER
+        };
+        let schedule = list_schedule(&ctx, &[100; 2], work, None, least_loaded, placement);
+        let groups: Vec<&crate::sim::LayoutGroup> = schedule
+            .micro_batches
+            .iter()
+            .flat_map(|m| &m.groups)
+            .collect();
+        assert_eq!(groups[0].sequences, vec![0]);
+        for group in groups {
+            assert!(group.ranks.iter().all(|r| *r >= 8), "{:?}", group.ranks);
+        }
+        // Both on the A100s, one after the other, at their pace.
+        let makespan = schedule.ready.iter().map(|(t, _)| *t).fold(0.0, f64::max);
+        assert!((makespan - 3.0 * a100).abs() < 1e-9, "{makespan}");
     }
 
     #[test]

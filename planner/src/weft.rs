@@ -34,10 +34,12 @@
 //!   bound lies past the even share of the work), a layout whose rings past
 //!   a node widen until they end by the least step time at which they and
 //!   the short sequences still fit the cluster (see `timed_degrees`).
-//! - On small clusters (up to 64 GPUs), a widening layout whose gang order
-//!   is searched by pairwise swaps, each priced by the simulator (see
-//!   `searched_order`): with a few long sequences on a few nodes, which gang
-//!   waits for which decides the step.
+//! - On small clusters (up to 64 GPUs), a widening layout whose gangs are
+//!   searched, each try priced by the simulator (see `searched_order`): the
+//!   order they are placed in (pairwise swaps) and each gang's size (half or
+//!   twice its balance degree, and on a mixed cluster one kind of GPU
+//!   alone). With a few long sequences on a few nodes, which gang waits for
+//!   which decides the step.
 //! - With a remap, linear modules see a token-balanced layout and only
 //!   attention is balanced by placement; without, placement balances both.
 //! - Inter-node transfers are spread over every NIC of a node, and rings that
@@ -267,6 +269,7 @@ fn balanced(
                 } else {
                     estimate_cost(ctx, lengths, &[i], d, true)
                 },
+                only_pace: None,
             })
             .collect();
         // Wider rings for a sequence: whole nodes, from its own degree to
@@ -336,7 +339,81 @@ fn balanced(
         if let Some(bound) = search {
             let mut order = work;
             sort_costliest_first(&mut order, by_area);
-            searched_order(ctx, lengths, order, bound, |w| schedule_in(w, true))
+            // A gang at half, the same or twice its balance degree (whole
+            // nodes past a node, never below what its tokens need); on a
+            // mixed cluster also on one kind of GPU alone, as many more as
+            // that kind is slower.
+            let balance: BTreeMap<usize, u32> = order
+                .iter()
+                .filter_map(|w| match w.sequences[..] {
+                    [i] => Some((i, w.degree)),
+                    _ => None,
+                })
+                .collect();
+            let resized = |w: &Work| -> Vec<Work> {
+                let [i] = w.sequences[..] else {
+                    return Vec::new();
+                };
+                let Some(&d0) = balance.get(&i) else {
+                    return Vec::new();
+                };
+                let least = min_degree(lengths[i], capacity);
+                let whole = |d: u32, per_node: u32| {
+                    if d > per_node {
+                        d.div_ceil(per_node) * per_node
+                    } else {
+                        d
+                    }
+                };
+                let mut sizes: Vec<(u32, Option<usize>)> = [d0 / 2, d0, d0 * 2]
+                    .into_iter()
+                    .map(|d| (whole(d.max(least), per_node).min(world), None))
+                    .collect();
+                if classes.len() > 1 {
+                    for (c, class) in classes.iter().enumerate() {
+                        for d in [d0, d0 * 2] {
+                            let d = (f64::from(d) * class.pace / fastest).ceil() as u32;
+                            let d = whole(d.max(least), class.gpus).min(class.gpus * class.nodes);
+                            sizes.push((d, Some(c)));
+                        }
+                    }
+                }
+                let mut variants: Vec<Work> = Vec::new();
+                for (degree, class) in sizes {
+                    if degree < least {
+                        continue;
+                    }
+                    let only_pace = class.map(|c| classes[c].pace);
+                    if (degree, only_pace) == (w.degree, w.only_pace)
+                        || variants
+                            .iter()
+                            .any(|v| (v.degree, v.only_pace) == (degree, only_pace))
+                    {
+                        continue;
+                    }
+                    let cost_s = match class {
+                        Some(c) => {
+                            estimate_cost_on_nodes_like(ctx, lengths, i, degree, classes[c].node)
+                        }
+                        None => estimate_hierarchical_cost(ctx, lengths, i, degree),
+                    };
+                    variants.push(Work {
+                        sequences: w.sequences.clone(),
+                        degree,
+                        cost_s,
+                        only_pace,
+                    });
+                }
+                variants
+            };
+            searched_order(
+                ctx,
+                lengths,
+                order,
+                bound,
+                |w| schedule_in(w, true),
+                resized,
+            )
         } else {
             schedule_in(work, false)
         }
@@ -363,9 +440,9 @@ const SEARCH_CLOSE_ENOUGH: f64 = 0.005;
 const SEARCH_MAX_GPUS: u32 = 64;
 
 /// The micro-batches `schedule` makes of the gangs `order` (costliest
-/// first), with the order improved by swapping pairs among the first
-/// [`SEARCH_PIECES`] while a swap makes the simulated step shorter (two
-/// passes at most). List scheduling costliest first can leave a wide gang
+/// first), improved while a change makes the simulated step shorter (two
+/// passes at most over the first [`SEARCH_PIECES`]): swapping two gangs,
+/// or giving one another size (`resized`: its other sizes). List scheduling costliest first can leave a wide gang
 /// waiting for ranks that narrower gangs placed before it still hold;
 /// another order, or one in which a gang that ends later widens into ranks
 /// free early, often ends sooner. Deterministic: the same inputs give the
@@ -376,6 +453,7 @@ fn searched_order(
     mut order: Vec<Work>,
     bound: f64,
     schedule: impl Fn(Vec<Work>) -> Vec<LayoutMicroBatch>,
+    resized: impl Fn(&Work) -> Vec<Work>,
 ) -> Vec<LayoutMicroBatch> {
     let price = |micro_batches: &[LayoutMicroBatch]| {
         let mut layout = Layout {
@@ -409,6 +487,19 @@ fn searched_order(
                     (best, best_s, improved) = (tried, tried_s, true);
                 } else {
                     order.swap(i, j);
+                }
+            }
+            for other in resized(&order[i]) {
+                if best_s <= close_enough {
+                    return best;
+                }
+                let kept = std::mem::replace(&mut order[i], other);
+                let tried = schedule(order.clone());
+                let tried_s = price(&tried);
+                if tried_s < best_s * (1.0 - 1e-9) {
+                    (best, best_s, improved) = (tried, tried_s, true);
+                } else {
+                    order[i] = kept;
                 }
             }
         }
@@ -1286,6 +1377,7 @@ mod tests {
             sequences: vec![0],
             degree: 16,
             cost_s: 8.0,
+            only_pace: None,
         };
         // 24 ranks start at 10 and end at 15.3: later, so it keeps its own 16.
         let mut w = piece();
@@ -1337,6 +1429,7 @@ mod tests {
             sequences: vec![0],
             degree: 16,
             cost_s: 4.0,
+            only_pace: None,
         };
         let mut w = piece();
         let own = pick(&load, &|_| true, 16).unwrap();
