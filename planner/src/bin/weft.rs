@@ -282,7 +282,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         let exposed =
                             weft_planner::sim::exposed_work_bound(&ctx, &lengths, work.max(seq_s));
                         eprintln!(
-                            "lower bound {lb:.4} s: work spread evenly {work:.4} s; longest sequence ({longest} tokens) {seq_s:.4} s at degree {degree}; work with its transfers that no ring can hide {exposed:.4} s"
+                            "lower bound {lb:.4} s: work spread evenly {work:.4} s; longest sequence ({longest} tokens) {seq_s:.4} s at degree {degree}; work with the transfers and step latency no ring can hide {exposed:.4} s"
                         );
                     }
                     None => eprintln!("lower bound {lb:.4} s: work spread evenly {work:.4} s"),
