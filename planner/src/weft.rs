@@ -815,6 +815,12 @@ pub fn candidates(
             if scale != 1.0 && (remap || !whole_nodes) {
                 continue;
             }
+            // On large clusters, neither fewer ranks per sequence nor rings
+            // that leave nodes shared have been the fastest in any benchmark
+            // (of 1,024 and 12,288 GPUs); their time goes to the others.
+            if ctx.topology.world() > AREA_CANDIDATE_MAX_GPUS && (scale != 1.0 || !whole_nodes) {
+                continue;
+            }
             let name = format!(
                 "balanced{}{}x{scale}",
                 if remap { "+remap" } else { "" },
