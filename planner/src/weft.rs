@@ -815,10 +815,13 @@ pub fn candidates(
             if scale != 1.0 && (remap || !whole_nodes) {
                 continue;
             }
-            // On large clusters, neither fewer ranks per sequence nor rings
-            // that leave nodes shared have been the fastest in any benchmark
-            // (of 1,024 and 12,288 GPUs); their time goes to the others.
-            if ctx.topology.world() > AREA_CANDIDATE_MAX_GPUS && (scale != 1.0 || !whole_nodes) {
+            // On large clusters, neither fewer ranks per sequence, nor rings
+            // that leave nodes shared, nor weft's own remap (Zeppelin's stays
+            // a candidate) have been the fastest in any benchmark (of 1,024
+            // and 12,288 GPUs); their time goes to the others.
+            if ctx.topology.world() > AREA_CANDIDATE_MAX_GPUS
+                && (scale != 1.0 || !whole_nodes || remap)
+            {
                 continue;
             }
             let name = format!(
