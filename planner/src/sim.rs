@@ -264,7 +264,7 @@ fn stretched_work_bound(
             least[done - 1]
         }
     };
-    // Step latency: a ring of d ranks pays at least d/2 of it per hop (see
+    // Step latency: a ring of d ranks pays it on at least d/2 hops a pass (see
     // [`CostModel::ring_latency_s`]); a sequence whose attention alone
     // outlasts `t` on one rank needs a ring, of the least d whose share of
     // its attention and latency, A/d + c·d/2, ends by `t`, and its ranks pay

@@ -1198,9 +1198,9 @@ mod tests {
 
     #[test]
     fn a_piece_for_one_kind_of_gpu_runs_on_that_kind_alone_in_the_order_given() {
-        // 8 H100s and 8 A100s; the A100s are idle, but a piece pinned to the
-        // A100s waits for them rather than take H100s, and with the order
-        // kept the cheap piece goes first.
+        // 8 H100s and 8 A100s. Pieces pinned to the A100s run there one
+        // after the other while the H100s stay idle, and with the order kept
+        // the cheap piece goes first.
         let ctx = crate::sim::tests::context("1x8+2x4:gpu=a100-80g", "llama-7b");
         let slowdown = slowdowns(&ctx);
         let a100 = slowdown[8];

@@ -119,7 +119,7 @@ struct Shape {
     /// compute by the even share of the work; its transfers and step
     /// latency come on top, and the step waits for them.
     timed: Option<f64>,
-    /// The order gangs are placed in is searched (see [`searched_order`]),
+    /// The gangs' order and sizes are searched (see [`searched_order`]),
     /// until the step is within [`SEARCH_CLOSE_ENOUGH`] of this bound.
     search: Option<f64>,
 }
@@ -434,19 +434,19 @@ const SEARCH_PIECES: usize = 16;
 /// kept without trying more.
 const SEARCH_CLOSE_ENOUGH: f64 = 0.005;
 
-/// Clusters up to this many GPUs also get a layout whose gang order is
+/// Clusters up to this many GPUs also get a layout whose gangs are
 /// searched: with few gangs on few nodes, which gang waits for which decides
-/// the step, and each try costs well under a millisecond there.
+/// the step, and each try costs a millisecond or less there.
 const SEARCH_MAX_GPUS: u32 = 64;
 
 /// The micro-batches `schedule` makes of the gangs `order` (costliest
 /// first), improved while a change makes the simulated step shorter (two
 /// passes at most over the first [`SEARCH_PIECES`]): swapping two gangs,
-/// or giving one another size (`resized`: its other sizes). List scheduling costliest first can leave a wide gang
-/// waiting for ranks that narrower gangs placed before it still hold;
-/// another order, or one in which a gang that ends later widens into ranks
-/// free early, often ends sooner. Deterministic: the same inputs give the
-/// same swaps.
+/// or giving one another size (`resized`: its other sizes). List
+/// scheduling costliest first can leave a wide gang waiting for ranks that
+/// narrower gangs placed before it still hold; another order, or one in
+/// which a gang that ends later widens into ranks free early, often ends
+/// sooner. Deterministic: the same inputs give the same changes.
 fn searched_order(
     ctx: &PlanContext,
     lengths: &[u64],
