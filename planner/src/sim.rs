@@ -236,11 +236,10 @@ fn stretched_work_bound(
     let topo = &ctx.topology;
     let world = topo.world();
     let gpu = topo.gpu_of(0);
-    let one_kind = (0..world).all(|r| topo.gpu_of(r).peak_bf16_tflops == gpu.peak_bf16_tflops);
     let Some(&longest) = lengths.iter().max() else {
         return floor;
     };
-    if !one_kind || longest == 0 {
+    if !topo.one_gpu_kind() || longest == 0 {
         return floor;
     }
     let count = lengths.iter().filter(|s| **s == longest).count() as f64;
@@ -417,8 +416,7 @@ fn ring_bounds(ctx: &PlanContext, lengths: &[u64], length: u64) -> Vec<RingBound
     without_latency.coefficients.p2p_latency_s = 0.0;
     // Linear-module time on the ring's ranks with a remap (see
     // [`sequence_bound`]); a rank's share may be one token short of even.
-    let one_kind = (0..world).all(|r| topo.gpu_of(r).peak_bf16_tflops == fastest.peak_bf16_tflops);
-    let remapped = if one_kind {
+    let remapped = if topo.one_gpu_kind() {
         let tokens: f64 = lengths.iter().map(|t| *t as f64).sum();
         (ctx.cost.linear_time(tokens, fastest) / f64::from(world.max(1))
             - ctx.cost.linear_time(1.0, fastest))

@@ -164,6 +164,16 @@ pub fn min_degree(length: u64, capacity: u64) -> u32 {
     length.div_ceil(capacity.max(1)).max(1) as u32
 }
 
+/// `degree`, rounded up to whole nodes of `per_node` GPUs when it is more
+/// than one node's.
+pub(crate) fn whole_nodes_past_one(degree: u32, per_node: u32) -> u32 {
+    if degree > per_node {
+        degree.div_ceil(per_node) * per_node
+    } else {
+        degree
+    }
+}
+
 /// Best-fit decreasing: packs items (index, size) into bins of `capacity`,
 /// largest first, each into the fullest bin it still fits in. Deterministic.
 pub fn best_fit_decreasing(items: &[(usize, u64)], capacity: u64) -> Vec<Vec<usize>> {
@@ -1071,14 +1081,7 @@ pub fn plan_zeppelin(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, Plann
     let capacity = rank_capacity(ctx)?;
     check_fits(ctx, lengths, capacity)?;
     let per_node = ctx.topology.max_gpus_per_node();
-    let degree = |s: u64| {
-        let d = min_degree(s, capacity);
-        if d > per_node {
-            d.div_ceil(per_node) * per_node
-        } else {
-            d
-        }
-    };
+    let degree = |s: u64| whole_nodes_past_one(min_degree(s, capacity), per_node);
     let pick = hierarchical_pick(ctx);
     let mut micro_batches = Vec::new();
     // Linear tokens are spread evenly; keep a tenth of room for rounding.

@@ -201,6 +201,12 @@ impl Topology {
     pub fn max_gpus_per_node(&self) -> u32 {
         self.max_gpus_per_node
     }
+
+    /// Whether every GPU of the cluster is of one speed.
+    pub fn one_gpu_kind(&self) -> bool {
+        let peak = self.reference_gpu().peak_bf16_tflops;
+        (0..self.world()).all(|r| self.gpu_of(r).peak_bf16_tflops == peak)
+    }
 }
 
 #[cfg(test)]

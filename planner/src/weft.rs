@@ -58,6 +58,7 @@ use crate::strategies::{
     check_fits, estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost,
     hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp, plan_hdp_offload, plan_static,
     plan_zeppelin, rank_capacity, schedule_remapped, slowdowns, sort_costliest_first,
+    whole_nodes_past_one,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -175,8 +176,8 @@ fn degree_rule(
         let d = by_memory.max(by_balance);
         // Past a node, whole nodes: the ring runs hierarchically, every
         // NIC carries its rail, and no node is shared by two rings.
-        let d = if shape.whole_nodes && d > per_node {
-            d.div_ceil(per_node) * per_node
+        let d = if shape.whole_nodes {
+            whole_nodes_past_one(d, per_node)
         } else {
             d
         };
@@ -358,13 +359,7 @@ fn balanced(
                     return Vec::new();
                 };
                 let least = min_degree(lengths[i], capacity);
-                let whole = |d: u32, per_node: u32| {
-                    if d > per_node {
-                        d.div_ceil(per_node) * per_node
-                    } else {
-                        d
-                    }
-                };
+                let whole = whole_nodes_past_one;
                 let mut sizes: Vec<(u32, Option<usize>)> = [d0 / 2, d0, d0 * 2]
                     .into_iter()
                     .map(|d| (whole(d.max(least), per_node).min(world), None))
@@ -469,35 +464,43 @@ fn searched_order(
             f64::INFINITY
         }
     };
-    let mut best = schedule(order.clone());
-    let mut best_s = price(&best);
+    let first = schedule(order.clone());
+    let first_s = price(&first);
+    // The best layout so far and its time.
+    let mut best = (first, first_s);
+    // Keeps `order`'s layout when it is faster than the best so far.
+    let keep_if_faster = |order: &[Work], best: &mut (Vec<LayoutMicroBatch>, f64)| {
+        let tried = schedule(order.to_vec());
+        let tried_s = price(&tried);
+        let faster = tried_s < best.1 * (1.0 - 1e-9);
+        if faster {
+            *best = (tried, tried_s);
+        }
+        faster
+    };
     let m = order.len().min(SEARCH_PIECES);
     let close_enough = bound * (1.0 + SEARCH_CLOSE_ENOUGH);
     for _ in 0..2 {
         let mut improved = false;
         for i in 0..m {
             for j in i + 1..m {
-                if best_s <= close_enough {
-                    return best;
+                if best.1 <= close_enough {
+                    return best.0;
                 }
                 order.swap(i, j);
-                let tried = schedule(order.clone());
-                let tried_s = price(&tried);
-                if tried_s < best_s * (1.0 - 1e-9) {
-                    (best, best_s, improved) = (tried, tried_s, true);
+                if keep_if_faster(&order, &mut best) {
+                    improved = true;
                 } else {
                     order.swap(i, j);
                 }
             }
             for other in resized(&order[i]) {
-                if best_s <= close_enough {
-                    return best;
+                if best.1 <= close_enough {
+                    return best.0;
                 }
                 let kept = std::mem::replace(&mut order[i], other);
-                let tried = schedule(order.clone());
-                let tried_s = price(&tried);
-                if tried_s < best_s * (1.0 - 1e-9) {
-                    (best, best_s, improved) = (tried, tried_s, true);
+                if keep_if_faster(&order, &mut best) {
+                    improved = true;
                 } else {
                     order[i] = kept;
                 }
@@ -507,7 +510,7 @@ fn searched_order(
             break;
         }
     }
-    best
+    best.0
 }
 
 /// Degrees for the rings of `long` (whose balance degrees are `degrees`)
@@ -548,18 +551,21 @@ fn timed_degrees(
         return widened;
     }
     let (mut lo, mut hi) = (bound, bound * 1.25);
-    while !at(hi).0 && hi < bound * 4.0 {
+    let (mut fits, mut widened) = at(hi);
+    while !fits && hi < bound * 4.0 {
         (lo, hi) = (hi, hi * 2.0);
+        (fits, widened) = at(hi);
     }
     for _ in 0..12 {
         let mid = 0.5 * (lo + hi);
-        if at(mid).0 {
-            hi = mid;
+        let (fits, at_mid) = at(mid);
+        if fits {
+            (hi, widened) = (mid, at_mid);
         } else {
             lo = mid;
         }
     }
-    at(hi).1
+    widened
 }
 
 /// The least whole-node degree from `degree` (itself whole nodes) whose
@@ -1169,6 +1175,17 @@ mod tests {
     use crate::report::sample_batches;
     use crate::sim::{build_plan, lower_bound, tests::context};
 
+    /// The simulated step time of the candidate layout named `name`.
+    fn candidate_time(
+        ctx: &PlanContext,
+        lengths: &[u64],
+        candidates: &[Candidate],
+        name: &str,
+    ) -> f64 {
+        let candidate = candidates.iter().find(|c| c.name == name).unwrap();
+        simulate(ctx, lengths, &candidate.layout).step_time_s
+    }
+
     #[test]
     fn backfill_puts_sequences_into_the_waits_that_hold_them() {
         // Rank 1 waits 5 s in micro-batch 0 before its next group; rank 0
@@ -1291,10 +1308,7 @@ mod tests {
             let lengths = &sample_batches(&all, tokens, batch + 1, 1, Some(max))[batch];
             let bound = lower_bound(&ctx, lengths);
             let candidates = candidates(&ctx, lengths, Some(max)).unwrap();
-            let ratio = |name: &str| {
-                let c = candidates.iter().find(|c| c.name == name).unwrap();
-                simulate(&ctx, lengths, &c.layout).step_time_s / bound
-            };
+            let ratio = |name: &str| candidate_time(&ctx, lengths, &candidates, name) / bound;
             let without = ratio("balanced+nodesx1");
             assert!(without >= without_at_least, "{cluster}: {without}");
             let layout = plan_weft(&ctx, lengths, Some(max)).unwrap();
@@ -1321,10 +1335,7 @@ mod tests {
         lengths.extend((0..1000u64).map(|i| 200 + (i * 7919) % 2048));
         let bound = lower_bound(&ctx, &lengths);
         let candidates = candidates(&ctx, &lengths, None).unwrap();
-        let time = |name: &str| {
-            let c = candidates.iter().find(|c| c.name == name).unwrap();
-            simulate(&ctx, &lengths, &c.layout).step_time_s
-        };
+        let time = |name: &str| candidate_time(&ctx, &lengths, &candidates, name);
         let balanced = time("balanced+nodesx1");
         let timed = time("balanced+nodes+timedx1");
         assert!(balanced > bound * 1.04, "{balanced} vs {bound}");
@@ -1345,10 +1356,7 @@ mod tests {
         lengths.extend((0..60u64).map(|i| 100 + (i * 7919) % 2800));
         let bound = lower_bound(&ctx, &lengths);
         let candidates = candidates(&ctx, &lengths, None).unwrap();
-        let time = |name: &str| {
-            let c = candidates.iter().find(|c| c.name == name).unwrap();
-            simulate(&ctx, &lengths, &c.layout).step_time_s
-        };
+        let time = |name: &str| candidate_time(&ctx, &lengths, &candidates, name);
         let in_order = time("balanced+nodes+lookahead+widen+idlex1");
         let searched = time("balanced+nodes+widen+idle+searchx1");
         assert!(in_order > bound * 1.08, "{in_order} vs {bound}");
