@@ -288,7 +288,27 @@ pub fn load_cluster(spec: &str) -> Result<Cluster, InputError> {
 pub fn load_model(spec: &str) -> Result<ModelSpec, InputError> {
     let path = Path::new(spec);
     if !path.is_file() {
-        return Ok(ModelSpec::preset(spec)?);
+        let preset = ModelSpec::preset(spec);
+        // A name written as a file is reported as the file it names.
+        let file_like = spec.contains('/')
+            || matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("json" | "yaml" | "yml")
+            );
+        if preset.is_err() && file_like {
+            return Err(InputError::Read {
+                path: spec.to_string(),
+                reason: if path.exists() {
+                    "it is not a regular file".to_string()
+                } else {
+                    format!(
+                        "no such model file ({})",
+                        preset.err().map_or(String::new(), |e| e.to_string())
+                    )
+                },
+            });
+        }
+        return Ok(preset?);
     }
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -385,5 +405,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("GPU indices below 2"), "{err}");
+    }
+
+    #[test]
+    fn a_model_named_as_a_file_that_is_missing_is_reported_as_a_file() {
+        let err = load_model("nosuch.json").unwrap_err();
+        assert_eq!(err.category(), "input_io");
+        assert!(
+            err.to_string().contains("nosuch.json")
+                && err.to_string().contains("no such model file"),
+            "{err}"
+        );
+        assert!(load_model("models/x").is_err());
+        // A bare unknown name is still an unknown preset.
+        let err = load_model("nosuch").unwrap_err();
+        assert_eq!(err.category(), "model_description");
+        assert_eq!(load_model("tiny").unwrap().name, "tiny");
     }
 }
