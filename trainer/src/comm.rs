@@ -429,6 +429,32 @@ impl ProcessGroup {
         })
     }
 
+    /// Every rank's `value`, by rank. Each rank fills its own slot of an i64
+    /// tensor on `device` and the slots are summed: one non-zero term each,
+    /// so every value arrives whole whatever the world size.
+    pub fn all_gather_u64(
+        &mut self,
+        value: u64,
+        device: tch::Device,
+    ) -> Result<Vec<u64>, CommError> {
+        let failed = |e: tch::TchError| CommError::Operation {
+            operation: "all_gather",
+            message: e.to_string(),
+        };
+        let mut slots = vec![0i64; self.world as usize];
+        // The bits of the value, as an i64 (a sum of one term cannot overflow).
+        slots[self.rank as usize] = i64::from_ne_bytes(value.to_ne_bytes());
+        let mut gathered = Tensor::from_slice(&slots)
+            .f_to_device(device)
+            .map_err(failed)?;
+        self.all_reduce_sum(&mut gathered)?;
+        let gathered = Vec::<i64>::try_from(&gathered).map_err(failed)?;
+        Ok(gathered
+            .into_iter()
+            .map(|v| u64::from_ne_bytes(v.to_ne_bytes()))
+            .collect())
+    }
+
     /// Sends `tensor` to rank `dst`; blocks until it is sent.
     pub fn send(&mut self, tensor: &Tensor, dst: u32, tag: i32) -> Result<(), CommError> {
         let dst = self.peer("send", dst)?;

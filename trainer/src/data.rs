@@ -81,6 +81,10 @@ pub struct Document {
 #[derive(Clone, Debug, Default)]
 pub struct Corpus {
     pub documents: Vec<Document>,
+    /// Entries of the corpus directory that are not regular files (a FIFO,
+    /// a socket, a device, a broken link), left unread: reading a FIFO would
+    /// wait for ever. With what each is.
+    pub skipped: Vec<(PathBuf, &'static str)>,
 }
 
 /// The data source that names the corpus built into this binary (the one in
@@ -101,7 +105,10 @@ impl Corpus {
                 BUILTIN_CORPUS_TEXT,
                 &mut documents,
             )?;
-            return Ok(Corpus { documents });
+            return Ok(Corpus {
+                documents,
+                skipped: Vec::new(),
+            });
         }
         if !dir.exists() {
             return Err(DataError::NotFound(dir.to_path_buf()));
@@ -110,8 +117,10 @@ impl Corpus {
             return Err(DataError::NotADirectory(dir.to_path_buf()));
         }
         let mut files = Vec::new();
-        collect_files(dir, &mut files)?;
+        let mut skipped = Vec::new();
+        collect_files(dir, &mut files, &mut skipped)?;
         files.sort();
+        skipped.sort();
         let mut documents = Vec::new();
         for path in files {
             let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -136,7 +145,34 @@ impl Corpus {
         if documents.is_empty() {
             return Err(DataError::Empty(dir.to_path_buf()));
         }
-        Ok(Corpus { documents })
+        Ok(Corpus { documents, skipped })
+    }
+
+    /// SHA-256 (hex) of the documents in order: what a data order drawn from
+    /// this corpus depends on, for a checkpoint to record.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for document in &self.documents {
+            // Length-prefixed, so documents cannot run into each other.
+            hasher.update((document.text.len() as u64).to_le_bytes());
+            hasher.update(document.text.as_bytes());
+        }
+        crate::checkpoint::hex(&hasher.finalize())
+    }
+
+    /// The skipped entries, for people: `path (what it is)`, comma-separated.
+    pub fn skipped_summary(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        Some(
+            self.skipped
+                .iter()
+                .map(|(path, what)| format!("{} ({what})", path.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
     }
 }
 
@@ -167,17 +203,40 @@ fn push_jsonl(path: &Path, text: &str, documents: &mut Vec<Document>) -> Result<
     Ok(())
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+/// The regular files under `dir` (links followed) into `out`; every other
+/// entry into `skipped`, with what it is.
+fn collect_files(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    skipped: &mut Vec<(PathBuf, &'static str)>,
+) -> Result<(), DataError> {
+    use std::os::unix::fs::FileTypeExt;
     let io = |source| DataError::Io {
         path: dir.to_path_buf(),
         source,
     };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            skipped.push((path, "a broken link or unreadable entry"));
+            continue;
+        };
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            collect_files(&path, out, skipped)?;
+        } else if kind.is_file() {
             out.push(path);
+        } else {
+            let what = if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_block_device() || kind.is_char_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            skipped.push((path, what));
         }
     }
     Ok(())
@@ -350,6 +409,7 @@ mod tests {
                     text: "x".repeat(*n),
                 })
                 .collect(),
+            skipped: Vec::new(),
         }
     }
 
@@ -369,6 +429,41 @@ mod tests {
         let texts: Vec<_> = corpus.documents.iter().map(|d| d.text.as_str()).collect();
         assert_eq!(texts, ["one", "two", "second file", "# third"]);
         assert!(corpus.documents[1].source.ends_with("a.jsonl:3"));
+        assert!(corpus.skipped.is_empty());
+    }
+
+    #[test]
+    fn entries_that_are_not_regular_files_are_skipped_and_named() {
+        let dir = tempdir("fifo");
+        std::fs::write(dir.join("b.txt"), "a document").unwrap();
+        // A FIFO named like a document: reading it would wait for ever.
+        let fifo = dir.join("a.txt");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        std::os::unix::fs::symlink(dir.join("gone.txt"), dir.join("c.txt")).unwrap();
+        let corpus = Corpus::load(&dir).unwrap();
+        assert_eq!(corpus.documents.len(), 1);
+        let summary = corpus.skipped_summary().unwrap();
+        assert!(summary.contains("a.txt (a FIFO)"), "{summary}");
+        assert!(summary.contains("c.txt (a broken link"), "{summary}");
+    }
+
+    #[test]
+    fn the_digest_follows_the_documents_and_their_order() {
+        let doc = |text: &str| Document {
+            source: String::new(),
+            text: text.to_string(),
+        };
+        let corpus = |texts: &[&str]| Corpus {
+            documents: texts.iter().map(|t| doc(t)).collect(),
+            skipped: Vec::new(),
+        };
+        let ab = corpus(&["a", "b"]).digest();
+        assert_eq!(ab.len(), 64);
+        assert_eq!(ab, corpus(&["a", "b"]).digest());
+        assert_ne!(ab, corpus(&["b", "a"]).digest());
+        assert_ne!(ab, corpus(&["ab"]).digest());
+        assert_ne!(ab, corpus(&["a", "b", "c"]).digest());
     }
 
     #[test]

@@ -314,6 +314,7 @@ mod tests {
                     text: "x".repeat(n.saturating_sub(1)),
                 })
                 .collect(),
+            skipped: Vec::new(),
         }
     }
 

@@ -32,6 +32,14 @@ pub enum LaunchError {
         status: String,
         tail: String,
     },
+    #[error(
+        "worker(s) {ranks:?} stopped responding: their peers' collectives timed out waiting for them ({status}) while they were still running; they were stopped. Their last output: {tail}"
+    )]
+    Stalled {
+        ranks: Vec<u32>,
+        status: String,
+        tail: String,
+    },
     #[error("workers did not finish within {0} s; they were stopped")]
     Timeout(u64),
 }
@@ -42,6 +50,7 @@ impl LaunchError {
         match self {
             LaunchError::Spawn { .. } | LaunchError::Port(_) | LaunchError::Exe(_) => "launch",
             LaunchError::Worker { .. } => "worker_failed",
+            LaunchError::Stalled { .. } => "worker_stalled",
             LaunchError::Timeout(_) => "timeout",
         }
     }
@@ -148,11 +157,21 @@ pub fn run_local(
             break;
         }
     }
-    // The cause is the first worker that failed for a reason of its own; only
-    // if every failure was a lost peer is the first of those reported.
-    let failure = failures
+    // The cause is the first worker that failed for a reason of its own. If
+    // every failure was a lost peer and some workers are still running past
+    // the grace, those stalled (stopped, or stuck): they are the cause. Only
+    // otherwise is the first lost peer reported.
+    let own = failures
         .iter()
-        .find(|(_, status)| status.code() != Some(PEER_LOST_EXIT))
+        .find(|(_, status)| status.code() != Some(PEER_LOST_EXIT));
+    let stalled: Vec<u32> = if own.is_none() && !failures.is_empty() {
+        (0..children.len() as u32)
+            .filter(|r| !done[*r as usize])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let failure = own
         .or(failures.first())
         .map(|(rank, status)| (*rank, status.to_string()));
     let timed_out = failure.is_none() && done.iter().any(|d| !d);
@@ -167,8 +186,8 @@ pub fn run_local(
         .into_iter()
         .map(|r| r.join().unwrap_or_default())
         .collect();
-    if let Some((rank, status)) = failure {
-        let tail = errors
+    let tail_of = |rank: u32| {
+        errors
             .get(rank as usize)
             .map(|err| {
                 err.iter()
@@ -179,8 +198,21 @@ pub fn run_local(
                     .collect::<Vec<_>>()
                     .join(" | ")
             })
-            .unwrap_or_default();
-        return Err(LaunchError::Worker { rank, status, tail });
+            .unwrap_or_default()
+    };
+    if let (Some(first), Some((_, status))) = (stalled.first(), &failure) {
+        return Err(LaunchError::Stalled {
+            tail: tail_of(*first),
+            ranks: stalled,
+            status: format!("worker {} {status}", failures[0].0),
+        });
+    }
+    if let Some((rank, status)) = failure {
+        return Err(LaunchError::Worker {
+            rank,
+            tail: tail_of(rank),
+            status,
+        });
     }
     if timed_out {
         return Err(LaunchError::Timeout(timeout.as_secs()));

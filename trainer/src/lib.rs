@@ -12,17 +12,21 @@
 //! - [`model`]: the Llama-style decoder; [`step`]: its distributed forward
 //!   and backward over a step plan, exact against one process; [`optim`]:
 //!   AdamW, clipping and the learning-rate schedule; [`train`]: the loop every
-//!   worker runs, with checkpoints.
+//!   worker runs; [`checkpoint`]: checkpoints verified against their
+//!   manifest, written whole or not at all, in a directory one run owns.
 //! - [`launch`] and [`selfcheck`]: local multi-process workers, and the check
 //!   a user runs on a new cluster.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod decompose;
 pub mod device;
+pub mod fault;
 pub mod kernel;
 pub mod launch;
+pub mod memory;
 pub mod mirror;
 pub mod model;
 pub mod optim;

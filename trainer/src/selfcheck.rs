@@ -6,7 +6,9 @@
 //! - the remap of a random step plan, both ways, against the token layout the
 //!   plan says;
 //! - one whole training step of the `tiny` model over a random step plan
-//!   (loss and every parameter's gradient after the all-reduce).
+//!   (loss and every parameter's gradient after the all-reduce);
+//! - that the real planner, run by every rank alone on the same random
+//!   lengths, gives every rank the same plan (as training checks each step).
 //!
 //! The launcher reports the worst error per component.
 //!
@@ -59,6 +61,13 @@ pub struct SelfcheckReport {
     /// relative to the largest reference gradient.
     pub step_loss: f64,
     pub step_gradients: f64,
+    /// Plans made by the real planner whose digest differed on some rank
+    /// (any is a failure: training would stop at that step).
+    #[serde(default)]
+    pub plans_differing: u32,
+    /// Plans compared.
+    #[serde(default)]
+    pub plans: u32,
 }
 
 impl SelfcheckReport {
@@ -74,6 +83,8 @@ impl SelfcheckReport {
         self.remap = self.remap.max(other.remap);
         self.step_loss = self.step_loss.max(other.step_loss);
         self.step_gradients = self.step_gradients.max(other.step_gradients);
+        self.plans_differing = self.plans_differing.max(other.plans_differing);
+        self.plans = self.plans.max(other.plans);
         self
     }
 
@@ -226,10 +237,38 @@ pub fn run_worker(
         )?;
         report.step_loss = report.step_loss.max(loss);
         report.step_gradients = report.step_gradients.max(gradients);
+        if !check_plans_agree(&mut group, &mut rng, device)? {
+            report.plans_differing += 1;
+        }
+        report.plans += 1;
         report.cases += 1;
     }
     group.barrier()?;
     Ok(report)
+}
+
+/// Whether every rank, planning the same random batch alone with the real
+/// planner (weft's strategy, some sequences longer than a rank holds), made
+/// the same plan: the check training makes before every step.
+fn check_plans_agree(
+    group: &mut ProcessGroup,
+    rng: &mut SplitMix64,
+    device: tch::Device,
+) -> Result<bool, StepError> {
+    let planning = |e: String| StepError::PlanBatch(format!("planning a random batch: {e}"));
+    let world = group.world();
+    let spec =
+        weft_planner::model::ModelSpec::preset("tiny").map_err(|e| planning(e.to_string()))?;
+    let ctx = crate::train::local_plan_context(world, &spec, Some(256), None)
+        .map_err(|e| planning(e.to_string()))?;
+    let lengths = random_lengths(rng, 24, 1024);
+    let plan = weft_planner::plan_step(weft_planner::Strategy::Weft, &ctx, &lengths, Some(1024))
+        .map_err(|e| planning(e.to_string()))?;
+    let mine = crate::train::plan_digest(&plan);
+    Ok(group
+        .all_gather_u64(mine, device)?
+        .iter()
+        .all(|d| *d == mine))
 }
 
 /// Random lengths for a plan: up to `count` sequences of up to `longest` tokens.

@@ -22,7 +22,9 @@ use weft_planner::plan::StepPlan;
 use weft_planner::profile::Profile;
 use weft_planner::{PlanContext, PlanningError, Strategy};
 
-use crate::comm::{CommError, Store};
+use crate::checkpoint::{CheckpointError, CheckpointLock, SaveRequest};
+pub use crate::checkpoint::{CheckpointState, DataIdentity, checkpoint_path};
+use crate::comm::{CommError, ProcessGroup, Store};
 use crate::data::{Batch, Corpus, DataError};
 use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
 use crate::device::{Collectives, ComputeDevice, DeviceError, open_group};
@@ -52,11 +54,17 @@ pub enum TrainError {
     #[error("planning step {step}: {reason}")]
     Plan { step: u64, reason: String },
     #[error(
-        "step {step}: the ranks planned different steps (plan digests differ); the planner must be deterministic"
+        "step {step}: rank(s) {differing:?} planned a different step than rank {rank} (plan digests differ); the planner must be deterministic"
     )]
-    PlanDiverged { step: u64 },
+    PlanDiverged {
+        step: u64,
+        rank: u32,
+        differing: Vec<u32>,
+    },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Checkpoints(#[from] CheckpointError),
     #[error(
         "step {step}: the loss is {loss} (not finite); stopping rather than training on garbage"
     )]
@@ -66,13 +74,14 @@ pub enum TrainError {
     #[error("mesh {path}: {reason}")]
     Mesh { path: PathBuf, reason: String },
     #[error(
-        "the ranks found different checkpoints in {path} ({with_checkpoint} of {world} ranks found one; mean step {mean_step:.1}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
+        "the ranks found different checkpoints in {path} ({with_checkpoint} of {world} ranks found one; {found}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
     )]
     CheckpointsDiffer {
         path: PathBuf,
         with_checkpoint: u32,
         world: u32,
-        mean_step: f64,
+        /// What each rank found.
+        found: String,
     },
 }
 
@@ -90,6 +99,7 @@ impl TrainError {
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
             TrainError::Checkpoint { .. } | TrainError::CheckpointsDiffer { .. } => "checkpoint",
+            TrainError::Checkpoints(e) => e.category(),
             TrainError::Diverged { .. } => "diverged",
             TrainError::Mesh { .. } => "mesh",
             TrainError::Injected { .. } => "injected_fault",
@@ -135,8 +145,11 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Complete checkpoints kept (the oldest are deleted); at least 1.
     pub checkpoint_keep: usize,
-    /// Resume from the newest complete checkpoint in `checkpoint_dir`, if any.
+    /// Resume from the newest intact checkpoint in `checkpoint_dir`, if any.
     pub resume: bool,
+    /// Resume even where the seed, corpus or batch settings differ from the
+    /// checkpoint's (the data order then changes); refused otherwise.
+    pub accept_data_change: bool,
     /// Fault injection for tests: rank `.0` stops with an error at the start
     /// of step `.1` (1-based), as a worker that dies mid-run.
     pub fail_at: Option<(u32, u64)>,
@@ -200,30 +213,6 @@ pub struct StepMetrics {
     /// The step of the checkpoint completed after this step, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
-}
-
-/// What a checkpoint's `state.json` holds besides the tensors.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct CheckpointState {
-    /// Steps completed.
-    pub step: u64,
-    /// The next global sample: the data order continues from here whatever
-    /// the new world size.
-    pub next_sample: u64,
-    pub seed: u64,
-    pub model: ModelSpec,
-    /// World size when it was written (for information: any world may resume).
-    pub world: u32,
-    /// How the batches were drawn; a run resumes only in the same order.
-    #[serde(default = "whole_documents")]
-    pub data_order: DataOrder,
-    /// Where Dataset Decomposition's buckets stand, when the order is that.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub buckets: Option<DecompositionCursor>,
-}
-
-fn whole_documents() -> DataOrder {
-    DataOrder::Documents
 }
 
 /// The planning context for `world` local ranks: one node of `world` GPUs of
@@ -315,15 +304,36 @@ fn mesh_plan_context(
     }))
 }
 
-/// A 52-bit digest of a plan (exact in an f64), to check that every rank
+/// A 64-bit digest (FNV-1a) of a plan's JSON, to check that every rank
 /// planned the same step.
-fn digest(text: &str) -> f64 {
+pub fn plan_digest(plan: &StepPlan) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    // Writing JSON into memory fails only for maps with non-string keys,
+    // which a plan has none of; such a plan digests as its Debug text.
+    let text = serde_json::to_string(plan).unwrap_or_else(|_| format!("{plan:?}"));
     for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h >> 12) as f64
+    h
+}
+
+/// The ranks whose plan digest differs from this rank's, gathered before
+/// the step's first collective (ranks that disagree would otherwise wait on
+/// each other's rings). The digests are gathered whole
+/// ([`ProcessGroup::all_gather_u64`]), so the comparison is exact at any world
+/// size. (A sum of digests compared with `world` times one's own, in an f64,
+/// lost bits past 53 and failed on most world sizes.)
+pub fn ranks_that_planned_otherwise(
+    group: &mut ProcessGroup,
+    plan: &StepPlan,
+    device: tch::Device,
+) -> Result<Vec<u32>, TrainError> {
+    let mine = plan_digest(plan);
+    let all = group.all_gather_u64(mine, device)?;
+    Ok((0..all.len() as u32)
+        .filter(|r| all[*r as usize] != mine)
+        .collect())
 }
 
 fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
@@ -333,98 +343,76 @@ fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
     }
 }
 
-/// Writes a checkpoint into `dir` atomically: it is written under another
-/// name and renamed, so a crash mid-write leaves no partial checkpoint (and
-/// the previous ones whole).
-fn save_checkpoint(
+/// Refuses to resume the checkpoint `state` (in `dir`) with `config` where
+/// it would not continue the same run: another model, or another data order
+/// (seed, corpus, batch settings) unless `config.accept_data_change`, or
+/// another kind of data order, which has no cursor to continue from at all.
+pub fn check_resumable(
     dir: &Path,
-    vs: &VarStore,
-    optimizer: &AdamW,
     state: &CheckpointState,
+    config: &TrainConfig,
+    data: &DataIdentity,
 ) -> Result<(), TrainError> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| checkpoint_error(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".to_string());
-    let staging = parent.join(format!(".{name}.writing"));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| checkpoint_error(&staging, e))?;
-    vs.save(staging.join("model.safetensors"))
-        .map_err(|e| checkpoint_error(&staging, e))?;
-    optimizer.save(&staging.join("optimizer.safetensors"))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| checkpoint_error(&staging, e))?;
-    std::fs::write(staging.join("state.json"), json).map_err(|e| checkpoint_error(&staging, e))?;
-    let old = parent.join(format!(".{name}.old"));
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| checkpoint_error(dir, e))?;
+    if state.model != config.model {
+        return Err(checkpoint_error(
+            dir,
+            format!(
+                "it holds model {}, this run asks for model {}",
+                model_shape(&state.model),
+                model_shape(&config.model)
+            ),
+        ));
     }
-    std::fs::rename(&staging, dir).map_err(|e| checkpoint_error(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-/// The directory of the checkpoint after `step` under `root`.
-pub fn checkpoint_path(root: &Path, step: u64) -> PathBuf {
-    root.join(format!("step-{step:08}"))
-}
-
-/// The complete checkpoints under `root`, oldest first: (step, directory).
-/// A checkpoint is complete once its directory has its final name (it is
-/// written under another name and renamed).
-fn checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
-    if !root.exists() {
-        return Ok(Vec::new());
+    let changes = state.data_changes(data);
+    if !changes.is_empty() && !config.accept_data_change {
+        return Err(checkpoint_error(
+            dir,
+            format!(
+                "resuming it would not continue with the next batch of its run: {}; run with the checkpoint's settings, or pass --accept-data-change to resume with a new data order",
+                changes.join("; ")
+            ),
+        ));
     }
-    let entries = std::fs::read_dir(root).map_err(|e| checkpoint_error(root, e))?;
-    let mut found = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| checkpoint_error(root, e))?.path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(step) = step
-            && path.join("state.json").exists()
-        {
-            found.push((step, path));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// The newest complete checkpoint under `root`, with its state.
-pub fn latest_checkpoint(root: &Path) -> Result<Option<(PathBuf, CheckpointState)>, TrainError> {
-    let Some((_, dir)) = checkpoints(root)?.pop() else {
-        return Ok(None);
-    };
-    Ok(read_checkpoint_state(&dir)?.map(|state| (dir, state)))
-}
-
-/// Deletes all but the newest `keep` checkpoints under `root`.
-fn prune_checkpoints(root: &Path, keep: usize) -> Result<(), TrainError> {
-    let all = checkpoints(root)?;
-    let excess = all.len().saturating_sub(keep);
-    for (_, dir) in all.into_iter().take(excess) {
-        std::fs::remove_dir_all(&dir).map_err(|e| checkpoint_error(&dir, e))?;
+    if state.data_order != config.data_order {
+        return Err(checkpoint_error(
+            dir,
+            format!(
+                "its batches were drawn in data order {:?}, this run asks for {:?}; resume in the same order",
+                state.data_order, config.data_order
+            ),
+        ));
     }
     Ok(())
 }
 
-/// Reads a checkpoint's state, or `None` when `dir` holds none.
-pub fn read_checkpoint_state(dir: &Path) -> Result<Option<CheckpointState>, TrainError> {
-    let path = dir.join("state.json");
-    if !path.exists() {
-        return Ok(None);
+/// What the data order of a run with `config` over `corpus` depends on.
+pub fn data_identity(config: &TrainConfig, corpus: &Corpus) -> DataIdentity {
+    DataIdentity {
+        seed: config.seed,
+        corpus_digest: corpus.digest(),
+        tokens_per_step: config.tokens_per_step,
+        max_seq_len: config.max_seq_len,
+        data_order: config.data_order,
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| checkpoint_error(&path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| checkpoint_error(&path, e))
+}
+
+/// A model's name and dimensions, to tell two models apart that share a name.
+fn model_shape(m: &ModelSpec) -> String {
+    format!(
+        "{:?} ({} layers, hidden {}, {} heads, {} kv heads, ffn {}, vocabulary {})",
+        m.name, m.layers, m.hidden, m.heads, m.kv_heads, m.ffn, m.vocab
+    )
+}
+
+/// Marks a line rank 0 prints on its standard output for the person running
+/// the job (a refused checkpoint, where a run resumes from): `local` shows it
+/// on the terminal, a pod in its log.
+pub const NOTICE_PREFIX: &str = "weft-notice ";
+
+fn notice(rank: u32, text: &str) {
+    if rank == 0 {
+        println!("{NOTICE_PREFIX}{text}");
+    }
 }
 
 /// Where the ranks of a run meet: the store at `store_host:port` (rank 0
@@ -543,58 +531,89 @@ pub fn run_worker(
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &config.model)?.with_precision(config.precision);
+    // Rank 0 writes the checkpoints: it owns the directory while it runs.
+    // (A rank of the previous mesh epoch may still be letting go.)
+    let _lock = match &config.checkpoint_dir {
+        Some(root) if rank == 0 => {
+            let lock = CheckpointLock::acquire(root, Duration::from_secs(30))?;
+            crate::checkpoint::clear_dead_writes(&lock, root)?;
+            Some(lock)
+        }
+        _ => None,
+    };
+    if let Some(skipped) = corpus.skipped_summary() {
+        notice(
+            rank,
+            &format!("the corpus skips what is not a regular file: {skipped}"),
+        );
+    }
+    let data_identity = data_identity(config, &corpus);
     let mut start_step = 0;
     let mut next_sample = 0;
     let mut buckets = DecompositionCursor::default();
     let resumed = match (&config.checkpoint_dir, config.resume) {
-        (Some(root), true) => latest_checkpoint(root)?,
+        (Some(root), true) => {
+            let intact = crate::checkpoint::latest_intact(root)?;
+            match &intact {
+                None => notice(
+                    rank,
+                    &format!(
+                        "no checkpoint in {} yet: starting from step 1",
+                        root.display()
+                    ),
+                ),
+                Some(intact) => {
+                    for (dir, reason) in &intact.refused {
+                        notice(
+                            rank,
+                            &format!("checkpoint {} is refused: {reason}", dir.display()),
+                        );
+                    }
+                    notice(
+                        rank,
+                        &format!(
+                            "resuming from {} (step {})",
+                            intact.dir.display(),
+                            intact.state.step
+                        ),
+                    );
+                }
+            }
+            intact
+        }
         _ => None,
     };
-    if let Some((dir, state)) = &resumed {
-        if state.model != config.model {
-            return Err(checkpoint_error(
-                dir,
-                format!(
-                    "it holds model {:?}, this run asks for {:?}",
-                    state.model.name, config.model.name
-                ),
-            ));
-        }
-        vs.load(dir.join("model.safetensors"))
+    if let Some(intact) = &resumed {
+        let (dir, state) = (&intact.dir, &intact.state);
+        check_resumable(dir, state, config, &data_identity)?;
+        vs.load(dir.join(crate::checkpoint::MODEL_FILE))
             .map_err(|e| checkpoint_error(dir, e))?;
-        if state.data_order != config.data_order {
-            return Err(checkpoint_error(
-                dir,
-                format!(
-                    "its batches were drawn in data order {:?}, this run asks for {:?}; resume in the same order",
-                    state.data_order, config.data_order
-                ),
-            ));
-        }
         start_step = state.step;
         next_sample = state.next_sample;
         buckets = state.buckets.unwrap_or_default();
     }
     // Every rank must resume from the same step: a checkpoint directory that
     // not every worker sees (a volume of one pod's own) would otherwise give
-    // ranks different models.
+    // ranks different models. Each rank's step (0: none found) is gathered
+    // whole.
     if config.resume {
-        // Sums of the step, its square and whether one was found: the
-        // steps are all equal exactly when their variance is zero (exact in
-        // f64 for any step count below 2^26).
-        let step = start_step as f64;
-        let found = if resumed.is_some() { 1.0 } else { 0.0 };
-        let mut sums = Tensor::from_slice(&[step, step * step, found]).f_to_device(device)?;
-        group.all_reduce_sum(&mut sums)?;
-        let n = f64::from(world);
-        let (sum, sum_sq) = (sums.double_value(&[0]), sums.double_value(&[1]));
-        let with_checkpoint = sums.double_value(&[2]) as u32;
-        if sum_sq * n != sum * sum || (with_checkpoint != 0 && with_checkpoint != world) {
+        let mine = if resumed.is_some() { start_step + 1 } else { 0 };
+        let all = group.all_gather_u64(mine, device)?;
+        if all.iter().any(|s| *s != mine) {
+            let with_checkpoint = all.iter().filter(|s| **s > 0).count() as u32;
+            let steps: Vec<String> = all
+                .iter()
+                .enumerate()
+                .map(|(r, s)| match s {
+                    0 => format!("rank {r}: none"),
+                    s => format!("rank {r}: step {}", s - 1),
+                })
+                .collect();
             return Err(TrainError::CheckpointsDiffer {
                 path: config.checkpoint_dir.clone().unwrap_or_default(),
                 with_checkpoint,
                 world,
-                mean_step: sum / n,
+                found: steps.join(", "),
             });
         }
     }
@@ -610,8 +629,8 @@ pub fn run_worker(
             ..config.optimizer.clone()
         },
     )?;
-    if let Some((dir, _)) = &resumed {
-        optimizer.load(&dir.join("optimizer.safetensors"))?;
+    if let Some(intact) = &resumed {
+        optimizer.load(&intact.dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
     }
     let mut stream = Sampler::new(
         &corpus,
@@ -658,26 +677,31 @@ pub fn run_worker(
                 .flat_map(|m| m.groups.iter_mut())
                 .for_each(|g| g.inner_ring = 0);
         }
-        let plan_json = serde_json::to_string(&plan).map_err(|e| TrainError::Plan {
-            step: step + 1,
-            reason: e.to_string(),
-        })?;
+
+        let differing = ranks_that_planned_otherwise(&mut group, &plan, device)?;
+        if !differing.is_empty() {
+            return Err(TrainError::PlanDiverged {
+                step: step + 1,
+                rank,
+                differing,
+            });
+        }
 
         zero_gradients(&params)?;
         let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
-        // One small all-reduce carries the loss, the plan digest and every
-        // rank's figures (each rank fills its own slots).
+        // One small all-reduce carries the loss, whether a newer epoch was
+        // seen, and every rank's figures (each rank fills its own slots).
         const PER_RANK: usize = 4;
-        let mut figures = vec![0f64; 3 + PER_RANK * world as usize];
+        const SHARED: usize = 2;
+        let mut figures = vec![0f64; SHARED + PER_RANK * world as usize];
         figures[0] = outcome.loss_sum;
-        figures[1] = digest(&plan_json);
-        figures[2] = match &config.epoch_watch {
+        figures[1] = match &config.epoch_watch {
             Some((mesh, epoch)) if crate::pod::mesh_is_newer(mesh, *epoch) => 1.0,
             _ => 0.0,
         };
-        let slot = 3 + PER_RANK * rank as usize;
+        let slot = SHARED + PER_RANK * rank as usize;
         figures[slot] = outcome.times.attention_s;
         figures[slot + 1] = outcome.times.remap_s;
         figures[slot + 2] = all_reduce_s;
@@ -685,9 +709,6 @@ pub fn run_worker(
         let mut shared = Tensor::from_slice(&figures).f_to_device(device)?;
         group.all_reduce_sum(&mut shared)?;
         let shared = Vec::<f64>::try_from(&shared)?;
-        if shared[1] != figures[1] * f64::from(world) {
-            return Err(TrainError::PlanDiverged { step: step + 1 });
-        }
         let loss = shared[0] / outcome.predicted as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -699,8 +720,8 @@ pub fn run_worker(
         let step_time_s = started.elapsed().as_secs_f64();
 
         // Any rank that saw a newer epoch stops every rank after this step.
-        let stop_for_epoch = shared[2] > 0.0;
-        let ranks = shared[3..].chunks(PER_RANK);
+        let stop_for_epoch = shared[1] > 0.0;
+        let ranks = shared[SHARED..].chunks(PER_RANK);
         let max_of = |k: usize| ranks.clone().map(|r| r[k]).fold(0.0, f64::max);
         let linear: Vec<f64> = ranks.clone().map(|r| r[3]).collect();
         let mean_linear = linear.iter().sum::<f64>() / linear.len().max(1) as f64;
@@ -751,9 +772,29 @@ pub fn run_worker(
                 world,
                 data_order: config.data_order,
                 buckets: bucket_cursor,
+                corpus_digest: Some(data_identity.corpus_digest.clone()),
+                tokens_per_step: Some(config.tokens_per_step),
+                max_seq_len: Some(config.max_seq_len),
             };
-            save_checkpoint(&checkpoint_path(dir, done), &vs, &optimizer, &state)?;
-            prune_checkpoints(dir, config.checkpoint_keep.max(1))?;
+            crate::checkpoint::check_finite(done, &params)?;
+            // Model, and both AdamW moments of the same size.
+            let tensor_bytes: u64 = params
+                .iter()
+                .map(|(_, p)| 3 * p.numel() as u64 * p.kind().elt_size_in_bytes() as u64)
+                .sum();
+            let request = SaveRequest {
+                root: dir,
+                state: &state,
+                keep: config.checkpoint_keep.max(1),
+                tensor_bytes,
+            };
+            crate::checkpoint::save(&request, |staging| {
+                vs.save(staging.join(crate::checkpoint::MODEL_FILE))
+                    .map_err(|e| e.to_string())?;
+                optimizer
+                    .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
+                    .map_err(|e| e.to_string())
+            })?;
             metrics.checkpoint = Some(done);
         }
         if rank == 0 {
@@ -767,40 +808,4 @@ pub fn run_worker(
     // Nobody leaves while another rank may still need it (rank 0 serves the store).
     group.barrier()?;
     Ok(RunEnd::Finished)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_newest_complete_checkpoints_are_kept() {
-        let root = std::env::temp_dir().join(format!("weft-ckpt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for step in [2u64, 10, 4, 8, 6] {
-            let dir = checkpoint_path(&root, step);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("state.json"), "{}").unwrap();
-        }
-        // Being written (not yet renamed), and a stray directory: not checkpoints.
-        std::fs::create_dir_all(root.join(".step-00000012.writing")).unwrap();
-        std::fs::create_dir_all(root.join("step-00000014")).unwrap();
-        let steps = |root: &Path| -> Vec<u64> {
-            checkpoints(root)
-                .unwrap()
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect()
-        };
-        assert_eq!(steps(&root), vec![2, 4, 6, 8, 10]);
-        prune_checkpoints(&root, 3).unwrap();
-        assert_eq!(steps(&root), vec![6, 8, 10]);
-        assert!(root.join(".step-00000012.writing").exists());
-        assert_eq!(
-            checkpoint_path(&root, 10).file_name().unwrap(),
-            "step-00000010"
-        );
-        assert!(checkpoints(&root.join("absent")).unwrap().is_empty());
-        let _ = std::fs::remove_dir_all(&root);
-    }
 }

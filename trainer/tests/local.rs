@@ -428,7 +428,7 @@ fn bad_input_gets_a_clear_error() {
             "--tokens-per-step",
             "4096",
         ],
-        "to hold one sequence of --max-seq-len",
+        "--tokens-per-step (4096) must hold at least one sequence of --max-seq-len (8192)",
     );
     fails_with(&["--data-order", "shuffled"], "invalid value 'shuffled'");
     fails_with(&["--precision", "fp16"], "invalid value 'fp16'");

@@ -101,9 +101,16 @@ struct TrainArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default = "default_keep")]
     checkpoint_keep: u64,
-    /// Continue from the newest checkpoint in --checkpoint-dir, on any number of ranks.
+    /// Continue from the newest intact checkpoint in --checkpoint-dir, on any
+    /// number of ranks, with exactly the next batch.
     #[arg(long)]
     resume: bool,
+    /// With --resume: accept a seed, corpus, --tokens-per-step or
+    /// --max-seq-len other than the checkpoint's (the data order then
+    /// changes); without it such a resume is refused.
+    #[arg(long, requires = "resume")]
+    #[serde(default)]
+    accept_data_change: bool,
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
     fail_at: Option<String>,
@@ -184,8 +191,29 @@ impl TrainArgs {
         if self.steps == 0 {
             bail!("--steps must be at least 1");
         }
-        if self.run.rank_tokens == Some(0) {
-            bail!("--rank-tokens must be at least 1");
+        // A sample of one token predicts nothing.
+        if self.max_seq_len < 2 {
+            bail!(
+                "--max-seq-len must be at least 2 (a sequence predicts each token from the ones before it), got {}",
+                self.max_seq_len
+            );
+        }
+        if self.tokens_per_step < self.max_seq_len {
+            bail!(
+                "--tokens-per-step ({}) must hold at least one sequence of --max-seq-len ({})",
+                self.tokens_per_step,
+                self.max_seq_len
+            );
+        }
+        if let Some(tokens) = self.run.rank_tokens
+            && tokens < 2
+        {
+            bail!(
+                "--rank-tokens must be at least 2 (a rank's share of a ring is two chunks), got {tokens}"
+            );
+        }
+        if self.run.collective_timeout_s == 0 {
+            bail!("--collective-timeout-s must be at least 1");
         }
         let fail_at = match &self.fail_at {
             None => None,
@@ -209,13 +237,6 @@ impl TrainArgs {
                 if !self.max_seq_len.is_power_of_two() {
                     bail!(
                         "--data-order decomposed needs --max-seq-len to be a power of two (the longest bucket), got {}",
-                        self.max_seq_len
-                    );
-                }
-                if self.max_seq_len > self.tokens_per_step {
-                    bail!(
-                        "--data-order decomposed needs --tokens-per-step ({}) to hold one sequence of --max-seq-len ({})",
-                        self.tokens_per_step,
                         self.max_seq_len
                     );
                 }
@@ -246,12 +267,7 @@ impl TrainArgs {
             strategy: weft_planner::Strategy::parse(&self.strategy)?,
             hierarchical_rings: !self.flat_rings,
             rank_tokens: self.run.rank_tokens,
-            optimizer: AdamWConfig {
-                lr: self.run.lr,
-                warmup_steps: self.run.warmup_steps,
-                clip_norm: self.run.clip_norm,
-                ..Default::default()
-            },
+            optimizer: self.run.optimizer()?,
             precision: match &self.run.precision {
                 Some(text) => Precision::parse(text)?,
                 None => device.default_precision(),
@@ -263,14 +279,40 @@ impl TrainArgs {
                 None => None,
             },
             threads,
-            timeout: Duration::from_secs(self.run.collective_timeout_s.max(1)),
+            timeout: Duration::from_secs(self.run.collective_timeout_s),
             checkpoint_dir: self.checkpoint_dir.clone(),
             checkpoint_every: self.checkpoint_every,
             checkpoint_keep: self.checkpoint_keep.max(1) as usize,
             resume: self.resume,
+            accept_data_change: self.accept_data_change,
             fail_at,
             epoch_watch: None,
         })
+    }
+}
+
+impl RunArgs {
+    /// The optimizer's settings, refused by flag name when they cannot
+    /// train (NaN and infinities included: they do not survive the JSON a
+    /// worker is started with).
+    fn optimizer(&self) -> anyhow::Result<AdamWConfig> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            bail!(
+                "--clip-norm must be a positive number, got {}",
+                self.clip_norm
+            );
+        }
+        let config = AdamWConfig {
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            clip_norm: self.clip_norm,
+            ..Default::default()
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -475,6 +517,12 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
             "--ranks must be at least 2: distributed attention needs a ring of two or more ranks"
         );
     }
+    if cases == 0 {
+        bail!("--cases must be at least 1: with none, nothing would be checked");
+    }
+    if !(tolerance.is_finite() && tolerance > 0.0) {
+        bail!("--tolerance must be a positive number, got {tolerance}");
+    }
     if kill.is_some_and(|k| k >= ranks) {
         bail!("--kill-rank must be below --ranks");
     }
@@ -543,7 +591,15 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
         let verdict = if error <= tolerance { "ok" } else { "FAIL" };
         println!("{name:<16} {error:>12.2e} {tolerance:>12.1e}  {verdict}");
     }
-    Ok(worst.max_error() <= tolerance)
+    let plans_agree = worst.plans_differing == 0 && worst.plans == cases;
+    println!(
+        "{:<16} {:>12} {:>12}  {}",
+        "plans agree",
+        format!("{}/{}", worst.plans - worst.plans_differing, worst.plans),
+        "all",
+        if plans_agree { "ok" } else { "FAIL" }
+    );
+    Ok(worst.max_error() <= tolerance && plans_agree)
 }
 
 /// Marks a worker's metrics line on its standard output.
@@ -610,7 +666,70 @@ fn local(
     // Check everything here first, so a bad flag is one clear error, not N.
     let train = train.settled(ranks)?;
     let config = train.config(threads)?;
-    weft_trainer::data::Corpus::load(&config.data)?;
+    let corpus = weft_trainer::data::Corpus::load(&config.data)?;
+    // The memory the ranks need at least, against what this machine has.
+    let tokens = config
+        .rank_tokens
+        .unwrap_or((config.tokens_per_step as u64).div_ceil(u64::from(ranks)))
+        .min(config.tokens_per_step as u64);
+    let need = weft_trainer::memory::host_need(
+        &config.model,
+        ranks,
+        tokens,
+        config.device,
+        config.precision,
+    );
+    weft_trainer::memory::check_fits(
+        &config.model,
+        tokens,
+        need,
+        weft_trainer::memory::available(),
+    )?;
+    // The longest sequence must fit the ranks, as the planner will plan it.
+    let ctx = weft_trainer::train::local_plan_context(
+        ranks,
+        &config.model,
+        config.rank_tokens,
+        config.profile.as_ref(),
+    )?;
+    let longest = config.max_seq_len as u64;
+    if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest)) {
+        let budget = match config.rank_tokens {
+            Some(tokens) => format!(" of --rank-tokens {tokens}"),
+            None => String::new(),
+        };
+        bail!(
+            "{ranks} rank(s){budget} cannot hold one sequence of --max-seq-len {longest} (the planner: {e}); raise --rank-tokens or --ranks, or lower --max-seq-len"
+        );
+    }
+    if let Some(root) = &config.checkpoint_dir {
+        if config.resume {
+            if !root.is_dir() {
+                bail!(
+                    "--resume: there is no checkpoint directory {} to resume from; leave out --resume to start a new run",
+                    root.display()
+                );
+            }
+            // Refused here, once, as the workers would: a run that is
+            // already complete has nothing to do.
+            if let Ok(Some(intact)) = weft_trainer::checkpoint::latest_intact(root) {
+                let data = weft_trainer::train::data_identity(&config, &corpus);
+                weft_trainer::train::check_resumable(&intact.dir, &intact.state, &config, &data)?;
+                if intact.state.step >= config.steps {
+                    println!(
+                        "the run is already complete: {} is of step {}, and --steps is {}; nothing to train (raise --steps to train further)",
+                        intact.dir.display(),
+                        intact.state.step,
+                        config.steps
+                    );
+                    return Ok(true);
+                }
+            }
+        }
+        // Found now, not after the whole run has trained.
+        weft_trainer::checkpoint::probe_writable(root)?;
+        weft_trainer::checkpoint::CheckpointLock::check_free(root)?;
+    }
     let mut file = match &metrics {
         Some(path) => Some(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -652,12 +771,17 @@ fn local(
             ]
         },
         |rank, line| {
-            let Some(body) = line.strip_prefix(METRICS_PREFIX) else {
-                return;
-            };
             if rank != 0 {
                 return;
             }
+            if let Some(text) = line.strip_prefix(weft_trainer::train::NOTICE_PREFIX) {
+                progress.finish();
+                eprintln!("weft-trainer local: {text}");
+                return;
+            }
+            let Some(body) = line.strip_prefix(METRICS_PREFIX) else {
+                return;
+            };
             if let Ok(m) = serde_json::from_str::<StepMetrics>(body) {
                 progress.show(&m);
                 if let Some(f) = file.as_mut()
@@ -721,10 +845,33 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 checkpoint_every: training.checkpoint.interval_steps,
                 checkpoint_keep: training.checkpoint.keep.max(1),
                 resume: true,
+                accept_data_change: false,
                 fail_at: None,
             };
-            // Check the settings here, once, rather than in every rank.
-            args.config(1)?;
+            // Check the settings here, once, rather than in every rank: and
+            // that one rank fits the pod's memory, and the checkpoints can
+            // be written, before the first step rather than after it.
+            let config = args.config(1)?;
+            let tokens = config
+                .rank_tokens
+                .unwrap_or(config.max_seq_len as u64)
+                .min(config.tokens_per_step as u64);
+            let need = weft_trainer::memory::host_need(
+                &config.model,
+                1,
+                tokens,
+                config.device,
+                config.precision,
+            );
+            weft_trainer::memory::check_fits(
+                &config.model,
+                tokens,
+                need,
+                weft_trainer::memory::available(),
+            )?;
+            if let Some(root) = &config.checkpoint_dir {
+                weft_trainer::checkpoint::probe_writable(root)?;
+            }
             pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?;
             Ok(true)
         }
@@ -865,7 +1012,9 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("weft-trainer: selfcheck: an error is above the tolerance");
+            eprintln!(
+                "weft-trainer: selfcheck: an error is above the tolerance, or the ranks planned differently"
+            );
             ExitCode::FAILURE
         }
         Err(err) => {
