@@ -52,6 +52,8 @@ pub enum CheckpointError {
     Write { path: PathBuf, reason: String },
     #[error("checkpoint {path} is refused: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("checkpoint {path}: {reason}")]
+    Mismatch { path: PathBuf, reason: String },
     #[error(
         "no intact checkpoint in {root}; every one was refused: {}",
         refused.join("; ")
@@ -103,6 +105,7 @@ impl CheckpointError {
             CheckpointError::Corrupt { .. } | CheckpointError::NoneIntact { .. } => {
                 "checkpoint_corrupt"
             }
+            CheckpointError::Mismatch { .. } => "checkpoint_mismatch",
             CheckpointError::Locked { .. } => "checkpoint_locked",
             CheckpointError::Unwritable { .. } => "checkpoint_unwritable",
             CheckpointError::NoSpace { .. } => "checkpoint_space",
@@ -176,9 +179,11 @@ pub struct DataIdentity {
 }
 
 impl CheckpointState {
-    /// How resuming this checkpoint with `run` would change the data order:
-    /// one phrase per setting that differs (none: "exactly the next batch").
-    /// Settings a checkpoint of an older weft did not record are not compared.
+    /// How resuming this checkpoint with `run` would change the batches it
+    /// draws: one phrase per setting that differs (none: "exactly the next
+    /// batch"). Settings a checkpoint of an older weft did not record are not
+    /// compared; the kind of data order is not either (another kind has no
+    /// cursor to continue from at all, which is refused on its own).
     pub fn data_changes(&self, run: &DataIdentity) -> Vec<String> {
         let mut changes = Vec::new();
         if self.seed != run.seed {
@@ -210,12 +215,6 @@ impl CheckpointState {
             changes.push(format!(
                 "--max-seq-len was {longest}, this run's is {}",
                 run.max_seq_len
-            ));
-        }
-        if self.data_order != run.data_order {
-            changes.push(format!(
-                "the data order was {:?}, this run's is {:?} (--data-order)",
-                self.data_order, run.data_order
             ));
         }
         changes
@@ -294,42 +293,79 @@ pub fn checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> 
     Ok(found)
 }
 
+/// A checkpoint [`verify`] accepts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified {
+    pub state: CheckpointState,
+    /// False for a checkpoint written before weft kept manifests: its files
+    /// could not be checked (it is used, and the run says so).
+    pub checked: bool,
+}
+
 /// Checks every file of the checkpoint in `dir` against its manifest and
-/// returns its state; the reason it is not intact otherwise.
-pub fn verify(dir: &Path) -> Result<CheckpointState, String> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-        .map_err(|e| format!("its {MANIFEST_FILE} cannot be read ({e})"))?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| format!("its {MANIFEST_FILE} is not valid ({e})"))?;
-    for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
-        if !manifest.files.contains_key(required) {
-            return Err(format!("its manifest does not list {required}"));
+/// returns its state; the reason it is not intact otherwise. A checkpoint
+/// with no manifest at all is one an older weft wrote (a checkpoint is
+/// renamed to its final name only after its manifest is written): it is
+/// accepted unchecked when its files are there.
+pub fn verify(dir: &Path) -> Result<Verified, String> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let checked = manifest_path.exists();
+    let manifest_step = if checked {
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("its {MANIFEST_FILE} cannot be read ({e})"))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| format!("its {MANIFEST_FILE} is not valid ({e})"))?;
+        for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            if !manifest.files.contains_key(required) {
+                return Err(format!("its manifest does not list {required}"));
+            }
         }
-    }
-    for (name, want) in &manifest.files {
-        let got = sha256_file(&dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
-        if got.bytes != want.bytes {
-            return Err(format!(
-                "{name} holds {} bytes, its manifest says {}",
-                got.bytes, want.bytes
-            ));
+        for (name, want) in &manifest.files {
+            let got = sha256_file(&dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+            if got.bytes != want.bytes {
+                return Err(format!(
+                    "{name} holds {} bytes, its manifest says {}",
+                    got.bytes, want.bytes
+                ));
+            }
+            if got.sha256 != want.sha256 {
+                return Err(format!(
+                    "{name} does not match its SHA-256 in the manifest (the file was changed or damaged)"
+                ));
+            }
         }
-        if got.sha256 != want.sha256 {
-            return Err(format!(
-                "{name} does not match its SHA-256 in the manifest (the file was changed or damaged)"
-            ));
+        Some(manifest.step)
+    } else {
+        for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            if !dir.join(required).is_file() {
+                return Err(format!("it has neither a {MANIFEST_FILE} nor a {required}"));
+            }
         }
-    }
+        None
+    };
     let state = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
     let state: CheckpointState =
         serde_json::from_str(&state).map_err(|e| format!("its {STATE_FILE} is not valid ({e})"))?;
-    if state.step != manifest.step {
+    if manifest_step.is_some_and(|step| step != state.step) {
         return Err(format!(
             "its state is of step {}, its manifest of step {}",
-            state.step, manifest.step
+            state.step,
+            manifest_step.unwrap_or_default()
         ));
     }
-    Ok(state)
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    if named.is_some_and(|step| step != state.step) {
+        return Err(format!(
+            "its directory is named for step {}, its state is of step {}",
+            named.unwrap_or_default(),
+            state.step
+        ));
+    }
+    Ok(Verified { state, checked })
 }
 
 /// The newest intact checkpoint, and those newer than it that were refused.
@@ -337,6 +373,8 @@ pub fn verify(dir: &Path) -> Result<CheckpointState, String> {
 pub struct Intact {
     pub dir: PathBuf,
     pub state: CheckpointState,
+    /// Whether its files were checked against a manifest ([`Verified`]).
+    pub checked: bool,
     /// Newer checkpoints that failed [`verify`]: (directory, reason).
     pub refused: Vec<(PathBuf, String)>,
 }
@@ -348,10 +386,11 @@ pub fn latest_intact(root: &Path) -> Result<Option<Intact>, CheckpointError> {
     let mut refused = Vec::new();
     for (_, dir) in checkpoints(root)?.into_iter().rev() {
         match verify(&dir) {
-            Ok(state) => {
+            Ok(Verified { state, checked }) => {
                 return Ok(Some(Intact {
                     dir,
                     state,
+                    checked,
                     refused,
                 }));
             }
@@ -368,6 +407,22 @@ pub fn latest_intact(root: &Path) -> Result<Option<Intact>, CheckpointError> {
             .map(|(dir, reason)| format!("{}: {reason}", dir.display()))
             .collect(),
     })
+}
+
+/// Moves refused checkpoints out of the way (`step-N` to `.step-N.refused`,
+/// kept for a person to look at): a refused checkpoint newer than the one a
+/// run resumes from would otherwise be taken for the newest and outlive the
+/// checkpoints the run writes. Only the owner of the lock may call this.
+pub fn set_aside(_lock: &CheckpointLock, refused: &[PathBuf]) -> Result<(), CheckpointError> {
+    for dir in refused {
+        let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let aside = dir.with_file_name(format!(".{name}.refused"));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(dir, &aside).map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// Fails with the first parameter that holds a NaN or an infinity: a
@@ -508,6 +563,7 @@ pub fn save(
     std::fs::rename(&staging, &dir).map_err(io(&dir))?;
     let _ = std::fs::remove_dir_all(&old);
     sync_dir(root);
+    crate::fault::reached("checkpoint-renamed");
     prune(root, keep.max(1))?;
     Ok(dir)
 }
@@ -578,17 +634,39 @@ pub fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Removes what writers that died left under `root`: staging directories
-/// (`.step-N.writing`) and replaced checkpoints not yet deleted
-/// (`.step-N.old`). Only the owner of the lock may call this.
+/// Puts right what writers that died left under `root`: a replaced
+/// checkpoint (`.step-N.old`) whose replacement never got its name is
+/// restored, a staged one (`.step-N.writing`) that is complete and intact
+/// takes its final name, and the rest is deleted. Only the owner of the lock
+/// may call this.
 pub fn clear_dead_writes(_lock: &CheckpointLock, root: &Path) -> Result<(), CheckpointError> {
+    let mut leftovers: Vec<(PathBuf, String)> = Vec::new();
     for entry in std::fs::read_dir(root).map_err(io(root))? {
         let path = entry.map_err(io(root))?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let dead = name.is_some_and(|n| {
-            n.starts_with(".step-") && (n.ends_with(".writing") || n.ends_with(".old"))
-        });
-        if dead && path.is_dir() {
+        if let Some(name) = name
+            && name.starts_with(".step-")
+            && (name.ends_with(".writing") || name.ends_with(".old"))
+            && path.is_dir()
+        {
+            leftovers.push((path, name));
+        }
+    }
+    // `.old` first: a restored checkpoint is the one a staged copy of the
+    // same step must not replace.
+    leftovers.sort_by_key(|(_, name)| !name.ends_with(".old"));
+    for (path, name) in leftovers {
+        let final_name = name
+            .trim_start_matches('.')
+            .trim_end_matches(".writing")
+            .trim_end_matches(".old")
+            .to_string();
+        let target = root.join(&final_name);
+        let usable =
+            !target.exists() && (name.ends_with(".old") || verify(&path).is_ok_and(|v| v.checked));
+        if usable {
+            std::fs::rename(&path, &target).map_err(io(&path))?;
+        } else {
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
     }
@@ -610,8 +688,14 @@ pub fn probe_writable(root: &Path) -> Result<(), CheckpointError> {
         });
     }
     std::fs::create_dir_all(root).map_err(|e| unwritable("creating it", e))?;
-    let probe = root.join(format!(".probe-{}", std::process::id()));
-    let renamed = root.join(format!(".probe-{}.renamed", std::process::id()));
+    // Unique across the pods that probe one shared volume at once (each
+    // pod's worker may be process 1).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tag = format!("{}-{}-{nanos}", hostname(), std::process::id());
+    let probe = root.join(format!(".probe-{tag}"));
+    let renamed = root.join(format!(".probe-{tag}.renamed"));
     std::fs::write(&probe, b"weft").map_err(|e| unwritable("writing a file", e))?;
     let renaming = std::fs::rename(&probe, &renamed);
     if let Err(e) = renaming {
@@ -626,6 +710,9 @@ pub fn probe_writable(root: &Path) -> Result<(), CheckpointError> {
 #[derive(Debug)]
 pub struct CheckpointLock {
     _file: File,
+    /// Why the file system gave no lock (it does not support one, as some
+    /// network and FUSE file systems): the run goes on unguarded.
+    pub unsupported: Option<String>,
 }
 
 impl CheckpointLock {
@@ -646,6 +733,12 @@ impl CheckpointLock {
         loop {
             match file.try_lock() {
                 Ok(()) => break,
+                Err(std::fs::TryLockError::Error(e)) if lock_unsupported(&e) => {
+                    return Ok(CheckpointLock {
+                        _file: file,
+                        unsupported: Some(e.to_string()),
+                    });
+                }
                 Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -668,7 +761,10 @@ impl CheckpointLock {
         );
         file.set_len(0).map_err(io(&path))?;
         file.write_all(identity.as_bytes()).map_err(io(&path))?;
-        Ok(CheckpointLock { _file: file })
+        Ok(CheckpointLock {
+            _file: file,
+            unsupported: None,
+        })
     }
 
     /// Whether another process holds the lock on `root` now (for a check
@@ -684,9 +780,22 @@ impl CheckpointLock {
                 path: root.to_path_buf(),
                 owner: lock_owner(root),
             }),
+            Err(std::fs::TryLockError::Error(e)) if lock_unsupported(&e) => Ok(()),
             Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
         }
     }
+}
+
+/// Whether `e` says the file system has no locks (rather than that the
+/// lock could not be taken).
+fn lock_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Unsupported
+        || matches!(
+            e.raw_os_error(),
+            Some(code) if code == rustix::io::Errno::NOLCK.raw_os_error()
+                || code == rustix::io::Errno::OPNOTSUPP.raw_os_error()
+                || code == rustix::io::Errno::NOSYS.raw_os_error()
+        )
 }
 
 /// Who holds the lock on `root`, as the holder wrote it.
@@ -783,7 +892,13 @@ mod tests {
         let root = scratch("verify");
         write(&root, 1, 5);
         let second = write(&root, 2, 5);
-        assert_eq!(verify(&second).unwrap(), state(2));
+        assert_eq!(
+            verify(&second).unwrap(),
+            Verified {
+                state: state(2),
+                checked: true
+            }
+        );
         // One kilobyte of 0xFF inside the optimizer state.
         let optimizer = second.join(OPTIMIZER_FILE);
         let mut bytes = std::fs::read(&optimizer).unwrap();
@@ -796,13 +911,11 @@ mod tests {
         assert_eq!(intact.refused.len(), 1);
         assert_eq!(intact.refused[0].0, second);
 
-        // A truncated file, a missing manifest: refused too; with none
-        // intact, resuming is an error that names each.
+        // A truncated file: refused too; with none intact, resuming is an
+        // error that names each.
         let first = checkpoint_path(&root, 1);
         std::fs::write(first.join(MODEL_FILE), "mod").unwrap();
         assert!(verify(&first).unwrap_err().contains("bytes"));
-        std::fs::remove_file(first.join(MANIFEST_FILE)).unwrap();
-        assert!(verify(&first).unwrap_err().contains(MANIFEST_FILE));
         let err = latest_intact(&root).unwrap_err();
         assert_eq!(err.category(), "checkpoint_corrupt");
         let text = err.to_string();
@@ -814,6 +927,58 @@ mod tests {
         assert!(latest_intact(&empty).unwrap().is_none());
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_dir_all(&empty);
+    }
+
+    #[test]
+    fn a_checkpoint_of_an_older_weft_is_used_unchecked_and_a_misnamed_one_refused() {
+        let root = scratch("older");
+        let dir = write(&root, 3, 5);
+        // Written before manifests: no manifest.json, every other file there.
+        std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
+        let verified = verify(&dir).unwrap();
+        assert!(!verified.checked);
+        assert_eq!(verified.state.step, 3);
+        let intact = latest_intact(&root).unwrap().unwrap();
+        assert!(!intact.checked);
+        std::fs::remove_file(dir.join(MODEL_FILE)).unwrap();
+        assert!(verify(&dir).unwrap_err().contains(MODEL_FILE));
+        // A checkpoint under another step's name.
+        let other = write(&root, 4, 5);
+        let misnamed = root.join("step-00000009");
+        std::fs::rename(&other, &misnamed).unwrap();
+        let reason = verify(&misnamed).unwrap_err();
+        assert!(reason.contains("named for step 9"), "{reason}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn refused_checkpoints_are_set_aside_and_dead_writes_put_right() {
+        let root = scratch("aside");
+        write(&root, 1, 5);
+        let second = write(&root, 2, 5);
+        let lock = CheckpointLock::acquire(&root, Duration::ZERO).unwrap();
+        set_aside(&lock, std::slice::from_ref(&second)).unwrap();
+        assert!(!second.exists());
+        assert!(root.join(".step-00000002.refused").is_dir());
+        assert_eq!(latest_intact(&root).unwrap().unwrap().state.step, 1);
+        // A complete staged checkpoint takes its name; a replaced one whose
+        // replacement never got its name comes back; a partial one goes.
+        let third = write(&root, 3, 5);
+        std::fs::rename(&third, root.join(".step-00000003.writing")).unwrap();
+        let first = checkpoint_path(&root, 1);
+        std::fs::rename(&first, root.join(".step-00000001.old")).unwrap();
+        std::fs::create_dir_all(root.join(".step-00000004.writing")).unwrap();
+        std::fs::write(root.join(".step-00000004.writing").join(MODEL_FILE), "half").unwrap();
+        clear_dead_writes(&lock, &root).unwrap();
+        let steps: Vec<u64> = checkpoints(&root)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, [1, 3]);
+        assert!(!root.join(".step-00000004.writing").exists());
+        assert_eq!(latest_intact(&root).unwrap().unwrap().state.step, 3);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -19,10 +19,11 @@ use crate::model::Precision;
 /// A run that does not fit.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "model {model} does not fit: {ranks} rank(s) need at least {} ({} each: {} for the fp32 weights, gradients and AdamW moments of {:.2}B parameters, {} for the activations of {tokens} tokens), but {} is available ({source_of_limit}); use a smaller model, fewer ranks per machine, or fewer tokens per rank",
+    "model {model} does not fit: {ranks} rank(s) need at least {} ({} each: {} for the {} of {:.2}B parameters, {} for the activations of {tokens} tokens), but {} is available ({source_of_limit}); use a smaller model, fewer ranks per machine, or fewer tokens per rank",
     human_bytes(need.total()),
     human_bytes(need.per_rank()),
     human_bytes(need.states),
+    need.states_are,
     need.params / 1e9,
     human_bytes(need.activations),
     human_bytes(*available)
@@ -47,6 +48,8 @@ impl MemoryError {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MemoryNeed {
     pub params: f64,
+    /// What `states` holds, for people.
+    pub states_are: &'static str,
     /// Per rank: weights, gradients, AdamW moments.
     pub states: u64,
     /// Per rank: activations and logits of its tokens.
@@ -75,7 +78,7 @@ pub fn host_need(
 ) -> MemoryNeed {
     let params = model.params();
     let cost = CostModel::new(model.clone(), CostCoefficients::default());
-    let (states, activations) = match device {
+    let (states_are, states, activations) = match device {
         ComputeDevice::Cpu => {
             // The planner counts activations in bf16; fp32 keeps twice that.
             let width = match precision {
@@ -86,13 +89,22 @@ pub fn host_need(
                 * (cost.activation_bytes_per_token() + cost.attention_bytes_per_token())
                 // Logits, their fp32 log-softmax and its gradient.
                 + 12.0 * f64::from(model.vocab);
-            (16.0 * params, tokens as f64 * per_token)
+            (
+                "fp32 weights, gradients and AdamW moments (16 bytes each)",
+                16.0 * params,
+                tokens as f64 * per_token,
+            )
         }
         // Initial weights are drawn in host memory, then moved to the GPU.
-        ComputeDevice::Cuda => (4.0 * params, 0.0),
+        ComputeDevice::Cuda => (
+            "initial fp32 weights drawn in host memory (4 bytes each)",
+            4.0 * params,
+            0.0,
+        ),
     };
     MemoryNeed {
         params,
+        states_are,
         states: states as u64,
         activations: activations as u64,
         ranks,
@@ -138,6 +150,20 @@ fn cgroup_room() -> Option<u64> {
         .parse()
         .ok()?;
     Some(max.saturating_sub(current))
+}
+
+/// Refuses a run of `ranks` ranks of `model` on this machine, each holding
+/// `tokens` tokens, that needs more memory than this machine (or container)
+/// has available.
+pub fn check_run(
+    model: &ModelSpec,
+    ranks: u32,
+    tokens: u64,
+    device: ComputeDevice,
+    precision: Precision,
+) -> Result<(), MemoryError> {
+    let need = host_need(model, ranks, tokens, device, precision);
+    check_fits(model, tokens, need, available())
 }
 
 /// Refuses a run whose `need` exceeds `available` memory.

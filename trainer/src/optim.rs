@@ -241,6 +241,20 @@ impl AdamW {
         })
     }
 
+    /// The moments by name, as [`AdamW::save`] names them.
+    pub fn moments(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(self.exp_avg.iter().zip(&self.exp_avg_sq))
+            .flat_map(|((name, _), (m, v))| {
+                [
+                    (format!("exp_avg.{name}"), m.shallow_clone()),
+                    (format!("exp_avg_sq.{name}"), v.shallow_clone()),
+                ]
+            })
+            .collect()
+    }
+
     /// Saves the moments and the step count (safetensors).
     pub fn save(&self, path: &Path) -> Result<(), OptimError> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);

@@ -259,10 +259,14 @@ fn check_plans_agree(
     let world = group.world();
     let spec =
         weft_planner::model::ModelSpec::preset("tiny").map_err(|e| planning(e.to_string()))?;
-    let ctx = crate::train::local_plan_context(world, &spec, Some(256), None)
+    // Ranks of 96 tokens (the planner keeps a few per rank for the ring's
+    // chunks), sequences of up to 80 tokens a rank: the longest are split
+    // over every rank, and every one fits.
+    let ctx = crate::train::local_plan_context(world, &spec, Some(96 + 4 * u64::from(world)), None)
         .map_err(|e| planning(e.to_string()))?;
-    let lengths = random_lengths(rng, 24, 1024);
-    let plan = weft_planner::plan_step(weft_planner::Strategy::Weft, &ctx, &lengths, Some(1024))
+    let longest = 80 * u64::from(world);
+    let lengths = random_lengths(rng, 24, longest);
+    let plan = weft_planner::plan_step(weft_planner::Strategy::Weft, &ctx, &lengths, Some(longest))
         .map_err(|e| planning(e.to_string()))?;
     let mine = crate::train::plan_digest(&plan);
     Ok(group

@@ -61,10 +61,8 @@ pub enum TrainError {
         rank: u32,
         differing: Vec<u32>,
     },
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint { path: PathBuf, reason: String },
     #[error(transparent)]
-    Checkpoints(#[from] CheckpointError),
+    Checkpoint(#[from] CheckpointError),
     #[error(
         "step {step}: the loss is {loss} (not finite); stopping rather than training on garbage"
     )]
@@ -74,14 +72,12 @@ pub enum TrainError {
     #[error("mesh {path}: {reason}")]
     Mesh { path: PathBuf, reason: String },
     #[error(
-        "the ranks found different checkpoints in {path} ({with_checkpoint} of {world} ranks found one; {found}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
+        "rank {rank} cannot resume from {path}, the checkpoint rank 0 resumes from ({reason}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
     )]
     CheckpointsDiffer {
         path: PathBuf,
-        with_checkpoint: u32,
-        world: u32,
-        /// What each rank found.
-        found: String,
+        rank: u32,
+        reason: String,
     },
 }
 
@@ -98,8 +94,8 @@ impl TrainError {
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
-            TrainError::Checkpoint { .. } | TrainError::CheckpointsDiffer { .. } => "checkpoint",
-            TrainError::Checkpoints(e) => e.category(),
+            TrainError::CheckpointsDiffer { .. } => "checkpoint",
+            TrainError::Checkpoint(e) => e.category(),
             TrainError::Diverged { .. } => "diverged",
             TrainError::Mesh { .. } => "mesh",
             TrainError::Injected { .. } => "injected_fault",
@@ -337,10 +333,85 @@ pub fn ranks_that_planned_otherwise(
 }
 
 fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
-    TrainError::Checkpoint {
+    TrainError::Checkpoint(CheckpointError::Mismatch {
         path: path.to_path_buf(),
         reason: reason.to_string(),
+    })
+}
+
+/// How long rank 0 waits for the checkpoint directory's lock: longer than a
+/// rank of the previous mesh epoch takes to stop (its drain, then a kill).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Rank 0 takes the checkpoint directory `root`: its lock, what writers that
+/// died left put right, and, to resume, the newest intact checkpoint (newer
+/// ones that are refused are named and set aside). A run that does not
+/// resume is refused a directory that already holds checkpoints: its own
+/// would be mixed with another run's and pruned among them.
+fn own_checkpoints(
+    root: &Path,
+    config: &TrainConfig,
+) -> Result<(CheckpointLock, Option<crate::checkpoint::Intact>), TrainError> {
+    let lock = CheckpointLock::acquire(root, LOCK_WAIT)?;
+    if let Some(reason) = &lock.unsupported {
+        notice(
+            0,
+            &format!(
+                "{} cannot be locked ({reason}): nothing stops another run from writing there too",
+                root.display()
+            ),
+        );
     }
+    crate::checkpoint::clear_dead_writes(&lock, root)?;
+    if !config.resume {
+        if let Some((step, dir)) = crate::checkpoint::checkpoints(root)?.pop() {
+            return Err(checkpoint_error(
+                &dir,
+                format!(
+                    "{} already holds checkpoints (the newest of step {step}); resume that run, or give this one an empty directory",
+                    root.display()
+                ),
+            ));
+        }
+        return Ok((lock, None));
+    }
+    let intact = crate::checkpoint::latest_intact(root)?;
+    match &intact {
+        None => notice(
+            0,
+            &format!(
+                "no checkpoint in {} yet: starting from step 1",
+                root.display()
+            ),
+        ),
+        Some(intact) => {
+            for (dir, reason) in &intact.refused {
+                notice(
+                    0,
+                    &format!(
+                        "checkpoint {} is refused: {reason}; it is set aside",
+                        dir.display()
+                    ),
+                );
+            }
+            let refused: Vec<PathBuf> = intact.refused.iter().map(|(d, _)| d.clone()).collect();
+            crate::checkpoint::set_aside(&lock, &refused)?;
+            let unchecked = if intact.checked {
+                ""
+            } else {
+                " (written before weft kept manifests: its files could not be checked)"
+            };
+            notice(
+                0,
+                &format!(
+                    "resuming from {} (step {}){unchecked}",
+                    intact.dir.display(),
+                    intact.state.step
+                ),
+            );
+        }
+    }
+    Ok((lock, intact))
 }
 
 /// Refuses to resume the checkpoint `state` (in `dir`) with `config` where
@@ -531,16 +602,6 @@ pub fn run_worker(
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &config.model)?.with_precision(config.precision);
-    // Rank 0 writes the checkpoints: it owns the directory while it runs.
-    // (A rank of the previous mesh epoch may still be letting go.)
-    let _lock = match &config.checkpoint_dir {
-        Some(root) if rank == 0 => {
-            let lock = CheckpointLock::acquire(root, Duration::from_secs(30))?;
-            crate::checkpoint::clear_dead_writes(&lock, root)?;
-            Some(lock)
-        }
-        _ => None,
-    };
     if let Some(skipped) = corpus.skipped_summary() {
         notice(
             rank,
@@ -548,73 +609,49 @@ pub fn run_worker(
         );
     }
     let data_identity = data_identity(config, &corpus);
+    // Rank 0 writes the checkpoints: it owns the directory while it runs,
+    // and it alone chooses the checkpoint every rank resumes from.
+    let (_lock, chosen) = match &config.checkpoint_dir {
+        Some(root) if rank == 0 => {
+            let (lock, chosen) = own_checkpoints(root, config)?;
+            (Some(lock), chosen)
+        }
+        _ => (None, None),
+    };
     let mut start_step = 0;
     let mut next_sample = 0;
     let mut buckets = DecompositionCursor::default();
-    let resumed = match (&config.checkpoint_dir, config.resume) {
-        (Some(root), true) => {
-            let intact = crate::checkpoint::latest_intact(root)?;
-            match &intact {
-                None => notice(
-                    rank,
-                    &format!(
-                        "no checkpoint in {} yet: starting from step 1",
-                        root.display()
-                    ),
-                ),
-                Some(intact) => {
-                    for (dir, reason) in &intact.refused {
-                        notice(
-                            rank,
-                            &format!("checkpoint {} is refused: {reason}", dir.display()),
-                        );
-                    }
-                    notice(
+    let mut resumed_from: Option<PathBuf> = None;
+    if let (Some(root), true) = (&config.checkpoint_dir, config.resume) {
+        // Rank 0's choice, to every rank (0: none).
+        let mine = chosen.as_ref().map_or(0, |c| c.state.step + 1);
+        let choice = group.all_gather_u64(mine, device)?[0];
+        let state = match (choice, chosen) {
+            (0, _) => None,
+            (_, Some(intact)) => Some((intact.dir, intact.state)),
+            // The other ranks check the same directory themselves: a
+            // checkpoint directory that not every worker sees (a volume of
+            // one pod's own) would otherwise give ranks different models.
+            (step, None) => {
+                let dir = checkpoint_path(root, step - 1);
+                let verified = crate::checkpoint::verify(&dir).map_err(|reason| {
+                    TrainError::CheckpointsDiffer {
+                        path: dir.clone(),
                         rank,
-                        &format!(
-                            "resuming from {} (step {})",
-                            intact.dir.display(),
-                            intact.state.step
-                        ),
-                    );
-                }
+                        reason,
+                    }
+                })?;
+                Some((dir, verified.state))
             }
-            intact
-        }
-        _ => None,
-    };
-    if let Some(intact) = &resumed {
-        let (dir, state) = (&intact.dir, &intact.state);
-        check_resumable(dir, state, config, &data_identity)?;
-        vs.load(dir.join(crate::checkpoint::MODEL_FILE))
-            .map_err(|e| checkpoint_error(dir, e))?;
-        start_step = state.step;
-        next_sample = state.next_sample;
-        buckets = state.buckets.unwrap_or_default();
-    }
-    // Every rank must resume from the same step: a checkpoint directory that
-    // not every worker sees (a volume of one pod's own) would otherwise give
-    // ranks different models. Each rank's step (0: none found) is gathered
-    // whole.
-    if config.resume {
-        let mine = if resumed.is_some() { start_step + 1 } else { 0 };
-        let all = group.all_gather_u64(mine, device)?;
-        if all.iter().any(|s| *s != mine) {
-            let with_checkpoint = all.iter().filter(|s| **s > 0).count() as u32;
-            let steps: Vec<String> = all
-                .iter()
-                .enumerate()
-                .map(|(r, s)| match s {
-                    0 => format!("rank {r}: none"),
-                    s => format!("rank {r}: step {}", s - 1),
-                })
-                .collect();
-            return Err(TrainError::CheckpointsDiffer {
-                path: config.checkpoint_dir.clone().unwrap_or_default(),
-                with_checkpoint,
-                world,
-                found: steps.join(", "),
-            });
+        };
+        if let Some((dir, state)) = state {
+            check_resumable(&dir, &state, config, &data_identity)?;
+            vs.load(dir.join(crate::checkpoint::MODEL_FILE))
+                .map_err(|e| checkpoint_error(&dir, e))?;
+            start_step = state.step;
+            next_sample = state.next_sample;
+            buckets = state.buckets.unwrap_or_default();
+            resumed_from = Some(dir);
         }
     }
     vs.set_device(device);
@@ -629,8 +666,8 @@ pub fn run_worker(
             ..config.optimizer.clone()
         },
     )?;
-    if let Some(intact) = &resumed {
-        optimizer.load(&intact.dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
+    if let Some(dir) = &resumed_from {
+        optimizer.load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
     }
     let mut stream = Sampler::new(
         &corpus,
@@ -777,6 +814,7 @@ pub fn run_worker(
                 max_seq_len: Some(config.max_seq_len),
             };
             crate::checkpoint::check_finite(done, &params)?;
+            crate::checkpoint::check_finite(done, &optimizer.moments())?;
             // Model, and both AdamW moments of the same size.
             let tensor_bytes: u64 = params
                 .iter()

@@ -32,6 +32,7 @@ fn selfcheck_passes_on_local_ranks_and_reports_every_component() {
         "attention dQ",
         "attention dK",
         "attention dV",
+        "plans agree",
     ] {
         let line = stdout.lines().find(|l| l.starts_with(component)).unwrap();
         assert!(line.ends_with("ok"), "{line}");
@@ -40,7 +41,8 @@ fn selfcheck_passes_on_local_ranks_and_reports_every_component() {
 
 #[test]
 fn a_tolerance_that_cannot_be_met_fails_the_check() {
-    let (ok, stdout, stderr, _) = selfcheck(&["--ranks", "2", "--cases", "2", "--tolerance", "0"]);
+    let (ok, stdout, stderr, _) =
+        selfcheck(&["--ranks", "2", "--cases", "2", "--tolerance", "1e-30"]);
     assert!(!ok, "{stdout}");
     assert!(stdout.contains("FAIL"), "{stdout}");
     assert!(stderr.contains("above the tolerance"), "{stderr}");

@@ -105,12 +105,7 @@ struct TrainArgs {
     /// number of ranks, with exactly the next batch.
     #[arg(long)]
     resume: bool,
-    /// With --resume: accept a seed, corpus, --tokens-per-step or
-    /// --max-seq-len other than the checkpoint's (the data order then
-    /// changes); without it such a resume is refused.
-    #[arg(long, requires = "resume")]
-    #[serde(default)]
-    accept_data_change: bool,
+
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
     fail_at: Option<String>,
@@ -161,6 +156,12 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     profile: Option<PathBuf>,
+    /// When resuming: accept a seed, corpus, tokens per step or longest
+    /// sequence other than the checkpoint's (the batches then change);
+    /// without it such a resume is refused.
+    #[arg(long)]
+    #[serde(default)]
+    accept_data_change: bool,
 }
 
 impl TrainArgs {
@@ -284,7 +285,7 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every,
             checkpoint_keep: self.checkpoint_keep.max(1) as usize,
             resume: self.resume,
-            accept_data_change: self.accept_data_change,
+            accept_data_change: self.run.accept_data_change,
             fail_at,
             epoch_watch: None,
         })
@@ -672,18 +673,12 @@ fn local(
         .rank_tokens
         .unwrap_or((config.tokens_per_step as u64).div_ceil(u64::from(ranks)))
         .min(config.tokens_per_step as u64);
-    let need = weft_trainer::memory::host_need(
+    weft_trainer::memory::check_run(
         &config.model,
         ranks,
         tokens,
         config.device,
         config.precision,
-    );
-    weft_trainer::memory::check_fits(
-        &config.model,
-        tokens,
-        need,
-        weft_trainer::memory::available(),
     )?;
     // The longest sequence must fit the ranks, as the planner will plan it.
     let ctx = weft_trainer::train::local_plan_context(
@@ -702,29 +697,40 @@ fn local(
             "{ranks} rank(s){budget} cannot hold one sequence of --max-seq-len {longest} (the planner: {e}); raise --rank-tokens or --ranks, or lower --max-seq-len"
         );
     }
+    if config.accept_data_change && !config.resume {
+        bail!("--accept-data-change only means something with --resume");
+    }
     if let Some(root) = &config.checkpoint_dir {
-        if config.resume {
-            if !root.is_dir() {
-                bail!(
-                    "--resume: there is no checkpoint directory {} to resume from; leave out --resume to start a new run",
-                    root.display()
-                );
-            }
-            // Refused here, once, as the workers would: a run that is
-            // already complete has nothing to do.
-            if let Ok(Some(intact)) = weft_trainer::checkpoint::latest_intact(root) {
-                let data = weft_trainer::train::data_identity(&config, &corpus);
-                weft_trainer::train::check_resumable(&intact.dir, &intact.state, &config, &data)?;
-                if intact.state.step >= config.steps {
-                    println!(
-                        "the run is already complete: {} is of step {}, and --steps is {}; nothing to train (raise --steps to train further)",
-                        intact.dir.display(),
-                        intact.state.step,
-                        config.steps
-                    );
-                    return Ok(true);
+        let newest = weft_trainer::checkpoint::checkpoints(root)?.pop();
+        match (&newest, config.resume) {
+            // Refused here, once, as rank 0 would.
+            (Some((step, _)), false) => bail!(
+                "{} already holds checkpoints (the newest of step {step}); pass --resume to continue that run, or give this one an empty --checkpoint-dir",
+                root.display()
+            ),
+            // Checked here, once, as the ranks would: a run that is already
+            // complete has nothing to do.
+            (Some(_), true) => {
+                if let Some(intact) = weft_trainer::checkpoint::latest_intact(root)? {
+                    let data = weft_trainer::train::data_identity(&config, &corpus);
+                    weft_trainer::train::check_resumable(
+                        &intact.dir,
+                        &intact.state,
+                        &config,
+                        &data,
+                    )?;
+                    if intact.state.step >= config.steps {
+                        println!(
+                            "the run is already complete: {} is of step {}, and --steps is {}; nothing to train (raise --steps to train further)",
+                            intact.dir.display(),
+                            intact.state.step,
+                            config.steps
+                        );
+                        return Ok(true);
+                    }
                 }
             }
+            (None, _) => {}
         }
         // Found now, not after the whole run has trained.
         weft_trainer::checkpoint::probe_writable(root)?;
@@ -845,29 +851,24 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 checkpoint_every: training.checkpoint.interval_steps,
                 checkpoint_keep: training.checkpoint.keep.max(1),
                 resume: true,
-                accept_data_change: false,
                 fail_at: None,
             };
             // Check the settings here, once, rather than in every rank: and
             // that one rank fits the pod's memory, and the checkpoints can
             // be written, before the first step rather than after it.
             let config = args.config(1)?;
+            // (How many ranks the pod runs is known only from the mesh:
+            // one at least.)
             let tokens = config
                 .rank_tokens
                 .unwrap_or(config.max_seq_len as u64)
                 .min(config.tokens_per_step as u64);
-            let need = weft_trainer::memory::host_need(
+            weft_trainer::memory::check_run(
                 &config.model,
                 1,
                 tokens,
                 config.device,
                 config.precision,
-            );
-            weft_trainer::memory::check_fits(
-                &config.model,
-                tokens,
-                need,
-                weft_trainer::memory::available(),
             )?;
             if let Some(root) = &config.checkpoint_dir {
                 weft_trainer::checkpoint::probe_writable(root)?;
