@@ -69,6 +69,8 @@ pub enum ControllerError {
     Serialise(String),
     #[error("the node or pod cache stopped (its watch ended)")]
     CacheGone,
+    #[error("the node and pod caches did not fill within {0} s (are nodes and pods readable?)")]
+    CachesNotSynced(u64),
     #[error(
         "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
     )]
@@ -83,7 +85,7 @@ impl ControllerError {
             ControllerError::Build(e) => e.category(),
             ControllerError::NoNamespace => "job_metadata",
             ControllerError::Serialise(_) => "status",
-            ControllerError::CacheGone => "cache",
+            ControllerError::CacheGone | ControllerError::CachesNotSynced(_) => "cache",
             ControllerError::Conflict => "conflict",
         }
     }
@@ -176,20 +178,121 @@ pub struct Context {
     /// Every pod of the cluster, for the GPUs each node has left (slimmed:
     /// see [`slim_pod`]). A job's own pods are listed afresh each reconcile.
     pub pods: Store<Pod>,
+    /// GPUs given to workers that the pod cache may not hold yet.
+    pub claims: Claims,
+    /// Turns true once both caches hold a full list.
+    synced: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The GPUs this operator has just given to new workers, until the pod
+/// cache holds their pods: without them, jobs planned one after another
+/// within the cache's delay all see the same GPUs free, and the later
+/// ones' workers wait unschedulable until their nodes are shunned.
+/// Planning takes the ledger's lock, so two jobs never plan side by side.
+#[derive(Debug, Default)]
+pub struct Claims {
+    ledger: tokio::sync::Mutex<Vec<Claim>>,
+}
+
+#[derive(Clone, Debug)]
+struct Claim {
+    namespace: String,
+    pod: String,
+    node: String,
+    gpus: u32,
+    /// Once created; a claim is settled when the cache holds this pod.
+    uid: Option<String>,
+    since: std::time::Instant,
+}
+
+/// How long a claim counts at most (a pod the cache never shows, or whose
+/// creation was never settled).
+const CLAIM_TTL: Duration = Duration::from_secs(120);
+
+impl Claims {
+    /// The cluster's pods as the cache holds them, plus a stand-in pod for
+    /// each claim the cache does not hold yet; claims it holds, and stale
+    /// ones, are dropped. Hold the returned guard while planning and
+    /// recording the new claims.
+    async fn pods_with_claims(
+        &self,
+        cached: Vec<Arc<Pod>>,
+    ) -> (Vec<Arc<Pod>>, tokio::sync::MutexGuard<'_, Vec<Claim>>) {
+        let mut ledger = self.ledger.lock().await;
+        let uids: BTreeSet<&str> = cached
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        ledger.retain(|c| {
+            c.since.elapsed() < CLAIM_TTL && c.uid.as_deref().is_none_or(|u| !uids.contains(u))
+        });
+        let mut pods = cached.clone();
+        pods.extend(ledger.iter().map(|c| Arc::new(claimed_pod(c))));
+        (pods, ledger)
+    }
+
+    /// The pod `name` of `namespace` was created as `uid`, or (`None`) was
+    /// not: its claim is settled by the cache, or dropped.
+    async fn created(&self, namespace: &str, name: &str, uid: Option<String>) {
+        let mut ledger = self.ledger.lock().await;
+        match uid {
+            Some(uid) => ledger
+                .iter_mut()
+                .filter(|c| c.namespace == namespace && c.pod == name)
+                .for_each(|c| c.uid = Some(uid.clone())),
+            None => ledger.retain(|c| !(c.namespace == namespace && c.pod == name)),
+        }
+    }
+}
+
+/// A stand-in for a claimed worker, as GPU accounting reads pods.
+fn claimed_pod(claim: &Claim) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(claim.pod.clone()),
+            namespace: Some(claim.namespace.clone()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(claim.node.clone()),
+            containers: vec![Container {
+                name: "claim".to_string(),
+                resources: Some(ResourceRequirements {
+                    limits: Some(BTreeMap::from([(
+                        RESOURCE_GPU.to_string(),
+                        Quantity(claim.gpus.to_string()),
+                    )])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 impl Context {
-    /// A context whose node and pod caches are fed by watches: the pods' runs
-    /// as long as the returned task does; the nodes' is the returned stream,
-    /// which yields once the cache holds each change that matters to a mesh
-    /// (so a reconcile it triggers sees the change).
+    /// A context whose node and pod caches are fed by watches that run on
+    /// tasks of their own, as long as the returned tasks do; the returned
+    /// stream yields once the node cache holds each change that matters to a
+    /// mesh (so a reconcile it triggers sees the change), several changes
+    /// coalesced into one while the controller is busy.
+    ///
+    /// Reconciles wait for the caches through a watch channel that one task
+    /// of its own sets, never on the stores themselves: a store's
+    /// `wait_until_ready` wakes only the last task that polled it (it holds
+    /// one oneshot receiver), so reconciles of several jobs waiting at once
+    /// after a start or a failover hung for ever but one.
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
     ) -> (
         Self,
         impl futures::Stream<Item = ()> + Send + 'static,
-        tokio::task::JoinHandle<()>,
+        Vec<tokio::task::JoinHandle<()>>,
     ) {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
@@ -197,27 +300,67 @@ impl Context {
         };
         let (nodes, node_writer) = reflector::store::<Node>();
         let (pods, pod_writer) = reflector::store::<Pod>();
-        let node_changes = node_changes(
+        // Room for one signal: a change while one waits is already covered.
+        let (mut changed, node_changed) = futures::channel::mpsc::channel::<()>(1);
+        let node_watch = node_changes(
             watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
                 .default_backoff()
                 .modify(slim_node)
                 .reflect(node_writer),
-        );
+        )
+        .for_each(move |()| {
+            // Full: a signal is waiting already; closed: the controller stopped.
+            let _ = changed.try_send(());
+            std::future::ready(())
+        });
         let pod_watch = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(slim_pod)
             .reflect(pod_writer)
             .for_each(|_| std::future::ready(()));
+        let (synced_tx, synced) = tokio::sync::watch::channel(false);
+        let waiter = {
+            let (nodes, pods, metrics) = (nodes.clone(), pods.clone(), metrics.clone());
+            tokio::spawn(async move {
+                // The only task that waits on the stores.
+                if nodes.wait_until_ready().await.is_ok() && pods.wait_until_ready().await.is_ok() {
+                    metrics.set_caches_synced(true);
+                    let _ = synced_tx.send(true);
+                }
+            })
+        };
+        metrics.set_caches_synced(false);
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
             nodes,
             pods,
+            claims: Claims::default(),
+            synced,
         };
-        (ctx, node_changes, tokio::spawn(pod_watch))
+        (
+            ctx,
+            node_changed,
+            vec![tokio::spawn(node_watch), tokio::spawn(pod_watch), waiter],
+        )
+    }
+
+    /// Waits until both caches hold a full list, for at most [`CACHE_WAIT`].
+    async fn caches_synced(&self) -> Result<(), ControllerError> {
+        let mut synced = self.synced.clone();
+        match tokio::time::timeout(CACHE_WAIT, synced.wait_for(|s| *s)).await {
+            Ok(Ok(_)) => Ok(()),
+            // The waiting task ended without the caches: their watches stopped.
+            Ok(Err(_)) => Err(ControllerError::CacheGone),
+            Err(_) => Err(ControllerError::CachesNotSynced(CACHE_WAIT.as_secs())),
+        }
     }
 }
+
+/// How long a reconcile waits for the node and pod caches before it gives
+/// up and is retried (a reconcile that waited for ever would hold its job).
+const CACHE_WAIT: Duration = Duration::from_secs(30);
 
 /// One item per change of a node that can change a mesh: a node added or
 /// deleted, or a change of its labels, NIC annotation, taints, cordon,
@@ -410,18 +553,13 @@ async fn reconcile_job(
 
     // Observe: nodes and the cluster's pods from the watch caches, the job's
     // own pods afresh.
-    async {
-        ctx.nodes.wait_until_ready().await?;
-        ctx.pods.wait_until_ready().await
-    }
-    .instrument(tracing::info_span!("wait_for_caches"))
-    .await
-    .map_err(|_| ControllerError::CacheGone)?;
+    ctx.caches_synced()
+        .instrument(tracing::info_span!("wait_for_caches"))
+        .await?;
     // Shared handles to the cached objects: nothing of the cluster is copied.
     let node_list = ctx.nodes.state();
     let (mut cluster_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
     crate::inventory::fit_to_job(&mut cluster_nodes, &node_list, &job.spec.scheduling);
-    let all_pods = ctx.pods.state();
     let job_pods = pods
         .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
         .instrument(tracing::info_span!("list_job_pods"))
@@ -594,7 +732,10 @@ async fn reconcile_job(
         .await?
         .and_then(|cm| cm.data?.get("mesh.json").cloned())
         .and_then(|text| serde_json::from_str(&text).ok());
-    let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &all_pods, &job_pods);
+    // The free GPUs as of now: the cache's pods and the workers just given
+    // GPUs; the ledger stays locked until this job's new workers are in it.
+    let (accounted, mut ledger) = ctx.claims.pods_with_claims(ctx.pods.state()).await;
+    let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &accounted, &job_pods);
     let previous_epoch = job
         .status
         .as_ref()
@@ -638,6 +779,24 @@ async fn reconcile_job(
             };
             mesh
         });
+
+    if let Ok(mesh) = &planned {
+        let kept: BTreeSet<&str> = existing.iter().map(|w| w.name.as_str()).collect();
+        ledger.extend(
+            mesh.workers
+                .iter()
+                .filter(|w| !kept.contains(w.name.as_str()))
+                .map(|w| Claim {
+                    namespace: namespace.clone(),
+                    pod: w.name.clone(),
+                    node: w.node.clone(),
+                    gpus: w.gpus,
+                    uid: None,
+                    since: std::time::Instant::now(),
+                }),
+        );
+    }
+    drop(ledger);
 
     // Build and apply.
     let mut status = job.status.clone().unwrap_or_default();
@@ -690,9 +849,13 @@ async fn reconcile_job(
                 .collect();
             let created: Vec<Result<(), kube::Error>> = futures::stream::iter(missing)
                 .map(|pod: Pod| {
-                    let pods = pods.clone();
+                    let (pods, claims, namespace) = (pods.clone(), &ctx.claims, &namespace);
                     async move {
-                        match pods.create(&PostParams::default(), &pod).await {
+                        let name = pod.name_any();
+                        let result = pods.create(&PostParams::default(), &pod).await;
+                        let uid = result.as_ref().ok().and_then(|p| p.metadata.uid.clone());
+                        claims.created(namespace, &name, uid).await;
+                        match result {
                             Ok(_) => Ok(()),
                             // Created by an earlier reconcile that did not see it yet.
                             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -937,19 +1100,30 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let (ctx, node_changes, pod_cache) = Context::new(client.clone(), metrics.clone());
-    let _stop_pod_cache = AbortOnDrop(vec![pod_cache]);
+    let (ctx, node_changes, caches) = Context::new(client.clone(), metrics.clone());
+    let ctx = Arc::new(ctx);
+    let _stop_caches = AbortOnDrop(caches);
+    // Ready (for /readyz) once the caches are full (set by the context) and
+    // while the job watch works: a leader that cannot reconcile says so.
+    metrics.set_jobs_watch_ok(true);
     let controller = Controller::new(jobs, watcher::Config::default());
     let store = controller.store();
     metrics.watch_jobs(store.clone());
+    let outcomes = metrics.clone();
     controller
         .owns(pods, watcher::Config::default().labels(LABEL_JOB))
         .reconcile_all_on(node_changes)
-        .run(reconcile, error_policy, Arc::new(ctx))
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller");
+        .run(reconcile, error_policy, ctx)
+        .for_each(move |result| {
+            match &result {
+                Err(kube::runtime::controller::Error::QueueError(e)) => {
+                    tracing::warn!(error = %e, "the TrainingJob or pod watch failed; retrying");
+                    outcomes.set_jobs_watch_ok(false);
+                }
+                Err(e) => tracing::debug!(error = %e, "controller"),
+                Ok(_) => outcomes.set_jobs_watch_ok(true),
             }
+            std::future::ready(())
         })
         .await;
 }
@@ -1001,6 +1175,45 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[tokio::test]
+    async fn claimed_gpus_count_until_the_cache_holds_their_pods() {
+        let claims = Claims::default();
+        let claim = |pod: &str, node: &str| Claim {
+            namespace: "ns".to_string(),
+            pod: pod.to_string(),
+            node: node.to_string(),
+            gpus: 2,
+            uid: None,
+            since: std::time::Instant::now(),
+        };
+        {
+            let (pods, mut ledger) = claims.pods_with_claims(Vec::new()).await;
+            assert!(pods.is_empty());
+            ledger.push(claim("a-worker-0", "n1"));
+            ledger.push(claim("b-worker-0", "n1"));
+        }
+        // Another job planning now sees both workers' GPUs as taken.
+        let (pods, ledger) = claims.pods_with_claims(Vec::new()).await;
+        assert_eq!(pods.len(), 2);
+        assert_eq!(pods.iter().map(|p| gpus_requested(p)).sum::<u32>(), 4);
+        assert_eq!(pinned_or_bound(&pods[0]), Some("n1".to_string()));
+        drop(ledger);
+        // Created: settled once the cache holds the pod; refused: dropped.
+        claims
+            .created("ns", "a-worker-0", Some("uid-a".to_string()))
+            .await;
+        claims.created("ns", "b-worker-0", None).await;
+        let mut cached = claimed_pod(&claim("a-worker-0", "n1"));
+        cached.metadata.uid = Some("uid-a".to_string());
+        let (pods, ledger) = claims.pods_with_claims(vec![Arc::new(cached)]).await;
+        assert_eq!(pods.len(), 1, "only the cached pod");
+        assert!(ledger.is_empty());
+    }
+
+    fn pinned_or_bound(pod: &Pod) -> Option<String> {
+        pod.spec.as_ref()?.node_name.clone()
     }
 
     #[test]

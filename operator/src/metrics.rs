@@ -68,6 +68,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// 1 once the operator has reached the API server.
     pub ready: AtomicBool,
+    /// While leading: the node and pod caches hold a full list.
+    caches_synced: AtomicBool,
+    /// While leading: the TrainingJob and pod watches last worked.
+    jobs_watch_ok: AtomicBool,
     jobs: Family<Labels, Gauge>,
     workers_ready: Family<Labels, Gauge>,
     workers_desired: Family<Labels, Gauge>,
@@ -89,6 +93,36 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// While leading: whether the node and pod caches hold a full list.
+    pub fn set_caches_synced(&self, synced: bool) {
+        self.caches_synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// While leading: whether the TrainingJob and pod watches last worked.
+    pub fn set_jobs_watch_ok(&self, ok: bool) {
+        self.jobs_watch_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Why `/readyz` says no: not connected yet, or leading without being
+    /// able to reconcile (caches not synced, the job watch failing). A
+    /// standby is ready when connected: it is ready to lead.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("not connected to the API server yet");
+        }
+        if self.leader.get() == 1 {
+            if !self.caches_synced.load(Ordering::Relaxed) {
+                return Some("leading, but the node and pod caches are not synced yet");
+            }
+            if !self.jobs_watch_ok.load(Ordering::Relaxed) {
+                return Some(
+                    "leading, but the TrainingJob or pod watch is failing (the operator's log says why)",
+                );
+            }
+        }
+        None
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weft");
         let reconciles = Counter::default();
@@ -141,6 +175,8 @@ impl Metrics {
             reconcile_seconds,
             leader,
             ready: AtomicBool::new(false),
+            caches_synced: AtomicBool::new(false),
+            jobs_watch_ok: AtomicBool::new(true),
             jobs,
             workers_ready,
             workers_desired,
@@ -229,14 +265,14 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
             metrics.render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "text/plain", "ok\n".to_string())
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not connected to the API server yet\n".to_string(),
-        ),
+        "/readyz" => match metrics.not_ready_reason() {
+            None => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{reason}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -359,6 +395,23 @@ mod tests {
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         metrics.ready.store(true, Ordering::Relaxed);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        // A leader is ready only while it can reconcile.
+        metrics.leader.set(1);
+        let not_synced = get("/readyz").await;
+        assert!(
+            not_synced.starts_with("HTTP/1.1 503") && not_synced.contains("caches are not synced"),
+            "{not_synced}"
+        );
+        metrics.set_caches_synced(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        metrics.set_jobs_watch_ok(false);
+        let failing = get("/readyz").await;
+        assert!(
+            failing.starts_with("HTTP/1.1 503") && failing.contains("watch is failing"),
+            "{failing}"
+        );
+        metrics.set_jobs_watch_ok(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let text = get("/metrics").await;
         assert!(text.contains("weft_reconciles_total 0"), "{text}");
