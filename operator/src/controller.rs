@@ -178,108 +178,54 @@ pub struct Context {
     /// Every pod of the cluster, for the GPUs each node has left (slimmed:
     /// see [`slim_pod`]). A job's own pods are listed afresh each reconcile.
     pub pods: Store<Pod>,
-    /// GPUs given to workers that the pod cache may not hold yet.
-    pub claims: Claims,
+    /// One job plans at a time (see [`Planning`]).
+    pub planning: Planning,
     /// Turns true once both caches hold a full list.
     synced: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The GPUs this operator has just given to new workers, until the pod
-/// cache holds their pods: without them, jobs planned one after another
-/// within the cache's delay all see the same GPUs free, and the later
-/// ones' workers wait unschedulable until their nodes are shunned.
-/// Planning takes the ledger's lock, so two jobs never plan side by side.
+/// Jobs plan one at a time, each until the pod cache holds the workers it
+/// created: without it, jobs planned within the cache's delay all count the
+/// same GPUs free, and the later ones' workers wait unschedulable until
+/// their nodes are shunned.
 #[derive(Debug, Default)]
-pub struct Claims {
-    ledger: tokio::sync::Mutex<Vec<Claim>>,
+pub struct Planning {
+    turn: tokio::sync::Mutex<()>,
 }
 
-#[derive(Clone, Debug)]
-struct Claim {
-    namespace: String,
-    pod: String,
-    node: String,
-    gpus: u32,
-    /// Once created; a claim is settled when the cache holds this pod.
-    uid: Option<String>,
-    since: std::time::Instant,
-}
+/// How long a job's turn waits for the cache to show the pods it created.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
 
-/// How long a claim counts at most (a pod the cache never shows, or whose
-/// creation was never settled).
-const CLAIM_TTL: Duration = Duration::from_secs(120);
-
-impl Claims {
-    /// The cluster's pods as the cache holds them, plus a stand-in pod for
-    /// each claim the cache does not hold yet; claims it holds, and stale
-    /// ones, are dropped. Hold the returned guard while planning and
-    /// recording the new claims.
-    async fn pods_with_claims(
-        &self,
-        cached: Vec<Arc<Pod>>,
-    ) -> (Vec<Arc<Pod>>, tokio::sync::MutexGuard<'_, Vec<Claim>>) {
-        let mut ledger = self.ledger.lock().await;
-        let uids: BTreeSet<&str> = cached
-            .iter()
-            .filter_map(|p| p.metadata.uid.as_deref())
-            .collect();
-        ledger.retain(|c| {
-            c.since.elapsed() < CLAIM_TTL && c.uid.as_deref().is_none_or(|u| !uids.contains(u))
-        });
-        let mut pods = cached.clone();
-        pods.extend(ledger.iter().map(|c| Arc::new(claimed_pod(c))));
-        (pods, ledger)
-    }
-
-    /// The pod `name` of `namespace` was created as `uid`, or (`None`) was
-    /// not: its claim is settled by the cache, or dropped.
-    async fn created(&self, namespace: &str, name: &str, uid: Option<String>) {
-        let mut ledger = self.ledger.lock().await;
-        match uid {
-            Some(uid) => ledger
-                .iter_mut()
-                .filter(|c| c.namespace == namespace && c.pod == name)
-                .for_each(|c| c.uid = Some(uid.clone())),
-            None => ledger.retain(|c| !(c.namespace == namespace && c.pod == name)),
+impl Planning {
+    /// Waits (for at most [`CACHE_CATCH_UP`]) until `cache` holds every pod
+    /// of `uids`.
+    async fn cache_holds(cache: &Store<Pod>, uids: &[String]) {
+        let deadline = tokio::time::Instant::now() + CACHE_CATCH_UP;
+        while tokio::time::Instant::now() < deadline {
+            let held: BTreeSet<String> = cache
+                .state()
+                .iter()
+                .filter_map(|p| p.metadata.uid.clone())
+                .collect();
+            if uids.iter().all(|u| held.contains(u)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-/// A stand-in for a claimed worker, as GPU accounting reads pods.
-fn claimed_pod(claim: &Claim) -> Pod {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-    Pod {
-        metadata: kube::api::ObjectMeta {
-            name: Some(claim.pod.clone()),
-            namespace: Some(claim.namespace.clone()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(claim.node.clone()),
-            containers: vec![Container {
-                name: "claim".to_string(),
-                resources: Some(ResourceRequirements {
-                    limits: Some(BTreeMap::from([(
-                        RESOURCE_GPU.to_string(),
-                        Quantity(claim.gpus.to_string()),
-                    )])),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: None,
+        tracing::debug!(
+            pods = uids.len(),
+            "the pod cache did not show new workers in time"
+        );
     }
 }
 
 impl Context {
     /// A context whose node and pod caches are fed by watches that run on
     /// tasks of their own, as long as the returned tasks do; the returned
-    /// stream yields once the node cache holds each change that matters to a
-    /// mesh (so a reconcile it triggers sees the change), several changes
-    /// coalesced into one while the controller is busy.
+    /// stream yields once the caches hold each change that matters to a mesh
+    /// (a node's, or GPUs freed by a pod), so a reconcile it triggers sees
+    /// the change; several changes are coalesced into one while the
+    /// controller is busy.
     ///
     /// Reconciles wait for the caches through a watch channel that one task
     /// of its own sets, never on the stores themselves: a store's
@@ -302,6 +248,7 @@ impl Context {
         let (pods, pod_writer) = reflector::store::<Pod>();
         // Room for one signal: a change while one waits is already covered.
         let (mut changed, node_changed) = futures::channel::mpsc::channel::<()>(1);
+        let mut freed = changed.clone();
         let node_watch = node_changes(
             watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
                 .default_backoff()
@@ -313,11 +260,24 @@ impl Context {
             let _ = changed.try_send(());
             std::future::ready(())
         });
+        // GPUs freed anywhere (a pod that held some deleted or ended) wake
+        // every job too: a job waiting for capacity need not wait for its
+        // next look.
         let pod_watch = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(slim_pod)
             .reflect(pod_writer)
-            .for_each(|_| std::future::ready(()));
+            .for_each(move |event| {
+                let frees = match &event {
+                    Ok(watcher::Event::Delete(pod)) => gpus_requested(pod) > 0,
+                    Ok(watcher::Event::Apply(pod)) => gpus_requested(pod) > 0 && terminal(pod),
+                    _ => false,
+                };
+                if frees {
+                    let _ = freed.try_send(());
+                }
+                std::future::ready(())
+            });
         let (synced_tx, synced) = tokio::sync::watch::channel(false);
         let waiter = {
             let (nodes, pods, metrics) = (nodes.clone(), pods.clone(), metrics.clone());
@@ -336,7 +296,7 @@ impl Context {
             metrics,
             nodes,
             pods,
-            claims: Claims::default(),
+            planning: Planning::default(),
             synced,
         };
         (
@@ -732,9 +692,10 @@ async fn reconcile_job(
         .await?
         .and_then(|cm| cm.data?.get("mesh.json").cloned())
         .and_then(|text| serde_json::from_str(&text).ok());
-    // The free GPUs as of now: the cache's pods and the workers just given
-    // GPUs; the ledger stays locked until this job's new workers are in it.
-    let (accounted, mut ledger) = ctx.claims.pods_with_claims(ctx.pods.state()).await;
+    // This job's turn to plan: the cache holds the workers of jobs planned
+    // before it (the turn ends once it holds this job's new ones).
+    let turn = ctx.planning.turn.lock().await;
+    let accounted = ctx.pods.state();
     let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &accounted, &job_pods);
     let previous_epoch = job
         .status
@@ -779,24 +740,6 @@ async fn reconcile_job(
             };
             mesh
         });
-
-    if let Ok(mesh) = &planned {
-        let kept: BTreeSet<&str> = existing.iter().map(|w| w.name.as_str()).collect();
-        ledger.extend(
-            mesh.workers
-                .iter()
-                .filter(|w| !kept.contains(w.name.as_str()))
-                .map(|w| Claim {
-                    namespace: namespace.clone(),
-                    pod: w.name.clone(),
-                    node: w.node.clone(),
-                    gpus: w.gpus,
-                    uid: None,
-                    since: std::time::Instant::now(),
-                }),
-        );
-    }
-    drop(ledger);
 
     // Build and apply.
     let mut status = job.status.clone().unwrap_or_default();
@@ -847,18 +790,14 @@ async fn reconcile_job(
                 .filter(|p| !present.contains(&p.name_any()))
                 .cloned()
                 .collect();
-            let created: Vec<Result<(), kube::Error>> = futures::stream::iter(missing)
+            let created: Vec<Result<Option<String>, kube::Error>> = futures::stream::iter(missing)
                 .map(|pod: Pod| {
-                    let (pods, claims, namespace) = (pods.clone(), &ctx.claims, &namespace);
+                    let pods = pods.clone();
                     async move {
-                        let name = pod.name_any();
-                        let result = pods.create(&PostParams::default(), &pod).await;
-                        let uid = result.as_ref().ok().and_then(|p| p.metadata.uid.clone());
-                        claims.created(namespace, &name, uid).await;
-                        match result {
-                            Ok(_) => Ok(()),
+                        match pods.create(&PostParams::default(), &pod).await {
+                            Ok(made) => Ok(made.metadata.uid),
                             // Created by an earlier reconcile that did not see it yet.
-                            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                            Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
                             Err(e) => Err(e),
                         }
                     }
@@ -867,7 +806,14 @@ async fn reconcile_job(
                 .collect()
                 .instrument(tracing::info_span!("create_pods"))
                 .await;
-            created.into_iter().collect::<Result<Vec<()>, _>>()?;
+            let created: Vec<String> = created
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+            Planning::cache_holds(&ctx.pods, &created).await;
+            drop(turn);
             if status.start_time.is_none() {
                 status.start_time = Some(now.clone());
             }
@@ -907,6 +853,7 @@ async fn reconcile_job(
             }
         }
         Err(err) => {
+            drop(turn);
             // Below min (or never started): hold no GPUs while waiting, so
             // two half-placed gangs can never deadlock each other.
             if live > 0 {
@@ -1175,45 +1122,6 @@ mod tests {
                 ..Default::default()
             }),
         }
-    }
-
-    #[tokio::test]
-    async fn claimed_gpus_count_until_the_cache_holds_their_pods() {
-        let claims = Claims::default();
-        let claim = |pod: &str, node: &str| Claim {
-            namespace: "ns".to_string(),
-            pod: pod.to_string(),
-            node: node.to_string(),
-            gpus: 2,
-            uid: None,
-            since: std::time::Instant::now(),
-        };
-        {
-            let (pods, mut ledger) = claims.pods_with_claims(Vec::new()).await;
-            assert!(pods.is_empty());
-            ledger.push(claim("a-worker-0", "n1"));
-            ledger.push(claim("b-worker-0", "n1"));
-        }
-        // Another job planning now sees both workers' GPUs as taken.
-        let (pods, ledger) = claims.pods_with_claims(Vec::new()).await;
-        assert_eq!(pods.len(), 2);
-        assert_eq!(pods.iter().map(|p| gpus_requested(p)).sum::<u32>(), 4);
-        assert_eq!(pinned_or_bound(&pods[0]), Some("n1".to_string()));
-        drop(ledger);
-        // Created: settled once the cache holds the pod; refused: dropped.
-        claims
-            .created("ns", "a-worker-0", Some("uid-a".to_string()))
-            .await;
-        claims.created("ns", "b-worker-0", None).await;
-        let mut cached = claimed_pod(&claim("a-worker-0", "n1"));
-        cached.metadata.uid = Some("uid-a".to_string());
-        let (pods, ledger) = claims.pods_with_claims(vec![Arc::new(cached)]).await;
-        assert_eq!(pods.len(), 1, "only the cached pod");
-        assert!(ledger.is_empty());
-    }
-
-    fn pinned_or_bound(pod: &Pod) -> Option<String> {
-        pod.spec.as_ref()?.node_name.clone()
     }
 
     #[test]
