@@ -71,6 +71,8 @@ pub enum ControllerError {
     CacheGone,
     #[error("the node and pod caches did not fill within {0} s (are nodes and pods readable?)")]
     CachesNotSynced(u64),
+    #[error("no turn to plan within {0} s: another job's planning is stuck")]
+    PlanningStalled(u64),
     #[error(
         "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
     )]
@@ -86,6 +88,7 @@ impl ControllerError {
             ControllerError::NoNamespace => "job_metadata",
             ControllerError::Serialise(_) => "status",
             ControllerError::CacheGone | ControllerError::CachesNotSynced(_) => "cache",
+            ControllerError::PlanningStalled(_) => "planning_stalled",
             ControllerError::Conflict => "conflict",
         }
     }
@@ -193,6 +196,10 @@ pub struct Planning {
     turn: tokio::sync::Mutex<()>,
 }
 
+/// How long a job waits for its turn to plan before it gives up and is
+/// retried (another job's turn stuck on an API call that never answers).
+const TURN_WAIT: Duration = Duration::from_secs(60);
+
 /// How long a job's turn waits for the cache to show the pods it created.
 const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
 
@@ -260,20 +267,37 @@ impl Context {
             let _ = changed.try_send(());
             std::future::ready(())
         });
-        // GPUs freed anywhere (a pod that held some deleted or ended) wake
+        // GPUs freed anywhere (a pod that held some deleted, or ended) wake
         // every job too: a job waiting for capacity need not wait for its
-        // next look.
+        // next look. Whether an event frees GPUs is judged against the
+        // cache before the event is written to it; the signal goes after.
+        let before = pods.clone();
+        let frees = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let judged = frees.clone();
         let pod_watch = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(slim_pod)
-            .reflect(pod_writer)
-            .for_each(move |event| {
-                let frees = match &event {
-                    Ok(watcher::Event::Delete(pod)) => gpus_requested(pod) > 0,
-                    Ok(watcher::Event::Apply(pod)) => gpus_requested(pod) > 0 && terminal(pod),
+            .inspect(move |event| {
+                let held = |pod: &Pod| gpus_requested(pod) > 0 && !terminal(pod);
+                let was_held = |pod: &Pod| {
+                    before
+                        .get(&reflector::ObjectRef::from_obj(pod))
+                        .is_some_and(|old| held(&old))
+                };
+                let freed = match event {
+                    Ok(watcher::Event::Delete(pod)) => held(pod) || was_held(pod),
+                    Ok(watcher::Event::Apply(pod)) => !held(pod) && was_held(pod),
+                    // A relist: deletions missed in a gap show only here.
+                    Ok(watcher::Event::InitDone) => true,
                     _ => false,
                 };
-                if frees {
+                if freed {
+                    judged.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .reflect(pod_writer)
+            .for_each(move |_| {
+                if frees.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     let _ = freed.try_send(());
                 }
                 std::future::ready(())
@@ -389,7 +413,8 @@ pub fn slim_node(node: &mut Node) {
 }
 
 /// What the operator keeps of a pod of the cluster: its name, labels,
-/// deletion mark, node (bound or pinned by affinity), GPU limits and phase,
+/// deletion mark, node (bound, or pinned by node selector or affinity), GPU
+/// limits and phase,
 /// which is all that GPU accounting needs; the rest (env, volumes, statuses,
 /// annotations) could be most of the operator's memory on a busy cluster.
 pub fn slim_pod(pod: &mut Pod) {
@@ -398,6 +423,9 @@ pub fn slim_pod(pod: &mut Pod) {
     if let Some(spec) = pod.spec.as_mut() {
         let affinity = spec.affinity.take();
         let node_name = spec.node_name.take();
+        // A worker is pinned by its node selector until it is bound: GPU
+        // accounting must see the node it will take.
+        let node_selector = spec.node_selector.take();
         let containers = std::mem::take(&mut spec.containers)
             .into_iter()
             .map(|c| k8s_openapi::api::core::v1::Container {
@@ -409,6 +437,7 @@ pub fn slim_pod(pod: &mut Pod) {
         *spec = k8s_openapi::api::core::v1::PodSpec {
             affinity,
             node_name,
+            node_selector,
             containers,
             ..Default::default()
         };
@@ -694,7 +723,9 @@ async fn reconcile_job(
         .and_then(|text| serde_json::from_str(&text).ok());
     // This job's turn to plan: the cache holds the workers of jobs planned
     // before it (the turn ends once it holds this job's new ones).
-    let turn = ctx.planning.turn.lock().await;
+    let turn = tokio::time::timeout(TURN_WAIT, ctx.planning.turn.lock())
+        .await
+        .map_err(|_| ControllerError::PlanningStalled(TURN_WAIT.as_secs()))?;
     let accounted = ctx.pods.state();
     let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &accounted, &job_pods);
     let previous_epoch = job
@@ -806,14 +837,15 @@ async fn reconcile_job(
                 .collect()
                 .instrument(tracing::info_span!("create_pods"))
                 .await;
-            let created: Vec<String> = created
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .flatten()
+            // The pods that were made count before the turn ends, even when
+            // another's creation failed.
+            let made: Vec<String> = created
+                .iter()
+                .filter_map(|r| r.as_ref().ok().cloned().flatten())
                 .collect();
-            Planning::cache_holds(&ctx.pods, &created).await;
+            Planning::cache_holds(&ctx.pods, &made).await;
             drop(turn);
+            created.into_iter().collect::<Result<Vec<_>, _>>()?;
             if status.start_time.is_none() {
                 status.start_time = Some(now.clone());
             }
@@ -1051,8 +1083,9 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
     let ctx = Arc::new(ctx);
     let _stop_caches = AbortOnDrop(caches);
     // Ready (for /readyz) once the caches are full (set by the context) and
-    // while the job watch works: a leader that cannot reconcile says so.
-    metrics.set_jobs_watch_ok(true);
+    // unless the job watch failed lately: a leader that cannot reconcile
+    // says so.
+    metrics.clear_watch_failures();
     let controller = Controller::new(jobs, watcher::Config::default());
     let store = controller.store();
     metrics.watch_jobs(store.clone());
@@ -1065,10 +1098,10 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
             match &result {
                 Err(kube::runtime::controller::Error::QueueError(e)) => {
                     tracing::warn!(error = %e, "the TrainingJob or pod watch failed; retrying");
-                    outcomes.set_jobs_watch_ok(false);
+                    outcomes.watch_failed();
                 }
                 Err(e) => tracing::debug!(error = %e, "controller"),
-                Ok(_) => outcomes.set_jobs_watch_ok(true),
+                Ok(_) => {}
             }
             std::future::ready(())
         })
@@ -1237,6 +1270,18 @@ mod tests {
         let mut slim = full.clone();
         slim_pod(&mut slim);
         assert_eq!(gpus_requested(&slim), 8);
+        // Pinned, not yet bound: the node it will take stays known.
+        let mut pinned = pod("w-1", "n2", 4, "Pending");
+        if let Some(spec) = pinned.spec.as_mut() {
+            spec.node_name = None;
+            spec.node_selector =
+                Some([("kubernetes.io/hostname".to_string(), "n2".to_string())].into());
+        }
+        slim_pod(&mut pinned);
+        assert_eq!(
+            pinned_node(pinned.spec.as_ref().unwrap()),
+            Some("n2".to_string())
+        );
         assert_eq!(crate::status::phase_of(&slim), "Running");
         assert_eq!(
             slim.spec.as_ref().and_then(|s| s.node_name.as_deref()),

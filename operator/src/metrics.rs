@@ -70,8 +70,9 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// While leading: the node and pod caches hold a full list.
     caches_synced: AtomicBool,
-    /// While leading: the TrainingJob and pod watches last worked.
-    jobs_watch_ok: AtomicBool,
+    /// While leading: when the TrainingJob or pod watch of the controller
+    /// last failed.
+    last_watch_failure: std::sync::Mutex<Option<std::time::Instant>>,
     jobs: Family<Labels, Gauge>,
     workers_ready: Family<Labels, Gauge>,
     workers_desired: Family<Labels, Gauge>,
@@ -92,20 +93,44 @@ impl Default for Metrics {
     }
 }
 
+/// How long a failed watch keeps `/readyz` at 503: a watch that keeps
+/// failing fails again within it (its backoff is shorter).
+pub const WATCH_FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Metrics {
     /// While leading: whether the node and pod caches hold a full list.
     pub fn set_caches_synced(&self, synced: bool) {
         self.caches_synced.store(synced, Ordering::Relaxed);
     }
 
-    /// While leading: whether the TrainingJob and pod watches last worked.
-    pub fn set_jobs_watch_ok(&self, ok: bool) {
-        self.jobs_watch_ok.store(ok, Ordering::Relaxed);
+    /// While leading: the TrainingJob or pod watch of the controller failed
+    /// now (it retries with a backoff; a watch that keeps failing keeps
+    /// saying so).
+    pub fn watch_failed(&self) {
+        if let Ok(mut last) = self.last_watch_failure.lock() {
+            *last = Some(std::time::Instant::now());
+        }
+    }
+
+    /// A new term of leadership: no failures yet.
+    pub fn clear_watch_failures(&self) {
+        if let Ok(mut last) = self.last_watch_failure.lock() {
+            *last = None;
+        }
+    }
+
+    fn watch_failed_lately(&self) -> bool {
+        self.last_watch_failure
+            .lock()
+            .ok()
+            .and_then(|last| *last)
+            .is_some_and(|at| at.elapsed() < WATCH_FAILURE_MEMORY)
     }
 
     /// Why `/readyz` says no: not connected yet, or leading without being
-    /// able to reconcile (caches not synced, the job watch failing). A
-    /// standby is ready when connected: it is ready to lead.
+    /// able to reconcile (caches not synced, the job watch failed within the
+    /// last [`WATCH_FAILURE_MEMORY`]). A standby is ready when connected: it
+    /// is ready to lead.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::Relaxed) {
             return Some("not connected to the API server yet");
@@ -114,9 +139,9 @@ impl Metrics {
             if !self.caches_synced.load(Ordering::Relaxed) {
                 return Some("leading, but the node and pod caches are not synced yet");
             }
-            if !self.jobs_watch_ok.load(Ordering::Relaxed) {
+            if self.watch_failed_lately() {
                 return Some(
-                    "leading, but the TrainingJob or pod watch is failing (the operator's log says why)",
+                    "leading, but the TrainingJob or pod watch failed within the last minute (the operator's log says why)",
                 );
             }
         }
@@ -176,7 +201,7 @@ impl Metrics {
             leader,
             ready: AtomicBool::new(false),
             caches_synced: AtomicBool::new(false),
-            jobs_watch_ok: AtomicBool::new(true),
+            last_watch_failure: std::sync::Mutex::new(None),
             jobs,
             workers_ready,
             workers_desired,
@@ -405,13 +430,13 @@ mod tests {
         );
         metrics.set_caches_synced(true);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        metrics.set_jobs_watch_ok(false);
+        metrics.watch_failed();
         let failing = get("/readyz").await;
         assert!(
-            failing.starts_with("HTTP/1.1 503") && failing.contains("watch is failing"),
+            failing.starts_with("HTTP/1.1 503") && failing.contains("watch failed"),
             "{failing}"
         );
-        metrics.set_jobs_watch_ok(true);
+        metrics.clear_watch_failures();
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let text = get("/metrics").await;
         assert!(text.contains("weft_reconciles_total 0"), "{text}");
