@@ -335,6 +335,25 @@ async fn http_status(port: u16, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Waits until `identity` holds the lease.
+async fn wait_leads(leases: &Api<Lease>, identity: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{identity} to hold the lease"),
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            async move {
+                let h = holder(&leases)
+                    .await
+                    .map_err(|e| HarnessError::Other(e.to_string()))?;
+                Ok((h.as_deref() == Some(identity)).then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Kills `child` as kill -9 would (no goodbye, no lease released).
 async fn kill_hard(mut child: Child) -> anyhow::Result<()> {
     child.start_kill()?;
@@ -461,7 +480,13 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
                 )
                 .await?;
             }
-            operator = replica_on(&ns, &kubeconfig, &format!("restart-{round}"), port)?;
+            let identity = format!("restart-{round}");
+            operator = replica_on(&ns, &kubeconfig, &identity, port)?;
+            // Once it leads, a worker of each job is deleted again: the new
+            // replica itself must replace them.
+            wait_leads(&leases, &identity).await?;
+            let mut deleted = deleted;
+            deleted.extend(delete_a_worker_of_each(&pods, &sizes).await?);
             converge(&ns, &sizes, &deleted, &format!("restart {round}"), bound).await?;
             ensure!(
                 http_status(port, "/readyz").await == 200,
@@ -472,14 +497,13 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
         // Two replicas; the leader is killed; the other carries on.
         let standby_port = free_port()?;
         let standby = replica_on(&ns, &kubeconfig, "standby", standby_port)?;
-        let leader = wait_holder(&leases, None).await?;
-        ensure!(
-            leader == "restart-4",
-            "the running replica leads, not {leader}"
-        );
+        let leader = "restart-4".to_string();
+        wait_leads(&leases, &leader).await?;
         kill_hard(operator).await?;
         let deleted = delete_a_worker_of_each(&pods, &sizes).await?;
-        wait_holder(&leases, Some(&leader)).await?;
+        wait_leads(&leases, "standby").await?;
+        let mut deleted = deleted;
+        deleted.extend(delete_a_worker_of_each(&pods, &sizes).await?);
         converge(&ns, &sizes, &deleted, "failover", bound).await?;
         ensure!(
             http_status(standby_port, "/readyz").await == 200,

@@ -857,15 +857,24 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             // that one rank fits the pod's memory, and the checkpoints can
             // be written, before the first step rather than after it.
             let config = args.config(1)?;
-            // (How many ranks the pod runs is known only from the mesh:
-            // one at least.)
+            // The pod runs a rank per GPU of its worker, as the mesh says
+            // (one when the mesh is not there yet or does not name it).
+            let ranks = weft_trainer::pod::read_mesh(&env.mesh)
+                .ok()
+                .and_then(|mesh| {
+                    mesh.workers
+                        .iter()
+                        .find(|w| w.name == env.worker)
+                        .map(|w| w.gpus.max(1))
+                })
+                .unwrap_or(1);
             let tokens = config
                 .rank_tokens
                 .unwrap_or(config.max_seq_len as u64)
                 .min(config.tokens_per_step as u64);
             weft_trainer::memory::check_run(
                 &config.model,
-                1,
+                ranks,
                 tokens,
                 config.device,
                 config.precision,
