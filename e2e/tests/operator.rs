@@ -46,25 +46,14 @@ async fn chart_credentials(ns: &TestNamespace) -> anyhow::Result<std::path::Path
     weft_e2e::service_account_kubeconfig(ns, &format!("{release}-operator")).await
 }
 
+/// `weft-operator run` with leader election under `identity`, its health
+/// served on a port of its own choosing.
 fn replica(
     ns: &TestNamespace,
     kubeconfig: &std::path::Path,
     identity: &str,
 ) -> anyhow::Result<Child> {
-    let log = std::env::temp_dir().join(format!("weft-e2e-{}-{identity}.log", ns.name));
-    let log = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
-    let child = Command::new(operator_binary()?)
-        .args(["run", "--namespace", &ns.name, "--listen", "127.0.0.1:0"])
-        .args(["--leader-elect", "--lease-namespace", &ns.name])
-        .args(["--lease-name", LEASE, "--identity", identity])
-        .args(["--lease-seconds", LEASE_SECONDS])
-        .env("POD_NAME", identity)
-        .env("KUBECONFIG", kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?;
-    Ok(child)
+    replica_on(ns, kubeconfig, identity, 0)
 }
 
 async fn holder(leases: &Api<Lease>) -> anyhow::Result<Option<String>> {

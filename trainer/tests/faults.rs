@@ -17,48 +17,16 @@ use std::time::{Duration, Instant};
 use weft_trainer::checkpoint::{MANIFEST_FILE, Manifest, OPTIMIZER_FILE, sha256_file};
 use weft_trainer::train::StepMetrics;
 
-fn trainer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{local, local_env, ok, trainer};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weft-faults-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    cli::scratch("faults", name)
 }
 
 /// A small, quick run: 2 ranks, short documents.
 const SMALL: &[&str] = &["--tokens-per-step", "2048", "--max-seq-len", "256"];
-
-/// Runs `local` with `args` (and `env`), returns its output and the metrics
-/// it wrote.
-fn local_env(
-    dir: &Path,
-    name: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (Output, Vec<StepMetrics>) {
-    let metrics = dir.join(format!("{name}.jsonl"));
-    let output = trainer()
-        .arg("local")
-        .args(args)
-        .arg("--metrics")
-        .arg(&metrics)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let steps = std::fs::read_to_string(&metrics)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (output, steps)
-}
-
-fn local(dir: &Path, name: &str, args: &[&str]) -> (Output, Vec<StepMetrics>) {
-    local_env(dir, name, args, &[])
-}
 
 fn text(output: &Output) -> String {
     format!(
@@ -66,10 +34,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn ok(output: &Output) {
-    assert!(output.status.success(), "failed: {}", text(output));
 }
 
 fn fails_with(output: &Output, expected: &str) {

@@ -9,47 +9,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use weft_trainer::train::StepMetrics;
 
-fn trainer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{local, ok, trainer};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weft-local-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Runs `local` with `args`, returns its output and the metrics it wrote.
-fn local(dir: &Path, name: &str, args: &[&str]) -> (Output, Vec<StepMetrics>) {
-    let metrics = dir.join(format!("{name}.jsonl"));
-    let output = trainer()
-        .arg("local")
-        .args(args)
-        .arg("--metrics")
-        .arg(&metrics)
-        .output()
-        .unwrap();
-    let steps = std::fs::read_to_string(&metrics)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (output, steps)
-}
-
-fn ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cli::scratch("local", name)
 }
 
 fn max_loss_gap(a: &[StepMetrics], b: &[StepMetrics]) -> f64 {
