@@ -12,6 +12,7 @@
 
 pub mod jobs;
 pub mod nodes;
+pub mod replicas;
 
 use std::future::Future;
 use std::path::PathBuf;
