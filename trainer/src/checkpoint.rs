@@ -513,15 +513,15 @@ pub fn save(
     let step = state.step;
     std::fs::create_dir_all(root).map_err(io(root))?;
     let existing = checkpoints(root)?;
+    let sizes: Vec<u64> = existing.iter().map(|(_, d)| dir_bytes(d)).collect();
     // Headers and state are small; the newest checkpoint's size is the best
     // estimate of the next one's.
-    let needed = existing
+    let needed = sizes
         .last()
-        .map(|(_, dir)| dir_bytes(dir))
+        .copied()
         .unwrap_or(0)
         .max(tensor_bytes + tensor_bytes / 100 + (64 << 10));
     let available = free_bytes(root)?;
-    let sizes: Vec<u64> = existing.iter().map(|(_, d)| dir_bytes(d)).collect();
     let no_space = |available: u64, at_most: Option<u64>| CheckpointError::NoSpace {
         path: root.to_path_buf(),
         step,

@@ -302,7 +302,7 @@ fn mesh_plan_context(
 
 /// A 64-bit digest (FNV-1a) of a plan's JSON, to check that every rank
 /// planned the same step.
-pub fn plan_digest(plan: &StepPlan) -> u64 {
+fn plan_digest(plan: &StepPlan) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     // Writing JSON into memory fails only for maps with non-string keys,
     // which a plan has none of; such a plan digests as its Debug text.
@@ -324,7 +324,7 @@ pub fn ranks_that_planned_otherwise(
     group: &mut ProcessGroup,
     plan: &StepPlan,
     device: tch::Device,
-) -> Result<Vec<u32>, TrainError> {
+) -> Result<Vec<u32>, CommError> {
     let mine = plan_digest(plan);
     let all = group.all_gather_u64(mine, device)?;
     Ok((0..all.len() as u32)
