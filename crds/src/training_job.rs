@@ -7,8 +7,13 @@
 //!
 //! Every section but `workers` has defaults, so the smallest job is an image
 //! and a worker range. What a running job cannot change is enforced the same
-//! way (CEL transition rules): the model and data never, the image and the
-//! resources only while suspended.
+//! way (CEL transition rules): the model and data never; the image, the
+//! resources, the command, arguments and environment only while suspended.
+//!
+//! The status is written by the operator and, for progress, by the job's own
+//! workers: every time in it is held to the RFC 3339 form every reader of it
+//! can parse (see [`crd`]), and its counters to what they can hold, so a
+//! worker cannot write a value that no reader of the job can read.
 
 use std::collections::BTreeMap;
 
@@ -52,9 +57,12 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[kube(validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (it names the job's Service)"))]
+#[kube(validation = Rule::new("size(self.metadata.name) + size(string(self.spec.workers.max - 1)) <= 55").message("metadata.name is too long for workers.max: each worker is named <name>-worker-<index>, a host name of at most 63 characters, so the name may have at most 55 characters less the digits of workers.max - 1"))]
 #[x_kube(validation = Rule::new("self.model == oldSelf.model").message("spec.model cannot change once the job exists: its checkpoints hold this model"))]
 #[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
+#[x_kube(validation = Rule::new("oldSelf.suspend || (has(self.command) == has(oldSelf.command) && (!has(self.command) || self.command == oldSelf.command) && has(self.args) == has(oldSelf.args) && (!has(self.args) || self.args == oldSelf.args) && has(self.env) == has(oldSelf.env) && (!has(self.env) || self.env == oldSelf.env))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
 pub struct TrainingJobSpec {
     /// Container image of the weft trainer.
     #[schemars(length(min = 1, max = 512))]
@@ -559,7 +567,8 @@ pub enum Phase {
     Failed,
 }
 
-/// Observed state of a training job, written by the operator only.
+/// Observed state of a training job, written by the operator and, for
+/// progress (`step`, `tokensPerSecond`, `lastCheckpoint`), by the job's workers.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingJobStatus {
@@ -570,21 +579,26 @@ pub struct TrainingJobStatus {
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
     /// Workers the current mesh wants.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub workers_desired: i32,
     /// Workers running and ready.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub workers_ready: i32,
     /// `ready/desired`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_ready_summary: Option<String>,
     /// Bumped at every membership change.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub mesh_epoch: i64,
     /// Last training step reported by the workers.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub step: i64,
     /// Training throughput reported by the workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,6 +609,7 @@ pub struct TrainingJobStatus {
     /// Worker failures counted against `elasticity.restartLimit`, over the
     /// job's whole life (never reset).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub restarts: i32,
     /// The most recent worker failures, newest last (at most 16).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -630,6 +645,7 @@ pub struct AvoidedNode {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointRecord {
+    #[schemars(range(min = 0))]
     pub step: i64,
     pub path: String,
     pub time: Time,

@@ -452,11 +452,10 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// Installs the TrainingJob CRD unless it is there (as the chart would), and
 /// waits until the API server serves it.
 pub async fn ensure_training_job_crd(env: &TestEnv) -> anyhow::Result<()> {
-    use kube::CustomResourceExt;
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
     // Applied, not created: a cluster left up by an earlier build gets this
     // build's schema.
-    let crd = weft_crds::TrainingJob::crd();
+    let crd = weft_crds::crd()?;
     crds.patch(
         "trainingjobs.weft.dev",
         &kube::api::PatchParams::apply("weft-e2e").force(),

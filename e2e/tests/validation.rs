@@ -262,6 +262,32 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             expect_refusal(what, result, &wanted)?;
         }
 
+        // Names: the job's Service is named after it, and each worker's host
+        // name is <name>-worker-<index> (at most 63 characters).
+        for (name, max, wanted) in [
+            ("dot.ted", 2, "metadata.name must be lower-case letters"),
+            ("Upper", 2, "metadata.name must be lower-case letters"),
+            ("ends-with-", 2, "metadata.name must be lower-case letters"),
+            (&*"n".repeat(60), 2, "metadata.name is too long for workers.max"),
+            (&*"n".repeat(54), 11, "metadata.name is too long for workers.max"),
+        ] {
+            let result = jobs
+                .create(
+                    &dry_run,
+                    &job(name, spec_with(json!({"workers": {"max": max}})))?,
+                )
+                .await;
+            expect_refusal(&format!("the name {name:?} with max {max}"), result, &[wanted])?;
+        }
+        for (name, max) in [(&*"n".repeat(54), 10), (&*"n".repeat(50), 65536)] {
+            jobs.create(
+                &dry_run,
+                &job(name, spec_with(json!({"workers": {"max": max}})))?,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("the name {name:?} with max {max} was refused: {e}"))?;
+        }
+
         // On a running (not suspended) job the model, data, image and
         // resources are frozen; the worker range is not.
         jobs.create(
@@ -296,13 +322,83 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             patch(json!({"spec": {"resources": {"gpus": 4}}})).await,
             &["spec.image and spec.resources can change only while the job is suspended"],
         )?;
+        for (what, change) in [
+            ("new arguments", json!({"args": ["--steps", "9"]})),
+            ("a new command", json!({"command": ["/bin/sh"]})),
+            ("a new environment", json!({"env": [{"name": "A", "value": "1"}]})),
+        ] {
+            expect_refusal(
+                &format!("{what} on a running job"),
+                patch(json!({ "spec": change })).await,
+                &["spec.command, spec.args and spec.env can change only while the job is suspended"],
+            )?;
+        }
+        // Growing the range must keep every worker's name short enough.
+        let long = "l".repeat(52);
+        jobs.create(&PostParams::default(), &job(&long, spec_with(json!({})))?)
+            .await?;
+        expect_refusal(
+            "a worker range whose last worker's name would be too long",
+            jobs.patch(
+                &long,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"workers": {"max": 10000}}})),
+            )
+            .await,
+            &["metadata.name is too long for workers.max"],
+        )?;
         patch(json!({"spec": {"workers": {"max": 4}}})).await?;
         patch(json!({"spec": {"suspend": true}})).await?;
-        let changed = patch(json!({"spec": {"image": "busybox:1.37"}})).await?;
+        let changed = patch(json!({"spec": {"image": "busybox:1.37", "args": ["--steps", "9"]}})).await?;
         ensure!(
-            changed.data["spec"]["image"] == "busybox:1.37",
-            "a suspended job takes a new image"
+            changed.data["spec"]["image"] == "busybox:1.37"
+                && changed.data["spec"]["args"][1] == "9",
+            "a suspended job takes a new image and new arguments"
         );
+
+        // The status: every time any reader can parse is taken, and nothing
+        // else, whoever writes it (a worker may write its progress).
+        let status = |body: Value| {
+            let jobs = jobs.clone();
+            async move {
+                jobs.patch_status("frozen", &PatchParams::default(), &Patch::Merge(&json!({ "status": body })))
+                    .await
+            }
+        };
+        for digits in 0..=12usize {
+            let fraction = if digits == 0 { String::new() } else { format!(".{}", "1".repeat(digits)) };
+            for offset in ["Z", "+05:30", "-23:59"] {
+                let time = format!("2026-12-06T12:00:00{fraction}{offset}");
+                let result = status(json!({
+                    "lastRescaleTime": time,
+                    "lastCheckpoint": {"step": 1, "path": "/c", "time": time},
+                }))
+                .await;
+                if digits <= 9 {
+                    let written = result.map_err(|e| anyhow::anyhow!("the time {time} was refused: {e}"))?;
+                    let read: TrainingJob = serde_json::from_value(serde_json::to_value(&written)?)
+                        .map_err(|e| anyhow::anyhow!("{time} was taken but cannot be read: {e}"))?;
+                    ensure!(read.status.is_some_and(|s| s.last_rescale_time.is_some()));
+                } else {
+                    expect_refusal(&format!("the time {time}"), result, &["status.lastRescaleTime", "status.lastCheckpoint.time"])?;
+                }
+            }
+        }
+        for (what, body, wanted) in [
+            ("a year no reader can hold", json!({"startTime": "9999-12-31T23:59:59Z"}), "status.startTime"),
+            ("an offset over a day", json!({"startTime": "2026-12-06T12:00:00+99:00"}), "status.startTime"),
+            ("a restart count past 32 bits", json!({"restarts": 2147483648_i64}), "status.restarts"),
+            ("a negative step", json!({"step": -1}), "status.step"),
+            ("a negative epoch", json!({"meshEpoch": -1}), "status.meshEpoch"),
+        ] {
+            expect_refusal(what, status(body).await, &[wanted])?;
+        }
+        // The largest values that are taken can be read.
+        let written = status(json!({"step": i64::MAX, "meshEpoch": i64::MAX, "restarts": i32::MAX,
+                                    "tokensPerSecond": 1.0e300}))
+            .await?;
+        serde_json::from_value::<TrainingJob>(serde_json::to_value(&written)?)
+            .map_err(|e| anyhow::anyhow!("the largest counters were taken but cannot be read: {e}"))?;
         Ok(())
     })
     .await
