@@ -28,11 +28,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -42,6 +44,7 @@ use weft_crds::{AVOID_NODE_SECONDS, Phase, TrainingJob};
 use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
 
 use crate::build::{BuildError, LABEL_JOB, build, resolve_model};
+use crate::events::{EventType, Events};
 use crate::inventory::ClusterNode;
 use crate::lifecycle::{
     avoided_nodes, finished_worker, growth_limit, new_failures, next_refusal_timeout,
@@ -77,6 +80,8 @@ pub enum ControllerError {
         "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
     )]
     Conflict,
+    #[error("this TrainingJob cannot be read: {path}: {error}")]
+    Unreadable { path: String, error: String },
 }
 
 impl ControllerError {
@@ -90,6 +95,7 @@ impl ControllerError {
             ControllerError::CacheGone | ControllerError::CachesNotSynced(_) => "cache",
             ControllerError::PlanningStalled(_) => "planning_stalled",
             ControllerError::Conflict => "conflict",
+            ControllerError::Unreadable { .. } => "unreadable_object",
         }
     }
 }
@@ -170,11 +176,190 @@ fn pinned_node(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
         .cloned()
 }
 
+/// The largest mesh epoch weft publishes: an integer every JSON reader
+/// holds exactly, far beyond any real job's count of membership changes.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
+/// The job's published mesh, as far as a reconcile trusts it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Published {
+    /// No mesh ConfigMap (never published, or deleted).
+    Absent,
+    /// The mesh weft wrote: this job's, of the epoch the status records or
+    /// the next (published by a reconcile that stopped before its status
+    /// write).
+    Trusted(MeshPlan),
+    /// Not what weft wrote (edited by hand, or unreadable); `epoch` is the
+    /// one it claims, when it claims one weft could publish.
+    Untrusted { epoch: Option<u64>, why: String },
+}
+
+/// Reads the published mesh `config_map` of job `name`, whose status records
+/// epoch `recorded`. Never panics, whatever the ConfigMap holds.
+pub fn read_published(config_map: Option<&ConfigMap>, name: &str, recorded: u64) -> Published {
+    let Some(config_map) = config_map else {
+        return Published::Absent;
+    };
+    let untrusted = |epoch: Option<u64>, why: String| Published::Untrusted {
+        epoch: epoch.filter(|e| *e <= MAX_EPOCH),
+        why,
+    };
+    let Some(text) = config_map.data.as_ref().and_then(|d| d.get("mesh.json")) else {
+        return untrusted(None, "it has no mesh.json".to_string());
+    };
+    let mesh: MeshPlan = match serde_json::from_str(text) {
+        Ok(mesh) => mesh,
+        Err(e) => return untrusted(None, format!("mesh.json cannot be read: {e}")),
+    };
+    let names: BTreeSet<&str> = mesh.workers.iter().map(|w| w.name.as_str()).collect();
+    let why = if mesh.job != name {
+        Some(format!("it is the mesh of job {:?}", mesh.job))
+    } else if mesh.epoch != recorded && mesh.epoch != recorded.saturating_add(1) {
+        Some(format!(
+            "its epoch {} is not the job's recorded epoch {recorded} or the next",
+            mesh.epoch
+        ))
+    } else if names.len() != mesh.workers.len() {
+        Some("it names a worker twice".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => untrusted(Some(mesh.epoch), why),
+        None => Published::Trusted(mesh),
+    }
+}
+
+/// The epoch of a mesh about to be published, and what it is measured
+/// against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextEpoch {
+    pub epoch: u64,
+    /// Whether it differs from the epoch published before.
+    pub moved: bool,
+    /// The previous mesh's workers (name, node) that are still alive.
+    pub kept: BTreeSet<(String, String)>,
+    /// The previous mesh's workers (name, node).
+    pub previous: BTreeSet<(String, String)>,
+}
+
+/// The epoch of the mesh whose workers are `after`, given the epoch the
+/// status records, the published mesh, and the job's live workers `alive`
+/// (name, node). The epoch moves on exactly when the membership differs from
+/// the previous mesh's, or a member is a pod made since. Without a published mesh (its
+/// ConfigMap deleted), the live workers are the previous mesh's: they were
+/// created for it, so restoring it is no membership change. An untrusted
+/// mesh always gets a new epoch, above any it claims (workers that followed
+/// it follow only newer epochs); never past [`MAX_EPOCH`].
+pub fn next_epoch(
+    recorded: u64,
+    published: &Published,
+    alive: &BTreeSet<(String, String)>,
+    after: &BTreeSet<(String, String)>,
+) -> NextEpoch {
+    let recorded = recorded.min(MAX_EPOCH);
+    let (base, previous, trusted): (u64, BTreeSet<(String, String)>, bool) = match published {
+        Published::Trusted(mesh) => (
+            mesh.epoch.max(recorded),
+            mesh.workers
+                .iter()
+                .map(|w| (w.name.clone(), w.node.clone()))
+                .collect(),
+            true,
+        ),
+        Published::Absent => (recorded, alive.clone(), recorded > 0),
+        Published::Untrusted { epoch, .. } => {
+            (epoch.unwrap_or(0).max(recorded), BTreeSet::new(), false)
+        }
+    };
+    let kept: BTreeSet<(String, String)> = previous.intersection(alive).cloned().collect();
+    // The same workers as the previous mesh, every one of them alive before
+    // this reconcile: survivors of a lost worker meet again without it, and
+    // a pod made anew (a resumed job reuses names) is a new member.
+    let same = trusted && base > 0 && previous == *after && after.is_subset(alive);
+    let epoch = if same {
+        base
+    } else {
+        (base + 1).min(MAX_EPOCH)
+    };
+    NextEpoch {
+        epoch,
+        moved: epoch != base || !trusted,
+        kept,
+        previous,
+    }
+}
+
+/// The workers of `mesh`: (name, node).
+fn members(mesh: &MeshPlan) -> BTreeSet<(String, String)> {
+    mesh.workers
+        .iter()
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .collect()
+}
+
+/// How the creation of one worker pod went.
+#[derive(Debug)]
+enum Creation {
+    /// Created; its UID.
+    Made(String),
+    /// This job's pod of that name exists already (an earlier reconcile
+    /// made it and the list did not show it yet).
+    Exists,
+    /// Refused for a reason a retry does not change soon: a quota, an
+    /// invalid pod, a pod of that name that is not this job's.
+    Refused(String),
+    /// Failed otherwise (the API server unreachable, overloaded): retried.
+    Failed(kube::Error),
+}
+
+async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> Creation {
+    match pods.create(&PostParams::default(), pod).await {
+        Ok(made) => Creation::Made(made.metadata.uid.unwrap_or_default()),
+        Err(kube::Error::Api(s)) if s.code == 409 => match pods.get_opt(&pod.name_any()).await {
+            Ok(Some(other)) if !owned_by(&other, job_uid) => Creation::Refused(format!(
+                "a pod named {} exists and is not this job's",
+                pod.name_any()
+            )),
+            Ok(_) => Creation::Exists,
+            Err(e) => Creation::Failed(e),
+        },
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
+            Creation::Refused(s.message)
+        }
+        Err(e) => Creation::Failed(e),
+    }
+}
+
+/// Whether `pod`'s controller is the job with UID `job_uid`.
+pub fn owned_by(pod: &Pod, job_uid: &str) -> bool {
+    !job_uid.is_empty()
+        && pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && o.uid == job_uid)
+}
+
+/// The job's own pods: those labelled with its name whose controller is
+/// this job. A pod that only carries the label (a user's, a batch Job's) is
+/// never taken for a worker: not counted, not deleted, not its end.
+async fn list_job_pods(pods: &Api<Pod>, job: &TrainingJob) -> Result<Vec<Pod>, ControllerError> {
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    let listed = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={}", job.name_any())))
+        .instrument(tracing::info_span!("list_job_pods"))
+        .await?
+        .items;
+    Ok(listed.into_iter().filter(|p| owned_by(p, uid)).collect())
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     /// Publishes Kubernetes events about jobs.
-    pub recorder: Recorder,
+    pub events: Events,
     pub metrics: Arc<Metrics>,
     /// Every node, kept current by a watch (slimmed: see [`slim_node`]).
     pub nodes: Store<Node>,
@@ -247,10 +432,6 @@ impl Context {
         impl futures::Stream<Item = ()> + Send + 'static,
         Vec<tokio::task::JoinHandle<()>>,
     ) {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_string(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         let (nodes, node_writer) = reflector::store::<Node>();
         let (pods, pod_writer) = reflector::store::<Pod>();
         // Room for one signal: a change while one waits is already covered.
@@ -315,7 +496,11 @@ impl Context {
         };
         metrics.set_caches_synced(false);
         let ctx = Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(
+                client.clone(),
+                FIELD_MANAGER,
+                std::env::var("POD_NAME").ok(),
+            ),
             client,
             metrics,
             nodes,
@@ -459,18 +644,22 @@ impl std::fmt::Debug for Context {
 /// Publishes an event about `job`. Events are for people: a failure to
 /// publish one is logged, never fails the reconcile.
 async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
+    event_on(ctx, &job.object_ref(&()), type_, reason, note).await
+}
+
+/// Publishes an event about the object `regarding`.
+async fn event_on(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     match type_ {
-        EventType::Warning => tracing::warn!(reason, note = event.note, "event"),
-        EventType::Normal => tracing::info!(reason, note = event.note, "event"),
+        EventType::Warning => tracing::warn!(reason, note, "event"),
+        EventType::Normal => tracing::info!(reason, note, "event"),
     }
-    if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(regarding, type_, reason, &note).await {
         tracing::warn!(reason, error = %e, "could not publish the event");
     }
 }
@@ -487,11 +676,11 @@ async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str,
     )
 )]
 pub async fn reconcile(
-    job: Arc<TrainingJob>,
+    job: Arc<DynamicObject>,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
     let started = std::time::Instant::now();
-    let result = match reconcile_job(job, ctx.clone()).await {
+    let result = match reconcile_job(&job, ctx.clone()).await {
         // Someone else (the workers, reporting progress) wrote the job in
         // the meantime: not a failure, only a reason to look again at once.
         Err(ControllerError::Conflict) => {
@@ -517,8 +706,21 @@ pub async fn reconcile(
     result
 }
 
+/// The TrainingJob `object` read into weft's types; the error names the
+/// first field that cannot be read.
+pub fn read_job(object: &DynamicObject) -> Result<TrainingJob, ControllerError> {
+    let value = serde_json::to_value(object).map_err(|e| ControllerError::Unreadable {
+        path: ".".to_string(),
+        error: e.to_string(),
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| ControllerError::Unreadable {
+        path: e.path().to_string(),
+        error: e.inner().to_string(),
+    })
+}
+
 async fn reconcile_job(
-    cached: Arc<TrainingJob>,
+    cached: &DynamicObject,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
     let namespace = cached.namespace().ok_or(ControllerError::NoNamespace)?;
@@ -531,12 +733,29 @@ async fn reconcile_job(
     // saw it: the status accumulates (restarts, rescale times), and a status
     // computed from a stale copy would write old values over new ones. Every
     // status write is conditional on this version and keeps `job` current.
-    let Some(mut job) = jobs
+    // It is read as raw JSON first: a job with a value weft cannot read is
+    // reported on that job, and every other job goes on.
+    let resource = ApiResource::erase::<TrainingJob>(&());
+    let Some(object) = Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource)
         .get_opt(&name)
         .instrument(tracing::info_span!("get_job"))
         .await?
     else {
         return Ok(Action::await_change());
+    };
+    let mut job = match read_job(&object) {
+        Ok(job) => job,
+        Err(err) => {
+            event_on(
+                &ctx,
+                &object.object_ref(&resource),
+                EventType::Warning,
+                "Unreadable",
+                format!("{err}; weft leaves this job as it is until the value is fixed"),
+            )
+            .await;
+            return Err(err);
+        }
     };
     let previous_phase = job.status.as_ref().map(|s| s.phase);
 
@@ -547,13 +766,10 @@ async fn reconcile_job(
         .await?;
     // Shared handles to the cached objects: nothing of the cluster is copied.
     let node_list = ctx.nodes.state();
-    let (mut cluster_nodes, _unreadable) = crate::inventory::read_nodes(&node_list);
+    let (mut cluster_nodes, unreadable) = crate::inventory::read_nodes(&node_list);
+    let unreadable_nodes: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
     crate::inventory::fit_to_job(&mut cluster_nodes, &node_list, &job.spec.scheduling);
-    let job_pods = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
-        .instrument(tracing::info_span!("list_job_pods"))
-        .await?
-        .items;
+    let job_pods = list_job_pods(&pods, &job).await?;
 
     // An ended job keeps its workers stopped.
     if matches!(previous_phase, Some(Phase::Succeeded | Phase::Failed)) {
@@ -713,14 +929,22 @@ async fn reconcile_job(
         }
     }
 
-    // Plan. The current epoch is the published mesh's (the ConfigMap is the
-    // record; a status written from a stale cache can lag behind it).
+    // Plan. The epoch the job records in its status is the reference; the
+    // published mesh is input like any other and is trusted only as far as
+    // it agrees with that record (see [`read_published`]).
+    let recorded_epoch = job
+        .status
+        .as_ref()
+        .map_or(0, |s| s.mesh_epoch.clamp(0, MAX_EPOCH as i64) as u64);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let published: Option<MeshPlan> = config_maps
-        .get_opt(&crate::build::mesh_config_map_name(&name))
-        .await?
-        .and_then(|cm| cm.data?.get("mesh.json").cloned())
-        .and_then(|text| serde_json::from_str(&text).ok());
+    let published = read_published(
+        config_maps
+            .get_opt(&crate::build::mesh_config_map_name(&name))
+            .await?
+            .as_ref(),
+        &name,
+        recorded_epoch,
+    );
     // This job's turn to plan: the cache holds the workers of jobs planned
     // before it (the turn ends once it holds this job's new ones).
     let turn = tokio::time::timeout(TURN_WAIT, ctx.planning.turn.lock())
@@ -728,12 +952,6 @@ async fn reconcile_job(
         .map_err(|_| ControllerError::PlanningStalled(TURN_WAIT.as_secs()))?;
     let accounted = ctx.pods.state();
     let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &accounted, &job_pods);
-    let previous_epoch = job
-        .status
-        .as_ref()
-        .map(|s| s.mesh_epoch.max(0) as u64)
-        .unwrap_or(0)
-        .max(published.as_ref().map_or(0, |m| m.epoch));
     let (max_workers, cooldown_left) =
         growth_limit(&job, job.status.as_ref(), existing.len() as u32, &now);
     let request = MeshRequest {
@@ -741,135 +959,193 @@ async fn reconcile_job(
         min_workers: job.spec.workers.min.max(0) as u32,
         max_workers,
         gpus_per_worker: job.spec.resources.gpus.max(0) as u32,
-        epoch: previous_epoch.max(1),
+        epoch: recorded_epoch.max(1),
     };
     let alive: BTreeSet<(String, String)> = existing
         .iter()
         .map(|w| (w.name.clone(), w.node.clone()))
         .collect();
-    let before: BTreeSet<(String, String)> = published
-        .iter()
-        .flat_map(|m| m.workers.iter())
-        .map(|w| (w.name.clone(), w.node.clone()))
-        .filter(|w| alive.contains(w))
-        .collect();
     let plan_span = tracing::info_span!("plan_mesh", nodes = mesh_nodes.len());
-    let planned = plan_span
-        .in_scope(|| plan_mesh(&request, &mesh_nodes, &existing))
-        .map(|mut mesh| {
-            // The epoch moves on whenever the membership differs from the
-            // published mesh's workers that are still alive.
-            let after: BTreeSet<(String, String)> = mesh
+    let mut planned = plan_span.in_scope(|| plan_mesh(&request, &mesh_nodes, &existing));
+    // The epoch the new workers are made for (their environment says it),
+    // should every one of them be made.
+    if let Ok(mesh) = planned.as_mut() {
+        mesh.epoch = next_epoch(recorded_epoch, &published, &alive, &members(mesh)).epoch;
+    }
+
+    // Apply: the workers first, then the mesh that names them, so a mesh
+    // epoch is published only for workers that exist.
+    let mut status = job.status.clone().unwrap_or_default();
+    let mut refused: Vec<(String, String)> = Vec::new();
+    if let Ok(mesh) = &planned {
+        let objects = build(&job, mesh)?;
+        apply(&client, &namespace, &objects.service).await?;
+        // The workers' identity, before any pod that runs as it.
+        apply(&client, &namespace, &objects.account).await?;
+        apply(&client, &namespace, &objects.role).await?;
+        apply(&client, &namespace, &objects.role_binding).await?;
+        // Surviving pods are left as they are (a pod's spec cannot change);
+        // missing ones are created; ones the mesh dropped are deleted.
+        let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
+        // A pod bound to a node that no longer exists has no kubelet to
+        // stop it and confirm: it is removed at once (as the pod garbage
+        // collector would, a minute later), so the job does not wait on it.
+        let known_nodes: BTreeSet<&str> = node_list
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        for pod in &job_pods {
+            if !wanted.contains(&pod.name_any()) || terminal(pod) {
+                let orphaned = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .is_some_and(|node| !known_nodes.contains(node));
+                delete_pod(&pods, &pod.name_any(), orphaned).await?;
+            }
+        }
+        let present: BTreeSet<String> = job_pods
+            .iter()
+            .filter(|p| !terminal(p))
+            .map(|p| p.name_any())
+            .collect();
+        // Created side by side: one at a time, a 256-worker job spends
+        // seconds on round trips before its last worker exists.
+        let missing: Vec<Pod> = objects
+            .pods
+            .iter()
+            .filter(|p| !present.contains(&p.name_any()))
+            .cloned()
+            .collect();
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let created: Vec<(String, Creation)> = futures::stream::iter(missing)
+            .map(|pod: Pod| {
+                let pods = pods.clone();
+                let uid = uid.clone();
+                async move { (pod.name_any(), create_worker(&pods, &pod, &uid).await) }
+            })
+            .buffer_unordered(POD_CREATES_IN_FLIGHT)
+            .collect()
+            .instrument(tracing::info_span!("create_pods"))
+            .await;
+        // The pods that were made count before the turn ends, even when
+        // another's creation failed.
+        let made: Vec<String> = created
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Creation::Made(uid) => Some(uid.clone()),
+                _ => None,
+            })
+            .collect();
+        Planning::cache_holds(&ctx.pods, &made).await;
+        let mut failed = None;
+        for (worker, creation) in created {
+            match creation {
+                Creation::Made(_) | Creation::Exists => {}
+                Creation::Refused(why) => refused.push((worker, why)),
+                Creation::Failed(e) => failed = Some(e),
+            }
+        }
+        // Retried as a whole: the next reconcile sees the pods made so far.
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        if !refused.is_empty() {
+            // Refused for good (a quota, a name, a conflict): the job runs
+            // with the workers that exist, if they are enough.
+            refused.sort();
+            let gone: BTreeSet<&str> = refused.iter().map(|(w, _)| w.as_str()).collect();
+            let standing: Vec<ExistingWorker> = mesh
                 .workers
                 .iter()
-                .map(|w| (w.name.clone(), w.node.clone()))
+                .filter(|w| !gone.contains(w.name.as_str()))
+                .map(|w| ExistingWorker {
+                    name: w.name.clone(),
+                    node: w.node.clone(),
+                })
                 .collect();
-            mesh.epoch = if before == after && previous_epoch > 0 {
-                previous_epoch
-            } else {
-                previous_epoch + 1
+            let request = MeshRequest {
+                max_workers: standing.len() as u32,
+                ..request.clone()
             };
-            mesh
-        });
-
-    // Build and apply.
-    let mut status = job.status.clone().unwrap_or_default();
-    match &planned {
+            planned = plan_mesh(&request, &mesh_nodes, &standing);
+        }
+    }
+    drop(turn);
+    if !refused.is_empty() {
+        let (worker, why) = &refused[0];
+        event(
+            &ctx,
+            &job,
+            EventType::Warning,
+            "WorkersRefused",
+            format!(
+                "{} of the planned workers could not be created ({worker}: {why}); {}",
+                refused.len(),
+                match &planned {
+                    Ok(mesh) => format!("running with {}", mesh.workers.len()),
+                    Err(_) => "too few remain to run".to_string(),
+                }
+            ),
+        )
+        .await;
+    }
+    match planned.as_mut() {
         Ok(mesh) => {
+            let epoch = next_epoch(recorded_epoch, &published, &alive, &members(mesh));
+            mesh.epoch = epoch.epoch;
             tracing::debug!(
                 epoch = mesh.epoch,
                 workers = mesh.workers.len(),
                 "mesh planned"
             );
+            if let Published::Untrusted { why, .. } = &published {
+                event(
+                    &ctx,
+                    &job,
+                    EventType::Warning,
+                    "MeshRepublished",
+                    format!(
+                        "the published mesh was not the one weft wrote ({why}); published again as epoch {}",
+                        mesh.epoch
+                    ),
+                )
+                .await;
+            }
             let objects = build(&job, mesh)?;
             apply(&client, &namespace, &objects.mesh).await?;
-            apply(&client, &namespace, &objects.service).await?;
-            // The workers' identity, before any pod that runs as it.
-            apply(&client, &namespace, &objects.account).await?;
-            apply(&client, &namespace, &objects.role).await?;
-            apply(&client, &namespace, &objects.role_binding).await?;
-            // Surviving pods are left as they are (a pod's spec cannot change);
-            // missing ones are created; ones the mesh dropped are deleted.
-            let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
-            // A pod bound to a node that no longer exists has no kubelet to
-            // stop it and confirm: it is removed at once (as the pod garbage
-            // collector would, a minute later), so the job does not wait on it.
-            let known_nodes: BTreeSet<&str> = node_list
-                .iter()
-                .filter_map(|n| n.metadata.name.as_deref())
-                .collect();
-            for pod in &job_pods {
-                if !wanted.contains(&pod.name_any()) || terminal(pod) {
-                    let orphaned = pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.node_name.as_deref())
-                        .is_some_and(|node| !known_nodes.contains(node));
-                    delete_pod(&pods, &pod.name_any(), orphaned).await?;
-                }
-            }
-            let present: BTreeSet<String> = job_pods
-                .iter()
-                .filter(|p| !terminal(p))
-                .map(|p| p.name_any())
-                .collect();
-            // Created side by side: one at a time, a 256-worker job spends
-            // seconds on round trips before its last worker exists.
-            let missing: Vec<Pod> = objects
-                .pods
-                .iter()
-                .filter(|p| !present.contains(&p.name_any()))
-                .cloned()
-                .collect();
-            let created: Vec<Result<Option<String>, kube::Error>> = futures::stream::iter(missing)
-                .map(|pod: Pod| {
-                    let pods = pods.clone();
-                    async move {
-                        match pods.create(&PostParams::default(), &pod).await {
-                            Ok(made) => Ok(made.metadata.uid),
-                            // Created by an earlier reconcile that did not see it yet.
-                            Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
-                            Err(e) => Err(e),
-                        }
-                    }
-                })
-                .buffer_unordered(POD_CREATES_IN_FLIGHT)
-                .collect()
-                .instrument(tracing::info_span!("create_pods"))
-                .await;
-            // The pods that were made count before the turn ends, even when
-            // another's creation failed.
-            let made: Vec<String> = created
-                .iter()
-                .filter_map(|r| r.as_ref().ok().cloned().flatten())
-                .collect();
-            Planning::cache_holds(&ctx.pods, &made).await;
-            drop(turn);
-            created.into_iter().collect::<Result<Vec<_>, _>>()?;
             if status.start_time.is_none() {
                 status.start_time = Some(now.clone());
             }
-            if mesh.epoch != previous_epoch {
+            if epoch.moved {
                 status.last_rescale_time = Some(now.clone());
-                // `before` is the published mesh's live workers; those the new
-                // mesh keeps stayed, every other published worker left.
+                // The previous mesh's live workers the new one keeps stayed;
+                // every other worker of the previous mesh left.
                 let kept = mesh
                     .workers
                     .iter()
-                    .filter(|w| before.contains(&(w.name.clone(), w.node.clone())))
+                    .filter(|w| epoch.kept.contains(&(w.name.clone(), w.node.clone())))
                     .count();
                 let joined = mesh.workers.len() - kept;
-                let left = published
-                    .as_ref()
-                    .map_or(0, |m| m.workers.len())
-                    .saturating_sub(kept);
+                let left = epoch.previous.len().saturating_sub(kept);
+                // A worker on a node that can no longer be read is moved:
+                // weft cannot place ranks on a topology it cannot read.
+                let moved_off: Vec<String> = epoch
+                    .previous
+                    .iter()
+                    .filter(|(w, _)| !mesh.workers.iter().any(|m| &m.name == w))
+                    .filter_map(|(w, node)| {
+                        let why = unreadable.iter().find(|e| e.node() == Some(node))?;
+                        Some(format!("{w} from {why}"))
+                    })
+                    .collect();
                 event(
                     &ctx,
                     &job,
                     EventType::Normal,
                     "MeshEpoch",
                     format!(
-                        "mesh epoch {}: {} workers ({} {}) on {} nodes; {joined} joined, {left} left",
+                        "mesh epoch {}: {} workers ({} {}) on {} nodes; {joined} joined, {left} left{}",
                         mesh.epoch,
                         mesh.workers.len(),
                         mesh.world_size,
@@ -878,18 +1154,34 @@ async fn reconcile_job(
                         } else {
                             "CPU ranks"
                         },
-                        mesh.node_groups.len()
+                        mesh.node_groups.len(),
+                        if moved_off.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " (moved off nodes that cannot be read: {})",
+                                moved_off.join("; ")
+                            )
+                        }
                     ),
                 )
                 .await;
             }
         }
         Err(err) => {
-            drop(turn);
             // Below min (or never started): hold no GPUs while waiting, so
             // two half-placed gangs can never deadlock each other.
+            // Workers made just now before others were refused are counted.
+            let relisted;
+            let current: &[Pod] = if refused.is_empty() {
+                &job_pods
+            } else {
+                relisted = list_job_pods(&pods, &job).await?;
+                &relisted
+            };
+            let live = current.iter().filter(|p| !terminal(p)).count();
             if live > 0 {
-                stop_workers(&pods, &job_pods).await?;
+                stop_workers(&pods, current).await?;
                 event(
                     &ctx,
                     &job,
@@ -904,15 +1196,14 @@ async fn reconcile_job(
     job.status = Some(status);
 
     // Status, from a fresh look at the job's pods.
-    let job_pods = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
-        .await?
-        .items;
+    let job_pods = list_job_pods(&pods, &job).await?;
     let status = compute_status(
         &job,
         &Observed {
             mesh: planned.as_ref(),
             pods: &job_pods,
+            refused: &refused,
+            unreadable_nodes: &unreadable_nodes,
             now: now.clone(),
         },
     );
@@ -1019,6 +1310,10 @@ async fn delete_pod(pods: &Api<Pod>, name: &str, force: bool) -> Result<(), Cont
     }
 }
 
+/// The status fields the job's workers write (its progress); the operator
+/// reads them and never writes them.
+pub const WORKER_STATUS_FIELDS: [&str; 3] = ["step", "tokensPerSecond", "lastCheckpoint"];
+
 /// Writes `status` if the job is still at the version `job` was read at (a
 /// write from an older view fails with a conflict and the reconcile runs
 /// again), and brings `job` up to the written version.
@@ -1028,9 +1323,18 @@ async fn write_status(
     job: &mut TrainingJob,
     status: &weft_crds::TrainingJobStatus,
 ) -> Result<(), ControllerError> {
+    let mut operators_part =
+        serde_json::to_value(status).map_err(|e| ControllerError::Serialise(e.to_string()))?;
+    // The workers' own fields are left as they are: never written back from
+    // the operator's copy (a time is re-written in another form on the way).
+    if let Some(fields) = operators_part.as_object_mut() {
+        for field in WORKER_STATUS_FIELDS {
+            fields.remove(field);
+        }
+    }
     let body = serde_json::json!({
         "metadata": { "resourceVersion": job.metadata.resource_version },
-        "status": status,
+        "status": operators_part,
     });
     let written = jobs
         .patch_status(
@@ -1049,16 +1353,20 @@ async fn write_status(
 }
 
 /// Retries a failed reconcile soon, without hammering the API server.
-pub fn error_policy(job: Arc<TrainingJob>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+pub fn error_policy(job: Arc<DynamicObject>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(error.category());
     tracing::warn!(
         namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
         job = job.metadata.name.as_deref().unwrap_or_default(),
         category = error.category(),
         error = %error,
-        "reconcile failed; retrying in 5 s"
+        "reconcile failed; retrying"
     );
-    Action::requeue(Duration::from_secs(5))
+    match error {
+        // Only a change of the object helps (and wakes it at once).
+        ControllerError::Unreadable { .. } => Action::requeue(Duration::from_secs(60)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
 }
 
 /// Runs the controller for the jobs of `namespace` (all namespaces when
@@ -1071,11 +1379,22 @@ pub async fn run(client: Client, namespace: Option<String>) {
 /// `None`) until the stream ends. Node changes wake every job, so node loss
 /// and new capacity are seen at once.
 pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Metrics>) {
-    let jobs: Api<TrainingJob> = match &namespace {
+    // Jobs are watched as raw objects: one that weft's types cannot read
+    // (a value the schema let through) must not fail the list of all.
+    let resource = ApiResource::erase::<TrainingJob>(&());
+    let jobs: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let pods: Api<Pod> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let pods: Api<Pod> = match &namespace {
+    let config_maps: Api<ConfigMap> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let services: Api<Service> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -1086,12 +1405,15 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
     // unless the job watch failed lately: a leader that cannot reconcile
     // says so.
     metrics.clear_watch_failures();
-    let controller = Controller::new(jobs, watcher::Config::default());
+    let controller = Controller::new_with(jobs, watcher::Config::default(), resource);
     let store = controller.store();
     metrics.watch_jobs(store.clone());
     let outcomes = metrics.clone();
     controller
         .owns(pods, watcher::Config::default().labels(LABEL_JOB))
+        // A deleted or edited mesh ConfigMap or Service is put back at once.
+        .owns(config_maps, watcher::Config::default().labels(LABEL_JOB))
+        .owns(services, watcher::Config::default().labels(LABEL_JOB))
         .reconcile_all_on(node_changes)
         .run(reconcile, error_policy, ctx)
         .for_each(move |result| {
@@ -1257,6 +1579,172 @@ mod tests {
         // The first sight of the node, the end of the initial list, Ready
         // turning False, and the deletion.
         assert_eq!(woken.len(), 4);
+    }
+
+    fn mesh_config_map(text: &str) -> ConfigMap {
+        ConfigMap {
+            data: Some([("mesh.json".to_string(), text.to_string())].into()),
+            ..Default::default()
+        }
+    }
+
+    fn published_mesh(job: &str, epoch: u64, workers: &[(&str, &str)]) -> String {
+        serde_json::json!({
+            "version": 1, "job": job, "epoch": epoch, "world_size": workers.len(),
+            "workers": workers.iter().enumerate().map(|(i, (name, node))| serde_json::json!({
+                "name": name, "node": node, "block": "b", "rack": "r", "first_rank": i,
+                "gpus": 0, "slot_on_node": 0, "rank_nics": [], "node_nics": []
+            })).collect::<Vec<_>>(),
+            "node_groups": [],
+        })
+        .to_string()
+    }
+
+    fn members(workers: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        workers
+            .iter()
+            .map(|(w, n)| (w.to_string(), n.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_published_mesh_is_trusted_only_as_far_as_the_status_agrees() {
+        let two = [("a-worker-0", "n1"), ("a-worker-1", "n2")];
+        let ours = published_mesh("a", 7, &two);
+        assert!(serde_json::from_str::<MeshPlan>(&ours).is_ok(), "{ours}");
+        assert!(matches!(
+            read_published(Some(&mesh_config_map(&ours)), "a", 7),
+            Published::Trusted(_)
+        ));
+        // Published by a reconcile that stopped before writing its status.
+        assert!(matches!(
+            read_published(Some(&mesh_config_map(&ours)), "a", 6),
+            Published::Trusted(_)
+        ));
+        assert_eq!(read_published(None, "a", 7), Published::Absent);
+        for (text, recorded, claimed, why) in [
+            (published_mesh("a", 1000, &two), 7, Some(1000), "epoch 1000"),
+            (
+                published_mesh("a", u64::MAX, &two),
+                7,
+                None,
+                "epoch 18446744073709551615",
+            ),
+            (published_mesh("b", 7, &two), 7, Some(7), "job \"b\""),
+            (
+                published_mesh("a", 7, &[("a-worker-0", "n1"), ("a-worker-0", "n2")]),
+                7,
+                Some(7),
+                "twice",
+            ),
+            ("{not json".to_string(), 7, None, "cannot be read"),
+            (r#"{"epoch": -1}"#.to_string(), 7, None, "cannot be read"),
+        ] {
+            match read_published(Some(&mesh_config_map(&text)), "a", recorded) {
+                Published::Untrusted { epoch, why: said } => {
+                    assert_eq!(epoch, claimed, "{text}");
+                    assert!(said.contains(why), "{said}");
+                }
+                other => panic!("{text} was {other:?}"),
+            }
+        }
+        assert!(matches!(
+            read_published(Some(&ConfigMap::default()), "a", 7),
+            Published::Untrusted { .. }
+        ));
+    }
+
+    #[test]
+    fn the_epoch_moves_exactly_when_the_membership_changes_and_never_back() {
+        let two = [("a-worker-0", "n1"), ("a-worker-1", "n2")];
+        let trusted = |epoch| {
+            Published::Trusted(serde_json::from_str(&published_mesh("a", epoch, &two)).unwrap())
+        };
+        // The same live workers: the same epoch.
+        let same = next_epoch(7, &trusted(7), &members(&two), &members(&two));
+        assert_eq!((same.epoch, same.moved), (7, false));
+        // One lost: a new epoch; one kept, one left.
+        let one = members(&two[..1]);
+        let shrunk = next_epoch(7, &trusted(7), &one, &one);
+        assert_eq!((shrunk.epoch, shrunk.moved), (8, true));
+        assert_eq!((shrunk.kept.len(), shrunk.previous.len()), (1, 2));
+        // Resumed: the same names and nodes, but new pods.
+        let resumed = next_epoch(7, &trusted(7), &BTreeSet::new(), &members(&two));
+        assert_eq!((resumed.epoch, resumed.moved), (8, true));
+        // The ConfigMap deleted: put back at the same epoch when nothing changed.
+        let restored = next_epoch(7, &Published::Absent, &members(&two), &members(&two));
+        assert_eq!((restored.epoch, restored.moved), (7, false));
+        // The first mesh.
+        let first = next_epoch(0, &Published::Absent, &BTreeSet::new(), &members(&two));
+        assert_eq!((first.epoch, first.moved), (1, true));
+        // Edited by hand: published again above what it claims, never back
+        // (workers follow newer epochs only), never past MAX_EPOCH.
+        let edited = |epoch| Published::Untrusted {
+            epoch,
+            why: "edited".to_string(),
+        };
+        let up = next_epoch(7, &edited(Some(1000)), &members(&two), &members(&two));
+        assert_eq!((up.epoch, up.moved), (1001, true));
+        let wild = next_epoch(7, &edited(None), &members(&two), &members(&two));
+        assert_eq!((wild.epoch, wild.moved), (8, true));
+        let top = next_epoch(
+            u64::MAX,
+            &edited(Some(MAX_EPOCH)),
+            &members(&two),
+            &members(&two),
+        );
+        assert_eq!(top.epoch, MAX_EPOCH);
+        let top = next_epoch(MAX_EPOCH, &trusted(MAX_EPOCH), &one, &one);
+        assert_eq!(
+            top.epoch, MAX_EPOCH,
+            "no overflow, whatever the record says"
+        );
+    }
+
+    #[test]
+    fn a_pod_is_the_jobs_only_when_the_job_is_its_controller() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut worker = pod("a-worker-0", "n1", 8, "Running");
+        let reference = |uid: &str, controller| OwnerReference {
+            api_version: "weft.dev/v1alpha1".into(),
+            kind: "TrainingJob".into(),
+            name: "a".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            ..Default::default()
+        };
+        assert!(!owned_by(&worker, "uid-a"), "a label alone is not enough");
+        worker.metadata.owner_references = Some(vec![reference("uid-a", true)]);
+        assert!(owned_by(&worker, "uid-a"));
+        assert!(
+            !owned_by(&worker, "uid-b"),
+            "a job of the same name, re-created"
+        );
+        assert!(!owned_by(&worker, ""));
+        worker.metadata.owner_references = Some(vec![reference("uid-a", false)]);
+        assert!(
+            !owned_by(&worker, "uid-a"),
+            "an owner that is not the controller"
+        );
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_read_names_the_field() {
+        let job = TrainingJob::new("a", weft_crds::TrainingJobSpec::new("weft:dev", 1, 2));
+        let mut object: DynamicObject =
+            serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
+        assert_eq!(read_job(&object).unwrap().spec, job.spec);
+        object.data["status"] = serde_json::json!({
+            "phase": "Running",
+            "lastRescaleTime": "2026-12-06T12:00:00.123456789123Z",
+        });
+        match read_job(&object) {
+            Err(ControllerError::Unreadable { path, error }) => {
+                assert_eq!(path, "status.lastRescaleTime");
+                assert!(error.contains("unparsed input"), "{error}");
+            }
+            other => panic!("expected Unreadable, got {other:?}"),
+        }
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub enum InventoryError {
 }
 
 impl InventoryError {
+    /// The node that cannot be read, when it has a name.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            InventoryError::Unnamed => None,
+            InventoryError::BadGpuQuantity { node, .. }
+            | InventoryError::UnknownGpuProduct { node, .. }
+            | InventoryError::Topology { node, .. } => Some(node),
+        }
+    }
+
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {

@@ -7,11 +7,13 @@
 //! Service and mesh ConfigMap a job owns for an epoch, from the mesh that
 //! `weft_planner::mesh` plans), the job's life ([`lifecycle`]: restart budget,
 //! completion, rescale cooldown) and status ([`status`]: phase, workers and
-//! conditions from what was observed); [`controller`] runs them against the
+//! conditions from what was observed); [`controller`] runs them, with
+//! [`events`] for what people should see, against the
 //! API server (`weft-operator run`).
 
 pub mod build;
 pub mod controller;
+pub mod events;
 pub mod inventory;
 pub mod leader;
 pub mod lifecycle;

@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use kube::ResourceExt;
+use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -22,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use weft_crds::{Phase, TrainingJob};
+use weft_crds::{Phase, TrainingJobStatus};
 
 type Labels = Vec<(String, String)>;
 
@@ -78,7 +79,7 @@ pub struct Metrics {
     workers_desired: Family<Labels, Gauge>,
     mesh_epoch: Family<Labels, Gauge>,
     restarts: Family<Labels, Gauge>,
-    store: Mutex<Option<Store<TrainingJob>>>,
+    store: Mutex<Option<Store<DynamicObject>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -219,14 +220,16 @@ impl Metrics {
     }
 
     /// The controller's cache, from which the per-job gauges are read.
-    pub fn watch_jobs(&self, store: Store<TrainingJob>) {
+    pub fn watch_jobs(&self, store: Store<DynamicObject>) {
         if let Ok(mut slot) = self.store.lock() {
             *slot = Some(store);
         }
     }
 
-    /// Sets the per-job gauges from `jobs`.
-    pub fn observe_jobs(&self, jobs: &[Arc<TrainingJob>]) {
+    /// Sets the per-job gauges from `jobs` (TrainingJobs as the API server
+    /// holds them). A job whose status cannot be read counts under the
+    /// phase `Unreadable` and has no gauges of its own.
+    pub fn observe_jobs(&self, jobs: &[Arc<DynamicObject>]) {
         for family in [
             &self.workers_ready,
             &self.workers_desired,
@@ -235,21 +238,34 @@ impl Metrics {
         ] {
             family.clear();
         }
+        let statuses: Vec<(&DynamicObject, Option<TrainingJobStatus>)> = jobs
+            .iter()
+            .map(|job| {
+                let status = match job.data.get("status") {
+                    None | Some(serde_json::Value::Null) => Some(TrainingJobStatus::default()),
+                    Some(status) => serde_json::from_value(status.clone()).ok(),
+                };
+                (&**job, status)
+            })
+            .collect();
         for phase in PHASES {
-            let count = jobs
+            let count = statuses
                 .iter()
-                .filter(|j| j.status.as_ref().map(|s| s.phase).unwrap_or_default() == phase)
+                .filter(|(_, s)| s.as_ref().is_some_and(|s| s.phase == phase))
                 .count();
             self.jobs
                 .get_or_create(&vec![("phase".to_string(), format!("{phase:?}"))])
                 .set(count as i64);
         }
-        for job in jobs {
+        self.jobs
+            .get_or_create(&vec![("phase".to_string(), "Unreadable".to_string())])
+            .set(statuses.iter().filter(|(_, s)| s.is_none()).count() as i64);
+        for (job, status) in statuses {
+            let Some(status) = status else { continue };
             let labels = vec![
                 ("namespace".to_string(), job.namespace().unwrap_or_default()),
                 ("job".to_string(), job.name_any()),
             ];
-            let status = job.status.clone().unwrap_or_default();
             self.workers_ready
                 .get_or_create(&labels)
                 .set(status.workers_ready.into());
@@ -350,9 +366,9 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_crds::{TrainingJobSpec, TrainingJobStatus};
+    use weft_crds::{TrainingJob, TrainingJobSpec};
 
-    fn job(name: &str, phase: Phase, epoch: i64) -> Arc<TrainingJob> {
+    fn job(name: &str, phase: Phase, epoch: i64) -> Arc<DynamicObject> {
         let mut job = TrainingJob::new(name, TrainingJobSpec::new("weft:dev", 1, 2));
         job.metadata.namespace = Some("team-a".into());
         job.status = Some(TrainingJobStatus {
@@ -362,7 +378,7 @@ mod tests {
             workers_desired: 2,
             ..Default::default()
         });
-        Arc::new(job)
+        Arc::new(serde_json::from_value(serde_json::to_value(job).unwrap()).unwrap())
     }
 
     #[test]
@@ -375,6 +391,11 @@ mod tests {
             job("a", Phase::Running, 3),
             job("b", Phase::Running, 1),
             job("c", Phase::Pending, 0),
+            {
+                let mut bad = (*job("d", Phase::Running, 1)).clone();
+                bad.data["status"]["lastRescaleTime"] = "2026-12-06T12:00:00.123456789123Z".into();
+                Arc::new(bad)
+            },
         ]);
         let text = {
             let mut out = String::new();
@@ -387,6 +408,7 @@ mod tests {
             "weft_reconcile_duration_seconds_count 1",
             "weft_jobs{phase=\"Running\"} 2",
             "weft_jobs{phase=\"Pending\"} 1",
+            "weft_jobs{phase=\"Unreadable\"} 1",
             "weft_jobs{phase=\"Failed\"} 0",
             "weft_job_mesh_epoch{namespace=\"team-a\",job=\"a\"} 3",
             "weft_job_workers_ready{namespace=\"team-a\",job=\"c\"} 2",

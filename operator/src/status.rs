@@ -30,6 +30,10 @@ pub struct Observed<'a> {
     pub mesh: Result<&'a MeshPlan, &'a MeshError>,
     /// The job's worker pods.
     pub pods: &'a [Pod],
+    /// Planned workers whose pods the API server refused: (worker, why).
+    pub refused: &'a [(String, String)],
+    /// Nodes that cannot be read, and why (they take no worker).
+    pub unreadable_nodes: &'a [String],
     pub now: Time,
 }
 
@@ -137,6 +141,10 @@ pub fn missing_claim_status(job: &TrainingJob, claim: &str, now: &Time) -> Train
     status
 }
 
+/// The `Schedulable` condition's reason while planned workers were refused
+/// by the API server (a quota, an invalid pod).
+pub const REASON_WORKERS_REFUSED: &str = "WorkersRefused";
+
 /// The `Schedulable` condition's reason while the checkpoint claim is missing.
 pub const REASON_CLAIM_NOT_FOUND: &str = "CheckpointClaimNotFound";
 
@@ -153,7 +161,24 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
             status.mesh_epoch = mesh.epoch as i64;
             let workers = mesh.workers.len() as i32;
             let unschedulable = unschedulable_pods(observed.pods);
-            if let Some((_, reason)) = unschedulable.first() {
+            if let Some((worker, why)) = observed.refused.first() {
+                // Runs with the workers that could be made; says why not more.
+                (
+                    condition(
+                        previous,
+                        CONDITION_SCHEDULABLE,
+                        false,
+                        REASON_WORKERS_REFUSED,
+                        format!(
+                            "{} planned workers could not be created ({worker}: {why}); running with {workers}",
+                            observed.refused.len()
+                        ),
+                        generation,
+                        now,
+                    ),
+                    workers,
+                )
+            } else if let Some((_, reason)) = unschedulable.first() {
                 // The mesh placed them, but the scheduler will not: say why
                 // rather than wait in Starting without a word.
                 (
@@ -204,16 +229,33 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                     }
                     _ => "InvalidRequest",
                 },
-                match status.avoided_nodes.as_slice() {
-                    [] => err.to_string(),
-                    avoided => format!(
-                        "{err}; avoiding for now: {}",
-                        avoided
-                            .iter()
-                            .map(|a| format!("{} ({})", a.node, a.reason))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
+                {
+                    let mut message = err.to_string();
+                    if let Some((worker, why)) = observed.refused.first() {
+                        message += &format!(
+                            "; {} planned workers could not be created ({worker}: {why})",
+                            observed.refused.len()
+                        );
+                    }
+                    if !status.avoided_nodes.is_empty() {
+                        message += &format!(
+                            "; avoiding for now: {}",
+                            status
+                                .avoided_nodes
+                                .iter()
+                                .map(|a| format!("{} ({})", a.node, a.reason))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                    if !observed.unreadable_nodes.is_empty() {
+                        message += &format!(
+                            "; {} nodes cannot be read and take no worker: {}",
+                            observed.unreadable_nodes.len(),
+                            observed.unreadable_nodes.join("; ")
+                        );
+                    }
+                    message
                 },
                 generation,
                 now,
@@ -310,7 +352,20 @@ pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> Trai
         generation,
         now,
     );
-    status.conditions.retain(|c| c.type_ != type_);
+    // No worker runs once a job has ended, whatever the last look said.
+    let stopped = condition(
+        previous,
+        CONDITION_READY,
+        false,
+        "JobEnded",
+        "the job has ended: no worker runs".to_string(),
+        generation,
+        now,
+    );
+    status
+        .conditions
+        .retain(|c| c.type_ != type_ && c.type_ != CONDITION_READY);
+    status.conditions.push(stopped);
     status.conditions.push(done);
     status
 }
@@ -379,6 +434,8 @@ mod tests {
                 mesh: Ok(&m),
                 pods: &pods,
                 now: at(100),
+                refused: &[],
+                unreadable_nodes: &[],
             };
             let status = compute_status(&job(false), &observed);
             assert_eq!(
@@ -395,6 +452,8 @@ mod tests {
             mesh: Ok(&m),
             pods: &both,
             now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
         };
         assert_eq!(
             compute_status(&job(true), &observed).phase,
@@ -411,6 +470,8 @@ mod tests {
             mesh: Err(&err),
             pods: &[],
             now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
         };
         let status = compute_status(&job(false), &observed);
         assert_eq!(status.phase, Phase::Pending);
@@ -466,6 +527,8 @@ mod tests {
                 mesh: Ok(&m),
                 pods: &running,
                 now: at(100),
+                refused: &[],
+                unreadable_nodes: &[],
             },
         ));
         let later = compute_status(
@@ -474,6 +537,8 @@ mod tests {
                 mesh: Ok(&m),
                 pods: &running,
                 now: at(500),
+                refused: &[],
+                unreadable_nodes: &[],
             },
         );
         let ready = |s: &TrainingJobStatus| find_condition(s, CONDITION_READY).unwrap().clone();
@@ -485,6 +550,8 @@ mod tests {
                 mesh: Ok(&m),
                 pods: &one_failed,
                 now: at(900),
+                refused: &[],
+                unreadable_nodes: &[],
             },
         );
         assert_eq!(ready(&failed).status, "False");
@@ -505,6 +572,8 @@ mod tests {
             mesh: Ok(&m),
             pods: &pods,
             now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
         };
         assert_eq!(compute_status(&j, &observed).phase, Phase::Rescaling);
     }
@@ -527,6 +596,62 @@ mod tests {
         );
         assert_eq!(failed.last_transition_time, at(100));
         assert_eq!(again.workers_ready_summary.as_deref(), Some("0/0"));
+        // No condition still says workers run.
+        let ready = find_condition(&again, CONDITION_READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "JobEnded")
+        );
+    }
+
+    #[test]
+    fn refused_workers_and_unreadable_nodes_are_named() {
+        let m = mesh("2x8", 2).unwrap();
+        let pods = [pod("Running"), pod("Running")];
+        let refused = [(
+            "llm-worker-2".to_string(),
+            "exceeded quota: pods=3".to_string(),
+        )];
+        let status = compute_status(
+            &job(false),
+            &Observed {
+                mesh: Ok(&m),
+                pods: &pods,
+                now: at(100),
+                refused: &refused,
+                unreadable_nodes: &[],
+            },
+        );
+        assert_eq!(status.phase, Phase::Running, "it runs with what it has");
+        let schedulable = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
+        assert_eq!(schedulable.reason, REASON_WORKERS_REFUSED);
+        assert!(
+            schedulable
+                .message
+                .contains("1 planned workers could not be created (llm-worker-2: exceeded quota: pods=3); running with 2"),
+            "{}",
+            schedulable.message
+        );
+        let err = mesh("1x8", 2).unwrap_err();
+        let unreadable = ["node gpu-7: GPU product \"X1\" is unknown".to_string()];
+        let status = compute_status(
+            &job(false),
+            &Observed {
+                mesh: Err(&err),
+                pods: &[],
+                now: at(100),
+                refused: &refused,
+                unreadable_nodes: &unreadable,
+            },
+        );
+        let message = &find_condition(&status, CONDITION_SCHEDULABLE)
+            .unwrap()
+            .message;
+        assert!(message.contains("could not be created"), "{message}");
+        assert!(
+            message.contains("1 nodes cannot be read and take no worker: node gpu-7"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -549,6 +674,8 @@ mod tests {
             mesh: Ok(&m),
             pods: &pods,
             now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
         };
         let status = compute_status(&job(false), &observed);
         assert_eq!(status.phase, Phase::Starting);
