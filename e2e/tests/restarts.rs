@@ -5,7 +5,7 @@
 //!
 //! Needs `cargo build -p weft-operator` first (scripts/test does it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
@@ -42,15 +42,20 @@ async fn delete_a_worker_of_each(
 }
 
 /// Waits until every job in `sizes` runs exactly its workers again (none of
-/// `deleted`, each where its mesh says, its status in step), within `bound`.
+/// `deleted`, each where its mesh says, its status in step), within `bound`,
+/// with no pod of its label that it does not own (a duplicate, or an orphan
+/// of an earlier job of its name); returns each job's mesh epoch.
 async fn converge(
     ns: &TestNamespace,
     sizes: &[(String, usize)],
     deleted: &BTreeSet<String>,
     what: &str,
     bound: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BTreeMap<String, u64>> {
     let started = Instant::now();
+    let jobs: Api<TrainingJob> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let mut epochs = BTreeMap::new();
     for (job, workers) in sizes {
         let left = bound.saturating_sub(started.elapsed());
         let found = tokio::time::timeout(left, weft_e2e::jobs::wait_running(ns, job, *workers, 1))
@@ -66,19 +71,36 @@ async fn converge(
             stale.is_empty(),
             "{what}: {job} still counts deleted workers {stale:?}"
         );
+        let uid = jobs.get(job).await?.uid().unwrap_or_default();
+        let strays: Vec<String> = job_pods(&pods, job)
+            .await?
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                !p.owner_references().iter().any(|o| o.uid == uid)
+                    || !found.0.contains_key(&p.name_any())
+            })
+            .map(|p| p.name_any())
+            .collect();
+        ensure!(
+            strays.is_empty(),
+            "{what}: {job} has pods beyond its workers: {strays:?}"
+        );
+        epochs.insert(job.clone(), found.1.epoch);
     }
     eprintln!(
         "{what}: every job converged in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(epochs)
 }
 
-/// The operator killed (kill -9) and started again at random moments, and
-/// the leader of two replicas killed: after each, every job is reconciled
-/// again. Its workers deleted by hand come back, a job deleted and created
-/// again under its name gets its pods, and the operator is ready only while
-/// it reconciles.
+/// Ten jobs; the operator killed (kill -9) and started again at random
+/// moments five times, and the leader of two replicas killed: after each,
+/// every job is reconciled again. Its workers deleted by hand come back, a
+/// job deleted and created again under its name gets its pods, no job keeps
+/// a pod beyond its workers, the operator is ready only while it reconciles,
+/// and a restart that changes nothing publishes no new mesh epoch.
 #[tokio::test]
 async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow::Result<()> {
     let env = TestEnv::connect().await?;
@@ -88,8 +110,10 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
         let pods: Api<Pod> = ns.api();
         let leases: Api<Lease> = ns.api();
         let kubeconfig = chart_credentials(&ns).await?;
-        // Six jobs of different sizes: 1 to 3 workers of 1 or 2 GPUs.
-        let sizes: Vec<(String, usize)> = (0..6).map(|i| (format!("job-{i}"), 1 + i % 3)).collect();
+        // Ten jobs of different sizes: 1 to 3 workers of 1 or 2 GPUs (28
+        // of the cluster's 32 GPUs).
+        let sizes: Vec<(String, usize)> =
+            (0..10).map(|i| (format!("job-{i}"), 1 + i % 3)).collect();
         for (i, (name, workers)) in sizes.iter().enumerate() {
             let w = *workers as i32;
             let job = weft_e2e::jobs::sleeper_job(name, w, w, 1 + (i % 2) as i32, 1);
@@ -117,7 +141,7 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
             });
         eprintln!("WEFT_TEST_SEED={seed}");
         let mut rng = weft_planner::rng::SplitMix64::new(seed);
-        for round in 1..=4 {
+        for round in 1..=5 {
             // Workers deleted, and the operator killed at a random moment
             // of replacing them (before, during or after); in one round a
             // job is deleted and created again while it is down.
@@ -156,7 +180,7 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
         // Two replicas; the leader is killed; the other carries on.
         let standby_port = free_port()?;
         let standby = replica_on(&ns, &kubeconfig, "standby", standby_port)?;
-        let leader = "restart-4".to_string();
+        let leader = "restart-5".to_string();
         wait_leads(&leases, &leader).await?;
         kill_hard(operator).await?;
         let deleted = delete_a_worker_of_each(&pods, &sizes).await?;
@@ -168,7 +192,21 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
             http_status(standby_port, "/readyz").await == 200,
             "the new leader is not ready while it reconciles"
         );
-        drop(standby);
+
+        // Killed and started again with nothing changed: no job's mesh moves
+        // to a new epoch (its membership did not change).
+        let before = converge(&ns, &sizes, &deleted, "before a quiet restart", bound).await?;
+        kill_hard(standby).await?;
+        let quiet = replica_on(&ns, &kubeconfig, "quiet", port)?;
+        wait_leads(&leases, "quiet").await?;
+        // Time for every job to be reconciled once more.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = converge(&ns, &sizes, &deleted, "a quiet restart", bound).await?;
+        ensure!(
+            before == after,
+            "a restart with no membership change moved mesh epochs: {before:?} -> {after:?}"
+        );
+        drop(quiet);
         weft_e2e::helm(&["uninstall", &ns.name, "--namespace", &ns.name]).await?;
         Ok(())
     })
