@@ -6,8 +6,10 @@
 //! not its own are neither counted nor deleted nor taken for its end; pod
 //! creations a ResourceQuota refuses leave the job running with the workers
 //! it has, at one mesh epoch, saying why; a deleted mesh ConfigMap comes back
-//! at once at the same epoch; and a hand-edited one never crashes the
-//! operator nor is taken for its own.
+//! at once at the same epoch; a hand-edited one never crashes the operator
+//! nor is taken for its own; two jobs created at once do not plan onto the
+//! same GPUs, and the one that waits shuns no healthy node; and a worker on
+//! a node that can no longer be read is moved, with an event that says so.
 //!
 //! Its own test binary (one test): it swaps the TrainingJob schema for a
 //! while, and it wants the GPUs to itself.
@@ -15,11 +17,12 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, ResourceQuota};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, CustomResourceExt};
+use kube::{Api, CustomResourceExt, ResourceExt};
 use serde_json::json;
+use weft_crds::topology::ANNOTATION_NICS;
 use weft_crds::{Phase, TrainingJob};
 use weft_e2e::jobs::{mesh_of, running_workers, sleeper_job, wait_running};
 use weft_e2e::{HarnessError, TestEnv, TestNamespace, wait_for, wait_job_status};
@@ -173,6 +176,21 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
         ensure!(
             after[&lost].0 != workers[&lost].0,
             "the deleted worker is a new pod"
+        );
+        // One event per epoch, each with its own message (not a count on
+        // the first one's).
+        let epochs: Vec<String> = events(&ns, "healthy")
+            .await?
+            .into_iter()
+            .filter(|(reason, _)| reason == "MeshEpoch")
+            .map(|(_, message)| message)
+            .collect();
+        ensure!(
+            epochs.iter().any(|m| m.starts_with("mesh epoch 1:"))
+                && epochs
+                    .iter()
+                    .any(|m| m.starts_with(&format!("mesh epoch {}:", mesh.epoch))),
+            "{epochs:?}"
         );
 
         // Fixed, the unreadable job is reconciled like any other.
@@ -393,6 +411,123 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
         ensure!(!controller.is_finished(), "the controller stopped");
         controller.abort();
         let _ = jobs.delete("capped", &Default::default()).await;
+        Ok(())
+    })
+    .await?;
+
+    env.run("together", |ns| async move {
+        let jobs: Api<TrainingJob> = ns.api();
+        let nodes: Api<Node> = Api::all(ns.client.clone());
+        // The GPUs of the namespaces above are given back first.
+        let all_pods: Api<Pod> = Api::all(ns.client.clone());
+        wait_for(
+            "the other namespaces' workers to be gone",
+            Duration::from_secs(120),
+            || {
+                let (all_pods, here) = (all_pods.clone(), ns.name.clone());
+                async move {
+                    let left = all_pods
+                        .list(&ListParams::default().labels(LABEL_JOB))
+                        .await?
+                        .items
+                        .into_iter()
+                        .filter(|p| p.metadata.namespace.as_deref() != Some(here.as_str()))
+                        .count();
+                    Ok((left == 0).then_some(()))
+                }
+            },
+        )
+        .await?;
+        let controller = tokio::spawn(weft_operator::controller::run(
+            ns.client.clone(),
+            Some(ns.name.clone()),
+        ));
+
+        // Two jobs created at once, each 2 to 3 workers of 8 GPUs, on three
+        // nodes of 8: one runs, the other waits for capacity without
+        // holding pods or shunning the nodes the first one holds.
+        let (first, second) = (
+            sleeper_job("first", 2, 3, 8, 1),
+            sleeper_job("second", 2, 3, 8, 1),
+        );
+        let params = PostParams::default();
+        let (a, b) = tokio::join!(jobs.create(&params, &first), jobs.create(&params, &second));
+        a?;
+        b?;
+        let (winner, loser) = wait_for("one of the two to run", Duration::from_secs(60), || {
+            let jobs = jobs.clone();
+            async move {
+                let phase = |name: &'static str| {
+                    let jobs = jobs.clone();
+                    async move {
+                        Ok::<_, kube::Error>(jobs.get(name).await?.status.unwrap_or_default().phase)
+                    }
+                };
+                Ok(match (phase("first").await?, phase("second").await?) {
+                    (Phase::Running, _) => Some(("first", "second")),
+                    (_, Phase::Running) => Some(("second", "first")),
+                    _ => None,
+                })
+            }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let waiting = jobs.get(loser).await?.status.unwrap_or_default();
+        let pods: Api<Pod> = ns.api();
+        ensure!(
+            waiting.phase == Phase::Pending
+                && waiting.avoided_nodes.is_empty()
+                && running_workers(&pods, loser).await?.is_empty(),
+            "{loser} should wait without pods or avoided nodes: {waiting:?}"
+        );
+        jobs.delete(winner, &Default::default()).await?;
+        let (_, mesh) = wait_running(&ns, loser, 3, 1).await?;
+        let status = jobs.get(loser).await?.status.unwrap_or_default();
+        ensure!(
+            status.avoided_nodes.is_empty(),
+            "{loser} shuns healthy nodes: {:?}",
+            status.avoided_nodes
+        );
+
+        // A node whose NIC annotation cannot be read: its worker is moved,
+        // and the mesh epoch's event says why.
+        let node = mesh.workers[0].node.clone();
+        let annotate = |value: serde_json::Value| {
+            let (nodes, node) = (nodes.clone(), node.clone());
+            async move {
+                nodes
+                    .patch(
+                        &node,
+                        &PatchParams::default(),
+                        &Patch::Merge(
+                            &json!({ "metadata": { "annotations": { ANNOTATION_NICS: value } } }),
+                        ),
+                    )
+                    .await
+            }
+        };
+        let original = nodes
+            .get(&node)
+            .await?
+            .annotations()
+            .get(ANNOTATION_NICS)
+            .cloned()
+            .map_or(serde_json::Value::Null, serde_json::Value::from);
+        annotate(json!("not a list of NICs")).await?;
+        let moved = wait_event(
+            &ns,
+            loser,
+            "MeshEpoch",
+            "moved off nodes that cannot be read",
+        )
+        .await;
+        let status = jobs.get(loser).await?.status.unwrap_or_default();
+        annotate(original).await?;
+        let moved = moved?;
+        ensure!(moved.contains(&node), "{moved}");
+        ensure!(status.phase != Phase::Failed, "{status:?}");
+        ensure!(!controller.is_finished(), "the controller stopped");
+        controller.abort();
         Ok(())
     })
     .await

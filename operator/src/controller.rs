@@ -80,6 +80,8 @@ pub enum ControllerError {
         "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
     )]
     Conflict,
+    #[error("worker {0} is still being deleted; it is made again once it is gone")]
+    WorkerLeaving(String),
     #[error("this TrainingJob cannot be read: {path}: {error}")]
     Unreadable { path: String, error: String },
 }
@@ -96,6 +98,7 @@ impl ControllerError {
             ControllerError::PlanningStalled(_) => "planning_stalled",
             ControllerError::Conflict => "conflict",
             ControllerError::Unreadable { .. } => "unreadable_object",
+            ControllerError::WorkerLeaving(_) => "worker_leaving",
         }
     }
 }
@@ -166,6 +169,43 @@ pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
         })
         .collect();
     (nodes, existing)
+}
+
+/// The job's workers that the scheduler refuses on a node whose GPUs other
+/// pods hold (`all_pods`: the cluster's, the job's own included), beyond
+/// what the node has (`capacity`, by node): refused because another job
+/// claimed the GPUs first, not because the node is unwell. Such a worker is
+/// placed again elsewhere at once, and its node is not avoided.
+pub fn contended_workers<P: std::borrow::Borrow<Pod>>(
+    job_pods: &[Pod],
+    all_pods: &[P],
+    capacity: &BTreeMap<String, u32>,
+) -> BTreeSet<String> {
+    let own: BTreeSet<&str> = job_pods
+        .iter()
+        .filter_map(|p| p.metadata.uid.as_deref())
+        .collect();
+    crate::lifecycle::refused_workers(job_pods)
+        .filter(|(pod, node, _)| {
+            let others: u32 = all_pods
+                .iter()
+                .map(P::borrow)
+                .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+                .filter(|p| !p.metadata.uid.as_deref().is_some_and(|u| own.contains(u)))
+                .filter(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone().or_else(|| pinned_node(s)))
+                        .as_deref()
+                        == Some(*node)
+                })
+                .map(gpus_requested)
+                .sum();
+            let has = capacity.get(*node).copied().unwrap_or(0);
+            others + gpus_requested(pod) > has
+        })
+        .map(|(pod, _, _)| pod.name_any())
+        .collect()
 }
 
 /// The node a worker pod is pinned to by its node selector (before it is bound).
@@ -309,6 +349,8 @@ enum Creation {
     /// Refused for a reason a retry does not change soon: a quota, an
     /// invalid pod, a pod of that name that is not this job's.
     Refused(String),
+    /// A pod of this job by that name is still being deleted: retried.
+    Leaving,
     /// Failed otherwise (the API server unreachable, overloaded): retried.
     Failed(kube::Error),
 }
@@ -321,6 +363,9 @@ async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> Creation {
                 "a pod named {} exists and is not this job's",
                 pod.name_any()
             )),
+            // This job's, on its way out (placed again elsewhere): made
+            // once it is gone.
+            Ok(Some(leaving)) if leaving.metadata.deletion_timestamp.is_some() => Creation::Leaving,
             Ok(_) => Creation::Exists,
             Err(e) => Creation::Failed(e),
         },
@@ -890,6 +935,26 @@ async fn reconcile_job(
         }
     }
 
+    // Workers refused where another job's pods took the GPUs first: placed
+    // again elsewhere, as if gone; their nodes are not to blame.
+    let capacity: BTreeMap<String, u32> = cluster_nodes
+        .iter()
+        .map(|n| (n.node.name.clone(), n.node.gpus))
+        .collect();
+    let contended = contended_workers(&job_pods, &ctx.pods.state(), &capacity);
+    let job_pods: Vec<Pod> = if contended.is_empty() {
+        job_pods
+    } else {
+        tracing::info!(workers = ?contended, "workers refused on GPUs another job holds; placing them again");
+        let (gone, kept): (Vec<Pod>, Vec<Pod>) = job_pods
+            .into_iter()
+            .partition(|p| contended.contains(&p.name_any()));
+        for pod in &gone {
+            delete_pod(&pods, &pod.name_any(), false).await?;
+        }
+        kept
+    };
+
     // Nodes that will not take a worker: avoided for a while, recorded
     // before the mesh leaves them, so a restart of the operator keeps them.
     let mut status = job.status.clone().unwrap_or_default();
@@ -1039,16 +1104,21 @@ async fn reconcile_job(
             .collect();
         Planning::cache_holds(&ctx.pods, &made).await;
         let mut failed = None;
+        let mut leaving = None;
         for (worker, creation) in created {
             match creation {
                 Creation::Made(_) | Creation::Exists => {}
                 Creation::Refused(why) => refused.push((worker, why)),
+                Creation::Leaving => leaving = Some(worker),
                 Creation::Failed(e) => failed = Some(e),
             }
         }
         // Retried as a whole: the next reconcile sees the pods made so far.
         if let Some(e) = failed {
             return Err(e.into());
+        }
+        if let Some(worker) = leaving {
+            return Err(ControllerError::WorkerLeaving(worker));
         }
         if !refused.is_empty() {
             // Refused for good (a quota, a name, a conflict): the job runs
@@ -1726,6 +1796,44 @@ mod tests {
             !owned_by(&worker, "uid-a"),
             "an owner that is not the controller"
         );
+    }
+
+    #[test]
+    fn a_worker_refused_where_another_job_holds_the_gpus_is_contended_not_sick() {
+        use k8s_openapi::api::core::v1::PodCondition;
+        let refused = |name: &str, node: &str, uid: &str| {
+            let mut p = pod(name, node, 4, "Pending");
+            p.metadata.uid = Some(uid.into());
+            let spec = p.spec.as_mut().unwrap();
+            spec.node_name = None;
+            spec.node_selector =
+                Some([("kubernetes.io/hostname".to_string(), node.to_string())].into());
+            p.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/4 nodes are available: 1 Insufficient nvidia.com/gpu.".into()),
+                ..Default::default()
+            }]);
+            p
+        };
+        let mine = vec![
+            refused("a-worker-0", "n1", "u0"),
+            refused("a-worker-1", "n2", "u1"),
+        ];
+        let mut theirs = pod("b-worker-0", "n1", 8, "Running");
+        theirs.metadata.uid = Some("ub".into());
+        let mut all = mine.clone();
+        all.push(theirs);
+        let capacity: BTreeMap<String, u32> = [("n1".to_string(), 8), ("n2".to_string(), 8)].into();
+        assert_eq!(
+            contended_workers(&mine, &all, &capacity),
+            BTreeSet::from(["a-worker-0".to_string()]),
+            "n1's GPUs are another job's; n2 refuses for a reason of its own"
+        );
+        // Room beside the other job's pods: a refusal there is the node's.
+        let roomy: BTreeMap<String, u32> = [("n1".to_string(), 16), ("n2".to_string(), 8)].into();
+        assert!(contended_workers(&mine, &all, &roomy).is_empty());
     }
 
     #[test]

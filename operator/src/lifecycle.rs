@@ -118,7 +118,7 @@ pub fn next_refusal_timeout(pods: &[Pod], timeout_s: i64, now: &Time) -> Option<
 
 /// Pending workers pinned to a node that the scheduler refuses there: the
 /// pod, its node and the `PodScheduled` condition.
-fn refused_workers(
+pub(crate) fn refused_workers(
     pods: &[Pod],
 ) -> impl Iterator<Item = (&Pod, &str, &k8s_openapi::api::core::v1::PodCondition)> {
     pods.iter().filter_map(|pod| {
