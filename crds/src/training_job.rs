@@ -57,12 +57,12 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[kube(validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (it names the job's Service)"))]
-#[kube(validation = Rule::new("size(self.metadata.name) + size(string(self.spec.workers.max - 1)) <= 55").message("metadata.name is too long for workers.max: each worker is named <name>-worker-<index>, a host name of at most 63 characters, so the name may have at most 55 characters less the digits of workers.max - 1"))]
+#[kube(validation = Rule::new("oldSelf.hasValue() || self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").optional_old_self(true).message("metadata.name must be lower-case letters, digits and '-', starting with a letter and ending with a letter or digit (it names the job's Service)"))]
+#[kube(validation = Rule::new("(oldSelf.hasValue() && oldSelf.value().spec.workers.max == self.spec.workers.max) || size(self.metadata.name) + size(string(self.spec.workers.max - 1)) <= 55").optional_old_self(true).message("metadata.name is too long for workers.max: each worker is named <name>-worker-<index>, a host name of at most 63 characters, so the name may have at most 55 characters less the digits of workers.max - 1"))]
 #[x_kube(validation = Rule::new("self.model == oldSelf.model").message("spec.model cannot change once the job exists: its checkpoints hold this model"))]
 #[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
-#[x_kube(validation = Rule::new("oldSelf.suspend || (has(self.command) == has(oldSelf.command) && (!has(self.command) || self.command == oldSelf.command) && has(self.args) == has(oldSelf.args) && (!has(self.args) || self.args == oldSelf.args) && has(self.env) == has(oldSelf.env) && (!has(self.env) || self.env == oldSelf.env))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
+#[x_kube(validation = Rule::new("oldSelf.suspend || ((has(self.command) ? self.command : []) == (has(oldSelf.command) ? oldSelf.command : []) && (has(self.args) ? self.args : []) == (has(oldSelf.args) ? oldSelf.args : []) && (has(self.env) ? self.env : []) == (has(oldSelf.env) ? oldSelf.env : []))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
 pub struct TrainingJobSpec {
     /// Container image of the weft trainer.
     #[schemars(length(min = 1, max = 512))]
@@ -485,6 +485,10 @@ fn default_unschedulable_timeout() -> i32 {
 /// How long a job avoids a node where one of its workers could not be scheduled.
 pub const AVOID_NODE_SECONDS: i64 = 300;
 
+/// The largest mesh epoch: an integer every JSON reader holds exactly, far
+/// beyond any real job's count of membership changes.
+pub const MAX_MESH_EPOCH: i64 = (1 << 53) - 1;
+
 fn default_restart_limit() -> i32 {
     5
 }
@@ -592,9 +596,9 @@ pub struct TrainingJobStatus {
     /// `ready/desired`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_ready_summary: Option<String>,
-    /// Bumped at every membership change.
+    /// Bumped at every membership change (never past [`MAX_MESH_EPOCH`]).
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_MESH_EPOCH))]
     pub mesh_epoch: i64,
     /// Last training step reported by the workers.
     #[serde(default)]

@@ -61,7 +61,7 @@ kctl() { "$(bin_of kubectl)" --kubeconfig="$KUBECONFIG_PATH" "$@"; }
 # Prints the kwok Node objects of a cluster shorthand (built from the e2e crate, so
 # label and annotation names come from weft-crds and are never spelled twice).
 render_nodes() {
-  (cd "$WEFT_ROOT" && cargo build --quiet -p weft-e2e --bin weft-e2e) >&2 \
+  (cd "$WEFT_ROOT" && cargo build -p weft-e2e --bin weft-e2e) >&2 \
     || die "could not build the weft-e2e helper"
   "$CARGO_TARGET_DIR/debug/weft-e2e" nodes "$1"
 }

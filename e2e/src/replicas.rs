@@ -103,20 +103,37 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// The HTTP status of `GET path` on the operator at `port` (0 when it does
 /// not answer).
 pub async fn http_status(port: u16, path: &str) -> u16 {
+    http_get(port, path)
+        .await
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The whole HTTP response to `GET path` on 127.0.0.1:`port` (empty when
+/// nothing answers).
+pub async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return 0;
+        return String::new();
     };
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return 0;
+        return String::new();
     }
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response).await;
     response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
+}
+
+/// The operator's count of reconciles (`weft_reconciles_total`) on `port`.
+pub async fn reconciles(port: u16) -> u64 {
+    http_get(port, "/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("weft_reconciles_total "))
+        .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
 

@@ -408,9 +408,46 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
         if republishings > 0 {
             wait_event(&ns, "capped", "MeshRepublished", "not the one weft wrote").await?;
         }
+        // A gang the quota cannot hold: it waits, says why, and does not
+        // make and delete its workers in a loop meanwhile.
+        jobs.delete("capped", &Default::default()).await?;
+        wait_for(
+            "capped's workers to be gone",
+            Duration::from_secs(60),
+            || {
+                let pods = pods.clone();
+                async move {
+                    let left = weft_e2e::jobs::job_pods(&pods, "capped").await?;
+                    Ok(left.is_empty().then_some(()))
+                }
+            },
+        )
+        .await?;
+        jobs.create(&PostParams::default(), &sleeper_job("starved", 3, 3, 4, 1))
+            .await?;
+        let status = wait_job_status(&jobs, "starved", "starved to say why it waits", |s| {
+            s.phase == Phase::Pending
+                && s.conditions.iter().any(|c| {
+                    c.reason == "WorkersRefused" && c.message.contains("fewer than workers.min")
+                })
+        })
+        .await?;
+        ensure!(status.restarts == 0, "{status:?}");
+        let mut made = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            for pod in weft_e2e::jobs::job_pods(&pods, "starved").await? {
+                made.insert(pod.metadata.uid.unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ensure!(
+            made.len() <= 2,
+            "starved made {} workers in 10 s: it should wait before trying again",
+            made.len()
+        );
         ensure!(!controller.is_finished(), "the controller stopped");
         controller.abort();
-        let _ = jobs.delete("capped", &Default::default()).await;
+        let _ = jobs.delete("starved", &Default::default()).await;
         Ok(())
     })
     .await?;
@@ -446,10 +483,13 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
         // Two jobs created at once, each 2 to 3 workers of 8 GPUs, on three
         // nodes of 8: one runs, the other waits for capacity without
         // holding pods or shunning the nodes the first one holds.
-        let (first, second) = (
-            sleeper_job("first", 2, 3, 8, 1),
-            sleeper_job("second", 2, 3, 8, 1),
-        );
+        // A refused worker would mark its node avoided after 2 s.
+        let impatient = |name: &str| {
+            let mut job = sleeper_job(name, 2, 3, 8, 1);
+            job.spec.elasticity.unschedulable_timeout_seconds = 2;
+            job
+        };
+        let (first, second) = (impatient("first"), impatient("second"));
         let params = PostParams::default();
         let (a, b) = tokio::join!(jobs.create(&params, &first), jobs.create(&params, &second));
         a?;
@@ -474,11 +514,14 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
         tokio::time::sleep(Duration::from_secs(5)).await;
         let waiting = jobs.get(loser).await?.status.unwrap_or_default();
         let pods: Api<Pod> = ns.api();
+        let held = weft_e2e::jobs::job_pods(&pods, loser)
+            .await?
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count();
         ensure!(
-            waiting.phase == Phase::Pending
-                && waiting.avoided_nodes.is_empty()
-                && running_workers(&pods, loser).await?.is_empty(),
-            "{loser} should wait without pods or avoided nodes: {waiting:?}"
+            waiting.phase == Phase::Pending && waiting.avoided_nodes.is_empty() && held == 0,
+            "{loser} should wait without pods ({held} held) or avoided nodes: {waiting:?}"
         );
         jobs.delete(winner, &Default::default()).await?;
         let (_, mesh) = wait_running(&ns, loser, 3, 1).await?;

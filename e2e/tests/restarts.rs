@@ -16,7 +16,8 @@ use kube::{Api, ResourceExt};
 use weft_crds::TrainingJob;
 use weft_e2e::jobs::job_pods;
 use weft_e2e::replicas::{
-    chart_credentials, free_port, http_status, kill_hard, replica_on, wait_holder, wait_leads,
+    chart_credentials, free_port, http_status, kill_hard, reconciles, replica_on, wait_holder,
+    wait_leads,
 };
 use weft_e2e::{TestEnv, TestNamespace, wait_for};
 
@@ -199,8 +200,14 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
         kill_hard(standby).await?;
         let quiet = replica_on(&ns, &kubeconfig, "quiet", port)?;
         wait_leads(&leases, "quiet").await?;
-        // Time for every job to be reconciled once more.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Every job reconciled once more (each reconcile is counted).
+        let jobs_count = sizes.len() as u64;
+        wait_for(
+            "every job to be reconciled again",
+            Duration::from_secs(60),
+            || async move { Ok((reconciles(port).await >= jobs_count).then_some(())) },
+        )
+        .await?;
         let after = converge(&ns, &sizes, &deleted, "a quiet restart", bound).await?;
         ensure!(
             before == after,

@@ -347,6 +347,8 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             .await,
             &["metadata.name is too long for workers.max"],
         )?;
+        // An empty list where there was none changes nothing, and is taken.
+        patch(json!({"spec": {"env": [], "args": []}})).await?;
         patch(json!({"spec": {"workers": {"max": 4}}})).await?;
         patch(json!({"spec": {"suspend": true}})).await?;
         let changed = patch(json!({"spec": {"image": "busybox:1.37", "args": ["--steps", "9"]}})).await?;
@@ -390,11 +392,16 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             ("a restart count past 32 bits", json!({"restarts": 2147483648_i64}), "status.restarts"),
             ("a negative step", json!({"step": -1}), "status.step"),
             ("a negative epoch", json!({"meshEpoch": -1}), "status.meshEpoch"),
+            (
+                "an epoch past the largest",
+                json!({"meshEpoch": weft_crds::MAX_MESH_EPOCH + 1}),
+                "status.meshEpoch",
+            ),
         ] {
             expect_refusal(what, status(body).await, &[wanted])?;
         }
         // The largest values that are taken can be read.
-        let written = status(json!({"step": i64::MAX, "meshEpoch": i64::MAX, "restarts": i32::MAX,
+        let written = status(json!({"step": i64::MAX, "meshEpoch": weft_crds::MAX_MESH_EPOCH, "restarts": i32::MAX,
                                     "tokensPerSecond": 1.0e300}))
             .await?;
         serde_json::from_value::<TrainingJob>(serde_json::to_value(&written)?)

@@ -39,6 +39,27 @@ pub const LABEL_JOB: &str = "weft.dev/job";
 pub const LABEL_WORKER: &str = "weft.dev/worker";
 /// Label with the mesh epoch a pod was created for.
 pub const LABEL_EPOCH: &str = "weft.dev/mesh-epoch";
+/// Annotation of the mesh ConfigMap: the SHA-256 of its data as weft wrote
+/// it ([`mesh_digest`]), so an edit by anyone else is seen.
+pub const ANNOTATION_MESH_DIGEST: &str = "weft.dev/mesh-digest";
+
+/// The digest of a mesh ConfigMap's data: SHA-256 over each key and value,
+/// in key order, as hex.
+pub fn mesh_digest(data: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (key, value) in data {
+        for part in [key, value] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 /// `host:port` of the store of `mesh`'s epoch: rank 0's pod through the
 /// job's headless Service, on a port that moves with the epoch (so the
 /// store of an older epoch, still up in a pod that has not yet seen the new
@@ -193,15 +214,21 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
     };
     let parameters_json = serde_json::to_string_pretty(&parameters)
         .map_err(|e| BuildError::Parameters(e.to_string()))?;
+    let data = BTreeMap::from([
+        ("mesh.json".to_string(), mesh_json),
+        ("training.json".to_string(), parameters_json),
+    ]);
+    let mut metadata = meta(
+        mesh_config_map_name(&name),
+        &[(LABEL_EPOCH, mesh.epoch.to_string())],
+    );
+    metadata.annotations = Some(BTreeMap::from([(
+        ANNOTATION_MESH_DIGEST.to_string(),
+        mesh_digest(&data),
+    )]));
     let config_map = ConfigMap {
-        metadata: meta(
-            mesh_config_map_name(&name),
-            &[(LABEL_EPOCH, mesh.epoch.to_string())],
-        ),
-        data: Some(BTreeMap::from([
-            ("mesh.json".to_string(), mesh_json),
-            ("training.json".to_string(), parameters_json),
-        ])),
+        metadata,
+        data: Some(data),
         ..Default::default()
     };
 

@@ -80,8 +80,6 @@ pub enum ControllerError {
         "the job changed while it was reconciled (its workers report progress into the status); reconciling again"
     )]
     Conflict,
-    #[error("worker {0} is still being deleted; it is made again once it is gone")]
-    WorkerLeaving(String),
     #[error("this TrainingJob cannot be read: {path}: {error}")]
     Unreadable { path: String, error: String },
 }
@@ -98,7 +96,6 @@ impl ControllerError {
             ControllerError::PlanningStalled(_) => "planning_stalled",
             ControllerError::Conflict => "conflict",
             ControllerError::Unreadable { .. } => "unreadable_object",
-            ControllerError::WorkerLeaving(_) => "worker_leaving",
         }
     }
 }
@@ -135,11 +132,7 @@ pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
 ) -> (Vec<MeshNode>, Vec<ExistingWorker>) {
     let mut used: BTreeMap<String, u32> = BTreeMap::new();
     for pod in all_pods.iter().map(P::borrow).filter(|p| !terminal(p)) {
-        let node = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone().or_else(|| pinned_node(s)));
-        if let Some(node) = node {
+        if let Some(node) = placed_node(pod) {
             *used.entry(node).or_default() += gpus_requested(pod);
         }
     }
@@ -158,13 +151,9 @@ pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
         .iter()
         .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let node = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone().or_else(|| pinned_node(s)))?;
             Some(ExistingWorker {
                 name: p.name_any(),
-                node,
+                node: placed_node(p)?,
             })
         })
         .collect();
@@ -192,19 +181,36 @@ pub fn contended_workers<P: std::borrow::Borrow<Pod>>(
                 .map(P::borrow)
                 .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
                 .filter(|p| !p.metadata.uid.as_deref().is_some_and(|u| own.contains(u)))
-                .filter(|p| {
-                    p.spec
-                        .as_ref()
-                        .and_then(|s| s.node_name.clone().or_else(|| pinned_node(s)))
-                        .as_deref()
-                        == Some(*node)
-                })
+                .filter(|p| placed_node(p).as_deref() == Some(*node))
                 .map(gpus_requested)
                 .sum();
             let has = capacity.get(*node).copied().unwrap_or(0);
             others + gpus_requested(pod) > has
         })
         .map(|(pod, _, _)| pod.name_any())
+        .collect()
+}
+
+/// The node a pod is bound to, or pinned to by its node selector (a worker
+/// before it is bound).
+fn placed_node(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    spec.node_name.clone().or_else(|| pinned_node(spec))
+}
+
+/// The job's live workers made for mesh epoch `recorded` or an earlier one
+/// (by their epoch label): (name, node).
+pub fn made_for_epoch(job_pods: &[Pod], recorded: u64) -> BTreeSet<(String, String)> {
+    job_pods
+        .iter()
+        .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.labels()
+                .get(crate::build::LABEL_EPOCH)
+                .and_then(|e| e.parse::<u64>().ok())
+                .is_some_and(|e| e <= recorded)
+        })
+        .filter_map(|p| Some((p.name_any(), placed_node(p)?)))
         .collect()
 }
 
@@ -216,18 +222,17 @@ fn pinned_node(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
         .cloned()
 }
 
-/// The largest mesh epoch weft publishes: an integer every JSON reader
-/// holds exactly, far beyond any real job's count of membership changes.
-pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+/// The largest mesh epoch weft publishes (the status schema's bound).
+pub const MAX_EPOCH: u64 = weft_crds::MAX_MESH_EPOCH as u64;
 
 /// The job's published mesh, as far as a reconcile trusts it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Published {
     /// No mesh ConfigMap (never published, or deleted).
     Absent,
-    /// The mesh weft wrote: this job's, of the epoch the status records or
-    /// the next (published by a reconcile that stopped before its status
-    /// write).
+    /// The mesh weft wrote: its data match the digest weft wrote beside it,
+    /// it is this job's, and its epoch is at least the one the status
+    /// records (a reconcile may publish and stop before its status write).
     Trusted(MeshPlan),
     /// Not what weft wrote (edited by hand, or unreadable); `epoch` is the
     /// one it claims, when it claims one weft could publish.
@@ -235,7 +240,9 @@ pub enum Published {
 }
 
 /// Reads the published mesh `config_map` of job `name`, whose status records
-/// epoch `recorded`. Never panics, whatever the ConfigMap holds.
+/// epoch `recorded`. Never panics, whatever the ConfigMap holds. A mesh
+/// written by a weft from before the digest is trusted at the recorded
+/// epoch or the next.
 pub fn read_published(config_map: Option<&ConfigMap>, name: &str, recorded: u64) -> Published {
     let Some(config_map) = config_map else {
         return Published::Absent;
@@ -244,17 +251,36 @@ pub fn read_published(config_map: Option<&ConfigMap>, name: &str, recorded: u64)
         epoch: epoch.filter(|e| *e <= MAX_EPOCH),
         why,
     };
-    let Some(text) = config_map.data.as_ref().and_then(|d| d.get("mesh.json")) else {
+    let empty = BTreeMap::new();
+    let data = config_map.data.as_ref().unwrap_or(&empty);
+    let Some(text) = data.get("mesh.json") else {
         return untrusted(None, "it has no mesh.json".to_string());
     };
     let mesh: MeshPlan = match serde_json::from_str(text) {
         Ok(mesh) => mesh,
         Err(e) => return untrusted(None, format!("mesh.json cannot be read: {e}")),
     };
+    let digest = config_map
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::build::ANNOTATION_MESH_DIGEST));
     let names: BTreeSet<&str> = mesh.workers.iter().map(|w| w.name.as_str()).collect();
     let why = if mesh.job != name {
         Some(format!("it is the mesh of job {:?}", mesh.job))
-    } else if mesh.epoch != recorded && mesh.epoch != recorded.saturating_add(1) {
+    } else if digest.is_some_and(|d| *d != crate::build::mesh_digest(data)) {
+        Some("its data differ from what weft wrote".to_string())
+    } else if mesh.epoch > MAX_EPOCH {
+        Some(format!(
+            "its epoch {} is past the largest weft publishes",
+            mesh.epoch
+        ))
+    } else if mesh.epoch < recorded {
+        Some(format!(
+            "its epoch {} is below the job's recorded epoch {recorded}",
+            mesh.epoch
+        ))
+    } else if digest.is_none() && mesh.epoch > recorded.saturating_add(1) {
         Some(format!(
             "its epoch {} is not the job's recorded epoch {recorded} or the next",
             mesh.epoch
@@ -275,7 +301,8 @@ pub fn read_published(config_map: Option<&ConfigMap>, name: &str, recorded: u64)
 #[derive(Debug, Clone, PartialEq)]
 pub struct NextEpoch {
     pub epoch: u64,
-    /// Whether it differs from the epoch published before.
+    /// Whether it differs from the epoch the status records, or replaces a
+    /// mesh weft did not write: the membership changed for the workers.
     pub moved: bool,
     /// The previous mesh's workers (name, node) that are still alive.
     pub kept: BTreeSet<(String, String)>,
@@ -286,28 +313,23 @@ pub struct NextEpoch {
 /// The epoch of the mesh whose workers are `after`, given the epoch the
 /// status records, the published mesh, and the job's live workers `alive`
 /// (name, node). The epoch moves on exactly when the membership differs from
-/// the previous mesh's, or a member is a pod made since. Without a published mesh (its
-/// ConfigMap deleted), the live workers are the previous mesh's: they were
-/// created for it, so restoring it is no membership change. An untrusted
-/// mesh always gets a new epoch, above any it claims (workers that followed
-/// it follow only newer epochs); never past [`MAX_EPOCH`].
+/// the previous mesh's, or a member is a pod made since. Without a published
+/// mesh (its ConfigMap deleted), the previous mesh's workers are the live
+/// pods made for the recorded epoch or an earlier one (`made_for_recorded`),
+/// so restoring it is no membership change. An untrusted mesh always gets a
+/// new epoch, above any it claims (workers follow only newer epochs).
+/// `None` when the epoch would have to pass [`MAX_EPOCH`].
 pub fn next_epoch(
     recorded: u64,
     published: &Published,
     alive: &BTreeSet<(String, String)>,
+    made_for_recorded: &BTreeSet<(String, String)>,
     after: &BTreeSet<(String, String)>,
-) -> NextEpoch {
+) -> Option<NextEpoch> {
     let recorded = recorded.min(MAX_EPOCH);
     let (base, previous, trusted): (u64, BTreeSet<(String, String)>, bool) = match published {
-        Published::Trusted(mesh) => (
-            mesh.epoch.max(recorded),
-            mesh.workers
-                .iter()
-                .map(|w| (w.name.clone(), w.node.clone()))
-                .collect(),
-            true,
-        ),
-        Published::Absent => (recorded, alive.clone(), recorded > 0),
+        Published::Trusted(mesh) => (mesh.epoch.max(recorded), members(mesh), true),
+        Published::Absent => (recorded, made_for_recorded.clone(), recorded > 0),
         Published::Untrusted { epoch, .. } => {
             (epoch.unwrap_or(0).max(recorded), BTreeSet::new(), false)
         }
@@ -319,15 +341,17 @@ pub fn next_epoch(
     let same = trusted && base > 0 && previous == *after && after.is_subset(alive);
     let epoch = if same {
         base
+    } else if base < MAX_EPOCH {
+        base + 1
     } else {
-        (base + 1).min(MAX_EPOCH)
+        return None;
     };
-    NextEpoch {
+    Some(NextEpoch {
         epoch,
-        moved: epoch != base || !trusted,
+        moved: epoch != recorded || !trusted,
         kept,
         previous,
-    }
+    })
 }
 
 /// The workers of `mesh`: (name, node).
@@ -366,7 +390,9 @@ async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> Creation {
             // This job's, on its way out (placed again elsewhere): made
             // once it is gone.
             Ok(Some(leaving)) if leaving.metadata.deletion_timestamp.is_some() => Creation::Leaving,
-            Ok(_) => Creation::Exists,
+            Ok(Some(_)) => Creation::Exists,
+            // Gone between the two calls.
+            Ok(None) => Creation::Leaving,
             Err(e) => Creation::Failed(e),
         },
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
@@ -413,6 +439,10 @@ pub struct Context {
     pub pods: Store<Pod>,
     /// One job plans at a time (see [`Planning`]).
     pub planning: Planning,
+    /// Jobs (by UID) whose workers were refused below `workers.min`, and
+    /// when: no worker is made for them again for [`REFUSAL_BACKOFF`], so a
+    /// quota too small for the gang does not make and delete pods in a loop.
+    refused_below_min: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
     /// Turns true once both caches hold a full list.
     synced: tokio::sync::watch::Receiver<bool>,
 }
@@ -425,6 +455,10 @@ pub struct Context {
 pub struct Planning {
     turn: tokio::sync::Mutex<()>,
 }
+
+/// How long a job whose workers were refused below `workers.min` waits
+/// before it tries to make them again.
+pub const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a job waits for its turn to plan before it gives up and is
 /// retried (another job's turn stuck on an API call that never answers).
@@ -551,6 +585,7 @@ impl Context {
             nodes,
             pods,
             planning: Planning::default(),
+            refused_below_min: Default::default(),
             synced,
         };
         (
@@ -994,6 +1029,23 @@ async fn reconcile_job(
         }
     }
 
+    // Workers refused below `min` a moment ago: not made again yet.
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let refused_at = ctx
+        .refused_below_min
+        .lock()
+        .ok()
+        .and_then(|r| r.get(&uid).copied());
+    if let Some(at) = refused_at {
+        let left = REFUSAL_BACKOFF.saturating_sub(at.elapsed());
+        let none_left = job_pods
+            .iter()
+            .all(|p| terminal(p) || p.metadata.deletion_timestamp.is_some());
+        if !left.is_zero() && none_left {
+            return Ok(Action::requeue(left + Duration::from_millis(100)));
+        }
+    }
+
     // Plan. The epoch the job records in its status is the reference; the
     // published mesh is input like any other and is trusted only as far as
     // it agrees with that record (see [`read_published`]).
@@ -1030,12 +1082,20 @@ async fn reconcile_job(
         .iter()
         .map(|w| (w.name.clone(), w.node.clone()))
         .collect();
+    let made_for = made_for_epoch(&job_pods, recorded_epoch);
     let plan_span = tracing::info_span!("plan_mesh", nodes = mesh_nodes.len());
     let mut planned = plan_span.in_scope(|| plan_mesh(&request, &mesh_nodes, &existing));
     // The epoch the new workers are made for (their environment says it),
     // should every one of them be made.
     if let Ok(mesh) = planned.as_mut() {
-        mesh.epoch = next_epoch(recorded_epoch, &published, &alive, &members(mesh)).epoch;
+        mesh.epoch = next_epoch(
+            recorded_epoch,
+            &published,
+            &alive,
+            &made_for,
+            &members(mesh),
+        )
+        .map_or(MAX_EPOCH, |e| e.epoch);
     }
 
     // Apply: the workers first, then the mesh that names them, so a mesh
@@ -1069,9 +1129,11 @@ async fn reconcile_job(
                 delete_pod(&pods, &pod.name_any(), orphaned).await?;
             }
         }
+        // A pod on its way out is not present: its name may be planned for a
+        // new worker, which is made once it is gone.
         let present: BTreeSet<String> = job_pods
             .iter()
-            .filter(|p| !terminal(p))
+            .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
             .map(|p| p.name_any())
             .collect();
         // Created side by side: one at a time, a 256-worker job spends
@@ -1118,7 +1180,12 @@ async fn reconcile_job(
             return Err(e.into());
         }
         if let Some(worker) = leaving {
-            return Err(ControllerError::WorkerLeaving(worker));
+            // Not a failure: the name is free again in a moment.
+            tracing::debug!(
+                worker,
+                "a worker's name is still held by a pod being deleted"
+            );
+            return Ok(Action::requeue(Duration::from_secs(1)));
         }
         if !refused.is_empty() {
             // Refused for good (a quota, a name, a conflict): the job runs
@@ -1162,7 +1229,28 @@ async fn reconcile_job(
     }
     match planned.as_mut() {
         Ok(mesh) => {
-            let epoch = next_epoch(recorded_epoch, &published, &alive, &members(mesh));
+            if refused_at.is_some()
+                && let Ok(mut r) = ctx.refused_below_min.lock()
+            {
+                r.remove(&uid);
+            }
+            let Some(epoch) = next_epoch(
+                recorded_epoch,
+                &published,
+                &alive,
+                &made_for,
+                &members(mesh),
+            ) else {
+                let outcome = Outcome::Failed {
+                    reason: "MeshEpochsExhausted".to_string(),
+                    message: format!(
+                        "the mesh epoch reached {MAX_EPOCH}, the largest weft publishes; \
+                         the membership cannot change again"
+                    ),
+                };
+                let job_pods = list_job_pods(&pods, &job).await?;
+                return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
+            };
             mesh.epoch = epoch.epoch;
             tracing::debug!(
                 epoch = mesh.epoch,
@@ -1239,6 +1327,11 @@ async fn reconcile_job(
             }
         }
         Err(err) => {
+            if !refused.is_empty()
+                && let Ok(mut r) = ctx.refused_below_min.lock()
+            {
+                r.insert(uid.clone(), std::time::Instant::now());
+            }
             // Below min (or never started): hold no GPUs while waiting, so
             // two half-placed gangs can never deadlock each other.
             // Workers made just now before others were refused are counted.
@@ -1252,12 +1345,19 @@ async fn reconcile_job(
             let live = current.iter().filter(|p| !terminal(p)).count();
             if live > 0 {
                 stop_workers(&pods, current).await?;
+                let why = match refused.first() {
+                    Some((worker, why)) => format!(
+                        "{} planned workers could not be created ({worker}: {why}), and fewer than workers.min remain",
+                        refused.len()
+                    ),
+                    None => err.to_string(),
+                };
                 event(
                     &ctx,
                     &job,
                     EventType::Warning,
                     "BelowMinimum",
-                    format!("{live} workers stopped: {err}"),
+                    format!("{live} workers stopped: {why}"),
                 )
                 .await;
             }
@@ -1489,7 +1589,7 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
         .for_each(move |result| {
             match &result {
                 Err(kube::runtime::controller::Error::QueueError(e)) => {
-                    tracing::warn!(error = %e, "the TrainingJob or pod watch failed; retrying");
+                    tracing::warn!(error = %e, "a watch of the controller (TrainingJobs, or their pods, ConfigMaps or Services) failed; retrying");
                     outcomes.watch_failed();
                 }
                 Err(e) => tracing::debug!(error = %e, "controller"),
@@ -1680,42 +1780,81 @@ mod tests {
     #[test]
     fn a_published_mesh_is_trusted_only_as_far_as_the_status_agrees() {
         let two = [("a-worker-0", "n1"), ("a-worker-1", "n2")];
+        let signed = |text: &str| {
+            let mut cm = mesh_config_map(text);
+            let digest = crate::build::mesh_digest(cm.data.as_ref().unwrap());
+            cm.metadata.annotations =
+                Some([(crate::build::ANNOTATION_MESH_DIGEST.to_string(), digest)].into());
+            cm
+        };
         let ours = published_mesh("a", 7, &two);
         assert!(serde_json::from_str::<MeshPlan>(&ours).is_ok(), "{ours}");
-        assert!(matches!(
-            read_published(Some(&mesh_config_map(&ours)), "a", 7),
-            Published::Trusted(_)
-        ));
-        // Published by a reconcile that stopped before writing its status.
+        for recorded in [7, 6, 3] {
+            assert!(
+                matches!(
+                    read_published(Some(&signed(&ours)), "a", recorded),
+                    Published::Trusted(_)
+                ),
+                "weft's own mesh of epoch 7 with the status at {recorded}"
+            );
+        }
+        // Without a digest (a weft from before it): the recorded epoch or the next.
         assert!(matches!(
             read_published(Some(&mesh_config_map(&ours)), "a", 6),
             Published::Trusted(_)
         ));
         assert_eq!(read_published(None, "a", 7), Published::Absent);
-        for (text, recorded, claimed, why) in [
-            (published_mesh("a", 1000, &two), 7, Some(1000), "epoch 1000"),
+        let mut edited = signed(&ours);
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("mesh.json".into(), published_mesh("a", 7, &two[..1]));
+        for (config_map, recorded, claimed, why) in [
+            (edited, 7, Some(7), "differ from what weft wrote"),
+            (signed(&published_mesh("a", 7, &two)), 8, Some(7), "below"),
             (
-                published_mesh("a", u64::MAX, &two),
+                mesh_config_map(&published_mesh("a", 1000, &two)),
+                7,
+                Some(1000),
+                "epoch 1000",
+            ),
+            (
+                signed(&published_mesh("a", u64::MAX, &two)),
                 7,
                 None,
-                "epoch 18446744073709551615",
+                "past the largest",
             ),
-            (published_mesh("b", 7, &two), 7, Some(7), "job \"b\""),
             (
-                published_mesh("a", 7, &[("a-worker-0", "n1"), ("a-worker-0", "n2")]),
+                signed(&published_mesh("b", 7, &two)),
+                7,
+                Some(7),
+                "job \"b\"",
+            ),
+            (
+                signed(&published_mesh(
+                    "a",
+                    7,
+                    &[("a-worker-0", "n1"), ("a-worker-0", "n2")],
+                )),
                 7,
                 Some(7),
                 "twice",
             ),
-            ("{not json".to_string(), 7, None, "cannot be read"),
-            (r#"{"epoch": -1}"#.to_string(), 7, None, "cannot be read"),
+            (mesh_config_map("{not json"), 7, None, "cannot be read"),
+            (
+                mesh_config_map(r#"{"epoch": -1}"#),
+                7,
+                None,
+                "cannot be read",
+            ),
         ] {
-            match read_published(Some(&mesh_config_map(&text)), "a", recorded) {
+            match read_published(Some(&config_map), "a", recorded) {
                 Published::Untrusted { epoch, why: said } => {
-                    assert_eq!(epoch, claimed, "{text}");
+                    assert_eq!(epoch, claimed, "{said}");
                     assert!(said.contains(why), "{said}");
                 }
-                other => panic!("{text} was {other:?}"),
+                other => panic!("{config_map:?} was {other:?}"),
             }
         }
         assert!(matches!(
@@ -1730,44 +1869,78 @@ mod tests {
         let trusted = |epoch| {
             Published::Trusted(serde_json::from_str(&published_mesh("a", epoch, &two)).unwrap())
         };
+        let none = BTreeSet::new();
+        type Set = BTreeSet<(String, String)>;
+        fn next(
+            recorded: u64,
+            published: &Published,
+            alive: &Set,
+            made: &Set,
+            after: &Set,
+        ) -> (u64, bool) {
+            let e = next_epoch(recorded, published, alive, made, after).unwrap();
+            (e.epoch, e.moved)
+        }
         // The same live workers: the same epoch.
-        let same = next_epoch(7, &trusted(7), &members(&two), &members(&two));
-        assert_eq!((same.epoch, same.moved), (7, false));
+        assert_eq!(
+            next(7, &trusted(7), &members(&two), &none, &members(&two)),
+            (7, false)
+        );
+        // Published, but the status write that records it was lost: the
+        // same epoch, which the status has yet to record.
+        assert_eq!(
+            next(7, &trusted(8), &members(&two), &none, &members(&two)),
+            (8, true)
+        );
         // One lost: a new epoch; one kept, one left.
         let one = members(&two[..1]);
-        let shrunk = next_epoch(7, &trusted(7), &one, &one);
+        let shrunk = next_epoch(7, &trusted(7), &one, &none, &one).unwrap();
         assert_eq!((shrunk.epoch, shrunk.moved), (8, true));
         assert_eq!((shrunk.kept.len(), shrunk.previous.len()), (1, 2));
         // Resumed: the same names and nodes, but new pods.
-        let resumed = next_epoch(7, &trusted(7), &BTreeSet::new(), &members(&two));
-        assert_eq!((resumed.epoch, resumed.moved), (8, true));
-        // The ConfigMap deleted: put back at the same epoch when nothing changed.
-        let restored = next_epoch(7, &Published::Absent, &members(&two), &members(&two));
-        assert_eq!((restored.epoch, restored.moved), (7, false));
+        assert_eq!(
+            next(7, &trusted(7), &none, &none, &members(&two)),
+            (8, true)
+        );
+        // The ConfigMap deleted: put back at the same epoch when the live
+        // workers are those made for it...
+        assert_eq!(
+            next(
+                7,
+                &Published::Absent,
+                &members(&two),
+                &members(&two),
+                &members(&two)
+            ),
+            (7, false)
+        );
+        // ... and a new one when a worker was made for an epoch never published.
+        assert_eq!(
+            next(7, &Published::Absent, &members(&two), &one, &members(&two)),
+            (8, true)
+        );
         // The first mesh.
-        let first = next_epoch(0, &Published::Absent, &BTreeSet::new(), &members(&two));
-        assert_eq!((first.epoch, first.moved), (1, true));
+        assert_eq!(
+            next(0, &Published::Absent, &none, &none, &members(&two)),
+            (1, true)
+        );
         // Edited by hand: published again above what it claims, never back
-        // (workers follow newer epochs only), never past MAX_EPOCH.
+        // (workers follow only newer epochs).
         let edited = |epoch| Published::Untrusted {
             epoch,
             why: "edited".to_string(),
         };
-        let up = next_epoch(7, &edited(Some(1000)), &members(&two), &members(&two));
-        assert_eq!((up.epoch, up.moved), (1001, true));
-        let wild = next_epoch(7, &edited(None), &members(&two), &members(&two));
-        assert_eq!((wild.epoch, wild.moved), (8, true));
-        let top = next_epoch(
-            u64::MAX,
-            &edited(Some(MAX_EPOCH)),
-            &members(&two),
-            &members(&two),
-        );
-        assert_eq!(top.epoch, MAX_EPOCH);
-        let top = next_epoch(MAX_EPOCH, &trusted(MAX_EPOCH), &one, &one);
+        let all = members(&two);
+        assert_eq!(next(7, &edited(Some(1000)), &all, &all, &all), (1001, true));
+        assert_eq!(next(7, &edited(Some(7)), &all, &all, &all), (8, true));
+        assert_eq!(next(7, &edited(None), &all, &all, &all), (8, true));
+        // Never past MAX_EPOCH: a change there cannot be published.
+        assert!(next_epoch(7, &edited(Some(MAX_EPOCH)), &all, &all, &all).is_none());
+        assert!(next_epoch(u64::MAX, &trusted(MAX_EPOCH), &one, &one, &one).is_none());
         assert_eq!(
-            top.epoch, MAX_EPOCH,
-            "no overflow, whatever the record says"
+            next(MAX_EPOCH, &trusted(MAX_EPOCH), &all, &none, &all),
+            (MAX_EPOCH, false),
+            "no change at the last epoch is fine"
         );
     }
 

@@ -218,6 +218,25 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                 )
             }
         }
+        Err(_) if !observed.refused.is_empty() => {
+            let (worker, why) = &observed.refused[0];
+            (
+                condition(
+                    previous,
+                    CONDITION_SCHEDULABLE,
+                    false,
+                    REASON_WORKERS_REFUSED,
+                    format!(
+                        "{} planned workers could not be created ({worker}: {why}); fewer than workers.min ({}) remain, so none runs; tried again within a minute",
+                        observed.refused.len(),
+                        job.spec.workers.min
+                    ),
+                    generation,
+                    now,
+                ),
+                0,
+            )
+        }
         Err(err) => (
             condition(
                 previous,
@@ -231,12 +250,6 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                 },
                 {
                     let mut message = err.to_string();
-                    if let Some((worker, why)) = observed.refused.first() {
-                        message += &format!(
-                            "; {} planned workers could not be created ({worker}: {why})",
-                            observed.refused.len()
-                        );
-                    }
                     if !status.avoided_nodes.is_empty() {
                         message += &format!(
                             "; avoiding for now: {}",
@@ -249,10 +262,20 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                         );
                     }
                     if !observed.unreadable_nodes.is_empty() {
+                        // The first few by name: a condition is read by people.
+                        const NAMED: usize = 5;
+                        let named = &observed.unreadable_nodes
+                            [..observed.unreadable_nodes.len().min(NAMED)];
+                        let more = observed.unreadable_nodes.len() - named.len();
                         message += &format!(
-                            "; {} nodes cannot be read and take no worker: {}",
+                            "; {} nodes cannot be read and take no worker: {}{}",
                             observed.unreadable_nodes.len(),
-                            observed.unreadable_nodes.join("; ")
+                            named.join("; "),
+                            if more > 0 {
+                                format!("; and {more} more")
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     message
@@ -644,10 +667,28 @@ mod tests {
                 unreadable_nodes: &unreadable,
             },
         );
+        let below = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
+        assert_eq!(below.reason, REASON_WORKERS_REFUSED);
+        assert!(
+            below.message.contains(
+                "could not be created (llm-worker-2: exceeded quota: pods=3); fewer than workers.min"
+            ),
+            "{}",
+            below.message
+        );
+        let status = compute_status(
+            &job(false),
+            &Observed {
+                mesh: Err(&err),
+                pods: &[],
+                now: at(100),
+                refused: &[],
+                unreadable_nodes: &unreadable,
+            },
+        );
         let message = &find_condition(&status, CONDITION_SCHEDULABLE)
             .unwrap()
             .message;
-        assert!(message.contains("could not be created"), "{message}");
         assert!(
             message.contains("1 nodes cannot be read and take no worker: node gpu-7"),
             "{message}"
