@@ -22,6 +22,7 @@ pub mod flexsp;
 pub mod input;
 pub mod mesh;
 pub mod model;
+pub mod picture;
 pub mod plan;
 pub mod profile;
 pub mod report;

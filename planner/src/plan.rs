@@ -155,6 +155,25 @@ pub struct RankPrediction {
     pub memory_gib: f64,
     pub attention_tokens: u64,
     pub linear_tokens: u64,
+    /// What the rank does when over the step, in order (as predicted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimeSpan>,
+}
+
+/// A stretch of a rank's step: a group's attention (and its linear modules,
+/// unless the micro-batch is remapped), or a remapped micro-batch's linear
+/// modules and the remap's transfers.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct TimeSpan {
+    pub micro_batch: u32,
+    pub start_s: f64,
+    pub end_s: f64,
+    /// Of which, at the end, communication that compute did not hide, s.
+    pub exposed_s: f64,
+    /// Index of the group in its micro-batch; absent for the linear phase of
+    /// a remapped micro-batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]

@@ -70,6 +70,8 @@ pub struct StrategyReport {
     pub planner_ms: f64,
     /// Mean tokens per second the step time implies.
     pub tokens_per_s: f64,
+    /// The predicted time of each step, s.
+    pub step_times_s: Vec<f64>,
 }
 
 /// What `weft simulate` reports.
@@ -81,6 +83,8 @@ pub struct SimulationReport {
     pub mean_tokens_per_step: f64,
     pub mean_sequences_per_step: f64,
     pub strategies: Vec<StrategyReport>,
+    /// The lower bound of each step, s.
+    pub lower_bounds_s: Vec<f64>,
 }
 
 /// Plans every batch with each strategy and aggregates the predictions.
@@ -91,7 +95,8 @@ pub fn simulate_batches(
     context_length: Option<u64>,
 ) -> Result<SimulationReport, PlanningError> {
     let steps = batches.len().max(1) as f64;
-    let lb_mean: f64 = batches.iter().map(|b| lower_bound(ctx, b)).sum::<f64>() / steps;
+    let lower_bounds_s: Vec<f64> = batches.iter().map(|b| lower_bound(ctx, b)).collect();
+    let lb_mean: f64 = lower_bounds_s.iter().sum::<f64>() / steps;
     let tokens: f64 = batches
         .iter()
         .map(|b| b.iter().sum::<u64>() as f64)
@@ -102,12 +107,14 @@ pub fn simulate_batches(
     for &strategy in strategies {
         let (mut time, mut balance, mut comm, mut peak, mut wall) = (0.0, 0.0, 0.0, 0.0f64, 0.0);
         let mut fits = true;
+        let mut step_times_s = Vec::with_capacity(batches.len());
         for batch in batches {
             let start = Instant::now();
             let layout = plan_layout(strategy, ctx, batch, context_length)?;
             wall += start.elapsed().as_secs_f64();
             let outcome = simulate(ctx, batch, &layout);
             time += outcome.step_time_s;
+            step_times_s.push(outcome.step_time_s);
             balance += outcome.max_over_mean();
             comm += outcome.comm_fraction();
             peak = peak.max(outcome.peak_memory_gib());
@@ -132,6 +139,7 @@ pub fn simulate_batches(
             } else {
                 0.0
             },
+            step_times_s,
         });
     }
     Ok(SimulationReport {
@@ -141,6 +149,7 @@ pub fn simulate_batches(
         mean_tokens_per_step: tokens,
         mean_sequences_per_step: sequences,
         strategies: reports,
+        lower_bounds_s,
     })
 }
 

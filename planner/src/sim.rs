@@ -121,6 +121,8 @@ pub struct PlanContext {
 /// Per-rank outcome of a simulation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RankOutcome {
+    /// What the rank does when, in order.
+    pub timeline: Vec<crate::plan::TimeSpan>,
     pub finish_s: f64,
     pub compute_s: f64,
     pub exposed_comm_s: f64,
@@ -878,6 +880,13 @@ fn simulate_inner(
                 let nvlink = topo.nvlink_bytes_per_s(topo.node_of(r as u32))
                     * cost.coefficients.link_efficiency;
                 let comm = intra[r] / nvlink + inter[r];
+                ranks[r].timeline.push(crate::plan::TimeSpan {
+                    micro_batch: index,
+                    start_s: start,
+                    end_s: start + linear + comm,
+                    exposed_s: comm,
+                    group: None,
+                });
                 avail[r] = start + linear + comm;
                 ranks[r].compute_s += linear;
                 ranks[r].exposed_comm_s += comm;
@@ -941,6 +950,13 @@ fn simulate_inner(
             let duration = ring.total_s + linear + offload_s;
             for &r in &group.ranks {
                 let r = r as usize;
+                ranks[r].timeline.push(crate::plan::TimeSpan {
+                    micro_batch: index,
+                    start_s: start,
+                    end_s: start + duration,
+                    exposed_s: ring.total_s - ring.compute_s + offload_s,
+                    group: Some(g as u32),
+                });
                 avail[r] = start + duration;
                 ranks[r].compute_s += ring.compute_s + linear;
                 ranks[r].exposed_comm_s += ring.total_s - ring.compute_s + offload_s;
@@ -1020,6 +1036,7 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
             memory_gib: gib(o.peak_memory_bytes),
             attention_tokens: o.attention_tokens,
             linear_tokens: o.linear_tokens,
+            timeline: o.timeline.clone(),
         })
         .collect();
     let predicted = Prediction {

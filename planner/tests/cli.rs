@@ -383,3 +383,248 @@ fn a_profile_prices_the_plan_at_the_measured_speeds() {
         "{stderr}"
     );
 }
+
+/// The picture of a fixed plan is pinned (golden SVG), and a plan of 1,024
+/// ranks is drawn one row per node, saying so.
+#[test]
+fn plans_are_drawn_as_pictures() {
+    let lengths = fixture(
+        "draw-lengths.txt",
+        "65536\n1200\n800\n3000\n150\n150\n9000\n",
+    );
+    let dir = std::env::temp_dir().join(format!("weft-cli-svg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("mixed.svg");
+    let out = weft(&[
+        "plan",
+        "--lengths",
+        lengths.to_str().unwrap(),
+        "--cluster",
+        "2x4:nics=2",
+        "--model",
+        "llama-7b",
+        "--format",
+        "json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    let golden = golden_dir().join("mixed-2x4-weft.svg");
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &drawn).unwrap();
+    }
+    assert_eq!(
+        drawn,
+        std::fs::read_to_string(&golden).unwrap(),
+        "the picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
+    );
+    for part in [
+        "<title>micro-batch 0: sequence 0 (65536 tokens)",
+        "lower bound",
+        "url(#exposed)",
+    ] {
+        assert!(drawn.contains(part), "missing {part}");
+    }
+    // `weft draw` draws the same picture from the plan's JSON.
+    let plan = dir.join("mixed.json");
+    std::fs::write(&plan, &out.stdout).unwrap();
+    let again = dir.join("again.svg");
+    let out = weft(&[
+        "draw",
+        plan.to_str().unwrap(),
+        "--svg",
+        again.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), drawn);
+
+    // A simulation: every strategy per step against the bound.
+    let sim = dir.join("sim.svg");
+    let out = weft(&[
+        "simulate",
+        "--lengths",
+        lengths.to_str().unwrap(),
+        "--cluster",
+        "2x4:nics=2",
+        "--model",
+        "llama-7b",
+        "--tokens-per-step",
+        "80000",
+        "--steps",
+        "3",
+        "--svg",
+        sim.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drawn_sim = std::fs::read_to_string(&sim).unwrap();
+    let golden_sim = golden_dir().join("simulate-2x4.svg");
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden_sim, &drawn_sim).unwrap();
+    }
+    assert_eq!(
+        drawn_sim,
+        std::fs::read_to_string(&golden_sim).unwrap(),
+        "the simulation picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
+    );
+    for strategy in ["static", "hdp", "hdp-offload", "flexsp", "zeppelin", "weft"] {
+        assert!(
+            drawn_sim.contains(&format!(
+                "fill=\"{}\"",
+                weft_planner::picture::strategy_colour(strategy)
+            )),
+            "{strategy} is not drawn in its colour"
+        );
+    }
+
+    // 1,024 ranks: one row per node.
+    let many: String = (0..2048)
+        .map(|i| format!("{}\n", 500 + (i * 7919) % 30000))
+        .collect();
+    let many = fixture("draw-many.txt", &many);
+    let big = dir.join("big.svg");
+    let out = weft(&[
+        "plan",
+        "--lengths",
+        many.to_str().unwrap(),
+        "--cluster",
+        "128x8:nics=8",
+        "--model",
+        "llama-7b",
+        "--svg",
+        big.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drawn = std::fs::read_to_string(&big).unwrap();
+    assert!(drawn.contains("1024 ranks are too many to draw one each"));
+    let rows = drawn.matches("text-anchor=\"end\"").count();
+    assert_eq!(rows, 128, "one row per node");
+
+    // Bad input: a file that is not a plan, a path that cannot be written;
+    // nothing is left half-written.
+    let not_a_plan = fixture("not-a-plan.json", "{\"x\": 1}");
+    let target = dir.join("never.svg");
+    let out = weft(&[
+        "draw",
+        not_a_plan.to_str().unwrap(),
+        "--svg",
+        target.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a step plan"));
+    assert!(!target.exists());
+    let out = weft(&[
+        "draw",
+        plan.to_str().unwrap(),
+        "--svg",
+        "/nonexistent-dir/p.svg",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/p.svg"));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Width and height of a PNG, from its header.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert!(png.len() > 24 && &png[1..4] == b"PNG", "not a PNG");
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&png[16..20]), be(&png[20..24]))
+}
+
+/// Every golden picture opens in a real browser (Debian's Chromium, which
+/// scripts/setup installs): it parses without an error and renders at the
+/// size it declares.
+#[test]
+fn the_golden_pictures_render_in_a_browser() {
+    let browser = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("Chromium is needed to check the pictures; scripts/setup installs it");
+    let dir = std::env::temp_dir().join(format!("weft-cli-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(golden_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let attribute = |name: &str| -> u32 {
+            let at = text.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            let end = text[at..].find('"').unwrap();
+            text[at..at + end].parse::<f64>().unwrap().round() as u32
+        };
+        let (width, height) = (attribute("width"), attribute("height"));
+        let url = format!("file://{}", path.display());
+        let headless = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ];
+        let dom = Command::new(browser)
+            .args(headless)
+            .args(["--dump-dom", &url])
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&dom.stdout);
+        assert!(
+            dom.contains("<svg"),
+            "{}: the browser shows no picture",
+            path.display()
+        );
+        assert!(
+            !dom.contains("parsererror")
+                && !dom.contains("This page contains the following errors"),
+            "{}: the browser reports errors: {dom}",
+            path.display()
+        );
+        let png = dir.join("shot.png");
+        let out = Command::new(browser)
+            .args(headless)
+            .arg(format!("--screenshot={}", png.display()))
+            .arg(format!("--window-size={width},{height}"))
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            png_size(&std::fs::read(&png).unwrap()),
+            (width, height),
+            "{}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no golden pictures found");
+}

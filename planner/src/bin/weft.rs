@@ -73,6 +73,18 @@ enum Command {
         /// With weft: also print every candidate it weighed and its predicted time.
         #[arg(long)]
         explain: bool,
+        /// Also draw the plan as a picture (SVG) into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
+    },
+    /// Draw a step plan (JSON, as `weft plan --format json` prints it) as a
+    /// picture: one row per rank by node, time across.
+    Draw {
+        /// The step plan.
+        plan: std::path::PathBuf,
+        /// Where the SVG goes.
+        #[arg(long, value_name = "FILE")]
+        svg: std::path::PathBuf,
     },
     /// Print sequence lengths sampled from a synthetic distribution calibrated
     /// to published figures (byted, github), one per line, with a summary comment.
@@ -98,6 +110,10 @@ enum Command {
         /// Seed of the sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also draw every strategy's step times against the bound (SVG)
+        /// into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
     },
 }
 
@@ -232,12 +248,32 @@ fn plan_table(plan: &StepPlan) -> String {
     out
 }
 
+/// Writes `text` to `path` whole or not at all: into a file beside it first,
+/// then renamed over it.
+fn write_whole(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let partial = path.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        anyhow::bail!("cannot write {}: {e}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Plan {
             common,
             strategy,
             explain,
+            svg,
         } => {
             let strategy = Strategy::parse(&strategy)?;
             let (ctx, lengths) = context(&common)?;
@@ -292,10 +328,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let plan = plan_step(strategy, &ctx, &lengths, common.max_seq_len)?;
             plan.check()
                 .context("the plan broke an invariant (a bug in weft)")?;
+            if let Some(path) = &svg {
+                write_whole(path, &weft_planner::picture::plan_svg(&plan)?)?;
+                eprintln!("drew the plan into {}", path.display());
+            }
             match common.format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
                 Format::Table => print!("{}", plan_table(&plan)),
             }
+        }
+        Command::Draw { plan, svg } => {
+            let text = std::fs::read_to_string(&plan)
+                .with_context(|| format!("cannot read the plan {}", plan.display()))?;
+            let step: StepPlan = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a step plan (the JSON `weft plan --format json` prints)",
+                    plan.display()
+                )
+            })?;
+            step.check()
+                .with_context(|| format!("{} is not a consistent step plan", plan.display()))?;
+            write_whole(&svg, &weft_planner::picture::plan_svg(&step)?)?;
+            eprintln!("drew {} into {}", plan.display(), svg.display());
         }
         Command::Lengths {
             synthetic,
@@ -317,6 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokens_per_step,
             steps,
             seed,
+            svg,
         } => {
             if tokens_per_step == 0 {
                 bail!("--tokens-per-step must be at least 1");
@@ -328,6 +383,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let batches =
                 sample_batches(&lengths, tokens_per_step, steps, seed, common.max_seq_len);
             let report = simulate_batches(&ctx, &batches, &Strategy::ALL, common.max_seq_len)?;
+            if let Some(path) = &svg {
+                write_whole(path, &weft_planner::picture::simulation_svg(&report)?)?;
+                eprintln!("drew the simulation into {}", path.display());
+            }
             match common.format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", report.table()),
