@@ -153,6 +153,9 @@ pub struct TrainConfig {
     /// rank sees a newer epoch there, every rank stops after the same step,
     /// with a checkpoint of it, so a change of membership loses no step.
     pub epoch_watch: Option<(PathBuf, u64)>,
+    /// Rank 0 draws the plan of every Nth step (`.1`) into the directory
+    /// `.0` (`step-00000012.svg`), to set what ran beside what was planned.
+    pub plan_svg: Option<(PathBuf, u64)>,
 }
 
 /// How a run ended.
@@ -480,6 +483,27 @@ fn model_shape(m: &ModelSpec) -> String {
 /// on the terminal, a pod in its log.
 pub const NOTICE_PREFIX: &str = "weft-notice ";
 
+/// Draws `plan`, the plan step `step` ran, into `dir` (whole or not at
+/// all). A picture that cannot be written is said, and training goes on.
+fn draw_plan(rank: u32, dir: &Path, step: u64, plan: &weft_planner::plan::StepPlan) {
+    let path = dir.join(format!("step-{step:08}.svg"));
+    let partial = dir.join(format!(".step-{step:08}.svg.partial"));
+    let written = weft_planner::picture::plan_svg(plan)
+        .map_err(|e| e.to_string())
+        .and_then(|svg| std::fs::write(&partial, svg).map_err(|e| e.to_string()))
+        .and_then(|()| std::fs::rename(&partial, &path).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        notice(
+            rank,
+            &format!(
+                "the plan of step {step} was not drawn into {}: {e}",
+                path.display()
+            ),
+        );
+    }
+}
+
 fn notice(rank: u32, text: &str) {
     if rank == 0 {
         println!("{NOTICE_PREFIX}{text}");
@@ -796,6 +820,12 @@ pub fn run_worker(
             checkpoint: None,
         };
         let done = step + 1;
+        if let Some((dir, every)) = &config.plan_svg
+            && rank == 0
+            && done % every.max(&1) == 0
+        {
+            draw_plan(rank, dir, done, &plan);
+        }
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         if let Some(dir) = &config.checkpoint_dir
             && rank == 0

@@ -447,3 +447,67 @@ fn the_loss_curve_of_a_fixed_run_is_the_golden_one() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--plan-svg DIR --plan-svg-every 2`: the plan of every second step is
+/// drawn, whole, as `weft plan --svg` draws one; a directory that cannot be
+/// made is refused by the flag's name before any rank starts.
+#[test]
+fn the_plan_each_step_ran_is_drawn() {
+    let dir = scratch("plan-svg");
+    let pictures = dir.join("pictures");
+    let (out, steps) = local(
+        &dir,
+        "drawn",
+        &[
+            "--ranks",
+            "2",
+            "--steps",
+            "4",
+            "--max-seq-len",
+            "512",
+            "--tokens-per-step",
+            "2048",
+            "--rank-tokens",
+            "384",
+            "--plan-svg",
+            pictures.to_str().unwrap(),
+            "--plan-svg-every",
+            "2",
+        ],
+    );
+    ok(&out);
+    assert_eq!(steps.len(), 4);
+    let mut names: Vec<String> = std::fs::read_dir(&pictures)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-00000002.svg", "step-00000004.svg"]);
+    let svg = std::fs::read_to_string(pictures.join("step-00000004.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains(&format!("{}: 2 ranks", steps[3].strategy)),
+        "{svg}"
+    );
+
+    let blocked = dir.join("a-file");
+    std::fs::write(&blocked, b"").unwrap();
+    let (out, _) = local(
+        &dir,
+        "blocked",
+        &[
+            "--ranks",
+            "1",
+            "--steps",
+            "1",
+            "--plan-svg",
+            blocked.join("x").to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--plan-svg: cannot create the directory"),
+        "{err}"
+    );
+}

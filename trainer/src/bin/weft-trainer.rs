@@ -105,6 +105,15 @@ struct TrainArgs {
     /// number of ranks, with exactly the next batch.
     #[arg(long)]
     resume: bool,
+    /// Draw the plan each step ran as a picture (SVG, as `weft plan --svg`
+    /// draws it) into this directory: `step-00000012.svg`.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    plan_svg: Option<PathBuf>,
+    /// With --plan-svg: draw every Nth step only.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(default = "every_step")]
+    plan_svg_every: u64,
 
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
@@ -213,6 +222,15 @@ impl TrainArgs {
                 "--rank-tokens must be at least 2 (a rank's share of a ring is two chunks), got {tokens}"
             );
         }
+        if let Some(dir) = &self.plan_svg {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("--plan-svg: cannot create the directory {}", dir.display())
+            })?;
+            let probe = dir.join(format!(".weft-probe-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("--plan-svg: cannot write into {}", dir.display()))?;
+            let _ = std::fs::remove_file(&probe);
+        }
         if self.run.collective_timeout_s == 0 {
             bail!("--collective-timeout-s must be at least 1");
         }
@@ -288,6 +306,10 @@ impl TrainArgs {
             accept_data_change: self.run.accept_data_change,
             fail_at,
             epoch_watch: None,
+            plan_svg: self
+                .plan_svg
+                .clone()
+                .map(|dir| (dir, self.plan_svg_every.max(1))),
         })
     }
 }
@@ -319,6 +341,10 @@ impl RunArgs {
 
 fn default_auto() -> String {
     "auto".to_string()
+}
+
+fn every_step() -> u64 {
+    1
 }
 
 fn default_keep() -> u64 {
@@ -852,6 +878,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 checkpoint_keep: training.checkpoint.keep.max(1),
                 resume: true,
                 fail_at: None,
+                plan_svg: None,
+                plan_svg_every: 1,
             };
             // Check the settings here, once, rather than in every rank: and
             // that one rank fits the pod's memory, and the checkpoints can
