@@ -1,13 +1,14 @@
 //! A step plan as a picture (SVG): one row per rank, grouped by node, time
 //! across as the cost model predicts it. Each group's attention is a bar in
-//! the colour of its first sequence (the same sequence has the same colour
-//! in every picture); the part of a bar that is communication compute did
-//! not hide is hatched; a remapped micro-batch's linear phase is grey; the
-//! lower bound is a dashed line. Hovering a bar (its `<title>`) names the
+//! the colour of its first sequence (a sequence id has the same colour in
+//! every picture); the part of a bar that is communication compute did not
+//! hide is hatched; a remapped micro-batch's linear phase is grey; the lower
+//! bound is a dashed line. Hovering a bar (its `<title>`) names the
 //! micro-batch, the sequences with their lengths, the degree and the ranks.
 //!
-//! Past [`MAX_RANK_ROWS`] ranks, one row per node shows the node's slowest
-//! rank, and the picture says so.
+//! Past [`MAX_RANK_ROWS`] ranks, a row stands for a node (or a run of
+//! consecutive nodes, past as many nodes) and shows its slowest rank, and
+//! the picture says so.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,15 +42,18 @@ pub enum PictureError {
     NoTimeline,
     #[error("the simulation has no steps to draw")]
     NoSteps,
+    #[error("{0} is not a finite time; the plan cannot be drawn")]
+    NotFinite(String),
 }
 
 impl PictureError {
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {
-            PictureError::NoRanks | PictureError::NoTimeline | PictureError::NoSteps => {
-                "plan_picture"
-            }
+            PictureError::NoRanks
+            | PictureError::NoTimeline
+            | PictureError::NoSteps
+            | PictureError::NotFinite(_) => "plan_picture",
         }
     }
 }
@@ -94,18 +98,46 @@ fn rows(plan: &StepPlan) -> (Vec<Row<'_>>, bool) {
             .collect();
         return (rows, false);
     }
+    // A row per node, or per run of consecutive nodes when even the nodes
+    // are too many.
+    let per_row = by_node.len().div_ceil(MAX_RANK_ROWS).max(1);
     let rows = by_node
-        .iter()
-        .filter_map(|(node, ranks)| {
-            let slowest = ranks.iter().max_by(|a, b| a.time_s.total_cmp(&b.time_s))?;
+        .chunks(per_row)
+        .filter_map(|run| {
+            let slowest = run
+                .iter()
+                .flat_map(|(_, ranks)| ranks.iter())
+                .max_by(|a, b| a.time_s.total_cmp(&b.time_s))?;
+            let label = match run {
+                [(node, _)] => format!("{node} (rank {})", slowest.rank),
+                [(first, _), .., (last, _)] => {
+                    format!("{first}…{last} (rank {})", slowest.rank)
+                }
+                [] => return None,
+            };
             Some(Row {
-                label: format!("{node} (rank {})", slowest.rank),
+                label,
                 rank: slowest,
                 node_start: false,
             })
         })
         .collect();
     (rows, true)
+}
+
+fn finite(what: &str, t: f64) -> Result<(), PictureError> {
+    if t.is_finite() && t >= 0.0 {
+        Ok(())
+    } else {
+        Err(PictureError::NotFinite(format!("{what} ({t})")))
+    }
+}
+
+/// The ticks of an axis from 0 to `end`: at most 50.
+fn ticks(end: f64) -> impl Iterator<Item = f64> {
+    let step = tick_step(end);
+    let count = ((end * 1.0001 / step) as usize).min(50);
+    (0..=count).map(move |k| k as f64 * step)
 }
 
 /// A coordinate to a hundredth of a pixel: enough for any screen, and the
@@ -135,11 +167,30 @@ fn tick_step(span: f64) -> f64 {
 
 /// The plan as an SVG document.
 pub fn plan_svg(plan: &StepPlan) -> Result<String, PictureError> {
+    plan_svg_noted(plan, None)
+}
+
+/// The plan as an SVG document, with `note` under the heading (what the
+/// picture does not show as it ran, for instance).
+pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, PictureError> {
     if plan.ranks.is_empty() {
         return Err(PictureError::NoRanks);
     }
     if plan.ranks.iter().all(|r| r.timeline.is_empty()) {
         return Err(PictureError::NoTimeline);
+    }
+    finite("the step time", plan.predicted.step_time_s)?;
+    finite("the lower bound", plan.predicted.lower_bound_s)?;
+    for rank in &plan.ranks {
+        for span in &rank.timeline {
+            for (what, t) in [
+                ("a start", span.start_s),
+                ("an end", span.end_s),
+                ("an exposed time", span.exposed_s),
+            ] {
+                finite(&format!("{what} of rank {}", rank.rank), t)?;
+            }
+        }
     }
     let (rows, aggregated) = rows(plan);
     let end = plan
@@ -211,14 +262,17 @@ pub fn plan_svg(plan: &StepPlan) -> Result<String, PictureError> {
             .set("font-size", 14)
             .set("font-weight", "bold"),
     );
-    let legend = if aggregated {
+    let mut legend = if aggregated {
         format!(
-            "{} ranks are too many to draw one each: one row per node, its slowest rank. Hatched: communication not hidden; grey: remapped linear modules; dashed: lower bound.",
+            "{} ranks are too many to draw one each: a row per node (or run of nodes), its slowest rank. Hatched: communication not hidden; grey: remapped linear modules; dashed: lower bound.",
             plan.ranks.len()
         )
     } else {
         "One row per rank, by node. Hatched: communication not hidden; grey: remapped linear modules; dashed: lower bound.".to_string()
     };
+    if let Some(note) = note {
+        legend = format!("{legend} {note}");
+    }
     document = document.add(
         Text::new(legend)
             .set("x", 10)
@@ -336,9 +390,7 @@ pub fn plan_svg(plan: &StepPlan) -> Result<String, PictureError> {
             .set("y2", axis_y)
             .set("stroke", "#333"),
     );
-    let step = tick_step(end);
-    let mut t = 0.0;
-    while t <= end * 1.0001 {
+    for t in ticks(end) {
         axis = axis
             .add(
                 Line::new()
@@ -354,7 +406,6 @@ pub fn plan_svg(plan: &StepPlan) -> Result<String, PictureError> {
                     .set("y", axis_y + 16.0)
                     .set("text-anchor", "middle"),
             );
-        t += step;
     }
     let bound = x(plan.predicted.lower_bound_s);
     axis = axis
@@ -371,7 +422,7 @@ pub fn plan_svg(plan: &StepPlan) -> Result<String, PictureError> {
         )
         .add(
             Text::new("lower bound")
-                .set("x", bound + 3.0)
+                .set("x", bound.min(LEFT + PLOT_W - 70.0) + 3.0)
                 .set("y", TOP - 4.0)
                 .set("fill", "#c00"),
         );
@@ -396,6 +447,14 @@ pub fn strategy_colour(name: &str) -> &'static str {
 pub fn simulation_svg(report: &SimulationReport) -> Result<String, PictureError> {
     if report.lower_bounds_s.is_empty() || report.strategies.is_empty() {
         return Err(PictureError::NoSteps);
+    }
+    for (i, bound) in report.lower_bounds_s.iter().enumerate() {
+        finite(&format!("the lower bound of step {i}"), *bound)?;
+    }
+    for s in &report.strategies {
+        for (i, t) in s.step_times_s.iter().enumerate() {
+            finite(&format!("{}'s time of step {i}", s.name), *t)?;
+        }
     }
     let steps = report.lower_bounds_s.len();
     let n = report.strategies.len() as f64;
@@ -509,16 +568,13 @@ pub fn simulation_svg(report: &SimulationReport) -> Result<String, PictureError>
             .set("y2", top_margin + plot_h)
             .set("stroke", "#333"),
     );
-    let step = tick_step(top);
-    let mut t = 0.0;
-    while t <= top * 1.0001 {
+    for t in ticks(top) {
         axis = axis.add(
             Text::new(seconds(t))
                 .set("x", left - 6.0)
                 .set("y", y(t) + 4.0)
                 .set("text-anchor", "end"),
         );
-        t += step;
     }
     axis = axis.add(
         Text::new("step")
@@ -532,6 +588,17 @@ pub fn simulation_svg(report: &SimulationReport) -> Result<String, PictureError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_endless_axis_and_no_picture_of_times_that_are_not_finite() {
+        assert_eq!(ticks(1.0).count(), 11);
+        assert!(ticks(f64::MAX).count() <= 51);
+        assert!(matches!(
+            finite("x", f64::INFINITY),
+            Err(PictureError::NotFinite(_))
+        ));
+        assert!(matches!(finite("x", -1.0), Err(PictureError::NotFinite(_))));
+    }
 
     #[test]
     fn ticks_are_round_numbers() {

@@ -121,7 +121,8 @@ pub struct PlanContext {
 /// Per-rank outcome of a simulation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RankOutcome {
-    /// What the rank does when, in order.
+    /// What the rank does when, in order (only from
+    /// [`simulate_with_routes`]: the plain simulation prices candidates).
     pub timeline: Vec<crate::plan::TimeSpan>,
     pub finish_s: f64,
     pub compute_s: f64,
@@ -880,13 +881,15 @@ fn simulate_inner(
                 let nvlink = topo.nvlink_bytes_per_s(topo.node_of(r as u32))
                     * cost.coefficients.link_efficiency;
                 let comm = intra[r] / nvlink + inter[r];
-                ranks[r].timeline.push(crate::plan::TimeSpan {
-                    micro_batch: index,
-                    start_s: start,
-                    end_s: start + linear + comm,
-                    exposed_s: comm,
-                    group: None,
-                });
+                if with_routes {
+                    ranks[r].timeline.push(crate::plan::TimeSpan {
+                        micro_batch: index,
+                        start_s: start,
+                        end_s: start + linear + comm,
+                        exposed_s: comm,
+                        group: None,
+                    });
+                }
                 avail[r] = start + linear + comm;
                 ranks[r].compute_s += linear;
                 ranks[r].exposed_comm_s += comm;
@@ -950,13 +953,15 @@ fn simulate_inner(
             let duration = ring.total_s + linear + offload_s;
             for &r in &group.ranks {
                 let r = r as usize;
-                ranks[r].timeline.push(crate::plan::TimeSpan {
-                    micro_batch: index,
-                    start_s: start,
-                    end_s: start + duration,
-                    exposed_s: ring.total_s - ring.compute_s + offload_s,
-                    group: Some(g as u32),
-                });
+                if with_routes {
+                    ranks[r].timeline.push(crate::plan::TimeSpan {
+                        micro_batch: index,
+                        start_s: start,
+                        end_s: start + duration,
+                        exposed_s: ring.total_s - ring.compute_s + offload_s,
+                        group: Some(g as u32),
+                    });
+                }
                 avail[r] = start + duration;
                 ranks[r].compute_s += ring.compute_s + linear;
                 ranks[r].exposed_comm_s += ring.total_s - ring.compute_s + offload_s;
@@ -986,7 +991,7 @@ fn simulate_inner(
 /// The step plan document of a layout.
 pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPlan {
     let topo = &ctx.topology;
-    let outcome = simulate_with_routes(ctx, lengths, layout);
+    let mut outcome = simulate_with_routes(ctx, lengths, layout);
     let mut sequences: Vec<Option<SequencePlan>> = vec![None; lengths.len()];
     let mut micro_batches = Vec::with_capacity(layout.micro_batches.len());
     for (index, mb) in layout.micro_batches.iter().enumerate() {
@@ -1023,9 +1028,17 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
             remap: mb.remap,
         });
     }
+    let predicted = Prediction {
+        step_time_s: outcome.step_time_s,
+        lower_bound_s: lower_bound(ctx, lengths),
+        max_over_mean: outcome.max_over_mean(),
+        comm_fraction: outcome.comm_fraction(),
+        peak_memory_gib: outcome.peak_memory_gib(),
+        fits_in_memory: outcome.fits_in_memory,
+    };
     let ranks = outcome
         .ranks
-        .iter()
+        .iter_mut()
         .enumerate()
         .map(|(r, o)| RankPrediction {
             rank: r as u32,
@@ -1036,17 +1049,9 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
             memory_gib: gib(o.peak_memory_bytes),
             attention_tokens: o.attention_tokens,
             linear_tokens: o.linear_tokens,
-            timeline: o.timeline.clone(),
+            timeline: std::mem::take(&mut o.timeline),
         })
         .collect();
-    let predicted = Prediction {
-        step_time_s: outcome.step_time_s,
-        lower_bound_s: lower_bound(ctx, lengths),
-        max_over_mean: outcome.max_over_mean(),
-        comm_fraction: outcome.comm_fraction(),
-        peak_memory_gib: outcome.peak_memory_gib(),
-        fits_in_memory: outcome.fits_in_memory,
-    };
     StepPlan {
         version: STEP_PLAN_VERSION,
         strategy: layout.strategy.clone(),

@@ -485,10 +485,16 @@ pub const NOTICE_PREFIX: &str = "weft-notice ";
 
 /// Draws `plan`, the plan step `step` ran, into `dir` (whole or not at
 /// all). A picture that cannot be written is said, and training goes on.
-fn draw_plan(rank: u32, dir: &Path, step: u64, plan: &weft_planner::plan::StepPlan) {
+fn draw_plan(
+    rank: u32,
+    dir: &Path,
+    step: u64,
+    plan: &weft_planner::plan::StepPlan,
+    note: Option<&str>,
+) {
     let path = dir.join(format!("step-{step:08}.svg"));
     let partial = dir.join(format!(".step-{step:08}.svg.partial"));
-    let written = weft_planner::picture::plan_svg(plan)
+    let written = weft_planner::picture::plan_svg_noted(plan, note)
         .map_err(|e| e.to_string())
         .and_then(|svg| std::fs::write(&partial, svg).map_err(|e| e.to_string()))
         .and_then(|()| std::fs::rename(&partial, &path).map_err(|e| e.to_string()));
@@ -824,7 +830,10 @@ pub fn run_worker(
             && rank == 0
             && done % every.max(&1) == 0
         {
-            draw_plan(rank, dir, done, &plan);
+            let note = (!config.hierarchical_rings).then_some(
+                "Rings ran flat (--flat-rings); the times are those planned for the plan's hierarchical rings.",
+            );
+            draw_plan(rank, dir, done, &plan, note);
         }
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
         if let Some(dir) = &config.checkpoint_dir

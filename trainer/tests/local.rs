@@ -510,4 +510,13 @@ fn the_plan_each_step_ran_is_drawn() {
         err.contains("--plan-svg: cannot create the directory"),
         "{err}"
     );
+    // How often, without where: refused, not ignored.
+    let (out, _) = local(
+        &dir,
+        "every-alone",
+        &["--ranks", "1", "--steps", "1", "--plan-svg-every", "2"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--plan-svg"), "{err}");
 }

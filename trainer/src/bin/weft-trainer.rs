@@ -111,7 +111,7 @@ struct TrainArgs {
     #[serde(default)]
     plan_svg: Option<PathBuf>,
     /// With --plan-svg: draw every Nth step only.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "plan_svg")]
     #[serde(default = "every_step")]
     plan_svg_every: u64,
 
