@@ -863,7 +863,7 @@ async fn reconcile_job(
             reason: "InvalidSpec".to_string(),
             message: err.to_string(),
         };
-        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
+        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
     }
 
     // Restart budget: count each failed worker once, and write the count
@@ -873,31 +873,38 @@ async fn reconcile_job(
     let failures = new_failures(&status, &job_pods, &now);
     if !failures.is_empty() {
         record_failures(&mut status, &failures);
-        for failure in &failures {
-            event(
-                &ctx,
-                &job,
-                EventType::Warning,
-                "WorkerFailed",
-                format!(
-                    "{}: {} (restart {} of {} allowed)",
-                    failure.worker,
-                    failure.reason,
-                    status.restarts,
-                    job.spec.elasticity.restart_limit
-                ),
-            )
-            .await;
-        }
+        // Told once the count is written: a write that conflicts is done
+        // again by the next reconcile, which would tell them again.
+        let told: Vec<(&str, String)> = failures
+            .iter()
+            .map(|failure| {
+                (
+                    "WorkerFailed",
+                    format!(
+                        "{}: {} (restart {} of {} allowed)",
+                        failure.worker,
+                        failure.reason,
+                        status.restarts,
+                        job.spec.elasticity.restart_limit
+                    ),
+                )
+            })
+            .collect();
         if let Some(message) = restart_budget_exhausted(&job, &status) {
             job.status = Some(status);
             let outcome = Outcome::Failed {
                 reason: "RestartLimitExceeded".to_string(),
                 message,
             };
-            return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
+            return finish(
+                &ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &told,
+            )
+            .await;
         }
         write_status(&jobs, &mut job, &status).await?;
+        for (reason, note) in told {
+            event(&ctx, &job, EventType::Warning, reason, note).await;
+        }
     }
 
     // Completion.
@@ -905,7 +912,7 @@ async fn reconcile_job(
         let outcome = Outcome::Succeeded {
             message: format!("worker {} finished training", worker.name_any()),
         };
-        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
+        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
     }
 
     // Suspended: no workers.
@@ -1000,24 +1007,22 @@ async fn reconcile_job(
         &now,
     );
     if avoided != status.avoided_nodes {
-        for node in avoided
+        // Told once the status that records them is written.
+        let told: Vec<String> = avoided
             .iter()
             .filter(|a| !status.avoided_nodes.iter().any(|b| b.node == a.node))
-        {
-            event(
-                &ctx,
-                &job,
-                EventType::Warning,
-                "NodeAvoided",
+            .map(|node| {
                 format!(
                     "node {}: {}; avoided for {AVOID_NODE_SECONDS} s",
                     node.node, node.reason
-                ),
-            )
-            .await;
-        }
+                )
+            })
+            .collect();
         status.avoided_nodes = avoided;
         write_status(&jobs, &mut job, &status).await?;
+        for note in told {
+            event(&ctx, &job, EventType::Warning, "NodeAvoided", note).await;
+        }
     }
     for node in cluster_nodes.iter_mut() {
         if status
@@ -1249,7 +1254,7 @@ async fn reconcile_job(
                     ),
                 };
                 let job_pods = list_job_pods(&pods, &job).await?;
-                return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now).await;
+                return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
             };
             mesh.epoch = epoch.epoch;
             tracing::debug!(
@@ -1411,6 +1416,7 @@ async fn reconcile_job(
 
 /// Ends the job: writes the final status first (so a restarted operator
 /// sees the job has ended), then stops every worker still running.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     ctx: &Context,
     jobs: &Api<TrainingJob>,
@@ -1419,9 +1425,14 @@ async fn finish(
     job_pods: &[Pod],
     outcome: &Outcome,
     now: &Time,
+    told_first: &[(&str, String)],
 ) -> Result<Action, ControllerError> {
     let status = finished_status(job, outcome, now);
     write_status(jobs, job, &status).await?;
+    // Events the written status records, before the end's own.
+    for (reason, note) in told_first {
+        event(ctx, job, EventType::Warning, reason, note.clone()).await;
+    }
     stop_workers(pods, job_pods).await?;
     let (type_, reason, note) = match outcome {
         Outcome::Succeeded { message } => (EventType::Normal, "Succeeded", message.clone()),
