@@ -592,8 +592,14 @@ fn the_golden_pictures_render_in_a_browser() {
             .unwrap()
     };
     let mut checked = 0;
-    for entry in std::fs::read_dir(golden_dir()).unwrap() {
-        let path = entry.unwrap().path();
+    // The golden pictures, and the README's (docs/).
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let entries: Vec<PathBuf> = [golden_dir(), docs]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    for path in entries {
         if path.extension().and_then(|e| e.to_str()) != Some("svg") {
             continue;
         }
@@ -646,5 +652,5 @@ fn the_golden_pictures_render_in_a_browser() {
         assert_eq!(png_size(&shot), (width, height), "{name}");
         checked += 1;
     }
-    assert!(checked >= 2, "the golden pictures are missing");
+    assert!(checked >= 3, "the golden and README pictures are missing");
 }
