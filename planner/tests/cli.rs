@@ -654,3 +654,35 @@ fn the_golden_pictures_render_in_a_browser() {
     }
     assert!(checked >= 3, "the golden and README pictures are missing");
 }
+
+/// The README's plan picture is the one weft draws today for its input
+/// (`scripts/plan-picture` draws it again, and its PNG, after a change).
+#[test]
+fn the_readme_plan_picture_is_current() {
+    let lengths = fixture(
+        "readme-lengths.txt",
+        "65536\n1200\n800\n3000\n150\n150\n9000\n20000\n4000\n33000\n700\n",
+    );
+    let svg = lengths.with_extension("svg");
+    let out = weft(&[
+        "plan",
+        "--lengths",
+        lengths.to_str().unwrap(),
+        "--cluster",
+        "2x8:nics=8",
+        "--model",
+        "llama-7b",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plan-example.svg");
+    assert!(
+        std::fs::read_to_string(&svg).unwrap() == std::fs::read_to_string(&committed).unwrap(),
+        "docs/plan-example.svg is out of date: run scripts/plan-picture"
+    );
+}
