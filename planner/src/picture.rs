@@ -125,6 +125,16 @@ fn rows(plan: &StepPlan) -> (Vec<Row<'_>>, bool) {
     (rows, true)
 }
 
+/// An empty picture of `width` by `height` pixels in weft's font.
+fn canvas(width: f64, height: f64) -> Document {
+    Document::new()
+        .set("viewBox", (0, 0, width, height))
+        .set("width", width)
+        .set("height", height)
+        .set("font-family", "sans-serif")
+        .set("font-size", 11)
+}
+
 fn finite(what: &str, t: f64) -> Result<(), PictureError> {
     if t.is_finite() && t >= 0.0 {
         Ok(())
@@ -229,12 +239,7 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                 .set("stroke", "#000")
                 .set("stroke-width", 1.5),
         );
-    let mut document = Document::new()
-        .set("viewBox", (0, 0, width, height))
-        .set("width", width)
-        .set("height", height)
-        .set("font-family", "sans-serif")
-        .set("font-size", 11)
+    let mut document = canvas(width, height)
         .add(Definitions::new().add(hatch))
         .add(
             Rectangle::new()
@@ -470,12 +475,7 @@ pub fn simulation_svg(report: &SimulationReport) -> Result<String, PictureError>
     let slot = plot_w / steps as f64;
     let bar = (slot * 0.8 / n).max(0.5);
     let y = |t: f64| px(top_margin + plot_h - t / top * plot_h);
-    let mut document = Document::new()
-        .set("viewBox", (0, 0, width, height))
-        .set("width", width)
-        .set("height", height)
-        .set("font-family", "sans-serif")
-        .set("font-size", 11)
+    let mut document = canvas(width, height)
         .add(Rectangle::new().set("width", width).set("height", height).set("fill", "#fff"))
         .add(
             Text::new(format!(

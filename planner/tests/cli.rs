@@ -395,6 +395,27 @@ fn a_profile_prices_the_plan_at_the_measured_speeds() {
     );
 }
 
+/// Holds `drawn` to the golden file `name` (`WEFT_UPDATE_GOLDEN=1` rewrites it).
+fn golden_picture(name: &str, drawn: &str) {
+    let golden = golden_dir().join(name);
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, drawn).unwrap();
+    }
+    assert!(
+        std::fs::read_to_string(&golden).is_ok_and(|g| g == drawn),
+        "{name}: the picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
+    );
+}
+
+/// Panics with weft's error output unless it succeeded.
+fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The picture of a fixed plan is pinned (golden SVG), and a plan of 1,024
 /// ranks is drawn one row per node, saying so.
 #[test]
@@ -419,21 +440,9 @@ fn plans_are_drawn_as_pictures() {
         "--svg",
         svg.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let drawn = std::fs::read_to_string(&svg).unwrap();
-    let golden = golden_dir().join("mixed-2x4-weft.svg");
-    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &drawn).unwrap();
-    }
-    assert_eq!(
-        drawn,
-        std::fs::read_to_string(&golden).unwrap(),
-        "the picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
-    );
+    golden_picture("mixed-2x4-weft.svg", &drawn);
     for part in [
         "<title>micro-batch 0: sequence 0 (65536 tokens)",
         "lower bound",
@@ -451,11 +460,7 @@ fn plans_are_drawn_as_pictures() {
         "--svg",
         again.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), drawn);
 
     // A simulation: every strategy per step against the bound.
@@ -475,21 +480,9 @@ fn plans_are_drawn_as_pictures() {
         "--svg",
         sim.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let drawn_sim = std::fs::read_to_string(&sim).unwrap();
-    let golden_sim = golden_dir().join("simulate-2x4.svg");
-    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden_sim, &drawn_sim).unwrap();
-    }
-    assert_eq!(
-        drawn_sim,
-        std::fs::read_to_string(&golden_sim).unwrap(),
-        "the simulation picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
-    );
+    golden_picture("simulate-2x4.svg", &drawn_sim);
     for strategy in ["static", "hdp", "hdp-offload", "flexsp", "zeppelin", "weft"] {
         assert!(
             drawn_sim.contains(&format!(
@@ -517,11 +510,7 @@ fn plans_are_drawn_as_pictures() {
         "--svg",
         big.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let drawn = std::fs::read_to_string(&big).unwrap();
     assert!(drawn.contains("1024 ranks are too many to draw one each"));
     let rows = drawn.matches("text-anchor=\"end\"").count();
@@ -675,11 +664,7 @@ fn the_readme_plan_picture_is_current() {
         "--svg",
         svg.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plan-example.svg");
     assert!(
         std::fs::read_to_string(&svg).unwrap() == std::fs::read_to_string(&committed).unwrap(),
