@@ -53,7 +53,7 @@ use crate::lifecycle::{
 use crate::metrics::Metrics;
 use crate::status::{
     CONDITION_SCHEDULABLE, Observed, Outcome, REASON_CLAIM_NOT_FOUND, compute_status,
-    find_condition, finished_status, missing_claim_status,
+    describe_refusals, find_condition, finished_status, missing_claim_status,
 };
 
 /// The field manager of everything the operator applies.
@@ -1090,17 +1090,21 @@ async fn reconcile_job(
     let made_for = made_for_epoch(&job_pods, recorded_epoch);
     let plan_span = tracing::info_span!("plan_mesh", nodes = mesh_nodes.len());
     let mut planned = plan_span.in_scope(|| plan_mesh(&request, &mesh_nodes, &existing));
-    // The epoch the new workers are made for (their environment says it),
-    // should every one of them be made.
-    if let Ok(mesh) = planned.as_mut() {
-        mesh.epoch = next_epoch(
+    // The epoch of a planned mesh (`None` past the last); the new workers
+    // are made for the first plan's (their environment says it), should
+    // every one of them be made.
+    let epoch_of = |mesh: &MeshPlan| {
+        next_epoch(
             recorded_epoch,
             &published,
             &alive,
             &made_for,
             &members(mesh),
         )
-        .map_or(MAX_EPOCH, |e| e.epoch);
+    };
+    let mut next = planned.as_ref().ok().and_then(epoch_of);
+    if let Ok(mesh) = planned.as_mut() {
+        mesh.epoch = next.as_ref().map_or(MAX_EPOCH, |e| e.epoch);
     }
 
     // Apply: the workers first, then the mesh that names them, so a mesh
@@ -1211,19 +1215,19 @@ async fn reconcile_job(
                 ..request.clone()
             };
             planned = plan_mesh(&request, &mesh_nodes, &standing);
+            next = planned.as_ref().ok().and_then(epoch_of);
         }
     }
     drop(turn);
     if !refused.is_empty() {
-        let (worker, why) = &refused[0];
         event(
             &ctx,
             &job,
             EventType::Warning,
             "WorkersRefused",
             format!(
-                "{} of the planned workers could not be created ({worker}: {why}); {}",
-                refused.len(),
+                "{}; {}",
+                describe_refusals(&refused),
                 match &planned {
                     Ok(mesh) => format!("running with {}", mesh.workers.len()),
                     Err(_) => "too few remain to run".to_string(),
@@ -1239,13 +1243,7 @@ async fn reconcile_job(
             {
                 r.remove(&uid);
             }
-            let Some(epoch) = next_epoch(
-                recorded_epoch,
-                &published,
-                &alive,
-                &made_for,
-                &members(mesh),
-            ) else {
+            let Some(epoch) = next.take() else {
                 let outcome = Outcome::Failed {
                     reason: "MeshEpochsExhausted".to_string(),
                     message: format!(
@@ -1350,12 +1348,13 @@ async fn reconcile_job(
             let live = current.iter().filter(|p| !terminal(p)).count();
             if live > 0 {
                 stop_workers(&pods, current).await?;
-                let why = match refused.first() {
-                    Some((worker, why)) => format!(
-                        "{} planned workers could not be created ({worker}: {why}), and fewer than workers.min remain",
-                        refused.len()
-                    ),
-                    None => err.to_string(),
+                let why = if refused.is_empty() {
+                    err.to_string()
+                } else {
+                    format!(
+                        "{}, and fewer than workers.min remain",
+                        describe_refusals(&refused)
+                    )
                 };
                 event(
                     &ctx,

@@ -141,6 +141,18 @@ pub fn missing_claim_status(job: &TrainingJob, claim: &str, now: &Time) -> Train
     status
 }
 
+/// What the API server refused of the planned workers: how many, and the
+/// first one with its reason.
+pub fn describe_refusals(refused: &[(String, String)]) -> String {
+    match refused.first() {
+        Some((worker, why)) => format!(
+            "{} planned workers could not be created ({worker}: {why})",
+            refused.len()
+        ),
+        None => "every planned worker was created".to_string(),
+    }
+}
+
 /// The `Schedulable` condition's reason while planned workers were refused
 /// by the API server (a quota, an invalid pod).
 pub const REASON_WORKERS_REFUSED: &str = "WorkersRefused";
@@ -161,7 +173,7 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
             status.mesh_epoch = mesh.epoch as i64;
             let workers = mesh.workers.len() as i32;
             let unschedulable = unschedulable_pods(observed.pods);
-            if let Some((worker, why)) = observed.refused.first() {
+            if !observed.refused.is_empty() {
                 // Runs with the workers that could be made; says why not more.
                 (
                     condition(
@@ -170,8 +182,8 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                         false,
                         REASON_WORKERS_REFUSED,
                         format!(
-                            "{} planned workers could not be created ({worker}: {why}); running with {workers}",
-                            observed.refused.len()
+                            "{}; running with {workers}",
+                            describe_refusals(observed.refused)
                         ),
                         generation,
                         now,
@@ -218,25 +230,22 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                 )
             }
         }
-        Err(_) if !observed.refused.is_empty() => {
-            let (worker, why) = &observed.refused[0];
-            (
-                condition(
-                    previous,
-                    CONDITION_SCHEDULABLE,
-                    false,
-                    REASON_WORKERS_REFUSED,
-                    format!(
-                        "{} planned workers could not be created ({worker}: {why}); fewer than workers.min ({}) remain, so none runs; tried again within a minute",
-                        observed.refused.len(),
-                        job.spec.workers.min
-                    ),
-                    generation,
-                    now,
+        Err(_) if !observed.refused.is_empty() => (
+            condition(
+                previous,
+                CONDITION_SCHEDULABLE,
+                false,
+                REASON_WORKERS_REFUSED,
+                format!(
+                    "{}; fewer than workers.min ({}) remain, so none runs; tried again within a minute",
+                    describe_refusals(observed.refused),
+                    job.spec.workers.min
                 ),
-                0,
-            )
-        }
+                generation,
+                now,
+            ),
+            0,
+        ),
         Err(err) => (
             condition(
                 previous,
