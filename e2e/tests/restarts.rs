@@ -132,14 +132,7 @@ async fn every_job_is_reconciled_again_after_restarts_and_a_failover() -> anyhow
             "not ready while it reconciles"
         );
 
-        let seed: u64 = std::env::var("WEFT_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64)
-            });
+        let seed = weft_planner::rng::test_seed();
         eprintln!("WEFT_TEST_SEED={seed}");
         let mut rng = weft_planner::rng::SplitMix64::new(seed);
         for round in 1..=5 {

@@ -1,6 +1,19 @@
 //! A small deterministic random number generator (SplitMix64), the same on
 //! every platform: sample orders and simulated batches depend only on the seed.
 
+/// The seed of a randomized test: `WEFT_TEST_SEED` when it is set (to
+/// repeat a run), else one from the clock. The test prints it.
+pub fn test_seed() -> u64 {
+    std::env::var("WEFT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        })
+}
+
 /// SplitMix64 (Steele, Lea and Flood, 2014).
 #[derive(Clone, Debug)]
 pub struct SplitMix64(u64);

@@ -564,17 +564,18 @@ fn the_golden_pictures_render_in_a_browser() {
     let dir = std::env::temp_dir().join(format!("weft-cli-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("profile");
+    // Chromium will not start its sandbox as root, and says so.
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     // Bounded: a browser that hangs fails the test rather than the suite.
     let run = |args: &[String]| {
         Command::new("timeout")
             .arg("60")
             .arg(browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-            ])
+            .args(["--headless", "--disable-gpu", "--hide-scrollbars"])
+            .args(as_root.then_some("--no-sandbox"))
             .arg(format!("--user-data-dir={}", profile.display()))
             .args(args)
             .output()

@@ -276,15 +276,7 @@ fn a_run_killed_while_writing_a_checkpoint_resumes_with_the_uninterrupted_curve(
     // checkpoints (one every step), chosen at random: which checkpoint, and
     // where in its writing. The seed is printed, and WEFT_TEST_SEED repeats
     // a run.
-    let seed: u64 = std::env::var("WEFT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = weft_planner::rng::test_seed();
     eprintln!("WEFT_TEST_SEED={seed}");
     let mut rng = weft_planner::rng::SplitMix64::new(seed);
     let points = [
