@@ -28,7 +28,7 @@ use crate::data::{Batch, Sample};
 use crate::device::{Collectives, open_group};
 use crate::launch::free_port;
 use crate::model::{Llama, Precision};
-use crate::step::{StepError, forward_backward, named_parameters, zero_gradients};
+use crate::step::{Backprop, StepError, forward_backward, named_parameters, zero_gradients};
 
 /// What went wrong while profiling.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +117,7 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
     let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
     for step in 0..=config.steps {
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch, Backprop::Plain)?;
         if step > 0 {
             let t = outcome.times;
             attention_s.push(t.attention_s);

@@ -37,7 +37,7 @@ use crate::device::{Collectives, open_group};
 use crate::model::{Llama, Precision};
 use crate::remap::{Remap, token_id_rows};
 use crate::step::{
-    StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
+    Backprop, StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
     reference_forward_backward, zero_gradients,
 };
 
@@ -372,7 +372,7 @@ fn check_step(
         Ok(())
     })?;
     zero_gradients(&params)?;
-    let outcome = forward_backward(&model, group, &plan, &batch)?;
+    let outcome = forward_backward(&model, group, &plan, &batch, Backprop::Plain)?;
     all_reduce_gradients(&params, group)?;
     let mut loss = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
     group.all_reduce_sum(&mut loss)?;

@@ -483,6 +483,307 @@ struct LayerSaved {
     rings: Vec<RingSaved>,
 }
 
+/// How the backward pass keeps what it needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backprop {
+    /// Every layer keeps its activations from the forward (libtorch graphs).
+    #[default]
+    Plain,
+    /// StreamBP: the forward keeps only each layer's input; the backward
+    /// recomputes each layer and backpropagates its tokens in chunks of
+    /// `chunk_tokens` rows along the sequence, so one chunk's intermediates
+    /// are alive at a time.
+    Streamed { chunk_tokens: u64 },
+}
+
+impl Backprop {
+    /// StreamBP with chunks of `chunk_tokens`, plain backprop for `None`.
+    pub fn streamed(chunk_tokens: Option<u64>) -> Backprop {
+        match chunk_tokens {
+            Some(chunk_tokens) => Backprop::Streamed { chunk_tokens },
+            None => Backprop::Plain,
+        }
+    }
+
+    /// The chunk of StreamBP, `None` for plain backprop.
+    pub fn chunk_tokens(self) -> Option<u64> {
+        match self {
+            Backprop::Plain => None,
+            Backprop::Streamed { chunk_tokens } => Some(chunk_tokens),
+        }
+    }
+}
+
+/// A micro-batch's token ids, positions and targets in the linear layout.
+struct Rows<'a> {
+    tokens: &'a Tensor,
+    positions: &'a Tensor,
+    targets: &'a Tensor,
+}
+
+/// The row ranges `(start, length)` of `rows` rows in chunks of `chunk`; one
+/// empty range when there are no rows, so every computation still yields a
+/// (zero-row) result of the right width.
+fn chunk_ranges(rows: i64, chunk: u64) -> Vec<(i64, i64)> {
+    let chunk = i64::try_from(chunk).unwrap_or(i64::MAX).max(1);
+    if rows == 0 {
+        return vec![(0, 0)];
+    }
+    (0..rows)
+        .step_by(chunk as usize)
+        .map(|start| (start, chunk.min(rows - start)))
+        .collect()
+}
+
+/// `f` over the chunks of `rows` rows, concatenated.
+fn by_chunks(
+    rows: i64,
+    chunk: u64,
+    mut f: impl FnMut(i64, i64) -> Result<Tensor, StepError>,
+) -> Result<Tensor, StepError> {
+    let pieces = chunk_ranges(rows, chunk)
+        .into_iter()
+        .map(|(start, n)| f(start, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&pieces, 0)?)
+}
+
+/// A leaf copy of rows `start..start + n` of `t`, for a chunk's own graph.
+fn leaf_rows(t: &Tensor, start: i64, n: i64) -> Result<Tensor, tch::TchError> {
+    Ok(t.f_narrow(0, start, n)?.f_detach()?.set_requires_grad(true))
+}
+
+/// One micro-batch's forward and backward on this rank.
+struct Pass<'a> {
+    model: &'a Llama,
+    group: &'a mut ProcessGroup,
+    parts: &'a [RingPart],
+    layouts: &'a mut Layouts,
+    heads: Heads,
+    /// Predicted tokens of the global batch.
+    predicted: i64,
+    device: tch::Device,
+    outcome: &'a mut StepOutcome,
+}
+
+impl Pass<'_> {
+    /// Ring attention over this rank's groups, timed.
+    fn attend(&mut self, qkv_attention: &Tensor) -> Result<(Tensor, Vec<RingSaved>), StepError> {
+        settle(self.device);
+        let t = Instant::now();
+        let result = attend(self.group, self.parts, qkv_attention, self.heads)?;
+        settle(self.device);
+        self.outcome.times.attention_s += t.elapsed().as_secs_f64();
+        Ok(result)
+    }
+
+    /// The backward of ring attention over this rank's groups, timed.
+    fn attend_backward(
+        &mut self,
+        rings: &[RingSaved],
+        grad_attention: &Tensor,
+    ) -> Result<Tensor, StepError> {
+        settle(self.device);
+        let t = Instant::now();
+        let grad = attend_backward(self.group, self.parts, rings, grad_attention, self.heads)?;
+        settle(self.device);
+        self.outcome.times.attention_s += t.elapsed().as_secs_f64();
+        Ok(grad)
+    }
+
+    /// Plain backprop: every layer's graphs live from its forward to its
+    /// backward, cut at the collectives.
+    fn plain(&mut self, rows: &Rows) -> Result<(), StepError> {
+        let model = self.model;
+        let embedded = model.embedding.forward(rows.tokens);
+        let mut x = embedded.f_detach()?.set_requires_grad(true);
+        let mut layers = Vec::with_capacity(model.blocks.len());
+        for block in &model.blocks {
+            let qkv = project_qkv(model, block, &x, rows.positions, self.heads)?;
+            let qkv_attention = self
+                .layouts
+                .move_to_attention(self.group, &qkv.f_detach()?)?;
+            let (out, rings) = self.attend(&qkv_attention)?;
+            let attended = self
+                .layouts
+                .move_to_linear(self.group, &out)?
+                .f_detach()?
+                .set_requires_grad(true);
+            let output = finish_layer(model, block, &x, &attended)?;
+            let next = output.f_detach()?.set_requires_grad(true);
+            layers.push(LayerSaved {
+                input: x,
+                output,
+                qkv,
+                attended,
+                rings,
+            });
+            x = next;
+        }
+        let logits = model.linear(&model.head, &model.norm.forward(&x)?)?;
+        let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+            rows.targets,
+            None::<Tensor>,
+            tch::Reduction::Sum,
+            -100,
+        )?;
+        self.outcome.loss_sum += loss_sum.f_double_value(&[])?;
+        loss_sum.f_div_scalar(self.predicted as f64)?.f_backward()?;
+
+        // Backward, layer by layer in reverse.
+        let mut grad = grad_of(&x)?;
+        for layer in layers.iter().rev() {
+            backward_from(&layer.output, &grad)?;
+            let grad_attended = self
+                .layouts
+                .move_to_attention(self.group, &grad_of(&layer.attended)?)?;
+            let grad_qkv = self.attend_backward(&layer.rings, &grad_attended)?;
+            let grad_qkv = self.layouts.move_to_linear(self.group, &grad_qkv)?;
+            backward_from(&layer.qkv, &grad_qkv)?;
+            grad = grad_of(&layer.input)?;
+        }
+        backward_from(&embedded, &grad)?;
+        Ok(())
+    }
+
+    /// StreamBP composed with ring attention and the remap.
+    ///
+    /// The forward runs without graphs and keeps each layer's input only. The
+    /// head and loss run chunk by chunk, forward and backward together, so
+    /// the rank's full logits never exist. Each layer's backward then:
+    /// 1. recomputes the queries, keys and values of the rank's tokens chunk
+    ///    by chunk (no graph), moves them to the attention layout and runs the
+    ///    ring forward again: the keys and values go round the ring once, and
+    ///    the output and log-sum-exp are the forward's own (the same
+    ///    operations on the same inputs, in the same order);
+    /// 2. per chunk of rows, rebuilds the rest of the layer (output
+    ///    projection, residual, norm, SwiGLU) as a graph on the chunk's
+    ///    input and attention output, and backpropagates the chunk's share of
+    ///    the layer's output gradient: the weight gradients accumulate, and
+    ///    the chunk's attention-output and residual gradients come out;
+    /// 3. runs the ring backward once for all the rank's tokens (keys, values
+    ///    and their fp32 gradients go round the ring as in plain backprop);
+    /// 4. per chunk again, rebuilds the projections as a graph and
+    ///    backpropagates the chunk's query, key and value gradients.
+    ///
+    /// It is exact because every operation outside attention acts on each
+    /// token on its own (rows of a chunk do not see each other), so the
+    /// chunks' graphs together are the layer's graph, and attention itself
+    /// is differentiated over all the rank's tokens at once, as in plain
+    /// backprop; only the order of the weight-gradient sums changes.
+    ///
+    /// What it costs: one more forward of every layer (its linear modules in
+    /// chunks, its attention in one ring pass), so keys and values travel
+    /// round the ring three times per layer instead of two; the remap moves
+    /// the queries, keys and values and the attention output once more. What
+    /// stays alive for a layer's backward is its input, the ring's queries,
+    /// keys, values, output and log-sum-exp of that one layer, and one
+    /// chunk's working set.
+    fn streamed(&mut self, rows: &Rows, chunk_tokens: u64) -> Result<(), StepError> {
+        let model = self.model;
+        let h = self.heads;
+        let n = rows.tokens.size()[0];
+        let embedded = model.embedding.forward(rows.tokens);
+        let mut x = embedded.f_detach()?;
+        // Forward: the layers' inputs only.
+        let mut inputs = Vec::with_capacity(model.blocks.len());
+        for block in &model.blocks {
+            let (attended, _) = self.attention_output(block, &x, rows, chunk_tokens)?;
+            let output = tch::no_grad(|| {
+                by_chunks(n, chunk_tokens, |start, len| {
+                    Ok(finish_layer(
+                        model,
+                        block,
+                        &x.f_narrow(0, start, len)?,
+                        &attended.f_narrow(0, start, len)?,
+                    )?)
+                })
+            })?;
+            inputs.push(std::mem::replace(&mut x, output));
+        }
+
+        // Head and loss, chunk by chunk, forward and backward at once.
+        let mut grad = by_chunks(n, chunk_tokens, |start, len| {
+            let xc = leaf_rows(&x, start, len)?;
+            let logits = model.linear(&model.head, &model.norm.forward(&xc)?)?;
+            let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+                &rows.targets.f_narrow(0, start, len)?,
+                None::<Tensor>,
+                tch::Reduction::Sum,
+                -100,
+            )?;
+            self.outcome.loss_sum += loss_sum.f_double_value(&[])?;
+            loss_sum.f_div_scalar(self.predicted as f64)?.f_backward()?;
+            Ok(grad_of(&xc)?)
+        })?;
+
+        // Backward, layer by layer in reverse.
+        for (block, input) in model.blocks.iter().zip(&inputs).rev() {
+            let (attended, rings) = self.attention_output(block, input, rows, chunk_tokens)?;
+            let mut grad_input = Vec::new();
+            let grad_attended = by_chunks(n, chunk_tokens, |start, len| {
+                let xc = leaf_rows(input, start, len)?;
+                let ac = leaf_rows(&attended, start, len)?;
+                let output = finish_layer(model, block, &xc, &ac)?;
+                backward_from(&output, &grad.f_narrow(0, start, len)?)?;
+                grad_input.push(grad_of(&xc)?);
+                Ok(grad_of(&ac)?)
+            })?;
+            drop(attended);
+            let grad_attention = self.layouts.move_to_attention(self.group, &grad_attended)?;
+            let grad_qkv = self.attend_backward(&rings, &grad_attention)?;
+            drop(rings);
+            let grad_qkv = self.layouts.move_to_linear(self.group, &grad_qkv)?;
+            let mut residual = grad_input.into_iter();
+            grad = by_chunks(n, chunk_tokens, |start, len| {
+                let xc = leaf_rows(input, start, len)?;
+                let qkv = project_qkv(
+                    model,
+                    block,
+                    &xc,
+                    &rows.positions.f_narrow(0, start, len)?,
+                    h,
+                )?;
+                backward_from(&qkv, &grad_qkv.f_narrow(0, start, len)?)?;
+                let through_residual = residual.next().ok_or_else(|| {
+                    StepError::PlanBatch("StreamBP: the chunks of a layer changed".into())
+                })?;
+                Ok(grad_of(&xc)?.f_add(&through_residual)?)
+            })?;
+        }
+        backward_from(&embedded, &grad)?;
+        Ok(())
+    }
+
+    /// A layer's attention output in the linear layout, with what the ring
+    /// keeps for its backward, computed without graphs: the projections chunk
+    /// by chunk, then one ring pass.
+    fn attention_output(
+        &mut self,
+        block: &Block,
+        x: &Tensor,
+        rows: &Rows,
+        chunk_tokens: u64,
+    ) -> Result<(Tensor, Vec<RingSaved>), StepError> {
+        let (model, h) = (self.model, self.heads);
+        let _no_grad = tch::no_grad_guard();
+        let qkv = by_chunks(x.size()[0], chunk_tokens, |start, len| {
+            Ok(project_qkv(
+                model,
+                block,
+                &x.f_narrow(0, start, len)?,
+                &rows.positions.f_narrow(0, start, len)?,
+                h,
+            )?)
+        })?;
+        let qkv_attention = self.layouts.move_to_attention(self.group, &qkv)?;
+        drop(qkv);
+        let (out, rings) = self.attend(&qkv_attention)?;
+        let attended = self.layouts.move_to_linear(self.group, &out)?;
+        Ok((attended, rings))
+    }
+}
+
 /// Checks that the plan is for this world and this batch.
 pub fn check_plan(plan: &StepPlan, batch: &Batch, world: u32) -> Result<(), StepError> {
     if plan.world_size != world {
@@ -531,6 +832,7 @@ pub fn forward_backward(
     group: &mut ProcessGroup,
     plan: &StepPlan,
     batch: &Batch,
+    backprop: Backprop,
 ) -> Result<StepOutcome, StepError> {
     let (rank, world) = (group.rank(), group.world());
     check_plan(plan, batch, world)?;
@@ -579,59 +881,25 @@ pub fn forward_backward(
         let positions = Tensor::from_slice(&rows.positions).f_to_device(device)?;
         let targets = Tensor::from_slice(&rows.targets).f_to_device(device)?;
 
-        // Forward, one graph per piece between collectives.
-        let embedded = model.embedding.forward(&tokens);
-        let first = embedded.f_detach()?.set_requires_grad(true);
-        let mut x = first.shallow_clone();
-        let mut layers = Vec::with_capacity(model.blocks.len());
-        for block in &model.blocks {
-            let qkv = project_qkv(model, block, &x, &positions, h)?;
-            let qkv_attention = layouts.move_to_attention(group, &qkv.f_detach()?)?;
-            settle(device);
-            let t = Instant::now();
-            let (out, rings) = attend(group, &parts, &qkv_attention, h)?;
-            settle(device);
-            outcome.times.attention_s += t.elapsed().as_secs_f64();
-            let attended = layouts
-                .move_to_linear(group, &out)?
-                .f_detach()?
-                .set_requires_grad(true);
-            let output = finish_layer(model, block, &x, &attended)?;
-            let next = output.f_detach()?.set_requires_grad(true);
-            layers.push(LayerSaved {
-                input: x,
-                output,
-                qkv,
-                attended,
-                rings,
-            });
-            x = next;
+        let rows = Rows {
+            tokens: &tokens,
+            positions: &positions,
+            targets: &targets,
+        };
+        let mut pass = Pass {
+            model,
+            group,
+            parts: &parts,
+            layouts: &mut layouts,
+            heads: h,
+            predicted,
+            device,
+            outcome: &mut outcome,
+        };
+        match backprop {
+            Backprop::Plain => pass.plain(&rows)?,
+            Backprop::Streamed { chunk_tokens } => pass.streamed(&rows, chunk_tokens)?,
         }
-        let logits = model.linear(&model.head, &model.norm.forward(&x)?)?;
-        let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
-            &targets,
-            None::<Tensor>,
-            tch::Reduction::Sum,
-            -100,
-        )?;
-        outcome.loss_sum += loss_sum.f_double_value(&[])?;
-        loss_sum.f_div_scalar(predicted as f64)?.f_backward()?;
-
-        // Backward, layer by layer in reverse.
-        let mut grad = grad_of(&x)?;
-        for layer in layers.iter().rev() {
-            backward_from(&layer.output, &grad)?;
-            let grad_attended = layouts.move_to_attention(group, &grad_of(&layer.attended)?)?;
-            settle(device);
-            let t = Instant::now();
-            let grad_qkv = attend_backward(group, &parts, &layer.rings, &grad_attended, h)?;
-            settle(device);
-            outcome.times.attention_s += t.elapsed().as_secs_f64();
-            let grad_qkv = layouts.move_to_linear(group, &grad_qkv)?;
-            backward_from(&layer.qkv, &grad_qkv)?;
-            grad = grad_of(&layer.input)?;
-        }
-        backward_from(&embedded, &grad)?;
         outcome.times.remap_s += layouts.seconds;
     }
     settle(device);

@@ -31,7 +31,7 @@ use crate::device::{Collectives, ComputeDevice, DeviceError, open_group};
 use crate::model::{Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
-    StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
+    Backprop, StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
 };
 
 /// Why training stopped with an error.
@@ -755,7 +755,7 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch, Backprop::Plain)?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was

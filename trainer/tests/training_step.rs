@@ -22,7 +22,7 @@ use weft_planner::rng::SplitMix64;
 use weft_trainer::data::{Batch, Sample};
 use weft_trainer::model::{Llama, Precision};
 use weft_trainer::step::{
-    all_reduce_gradients, forward_backward, named_parameters, random_plan,
+    Backprop, all_reduce_gradients, forward_backward, named_parameters, random_plan,
     reference_forward_backward, zero_gradients,
 };
 
@@ -106,7 +106,7 @@ fn step_error_in(
     batch: &Batch,
 ) -> (f64, f64) {
     let (reference_loss, reference) = reference(spec, params, batch, precision);
-    let (losses, ranks) = distributed(precision, spec, params, plan, batch);
+    let (losses, ranks) = distributed(precision, Backprop::Plain, spec, params, plan, batch);
     let loss_error = losses
         .iter()
         .map(|l| (l - reference_loss).abs())
@@ -122,6 +122,7 @@ fn step_error_in(
 /// step of `plan`, over real Gloo.
 fn distributed(
     precision: Precision,
+    backprop: Backprop,
     spec: &ModelSpec,
     params: &Params,
     plan: &StepPlan,
@@ -138,7 +139,8 @@ fn distributed(
                 let (vs, model) = model_from(&spec, &params, precision);
                 let params = named_parameters(&vs);
                 zero_gradients(&params).unwrap();
-                let outcome = forward_backward(&model, &mut group, &plan, &batch).unwrap();
+                let outcome =
+                    forward_backward(&model, &mut group, &plan, &batch, backprop).unwrap();
                 all_reduce_gradients(&params, &mut group).unwrap();
                 let mut loss = Tensor::from_slice(&[outcome.loss_sum]);
                 group.all_reduce_sum(&mut loss).unwrap();
@@ -276,7 +278,14 @@ fn a_bf16_step_is_as_close_to_fp32_as_one_bf16_process() {
             split += plan.sequences.iter().filter(|s| s.degree > 1).count();
             let (fp32_loss, fp32) = reference(&spec, &params, &batch, Precision::Fp32);
             let (bf16_loss, bf16) = reference(&spec, &params, &batch, Precision::Bf16);
-            let (losses, ranks) = distributed(Precision::Bf16, &spec, &params, &plan, &batch);
+            let (losses, ranks) = distributed(
+                Precision::Bf16,
+                Backprop::Plain,
+                &spec,
+                &params,
+                &plan,
+                &batch,
+            );
             let single = relative_l2(&bf16, &fp32);
             let single_loss = (bf16_loss - fp32_loss).abs();
             for (loss, got) in losses.iter().zip(&ranks) {
@@ -301,4 +310,136 @@ fn a_bf16_step_is_as_close_to_fp32_as_one_bf16_process() {
         }
     }
     assert!(split > 0, "no sequence was split over ranks");
+}
+
+/// The largest difference of any parameter's gradient from `reference`'s,
+/// relative to that parameter's largest reference gradient, and its name.
+fn worst_parameter(
+    got: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+) -> (f64, String) {
+    got.iter()
+        .map(|(name, g)| {
+            let r = &reference[name];
+            let scale = r.abs().max().double_value(&[]).max(1e-30);
+            ((g - r).abs().max().double_value(&[]) / scale, name.clone())
+        })
+        .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a })
+}
+
+/// StreamBP over random plans on 1 to 4 ranks (packed documents, uneven
+/// shards, flat and hierarchical rings, with and without the remap), with
+/// chunks from one token to longer than any rank's share: every parameter's
+/// gradient and the loss equal plain backprop's on the same plan, in fp32.
+#[test]
+fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
+    let spec = spec();
+    let params = initial_params(&spec, 13);
+    let mut rng = SplitMix64::new(17);
+    let (mut remapped, mut hierarchical, mut split) = (0, 0, 0);
+    let mut chunks = Vec::new();
+    for (world, cases) in [(1u32, 2), (2, 2), (3, 2), (4, 3)] {
+        for case in 0..cases {
+            let sequences = 2 + rng.below(5) as usize;
+            let batch = random_batch(&mut rng, sequences, 140);
+            let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+            let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
+            remapped += plan.micro_batches.iter().filter(|m| m.remap).count();
+            hierarchical += plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
+                .count();
+            split += plan.sequences.iter().filter(|s| s.degree > 1).count();
+            // One token, a few, and more than the whole batch.
+            let chunk = [1, 1 + rng.below(40), 10_000][(case % 3) as usize];
+            chunks.push(chunk);
+            let (plain_losses, plain) = distributed(
+                Precision::Fp32,
+                Backprop::Plain,
+                &spec,
+                &params,
+                &plan,
+                &batch,
+            );
+            let (losses, streamed) = distributed(
+                Precision::Fp32,
+                Backprop::Streamed {
+                    chunk_tokens: chunk,
+                },
+                &spec,
+                &params,
+                &plan,
+                &batch,
+            );
+            for rank in 0..world as usize {
+                let (error, name) = worst_parameter(&streamed[rank], &plain[rank]);
+                let loss_error = (losses[rank] - plain_losses[rank]).abs() / plain_losses[rank];
+                eprintln!(
+                    "world {world}, case {case}, chunk {chunk}, rank {rank}: worst parameter {name} {error:.2e}, loss {loss_error:.2e}"
+                );
+                assert!(
+                    error <= 1e-5 && loss_error <= 1e-6,
+                    "world {world}, case {case}, chunk {chunk}, rank {rank}: StreamBP differs from plain backprop on {name} by {error:.2e} (loss {loss_error:.2e}); lengths {lengths:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        remapped > 0 && hierarchical > 0 && split > 0,
+        "remapped {remapped}, hierarchical {hierarchical}, split {split}"
+    );
+    assert!(
+        chunks.contains(&1) && chunks.contains(&10_000),
+        "{chunks:?}"
+    );
+}
+
+/// StreamBP in mixed precision is as close to the fp32 gradient as plain
+/// bf16 backprop on the same plan.
+#[test]
+fn a_bf16_streambp_step_is_as_close_to_fp32_as_plain_bf16() {
+    let spec = spec();
+    let params = initial_params(&spec, 19);
+    let mut rng = SplitMix64::new(23);
+    for world in [2u32, 4] {
+        let batch = random_batch(&mut rng, 4, 160);
+        let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
+        let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
+        let (fp32_loss, fp32) = reference(&spec, &params, &batch, Precision::Fp32);
+        let (plain_losses, plain) = distributed(
+            Precision::Bf16,
+            Backprop::Plain,
+            &spec,
+            &params,
+            &plan,
+            &batch,
+        );
+        let (losses, streamed) = distributed(
+            Precision::Bf16,
+            Backprop::Streamed { chunk_tokens: 16 },
+            &spec,
+            &params,
+            &plan,
+            &batch,
+        );
+        for rank in 0..world as usize {
+            let plain_error = relative_l2(&plain[rank], &fp32);
+            let error = relative_l2(&streamed[rank], &fp32);
+            let plain_loss = (plain_losses[rank] - fp32_loss).abs();
+            let loss = (losses[rank] - fp32_loss).abs();
+            eprintln!(
+                "world {world}, rank {rank}: vs fp32, plain bf16 gradient {plain_error:.2e} loss {plain_loss:.2e}; StreamBP bf16 gradient {error:.2e} loss {loss:.2e}"
+            );
+            assert!(
+                error < 2.0 * plain_error + 1e-3 && loss < 2.0 * plain_loss + 2e-3,
+                "world {world}, rank {rank}: StreamBP in bf16 strays from fp32 (gradient {error:.2e}, loss {loss:.2e}) more than plain bf16 ({plain_error:.2e}, {plain_loss:.2e})"
+            );
+            assert!(
+                error > 1e-4,
+                "StreamBP in bf16 equals fp32: not computed in bf16"
+            );
+        }
+    }
 }
