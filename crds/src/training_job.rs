@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || ((has(self.command) ? self.command : []) == (has(oldSelf.command) ? oldSelf.command : []) && (has(self.args) ? self.args : []) == (has(oldSelf.args) ? oldSelf.args : []) && (has(self.env) ? self.env : []) == (has(oldSelf.env) ? oldSelf.env : []))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
+#[x_kube(validation = Rule::new("!has(self.parallelism.streamBpChunkTokens) || self.parallelism.streamBpChunkTokens <= self.data.maxSequenceLength").message("parallelism.streamBpChunkTokens must not be greater than data.maxSequenceLength (a chunk is part of one sequence)"))]
 pub struct TrainingJobSpec {
     /// Container image of the weft trainer.
     #[schemars(length(min = 1, max = 512))]

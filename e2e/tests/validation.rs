@@ -224,6 +224,20 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 ],
             ),
             (
+                "a StreamBP chunk longer than any sequence",
+                json!({"data": {"maxSequenceLength": 4096},
+                       "parallelism": {"streamBpChunkTokens": 8192}}),
+                vec![
+                    "spec",
+                    "parallelism.streamBpChunkTokens must not be greater than data.maxSequenceLength",
+                ],
+            ),
+            (
+                "a zero StreamBP chunk",
+                json!({"parallelism": {"streamBpChunkTokens": 0}}),
+                vec!["spec.parallelism.streamBpChunkTokens"],
+            ),
+            (
                 "a relative checkpoint path",
                 json!({"checkpoint": {"path": "ckpt"}}),
                 vec!["spec.checkpoint.path", "absolute path"],

@@ -33,7 +33,7 @@ pub mod synthetic;
 pub mod topology;
 pub mod weft;
 
-pub use sim::{PlanContext, build_plan, lower_bound, simulate};
+pub use sim::{PlanContext, PlanLimits, build_plan, lower_bound, simulate};
 pub use strategies::{PlanningError, Strategy, plan_layout};
 
 /// Plans one batch with one strategy and returns the step plan document.

@@ -557,6 +557,7 @@ mod tests {
     fn llama_7b_on_2x4() -> crate::sim::PlanContext {
         use crate::cost::{CostCoefficients, CostModel};
         crate::sim::PlanContext {
+            limits: Default::default(),
             topology: crate::topology::Topology::new(
                 &crate::cluster::parse_cluster("2x4").unwrap(),
             )

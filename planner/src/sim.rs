@@ -116,6 +116,36 @@ pub struct Layout {
 pub struct PlanContext {
     pub topology: Topology,
     pub cost: CostModel,
+    /// What the job allows the plans beyond memory.
+    pub limits: PlanLimits,
+}
+
+/// What a job allows its plans, beyond what memory allows (a TrainingJob's
+/// `parallelism` section).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// The one context-parallel degree of every ring (`static` only; the
+    /// strategy sizes it itself when absent).
+    pub cp_degree: Option<u32>,
+    /// The largest ring any sequence may get.
+    pub max_cp_degree: Option<u32>,
+    /// Transfers between nodes spread over every NIC of a node; false: each
+    /// rank's transfers take its own (closest) NIC.
+    pub nic_aware_routing: bool,
+    /// The executor can offload activations to host memory (ByteScale's
+    /// selective offloading, `hdp-offload`); false: no plan offloads.
+    pub offload_activations: bool,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        PlanLimits {
+            cp_degree: None,
+            max_cp_degree: None,
+            nic_aware_routing: true,
+            offload_activations: true,
+        }
+    }
 }
 
 /// Per-rank outcome of a simulation.
@@ -1089,6 +1119,7 @@ pub(crate) mod tests {
 
     pub(crate) fn context(cluster: &str, model: &str) -> PlanContext {
         PlanContext {
+            limits: Default::default(),
             topology: Topology::new(&parse_cluster(cluster).unwrap()).unwrap(),
             cost: CostModel::new(
                 ModelSpec::preset(model).unwrap(),

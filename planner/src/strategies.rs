@@ -52,6 +52,111 @@ pub enum PlanningError {
     UnknownStrategy(String),
     #[error("the {strategy} solver failed: {reason}")]
     Solver { strategy: String, reason: String },
+    #[error(
+        "the {strategy} strategy cannot keep to {limit} (only {supported} can); leave it unset or choose another strategy"
+    )]
+    UnsupportedLimit {
+        strategy: &'static str,
+        limit: &'static str,
+        supported: &'static str,
+    },
+    #[error(
+        "sequence {id} of {length} tokens needs at least {needs} ranks of {capacity} tokens, but {limit} allows {degree}"
+    )]
+    DegreeTooSmall {
+        id: usize,
+        length: u64,
+        needs: u32,
+        capacity: u64,
+        limit: &'static str,
+        degree: u32,
+    },
+    #[error(
+        "hdp-offload plans offloading activations to host memory, which this executor does not do; hdp plans the same without offloading"
+    )]
+    OffloadUnsupported,
+    #[error("{limit} {degree} is more ranks than the {world} there are")]
+    DegreeTooLarge {
+        limit: &'static str,
+        degree: u32,
+        world: u32,
+    },
+}
+
+/// The limit names, as the TrainingJob and the command lines spell them.
+pub const CP_DEGREE: &str = "parallelism.cpDegree (--cp-degree)";
+pub const MAX_CP_DEGREE: &str = "parallelism.maxCpDegree (--max-cp-degree)";
+
+/// Refuses, by name, limits the strategy cannot keep to and batches they
+/// make impossible.
+fn check_limits(
+    strategy: Strategy,
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<(), PlanningError> {
+    let limits = &ctx.limits;
+    let world = ctx.topology.world();
+    if strategy == Strategy::HdpOffload && !limits.offload_activations {
+        return Err(PlanningError::OffloadUnsupported);
+    }
+    if limits.cp_degree.is_some() && strategy != Strategy::Static {
+        return Err(PlanningError::UnsupportedLimit {
+            strategy: strategy.name(),
+            limit: CP_DEGREE,
+            supported: "static",
+        });
+    }
+    if limits.max_cp_degree.is_some() && !matches!(strategy, Strategy::Static | Strategy::Weft) {
+        return Err(PlanningError::UnsupportedLimit {
+            strategy: strategy.name(),
+            limit: MAX_CP_DEGREE,
+            supported: "weft and static",
+        });
+    }
+    // The degree every ring may have at most, and the limit that sets it.
+    let (limit, most) = match (limits.cp_degree, limits.max_cp_degree) {
+        (Some(d), _) => (CP_DEGREE, d),
+        (None, Some(d)) => (MAX_CP_DEGREE, d),
+        (None, None) => return Ok(()),
+    };
+    if most > world {
+        if limit == CP_DEGREE {
+            return Err(PlanningError::DegreeTooLarge {
+                limit,
+                degree: most,
+                world,
+            });
+        }
+        // A cap above the world caps nothing.
+        return Ok(());
+    }
+    let capacity = rank_capacity(ctx)?;
+    let context = if strategy == Strategy::Static {
+        context_length
+    } else {
+        None
+    };
+    let longest = lengths
+        .iter()
+        .copied()
+        .enumerate()
+        .chain(context.map(|c| (lengths.len(), c)))
+        .max_by_key(|(i, s)| (*s, std::cmp::Reverse(*i)));
+    if let Some((id, length)) = longest {
+        let needs = min_degree(length, capacity);
+        if needs > most {
+            return Err(PlanningError::DegreeTooSmall {
+                id,
+                length,
+                needs,
+                capacity,
+                limit,
+                degree: most,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Plans a batch with one strategy. `context_length` is the configured maximum
@@ -62,14 +167,40 @@ pub fn plan_layout(
     lengths: &[u64],
     context_length: Option<u64>,
 ) -> Result<Layout, PlanningError> {
-    match strategy {
+    check_limits(strategy, ctx, lengths, context_length)?;
+    let mut layout = match strategy {
         Strategy::Static => plan_static(ctx, lengths, context_length),
         Strategy::Hdp => plan_hdp(ctx, lengths),
         Strategy::HdpOffload => plan_hdp_offload(ctx, lengths),
         Strategy::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
         Strategy::Zeppelin => plan_zeppelin(ctx, lengths),
         Strategy::Weft => crate::weft::plan_weft(ctx, lengths, context_length),
+    }?;
+    if !ctx.limits.nic_aware_routing {
+        layout.routing = Routing::ClosestNic;
     }
+    if let Some(widest) = widest_ring_past(&layout, ctx.limits.max_cp_degree) {
+        return Err(PlanningError::Solver {
+            strategy: strategy.name().to_string(),
+            reason: format!(
+                "it made a ring of {widest} ranks, past {MAX_CP_DEGREE} {}",
+                ctx.limits.max_cp_degree.unwrap_or(0)
+            ),
+        });
+    }
+    Ok(layout)
+}
+
+/// The widest ring of `layout` when it has more ranks than `cap`.
+pub fn widest_ring_past(layout: &Layout, cap: Option<u32>) -> Option<u32> {
+    let cap = cap?;
+    layout
+        .micro_batches
+        .iter()
+        .flat_map(|mb| &mb.groups)
+        .map(|g| g.ranks.len() as u32)
+        .max()
+        .filter(|widest| *widest > cap)
 }
 
 impl PlanningError {
@@ -81,6 +212,10 @@ impl PlanningError {
             }
             PlanningError::UnknownStrategy(_) => "strategy",
             PlanningError::Solver { .. } => "solver",
+            PlanningError::UnsupportedLimit { .. }
+            | PlanningError::DegreeTooSmall { .. }
+            | PlanningError::DegreeTooLarge { .. }
+            | PlanningError::OffloadUnsupported => "limits",
         }
     }
 }
@@ -216,23 +351,31 @@ pub fn plan_static(
         .unwrap_or(1)
         .max(context_length.unwrap_or(0));
     let need = min_degree(longest, capacity);
-    // The CP degree divides the world (data-parallel groups are equal). As a
-    // hand-tuned run would, take the smallest such degree that fits the context
-    // and still gives every data-parallel group a pack to work on.
     let items: Vec<(usize, u64)> = lengths.iter().copied().enumerate().collect();
-    let divisors: Vec<u32> = (need..=world)
-        .filter(|d| world.is_multiple_of(*d))
-        .collect();
     let pack_for = |d: u32| (u64::from(d) * capacity).min(longest.max(1));
-    let degree = divisors
-        .iter()
-        .copied()
-        .find(|d| {
-            let packs = best_fit_decreasing(&items, pack_for(*d)).len() as u32;
-            world / d <= packs.max(1)
-        })
-        .or_else(|| divisors.last().copied())
-        .unwrap_or(world);
+    let degree = match ctx.limits.cp_degree {
+        // The job's own degree ([`check_limits`] saw it fits): data-parallel
+        // groups of it, and ranks past the last whole group idle.
+        Some(degree) => degree,
+        None => {
+            // The CP degree divides the world (data-parallel groups are
+            // equal). As a hand-tuned run would, take the smallest such
+            // degree that fits the context and still gives every
+            // data-parallel group a pack to work on; under a cap with no
+            // divisor, the cap (ranks past the last whole group idle).
+            let most = ctx.limits.max_cp_degree.unwrap_or(world).min(world);
+            let divisors: Vec<u32> = (need..=most).filter(|d| world.is_multiple_of(*d)).collect();
+            divisors
+                .iter()
+                .copied()
+                .find(|d| {
+                    let packs = best_fit_decreasing(&items, pack_for(*d)).len() as u32;
+                    world / d <= packs.max(1)
+                })
+                .or_else(|| divisors.last().copied())
+                .unwrap_or(most)
+        }
+    };
     let mut packs = best_fit_decreasing(&items, pack_for(degree));
     // Heaviest packs first, each to the data-parallel group with fewest tokens.
     packs.sort_by_key(|p| (Reverse(p.iter().map(|i| lengths[*i]).sum::<u64>()), p[0]));

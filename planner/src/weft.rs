@@ -58,7 +58,7 @@ use crate::strategies::{
     check_fits, estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost,
     hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp, plan_hdp_offload, plan_static,
     plan_zeppelin, rank_capacity, schedule_remapped, slowdowns, sort_costliest_first,
-    whole_nodes_past_one,
+    whole_nodes_past_one, widest_ring_past,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -165,6 +165,8 @@ fn degree_rule(
     let topo = &ctx.topology;
     let per_node = topo.max_gpus_per_node();
     let needs = degree_needs(ctx, capacity, shape.remap, share);
+    // The job's cap; never below what memory needs (refused before planning).
+    let cap = ctx.limits.max_cp_degree.unwrap_or(u32::MAX);
     move |s: u64| {
         let (by_memory, balance) = needs(s);
         let by_balance = if share > 0.0 {
@@ -181,7 +183,7 @@ fn degree_rule(
         } else {
             d
         };
-        d.min(topo.world())
+        d.min(topo.world()).min(cap)
     }
 }
 
@@ -940,7 +942,9 @@ pub fn candidates(
     }
     builds.push(("static".to_string(), Build::Static));
     builds.push(("hdp".to_string(), Build::Hdp));
-    builds.push(("hdp-offload".to_string(), Build::HdpOffload));
+    if ctx.limits.offload_activations {
+        builds.push(("hdp-offload".to_string(), Build::HdpOffload));
+    }
     builds.push(("zeppelin".to_string(), Build::Zeppelin));
     // FlexSP's solver takes seconds, too slow to run on every worker every step
     // on a large cluster, so it is a candidate on small ones only.
@@ -954,6 +958,7 @@ pub fn candidates(
         let slow = PlanContext {
             topology: ctx.topology.priced_on_slowest(),
             cost: ctx.cost.clone(),
+            limits: ctx.limits.clone(),
         };
         let order = one_rank_order(&slow, lengths);
         (slow, order)
@@ -991,24 +996,39 @@ pub fn candidates(
     });
     let mut candidates = Vec::new();
     for (name, optional, layout, build_ms) in built {
-        let layout = match layout {
+        let mut layout = match layout {
             Ok(layout) => layout,
             // FlexSP's power-of-two groups cannot hold some sequences that
             // other layouts can; then it is simply not a candidate.
             Err(_) if optional => continue,
             Err(e) => return Err(e),
         };
+        // A layout with a ring past the job's cap is not a candidate (the
+        // balanced ones keep to it; baselines and widened gangs may not).
+        if widest_ring_past(&layout, ctx.limits.max_cp_degree).is_some() {
+            continue;
+        }
+        let nic_aware = ctx.limits.nic_aware_routing;
+        if !nic_aware {
+            layout.routing = Routing::ClosestNic;
+        }
         let mut refinements = Vec::new();
         if layout.routing != Routing::AllNics {
             let mut routed = layout.clone();
-            routed.routing = Routing::AllNics;
+            let mut routed_name = name.clone();
+            if nic_aware {
+                routed.routing = Routing::AllNics;
+                routed_name.push_str("+routing");
+            }
             // And its rings that span whole nodes made hierarchical.
             let mut hierarchical = routed.clone();
             use_hierarchical_rings(&ctx.topology, &mut hierarchical);
             if hierarchical != routed {
-                refinements.push((format!("{name}+routing+hierarchical"), hierarchical));
+                refinements.push((format!("{routed_name}+hierarchical"), hierarchical));
             }
-            refinements.push((format!("{name}+routing"), routed));
+            if routed != layout {
+                refinements.push((routed_name, routed));
+            }
         }
         let base = candidates.len() + refinements.len();
         for (name, layout) in refinements {
@@ -1264,6 +1284,7 @@ mod tests {
                 search: None,
             };
             let slow = PlanContext {
+                limits: Default::default(),
                 topology: ctx.topology.priced_on_slowest(),
                 cost: ctx.cost.clone(),
             };

@@ -13,6 +13,7 @@ use weft_planner::{PlanContext, PlanningError, Strategy, lower_bound, plan_step}
 
 fn context(cluster: &str, model: &str, streambp: bool) -> PlanContext {
     PlanContext {
+        limits: Default::default(),
         topology: Topology::new(&parse_cluster(cluster).unwrap()).unwrap(),
         cost: CostModel::new(
             ModelSpec::preset(model).unwrap(),

@@ -126,6 +126,18 @@ pub struct PodParallelism {
     /// Rings that span nodes go round each node first (hierarchical rings).
     #[serde(default = "yes")]
     pub hierarchical: bool,
+    /// `Static`'s one degree.
+    #[serde(default)]
+    pub cp_degree: Option<u32>,
+    /// The largest ring any sequence may get.
+    #[serde(default)]
+    pub max_cp_degree: Option<u32>,
+    /// Transfers between nodes spread over every NIC; false: each rank's own.
+    #[serde(default = "yes")]
+    pub nic_aware_routing: bool,
+    /// StreamBP's chunk; plain backprop when absent.
+    #[serde(default)]
+    pub stream_bp_chunk_tokens: Option<u64>,
 }
 
 fn yes() -> bool {

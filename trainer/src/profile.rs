@@ -70,6 +70,9 @@ pub struct ProfileConfig {
     pub threads: i32,
     /// Where the steps run: the CPU, or a GPU.
     pub device: tch::Device,
+    /// Plain backprop, or StreamBP (its recomputation is counted as work, so
+    /// the speeds are the same kind of figure either way).
+    pub backprop: Backprop,
 }
 
 /// The compute speeds measured, and the raw seconds behind them.
@@ -110,14 +113,14 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
             .collect(),
     };
     let lengths: Vec<u64> = vec![length as u64; documents];
-    let ctx = crate::train::local_plan_context(1, &config.model, None, None)
+    let ctx = crate::train::local_plan_context(1, &crate::train::PlanSettings::of(&config.model))
         .map_err(|e| ProfileError::Plan(e.to_string()))?;
     let plan = weft_planner::plan_step(weft_planner::Strategy::Static, &ctx, &lengths, None)
         .map_err(|e| ProfileError::Plan(e.to_string()))?;
     let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
     for step in 0..=config.steps {
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch, Backprop::Plain)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch, config.backprop)?;
         if step > 0 {
             let t = outcome.times;
             attention_s.push(t.attention_s);
@@ -139,6 +142,7 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
         CostCoefficients {
             linear_efficiency: 1.0,
             attention_efficiency: 1.0,
+            streambp: config.backprop != Backprop::Plain,
             ..Default::default()
         },
     );

@@ -61,6 +61,11 @@ pub struct SelfcheckReport {
     /// relative to the largest reference gradient.
     pub step_loss: f64,
     pub step_gradients: f64,
+    /// The same step with StreamBP (a random chunk of 1 to 64 tokens).
+    #[serde(default)]
+    pub streambp_loss: f64,
+    #[serde(default)]
+    pub streambp_gradients: f64,
     /// Plans made by the real planner whose digest differed on some rank
     /// (any is a failure: training would stop at that step).
     #[serde(default)]
@@ -83,6 +88,8 @@ impl SelfcheckReport {
         self.remap = self.remap.max(other.remap);
         self.step_loss = self.step_loss.max(other.step_loss);
         self.step_gradients = self.step_gradients.max(other.step_gradients);
+        self.streambp_loss = self.streambp_loss.max(other.streambp_loss);
+        self.streambp_gradients = self.streambp_gradients.max(other.streambp_gradients);
         self.plans_differing = self.plans_differing.max(other.plans_differing);
         self.plans = self.plans.max(other.plans);
         self
@@ -97,6 +104,8 @@ impl SelfcheckReport {
             self.remap,
             self.step_loss,
             self.step_gradients,
+            self.streambp_loss,
+            self.streambp_gradients,
         ]
         .into_iter()
         .fold(0.0, f64::max)
@@ -228,7 +237,7 @@ pub fn run_worker(
         report.remap = report
             .remap
             .max(check_remap(&mut group, &mut rng, precision, device)?);
-        let (loss, gradients) = check_step(
+        let [(loss, gradients), (streamed_loss, streamed_gradients)] = check_step(
             &mut group,
             &mut rng,
             seed ^ u64::from(case),
@@ -237,6 +246,8 @@ pub fn run_worker(
         )?;
         report.step_loss = report.step_loss.max(loss);
         report.step_gradients = report.step_gradients.max(gradients);
+        report.streambp_loss = report.streambp_loss.max(streamed_loss);
+        report.streambp_gradients = report.streambp_gradients.max(streamed_gradients);
         if !check_plans_agree(&mut group, &mut rng, device)? {
             report.plans_differing += 1;
         }
@@ -262,8 +273,14 @@ fn check_plans_agree(
     // Ranks of 96 tokens (the planner keeps a few per rank for the ring's
     // chunks), sequences of up to 80 tokens a rank: the longest are split
     // over every rank, and every one fits.
-    let ctx = crate::train::local_plan_context(world, &spec, Some(96 + 4 * u64::from(world)), None)
-        .map_err(|e| planning(e.to_string()))?;
+    let ctx = crate::train::local_plan_context(
+        world,
+        &crate::train::PlanSettings {
+            rank_tokens: Some(96 + 4 * u64::from(world)),
+            ..crate::train::PlanSettings::of(&spec)
+        },
+    )
+    .map_err(|e| planning(e.to_string()))?;
     let longest = 80 * u64::from(world);
     let lengths = random_lengths(rng, 24, longest);
     let plan = weft_planner::plan_step(weft_planner::Strategy::Weft, &ctx, &lengths, Some(longest))
@@ -333,15 +350,16 @@ fn check_remap(
 }
 
 /// One training step of the `tiny` model over a random plan on every rank,
-/// against the same step computed whole by this rank alone: (loss error,
-/// largest gradient error relative to the largest reference gradient).
+/// with plain backprop and with StreamBP (a random chunk), against the same
+/// step computed whole by this rank alone: for each, (loss error, largest
+/// gradient error relative to the largest reference gradient).
 fn check_step(
     group: &mut ProcessGroup,
     rng: &mut SplitMix64,
     seed: u64,
     precision: Precision,
     device: tch::Device,
-) -> Result<(f64, f64), StepError> {
+) -> Result<[(f64, f64); 2], StepError> {
     let world = group.world();
     let spec = weft_planner::model::ModelSpec::preset("tiny")
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
@@ -358,6 +376,9 @@ fn check_step(
             .collect(),
     };
     let plan = random_plan(rng, &lengths, world, &spec)?;
+    let streamed = Backprop::Streamed {
+        chunk_tokens: 1 + rng.below(64),
+    };
     tch::manual_seed(seed as i64);
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = Llama::new(&vs.root(), &spec)?.with_precision(precision);
@@ -371,24 +392,32 @@ fn check_step(
         }
         Ok(())
     })?;
-    zero_gradients(&params)?;
-    let outcome = forward_backward(&model, group, &plan, &batch, Backprop::Plain)?;
-    all_reduce_gradients(&params, group)?;
-    let mut loss = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
-    group.all_reduce_sum(&mut loss)?;
-    let loss = loss.f_double_value(&[0])? / outcome.predicted as f64;
-    let distributed: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();
+    let mut distributed = Vec::with_capacity(2);
+    for backprop in [Backprop::Plain, streamed] {
+        zero_gradients(&params)?;
+        let outcome = forward_backward(&model, group, &plan, &batch, backprop)?;
+        all_reduce_gradients(&params, group)?;
+        let mut loss = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
+        group.all_reduce_sum(&mut loss)?;
+        let loss = loss.f_double_value(&[0])? / outcome.predicted as f64;
+        let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().copy()).collect();
+        distributed.push((loss, grads));
+    }
     zero_gradients(&params)?;
     let reference_loss = reference_forward_backward(&model, &batch)?;
-    let mut scale = 0.0f64;
-    let mut worst = 0.0f64;
-    for ((_, p), got) in params.iter().zip(&distributed) {
-        let want = p.grad();
-        scale = scale.max(want.f_abs()?.f_max()?.f_double_value(&[])?);
-        worst = worst.max(got.f_sub(&want)?.f_abs()?.f_max()?.f_double_value(&[])?);
+    let mut errors = [(0.0, 0.0); 2];
+    for ((loss, grads), error) in distributed.iter().zip(&mut errors) {
+        let mut scale = 0.0f64;
+        let mut worst = 0.0f64;
+        for ((_, p), got) in params.iter().zip(grads) {
+            let want = p.grad();
+            scale = scale.max(want.f_abs()?.f_max()?.f_double_value(&[])?);
+            worst = worst.max(got.f_sub(&want)?.f_abs()?.f_max()?.f_double_value(&[])?);
+        }
+        *error = (
+            (loss - reference_loss).abs(),
+            worst / scale.max(f64::MIN_POSITIVE),
+        );
     }
-    Ok((
-        (loss - reference_loss).abs(),
-        worst / scale.max(f64::MIN_POSITIVE),
-    ))
+    Ok(errors)
 }

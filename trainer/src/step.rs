@@ -794,6 +794,18 @@ pub fn check_plan(plan: &StepPlan, batch: &Batch, world: u32) -> Result<(), Step
     }
     plan.check()
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    // Refused, not run as something else.
+    if let Some((mb, group)) = plan.micro_batches.iter().find_map(|mb| {
+        mb.groups
+            .iter()
+            .find(|g| g.offload > 0.0)
+            .map(|g| (mb.index, g))
+    }) {
+        return Err(StepError::PlanBatch(format!(
+            "micro-batch {mb} offloads a share {} of a group's activations to host memory, which this engine does not do",
+            group.offload
+        )));
+    }
     if plan.sequences.len() != batch.samples.len() {
         return Err(StepError::PlanBatch(format!(
             "the plan has {} sequences, the batch {}",
@@ -1011,6 +1023,7 @@ pub fn random_plan(
     let topology = weft_planner::topology::Topology::new(&cluster)
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
     let ctx = weft_planner::PlanContext {
+        limits: Default::default(),
         topology,
         cost: weft_planner::cost::CostModel::new(model.clone(), Default::default()),
     };
@@ -1110,6 +1123,21 @@ mod tests {
             "{err}"
         );
         assert!(check_plan(&p, &batch(&[10, 20]), 3).is_ok());
+        let mut offloading = p.clone();
+        offloading.micro_batches[0].groups[0].offload = 0.5;
+        let err = check_plan(&offloading, &batch(&[10, 20]), 3).unwrap_err();
+        assert!(
+            err.to_string().contains("which this engine does not do"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chunks_cover_the_rows_once_in_order() {
+        assert_eq!(chunk_ranges(0, 4), vec![(0, 0)]);
+        assert_eq!(chunk_ranges(10, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(chunk_ranges(3, 1), vec![(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(chunk_ranges(3, u64::MAX), vec![(0, 3)]);
     }
 
     #[test]

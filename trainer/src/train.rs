@@ -20,7 +20,7 @@ use weft_planner::cost::{CostCoefficients, CostModel};
 use weft_planner::model::ModelSpec;
 use weft_planner::plan::StepPlan;
 use weft_planner::profile::Profile;
-use weft_planner::{PlanContext, PlanningError, Strategy};
+use weft_planner::{PlanContext, PlanLimits, PlanningError, Strategy};
 
 use crate::checkpoint::{CheckpointError, CheckpointLock, SaveRequest};
 pub use crate::checkpoint::{CheckpointState, DataIdentity, checkpoint_path};
@@ -131,6 +131,12 @@ pub struct TrainConfig {
     pub collectives: Collectives,
     /// Measured speeds to plan with instead of the datasheets'.
     pub profile: Option<Profile>,
+    /// The job's limits on its plans (static degree, a cap on every ring,
+    /// NIC-aware routing).
+    pub limits: PlanLimits,
+    /// Plain backprop, or StreamBP with its chunk (the plans then price
+    /// StreamBP's memory and recomputation).
+    pub backprop: Backprop,
     /// Intra-op threads of libtorch per worker.
     pub threads: i32,
     /// Bound on every collective: a dead peer is an error after this long.
@@ -192,6 +198,13 @@ pub struct StepMetrics {
     /// first, then across nodes).
     #[serde(default)]
     pub hierarchical_rings: u32,
+    /// Transfers between nodes the plan spreads over several NICs of their
+    /// node (NIC-aware routing; 0 when it is off or nothing crosses nodes).
+    #[serde(default)]
+    pub spread_routes: u32,
+    /// StreamBP's chunk, when the step backpropagated with StreamBP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_bp_chunk: Option<u64>,
     /// The plan's predicted max/mean rank time (1 is perfect balance).
     pub balance: f64,
     /// The plan's predicted forward and backward time (the cost model's, at
@@ -214,43 +227,91 @@ pub struct StepMetrics {
     pub checkpoint: Option<u64>,
 }
 
-/// The planning context for `world` local ranks: one node of `world` GPUs of
-/// the default kind (the planner needs a topology), capped at `rank_tokens`
-/// tokens per rank, priced at the speeds of `profile` when given (else the
-/// datasheets', which only the split of the work follows on CPU).
-pub fn local_plan_context(
-    world: u32,
-    model: &ModelSpec,
-    rank_tokens: Option<u64>,
-    profile: Option<&Profile>,
-) -> Result<PlanContext, TrainError> {
-    let planning = |reason: String| TrainError::Plan { step: 0, reason };
-    let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
-        .map_err(|e| planning(e.to_string()))?;
-    let topology =
-        weft_planner::topology::Topology::new(&cluster).map_err(|e| planning(e.to_string()))?;
-    let coefficients = coefficients(&topology, rank_tokens, profile);
-    Ok(PlanContext {
-        topology,
-        cost: CostModel::new(model.clone(), coefficients),
-    })
+/// What plans are made with besides the cluster: the model, a rank's token
+/// budget, measured speeds, the job's limits, and StreamBP.
+#[derive(Clone, Debug)]
+pub struct PlanSettings<'a> {
+    pub model: &'a ModelSpec,
+    /// Most tokens one rank may hold, whatever its memory allows.
+    pub rank_tokens: Option<u64>,
+    pub profile: Option<&'a Profile>,
+    pub limits: PlanLimits,
+    /// StreamBP's chunk: plans then price its memory and its recomputation.
+    pub stream_bp_chunk: Option<u64>,
 }
 
-/// The cost model's coefficients: a rank's token budget, and the speeds of
-/// `profile` when given.
-fn coefficients(
-    topology: &weft_planner::topology::Topology,
-    rank_tokens: Option<u64>,
-    profile: Option<&Profile>,
-) -> CostCoefficients {
-    let mut coefficients = CostCoefficients {
-        max_tokens_per_rank: rank_tokens,
-        ..Default::default()
-    };
-    if let Some(profile) = profile {
-        profile.calibrate_for(topology, &mut coefficients);
+impl<'a> PlanSettings<'a> {
+    /// The model's plans with nothing else set.
+    pub fn of(model: &'a ModelSpec) -> PlanSettings<'a> {
+        PlanSettings {
+            model,
+            rank_tokens: None,
+            profile: None,
+            limits: PlanLimits::default(),
+            stream_bp_chunk: None,
+        }
     }
-    coefficients
+
+    /// The planning context on `topology`.
+    fn context(&self, topology: weft_planner::topology::Topology) -> PlanContext {
+        let mut coefficients = CostCoefficients {
+            max_tokens_per_rank: self.rank_tokens,
+            ..Default::default()
+        };
+        if let Some(chunk) = self.stream_bp_chunk {
+            coefficients.streambp = true;
+            coefficients.streambp_chunk = chunk;
+        }
+        if let Some(profile) = self.profile {
+            profile.calibrate_for(&topology, &mut coefficients);
+        }
+        PlanContext {
+            topology,
+            cost: CostModel::new(self.model.clone(), coefficients),
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// How this run plans.
+    pub fn planning(&self) -> PlanSettings<'_> {
+        PlanSettings {
+            model: &self.model,
+            rank_tokens: self.rank_tokens,
+            profile: self.profile.as_ref(),
+            limits: self.limits.clone(),
+            stream_bp_chunk: self.backprop.chunk_tokens(),
+        }
+    }
+}
+
+/// The planning context for `world` local ranks: one node of `world` GPUs of
+/// the default kind (the planner needs a topology), priced at the speeds of
+/// the profile when given (else the datasheets', which only the split of the
+/// work follows on CPU).
+pub fn local_plan_context(world: u32, planning: &PlanSettings) -> Result<PlanContext, TrainError> {
+    let planning_error = |reason: String| TrainError::Plan { step: 0, reason };
+    let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
+        .map_err(|e| planning_error(e.to_string()))?;
+    let topology = weft_planner::topology::Topology::new(&cluster)
+        .map_err(|e| planning_error(e.to_string()))?;
+    Ok(planning.context(topology))
+}
+
+/// The planning context on the nodes of `mesh`
+/// ([`weft_planner::mesh::mesh_cluster`]: their GPU models and NICs).
+pub fn mesh_cluster_context(
+    mesh: &weft_planner::mesh::MeshPlan,
+    planning: &PlanSettings,
+) -> Result<PlanContext, TrainError> {
+    let cluster = weft_planner::mesh::mesh_cluster(mesh);
+    let topology =
+        weft_planner::topology::Topology::new(&cluster).map_err(|e| TrainError::Plan {
+            step: 0,
+            reason: format!("the mesh's nodes: {e}"),
+        })?;
+    Ok(planning.context(topology))
 }
 
 /// The planning context of a pod's rank: the cluster the mesh of `epoch` at
@@ -287,20 +348,14 @@ fn mesh_plan_context(
             mesh.epoch, mesh.world_size
         )));
     }
-    let cluster = weft_planner::mesh::mesh_cluster(&mesh);
-    let topology =
-        weft_planner::topology::Topology::new(&cluster).map_err(|e| mesh_error(e.to_string()))?;
-    if topology.world() != world {
+    let ctx = mesh_cluster_context(&mesh, &config.planning())?;
+    if ctx.topology.world() != world {
         return Err(mesh_error(format!(
             "its nodes hold {} ranks, the epoch {world}",
-            topology.world()
+            ctx.topology.world()
         )));
     }
-    let coefficients = coefficients(&topology, config.rank_tokens, config.profile.as_ref());
-    Ok(Some(PlanContext {
-        topology,
-        cost: CostModel::new(config.model.clone(), coefficients),
-    }))
+    Ok(Some(ctx))
 }
 
 /// A 64-bit digest (FNV-1a) of a plan's JSON, to check that every rank
@@ -603,12 +658,7 @@ pub fn run_worker(
             Some(ctx) => ctx,
             None => return Ok(RunEnd::NewEpoch { step: 0 }),
         },
-        None => local_plan_context(
-            world,
-            &config.model,
-            config.rank_tokens,
-            config.profile.as_ref(),
-        )?,
+        None => local_plan_context(world, &config.planning())?,
     };
     let store = Store::open(
         &rendezvous.store_host,
@@ -755,7 +805,7 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch, Backprop::Plain)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch, config.backprop)?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was
@@ -812,6 +862,8 @@ pub fn run_worker(
                 .flat_map(|m| &m.groups)
                 .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
                 .count() as u32,
+            spread_routes: plan.routes.iter().filter(|r| r.legs.len() > 1).count() as u32,
+            stream_bp_chunk: config.backprop.chunk_tokens(),
             balance: plan.predicted.max_over_mean,
             predicted_step_s: plan.predicted.step_time_s,
             token_balance: if mean_linear > 0.0 {
@@ -885,4 +937,38 @@ pub fn run_worker(
     // Nobody leaves while another rank may still need it (rank 0 serves the store).
     group.barrier()?;
     Ok(RunEnd::Finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With StreamBP on, the trainer plans with its memory: the same batch
+    /// on the same GPUs gets fewer ranks for its long sequence, with weft
+    /// (a batch of many short sequences, so balance asks little of the long
+    /// one's ring) and with static.
+    #[test]
+    fn streambp_plans_fewer_ranks_per_long_sequence() {
+        let model = ModelSpec::preset("llama-7b").unwrap();
+        let mut lengths = vec![40_000];
+        lengths.extend((0..400).map(|i| 2_048 + 512 * (i % 5)));
+        let widest = |strategy: Strategy, stream_bp_chunk: Option<u64>| {
+            let planning = PlanSettings {
+                stream_bp_chunk,
+                ..PlanSettings::of(&model)
+            };
+            let ctx = local_plan_context(16, &planning).unwrap();
+            assert_eq!(ctx.cost.coefficients.streambp, stream_bp_chunk.is_some());
+            let plan = weft_planner::plan_step(strategy, &ctx, &lengths, Some(40_000)).unwrap();
+            plan.sequences.iter().map(|s| s.degree).max().unwrap()
+        };
+        for strategy in [Strategy::Weft, Strategy::Static] {
+            let (plain, streamed) = (widest(strategy, None), widest(strategy, Some(4096)));
+            eprintln!("{strategy:?}: max CP degree {plain} plain, {streamed} with StreamBP");
+            assert!(
+                streamed < plain,
+                "{strategy:?}: max CP degree {plain} plain, {streamed} with StreamBP"
+            );
+        }
+    }
 }

@@ -400,6 +400,49 @@ fn bad_input_gets_a_clear_error() {
         "--tokens-per-step (4096) must hold at least one sequence of --max-seq-len (8192)",
     );
     fails_with(&["--data-order", "shuffled"], "invalid value 'shuffled'");
+    fails_with(&["--stream-bp-chunk", "0"], "invalid value '0'");
+    fails_with(
+        &["--stream-bp-chunk", "2048", "--max-seq-len", "1024"],
+        "--stream-bp-chunk 2048 is longer than the longest sequence allowed (--max-seq-len 1024)",
+    );
+    fails_with(
+        &["--strategy", "hdp-offload"],
+        "which the engine does not do",
+    );
+    fails_with(
+        &["--cp-degree", "2"],
+        "--cp-degree is the degree of static context parallelism",
+    );
+    fails_with(
+        &[
+            "--strategy",
+            "static",
+            "--cp-degree",
+            "4",
+            "--max-cp-degree",
+            "2",
+        ],
+        "--cp-degree 4 must not be greater than --max-cp-degree 2",
+    );
+    fails_with(
+        &["--ranks", "2", "--strategy", "static", "--cp-degree", "3"],
+        "parallelism.cpDegree (--cp-degree) 3 is more ranks than the 2 there are",
+    );
+    fails_with(
+        &[
+            "--ranks",
+            "4",
+            "--rank-tokens",
+            "300",
+            "--max-cp-degree",
+            "2",
+        ],
+        "but parallelism.maxCpDegree (--max-cp-degree) allows 2",
+    );
+    fails_with(
+        &["--max-cp-degree", "2", "--strategy", "hdp"],
+        "the hdp strategy cannot keep to parallelism.maxCpDegree",
+    );
     fails_with(&["--precision", "fp16"], "invalid value 'fp16'");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -519,4 +562,79 @@ fn the_plan_each_step_ran_is_drawn() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--plan-svg"), "{err}");
+}
+
+/// StreamBP trains exactly like plain backprop: the same loss at every one of
+/// 20 steps (fp32, within 1e-6 relative), with long documents split over
+/// ranks, and the metrics say each step streamed.
+#[test]
+fn streambp_follows_the_plain_loss_curve() {
+    let dir = scratch("streambp");
+    let common = [
+        "--ranks",
+        "3",
+        "--steps",
+        "20",
+        "--rank-tokens",
+        "384",
+        "--device",
+        "cpu",
+    ];
+    let (out, plain) = local(&dir, "plain", &common);
+    ok(&out);
+    let mut streamed_args = common.to_vec();
+    streamed_args.extend(["--stream-bp-chunk", "37"]);
+    let (out, streamed) = local(&dir, "streamed", &streamed_args);
+    ok(&out);
+    assert_eq!(streamed.len(), 20);
+    assert!(
+        plain.iter().any(|m| m.max_cp_degree > 1),
+        "no context parallelism"
+    );
+    assert!(streamed.iter().all(|m| m.stream_bp_chunk == Some(37)));
+    assert!(plain.iter().all(|m| m.stream_bp_chunk.is_none()));
+    for (p, s) in plain.iter().zip(&streamed) {
+        assert_eq!((p.step, p.tokens), (s.step, s.tokens));
+        let gap = (p.loss - s.loss).abs() / p.loss.abs();
+        assert!(
+            gap <= 1e-6,
+            "step {}: loss {} with StreamBP, {} without ({gap:.2e})",
+            p.step,
+            s.loss,
+            p.loss
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--max-cp-degree` caps the rings and `--cp-degree` sets static's one
+/// degree (the job's `maxCpDegree` and `cpDegree`), and both train the same
+/// losses. (The planner's own tests show the cap on weft's wider rings.)
+#[test]
+fn cp_degree_flags_shape_the_plans_that_run() {
+    let dir = scratch("degrees");
+    // 400 tokens a rank: a 1024-token document needs 3 of the 4 ranks, and
+    // static, whose degree divides the world, takes all 4.
+    let common = [
+        "--ranks",
+        "4",
+        "--steps",
+        "3",
+        "--rank-tokens",
+        "400",
+        "--strategy",
+        "static",
+    ];
+    let (out, own) = local(&dir, "static", &common);
+    ok(&out);
+    assert!(own.iter().any(|m| m.max_cp_degree == 4), "{own:?}");
+    for (name, flag) in [("capped", "--max-cp-degree"), ("fixed", "--cp-degree")] {
+        let mut args = common.to_vec();
+        args.extend([flag, "3"]);
+        let (out, got) = local(&dir, name, &args);
+        ok(&out);
+        assert!(got.iter().all(|m| m.max_cp_degree == 3), "{flag}: {got:?}");
+        assert!(max_loss_gap(&got, &own) < 1e-4);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -133,6 +133,11 @@ fn stderr_of(child: &mut Child) -> String {
 
 /// Writes the operator's training parameters, made small, into `dir`.
 fn write_training(dir: &Path) {
+    write_training_with(dir, serde_json::json!({}));
+}
+
+/// [`write_training`] with these fields of the job's `parallelism` section.
+fn write_training_with(dir: &Path, parallelism: serde_json::Value) {
     let golden =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
     let mut training: serde_json::Value =
@@ -145,6 +150,9 @@ fn write_training(dir: &Path) {
         .into_owned()
         .into();
     training["checkpoint"]["intervalSteps"] = 1.into();
+    for (field, value) in parallelism.as_object().unwrap() {
+        training["parallelism"][field] = value.clone();
+    }
     std::fs::write(dir.join("training.json"), training.to_string()).unwrap();
 }
 
@@ -349,5 +357,83 @@ fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
     );
     // The same losses as one node of four ranks planned flat.
     assert_same_losses(&seen, &straight_run(&dir, 4, steps, &limit));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the two pods of `mesh` in `dir` for `steps` steps (`extra` flags);
+/// rank 0's metrics.
+fn run_pods(dir: &Path, mesh: &MeshPlan, steps: u64, extra: &[&str]) -> Vec<StepMetrics> {
+    let mut a = pod_with(dir, &mesh.workers[0].name, steps, extra);
+    let mut b = pod_with(dir, &mesh.workers[1].name, steps, extra);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let (status_a, status_b) = (wait(&mut a), wait(&mut b));
+    assert!(status_a.success(), "{}", stderr_of(&mut a));
+    assert!(status_b.success(), "{}", stderr_of(&mut b));
+    let seen: Vec<StepMetrics> = metrics.try_iter().collect();
+    assert_eq!(seen.len() as u64, steps);
+    seen
+}
+
+/// The job's `parallelism.nicAwareRouting`, `maxCpDegree` and
+/// `streamBpChunkTokens` reach the pods' ranks: their plans keep each
+/// transfer on its own NIC and every ring within the cap, and their
+/// backward streams, and they train the same losses.
+#[test]
+fn the_jobs_parallelism_fields_reach_the_pods_ranks() {
+    let dir = scratch("parallelism");
+    let steps = 3;
+    // Two nodes of two GPUs and two NICs; 300 tokens a rank at most, so
+    // the longer documents are split across the nodes.
+    let limit = ["--rank-tokens", "300"];
+    write_training(&dir);
+    let mesh = publish_first_mesh(&dir, "2x2:nics=2", 2);
+    let free = run_pods(&dir, &mesh, steps, &limit);
+    assert!(
+        free.iter().any(|m| m.spread_routes > 0),
+        "no transfer was spread over the NICs: {free:?}"
+    );
+    assert!(free.iter().any(|m| m.max_cp_degree > 2), "{free:?}");
+    assert!(free.iter().all(|m| m.stream_bp_chunk.is_none()));
+
+    let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
+    write_training_with(
+        &dir,
+        serde_json::json!({"nicAwareRouting": false, "maxCpDegree": 4, "streamBpChunkTokens": 64}),
+    );
+    let mesh = publish_first_mesh(&dir, "2x2:nics=2", 2);
+    let limited = run_pods(&dir, &mesh, steps, &limit);
+    assert!(limited.iter().all(|m| m.spread_routes == 0), "{limited:?}");
+    assert!(limited.iter().all(|m| m.stream_bp_chunk == Some(64)));
+    assert_same_losses(&limited, &free);
+
+    // A cap below what the longest sequence needs: refused before any rank
+    // starts, by the field's name.
+    write_training_with(&dir, serde_json::json!({"maxCpDegree": 2}));
+    let started = Instant::now();
+    let out = pod_with(&dir, &mesh.workers[0].name, steps, &limit)
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("parallelism.maxCpDegree"), "{err}");
+    assert!(!err.contains("ranks ["), "a rank started: {err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // A worker flag that contradicts the job is refused by both names.
+    write_training_with(&dir, serde_json::json!({"streamBpChunkTokens": 64}));
+    let out = trainer()
+        .args(["worker", "--stream-bp-chunk", "32"])
+        .env("WEFT_WORKER", &mesh.workers[0].name)
+        .env("WEFT_MESH", dir.join("mesh.json"))
+        .env("WEFT_TRAINING", dir.join("training.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--stream-bp-chunk 32") && err.contains("parallelism.streamBpChunkTokens 64"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

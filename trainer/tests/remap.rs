@@ -18,6 +18,7 @@ use weft_trainer::remap::{Remap, token_id_rows};
 
 fn plan() -> StepPlan {
     let ctx = PlanContext {
+        limits: Default::default(),
         topology: Topology::new(&parse_cluster("1x4").unwrap()).unwrap(),
         cost: CostModel::new(
             ModelSpec::preset("llama-7b").unwrap(),

@@ -214,6 +214,7 @@ fn the_planners_own_plans_with_context_parallelism_match_too() {
     let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
     let cluster = weft_planner::cluster::parse_cluster("2x2").unwrap();
     let ctx = weft_planner::PlanContext {
+        limits: Default::default(),
         topology: weft_planner::topology::Topology::new(&cluster).unwrap(),
         cost: CostModel::new(
             spec.clone(),

@@ -136,7 +136,14 @@ fn context(common: &Common) -> anyhow::Result<(PlanContext, Vec<u64>)> {
         weft_planner::input::load_profile(path)?.calibrate_for(&topology, &mut coefficients);
     }
     let cost = CostModel::new(model, coefficients);
-    Ok((PlanContext { topology, cost }, lengths))
+    Ok((
+        PlanContext {
+            topology,
+            cost,
+            limits: Default::default(),
+        },
+        lengths,
+    ))
 }
 
 /// `0,1,2,3,8` as `0-3,8`.

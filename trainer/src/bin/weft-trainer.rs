@@ -24,7 +24,7 @@ use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
 use weft_trainer::model::Precision;
 use weft_trainer::optim::AdamWConfig;
 use weft_trainer::selfcheck::{CheckSpec, SelfcheckReport, run_worker};
-use weft_trainer::step::StepError;
+use weft_trainer::step::{Backprop, StepError};
 use weft_trainer::train::{StepMetrics, TrainConfig, TrainError};
 
 #[derive(Parser)]
@@ -81,10 +81,25 @@ struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     #[serde(default = "default_curriculum_steps")]
     curriculum_steps: usize,
-    /// Planning strategy: weft, zeppelin, hdp, hdp-offload, flexsp or static
-    /// (hdp-offload plans host offloading for GPUs; on CPU it changes nothing).
+    /// Planning strategy: weft, zeppelin, hdp, flexsp or static (hdp-offload
+    /// plans activation offloading, which the engine does not do: refused).
     #[arg(long, default_value = "weft")]
     strategy: String,
+    /// Static: the one context-parallel degree of every ring (the job's
+    /// parallelism.cpDegree); default: static sizes it for --max-seq-len.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[serde(default)]
+    cp_degree: Option<u32>,
+    /// The largest ring any sequence may get (weft and static; the job's
+    /// parallelism.maxCpDegree).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[serde(default)]
+    max_cp_degree: Option<u32>,
+    /// Each rank's transfers between nodes take its own NIC, not spread over
+    /// every NIC of its node (the job's parallelism.nicAwareRouting: false).
+    #[arg(long)]
+    #[serde(default)]
+    no_nic_routing: bool,
     /// Run every ring flat, also those the plan makes hierarchical (round
     /// each node first, then across nodes).
     #[arg(long)]
@@ -165,6 +180,13 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     profile: Option<PathBuf>,
+    /// StreamBP: backpropagate each layer in chunks of this many tokens
+    /// along the sequence, keeping only the layers' inputs from the forward
+    /// (exact; less activation memory, one more forward of compute). In a
+    /// pod, the job's parallelism.streamBpChunkTokens.
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(default)]
+    stream_bp_chunk: Option<u64>,
     /// When resuming: accept a seed, corpus, tokens per step or longest
     /// sequence other than the checkpoint's (the batches then change);
     /// without it such a resume is refused.
@@ -269,6 +291,30 @@ impl TrainArgs {
             }
             other => bail!("--data-order {other:?} is neither documents nor decomposed"),
         };
+        if let Some(chunk) = self.run.stream_bp_chunk
+            && chunk > self.max_seq_len as u64
+        {
+            bail!(
+                "--stream-bp-chunk {chunk} is longer than the longest sequence allowed (--max-seq-len {})",
+                self.max_seq_len
+            );
+        }
+        let strategy = weft_planner::Strategy::parse(&self.strategy)?;
+        if strategy == weft_planner::Strategy::HdpOffload {
+            bail!(
+                "--strategy hdp-offload plans offloading activations to host memory, which the engine does not do; --strategy hdp plans the same without it"
+            );
+        }
+        if self.cp_degree.is_some() && strategy != weft_planner::Strategy::Static {
+            bail!(
+                "--cp-degree is the degree of static context parallelism: it needs --strategy static (weft chooses each sequence's degree; cap it with --max-cp-degree)"
+            );
+        }
+        if let (Some(degree), Some(most)) = (self.cp_degree, self.max_cp_degree)
+            && degree > most
+        {
+            bail!("--cp-degree {degree} must not be greater than --max-cp-degree {most}");
+        }
         let device = ComputeDevice::choose(&self.run.device)?;
         // Refused here, before any worker starts, where it cannot run.
         device.check()?;
@@ -283,8 +329,16 @@ impl TrainArgs {
             seed: self.run.seed,
             tokens_per_step: self.tokens_per_step,
             max_seq_len: self.max_seq_len,
-            strategy: weft_planner::Strategy::parse(&self.strategy)?,
+            strategy,
             hierarchical_rings: !self.flat_rings,
+            limits: weft_planner::PlanLimits {
+                cp_degree: self.cp_degree,
+                max_cp_degree: self.max_cp_degree,
+                nic_aware_routing: !self.no_nic_routing,
+                // The engine keeps activations on its device.
+                offload_activations: false,
+            },
+            backprop: Backprop::streamed(self.run.stream_bp_chunk),
             rank_tokens: self.run.rank_tokens,
             optimizer: self.run.optimizer()?,
             precision: match &self.run.precision {
@@ -456,6 +510,10 @@ enum Command {
         /// Write the profile here (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Time steps with StreamBP in chunks of this many tokens (at most
+        /// --document-length).
+        #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+        stream_bp_chunk: Option<u64>,
     },
     /// Check distributed attention, the remap and a training step on N local ranks against a single-process reference.
     Selfcheck {
@@ -614,6 +672,8 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
         ("remap", worst.remap),
         ("step loss", worst.step_loss),
         ("step gradients", worst.step_gradients),
+        ("StreamBP loss", worst.streambp_loss),
+        ("StreamBP grads", worst.streambp_gradients),
     ] {
         let verdict = if error <= tolerance { "ok" } else { "FAIL" };
         println!("{name:<16} {error:>12.2e} {tolerance:>12.1e}  {verdict}");
@@ -707,14 +767,12 @@ fn local(
         config.precision,
     )?;
     // The longest sequence must fit the ranks, as the planner will plan it.
-    let ctx = weft_trainer::train::local_plan_context(
-        ranks,
-        &config.model,
-        config.rank_tokens,
-        config.profile.as_ref(),
-    )?;
+    let ctx = weft_trainer::train::local_plan_context(ranks, &config.planning())?;
     let longest = config.max_seq_len as u64;
     if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest)) {
+        if e.category() == "limits" {
+            bail!("{e}");
+        }
         let budget = match config.rank_tokens {
             Some(tokens) => format!(" of --rank-tokens {tokens}"),
             None => String::new(),
@@ -845,6 +903,50 @@ fn local(
     Ok(true)
 }
 
+/// What a pod's worker runs: the job's `training.json` (as the operator
+/// publishes it) with the worker's own flags. Every field of the job that
+/// reaches the worker changes these (see the test below).
+fn job_args(
+    training: &weft_trainer::pod::PodTraining,
+    steps: u64,
+    mut run: RunArgs,
+) -> anyhow::Result<TrainArgs> {
+    match (
+        run.stream_bp_chunk,
+        training.parallelism.stream_bp_chunk_tokens,
+    ) {
+        (Some(flag), Some(job)) if flag != job => bail!(
+            "--stream-bp-chunk {flag} differs from the job's parallelism.streamBpChunkTokens {job}; set one of them"
+        ),
+        (_, Some(job)) => run.stream_bp_chunk = Some(job),
+        _ => {}
+    }
+    Ok(TrainArgs {
+        steps,
+        run,
+        data: Some(PathBuf::from(&training.data.source)),
+        model: training.model.name.clone(),
+        model_spec: Some(training.model.clone()),
+        tokens_per_step: training.data.tokens_per_step as usize,
+        max_seq_len: training.data.max_sequence_length as usize,
+        data_order: training.data.data_order().to_string(),
+        bucket_min: training.data.min_bucket_length as usize,
+        curriculum_steps: training.data.curriculum_steps as usize,
+        strategy: training.strategy().to_string(),
+        flat_rings: !training.parallelism.hierarchical,
+        cp_degree: training.parallelism.cp_degree,
+        max_cp_degree: training.parallelism.max_cp_degree,
+        no_nic_routing: !training.parallelism.nic_aware_routing,
+        checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
+        checkpoint_every: training.checkpoint.interval_steps,
+        checkpoint_keep: training.checkpoint.keep.max(1),
+        resume: true,
+        fail_at: None,
+        plan_svg: None,
+        plan_svg_every: 1,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Local {
@@ -860,35 +962,16 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
             let training = weft_trainer::pod::read_training(&env.training)?;
-            let args = TrainArgs {
-                steps,
-                run,
-                data: Some(PathBuf::from(&training.data.source)),
-                model: training.model.name.clone(),
-                model_spec: Some(training.model.clone()),
-                tokens_per_step: training.data.tokens_per_step as usize,
-                max_seq_len: training.data.max_sequence_length as usize,
-                data_order: training.data.data_order().to_string(),
-                bucket_min: training.data.min_bucket_length as usize,
-                curriculum_steps: training.data.curriculum_steps as usize,
-                strategy: training.strategy().to_string(),
-                flat_rings: !training.parallelism.hierarchical,
-                checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
-                checkpoint_every: training.checkpoint.interval_steps,
-                checkpoint_keep: training.checkpoint.keep.max(1),
-                resume: true,
-                fail_at: None,
-                plan_svg: None,
-                plan_svg_every: 1,
-            };
+            let args = job_args(&training, steps, run)?;
             // Check the settings here, once, rather than in every rank: and
             // that one rank fits the pod's memory, and the checkpoints can
             // be written, before the first step rather than after it.
             let config = args.config(1)?;
             // The pod runs a rank per GPU of its worker, as the mesh says
             // (one when the mesh is not there yet or does not name it).
-            let ranks = weft_trainer::pod::read_mesh(&env.mesh)
-                .ok()
+            let mesh = weft_trainer::pod::read_mesh(&env.mesh).ok();
+            let ranks = mesh
+                .as_ref()
                 .and_then(|mesh| {
                     mesh.workers
                         .iter()
@@ -896,6 +979,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                         .map(|w| w.gpus.max(1))
                 })
                 .unwrap_or(1);
+            // The job's limits against the longest sequence on the mesh's
+            // nodes: refused here, by the field's name, not at the first step.
+            if let Some(mesh) = &mesh {
+                let ctx = weft_trainer::train::mesh_cluster_context(mesh, &config.planning())?;
+                let longest = config.max_seq_len as u64;
+                if let Err(e) =
+                    weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest))
+                    && e.category() == "limits"
+                {
+                    bail!("{e}");
+                }
+            }
             let tokens = config
                 .rank_tokens
                 .unwrap_or(config.max_seq_len as u64)
@@ -955,7 +1050,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             threads,
             device,
             out,
+            stream_bp_chunk,
         } => {
+            if let Some(chunk) = stream_bp_chunk
+                && chunk > document_length
+            {
+                bail!(
+                    "--stream-bp-chunk {chunk} is longer than the longest sequence profiled (--document-length {document_length})"
+                );
+            }
             let device = ComputeDevice::choose(&device)?.of_rank(0)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
             let config = weft_trainer::profile::ProfileConfig {
@@ -966,6 +1069,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 steps,
                 threads: threads.unwrap_or(cores).max(1),
                 device,
+                backprop: Backprop::streamed(stream_bp_chunk),
             };
             let profile = weft_trainer::profile::measure(&config)?;
             eprintln!(
@@ -1198,4 +1302,136 @@ fn collective_failed(err: &anyhow::Error) -> bool {
         return false;
     };
     category == "collective"
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// Fields of `training.json` that reach the worker, with a value other
+    /// than the operator's golden file's.
+    fn passed() -> Vec<(&'static str, Value)> {
+        vec![
+            ("/model/name", json!("custom")),
+            ("/model/layers", json!(3)),
+            ("/model/hidden", json!(96)),
+            ("/model/heads", json!(8)),
+            ("/model/kv_heads", json!(1)),
+            ("/model/ffn", json!(200)),
+            ("/model/vocab", json!(300)),
+            ("/data/source", json!("/data/other")),
+            ("/data/maxSequenceLength", json!(4096)),
+            ("/data/tokensPerStep", json!(65536)),
+            ("/data/order", json!("Decomposed")),
+            ("/data/minBucketLength", json!(128)),
+            ("/data/curriculumSteps", json!(9)),
+            ("/parallelism/contextParallelism", json!("Static")),
+            ("/parallelism/cpDegree", json!(4)),
+            ("/parallelism/maxCpDegree", json!(8)),
+            ("/parallelism/hierarchical", json!(false)),
+            ("/parallelism/nicAwareRouting", json!(false)),
+            ("/parallelism/streamBpChunkTokens", json!(512)),
+            ("/checkpoint/path", json!("/ckpt/other")),
+            ("/checkpoint/intervalSteps", json!(17)),
+            ("/checkpoint/keep", json!(5)),
+        ]
+    }
+
+    /// Fields of `training.json` the worker has no use for, and why.
+    const NOT_FOR_THE_WORKER: &[(&str, &str)] = &[
+        ("/version", "the file's format, checked when it is read"),
+        (
+            "/checkpoint/claimName",
+            "the operator mounts the claim at checkpoint.path",
+        ),
+    ];
+
+    fn golden() -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../operator/tests/golden/training.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The worker's arguments for `training` with its default flags.
+    fn args_for(training: &Value) -> Value {
+        let training: weft_trainer::pod::PodTraining =
+            serde_json::from_value(training.clone()).unwrap();
+        let Command::Worker { steps, run, .. } = Cli::try_parse_from(["weft-trainer", "worker"])
+            .unwrap()
+            .command
+        else {
+            unreachable!("parsed as the worker")
+        };
+        serde_json::to_value(job_args(&training, steps, run).unwrap()).unwrap()
+    }
+
+    /// Every leaf of `value`, as JSON pointers.
+    fn leaves(value: &Value, at: &str, out: &mut Vec<String>) {
+        match value.as_object() {
+            Some(map) => {
+                for (key, child) in map {
+                    leaves(child, &format!("{at}/{key}"), out);
+                }
+            }
+            None => out.push(at.to_string()),
+        }
+    }
+
+    /// Every field the operator can put in `training.json` (each optional
+    /// one set) is either passed on to the worker or named as not for it;
+    /// a new field fails here until it is one or the other.
+    #[test]
+    fn every_field_of_training_json_is_accounted_for() {
+        let mut full = golden();
+        full["data"] = serde_json::to_value(weft_crds::DataSpec::default()).unwrap();
+        full["parallelism"] = serde_json::to_value(weft_crds::ParallelismSpec {
+            cp_degree: Some(1),
+            max_cp_degree: Some(1),
+            stream_bp_chunk_tokens: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+        full["checkpoint"] = serde_json::to_value(weft_crds::CheckpointSpec {
+            claim_name: Some("claim".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut found = Vec::new();
+        leaves(&full, "", &mut found);
+        let known: Vec<String> = passed()
+            .into_iter()
+            .map(|(p, _)| p.to_string())
+            .chain(NOT_FOR_THE_WORKER.iter().map(|(p, _)| p.to_string()))
+            .collect();
+        let unknown: Vec<&String> = found.iter().filter(|f| !known.contains(f)).collect();
+        assert!(
+            unknown.is_empty(),
+            "fields the worker neither uses nor declares unused: {unknown:?}"
+        );
+        let gone: Vec<&String> = known.iter().filter(|k| !found.contains(k)).collect();
+        assert!(
+            gone.is_empty(),
+            "listed fields the file no longer has: {gone:?}"
+        );
+    }
+
+    #[test]
+    fn every_job_field_changes_what_a_worker_runs() {
+        let base = golden();
+        let args = args_for(&base);
+        for (pointer, value) in passed() {
+            let mut changed = base.clone();
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            changed.pointer_mut(parent).unwrap()[key] = value.clone();
+            assert_ne!(
+                args_for(&changed),
+                args,
+                "{pointer} = {value} changes nothing the worker runs"
+            );
+        }
+    }
 }
