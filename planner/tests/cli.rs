@@ -672,3 +672,77 @@ fn the_readme_plan_picture_is_current() {
         "docs/plan-example.svg is out of date: run scripts/plan-picture"
     );
 }
+
+/// `weft plan` takes a job's limits as flags, and StreamBP's chunk: a cap
+/// the longest sequence cannot keep is refused by its name, and StreamBP
+/// lets the same batch plan within it.
+#[test]
+fn plan_takes_the_jobs_limits_and_streambp() {
+    let lengths = fixture("limits.txt", "98304\n4096\n8192\n2048\n");
+    let lengths = lengths.to_str().unwrap();
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--lengths",
+            lengths,
+            "--cluster",
+            "2x8:nics=8",
+            "--model",
+            "llama-7b",
+        ];
+        args.extend(extra);
+        weft(&args)
+    };
+    let refused = plan(&["--max-cp-degree", "4"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("parallelism.maxCpDegree (--max-cp-degree) allows 4"),
+        "{err}"
+    );
+    let streamed = plan(&[
+        "--max-cp-degree",
+        "4",
+        "--stream-bp-chunk",
+        "8192",
+        "--format",
+        "json",
+    ]);
+    succeeded(&streamed);
+    let json: serde_json::Value = serde_json::from_slice(&streamed.stdout).unwrap();
+    let widest = json["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["degree"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(widest <= 4, "{widest}");
+    let own = plan(&["--no-nic-routing", "--format", "json"]);
+    succeeded(&own);
+    let json: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
+    assert!(
+        json["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["legs"].as_array().unwrap().len() == 1)
+    );
+    let fixed = plan(&[
+        "--strategy",
+        "static",
+        "--cp-degree",
+        "16",
+        "--format",
+        "json",
+    ]);
+    succeeded(&fixed);
+    let json: serde_json::Value = serde_json::from_slice(&fixed.stdout).unwrap();
+    assert!(
+        json["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["degree"] == 16)
+    );
+}

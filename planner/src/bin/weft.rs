@@ -53,6 +53,10 @@ struct Common {
     /// Price activations as StreamBP keeps them (less memory, one more forward).
     #[arg(long)]
     streambp: bool,
+    /// StreamBP with chunks of this many tokens (implies --streambp; its
+    /// default chunk is 4096).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    stream_bp_chunk: Option<u64>,
     /// Price compute and transfers at the speeds a profile measured
     /// (`weft-trainer profile`'s JSON) instead of the datasheets'.
     #[arg(long)]
@@ -76,6 +80,17 @@ enum Command {
         /// Also draw the plan as a picture (SVG) into this file.
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
+        /// Static: every ring's one degree (a TrainingJob's parallelism.cpDegree).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        cp_degree: Option<u32>,
+        /// weft and static: the largest ring any sequence may get
+        /// (parallelism.maxCpDegree).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_cp_degree: Option<u32>,
+        /// Each rank's transfers between nodes take its own NIC
+        /// (parallelism.nicAwareRouting: false).
+        #[arg(long)]
+        no_nic_routing: bool,
     },
     /// Draw a step plan (JSON, as `weft plan --format json` prints it) as a
     /// picture: one row per rank by node, time across.
@@ -129,9 +144,12 @@ fn context(common: &Common) -> anyhow::Result<(PlanContext, Vec<u64>)> {
     }
     let topology = Topology::new(&cluster)?;
     let mut coefficients = CostCoefficients {
-        streambp: common.streambp,
+        streambp: common.streambp || common.stream_bp_chunk.is_some(),
         ..Default::default()
     };
+    if let Some(chunk) = common.stream_bp_chunk {
+        coefficients.streambp_chunk = chunk;
+    }
     if let Some(path) = &common.profile {
         weft_planner::input::load_profile(path)?.calibrate_for(&topology, &mut coefficients);
     }
@@ -281,9 +299,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             strategy,
             explain,
             svg,
+            cp_degree,
+            max_cp_degree,
+            no_nic_routing,
         } => {
             let strategy = Strategy::parse(&strategy)?;
-            let (ctx, lengths) = context(&common)?;
+            let (mut ctx, lengths) = context(&common)?;
+            ctx.limits = weft_planner::PlanLimits {
+                cp_degree,
+                max_cp_degree,
+                nic_aware_routing: !no_nic_routing,
+                ..Default::default()
+            };
             if explain {
                 eprintln!(
                     "{:<22} {:>12} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8}",
