@@ -26,6 +26,7 @@ pub mod device;
 pub mod fault;
 pub mod kernel;
 pub mod launch;
+pub mod membench;
 pub mod memory;
 pub mod mirror;
 pub mod model;

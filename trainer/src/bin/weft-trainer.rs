@@ -423,6 +423,52 @@ fn default_corpus() -> PathBuf {
 }
 
 #[derive(Subcommand)]
+enum BenchCommand {
+    /// Plain backprop, per-layer gradient checkpointing and StreamBP on one
+    /// rank: each one's measured peak memory at --seq-len, the longest
+    /// sequence whose step stays within --budget-gib (found by measuring),
+    /// and seconds per token; beside them, the planner's predicted memory.
+    Memory {
+        /// Model: a preset or a YAML/JSON file; default a 0.2B-parameter
+        /// Llama shape (12 layers of 1024, GQA 16/4, SwiGLU 2816, vocabulary 32000).
+        #[arg(long)]
+        model: Option<String>,
+        /// Length of the sequence each method's peak and speed are measured at.
+        #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(2..))]
+        seq_len: u64,
+        /// Memory a step may use beyond the model's states, GiB.
+        #[arg(long, default_value_t = 2.0)]
+        budget_gib: f64,
+        /// StreamBP's chunk, tokens.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+        stream_bp_chunk: u64,
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+        precision: String,
+        /// libtorch threads (default: every core).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Longest length tried in the search.
+        #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(2..))]
+        max_len: u64,
+        /// The search stops within this share of the longest length.
+        #[arg(long, default_value_t = 0.05)]
+        resolution: f64,
+        /// Methods to run, comma-separated.
+        #[arg(long, default_value = "plain,checkpointing,streambp")]
+        methods: String,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// One measured step in a process of its own (started by `bench memory`).
+    #[command(hide = true)]
+    MemoryProbe {
+        /// The step (JSON).
+        #[arg(long)]
+        config: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Train on N local worker processes (the embedded default job).
     Local {
@@ -514,6 +560,11 @@ enum Command {
         /// --document-length).
         #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
         stream_bp_chunk: Option<u64>,
+    },
+    /// Benchmarks that measure the engine on this machine and print figures.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
     },
     /// Check distributed attention, the remap and a training step on N local ranks against a single-process reference.
     Selfcheck {
@@ -947,8 +998,210 @@ fn job_args(
     })
 }
 
+/// The default model of `bench memory`: a 0.2B-parameter Llama shape.
+fn bench_model() -> weft_planner::model::ModelSpec {
+    weft_planner::model::ModelSpec {
+        name: "llama-0.2b".to_string(),
+        layers: 12,
+        hidden: 1024,
+        heads: 16,
+        kv_heads: 4,
+        ffn: 2816,
+        vocab: 32000,
+    }
+}
+
+/// Runs one probe in a child process of this binary.
+fn run_probe(
+    config: &weft_trainer::membench::ProbeConfig,
+) -> anyhow::Result<weft_trainer::membench::Probe> {
+    let exe = std::env::current_exe().context("finding this program to start a probe")?;
+    let out = std::process::Command::new(exe)
+        .args(["bench", "memory-probe", "--config"])
+        .arg(serde_json::to_string(config)?)
+        .output()
+        .context("starting a probe")?;
+    if !out.status.success() {
+        bail!(
+            "the {} step of {} tokens failed ({}): {}",
+            config.method.name(),
+            config.seq_len,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading a probe's figures")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_memory(
+    model: Option<String>,
+    seq_len: u64,
+    budget_gib: f64,
+    chunk: u64,
+    precision: &str,
+    threads: Option<i32>,
+    max_len: u64,
+    resolution: f64,
+    methods: &str,
+    format: &str,
+) -> anyhow::Result<()> {
+    use weft_trainer::membench::{
+        GIB, MemoryReport, Method, MethodReport, ProbeConfig, longest_within, predicted_bytes,
+    };
+    if !(budget_gib.is_finite() && budget_gib > 0.0) {
+        bail!("--budget-gib must be a positive number, got {budget_gib}");
+    }
+    if !(resolution.is_finite() && resolution > 0.0 && resolution < 1.0) {
+        bail!("--resolution must be between 0 and 1, got {resolution}");
+    }
+    if chunk > seq_len {
+        bail!("--stream-bp-chunk {chunk} is longer than --seq-len {seq_len}");
+    }
+    let methods: Vec<Method> = methods
+        .split(',')
+        .map(|m| {
+            Method::parse(m.trim()).with_context(|| {
+                format!("--methods: {m:?} is none of plain, checkpointing, streambp")
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let model = match model {
+        Some(name) => weft_planner::input::load_model(&name)?,
+        None => bench_model(),
+    };
+    let precision = Precision::parse(precision)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+    let threads = threads.unwrap_or(cores).max(1);
+    let budget = (budget_gib * GIB) as u64;
+    eprintln!(
+        "bench memory: {} ({:.2}B parameters, {}), one rank, {threads} threads; peaks at {seq_len} tokens, longest within {budget_gib} GiB; every step in a process of its own",
+        model.name,
+        model.params() / 1e9,
+        precision.name()
+    );
+    let mut reports = Vec::new();
+    for method in methods {
+        let config = |len: u64| ProbeConfig {
+            model: model.clone(),
+            precision,
+            method,
+            chunk: chunk.min(len),
+            seq_len: len,
+            threads,
+        };
+        let mut measured = std::collections::BTreeMap::new();
+        let mut measure = |len: u64| {
+            if let Some(probe) = measured.get(&len) {
+                return Ok(*probe);
+            }
+            let probe = run_probe(&config(len))
+                .map_err(|e| weft_trainer::membench::BenchError::Plan(format!("{e:#}")))?;
+            eprintln!(
+                "  {:<13} {:>8} tokens: peak {:>7.3} GiB, {:>8.2} s{}",
+                method.name(),
+                len,
+                probe.peak_bytes as f64 / GIB,
+                probe.seconds,
+                if probe.exact_peak {
+                    ""
+                } else {
+                    " (peak since start: this kernel cannot reset it)"
+                }
+            );
+            measured.insert(len, probe);
+            Ok(probe)
+        };
+        let at = measure(seq_len)?;
+        let (longest, probes) = longest_within(budget, seq_len, max_len, resolution, measure)?;
+        reports.push(MethodReport {
+            name: method.name().to_string(),
+            peak_gib: at.peak_bytes as f64 / GIB,
+            max_len: longest,
+            s_per_token: at.seconds / seq_len as f64,
+            predicted_gib: predicted_bytes(&model, method, chunk, seq_len).map(|b| b / GIB),
+            probes,
+        });
+    }
+    let report = MemoryReport {
+        budget_gib,
+        seq_len,
+        model: model.name.clone(),
+        params: model.params(),
+        precision,
+        stream_bp_chunk: chunk,
+        methods: reports,
+    };
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:>10} {:>12} {:>12} {:>14} {:>14}",
+        "method", "peak GiB", "predicted", "max len", "s/token", "vs checkpoint"
+    );
+    let checkpointing = report.methods.iter().find(|m| m.name == "checkpointing");
+    for m in &report.methods {
+        let versus = checkpointing
+            .filter(|c| c.max_len > 0)
+            .map_or("-".to_string(), |c| {
+                format!(
+                    "{:.2}x len, {:.2}x time",
+                    m.max_len as f64 / c.max_len as f64,
+                    m.s_per_token / c.s_per_token
+                )
+            });
+        println!(
+            "{:<14} {:>10.3} {:>12} {:>12} {:>14.3e} {:>14}",
+            m.name,
+            m.peak_gib,
+            m.predicted_gib
+                .map_or("-".to_string(), |p| format!("{p:.3}")),
+            m.max_len,
+            m.s_per_token,
+            versus
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
+        Command::Bench { bench } => match bench {
+            BenchCommand::Memory {
+                model,
+                seq_len,
+                budget_gib,
+                stream_bp_chunk,
+                precision,
+                threads,
+                max_len,
+                resolution,
+                methods,
+                format,
+            } => {
+                bench_memory(
+                    model,
+                    seq_len,
+                    budget_gib,
+                    stream_bp_chunk,
+                    &precision,
+                    threads,
+                    max_len,
+                    resolution,
+                    &methods,
+                    &format,
+                )?;
+                Ok(true)
+            }
+            BenchCommand::MemoryProbe { config } => {
+                let config: weft_trainer::membench::ProbeConfig =
+                    serde_json::from_str(&config).context("the probe's --config is not valid")?;
+                let probe = weft_trainer::membench::probe(&config)?;
+                println!("{}", serde_json::to_string(&probe)?);
+                Ok(true)
+            }
+        },
         Command::Local {
             ranks,
             metrics,
