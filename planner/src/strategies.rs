@@ -61,10 +61,11 @@ pub enum PlanningError {
         supported: &'static str,
     },
     #[error(
-        "sequence {id} of {length} tokens needs at least {needs} ranks of {capacity} tokens, but {limit} allows {degree}"
+        "{what} of {length} tokens needs at least {needs} ranks of {capacity} tokens, but {limit} allows {degree}"
     )]
     DegreeTooSmall {
-        id: usize,
+        /// `sequence 3`, or the context length.
+        what: String,
         length: u64,
         needs: u32,
         capacity: u64,
@@ -75,6 +76,8 @@ pub enum PlanningError {
         "hdp-offload plans offloading activations to host memory, which this executor does not do; hdp plans the same without offloading"
     )]
     OffloadUnsupported,
+    #[error("{CP_DEGREE} {degree} must not be greater than {MAX_CP_DEGREE} {most}")]
+    DegreeOverCap { degree: u32, most: u32 },
     #[error("{limit} {degree} is more ranks than the {world} there are")]
     DegreeTooLarge {
         limit: &'static str,
@@ -114,6 +117,11 @@ fn check_limits(
             supported: "weft and static",
         });
     }
+    if let (Some(degree), Some(most)) = (limits.cp_degree, limits.max_cp_degree)
+        && degree > most
+    {
+        return Err(PlanningError::DegreeOverCap { degree, most });
+    }
     // The degree every ring may have at most, and the limit that sets it.
     let (limit, most) = match (limits.cp_degree, limits.max_cp_degree) {
         (Some(d), _) => (CP_DEGREE, d),
@@ -141,13 +149,22 @@ fn check_limits(
         .iter()
         .copied()
         .enumerate()
-        .chain(context.map(|c| (lengths.len(), c)))
-        .max_by_key(|(i, s)| (*s, std::cmp::Reverse(*i)));
-    if let Some((id, length)) = longest {
+        .map(|(i, s)| (s, format!("sequence {i}")))
+        .chain(context.map(|c| {
+            (
+                c,
+                "the context length (data.maxSequenceLength, --max-seq-len)".to_string(),
+            )
+        }))
+        .fold(None, |best: Option<(u64, String)>, (s, what)| match best {
+            Some((b, _)) if b >= s => best,
+            _ => Some((s, what)),
+        });
+    if let Some((length, what)) = longest {
         let needs = min_degree(length, capacity);
         if needs > most {
             return Err(PlanningError::DegreeTooSmall {
-                id,
+                what,
                 length,
                 needs,
                 capacity,
@@ -215,6 +232,7 @@ impl PlanningError {
             PlanningError::UnsupportedLimit { .. }
             | PlanningError::DegreeTooSmall { .. }
             | PlanningError::DegreeTooLarge { .. }
+            | PlanningError::DegreeOverCap { .. }
             | PlanningError::OffloadUnsupported => "limits",
         }
     }
@@ -356,7 +374,14 @@ pub fn plan_static(
     let degree = match ctx.limits.cp_degree {
         // The job's own degree ([`check_limits`] saw it fits): data-parallel
         // groups of it, and ranks past the last whole group idle.
-        Some(degree) => degree,
+        Some(degree) if (1..=world).contains(&degree) => degree,
+        Some(degree) => {
+            return Err(PlanningError::DegreeTooLarge {
+                limit: CP_DEGREE,
+                degree,
+                world,
+            });
+        }
         None => {
             // The CP degree divides the world (data-parallel groups are
             // equal). As a hand-tuned run would, take the smallest such

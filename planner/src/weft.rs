@@ -183,7 +183,19 @@ fn degree_rule(
         } else {
             d
         };
-        d.min(topo.world()).min(cap)
+        let d = d.min(topo.world());
+        if d <= cap {
+            return d;
+        }
+        // Capped: whole nodes within the cap where the shape wants them,
+        // never below what memory needs (a cap below that is refused
+        // before planning).
+        let capped = if shape.whole_nodes && cap > per_node {
+            cap / per_node * per_node
+        } else {
+            cap
+        };
+        capped.max(by_memory).min(cap)
     }
 }
 

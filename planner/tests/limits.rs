@@ -133,6 +133,33 @@ fn cp_degree_is_refused_where_it_cannot_hold() {
         );
         assert!(err.to_string().contains("parallelism.cpDegree"), "{err}");
     }
+    let over = PlanLimits {
+        cp_degree: Some(16),
+        max_cp_degree: Some(8),
+        ..Default::default()
+    };
+    let err = plan_step(Strategy::Static, &context("4x8", over), &lengths, None).unwrap_err();
+    assert!(matches!(err, PlanningError::DegreeOverCap { .. }), "{err}");
+    assert!(
+        err.to_string().contains(
+            "parallelism.cpDegree (--cp-degree) 16 must not be greater than parallelism.maxCpDegree (--max-cp-degree) 8"
+        ),
+        "{err}"
+    );
+    // The static context length is named as such, not as a sequence.
+    let err = plan_step(
+        Strategy::Static,
+        &context("4x8", with(2)),
+        &lengths[1..],
+        Some(110_000),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "the context length (data.maxSequenceLength, --max-seq-len) of 110000 tokens"
+        ),
+        "{err}"
+    );
     let capped = PlanLimits {
         max_cp_degree: Some(8),
         ..Default::default()

@@ -535,17 +535,28 @@ fn chunk_ranges(rows: i64, chunk: u64) -> Vec<(i64, i64)> {
         .collect()
 }
 
-/// `f` over the chunks of `rows` rows, concatenated.
+/// `f` over the chunks of `rows` rows, each result written into its rows of
+/// one tensor as it comes (so a full-row result never exists twice).
 fn by_chunks(
     rows: i64,
     chunk: u64,
     mut f: impl FnMut(i64, i64) -> Result<Tensor, StepError>,
 ) -> Result<Tensor, StepError> {
-    let pieces = chunk_ranges(rows, chunk)
-        .into_iter()
-        .map(|(start, n)| f(start, n))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Tensor::f_cat(&pieces, 0)?)
+    let mut out: Option<Tensor> = None;
+    for (start, n) in chunk_ranges(rows, chunk) {
+        let piece = f(start, n)?;
+        let whole = match &out {
+            Some(whole) => whole,
+            None => {
+                let mut size = piece.size();
+                size[0] = rows;
+                out.insert(Tensor::f_empty(&size, (piece.kind(), piece.device()))?)
+            }
+        };
+        tch::no_grad(|| whole.f_narrow(0, start, n)?.f_copy_(&piece))?;
+    }
+    // `chunk_ranges` gives at least one range.
+    out.ok_or_else(|| StepError::PlanBatch("no chunk to compute".into()))
 }
 
 /// A leaf copy of rows `start..start + n` of `t`, for a chunk's own graph.
@@ -717,24 +728,33 @@ impl Pass<'_> {
             Ok(grad_of(&xc)?)
         })?;
 
+        drop(x);
         // Backward, layer by layer in reverse.
         for (block, input) in model.blocks.iter().zip(&inputs).rev() {
             let (attended, rings) = self.attention_output(block, input, rows, chunk_tokens)?;
-            let mut grad_input = Vec::new();
-            let grad_attended = by_chunks(n, chunk_tokens, |start, len| {
-                let xc = leaf_rows(input, start, len)?;
-                let ac = leaf_rows(&attended, start, len)?;
-                let output = finish_layer(model, block, &xc, &ac)?;
-                backward_from(&output, &grad.f_narrow(0, start, len)?)?;
-                grad_input.push(grad_of(&xc)?);
-                Ok(grad_of(&ac)?)
-            })?;
-            drop(attended);
-            let grad_attention = self.layouts.move_to_attention(self.group, &grad_attended)?;
-            let grad_qkv = self.attend_backward(&rings, &grad_attention)?;
-            drop(rings);
-            let grad_qkv = self.layouts.move_to_linear(self.group, &grad_qkv)?;
-            let mut residual = grad_input.into_iter();
+            // The gradient through the residual, kept for after the ring.
+            let through_residual = input.f_zeros_like()?;
+            let grad_qkv = {
+                let grad_out = std::mem::replace(&mut grad, Tensor::new());
+                let grad_attended = by_chunks(n, chunk_tokens, |start, len| {
+                    let xc = leaf_rows(input, start, len)?;
+                    let ac = leaf_rows(&attended, start, len)?;
+                    let output = finish_layer(model, block, &xc, &ac)?;
+                    backward_from(&output, &grad_out.f_narrow(0, start, len)?)?;
+                    tch::no_grad(|| {
+                        through_residual
+                            .f_narrow(0, start, len)?
+                            .f_copy_(&grad_of(&xc)?)
+                    })?;
+                    Ok(grad_of(&ac)?)
+                })?;
+                drop((attended, grad_out));
+                let grad_attention = self.layouts.move_to_attention(self.group, &grad_attended)?;
+                drop(grad_attended);
+                let grad_qkv = self.attend_backward(&rings, &grad_attention)?;
+                drop((rings, grad_attention));
+                self.layouts.move_to_linear(self.group, &grad_qkv)?
+            };
             grad = by_chunks(n, chunk_tokens, |start, len| {
                 let xc = leaf_rows(input, start, len)?;
                 let qkv = project_qkv(
@@ -745,10 +765,7 @@ impl Pass<'_> {
                     h,
                 )?;
                 backward_from(&qkv, &grad_qkv.f_narrow(0, start, len)?)?;
-                let through_residual = residual.next().ok_or_else(|| {
-                    StepError::PlanBatch("StreamBP: the chunks of a layer changed".into())
-                })?;
-                Ok(grad_of(&xc)?.f_add(&through_residual)?)
+                Ok(grad_of(&xc)?.f_add(&through_residual.f_narrow(0, start, len)?)?)
             })?;
         }
         backward_from(&embedded, &grad)?;

@@ -24,7 +24,7 @@ fn the_memory_bench_measures_each_method() {
         "--seq-len",
         "256",
         "--budget-gib",
-        "0.01",
+        "0.04",
         "--stream-bp-chunk",
         "64",
         "--max-len",
@@ -36,7 +36,7 @@ fn the_memory_bench_measures_each_method() {
     ]);
     ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["budget_gib"], 0.01);
+    assert_eq!(report["budget_gib"], 0.04);
     assert_eq!(report["seq_len"], 256);
     let methods = report["methods"].as_array().unwrap();
     let names: Vec<&str> = methods

@@ -337,7 +337,7 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
     let spec = spec();
     let params = initial_params(&spec, 13);
     let mut rng = SplitMix64::new(17);
-    let (mut remapped, mut hierarchical, mut split) = (0, 0, 0);
+    let (mut remapped, mut hierarchical, mut split, mut idle) = (0, 0, 0, 0);
     let mut chunks = Vec::new();
     for (world, cases) in [(1u32, 2), (2, 2), (3, 2), (4, 3)] {
         for case in 0..cases {
@@ -353,6 +353,19 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
                 .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
                 .count();
             split += plan.sequences.iter().filter(|s| s.degree > 1).count();
+            // Ranks with no rows in a micro-batch run it too.
+            idle += plan
+                .micro_batches
+                .iter()
+                .map(|m| {
+                    let busy: std::collections::BTreeSet<u32> = m
+                        .groups
+                        .iter()
+                        .flat_map(|g| g.ranks.iter().copied())
+                        .collect();
+                    world as usize - busy.len()
+                })
+                .sum::<usize>();
             // One token, a few, and more than the whole batch.
             let chunk = [1, 1 + rng.below(40), 10_000][(case % 3) as usize];
             chunks.push(chunk);
@@ -388,8 +401,8 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
         }
     }
     assert!(
-        remapped > 0 && hierarchical > 0 && split > 0,
-        "remapped {remapped}, hierarchical {hierarchical}, split {split}"
+        remapped > 0 && hierarchical > 0 && split > 0 && idle > 0,
+        "remapped {remapped}, hierarchical {hierarchical}, split {split}, idle {idle}"
     );
     assert!(
         chunks.contains(&1) && chunks.contains(&10_000),
