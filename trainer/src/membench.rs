@@ -10,10 +10,12 @@
 //! whose step stays within a memory budget, and seconds per token.
 //!
 //! Memory is measured, not computed: every step runs in a process of its own
-//! ([`probe`], started by the driver in the binary), which records its
-//! resident set before the step (model, gradients, libtorch loaded) and its
-//! peak resident set during it (the kernel's high-water mark, reset just
-//! before the step where the kernel allows it); the step's peak is the
+//! ([`probe`], started by the driver in the binary, with glibc told to map
+//! large allocations on their own and to give freed memory back at once, so
+//! the resident set follows what is alive), which records its resident set
+//! before the step (model, gradients, libtorch loaded, a two-token step run)
+//! and its peak resident set during it (the kernel's high-water mark, reset
+//! just before the step where the kernel allows it); the step's peak is the
 //! difference. The longest sequence is found the same way, by running steps
 //! of growing and then bisected lengths.
 

@@ -694,8 +694,7 @@ impl Pass<'_> {
         let model = self.model;
         let h = self.heads;
         let n = rows.tokens.size()[0];
-        let embedded = model.embedding.forward(rows.tokens);
-        let mut x = embedded.f_detach()?;
+        let mut x = tch::no_grad(|| model.embedding.forward(rows.tokens));
         // Forward: the layers' inputs only.
         let mut inputs = Vec::with_capacity(model.blocks.len());
         for block in &model.blocks {
@@ -768,7 +767,17 @@ impl Pass<'_> {
                 Ok(grad_of(&xc)?.f_add(&through_residual.f_narrow(0, start, len)?)?)
             })?;
         }
-        backward_from(&embedded, &grad)?;
+        // The embedding's gradient, added row by row into the table's own:
+        // libtorch's embedding backward would first build a whole table of
+        // gradients (vocabulary × hidden) to add, more than a chunk holds.
+        let mut table = model.embedding.ws.grad();
+        if table.defined() {
+            tch::no_grad(|| table.f_index_add_(0, rows.tokens, &grad.f_to_kind(table.kind())?))
+                .map(|_| ())?;
+        } else {
+            let embedded = model.embedding.forward(rows.tokens);
+            backward_from(&embedded, &grad)?;
+        }
         Ok(())
     }
 

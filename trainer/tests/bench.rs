@@ -45,9 +45,9 @@ fn the_memory_bench_measures_each_method() {
         .collect();
     assert_eq!(names, ["plain", "checkpointing", "streambp"]);
     let field = |i: usize, name: &str| methods[i][name].as_f64().unwrap();
-    for i in 0..3 {
+    for (i, name) in names.iter().enumerate() {
         assert!(field(i, "peak_gib") > 0.0 && field(i, "s_per_token") > 0.0);
-        assert!(field(i, "max_len") >= 2.0, "{}", names[i]);
+        assert!(field(i, "max_len") >= 2.0, "{name}");
     }
     // The planner's prediction beside the methods it models.
     assert!(methods[0]["predicted_gib"].is_number());

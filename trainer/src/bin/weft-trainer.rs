@@ -1017,6 +1017,11 @@ fn run_probe(
 ) -> anyhow::Result<weft_trainer::membench::Probe> {
     let exe = std::env::current_exe().context("finding this program to start a probe")?;
     let out = std::process::Command::new(exe)
+        // glibc maps allocations of 64 KiB and more on their own and gives
+        // freed memory back at once, so the resident set follows what is
+        // alive (else freed memory kept for reuse blurs the peak).
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
+        .env("MALLOC_TRIM_THRESHOLD_", "0")
         .args(["bench", "memory-probe", "--config"])
         .arg(serde_json::to_string(config)?)
         .output()
