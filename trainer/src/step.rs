@@ -498,7 +498,7 @@ pub enum Backprop {
 
 impl Backprop {
     /// StreamBP with chunks of `chunk_tokens`, plain backprop for `None`.
-    pub fn streamed(chunk_tokens: Option<u64>) -> Backprop {
+    pub fn with_chunk(chunk_tokens: Option<u64>) -> Backprop {
         match chunk_tokens {
             Some(chunk_tokens) => Backprop::Streamed { chunk_tokens },
             None => Backprop::Plain,

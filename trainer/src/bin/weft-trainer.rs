@@ -338,7 +338,7 @@ impl TrainArgs {
                 // The engine keeps activations on its device.
                 offload_activations: false,
             },
-            backprop: Backprop::streamed(self.run.stream_bp_chunk),
+            backprop: Backprop::with_chunk(self.run.stream_bp_chunk),
             rank_tokens: self.run.rank_tokens,
             optimizer: self.run.optimizer()?,
             precision: match &self.run.precision {
@@ -1327,7 +1327,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 steps,
                 threads: threads.unwrap_or(cores).max(1),
                 device,
-                backprop: Backprop::streamed(stream_bp_chunk),
+                backprop: Backprop::with_chunk(stream_bp_chunk),
             };
             let profile = weft_trainer::profile::measure(&config)?;
             eprintln!(
