@@ -211,20 +211,15 @@ pub fn probe(config: &ProbeConfig) -> Result<Probe, BenchError> {
     })
 }
 
-/// The plan of one sequence whole on one rank.
+/// The plan of one sequence whole on one rank (whatever the memory model
+/// would say of its length: measuring that is the point).
 fn one_rank_plan(
     model: &ModelSpec,
     seq_len: u64,
 ) -> Result<weft_planner::plan::StepPlan, BenchError> {
     let plan_error = |e: String| BenchError::Plan(format!("the benchmark's plan: {e}"));
-    let cluster =
-        weft_planner::cluster::parse_cluster("1x1").map_err(|e| plan_error(e.to_string()))?;
-    let ctx = weft_planner::PlanContext {
-        topology: weft_planner::topology::Topology::new(&cluster)
-            .map_err(|e| plan_error(e.to_string()))?,
-        cost: CostModel::new(model.clone(), CostCoefficients::default()),
-        limits: Default::default(),
-    };
+    let ctx = crate::train::local_plan_context(1, &crate::train::PlanSettings::of(model))
+        .map_err(|e| plan_error(e.to_string()))?;
     let layout = Layout {
         strategy: "one-rank".to_string(),
         micro_batches: vec![LayoutMicroBatch {
@@ -295,13 +290,13 @@ pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// from `start` until a step goes over (or `ceiling` is reached), then
 /// bisecting to within `resolution` of the answer (0 when not even two
 /// tokens fit). `measure` runs one step.
-pub fn longest_within(
+pub fn longest_within<E>(
     budget: u64,
     start: u64,
     ceiling: u64,
     resolution: f64,
-    mut measure: impl FnMut(u64) -> Result<Probe, BenchError>,
-) -> Result<(u64, Vec<Probe>), BenchError> {
+    mut measure: impl FnMut(u64) -> Result<Probe, E>,
+) -> Result<(u64, Vec<Probe>), E> {
     let mut probes = Vec::new();
     let mut fits = 0u64;
     let mut over: Option<u64> = None;
@@ -346,7 +341,7 @@ mod tests {
     #[test]
     fn the_search_finds_the_longest_length_within_the_budget() {
         let measure = |len: u64| {
-            Ok(Probe {
+            Ok::<_, BenchError>(Probe {
                 seq_len: len,
                 peak_bytes: 1000 * len,
                 exact_peak: true,

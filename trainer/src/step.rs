@@ -602,6 +602,23 @@ impl Pass<'_> {
         Ok(grad)
     }
 
+    /// The head and the summed next-token loss of rows `x` against
+    /// `targets`, added to the outcome and backpropagated as this rank's
+    /// share of the global mean loss.
+    fn head_and_loss(&mut self, x: &Tensor, targets: &Tensor) -> Result<(), StepError> {
+        let model = self.model;
+        let logits = model.linear(&model.head, &model.norm.forward(x)?)?;
+        let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+            targets,
+            None::<Tensor>,
+            tch::Reduction::Sum,
+            -100,
+        )?;
+        self.outcome.loss_sum += loss_sum.f_double_value(&[])?;
+        loss_sum.f_div_scalar(self.predicted as f64)?.f_backward()?;
+        Ok(())
+    }
+
     /// Plain backprop: every layer's graphs live from its forward to its
     /// backward, cut at the collectives.
     fn plain(&mut self, rows: &Rows) -> Result<(), StepError> {
@@ -631,15 +648,7 @@ impl Pass<'_> {
             });
             x = next;
         }
-        let logits = model.linear(&model.head, &model.norm.forward(&x)?)?;
-        let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
-            rows.targets,
-            None::<Tensor>,
-            tch::Reduction::Sum,
-            -100,
-        )?;
-        self.outcome.loss_sum += loss_sum.f_double_value(&[])?;
-        loss_sum.f_div_scalar(self.predicted as f64)?.f_backward()?;
+        self.head_and_loss(&x, rows.targets)?;
 
         // Backward, layer by layer in reverse.
         let mut grad = grad_of(&x)?;
@@ -715,15 +724,7 @@ impl Pass<'_> {
         // Head and loss, chunk by chunk, forward and backward at once.
         let mut grad = by_chunks(n, chunk_tokens, |start, len| {
             let xc = leaf_rows(&x, start, len)?;
-            let logits = model.linear(&model.head, &model.norm.forward(&xc)?)?;
-            let loss_sum = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
-                &rows.targets.f_narrow(0, start, len)?,
-                None::<Tensor>,
-                tch::Reduction::Sum,
-                -100,
-            )?;
-            self.outcome.loss_sum += loss_sum.f_double_value(&[])?;
-            loss_sum.f_div_scalar(self.predicted as f64)?.f_backward()?;
+            self.head_and_loss(&xc, &rows.targets.f_narrow(0, start, len)?)?;
             Ok(grad_of(&xc)?)
         })?;
 

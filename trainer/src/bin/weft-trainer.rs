@@ -1096,12 +1096,11 @@ fn bench_memory(
             threads,
         };
         let mut measured = std::collections::BTreeMap::new();
-        let mut measure = |len: u64| {
+        let mut measure = |len: u64| -> anyhow::Result<weft_trainer::membench::Probe> {
             if let Some(probe) = measured.get(&len) {
                 return Ok(*probe);
             }
-            let probe = run_probe(&config(len))
-                .map_err(|e| weft_trainer::membench::BenchError::Plan(format!("{e:#}")))?;
+            let probe = run_probe(&config(len))?;
             eprintln!(
                 "  {:<13} {:>8} tokens: peak {:>7.3} GiB, {:>8.2} s{}",
                 method.name(),
