@@ -564,7 +564,8 @@ fn the_golden_pictures_render_in_a_browser() {
     let dir = std::env::temp_dir().join(format!("weft-cli-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("profile");
-    // Chromium will not start its sandbox as root, and says so.
+    // Chromium refuses to run its sandbox under the root user (as in many
+    // containers), so there it goes without one; anywhere else it keeps it.
     let as_root = Command::new("id")
         .arg("-u")
         .output()
