@@ -76,5 +76,10 @@ if misses:
     out.append("  pays d·(inner−1)/inner step latencies per pass). The bound counts the least any ring")
     out.append("  shape could pay (d/2 per pass, with two-GPU inner rings); weft's whole-node rings pay 7d/8,")
     out.append("  and the mid-length rings that run beside them end unevenly (max/mean above).")
+    out.append("- byted on 1,024 H200 with llama-70b: with the memory weft's engine keeps (37 MB a token over")
+    out.append("  80 layers, `planner/src/cost.rs`), a rank holds about 3,500 tokens, so a 2M-token sequence")
+    out.append("  needs a ring of about 600 ranks for memory alone, most of the cluster; the other sequences")
+    out.append("  fill the rest around it unevenly (max/mean above). Planned for a fused engine's memory")
+    out.append("  (34·h bytes a token a layer) this workload was at 1.034.")
 with open(path, "a", encoding="utf-8") as f:
     f.write("\n".join(out) + "\n")

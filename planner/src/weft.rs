@@ -1262,10 +1262,12 @@ mod tests {
         assert!(micro_batches.iter().all(|m| m.groups.is_empty()));
     }
 
-    /// A github batch on 32 A100s (listed first) and 32 H100s: priced on the
-    /// H100s, every long sequence's ring goes to them and the A100s run out of
-    /// short work early; priced on the A100s, the same widening layout keeps
-    /// the two kinds closer. Both are built, and the weft plan is the faster.
+    /// A github batch on 32 A100s (listed first) and 32 H100s: the widening
+    /// layout is built priced on the H100s and priced on the A100s, and the
+    /// weft plan is no slower than either. (With the engine's memory, rings
+    /// are wide enough on both kinds that the two come within 1% of each
+    /// other on the github batches tried; with a fused engine's, pricing on
+    /// the A100s won by more than 5% here.)
     #[test]
     fn a_mixed_cluster_also_gets_layouts_priced_on_its_slowest_gpu() {
         let lengths: Vec<u64> = vec![
@@ -1307,10 +1309,6 @@ mod tests {
                 simulate(&ctx, &lengths, &layout).step_time_s
             };
             let (on_fastest, on_slowest) = (time(&ctx), time(&slow));
-            assert!(
-                on_slowest < 0.95 * on_fastest,
-                "{cluster}: {on_slowest} vs {on_fastest}"
-            );
             let all = candidates(&ctx, &lengths, Some(131_072)).unwrap();
             let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
             assert!(
@@ -1320,8 +1318,8 @@ mod tests {
             let weft = plan_weft(&ctx, &lengths, Some(131_072)).unwrap();
             let weft_s = simulate(&ctx, &lengths, &weft).step_time_s;
             assert!(
-                weft_s <= on_slowest * (1.0 + 1e-9),
-                "{weft_s} vs {on_slowest}"
+                weft_s <= on_slowest.min(on_fastest) * (1.0 + 1e-9),
+                "{weft_s} vs {on_slowest} and {on_fastest}"
             );
         }
     }
@@ -1333,8 +1331,8 @@ mod tests {
     fn widening_gangs_closes_the_gap_memory_leaves() {
         let all = crate::synthetic::sample("byted", 30_000, 1).unwrap();
         for (cluster, model, tokens, batch, without_at_least) in [
-            ("16x8:nics=8", "llama-7b", 4u64 << 20, 1, 1.3),
-            ("32x8:nics=8", "llama-13b", 8u64 << 20, 0, 1.08),
+            ("16x8:nics=8", "llama-13b", 8u64 << 20, 2, 1.3),
+            ("32x8:nics=8", "llama-13b", 8u64 << 20, 0, 1.2),
         ] {
             let ctx = context(cluster, model);
             let max = 524_288;
@@ -1381,10 +1379,10 @@ mod tests {
 
     #[test]
     fn searching_the_gang_order_packs_a_few_long_sequences_on_a_few_nodes() {
-        // Seven long sequences and sixty short ones on four nodes. Costliest
+        // Seven long sequences and sixty short ones on four nodes of H200s. Costliest
         // first, the widest gang (the 127K sequence, two nodes) waits for
         // narrower gangs placed before it; another order ends at the bound.
-        let ctx = context("4x8:nics=8", "llama-7b");
+        let ctx = context("4x8:gpu=h200,nics=8", "llama-7b");
         let mut lengths = vec![127_188u64, 92_390, 87_391, 81_208, 68_784, 60_014, 58_671];
         lengths.extend((0..60u64).map(|i| 100 + (i * 7919) % 2800));
         let bound = lower_bound(&ctx, &lengths);

@@ -33,14 +33,14 @@ fn golden_dir() -> PathBuf {
 const GOLDEN: &[(&str, &str, &str, &str, &str)] = &[
     (
         "mixed-2x4-weft",
-        "# one long, several short\n65536\n1200\n800\n3000\n150\n150\n9000\n",
+        "# one long, several short\n49152\n1200\n800\n3000\n150\n150\n9000\n",
         "2x4:nics=2",
         "llama-7b",
         "weft",
     ),
     (
         "mixed-2x4-static",
-        "65536\n1200\n800\n3000\n150\n150\n9000\n",
+        "49152\n1200\n800\n3000\n150\n150\n9000\n",
         "2x4:nics=2",
         "llama-7b",
         "static",
@@ -61,7 +61,7 @@ const GOLDEN: &[(&str, &str, &str, &str, &str)] = &[
     ),
     (
         "long-zeppelin",
-        "300000\n2000\n2000\n",
+        "240000\n2000\n2000\n",
         "4x8:nics=8",
         "llama-7b",
         "zeppelin",
@@ -422,7 +422,7 @@ fn succeeded(out: &Output) {
 fn plans_are_drawn_as_pictures() {
     let lengths = fixture(
         "draw-lengths.txt",
-        "65536\n1200\n800\n3000\n150\n150\n9000\n",
+        "49152\n1200\n800\n3000\n150\n150\n9000\n",
     );
     let dir = std::env::temp_dir().join(format!("weft-cli-svg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -444,7 +444,7 @@ fn plans_are_drawn_as_pictures() {
     let drawn = std::fs::read_to_string(&svg).unwrap();
     golden_picture("mixed-2x4-weft.svg", &drawn);
     for part in [
-        "<title>micro-batch 0: sequence 0 (65536 tokens)",
+        "<title>micro-batch 0: sequence 0 (49152 tokens)",
         "lower bound",
         "url(#exposed)",
     ] {

@@ -33,7 +33,7 @@ fn widest(plan: &StepPlan) -> u32 {
 
 /// One long document among short ones: weft gives it a wide ring.
 fn batch() -> Vec<u64> {
-    let mut lengths = vec![110_000];
+    let mut lengths = vec![66_000];
     lengths.extend((0..40).map(|i| 2_048 + 997 * (i % 7)));
     lengths
 }
@@ -58,7 +58,7 @@ fn max_cp_degree_caps_every_ring_of_weft_and_static() {
                 ..Default::default()
             },
         );
-        let plan = plan_step(strategy, &capped, &lengths, Some(110_000)).unwrap();
+        let plan = plan_step(strategy, &capped, &lengths, Some(66_000)).unwrap();
         assert!(widest(&plan) <= 8, "{strategy:?}: {}", widest(&plan));
         plan.check().unwrap();
     }
@@ -88,7 +88,7 @@ fn cp_degree_gives_static_exactly_that_degree() {
             Strategy::Static,
             &context("4x8", limits),
             &lengths,
-            Some(110_000),
+            Some(66_000),
         )
         .unwrap();
         plan.check().unwrap();
@@ -102,7 +102,7 @@ fn cp_degree_gives_static_exactly_that_degree() {
         Strategy::Static,
         &context("4x8", PlanLimits::default()),
         &lengths,
-        Some(110_000),
+        Some(66_000),
     )
     .unwrap();
     assert_ne!(widest(&own), 12);
@@ -151,12 +151,12 @@ fn cp_degree_is_refused_where_it_cannot_hold() {
         Strategy::Static,
         &context("4x8", with(2)),
         &lengths[1..],
-        Some(110_000),
+        Some(66_000),
     )
     .unwrap_err();
     assert!(
         err.to_string().starts_with(
-            "the context length (data.maxSequenceLength, --max-seq-len) of 110000 tokens"
+            "the context length (data.maxSequenceLength, --max-seq-len) of 66000 tokens"
         ),
         "{err}"
     );
@@ -170,7 +170,10 @@ fn cp_degree_is_refused_where_it_cannot_hold() {
 
 #[test]
 fn without_nic_aware_routing_each_transfer_takes_its_own_nic() {
-    let lengths = batch();
+    // A sequence longer than a node holds, so every strategy's ring of it
+    // crosses nodes.
+    let mut lengths = batch();
+    lengths[0] = 110_000;
     let spread = plan_step(
         Strategy::Weft,
         &context("4x8:nics=8", PlanLimits::default()),

@@ -164,12 +164,12 @@ fn one_gpu_holds_everything() {
 
 #[test]
 fn one_huge_sequence_is_split_over_many_ranks() {
-    let ctx = context("8x8:nics=8", "llama-7b", false);
+    let ctx = context("16x8:nics=8", "llama-7b", false);
     let lengths = [1_000_000];
     check_all(&ctx, &lengths).unwrap();
     let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
     assert!(
-        plan.sequences[0].degree >= 32,
+        plan.sequences[0].degree >= 64,
         "degree {}",
         plan.sequences[0].degree
     );

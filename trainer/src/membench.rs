@@ -234,9 +234,16 @@ fn one_rank_plan(
 }
 
 /// What the planner's memory model predicts a step of one sequence of
-/// `seq_len` tokens keeps beyond the model's states, bytes (bf16
-/// activations as a GPU keeps them); `None` for a method it does not model.
-pub fn predicted_bytes(model: &ModelSpec, method: Method, chunk: u64, seq_len: u64) -> Option<f64> {
+/// `seq_len` tokens keeps beyond the model's states, bytes, in `precision`,
+/// with the bf16 weight copies this unsharded engine keeps; `None` for a
+/// method it does not model.
+pub fn predicted_bytes(
+    model: &ModelSpec,
+    precision: Precision,
+    method: Method,
+    chunk: u64,
+    seq_len: u64,
+) -> Option<f64> {
     let streambp = match method {
         Method::Plain => false,
         Method::Streambp => true,
@@ -247,11 +254,12 @@ pub fn predicted_bytes(model: &ModelSpec, method: Method, chunk: u64, seq_len: u
         CostCoefficients {
             streambp,
             streambp_chunk: chunk,
+            precision: precision.activations(),
             ..Default::default()
         },
     );
     let s = seq_len as f64;
-    Some(cost.rank_memory_bytes(s, s, 1) - cost.rank_memory_bytes(0.0, 0.0, 1))
+    Some(cost.step_bytes(s, s) + cost.unsharded_weight_copy_bytes())
 }
 
 /// One method's figures.
@@ -264,8 +272,8 @@ pub struct MethodReport {
     pub max_len: u64,
     /// Seconds per token of the step at the report's `seq_len`.
     pub s_per_token: f64,
-    /// The planner's prediction for the step at `seq_len` (bf16, as a GPU
-    /// keeps it), GiB; absent for checkpointing, which it does not model.
+    /// The planner's prediction for the step at `seq_len`, in the same
+    /// precision, GiB; absent for checkpointing, which it does not model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_gib: Option<f64>,
     /// Every step measured, in the order run.

@@ -77,22 +77,22 @@ pub fn host_need(
     precision: Precision,
 ) -> MemoryNeed {
     let params = model.params();
-    let cost = CostModel::new(model.clone(), CostCoefficients::default());
+    let cost = CostModel::new(
+        model.clone(),
+        CostCoefficients {
+            precision: precision.activations(),
+            ..Default::default()
+        },
+    );
     let (states_are, states, activations) = match device {
         ComputeDevice::Cpu => {
-            // The planner counts activations in bf16; fp32 keeps twice that.
-            let width = match precision {
-                Precision::Fp32 => 2.0,
-                Precision::Bf16 => 1.0,
-            };
-            let per_token = width
-                * (cost.activation_bytes_per_token() + cost.attention_bytes_per_token())
-                // Logits, their fp32 log-softmax and its gradient.
-                + 12.0 * f64::from(model.vocab);
+            // Plain backprop's activations and logits, in the run's precision
+            // (StreamBP keeps less), and the bf16 weight copies its graphs keep.
+            let t = tokens as f64;
             (
                 "fp32 weights, gradients and AdamW moments (16 bytes each)",
                 16.0 * params,
-                tokens as f64 * per_token,
+                cost.step_bytes(t, t) + cost.unsharded_weight_copy_bytes(),
             )
         }
         // Initial weights are drawn in host memory, then moved to the GPU.

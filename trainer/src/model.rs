@@ -59,6 +59,14 @@ impl Precision {
             Precision::Bf16 => Kind::BFloat16,
         }
     }
+
+    /// The planner's name for what a step in this precision keeps.
+    pub fn activations(self) -> weft_planner::cost::ActivationPrecision {
+        match self {
+            Precision::Fp32 => weft_planner::cost::ActivationPrecision::Fp32,
+            Precision::Bf16 => weft_planner::cost::ActivationPrecision::Bf16,
+        }
+    }
 }
 
 /// What went wrong in the model.

@@ -238,6 +238,8 @@ pub struct PlanSettings<'a> {
     pub limits: PlanLimits,
     /// StreamBP's chunk: plans then price its memory and its recomputation.
     pub stream_bp_chunk: Option<u64>,
+    /// The precision the step keeps its activations in.
+    pub precision: Precision,
 }
 
 impl<'a> PlanSettings<'a> {
@@ -249,6 +251,7 @@ impl<'a> PlanSettings<'a> {
             profile: None,
             limits: PlanLimits::default(),
             stream_bp_chunk: None,
+            precision: Precision::Bf16,
         }
     }
 
@@ -256,6 +259,7 @@ impl<'a> PlanSettings<'a> {
     fn context(&self, topology: weft_planner::topology::Topology) -> PlanContext {
         let mut coefficients = CostCoefficients {
             max_tokens_per_rank: self.rank_tokens,
+            precision: self.precision.activations(),
             ..Default::default()
         };
         if let Some(chunk) = self.stream_bp_chunk {
@@ -282,6 +286,7 @@ impl TrainConfig {
             profile: self.profile.as_ref(),
             limits: self.limits.clone(),
             stream_bp_chunk: self.backprop.chunk_tokens(),
+            precision: self.precision,
         }
     }
 }

@@ -1123,7 +1123,8 @@ fn bench_memory(
             peak_gib: at.peak_bytes as f64 / GIB,
             max_len: longest,
             s_per_token: at.seconds / seq_len as f64,
-            predicted_gib: predicted_bytes(&model, method, chunk, seq_len).map(|b| b / GIB),
+            predicted_gib: predicted_bytes(&model, precision, method, chunk, seq_len)
+                .map(|b| b / GIB),
             probes,
         });
     }
