@@ -51,6 +51,29 @@ bin_of() {
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WEFT_CACHE/target}"
 
+# weft's own crates compile their clone's path in (`env!("CARGO_MANIFEST_DIR")`:
+# the repository root, goldens, examples), and cargo does not count that path
+# in what it rebuilds for. So when the build cache was last used by a clone at
+# another path, those crates are rebuilt for this one (their dependencies stay
+# cached); otherwise a test would read another clone's files, or none.
+weft_cache_for_this_clone() {
+  local stamp="$CARGO_TARGET_DIR/.weft-clone" last=""
+  [ -f "$stamp" ] && last="$(cat "$stamp")"
+  [ "$last" = "$WEFT_ROOT" ] && return 0
+  if command -v cargo >/dev/null 2>&1 &&
+    { [ -d "$CARGO_TARGET_DIR/debug" ] || [ -d "$CARGO_TARGET_DIR/release" ]; }; then
+    echo "the build cache ($CARGO_TARGET_DIR) was last used by ${last:-another clone}: rebuilding weft's own crates for $WEFT_ROOT" >&2
+    local profile
+    for profile in "" --release; do
+      cargo clean --quiet ${profile:+"$profile"} --manifest-path "$WEFT_ROOT/Cargo.toml" \
+        -p weft-crds -p weft-planner -p weft-operator -p weft-trainer -p weft-e2e
+    done
+  fi
+  mkdir -p "$CARGO_TARGET_DIR"
+  printf '%s\n' "$WEFT_ROOT" > "$stamp"
+}
+weft_cache_for_this_clone
+
 # Start order; `down` stops them in reverse.
 COMPONENTS="etcd kube-apiserver kube-controller-manager kube-scheduler kwok"
 KUBECONFIG_PATH="$WEFT_CLUSTER_DIR/kubeconfig"
