@@ -30,7 +30,7 @@ fn plan() -> StepPlan {
     plan_step(
         Strategy::Zeppelin,
         &ctx,
-        &[20_000, 900, 400, 35, 2_000],
+        &[12_000, 900, 400, 35, 2_000],
         None,
     )
     .unwrap()
