@@ -564,8 +564,8 @@ fn the_golden_pictures_render_in_a_browser() {
     let dir = std::env::temp_dir().join(format!("weft-cli-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("profile");
-    // Chromium refuses to run its sandbox under the root user (as in many
-    // containers), so there it goes without one; anywhere else it keeps it.
+    // Chromium will not start its sandbox for the root user, so a root user
+    // runs it without one; any other user keeps the sandbox.
     let as_root = Command::new("id")
         .arg("-u")
         .output()
@@ -701,16 +701,15 @@ fn plan_takes_the_jobs_limits_and_streambp() {
         err.contains("parallelism.maxCpDegree (--max-cp-degree) allows 4"),
         "{err}"
     );
-    let streamed = plan(&[
-        "--max-cp-degree",
-        "4",
-        "--stream-bp-chunk",
-        "8192",
-        "--format",
-        "json",
-    ]);
-    succeeded(&streamed);
-    let json: serde_json::Value = serde_json::from_slice(&streamed.stdout).unwrap();
+    // The plan as JSON, of a run that must succeed.
+    let plan_json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = extra.to_vec();
+        args.extend(["--format", "json"]);
+        let out = plan(&args);
+        succeeded(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let json = plan_json(&["--max-cp-degree", "4", "--stream-bp-chunk", "8192"]);
     let widest = json["sequences"]
         .as_array()
         .unwrap()
@@ -719,9 +718,7 @@ fn plan_takes_the_jobs_limits_and_streambp() {
         .max()
         .unwrap();
     assert!(widest <= 4, "{widest}");
-    let own = plan(&["--no-nic-routing", "--format", "json"]);
-    succeeded(&own);
-    let json: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
+    let json = plan_json(&["--no-nic-routing"]);
     assert!(
         json["routes"]
             .as_array()
@@ -729,16 +726,7 @@ fn plan_takes_the_jobs_limits_and_streambp() {
             .iter()
             .all(|r| r["legs"].as_array().unwrap().len() == 1)
     );
-    let fixed = plan(&[
-        "--strategy",
-        "static",
-        "--cp-degree",
-        "16",
-        "--format",
-        "json",
-    ]);
-    succeeded(&fixed);
-    let json: serde_json::Value = serde_json::from_slice(&fixed.stdout).unwrap();
+    let json = plan_json(&["--strategy", "static", "--cp-degree", "16"]);
     assert!(
         json["sequences"]
             .as_array()

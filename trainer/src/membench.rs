@@ -258,8 +258,7 @@ pub fn predicted_bytes(
             ..Default::default()
         },
     );
-    let s = seq_len as f64;
-    Some(cost.step_bytes(s, s) + cost.unsharded_weight_copy_bytes())
+    Some(crate::memory::engine_step_bytes(&cost, seq_len as f64))
 }
 
 /// One method's figures.

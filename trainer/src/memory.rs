@@ -67,6 +67,14 @@ impl MemoryNeed {
     }
 }
 
+/// What one rank of this engine adds to its memory for a step of `tokens`
+/// tokens (the same in both layouts), as `cost` prices it: activations and
+/// logits, and the bf16 weight copies its graphs keep, since the engine does
+/// not shard its weights.
+pub fn engine_step_bytes(cost: &CostModel, tokens: f64) -> f64 {
+    cost.step_bytes(tokens, tokens) + cost.unsharded_weight_copy_bytes()
+}
+
 /// The least host memory `ranks` ranks of `model` on this machine need, each
 /// holding `tokens` tokens of the batch.
 pub fn host_need(
@@ -88,11 +96,10 @@ pub fn host_need(
         ComputeDevice::Cpu => {
             // Plain backprop's activations and logits, in the run's precision
             // (StreamBP keeps less), and the bf16 weight copies its graphs keep.
-            let t = tokens as f64;
             (
                 "fp32 weights, gradients and AdamW moments (16 bytes each)",
                 16.0 * params,
-                cost.step_bytes(t, t) + cost.unsharded_weight_copy_bytes(),
+                engine_step_bytes(&cost, tokens as f64),
             )
         }
         // Initial weights are drawn in host memory, then moved to the GPU.

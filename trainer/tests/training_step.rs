@@ -182,12 +182,7 @@ fn a_distributed_step_equals_one_process_over_random_plans() {
             let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
             degrees.extend(plan.sequences.iter().map(|s| s.degree));
             remapped += plan.micro_batches.iter().filter(|m| m.remap).count();
-            hierarchical += plan
-                .micro_batches
-                .iter()
-                .flat_map(|m| &m.groups)
-                .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
-                .count();
+            hierarchical += hierarchical_rings(&plan);
             let (error, loss_error) = step_error(&spec, &params, &plan, &batch);
             eprintln!(
                 "world {world}, case {case}: gradient error {error:.2e}, loss error {loss_error:.2e}"
@@ -313,6 +308,15 @@ fn a_bf16_step_is_as_close_to_fp32_as_one_bf16_process() {
     assert!(split > 0, "no sequence was split over ranks");
 }
 
+/// Ring groups of `plan` that run as hierarchical rings.
+fn hierarchical_rings(plan: &weft_planner::plan::StepPlan) -> usize {
+    plan.micro_batches
+        .iter()
+        .flat_map(|m| &m.groups)
+        .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
+        .count()
+}
+
 /// The largest difference of any parameter's gradient from `reference`'s,
 /// relative to that parameter's largest reference gradient, and its name.
 fn worst_parameter(
@@ -346,12 +350,7 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
             let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
             let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
             remapped += plan.micro_batches.iter().filter(|m| m.remap).count();
-            hierarchical += plan
-                .micro_batches
-                .iter()
-                .flat_map(|m| &m.groups)
-                .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
-                .count();
+            hierarchical += hierarchical_rings(&plan);
             split += plan.sequences.iter().filter(|s| s.degree > 1).count();
             // Ranks with no rows in a micro-batch run it too.
             idle += plan
