@@ -384,7 +384,11 @@ pub struct ParallelismSpec {
     #[serde(default = "yes")]
     pub nic_aware_routing: bool,
     /// StreamBP: backpropagate along the sequence in chunks of this many
-    /// tokens (activation memory falls with the chunk); off when absent.
+    /// tokens (less activation memory, one more forward), on the rings the
+    /// planner chooses: with the weft strategy, those where it is faster
+    /// than the wider ring plain backprop needs, or where only StreamBP
+    /// fits (each step plan records which); the other strategies stream
+    /// every ring. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16777216))]
     pub stream_bp_chunk_tokens: Option<i64>,

@@ -49,17 +49,42 @@ pub struct CostCoefficients {
     pub p2p_latency_s: f64,
     /// Fraction of GPU memory available to the step (allocator reserve, workspaces).
     pub usable_memory_fraction: f64,
-    /// Exact backprop streamed along the sequence (StreamBP): less activation
-    /// memory, one extra forward of compute.
-    pub streambp: bool,
+    /// Where steps backpropagate with StreamBP (exact backprop streamed
+    /// along the sequence: less activation memory, one more forward).
+    pub streambp: StreamBp,
     /// StreamBP chunk length in tokens.
     pub streambp_chunk: u64,
-    /// A cap on the tokens one rank holds, whatever its memory says: a
-    /// worker's configured budget (the CPU trainer uses it to plan context
-    /// parallelism at small scale).
+    /// A cap on what one rank holds, whatever its memory says: a worker's
+    /// configured budget (the CPU trainer uses it to plan context
+    /// parallelism at small scale), in tokens of plain backprop. A streamed
+    /// step holds as many more tokens as fit the activation memory that
+    /// many tokens take in plain backprop (see [`CostModel::token_capacity`]).
     pub max_tokens_per_rank: Option<u64>,
     /// The precision the step keeps its activations in.
     pub precision: ActivationPrecision,
+}
+
+/// Where a plan's steps stream their backward (StreamBP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamBp {
+    /// Plain backprop everywhere.
+    #[default]
+    Off,
+    /// Every ring streams.
+    Always,
+    /// The planner chooses per ring: weft streams the rings where that is
+    /// faster than the wider ring plain backprop needs, or where only
+    /// streaming fits (the other strategies, which do not choose, stream
+    /// every ring). A model with this setting prices plain backprop; see
+    /// [`CostModel::with_streaming`] for the streamed prices.
+    PerRing,
+}
+
+impl StreamBp {
+    /// Whether StreamBP may run at all.
+    pub fn enabled(self) -> bool {
+        self != StreamBp::Off
+    }
 }
 
 /// The precision of a training step's activations: bf16 mixed precision
@@ -90,7 +115,7 @@ impl Default for CostCoefficients {
             link_efficiency: 0.80,
             p2p_latency_s: 15e-6,
             usable_memory_fraction: 0.90,
-            streambp: false,
+            streambp: StreamBp::Off,
             streambp_chunk: 4096,
             max_tokens_per_rank: None,
             precision: ActivationPrecision::Bf16,
@@ -113,6 +138,24 @@ impl CostModel {
         }
     }
 
+    /// Whether this model prices a streamed step (StreamBP's memory and its
+    /// recomputation).
+    pub fn streams(&self) -> bool {
+        self.coefficients.streambp == StreamBp::Always
+    }
+
+    /// This model pricing a streamed step (`true`) or a plain one, whatever
+    /// its own setting: what a ring the planner chose for costs.
+    pub fn with_streaming(&self, streamed: bool) -> CostModel {
+        let mut model = self.clone();
+        model.coefficients.streambp = if streamed {
+            StreamBp::Always
+        } else {
+            StreamBp::Off
+        };
+        model
+    }
+
     fn layers(&self) -> f64 {
         f64::from(self.model.layers)
     }
@@ -123,7 +166,7 @@ impl CostModel {
 
     /// Forward passes per training step: 1, or 2 with StreamBP's recomputation.
     fn forward_passes(&self) -> f64 {
-        if self.coefficients.streambp { 2.0 } else { 1.0 }
+        if self.streams() { 2.0 } else { 1.0 }
     }
 
     /// Share of a step's compute spent in forward passes (the first one only:
@@ -324,7 +367,7 @@ impl CostModel {
     /// ones, the residual's share, the attention output and its gradient,
     /// the q/k/v gradients: 5·h + 2·h_kv, fp32 bar the attention output).
     pub fn activation_bytes_per_token(&self) -> f64 {
-        if self.coefficients.streambp {
+        if self.streams() {
             let (h, kv) = (self.hidden(), self.model.kv_width());
             self.layers() * h * FP32 + (5.0 * h + 2.0 * kv) * FP32 + h * self.compute_bytes()
         } else {
@@ -336,7 +379,7 @@ impl CostModel {
     /// StreamBP one layer at a time, as it is recomputed, with the gradients
     /// of its output and of its queries, keys and values, fp32).
     pub fn attention_bytes_per_token(&self) -> f64 {
-        if self.coefficients.streambp {
+        if self.streams() {
             let (h, kv) = (self.hidden(), self.model.kv_width());
             self.layer_attention_bytes() + (2.0 * h + 2.0 * kv) * FP32
         } else {
@@ -360,11 +403,7 @@ impl CostModel {
         match self.coefficients.precision {
             ActivationPrecision::Fp32 => 0.0,
             ActivationPrecision::Bf16 => {
-                let layers = if self.coefficients.streambp {
-                    1.0
-                } else {
-                    self.layers()
-                };
+                let layers = if self.streams() { 1.0 } else { self.layers() };
                 layers * BF16 * self.model.layer_params()
             }
         }
@@ -448,7 +487,7 @@ impl CostModel {
         // Logits: whole without StreamBP, one chunk with it, where one
         // chunk's working set of a layer is alive too.
         let chunk = self.coefficients.streambp_chunk as f64;
-        let (logit_tokens, stream_chunk) = if self.coefficients.streambp {
+        let (logit_tokens, stream_chunk) = if self.streams() {
             let rows = linear_tokens.min(chunk);
             (rows, rows * self.layer_linear_bytes())
         } else {
@@ -461,6 +500,23 @@ impl CostModel {
     /// Memory a rank may use, bytes.
     pub fn memory_budget_bytes(&self, gpu: &GpuModel) -> f64 {
         gpu.memory_gib * GIB * self.coefficients.usable_memory_fraction
+    }
+
+    /// Memory a rank of a world of `world` may use, bytes: its GPU's
+    /// ([`Self::memory_budget_bytes`]), or less where a token budget
+    /// ([`CostCoefficients::max_tokens_per_rank`]) caps it: the model's
+    /// states and what that many tokens take in plain backprop.
+    pub fn rank_budget_bytes(&self, gpu: &GpuModel, world: u32) -> f64 {
+        let memory = self.memory_budget_bytes(gpu);
+        match self.coefficients.max_tokens_per_rank {
+            Some(cap) => {
+                let t = cap as f64;
+                memory.min(
+                    self.model_state_bytes(world) + self.with_streaming(false).step_bytes(t, t),
+                )
+            }
+            None => memory,
+        }
     }
 
     /// How many tokens one rank can hold (same layout for linear and attention).
@@ -476,7 +532,43 @@ impl CostModel {
         let capacity = ((budget - fixed) / per_token).floor() as u64;
         self.coefficients
             .max_tokens_per_rank
-            .map_or(capacity, |cap| capacity.min(cap))
+            .map_or(capacity, |cap| {
+                capacity.min(self.tokens_in_plain_memory_of(cap))
+            })
+    }
+
+    /// The most tokens whose step memory ([`Self::step_bytes`]) is within
+    /// what `tokens` take in plain backprop: `tokens` itself, or more with
+    /// StreamBP.
+    fn tokens_in_plain_memory_of(&self, tokens: u64) -> u64 {
+        if !self.streams() || tokens == 0 {
+            return tokens;
+        }
+        let t = tokens as f64;
+        let budget = self.with_streaming(false).step_bytes(t, t);
+        let fits = |n: u64| self.step_bytes(n as f64, n as f64) <= budget;
+        // Step memory grows with the tokens: the last count that fits, by
+        // doubling then bisection (fewer than `tokens` for a model so
+        // shallow that StreamBP keeps more a token).
+        let (mut lo, mut hi) = if fits(tokens) {
+            let (mut lo, mut hi) = (tokens, tokens.saturating_mul(2));
+            while fits(hi) && hi < u64::MAX / 2 {
+                lo = hi;
+                hi = hi.saturating_mul(2);
+            }
+            (lo, hi)
+        } else {
+            (0, tokens)
+        };
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
     }
 }
 
@@ -501,13 +593,8 @@ mod tests {
     }
 
     fn cost(model: &str, streambp: bool) -> CostModel {
-        CostModel::new(
-            ModelSpec::preset(model).unwrap(),
-            CostCoefficients {
-                streambp,
-                ..Default::default()
-            },
-        )
+        CostModel::new(ModelSpec::preset(model).unwrap(), Default::default())
+            .with_streaming(streambp)
     }
 
     #[test]
@@ -596,6 +683,23 @@ mod tests {
         assert!(
             (fp32_total - total - (6.0 * h + 4.0 * h + 4.0 * 11008.0 * 32.0) * 2.0).abs() < 1.0
         );
+    }
+
+    #[test]
+    fn a_token_budget_is_plain_backprops_memory_and_streambp_holds_more_in_it() {
+        let g = h100();
+        let budget = |streambp: bool| {
+            let mut c = cost("llama-7b", streambp);
+            c.coefficients.max_tokens_per_rank = Some(1_000);
+            c
+        };
+        let (plain, stream) = (budget(false), budget(true));
+        assert_eq!(plain.token_capacity(&g, 64), 1_000);
+        let held = stream.token_capacity(&g, 64);
+        assert!(held > 4_000, "{held}");
+        let bytes = |c: &CostModel, n: u64| c.step_bytes(n as f64, n as f64);
+        assert!(bytes(&stream, held) <= bytes(&plain, 1_000));
+        assert!(bytes(&stream, held + 1) > bytes(&plain, 1_000));
     }
 
     #[test]

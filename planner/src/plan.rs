@@ -72,6 +72,18 @@ pub struct Group {
     /// none. (The CPU trainer keeps everything in host memory anyway.)
     #[serde(default, skip_serializing_if = "is_no_offload")]
     pub offload: f64,
+    /// StreamBP: the group's ranks backpropagate its layers in chunks of this
+    /// many tokens along the sequence, recomputing the forward as they go
+    /// (exact; less activation memory for one more forward). Absent or 0:
+    /// plain backprop. A rank runs all its groups of a micro-batch in one
+    /// pass, so its groups there stream alike; a remapped micro-batch's
+    /// all-to-alls span all of its ranks, so its groups all stream alike.
+    #[serde(default, skip_serializing_if = "is_no_chunk")]
+    pub stream_bp_chunk: u64,
+}
+
+fn is_no_chunk(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -224,6 +236,15 @@ pub enum PlanError {
         inner_ring: u32,
     },
     #[error(
+        "micro-batch {micro_batch}: rank {rank} is in groups that backpropagate differently (StreamBP chunks {first} and {second}; 0 is plain); a rank's groups, and a remapped micro-batch's, must stream alike"
+    )]
+    MixedBackprop {
+        micro_batch: u32,
+        rank: u32,
+        first: u64,
+        second: u64,
+    },
+    #[error(
         "micro-batch {micro_batch}: the linear layout holds {linear} tokens, the attention layout {attention}"
     )]
     RemapMismatch {
@@ -248,6 +269,25 @@ impl StepPlan {
         let world = self.world_size;
         let mut group_count = std::collections::BTreeMap::<u64, usize>::new();
         for mb in &self.micro_batches {
+            // The backprop of each rank's groups (of all groups, remapped).
+            let mut backprop = std::collections::BTreeMap::<u32, u64>::new();
+            let everyone = mb.groups.first().map(|g| g.stream_bp_chunk);
+            for group in &mb.groups {
+                for &rank in &group.ranks {
+                    let first = match everyone.filter(|_| mb.remap) {
+                        Some(chunk) => chunk,
+                        None => *backprop.entry(rank).or_insert(group.stream_bp_chunk),
+                    };
+                    if first != group.stream_bp_chunk {
+                        return Err(PlanError::MixedBackprop {
+                            micro_batch: mb.index,
+                            rank,
+                            first,
+                            second: group.stream_bp_chunk,
+                        });
+                    }
+                }
+            }
             for group in &mb.groups {
                 let mut seen = std::collections::BTreeSet::new();
                 for &rank in &group.ranks {
@@ -386,6 +426,29 @@ pub struct RemapRoutes {
 }
 
 impl StepPlan {
+    /// StreamBP's chunk for `rank` in micro-batch `micro_batch`, or `None`
+    /// for plain backprop: the chunk of the rank's groups there (of any of
+    /// the micro-batch's groups when it is remapped; [`StepPlan::check`]
+    /// keeps them alike).
+    pub fn stream_bp_chunk(&self, micro_batch: u32, rank: u32) -> Option<u64> {
+        let mb = self.micro_batches.iter().find(|m| m.index == micro_batch)?;
+        mb.groups
+            .iter()
+            .find(|g| mb.remap || g.ranks.contains(&rank))
+            .map(|g| g.stream_bp_chunk)
+            .filter(|chunk| *chunk > 0)
+    }
+
+    /// Every group streams its backward in chunks of `chunk` tokens
+    /// (`None`: none does), whatever the plan chose: for measuring the
+    /// engine one way or the other on the same plan.
+    pub fn with_backprop_everywhere(mut self, chunk: Option<u64>) -> StepPlan {
+        for group in self.micro_batches.iter_mut().flat_map(|m| &mut m.groups) {
+            group.stream_bp_chunk = chunk.unwrap_or(0);
+        }
+        self
+    }
+
     /// The runs of tokens `rank` holds in micro-batch `micro_batch`'s attention
     /// layout, in plan order.
     pub fn attention_layout(&self, micro_batch: u32, rank: u32) -> Vec<TokenRun> {

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::cost::StreamBp;
 use crate::rng::SplitMix64;
 use crate::sim::{PlanContext, lower_bound, simulate};
 use crate::strategies::{PlanningError, Strategy, plan_layout};
@@ -85,6 +86,102 @@ pub struct SimulationReport {
     pub strategies: Vec<StrategyReport>,
     /// The lower bound of each step, s.
     pub lower_bounds_s: Vec<f64>,
+    /// With StreamBP chosen per ring: weft's choice against streaming
+    /// every ring and none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_bp: Option<StreamBpReport>,
+}
+
+/// weft with StreamBP chosen per ring, streaming every ring, and streaming
+/// none, on the same batches.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct StreamBpReport {
+    /// Mean step time with StreamBP chosen per ring, s.
+    pub per_ring_s: f64,
+    /// Share of its rings that stream.
+    pub streamed_ring_share: f64,
+    /// Mean step time with every ring streaming, s.
+    pub always_s: f64,
+    /// Mean step time with none streaming, s; `None` when some batch does
+    /// not fit without StreamBP (or the model does not).
+    pub off_s: Option<f64>,
+    /// Every batch fits in memory, per ring, always, off.
+    pub fits: [bool; 3],
+}
+
+impl StreamBpReport {
+    /// How much faster the choice per ring is than streaming every ring.
+    pub fn gain_over_always(&self) -> f64 {
+        self.always_s / self.per_ring_s
+    }
+
+    /// How much faster it is than streaming none (when that fits).
+    pub fn gain_over_off(&self) -> Option<f64> {
+        self.off_s.map(|off| off / self.per_ring_s)
+    }
+}
+
+/// weft's mean step time over `batches`, whether every batch fitted, and the
+/// share of its rings that stream.
+fn weft_mean(
+    ctx: &PlanContext,
+    batches: &[Vec<u64>],
+    context_length: Option<u64>,
+) -> Result<(f64, bool, f64), PlanningError> {
+    let (mut time, mut fits, mut streamed, mut rings) = (0.0, true, 0usize, 0usize);
+    for batch in batches {
+        let layout = plan_layout(Strategy::Weft, ctx, batch, context_length)?;
+        let outcome = simulate(ctx, batch, &layout);
+        time += outcome.step_time_s;
+        fits &= outcome.fits_in_memory;
+        for group in layout.micro_batches.iter().flat_map(|m| &m.groups) {
+            rings += 1;
+            streamed += usize::from(group.streams(&ctx.cost));
+        }
+    }
+    Ok((
+        time / batches.len().max(1) as f64,
+        fits,
+        streamed as f64 / rings.max(1) as f64,
+    ))
+}
+
+/// [`StreamBpReport`] of `batches` when `ctx` leaves StreamBP's choice to
+/// the plan.
+fn stream_bp_report(
+    ctx: &PlanContext,
+    batches: &[Vec<u64>],
+    context_length: Option<u64>,
+) -> Result<Option<StreamBpReport>, PlanningError> {
+    if ctx.cost.coefficients.streambp != StreamBp::PerRing {
+        return Ok(None);
+    }
+    let with = |streamed: bool| PlanContext {
+        cost: ctx.cost.with_streaming(streamed),
+        ..ctx.clone()
+    };
+    let (per_ring_s, per_ring_fits, streamed_ring_share) = weft_mean(ctx, batches, context_length)?;
+    let (always_s, always_fits, _) = weft_mean(&with(true), batches, context_length)?;
+    let off = match weft_mean(&with(false), batches, context_length) {
+        Ok((time, fits, _)) => Some((time, fits)),
+        Err(
+            PlanningError::SequenceTooLong { .. }
+            | PlanningError::DegreeTooSmall { .. }
+            | PlanningError::ModelDoesNotFit { .. },
+        ) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(Some(StreamBpReport {
+        per_ring_s,
+        streamed_ring_share,
+        always_s,
+        off_s: off.map(|(time, _)| time),
+        fits: [
+            per_ring_fits,
+            always_fits,
+            off.is_some_and(|(_, fits)| fits),
+        ],
+    }))
 }
 
 /// Plans every batch with each strategy and aggregates the predictions.
@@ -150,6 +247,11 @@ pub fn simulate_batches(
         mean_sequences_per_step: sequences,
         strategies: reports,
         lower_bounds_s,
+        stream_bp: if strategies.contains(&Strategy::Weft) {
+            stream_bp_report(ctx, batches, context_length)?
+        } else {
+            None
+        },
     })
 }
 
@@ -189,6 +291,25 @@ impl SimulationReport {
                 s.tokens_per_s,
                 s.planner_ms
             );
+        }
+        if let Some(stream) = &self.stream_bp {
+            let fits = |f: bool| if f { "" } else { " (does NOT fit)" };
+            out += &format!(
+                "StreamBP per ring (weft): {:.4} s/step{}, {:.0}% of rings streamed; every ring streamed: {:.4} s/step{} ({:.3}x slower); ",
+                stream.per_ring_s,
+                fits(stream.fits[0]),
+                stream.streamed_ring_share * 100.0,
+                stream.always_s,
+                fits(stream.fits[1]),
+                stream.gain_over_always(),
+            );
+            out += &match (stream.off_s, stream.gain_over_off()) {
+                (Some(off), Some(gain)) => format!(
+                    "none streamed: {off:.4} s/step{} ({gain:.3}x slower)\n",
+                    fits(stream.fits[2])
+                ),
+                _ => "none streamed: a sequence does not fit without StreamBP\n".to_string(),
+            };
         }
         out
     }

@@ -47,6 +47,13 @@ pub struct LayoutGroup {
     /// Share of the middle layers' activations offloaded to host memory
     /// (see [`crate::plan::Group::offload`]); 0: none.
     pub offload: f64,
+    /// The group's ranks stream their backward (StreamBP): the plan's
+    /// choice where the context leaves it to the plan
+    /// ([`crate::cost::StreamBp::PerRing`]); with
+    /// [`crate::cost::StreamBp::Always`] every group streams whatever this
+    /// says (see [`LayoutGroup::streams`]). Only weft sets it, and only
+    /// where StreamBP is on. See [`crate::plan::Group::stream_bp_chunk`].
+    pub stream_bp: bool,
 }
 
 impl LayoutGroup {
@@ -57,8 +64,29 @@ impl LayoutGroup {
             sequences,
             inner_ring: 0,
             offload: 0.0,
+            stream_bp: false,
         }
     }
+
+    /// Whether the group streams its backward under `cost`'s setting.
+    pub fn streams(&self, cost: &CostModel) -> bool {
+        self.stream_bp || cost.streams()
+    }
+}
+
+/// Whether each rank streams its backward in the micro-batch `mb` (see
+/// [`crate::plan::Group::stream_bp_chunk`]: a rank's groups stream alike,
+/// and so do all of a remapped micro-batch's). A rank in no group streams
+/// when the micro-batch is remapped and streams.
+pub fn ranks_streaming(cost: &CostModel, mb: &LayoutMicroBatch, world: u32) -> Vec<bool> {
+    let any = mb.groups.iter().any(|g| g.streams(cost));
+    let mut streams = vec![mb.remap && any; world as usize];
+    for group in mb.groups.iter().filter(|g| g.streams(cost)) {
+        for &r in &group.ranks {
+            streams[r as usize] = true;
+        }
+    }
+    streams
 }
 
 /// The inner ring size with which `ranks` can run as a hierarchical ring: the
@@ -109,6 +137,15 @@ pub struct Layout {
     pub strategy: String,
     pub micro_batches: Vec<LayoutMicroBatch>,
     pub routing: Routing,
+}
+
+impl Layout {
+    /// Every group streams its backward (StreamBP).
+    pub fn stream_everywhere(&mut self) {
+        for group in self.micro_batches.iter_mut().flat_map(|m| &mut m.groups) {
+            group.stream_bp = true;
+        }
+    }
 }
 
 /// Everything the planner needs besides the batch.
@@ -203,9 +240,12 @@ impl Outcome {
 }
 
 /// Lower bound on the step time of a batch for ring-attention plans; no plan
-/// can beat it. The largest of three bounds:
+/// that fits in memory can beat it. The largest of three bounds:
 /// - work: all compute of the step spread perfectly over every GPU at its
-///   achieved rate, with no communication, no imbalance and no memory limit;
+///   achieved rate, with no communication, no imbalance and no memory limit
+///   but one: with StreamBP chosen per ring, a sequence plain backprop
+///   cannot hold on any ring ([`must_stream`]) pays StreamBP's
+///   recomputation;
 /// - longest sequence: the step cannot end before its longest sequence is done,
 ///   even at its best degree, on the fastest GPUs, over the fastest link with
 ///   no contention (ring steps still pay their latency and any transfer that
@@ -276,7 +316,8 @@ fn stretched_work_bound(
         return floor;
     }
     let count = lengths.iter().filter(|s| **s == longest).count() as f64;
-    let attention_work = count * ctx.cost.attention_compute_time(longest as f64, gpu);
+    let attention_work =
+        count * least_cost_of(ctx, longest).attention_compute_time(longest as f64, gpu);
     let work = by_work * f64::from(world);
     // Degrees by the time the sequence takes at them, each with the least
     // stretch of any degree at most as slow.
@@ -366,19 +407,99 @@ struct RingBound {
     stretch: f64,
 }
 
+/// Whether a sequence of `length` tokens must stream its backward: StreamBP
+/// is chosen per ring ([`crate::cost::StreamBp::PerRing`], priced plain) and
+/// plain backprop's memory cannot hold it on any ring the job allows (the
+/// cap, or the cluster), even on its roomiest ranks, its linear layout
+/// spread over the whole cluster and all it may offload to the host
+/// offloaded (see [`plain_reach`]).
+pub fn must_stream(ctx: &PlanContext, length: u64) -> bool {
+    plain_reach(ctx).is_some_and(|reach| length as f64 > reach)
+}
+
+/// With StreamBP per ring, the most tokens plain backprop can hold on one
+/// ring (see [`must_stream`]); `None` otherwise. A ring's ranks hold the
+/// sequence's tokens in the attention layout, a share of the ring's width
+/// each; in the linear layout a remap may spread them over every rank of
+/// the cluster; and offloading to host memory (where the job allows it)
+/// frees at most all but the first and last layers' activations. The reach
+/// is the longest sequence whose least share of each still fits the
+/// roomiest rank's memory.
+fn plain_reach(ctx: &PlanContext) -> Option<f64> {
+    if ctx.cost.coefficients.streambp != crate::cost::StreamBp::PerRing {
+        return None;
+    }
+    let topo = &ctx.topology;
+    let world = f64::from(topo.world());
+    let plain = ctx.cost.with_streaming(false);
+    // Every GPU of a node is of its model.
+    let room = topo
+        .nodes
+        .iter()
+        .map(|node| {
+            plain.rank_budget_bytes(&node.gpu, topo.world()) - plain.model_state_bytes(topo.world())
+        })
+        .fold(f64::NEG_INFINITY, f64::max);
+    let widest = f64::from(ctx.limits.max_cp_degree.unwrap_or(topo.world())).min(world);
+    let kept = if ctx.limits.offload_activations {
+        ctx.cost.offload_kept(1.0)
+    } else {
+        1.0
+    };
+    let fits =
+        |length: f64| plain.step_bytes(kept * length / world, kept * length / widest) <= room;
+    if !fits(1.0) {
+        return Some(0.0);
+    }
+    // Step memory grows with the tokens: the last length that fits, by
+    // doubling then bisection.
+    let (mut lo, mut hi) = (1.0f64, 2.0f64);
+    while fits(hi) && hi < 1e15 {
+        lo = hi;
+        hi *= 2.0;
+    }
+    while hi - lo > 0.5 {
+        let mid = 0.5 * (lo + hi);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// The cost model a sequence of `length` tokens is at best priced with: the
+/// streamed one when it [`must_stream`], else `ctx`'s.
+fn least_cost_of(ctx: &PlanContext, length: u64) -> std::borrow::Cow<'_, CostModel> {
+    if must_stream(ctx, length) {
+        std::borrow::Cow::Owned(ctx.cost.with_streaming(true))
+    } else {
+        std::borrow::Cow::Borrowed(&ctx.cost)
+    }
+}
+
 /// The work bound alone: every GPU busy with an even share of the step's
-/// compute, at its achieved rate.
+/// compute, at its achieved rate (with StreamBP per ring, the sequences
+/// only StreamBP holds pay its recomputation).
 pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     let topo = &ctx.topology;
     let world = topo.world();
     // Work in "seconds on a reference GPU", then divide by the cluster's
     // capacity in reference GPUs, so heterogeneous clusters are handled.
     let reference = topo.reference_gpu().clone();
+    let streamed = ctx.cost.with_streaming(true);
+    let reach = plain_reach(ctx);
     let work: f64 = lengths
         .iter()
         .map(|s| {
+            let cost = if reach.is_some_and(|reach| *s as f64 > reach) {
+                &streamed
+            } else {
+                &ctx.cost
+            };
             let s = *s as f64;
-            ctx.cost.linear_time(s, &reference) + ctx.cost.attention_compute_time(s, &reference)
+            cost.linear_time(s, &reference) + cost.attention_compute_time(s, &reference)
         })
         .sum();
     let capacity: f64 = (0..world)
@@ -445,7 +566,9 @@ fn ring_bounds(ctx: &PlanContext, lengths: &[u64], length: u64) -> Vec<RingBound
         .map(|n| topo.node_nic_bytes_per_s(n))
         .fold(0.0, f64::max);
     let per_node = topo.max_gpus_per_node();
-    let mut without_latency = ctx.cost.clone();
+    // The sequence's own backprop where it must stream.
+    let cost = least_cost_of(ctx, length);
+    let mut without_latency = cost.clone().into_owned();
     without_latency.coefficients.p2p_latency_s = 0.0;
     // Linear-module time on the ring's ranks with a remap (see
     // [`sequence_bound`]); a rank's share may be one token short of even.
@@ -461,9 +584,7 @@ fn ring_bounds(ctx: &PlanContext, lengths: &[u64], length: u64) -> Vec<RingBound
         .map(|d| {
             // Time and time without latency of one shape.
             let shape = |outer: u32, inner: u32, intra: f64, inter: f64| {
-                let ring =
-                    ctx.cost
-                        .hierarchical_ring_time(&[s], outer, inner, intra, inter, fastest);
+                let ring = cost.hierarchical_ring_time(&[s], outer, inner, intra, inter, fastest);
                 let bare = without_latency.hierarchical_ring_time(
                     &[s],
                     outer,
@@ -491,7 +612,7 @@ fn ring_bounds(ctx: &PlanContext, lengths: &[u64], length: u64) -> Vec<RingBound
                 time_s = time_s.min(t);
                 stretch = stretch.min(k);
             }
-            let own = ctx.cost.linear_time(s / f64::from(d), fastest);
+            let own = cost.linear_time(s / f64::from(d), fastest);
             RingBound {
                 degree: d,
                 time_s: time_s + own.min(remapped),
@@ -695,14 +816,14 @@ pub fn capped_proportional_split(total: u64, weights: &[f64], caps: &[u64]) -> V
 /// GPU speed, within what its memory holds) and the transfers from the
 /// attention layout, matched inside nodes first and then between neighbouring
 /// nodes.
-fn plan_remap(ctx: &PlanContext, index: u32, attention: &[u64]) -> RemapPlan {
+fn plan_remap(ctx: &PlanContext, cost: &CostModel, index: u32, attention: &[u64]) -> RemapPlan {
     let topo = &ctx.topology;
     let total: u64 = attention.iter().sum();
     let speeds: Vec<f64> = (0..topo.world())
         .map(|r| topo.gpu_of(r).peak_bf16_tflops)
         .collect();
     let caps: Vec<u64> = (0..topo.world())
-        .map(|r| ctx.cost.token_capacity(topo.gpu_of(r), topo.world()))
+        .map(|r| cost.token_capacity(topo.gpu_of(r), topo.world()))
         .collect();
     let linear = capped_proportional_split(total, &speeds, &caps);
     let mut surplus: Vec<(u32, u64)> = Vec::new();
@@ -744,6 +865,69 @@ fn plan_remap(ctx: &PlanContext, index: u32, attention: &[u64]) -> RemapPlan {
     }
 }
 
+/// Where a micro-batch's tokens sit in the attention layout.
+struct AttentionTokens {
+    /// Tokens each rank holds.
+    attention: Vec<u64>,
+    /// Tokens whose activations are offloaded to host memory, per rank (a
+    /// fraction of them counts: the memory they no longer take).
+    offloaded: Vec<f64>,
+    /// Each group's tokens on each of its ranks, in ring order.
+    shares: Vec<Vec<u64>>,
+}
+
+fn attention_tokens(ctx: &PlanContext, lengths: &[u64], mb: &LayoutMicroBatch) -> AttentionTokens {
+    let world = ctx.topology.world() as usize;
+    let mut attention = vec![0u64; world];
+    let mut offloaded = vec![0.0f64; world];
+    let mut shares: Vec<Vec<u64>> = Vec::with_capacity(mb.groups.len());
+    for group in &mb.groups {
+        let d = group.ranks.len() as u32;
+        let mut per_rank = vec![0u64; group.ranks.len()];
+        for (position, &seq) in group.sequences.iter().enumerate() {
+            for (i, t) in shard_tokens(lengths[seq], d, position).enumerate() {
+                per_rank[i] += t;
+            }
+        }
+        let freed = 1.0 - ctx.cost.offload_kept(group.offload);
+        for (i, &r) in group.ranks.iter().enumerate() {
+            attention[r as usize] += per_rank[i];
+            offloaded[r as usize] += per_rank[i] as f64 * freed;
+        }
+        shares.push(per_rank);
+    }
+    AttentionTokens {
+        attention,
+        offloaded,
+        shares,
+    }
+}
+
+/// The tokens whose activations each rank keeps in micro-batch `mb` when
+/// it backpropagates as `cost` prices (linear layout, attention layout),
+/// what [`CostModel::rank_memory_bytes`] takes: offloaded ones not counted;
+/// with a remap, its linear layout.
+pub fn micro_batch_tokens(
+    ctx: &PlanContext,
+    cost: &CostModel,
+    lengths: &[u64],
+    mb: &LayoutMicroBatch,
+) -> Vec<(f64, f64)> {
+    let held = attention_tokens(ctx, lengths, mb);
+    let remap = mb.remap.then(|| plan_remap(ctx, cost, 0, &held.attention));
+    (0..held.attention.len())
+        .map(|r| {
+            let linear = remap
+                .as_ref()
+                .map_or(held.attention[r], |p| p.linear_tokens[r]);
+            (
+                (linear as f64 - held.offloaded[r]).max(0.0),
+                (held.attention[r] as f64 - held.offloaded[r]).max(0.0),
+            )
+        })
+        .collect()
+}
+
 /// Simulates a layout. Deterministic: the same inputs give the same outcome.
 /// Prices only: the outcome lists no routes (see [`simulate_with_routes`]).
 pub fn simulate(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> Outcome {
@@ -763,7 +947,12 @@ fn simulate_inner(
     with_routes: bool,
 ) -> Outcome {
     let topo = &ctx.topology;
-    let cost = &ctx.cost;
+    // Plain and streamed prices: each group pays its own backprop's.
+    let priced = [
+        ctx.cost.with_streaming(false),
+        ctx.cost.with_streaming(true),
+    ];
+    let cost_of = |streamed: bool| &priced[usize::from(streamed)];
     let world = topo.world() as usize;
     let mut ranks = vec![RankOutcome::default(); world];
     let mut avail = vec![0.0f64; world];
@@ -773,27 +962,13 @@ fn simulate_inner(
 
     for (index, mb) in layout.micro_batches.iter().enumerate() {
         let index = index as u32;
-        // Tokens each rank holds in the attention layout.
-        let mut attention = vec![0u64; world];
-        // Tokens whose activations are offloaded to host memory, per rank
-        // (a fraction of them counts: the memory they no longer take).
-        let mut offloaded = vec![0.0f64; world];
-        let mut shares: Vec<Vec<u64>> = Vec::with_capacity(mb.groups.len());
-        for group in &mb.groups {
-            let d = group.ranks.len() as u32;
-            let mut per_rank = vec![0u64; group.ranks.len()];
-            for (position, &seq) in group.sequences.iter().enumerate() {
-                for (i, t) in shard_tokens(lengths[seq], d, position).enumerate() {
-                    per_rank[i] += t;
-                }
-            }
-            let freed = 1.0 - cost.offload_kept(group.offload);
-            for (i, &r) in group.ranks.iter().enumerate() {
-                attention[r as usize] += per_rank[i];
-                offloaded[r as usize] += per_rank[i] as f64 * freed;
-            }
-            shares.push(per_rank);
-        }
+        let rank_streams = ranks_streaming(&ctx.cost, mb, topo.world());
+        let micro_batch_cost = cost_of(rank_streams.iter().any(|s| *s));
+        let AttentionTokens {
+            attention,
+            offloaded,
+            shares,
+        } = attention_tokens(ctx, lengths, mb);
 
         // Ring flows that cross nodes, and the NIC load they make.
         let mut load = NicLoad::default();
@@ -801,6 +976,7 @@ fn simulate_inner(
         // between inner rings when it is hierarchical.
         let mut hop_bytes: Vec<(f64, f64)> = Vec::with_capacity(mb.groups.len());
         for group in &mb.groups {
+            let cost = cost_of(group.streams(&ctx.cost));
             let d = group.ranks.len() as u32;
             let tokens: f64 = group.sequences.iter().map(|s| lengths[*s] as f64).sum();
             let (outer, inner) = ring_shape(group);
@@ -851,8 +1027,11 @@ fn simulate_inner(
         };
 
         // Memory and the remap.
-        let remap = mb.remap.then(|| plan_remap(ctx, index, &attention));
+        let remap = mb
+            .remap
+            .then(|| plan_remap(ctx, micro_batch_cost, index, &attention));
         for r in 0..world {
+            let cost = cost_of(rank_streams[r]);
             let linear = remap
                 .as_ref()
                 .map(|p| p.linear_tokens[r])
@@ -866,12 +1045,13 @@ fn simulate_inner(
             rank.peak_memory_bytes = rank.peak_memory_bytes.max(bytes);
             rank.attention_tokens += attention[r];
             rank.linear_tokens += linear;
-            if bytes > cost.memory_budget_bytes(topo.gpu_of(r as u32)) {
+            if bytes > cost.rank_budget_bytes(topo.gpu_of(r as u32), topo.world()) {
                 fits = false;
             }
         }
 
         if let Some(remap) = &remap {
+            let cost = micro_batch_cost;
             let start = avail.iter().copied().fold(0.0, f64::max);
             let per_token = cost.remap_bytes_per_token();
             let mut remap_load = NicLoad::default();
@@ -927,6 +1107,7 @@ fn simulate_inner(
         }
 
         for (g, group) in mb.groups.iter().enumerate() {
+            let cost = cost_of(group.streams(&ctx.cost));
             let d = group.ranks.len() as u32;
             let start = group
                 .ranks
@@ -1050,6 +1231,11 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
                 sequences: group.sequences.iter().map(|s| *s as u64).collect(),
                 inner_ring: group.inner_ring,
                 offload: group.offload,
+                stream_bp_chunk: if group.streams(&ctx.cost) {
+                    ctx.cost.coefficients.streambp_chunk
+                } else {
+                    0
+                },
             });
         }
         micro_batches.push(MicroBatch {
@@ -1263,6 +1449,33 @@ pub(crate) mod tests {
         }
     }
 
+    /// A ring the job's cap keeps narrow can still run plain backprop when
+    /// a remap spreads its linear layout over the cluster: the bound does
+    /// not price StreamBP for it then.
+    #[test]
+    fn a_remapped_plain_ring_under_a_cap_does_not_beat_the_bound() {
+        let mut ctx = context("1x8", "llama-7b");
+        ctx.cost.coefficients.streambp = crate::cost::StreamBp::PerRing;
+        ctx.limits.offload_activations = false;
+        ctx.limits.max_cp_degree = Some(6);
+        let lengths = [48_000u64];
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![LayoutGroup::flat((0..6).collect(), vec![0])],
+                remap: true,
+            }],
+            routing: Routing::AllNics,
+        };
+        let outcome = simulate(&ctx, &lengths, &layout);
+        assert!(outcome.fits_in_memory, "plain fits with the remap");
+        assert!(!must_stream(&ctx, 48_000));
+        assert!(outcome.step_time_s >= lower_bound(&ctx, &lengths));
+        // One far longer than plain backprop holds on six ranks, even with
+        // its linear layout over all eight, must stream.
+        assert!(must_stream(&ctx, 400_000));
+    }
+
     #[test]
     fn spreading_inter_node_transfers_over_all_nics_is_never_slower() {
         let ctx = context("2x8:nics=8", "llama-7b");
@@ -1315,6 +1528,7 @@ pub(crate) mod tests {
                     sequences: vec![0],
                     inner_ring,
                     offload: 0.0,
+                    stream_bp: false,
                 }],
                 remap: false,
             }],

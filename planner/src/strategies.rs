@@ -27,6 +27,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use crate::cost::StreamBp;
 use crate::sim::{
     Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, use_hierarchical_rings,
 };
@@ -92,7 +93,7 @@ pub const MAX_CP_DEGREE: &str = "parallelism.maxCpDegree (--max-cp-degree)";
 
 /// Refuses, by name, limits the strategy cannot keep to and batches they
 /// make impossible.
-fn check_limits(
+pub(crate) fn check_limits(
     strategy: Strategy,
     ctx: &PlanContext,
     lengths: &[u64],
@@ -184,7 +185,23 @@ pub fn plan_layout(
     lengths: &[u64],
     context_length: Option<u64>,
 ) -> Result<Layout, PlanningError> {
-    check_limits(strategy, ctx, lengths, context_length)?;
+    // Given the choice of where to stream, the limits are checked against
+    // what streaming fits; strategies other than weft do not choose, they
+    // stream every ring.
+    let per_ring = (ctx.cost.coefficients.streambp == StreamBp::PerRing).then(|| PlanContext {
+        cost: ctx.cost.with_streaming(true),
+        ..ctx.clone()
+    });
+    check_limits(
+        strategy,
+        per_ring.as_ref().unwrap_or(ctx),
+        lengths,
+        context_length,
+    )?;
+    let ctx = match &per_ring {
+        Some(streamed) if strategy != Strategy::Weft => streamed,
+        _ => ctx,
+    };
     let mut layout = match strategy {
         Strategy::Static => plan_static(ctx, lengths, context_length),
         Strategy::Hdp => plan_hdp(ctx, lengths),
@@ -195,6 +212,9 @@ pub fn plan_layout(
     }?;
     if !ctx.limits.nic_aware_routing {
         layout.routing = Routing::ClosestNic;
+    }
+    if ctx.cost.streams() {
+        layout.stream_everywhere();
     }
     if let Some(widest) = widest_ring_past(&layout, ctx.limits.max_cp_degree) {
         return Err(PlanningError::Solver {

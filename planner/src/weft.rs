@@ -49,16 +49,17 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use crate::cost::StreamBp;
 use crate::sim::{
     Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, lower_bound, simulate,
     use_hierarchical_rings, work_bound,
 };
 use crate::strategies::{
-    Gap, OrdF64, Placement, PlanningError, Widen, WidenOption, Work, best_fit_decreasing,
-    check_fits, estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost,
-    hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp, plan_hdp_offload, plan_static,
-    plan_zeppelin, rank_capacity, schedule_remapped, slowdowns, sort_costliest_first,
-    whole_nodes_past_one, widest_ring_past,
+    Gap, OrdF64, Placement, PlanningError, Strategy, Widen, WidenOption, Work, best_fit_decreasing,
+    check_fits, check_limits, estimate_cost, estimate_cost_on_nodes_like,
+    estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp,
+    plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
+    sort_costliest_first, whole_nodes_past_one, widest_ring_past,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -123,6 +124,12 @@ struct Shape {
     /// The gangs' order and sizes are searched (see [`searched_order`]),
     /// until the step is within [`SEARCH_CLOSE_ENOUGH`] of this bound.
     search: Option<f64>,
+    /// Sequences that need no ring are packed into micro-batches of at most
+    /// this many tokens a rank (default: the rings' capacity). With StreamBP
+    /// per ring: the long sequences' rings sized for StreamBP's memory, the
+    /// short ones packed for plain backprop's, so only the rings that need
+    /// it stream.
+    short_capacity: Option<u64>,
 }
 
 /// What a sequence needs in a balanced layout: the ranks its tokens need,
@@ -229,6 +236,7 @@ fn balanced(
         by_area,
         timed,
         search,
+        short_capacity,
     } = shape;
     let topo = &ctx.topology;
     let world = topo.world();
@@ -345,7 +353,7 @@ fn balanced(
                 ctx,
                 lengths,
                 short.clone(),
-                capacity,
+                short_capacity.unwrap_or(capacity),
                 (&schedule.ready, &schedule.gaps),
                 &mut micro_batches,
             );
@@ -788,6 +796,178 @@ pub fn candidates(
     lengths: &[u64],
     context_length: Option<u64>,
 ) -> Result<Vec<Candidate>, PlanningError> {
+    if ctx.cost.coefficients.streambp != StreamBp::PerRing {
+        return candidates_of_one_backprop(ctx, lengths, context_length);
+    }
+    // StreamBP per ring: the layouts built for plain backprop's memory, and
+    // those built for StreamBP's (narrower rings), each as built (every ring
+    // streams, as a strategy that does not choose runs it) and with its
+    // rings running plain where their ranks' memory allows. A batch with a
+    // sequence only StreamBP fits has no plain layouts.
+    let with = |streamed: bool| PlanContext {
+        cost: ctx.cost.with_streaming(streamed),
+        ..ctx.clone()
+    };
+    let plain = with(false);
+    let mut all = check_limits(Strategy::Weft, &plain, lengths, context_length)
+        .and_then(|()| candidates_of_one_backprop(&plain, lengths, context_length))
+        .or_else(|e| match e {
+            PlanningError::SequenceTooLong { .. }
+            | PlanningError::DegreeTooSmall { .. }
+            | PlanningError::ModelDoesNotFit { .. } => Ok(Vec::new()),
+            e => Err(e),
+        })?;
+    let streamed_ctx = with(true);
+    let streamed = candidates_of_one_backprop(&streamed_ctx, lengths, context_length)?;
+    // weft's own layouts with their long sequences' rings sized for
+    // StreamBP and the short sequences packed for plain backprop.
+    let mixed = match rank_capacity(&plain) {
+        Ok(plain_capacity) => mixed_candidates(&streamed_ctx, lengths, plain_capacity),
+        Err(_) => Vec::new(),
+    };
+    for mut candidate in mixed {
+        stream_where_needed(ctx, lengths, &mut candidate.layout);
+        all.push(candidate);
+    }
+    for where_needed in [false, true] {
+        let offset = all.len();
+        for mut candidate in streamed.iter().cloned() {
+            if where_needed {
+                stream_where_needed(ctx, lengths, &mut candidate.layout);
+                candidate.name.push_str("+streambp-where-needed");
+            } else {
+                candidate.layout.stream_everywhere();
+                candidate.name.push_str("+streambp");
+            }
+            candidate.refines = candidate.refines.map(|base| base + offset);
+            all.push(candidate);
+        }
+    }
+    Ok(all)
+}
+
+/// Makes the rings of `layout` stream their backward (StreamBP) only where
+/// its ranks' memory needs it: every group streams, then each set of groups
+/// that share ranks in a micro-batch (all of a remapped one's) runs plain
+/// when every one of its ranks fits plain backprop's memory. A rank's
+/// groups of a micro-batch stream alike (see
+/// [`crate::plan::Group::stream_bp_chunk`]).
+pub fn stream_where_needed(ctx: &PlanContext, lengths: &[u64], layout: &mut Layout) {
+    let topo = &ctx.topology;
+    let world = topo.world();
+    let plain = ctx.cost.with_streaming(false);
+    for mb in &mut layout.micro_batches {
+        let held = crate::sim::micro_batch_tokens(ctx, &plain, lengths, mb);
+        let fits: Vec<bool> = (0..world)
+            .map(|r| {
+                let (linear, attention) = held[r as usize];
+                plain.rank_memory_bytes(linear, attention, world)
+                    <= plain.rank_budget_bytes(topo.gpu_of(r), world)
+            })
+            .collect();
+        // Groups that share a rank, joined (all of them when remapped).
+        let count = mb.groups.len();
+        let mut parent: Vec<usize> = (0..count).collect();
+        fn root(parent: &mut [usize], mut i: usize) -> usize {
+            while parent[i] != i {
+                parent[i] = parent[parent[i]];
+                i = parent[i];
+            }
+            i
+        }
+        let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
+        for (g, group) in mb.groups.iter().enumerate() {
+            for &r in &group.ranks {
+                let other = if mb.remap {
+                    Some(0)
+                } else {
+                    owner.get(&r).copied()
+                };
+                if let Some(other) = other {
+                    let (a, b) = (root(&mut parent, g), root(&mut parent, other));
+                    parent[a] = b;
+                }
+                owner.insert(r, g);
+            }
+        }
+        let mut needs_streaming = vec![false; count];
+        for (g, group) in mb.groups.iter().enumerate() {
+            if group.ranks.iter().any(|r| !fits[*r as usize]) {
+                let top = root(&mut parent, g);
+                needs_streaming[top] = true;
+            }
+        }
+        for g in 0..count {
+            let top = root(&mut parent, g);
+            mb.groups[g].stream_bp = needs_streaming[top];
+        }
+    }
+}
+
+/// weft's balanced layouts without a remap, built on `ctx` (which prices
+/// StreamBP) with sequences that need no ring packed for `short_capacity`
+/// tokens a rank (plain backprop's), named `...+streambp-long`.
+fn mixed_candidates(ctx: &PlanContext, lengths: &[u64], short_capacity: u64) -> Vec<Candidate> {
+    let Ok(capacity) = rank_capacity(ctx) else {
+        return Vec::new();
+    };
+    let share = work_bound(ctx, lengths);
+    let bound = lower_bound(ctx, lengths);
+    let shape = Shape {
+        remap: false,
+        scale: 1.0,
+        whole_nodes: true,
+        lookahead: false,
+        widen: None,
+        by_area: false,
+        timed: None,
+        search: None,
+        short_capacity: Some(short_capacity),
+    };
+    let mut shapes = vec![
+        ("balanced+nodesx1", shape),
+        (
+            "balanced+nodes+widen+idlex1",
+            Shape {
+                widen: Some(true),
+                ..shape
+            },
+        ),
+    ];
+    if bound > share * 1.02 {
+        shapes.push((
+            "balanced+nodes+timedx1",
+            Shape {
+                timed: Some(bound),
+                ..shape
+            },
+        ));
+    }
+    let by_cost = one_rank_order(ctx, lengths);
+    parallel_map(shapes, |(name, shape)| {
+        let start = std::time::Instant::now();
+        let mut layout = balanced(ctx, lengths, capacity, shape, &by_cost);
+        if !ctx.limits.nic_aware_routing {
+            layout.routing = Routing::ClosestNic;
+        }
+        Candidate {
+            name: format!("{name}+streambp-long"),
+            layout,
+            build_ms: start.elapsed().as_secs_f64() * 1e3,
+            refines: None,
+        }
+    })
+    .into_iter()
+    .filter(|c| widest_ring_past(&c.layout, ctx.limits.max_cp_degree).is_none())
+    .collect()
+}
+
+/// [`candidates`] for one way of backpropagating: `ctx`'s own.
+fn candidates_of_one_backprop(
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Vec<Candidate>, PlanningError> {
     let capacity = rank_capacity(ctx)?;
     check_fits(ctx, lengths, capacity)?;
     #[derive(Clone, Copy)]
@@ -814,6 +994,7 @@ pub fn candidates(
         by_area: false,
         timed: None,
         search: None,
+        short_capacity: None,
     };
     let mut distinct: Vec<Vec<u32>> = Vec::new();
     let mut same_as_larger: Vec<f64> = Vec::new();
@@ -858,6 +1039,7 @@ pub fn candidates(
                 by_area: false,
                 timed: None,
                 search: None,
+                short_capacity: None,
             };
             if !remap && whole_nodes && same_as_larger.contains(&scale) {
                 continue;
@@ -880,6 +1062,7 @@ pub fn candidates(
                 by_area: true,
                 timed: None,
                 search: None,
+                short_capacity: None,
             }),
         ));
     }
@@ -917,6 +1100,7 @@ pub fn candidates(
             by_area: false,
             timed: None,
             search: None,
+            short_capacity: None,
         };
         builds.push((
             format!(
@@ -1180,6 +1364,15 @@ pub fn plan_weft(
     }
     let mut layout = match best {
         Some((_, _, layout)) => layout.clone(),
+        None if ctx.cost.coefficients.streambp == StreamBp::PerRing => {
+            let streamed = PlanContext {
+                cost: ctx.cost.with_streaming(true),
+                ..ctx.clone()
+            };
+            let mut layout = plan_weft(&streamed, lengths, context_length)?;
+            stream_where_needed(ctx, lengths, &mut layout);
+            layout
+        }
         None => balanced(
             ctx,
             lengths,
@@ -1193,6 +1386,7 @@ pub fn plan_weft(
                 by_area: false,
                 timed: None,
                 search: None,
+                short_capacity: None,
             },
             &one_rank_order(ctx, lengths),
         ),
@@ -1296,6 +1490,7 @@ mod tests {
                 by_area: false,
                 timed: None,
                 search: None,
+                short_capacity: None,
             };
             let slow = PlanContext {
                 limits: Default::default(),
@@ -1554,6 +1749,7 @@ mod tests {
                 by_area: false,
                 timed: None,
                 search: None,
+                short_capacity: None,
             };
             let degree = degree_rule(&ctx, capacity, shape, share);
             lengths.iter().map(|s| degree(*s)).collect::<Vec<u32>>()
@@ -1608,5 +1804,52 @@ mod tests {
         }
         // The inputs hold cases a refinement wins, or this proves little.
         assert!(refinement_won > 0);
+    }
+
+    #[test]
+    fn streambp_per_ring_streams_only_the_rings_that_need_it() {
+        use crate::cost::StreamBp;
+        // One node, one document longer than plain backprop holds on it and
+        // many short ones.
+        let mut lengths = vec![120_000u64];
+        lengths.extend(std::iter::repeat_n(2_000u64, 300));
+        let with = |streambp| {
+            let mut ctx = context("1x8", "llama-7b");
+            ctx.cost.coefficients.streambp = streambp;
+            ctx.limits.offload_activations = false;
+            ctx
+        };
+        assert!(
+            crate::plan_step(crate::Strategy::Weft, &with(StreamBp::Off), &lengths, None).is_err(),
+            "plain backprop does not hold the long document on one node"
+        );
+        let ctx = with(StreamBp::PerRing);
+        let plan = crate::plan_step(crate::Strategy::Weft, &ctx, &lengths, None).unwrap();
+        plan.check().unwrap();
+        assert!(plan.predicted.fits_in_memory);
+        let groups: Vec<_> = plan.micro_batches.iter().flat_map(|m| &m.groups).collect();
+        let long = groups.iter().find(|g| g.sequences.contains(&0)).unwrap();
+        assert_eq!(
+            long.stream_bp_chunk, 4096,
+            "the long document's ring streams"
+        );
+        let plain = groups.iter().filter(|g| g.stream_bp_chunk == 0).count();
+        assert!(
+            plain * 2 > groups.len(),
+            "{plain} of {} rings plain",
+            groups.len()
+        );
+        // Faster than streaming every ring, by the short ones' recomputation.
+        let always = crate::plan_step(
+            crate::Strategy::Weft,
+            &with(StreamBp::Always),
+            &lengths,
+            None,
+        )
+        .unwrap();
+        let gain = always.predicted.step_time_s / plan.predicted.step_time_s;
+        assert!(gain > 1.1, "{gain}");
+        // The bound prices the long document as it must run: streamed.
+        assert!(plan.predicted.lower_bound_s > lower_bound(&with(StreamBp::Off), &lengths));
     }
 }

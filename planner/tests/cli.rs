@@ -735,3 +735,71 @@ fn plan_takes_the_jobs_limits_and_streambp() {
             .all(|s| s["degree"] == 16)
     );
 }
+
+/// With a StreamBP chunk, `simulate` reports weft choosing per ring against
+/// streaming every ring and none, and `plan` records each ring's choice;
+/// `--stream-bp off` with a chunk is refused by both flags' names.
+#[test]
+fn simulate_reports_streambp_per_ring_against_always_and_never() {
+    // One node; documents longer than plain backprop holds there, and many
+    // short ones.
+    let mut text = "120000\n".repeat(20);
+    text.push_str(&"2000\n".repeat(300));
+    let file = fixture("per-ring.txt", &text);
+    let file = file.to_str().unwrap();
+    let common = ["--lengths", file, "--cluster", "1x8", "--model", "llama-7b"];
+    let mut args = vec!["simulate"];
+    args.extend(common);
+    args.extend([
+        "--tokens-per-step",
+        "800000",
+        "--steps",
+        "1",
+        "--stream-bp-chunk",
+        "4096",
+        "--format",
+        "json",
+    ]);
+    let out = weft(&args);
+    succeeded(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stream = &report["stream_bp"];
+    let (per_ring, always) = (
+        stream["per_ring_s"].as_f64().unwrap(),
+        stream["always_s"].as_f64().unwrap(),
+    );
+    assert!(per_ring <= always, "{stream}");
+    let share = stream["streamed_ring_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share <= 1.0, "{stream}");
+    let mut table_args = args.clone();
+    table_args.truncate(table_args.len() - 2);
+    let table = String::from_utf8(weft(&table_args).stdout).unwrap();
+    assert!(table.contains("StreamBP per ring (weft):"), "{table}");
+    assert!(table.contains("every ring streamed:"), "{table}");
+
+    let mut plan_args = vec!["plan"];
+    plan_args.extend(common);
+    plan_args.extend(["--stream-bp-chunk", "4096", "--format", "json"]);
+    let out = weft(&plan_args);
+    succeeded(&out);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chunks: Vec<u64> = plan["micro_batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["groups"].as_array().unwrap())
+        .map(|g| g["stream_bp_chunk"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(chunks.contains(&4096) && chunks.contains(&0), "{chunks:?}");
+
+    let mut refused = vec!["plan"];
+    refused.extend(common);
+    refused.extend(["--stream-bp", "off", "--stream-bp-chunk", "64"]);
+    let out = weft(&refused);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--stream-bp-chunk") && err.contains("--stream-bp off"),
+        "{err}"
+    );
+}

@@ -5,13 +5,13 @@
 
 use proptest::prelude::*;
 use weft_planner::cluster::parse_cluster;
-use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
 use weft_planner::model::ModelSpec;
 use weft_planner::sim::node_blocks;
 use weft_planner::topology::Topology;
 use weft_planner::{PlanContext, PlanningError, Strategy, lower_bound, plan_step};
 
-fn context(cluster: &str, model: &str, streambp: bool) -> PlanContext {
+fn context(cluster: &str, model: &str, streambp: StreamBp) -> PlanContext {
     PlanContext {
         limits: Default::default(),
         topology: Topology::new(&parse_cluster(cluster).unwrap()).unwrap(),
@@ -41,6 +41,14 @@ fn batch() -> impl proptest::strategy::Strategy<Value = Vec<u64>> {
         ],
         0..120,
     )
+}
+
+fn stream_bp() -> impl proptest::strategy::Strategy<Value = StreamBp> {
+    prop_oneof![
+        Just(StreamBp::Off),
+        Just(StreamBp::Always),
+        Just(StreamBp::PerRing)
+    ]
 }
 
 fn cluster() -> impl proptest::strategy::Strategy<Value = String> {
@@ -129,7 +137,7 @@ proptest! {
     fn every_strategy_keeps_the_plan_invariants(
         lengths in batch(),
         cluster in cluster(),
-        streambp: bool,
+        streambp in stream_bp(),
         latency in latency(),
     ) {
         let mut ctx = context(&cluster, "llama-7b", streambp);
@@ -140,7 +148,7 @@ proptest! {
 
 #[test]
 fn empty_batch_gives_an_empty_plan() {
-    let ctx = context("2x8", "llama-7b", false);
+    let ctx = context("2x8", "llama-7b", StreamBp::Off);
     for strategy in Strategy::ALL {
         let plan = plan_step(strategy, &ctx, &[], None).unwrap();
         plan.check().unwrap();
@@ -150,7 +158,7 @@ fn empty_batch_gives_an_empty_plan() {
 
 #[test]
 fn one_gpu_holds_everything() {
-    let ctx = context("1x1:gpu=h200", "llama-7b", true);
+    let ctx = context("1x1:gpu=h200", "llama-7b", StreamBp::Always);
     let lengths = [1000, 2000, 300, 8000];
     check_all(&ctx, &lengths).unwrap();
     let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
@@ -164,7 +172,7 @@ fn one_gpu_holds_everything() {
 
 #[test]
 fn one_huge_sequence_is_split_over_many_ranks() {
-    let ctx = context("16x8:nics=8", "llama-7b", false);
+    let ctx = context("16x8:nics=8", "llama-7b", StreamBp::Off);
     let lengths = [1_000_000];
     check_all(&ctx, &lengths).unwrap();
     let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
@@ -177,7 +185,7 @@ fn one_huge_sequence_is_split_over_many_ranks() {
 
 #[test]
 fn a_sequence_too_long_for_the_cluster_is_refused_by_name() {
-    let ctx = context("1x8", "llama-7b", false);
+    let ctx = context("1x8", "llama-7b", StreamBp::Off);
     let err = plan_step(Strategy::Weft, &ctx, &[100, 50_000_000], None).unwrap_err();
     let message = err.to_string();
     assert!(
@@ -189,14 +197,14 @@ fn a_sequence_too_long_for_the_cluster_is_refused_by_name() {
 
 #[test]
 fn a_model_too_big_for_the_cluster_is_refused() {
-    let ctx = context("1x8", "llama-70b", false);
+    let ctx = context("1x8", "llama-70b", StreamBp::Off);
     let err = plan_step(Strategy::Hdp, &ctx, &[100], None).unwrap_err();
     assert!(err.to_string().contains("does not fit on 8 GPUs"), "{err}");
 }
 
 #[test]
 fn thousands_of_tiny_sequences_stay_whole_and_balanced() {
-    let ctx = context("4x8", "llama-7b", false);
+    let ctx = context("4x8", "llama-7b", StreamBp::Off);
     let lengths: Vec<u64> = (0..5000).map(|i| 64 + (i * 37) % 512).collect();
     check_all(&ctx, &lengths).unwrap();
     let plan = plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
@@ -210,7 +218,11 @@ fn thousands_of_tiny_sequences_stay_whole_and_balanced() {
 
 #[test]
 fn heterogeneous_nodes_are_planned() {
-    let ctx = context("2x8:nics=8+2x4:gpu=a100-80g,nics=2", "llama-13b", false);
+    let ctx = context(
+        "2x8:nics=8+2x4:gpu=a100-80g,nics=2",
+        "llama-13b",
+        StreamBp::Off,
+    );
     let lengths: Vec<u64> = (0..200)
         .map(|i| if i % 50 == 0 { 120_000 } else { 500 + i * 40 })
         .collect();
@@ -221,7 +233,7 @@ fn heterogeneous_nodes_are_planned() {
 fn a_remap_spreading_one_tiny_sequence_does_not_beat_the_bound() {
     // Found by the property test: a remap spreads a sequence's linear work over
     // ranks that do not hold its attention, which the bound must allow for.
-    let ctx = context("1x8", "llama-7b", false);
+    let ctx = context("1x8", "llama-7b", StreamBp::Off);
     check_all(&ctx, &[2]).unwrap();
 }
 
@@ -244,7 +256,7 @@ proptest! {
         all_nics in any::<bool>(),
     ) {
         use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
-        let ctx = context(&cluster, "llama-7b", false);
+        let ctx = context(&cluster, "llama-7b", StreamBp::Off);
         let world = ctx.topology.world();
         // A random degree; the first ranks in order (the fewest hops
         // between nodes), or a random choice and order of ranks.
@@ -290,25 +302,71 @@ proptest! {
         seed in any::<u64>(),
         latency in latency(),
         remap in any::<bool>(),
+        streambp in stream_bp(),
+        streamed in any::<bool>(),
+        offload in any::<bool>(),
     ) {
         use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
-        let mut ctx = context(&cluster, "llama-7b", false);
+        let mut ctx = context(&cluster, "llama-7b", streambp);
+        ctx.limits.offload_activations = offload;
         ctx.cost.coefficients.p2p_latency_s = latency;
         let world = ctx.topology.world();
         let mut rng = weft_planner::rng::SplitMix64::new(seed);
         let degree = 1 + rng.below(u64::from(world)) as u32;
+        // The job's cap, at least the ring's degree.
+        let cap = degree + rng.below(u64::from(world - degree) + 1) as u32;
+        ctx.limits.max_cp_degree = Some(cap);
         let mut group = LayoutGroup::flat((0..degree).collect(), (0..lengths.len()).collect());
         group.inner_ring = node_blocks(&ctx.topology, &group.ranks);
+        // A ring that streams or not where the plan chooses. The bound
+        // prices plain backprop then, but StreamBP's recomputation for a
+        // sequence plain backprop cannot hold on any ring, so it holds for
+        // layouts that fit in memory.
+        group.stream_bp = streamed && streambp == StreamBp::PerRing;
         let layout = Layout {
             strategy: "test".into(),
             micro_batches: vec![LayoutMicroBatch { groups: vec![group], remap }],
             routing: Routing::AllNics,
         };
-        let time = weft_planner::simulate(&ctx, &lengths, &layout).step_time_s;
+        let outcome = weft_planner::simulate(&ctx, &lengths, &layout);
+        if streambp == StreamBp::PerRing && !outcome.fits_in_memory {
+            return Ok(());
+        }
+        let time = outcome.step_time_s;
         let bound = lower_bound(&ctx, &lengths);
         prop_assert!(
             time >= bound * (1.0 - 1e-9),
-            "{cluster}: {time} < {bound} at degree {degree}, latency {latency}, remap {remap}"
+            "{cluster}: {time} < {bound} at degree {degree} (cap {cap}), latency {latency}, remap {remap}, {streambp:?} streamed {streamed}, offload {offload}"
         );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// weft choosing StreamBP per ring is never slower than weft streaming
+    /// every ring or none (where none fits).
+    #[test]
+    fn streaming_per_ring_is_never_slower_than_always_or_never(
+        lengths in batch(),
+        cluster in cluster(),
+    ) {
+        let plan = |streambp| plan_step(Strategy::Weft, &context(&cluster, "llama-7b", streambp), &lengths, None);
+        let per_ring = match plan(StreamBp::PerRing) {
+            Ok(plan) => plan,
+            Err(PlanningError::SequenceTooLong { .. }) => return Ok(()),
+            Err(e) => return Err(TestCaseError::fail(e.to_string())),
+        };
+        per_ring.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(per_ring.predicted.fits_in_memory);
+        let time = per_ring.predicted.step_time_s;
+        let always = plan(StreamBp::Always).unwrap().predicted.step_time_s;
+        prop_assert!(time <= always * (1.0 + 1e-12), "per ring {time} > always {always}");
+        if let Ok(off) = plan(StreamBp::Off)
+            && off.predicted.fits_in_memory
+        {
+            let off = off.predicted.step_time_s;
+            prop_assert!(time <= off * (1.0 + 1e-12), "per ring {time} > never {off}");
+        }
     }
 }

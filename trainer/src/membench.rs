@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
 use weft_planner::model::ModelSpec;
 use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
 
@@ -183,12 +183,12 @@ pub fn probe(config: &ProbeConfig) -> Result<Probe, BenchError> {
             tokens: vec![1, 2],
         }],
     };
+    let chunk = config.method.backprop(config.chunk).chunk_tokens();
     forward_backward(
         &model,
         &mut group,
-        &one_rank_plan(&config.model, 2)?,
+        &one_rank_plan(&config.model, 2)?.with_backprop_everywhere(chunk),
         &warm_up,
-        config.method.backprop(config.chunk),
     )?;
     zero_gradients(&params)?;
     let exact_peak = reset_peak();
@@ -197,9 +197,8 @@ pub fn probe(config: &ProbeConfig) -> Result<Probe, BenchError> {
     forward_backward(
         &model,
         &mut group,
-        &plan,
+        &plan.with_backprop_everywhere(chunk),
         &batch,
-        config.method.backprop(config.chunk),
     )?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = status_bytes("VmHWM")?;
@@ -245,8 +244,8 @@ pub fn predicted_bytes(
     seq_len: u64,
 ) -> Option<f64> {
     let streambp = match method {
-        Method::Plain => false,
-        Method::Streambp => true,
+        Method::Plain => StreamBp::Off,
+        Method::Streambp => StreamBp::Always,
         Method::Checkpointing => return None,
     };
     let cost = CostModel::new(

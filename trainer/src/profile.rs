@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 use weft_planner::cluster::GpuModel;
-use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
 use weft_planner::model::ModelSpec;
 use weft_planner::profile::{PROFILE_VERSION, Profile};
 
@@ -115,12 +115,14 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
     let lengths: Vec<u64> = vec![length as u64; documents];
     let ctx = crate::train::local_plan_context(1, &crate::train::PlanSettings::of(&config.model))
         .map_err(|e| ProfileError::Plan(e.to_string()))?;
+    // Every document streams or none does, as the profile is asked.
     let plan = weft_planner::plan_step(weft_planner::Strategy::Static, &ctx, &lengths, None)
-        .map_err(|e| ProfileError::Plan(e.to_string()))?;
+        .map_err(|e| ProfileError::Plan(e.to_string()))?
+        .with_backprop_everywhere(config.backprop.chunk_tokens());
     let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
     for step in 0..=config.steps {
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch, config.backprop)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
         if step > 0 {
             let t = outcome.times;
             attention_s.push(t.attention_s);
@@ -142,7 +144,11 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
         CostCoefficients {
             linear_efficiency: 1.0,
             attention_efficiency: 1.0,
-            streambp: config.backprop != Backprop::Plain,
+            streambp: if config.backprop.chunk_tokens().is_some() {
+                StreamBp::Always
+            } else {
+                StreamBp::Off
+            },
             ..Default::default()
         },
     );

@@ -37,8 +37,8 @@ use crate::device::{Collectives, open_group};
 use crate::model::{Llama, Precision};
 use crate::remap::{Remap, token_id_rows};
 use crate::step::{
-    Backprop, StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
-    reference_forward_backward, zero_gradients,
+    StepError, all_reduce_gradients, forward_backward, named_parameters, random_plan,
+    random_stream_bp, reference_forward_backward, zero_gradients,
 };
 
 /// The worst errors one rank saw, against the single-process reference.
@@ -376,8 +376,13 @@ fn check_step(
             .collect(),
     };
     let plan = random_plan(rng, &lengths, world, &spec)?;
-    let streamed = Backprop::Streamed {
-        chunk_tokens: 1 + rng.below(64),
+    // StreamBP with a random chunk on every ring, or on the rings a coin
+    // picks (as a plan that chooses per ring).
+    let chunk = 1 + rng.below(64);
+    let streamed = if rng.below(2) == 0 {
+        plan.clone().with_backprop_everywhere(Some(chunk))
+    } else {
+        random_stream_bp(rng, plan.clone(), chunk)?
     };
     tch::manual_seed(seed as i64);
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
@@ -393,9 +398,9 @@ fn check_step(
         Ok(())
     })?;
     let mut distributed = Vec::with_capacity(2);
-    for backprop in [Backprop::Plain, streamed] {
+    for plan in [&plan, &streamed] {
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, group, &plan, &batch, backprop)?;
+        let outcome = forward_backward(&model, group, plan, &batch)?;
         all_reduce_gradients(&params, group)?;
         let mut loss = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
         group.all_reduce_sum(&mut loss)?;

@@ -483,33 +483,43 @@ struct LayerSaved {
     rings: Vec<RingSaved>,
 }
 
-/// How the backward pass keeps what it needs.
+/// How a run's backward passes keep what they need. The step plan says it
+/// per ring ([`weft_planner::plan::Group::stream_bp_chunk`]) and
+/// [`forward_backward`] follows the plan; this is what plans are made with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backprop {
     /// Every layer keeps its activations from the forward (libtorch graphs).
     #[default]
     Plain,
-    /// StreamBP: the forward keeps only each layer's input; the backward
-    /// recomputes each layer and backpropagates its tokens in chunks of
-    /// `chunk_tokens` rows along the sequence, so one chunk's intermediates
-    /// are alive at a time.
+    /// StreamBP on every ring: the forward keeps only each layer's input;
+    /// the backward recomputes each layer and backpropagates its tokens in
+    /// chunks of `chunk_tokens` rows along the sequence, so one chunk's
+    /// intermediates are alive at a time.
     Streamed { chunk_tokens: u64 },
+    /// StreamBP on the rings the planner chooses (weft: where it is faster
+    /// than the wider ring plain backprop needs, or where only it fits; the
+    /// other strategies stream every ring), plain backprop on the others.
+    PerRing { chunk_tokens: u64 },
 }
 
 impl Backprop {
-    /// StreamBP with chunks of `chunk_tokens`, plain backprop for `None`.
-    pub fn with_chunk(chunk_tokens: Option<u64>) -> Backprop {
-        match chunk_tokens {
-            Some(chunk_tokens) => Backprop::Streamed { chunk_tokens },
-            None => Backprop::Plain,
-        }
-    }
-
     /// The chunk of StreamBP, `None` for plain backprop.
     pub fn chunk_tokens(self) -> Option<u64> {
         match self {
             Backprop::Plain => None,
-            Backprop::Streamed { chunk_tokens } => Some(chunk_tokens),
+            Backprop::Streamed { chunk_tokens } | Backprop::PerRing { chunk_tokens } => {
+                Some(chunk_tokens)
+            }
+        }
+    }
+
+    /// Where the plans may stream.
+    pub fn planned(self) -> weft_planner::cost::StreamBp {
+        use weft_planner::cost::StreamBp;
+        match self {
+            Backprop::Plain => StreamBp::Off,
+            Backprop::Streamed { .. } => StreamBp::Always,
+            Backprop::PerRing { .. } => StreamBp::PerRing,
         }
     }
 }
@@ -865,13 +875,15 @@ pub fn predicted_tokens(batch: &Batch) -> i64 {
 /// Forward and backward of `plan` on this rank: accumulates into the model's
 /// parameter gradients this rank's share of the gradient of the global mean
 /// loss. Summed over all ranks (the gradient all-reduce) it is the gradient
-/// one process computes over the whole batch.
+/// one process computes over the whole batch. Each micro-batch
+/// backpropagates as the plan says for this rank (plain, or StreamBP in its
+/// chunks; see [`StepPlan::stream_bp_chunk`]); a rank's peers in a ring
+/// backpropagate alike, so their collectives match.
 pub fn forward_backward(
     model: &Llama,
     group: &mut ProcessGroup,
     plan: &StepPlan,
     batch: &Batch,
-    backprop: Backprop,
 ) -> Result<StepOutcome, StepError> {
     let (rank, world) = (group.rank(), group.world());
     check_plan(plan, batch, world)?;
@@ -935,9 +947,9 @@ pub fn forward_backward(
             device,
             outcome: &mut outcome,
         };
-        match backprop {
-            Backprop::Plain => pass.plain(&rows)?,
-            Backprop::Streamed { chunk_tokens } => pass.streamed(&rows, chunk_tokens)?,
+        match plan.stream_bp_chunk(mb.index, rank) {
+            None => pass.plain(&rows)?,
+            Some(chunk_tokens) => pass.streamed(&rows, chunk_tokens)?,
         }
         outcome.times.remap_s += layouts.seconds;
     }
@@ -1074,6 +1086,7 @@ pub fn random_plan(
                 sequences: Vec::new(),
                 inner_ring: random_inner_ring(rng, size as u32),
                 offload: 0.0,
+                stream_bp: false,
             });
             rest = &rest[size..];
         }
@@ -1097,6 +1110,38 @@ pub fn random_plan(
         mb.groups.retain(|g| !g.sequences.is_empty());
     }
     let plan = weft_planner::build_plan(&ctx, lengths, &layout);
+    plan.check()
+        .map_err(|e| StepError::PlanBatch(e.to_string()))?;
+    Ok(plan)
+}
+
+/// `plan` with each of its rings streaming its backward (StreamBP, chunks
+/// of `chunk` tokens) or not, drawn from `rng`: a coin per group, one per
+/// micro-batch where it is remapped, the same for groups that share a rank
+/// (see [`weft_planner::plan::Group::stream_bp_chunk`]). What a plan that
+/// chooses per ring gives the engine, at random.
+pub fn random_stream_bp(
+    rng: &mut weft_planner::rng::SplitMix64,
+    mut plan: StepPlan,
+    chunk: u64,
+) -> Result<StepPlan, StepError> {
+    for mb in &mut plan.micro_batches {
+        let everyone = rng.below(2) == 1;
+        let mut chosen: std::collections::BTreeMap<u32, bool> = Default::default();
+        for group in &mut mb.groups {
+            let streams = if mb.remap {
+                everyone
+            } else {
+                // A rank already in a group of this micro-batch decides.
+                let earlier = group.ranks.iter().find_map(|r| chosen.get(r).copied());
+                earlier.unwrap_or_else(|| rng.below(2) == 1)
+            };
+            for &r in &group.ranks {
+                chosen.insert(r, streams);
+            }
+            group.stream_bp_chunk = if streams { chunk } else { 0 };
+        }
+    }
     plan.check()
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
     Ok(plan)

@@ -134,8 +134,9 @@ pub struct TrainConfig {
     /// The job's limits on its plans (static degree, a cap on every ring,
     /// NIC-aware routing).
     pub limits: PlanLimits,
-    /// Plain backprop, or StreamBP with its chunk (the plans then price
-    /// StreamBP's memory and recomputation).
+    /// Plain backprop, or StreamBP with its chunk on every ring or on the
+    /// rings the planner chooses (the plans then price StreamBP's memory
+    /// and recomputation, and say which rings stream).
     pub backprop: Backprop,
     /// Intra-op threads of libtorch per worker.
     pub threads: i32,
@@ -202,9 +203,17 @@ pub struct StepMetrics {
     /// node (NIC-aware routing; 0 when it is off or nothing crosses nodes).
     #[serde(default)]
     pub spread_routes: u32,
-    /// StreamBP's chunk, when the step backpropagated with StreamBP.
+    /// StreamBP's chunk, when any ring of the step backpropagated with
+    /// StreamBP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_bp_chunk: Option<u64>,
+    /// Ring groups of the plan that streamed their backward (StreamBP), of
+    /// `rings`.
+    #[serde(default)]
+    pub streamed_rings: u32,
+    /// Ring groups of the plan (every micro-batch's).
+    #[serde(default)]
+    pub rings: u32,
     /// The plan's predicted max/mean rank time (1 is perfect balance).
     pub balance: f64,
     /// The plan's predicted forward and backward time (the cost model's, at
@@ -236,8 +245,9 @@ pub struct PlanSettings<'a> {
     pub rank_tokens: Option<u64>,
     pub profile: Option<&'a Profile>,
     pub limits: PlanLimits,
-    /// StreamBP's chunk: plans then price its memory and its recomputation.
-    pub stream_bp_chunk: Option<u64>,
+    /// Plain backprop, StreamBP (the plans then price its memory and its
+    /// recomputation), on every ring or where the planner chooses.
+    pub backprop: Backprop,
     /// The precision the step keeps its activations in.
     pub precision: Precision,
 }
@@ -250,7 +260,7 @@ impl<'a> PlanSettings<'a> {
             rank_tokens: None,
             profile: None,
             limits: PlanLimits::default(),
-            stream_bp_chunk: None,
+            backprop: Backprop::Plain,
             precision: Precision::Bf16,
         }
     }
@@ -262,8 +272,8 @@ impl<'a> PlanSettings<'a> {
             precision: self.precision.activations(),
             ..Default::default()
         };
-        if let Some(chunk) = self.stream_bp_chunk {
-            coefficients.streambp = true;
+        coefficients.streambp = self.backprop.planned();
+        if let Some(chunk) = self.backprop.chunk_tokens() {
             coefficients.streambp_chunk = chunk;
         }
         if let Some(profile) = self.profile {
@@ -285,7 +295,7 @@ impl TrainConfig {
             rank_tokens: self.rank_tokens,
             profile: self.profile.as_ref(),
             limits: self.limits.clone(),
-            stream_bp_chunk: self.backprop.chunk_tokens(),
+            backprop: self.backprop,
             precision: self.precision,
         }
     }
@@ -810,7 +820,7 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch, config.backprop)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was
@@ -868,7 +878,23 @@ pub fn run_worker(
                 .filter(|g| g.inner_ring > 0 && g.ranks.len() > 1)
                 .count() as u32,
             spread_routes: plan.routes.iter().filter(|r| r.legs.len() > 1).count() as u32,
-            stream_bp_chunk: config.backprop.chunk_tokens(),
+            stream_bp_chunk: plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .map(|g| g.stream_bp_chunk)
+                .find(|chunk| *chunk > 0),
+            streamed_rings: plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .filter(|g| g.stream_bp_chunk > 0)
+                .count() as u32,
+            rings: plan
+                .micro_batches
+                .iter()
+                .map(|m| m.groups.len() as u32)
+                .sum(),
             balance: plan.predicted.max_over_mean,
             predicted_step_s: plan.predicted.step_time_s,
             token_balance: if mean_linear > 0.0 {
@@ -947,6 +973,7 @@ pub fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_planner::plan::Group;
 
     /// With StreamBP on, the trainer plans with its memory: the same batch
     /// on the same GPUs gets fewer ranks for its long sequence, with weft
@@ -957,23 +984,74 @@ mod tests {
         let model = ModelSpec::preset("llama-7b").unwrap();
         let mut lengths = vec![40_000];
         lengths.extend((0..400).map(|i| 2_048 + 512 * (i % 5)));
-        let widest = |strategy: Strategy, stream_bp_chunk: Option<u64>| {
+        let widest = |strategy: Strategy, backprop: Backprop| {
             let planning = PlanSettings {
-                stream_bp_chunk,
+                backprop,
                 ..PlanSettings::of(&model)
             };
             let ctx = local_plan_context(16, &planning).unwrap();
-            assert_eq!(ctx.cost.coefficients.streambp, stream_bp_chunk.is_some());
+            assert_eq!(ctx.cost.coefficients.streambp, backprop.planned());
             let plan = weft_planner::plan_step(strategy, &ctx, &lengths, Some(40_000)).unwrap();
             plan.sequences.iter().map(|s| s.degree).max().unwrap()
         };
+        let always = Backprop::Streamed { chunk_tokens: 4096 };
         for strategy in [Strategy::Weft, Strategy::Static] {
-            let (plain, streamed) = (widest(strategy, None), widest(strategy, Some(4096)));
+            let (plain, streamed) = (widest(strategy, Backprop::Plain), widest(strategy, always));
             eprintln!("{strategy:?}: max CP degree {plain} plain, {streamed} with StreamBP");
             assert!(
                 streamed < plain,
                 "{strategy:?}: max CP degree {plain} plain, {streamed} with StreamBP"
             );
+        }
+    }
+
+    /// With StreamBP per ring, weft streams the ring that needs it and no
+    /// other, and the step plan the engine follows says so: a long sequence
+    /// that plain backprop's memory cannot hold on the two ranks the job
+    /// allows streams, the short ones run plain.
+    #[test]
+    fn streambp_per_ring_streams_only_the_ring_that_needs_it() {
+        let model = ModelSpec::preset("llama-7b").unwrap();
+        let mut lengths = vec![40_000];
+        lengths.extend((0..400).map(|i| 2_048 + 512 * (i % 5)));
+        let planning = |backprop| PlanSettings {
+            backprop,
+            limits: PlanLimits {
+                max_cp_degree: Some(2),
+                offload_activations: false,
+                ..Default::default()
+            },
+            ..PlanSettings::of(&model)
+        };
+        let plain = local_plan_context(16, &planning(Backprop::Plain)).unwrap();
+        let refused = weft_planner::plan_step(Strategy::Weft, &plain, &lengths, None);
+        assert!(
+            refused.is_err(),
+            "plain backprop holds 40K tokens on 2 ranks"
+        );
+        let per_ring = planning(Backprop::PerRing { chunk_tokens: 512 });
+        let ctx = local_plan_context(16, &per_ring).unwrap();
+        let plan = weft_planner::plan_step(Strategy::Weft, &ctx, &lengths, None).unwrap();
+        plan.check().unwrap();
+        let (long, short): (Vec<&Group>, Vec<&Group>) = plan
+            .micro_batches
+            .iter()
+            .flat_map(|m| &m.groups)
+            .partition(|g| g.sequences.contains(&0));
+        assert_eq!(long.len(), 1);
+        assert_eq!(long[0].stream_bp_chunk, 512);
+        let plain_rings = short.iter().filter(|g| g.stream_bp_chunk == 0).count();
+        assert!(
+            plain_rings * 2 > short.len(),
+            "{plain_rings} of {} short rings plain",
+            short.len()
+        );
+        for rank in 0..16 {
+            for mb in &plan.micro_batches {
+                let chunk = plan.stream_bp_chunk(mb.index, rank);
+                let its = mb.groups.iter().find(|g| g.ranks.contains(&rank));
+                assert_eq!(chunk, its.map(|g| g.stream_bp_chunk).filter(|c| *c > 0));
+            }
         }
     }
 }

@@ -402,6 +402,15 @@ fn bad_input_gets_a_clear_error() {
     fails_with(&["--data-order", "shuffled"], "invalid value 'shuffled'");
     fails_with(&["--stream-bp-chunk", "0"], "invalid value '0'");
     fails_with(
+        &["--stream-bp", "always"],
+        "--stream-bp always needs --stream-bp-chunk TOKENS",
+    );
+    fails_with(
+        &["--stream-bp", "per-ring"],
+        "--stream-bp per-ring needs --stream-bp-chunk TOKENS",
+    );
+    fails_with(&["--stream-bp", "sometimes"], "invalid value 'sometimes'");
+    fails_with(
         &["--stream-bp-chunk", "2048", "--max-seq-len", "1024"],
         "--stream-bp-chunk 2048 is longer than the longest sequence allowed (--max-seq-len 1024)",
     );
@@ -583,10 +592,11 @@ fn streambp_follows_the_plain_loss_curve() {
     let (out, plain) = local(&dir, "plain", &common);
     ok(&out);
     let mut streamed_args = common.to_vec();
-    streamed_args.extend(["--stream-bp-chunk", "37"]);
+    streamed_args.extend(["--stream-bp-chunk", "37", "--stream-bp", "always"]);
     let (out, streamed) = local(&dir, "streamed", &streamed_args);
     ok(&out);
     assert_eq!(streamed.len(), 20);
+    assert!(streamed.iter().all(|m| m.streamed_rings == m.rings));
     assert!(
         plain.iter().any(|m| m.max_cp_degree > 1),
         "no context parallelism"

@@ -376,10 +376,11 @@ fn run_pods(dir: &Path, mesh: &MeshPlan, steps: u64, extra: &[&str]) -> Vec<Step
 }
 
 /// The job's `parallelism.nicAwareRouting` and `streamBpChunkTokens` reach
-/// the pods' ranks: their plans keep each transfer on its own NIC and their
-/// backward streams, and they train the same losses; a `maxCpDegree` the
-/// longest sequence cannot keep is refused by its name before any rank
-/// starts.
+/// the pods' ranks: their plans keep each transfer on its own NIC, and with
+/// a `maxCpDegree` that plain backprop's memory cannot keep for the longest
+/// documents, their rings stream their backward (the rings that need it),
+/// and they train the same losses; without StreamBP that `maxCpDegree` is
+/// refused by its name before any rank starts.
 #[test]
 fn the_jobs_parallelism_fields_reach_the_pods_ranks() {
     let dir = scratch("parallelism");
@@ -400,12 +401,18 @@ fn the_jobs_parallelism_fields_reach_the_pods_ranks() {
     let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
     write_training_with(
         &dir,
-        serde_json::json!({"nicAwareRouting": false, "streamBpChunkTokens": 64}),
+        serde_json::json!({"nicAwareRouting": false, "streamBpChunkTokens": 64, "maxCpDegree": 2}),
     );
     let mesh = publish_first_mesh(&dir, "2x2:nics=2", 2);
     let limited = run_pods(&dir, &mesh, steps, &limit);
     assert!(limited.iter().all(|m| m.spread_routes == 0), "{limited:?}");
-    assert!(limited.iter().all(|m| m.stream_bp_chunk == Some(64)));
+    assert!(limited.iter().all(|m| m.max_cp_degree <= 2), "{limited:?}");
+    assert!(
+        limited
+            .iter()
+            .all(|m| m.stream_bp_chunk == Some(64) && m.streamed_rings > 0),
+        "{limited:?}"
+    );
     assert_same_losses(&limited, &free);
 
     // A cap below what the longest sequence needs: refused before any rank

@@ -22,7 +22,7 @@ use weft_planner::rng::SplitMix64;
 use weft_trainer::data::{Batch, Sample};
 use weft_trainer::model::{Llama, Precision};
 use weft_trainer::step::{
-    Backprop, all_reduce_gradients, forward_backward, named_parameters, random_plan,
+    all_reduce_gradients, forward_backward, named_parameters, random_plan, random_stream_bp,
     reference_forward_backward, zero_gradients,
 };
 
@@ -106,7 +106,7 @@ fn step_error_in(
     batch: &Batch,
 ) -> (f64, f64) {
     let (reference_loss, reference) = reference(spec, params, batch, precision);
-    let (losses, ranks) = distributed(precision, Backprop::Plain, spec, params, plan, batch);
+    let (losses, ranks) = distributed(precision, spec, params, plan, batch);
     let loss_error = losses
         .iter()
         .map(|l| (l - reference_loss).abs())
@@ -119,10 +119,9 @@ fn step_error_in(
 }
 
 /// Every rank's global loss and all-reduced gradients after one distributed
-/// step of `plan`, over real Gloo.
+/// step of `plan` (which says where it streams its backward), over real Gloo.
 fn distributed(
     precision: Precision,
-    backprop: Backprop,
     spec: &ModelSpec,
     params: &Params,
     plan: &StepPlan,
@@ -139,8 +138,7 @@ fn distributed(
                 let (vs, model) = model_from(&spec, &params, precision);
                 let params = named_parameters(&vs);
                 zero_gradients(&params).unwrap();
-                let outcome =
-                    forward_backward(&model, &mut group, &plan, &batch, backprop).unwrap();
+                let outcome = forward_backward(&model, &mut group, &plan, &batch).unwrap();
                 all_reduce_gradients(&params, &mut group).unwrap();
                 let mut loss = Tensor::from_slice(&[outcome.loss_sum]);
                 group.all_reduce_sum(&mut loss).unwrap();
@@ -274,14 +272,7 @@ fn a_bf16_step_is_as_close_to_fp32_as_one_bf16_process() {
             split += plan.sequences.iter().filter(|s| s.degree > 1).count();
             let (fp32_loss, fp32) = reference(&spec, &params, &batch, Precision::Fp32);
             let (bf16_loss, bf16) = reference(&spec, &params, &batch, Precision::Bf16);
-            let (losses, ranks) = distributed(
-                Precision::Bf16,
-                Backprop::Plain,
-                &spec,
-                &params,
-                &plan,
-                &batch,
-            );
+            let (losses, ranks) = distributed(Precision::Bf16, &spec, &params, &plan, &batch);
             let single = relative_l2(&bf16, &fp32);
             let single_loss = (bf16_loss - fp32_loss).abs();
             for (loss, got) in losses.iter().zip(&ranks) {
@@ -341,7 +332,7 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
     let spec = spec();
     let params = initial_params(&spec, 13);
     let mut rng = SplitMix64::new(17);
-    let (mut remapped, mut hierarchical, mut split, mut idle) = (0, 0, 0, 0);
+    let (mut remapped, mut hierarchical, mut split, mut idle, mut mixed) = (0, 0, 0, 0, 0);
     let mut chunks = Vec::new();
     for (world, cases) in [(1u32, 2), (2, 2), (3, 2), (4, 3)] {
         for case in 0..cases {
@@ -368,24 +359,23 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
             // One token, a few, and more than the whole batch.
             let chunk = [1, 1 + rng.below(40), 10_000][(case % 3) as usize];
             chunks.push(chunk);
-            let (plain_losses, plain) = distributed(
-                Precision::Fp32,
-                Backprop::Plain,
-                &spec,
-                &params,
-                &plan,
-                &batch,
-            );
-            let (losses, streamed) = distributed(
-                Precision::Fp32,
-                Backprop::Streamed {
-                    chunk_tokens: chunk,
-                },
-                &spec,
-                &params,
-                &plan,
-                &batch,
-            );
+            let (plain_losses, plain) = distributed(Precision::Fp32, &spec, &params, &plan, &batch);
+            // Every ring streaming, or each ring choosing, as a plan that
+            // chooses StreamBP per ring does.
+            let streamed_plan = if rng.below(2) == 0 {
+                plan.clone().with_backprop_everywhere(Some(chunk))
+            } else {
+                random_stream_bp(&mut rng, plan.clone(), chunk).unwrap()
+            };
+            let streaming: Vec<bool> = streamed_plan
+                .micro_batches
+                .iter()
+                .flat_map(|m| &m.groups)
+                .map(|g| g.stream_bp_chunk > 0)
+                .collect();
+            mixed += usize::from(streaming.contains(&true) && streaming.contains(&false));
+            let (losses, streamed) =
+                distributed(Precision::Fp32, &spec, &params, &streamed_plan, &batch);
             for rank in 0..world as usize {
                 let (error, name) = worst_parameter(&streamed[rank], &plain[rank]);
                 let loss_error = (losses[rank] - plain_losses[rank]).abs() / plain_losses[rank];
@@ -400,8 +390,8 @@ fn streambp_equals_plain_backprop_over_random_plans_and_chunks() {
         }
     }
     assert!(
-        remapped > 0 && hierarchical > 0 && split > 0 && idle > 0,
-        "remapped {remapped}, hierarchical {hierarchical}, split {split}, idle {idle}"
+        remapped > 0 && hierarchical > 0 && split > 0 && idle > 0 && mixed > 0,
+        "remapped {remapped}, hierarchical {hierarchical}, split {split}, idle {idle}, plans streaming some rings only {mixed}"
     );
     assert!(
         chunks.contains(&1) && chunks.contains(&10_000),
@@ -421,22 +411,10 @@ fn a_bf16_streambp_step_is_as_close_to_fp32_as_plain_bf16() {
         let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
         let plan = random_plan(&mut rng, &lengths, world, &spec).unwrap();
         let (fp32_loss, fp32) = reference(&spec, &params, &batch, Precision::Fp32);
-        let (plain_losses, plain) = distributed(
-            Precision::Bf16,
-            Backprop::Plain,
-            &spec,
-            &params,
-            &plan,
-            &batch,
-        );
-        let (losses, streamed) = distributed(
-            Precision::Bf16,
-            Backprop::Streamed { chunk_tokens: 16 },
-            &spec,
-            &params,
-            &plan,
-            &batch,
-        );
+        let (plain_losses, plain) = distributed(Precision::Bf16, &spec, &params, &plan, &batch);
+        let streamed_plan = plan.clone().with_backprop_everywhere(Some(16));
+        let (losses, streamed) =
+            distributed(Precision::Bf16, &spec, &params, &streamed_plan, &batch);
         for rank in 0..world as usize {
             let plain_error = relative_l2(&plain[rank], &fp32);
             let error = relative_l2(&streamed[rank], &fp32);

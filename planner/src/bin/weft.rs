@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_planner::cost::{CostCoefficients, CostModel};
+use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
 use weft_planner::input::{load_cluster, load_model, read_lengths};
 use weft_planner::plan::StepPlan;
 use weft_planner::report::{sample_batches, simulate_batches};
@@ -50,11 +50,13 @@ struct Common {
     /// Context length: longer sequences are cut to it.
     #[arg(long)]
     max_seq_len: Option<u64>,
-    /// Price activations as StreamBP keeps them (less memory, one more forward).
-    #[arg(long)]
-    streambp: bool,
-    /// StreamBP with chunks of this many tokens (implies --streambp; its
-    /// default chunk is 4096).
+    /// Where steps backpropagate with StreamBP (less activation memory, one
+    /// more forward): per-ring (weft streams the rings where that is faster
+    /// or where only streaming fits; the other strategies stream every
+    /// ring), always, or off. Default: per-ring with --stream-bp-chunk, else off.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    stream_bp: Option<StreamBpArg>,
+    /// StreamBP's chunk, tokens (default 4096).
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     stream_bp_chunk: Option<u64>,
     /// Price compute and transfers at the speeds a profile measured
@@ -63,6 +65,24 @@ struct Common {
     profile: Option<String>,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
+}
+
+/// `--stream-bp`'s values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StreamBpArg {
+    PerRing,
+    Always,
+    Off,
+}
+
+impl From<StreamBpArg> for StreamBp {
+    fn from(arg: StreamBpArg) -> StreamBp {
+        match arg {
+            StreamBpArg::PerRing => StreamBp::PerRing,
+            StreamBpArg::Always => StreamBp::Always,
+            StreamBpArg::Off => StreamBp::Off,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -143,8 +163,16 @@ fn context(common: &Common) -> anyhow::Result<(PlanContext, Vec<u64>)> {
         lengths.iter_mut().for_each(|s| *s = (*s).min(cap));
     }
     let topology = Topology::new(&cluster)?;
+    let streambp = match (common.stream_bp, common.stream_bp_chunk) {
+        (Some(StreamBpArg::Off), Some(_)) => {
+            bail!("--stream-bp-chunk asks for StreamBP, which --stream-bp off turns off")
+        }
+        (Some(arg), _) => arg.into(),
+        (None, Some(_)) => StreamBp::PerRing,
+        (None, None) => StreamBp::Off,
+    };
     let mut coefficients = CostCoefficients {
-        streambp: common.streambp || common.stream_bp_chunk.is_some(),
+        streambp,
         ..Default::default()
     };
     if let Some(chunk) = common.stream_bp_chunk {

@@ -135,6 +135,35 @@ struct TrainArgs {
     fail_at: Option<String>,
 }
 
+/// `--stream-bp`: which rings stream their backward.
+#[derive(clap::ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum StreamBpWhere {
+    PerRing,
+    Always,
+}
+
+impl RunArgs {
+    /// How the run backpropagates.
+    fn backprop(&self) -> anyhow::Result<Backprop> {
+        Ok(match (self.stream_bp_chunk, self.stream_bp) {
+            (None, Some(StreamBpWhere::Always)) => {
+                bail!("--stream-bp always needs --stream-bp-chunk TOKENS")
+            }
+            (None, Some(StreamBpWhere::PerRing)) => {
+                bail!("--stream-bp per-ring needs --stream-bp-chunk TOKENS")
+            }
+            (None, None) => Backprop::Plain,
+            (Some(chunk_tokens), None | Some(StreamBpWhere::PerRing)) => {
+                Backprop::PerRing { chunk_tokens }
+            }
+            (Some(chunk_tokens), Some(StreamBpWhere::Always)) => {
+                Backprop::Streamed { chunk_tokens }
+            }
+        })
+    }
+}
+
 /// The settings of a run that `local` and a pod's `worker` both take.
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
 struct RunArgs {
@@ -149,8 +178,10 @@ struct RunArgs {
     /// Largest global gradient norm.
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
-    /// Most tokens one rank holds; longer sequences are split over several
-    /// ranks (context parallelism). Default: what the memory model allows.
+    /// Most tokens one rank holds in plain backprop (a streamed rank holds
+    /// as many as fit the memory these take); longer sequences are split
+    /// over several ranks (context parallelism). Default: what the memory
+    /// model allows.
     #[arg(long)]
     rank_tokens: Option<u64>,
     /// Seconds a collective may wait for a peer before failing.
@@ -187,6 +218,14 @@ struct RunArgs {
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default)]
     stream_bp_chunk: Option<u64>,
+    /// With --stream-bp-chunk, which rings stream: per-ring (weft streams
+    /// the rings where that is faster than the wider ring plain backprop
+    /// needs, or where only StreamBP fits, and the step plan records it; the
+    /// other strategies stream every ring; the default) or always (every
+    /// ring).
+    #[arg(long, value_enum, value_name = "WHERE")]
+    #[serde(default)]
+    stream_bp: Option<StreamBpWhere>,
     /// When resuming: accept a seed, corpus, tokens per step or longest
     /// sequence other than the checkpoint's (the batches then change);
     /// without it such a resume is refused.
@@ -338,7 +377,7 @@ impl TrainArgs {
                 // The engine keeps activations on its device.
                 offload_activations: false,
             },
-            backprop: Backprop::with_chunk(self.run.stream_bp_chunk),
+            backprop: self.run.backprop()?,
             rank_tokens: self.run.rank_tokens,
             optimizer: self.run.optimizer()?,
             precision: match &self.run.precision {
@@ -1327,7 +1366,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 steps,
                 threads: threads.unwrap_or(cores).max(1),
                 device,
-                backprop: Backprop::with_chunk(stream_bp_chunk),
+                // The profile streams every document it times.
+                backprop: stream_bp_chunk.map_or(Backprop::Plain, |chunk_tokens| {
+                    Backprop::Streamed { chunk_tokens }
+                }),
             };
             let profile = weft_trainer::profile::measure(&config)?;
             eprintln!(
