@@ -351,6 +351,92 @@ fn expand_heads(kv: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
     }
 }
 
+/// Key/value heads the kernel takes at a time: all of them without GQA;
+/// with it, one, its queries' heads with it, so the keys and values
+/// expanded to the queries' heads (and their gradients) exist for one group
+/// of heads at a time, not for every head at once.
+fn kv_heads_per_call(heads: i64, kv_heads: i64) -> i64 {
+    if kv_heads == heads { kv_heads } else { 1 }
+}
+
+/// Attention of `q` to `k`/`v` ([`Partial::compute`]), key/value heads a
+/// few at a time (see [`kv_heads_per_call`]); `k`, `v` may have fewer heads.
+fn grouped_partial(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+) -> Result<Partial, AttentionError> {
+    let (heads, kv_heads) = (q.size()[1], k.size()[1]);
+    let per_call = kv_heads_per_call(heads, kv_heads);
+    if per_call == kv_heads {
+        return Partial::compute(
+            q,
+            &expand_heads(k, heads)?,
+            &expand_heads(v, heads)?,
+            causal,
+        );
+    }
+    let group = heads / kv_heads;
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for j in (0..kv_heads).step_by(per_call as usize) {
+        let q_heads = per_call * group;
+        let p = Partial::compute(
+            &q.f_narrow(1, j * group, q_heads)?,
+            &expand_heads(&k.f_narrow(1, j, per_call)?, q_heads)?,
+            &expand_heads(&v.f_narrow(1, j, per_call)?, q_heads)?,
+            causal,
+        )?;
+        outs.push(p.out);
+        lses.push(p.lse);
+    }
+    Ok(Partial {
+        out: Tensor::f_cat(&outs, 1)?,
+        lse: Tensor::f_cat(&lses, 1)?,
+    })
+}
+
+/// The backward of one block of attention, added into the fp32 gradients
+/// `dq` (of `q`'s heads) and `dk`, `dv` (of `k`'s), in place, key/value
+/// heads a few at a time (see [`kv_heads_per_call`]).
+#[allow(clippy::too_many_arguments)]
+fn grouped_backward_into(
+    kernel: Kernel,
+    grad: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    causal: bool,
+    [dq, dk, dv]: [&Tensor; 3],
+) -> Result<(), AttentionError> {
+    let (heads, kv_heads) = (q.size()[1], k.size()[1]);
+    let per_call = kv_heads_per_call(heads, kv_heads);
+    let group = heads / kv_heads;
+    let q_heads = per_call * group;
+    for j in (0..kv_heads).step_by(per_call as usize) {
+        let of_q = |t: &Tensor| t.f_narrow(1, j * group, q_heads);
+        let (g_q, g_k, g_v) = kernel.backward(
+            &of_q(grad)?,
+            &of_q(q)?,
+            &expand_heads(&k.f_narrow(1, j, per_call)?, q_heads)?,
+            &expand_heads(&v.f_narrow(1, j, per_call)?, q_heads)?,
+            &of_q(out)?,
+            &of_q(lse)?,
+            causal,
+        )?;
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            let reduce = |g: &Tensor| reduce_heads(g, per_call)?.f_to_kind(Kind::Float);
+            let _ = of_q(dq)?.f_add_(&g_q.f_to_kind(Kind::Float)?)?;
+            let _ = dk.f_narrow(1, j, per_call)?.f_add_(&reduce(&g_k)?)?;
+            let _ = dv.f_narrow(1, j, per_call)?.f_add_(&reduce(&g_v)?)?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 /// The gradient of expanded keys or values summed back to `kv_heads` heads.
 fn reduce_heads(grad: &Tensor, kv_heads: i64) -> Result<Tensor, tch::TchError> {
     let size = grad.size();
@@ -423,11 +509,10 @@ pub fn ring_attention_forward(
         for b in 0..layout.inner {
             for block in blocks(shard, me, layout.owner(a, b), d) {
                 let doc = &shard.docs[block.doc];
-                let heads = doc.q[block.q].size()[1];
-                let p = Partial::compute(
+                let p = grouped_partial(
                     &doc.q[block.q],
-                    &expand_heads(&held_k[block.doc][block.kv], heads)?,
-                    &expand_heads(&held_v[block.doc][block.kv], heads)?,
+                    &held_k[block.doc][block.kv],
+                    &held_v[block.doc][block.kv],
                     block.causal,
                 )?;
                 partial[block.doc][block.q] = Some(match partial[block.doc][block.q].take() {
@@ -503,7 +588,6 @@ pub fn ring_attention_backward(
     if forward.len() != shard.docs.len() || grad_out.len() != shard.docs.len() {
         return Err(AttentionError::Shape { chunk: 0 });
     }
-    let float = |t: &Tensor| t.f_to_kind(Kind::Float);
     // Fresh fp32 accumulators (to_kind of an fp32 tensor would alias it).
     let zeros = |t: &Tensor| Tensor::f_zeros(t.size().as_slice(), (Kind::Float, t.device()));
     let pair = |t: &[Tensor; 2], f: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>| {
@@ -529,21 +613,18 @@ pub fn ring_attention_backward(
         for b in 0..layout.inner {
             for block in blocks(shard, me, layout.owner(a, b), d) {
                 let (i, qi, ki) = (block.doc, block.q, block.kv);
-                let heads = shard.docs[i].q[qi].size()[1];
-                let kv_heads = held_k[i][ki].size()[1];
                 let kernel = Kernel::for_device(shard.docs[i].q[qi].device());
-                let (g_q, g_k, g_v) = kernel.backward(
+                grouped_backward_into(
+                    kernel,
                     &grad_out[i][qi],
                     &shard.docs[i].q[qi],
-                    &expand_heads(&held_k[i][ki], heads)?,
-                    &expand_heads(&held_v[i][ki], heads)?,
+                    &held_k[i][ki],
+                    &held_v[i][ki],
                     &forward[i].out[qi],
                     &forward[i].lse[qi],
                     block.causal,
+                    [&dq[i][qi], &held_dk[i][ki], &held_dv[i][ki]],
                 )?;
-                dq[i][qi] = dq[i][qi].f_add(&float(&g_q)?)?;
-                held_dk[i][ki] = held_dk[i][ki].f_add(&float(&reduce_heads(&g_k, kv_heads)?)?)?;
-                held_dv[i][ki] = held_dv[i][ki].f_add(&float(&reduce_heads(&g_v, kv_heads)?)?)?;
             }
             let (hop, t) = (layout.inner_hop(), tag());
             if b + 1 < layout.inner {

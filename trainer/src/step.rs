@@ -243,6 +243,27 @@ fn rows_first(t: &Tensor) -> Result<Tensor, tch::TchError> {
         .f_reshape([n, heads * e])
 }
 
+/// Writes `t` (`[1, heads, r, E]`) into rows `offset..offset + r`, columns
+/// `column..column + heads·E` of `rows` (`[n, width]`), in place: what
+/// [`rows_first`] gives, without a copy of its own.
+fn write_rows_first(
+    rows: &Tensor,
+    offset: i64,
+    column: i64,
+    t: &Tensor,
+) -> Result<(), tch::TchError> {
+    let size = t.size();
+    let (heads, r, e) = (size[1], size[2], size[3]);
+    tch::no_grad(|| {
+        rows.f_narrow(0, offset, r)?
+            .f_narrow(1, column, heads * e)?
+            .f_view([r, heads, e])?
+            .f_permute([1, 0, 2])?
+            .f_copy_(&t.f_squeeze_dim(0)?)
+    })?;
+    Ok(())
+}
+
 /// Rotates rows `[n, heads·E]` at `positions` `[n]`.
 fn rope_rows(
     rows: &Tensor,
@@ -314,7 +335,11 @@ fn attend(
 ) -> Result<(Tensor, Vec<RingSaved>), StepError> {
     let (qw, kw) = (h.q_width(), h.kv_width());
     let mut offset = 0;
-    let mut outs = Vec::new();
+    // Each chunk's output is written into its rows as it comes (made once
+    // the first ring is done, so it does not add to the ring's own peak).
+    let rows_of = || Tensor::f_zeros([qkv.size()[0], qw], (qkv.kind(), qkv.device()));
+    let mut out: Option<Tensor> = None;
+    let mut written = 0;
     let mut saved = Vec::with_capacity(parts.len());
     for part in parts {
         let mut docs = Vec::with_capacity(part.docs.len());
@@ -341,33 +366,41 @@ fn attend(
         }
         let shard = RingShard { docs };
         let forward = ring_attention_forward(group, &part.ring, part.inner_ring, &shard)?;
-        for out in &forward {
-            for chunk in &out.out {
-                outs.push(rows_first(chunk)?);
+        let out = match &mut out {
+            Some(out) => out,
+            None => out.insert(rows_of()?),
+        };
+        for doc in &forward {
+            for chunk in &doc.out {
+                write_rows_first(out, written, 0, chunk)?;
+                written += chunk.size()[2];
             }
         }
         saved.push(RingSaved { shard, forward });
     }
-    let out = if outs.is_empty() {
-        Tensor::f_zeros([0, qw], (qkv.kind(), qkv.device()))?
-    } else {
-        Tensor::f_cat(&outs, 0)?
-    };
-    Ok((out, saved))
+    Ok((out.map_or_else(rows_of, Ok)?, saved))
 }
 
 /// The backward of [`attend`]: from the gradient of its output rows to the
-/// gradient of its `[n, (H + 2·H_kv)·E]` input rows.
+/// gradient of its `[n, (H + 2·H_kv)·E]` input rows, in `grad`'s kind (the
+/// ring accumulates in fp32). `grad` is let go once split by head, and each
+/// ring's gradients are written into their rows as they come, so no second
+/// copy of either spans all the rows.
 fn attend_backward(
     group: &mut ProcessGroup,
     parts: &[RingPart],
     saved: &[RingSaved],
-    grad: &Tensor,
+    grad: Tensor,
     h: Heads,
 ) -> Result<Tensor, StepError> {
+    let (qw, kw) = (h.q_width(), h.kv_width());
+    let (n, kind, device) = (grad.size()[0], grad.kind(), grad.device());
+    // Made once the first ring is done, so it does not add to its peak.
+    let rows_of = || Tensor::f_zeros([n, qw + 2 * kw], (kind, device));
+    let mut rows: Option<Tensor> = None;
     let mut offset = 0;
-    let mut rows = Vec::new();
-    for (part, saved) in parts.iter().zip(saved) {
+    let mut by_part = Vec::with_capacity(parts.len());
+    for part in parts {
         let mut grad_out = Vec::with_capacity(part.docs.len());
         for doc in &part.docs {
             let [a, b] = doc.rows;
@@ -376,6 +409,11 @@ fn attend_backward(
             offset += a + b;
             grad_out.push([first, second]);
         }
+        by_part.push(grad_out);
+    }
+    drop(grad);
+    let mut written = 0;
+    for ((part, saved), grad_out) in parts.iter().zip(saved).zip(by_part) {
         let grads = ring_attention_backward(
             group,
             &part.ring,
@@ -384,25 +422,21 @@ fn attend_backward(
             &saved.forward,
             &grad_out,
         )?;
+        drop(grad_out);
+        let rows = match &mut rows {
+            Some(rows) => rows,
+            None => rows.insert(rows_of()?),
+        };
         for g in &grads {
             for c in 0..2 {
-                rows.push(Tensor::f_cat(
-                    &[
-                        rows_first(&g.dq[c])?,
-                        rows_first(&g.dk[c])?,
-                        rows_first(&g.dv[c])?,
-                    ],
-                    1,
-                )?);
+                write_rows_first(rows, written, 0, &g.dq[c])?;
+                write_rows_first(rows, written, qw, &g.dk[c])?;
+                write_rows_first(rows, written, qw + kw, &g.dv[c])?;
+                written += g.dq[c].size()[2];
             }
         }
     }
-    if rows.is_empty() {
-        let width = h.q_width() + 2 * h.kv_width();
-        return Ok(Tensor::f_zeros([0, width], (grad.kind(), grad.device()))?);
-    }
-    // Accumulated in fp32; sent back in the activations' kind.
-    Ok(Tensor::f_cat(&rows, 0)?.f_to_kind(grad.kind())?)
+    Ok(rows.map_or_else(rows_of, Ok)?)
 }
 
 /// The gradient libtorch accumulated on a leaf, zeros when it has none.
@@ -602,7 +636,7 @@ impl Pass<'_> {
     fn attend_backward(
         &mut self,
         rings: &[RingSaved],
-        grad_attention: &Tensor,
+        grad_attention: Tensor,
     ) -> Result<Tensor, StepError> {
         settle(self.device);
         let t = Instant::now();
@@ -667,7 +701,7 @@ impl Pass<'_> {
             let grad_attended = self
                 .layouts
                 .move_to_attention(self.group, &grad_of(&layer.attended)?)?;
-            let grad_qkv = self.attend_backward(&layer.rings, &grad_attended)?;
+            let grad_qkv = self.attend_backward(&layer.rings, grad_attended)?;
             let grad_qkv = self.layouts.move_to_linear(self.group, &grad_qkv)?;
             backward_from(&layer.qkv, &grad_qkv)?;
             grad = grad_of(&layer.input)?;
@@ -746,7 +780,12 @@ impl Pass<'_> {
             let through_residual = input.f_zeros_like()?;
             let grad_qkv = {
                 let grad_out = std::mem::replace(&mut grad, Tensor::new());
-                let grad_attended = by_chunks(n, chunk_tokens, |start, len| {
+                // A chunk's rows of the incoming gradient are spent once its
+                // backward ran: where the kinds agree, the attention output's
+                // gradient takes their place, so no second tensor of the
+                // rank's rows is made.
+                let in_place = grad_out.kind() == attended.kind();
+                let chunk_backward = |start: i64, len: i64| -> Result<Tensor, StepError> {
                     let xc = leaf_rows(input, start, len)?;
                     let ac = leaf_rows(&attended, start, len)?;
                     let output = finish_layer(model, block, &xc, &ac)?;
@@ -757,15 +796,28 @@ impl Pass<'_> {
                             .f_copy_(&grad_of(&xc)?)
                     })?;
                     Ok(grad_of(&ac)?)
-                })?;
-                drop((attended, grad_out));
+                };
+                let grad_attended = if in_place {
+                    for (start, len) in chunk_ranges(n, chunk_tokens) {
+                        let g = chunk_backward(start, len)?;
+                        tch::no_grad(|| grad_out.f_narrow(0, start, len)?.f_copy_(&g))?;
+                    }
+                    grad_out
+                } else {
+                    let grad_attended = by_chunks(n, chunk_tokens, chunk_backward)?;
+                    drop(grad_out);
+                    grad_attended
+                };
+                drop(attended);
                 let grad_attention = self.layouts.move_to_attention(self.group, &grad_attended)?;
                 drop(grad_attended);
-                let grad_qkv = self.attend_backward(&rings, &grad_attention)?;
-                drop((rings, grad_attention));
+                let grad_qkv = self.attend_backward(&rings, grad_attention)?;
+                drop(rings);
                 self.layouts.move_to_linear(self.group, &grad_qkv)?
             };
-            grad = by_chunks(n, chunk_tokens, |start, len| {
+            // The gradient into the layer's input: through the residual
+            // plus through the projections, added in place into the first.
+            for (start, len) in chunk_ranges(n, chunk_tokens) {
                 let xc = leaf_rows(input, start, len)?;
                 let qkv = project_qkv(
                     model,
@@ -775,8 +827,15 @@ impl Pass<'_> {
                     h,
                 )?;
                 backward_from(&qkv, &grad_qkv.f_narrow(0, start, len)?)?;
-                Ok(grad_of(&xc)?.f_add(&through_residual.f_narrow(0, start, len)?)?)
-            })?;
+                tch::no_grad(|| {
+                    through_residual
+                        .f_narrow(0, start, len)?
+                        .f_add_(&grad_of(&xc)?)
+                        .map(|_| ())
+                })?;
+            }
+            drop(grad_qkv);
+            grad = through_residual;
         }
         // The embedding's gradient, added row by row into the table's own:
         // libtorch's embedding backward would first build a whole table of
