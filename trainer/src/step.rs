@@ -378,6 +378,7 @@ fn attend(
         }
         saved.push(RingSaved { shard, forward });
     }
+    rows_covered(written, qkv.size()[0])?;
     Ok((out.map_or_else(rows_of, Ok)?, saved))
 }
 
@@ -436,7 +437,20 @@ fn attend_backward(
             }
         }
     }
+    rows_covered(written, n)?;
     Ok(rows.map_or_else(rows_of, Ok)?)
+}
+
+/// The ring groups' rows cover the layout's, as `ring_parts` lays them out:
+/// no row of a result is left unwritten.
+fn rows_covered(written: i64, rows: i64) -> Result<(), StepError> {
+    if written == rows {
+        Ok(())
+    } else {
+        Err(StepError::PlanBatch(format!(
+            "the ring groups hold {written} rows of this rank's {rows} in the attention layout"
+        )))
+    }
 }
 
 /// The gradient libtorch accumulated on a leaf, zeros when it has none.

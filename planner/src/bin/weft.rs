@@ -340,8 +340,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             if explain {
+                let candidates =
+                    weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?;
+                // The name column as wide as the longest name.
+                let width = candidates
+                    .iter()
+                    .map(|c| c.name.len())
+                    .chain(std::iter::once(22))
+                    .max()
+                    .unwrap_or(22);
                 eprintln!(
-                    "{:<22} {:>12} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8}",
+                    "{:<width$} {:>12} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8}",
                     "candidate",
                     "step_time_s",
                     "vs_lb",
@@ -352,14 +361,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "sim_ms"
                 );
                 let lb = weft_planner::lower_bound(&ctx, &lengths);
-                for candidate in weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?
-                {
+                for candidate in candidates {
                     let (name, layout) = (&candidate.name, &candidate.layout);
                     let start = std::time::Instant::now();
                     let o = weft_planner::simulate(&ctx, &lengths, layout);
                     let sim_ms = start.elapsed().as_secs_f64() * 1e3;
                     eprintln!(
-                        "{:<22} {:>12.4} {:>9.3} {:>9.3} {:>7.1}% {:>5} {:>9.1} {:>8.1}",
+                        "{:<width$} {:>12.4} {:>9.3} {:>9.3} {:>7.1}% {:>5} {:>9.1} {:>8.1}",
                         name,
                         o.step_time_s,
                         if lb > 0.0 { o.step_time_s / lb } else { 1.0 },
