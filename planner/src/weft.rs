@@ -132,6 +132,24 @@ struct Shape {
     short_capacity: Option<u64>,
 }
 
+impl Shape {
+    /// Degrees scaled by `scale`, rings past a node on whole nodes, and
+    /// nothing else: the shape the others vary.
+    fn on_nodes(scale: f64) -> Shape {
+        Shape {
+            remap: false,
+            scale,
+            whole_nodes: true,
+            lookahead: false,
+            widen: None,
+            by_area: false,
+            timed: None,
+            search: None,
+            short_capacity: None,
+        }
+    }
+}
+
 /// What a sequence needs in a balanced layout: the ranks its tokens need,
 /// and the ranks (as a fraction, counted as the fastest GPUs, whatever kind
 /// of node the cluster lists first) that keep its work per rank within an
@@ -914,15 +932,8 @@ fn mixed_candidates(ctx: &PlanContext, lengths: &[u64], short_capacity: u64) -> 
     let share = work_bound(ctx, lengths);
     let bound = lower_bound(ctx, lengths);
     let shape = Shape {
-        remap: false,
-        scale: 1.0,
-        whole_nodes: true,
-        lookahead: false,
-        widen: None,
-        by_area: false,
-        timed: None,
-        search: None,
         short_capacity: Some(short_capacity),
+        ..Shape::on_nodes(1.0)
     };
     let mut shapes = vec![
         ("balanced+nodesx1", shape),
@@ -985,21 +996,10 @@ fn candidates_of_one_backprop(
     // Scales that give every sequence the same degree as a larger scale give
     // the same layout: only the larger is built.
     let share = work_bound(ctx, lengths);
-    let nodes_shape = |scale: f64| Shape {
-        remap: false,
-        scale,
-        whole_nodes: true,
-        lookahead: false,
-        widen: None,
-        by_area: false,
-        timed: None,
-        search: None,
-        short_capacity: None,
-    };
     let mut distinct: Vec<Vec<u32>> = Vec::new();
     let mut same_as_larger: Vec<f64> = Vec::new();
     for scale in DEGREE_SCALES.iter().rev().copied() {
-        let degree = degree_rule(ctx, capacity, nodes_shape(scale), share);
+        let degree = degree_rule(ctx, capacity, Shape::on_nodes(scale), share);
         let degrees: Vec<u32> = lengths.iter().map(|s| degree(*s)).collect();
         if distinct.contains(&degrees) {
             same_as_larger.push(scale);
@@ -1032,14 +1032,8 @@ fn candidates_of_one_backprop(
             );
             let shape = Shape {
                 remap,
-                scale,
                 whole_nodes,
-                lookahead: false,
-                widen: None,
-                by_area: false,
-                timed: None,
-                search: None,
-                short_capacity: None,
+                ..Shape::on_nodes(scale)
             };
             if !remap && whole_nodes && same_as_larger.contains(&scale) {
                 continue;
@@ -1054,15 +1048,8 @@ fn candidates_of_one_backprop(
         builds.push((
             "balanced+nodes+areax1".to_string(),
             Build::Balanced(Shape {
-                remap: false,
-                scale: 1.0,
-                whole_nodes: true,
-                lookahead: false,
-                widen: None,
                 by_area: true,
-                timed: None,
-                search: None,
-                short_capacity: None,
+                ..Shape::on_nodes(1.0)
             }),
         ));
     }
@@ -1092,15 +1079,9 @@ fn candidates_of_one_backprop(
     let mixed = gpu_classes(ctx).len() > 1;
     for into_idle in [false, true].into_iter().filter(|_| memory_binds || mixed) {
         let shape = Shape {
-            remap: false,
-            scale: 1.0,
-            whole_nodes: true,
             lookahead,
             widen: Some(into_idle),
-            by_area: false,
-            timed: None,
-            search: None,
-            short_capacity: None,
+            ..Shape::on_nodes(1.0)
         };
         builds.push((
             format!(
@@ -1121,7 +1102,7 @@ fn candidates_of_one_backprop(
             Build::Balanced(Shape {
                 timed: Some(bound),
                 search: None,
-                ..nodes_shape(1.0)
+                ..Shape::on_nodes(1.0)
             }),
         ));
     }
@@ -1132,7 +1113,7 @@ fn candidates_of_one_backprop(
             Build::Balanced(Shape {
                 widen: Some(true),
                 search: Some(bound),
-                ..nodes_shape(1.0)
+                ..Shape::on_nodes(1.0)
             }),
         ));
     }
@@ -1379,14 +1360,7 @@ pub fn plan_weft(
             rank_capacity(ctx)?,
             Shape {
                 remap: true,
-                scale: 1.0,
-                whole_nodes: true,
-                lookahead: false,
-                widen: None,
-                by_area: false,
-                timed: None,
-                search: None,
-                short_capacity: None,
+                ..Shape::on_nodes(1.0)
             },
             &one_rank_order(ctx, lengths),
         ),
@@ -1482,15 +1456,8 @@ mod tests {
             let ctx = context(cluster, "llama-7b");
             let capacity = rank_capacity(&ctx).unwrap();
             let shape = Shape {
-                remap: false,
-                scale: 1.0,
-                whole_nodes: true,
-                lookahead: false,
                 widen: Some(true),
-                by_area: false,
-                timed: None,
-                search: None,
-                short_capacity: None,
+                ..Shape::on_nodes(1.0)
             };
             let slow = PlanContext {
                 limits: Default::default(),
@@ -1740,17 +1707,7 @@ mod tests {
         let share = work_bound(&ctx, &lengths);
         let degrees = |name: &str| {
             let scale: f64 = name.trim_start_matches("balanced+nodesx").parse().unwrap();
-            let shape = Shape {
-                remap: false,
-                scale,
-                whole_nodes: true,
-                lookahead: false,
-                widen: None,
-                by_area: false,
-                timed: None,
-                search: None,
-                short_capacity: None,
-            };
+            let shape = Shape::on_nodes(scale);
             let degree = degree_rule(&ctx, capacity, shape, share);
             lengths.iter().map(|s| degree(*s)).collect::<Vec<u32>>()
         };
