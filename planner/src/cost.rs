@@ -547,29 +547,30 @@ impl CostModel {
         let t = tokens as f64;
         let budget = self.with_streaming(false).step_bytes(t, t);
         let fits = |n: u64| self.step_bytes(n as f64, n as f64) <= budget;
-        // Step memory grows with the tokens: the last count that fits, by
-        // doubling then bisection (fewer than `tokens` for a model so
-        // shallow that StreamBP keeps more a token).
-        let (mut lo, mut hi) = if fits(tokens) {
-            let (mut lo, mut hi) = (tokens, tokens.saturating_mul(2));
-            while fits(hi) && hi < u64::MAX / 2 {
-                lo = hi;
-                hi = hi.saturating_mul(2);
-            }
-            (lo, hi)
-        } else {
-            (0, tokens)
-        };
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
+        // (Fewer than `tokens` for a model so shallow that StreamBP keeps
+        // more a token.)
+        last_fitting(fits)
     }
+}
+
+/// The largest count for which `fits` holds, where it holds up to some
+/// count and for none past it (memory that grows with the tokens), found by
+/// doubling, then bisection; 0 when not even 1 fits.
+pub(crate) fn last_fitting(fits: impl Fn(u64) -> bool) -> u64 {
+    let (mut lo, mut hi) = (0u64, 1u64);
+    while fits(hi) && hi < u64::MAX / 2 {
+        lo = hi;
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// Time of a ring pass, and how much of it is computation.

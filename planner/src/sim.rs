@@ -414,7 +414,7 @@ struct RingBound {
 /// spread over the whole cluster and all it may offload to the host
 /// offloaded (see [`plain_reach`]).
 pub fn must_stream(ctx: &PlanContext, length: u64) -> bool {
-    plain_reach(ctx).is_some_and(|reach| length as f64 > reach)
+    plain_reach(ctx).is_some_and(|reach| length > reach)
 }
 
 /// With StreamBP per ring, the most tokens plain backprop can hold on one
@@ -425,7 +425,7 @@ pub fn must_stream(ctx: &PlanContext, length: u64) -> bool {
 /// frees at most all but the first and last layers' activations. The reach
 /// is the longest sequence whose least share of each still fits the
 /// roomiest rank's memory.
-fn plain_reach(ctx: &PlanContext) -> Option<f64> {
+fn plain_reach(ctx: &PlanContext) -> Option<u64> {
     if ctx.cost.coefficients.streambp != crate::cost::StreamBp::PerRing {
         return None;
     }
@@ -446,27 +446,10 @@ fn plain_reach(ctx: &PlanContext) -> Option<f64> {
     } else {
         1.0
     };
-    let fits =
-        |length: f64| plain.step_bytes(kept * length / world, kept * length / widest) <= room;
-    if !fits(1.0) {
-        return Some(0.0);
-    }
-    // Step memory grows with the tokens: the last length that fits, by
-    // doubling then bisection.
-    let (mut lo, mut hi) = (1.0f64, 2.0f64);
-    while fits(hi) && hi < 1e15 {
-        lo = hi;
-        hi *= 2.0;
-    }
-    while hi - lo > 0.5 {
-        let mid = 0.5 * (lo + hi);
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Some(hi)
+    Some(crate::cost::last_fitting(|length| {
+        let length = length as f64;
+        plain.step_bytes(kept * length / world, kept * length / widest) <= room
+    }))
 }
 
 /// The cost model a sequence of `length` tokens is at best priced with: the
@@ -488,15 +471,14 @@ pub fn work_bound(ctx: &PlanContext, lengths: &[u64]) -> f64 {
     // Work in "seconds on a reference GPU", then divide by the cluster's
     // capacity in reference GPUs, so heterogeneous clusters are handled.
     let reference = topo.reference_gpu().clone();
-    let streamed = ctx.cost.with_streaming(true);
-    let reach = plain_reach(ctx);
+    // (Priced streamed only where StreamBP is chosen per ring.)
+    let streamed = plain_reach(ctx).map(|reach| (reach, ctx.cost.with_streaming(true)));
     let work: f64 = lengths
         .iter()
         .map(|s| {
-            let cost = if reach.is_some_and(|reach| *s as f64 > reach) {
-                &streamed
-            } else {
-                &ctx.cost
+            let cost = match &streamed {
+                Some((reach, streamed)) if s > reach => streamed,
+                _ => &ctx.cost,
             };
             let s = *s as f64;
             cost.linear_time(s, &reference) + cost.attention_compute_time(s, &reference)
@@ -876,6 +858,18 @@ struct AttentionTokens {
     shares: Vec<Vec<u64>>,
 }
 
+impl AttentionTokens {
+    /// Rank `r`'s tokens in the linear layout (the remap's when there is
+    /// one), and the tokens whose activations it keeps in the linear and the
+    /// attention layout (offloaded ones not counted), what
+    /// [`CostModel::rank_memory_bytes`] takes.
+    fn held(&self, remap: Option<&RemapPlan>, r: usize) -> (u64, f64, f64) {
+        let linear = remap.map_or(self.attention[r], |p| p.linear_tokens[r]);
+        let kept = |tokens: u64| (tokens as f64 - self.offloaded[r]).max(0.0);
+        (linear, kept(linear), kept(self.attention[r]))
+    }
+}
+
 fn attention_tokens(ctx: &PlanContext, lengths: &[u64], mb: &LayoutMicroBatch) -> AttentionTokens {
     let world = ctx.topology.world() as usize;
     let mut attention = vec![0u64; world];
@@ -917,13 +911,8 @@ pub fn micro_batch_tokens(
     let remap = mb.remap.then(|| plan_remap(ctx, cost, 0, &held.attention));
     (0..held.attention.len())
         .map(|r| {
-            let linear = remap
-                .as_ref()
-                .map_or(held.attention[r], |p| p.linear_tokens[r]);
-            (
-                (linear as f64 - held.offloaded[r]).max(0.0),
-                (held.attention[r] as f64 - held.offloaded[r]).max(0.0),
-            )
+            let (_, linear, attention) = held.held(remap.as_ref(), r);
+            (linear, attention)
         })
         .collect()
 }
@@ -964,11 +953,8 @@ fn simulate_inner(
         let index = index as u32;
         let rank_streams = ranks_streaming(&ctx.cost, mb, topo.world());
         let micro_batch_cost = cost_of(rank_streams.iter().any(|s| *s));
-        let AttentionTokens {
-            attention,
-            offloaded,
-            shares,
-        } = attention_tokens(ctx, lengths, mb);
+        let held = attention_tokens(ctx, lengths, mb);
+        let (attention, shares) = (&held.attention, &held.shares);
 
         // Ring flows that cross nodes, and the NIC load they make.
         let mut load = NicLoad::default();
@@ -1029,18 +1015,11 @@ fn simulate_inner(
         // Memory and the remap.
         let remap = mb
             .remap
-            .then(|| plan_remap(ctx, micro_batch_cost, index, &attention));
+            .then(|| plan_remap(ctx, micro_batch_cost, index, attention));
         for r in 0..world {
             let cost = cost_of(rank_streams[r]);
-            let linear = remap
-                .as_ref()
-                .map(|p| p.linear_tokens[r])
-                .unwrap_or(attention[r]);
-            let bytes = cost.rank_memory_bytes(
-                (linear as f64 - offloaded[r]).max(0.0),
-                (attention[r] as f64 - offloaded[r]).max(0.0),
-                topo.world(),
-            );
+            let (linear, kept_linear, kept_attention) = held.held(remap.as_ref(), r);
+            let bytes = cost.rank_memory_bytes(kept_linear, kept_attention, topo.world());
             let rank = &mut ranks[r];
             rank.peak_memory_bytes = rank.peak_memory_bytes.max(bytes);
             rank.attention_tokens += attention[r];
