@@ -564,8 +564,8 @@ fn the_golden_pictures_render_in_a_browser() {
     let dir = std::env::temp_dir().join(format!("weft-cli-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("profile");
-    // Chromium will not start its sandbox for the root user, so a root user
-    // runs it without one; any other user keeps the sandbox.
+    // Chromium refuses to run sandboxed as root: when the tests run as root
+    // (a container, a CI job) it runs without its sandbox; otherwise with it.
     let as_root = Command::new("id")
         .arg("-u")
         .output()
