@@ -13,65 +13,256 @@
 //! - `github`: ByteScale's GitHub set. Targets: 16.2% of tokens in sequences
 //!   > 128K and 9.8% in sequences > 256K. Solved: about 16% and 11%.
 //!
+//!
+//! A family that spans the space between, for testing the planner on
+//! workloads it was not tuned on (each relative to a context cap, 256K
+//! unless given; lengths past the cap are cut to it when planned):
+//! - `at-cap-P` (P = 0, 25, 50, 75, 95): P% of the tokens in documents at
+//!   the cap (repositories or books packed to the context), the rest spread
+//!   evenly over lengths from 256 tokens to the cap (log-uniform lengths:
+//!   as many tokens in every length band of equal width).
+//! - `powerlaw-A` (A = 1.5, 2.0, 2.5): lengths with density proportional
+//!   to length^-A from 128 tokens to 8 times the cap. Cut to the cap, about
+//!   40% of the tokens are in documents at it at 1.5; at 2.0 every doubling
+//!   of length holds as many tokens (a tenth end at the cap); at 2.5 most
+//!   tokens are in short documents (under 1% at the cap).
+//! - `bimodal`: short chat turns (64 to 2,048 tokens) and whole books (a
+//!   sixteenth of the cap to four times it), half of the tokens each.
+//! - `uniform`: lengths uniform from 128 tokens to the cap.
+//!
 //! [`describe`] measures what a sample actually holds, so reports state it.
 
 use crate::rng::SplitMix64;
 
-/// A mixture of log-uniform ranges: (probability, lowest, highest) tokens.
-type Mixture = &'static [(f64, f64, f64)];
+/// One part of a mixture: how its lengths are drawn.
+#[derive(Clone, Copy, Debug)]
+enum Part {
+    /// log-uniform over [low, high] (a single length when they are equal).
+    LogUniform(f64, f64),
+    /// Density proportional to length^-exponent over [low, high].
+    Pareto { exponent: f64, low: f64, high: f64 },
+    /// Uniform over [low, high].
+    Uniform(f64, f64),
+}
 
-const BYTED: Mixture = &[
+impl Part {
+    /// The mean length of the part.
+    fn mean(self) -> f64 {
+        match self {
+            Part::LogUniform(low, high) if high > low => (high - low) / (high / low).ln(),
+            Part::LogUniform(low, _) => low,
+            Part::Uniform(low, high) => 0.5 * (low + high),
+            Part::Pareto {
+                exponent: a,
+                low,
+                high,
+            } => {
+                // ∫x·x^-a / ∫x^-a over [low, high].
+                let integral = |p: f64| {
+                    if p.abs() < 1e-12 {
+                        (high / low).ln()
+                    } else {
+                        (high.powf(p) - low.powf(p)) / p
+                    }
+                };
+                integral(2.0 - a) / integral(1.0 - a)
+            }
+        }
+    }
+
+    fn draw(self, u: f64) -> f64 {
+        match self {
+            Part::LogUniform(low, high) if high > low => {
+                (low.ln() + u * (high.ln() - low.ln())).exp()
+            }
+            Part::LogUniform(low, _) => low,
+            Part::Uniform(low, high) => low + u * (high - low),
+            Part::Pareto {
+                exponent: a,
+                low,
+                high,
+            } => {
+                let p = 1.0 - a;
+                if p.abs() < 1e-12 {
+                    Part::LogUniform(low, high).draw(u)
+                } else {
+                    (low.powf(p) + u * (high.powf(p) - low.powf(p))).powf(1.0 / p)
+                }
+            }
+        }
+    }
+}
+
+/// A mixture: (probability, part).
+type Mixture = Vec<(f64, Part)>;
+
+/// Two parts with probabilities such that `second` holds `share` of the
+/// tokens.
+fn with_token_share(first: Part, second: Part, share: f64) -> Mixture {
+    let (m1, m2) = (first.mean(), second.mean());
+    // q·m2 / (q·m2 + (1-q)·m1) = share.
+    let q = share * m1 / (m2 * (1.0 - share) + share * m1);
+    vec![(1.0 - q, first), (q, second)]
+}
+
+fn log_uniform(parts: &[(f64, f64, f64)]) -> Mixture {
+    parts
+        .iter()
+        .map(|&(p, low, high)| (p, Part::LogUniform(low, high)))
+        .collect()
+}
+
+const BYTED: &[(f64, f64, f64)] = &[
     (0.8000, 128.0, 4096.0),
     (0.1932, 4096.0, 131_072.0),
     (0.0060, 131_072.0, 2_097_152.0),
     (0.0008, 2_097_152.0, 2_097_152.0),
 ];
 
-const GITHUB: Mixture = &[
+const GITHUB: &[(f64, f64, f64)] = &[
     (0.85000, 128.0, 8192.0),
     (0.14458, 8192.0, 131_072.0),
     (0.00542, 131_072.0, 524_288.0),
 ];
 
-/// Names of the distributions.
+/// Names of the distributions calibrated to published figures.
 pub const DISTRIBUTIONS: [&str; 2] = ["byted", "github"];
+
+/// Names of the family that spans the space between (see the module
+/// documentation).
+pub const FAMILY: [&str; 10] = [
+    "at-cap-0",
+    "at-cap-25",
+    "at-cap-50",
+    "at-cap-75",
+    "at-cap-95",
+    "powerlaw-1.5",
+    "powerlaw-2.0",
+    "powerlaw-2.5",
+    "bimodal",
+    "uniform",
+];
+
+/// The context cap the family is drawn for unless given.
+pub const DEFAULT_CAP: u64 = 262_144;
 
 /// Why a distribution cannot be sampled.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SyntheticError {
-    #[error("unknown distribution {0:?} (known: byted, github)")]
+    #[error("unknown distribution {0:?} (known: {known})", known = known_names())]
     Unknown(String),
+    #[error("distribution {0:?} is calibrated to published figures and has no cap (a cap applies to {family})", family = FAMILY.join(", "))]
+    CapNotApplicable(String),
+    #[error("cap {0} is below 4,096 tokens, the shortest the family is drawn for")]
+    CapTooSmall(u64),
 }
 
-fn mixture(name: &str) -> Result<Mixture, SyntheticError> {
+impl SyntheticError {
+    /// A stable category for reports and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            SyntheticError::Unknown(_) => "unknown-distribution",
+            SyntheticError::CapNotApplicable(_) => "cap-not-applicable",
+            SyntheticError::CapTooSmall(_) => "cap-too-small",
+        }
+    }
+}
+
+fn known_names() -> String {
+    DISTRIBUTIONS
+        .iter()
+        .chain(FAMILY.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn mixture(name: &str, cap: Option<u64>) -> Result<Mixture, SyntheticError> {
+    if DISTRIBUTIONS.contains(&name) {
+        if cap.is_some() {
+            return Err(SyntheticError::CapNotApplicable(name.to_string()));
+        }
+        return Ok(log_uniform(if name == "byted" { BYTED } else { GITHUB }));
+    }
+    let cap = cap.unwrap_or(DEFAULT_CAP);
+    if cap < 4096 {
+        return Err(SyntheticError::CapTooSmall(cap));
+    }
+    let c = cap as f64;
+    let unknown = || SyntheticError::Unknown(name.to_string());
+    if let Some(percent) = name.strip_prefix("at-cap-") {
+        let share = match percent {
+            "0" => 0.0,
+            "25" => 0.25,
+            "50" => 0.5,
+            "75" => 0.75,
+            "95" => 0.95,
+            _ => return Err(unknown()),
+        };
+        // Below the cap: log-uniform up to one token short of it, so a
+        // document at the cap comes only from the second part.
+        let rest = Part::LogUniform(256.0, c - 1.0);
+        return Ok(with_token_share(rest, Part::LogUniform(c, c), share));
+    }
+    if let Some(exponent) = name.strip_prefix("powerlaw-") {
+        let exponent = match exponent {
+            "1.5" => 1.5,
+            "2.0" => 2.0,
+            "2.5" => 2.5,
+            _ => return Err(unknown()),
+        };
+        return Ok(vec![(
+            1.0,
+            Part::Pareto {
+                exponent,
+                low: 128.0,
+                high: 8.0 * c,
+            },
+        )]);
+    }
     match name {
-        "byted" => Ok(BYTED),
-        "github" => Ok(GITHUB),
-        other => Err(SyntheticError::Unknown(other.to_string())),
+        "bimodal" => Ok(with_token_share(
+            Part::LogUniform(64.0, 2048.0),
+            Part::LogUniform(c / 16.0, 4.0 * c),
+            0.5,
+        )),
+        "uniform" => Ok(vec![(1.0, Part::Uniform(128.0, c))]),
+        _ => Err(unknown()),
     }
 }
 
 /// `count` lengths drawn from distribution `name` with `seed`.
 pub fn sample(name: &str, count: usize, seed: u64) -> Result<Vec<u64>, SyntheticError> {
-    let mix = mixture(name)?;
+    sample_with_cap(name, count, seed, None)
+}
+
+/// `count` lengths drawn from distribution `name` with `seed`, the family's
+/// drawn for a context cap of `cap` tokens (default [`DEFAULT_CAP`]).
+pub fn sample_with_cap(
+    name: &str,
+    count: usize,
+    seed: u64,
+    cap: Option<u64>,
+) -> Result<Vec<u64>, SyntheticError> {
+    let mix = mixture(name, cap)?;
     let mut rng = SplitMix64::new(seed);
     let unit = |rng: &mut SplitMix64| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     Ok((0..count)
         .map(|_| {
             let mut u = unit(&mut rng);
-            let mut chosen = mix[mix.len() - 1];
-            for part in mix {
-                if u < part.0 {
-                    chosen = *part;
+            let mut chosen = mix[mix.len() - 1].1;
+            for &(p, part) in &mix {
+                if u < p {
+                    chosen = part;
                     break;
                 }
-                u -= part.0;
+                u -= p;
             }
-            let (_, low, high) = chosen;
-            let x = if high > low {
-                (low.ln() + unit(&mut rng) * (high.ln() - low.ln())).exp()
-            } else {
-                low
+            // A part of one length draws nothing more (the calibrated
+            // distributions' samples stay what they were).
+            let x = match chosen {
+                Part::LogUniform(low, high) if high <= low => low,
+                part => part.draw(unit(&mut rng)),
             };
             x.round().max(1.0) as u64
         })
@@ -133,6 +324,88 @@ mod tests {
         let over_256k = share_of_tokens_at_least(&lengths, 262_145);
         assert!((over_128k - 0.162).abs() < 0.03, "{over_128k}");
         assert!((over_256k - 0.098).abs() < 0.03, "{over_256k}");
+    }
+
+    /// Share of the tokens, after cutting to `cap`, in documents at it.
+    fn share_at_cap(lengths: &[u64], cap: u64) -> f64 {
+        let cut: Vec<u64> = lengths.iter().map(|s| (*s).min(cap)).collect();
+        share_of_tokens_at_least(&cut, cap)
+    }
+
+    #[test]
+    fn at_cap_holds_its_share_of_tokens_at_the_cap() {
+        for (name, share) in [
+            ("at-cap-0", 0.0),
+            ("at-cap-25", 0.25),
+            ("at-cap-50", 0.5),
+            ("at-cap-75", 0.75),
+            ("at-cap-95", 0.95),
+        ] {
+            for cap in [None, Some(131_072)] {
+                let lengths = sample_with_cap(name, 200_000, 4, cap).unwrap();
+                let cap = cap.unwrap_or(DEFAULT_CAP);
+                assert!(lengths.iter().all(|s| *s <= cap && *s >= 256), "{name}");
+                let measured = share_at_cap(&lengths, cap);
+                assert!(
+                    (measured - share).abs() < 0.02,
+                    "{name} at {cap}: {measured}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn power_laws_move_tokens_from_long_to_short_documents() {
+        // Share of tokens at the cap once cut to it: about 40% at 1.5, a
+        // tenth at 2.0, under 1% at 2.5 (from the densities' integrals).
+        let past = |name: &str| {
+            let lengths = sample(name, 400_000, 5).unwrap();
+            share_at_cap(&lengths, DEFAULT_CAP)
+        };
+        let (steep, even, shallow) = (
+            past("powerlaw-2.5"),
+            past("powerlaw-2.0"),
+            past("powerlaw-1.5"),
+        );
+        assert!((0.37..0.43).contains(&shallow), "{shallow}");
+        assert!((0.08..0.13).contains(&even), "{even}");
+        assert!(steep < 0.01, "{steep}");
+        // The mean the mixture solves with matches the samples'.
+        let part = Part::Pareto {
+            exponent: 2.0,
+            low: 128.0,
+            high: 8.0 * DEFAULT_CAP as f64,
+        };
+        let lengths = sample("powerlaw-2.0", 400_000, 6).unwrap();
+        let mean = lengths.iter().sum::<u64>() as f64 / lengths.len() as f64;
+        assert!(
+            (mean / part.mean() - 1.0).abs() < 0.05,
+            "{mean} vs {}",
+            part.mean()
+        );
+    }
+
+    #[test]
+    fn bimodal_splits_tokens_between_chat_turns_and_books() {
+        let lengths = sample("bimodal", 400_000, 7).unwrap();
+        let total: u64 = lengths.iter().sum();
+        let chat: u64 = lengths.iter().filter(|s| **s <= 2048).sum();
+        assert!((chat as f64 / total as f64 - 0.5).abs() < 0.05);
+        assert!(lengths.iter().all(|s| *s <= 2048 || *s >= DEFAULT_CAP / 16));
+        let uniform = sample("uniform", 100_000, 8).unwrap();
+        let mean = uniform.iter().sum::<u64>() as f64 / uniform.len() as f64;
+        assert!((mean / (0.5 * (128.0 + DEFAULT_CAP as f64)) - 1.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn a_cap_is_refused_where_it_means_nothing() {
+        let err = sample_with_cap("byted", 5, 1, Some(131_072)).unwrap_err();
+        assert_eq!(err.category(), "cap-not-applicable");
+        assert!(err.to_string().contains("byted"), "{err}");
+        let err = sample_with_cap("uniform", 5, 1, Some(1000)).unwrap_err();
+        assert_eq!(err.category(), "cap-too-small");
+        let err = sample("at-cap-30", 5, 1).unwrap_err();
+        assert!(err.to_string().contains("at-cap-30") && err.to_string().contains("at-cap-25"));
     }
 
     #[test]

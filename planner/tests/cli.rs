@@ -803,3 +803,43 @@ fn simulate_reports_streambp_per_ring_against_always_and_never() {
         "{err}"
     );
 }
+
+#[test]
+fn lengths_draws_the_family_and_refuses_a_cap_it_cannot_use() {
+    let out = weft(&[
+        "lengths",
+        "--synthetic",
+        "at-cap-75",
+        "--count",
+        "2000",
+        "--seed",
+        "3",
+        "--cap",
+        "131072",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lengths: Vec<u64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lengths.len(), 2000);
+    assert!(lengths.iter().all(|s| *s <= 131_072));
+    assert!(lengths.contains(&131_072));
+    for (args, names) in [
+        (vec!["--synthetic", "byted", "--cap", "131072"], "byted"),
+        (vec!["--synthetic", "at-cap-30"], "at-cap-30"),
+    ] {
+        let mut all = vec!["lengths", "--count", "5"];
+        all.extend(args);
+        let out = weft(&all);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(names), "{stderr}");
+    }
+}

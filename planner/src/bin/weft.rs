@@ -4,7 +4,7 @@
 //! weft plan --lengths FILE --cluster CLUSTER --model MODEL [--strategy NAME] [--max-seq-len N] [--format json|table]
 //! weft simulate --lengths FILE --cluster CLUSTER --model MODEL --tokens-per-step N --steps K --seed S
 //!               [--max-seq-len N] [--format json|table]
-//! weft lengths --synthetic byted|github --count N [--seed S]
+//! weft lengths --synthetic NAME --count N [--seed S] [--cap TOKENS]
 //! ```
 
 use std::path::PathBuf;
@@ -121,16 +121,23 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         svg: std::path::PathBuf,
     },
-    /// Print sequence lengths sampled from a synthetic distribution calibrated
-    /// to published figures (byted, github), one per line, with a summary comment.
+    /// Print sequence lengths sampled from a synthetic distribution, one per
+    /// line, with a summary comment: byted and github (calibrated to published
+    /// figures), or the family that spans the space between (at-cap-0,
+    /// at-cap-25, at-cap-50, at-cap-75, at-cap-95, powerlaw-1.5,
+    /// powerlaw-2.0, powerlaw-2.5, bimodal, uniform).
     Lengths {
-        /// byted or github.
+        /// The distribution's name.
         #[arg(long)]
         synthetic: String,
         #[arg(long)]
         count: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The family's context cap, tokens (default 262144); refused for
+        /// byted and github.
+        #[arg(long)]
+        cap: Option<u64>,
     },
     /// Sample batches and compare every strategy on them.
     Simulate {
@@ -425,8 +432,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             synthetic,
             count,
             seed,
+            cap,
         } => {
-            let lengths = weft_planner::synthetic::sample(&synthetic, count, seed)?;
+            let lengths = weft_planner::synthetic::sample_with_cap(&synthetic, count, seed, cap)?;
             let mut out = format!(
                 "# {synthetic} (seed {seed}): {}\n",
                 weft_planner::synthetic::describe(&lengths)
