@@ -652,6 +652,12 @@ const COLUMN_STEP: f64 = 0.0025;
 const COLUMN_STEPS: u32 = 200;
 const COLUMN_COARSE: u32 = 4;
 
+/// Short sequences [`columns`] packs like rings (on one rank or a ring
+/// within a node): those whose time on one rank is past this share of the
+/// lower bound, at most this many per node, costliest first.
+const COLUMN_SPLIT_SHARE: f64 = 0.05;
+const COLUMN_SPLIT_PER_NODE: usize = 2;
+
 /// The widest ring [`columns`] weighs for a sequence past a node, as a
 /// multiple of its own degree.
 const COLUMN_WIDEST: u32 = 4;
@@ -718,7 +724,7 @@ impl ColumnWork {
 fn pack_columns(
     per_node: u32,
     world: u32,
-    rings: &[ColumnWork],
+    rings: &[&ColumnWork],
     rest_rank_s: f64,
     target_s: f64,
 ) -> Option<(Vec<ColumnRing>, Vec<Slot>)> {
@@ -760,11 +766,23 @@ fn pack_columns(
         // the fewest ranks that end it in time, and those that end it and
         // one to three more like it (fewer, longer rings stacked in one
         // column beat as many side by side where memory makes them wide).
+        // Short sequences (that may run on one rank) take the fewest ranks
+        // that end them in time: the gaps they fill are short, and there
+        // are many of them.
+        let (stack, lookahead) = if ring.degrees[0] > 1 {
+            (COLUMN_STACK, COLUMN_LOOKAHEAD)
+        } else {
+            (1, 0)
+        };
         let fit_in = |slack: f64| {
             let mut best: Option<(OrdF64, u32, u32, usize)> = None;
             for (n, slot) in slots.iter().enumerate() {
                 let room = target_s - slot.free_s;
-                let widths = (1..=COLUMN_STACK).filter_map(|k| {
+                // Not even at its widest in time, or too few ranks.
+                if ring.costs[ring.costs.len() - 1] > room || slot.ranks < ring.degrees[0] {
+                    continue;
+                }
+                let widths = (1..=stack).filter_map(|k| {
                     ring.degrees.iter().copied().find(|&d| {
                         placeable(slot, d)
                             && ring.cost(d) * k as f64 <= room
@@ -778,8 +796,7 @@ fn pack_columns(
                     }
                     tried.push(d);
                     let mut left = room - ring.cost(d);
-                    for (next, other) in rings.iter().enumerate().skip(r + 1).take(COLUMN_LOOKAHEAD)
-                    {
+                    for (next, other) in rings.iter().enumerate().skip(r + 1).take(lookahead) {
                         let c = other.cost(d);
                         if c <= left && thrifty(next, d, COLUMN_AREA_SLACK) {
                             left -= c;
@@ -914,11 +931,32 @@ fn columns(
         return None;
     }
     let is_short = |i: usize| degree(lengths[i]) == 1;
-    let short: Vec<(f64, usize)> = by_cost
+    let mut short: Vec<(f64, usize)> = by_cost
         .iter()
         .filter(|(_, i)| is_short(*i))
         .copied()
         .collect();
+    // The costliest short sequences are packed too, on one rank or a ring
+    // within a node: placed whole after the rings, one of them can outlast
+    // the step where the rings leave little time.
+    let split = short
+        .iter()
+        .take(COLUMN_SPLIT_PER_NODE * topo.nodes.len())
+        .take_while(|(cost, _)| *cost > bound * COLUMN_SPLIT_SHARE)
+        .count();
+    for (_, i) in short.drain(..split) {
+        let s = lengths[i];
+        let degrees: Vec<u32> = (min_degree(s, capacity)..=per_node).collect();
+        let costs = degrees
+            .iter()
+            .map(|&d| estimate_cost(ctx, lengths, &[i], d, true))
+            .collect();
+        rings.push(ColumnWork {
+            sequence: i,
+            degrees,
+            costs,
+        });
+    }
     let rest_rank_s: f64 = short.iter().map(|(c, _)| c).sum();
     // Costliest rank-time first: at the degree that ends each by the bound.
     let area = |ring: &ColumnWork| {
@@ -929,25 +967,50 @@ fn columns(
             .unwrap_or(ring.costs.len() - 1);
         f64::from(ring.degrees[k]) * ring.costs[k]
     };
-    rings.sort_by(|a, b| {
-        area(b)
-            .total_cmp(&area(a))
-            .then(a.sequence.cmp(&b.sequence))
-    });
-    let pack = |t: f64| pack_columns(per_node, world, &rings, rest_rank_s, t);
-    // Feasibility is not monotone in the step time (a ring that just ends
-    // in time on fewer nodes leaves others room), so the least step time
-    // that packs is searched on a grid: coarse, then finer below the first
-    // that packs.
+    // Three orders, each packed at the least step time it fits: costliest
+    // rank-time first, longest first (at the degree that ends it by the
+    // bound), widest first. Greedy packing depends on the order, and the
+    // best of the three is kept.
+    let height = |ring: &ColumnWork| {
+        let k = ring
+            .costs
+            .iter()
+            .position(|c| *c <= bound)
+            .unwrap_or(ring.costs.len() - 1);
+        ring.costs[k]
+    };
+    let by = |key: &dyn Fn(&ColumnWork) -> f64| {
+        let mut order: Vec<&ColumnWork> = rings.iter().collect();
+        order.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.sequence.cmp(&b.sequence)));
+        order
+    };
+    let least_degree = |ring: &ColumnWork| f64::from(ring.degrees[0]);
+    let orders = [by(&area), by(&height), by(&least_degree)];
     let at = |steps: f64| bound * (1.0 + COLUMN_STEP * steps);
-    let coarse = (0..=COLUMN_STEPS)
-        .step_by(COLUMN_COARSE as usize)
-        .find_map(|j| pack(at(f64::from(j))).map(|p| (j, p)));
-    let packed = coarse.map(|(j, p)| {
-        (j.saturating_sub(COLUMN_COARSE - 1)..j)
-            .find_map(|k| pack(at(f64::from(k))))
-            .unwrap_or(p)
-    });
+    let mut packed = None;
+    let mut steps_limit = COLUMN_STEPS;
+    for order in &orders {
+        let pack = |j: u32| pack_columns(per_node, world, order, rest_rank_s, at(f64::from(j)));
+        // Feasibility is not monotone in the step time (a ring that just
+        // ends in time on fewer nodes leaves others room), so the least step
+        // time that packs is searched on a grid: coarse, then finer below
+        // the first that packs (and below the best order's so far).
+        let coarse = (0..=steps_limit)
+            .step_by(COLUMN_COARSE as usize)
+            .find_map(|j| pack(j).map(|p| (j, p)));
+        let Some((j, p)) = coarse else { continue };
+        let (j, p) = (j.saturating_sub(COLUMN_COARSE - 1)..j)
+            .find_map(|k| pack(k).map(|p| (k, p)))
+            .unwrap_or((j, p));
+        if packed.is_none() || j < steps_limit {
+            steps_limit = j;
+            packed = Some(p);
+        }
+        if j == 0 {
+            // At the bound: no order packs sooner.
+            break;
+        }
+    }
     let (placed, slots) = packed?;
     let mut ready = vec![(0.0, 0usize); world as usize];
     let mut micro_batches: Vec<LayoutMicroBatch> = Vec::new();
@@ -2204,7 +2267,8 @@ mod tests {
                 })
                 .collect();
             let target = total / f64::from(world) * (1.0 + 3.0 * unit());
-            let Some((placed, slots)) = pack_columns(per_node, world, &rings, 0.0, target) else {
+            let order: Vec<&ColumnWork> = rings.iter().collect();
+            let Some((placed, slots)) = pack_columns(per_node, world, &order, 0.0, target) else {
                 continue;
             };
             packed_some += 1;
