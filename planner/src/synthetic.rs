@@ -27,7 +27,8 @@
 //!   of length holds as many tokens (a tenth end at the cap); at 2.5 most
 //!   tokens are in short documents (under 1% at the cap).
 //! - `bimodal`: short chat turns (64 to 2,048 tokens) and whole books (a
-//!   sixteenth of the cap to four times it), half of the tokens each.
+//!   sixteenth of the cap to four times it), half of the tokens each before
+//!   cutting (about 37% in books once cut to the cap).
 //! - `uniform`: lengths uniform from 128 tokens to the cap.
 //!
 //! [`describe`] measures what a sample actually holds, so reports state it.
@@ -146,6 +147,10 @@ pub const FAMILY: [&str; 10] = [
 /// The context cap the family is drawn for unless given.
 pub const DEFAULT_CAP: u64 = 262_144;
 
+/// The least cap the family is drawn for: below it `bimodal`'s books (from a
+/// sixteenth of the cap) would overlap its chat turns (up to 2,048 tokens).
+pub const MIN_CAP: u64 = 32_768;
+
 /// Why a distribution cannot be sampled.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SyntheticError {
@@ -153,7 +158,9 @@ pub enum SyntheticError {
     Unknown(String),
     #[error("distribution {0:?} is calibrated to published figures and has no cap (a cap applies to {family})", family = FAMILY.join(", "))]
     CapNotApplicable(String),
-    #[error("cap {0} is below 4,096 tokens, the shortest the family is drawn for")]
+    #[error(
+        "cap {0} is below 32,768 tokens, the shortest the family is drawn for (below it, bimodal's books would overlap its chat turns)"
+    )]
     CapTooSmall(u64),
 }
 
@@ -161,9 +168,9 @@ impl SyntheticError {
     /// A stable category for reports and logs.
     pub fn category(&self) -> &'static str {
         match self {
-            SyntheticError::Unknown(_) => "unknown-distribution",
-            SyntheticError::CapNotApplicable(_) => "cap-not-applicable",
-            SyntheticError::CapTooSmall(_) => "cap-too-small",
+            SyntheticError::Unknown(_) => "unknown_distribution",
+            SyntheticError::CapNotApplicable(_) => "cap_not_applicable",
+            SyntheticError::CapTooSmall(_) => "cap_too_small",
         }
     }
 }
@@ -184,8 +191,11 @@ fn mixture(name: &str, cap: Option<u64>) -> Result<Mixture, SyntheticError> {
         }
         return Ok(log_uniform(if name == "byted" { BYTED } else { GITHUB }));
     }
+    if !FAMILY.contains(&name) {
+        return Err(SyntheticError::Unknown(name.to_string()));
+    }
     let cap = cap.unwrap_or(DEFAULT_CAP);
-    if cap < 4096 {
+    if cap < MIN_CAP {
         return Err(SyntheticError::CapTooSmall(cap));
     }
     let c = cap as f64;
@@ -400,12 +410,32 @@ mod tests {
     #[test]
     fn a_cap_is_refused_where_it_means_nothing() {
         let err = sample_with_cap("byted", 5, 1, Some(131_072)).unwrap_err();
-        assert_eq!(err.category(), "cap-not-applicable");
+        assert_eq!(err.category(), "cap_not_applicable");
         assert!(err.to_string().contains("byted"), "{err}");
         let err = sample_with_cap("uniform", 5, 1, Some(1000)).unwrap_err();
-        assert_eq!(err.category(), "cap-too-small");
+        assert_eq!(err.category(), "cap_too_small");
+        // An unknown name is named as such, whatever the cap.
+        let err = sample_with_cap("foo", 5, 1, Some(1000)).unwrap_err();
+        assert_eq!(err.category(), "unknown_distribution");
         let err = sample("at-cap-30", 5, 1).unwrap_err();
         assert!(err.to_string().contains("at-cap-30") && err.to_string().contains("at-cap-25"));
+    }
+
+    /// The calibrated distributions draw what they drew before the family
+    /// was added (benchmarks and tests sample them by seed).
+    #[test]
+    fn calibrated_samples_are_pinned() {
+        assert_eq!(
+            sample("byted", 6, 1).unwrap(),
+            [1697, 19107, 1801, 25099, 2006, 1043]
+        );
+        assert_eq!(
+            sample("github", 6, 2).unwrap(),
+            [2886, 3088, 541, 2768, 2639, 791]
+        );
+        let many = sample("byted", 20_000, 1).unwrap();
+        assert_eq!(many.iter().sum::<u64>(), 259_540_230);
+        assert_eq!(many.iter().filter(|s| **s == 2_097_152).count(), 15);
     }
 
     #[test]

@@ -646,26 +646,38 @@ fn widened_to_end_by(
 /// of its transfers, and the rank-time it wastes is the step's.
 const COLUMN_AREA_SLACK: f64 = 0.03;
 
-/// The step times [`columns`] tries: from the lower bound up in steps of
-/// this fraction of it, this many, every `COLUMN_COARSE`th first.
+/// The step times [`columns`] tries go from the lower bound up in steps of
+/// this fraction of it.
 const COLUMN_STEP: f64 = 0.0025;
+
+/// How many steps of [`COLUMN_STEP`] [`columns`] tries at most.
 const COLUMN_STEPS: u32 = 200;
+
+/// [`columns`] tries every this many steps first, then the ones below the
+/// first that packs.
 const COLUMN_COARSE: u32 = 4;
 
 /// Short sequences [`columns`] packs like rings (on one rank or a ring
-/// within a node): those whose time on one rank is past this share of the
-/// lower bound, at most this many per node, costliest first.
+/// within a node) are those whose time on one rank is past this share of
+/// the lower bound, costliest first.
 const COLUMN_SPLIT_SHARE: f64 = 0.05;
+
+/// At most this many short sequences per node are packed like rings...
 const COLUMN_SPLIT_PER_NODE: usize = 2;
+
+/// ...and at most this many in all (each costs a scan of the gaps).
+const COLUMN_SPLIT_MOST: usize = 256;
 
 /// The widest ring [`columns`] weighs for a sequence past a node, as a
 /// multiple of its own degree.
 const COLUMN_WIDEST: u32 = 4;
 
-/// A ring placed by [`pack_columns`] weighs widths that end it and up to
-/// this many rings in all one after another, and scores each by the time
-/// the next this many rings would leave unused there.
+/// A ring placed by [`pack_columns`] weighs the widths that end it and up to
+/// this many rings in all, one after another.
 const COLUMN_STACK: usize = 4;
+
+/// How many of the next rings [`pack_columns`] counts as following a ring
+/// into its column when it scores a width.
 const COLUMN_LOOKAHEAD: usize = 8;
 
 /// Consecutive ranks free from a time on, each with as many micro-batches
@@ -697,9 +709,41 @@ struct ColumnWork {
     degrees: Vec<u32>,
     /// Its estimate at each of `degrees`.
     costs: Vec<f64>,
+    /// A short sequence (that may run on one rank), packed so that it does
+    /// not outlast the step: it takes the fewest ranks that end it in time.
+    short: bool,
 }
 
 impl ColumnWork {
+    fn new(sequence: usize, degrees: Vec<u32>, costs: Vec<f64>, short: bool) -> ColumnWork {
+        ColumnWork {
+            sequence,
+            degrees,
+            costs,
+            short,
+        }
+    }
+
+    /// Its least estimate (step latency can make a wider ring slower).
+    fn fastest(&self) -> f64 {
+        self.costs.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    /// The fewest ranks that end it by `target_s` and its estimate there;
+    /// else where it is fastest.
+    fn own_by(&self, target_s: f64) -> (u32, f64) {
+        let k = self
+            .costs
+            .iter()
+            .position(|c| *c <= target_s)
+            .unwrap_or_else(|| {
+                (0..self.costs.len())
+                    .min_by(|a, b| self.costs[*a].total_cmp(&self.costs[*b]))
+                    .unwrap_or(0)
+            });
+        (self.degrees[k], self.costs[k])
+    }
+
     /// Its estimate at `degree` (infinite where it may not take it).
     fn cost(&self, degree: u32) -> f64 {
         self.degrees
@@ -708,19 +752,24 @@ impl ColumnWork {
     }
 }
 
-/// The rings (costliest first) packed onto a homogeneous cluster of
-/// `per_node`-GPU nodes so that every ring ends by `target_s`, each placed
-/// in the gap it fills best. The cluster starts as one slot of every rank
-/// free at 0; a ring placed on the first ranks of a slot splits it in two:
-/// those ranks, free when it ends, and the rest, free as before (a
-/// guillotine cut: the ranks of a slot are free together, so no ring waits
-/// for another). A ring takes, in every slot it fits (on whole nodes when
-/// past one, within one node else), the fewest ranks that end it in time,
-/// and among slots the one it leaves the least time after; a wider ring
-/// than its own only while its rank-time stays within
-/// [`COLUMN_AREA_SLACK`]. Returns the rings and the slots left, or `None`
-/// when some ring fits nowhere or the time left (rank-seconds) cannot hold
-/// `rest_rank_s`.
+/// The rings (in the order given) packed onto a homogeneous cluster of
+/// `per_node`-GPU nodes so that every ring ends by `target_s`. The cluster
+/// starts as one slot of every rank free at 0; a ring placed on the first
+/// ranks of a slot splits it: those ranks, free when it ends, and the rest,
+/// free as before (a guillotine cut: the ranks of a slot are free together,
+/// so no ring waits for another), the rest of a node apart from whole nodes
+/// past it. In every slot it fits (on whole nodes past a node, within one
+/// node else), a ring weighs the fewest ranks that end it in time and those
+/// that end it and up to [`COLUMN_STACK`] rings in all one after another,
+/// each only while its rank-time stays within [`COLUMN_AREA_SLACK`] of its
+/// own; it takes the slot and width that would leave the least rank-time
+/// unused were the next [`COLUMN_LOOKAHEAD`] rings that fit there at that
+/// width to follow it (ties: fewer ranks, then the smaller slot, then the
+/// first). Short sequences take the fewest ranks that end them, without
+/// stacking. Where no slot holds a ring at about its own rank-time, a wider
+/// one that ends in time is taken. Returns the rings and the slots left, or
+/// `None` when some ring fits nowhere or the time left (rank-seconds)
+/// cannot hold `rest_rank_s`.
 fn pack_columns(
     per_node: u32,
     world: u32,
@@ -745,6 +794,7 @@ fn pack_columns(
                 .map(|(d, c)| f64::from(*d) * c)
         })
         .collect::<Option<_>>()?;
+    let fastest: Vec<f64> = rings.iter().map(|ring| ring.fastest()).collect();
     let placeable = |slot: &Slot, d: u32| {
         if d > per_node {
             slot.first_rank.is_multiple_of(per_node) && d <= slot.ranks
@@ -766,20 +816,19 @@ fn pack_columns(
         // the fewest ranks that end it in time, and those that end it and
         // one to three more like it (fewer, longer rings stacked in one
         // column beat as many side by side where memory makes them wide).
-        // Short sequences (that may run on one rank) take the fewest ranks
-        // that end them in time: the gaps they fill are short, and there
-        // are many of them.
-        let (stack, lookahead) = if ring.degrees[0] > 1 {
-            (COLUMN_STACK, COLUMN_LOOKAHEAD)
-        } else {
+        // Short sequences take the fewest ranks that end them in time: the
+        // gaps they fill are short, and there are many of them.
+        let (stack, lookahead) = if ring.short {
             (1, 0)
+        } else {
+            (COLUMN_STACK, COLUMN_LOOKAHEAD)
         };
         let fit_in = |slack: f64| {
             let mut best: Option<(OrdF64, u32, u32, usize)> = None;
             for (n, slot) in slots.iter().enumerate() {
                 let room = target_s - slot.free_s;
-                // Not even at its widest in time, or too few ranks.
-                if ring.costs[ring.costs.len() - 1] > room || slot.ranks < ring.degrees[0] {
+                // Not in time at any width, or too few ranks.
+                if fastest[r] > room || slot.ranks < ring.degrees[0] {
                     continue;
                 }
                 let widths = (1..=stack).filter_map(|k| {
@@ -889,6 +938,11 @@ fn columns(
         .limits
         .max_cp_degree
         .map_or(nodes, |cap| (cap / per_node).min(nodes));
+    // Within a node, the job's cap too.
+    let within = ctx
+        .limits
+        .max_cp_degree
+        .map_or(per_node, |cap| cap.min(per_node));
     let world = topo.world();
     // Each length's estimate per degree, computed once.
     let mut estimates: BTreeMap<(u64, u32), f64> = BTreeMap::new();
@@ -902,7 +956,7 @@ fn columns(
             let most = (d.div_ceil(per_node).max(fewest) * COLUMN_WIDEST).min(cap_nodes);
             (fewest..=most).map(|k| k * per_node).collect()
         } else if d > 1 {
-            (least..=per_node).collect()
+            (least..=within).collect()
         } else {
             continue;
         };
@@ -921,13 +975,12 @@ fn columns(
                 })
             })
             .collect();
-        rings.push(ColumnWork {
-            sequence: i,
-            degrees,
-            costs,
-        });
+        rings.push(ColumnWork::new(i, degrees, costs, false));
     }
-    if !rings.iter().any(|r| r.degrees[0] > per_node) {
+    if !rings
+        .iter()
+        .any(|r| r.degrees[r.degrees.len() - 1] > per_node)
+    {
         return None;
     }
     let is_short = |i: usize| degree(lengths[i]) == 1;
@@ -941,51 +994,46 @@ fn columns(
     // the step where the rings leave little time.
     let split = short
         .iter()
-        .take(COLUMN_SPLIT_PER_NODE * topo.nodes.len())
+        .take((COLUMN_SPLIT_PER_NODE * topo.nodes.len()).min(COLUMN_SPLIT_MOST))
         .take_while(|(cost, _)| *cost > bound * COLUMN_SPLIT_SHARE)
         .count();
-    for (_, i) in short.drain(..split) {
-        let s = lengths[i];
-        let degrees: Vec<u32> = (min_degree(s, capacity)..=per_node).collect();
+    let mut whole = Vec::new();
+    for (cost, i) in short.drain(..split) {
+        let degrees: Vec<u32> = (min_degree(lengths[i], capacity)..=within).collect();
+        if degrees.is_empty() {
+            // (Its degree is 1, so its tokens fit one rank: never here.)
+            whole.push((cost, i));
+            continue;
+        }
         let costs = degrees
             .iter()
             .map(|&d| estimate_cost(ctx, lengths, &[i], d, true))
             .collect();
-        rings.push(ColumnWork {
-            sequence: i,
-            degrees,
-            costs,
-        });
+        rings.push(ColumnWork::new(i, degrees, costs, true));
     }
+    short.splice(0..0, whole);
     let rest_rank_s: f64 = short.iter().map(|(c, _)| c).sum();
     // Costliest rank-time first: at the degree that ends each by the bound.
-    let area = |ring: &ColumnWork| {
-        let k = ring
-            .costs
-            .iter()
-            .position(|c| *c <= bound)
-            .unwrap_or(ring.costs.len() - 1);
-        f64::from(ring.degrees[k]) * ring.costs[k]
-    };
     // Three orders, each packed at the least step time it fits: costliest
-    // rank-time first, longest first (at the degree that ends it by the
-    // bound), widest first. Greedy packing depends on the order, and the
-    // best of the three is kept.
-    let height = |ring: &ColumnWork| {
-        let k = ring
-            .costs
-            .iter()
-            .position(|c| *c <= bound)
-            .unwrap_or(ring.costs.len() - 1);
-        ring.costs[k]
+    // rank-time first, longest first (each at the fewest ranks that end it
+    // by the bound), widest first (ties in the batch's order: breaking them
+    // by rank-time packed worse on the benchmark). Greedy packing
+    // depends on the order; the order that packs soonest is kept.
+    let area = |ring: &ColumnWork| {
+        let (d, cost) = ring.own_by(bound);
+        f64::from(d) * cost
     };
-    let by = |key: &dyn Fn(&ColumnWork) -> f64| {
+    let height = |ring: &ColumnWork| ring.own_by(bound).1;
+    let sorted = |first: &dyn Fn(&ColumnWork, &ColumnWork) -> std::cmp::Ordering| {
         let mut order: Vec<&ColumnWork> = rings.iter().collect();
-        order.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.sequence.cmp(&b.sequence)));
+        order.sort_by(|a, b| first(a, b).then(a.sequence.cmp(&b.sequence)));
         order
     };
-    let least_degree = |ring: &ColumnWork| f64::from(ring.degrees[0]);
-    let orders = [by(&area), by(&height), by(&least_degree)];
+    let orders = [
+        sorted(&|a, b| area(b).total_cmp(&area(a))),
+        sorted(&|a, b| height(b).total_cmp(&height(a))),
+        sorted(&|a, b| b.degrees[0].cmp(&a.degrees[0])),
+    ];
     let at = |steps: f64| bound * (1.0 + COLUMN_STEP * steps);
     let mut packed = None;
     let mut steps_limit = COLUMN_STEPS;
@@ -2247,23 +2295,25 @@ mod tests {
                     let area = 1.0 + unit() * 40.0;
                     total += area;
                     let degrees: Vec<u32> = if unit() < 0.5 {
-                        let fewest = 1 + (unit() * 3.0) as u32;
+                        let fewest = (1 + (unit() * 3.0) as u32).min(nodes);
                         (fewest..=nodes.min(fewest * 4))
                             .map(|k| k * per_node)
                             .collect()
                     } else {
                         (2 + (unit() * 6.0) as u32..=per_node).collect()
                     };
-                    // Rank-time grows a little with the degree.
+                    // Rank-time grows a little with the degree, and step
+                    // latency can make wide rings slower than narrower ones.
+                    let latency = 0.002 * unit();
                     let costs = degrees
                         .iter()
-                        .map(|d| area / f64::from(*d) * (1.0 + 0.01 * f64::from(*d)))
+                        .map(|d| {
+                            let d = f64::from(*d);
+                            area / d * (1.0 + 0.01 * d) + latency * d
+                        })
                         .collect();
-                    ColumnWork {
-                        sequence,
-                        degrees,
-                        costs,
-                    }
+                    let short = degrees[0] <= per_node && unit() < 0.3;
+                    ColumnWork::new(sequence, degrees, costs, short)
                 })
                 .collect();
             let target = total / f64::from(world) * (1.0 + 3.0 * unit());

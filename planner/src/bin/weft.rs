@@ -435,8 +435,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cap,
         } => {
             let lengths = weft_planner::synthetic::sample_with_cap(&synthetic, count, seed, cap)?;
+            let cap = cap.map_or(String::new(), |c| format!(", cap {c}"));
             let mut out = format!(
-                "# {synthetic} (seed {seed}): {}\n",
+                "# {synthetic} (seed {seed}{cap}): {}\n",
                 weft_planner::synthetic::describe(&lengths)
             );
             for s in lengths {
