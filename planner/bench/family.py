@@ -23,7 +23,7 @@ for line in section.splitlines():
     try:
         rows.append((name, gpus, model, float(cells[4].strip("*")), float(cells[10])))
     except ValueError:
-        unplanned.append(f"{name} on {gpus} GPUs with {model} ({cells[3] or cells[4]})")
+        unplanned.append(f"{name} on {gpus} GPUs with {model}")
 
 out = ["", "### Goals on these workloads, this run", ""]
 if rows:
@@ -37,7 +37,7 @@ if rows:
     out.append(
         f"- Within 1.05 at 64-1,024 GPUs and 1.10 at 12,288: {len(rows) - len(past)} of {total} rows."
         + (" Past it: " + "; ".join(f"{n} on {g} GPUs with {m} ({v:.3f})" for n, g, m, v, _ in past) + "." if past else "")
-        + (" Without a plan: " + "; ".join(unplanned) + "." if unplanned else "")
+        + (" Without a plan (the table says why): " + "; ".join(unplanned) + "." if unplanned else "")
     )
     at_1024 = [r[4] for r in rows if r[1] == 1024]
     at_large = [r[4] for r in rows if r[1] > 1024]
