@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || ((has(self.command) ? self.command : []) == (has(oldSelf.command) ? oldSelf.command : []) && (has(self.args) ? self.args : []) == (has(oldSelf.args) ? oldSelf.args : []) && (has(self.env) ? self.env : []) == (has(oldSelf.env) ? oldSelf.env : []))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
+#[x_kube(validation = Rule::new("!has(self.parallelism.cpDegree) || self.parallelism.cpDegree <= self.workers.min * (self.resources.gpus > 0 ? self.resources.gpus : 1)").message("parallelism.cpDegree must not be greater than the ranks of workers.min workers (workers.min × resources.gpus; one rank a worker on CPU): the job may shrink to workers.min, and every ring of Static context parallelism has cpDegree ranks"))]
 #[x_kube(validation = Rule::new("!has(self.parallelism.streamBpChunkTokens) || self.parallelism.streamBpChunkTokens <= self.data.maxSequenceLength").message("parallelism.streamBpChunkTokens must not be greater than data.maxSequenceLength (a chunk is part of one sequence)"))]
 pub struct TrainingJobSpec {
     /// Container image of the weft trainer.
@@ -132,6 +133,20 @@ impl TrainingJobSpec {
             scheduling: SchedulingSpec::default(),
             suspend: false,
         }
+    }
+
+    /// The fewest workers the job runs with: `workers.min`, or more where
+    /// `parallelism.cpDegree` needs more ranks than that many workers have
+    /// (admission refuses such a spec; one stored before that rule waits
+    /// for enough workers rather than start a mesh its rings cannot span).
+    pub fn least_workers(&self) -> u32 {
+        let min = self.workers.min.max(0) as u32;
+        let ranks_per_worker = self.resources.gpus.max(1) as u32;
+        let for_degree = self
+            .parallelism
+            .cp_degree
+            .map_or(0, |d| (d.max(0) as u32).div_ceil(ranks_per_worker));
+        min.max(for_degree)
     }
 }
 
@@ -383,8 +398,10 @@ pub struct ParallelismSpec {
     /// Spread inter-node transfers over every NIC by GPU affinity.
     #[serde(default = "yes")]
     pub nic_aware_routing: bool,
-    /// StreamBP: backpropagate along the sequence in chunks of this many
-    /// tokens (less activation memory, one more forward), on the rings the
+    /// StreamBP: backpropagate along the sequence in chunks of at least this
+    /// many tokens (less activation memory, one more forward; each streamed
+    /// rank takes this times the largest power of two its memory holds, as
+    /// fewer chunks are faster), on the rings the
     /// planner chooses: with the weft strategy, those where it is faster
     /// than the wider ring plain backprop needs, or where only StreamBP
     /// fits (each step plan records which); the other strategies stream
@@ -741,6 +758,26 @@ mod tests {
         ] {
             assert!(json.contains(rule), "missing rule {rule}");
         }
+    }
+
+    #[test]
+    fn the_least_workers_give_a_static_ring_its_ranks() {
+        let mut spec = TrainingJobSpec::new("weft:dev", 1, 8);
+        assert_eq!(spec.least_workers(), 1);
+        // 8 GPUs a worker: a ring of 16 needs two workers, one of 8 needs one.
+        spec.parallelism.cp_degree = Some(16);
+        assert_eq!(spec.least_workers(), 2);
+        spec.parallelism.cp_degree = Some(8);
+        assert_eq!(spec.least_workers(), 1);
+        // A CPU worker is one rank.
+        spec.resources.gpus = 0;
+        spec.parallelism.cp_degree = Some(3);
+        assert_eq!(spec.least_workers(), 3);
+        // workers.min above what the degree needs stays the least.
+        spec.workers.min = 5;
+        assert_eq!(spec.least_workers(), 5);
+        let json = serde_json::to_string(&TrainingJob::crd()).unwrap();
+        assert!(json.contains("self.parallelism.cpDegree <= self.workers.min * "));
     }
 
     #[test]

@@ -224,6 +224,15 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 ],
             ),
             (
+                "a CP degree more ranks than workers.min workers have",
+                json!({"resources": {"gpus": 4},
+                       "parallelism": {"contextParallelism": "Static", "cpDegree": 8}}),
+                vec![
+                    "spec",
+                    "parallelism.cpDegree must not be greater than the ranks of workers.min workers",
+                ],
+            ),
+            (
                 "a StreamBP chunk longer than any sequence",
                 json!({"data": {"maxSequenceLength": 4096},
                        "parallelism": {"streamBpChunkTokens": 8192}}),

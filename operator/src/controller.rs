@@ -1078,7 +1078,7 @@ async fn reconcile_job(
         growth_limit(&job, job.status.as_ref(), existing.len() as u32, &now);
     let request = MeshRequest {
         job: name.clone(),
-        min_workers: job.spec.workers.min.max(0) as u32,
+        min_workers: job.spec.least_workers(),
         max_workers,
         gpus_per_worker: job.spec.resources.gpus.max(0) as u32,
         epoch: recorded_epoch.max(1),

@@ -192,7 +192,7 @@ pub fn growth_limit(
     alive_workers: u32,
     now: &Time,
 ) -> (u32, Option<Duration>) {
-    let min = job.spec.workers.min.max(0) as u32;
+    let min = job.spec.least_workers();
     let max = job.spec.workers.max.max(0) as u32;
     let cooldown = Duration::from_secs(job.spec.elasticity.rescale_cooldown_seconds.max(0) as u64);
     let Some(last) = status.and_then(|s| s.last_rescale_time.as_ref()) else {
@@ -431,5 +431,10 @@ mod tests {
             growth_limit(&job(5, 0), Some(&status), 3, &at(1000)),
             (6, None)
         );
+        // Static rings of 24 ranks need 3 workers of 8 GPUs: the least the
+        // job grows back to, whatever workers.min says.
+        let mut ringed = job(5, 60);
+        ringed.spec.parallelism.cp_degree = Some(24);
+        assert_eq!(growth_limit(&ringed, Some(&status), 1, &at(1010)).0, 3);
     }
 }

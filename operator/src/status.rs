@@ -237,9 +237,9 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                 false,
                 REASON_WORKERS_REFUSED,
                 format!(
-                    "{}; fewer than workers.min ({}) remain, so none runs; tried again within a minute",
+                    "{}; fewer than {} remain, so none runs; tried again within a minute",
                     describe_refusals(observed.refused),
-                    job.spec.workers.min
+                    least_workers_named(&job.spec)
                 ),
                 generation,
                 now,
@@ -400,6 +400,16 @@ pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> Trai
     status.conditions.push(stopped);
     status.conditions.push(done);
     status
+}
+
+/// The fewest workers a job runs with, and what sets that number.
+fn least_workers_named(spec: &weft_crds::TrainingJobSpec) -> String {
+    let least = spec.least_workers();
+    if least > spec.workers.min.max(0) as u32 {
+        format!("the {least} workers parallelism.cpDegree needs")
+    } else {
+        format!("workers.min ({least})")
+    }
 }
 
 #[cfg(test)]
