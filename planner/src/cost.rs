@@ -52,8 +52,15 @@ pub struct CostCoefficients {
     /// Where steps backpropagate with StreamBP (exact backprop streamed
     /// along the sequence: less activation memory, one more forward).
     pub streambp: StreamBp,
-    /// StreamBP chunk length in tokens.
+    /// StreamBP's smallest chunk, tokens: a streamed rank backpropagates
+    /// in chunks of this times the largest power of two whose step still
+    /// fits its memory ([`CostModel::stream_chunk`]).
     pub streambp_chunk: u64,
+    /// Seconds one StreamBP chunk adds per layer whatever its length: the
+    /// fixed costs of its small graphs (kernel launches, short matrix
+    /// products), which make small chunks slow. `weft-trainer profile`
+    /// measures it.
+    pub streambp_chunk_overhead_s: f64,
     /// A cap on what one rank holds, whatever its memory says: a worker's
     /// configured budget (the CPU trainer uses it to plan context
     /// parallelism at small scale), in tokens of plain backprop. A streamed
@@ -117,6 +124,8 @@ impl Default for CostCoefficients {
             usable_memory_fraction: 0.90,
             streambp: StreamBp::Off,
             streambp_chunk: 4096,
+            // About a hundred kernel launches of a few microseconds each.
+            streambp_chunk_overhead_s: 5e-4,
             max_tokens_per_rank: None,
             precision: ActivationPrecision::Bf16,
         }
@@ -361,27 +370,26 @@ impl CostModel {
     }
 
     /// Activation bytes kept per token (all layers) for the linear-layout
-    /// tokens: every layer's [`Self::layer_linear_bytes`]; with StreamBP, the
-    /// layers' inputs (fp32) and, for the layer in its backward, the
-    /// gradients that span the rank's tokens (the incoming and outgoing
-    /// ones, the residual's share, the attention output and its gradient,
-    /// the q/k/v gradients: 5·h + 2·h_kv, fp32 bar the attention output).
+    /// tokens: every layer's [`Self::layer_linear_bytes`]; with StreamBP,
+    /// those of its longest-lived phase, the ring's backward
+    /// ([`Self::step_bytes`]): the layers' inputs (fp32) and the residual's
+    /// share of the gradient.
     pub fn activation_bytes_per_token(&self) -> f64 {
         if self.streams() {
-            let (h, kv) = (self.hidden(), self.model.kv_width());
-            self.layers() * h * FP32 + (5.0 * h + 2.0 * kv) * FP32 + h * self.compute_bytes()
+            (self.layers() + 1.0) * self.hidden() * FP32
         } else {
             self.layers() * self.layer_linear_bytes()
         }
     }
 
     /// Bytes kept per token of the attention layout (all layers; with
-    /// StreamBP one layer at a time, as it is recomputed, with the gradients
-    /// of its output and of its queries, keys and values, fp32).
+    /// StreamBP one layer's, in the ring's backward: what the ring keeps for
+    /// it, the fp32 gradients of the queries, keys and values, and their
+    /// rows in the products' precision).
     pub fn attention_bytes_per_token(&self) -> f64 {
         if self.streams() {
-            let (h, kv) = (self.hidden(), self.model.kv_width());
-            self.layer_attention_bytes() + (2.0 * h + 2.0 * kv) * FP32
+            let qkv = self.hidden() + 2.0 * self.model.kv_width();
+            self.layer_attention_bytes() + qkv * (FP32 + self.compute_bytes())
         } else {
             self.layers() * self.layer_attention_bytes()
         }
@@ -477,24 +485,99 @@ impl CostModel {
 
     /// What a step adds to a rank's memory: activations of `linear_tokens`
     /// tokens in the linear layout and `attention_tokens` in the attention
-    /// layout, and the logits.
+    /// layout, and the logits (with StreamBP, its peak: see
+    /// [`Self::streamed_step_bytes`]).
     pub fn step_bytes(&self, linear_tokens: f64, attention_tokens: f64) -> f64 {
         if linear_tokens <= 0.0 && attention_tokens <= 0.0 {
             return 0.0;
         }
-        let activations = linear_tokens * self.activation_bytes_per_token();
-        let attention = attention_tokens * self.attention_bytes_per_token();
-        // Logits: whole without StreamBP, one chunk with it, where one
-        // chunk's working set of a layer is alive too.
-        let chunk = self.coefficients.streambp_chunk as f64;
-        let (logit_tokens, stream_chunk) = if self.streams() {
-            let rows = linear_tokens.min(chunk);
-            (rows, rows * self.layer_linear_bytes())
-        } else {
-            (linear_tokens, 0.0)
-        };
-        let logits = logit_tokens * self.logit_bytes_per_token();
-        activations + attention + logits + stream_chunk
+        if self.streams() {
+            return self.streamed_step_bytes(linear_tokens, attention_tokens);
+        }
+        linear_tokens * (self.activation_bytes_per_token() + self.logit_bytes_per_token())
+            + attention_tokens * self.attention_bytes_per_token()
+    }
+
+    /// StreamBP's peak (`Pass::streamed` in `trainer/src/step.rs`): the
+    /// layers' fp32 inputs, which live through the whole step, and the
+    /// largest of the three phases that come and go on top of them:
+    /// - the head and loss, chunk by chunk: the last layer's output and its
+    ///   gradient over every row, one chunk's logits and their gradients,
+    ///   and the head weight's gradient before it is added to the
+    ///   accumulated one;
+    /// - a layer's rebuilt rest (output projection, residual, MLP), chunk by
+    ///   chunk: the incoming gradient, the residual's share, the attention
+    ///   output (and in bf16 its gradient beside the fp32 one), what the ring
+    ///   keeps, and one chunk's graph;
+    /// - the ring's backward over every row: the residual's share, what the
+    ///   ring keeps, the fp32 gradients of the queries, keys and values and
+    ///   their rows.
+    ///
+    /// Short sequences peak in the first two (one chunk's logits and graph
+    /// outweigh their rows), long ones in the ring's backward, so a larger
+    /// chunk costs nothing until its phase overtakes the ring's.
+    pub fn streamed_step_bytes(&self, linear_tokens: f64, attention_tokens: f64) -> f64 {
+        self.streamed_step_bytes_in(
+            linear_tokens,
+            attention_tokens,
+            self.coefficients.streambp_chunk,
+        )
+    }
+
+    /// [`Self::streamed_step_bytes`] in chunks of `chunk` tokens.
+    pub fn streamed_step_bytes_in(
+        &self,
+        linear_tokens: f64,
+        attention_tokens: f64,
+        chunk: u64,
+    ) -> f64 {
+        let (h, cb) = (self.hidden(), self.compute_bytes());
+        let chunk = linear_tokens.min(chunk as f64);
+        let inputs = linear_tokens * self.layers() * h * FP32;
+        let head = linear_tokens * 2.0 * h * FP32
+            + chunk * self.logit_bytes_per_token()
+            + self.head_gradient_bytes();
+        let attention_gradient_copies = if cb < FP32 { 2.0 } else { 1.0 };
+        let rebuilt = linear_tokens * (2.0 * h * FP32 + attention_gradient_copies * h * cb)
+            + attention_tokens * self.layer_attention_bytes()
+            + chunk * self.layer_linear_bytes();
+        let ring = linear_tokens * h * FP32 + attention_tokens * self.attention_bytes_per_token();
+        inputs + head.max(rebuilt).max(ring)
+    }
+
+    /// The chunk a streamed rank with `linear_tokens` and `attention_tokens`
+    /// tokens backpropagates in, when `room` bytes are left to its step: the
+    /// job's chunk times the largest power of two whose step fits (each
+    /// chunk costs [`CostCoefficients::streambp_chunk_overhead_s`] a layer,
+    /// so fewer are faster), no longer than the rank's tokens need; the
+    /// job's chunk where not even that fits.
+    pub fn stream_chunk(&self, room: f64, linear_tokens: f64, attention_tokens: f64) -> u64 {
+        let smallest = self.coefficients.streambp_chunk.max(1);
+        let mut chunk = smallest;
+        while (chunk as f64) < linear_tokens {
+            let wider = chunk.saturating_mul(2);
+            if self.streamed_step_bytes_in(linear_tokens, attention_tokens, wider) > room {
+                break;
+            }
+            chunk = wider;
+        }
+        chunk
+    }
+
+    /// Seconds the chunks of a streamed rank's `linear_tokens` tokens add to
+    /// its step, in chunks of `chunk` tokens (see
+    /// [`CostCoefficients::streambp_chunk_overhead_s`]).
+    pub fn stream_chunk_overhead_s(&self, linear_tokens: f64, chunk: u64) -> f64 {
+        let chunks = (linear_tokens / chunk.max(1) as f64).ceil();
+        chunks * self.layers() * self.coefficients.streambp_chunk_overhead_s
+    }
+
+    /// The head weight's gradient as a chunk's backward makes it, in the
+    /// products' precision, before it is added to the gradient the step
+    /// accumulates (`trainer/bench/memory` measures the head's phase with
+    /// it, at chunks of 64 to 1,024 tokens, in fp32 and bf16).
+    fn head_gradient_bytes(&self) -> f64 {
+        f64::from(self.model.vocab) * self.hidden() * self.compute_bytes()
     }
 
     /// Memory a rank may use, bytes.
@@ -521,15 +604,17 @@ impl CostModel {
 
     /// How many tokens one rank can hold (same layout for linear and attention).
     pub fn token_capacity(&self, gpu: &GpuModel, world: u32) -> u64 {
-        let budget = self.memory_budget_bytes(gpu);
-        let fixed = self.model_state_bytes(world);
-        let per_token = self.rank_memory_bytes(1.0, 1.0, world) - fixed;
-        // The StreamBP chunk and logits terms are capped, so per_token at 1 token
-        // over-estimates them; fine for a capacity bound.
-        if budget <= fixed || per_token <= 0.0 {
+        let room = self.memory_budget_bytes(gpu) - self.model_state_bytes(world);
+        if room <= 0.0 {
             return 0;
         }
-        let capacity = ((budget - fixed) / per_token).floor() as u64;
+        let capacity = if self.streams() {
+            // A step's memory is not proportional to its tokens (a chunk's
+            // share is capped): the most that fit, found by search.
+            last_fitting(|n| self.step_bytes(n as f64, n as f64) <= room)
+        } else {
+            (room / self.step_bytes(1.0, 1.0)).floor() as u64
+        };
         self.coefficients
             .max_tokens_per_rank
             .map_or(capacity, |cap| {
@@ -556,7 +641,7 @@ impl CostModel {
 /// The largest count for which `fits` holds, where it holds up to some
 /// count and for none past it (memory that grows with the tokens), found by
 /// doubling, then bisection; 0 when not even 1 fits.
-pub(crate) fn last_fitting(fits: impl Fn(u64) -> bool) -> u64 {
+pub fn last_fitting(fits: impl Fn(u64) -> bool) -> u64 {
     let (mut lo, mut hi) = (0u64, 1u64);
     while fits(hi) && hi < u64::MAX / 2 {
         lo = hi;
@@ -701,6 +786,37 @@ mod tests {
         let bytes = |c: &CostModel, n: u64| c.step_bytes(n as f64, n as f64);
         assert!(bytes(&stream, held) <= bytes(&plain, 1_000));
         assert!(bytes(&stream, held + 1) > bytes(&plain, 1_000));
+    }
+
+    #[test]
+    fn streambp_peaks_in_its_largest_phase_and_chunks_grow_while_memory_allows() {
+        let stream = cost("llama-7b", true);
+        let in_chunks =
+            |tokens: f64, chunk: u64| stream.streamed_step_bytes_in(tokens, tokens, chunk);
+        // A long rank peaks in the ring's backward: a chunk 4x the job's costs
+        // no memory.
+        let long = 131_072.0;
+        assert_eq!(in_chunks(long, 4096), in_chunks(long, 16_384));
+        // A short one peaks in a chunk's phase: the chunk's share counts.
+        let short = 16_384.0;
+        assert!(in_chunks(short, 16_384) > in_chunks(short, 4096));
+        // Whatever the phase, the inputs of every layer stay (fp32).
+        assert!(in_chunks(long, 4096) > long * 32.0 * 4096.0 * 4.0);
+        // The chunk: the largest power of two times the job's that fits.
+        let room = in_chunks(short, 8192);
+        assert_eq!(stream.stream_chunk(room, short, short), 8192);
+        assert_eq!(stream.stream_chunk(room - 1.0, short, short), 4096);
+        // Not even the job's chunk fits: the job's chunk (the layout does not fit).
+        assert_eq!(stream.stream_chunk(0.0, short, short), 4096);
+        // Room for anything: one chunk of the rank's tokens.
+        assert_eq!(stream.stream_chunk(f64::MAX, short, short), 16_384);
+        assert_eq!(stream.stream_chunk(f64::MAX, long, long), 131_072);
+        // Fewer chunks cost less time.
+        assert!(
+            stream.stream_chunk_overhead_s(long, 16_384)
+                < stream.stream_chunk_overhead_s(long, 4096)
+        );
+        assert_eq!(stream.stream_chunk_overhead_s(0.0, 4096), 0.0);
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub struct Profile {
     pub link_gbytes_per_s: f64,
     /// Fixed cost of one point-to-point message, seconds.
     pub p2p_latency_s: f64,
+    /// Seconds one StreamBP chunk adds per layer whatever its length
+    /// ([`CostCoefficients::streambp_chunk_overhead_s`]): measured where
+    /// the profile's steps stream, absent (the default stands) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_bp_chunk_overhead_s: Option<f64>,
 }
 
 /// Why a profile cannot be used.
@@ -47,6 +52,8 @@ pub enum ProfileError {
     Version { found: u32 },
     #[error("profile field {field} is {value}: it must be a positive, finite number")]
     NotPositive { field: &'static str, value: f64 },
+    #[error("profile field {field} is {value}: it must be a finite number, zero or more")]
+    Negative { field: &'static str, value: f64 },
 }
 
 impl ProfileError {
@@ -74,6 +81,14 @@ impl Profile {
                 return Err(ProfileError::NotPositive { field, value });
             }
         }
+        if let Some(value) = self.stream_bp_chunk_overhead_s
+            && !(value.is_finite() && value >= 0.0)
+        {
+            return Err(ProfileError::Negative {
+                field: "stream_bp_chunk_overhead_s",
+                value,
+            });
+        }
         Ok(())
     }
 
@@ -92,6 +107,9 @@ impl Profile {
         coefficients.link_efficiency =
             self.link_gbytes_per_s / link_gbytes_per_s.max(f64::MIN_POSITIVE);
         coefficients.p2p_latency_s = self.p2p_latency_s;
+        if let Some(overhead) = self.stream_bp_chunk_overhead_s {
+            coefficients.streambp_chunk_overhead_s = overhead;
+        }
     }
 
     /// [`Profile::calibrate`] against the first GPU of `topology` and its
@@ -121,6 +139,7 @@ mod tests {
             attention_tflops: 0.05,
             link_gbytes_per_s: 2.0,
             p2p_latency_s: 1e-4,
+            stream_bp_chunk_overhead_s: Some(2e-5),
         }
     }
 
@@ -148,6 +167,18 @@ mod tests {
         assert!((ratio - gpu.peak_bf16_tflops / 0.05).abs() < 1e-6 * ratio);
         assert!((coefficients.link_efficiency * gpu.nvlink_gbytes_per_s - 2.0).abs() < 1e-9);
         assert_eq!(coefficients.p2p_latency_s, 1e-4);
+        assert_eq!(coefficients.streambp_chunk_overhead_s, 2e-5);
+        // A profile that did not stream leaves the default chunk cost.
+        let mut plain = CostCoefficients::default();
+        let unstreamed = Profile {
+            stream_bp_chunk_overhead_s: None,
+            ..profile()
+        };
+        unstreamed.calibrate(&gpu, gpu.nvlink_gbytes_per_s, &mut plain);
+        assert_eq!(
+            plain.streambp_chunk_overhead_s,
+            CostCoefficients::default().streambp_chunk_overhead_s
+        );
     }
 
     #[test]
@@ -161,6 +192,12 @@ mod tests {
         let mut p = profile();
         p.version = 7;
         assert!(p.validate().unwrap_err().to_string().contains("version 7"));
+        let mut p = profile();
+        p.stream_bp_chunk_overhead_s = Some(-1e-3);
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "profile field stream_bp_chunk_overhead_s is -0.001: it must be a finite number, zero or more"
+        );
         assert!(profile().validate().is_ok());
     }
 }

@@ -207,6 +207,9 @@ pub struct Outcome {
     pub fits_in_memory: bool,
     pub routes: Vec<NicRoute>,
     pub remaps: Vec<RemapPlan>,
+    /// Each micro-batch's StreamBP chunk on each rank, 0 where it runs plain
+    /// backprop (see [`stream_chunks`]).
+    pub stream_chunks: Vec<Vec<u64>>,
 }
 
 impl Outcome {
@@ -948,6 +951,7 @@ fn simulate_inner(
     let mut routes = Vec::new();
     let mut remaps = Vec::new();
     let mut fits = true;
+    let mut stream_chunks_of = Vec::with_capacity(layout.micro_batches.len());
 
     for (index, mb) in layout.micro_batches.iter().enumerate() {
         let index = index as u32;
@@ -1016,9 +1020,13 @@ fn simulate_inner(
         let remap = mb
             .remap
             .then(|| plan_remap(ctx, micro_batch_cost, index, attention));
+        let mut kept = vec![(0.0, 0.0); world];
+        let mut linear_of = vec![0u64; world];
         for r in 0..world {
             let cost = cost_of(rank_streams[r]);
             let (linear, kept_linear, kept_attention) = held.held(remap.as_ref(), r);
+            kept[r] = (kept_linear, kept_attention);
+            linear_of[r] = linear;
             let bytes = cost.rank_memory_bytes(kept_linear, kept_attention, topo.world());
             let rank = &mut ranks[r];
             rank.peak_memory_bytes = rank.peak_memory_bytes.max(bytes);
@@ -1158,6 +1166,22 @@ fn simulate_inner(
             }
         }
 
+        // The streamed ranks' chunks, and the time their fixed costs add.
+        let chunks = stream_chunks(cost_of(true), topo, mb, &rank_streams, &kept);
+        for (r, &chunk) in chunks.iter().enumerate().filter(|(_, c)| **c > 0) {
+            let extra = cost_of(true).stream_chunk_overhead_s(linear_of[r] as f64, chunk);
+            avail[r] += extra;
+            ranks[r].compute_s += extra;
+            if let Some(span) = ranks[r]
+                .timeline
+                .last_mut()
+                .filter(|s| s.micro_batch == index)
+            {
+                span.end_s += extra;
+            }
+        }
+        stream_chunks_of.push(chunks);
+
         if remap.is_some() {
             let end = avail.iter().copied().fold(0.0, f64::max);
             avail.iter_mut().for_each(|a| *a = end);
@@ -1175,7 +1199,75 @@ fn simulate_inner(
         fits_in_memory: fits,
         routes,
         remaps,
+        stream_chunks: stream_chunks_of,
     }
+}
+
+/// The StreamBP chunk of each rank of micro-batch `mb` (0 where it runs
+/// plain backprop), from the tokens whose activations it keeps (linear,
+/// attention): [`CostModel::stream_chunk`] of its memory, the least of those
+/// on ranks that share a group (a rank runs all its groups of a micro-batch
+/// in one pass), and on every rank of a remapped micro-batch (its
+/// all-to-alls span them all).
+pub fn stream_chunks(
+    streamed: &CostModel,
+    topo: &Topology,
+    mb: &LayoutMicroBatch,
+    rank_streams: &[bool],
+    kept: &[(f64, f64)],
+) -> Vec<u64> {
+    let world = rank_streams.len();
+    if !rank_streams.iter().any(|s| *s) {
+        return vec![0; world];
+    }
+    let states = streamed.model_state_bytes(topo.world());
+    let own: Vec<u64> = (0..world)
+        .map(|r| {
+            if !rank_streams[r] {
+                return 0;
+            }
+            let room = streamed.rank_budget_bytes(topo.gpu_of(r as u32), topo.world()) - states;
+            streamed.stream_chunk(room, kept[r].0, kept[r].1)
+        })
+        .collect();
+    if mb.remap {
+        let least = own.iter().copied().filter(|c| *c > 0).min().unwrap_or(0);
+        return own.iter().map(|c| if *c > 0 { least } else { 0 }).collect();
+    }
+    // Ranks joined by the groups they share (union-find).
+    fn root(parent: &mut [usize], mut r: usize) -> usize {
+        while parent[r] != r {
+            parent[r] = parent[parent[r]];
+            r = parent[r];
+        }
+        r
+    }
+    let mut parent: Vec<usize> = (0..world).collect();
+    for group in &mb.groups {
+        if let Some((&first, rest)) = group.ranks.split_first() {
+            for &r in rest {
+                let (a, b) = (
+                    root(&mut parent, first as usize),
+                    root(&mut parent, r as usize),
+                );
+                parent[b] = a;
+            }
+        }
+    }
+    let mut least = vec![u64::MAX; world];
+    for r in (0..world).filter(|r| own[*r] > 0) {
+        let k = root(&mut parent, r);
+        least[k] = least[k].min(own[r]);
+    }
+    (0..world)
+        .map(|r| {
+            if own[r] > 0 {
+                least[root(&mut parent, r)]
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 /// The step plan document of a layout.
@@ -1211,7 +1303,10 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
                 inner_ring: group.inner_ring,
                 offload: group.offload,
                 stream_bp_chunk: if group.streams(&ctx.cost) {
-                    ctx.cost.coefficients.streambp_chunk
+                    group
+                        .ranks
+                        .first()
+                        .map_or(0, |r| outcome.stream_chunks[index][*r as usize])
                 } else {
                     0
                 },
@@ -1350,6 +1445,67 @@ pub(crate) mod tests {
         assert!((out.max_over_mean() - 1.0).abs() < 1e-12);
         let plan = build_plan(&ctx, &lengths, &layout);
         plan.check().unwrap();
+    }
+
+    /// A streamed rank backpropagates in the largest chunk its memory holds,
+    /// the plan records it, ranks of one ring share it, and a rank whose
+    /// memory is tight keeps the job's chunk and pays for its many chunks.
+    #[test]
+    fn streamed_ranks_take_the_largest_chunk_their_memory_holds() {
+        let mut ctx = context("1x8", "llama-7b");
+        ctx.cost.coefficients.streambp = crate::cost::StreamBp::Always;
+        ctx.cost.coefficients.streambp_chunk = 256;
+        // A ring of two ranks over 16K tokens, one of four over 160K (40K a
+        // rank, near what StreamBP holds on an H100), and a rank of 2K.
+        let lengths = vec![16_384u64, 163_840, 2_048];
+        let layout = Layout {
+            strategy: "test".into(),
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![
+                    LayoutGroup::flat(vec![0, 1], vec![0]),
+                    LayoutGroup::flat(vec![2, 3, 4, 5], vec![1]),
+                    LayoutGroup::flat(vec![6], vec![2]),
+                ],
+                remap: false,
+            }],
+            routing: Routing::ClosestNic,
+        };
+        let out = simulate(&ctx, &lengths, &layout);
+        assert!(out.fits_in_memory);
+        let chunks = &out.stream_chunks[0];
+        // Room to spare: the rank's tokens in one chunk.
+        assert_eq!(&chunks[0..2], [8192, 8192]);
+        assert_eq!(chunks[6], 2048);
+        assert_eq!(chunks[7], 0, "a rank with nothing runs no chunks");
+        // The long ring's ranks: what their memory holds, all alike.
+        let streamed = ctx.cost.with_streaming(true);
+        let room =
+            streamed.rank_budget_bytes(ctx.topology.gpu_of(2), 8) - streamed.model_state_bytes(8);
+        let held = 40_960.0;
+        assert!(
+            chunks[2..6]
+                .iter()
+                .all(|c| *c == streamed.stream_chunk(room, held, held))
+        );
+        let plan = build_plan(&ctx, &lengths, &layout);
+        plan.check().unwrap();
+        for group in &plan.micro_batches[0].groups {
+            assert_eq!(group.stream_bp_chunk, chunks[group.ranks[0] as usize]);
+        }
+        // The chunks' fixed costs are part of the step's time.
+        let mut costlier = ctx.clone();
+        costlier.cost.coefficients.streambp_chunk_overhead_s *= 1000.0;
+        let slow = simulate(&costlier, &lengths, &layout);
+        assert!(slow.step_time_s > out.step_time_s);
+        // A rank at StreamBP's capacity with a small job chunk: the chunk
+        // grows no further than memory allows.
+        let capacity = streamed.token_capacity(ctx.topology.gpu_of(0), 8) as f64;
+        let tight = streamed.stream_chunk(room, capacity, capacity);
+        assert!(streamed.streamed_step_bytes_in(capacity, capacity, tight) <= room);
+        assert!(
+            (tight as f64) >= capacity
+                || streamed.streamed_step_bytes_in(capacity, capacity, 2 * tight) > room
+        );
     }
 
     #[test]

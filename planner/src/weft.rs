@@ -2251,9 +2251,12 @@ mod tests {
         assert!(plan.predicted.fits_in_memory);
         let groups: Vec<_> = plan.micro_batches.iter().flat_map(|m| &m.groups).collect();
         let long = groups.iter().find(|g| g.sequences.contains(&0)).unwrap();
-        assert_eq!(
-            long.stream_bp_chunk, 4096,
-            "the long document's ring streams"
+        // Streamed, in the job's chunk times a power of two (memory allows
+        // more than 4,096 tokens a chunk).
+        let chunk = long.stream_bp_chunk;
+        assert!(
+            chunk >= 4096 && (chunk / 4096).is_power_of_two(),
+            "the long document's ring streams: {chunk}"
         );
         let plain = groups.iter().filter(|g| g.stream_bp_chunk == 0).count();
         assert!(

@@ -260,6 +260,22 @@ pub fn predicted_bytes(
     Some(crate::memory::engine_step_bytes(&cost, seq_len as f64))
 }
 
+/// The longest sequence whose predicted step ([`predicted_bytes`]) is
+/// within `budget` bytes; `None` for a method the planner does not model.
+pub fn predicted_longest(
+    model: &ModelSpec,
+    precision: Precision,
+    method: Method,
+    chunk: u64,
+    budget: u64,
+) -> Option<u64> {
+    predicted_bytes(model, precision, method, chunk, 2)?;
+    Some(weft_planner::cost::last_fitting(|len| {
+        predicted_bytes(model, precision, method, chunk.min(len), len)
+            .is_some_and(|bytes| bytes <= budget as f64)
+    }))
+}
+
 /// One method's figures.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MethodReport {
@@ -274,6 +290,15 @@ pub struct MethodReport {
     /// precision, GiB; absent for checkpointing, which it does not model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_gib: Option<f64>,
+    /// The peak measured at `max_len`, GiB, and the planner's prediction
+    /// for it: the model against the engine where memory binds.
+    #[serde(default)]
+    pub max_len_peak_gib: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_len_predicted_gib: Option<f64>,
+    /// The longest sequence the planner's model says fits the budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_max_len: Option<u64>,
     /// Every step measured, in the order run.
     pub probes: Vec<Probe>,
 }

@@ -82,7 +82,12 @@ pub struct ComputeSpeeds {
     pub attention_tflops: f64,
     pub linear_s: f64,
     pub attention_s: f64,
+    /// Seconds one StreamBP chunk adds per layer, where the steps stream.
+    pub chunk_overhead_s: Option<f64>,
 }
+
+/// How many chunks the many-chunk steps of the chunk cost run in.
+const MANY_CHUNKS: u64 = 32;
 
 /// Measures compute on one rank: see the module documentation.
 pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileError> {
@@ -119,17 +124,37 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
     let plan = weft_planner::plan_step(weft_planner::Strategy::Static, &ctx, &lengths, None)
         .map_err(|e| ProfileError::Plan(e.to_string()))?
         .with_backprop_everywhere(config.backprop.chunk_tokens());
-    let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
-    for step in 0..=config.steps {
-        zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
-        if step > 0 {
-            let t = outcome.times;
-            attention_s.push(t.attention_s);
-            linear_s.push((t.total_s - t.attention_s - t.remap_s).max(0.0));
+    // The linear modules' and attention's median seconds over the timed
+    // steps of `plan` (after one untimed).
+    let mut time = |plan: &weft_planner::plan::StepPlan| -> Result<(f64, f64), ProfileError> {
+        let (mut linear_s, mut attention_s) = (Vec::new(), Vec::new());
+        for step in 0..=config.steps {
+            zero_gradients(&params)?;
+            let outcome = forward_backward(&model, &mut group, plan, &batch)?;
+            if step > 0 {
+                let t = outcome.times;
+                attention_s.push(t.attention_s);
+                linear_s.push((t.total_s - t.attention_s - t.remap_s).max(0.0));
+            }
         }
-    }
-    let (linear_s, attention_s) = (median(&mut linear_s), median(&mut attention_s));
+        Ok((median(&mut linear_s), median(&mut attention_s)))
+    };
+    let (linear_s, attention_s) = time(&plan)?;
+    // StreamBP's cost per chunk: the same steps with the rank's tokens in
+    // one chunk and in many, the difference spread over the extra chunks
+    // and the layers.
+    let chunk_overhead_s = match config.backprop.chunk_tokens() {
+        Some(_) => {
+            let rows = (documents * length) as u64;
+            let many = rows.div_ceil(MANY_CHUNKS).max(1);
+            let (whole_s, _) = time(&plan.clone().with_backprop_everywhere(Some(rows)))?;
+            let (chunked_s, _) = time(&plan.clone().with_backprop_everywhere(Some(many)))?;
+            let extra = (rows.div_ceil(many) - 1) as f64 * f64::from(config.model.layers.max(1));
+            // (Noise can make the many chunks look faster: no cost then.)
+            Some(((chunked_s - whole_s) / extra.max(1.0)).max(0.0))
+        }
+        None => None,
+    };
     if !(linear_s > 0.0 && attention_s > 0.0) {
         return Err(ProfileError::Unusable(format!(
             "linear modules took {linear_s} s and attention {attention_s} s"
@@ -159,6 +184,7 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
         attention_tflops: attention_work / attention_s,
         linear_s,
         attention_s,
+        chunk_overhead_s,
     })
 }
 
@@ -273,6 +299,7 @@ pub fn measure(config: &ProfileConfig) -> Result<Profile, ProfileError> {
         attention_tflops: compute.attention_tflops,
         link_gbytes_per_s: link.gbytes_per_s,
         p2p_latency_s: link.latency_s,
+        stream_bp_chunk_overhead_s: compute.chunk_overhead_s,
     })
 }
 

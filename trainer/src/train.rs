@@ -203,8 +203,8 @@ pub struct StepMetrics {
     /// node (NIC-aware routing; 0 when it is off or nothing crosses nodes).
     #[serde(default)]
     pub spread_routes: u32,
-    /// StreamBP's chunk, when any ring of the step backpropagated with
-    /// StreamBP.
+    /// StreamBP's smallest chunk in the step (the plan chooses each streamed
+    /// rank's), when any ring of the step backpropagated with StreamBP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_bp_chunk: Option<u64>,
     /// Ring groups of the plan that streamed their backward (StreamBP), of
@@ -883,7 +883,8 @@ pub fn run_worker(
                 .iter()
                 .flat_map(|m| &m.groups)
                 .map(|g| g.stream_bp_chunk)
-                .find(|chunk| *chunk > 0),
+                .filter(|chunk| *chunk > 0)
+                .min(),
             streamed_rings: plan
                 .micro_batches
                 .iter()
@@ -1039,7 +1040,12 @@ mod tests {
             .flat_map(|m| &m.groups)
             .partition(|g| g.sequences.contains(&0));
         assert_eq!(long.len(), 1);
-        assert_eq!(long[0].stream_bp_chunk, 512);
+        // The job's chunk times a power of two, as memory allows.
+        let chunk = long[0].stream_bp_chunk;
+        assert!(
+            chunk >= 512 && chunk % 512 == 0 && (chunk / 512).is_power_of_two(),
+            "{chunk}"
+        );
         let plain_rings = short.iter().filter(|g| g.stream_bp_chunk == 0).count();
         assert!(
             plain_rings * 2 > short.len(),

@@ -53,6 +53,14 @@ fn the_memory_bench_measures_each_method() {
     assert!(methods[0]["predicted_gib"].is_number());
     assert!(methods[1].get("predicted_gib").is_none());
     assert!(methods[2]["predicted_gib"].is_number());
+    // ... and where memory binds: at the longest length, and the longest
+    // length the model itself says fits.
+    for i in [0, 2] {
+        assert!(field(i, "max_len_peak_gib") > 0.0, "{}", names[i]);
+        assert!(field(i, "max_len_predicted_gib") > 0.0, "{}", names[i]);
+        assert!(field(i, "predicted_max_len") >= 2.0, "{}", names[i]);
+    }
+    assert!(methods[1].get("predicted_max_len").is_none());
     let (plain, checkpointing, streambp) = (
         field(0, "max_len"),
         field(1, "max_len"),

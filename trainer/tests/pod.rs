@@ -408,9 +408,10 @@ fn the_jobs_parallelism_fields_reach_the_pods_ranks() {
     assert!(limited.iter().all(|m| m.spread_routes == 0), "{limited:?}");
     assert!(limited.iter().all(|m| m.max_cp_degree <= 2), "{limited:?}");
     assert!(
-        limited
-            .iter()
-            .all(|m| m.stream_bp_chunk == Some(64) && m.streamed_rings > 0),
+        limited.iter().all(|m| m
+            .stream_bp_chunk
+            .is_some_and(|c| c >= 64 && (c / 64).is_power_of_two())
+            && m.streamed_rings > 0),
         "{limited:?}"
     );
     assert_same_losses(&limited, &free);

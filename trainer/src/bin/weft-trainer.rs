@@ -211,10 +211,12 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     profile: Option<PathBuf>,
-    /// StreamBP: backpropagate each layer in chunks of this many tokens
-    /// along the sequence, keeping only the layers' inputs from the forward
-    /// (exact; less activation memory, one more forward of compute). In a
-    /// pod, the job's parallelism.streamBpChunkTokens.
+    /// StreamBP: backpropagate each layer in chunks of at least this many
+    /// tokens along the sequence, keeping only the layers' inputs from the
+    /// forward (exact; less activation memory, one more forward of
+    /// compute). Each streamed rank takes this times the largest power of
+    /// two its memory holds (fewer chunks are faster), as the step plan
+    /// records. In a pod, the job's parallelism.streamBpChunkTokens.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default)]
     stream_bp_chunk: Option<u64>,
@@ -1092,6 +1094,7 @@ fn bench_memory(
 ) -> anyhow::Result<()> {
     use weft_trainer::membench::{
         GIB, MemoryReport, Method, MethodReport, ProbeConfig, longest_within, predicted_bytes,
+        predicted_longest,
     };
     if !(budget_gib.is_finite() && budget_gib > 0.0) {
         bail!("--budget-gib must be a positive number, got {budget_gib}");
@@ -1157,6 +1160,7 @@ fn bench_memory(
         };
         let at = measure(seq_len)?;
         let (longest, probes) = longest_within(budget, seq_len, max_len, resolution, measure)?;
+        let at_longest = probes.iter().find(|p| p.seq_len == longest).copied();
         reports.push(MethodReport {
             name: method.name().to_string(),
             peak_gib: at.peak_bytes as f64 / GIB,
@@ -1164,6 +1168,12 @@ fn bench_memory(
             s_per_token: at.seconds / seq_len as f64,
             predicted_gib: predicted_bytes(&model, precision, method, chunk, seq_len)
                 .map(|b| b / GIB),
+            max_len_peak_gib: at_longest.map_or(0.0, |p| p.peak_bytes as f64 / GIB),
+            max_len_predicted_gib: at_longest.and_then(|p| {
+                predicted_bytes(&model, precision, method, chunk.min(p.seq_len), p.seq_len)
+                    .map(|b| b / GIB)
+            }),
+            predicted_max_len: predicted_longest(&model, precision, method, chunk, budget),
             probes,
         });
     }
@@ -1181,8 +1191,8 @@ fn bench_memory(
         return Ok(());
     }
     println!(
-        "{:<14} {:>10} {:>12} {:>12} {:>14} {:>14}",
-        "method", "peak GiB", "predicted", "max len", "s/token", "vs checkpoint"
+        "{:<14} {:>10} {:>12} {:>12} {:>14} {:>14} {:>14}",
+        "method", "peak GiB", "predicted", "max len", "predicted len", "s/token", "vs checkpoint"
     );
     let checkpointing = report.methods.iter().find(|m| m.name == "checkpointing");
     for m in &report.methods {
@@ -1196,12 +1206,14 @@ fn bench_memory(
                 )
             });
         println!(
-            "{:<14} {:>10.3} {:>12} {:>12} {:>14.3e} {:>14}",
+            "{:<14} {:>10.3} {:>12} {:>12} {:>14} {:>14.3e} {:>14}",
             m.name,
             m.peak_gib,
             m.predicted_gib
                 .map_or("-".to_string(), |p| format!("{p:.3}")),
             m.max_len,
+            m.predicted_max_len
+                .map_or("-".to_string(), |n| n.to_string()),
             m.s_per_token,
             versus
         );
