@@ -148,6 +148,23 @@ impl TrainingJobSpec {
             .map_or(0, |d| (d.max(0) as u32).div_ceil(ranks_per_worker));
         min.max(for_degree)
     }
+
+    /// Why no mesh of this spec could ever run, where the schema's rules
+    /// could not say (a spec stored before them): `parallelism.cpDegree`
+    /// needs more workers than `workers.max`.
+    pub fn gang_problem(&self) -> Option<String> {
+        let (least, max) = (self.least_workers(), self.workers.max.max(0) as u32);
+        (least > max).then(|| {
+            let workers = match self.resources.gpus {
+                gpus if gpus > 0 => format!("{least} workers of {gpus} GPUs"),
+                _ => format!("{least} CPU workers (one rank each)"),
+            };
+            format!(
+                "parallelism.cpDegree {} needs {workers}, more than workers.max ({max})",
+                self.parallelism.cp_degree.unwrap_or(0)
+            )
+        })
+    }
 }
 
 /// Bounds on the size of the worker gang.
@@ -400,8 +417,8 @@ pub struct ParallelismSpec {
     pub nic_aware_routing: bool,
     /// StreamBP: backpropagate along the sequence in chunks of at least this
     /// many tokens (less activation memory, one more forward; each streamed
-    /// rank takes this times the largest power of two its memory holds, as
-    /// fewer chunks are faster), on the rings the
+    /// rank takes this times the largest power of two that costs it no more
+    /// memory, as fewer chunks are faster), on the rings the
     /// planner chooses: with the weft strategy, those where it is faster
     /// than the wider ring plain backprop needs, or where only StreamBP
     /// fits (each step plan records which); the other strategies stream
@@ -776,6 +793,15 @@ mod tests {
         // workers.min above what the degree needs stays the least.
         spec.workers.min = 5;
         assert_eq!(spec.least_workers(), 5);
+        assert_eq!(spec.gang_problem(), None);
+        // A degree no mesh up to workers.max can hold.
+        spec.parallelism.cp_degree = Some(12);
+        assert_eq!(
+            spec.gang_problem().as_deref(),
+            Some(
+                "parallelism.cpDegree 12 needs 12 CPU workers (one rank each), more than workers.max (8)"
+            )
+        );
         let json = serde_json::to_string(&TrainingJob::crd()).unwrap();
         assert!(json.contains("self.parallelism.cpDegree <= self.workers.min * "));
     }

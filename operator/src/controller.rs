@@ -5,7 +5,9 @@
 //! twice (pods by name, everything else by server-side apply).
 //!
 //! - **Gang start**: pods are created only once a mesh places at least
-//!   `workers.min` workers on healthy nodes; until then the job is Pending
+//!   `workers.min` workers on healthy nodes (more where a Static
+//!   `cpDegree` needs more ranks: `TrainingJobSpec::least_workers`); until
+//!   then the job is Pending
 //!   and its `Schedulable` condition says how many GPUs it needs and could get.
 //! - **Elasticity**: a worker whose node is lost (NotReady, cordoned or
 //!   deleted) or whose pod failed leaves the mesh; the survivors keep their
@@ -857,11 +859,16 @@ async fn reconcile_job(
         return Ok(Action::await_change());
     }
 
-    // Validate what the schema cannot.
-    if let Err(err) = resolve_model(&job.spec.model) {
+    // Validate what the schema cannot (or could not, for a job stored
+    // before its rules).
+    let invalid = resolve_model(&job.spec.model)
+        .err()
+        .map(|err| err.to_string())
+        .or_else(|| job.spec.gang_problem());
+    if let Some(message) = invalid {
         let outcome = Outcome::Failed {
             reason: "InvalidSpec".to_string(),
-            message: err.to_string(),
+            message,
         };
         return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
     }
@@ -1352,8 +1359,9 @@ async fn reconcile_job(
                     err.to_string()
                 } else {
                     format!(
-                        "{}, and fewer than workers.min remain",
-                        describe_refusals(&refused)
+                        "{}, and fewer than {} remain",
+                        describe_refusals(&refused),
+                        crate::status::least_workers_named(&job.spec)
                     )
                 };
                 event(

@@ -20,7 +20,8 @@
 //! - **Rescale cooldown.** After a membership change the job does not grow
 //!   for `elasticity.rescaleCooldownSeconds`, so capacity that flaps does not
 //!   restart the workers over and over; it still shrinks at once, and it may
-//!   always grow back to `workers.min`.
+//!   always grow back to `workers.min` (or the more workers a Static
+//!   `cpDegree` needs).
 
 use std::time::Duration;
 
@@ -185,15 +186,17 @@ pub fn finished_worker(pods: &[Pod]) -> Option<&Pod> {
 
 /// How many workers the mesh may have now: `workers.max`, or while the
 /// cooldown after the last membership change runs, no more than the job has
-/// (but always `workers.min`). Also returns how long the cooldown has left.
+/// (but always `workers.min`, or the more a Static `cpDegree` needs). Also
+/// returns how long the cooldown has left.
 pub fn growth_limit(
     job: &TrainingJob,
     status: Option<&TrainingJobStatus>,
     alive_workers: u32,
     now: &Time,
 ) -> (u32, Option<Duration>) {
-    let min = job.spec.least_workers();
     let max = job.spec.workers.max.max(0) as u32;
+    // (A spec whose least is above max is refused before any mesh.)
+    let min = job.spec.least_workers().min(max);
     let cooldown = Duration::from_secs(job.spec.elasticity.rescale_cooldown_seconds.max(0) as u64);
     let Some(last) = status.and_then(|s| s.last_rescale_time.as_ref()) else {
         return (max, None);
@@ -436,5 +439,9 @@ mod tests {
         let mut ringed = job(5, 60);
         ringed.spec.parallelism.cp_degree = Some(24);
         assert_eq!(growth_limit(&ringed, Some(&status), 1, &at(1010)).0, 3);
+        // Past workers.max (a spec from before the admission rule, refused
+        // by the reconcile): no panic, max holds.
+        ringed.spec.parallelism.cp_degree = Some(64);
+        assert_eq!(growth_limit(&ringed, Some(&status), 1, &at(1010)).0, 6);
     }
 }

@@ -403,7 +403,7 @@ pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> Trai
 }
 
 /// The fewest workers a job runs with, and what sets that number.
-fn least_workers_named(spec: &weft_crds::TrainingJobSpec) -> String {
+pub(crate) fn least_workers_named(spec: &weft_crds::TrainingJobSpec) -> String {
     let least = spec.least_workers();
     if least > spec.workers.min.max(0) as u32 {
         format!("the {least} workers parallelism.cpDegree needs")

@@ -53,8 +53,8 @@ pub struct CostCoefficients {
     /// along the sequence: less activation memory, one more forward).
     pub streambp: StreamBp,
     /// StreamBP's smallest chunk, tokens: a streamed rank backpropagates
-    /// in chunks of this times the largest power of two whose step still
-    /// fits its memory ([`CostModel::stream_chunk`]).
+    /// in chunks of this times the largest power of two that costs it no
+    /// more memory ([`CostModel::stream_chunk`]).
     pub streambp_chunk: u64,
     /// Seconds one StreamBP chunk adds per layer whatever its length: the
     /// fixed costs of its small graphs (kernel launches, short matrix
@@ -546,17 +546,21 @@ impl CostModel {
     }
 
     /// The chunk a streamed rank with `linear_tokens` and `attention_tokens`
-    /// tokens backpropagates in, when `room` bytes are left to its step: the
-    /// job's chunk times the largest power of two whose step fits (each
-    /// chunk costs [`CostCoefficients::streambp_chunk_overhead_s`] a layer,
-    /// so fewer are faster), no longer than the rank's tokens need; the
-    /// job's chunk where not even that fits.
-    pub fn stream_chunk(&self, room: f64, linear_tokens: f64, attention_tokens: f64) -> u64 {
+    /// tokens backpropagates in: the job's chunk times the largest power of
+    /// two that costs no more memory than the job's chunk (each chunk costs
+    /// [`CostCoefficients::streambp_chunk_overhead_s`] a layer, so fewer are
+    /// faster). A rank whose peak is the ring's backward (long sequences)
+    /// grows its chunk until the chunk's phases catch up with it; one whose
+    /// peak is a chunk's keeps the job's. Memory never grows past what the
+    /// job's chunk needs, so a plan that fits with it fits as run, and a
+    /// chunk is never longer than the rank's tokens need.
+    pub fn stream_chunk(&self, linear_tokens: f64, attention_tokens: f64) -> u64 {
         let smallest = self.coefficients.streambp_chunk.max(1);
+        let peak = self.streamed_step_bytes_in(linear_tokens, attention_tokens, smallest);
         let mut chunk = smallest;
         while (chunk as f64) < linear_tokens {
             let wider = chunk.saturating_mul(2);
-            if self.streamed_step_bytes_in(linear_tokens, attention_tokens, wider) > room {
+            if self.streamed_step_bytes_in(linear_tokens, attention_tokens, wider) > peak {
                 break;
             }
             chunk = wider;
@@ -802,15 +806,19 @@ mod tests {
         assert!(in_chunks(short, 16_384) > in_chunks(short, 4096));
         // Whatever the phase, the inputs of every layer stay (fp32).
         assert!(in_chunks(long, 4096) > long * 32.0 * 4096.0 * 4.0);
-        // The chunk: the largest power of two times the job's that fits.
-        let room = in_chunks(short, 8192);
-        assert_eq!(stream.stream_chunk(room, short, short), 8192);
-        assert_eq!(stream.stream_chunk(room - 1.0, short, short), 4096);
-        // Not even the job's chunk fits: the job's chunk (the layout does not fit).
-        assert_eq!(stream.stream_chunk(0.0, short, short), 4096);
-        // Room for anything: one chunk of the rank's tokens.
-        assert_eq!(stream.stream_chunk(f64::MAX, short, short), 16_384);
-        assert_eq!(stream.stream_chunk(f64::MAX, long, long), 131_072);
+        // The chunk: the job's times the largest power of two that costs no
+        // memory. A short rank keeps the job's; a long one grows it, up to
+        // where the chunk's phases catch up with the ring's.
+        assert_eq!(stream.stream_chunk(short, short), 4096);
+        let grown = stream.stream_chunk(long, long);
+        assert!(
+            grown >= 16_384 && (grown / 4096).is_power_of_two(),
+            "{grown}"
+        );
+        assert_eq!(in_chunks(long, grown), in_chunks(long, 4096));
+        assert!(grown >= 131_072 || in_chunks(long, 2 * grown) > in_chunks(long, 4096));
+        // Never longer than the rank's tokens need.
+        assert_eq!(stream.stream_chunk(1000.0, 1000.0), 4096);
         // Fewer chunks cost less time.
         assert!(
             stream.stream_chunk_overhead_s(long, 16_384)

@@ -797,6 +797,25 @@ pub fn capped_proportional_split(total: u64, weights: &[f64], caps: &[u64]) -> V
     }
 }
 
+/// Tokens each rank can hold ([`CostModel::token_capacity`]), found once
+/// for every run of ranks with the same GPU (a search with StreamBP).
+pub fn rank_capacities(cost: &CostModel, topo: &Topology) -> Vec<u64> {
+    let mut last: Option<(&crate::cluster::GpuModel, u64)> = None;
+    (0..topo.world())
+        .map(|r| {
+            let gpu = topo.gpu_of(r);
+            match last {
+                Some((seen, capacity)) if std::ptr::eq(seen, gpu) || seen == gpu => capacity,
+                _ => {
+                    let capacity = cost.token_capacity(gpu, topo.world());
+                    last = Some((gpu, capacity));
+                    capacity
+                }
+            }
+        })
+        .collect()
+}
+
 /// The remap of one micro-batch: linear layout (proportional to each rank's
 /// GPU speed, within what its memory holds) and the transfers from the
 /// attention layout, matched inside nodes first and then between neighbouring
@@ -807,9 +826,7 @@ fn plan_remap(ctx: &PlanContext, cost: &CostModel, index: u32, attention: &[u64]
     let speeds: Vec<f64> = (0..topo.world())
         .map(|r| topo.gpu_of(r).peak_bf16_tflops)
         .collect();
-    let caps: Vec<u64> = (0..topo.world())
-        .map(|r| cost.token_capacity(topo.gpu_of(r), topo.world()))
-        .collect();
+    let caps = rank_capacities(cost, topo);
     let linear = capped_proportional_split(total, &speeds, &caps);
     let mut surplus: Vec<(u32, u64)> = Vec::new();
     let mut deficit: Vec<(u32, u64)> = Vec::new();
@@ -1167,7 +1184,7 @@ fn simulate_inner(
         }
 
         // The streamed ranks' chunks, and the time their fixed costs add.
-        let chunks = stream_chunks(cost_of(true), topo, mb, &rank_streams, &kept);
+        let chunks = stream_chunks(cost_of(true), mb, &rank_streams, &kept);
         for (r, &chunk) in chunks.iter().enumerate().filter(|(_, c)| **c > 0) {
             let extra = cost_of(true).stream_chunk_overhead_s(linear_of[r] as f64, chunk);
             avail[r] += extra;
@@ -1205,13 +1222,14 @@ fn simulate_inner(
 
 /// The StreamBP chunk of each rank of micro-batch `mb` (0 where it runs
 /// plain backprop), from the tokens whose activations it keeps (linear,
-/// attention): [`CostModel::stream_chunk`] of its memory, the least of those
-/// on ranks that share a group (a rank runs all its groups of a micro-batch
-/// in one pass), and on every rank of a remapped micro-batch (its
-/// all-to-alls span them all).
+/// attention): [`CostModel::stream_chunk`], shared by ranks that share a
+/// group (a rank runs all its groups of a micro-batch in one pass) and by
+/// every rank of a remapped micro-batch (its all-to-alls span them all):
+/// the least of their chunks that are shorter than their rank's tokens (a
+/// rank whose chunk holds all its tokens takes any longer one alike), else
+/// the longest.
 pub fn stream_chunks(
     streamed: &CostModel,
-    topo: &Topology,
     mb: &LayoutMicroBatch,
     rank_streams: &[bool],
     kept: &[(f64, f64)],
@@ -1220,19 +1238,27 @@ pub fn stream_chunks(
     if !rank_streams.iter().any(|s| *s) {
         return vec![0; world];
     }
-    let states = streamed.model_state_bytes(topo.world());
     let own: Vec<u64> = (0..world)
-        .map(|r| {
-            if !rank_streams[r] {
-                return 0;
-            }
-            let room = streamed.rank_budget_bytes(topo.gpu_of(r as u32), topo.world()) - states;
-            streamed.stream_chunk(room, kept[r].0, kept[r].1)
+        .map(|r| match rank_streams[r] {
+            true => streamed.stream_chunk(kept[r].0, kept[r].1),
+            false => 0,
         })
         .collect();
+    // (least that binds, longest) over a set of ranks.
+    let binds = |r: usize| (own[r] as f64) < kept[r].0;
+    let join = |(least, longest): (u64, u64), r: usize| {
+        (
+            if binds(r) { least.min(own[r]) } else { least },
+            longest.max(own[r]),
+        )
+    };
+    let choose = |(least, longest): (u64, u64)| if least < u64::MAX { least } else { longest };
     if mb.remap {
-        let least = own.iter().copied().filter(|c| *c > 0).min().unwrap_or(0);
-        return own.iter().map(|c| if *c > 0 { least } else { 0 }).collect();
+        let shared = choose((0..world).filter(|r| own[*r] > 0).fold((u64::MAX, 0), join));
+        return own
+            .iter()
+            .map(|c| if *c > 0 { shared } else { 0 })
+            .collect();
     }
     // Ranks joined by the groups they share (union-find).
     fn root(parent: &mut [usize], mut r: usize) -> usize {
@@ -1254,18 +1280,15 @@ pub fn stream_chunks(
             }
         }
     }
-    let mut least = vec![u64::MAX; world];
+    let mut shared = vec![(u64::MAX, 0); world];
     for r in (0..world).filter(|r| own[*r] > 0) {
         let k = root(&mut parent, r);
-        least[k] = least[k].min(own[r]);
+        shared[k] = join(shared[k], r);
     }
     (0..world)
-        .map(|r| {
-            if own[r] > 0 {
-                least[root(&mut parent, r)]
-            } else {
-                0
-            }
+        .map(|r| match own[r] {
+            0 => 0,
+            _ => choose(shared[root(&mut parent, r)]),
         })
         .collect()
 }
@@ -1447,16 +1470,16 @@ pub(crate) mod tests {
         plan.check().unwrap();
     }
 
-    /// A streamed rank backpropagates in the largest chunk its memory holds,
-    /// the plan records it, ranks of one ring share it, and a rank whose
-    /// memory is tight keeps the job's chunk and pays for its many chunks.
+    /// A streamed rank backpropagates in the largest chunk that costs it no
+    /// memory, the plan records it, and ranks that share a group, or a
+    /// remapped micro-batch, share it.
     #[test]
-    fn streamed_ranks_take_the_largest_chunk_their_memory_holds() {
+    fn streamed_ranks_take_the_largest_chunk_that_costs_no_memory() {
         let mut ctx = context("1x8", "llama-7b");
         ctx.cost.coefficients.streambp = crate::cost::StreamBp::Always;
         ctx.cost.coefficients.streambp_chunk = 256;
         // A ring of two ranks over 16K tokens, one of four over 160K (40K a
-        // rank, near what StreamBP holds on an H100), and a rank of 2K.
+        // rank), and a rank of 2K.
         let lengths = vec![16_384u64, 163_840, 2_048];
         let layout = Layout {
             strategy: "test".into(),
@@ -1473,20 +1496,14 @@ pub(crate) mod tests {
         let out = simulate(&ctx, &lengths, &layout);
         assert!(out.fits_in_memory);
         let chunks = &out.stream_chunks[0];
-        // Room to spare: the rank's tokens in one chunk.
-        assert_eq!(&chunks[0..2], [8192, 8192]);
-        assert_eq!(chunks[6], 2048);
-        assert_eq!(chunks[7], 0, "a rank with nothing runs no chunks");
-        // The long ring's ranks: what their memory holds, all alike.
         let streamed = ctx.cost.with_streaming(true);
-        let room =
-            streamed.rank_budget_bytes(ctx.topology.gpu_of(2), 8) - streamed.model_state_bytes(8);
-        let held = 40_960.0;
-        assert!(
-            chunks[2..6]
-                .iter()
-                .all(|c| *c == streamed.stream_chunk(room, held, held))
-        );
+        let own = |tokens: f64| streamed.stream_chunk(tokens, tokens);
+        // Each rank what costs it no memory, the ranks of a ring alike.
+        assert_eq!(&chunks[0..2], [own(8192.0), own(8192.0)]);
+        assert!(chunks[2..6].iter().all(|c| *c == own(40_960.0)));
+        assert!(chunks[2] > 256, "the long ring's chunk grows: {chunks:?}");
+        assert_eq!(chunks[6], own(2048.0));
+        assert_eq!(chunks[7], 0, "a rank with nothing runs no chunks");
         let plan = build_plan(&ctx, &lengths, &layout);
         plan.check().unwrap();
         for group in &plan.micro_batches[0].groups {
@@ -1497,15 +1514,64 @@ pub(crate) mod tests {
         costlier.cost.coefficients.streambp_chunk_overhead_s *= 1000.0;
         let slow = simulate(&costlier, &lengths, &layout);
         assert!(slow.step_time_s > out.step_time_s);
-        // A rank at StreamBP's capacity with a small job chunk: the chunk
-        // grows no further than memory allows.
-        let capacity = streamed.token_capacity(ctx.topology.gpu_of(0), 8) as f64;
-        let tight = streamed.stream_chunk(room, capacity, capacity);
-        assert!(streamed.streamed_step_bytes_in(capacity, capacity, tight) <= room);
+        // The peak is what the job's chunk needs, whatever chunk is taken.
+        let mut one_by_one = ctx.clone();
+        one_by_one.cost.coefficients.streambp_chunk = 1;
+        let peaks = |o: &Outcome| {
+            o.ranks
+                .iter()
+                .map(|r| r.peak_memory_bytes)
+                .collect::<Vec<_>>()
+        };
         assert!(
-            (tight as f64) >= capacity
-                || streamed.streamed_step_bytes_in(capacity, capacity, 2 * tight) > room
+            peaks(&simulate(&one_by_one, &lengths, &layout))
+                .iter()
+                .zip(peaks(&out))
+                .all(|(small, chosen)| *small <= chosen)
         );
+
+        // Ranks that share a chunk: a rank whose chunk holds all its tokens
+        // does not hold back one whose chunk binds, so a short ring joined to
+        // the long one by a third group takes the long ring's chunk.
+        let mut wide = ctx.clone();
+        wide.cost.coefficients.streambp_chunk = 1024;
+        let short = vec![163_840u64, 512, 512];
+        let joined = Layout {
+            micro_batches: vec![LayoutMicroBatch {
+                groups: vec![
+                    LayoutGroup::flat(vec![2, 3, 4, 5], vec![0]),
+                    LayoutGroup::flat(vec![0, 1], vec![1]),
+                    LayoutGroup::flat(vec![1, 2], vec![2]),
+                ],
+                remap: false,
+            }],
+            ..layout.clone()
+        };
+        let out = simulate(&wide, &short, &joined);
+        let chunks = &out.stream_chunks[0];
+        let long_rank = 40_960.0 + 256.0;
+        let own = wide
+            .cost
+            .with_streaming(true)
+            .stream_chunk(long_rank, long_rank);
+        assert!(own > 1024, "{own}");
+        assert!(chunks[0..6].iter().all(|c| *c == own), "{chunks:?}");
+        build_plan(&wide, &short, &joined).check().unwrap();
+        // A remapped micro-batch: one chunk on every rank.
+        let remapped = Layout {
+            micro_batches: vec![LayoutMicroBatch {
+                remap: true,
+                ..layout.micro_batches[0].clone()
+            }],
+            ..layout.clone()
+        };
+        let out = simulate(&ctx, &lengths, &remapped);
+        let chunks = &out.stream_chunks[0];
+        assert!(
+            chunks.iter().all(|c| *c == chunks[0] && *c >= 256),
+            "{chunks:?}"
+        );
+        build_plan(&ctx, &lengths, &remapped).check().unwrap();
     }
 
     #[test]

@@ -301,8 +301,8 @@ impl Strategy {
 /// Tokens the smallest rank can hold, and a check that the model fits at all.
 pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {
     let topo = &ctx.topology;
-    let capacity = (0..topo.world())
-        .map(|r| ctx.cost.token_capacity(topo.gpu_of(r), topo.world()))
+    let capacity = crate::sim::rank_capacities(&ctx.cost, topo)
+        .into_iter()
         .min()
         .unwrap_or(0);
     // Keep a few tokens of room for the rounding of zigzag shards.

@@ -145,11 +145,22 @@ pub fn measure_compute(config: &ProfileConfig) -> Result<ComputeSpeeds, ProfileE
     // and the layers.
     let chunk_overhead_s = match config.backprop.chunk_tokens() {
         Some(_) => {
-            let rows = (documents * length) as u64;
-            let many = rows.div_ceil(MANY_CHUNKS).max(1);
-            let (whole_s, _) = time(&plan.clone().with_backprop_everywhere(Some(rows)))?;
+            // The rank's rows of each micro-batch: one chunk each, then many.
+            let mut rows = vec![0u64; plan.micro_batches.len()];
+            for s in &plan.sequences {
+                if let Some(r) = rows.get_mut(s.micro_batch as usize) {
+                    *r += s.length;
+                }
+            }
+            let most = rows.iter().copied().max().unwrap_or(1).max(1);
+            let many = most.div_ceil(MANY_CHUNKS).max(1);
+            let (whole_s, _) = time(&plan.clone().with_backprop_everywhere(Some(most)))?;
             let (chunked_s, _) = time(&plan.clone().with_backprop_everywhere(Some(many)))?;
-            let extra = (rows.div_ceil(many) - 1) as f64 * f64::from(config.model.layers.max(1));
+            let extra_chunks: u64 = rows
+                .iter()
+                .map(|r| r.div_ceil(many).saturating_sub(1))
+                .sum();
+            let extra = extra_chunks as f64 * f64::from(config.model.layers.max(1));
             // (Noise can make the many chunks look faster: no cost then.)
             Some(((chunked_s - whole_s) / extra.max(1.0)).max(0.0))
         }

@@ -176,9 +176,7 @@ fn a_measured_profile_prices_steps_at_this_devices_speed() {
     ok(&out);
     let streamed = weft_planner::input::load_profile(streamed.to_str().unwrap()).unwrap();
     assert!(
-        streamed
-            .stream_bp_chunk_overhead_s
-            .is_some_and(|s| s >= 0.0),
+        streamed.stream_bp_chunk_overhead_s.is_some(),
         "{streamed:?}"
     );
     let (out, datasheet) = local(&dir, "datasheet", &["--ranks", "2", "--steps", "3"]);

@@ -57,7 +57,7 @@ struct Common {
     #[arg(long, value_enum, value_name = "WHERE")]
     stream_bp: Option<StreamBpArg>,
     /// StreamBP's smallest chunk, tokens (default 4096): each streamed rank
-    /// takes this times the largest power of two its memory holds.
+    /// takes this times the largest power of two that costs it no more memory.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     stream_bp_chunk: Option<u64>,
     /// Price compute and transfers at the speeds a profile measured

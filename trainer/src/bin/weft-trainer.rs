@@ -215,8 +215,8 @@ struct RunArgs {
     /// tokens along the sequence, keeping only the layers' inputs from the
     /// forward (exact; less activation memory, one more forward of
     /// compute). Each streamed rank takes this times the largest power of
-    /// two its memory holds (fewer chunks are faster), as the step plan
-    /// records. In a pod, the job's parallelism.streamBpChunkTokens.
+    /// two that costs it no more memory (fewer chunks are faster), as the
+    /// step plan records. In a pod, the job's parallelism.streamBpChunkTokens.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default)]
     stream_bp_chunk: Option<u64>,
