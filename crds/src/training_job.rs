@@ -149,20 +149,29 @@ impl TrainingJobSpec {
         min.max(for_degree)
     }
 
-    /// Why no mesh of this spec could ever run, where the schema's rules
-    /// could not say (a spec stored before them): `parallelism.cpDegree`
-    /// needs more workers than `workers.max`.
+    /// Why no mesh of this spec can run until it is changed, where the
+    /// schema's rules could not say (a spec stored before them): it needs
+    /// more workers than `workers.max`.
     pub fn gang_problem(&self) -> Option<String> {
-        let (least, max) = (self.least_workers(), self.workers.max.max(0) as u32);
-        (least > max).then(|| {
-            let workers = match self.resources.gpus {
-                gpus if gpus > 0 => format!("{least} workers of {gpus} GPUs"),
-                _ => format!("{least} CPU workers (one rank each)"),
-            };
-            format!(
-                "parallelism.cpDegree {} needs {workers}, more than workers.max ({max})",
-                self.parallelism.cp_degree.unwrap_or(0)
-            )
+        let (min, max) = (
+            self.workers.min.max(0) as u32,
+            self.workers.max.max(0) as u32,
+        );
+        let least = self.least_workers();
+        if least <= max {
+            return None;
+        }
+        Some(match self.parallelism.cp_degree.filter(|_| least > min) {
+            Some(degree) => {
+                let workers = match self.resources.gpus {
+                    gpus if gpus > 0 => format!("{least} workers of {gpus} GPUs"),
+                    _ => format!("{least} CPU workers (one rank each)"),
+                };
+                format!(
+                    "parallelism.cpDegree {degree} needs {workers}, more than workers.max ({max})"
+                )
+            }
+            None => format!("workers.min ({min}) is greater than workers.max ({max})"),
         })
     }
 }
@@ -801,6 +810,12 @@ mod tests {
             Some(
                 "parallelism.cpDegree 12 needs 12 CPU workers (one rank each), more than workers.max (8)"
             )
+        );
+        spec.parallelism.cp_degree = None;
+        spec.workers.min = 9;
+        assert_eq!(
+            spec.gang_problem().as_deref(),
+            Some("workers.min (9) is greater than workers.max (8)")
         );
         let json = serde_json::to_string(&TrainingJob::crd()).unwrap();
         assert!(json.contains("self.parallelism.cpDegree <= self.workers.min * "));

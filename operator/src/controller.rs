@@ -859,16 +859,11 @@ async fn reconcile_job(
         return Ok(Action::await_change());
     }
 
-    // Validate what the schema cannot (or could not, for a job stored
-    // before its rules).
-    let invalid = resolve_model(&job.spec.model)
-        .err()
-        .map(|err| err.to_string())
-        .or_else(|| job.spec.gang_problem());
-    if let Some(message) = invalid {
+    // Validate what the schema cannot.
+    if let Err(err) = resolve_model(&job.spec.model) {
         let outcome = Outcome::Failed {
             reason: "InvalidSpec".to_string(),
-            message,
+            message: err.to_string(),
         };
         return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
     }

@@ -195,7 +195,8 @@ pub fn growth_limit(
     now: &Time,
 ) -> (u32, Option<Duration>) {
     let max = job.spec.workers.max.max(0) as u32;
-    // (A spec whose least is above max is refused before any mesh.)
+    // (A spec whose least is above max gets no mesh: it waits, Pending,
+    // saying why: `TrainingJobSpec::gang_problem`.)
     let min = job.spec.least_workers().min(max);
     let cooldown = Duration::from_secs(job.spec.elasticity.rescale_cooldown_seconds.max(0) as u64);
     let Some(last) = status.and_then(|s| s.last_rescale_time.as_ref()) else {
@@ -439,8 +440,8 @@ mod tests {
         let mut ringed = job(5, 60);
         ringed.spec.parallelism.cp_degree = Some(24);
         assert_eq!(growth_limit(&ringed, Some(&status), 1, &at(1010)).0, 3);
-        // Past workers.max (a spec from before the admission rule, refused
-        // by the reconcile): no panic, max holds.
+        // Past workers.max (a spec from before the admission rule, which
+        // waits Pending): no panic, max holds.
         ringed.spec.parallelism.cp_degree = Some(64);
         assert_eq!(growth_limit(&ringed, Some(&status), 1, &at(1010)).0, 6);
     }

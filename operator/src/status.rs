@@ -258,7 +258,11 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
                     _ => "InvalidRequest",
                 },
                 {
-                    let mut message = err.to_string();
+                    // A range no mesh can have says which field sets it.
+                    let mut message = match (err, job.spec.gang_problem()) {
+                        (MeshError::BadRange { .. }, Some(problem)) => problem,
+                        _ => err.to_string(),
+                    };
                     if !status.avoided_nodes.is_empty() {
                         message += &format!(
                             "; avoiding for now: {}",
@@ -599,6 +603,43 @@ mod tests {
         assert_eq!(ready(&failed).status, "False");
         assert_eq!(ready(&failed).last_transition_time, at(900));
         assert_eq!(ready(&failed).reason, "WorkerFailed");
+    }
+
+    /// A job stored before the admission rule whose static rings need more
+    /// workers than workers.max waits, Pending, naming the field (it runs
+    /// once cpDegree or workers.max is changed).
+    #[test]
+    fn a_static_degree_past_workers_max_is_pending_and_named() {
+        let mut j = job(false);
+        j.spec.parallelism.cp_degree = Some(24);
+        let nodes = MeshNode::all_free(&parse_cluster("4x8").unwrap());
+        let err = plan_mesh(
+            &MeshRequest {
+                job: "llm".into(),
+                min_workers: j.spec.least_workers(),
+                max_workers: 2,
+                gpus_per_worker: 8,
+                epoch: 7,
+            },
+            &nodes,
+            &[],
+        )
+        .unwrap_err();
+        let observed = Observed {
+            mesh: Err(&err),
+            pods: &[],
+            now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
+        };
+        let status = compute_status(&j, &observed);
+        assert_eq!(status.phase, Phase::Pending);
+        let schedulable = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
+        assert_eq!(schedulable.reason, "InvalidRequest");
+        assert_eq!(
+            schedulable.message,
+            "parallelism.cpDegree 24 needs 3 workers of 8 GPUs, more than workers.max (2)"
+        );
     }
 
     #[test]

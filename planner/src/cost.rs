@@ -532,7 +532,7 @@ impl CostModel {
         chunk: u64,
     ) -> f64 {
         let (h, cb) = (self.hidden(), self.compute_bytes());
-        let chunk = linear_tokens.min(chunk as f64);
+        let chunk = linear_tokens.min(chunk.max(1) as f64);
         let inputs = linear_tokens * self.layers() * h * FP32;
         let head = linear_tokens * 2.0 * h * FP32
             + chunk * self.logit_bytes_per_token()
@@ -560,7 +560,9 @@ impl CostModel {
         let mut chunk = smallest;
         while (chunk as f64) < linear_tokens {
             let wider = chunk.saturating_mul(2);
-            if self.streamed_step_bytes_in(linear_tokens, attention_tokens, wider) > peak {
+            if wider == chunk
+                || self.streamed_step_bytes_in(linear_tokens, attention_tokens, wider) > peak
+            {
                 break;
             }
             chunk = wider;
