@@ -1385,12 +1385,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             let profile = weft_trainer::profile::measure(&config)?;
             eprintln!(
-                "{}: linear modules {:.4} TFLOP/s, attention {:.4} TFLOP/s, link {:.3} GB/s, latency {:.1} µs",
+                "{}: linear modules {:.4} TFLOP/s, attention {:.4} TFLOP/s, link {:.3} GB/s, latency {:.1} µs{}",
                 profile.device,
                 profile.linear_tflops,
                 profile.attention_tflops,
                 profile.link_gbytes_per_s,
-                profile.p2p_latency_s * 1e6
+                profile.p2p_latency_s * 1e6,
+                profile
+                    .stream_bp_chunk_overhead_s
+                    .map_or(String::new(), |s| format!(
+                        ", StreamBP {:.3} ms a chunk a layer",
+                        s * 1e3
+                    ))
             );
             let text = serde_json::to_string_pretty(&profile)? + "\n";
             match out {
