@@ -89,6 +89,38 @@ pub fn ranks_streaming(cost: &CostModel, mb: &LayoutMicroBatch, world: u32) -> V
     streams
 }
 
+/// The set each group of micro-batch `mb` belongs to (the index of one of
+/// its members): groups that share a rank are joined, and all of a
+/// remapped micro-batch's (its all-to-alls span every rank), since a rank
+/// runs all its groups of a micro-batch in one pass, one way (plain or
+/// streamed, in one chunk).
+pub fn joined_groups(mb: &LayoutMicroBatch) -> Vec<usize> {
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut parent: Vec<usize> = (0..mb.groups.len()).collect();
+    let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
+    for (g, group) in mb.groups.iter().enumerate() {
+        for &r in &group.ranks {
+            let other = if mb.remap {
+                Some(0)
+            } else {
+                owner.get(&r).copied()
+            };
+            if let Some(other) = other {
+                let (a, b) = (root(&mut parent, g), root(&mut parent, other));
+                parent[a] = b;
+            }
+            owner.insert(r, g);
+        }
+    }
+    (0..mb.groups.len()).map(|g| root(&mut parent, g)).collect()
+}
+
 /// The inner ring size with which `ranks` can run as a hierarchical ring: the
 /// ranks are consecutive blocks of the same size, each the ranks of one node,
 /// at least two nodes of at least two ranks each. 0 when they are not.
@@ -1260,35 +1292,24 @@ pub fn stream_chunks(
             .map(|c| if *c > 0 { shared } else { 0 })
             .collect();
     }
-    // Ranks joined by the groups they share (union-find).
-    fn root(parent: &mut [usize], mut r: usize) -> usize {
-        while parent[r] != r {
-            parent[r] = parent[parent[r]];
-            r = parent[r];
-        }
-        r
-    }
-    let mut parent: Vec<usize> = (0..world).collect();
-    for group in &mb.groups {
-        if let Some((&first, rest)) = group.ranks.split_first() {
-            for &r in rest {
-                let (a, b) = (
-                    root(&mut parent, first as usize),
-                    root(&mut parent, r as usize),
-                );
-                parent[b] = a;
-            }
+    // Ranks take their groups' set.
+    let sets = joined_groups(mb);
+    let mut set_of: Vec<Option<usize>> = vec![None; world];
+    for (group, &set) in mb.groups.iter().zip(&sets) {
+        for &r in &group.ranks {
+            set_of[r as usize] = Some(set);
         }
     }
-    let mut shared = vec![(u64::MAX, 0); world];
+    let mut shared = vec![(u64::MAX, 0); mb.groups.len()];
     for r in (0..world).filter(|r| own[*r] > 0) {
-        let k = root(&mut parent, r);
-        shared[k] = join(shared[k], r);
+        if let Some(set) = set_of[r] {
+            shared[set] = join(shared[set], r);
+        }
     }
     (0..world)
-        .map(|r| match own[r] {
-            0 => 0,
-            _ => choose(shared[root(&mut parent, r)]),
+        .map(|r| match (own[r], set_of[r]) {
+            (0, _) | (_, None) => 0,
+            (_, Some(set)) => choose(shared[set]),
         })
         .collect()
 }

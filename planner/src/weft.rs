@@ -1342,40 +1342,15 @@ pub fn stream_where_needed(ctx: &PlanContext, lengths: &[u64], layout: &mut Layo
             })
             .collect();
         // Groups that share a rank, joined (all of them when remapped).
-        let count = mb.groups.len();
-        let mut parent: Vec<usize> = (0..count).collect();
-        fn root(parent: &mut [usize], mut i: usize) -> usize {
-            while parent[i] != i {
-                parent[i] = parent[parent[i]];
-                i = parent[i];
-            }
-            i
-        }
-        let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
-        for (g, group) in mb.groups.iter().enumerate() {
-            for &r in &group.ranks {
-                let other = if mb.remap {
-                    Some(0)
-                } else {
-                    owner.get(&r).copied()
-                };
-                if let Some(other) = other {
-                    let (a, b) = (root(&mut parent, g), root(&mut parent, other));
-                    parent[a] = b;
-                }
-                owner.insert(r, g);
-            }
-        }
-        let mut needs_streaming = vec![false; count];
-        for (g, group) in mb.groups.iter().enumerate() {
+        let sets = crate::sim::joined_groups(mb);
+        let mut needs_streaming = vec![false; sets.len()];
+        for (group, &set) in mb.groups.iter().zip(&sets) {
             if group.ranks.iter().any(|r| !fits[*r as usize]) {
-                let top = root(&mut parent, g);
-                needs_streaming[top] = true;
+                needs_streaming[set] = true;
             }
         }
-        for g in 0..count {
-            let top = root(&mut parent, g);
-            mb.groups[g].stream_bp = needs_streaming[top];
+        for (group, set) in mb.groups.iter_mut().zip(sets) {
+            group.stream_bp = needs_streaming[set];
         }
     }
 }
