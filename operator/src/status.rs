@@ -612,19 +612,7 @@ mod tests {
     fn a_static_degree_past_workers_max_is_pending_and_named() {
         let mut j = job(false);
         j.spec.parallelism.cp_degree = Some(24);
-        let nodes = MeshNode::all_free(&parse_cluster("4x8").unwrap());
-        let err = plan_mesh(
-            &MeshRequest {
-                job: "llm".into(),
-                min_workers: j.spec.least_workers(),
-                max_workers: 2,
-                gpus_per_worker: 8,
-                epoch: 7,
-            },
-            &nodes,
-            &[],
-        )
-        .unwrap_err();
+        let err = mesh("4x8", j.spec.least_workers()).unwrap_err();
         let observed = Observed {
             mesh: Err(&err),
             pods: &[],
