@@ -1,10 +1,16 @@
-//! A step plan as a picture (SVG): one row per rank, grouped by node, time
-//! across as the cost model predicts it. Each group's attention is a bar in
-//! the colour of its first sequence (a sequence id has the same colour in
-//! every picture); the part of a bar that is communication compute did not
-//! hide is hatched; a remapped micro-batch's linear phase is grey; the lower
-//! bound is a dashed line. Hovering a bar (its `<title>`) names the
-//! micro-batch, the sequences with their lengths, the degree and the ranks.
+//! A step plan as a picture (SVG): one row per rank, grouped by node under
+//! its rack's heading, time across as the cost model predicts it. Each
+//! group's attention is a bar in the colour of its sequence (a sequence id
+//! has the same colour in every picture); a group that packs several
+//! sequences is striped, a stripe per sequence as high as its share of the
+//! tokens; every ring is outlined around its bars. The part of a bar that is
+//! communication compute did not hide is hatched, and a blue underline is
+//! as long as the transfers compute hid; a remapped micro-batch's linear
+//! phase is grey; the lower bound is a dashed line. The NIC routes run in a
+//! lane on the right, from the sending row to the receiving one, in their
+//! NIC's colour. Hovering a bar (its `<title>`) names the micro-batch, the
+//! sequences with their lengths, the degree, the ranks and the times;
+//! hovering a route names its transfers.
 //!
 //! Past [`MAX_RANK_ROWS`] ranks, a row stands for a node (or a run of
 //! consecutive nodes, past as many nodes) and shows its slowest rank, and
@@ -14,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use svg::Document;
-use svg::node::element::{Definitions, Group, Line, Path, Pattern, Rectangle, Text, Title};
+use svg::node::element::{Circle, Definitions, Group, Line, Path, Pattern, Rectangle, Text, Title};
 
 use crate::plan::{RankPrediction, StepPlan};
 use crate::report::SimulationReport;
@@ -28,8 +34,22 @@ const ROW_GAP: f64 = 2.0;
 const NODE_GAP: f64 = 8.0;
 const LEFT: f64 = 150.0;
 const PLOT_W: f64 = 900.0;
-const TOP: f64 = 56.0;
+const TOP: f64 = 70.0;
 const BOTTOM: f64 = 40.0;
+/// The height of a rack's heading.
+const RACK_H: f64 = 14.0;
+/// The width of the NIC routes' lane.
+const LANE_W: f64 = 150.0;
+/// The most sequences of a packed group striped one each.
+const MAX_STRIPES: usize = 6;
+/// The most NIC routes (between distinct rows, per NIC) drawn.
+const MAX_ROUTES: usize = 4000;
+/// The colour of transfers compute hid.
+const HIDDEN_TRANSFER: &str = "#1f4fbf";
+/// The NICs' colours, in the order of their names.
+const NIC_COLOURS: [&str; 8] = [
+    "#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000",
+];
 
 /// Why a plan cannot be drawn.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -71,21 +91,36 @@ struct Row<'a> {
     rank: &'a RankPrediction,
     /// A gap above it (the first row of a node).
     node_start: bool,
+    /// A heading above it: the first row of a rack.
+    rack: Option<&'a str>,
 }
 
-fn rows(plan: &StepPlan) -> (Vec<Row<'_>>, bool) {
-    let mut by_node: Vec<(&str, Vec<&RankPrediction>)> = Vec::new();
+/// The rows to draw, whether they aggregate ranks, and the row that shows
+/// each rank.
+fn rows(plan: &StepPlan) -> (Vec<Row<'_>>, bool, BTreeMap<u32, usize>) {
+    let mut by_node: Vec<(&str, &str, Vec<&RankPrediction>)> = Vec::new();
     for rank in &plan.ranks {
         match by_node.last_mut() {
-            Some((node, ranks)) if *node == rank.node => ranks.push(rank),
-            _ => by_node.push((&rank.node, vec![rank])),
+            Some((node, _, ranks)) if *node == rank.node => ranks.push(rank),
+            _ => by_node.push((&rank.node, &rank.rack, vec![rank])),
         }
     }
+    // A rack's heading goes above its first node, when the plan names racks.
+    let rack_starts: Vec<Option<&str>> = by_node
+        .iter()
+        .enumerate()
+        .map(|(i, (_, rack, _))| {
+            let first = i == 0 || by_node[i - 1].1 != *rack;
+            (first && !rack.is_empty()).then_some(*rack)
+        })
+        .collect();
+    let mut row_of_rank = BTreeMap::new();
     if plan.ranks.len() <= MAX_RANK_ROWS {
-        let rows = by_node
-            .iter()
-            .flat_map(|(node, ranks)| {
-                ranks.iter().enumerate().map(move |(i, r)| Row {
+        let mut rows = Vec::new();
+        for ((node, _, ranks), rack) in by_node.iter().zip(&rack_starts) {
+            for (i, r) in ranks.iter().enumerate() {
+                row_of_rank.insert(r.rank, rows.len());
+                rows.push(Row {
                     label: if i == 0 {
                         format!("{node} · rank {}", r.rank)
                     } else {
@@ -93,36 +128,44 @@ fn rows(plan: &StepPlan) -> (Vec<Row<'_>>, bool) {
                     },
                     rank: r,
                     node_start: i == 0,
-                })
-            })
-            .collect();
-        return (rows, false);
+                    rack: if i == 0 { *rack } else { None },
+                });
+            }
+        }
+        return (rows, false, row_of_rank);
     }
     // A row per node, or per run of consecutive nodes when even the nodes
-    // are too many.
+    // are too many (then racks are not headed: a run may cross them).
     let per_row = by_node.len().div_ceil(MAX_RANK_ROWS).max(1);
-    let rows = by_node
-        .chunks(per_row)
-        .filter_map(|run| {
-            let slowest = run
-                .iter()
-                .flat_map(|(_, ranks)| ranks.iter())
-                .max_by(|a, b| a.time_s.total_cmp(&b.time_s))?;
-            let label = match run {
-                [(node, _)] => format!("{node} (rank {})", slowest.rank),
-                [(first, _), .., (last, _)] => {
-                    format!("{first}…{last} (rank {})", slowest.rank)
-                }
-                [] => return None,
-            };
-            Some(Row {
-                label,
-                rank: slowest,
-                node_start: false,
-            })
-        })
-        .collect();
-    (rows, true)
+    let mut rows = Vec::new();
+    for (k, run) in by_node.chunks(per_row).enumerate() {
+        let Some(slowest) = run
+            .iter()
+            .flat_map(|(_, _, ranks)| ranks.iter())
+            .max_by(|a, b| a.time_s.total_cmp(&b.time_s))
+        else {
+            continue;
+        };
+        let label = match run {
+            [(node, _, _)] => format!("{node} (rank {})", slowest.rank),
+            [(first, _, _), .., (last, _, _)] => {
+                format!("{first}…{last} (rank {})", slowest.rank)
+            }
+            [] => continue,
+        };
+        for (_, _, ranks) in run {
+            for r in ranks {
+                row_of_rank.insert(r.rank, rows.len());
+            }
+        }
+        rows.push(Row {
+            label,
+            rank: slowest,
+            node_start: false,
+            rack: if per_row == 1 { rack_starts[k] } else { None },
+        });
+    }
+    (rows, true, row_of_rank)
 }
 
 /// An empty picture of `width` by `height` pixels in weft's font.
@@ -197,12 +240,13 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                 ("a start", span.start_s),
                 ("an end", span.end_s),
                 ("an exposed time", span.exposed_s),
+                ("a transfer time", span.transfer_s),
             ] {
                 finite(&format!("{what} of rank {}", rank.rank), t)?;
             }
         }
     }
-    let (rows, aggregated) = rows(plan);
+    let (rows, aggregated, row_of_rank) = rows(plan);
     let end = plan
         .ranks
         .iter()
@@ -210,9 +254,30 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
         .fold(plan.predicted.lower_bound_s, f64::max)
         .max(1e-9);
     let x = |t: f64| px(LEFT + t / end * PLOT_W);
-    let node_starts = rows.iter().filter(|r| r.node_start).count() as f64;
-    let height = TOP + rows.len() as f64 * (ROW_H + ROW_GAP) + node_starts * NODE_GAP + BOTTOM;
-    let width = LEFT + PLOT_W + 40.0;
+    // Each row's top, with the gaps above nodes and the racks' headings.
+    let mut row_top = Vec::with_capacity(rows.len());
+    let mut y = TOP;
+    for row in &rows {
+        if row.node_start {
+            y += NODE_GAP;
+        }
+        if row.rack.is_some() {
+            y += RACK_H;
+        }
+        row_top.push(y);
+        y += ROW_H + ROW_GAP;
+    }
+    let axis_y = y + 6.0;
+    let routes = nic_routes(plan, &row_of_rank);
+    let nics: Vec<&str> = {
+        let mut nics: Vec<&str> = routes.keys().map(|(_, _, nic)| *nic).collect();
+        nics.sort_unstable();
+        nics.dedup();
+        nics
+    };
+    let lane = if routes.is_empty() { 0.0 } else { LANE_W };
+    let height = axis_y + BOTTOM + if routes.is_empty() { 0.0 } else { 18.0 };
+    let width = LEFT + PLOT_W + 40.0 + lane;
 
     let lengths: BTreeMap<u64, u64> = plan.sequences.iter().map(|s| (s.id, s.length)).collect();
     let degree: BTreeMap<u64, u32> = plan.sequences.iter().map(|s| (s.id, s.degree)).collect();
@@ -269,27 +334,46 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
     );
     let mut legend = if aggregated {
         format!(
-            "{} ranks are too many to draw one each: a row per node (or run of nodes), its slowest rank. Hatched: communication not hidden; grey: remapped linear modules; dashed: lower bound.",
+            "{} ranks are too many to draw one each: a row per node (or run of nodes), its slowest rank.",
             plan.ranks.len()
         )
     } else {
-        "One row per rank, by node. Hatched: communication not hidden; grey: remapped linear modules; dashed: lower bound.".to_string()
+        "One row per rank, by node and rack.".to_string()
     };
+    legend.push_str(
+        " A bar is a group's attention; a packed group's bar is striped by sequence (a stripe's height: its share of the tokens).",
+    );
     if let Some(note) = note {
         legend = format!("{legend} {note}");
     }
-    document = document.add(
-        Text::new(legend)
+    document = document
+        .add(
+            Text::new(legend)
+                .set("x", 10)
+                .set("y", 36)
+                .set("fill", "#444"),
+        )
+        .add(
+            Text::new(
+                "Outlined: a ring. Hatched: communication not hidden; blue underline: transfers compute hid; grey: remapped linear modules; dashed: lower bound.",
+            )
             .set("x", 10)
-            .set("y", 36)
+            .set("y", 50)
             .set("fill", "#444"),
-    );
+        );
 
-    let mut y = TOP;
     let mut bars = Group::new().set("id", "ranks");
-    for row in &rows {
-        if row.node_start {
-            y += NODE_GAP;
+    let mut drawn = DrawnBars::new();
+    for (i, row) in rows.iter().enumerate() {
+        let y = row_top[i];
+        if let Some(rack) = row.rack {
+            bars = bars.add(
+                Text::new(format!("rack {rack}"))
+                    .set("x", 10)
+                    .set("y", y - 4.0)
+                    .set("font-weight", "bold")
+                    .set("fill", "#555"),
+            );
         }
         bars = bars.add(
             Text::new(row.label.clone())
@@ -300,13 +384,36 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
         for span in &row.rank.timeline {
             let (x0, x1) = (x(span.start_s), x(span.end_s));
             let w = px((x1 - x0).max(0.5));
-            let (fill, title) = match span.group {
-                Some(g) => {
-                    let group = plan
-                        .micro_batches
-                        .get(span.micro_batch as usize)
-                        .and_then(|mb| mb.groups.get(g as usize));
-                    let sequences = group.map(|g| g.sequences.as_slice()).unwrap_or(&[]);
+            let group = span.group.and_then(|g| {
+                plan.micro_batches
+                    .get(span.micro_batch as usize)
+                    .and_then(|mb| mb.groups.get(g as usize))
+            });
+            let hidden = (span.transfer_s - span.exposed_s).max(0.0);
+            let timing = {
+                let mut timing = format!(
+                    "{} to {}, of which {} communication not hidden",
+                    seconds(span.start_s),
+                    seconds(span.end_s),
+                    seconds(span.exposed_s)
+                );
+                if span.transfer_s > 0.0 {
+                    let _ = write!(
+                        timing,
+                        "; transfers take {} on the links, {} of it hidden behind compute",
+                        seconds(span.transfer_s),
+                        seconds(hidden)
+                    );
+                }
+                timing
+            };
+            let sequences = group.map(|g| g.sequences.as_slice()).unwrap_or(&[]);
+            let (fill, title) = match (span.group, group) {
+                (Some(g), Some(group)) => {
+                    drawn
+                        .entry((span.micro_batch, g))
+                        .or_default()
+                        .push((i, x0, x1));
                     let mut title = format!("micro-batch {}: ", span.micro_batch);
                     for (i, id) in sequences.iter().enumerate() {
                         let _ = write!(
@@ -316,30 +423,21 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                             lengths.get(id).copied().unwrap_or(0)
                         );
                     }
-                    if let Some(group) = group {
-                        let ranks: Vec<String> = group.ranks.iter().map(u32::to_string).collect();
-                        let _ = write!(
-                            title,
-                            "; degree {} on ranks {}",
-                            sequences
-                                .first()
-                                .and_then(|id| degree.get(id))
-                                .copied()
-                                .unwrap_or(group.ranks.len() as u32),
-                            ranks.join(", ")
-                        );
-                        if group.inner_ring > 0 {
-                            let _ =
-                                write!(title, " (hierarchical ring, {} a node)", group.inner_ring);
-                        }
-                    }
+                    let ranks: Vec<String> = group.ranks.iter().map(u32::to_string).collect();
                     let _ = write!(
                         title,
-                        "; {} to {}, of which {} communication not hidden",
-                        seconds(span.start_s),
-                        seconds(span.end_s),
-                        seconds(span.exposed_s)
+                        "; degree {} on ranks {}",
+                        sequences
+                            .first()
+                            .and_then(|id| degree.get(id))
+                            .copied()
+                            .unwrap_or(group.ranks.len() as u32),
+                        ranks.join(", ")
                     );
+                    if group.inner_ring > 0 {
+                        let _ = write!(title, " (hierarchical ring, {} a node)", group.inner_ring);
+                    }
+                    let _ = write!(title, "; {timing}");
                     (
                         sequences
                             .first()
@@ -347,14 +445,18 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                         title,
                     )
                 }
-                None => (
+                (Some(g), None) => (
+                    "#999".to_string(),
+                    format!(
+                        "micro-batch {}: group {g}, which the plan does not list; {timing}",
+                        span.micro_batch
+                    ),
+                ),
+                (None, _) => (
                     "#bbb".to_string(),
                     format!(
-                        "micro-batch {}: linear modules on the remapped layout and the remap; {} to {}, of which {} transfers not hidden",
-                        span.micro_batch,
-                        seconds(span.start_s),
-                        seconds(span.end_s),
-                        seconds(span.exposed_s)
+                        "micro-batch {}: linear modules on the remapped layout and the remap; {timing}",
+                        span.micro_batch
                     ),
                 ),
             };
@@ -368,6 +470,18 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                     .set("stroke", "#333")
                     .set("stroke-width", 0.4),
             );
+            if sequences.len() > 1 {
+                for (top, h, colour) in stripes(sequences, &lengths) {
+                    bar = bar.add(
+                        Rectangle::new()
+                            .set("x", x0)
+                            .set("y", px(y + top))
+                            .set("width", w)
+                            .set("height", px(h))
+                            .set("fill", colour),
+                    );
+                }
+            }
             if span.exposed_s > 0.0 {
                 let ex = x(span.end_s - span.exposed_s.min(span.end_s - span.start_s));
                 bar = bar.add(
@@ -379,14 +493,30 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                         .set("fill", "url(#exposed)"),
                 );
             }
+            if hidden > 0.0 {
+                // Its length, not its place: the transfers run between the
+                // ring's steps all along the bar.
+                bar = bar.add(
+                    Rectangle::new()
+                        .set("x", x0)
+                        .set("y", px(y + ROW_H - 3.0))
+                        .set("width", px((x(span.start_s + hidden) - x0).clamp(0.5, w)))
+                        .set("height", 3)
+                        .set("fill", HIDDEN_TRANSFER),
+                );
+            }
             bars = bars.add(bar);
         }
-        y += ROW_H + ROW_GAP;
     }
-    document = document.add(bars);
+    document = document
+        .add(bars)
+        .add(ring_outlines(plan, &drawn, &row_top));
+
+    if !routes.is_empty() {
+        document = document.add(route_lane(&routes, &nics, &row_top, axis_y));
+    }
 
     // Time axis and the lower bound.
-    let axis_y = y + 6.0;
     let mut axis = Group::new().set("id", "axis").add(
         Line::new()
             .set("x1", LEFT)
@@ -433,6 +563,249 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
         );
     document = document.add(axis);
     Ok(document.to_string())
+}
+
+/// A packed group's stripes, in its order: (top, height, colour), each
+/// sequence's height its share of the group's tokens; past
+/// [`MAX_STRIPES`] sequences the longest keep their own stripes and the
+/// rest share a light grey one.
+fn stripes(sequences: &[u64], lengths: &BTreeMap<u64, u64>) -> Vec<(f64, f64, String)> {
+    let length = |id: &u64| lengths.get(id).copied().unwrap_or(0).max(1) as f64;
+    let total: f64 = sequences.iter().map(length).sum();
+    let own: Vec<bool> = if sequences.len() <= MAX_STRIPES {
+        vec![true; sequences.len()]
+    } else {
+        let mut by_length: Vec<usize> = (0..sequences.len()).collect();
+        by_length.sort_by(|a, b| length(&sequences[*b]).total_cmp(&length(&sequences[*a])));
+        let mut own = vec![false; sequences.len()];
+        for &k in by_length.iter().take(MAX_STRIPES - 1) {
+            own[k] = true;
+        }
+        own
+    };
+    let mut stripes = Vec::new();
+    let mut top = 0.0;
+    for (id, _) in sequences.iter().zip(&own).filter(|(_, own)| **own) {
+        let h = ROW_H * length(id) / total;
+        stripes.push((top, h, sequence_colour(*id)));
+        top += h;
+    }
+    let rest: f64 = sequences
+        .iter()
+        .zip(&own)
+        .filter(|(_, own)| !**own)
+        .map(|(id, _)| length(id))
+        .sum();
+    if rest > 0.0 {
+        stripes.push((top, ROW_H * rest / total, "#ddd".to_string()));
+    }
+    stripes
+}
+
+/// Where each group's bars were drawn, by (micro-batch, group): each bar's
+/// row, left and right.
+type DrawnBars = BTreeMap<(u32, u32), Vec<(usize, f64, f64)>>;
+
+/// The outline of every ring (a group of two or more ranks) around its
+/// bars, one box per run of adjacent rows, the boxes of a ring whose rows
+/// are apart joined by a dotted line.
+fn ring_outlines(plan: &StepPlan, drawn: &DrawnBars, row_top: &[f64]) -> Group {
+    let mut outlines = Group::new().set("id", "rings");
+    for (&(mb, g), bars) in drawn {
+        let Some(group) = plan
+            .micro_batches
+            .get(mb as usize)
+            .and_then(|m| m.groups.get(g as usize))
+        else {
+            continue;
+        };
+        if group.ranks.len() < 2 {
+            continue;
+        }
+        let mut bars = bars.clone();
+        bars.sort_by_key(|(row, _, _)| *row);
+        let left = bars.iter().map(|b| b.1).fold(f64::INFINITY, f64::min);
+        let right = bars.iter().map(|b| b.2).fold(0.0, f64::max);
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &(row, _, _) in &bars {
+            match runs.last_mut() {
+                Some((_, last)) if *last + 1 == row => *last = row,
+                _ => runs.push((row, row)),
+            }
+        }
+        let mut ring = Group::new().add(Title::new(format!(
+            "micro-batch {mb}: a ring of {} ranks{}",
+            group.ranks.len(),
+            if group.inner_ring > 0 {
+                format!(", hierarchical ({} a node)", group.inner_ring)
+            } else {
+                String::new()
+            }
+        )));
+        let mut above: Option<f64> = None;
+        for (first, last) in runs {
+            let (top, bottom) = (row_top[first] - 1.0, row_top[last] + ROW_H + 1.0);
+            if let Some(above) = above {
+                ring = ring.add(
+                    Line::new()
+                        .set("x1", px(left + 2.0))
+                        .set("x2", px(left + 2.0))
+                        .set("y1", px(above))
+                        .set("y2", px(top))
+                        .set("stroke", "#111")
+                        .set("stroke-dasharray", "1 2"),
+                );
+            }
+            ring = ring.add(
+                Rectangle::new()
+                    .set("x", px(left - 1.0))
+                    .set("y", px(top))
+                    .set("width", px(right - left + 2.0))
+                    .set("height", px(bottom - top))
+                    .set("fill", "none")
+                    .set("stroke", "#111")
+                    .set("stroke-width", 1.2),
+            );
+            above = Some(bottom);
+        }
+        outlines = outlines.add(ring);
+    }
+    outlines
+}
+
+/// A network route drawn between two rows: its bytes and what it carries.
+#[derive(Default)]
+struct DrawnRoute {
+    bytes: f64,
+    transfers: Vec<String>,
+}
+
+/// The plan's NIC routes between rows, by (sending row, receiving row,
+/// NIC): a leg relayed by another rank leaves from that rank's row.
+fn nic_routes<'a>(
+    plan: &'a StepPlan,
+    row_of_rank: &BTreeMap<u32, usize>,
+) -> BTreeMap<(usize, usize, &'a str), DrawnRoute> {
+    let mut routes: BTreeMap<(usize, usize, &str), DrawnRoute> = BTreeMap::new();
+    for route in &plan.routes {
+        for leg in &route.legs {
+            let from = leg.relay_rank.unwrap_or(route.from_rank);
+            let (Some(&a), Some(&b)) = (row_of_rank.get(&from), row_of_rank.get(&route.to_rank))
+            else {
+                continue;
+            };
+            if a == b {
+                continue;
+            }
+            let drawn = routes.entry((a, b, leg.nic.as_str())).or_default();
+            let bytes = route.bytes * leg.share;
+            drawn.bytes += bytes;
+            drawn.transfers.push(format!(
+                "micro-batch {}: rank {} ({}) → rank {} ({}){}, {:.1} MB",
+                route.micro_batch,
+                route.from_rank,
+                route.from_node,
+                route.to_rank,
+                route.to_node,
+                leg.relay_rank
+                    .map(|r| format!(" relayed by rank {r}"))
+                    .unwrap_or_default(),
+                bytes / 1e6
+            ));
+        }
+    }
+    routes
+}
+
+/// The NIC routes as curves in a lane right of the time axis, from the
+/// sending row to the receiving one, in their NIC's colour, with the
+/// NICs' legend under the axis.
+fn route_lane(
+    routes: &BTreeMap<(usize, usize, &str), DrawnRoute>,
+    nics: &[&str],
+    row_top: &[f64],
+    axis_y: f64,
+) -> Group {
+    let lane_x = LEFT + PLOT_W + 24.0;
+    let colour = |nic: &str| {
+        let k = nics.iter().position(|n| *n == nic).unwrap_or(0);
+        NIC_COLOURS[k % NIC_COLOURS.len()]
+    };
+    let mut lane = Group::new().set("id", "nic-routes").add(
+        Text::new("NIC routes")
+            .set("x", lane_x)
+            .set("y", TOP - 4.0)
+            .set("font-weight", "bold"),
+    );
+    for ((a, b, nic), route) in routes.iter().take(MAX_ROUTES) {
+        let k = nics.iter().position(|n| n == nic).unwrap_or(0) as f64;
+        let x0 = lane_x + (k % 8.0) * 3.0;
+        let (y0, y1) = (row_top[*a] + ROW_H / 2.0, row_top[*b] + ROW_H / 2.0);
+        let bulge = x0 + (12.0 + 0.25 * (y1 - y0).abs()).min(LANE_W - 40.0);
+        let shown = route.transfers.len().min(6);
+        let mut title = format!(
+            "over {nic}: {:.1} MB in {} transfer(s)\n{}",
+            route.bytes / 1e6,
+            route.transfers.len(),
+            route.transfers[..shown].join("\n")
+        );
+        if route.transfers.len() > shown {
+            let _ = write!(title, "\nand {} more", route.transfers.len() - shown);
+        }
+        lane = lane.add(
+            Group::new()
+                .add(Title::new(title))
+                .add(
+                    Path::new()
+                        .set(
+                            "d",
+                            format!(
+                                "M {:.2} {:.2} C {:.2} {:.2} {:.2} {:.2} {:.2} {:.2}",
+                                x0, y0, bulge, y0, bulge, y1, x0, y1
+                            ),
+                        )
+                        .set("fill", "none")
+                        .set("stroke", colour(nic))
+                        .set("stroke-opacity", 0.7),
+                )
+                .add(
+                    Circle::new()
+                        .set("cx", px(x0))
+                        .set("cy", px(y1))
+                        .set("r", 2)
+                        .set("fill", colour(nic)),
+                ),
+        );
+    }
+    let mut legend = "NIC routes (right), sender to receiver's dot:".to_string();
+    if routes.len() > MAX_ROUTES {
+        let _ = write!(legend, " the first {MAX_ROUTES} of {} drawn;", routes.len());
+    }
+    lane = lane.add(
+        Text::new(legend)
+            .set("x", 10)
+            .set("y", axis_y + 34.0)
+            .set("fill", "#444"),
+    );
+    let room = ((LANE_W + PLOT_W + LEFT + 40.0 - 300.0) / 90.0) as usize;
+    for (k, nic) in nics.iter().enumerate().take(room) {
+        let lx = 300.0 + k as f64 * 90.0;
+        lane = lane
+            .add(
+                Rectangle::new()
+                    .set("x", lx)
+                    .set("y", axis_y + 25.0)
+                    .set("width", 10)
+                    .set("height", 10)
+                    .set("fill", colour(nic)),
+            )
+            .add(
+                Text::new(nic.to_string())
+                    .set("x", lx + 14.0)
+                    .set("y", axis_y + 34.0),
+            );
+    }
+    lane
 }
 
 /// The colour of a strategy, the same in every picture.
@@ -605,6 +978,109 @@ mod tests {
         assert_eq!(tick_step(1.0), 0.1);
         assert_eq!(tick_step(0.37), 0.05);
         assert_eq!(tick_step(13.0), 2.0);
+    }
+
+    fn plan_on(cluster: &str, lengths: &[u64]) -> StepPlan {
+        use crate::cost::{CostCoefficients, CostModel};
+        let ctx = crate::sim::PlanContext {
+            limits: Default::default(),
+            topology: crate::topology::Topology::new(
+                &crate::cluster::parse_cluster(cluster).unwrap(),
+            )
+            .unwrap(),
+            cost: CostModel::new(
+                crate::model::ModelSpec::preset("llama-7b").unwrap(),
+                CostCoefficients::default(),
+            ),
+        };
+        crate::plan_step(Strategy::Weft, &ctx, lengths, None).unwrap()
+    }
+
+    /// Rings are outlined, one box per run of adjacent rows; racks are
+    /// headed; a packed group is striped by sequence; the transfers compute
+    /// hid are underlined; every NIC route between rows is a curve in its
+    /// NIC's colour, named in the legend.
+    #[test]
+    fn rings_racks_packed_sequences_hidden_transfers_and_routes_are_drawn() {
+        // Two racks of one node; one document long enough to need a ring
+        // across the nodes, and short ones packed.
+        let plan = plan_on(
+            "2x4:nics=2,rack=1",
+            &[49_152, 1200, 800, 3000, 150, 150, 9000],
+        );
+        let svg = plan_svg(&plan).unwrap();
+        let rings: usize = plan
+            .micro_batches
+            .iter()
+            .flat_map(|mb| &mb.groups)
+            .filter(|g| g.ranks.len() > 1)
+            .count();
+        assert!(rings > 0);
+        assert_eq!(
+            svg.matches("a ring of").count(),
+            rings,
+            "one outline a ring"
+        );
+        for rack in ["rack gpu-a-rack-0", "rack gpu-a-rack-1"] {
+            assert!(svg.contains(rack), "{rack} is not headed");
+        }
+        // Packed groups: a stripe per sequence, as high as its tokens' share.
+        let packed = plan
+            .micro_batches
+            .iter()
+            .flat_map(|mb| &mb.groups)
+            .find(|g| g.sequences.len() > 1)
+            .expect("short documents are packed");
+        for id in &packed.sequences {
+            let stripe = format!("fill=\"{}\"", sequence_colour(*id));
+            assert!(svg.contains(&stripe), "sequence {id} has no stripe");
+        }
+        // A ring across the nodes moves bytes: its transfers are on the
+        // plan, part of them hidden, and drawn.
+        let spans: Vec<_> = plan.ranks.iter().flat_map(|r| &r.timeline).collect();
+        assert!(spans.iter().any(|s| s.transfer_s > s.exposed_s));
+        assert!(svg.contains(&format!("fill=\"{HIDDEN_TRANSFER}\"")));
+        assert!(svg.contains("hidden behind compute"));
+        assert!(!plan.routes.is_empty());
+        assert!(svg.contains("id=\"nic-routes\""));
+        for nic in ["mlx5_0", "mlx5_1"] {
+            assert!(
+                svg.contains(&format!(">\n{nic}\n<")),
+                "{nic} is not in the legend"
+            );
+        }
+
+        // A plan written before weft recorded racks and transfers still
+        // draws, without them.
+        let mut old = plan.clone();
+        for rank in &mut old.ranks {
+            rank.rack.clear();
+            for span in &mut rank.timeline {
+                span.transfer_s = 0.0;
+            }
+        }
+        old.routes.clear();
+        let svg = plan_svg(&old).unwrap();
+        assert!(!svg.contains("rack gpu-a"));
+        assert!(!svg.contains(HIDDEN_TRANSFER));
+        assert!(!svg.contains("nic-routes"));
+        assert_eq!(svg.matches("a ring of").count(), rings);
+    }
+
+    #[test]
+    fn a_packed_group_of_many_sequences_keeps_the_longest_stripes() {
+        let lengths: BTreeMap<u64, u64> = (0..10).map(|id| (id, 100 + id * 10)).collect();
+        let ids: Vec<u64> = (0..10).collect();
+        let stripes = stripes(&ids, &lengths);
+        assert_eq!(stripes.len(), MAX_STRIPES);
+        let total: f64 = stripes.iter().map(|s| s.1).sum();
+        assert!((total - ROW_H).abs() < 1e-9, "{total}");
+        // The five longest (ids 5..10) keep their colours, in order; the
+        // rest share the grey stripe.
+        let colours: Vec<&str> = stripes.iter().map(|s| s.2.as_str()).collect();
+        let mut expected: Vec<String> = (5..10).map(sequence_colour).collect();
+        expected.push("#ddd".to_string());
+        assert_eq!(colours, expected);
     }
 
     #[test]

@@ -90,6 +90,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_no_time(seconds: &f64) -> bool {
+    *seconds == 0.0
+}
+
 fn is_no_offload(ratio: &f64) -> bool {
     *ratio == 0.0
 }
@@ -157,6 +161,9 @@ pub struct RouteLeg {
 pub struct RankPrediction {
     pub rank: u32,
     pub node: String,
+    /// The node's rack (absent in plans written before weft recorded it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rack: String,
     /// Time until this rank finishes the step, s.
     pub time_s: f64,
     /// Of which busy computing, s.
@@ -182,6 +189,11 @@ pub struct TimeSpan {
     pub end_s: f64,
     /// Of which, at the end, communication that compute did not hide, s.
     pub exposed_s: f64,
+    /// How long the span's transfers (ring hops, the remap, offloading)
+    /// take on their links, hidden behind compute or not, s (absent: none,
+    /// or a plan written before weft recorded it).
+    #[serde(default, skip_serializing_if = "is_no_time")]
+    pub transfer_s: f64,
     /// Index of the group in its micro-batch; absent for the linear phase of
     /// a remapped micro-batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]

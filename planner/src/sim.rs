@@ -1133,6 +1133,7 @@ fn simulate_inner(
                         start_s: start,
                         end_s: start + linear + comm,
                         exposed_s: comm,
+                        transfer_s: comm,
                         group: None,
                     });
                 }
@@ -1188,14 +1189,17 @@ fn simulate_inner(
             };
             // Offloaded activations go to the host during the forward and come
             // back during the backward; what compute does not hide waits.
-            let offload_s = if group.offload > 0.0 {
+            let (offload_s, offload_transfer_s) = if group.offload > 0.0 {
                 let most = shares[g].iter().copied().max().unwrap_or(0) as f64;
                 let transfer = cost.offload_transfer_time(most, group.offload, &gpu);
                 let compute = ring.compute_s + linear;
                 let forward = compute * cost.forward_share();
-                (transfer - forward).max(0.0) + (transfer - (compute - forward)).max(0.0)
+                (
+                    (transfer - forward).max(0.0) + (transfer - (compute - forward)).max(0.0),
+                    2.0 * transfer,
+                )
             } else {
-                0.0
+                (0.0, 0.0)
             };
             let duration = ring.total_s + linear + offload_s;
             for &r in &group.ranks {
@@ -1206,6 +1210,7 @@ fn simulate_inner(
                         start_s: start,
                         end_s: start + duration,
                         exposed_s: ring.total_s - ring.compute_s + offload_s,
+                        transfer_s: ring.transfer_s + offload_transfer_s,
                         group: Some(g as u32),
                     });
                 }
@@ -1377,6 +1382,7 @@ pub fn build_plan(ctx: &PlanContext, lengths: &[u64], layout: &Layout) -> StepPl
         .map(|(r, o)| RankPrediction {
             rank: r as u32,
             node: topo.nodes[topo.node_of(r as u32)].name.clone(),
+            rack: topo.nodes[topo.node_of(r as u32)].rack.clone(),
             time_s: o.finish_s,
             compute_s: o.compute_s,
             exposed_comm_s: o.exposed_comm_s,
