@@ -332,6 +332,13 @@ fn a_lost_pod_is_survived_from_the_last_checkpoint() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// The pods also draw the plans their steps ran (`--plan-svg`, every
+/// second step): the first worker, which runs rank 0, draws them, with the
+/// mesh's nodes and the hierarchical rings; the other draws none.
 #[test]
 fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
     // Two workers of two ranks, each on a node of its own; 300 tokens a rank
@@ -341,8 +348,20 @@ fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
     let mesh = publish_first_mesh(&dir, "2x2", 2);
     let steps = 3;
     let limit = ["--rank-tokens", "300"];
-    let mut a = pod_with(&dir, &mesh.workers[0].name, steps, &limit);
-    let mut b = pod_with(&dir, &mesh.workers[1].name, steps, &limit);
+    let pictures = |pod: &str| dir.join(format!("plans-{pod}"));
+    let drawing = |pod: &str| {
+        let mut flags: Vec<String> = limit.iter().map(|f| f.to_string()).collect();
+        flags.extend([
+            "--plan-svg".to_string(),
+            pictures(pod).display().to_string(),
+            "--plan-svg-every".to_string(),
+            "2".to_string(),
+        ]);
+        flags
+    };
+    let (flags_a, flags_b) = (drawing("a"), drawing("b"));
+    let mut a = pod_with(&dir, &mesh.workers[0].name, steps, &strs(&flags_a));
+    let mut b = pod_with(&dir, &mesh.workers[1].name, steps, &strs(&flags_b));
     let metrics = metrics_of(&mut a);
     let _ = metrics_of(&mut b);
     let (status_a, status_b) = (wait(&mut a), wait(&mut b));
@@ -355,6 +374,28 @@ fn pods_plan_on_their_meshs_nodes_and_run_rings_across_them_hierarchically() {
         seen.iter().any(|m| m.hierarchical_rings > 0),
         "no ring ran hierarchically: {seen:?}"
     );
+    let drawn = |pod: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(pictures(pod))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(drawn("a"), ["step-00000002.svg"]);
+    assert!(drawn("b").is_empty(), "{:?}", drawn("b"));
+    let picture = std::fs::read_to_string(pictures("a").join("step-00000002.svg")).unwrap();
+    for node in mesh.workers.iter().map(|w| &w.node) {
+        assert!(picture.contains(node.as_str()), "{node} is not drawn");
+    }
+    // What step 2 ran is what its picture shows.
+    let second = seen.iter().find(|m| m.step == 2).unwrap();
+    assert_eq!(
+        picture.contains("hierarchical ring, 2 a node"),
+        second.hierarchical_rings > 0,
+        "{picture}"
+    );
+    assert_eq!(picture.contains("a ring of"), second.rings > 0);
     // The same losses as one node of four ranks planned flat.
     assert_same_losses(&seen, &straight_run(&dir, 4, steps, &limit));
     let _ = std::fs::remove_dir_all(&dir);

@@ -120,15 +120,6 @@ struct TrainArgs {
     /// number of ranks, with exactly the next batch.
     #[arg(long)]
     resume: bool,
-    /// Draw the plan each step ran as a picture (SVG, as `weft plan --svg`
-    /// draws it) into this directory: `step-00000012.svg`.
-    #[arg(long, value_name = "DIR")]
-    #[serde(default)]
-    plan_svg: Option<PathBuf>,
-    /// With --plan-svg: draw every Nth step only.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "plan_svg")]
-    #[serde(default = "every_step")]
-    plan_svg_every: u64,
 
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
@@ -234,6 +225,17 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     accept_data_change: bool,
+    /// Draw the plan each step ran as a picture (SVG, as `weft plan --svg`
+    /// draws it) into this directory: `step-00000012.svg`. In a pod, the
+    /// first worker (it runs rank 0) draws, into its own file system: name
+    /// a mounted volume, the checkpoint volume for instance.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    plan_svg: Option<PathBuf>,
+    /// With --plan-svg: draw every Nth step only.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "plan_svg")]
+    #[serde(default = "every_step")]
+    plan_svg_every: u64,
 }
 
 impl TrainArgs {
@@ -285,7 +287,7 @@ impl TrainArgs {
                 "--rank-tokens must be at least 2 (a rank's share of a ring is two chunks), got {tokens}"
             );
         }
-        if let Some(dir) = &self.plan_svg {
+        if let Some(dir) = &self.run.plan_svg {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("--plan-svg: cannot create the directory {}", dir.display())
             })?;
@@ -402,9 +404,10 @@ impl TrainArgs {
             fail_at,
             epoch_watch: None,
             plan_svg: self
+                .run
                 .plan_svg
                 .clone()
-                .map(|dir| (dir, self.plan_svg_every.max(1))),
+                .map(|dir| (dir, self.run.plan_svg_every.max(1))),
         })
     }
 }
@@ -1034,8 +1037,6 @@ fn job_args(
         checkpoint_keep: training.checkpoint.keep.max(1),
         resume: true,
         fail_at: None,
-        plan_svg: None,
-        plan_svg_every: 1,
     })
 }
 
