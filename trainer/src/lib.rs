@@ -9,7 +9,9 @@
 //!   documents and grouped-query attention, over the block kernels of
 //!   [`kernel`]; [`remap`]: the attention ↔ linear
 //!   layout all-to-all of the step plan.
-//! - [`model`]: the Llama-style decoder; [`step`]: its distributed forward
+//! - [`model`]: the Llama-style decoder; [`hf`]: Hugging Face model
+//!   directories (config and safetensors) read into it and written back;
+//!   [`step`]: its distributed forward
 //!   and backward over a step plan, exact against one process; [`optim`]:
 //!   AdamW, clipping and the learning-rate schedule; [`train`]: the loop every
 //!   worker runs; [`checkpoint`]: checkpoints verified against their
@@ -24,6 +26,7 @@ pub mod data;
 pub mod decompose;
 pub mod device;
 pub mod fault;
+pub mod hf;
 pub mod kernel;
 pub mod launch;
 pub mod membench;

@@ -98,11 +98,15 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(vs: nn::Path, dim: i64) -> RmsNorm {
+    fn new(vs: nn::Path, dim: i64, eps: f64) -> RmsNorm {
         RmsNorm {
             weight: vs.ones("weight", &[dim]),
-            eps: 1e-5,
+            eps,
         }
+    }
+
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
@@ -133,40 +137,229 @@ pub(crate) struct Block {
 #[derive(Debug)]
 pub struct Llama {
     spec: ModelSpec,
+    architecture: Architecture,
     pub(crate) embedding: nn::Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: RmsNorm,
+    /// The output projection; with tied embeddings, the embedding's table.
     pub(crate) head: nn::Linear,
-    pub(crate) rope_theta: f64,
+    pub(crate) rotary: Rotary,
     precision: Precision,
 }
 
-fn linear(vs: nn::Path, input: i64, output: i64) -> nn::Linear {
+/// What a Llama-family model sets beyond its shapes: its rotary position
+/// embedding, its norms' epsilon, biases on its projections and whether the
+/// output projection is the embedding's table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    pub rope: Rope,
+    pub norm_eps: f64,
+    /// Biases on the query, key and value projections (Qwen2; Llama's
+    /// `attention_bias`).
+    #[serde(default)]
+    pub qkv_bias: bool,
+    /// A bias on the attention's output projection (Llama's `attention_bias`).
+    #[serde(default)]
+    pub output_bias: bool,
+    /// The output projection is the embedding's table (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tied_embeddings: bool,
+}
+
+impl Default for Architecture {
+    /// weft's own model: rotary base 10,000 unscaled, epsilon 1e-5, no
+    /// biases, an output projection of its own.
+    fn default() -> Architecture {
+        Architecture {
+            rope: Rope::default(),
+            norm_eps: 1e-5,
+            qkv_bias: false,
+            output_bias: false,
+            tied_embeddings: false,
+        }
+    }
+}
+
+/// A rotary position embedding: its base and how its frequencies are
+/// scaled to extend the context (as Hugging Face's `rope_parameters` say).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    #[serde(default)]
+    pub scaling: RopeScaling,
+}
+
+impl Default for Rope {
+    fn default() -> Rope {
+        Rope {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        }
+    }
+}
+
+/// How a rotary embedding's frequencies are scaled.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// The frequencies as they are (Hugging Face's `default`).
+    #[default]
+    None,
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept,
+    /// a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// YaRN: interpolation for the long wavelengths, extrapolation for the
+    /// short ones, a linear ramp between, and cos/sin scaled by
+    /// `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
+    },
+}
+
+impl Rope {
+    /// The inverse frequencies of a head of `head_dim` dimensions, as
+    /// Hugging Face's `transformers` computes them for the same settings.
+    pub fn inv_freq(&self, head_dim: i64) -> Vec<f64> {
+        let dim = head_dim as f64;
+        let plain: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / dim))
+            .collect();
+        match &self.scaling {
+            RopeScaling::None => plain,
+            RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                plain
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                let correction = |rotations: f64| {
+                    dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * self.theta.ln())
+                };
+                let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        (f / factor) * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1
+    /// otherwise).
+    pub fn attention_factor(&self) -> f64 {
+        match &self.scaling {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
+/// A rotary embedding ready to apply to heads of one size: its inverse
+/// frequencies (fp32, as the reference computes the angles) and the factor
+/// of cos and sin.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    factor: f64,
+}
+
+impl Rotary {
+    pub fn new(rope: &Rope, head_dim: i64) -> Rotary {
+        Rotary {
+            inv_freq: rope.inv_freq(head_dim).iter().map(|f| *f as f32).collect(),
+            factor: rope.attention_factor(),
+        }
+    }
+}
+
+fn linear(vs: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
     nn::linear(
         vs,
         input,
         output,
         nn::LinearConfig {
-            bias: false,
+            bias,
             ..Default::default()
         },
     )
 }
 
 /// Rotary position embedding of `x` `[B, H, L, E]` at `positions` `[L]`
-/// (rotate-half form, base `theta`).
-pub fn rope(x: &Tensor, positions: &Tensor, theta: f64) -> Result<Tensor, tch::TchError> {
+/// (rotate-half form).
+pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, tch::TchError> {
     let e = x.size()[3];
     let half = e / 2;
+    if rotary.inv_freq.len() as i64 != half {
+        return Err(tch::TchError::Shape(format!(
+            "a rotary embedding of {} frequencies for heads of {e} dimensions",
+            rotary.inv_freq.len()
+        )));
+    }
     let device = x.device();
-    let inv_freq = Tensor::f_arange(half, (Kind::Float, device))?
-        .f_mul_scalar(-2.0 * theta.ln() / e as f64)?
-        .f_exp()?;
+    let inv_freq = Tensor::from_slice(&rotary.inv_freq).f_to_device(device)?;
     let angles = positions
         .f_to_kind(Kind::Float)?
         .f_unsqueeze(1)?
         .f_mul(&inv_freq.f_unsqueeze(0)?)?; // [L, half]
-    let (cos, sin) = (angles.f_cos()?, angles.f_sin()?);
+    let (mut cos, mut sin) = (angles.f_cos()?, angles.f_sin()?);
+    if rotary.factor != 1.0 {
+        cos = cos.f_mul_scalar(rotary.factor)?;
+        sin = sin.f_mul_scalar(rotary.factor)?;
+    }
     let x1 = x.f_narrow(3, 0, half)?;
     let x2 = x.f_narrow(3, half, half)?;
     let first = x1.f_mul(&cos)?.f_sub(&x2.f_mul(&sin)?)?;
@@ -179,6 +372,16 @@ impl Llama {
     /// A model of shape `spec` whose variables live under `vs` (initialised by
     /// libtorch's generator: seed it first for a reproducible model).
     pub fn new(vs: &nn::Path, spec: &ModelSpec) -> Result<Llama, ModelError> {
+        Llama::with_architecture(vs, spec, &Architecture::default())
+    }
+
+    /// A model of shape `spec` and `architecture` (a Hugging Face model's,
+    /// for instance) whose variables live under `vs`.
+    pub fn with_architecture(
+        vs: &nn::Path,
+        spec: &ModelSpec,
+        architecture: &Architecture,
+    ) -> Result<Llama, ModelError> {
         spec.validate()
             .map_err(|e| ModelError::Shape(e.to_string()))?;
         let (h, f, v) = (
@@ -186,32 +389,92 @@ impl Llama {
             i64::from(spec.ffn),
             i64::from(spec.vocab),
         );
-        let kv = i64::from(spec.kv_heads) * (h / i64::from(spec.heads));
+        let head_dim = h / i64::from(spec.heads);
+        let kv = i64::from(spec.kv_heads) * head_dim;
+        let eps = architecture.norm_eps;
         let blocks = (0..spec.layers)
             .map(|i| {
                 let p = vs / "layers" / i;
                 Block {
-                    attention_norm: RmsNorm::new(&p / "attention_norm", h),
-                    wq: linear(&p / "wq", h, h),
-                    wk: linear(&p / "wk", h, kv),
-                    wv: linear(&p / "wv", h, kv),
-                    wo: linear(&p / "wo", h, h),
-                    mlp_norm: RmsNorm::new(&p / "mlp_norm", h),
-                    gate: linear(&p / "gate", h, f),
-                    up: linear(&p / "up", h, f),
-                    down: linear(&p / "down", f, h),
+                    attention_norm: RmsNorm::new(&p / "attention_norm", h, eps),
+                    wq: linear(&p / "wq", h, h, architecture.qkv_bias),
+                    wk: linear(&p / "wk", h, kv, architecture.qkv_bias),
+                    wv: linear(&p / "wv", h, kv, architecture.qkv_bias),
+                    wo: linear(&p / "wo", h, h, architecture.output_bias),
+                    mlp_norm: RmsNorm::new(&p / "mlp_norm", h, eps),
+                    gate: linear(&p / "gate", h, f, false),
+                    up: linear(&p / "up", h, f, false),
+                    down: linear(&p / "down", f, h, false),
                 }
             })
             .collect();
+        let embedding = nn::embedding(vs / "embedding", v, h, Default::default());
+        let head = if architecture.tied_embeddings {
+            nn::Linear {
+                ws: embedding.ws.shallow_clone(),
+                bs: None,
+            }
+        } else {
+            linear(vs / "head", h, v, false)
+        };
         Ok(Llama {
             spec: spec.clone(),
-            embedding: nn::embedding(vs / "embedding", v, h, Default::default()),
+            architecture: architecture.clone(),
+            embedding,
             blocks,
-            norm: RmsNorm::new(vs / "norm", h),
-            head: linear(vs / "head", h, v),
-            rope_theta: 10_000.0,
+            norm: RmsNorm::new(vs / "norm", h, eps),
+            head,
+            rotary: Rotary::new(&architecture.rope, head_dim),
             precision: Precision::Fp32,
         })
+    }
+
+    pub fn architecture(&self) -> &Architecture {
+        &self.architecture
+    }
+
+    /// Every parameter under its name in a Hugging Face Llama-family
+    /// checkpoint (`model.layers.0.self_attn.q_proj.weight`, ...); a tied
+    /// output projection is not listed (it is the embedding's table).
+    pub fn hf_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut named = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embedding.ws.shallow_clone(),
+        )];
+        let mut linear = |name: String, layer: &nn::Linear| {
+            named.push((format!("{name}.weight"), layer.ws.shallow_clone()));
+            if let Some(bias) = &layer.bs {
+                named.push((format!("{name}.bias"), bias.shallow_clone()));
+            }
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let at = format!("model.layers.{i}");
+            linear(format!("{at}.self_attn.q_proj"), &block.wq);
+            linear(format!("{at}.self_attn.k_proj"), &block.wk);
+            linear(format!("{at}.self_attn.v_proj"), &block.wv);
+            linear(format!("{at}.self_attn.o_proj"), &block.wo);
+            linear(format!("{at}.mlp.gate_proj"), &block.gate);
+            linear(format!("{at}.mlp.up_proj"), &block.up);
+            linear(format!("{at}.mlp.down_proj"), &block.down);
+        }
+        if !self.architecture.tied_embeddings {
+            linear("lm_head".to_string(), &self.head);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            named.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                block.attention_norm.weight().shallow_clone(),
+            ));
+            named.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                block.mlp_norm.weight().shallow_clone(),
+            ));
+        }
+        named.push((
+            "model.norm.weight".to_string(),
+            self.norm.weight().shallow_clone(),
+        ));
+        named
     }
 
     /// The same model computing in `precision` (its parameters unchanged).
@@ -236,8 +499,9 @@ impl Llama {
             Precision::Fp32 => Ok(layer.forward(x)),
             Precision::Bf16 => {
                 let kind = self.precision.compute_kind();
+                let bias = layer.bs.as_ref().map(|b| b.f_to_kind(kind)).transpose()?;
                 x.f_to_kind(kind)?
-                    .f_linear(&layer.ws.f_to_kind(kind)?, None::<Tensor>)
+                    .f_linear(&layer.ws.f_to_kind(kind)?, bias.as_ref())
             }
         }
     }
@@ -277,12 +541,12 @@ impl Llama {
             let q = rope(
                 &split(self.linear(&block.wq, &y)?, heads)?,
                 &positions,
-                self.rope_theta,
+                &self.rotary,
             )?;
             let k = rope(
                 &split(self.linear(&block.wk, &y)?, kv_heads)?,
                 &positions,
-                self.rope_theta,
+                &self.rotary,
             )?;
             let v = split(self.linear(&block.wv, &y)?, kv_heads)?;
             let (k, v) = if kv_heads == heads {
@@ -437,6 +701,7 @@ mod tests {
     #[test]
     fn rotary_embeddings_depend_only_on_relative_position() {
         // Shifting every position by the same amount leaves q·k unchanged.
+        let rotary = Rotary::new(&Rope::default(), 8);
         let (q, k) = crate::seeded(3, || {
             (
                 Tensor::randn([1, 2, 5, 8], (Kind::Float, tch::Device::Cpu)),
@@ -446,15 +711,15 @@ mod tests {
         let at = |offset: i64| {
             let p = Tensor::arange_start(offset, offset + 5, (Kind::Int64, tch::Device::Cpu));
             let (qr, kr) = (
-                rope(&q, &p, 10_000.0).unwrap(),
-                rope(&k, &p, 10_000.0).unwrap(),
+                rope(&q, &p, &rotary).unwrap(),
+                rope(&k, &p, &rotary).unwrap(),
             );
             qr.matmul(&kr.transpose(2, 3))
         };
         assert!(max_diff(&at(0), &at(1000)) < 1e-3);
         // And rotating changes the vectors (it is not the identity).
         let p = Tensor::arange(5, (Kind::Int64, tch::Device::Cpu));
-        assert!(max_diff(&rope(&q, &p, 10_000.0).unwrap(), &q) > 1e-3);
+        assert!(max_diff(&rope(&q, &p, &rotary).unwrap(), &q) > 1e-3);
     }
 
     #[test]

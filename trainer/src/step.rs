@@ -32,7 +32,7 @@ use crate::attention::{
 };
 use crate::comm::{CommError, ProcessGroup};
 use crate::data::Batch;
-use crate::model::{Block, Llama, ModelError, rope};
+use crate::model::{Block, Llama, ModelError, Rotary, rope};
 use crate::remap::{Remap, RemapError};
 
 /// What went wrong in a training step.
@@ -270,12 +270,12 @@ fn rope_rows(
     positions: &Tensor,
     heads: i64,
     head_dim: i64,
-    theta: f64,
+    rotary: &Rotary,
 ) -> Result<Tensor, tch::TchError> {
     rows_first(&rope(
         &heads_first(rows, heads, head_dim)?,
         positions,
-        theta,
+        rotary,
     )?)
 }
 
@@ -294,14 +294,14 @@ fn project_qkv(
         positions,
         h.heads,
         h.head_dim,
-        model.rope_theta,
+        &model.rotary,
     )?;
     let k = rope_rows(
         &model.linear(&block.wk, &y)?,
         positions,
         h.kv_heads,
         h.head_dim,
-        model.rope_theta,
+        &model.rotary,
     )?;
     let v = model.linear(&block.wv, &y)?;
     Tensor::f_cat(&[q, k, v], 1)

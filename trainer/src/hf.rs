@@ -1,0 +1,892 @@
+//! Hugging Face model directories: `config.json` and the weights in
+//! safetensors files (one `model.safetensors`, or shards named by
+//! `model.safetensors.index.json`), read into weft's [`Llama`] and written
+//! back in the same form, loadable by `transformers` unchanged.
+//!
+//! Architectures: `LlamaForCausalLM`, `MistralForCausalLM` and
+//! `Qwen2ForCausalLM`, with grouped-query attention, `rms_norm_eps`,
+//! `tie_word_embeddings`, biases where the architecture has them, and the
+//! rotary settings of both forms `config.json` files carry: `rope_theta`
+//! beside `rope_scaling` (older `transformers`) or `rope_parameters` holding
+//! both (newer), of the types `default`, `linear`, `llama3` and `yarn`.
+//! Anything else is refused by name, as is a file whose tensors do not fit
+//! the config; a model is either loaded whole or not at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor, nn};
+use weft_planner::model::ModelSpec;
+
+use crate::model::{Architecture, Llama, Rope, RopeScaling};
+
+/// The architectures weft reads.
+pub const ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// The file of a single-file checkpoint, and the index of a sharded one.
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+/// Files of a model directory written back beside the weights when present.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// What is wrong with a Hugging Face model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum HfError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON: {message}")]
+    Json { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error(
+        "{path}: architecture {name:?} is not supported (weft reads LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM)"
+    )]
+    Architecture { path: PathBuf, name: String },
+    #[error(
+        "{path}: rope type {name:?} is not supported (weft reads default, linear, llama3 and yarn){hint}"
+    )]
+    RopeType {
+        path: PathBuf,
+        name: String,
+        hint: &'static str,
+    },
+    #[error("{dir}: has neither {SINGLE} nor {INDEX}")]
+    NoWeights { dir: PathBuf },
+    #[error("{path}: not a safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: tensor {name} has shape {found:?}, but the config makes it {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<i64>,
+    },
+    #[error("{path}: tensor {name} is {found}; weft reads F32, BF16 and F16 weights")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        found: String,
+    },
+    #[error("{path}: tensor {name} is not a weight of this {architecture}")]
+    Unexpected {
+        path: PathBuf,
+        name: String,
+        architecture: String,
+    },
+    #[error("{dir}: no file holds tensor {name}{more}")]
+    Missing {
+        dir: PathBuf,
+        name: String,
+        more: String,
+    },
+    #[error("{path}: {name} appears in more than one file")]
+    Duplicate { path: PathBuf, name: String },
+    #[error("{path}: already exists; weft writes a model into a new directory")]
+    Exists { path: PathBuf },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+}
+
+impl HfError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            HfError::Io { .. } | HfError::Exists { .. } => "model_files",
+            HfError::Json { .. }
+            | HfError::Config { .. }
+            | HfError::Architecture { .. }
+            | HfError::RopeType { .. } => "model_config",
+            HfError::NoWeights { .. }
+            | HfError::Safetensors { .. }
+            | HfError::Shape { .. }
+            | HfError::Dtype { .. }
+            | HfError::Unexpected { .. }
+            | HfError::Missing { .. }
+            | HfError::Duplicate { .. } => "model_weights",
+            HfError::Torch(_) | HfError::Model(_) => "torch",
+        }
+    }
+}
+
+/// A Hugging Face model's config, read: its shapes for the planner and the
+/// model, what else its architecture sets, and the config itself (written
+/// back with the weights).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfConfig {
+    /// `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+    pub architecture_name: String,
+    pub spec: ModelSpec,
+    pub architecture: Architecture,
+    /// The config as read.
+    pub raw: Map<String, Value>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, HfError> {
+    std::fs::read(path).map_err(|source| HfError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value, HfError> {
+    serde_json::from_slice(&read(path)?).map_err(|e| HfError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The fields of a config, read with the path and field in every error.
+struct Fields<'a> {
+    path: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn error(&self, field: &str, message: impl Into<String>) -> HfError {
+        HfError::Config {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// `field`, absent or null as None.
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn count(&self, field: &str) -> Result<Option<u32>, HfError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n >= 1)
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.error(field, format!("must be a whole number ≥ 1, got {v}"))),
+        }
+    }
+
+    fn required_count(&self, field: &str) -> Result<u32, HfError> {
+        self.count(field)?
+            .ok_or_else(|| self.error(field, "is missing"))
+    }
+
+    fn number(&self, field: &str) -> Result<Option<f64>, HfError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .map(Some)
+                .ok_or_else(|| self.error(field, format!("must be a positive number, got {v}"))),
+        }
+    }
+
+    fn flag(&self, field: &str) -> Result<Option<bool>, HfError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.error(field, format!("must be true or false, got {v}"))),
+        }
+    }
+
+    fn text(&self, field: &str) -> Result<Option<&str>, HfError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.error(field, format!("must be a string, got {v}"))),
+        }
+    }
+}
+
+/// Reads `dir/config.json`.
+pub fn read_config(dir: &Path) -> Result<HfConfig, HfError> {
+    let path = dir.join("config.json");
+    let value = read_json(&path)?;
+    let Value::Object(map) = value else {
+        return Err(HfError::Json {
+            path,
+            message: "the config is not a JSON object".to_string(),
+        });
+    };
+    parse_config(&path, map)
+}
+
+/// A config read from `path`.
+pub fn parse_config(path: &Path, map: Map<String, Value>) -> Result<HfConfig, HfError> {
+    let f = Fields { path, map: &map };
+    let architecture_name = match f.get("architectures") {
+        Some(Value::Array(names)) => match names.as_slice() {
+            [Value::String(name)] => name.clone(),
+            _ => {
+                return Err(f.error(
+                    "architectures",
+                    format!(
+                        "must name one architecture, got {}",
+                        Value::Array(names.clone())
+                    ),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(f.error("architectures", format!("must be a list, got {other}")));
+        }
+        None => match f.text("model_type")? {
+            Some("llama") => "LlamaForCausalLM".to_string(),
+            Some("mistral") => "MistralForCausalLM".to_string(),
+            Some("qwen2") => "Qwen2ForCausalLM".to_string(),
+            Some(other) => other.to_string(),
+            None => return Err(f.error("architectures", "is missing (and so is model_type)")),
+        },
+    };
+    if !ARCHITECTURES.contains(&architecture_name.as_str()) {
+        return Err(HfError::Architecture {
+            path: path.to_path_buf(),
+            name: architecture_name,
+        });
+    }
+    let qwen2 = architecture_name == "Qwen2ForCausalLM";
+    let mistral = architecture_name == "MistralForCausalLM";
+
+    let hidden = f.required_count("hidden_size")?;
+    let heads = f.required_count("num_attention_heads")?;
+    let kv_heads = f.count("num_key_value_heads")?.unwrap_or(heads);
+    let spec = ModelSpec {
+        name: format!(
+            "{}:{}",
+            architecture_name,
+            path.parent()
+                .and_then(Path::file_name)
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+        ),
+        layers: f.required_count("num_hidden_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        ffn: f.required_count("intermediate_size")?,
+        vocab: f.required_count("vocab_size")?,
+    };
+    spec.validate()
+        .map_err(|e| f.error("num_attention_heads", e.to_string()))?;
+    if let Some(head_dim) = f.count("head_dim")?
+        && head_dim != hidden / heads
+    {
+        return Err(f.error(
+            "head_dim",
+            format!(
+                "{head_dim} differs from hidden_size / num_attention_heads ({}); weft's heads are hidden_size / num_attention_heads wide",
+                hidden / heads
+            ),
+        ));
+    }
+    if let Some(act) = f.text("hidden_act")?
+        && act != "silu"
+    {
+        return Err(f.error(
+            "hidden_act",
+            format!("{act:?}: weft's MLP is SwiGLU (silu)"),
+        ));
+    }
+    if f.flag("mlp_bias")? == Some(true) {
+        return Err(f.error("mlp_bias", "true: weft's MLP has no biases"));
+    }
+    // Attention over whole documents: a sliding window would change what a
+    // token sees.
+    if mistral && let Some(window) = f.get("sliding_window") {
+        return Err(f.error(
+            "sliding_window",
+            format!("{window}: weft attends over whole documents; set it to null to train with full attention"),
+        ));
+    }
+    if mistral && !map.contains_key("sliding_window") {
+        return Err(f.error(
+            "sliding_window",
+            "is absent, which transformers reads as 4096: weft attends over whole documents; set it to null",
+        ));
+    }
+    if qwen2 && f.flag("use_sliding_window")? == Some(true) {
+        return Err(f.error(
+            "use_sliding_window",
+            "true: weft attends over whole documents; set it to false",
+        ));
+    }
+    let attention_bias = f.flag("attention_bias")?.unwrap_or(false);
+    let architecture = Architecture {
+        rope: read_rope(&f)?,
+        norm_eps: f.number("rms_norm_eps")?.unwrap_or(1e-6),
+        qkv_bias: qwen2 || attention_bias,
+        output_bias: !qwen2 && attention_bias,
+        tied_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(false),
+    };
+    Ok(HfConfig {
+        architecture_name,
+        spec,
+        architecture,
+        raw: map,
+    })
+}
+
+/// The rotary settings, from `rope_scaling` beside a top-level
+/// `rope_theta`, or from `rope_parameters` holding both (`rope_scaling`
+/// first, as `transformers` reads them).
+fn read_rope(f: &Fields) -> Result<Rope, HfError> {
+    let (field, settings) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
+        (Some(v), _) => ("rope_scaling", Some(v)),
+        (None, Some(v)) => ("rope_parameters", Some(v)),
+        (None, None) => ("rope_parameters", None),
+    };
+    let empty = Map::new();
+    let settings = match settings {
+        None => &empty,
+        Some(Value::Object(m)) => m,
+        Some(other) => return Err(f.error(field, format!("must be an object, got {other}"))),
+    };
+    let s = Fields {
+        path: f.path,
+        map: settings,
+    };
+    let named = |key: &str| format!("{field}.{key}");
+    let in_settings = |key: &str| -> Result<Option<f64>, HfError> {
+        s.number(key)
+            .map_err(|_| f.error(&named(key), "must be a positive number"))
+    };
+    let theta = match in_settings("rope_theta")? {
+        Some(theta) => theta,
+        None => f.number("rope_theta")?.unwrap_or(10_000.0),
+    };
+    if let Some(partial) =
+        in_settings("partial_rotary_factor")?.or(f.number("partial_rotary_factor")?)
+        && partial != 1.0
+    {
+        return Err(f.error(
+            "partial_rotary_factor",
+            format!("{partial}: weft rotates whole heads"),
+        ));
+    }
+    let kind = match s.text("rope_type")?.or(s.text("type")?) {
+        Some(kind) => kind.to_string(),
+        None => "default".to_string(),
+    };
+    let required = |key: &str| -> Result<f64, HfError> {
+        in_settings(key)?.ok_or_else(|| f.error(&named(key), "is missing"))
+    };
+    let max_positions = f.number("max_position_embeddings")?;
+    let original = |key: &str| -> Result<f64, HfError> {
+        in_settings(key)?
+            .or(f.number("original_max_position_embeddings")?)
+            .or(max_positions)
+            .ok_or_else(|| {
+                f.error(
+                    &named(key),
+                    "is missing (and so is max_position_embeddings)",
+                )
+            })
+    };
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: required("factor")?,
+        },
+        "llama3" => {
+            let low_freq_factor = required("low_freq_factor")?;
+            let high_freq_factor = required("high_freq_factor")?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(f.error(
+                    &named("high_freq_factor"),
+                    format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}"),
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor: required("factor")?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original("original_max_position_embeddings")?,
+            }
+        }
+        "yarn" => {
+            let original_max_position_embeddings = original("original_max_position_embeddings")?;
+            let factor = match in_settings("factor")? {
+                Some(factor) => factor,
+                None => {
+                    max_positions.ok_or_else(|| f.error(&named("factor"), "is missing"))?
+                        / original_max_position_embeddings
+                }
+            };
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match in_settings("attention_factor")? {
+                Some(a) => a,
+                None => match (in_settings("mscale")?, in_settings("mscale_all_dim")?) {
+                    (Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                    _ => mscale(factor, 1.0),
+                },
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast: in_settings("beta_fast")?.unwrap_or(32.0),
+                beta_slow: in_settings("beta_slow")?.unwrap_or(1.0),
+                attention_factor,
+                truncate: s
+                    .flag("truncate")
+                    .map_err(|_| f.error(&named("truncate"), "must be true or false"))?
+                    .unwrap_or(true),
+            }
+        }
+        "dynamic" => {
+            return Err(HfError::RopeType {
+                path: f.path.to_path_buf(),
+                name: kind,
+                hint: " (dynamic NTK scaling changes the frequencies with each batch's longest position; extend the context with yarn, llama3 or linear)",
+            });
+        }
+        _ => {
+            return Err(HfError::RopeType {
+                path: f.path.to_path_buf(),
+                name: kind,
+                hint: "",
+            });
+        }
+    };
+    Ok(Rope { theta, scaling })
+}
+
+/// The safetensors files of a model directory and the tensors each holds
+/// (by the index when the model is sharded).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
+    let index = dir.join(INDEX);
+    if index.exists() {
+        let value = read_json(&index)?;
+        let map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| HfError::Json {
+                path: index.clone(),
+                message: "has no weight_map object".to_string(),
+            })?;
+        let mut files = BTreeSet::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| HfError::Json {
+                path: index.clone(),
+                message: format!("weight_map names no file for {name}"),
+            })?;
+            // A shard is a file in the directory, never a path out of it.
+            if file.contains('/') || file == ".." {
+                return Err(HfError::Json {
+                    path: index.clone(),
+                    message: format!("weight_map names {file:?}, not a file of the directory"),
+                });
+            }
+            files.insert(dir.join(file));
+        }
+        return Ok(files.into_iter().collect());
+    }
+    let single = dir.join(SINGLE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(HfError::NoWeights {
+        dir: dir.to_path_buf(),
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::F16 => Some(Kind::Half),
+        _ => None,
+    }
+}
+
+/// Reads the model of `dir` into a new model under `vs`, on `device`: the
+/// config, then every tensor of every file, each checked against the
+/// config's shapes. Any error leaves nothing half-loaded in the caller's
+/// hands: the model is returned only when every weight was read.
+pub fn load(dir: &Path, vs: &nn::Path, device: Device) -> Result<(Llama, HfConfig), HfError> {
+    let config = read_config(dir)?;
+    let model = Llama::with_architecture(vs, &config.spec, &config.architecture)?;
+    let wanted: BTreeMap<String, Tensor> = model.hf_parameters().into_iter().collect();
+    let mut loaded: BTreeSet<String> = BTreeSet::new();
+    for path in weight_files(dir)? {
+        let file = std::fs::File::open(&path).map_err(|source| HfError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the file is only read, and only while mapped here; a
+        // checkpoint changed under a running load is the writer's fault,
+        // as with any reader of it.
+        #[allow(unsafe_code)]
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| HfError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| HfError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        for (name, view) in tensors.iter() {
+            let Some(target) = wanted.get(name) else {
+                // Older Llama checkpoints store the rotary frequencies they
+                // recompute; a tied head may be stored too.
+                if name.ends_with("rotary_emb.inv_freq")
+                    || (name == "lm_head.weight" && config.architecture.tied_embeddings)
+                {
+                    continue;
+                }
+                return Err(HfError::Unexpected {
+                    path,
+                    name: name.to_string(),
+                    architecture: config.architecture_name.clone(),
+                });
+            };
+            if !loaded.insert(name.to_string()) {
+                return Err(HfError::Duplicate {
+                    path,
+                    name: name.to_string(),
+                });
+            }
+            let expected = target.size();
+            let found: Vec<usize> = view.shape().to_vec();
+            if found.len() != expected.len()
+                || found.iter().zip(&expected).any(|(a, b)| *a as i64 != *b)
+            {
+                return Err(HfError::Shape {
+                    path,
+                    name: name.to_string(),
+                    found,
+                    expected,
+                });
+            }
+            let kind = kind_of(view.dtype()).ok_or_else(|| HfError::Dtype {
+                path: path.clone(),
+                name: name.to_string(),
+                found: format!("{:?}", view.dtype()),
+            })?;
+            let shape: Vec<i64> = expected.clone();
+            let value = Tensor::f_from_data_size(view.data(), &shape, kind)?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(device)?;
+            tch::no_grad(|| target.shallow_clone().f_copy_(&value))?;
+        }
+    }
+    let missing: Vec<&String> = wanted.keys().filter(|n| !loaded.contains(*n)).collect();
+    if let Some(first) = missing.first() {
+        return Err(HfError::Missing {
+            dir: dir.to_path_buf(),
+            name: first.to_string(),
+            more: match missing.len() {
+                1 => String::new(),
+                n => format!(" (nor {} other tensors)", n - 1),
+            },
+        });
+    }
+    Ok((model, config))
+}
+
+/// A tensor's bytes, as safetensors writes them.
+struct Raw {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &Raw {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn raw(tensor: &Tensor) -> Result<Raw, HfError> {
+    let values = tensor
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?
+        .f_flatten(0, -1)?;
+    let values: Vec<f32> = Vec::<f32>::try_from(&values)?;
+    Ok(Raw {
+        shape: tensor.size().iter().map(|d| *d as usize).collect(),
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
+}
+
+/// Writes `model` into the new directory `out` as a Hugging Face model:
+/// its fp32 weights in safetensors shards of at most `shard_bytes` (one
+/// `model.safetensors` when they fit one, else shards and their index),
+/// `config.json` (`config`'s, in fp32), and the tokenizer's files of
+/// `source` when it has them. The directory appears whole or not at all.
+pub fn save(
+    model: &Llama,
+    config: &HfConfig,
+    source: Option<&Path>,
+    out: &Path,
+    shard_bytes: usize,
+) -> Result<(), HfError> {
+    if out.exists() {
+        return Err(HfError::Exists {
+            path: out.to_path_buf(),
+        });
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HfError::Io { path, source }
+    };
+    let partial = out.with_file_name(format!(
+        ".{}.partial-{}",
+        out.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let written = (|| {
+        let mut shards: Vec<Vec<(String, Raw)>> = vec![Vec::new()];
+        let mut size = 0usize;
+        let mut total = 0usize;
+        for (name, tensor) in model.hf_parameters() {
+            let raw = raw(&tensor)?;
+            let len = raw.bytes.len();
+            if size > 0 && size + len > shard_bytes {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            total += len;
+            if let Some(shard) = shards.last_mut() {
+                shard.push((name, raw));
+            }
+        }
+        let count = shards.len();
+        let mut weight_map = Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = if count == 1 {
+                SINGLE.to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            };
+            let path = partial.join(&file);
+            let mut metadata = std::collections::HashMap::new();
+            metadata.insert("format".to_string(), "pt".to_string());
+            safetensors::serialize_to_file(
+                shard.iter().map(|(name, raw)| (name.as_str(), raw)),
+                Some(metadata),
+                &path,
+            )
+            .map_err(|e| HfError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for (name, _) in shard {
+                weight_map.insert(name.clone(), Value::String(file.clone()));
+            }
+        }
+        if count > 1 {
+            let index = serde_json::json!({
+                "metadata": {"total_size": total},
+                "weight_map": weight_map,
+            });
+            let path = partial.join(INDEX);
+            std::fs::write(&path, pretty(&index)).map_err(io(&path))?;
+        }
+        let mut raw_config = config.raw.clone();
+        for key in ["torch_dtype", "dtype"] {
+            if raw_config.contains_key(key) || key == "dtype" {
+                raw_config.insert(key.to_string(), Value::String("float32".to_string()));
+            }
+        }
+        let path = partial.join("config.json");
+        std::fs::write(&path, pretty(&Value::Object(raw_config))).map_err(io(&path))?;
+        if let Some(source) = source {
+            for name in TOKENIZER_FILES {
+                let from = source.join(name);
+                if from.exists() {
+                    std::fs::copy(&from, partial.join(name)).map_err(io(&from))?;
+                }
+            }
+        }
+        std::fs::rename(&partial, out).map_err(io(out))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(extra: Value) -> Result<HfConfig, HfError> {
+        let mut map = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 100,
+            "max_position_embeddings": 256,
+        });
+        if let (Some(map), Value::Object(extra)) = (map.as_object_mut(), extra) {
+            map.extend(extra);
+        }
+        let Value::Object(map) = map else {
+            unreachable!("an object")
+        };
+        parse_config(Path::new("m/config.json"), map)
+    }
+
+    #[test]
+    fn both_forms_of_the_rope_settings_read_alike() {
+        let old = config(json!({
+            "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        }))
+        .unwrap();
+        let new = config(json!({
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 64}
+        }))
+        .unwrap();
+        assert_eq!(old.architecture.rope, new.architecture.rope);
+        assert_eq!(old.architecture.rope.theta, 500000.0);
+        // An older config's `type` key, and the defaults.
+        let linear = config(json!({"rope_scaling": {"type": "linear", "factor": 2.0}})).unwrap();
+        assert_eq!(
+            linear.architecture.rope,
+            Rope {
+                theta: 10_000.0,
+                scaling: RopeScaling::Linear { factor: 2.0 }
+            }
+        );
+        let plain = config(json!({})).unwrap();
+        assert_eq!(plain.architecture.rope, Rope::default());
+        assert_eq!(plain.architecture.norm_eps, 1e-6);
+        // YaRN's factor and attention factor when the config leaves them out.
+        let yarn = config(
+            json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                                     "original_max_position_embeddings": 64}}),
+        )
+        .unwrap();
+        let RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            truncate,
+            ..
+        } = yarn.architecture.rope.scaling
+        else {
+            panic!("yarn")
+        };
+        assert_eq!(factor, 4.0);
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        assert!(truncate);
+    }
+
+    #[test]
+    fn what_weft_cannot_compute_is_refused_by_name() {
+        let refused = |extra: Value, needle: &str| {
+            let err = config(extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} does not name {needle}");
+            assert!(err.starts_with("m/config.json"), "{err}");
+        };
+        refused(
+            json!({"architectures": ["GPT2LMHeadModel"]}),
+            "\"GPT2LMHeadModel\" is not supported",
+        );
+        refused(
+            json!({"rope_scaling": {"rope_type": "longrope"}}),
+            "rope type \"longrope\"",
+        );
+        refused(
+            json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+            "dynamic NTK",
+        );
+        refused(
+            json!({"rope_scaling": {"rope_type": "linear"}}),
+            "rope_scaling.factor: is missing",
+        );
+        refused(json!({"hidden_act": "gelu"}), "hidden_act");
+        refused(json!({"mlp_bias": true}), "mlp_bias");
+        refused(json!({"head_dim": 32}), "head_dim");
+        refused(
+            json!({"partial_rotary_factor": 0.5}),
+            "partial_rotary_factor",
+        );
+        refused(json!({"num_key_value_heads": 3}), "num_attention_heads");
+        refused(json!({"vocab_size": 0}), "vocab_size");
+        refused(json!({"hidden_size": "big"}), "hidden_size");
+        refused(
+            json!({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}),
+            "sliding_window",
+        );
+        refused(
+            json!({"architectures": ["MistralForCausalLM"]}),
+            "sliding_window",
+        );
+        refused(
+            json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true}),
+            "use_sliding_window",
+        );
+        let err = config(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
+        assert_eq!(err.category(), "model_config");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_llama_follows_attention_bias() {
+        let qwen =
+            config(json!({"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": true}))
+                .unwrap();
+        assert!(qwen.architecture.qkv_bias && !qwen.architecture.output_bias);
+        assert!(qwen.architecture.tied_embeddings);
+        let llama = config(json!({"attention_bias": true})).unwrap();
+        assert!(llama.architecture.qkv_bias && llama.architecture.output_bias);
+        let mistral =
+            config(json!({"architectures": ["MistralForCausalLM"], "sliding_window": null}))
+                .unwrap();
+        assert!(!mistral.architecture.qkv_bias);
+    }
+}

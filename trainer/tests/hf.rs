@@ -1,0 +1,342 @@
+//! Hugging Face models against their reference: tiny Llama, Llama 3 (rope
+//! scaling, tied embeddings), YaRN, linear scaling in the old config form,
+//! Mistral and Qwen2 (biases), built with `transformers` by
+//! `tests/reference/hf_models.py`. weft reads each directory and computes
+//! the same logits, loss and gradients; what it saves, `transformers` reads
+//! back to the same loss; a directory that does not fit its config is
+//! refused by name.
+//!
+//! The reference runs in the Python environment `scripts/setup-reference`
+//! installs (`scripts/test` sets `WEFT_REFERENCE_PYTHON` to it).
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor, nn};
+use weft_trainer::hf;
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("WEFT_REFERENCE_PYTHON").expect(
+        "WEFT_REFERENCE_PYTHON must name a Python with transformers: scripts/setup-reference installs one and prints it (scripts/test sets it)",
+    );
+    PathBuf::from(python)
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/hf_models.py")
+}
+
+/// The reference models, made once per test run.
+fn models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("weft-hf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(python())
+            .arg(script())
+            .arg("make")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the reference models were not made: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+const MODELS: [&str; 6] = [
+    "llama-gqa",
+    "llama3-tied",
+    "llama-yarn",
+    "llama-linear-old-form",
+    "mistral",
+    "qwen2-bias-tied",
+];
+
+fn reference(dir: &Path) -> Vec<(String, Tensor)> {
+    Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap()
+}
+
+fn get<'a>(reference: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &reference.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+/// max |a − b| / max |b|.
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(1e-30);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+fn load(dir: &Path) -> (nn::VarStore, weft_trainer::model::Llama, hf::HfConfig) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let (model, config) = hf::load(dir, &vs.root(), Device::Cpu).unwrap();
+    (vs, model, config)
+}
+
+/// weft's logits, loss and every gradient equal `transformers'` on a batch
+/// of packed documents (each from position 0, none seeing another), in
+/// fp32, for every architecture and rope setting.
+#[test]
+fn weft_computes_what_transformers_computes() {
+    for name in MODELS {
+        let dir = models().join(name);
+        let (vs, model, config) = load(&dir);
+        assert_eq!(vs.trainable_variables().len(), model.hf_parameters().len());
+        let reference = reference(&dir);
+        let tokens = get(&reference, "tokens");
+        let documents: Vec<i64> = Vec::try_from(get(&reference, "documents")).unwrap();
+        let logits = model.forward(tokens, &documents).unwrap().squeeze_dim(0);
+        let error = relative(&logits, get(&reference, "logits"));
+        println!("{name}: logits within {error:.1e} of transformers'");
+        assert!(error <= 1e-5, "{name}: logits {error:e}");
+        let loss = model.loss(tokens, &documents).unwrap();
+        let expected = get(&reference, "loss").double_value(&[0]);
+        let error = (loss.double_value(&[]) - expected).abs() / expected;
+        assert!(error <= 1e-5, "{name}: loss {error:e}");
+        loss.backward();
+        let mut worst: f64 = 0.0;
+        for (param, tensor) in model.hf_parameters() {
+            let error = relative(&tensor.grad(), get(&reference, &format!("grad.{param}")));
+            assert!(error <= 1e-5, "{name}: gradient of {param} {error:e}");
+            worst = worst.max(error);
+        }
+        println!("{name}: every gradient within {worst:.1e}");
+        // The architecture read is the one the reference has.
+        match name {
+            "qwen2-bias-tied" => {
+                assert!(config.architecture.qkv_bias && config.architecture.tied_embeddings)
+            }
+            "llama3-tied" => assert!(config.architecture.tied_embeddings),
+            _ => assert!(!config.architecture.tied_embeddings),
+        }
+    }
+}
+
+/// Changed weights saved by weft (in shards) load into `transformers`
+/// unchanged, which computes the loss weft computes on a new batch.
+#[test]
+fn what_weft_saves_transformers_reads() {
+    for name in ["llama-gqa", "qwen2-bias-tied", "llama3-tied"] {
+        let source = models().join(name);
+        let (_vs, model, config) = load(&source);
+        // A step of plain gradient descent, so the saved weights are weft's.
+        let reference = reference(&source);
+        let tokens = get(&reference, "tokens");
+        let documents: Vec<i64> = Vec::try_from(get(&reference, "documents")).unwrap();
+        model.loss(tokens, &documents).unwrap().backward();
+        tch::no_grad(|| {
+            for (_, p) in model.hf_parameters() {
+                let _ = p.shallow_clone().f_sub_(&(p.grad() * 0.5)).unwrap();
+            }
+        });
+        let out = models().join(format!("{name}-saved"));
+        hf::save(&model, &config, Some(&source), &out, 60_000).unwrap();
+        let files: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            files.iter().any(|f| f == "model.safetensors.index.json"),
+            "{files:?}"
+        );
+        // A new batch: every document again, shifted by one token.
+        let ids: Vec<i64> = Vec::try_from(tokens).unwrap();
+        let mut docs = Vec::new();
+        let mut start = 0;
+        for n in &documents {
+            let n = *n as usize;
+            let doc: Vec<i64> = ids[start..start + n].iter().map(|t| (t + 1) % 97).collect();
+            docs.push(doc);
+            start += n;
+        }
+        let docs_file = out.with_extension("docs.json");
+        std::fs::write(&docs_file, serde_json::to_string(&docs).unwrap()).unwrap();
+        let run = Command::new(python())
+            .arg(script())
+            .arg("loss")
+            .arg(&out)
+            .arg(&docs_file)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let theirs: serde_json::Value = serde_json::from_slice(
+            run.stdout
+                .split(|b| *b == b'\n')
+                .rfind(|l| !l.is_empty())
+                .unwrap(),
+        )
+        .unwrap();
+        let theirs = theirs["loss"].as_f64().unwrap();
+        let flat: Vec<i64> = docs.concat();
+        let ours = model
+            .loss(&Tensor::from_slice(&flat), &documents)
+            .unwrap()
+            .double_value(&[]);
+        assert!(
+            ((ours - theirs) / theirs).abs() <= 1e-5,
+            "{name}: weft {ours}, transformers {theirs}"
+        );
+        // weft reads back what it wrote.
+        let (_vs, again, _) = load(&out);
+        for ((n, a), (_, b)) in model.hf_parameters().iter().zip(again.hf_parameters()) {
+            assert!(relative(a, &b) == 0.0, "{name}: {n} changed on the way");
+        }
+        // And refuses to write over a directory.
+        let err = hf::save(&model, &config, None, &out, 60_000).unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+    }
+}
+
+/// Copies the reference model `name` into a new directory to damage.
+fn copy_of(name: &str, as_name: &str) -> PathBuf {
+    let from = models().join(name);
+    let to = models().join(as_name);
+    let _ = std::fs::remove_dir_all(&to);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    to
+}
+
+fn refused(dir: &Path) -> String {
+    let vs = nn::VarStore::new(Device::Cpu);
+    match hf::load(dir, &vs.root(), Device::Cpu) {
+        Ok(_) => panic!("{} was loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A missing shard, a tensor of the wrong shape or dtype, a tensor the
+/// architecture has no place for, a missing tensor, an architecture or rope
+/// type weft does not compute: each refused naming the file, the tensor and
+/// what was expected.
+#[test]
+fn a_damaged_model_directory_is_refused_by_name() {
+    // A missing shard.
+    let dir = copy_of("llama-gqa", "no-shard");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = index["weight_map"]["model.norm.weight"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(dir.join(&shard)).unwrap();
+    let err = refused(&dir);
+    assert!(
+        err.contains(&shard) && err.contains("No such file"),
+        "{err}"
+    );
+
+    // A tensor of the wrong shape, of an unreadable dtype, one the model has
+    // no place for, one missing.
+    let write = |name: &str, tensors: Vec<(&str, Tensor)>| {
+        let dir = copy_of("mistral", name);
+        let path = dir.join("model.safetensors");
+        let mut all = Tensor::read_safetensors(&path).unwrap();
+        for (name, tensor) in tensors {
+            all.retain(|(n, _)| n != name);
+            if tensor.numel() > 0 {
+                all.push((name.to_string(), tensor));
+            }
+        }
+        Tensor::write_safetensors(&all, &path).unwrap();
+        dir
+    };
+    let err = refused(&write(
+        "wrong-shape",
+        vec![(
+            "model.layers.1.self_attn.k_proj.weight",
+            Tensor::zeros([64, 64], (Kind::Float, Device::Cpu)),
+        )],
+    ));
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("model.layers.1.self_attn.k_proj.weight")
+            && err.contains("[64, 64]")
+            && err.contains("[32, 64]"),
+        "{err}"
+    );
+    let err = refused(&write(
+        "wrong-dtype",
+        vec![(
+            "model.norm.weight",
+            Tensor::zeros([64], (Kind::Int64, Device::Cpu)),
+        )],
+    ));
+    assert!(err.contains("model.norm.weight is I64"), "{err}");
+    let err = refused(&write(
+        "stray",
+        vec![(
+            "model.layers.0.self_attn.q_proj.bias",
+            Tensor::zeros([64], (Kind::Float, Device::Cpu)),
+        )],
+    ));
+    assert!(
+        err.contains(
+            "model.layers.0.self_attn.q_proj.bias is not a weight of this MistralForCausalLM"
+        ),
+        "{err}"
+    );
+    let err = refused(&write(
+        "missing",
+        vec![(
+            "lm_head.weight",
+            Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+        )],
+    ));
+    assert!(err.contains("no file holds tensor lm_head.weight"), "{err}");
+
+    // No weights at all; a config weft does not compute.
+    let dir = copy_of("mistral", "no-weights");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    assert!(
+        refused(&dir).contains("has neither model.safetensors nor model.safetensors.index.json")
+    );
+    let edit = |name: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let dir = copy_of("llama-gqa", name);
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        change(&mut config);
+        std::fs::write(&path, config.to_string()).unwrap();
+        refused(&dir)
+    };
+    let err = edit("gpt2", &|c| {
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
+    });
+    assert!(
+        err.contains("architecture \"GPT2LMHeadModel\" is not supported"),
+        "{err}"
+    );
+    let err =
+        edit(
+            "longrope",
+            &|c| {
+                c["rope_parameters"] =
+                    serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0})
+            },
+        );
+    assert!(
+        err.contains("rope type \"longrope\" is not supported"),
+        "{err}"
+    );
+    let err = edit("bad-json", &|c| *c = serde_json::json!([1, 2]));
+    assert!(
+        err.contains("config.json") && err.contains("not a JSON object"),
+        "{err}"
+    );
+}

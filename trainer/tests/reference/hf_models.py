@@ -1,0 +1,171 @@
+"""Tiny Hugging Face models and what `transformers` computes with them: the
+reference weft's Hugging Face tests compare with (trainer/tests/hf.rs).
+
+    hf_models.py make OUT    writes OUT/<model>/ (config.json, safetensors,
+                             reference.safetensors) for every model below
+    hf_models.py loss DIR DOCS.json
+                             prints the mean next-token loss of the model in
+                             DIR over the documents (a JSON list of token
+                             lists), each document alone from position 0
+
+Nothing is downloaded: the configs are written here and the weights drawn
+from a seeded generator. The loss is weft's: every document predicts its own
+next tokens, summed over all documents, divided by the number predicted.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+DOCUMENTS = [7, 12, 5, 1, 9]
+
+
+def models():
+    """(name, model class, config, whether to write the old rope form)."""
+    return [
+        ("llama-gqa", LlamaForCausalLM, LlamaConfig(**SHAPE, rope_theta=10000.0), False),
+        (
+            "llama3-tied",
+            LlamaForCausalLM,
+            LlamaConfig(
+                **SHAPE,
+                tie_word_embeddings=True,
+                rope_parameters=dict(
+                    rope_type="llama3",
+                    rope_theta=500000.0,
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=32,
+                ),
+            ),
+            False,
+        ),
+        (
+            "llama-yarn",
+            LlamaForCausalLM,
+            LlamaConfig(
+                **SHAPE,
+                rope_parameters=dict(
+                    rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32
+                ),
+            ),
+            False,
+        ),
+        (
+            "llama-linear-old-form",
+            LlamaForCausalLM,
+            LlamaConfig(**SHAPE, rope_parameters=dict(rope_type="linear", rope_theta=20000.0, factor=2.0)),
+            True,
+        ),
+        (
+            "mistral",
+            MistralForCausalLM,
+            MistralConfig(**SHAPE, sliding_window=None, rope_theta=1000000.0),
+            False,
+        ),
+        (
+            "qwen2-bias-tied",
+            Qwen2ForCausalLM,
+            Qwen2Config(**SHAPE, tie_word_embeddings=True, rope_theta=1000000.0),
+            False,
+        ),
+    ]
+
+
+def doc_loss(model, docs):
+    """weft's loss over `docs`, each document alone from position 0, and the
+    logits of every token in order."""
+    total, count, logits = 0.0, 0, []
+    for ids in docs:
+        ids = torch.tensor(ids, dtype=torch.long)[None]
+        positions = torch.arange(ids.shape[1])[None]
+        out = model(input_ids=ids, position_ids=positions).logits[0]
+        logits.append(out)
+        if ids.shape[1] > 1:
+            total = total + torch.nn.functional.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
+            count += ids.shape[1] - 1
+    return total / count, torch.cat(logits, 0)
+
+
+def old_rope_form(path):
+    """Rewrites config.json in the form older `transformers` wrote:
+    `rope_theta` at the top and `rope_scaling` beside it."""
+    config = json.loads(path.read_text())
+    parameters = config.pop("rope_parameters")
+    config["rope_theta"] = parameters.pop("rope_theta")
+    parameters["type"] = parameters.pop("rope_type")
+    config["rope_scaling"] = parameters
+    path.write_text(json.dumps(config, indent=2))
+
+
+def make(out):
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (name, cls, config, old_form) in enumerate(models()):
+        torch.manual_seed(100 + i)
+        config._attn_implementation = "eager"
+        model = cls(config).float()
+        # Every weight drawn away from its initial value (norms of ones,
+        # biases of zeros), so a weight read into the wrong place shows.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        directory = out / name
+        # Small shards: the first model is read from several files.
+        model.save_pretrained(directory, max_shard_size="40KB" if i == 0 else "50MB")
+        if old_form:
+            old_rope_form(directory / "config.json")
+        generator = torch.Generator().manual_seed(7 + i)
+        docs = [torch.randint(0, SHAPE["vocab_size"], (n,), generator=generator).tolist() for n in DOCUMENTS]
+        model.zero_grad()
+        loss, logits = doc_loss(model, docs)
+        loss.backward()
+        reference = {
+            "tokens": torch.tensor([t for d in docs for t in d], dtype=torch.long),
+            "documents": torch.tensor(DOCUMENTS, dtype=torch.long),
+            "logits": logits.detach().contiguous(),
+            "loss": loss.detach().reshape(1),
+        }
+        for pname, p in model.named_parameters():
+            reference["grad." + pname] = p.grad.detach().contiguous()
+        save_file(reference, str(directory / "reference.safetensors"))
+        print(directory)
+
+
+def loss(directory, docs_file):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    docs = json.loads(Path(docs_file).read_text())
+    with torch.no_grad():
+        value, _ = doc_loss(model, docs)
+    print(json.dumps({"loss": value.item()}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["make"] and len(sys.argv) == 3:
+        make(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["loss"] and len(sys.argv) == 4:
+        loss(Path(sys.argv[2]), sys.argv[3])
+    else:
+        sys.exit(__doc__)
