@@ -284,9 +284,22 @@ pub fn load_cluster(spec: &str) -> Result<Cluster, InputError> {
     }
 }
 
-/// A model from a preset name or from a YAML/JSON file.
+/// A model from a preset name, a YAML/JSON file, or a Hugging Face model
+/// directory (the shapes of its `config.json`).
 pub fn load_model(spec: &str) -> Result<ModelSpec, InputError> {
     let path = Path::new(spec);
+    // A Hugging Face model directory: the shapes of its config.json.
+    if path.is_dir() {
+        let config = path.join("config.json");
+        let text = read(&config)?;
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| InputError::BadFile {
+                path: config.display().to_string(),
+                what: "model config",
+                reason: e.to_string(),
+            })?;
+        return Ok(ModelSpec::from_hf_config(spec, &map)?);
+    }
     if !path.is_file() {
         let preset = ModelSpec::preset(spec);
         // A name written as a file is reported as the file it names.
@@ -421,5 +434,45 @@ mod tests {
         let err = load_model("nosuch").unwrap_err();
         assert_eq!(err.category(), "model_description");
         assert_eq!(load_model("tiny").unwrap().name, "tiny");
+    }
+
+    /// A Hugging Face model directory is priced by its config.json's
+    /// shapes, the ones the trainer builds the model from.
+    #[test]
+    fn a_hugging_face_model_directory_gives_its_configs_shapes() {
+        let dir = std::env::temp_dir().join(format!("weft-hf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |config: &str| std::fs::write(dir.join("config.json"), config).unwrap();
+        write(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "vocab_size": 128256, "rope_theta": 500000.0}"#,
+        );
+        let spec = load_model(dir.to_str().unwrap()).unwrap();
+        assert_eq!(
+            (
+                spec.layers,
+                spec.hidden,
+                spec.heads,
+                spec.kv_heads,
+                spec.ffn,
+                spec.vocab
+            ),
+            (32, 4096, 32, 8, 14336, 128256)
+        );
+        // Missing or bad fields are named.
+        write(r#"{"hidden_size": 4096}"#);
+        let err = load_model(dir.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("num_attention_heads is missing"), "{err}");
+        write(
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                  "intermediate_size": 8, "vocab_size": 10, "head_dim": 32}"#,
+        );
+        let err = load_model(dir.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("head_dim 32 differs"), "{err}");
+        write("not json");
+        let err = load_model(dir.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

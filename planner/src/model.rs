@@ -33,6 +33,12 @@ pub enum ModelError {
         heads: u32,
         kv_heads: u32,
     },
+    #[error("model {name}: config.json's {field} {message}")]
+    ConfigField {
+        name: String,
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl ModelError {
@@ -75,6 +81,63 @@ impl ModelSpec {
             vocab,
         };
         spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The shapes of a Hugging Face model from its `config.json`
+    /// (`hidden_size`, `num_hidden_layers`, `num_attention_heads`,
+    /// `num_key_value_heads`, `intermediate_size`, `vocab_size`), so that the
+    /// planner prices the model the trainer loads. Heads must be
+    /// `hidden_size / num_attention_heads` wide (`head_dim`, when given).
+    pub fn from_hf_config(
+        name: &str,
+        config: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ModelSpec, ModelError> {
+        let field = |field: &'static str| -> Result<Option<u32>, ModelError> {
+            match config.get(field).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| *n >= 1)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| ModelError::ConfigField {
+                        name: name.to_string(),
+                        field,
+                        message: format!("must be a whole number ≥ 1, got {v}"),
+                    }),
+            }
+        };
+        let required = |f: &'static str| -> Result<u32, ModelError> {
+            field(f)?.ok_or_else(|| ModelError::ConfigField {
+                name: name.to_string(),
+                field: f,
+                message: "is missing".to_string(),
+            })
+        };
+        let heads = required("num_attention_heads")?;
+        let spec = ModelSpec {
+            name: name.to_string(),
+            layers: required("num_hidden_layers")?,
+            hidden: required("hidden_size")?,
+            heads,
+            kv_heads: field("num_key_value_heads")?.unwrap_or(heads),
+            ffn: required("intermediate_size")?,
+            vocab: required("vocab_size")?,
+        };
+        spec.validate()?;
+        if let Some(head_dim) = field("head_dim")?
+            && head_dim != spec.hidden / spec.heads
+        {
+            return Err(ModelError::ConfigField {
+                name: name.to_string(),
+                field: "head_dim",
+                message: format!(
+                    "{head_dim} differs from hidden_size / num_attention_heads ({}); weft's heads are that wide",
+                    spec.hidden / spec.heads
+                ),
+            });
+        }
         Ok(spec)
     }
 

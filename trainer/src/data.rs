@@ -53,6 +53,13 @@ pub enum DataError {
     BadSize { field: &'static str, value: usize },
     #[error("dataset decomposition: {0}")]
     Decomposition(String),
+    #[error("{path}: not a tokenizer weft can read: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{source_name}: the tokenizer failed: {message}")]
+    Tokenize {
+        source_name: String,
+        message: String,
+    },
 }
 
 impl DataError {
@@ -65,6 +72,7 @@ impl DataError {
             DataError::Io { .. } => "corpus_io",
             DataError::NotUtf8 { .. } | DataError::BadJsonLine { .. } => "corpus_format",
             DataError::BadSize { .. } | DataError::Decomposition(_) => "data_config",
+            DataError::Tokenizer { .. } | DataError::Tokenize { .. } => "tokenizer",
         }
     }
 }
@@ -242,6 +250,100 @@ fn collect_files(
     Ok(())
 }
 
+/// How the documents of a corpus become tokens.
+#[derive(Clone, Debug, Default)]
+pub enum Tokenizer {
+    /// weft's byte tokenizer (see the module's documentation).
+    #[default]
+    Bytes,
+    /// A Hugging Face tokenizer (a model's `tokenizer.json`): each document
+    /// is encoded with the tokenizer's own special tokens (a Llama
+    /// tokenizer's beginning of sequence, for instance), then closed by
+    /// `end`, the model's end-of-sequence token, when it names one.
+    File {
+        path: PathBuf,
+        tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+        end: Option<u32>,
+        /// SHA-256 of the file: what the token counts, and so the data
+        /// order, depend on.
+        digest: String,
+    },
+}
+
+impl Tokenizer {
+    /// The tokenizer of `path` (a `tokenizer.json`), closing every document
+    /// with `end`.
+    pub fn from_file(path: &Path, end: Option<u32>) -> Result<Tokenizer, DataError> {
+        use sha2::{Digest, Sha256};
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let digest = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Tokenizer::File {
+            path: path.to_path_buf(),
+            tokenizer: std::sync::Arc::new(tokenizer),
+            end,
+            digest,
+        })
+    }
+
+    /// The tokens of one document (`source` names it in an error).
+    pub fn encode(&self, source: &str, text: &str) -> Result<Vec<u32>, DataError> {
+        match self {
+            Tokenizer::Bytes => Ok(tokenize(text)),
+            Tokenizer::File { tokenizer, end, .. } => {
+                let encoding = tokenizer
+                    .encode(text, true)
+                    .map_err(|e| DataError::Tokenize {
+                        source_name: source.to_string(),
+                        message: e.to_string(),
+                    })?;
+                let mut ids = encoding.get_ids().to_vec();
+                if let Some(end) = end
+                    && ids.last() != Some(end)
+                {
+                    ids.push(*end);
+                }
+                Ok(ids)
+            }
+        }
+    }
+
+    /// Tokens it can produce: one past the largest id.
+    pub fn vocab_size(&self) -> u32 {
+        match self {
+            Tokenizer::Bytes => BYTE_VOCAB_SIZE,
+            Tokenizer::File { tokenizer, end, .. } => {
+                let ids = tokenizer
+                    .get_vocab(true)
+                    .into_values()
+                    .max()
+                    .map_or(0, |m| m + 1);
+                ids.max(end.map_or(0, |e| e + 1))
+            }
+        }
+    }
+
+    /// What a data order drawn with it depends on: nothing for bytes (so
+    /// checkpoints from before tokenizers keep their identity), the file's
+    /// digest otherwise.
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::File { digest, .. } => Some(digest),
+        }
+    }
+}
+
 /// Byte-level tokenization of one document, closed by [`END_OF_DOCUMENT`].
 pub fn tokenize(text: &str) -> Vec<u32> {
     text.bytes()
@@ -308,6 +410,7 @@ pub struct BatchCursor {
 #[derive(Debug)]
 pub struct BatchStream<'a> {
     corpus: &'a Corpus,
+    tokenizer: &'a Tokenizer,
     seed: u64,
     tokens_per_step: usize,
     max_seq_len: usize,
@@ -318,6 +421,7 @@ pub struct BatchStream<'a> {
 impl<'a> BatchStream<'a> {
     pub fn new(
         corpus: &'a Corpus,
+        tokenizer: &'a Tokenizer,
         seed: u64,
         tokens_per_step: usize,
         max_seq_len: usize,
@@ -337,6 +441,7 @@ impl<'a> BatchStream<'a> {
         }
         Ok(BatchStream {
             corpus,
+            tokenizer,
             seed,
             tokens_per_step,
             max_seq_len,
@@ -366,13 +471,14 @@ impl<'a> BatchStream<'a> {
     /// The next batch: whole documents (cut at the maximum sequence length) in
     /// stream order until the next one would overflow the token budget. The
     /// first document of a batch is always taken, cut to the budget if needed.
-    pub fn next_batch(&mut self) -> Batch {
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
         let mut samples = Vec::new();
         let mut used = 0;
         loop {
             let index = self.cursor.next_sample;
             let document = self.document_at(index);
-            let mut tokens = tokenize(&self.corpus.documents[document].text);
+            let doc = &self.corpus.documents[document];
+            let mut tokens = self.tokenizer.encode(&doc.source, &doc.text)?;
             tokens.truncate(self.max_seq_len);
             if samples.is_empty() {
                 tokens.truncate(self.tokens_per_step);
@@ -390,7 +496,7 @@ impl<'a> BatchStream<'a> {
                 break;
             }
         }
-        Batch { samples }
+        Ok(Batch { samples })
     }
 }
 
@@ -510,8 +616,8 @@ mod tests {
     #[test]
     fn zero_sizes_are_refused() {
         let c = corpus(&[3]);
-        assert!(BatchStream::new(&c, 1, 0, 8, BatchCursor::default()).is_err());
-        assert!(BatchStream::new(&c, 1, 8, 0, BatchCursor::default()).is_err());
+        assert!(BatchStream::new(&c, &Tokenizer::Bytes, 1, 0, 8, BatchCursor::default()).is_err());
+        assert!(BatchStream::new(&c, &Tokenizer::Bytes, 1, 8, 0, BatchCursor::default()).is_err());
     }
 
     proptest! {
@@ -533,8 +639,8 @@ mod tests {
             split in 0usize..12,
         ) {
             let c = corpus(&lengths);
-            let mut straight = BatchStream::new(&c, seed, budget, max_len, BatchCursor::default()).unwrap();
-            let all: Vec<Batch> = (0..12).map(|_| straight.next_batch()).collect();
+            let mut straight = BatchStream::new(&c, &Tokenizer::Bytes, seed, budget, max_len, BatchCursor::default()).unwrap();
+            let all: Vec<Batch> = (0..12).map(|_| straight.next_batch().unwrap()).collect();
             for b in &all {
                 prop_assert!(!b.samples.is_empty());
                 prop_assert!(b.tokens() <= budget);
@@ -544,11 +650,11 @@ mod tests {
             let indices: Vec<u64> = all.iter().flat_map(|b| b.samples.iter().map(|s| s.index)).collect();
             prop_assert_eq!(indices, (0..all.iter().map(|b| b.samples.len() as u64).sum()).collect::<Vec<_>>());
             // Resuming from a saved cursor gives the same batches.
-            let mut first = BatchStream::new(&c, seed, budget, max_len, BatchCursor::default()).unwrap();
-            for _ in 0..split { first.next_batch(); }
-            let mut resumed = BatchStream::new(&c, seed, budget, max_len, first.cursor()).unwrap();
+            let mut first = BatchStream::new(&c, &Tokenizer::Bytes, seed, budget, max_len, BatchCursor::default()).unwrap();
+            for _ in 0..split { first.next_batch().unwrap(); }
+            let mut resumed = BatchStream::new(&c, &Tokenizer::Bytes, seed, budget, max_len, first.cursor()).unwrap();
             for expected in &all[split..] {
-                prop_assert_eq!(&resumed.next_batch(), expected);
+                prop_assert_eq!(&resumed.next_batch().unwrap(), expected);
             }
         }
     }

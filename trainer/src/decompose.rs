@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use weft_planner::rng::SplitMix64;
 
 use crate::data::{
-    Batch, BatchCursor, BatchStream, Corpus, DataError, Sample, epoch_order, tokenize,
+    Batch, BatchCursor, BatchStream, Corpus, DataError, Sample, Tokenizer, epoch_order,
 };
 
 /// One chunk of a document: tokens `[start, start + length)` of document `document`.
@@ -70,6 +70,7 @@ impl Decomposition {
     /// `max_length` tokens (both powers of two).
     pub fn new(
         corpus: &Corpus,
+        tokenizer: &Tokenizer,
         min_length: usize,
         max_length: usize,
     ) -> Result<Decomposition, DataError> {
@@ -92,7 +93,11 @@ impl Decomposition {
                 "{min_length}..{max_length} makes more than 32 buckets"
             ));
         }
-        let tokens: Vec<Vec<u32>> = corpus.documents.iter().map(|d| tokenize(&d.text)).collect();
+        let tokens: Vec<Vec<u32>> = corpus
+            .documents
+            .iter()
+            .map(|d| tokenizer.encode(&d.source, &d.text))
+            .collect::<Result<_, _>>()?;
         let mut buckets: BTreeMap<usize, Vec<Chunk>> = BTreeMap::new();
         for (document, t) in tokens.iter().enumerate() {
             let mut start = 0;
@@ -216,19 +221,20 @@ pub struct DecomposedStream {
 }
 
 impl<'a> Sampler<'a> {
-    /// The sampler of `order` over `corpus`, resuming at `next_sample` (whole
-    /// documents) or `cursor` (decomposed).
+    /// The sampler of `order` over `corpus` read by `tokenizer`, resuming
+    /// at `resume_at`: the next sample (whole documents) or the cursor
+    /// (decomposed).
     pub fn new(
-        corpus: &'a Corpus,
+        (corpus, tokenizer): (&'a Corpus, &'a Tokenizer),
         order: DataOrder,
         seed: u64,
         tokens_per_step: usize,
         max_seq_len: usize,
-        next_sample: u64,
-        cursor: DecompositionCursor,
+        (next_sample, cursor): (u64, DecompositionCursor),
     ) -> Result<Sampler<'a>, DataError> {
         let stream = BatchStream::new(
             corpus,
+            tokenizer,
             seed,
             tokens_per_step,
             max_seq_len,
@@ -256,7 +262,7 @@ impl<'a> Sampler<'a> {
             return bad("a curriculum cycle must have at least one step".to_string());
         }
         Ok(Sampler::Decomposed(Box::new(DecomposedStream {
-            buckets: Decomposition::new(corpus, min_length, max_seq_len)?,
+            buckets: Decomposition::new(corpus, tokenizer, min_length, max_seq_len)?,
             seed,
             tokens_per_step,
             cycle_steps,
@@ -265,7 +271,7 @@ impl<'a> Sampler<'a> {
     }
 
     /// The next global batch.
-    pub fn next_batch(&mut self) -> Batch {
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
         match self {
             Sampler::Documents(stream) => stream.next_batch(),
             Sampler::Decomposed(stream) => {
@@ -276,7 +282,7 @@ impl<'a> Sampler<'a> {
                     stream.cursor,
                 );
                 stream.cursor = next;
-                batch
+                Ok(batch)
             }
         }
     }
@@ -333,7 +339,7 @@ mod tests {
     #[test]
     fn every_step_has_the_same_tokens_from_one_bucket_and_resumes_exactly() {
         let c = corpus(&[1000, 5000, 300, 2048, 700, 9000, 260, 4100, 1100]);
-        let dd = Decomposition::new(&c, 256, 2048).unwrap();
+        let dd = Decomposition::new(&c, &Tokenizer::Bytes, 256, 2048).unwrap();
         assert_eq!(dd.lengths(), vec![256, 512, 1024, 2048]);
         let mut cursor = DecompositionCursor::default();
         let mut batches = Vec::new();
@@ -364,11 +370,18 @@ mod tests {
     fn bad_bucket_bounds_are_refused() {
         let c = corpus(&[1000]);
         let message = |r: Result<Decomposition, DataError>| r.unwrap_err().to_string();
-        assert!(message(Decomposition::new(&c, 300, 2048)).contains("300 is not a power of two"));
-        assert!(message(Decomposition::new(&c, 4096, 2048)).contains("above the max 2048"));
+        assert!(
+            message(Decomposition::new(&c, &Tokenizer::Bytes, 300, 2048))
+                .contains("300 is not a power of two")
+        );
+        assert!(
+            message(Decomposition::new(&c, &Tokenizer::Bytes, 4096, 2048))
+                .contains("above the max 2048")
+        );
         let short = corpus(&[100]);
         assert!(
-            message(Decomposition::new(&short, 256, 2048)).contains("no document has 256 tokens")
+            message(Decomposition::new(&short, &Tokenizer::Bytes, 256, 2048))
+                .contains("no document has 256 tokens")
         );
     }
 }

@@ -97,6 +97,18 @@ pub enum HfError {
     Duplicate { path: PathBuf, name: String },
     #[error("{path}: already exists; weft writes a model into a new directory")]
     Exists { path: PathBuf },
+    #[error("{path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error(
+        "{path}: the tokenizer produces token ids up to {largest}, but the model's embedding has {vocab} rows (vocab_size)"
+    )]
+    Vocabulary {
+        path: PathBuf,
+        largest: u32,
+        vocab: u32,
+    },
+    #[error("{dir}: its config.json changed while the run was set up ({what})")]
+    Changed { dir: PathBuf, what: String },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("model: {0}")]
@@ -107,7 +119,8 @@ impl HfError {
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {
-            HfError::Io { .. } | HfError::Exists { .. } => "model_files",
+            HfError::Io { .. } | HfError::Exists { .. } | HfError::Changed { .. } => "model_files",
+            HfError::Tokenizer { .. } | HfError::Vocabulary { .. } => "tokenizer",
             HfError::Json { .. }
             | HfError::Config { .. }
             | HfError::Architecture { .. }
@@ -169,23 +182,6 @@ impl Fields<'_> {
     /// `field`, absent or null as None.
     fn get(&self, field: &str) -> Option<&Value> {
         self.map.get(field).filter(|v| !v.is_null())
-    }
-
-    fn count(&self, field: &str) -> Result<Option<u32>, HfError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n >= 1)
-                .and_then(|n| u32::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("must be a whole number ≥ 1, got {v}"))),
-        }
-    }
-
-    fn required_count(&self, field: &str) -> Result<u32, HfError> {
-        self.count(field)?
-            .ok_or_else(|| self.error(field, "is missing"))
     }
 
     fn number(&self, field: &str) -> Result<Option<f64>, HfError> {
@@ -269,37 +265,20 @@ pub fn parse_config(path: &Path, map: Map<String, Value>) -> Result<HfConfig, Hf
     let qwen2 = architecture_name == "Qwen2ForCausalLM";
     let mistral = architecture_name == "MistralForCausalLM";
 
-    let hidden = f.required_count("hidden_size")?;
-    let heads = f.required_count("num_attention_heads")?;
-    let kv_heads = f.count("num_key_value_heads")?.unwrap_or(heads);
-    let spec = ModelSpec {
-        name: format!(
-            "{}:{}",
-            architecture_name,
-            path.parent()
-                .and_then(Path::file_name)
-                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-        ),
-        layers: f.required_count("num_hidden_layers")?,
-        hidden,
-        heads,
-        kv_heads,
-        ffn: f.required_count("intermediate_size")?,
-        vocab: f.required_count("vocab_size")?,
-    };
-    spec.validate()
-        .map_err(|e| f.error("num_attention_heads", e.to_string()))?;
-    if let Some(head_dim) = f.count("head_dim")?
-        && head_dim != hidden / heads
-    {
-        return Err(f.error(
-            "head_dim",
-            format!(
-                "{head_dim} differs from hidden_size / num_attention_heads ({}); weft's heads are hidden_size / num_attention_heads wide",
-                hidden / heads
-            ),
-        ));
-    }
+    let name = format!(
+        "{}:{}",
+        architecture_name,
+        path.parent()
+            .and_then(Path::file_name)
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    );
+    // The shapes as the planner reads them, so plans and the model agree.
+    let spec = ModelSpec::from_hf_config(&name, &map).map_err(|e| match e {
+        weft_planner::model::ModelError::ConfigField { field, message, .. } => {
+            f.error(field, message)
+        }
+        other => f.error("num_attention_heads", other.to_string()),
+    })?;
     if let Some(act) = f.text("hidden_act")?
         && act != "silu"
     {
@@ -525,13 +504,77 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     }
 }
 
+/// The largest safetensors file weft writes (`transformers`' default
+/// `max_shard_size` of 5 GB).
+pub const SHARD_BYTES: usize = 5_000_000_000;
+
+/// The tokenizer of the model in `dir`: its `tokenizer.json`, closing every
+/// document with the config's `eos_token_id` (the first, when it lists
+/// several). Refused when the tokenizer can produce an id the embedding has
+/// no row for.
+pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<(PathBuf, Option<u32>), HfError> {
+    let path = dir.join("tokenizer.json");
+    let end = match config.raw.get("eos_token_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(ids)) => ids.first().and_then(Value::as_u64),
+        Some(id) => id.as_u64(),
+    }
+    .map(|id| {
+        u32::try_from(id).map_err(|_| HfError::Config {
+            path: dir.join("config.json"),
+            field: "eos_token_id".to_string(),
+            message: format!("{id} is not a token id"),
+        })
+    })
+    .transpose()?;
+    let tokenizer =
+        crate::data::Tokenizer::from_file(&path, end).map_err(|e| HfError::Tokenizer {
+            path: path.clone(),
+            message: match e {
+                crate::data::DataError::Tokenizer { message, .. } => {
+                    format!("not a tokenizer weft can read: {message}")
+                }
+                other => other.to_string(),
+            },
+        })?;
+    let size = tokenizer.vocab_size();
+    if size > config.spec.vocab {
+        return Err(HfError::Vocabulary {
+            path,
+            largest: size - 1,
+            vocab: config.spec.vocab,
+        });
+    }
+    Ok((path, end))
+}
+
 /// Reads the model of `dir` into a new model under `vs`, on `device`: the
 /// config, then every tensor of every file, each checked against the
 /// config's shapes. Any error leaves nothing half-loaded in the caller's
 /// hands: the model is returned only when every weight was read.
 pub fn load(dir: &Path, vs: &nn::Path, device: Device) -> Result<(Llama, HfConfig), HfError> {
     let config = read_config(dir)?;
-    let model = Llama::with_architecture(vs, &config.spec, &config.architecture)?;
+    let (spec, architecture) = (config.spec.clone(), config.architecture.clone());
+    load_as(dir, vs, device, &spec, &architecture)
+}
+
+/// [`load`], into a model of `spec` and `architecture` as a run was set up
+/// with from the same directory (its config must still say `spec`).
+pub fn load_as(
+    dir: &Path,
+    vs: &nn::Path,
+    device: Device,
+    spec: &ModelSpec,
+    architecture: &Architecture,
+) -> Result<(Llama, HfConfig), HfError> {
+    let config = read_config(dir)?;
+    if config.spec != *spec {
+        return Err(HfError::Changed {
+            dir: dir.to_path_buf(),
+            what: format!("it now says {:?}, the run has {:?}", config.spec, spec),
+        });
+    }
+    let model = Llama::with_architecture(vs, spec, architecture)?;
     let wanted: BTreeMap<String, Tensor> = model.hf_parameters().into_iter().collect();
     let mut loaded: BTreeSet<String> = BTreeSet::new();
     for path in weight_files(dir)? {

@@ -25,10 +25,10 @@ use weft_planner::{PlanContext, PlanLimits, PlanningError, Strategy};
 use crate::checkpoint::{CheckpointError, CheckpointLock, SaveRequest};
 pub use crate::checkpoint::{CheckpointState, DataIdentity, checkpoint_path};
 use crate::comm::{CommError, ProcessGroup, Store};
-use crate::data::{Batch, Corpus, DataError};
+use crate::data::{Batch, Corpus, DataError, Tokenizer};
 use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
 use crate::device::{Collectives, ComputeDevice, DeviceError, open_group};
-use crate::model::{Llama, ModelError, Precision};
+use crate::model::{Architecture, Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
     Backprop, StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
@@ -39,6 +39,8 @@ use crate::step::{
 pub enum TrainError {
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    HfModel(#[from] crate::hf::HfError),
     #[error(transparent)]
     Comm(#[from] CommError),
     #[error(transparent)]
@@ -86,6 +88,7 @@ impl TrainError {
     pub fn category(&self) -> &'static str {
         match self {
             TrainError::Data(e) => e.category(),
+            TrainError::HfModel(e) => e.category(),
             TrainError::Comm(e) => e.category(),
             TrainError::Step(e) => e.category(),
             TrainError::Model(e) => e.category(),
@@ -108,6 +111,19 @@ impl TrainError {
 pub struct TrainConfig {
     pub data: PathBuf,
     pub model: ModelSpec,
+    /// What the model sets beyond its shapes (rotary embedding, norms,
+    /// biases, tied embeddings): weft's own, or a Hugging Face model's.
+    pub architecture: Architecture,
+    /// A Hugging Face model directory whose weights the run starts from
+    /// (unless it resumes from a checkpoint); None: weft's own model, drawn
+    /// from the seed.
+    pub hf_model: Option<PathBuf>,
+    /// The documents' tokenizer: a `tokenizer.json` and the end-of-sequence
+    /// token closing every document; None: the byte tokenizer.
+    pub tokenizer: Option<(PathBuf, Option<u32>)>,
+    /// Rank 0 writes the trained model here, as a Hugging Face model
+    /// directory, after the last step (with `hf_model`).
+    pub save: Option<PathBuf>,
     /// Steps to run in all (a resumed run continues up to this step).
     pub steps: u64,
     pub seed: u64,
@@ -288,6 +304,14 @@ impl<'a> PlanSettings<'a> {
 }
 
 impl TrainConfig {
+    /// The documents' tokenizer.
+    pub fn tokenizer(&self) -> Result<Tokenizer, DataError> {
+        match &self.tokenizer {
+            None => Ok(Tokenizer::Bytes),
+            Some((path, end)) => Tokenizer::from_file(path, *end),
+        }
+    }
+
     /// How this run plans.
     pub fn planning(&self) -> PlanSettings<'_> {
         PlanSettings {
@@ -530,10 +554,14 @@ pub fn check_resumable(
 }
 
 /// What the data order of a run with `config` over `corpus` depends on.
-pub fn data_identity(config: &TrainConfig, corpus: &Corpus) -> DataIdentity {
+pub fn data_identity(config: &TrainConfig, corpus: &Corpus, tokenizer: &Tokenizer) -> DataIdentity {
     DataIdentity {
         seed: config.seed,
-        corpus_digest: corpus.digest(),
+        // The token counts, and so the batches, follow the tokenizer too.
+        corpus_digest: match tokenizer.identity() {
+            None => corpus.digest(),
+            Some(tokens) => format!("{}+tokenizer:{tokens}", corpus.digest()),
+        },
         tokens_per_step: config.tokens_per_step,
         max_seq_len: config.max_seq_len,
         data_order: config.data_order,
@@ -666,6 +694,7 @@ pub fn run_worker(
     tch::set_num_threads(config.threads.max(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
     let corpus = Corpus::load(&config.data)?;
+    let tokenizer = config.tokenizer()?;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.
     let ctx = match &config.epoch_watch {
@@ -693,17 +722,33 @@ pub fn run_worker(
     )?;
 
     // The same seed gives the same initial weights on every device: they are
-    // drawn on the CPU, then moved.
+    // drawn on the CPU, then moved; a Hugging Face model's are read.
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
-    let model = Llama::new(&vs.root(), &config.model)?.with_precision(config.precision);
+    let (model, hf_config) = match &config.hf_model {
+        Some(dir) => {
+            let (model, hf_config) = crate::hf::load_as(
+                dir,
+                &vs.root(),
+                tch::Device::Cpu,
+                &config.model,
+                &config.architecture,
+            )?;
+            (model, Some(hf_config))
+        }
+        None => (
+            Llama::with_architecture(&vs.root(), &config.model, &config.architecture)?,
+            None,
+        ),
+    };
+    let model = model.with_precision(config.precision);
     if let Some(skipped) = corpus.skipped_summary() {
         notice(
             rank,
             &format!("the corpus skips what is not a regular file: {skipped}"),
         );
     }
-    let data_identity = data_identity(config, &corpus);
+    let data_identity = data_identity(config, &corpus, &tokenizer);
     // Rank 0 writes the checkpoints: it owns the directory while it runs,
     // and it alone chooses the checkpoint every rank resumes from.
     let (_lock, chosen) = match &config.checkpoint_dir {
@@ -765,13 +810,12 @@ pub fn run_worker(
         optimizer.load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
     }
     let mut stream = Sampler::new(
-        &corpus,
+        (&corpus, &tokenizer),
         config.data_order,
         config.seed,
         config.tokens_per_step,
         config.max_seq_len,
-        next_sample,
-        buckets,
+        (next_sample, buckets),
     )?;
 
     // Each step's plan is computed on a thread of its own while the step
@@ -789,7 +833,7 @@ pub fn run_worker(
         let started = Instant::now();
         let current = match ahead.take() {
             Some(current) => current,
-            None => PlanAhead::start(stream.next_batch(), &ctx, config),
+            None => PlanAhead::start(stream.next_batch()?, &ctx, config),
         };
         // Where the data order stands after this step's batch, for its checkpoint.
         let (next_sample, bucket_cursor) = (stream.next_sample(), stream.bucket_cursor());
@@ -801,7 +845,7 @@ pub fn run_worker(
         })?;
         let plan_s = waiting.elapsed().as_secs_f64();
         if step + 1 < config.steps {
-            ahead = Some(PlanAhead::start(stream.next_batch(), &ctx, config));
+            ahead = Some(PlanAhead::start(stream.next_batch()?, &ctx, config));
         }
         if !config.hierarchical_rings {
             plan.micro_batches
@@ -965,6 +1009,20 @@ pub fn run_worker(
             group.barrier()?;
             return Ok(RunEnd::NewEpoch { step: done });
         }
+    }
+    // The trained model, as the Hugging Face model it started from.
+    if let (0, Some(out), Some(hf_config)) = (rank, &config.save, &hf_config) {
+        crate::hf::save(
+            &model,
+            hf_config,
+            config.hf_model.as_deref(),
+            out,
+            crate::hf::SHARD_BYTES,
+        )?;
+        notice(
+            rank,
+            &format!("saved the trained model into {}", out.display()),
+        );
     }
     // Nobody leaves while another rank may still need it (rank 0 serves the store).
     group.barrier()?;

@@ -340,3 +340,154 @@ fn a_damaged_model_directory_is_refused_by_name() {
         "{err}"
     );
 }
+
+fn trainer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-trainer"))
+}
+
+/// The loss of every step a `local` run reports in its metrics file.
+fn losses(metrics: &Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `transformers`' loss over the reference corpus with the model in `dir`.
+fn corpus_loss(dir: &Path) -> f64 {
+    let run = Command::new(python())
+        .arg(script())
+        .arg("corpus-loss")
+        .arg(dir)
+        .arg(models().join("corpus"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let line = run
+        .stdout
+        .split(|b| *b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+    value["loss"].as_f64().unwrap()
+}
+
+/// `local --model DIR` trains a Hugging Face model with its own tokenizer
+/// on the distributed engine: on 3 ranks whose rings split the documents
+/// (context parallelism), the first step's loss over the whole corpus is
+/// `transformers'`; `--save` writes what 2 steps trained, and
+/// `transformers` computes on it the loss a run on 2 ranks reports for its
+/// third step.
+#[test]
+fn local_trains_a_hugging_face_model_with_its_tokenizer_and_saves_it() {
+    let model = models().join("llama-tokenized");
+    let corpus = models().join("corpus");
+    // One step is the whole corpus, each document whole.
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let run = |ranks: &str, steps: &str, extra: &[&str], metrics: &Path| {
+        let out = trainer()
+            .arg("local")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&corpus)
+            .args(["--ranks", ranks, "--steps", steps, "--rank-tokens", "40"])
+            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "64"])
+            .arg("--metrics")
+            .arg(metrics)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What `local` tells the person running it.
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let saved = models().join("trained");
+    let _ = std::fs::remove_dir_all(&saved);
+    let three = models().join("three.jsonl");
+    let said = run("3", "2", &["--save", saved.to_str().unwrap()], &three);
+    assert!(said.contains("saved the trained model into"), "{said}");
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(&three)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m["max_cp_degree"].as_u64().unwrap() > 1),
+        "no document was split over ranks: {metrics:?}"
+    );
+    let first = losses(&three)[0];
+    let reference = corpus_loss(&model);
+    println!("step 1 on 3 ranks: weft {first}, transformers {reference}");
+    assert!(((first - reference) / reference).abs() <= 1e-5);
+
+    let two = models().join("two.jsonl");
+    run("2", "3", &[], &two);
+    let third = losses(&two)[2];
+    let reference = corpus_loss(&saved);
+    println!(
+        "after 2 steps: weft {third} (step 3 on 2 ranks), transformers {reference} (what weft saved)"
+    );
+    assert!(((third - reference) / reference).abs() <= 1e-5);
+}
+
+/// What `local` refuses before any rank starts: `--save` without a
+/// Hugging Face model or into a directory that exists, a model without its
+/// tokenizer, a tokenizer with ids past the embedding.
+#[test]
+fn local_refuses_what_it_cannot_train_or_save_by_name() {
+    let refused = |args: &[&std::ffi::OsStr]| {
+        let out = trainer()
+            .arg("local")
+            .args(args)
+            .args(["--steps", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let model = models().join("llama-tokenized");
+    let err = refused(&[&os("--save"), models().join("nowhere").as_os_str()]);
+    assert!(err.contains("--save writes a Hugging Face model"), "{err}");
+    let err = refused(&[
+        &os("--model"),
+        model.as_os_str(),
+        &os("--save"),
+        models().as_os_str(),
+    ]);
+    assert!(err.contains("already exists"), "{err}");
+    let no_tokenizer = copy_of("llama-tokenized", "no-tokenizer");
+    std::fs::remove_file(no_tokenizer.join("tokenizer.json")).unwrap();
+    let err = refused(&[&os("--model"), no_tokenizer.as_os_str()]);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("No such file"),
+        "{err}"
+    );
+    let small = copy_of("llama-tokenized", "small-vocabulary");
+    let path = small.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["vocab_size"] = serde_json::json!(16);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = refused(&[&os("--model"), small.as_os_str()]);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("embedding has 16 rows (vocab_size)"),
+        "{err}"
+    );
+}

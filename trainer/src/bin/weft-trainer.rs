@@ -10,7 +10,7 @@
 //! prints the worst error per component, and exits non-zero past the
 //! tolerance or when a worker fails.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -49,10 +49,19 @@ struct TrainArgs {
     /// into this binary (so it trains wherever it is copied, images included).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b) or a YAML/JSON
-    /// file with layers, hidden, heads, kv_heads, ffn, vocab.
+    /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b), a YAML/JSON
+    /// file with layers, hidden, heads, kv_heads, ffn, vocab, or a Hugging
+    /// Face model directory (config.json, safetensors weights and
+    /// tokenizer.json: a Llama, Mistral or Qwen2 model), whose weights the
+    /// run starts from and whose tokenizer it reads the documents with.
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// With a Hugging Face --model: write the trained model into this new
+    /// directory after the last step, as a Hugging Face model (safetensors
+    /// shards, config.json and the tokenizer's files).
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    save: Option<PathBuf>,
     /// A model with every dimension given (from the operator's
     /// training.json); takes the place of `model` when set.
     #[arg(skip)]
@@ -251,17 +260,39 @@ impl TrainArgs {
     }
 
     fn config(&self, threads: i32) -> anyhow::Result<TrainConfig> {
-        let model = match &self.model_spec {
-            Some(spec) => spec.clone(),
-            None => weft_planner::input::load_model(&self.model)?,
+        let hf_dir = Path::new(&self.model);
+        let hf = (self.model_spec.is_none() && hf_dir.join("config.json").is_file())
+            .then(|| weft_trainer::hf::read_config(hf_dir))
+            .transpose()?;
+        let model = match (&self.model_spec, &hf) {
+            (Some(spec), _) => spec.clone(),
+            (None, Some(hf)) => hf.spec.clone(),
+            (None, None) => weft_planner::input::load_model(&self.model)?,
         };
+        let tokenizer = hf
+            .as_ref()
+            .map(|hf| weft_trainer::hf::tokenizer(hf_dir, hf))
+            .transpose()?;
         let vocab = weft_trainer::data::END_OF_DOCUMENT + 1;
-        if model.vocab < vocab {
+        if tokenizer.is_none() && model.vocab < vocab {
             bail!(
                 "model {} has a vocabulary of {}, but the byte tokenizer needs {vocab}",
                 model.name,
                 model.vocab
             );
+        }
+        if let Some(out) = &self.save {
+            if hf.is_none() {
+                bail!(
+                    "--save writes a Hugging Face model: it needs --model to name a Hugging Face model directory"
+                );
+            }
+            if out.exists() {
+                bail!(
+                    "--save {}: already exists; weft writes the trained model into a new directory",
+                    out.display()
+                );
+            }
         }
         if self.steps == 0 {
             bail!("--steps must be at least 1");
@@ -365,6 +396,13 @@ impl TrainArgs {
         // the machine ([`TrainArgs::settled`]); a rank alone here has a GPU.
         let collectives = Collectives::choose(&self.run.collectives, device, 1)?;
         Ok(TrainConfig {
+            architecture: hf
+                .as_ref()
+                .map(|hf| hf.architecture.clone())
+                .unwrap_or_default(),
+            hf_model: hf.is_some().then(|| hf_dir.to_path_buf()),
+            tokenizer,
+            save: self.save.clone(),
             data: self.data.clone().unwrap_or_else(default_corpus),
             data_order,
             model,
@@ -891,7 +929,8 @@ fn local(
             // complete has nothing to do.
             (Some(_), true) => {
                 if let Some(intact) = weft_trainer::checkpoint::latest_intact(root)? {
-                    let data = weft_trainer::train::data_identity(&config, &corpus);
+                    let data =
+                        weft_trainer::train::data_identity(&config, &corpus, &config.tokenizer()?);
                     weft_trainer::train::check_resumable(
                         &intact.dir,
                         &intact.state,
@@ -1037,6 +1076,8 @@ fn job_args(
         checkpoint_keep: training.checkpoint.keep.max(1),
         resume: true,
         fail_at: None,
+        // A pod's job does not name a Hugging Face model yet.
+        save: None,
     })
 }
 

@@ -7,6 +7,14 @@ reference weft's Hugging Face tests compare with (trainer/tests/hf.rs).
                              prints the mean next-token loss of the model in
                              DIR over the documents (a JSON list of token
                              lists), each document alone from position 0
+    hf_models.py corpus-loss DIR CORPUS
+                             the same over the .txt files of CORPUS, each
+                             tokenized with DIR's tokenizer.json and closed by
+                             the config's eos_token_id, as weft reads them
+
+OUT/llama-tokenized/ also has a tokenizer (BPE, trained here by the
+`tokenizers` package on OUT/corpus/, the documents it is tested on) and
+OUT/corpus-tokens.txt, the corpus's token count.
 
 Nothing is downloaded: the configs are written here and the weights drawn
 from a seeded generator. The loss is weft's: every document predicts its own
@@ -19,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models as token_models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -40,6 +49,33 @@ SHAPE = dict(
     rms_norm_eps=1e-5,
 )
 DOCUMENTS = [7, 12, 5, 1, 9]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, and the dog does not mind.",
+    "Long context training spreads one sequence over many GPUs: ring attention passes keys and values around.",
+    "A plan says which rank holds which tokens; every rank computes the same plan.",
+    "Tokens, documents and batches.",
+    "StreamBP backpropagates a layer in chunks along the sequence, keeping only its inputs.",
+]
+
+
+def train_tokenizer(directory):
+    """A small BPE tokenizer trained on TEXTS: <s> opens every document."""
+    tokenizer = Tokenizer(token_models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        TEXTS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return tokenizer
+
+
+def encode(tokenizer, text, end):
+    """A document's tokens, as weft reads them: the tokenizer's, then `end`."""
+    ids = tokenizer.encode(text).ids
+    if end is not None and (not ids or ids[-1] != end):
+        ids.append(end)
+    return ids
 
 
 def models():
@@ -121,8 +157,45 @@ def old_rope_form(path):
     path.write_text(json.dumps(config, indent=2))
 
 
+def make_tokenized(out):
+    """A Llama (Llama 3 rope, tied embeddings) with its own tokenizer, and the
+    corpus it is tested on."""
+    torch.manual_seed(99)
+    config = LlamaConfig(
+        **{**SHAPE, "vocab_size": 128},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    )
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    directory = out / "llama-tokenized"
+    model.save_pretrained(directory)
+    tokenizer = train_tokenizer(directory)
+    corpus = out / "corpus"
+    corpus.mkdir(exist_ok=True)
+    total = 0
+    for i, text in enumerate(TEXTS):
+        (corpus / f"doc{i}.txt").write_text(text)
+        total += len(encode(tokenizer, text, 2))
+    (out / "corpus-tokens.txt").write_text(str(total))
+    print(directory)
+
+
 def make(out):
     out.mkdir(parents=True, exist_ok=True)
+    make_tokenized(out)
     for i, (name, cls, config, old_form) in enumerate(models()):
         torch.manual_seed(100 + i)
         config._attn_implementation = "eager"
@@ -162,10 +235,22 @@ def loss(directory, docs_file):
     print(json.dumps({"loss": value.item()}))
 
 
+def corpus_loss(directory, corpus):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    end = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+    docs = [encode(tokenizer, path.read_text(), end) for path in sorted(corpus.glob("*.txt"))]
+    with torch.no_grad():
+        value, _ = doc_loss(model, docs)
+    print(json.dumps({"loss": value.item(), "tokens": sum(len(d) for d in docs)}))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["make"] and len(sys.argv) == 3:
         make(Path(sys.argv[2]))
     elif sys.argv[1:2] == ["loss"] and len(sys.argv) == 4:
         loss(Path(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1:2] == ["corpus-loss"] and len(sys.argv) == 4:
+        corpus_loss(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         sys.exit(__doc__)
