@@ -282,7 +282,7 @@ impl CostModel {
             return RingTime {
                 total_s: compute,
                 compute_s: compute,
-                transfer_s: 0.0,
+                hidden_s: 0.0,
             };
         }
         let tokens: f64 = lengths.iter().sum();
@@ -299,16 +299,19 @@ impl CostModel {
         };
         let forward = pass(step_forward, bytes_forward);
         let backward = pass(step_backward, bytes_backward);
-        // Every hop's transfer on its link, whether compute hides it or not.
-        let on_links = |bytes: f64| {
-            (inner_f - 1.0) * outer_f * (bytes / intra + latency)
-                + (outer_f - 1.0) * (bytes / inter + latency)
+        // The transfers compute hides: each hop inside a node behind its
+        // ring step, each hop between inner rings behind the compute of the
+        // round it overlaps (not behind other transfers).
+        let hidden = |step: f64, bytes: f64| {
+            (inner_f - 1.0) * outer_f * step.min(bytes / intra)
+                + (outer_f - 1.0) * (inner_f * step).min(bytes / inter)
         };
         RingTime {
             total_s: self.layers() * (self.forward_passes() * forward + backward),
             compute_s: compute,
-            transfer_s: self.layers()
-                * (self.forward_passes() * on_links(bytes_forward) + on_links(bytes_backward)),
+            hidden_s: self.layers()
+                * (self.forward_passes() * hidden(step_forward, bytes_forward)
+                    + hidden(step_backward, bytes_backward)),
         }
     }
 
@@ -672,13 +675,13 @@ pub fn last_fitting(fits: impl Fn(u64) -> bool) -> u64 {
     lo
 }
 
-/// Time of a ring pass, how much of it is computation, and how long its
-/// transfers take on the links (hidden behind compute or not).
+/// Time of a ring pass, how much of it is computation, and how much
+/// transfer time compute hides.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RingTime {
     pub total_s: f64,
     pub compute_s: f64,
-    pub transfer_s: f64,
+    pub hidden_s: f64,
 }
 
 /// Bytes of a GiB, for reporting.

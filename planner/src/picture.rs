@@ -240,7 +240,7 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                 ("a start", span.start_s),
                 ("an end", span.end_s),
                 ("an exposed time", span.exposed_s),
-                ("a transfer time", span.transfer_s),
+                ("a hidden transfer time", span.hidden_s),
             ] {
                 finite(&format!("{what} of rank {}", rank.rank), t)?;
             }
@@ -332,9 +332,15 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
             .set("font-size", 14)
             .set("font-weight", "bold"),
     );
-    let mut legend = if aggregated {
+    let runs_of_nodes = aggregated && rows.iter().any(|r| r.label.contains('…'));
+    let mut legend = if runs_of_nodes {
         format!(
-            "{} ranks are too many to draw one each: a row per node (or run of nodes), its slowest rank.",
+            "{} ranks are too many to draw one each: a row per run of nodes (racks not headed), its slowest rank; rings not outlined.",
+            plan.ranks.len()
+        )
+    } else if aggregated {
+        format!(
+            "{} ranks are too many to draw one each: a row per node, by rack, its slowest rank; rings not outlined.",
             plan.ranks.len()
         )
     } else {
@@ -355,7 +361,7 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
         )
         .add(
             Text::new(
-                "Outlined: a ring. Hatched: communication not hidden; blue underline: transfers compute hid; grey: remapped linear modules; dashed: lower bound.",
+                "Outlined: a ring. Hatched: communication not hidden; blue underline: as long as the transfers compute hid; grey: remapped linear modules; dashed: lower bound.",
             )
             .set("x", 10)
             .set("y", 50)
@@ -389,7 +395,7 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                     .get(span.micro_batch as usize)
                     .and_then(|mb| mb.groups.get(g as usize))
             });
-            let hidden = (span.transfer_s - span.exposed_s).max(0.0);
+            let hidden = span.hidden_s;
             let timing = {
                 let mut timing = format!(
                     "{} to {}, of which {} communication not hidden",
@@ -397,11 +403,10 @@ pub fn plan_svg_noted(plan: &StepPlan, note: Option<&str>) -> Result<String, Pic
                     seconds(span.end_s),
                     seconds(span.exposed_s)
                 );
-                if span.transfer_s > 0.0 {
+                if hidden > 0.0 {
                     let _ = write!(
                         timing,
-                        "; transfers take {} on the links, {} of it hidden behind compute",
-                        seconds(span.transfer_s),
+                        "; {} of transfers hidden behind compute",
                         seconds(hidden)
                     );
                 }
@@ -677,8 +682,13 @@ fn ring_outlines(plan: &StepPlan, drawn: &DrawnBars, row_top: &[f64]) -> Group {
 #[derive(Default)]
 struct DrawnRoute {
     bytes: f64,
+    /// Transfers in all, and the first few named.
+    count: usize,
     transfers: Vec<String>,
 }
+
+/// The transfers a route's `<title>` names.
+const ROUTE_TRANSFERS_NAMED: usize = 6;
 
 /// The plan's NIC routes between rows, by (sending row, receiving row,
 /// NIC): a leg relayed by another rank leaves from that rank's row.
@@ -700,6 +710,10 @@ fn nic_routes<'a>(
             let drawn = routes.entry((a, b, leg.nic.as_str())).or_default();
             let bytes = route.bytes * leg.share;
             drawn.bytes += bytes;
+            drawn.count += 1;
+            if drawn.transfers.len() >= ROUTE_TRANSFERS_NAMED {
+                continue;
+            }
             drawn.transfers.push(format!(
                 "micro-batch {}: rank {} ({}) → rank {} ({}){}, {:.1} MB",
                 route.micro_batch,
@@ -742,15 +756,14 @@ fn route_lane(
         let x0 = lane_x + (k % 8.0) * 3.0;
         let (y0, y1) = (row_top[*a] + ROW_H / 2.0, row_top[*b] + ROW_H / 2.0);
         let bulge = x0 + (12.0 + 0.25 * (y1 - y0).abs()).min(LANE_W - 40.0);
-        let shown = route.transfers.len().min(6);
         let mut title = format!(
             "over {nic}: {:.1} MB in {} transfer(s)\n{}",
             route.bytes / 1e6,
-            route.transfers.len(),
-            route.transfers[..shown].join("\n")
+            route.count,
+            route.transfers.join("\n")
         );
-        if route.transfers.len() > shown {
-            let _ = write!(title, "\nand {} more", route.transfers.len() - shown);
+        if route.count > route.transfers.len() {
+            let _ = write!(title, "\nand {} more", route.count - route.transfers.len());
         }
         lane = lane.add(
             Group::new()
@@ -787,7 +800,14 @@ fn route_lane(
             .set("y", axis_y + 34.0)
             .set("fill", "#444"),
     );
-    let room = ((LANE_W + PLOT_W + LEFT + 40.0 - 300.0) / 90.0) as usize;
+    let room = ((LANE_W + PLOT_W + LEFT + 40.0 - 300.0) / 90.0) as usize - 1;
+    if nics.len() > room {
+        lane = lane.add(
+            Text::new(format!("and {} more NICs", nics.len() - room))
+                .set("x", 300.0 + room as f64 * 90.0)
+                .set("y", axis_y + 34.0),
+        );
+    }
     for (k, nic) in nics.iter().enumerate().take(room) {
         let lx = 300.0 + k as f64 * 90.0;
         lane = lane
@@ -1038,7 +1058,7 @@ mod tests {
         // A ring across the nodes moves bytes: its transfers are on the
         // plan, part of them hidden, and drawn.
         let spans: Vec<_> = plan.ranks.iter().flat_map(|r| &r.timeline).collect();
-        assert!(spans.iter().any(|s| s.transfer_s > s.exposed_s));
+        assert!(spans.iter().any(|s| s.hidden_s > 0.0));
         assert!(svg.contains(&format!("fill=\"{HIDDEN_TRANSFER}\"")));
         assert!(svg.contains("hidden behind compute"));
         assert!(!plan.routes.is_empty());
@@ -1056,7 +1076,7 @@ mod tests {
         for rank in &mut old.ranks {
             rank.rack.clear();
             for span in &mut rank.timeline {
-                span.transfer_s = 0.0;
+                span.hidden_s = 0.0;
             }
         }
         old.routes.clear();

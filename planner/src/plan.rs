@@ -189,11 +189,10 @@ pub struct TimeSpan {
     pub end_s: f64,
     /// Of which, at the end, communication that compute did not hide, s.
     pub exposed_s: f64,
-    /// How long the span's transfers (ring hops, the remap, offloading)
-    /// take on their links, hidden behind compute or not, s (absent: none,
+    /// Transfer time (ring hops, offloading) compute hid, s (absent: none,
     /// or a plan written before weft recorded it).
     #[serde(default, skip_serializing_if = "is_no_time")]
-    pub transfer_s: f64,
+    pub hidden_s: f64,
     /// Index of the group in its micro-batch; absent for the linear phase of
     /// a remapped micro-batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]

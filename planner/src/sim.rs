@@ -1133,7 +1133,7 @@ fn simulate_inner(
                         start_s: start,
                         end_s: start + linear + comm,
                         exposed_s: comm,
-                        transfer_s: comm,
+                        hidden_s: 0.0,
                         group: None,
                     });
                 }
@@ -1189,14 +1189,14 @@ fn simulate_inner(
             };
             // Offloaded activations go to the host during the forward and come
             // back during the backward; what compute does not hide waits.
-            let (offload_s, offload_transfer_s) = if group.offload > 0.0 {
+            let (offload_s, offload_hidden_s) = if group.offload > 0.0 {
                 let most = shares[g].iter().copied().max().unwrap_or(0) as f64;
                 let transfer = cost.offload_transfer_time(most, group.offload, &gpu);
                 let compute = ring.compute_s + linear;
                 let forward = compute * cost.forward_share();
                 (
                     (transfer - forward).max(0.0) + (transfer - (compute - forward)).max(0.0),
-                    2.0 * transfer,
+                    transfer.min(forward) + transfer.min(compute - forward),
                 )
             } else {
                 (0.0, 0.0)
@@ -1210,7 +1210,7 @@ fn simulate_inner(
                         start_s: start,
                         end_s: start + duration,
                         exposed_s: ring.total_s - ring.compute_s + offload_s,
-                        transfer_s: ring.transfer_s + offload_transfer_s,
+                        hidden_s: ring.hidden_s + offload_hidden_s,
                         group: Some(g as u32),
                     });
                 }
