@@ -113,6 +113,7 @@ pub fn resolve_model(
                 kv_heads: dim(spec.kv_heads),
                 ffn: dim(spec.ffn),
                 vocab: dim(spec.vocab),
+                tied_embeddings: false,
             }
         }
     };

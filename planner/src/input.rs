@@ -343,6 +343,7 @@ pub fn load_model(spec: &str) -> Result<ModelSpec, InputError> {
         kv_heads: file.kv_heads,
         ffn: file.ffn,
         vocab: file.vocab,
+        tied_embeddings: false,
     };
     model.validate()?;
     Ok(model)
@@ -460,6 +461,16 @@ mod tests {
             ),
             (32, 4096, 32, 8, 14336, 128256)
         );
+        assert!(!spec.tied_embeddings);
+        // Tied embeddings: one table fewer to keep, and to price.
+        write(
+            r#"{"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                "tie_word_embeddings": true}"#,
+        );
+        let tied = load_model(dir.to_str().unwrap()).unwrap();
+        assert!(tied.tied_embeddings);
+        assert_eq!(spec.params() - tied.params(), 128256.0 * 4096.0);
         // Missing or bad fields are named.
         write(r#"{"hidden_size": 4096}"#);
         let err = load_model(dir.to_str().unwrap()).unwrap_err().to_string();

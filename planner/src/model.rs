@@ -12,6 +12,10 @@ pub struct ModelSpec {
     /// SwiGLU intermediate size.
     pub ffn: u32,
     pub vocab: u32,
+    /// The output projection is the embedding's table (a Hugging Face
+    /// config's `tie_word_embeddings`): one matrix of vocab × hidden fewer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tied_embeddings: bool,
 }
 
 /// What is wrong with a model description.
@@ -79,6 +83,7 @@ impl ModelSpec {
             kv_heads,
             ffn,
             vocab,
+            tied_embeddings: false,
         };
         spec.validate()?;
         Ok(spec)
@@ -124,6 +129,10 @@ impl ModelSpec {
             kv_heads: field("num_key_value_heads")?.unwrap_or(heads),
             ffn: required("intermediate_size")?,
             vocab: required("vocab_size")?,
+            tied_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
         };
         spec.validate()?;
         if let Some(head_dim) = field("head_dim")?
@@ -192,10 +201,12 @@ impl ModelSpec {
         2.0 * h * h + 2.0 * h * self.kv_width() + 3.0 * h * f64::from(self.ffn)
     }
 
-    /// All parameters: the layers, the embedding and an untied LM head.
+    /// All parameters: the layers, the embedding and the LM head (the
+    /// embedding's table again when tied).
     pub fn params(&self) -> f64 {
+        let tables = if self.tied_embeddings { 1.0 } else { 2.0 };
         f64::from(self.layers) * self.layer_params()
-            + 2.0 * f64::from(self.vocab) * f64::from(self.hidden)
+            + tables * f64::from(self.vocab) * f64::from(self.hidden)
     }
 }
 

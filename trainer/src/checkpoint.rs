@@ -162,6 +162,10 @@ pub struct CheckpointState {
     pub tokens_per_step: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_seq_len: Option<usize>,
+    /// The model's architecture beyond its shapes (rotary settings, norms,
+    /// biases, tied embeddings); absent in checkpoints of an older weft.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<crate::model::Architecture>,
 }
 
 fn whole_documents() -> DataOrder {
@@ -839,6 +843,7 @@ mod tests {
             corpus_digest: Some("ab".repeat(32)),
             tokens_per_step: Some(4096),
             max_seq_len: Some(1024),
+            architecture: Some(crate::model::Architecture::default()),
         }
     }
 

@@ -264,8 +264,8 @@ pub enum Tokenizer {
         path: PathBuf,
         tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
         end: Option<u32>,
-        /// SHA-256 of the file: what the token counts, and so the data
-        /// order, depend on.
+        /// SHA-256 of the file, and the end token: what the token counts,
+        /// and so the data order, depend on.
         digest: String,
     },
 }
@@ -279,14 +279,26 @@ impl Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        // Documents are cut where the run says (--max-seq-len) and never
+        // padded: a truncation or padding the file brings would silently
+        // change what is trained on.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+            .with_padding(None);
+        // The end token closes every document: part of the tokens too.
         let digest = Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
+            .chain(end.map(|e| format!(",end={e}")))
             .collect();
         Ok(Tokenizer::File {
             path: path.to_path_buf(),

@@ -25,14 +25,33 @@ use crate::model::{Architecture, Llama, Rope, RopeScaling};
 /// The architectures weft reads.
 pub const ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
+/// The rotary settings weft reads, in either form of a config.
+const ROPE_KEYS: [&str; 14] = [
+    "rope_type",
+    "type",
+    "rope_theta",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+    "truncate",
+    "partial_rotary_factor",
+];
+
 /// The file of a single-file checkpoint, and the index of a sharded one.
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 /// Files of a model directory written back beside the weights when present.
-const TOKENIZER_FILES: [&str; 4] = [
+const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
     "generation_config.json",
 ];
 
@@ -265,13 +284,9 @@ pub fn parse_config(path: &Path, map: Map<String, Value>) -> Result<HfConfig, Hf
     let qwen2 = architecture_name == "Qwen2ForCausalLM";
     let mistral = architecture_name == "MistralForCausalLM";
 
-    let name = format!(
-        "{}:{}",
-        architecture_name,
-        path.parent()
-            .and_then(Path::file_name)
-            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-    );
+    // Named by the architecture alone: a run resumes from its checkpoint
+    // whatever the directory is called now.
+    let name = architecture_name.clone();
     // The shapes as the planner reads them, so plans and the model agree.
     let spec = ModelSpec::from_hf_config(&name, &map).map_err(|e| match e {
         weft_planner::model::ModelError::ConfigField { field, message, .. } => {
@@ -311,6 +326,12 @@ pub fn parse_config(path: &Path, map: Map<String, Value>) -> Result<HfConfig, Hf
         ));
     }
     let attention_bias = f.flag("attention_bias")?.unwrap_or(false);
+    if mistral && attention_bias {
+        return Err(f.error(
+            "attention_bias",
+            "true, but MistralForCausalLM has no biases (transformers would not read them either)",
+        ));
+    }
     let architecture = Architecture {
         rope: read_rope(&f)?,
         norm_eps: f.number("rms_norm_eps")?.unwrap_or(1e-6),
@@ -346,6 +367,19 @@ fn read_rope(f: &Fields) -> Result<Rope, HfError> {
         map: settings,
     };
     let named = |key: &str| format!("{field}.{key}");
+    // A setting weft does not read would be silently ignored: refused. (A
+    // nested object is a per-layer-type form, which these models do not use.)
+    for (key, value) in settings {
+        if value.is_object() || !ROPE_KEYS.contains(&key.as_str()) {
+            return Err(f.error(
+                &named(key),
+                format!(
+                    "{value}: not a rotary setting weft reads (it reads {})",
+                    ROPE_KEYS.join(", ")
+                ),
+            ));
+        }
+    }
     let in_settings = |key: &str| -> Result<Option<f64>, HfError> {
         s.number(key)
             .map_err(|_| f.error(&named(key), "must be a positive number"))
@@ -554,28 +588,104 @@ pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<(PathBuf, Option<u32>)
 /// hands: the model is returned only when every weight was read.
 pub fn load(dir: &Path, vs: &nn::Path, device: Device) -> Result<(Llama, HfConfig), HfError> {
     let config = read_config(dir)?;
-    let (spec, architecture) = (config.spec.clone(), config.architecture.clone());
-    load_as(dir, vs, device, &spec, &architecture)
+    let model = load_into(dir, vs, device, &config)?;
+    Ok((model, config))
 }
 
-/// [`load`], into a model of `spec` and `architecture` as a run was set up
-/// with from the same directory (its config must still say `spec`).
-pub fn load_as(
+/// [`load`] with `config`, the directory's config as a run was set up with
+/// it (its rotary settings changed by [`with_rope`], for instance): the
+/// directory's config must still give the same shapes.
+pub fn load_into(
     dir: &Path,
     vs: &nn::Path,
     device: Device,
-    spec: &ModelSpec,
-    architecture: &Architecture,
-) -> Result<(Llama, HfConfig), HfError> {
-    let config = read_config(dir)?;
-    if config.spec != *spec {
+    config: &HfConfig,
+) -> Result<Llama, HfError> {
+    let now = read_config(dir)?;
+    if now.spec != config.spec {
         return Err(HfError::Changed {
             dir: dir.to_path_buf(),
-            what: format!("it now says {:?}, the run has {:?}", config.spec, spec),
+            what: format!("it now says {:?}, the run has {:?}", now.spec, config.spec),
         });
     }
-    let model = Llama::with_architecture(vs, spec, architecture)?;
-    let wanted: BTreeMap<String, Tensor> = model.hf_parameters().into_iter().collect();
+    let model = Llama::with_architecture(vs, &config.spec, &config.architecture)?;
+    let targets: BTreeMap<String, Tensor> = model.hf_parameters().into_iter().collect();
+    each_weight(dir, config, |name, data, kind, shape| {
+        let Some(target) = targets.get(name) else {
+            return Err(HfError::Torch(tch::TchError::Shape(format!(
+                "the model has no parameter {name}"
+            ))));
+        };
+        let value = Tensor::f_from_data_size(data, shape, kind)?
+            .f_to_kind(Kind::Float)?
+            .f_to_device(device)?;
+        tch::no_grad(|| target.shallow_clone().f_copy_(&value))?;
+        Ok(())
+    })?;
+    Ok(model)
+}
+
+/// Checks every tensor of the model in `dir` against `config` (names,
+/// shapes, dtypes, none missing, none left over) from the files' headers,
+/// reading no weights: what [`load_into`] would refuse, found before a run
+/// starts its ranks.
+pub fn check_weights(dir: &Path, config: &HfConfig) -> Result<(), HfError> {
+    each_weight(dir, config, |_, _, _, _| Ok(()))
+}
+
+/// The tensors of a Hugging Face checkpoint of `spec` and `architecture`,
+/// by name, with their shapes: what [`Llama::hf_parameters`] lists.
+pub fn expected_tensors(
+    spec: &ModelSpec,
+    architecture: &Architecture,
+) -> BTreeMap<String, Vec<i64>> {
+    let (h, f, v) = (
+        i64::from(spec.hidden),
+        i64::from(spec.ffn),
+        i64::from(spec.vocab),
+    );
+    let kv = i64::from(spec.kv_heads) * (h / i64::from(spec.heads));
+    let mut tensors = BTreeMap::new();
+    let mut add = |name: String, shape: Vec<i64>| {
+        tensors.insert(name, shape);
+    };
+    add("model.embed_tokens.weight".to_string(), vec![v, h]);
+    add("model.norm.weight".to_string(), vec![h]);
+    if !architecture.tied_embeddings {
+        add("lm_head.weight".to_string(), vec![v, h]);
+    }
+    for i in 0..spec.layers {
+        let at = format!("model.layers.{i}");
+        for (name, out, bias) in [
+            ("self_attn.q_proj", h, architecture.qkv_bias),
+            ("self_attn.k_proj", kv, architecture.qkv_bias),
+            ("self_attn.v_proj", kv, architecture.qkv_bias),
+            ("self_attn.o_proj", h, architecture.output_bias),
+        ] {
+            add(format!("{at}.{name}.weight"), vec![out, h]);
+            if bias {
+                add(format!("{at}.{name}.bias"), vec![out]);
+            }
+        }
+        add(format!("{at}.mlp.gate_proj.weight"), vec![f, h]);
+        add(format!("{at}.mlp.up_proj.weight"), vec![f, h]);
+        add(format!("{at}.mlp.down_proj.weight"), vec![h, f]);
+        add(format!("{at}.input_layernorm.weight"), vec![h]);
+        add(format!("{at}.post_attention_layernorm.weight"), vec![h]);
+    }
+    tensors
+}
+
+/// Calls `take` with every tensor of the model in `dir` (its name, bytes,
+/// kind and shape) after checking it against `config`: a tensor the
+/// architecture has no place for, of another shape or of a dtype weft does
+/// not read, one in two files, and one no file holds are refused by name.
+fn each_weight(
+    dir: &Path,
+    config: &HfConfig,
+    mut take: impl FnMut(&str, &[u8], Kind, &[i64]) -> Result<(), HfError>,
+) -> Result<(), HfError> {
+    let wanted = expected_tensors(&config.spec, &config.architecture);
     let mut loaded: BTreeSet<String> = BTreeSet::new();
     for path in weight_files(dir)? {
         let file = std::fs::File::open(&path).map_err(|source| HfError::Io {
@@ -595,7 +705,7 @@ pub fn load_as(
             message: e.to_string(),
         })?;
         for (name, view) in tensors.iter() {
-            let Some(target) = wanted.get(name) else {
+            let Some(expected) = wanted.get(name) else {
                 // Older Llama checkpoints store the rotary frequencies they
                 // recompute; a tied head may be stored too.
                 if name.ends_with("rotary_emb.inv_freq")
@@ -615,16 +725,15 @@ pub fn load_as(
                     name: name.to_string(),
                 });
             }
-            let expected = target.size();
             let found: Vec<usize> = view.shape().to_vec();
             if found.len() != expected.len()
-                || found.iter().zip(&expected).any(|(a, b)| *a as i64 != *b)
+                || found.iter().zip(expected).any(|(a, b)| *a as i64 != *b)
             {
                 return Err(HfError::Shape {
                     path,
                     name: name.to_string(),
                     found,
-                    expected,
+                    expected: expected.clone(),
                 });
             }
             let kind = kind_of(view.dtype()).ok_or_else(|| HfError::Dtype {
@@ -632,11 +741,7 @@ pub fn load_as(
                 name: name.to_string(),
                 found: format!("{:?}", view.dtype()),
             })?;
-            let shape: Vec<i64> = expected.clone();
-            let value = Tensor::f_from_data_size(view.data(), &shape, kind)?
-                .f_to_kind(Kind::Float)?
-                .f_to_device(device)?;
-            tch::no_grad(|| target.shallow_clone().f_copy_(&value))?;
+            take(name, view.data(), kind, expected)?;
         }
     }
     let missing: Vec<&String> = wanted.keys().filter(|n| !loaded.contains(*n)).collect();
@@ -650,7 +755,65 @@ pub fn load_as(
             },
         });
     }
-    Ok((model, config))
+    Ok(())
+}
+
+/// `config` with its rotary settings replaced by `rope`, as a job extends a
+/// model's context: `rope` is an object in `config.json`'s
+/// `rope_parameters` form (`rope_type` and its keys; `rope_theta` is the
+/// model's unless given; a `llama3` or `yarn` type's
+/// `original_max_position_embeddings` is the model's
+/// `max_position_embeddings`, its pretrained context, unless given), and
+/// `max_position_embeddings` is raised to `context` when that is longer. The
+/// config written with the trained model carries the new settings, in the
+/// newer form only. Errors name `--rope`.
+pub fn with_rope(
+    config: &HfConfig,
+    rope: &Map<String, Value>,
+    context: u64,
+) -> Result<HfConfig, HfError> {
+    let mut raw = config.raw.clone();
+    raw.remove("rope_scaling");
+    raw.remove("rope_theta");
+    let mut parameters = rope.clone();
+    if !parameters.contains_key("rope_theta") {
+        parameters.insert(
+            "rope_theta".to_string(),
+            Value::from(config.architecture.rope.theta),
+        );
+    }
+    if !parameters.contains_key("rope_type") && !parameters.contains_key("type") {
+        parameters.insert("rope_type".to_string(), Value::from("default"));
+    }
+    let kind = parameters
+        .get("rope_type")
+        .or(parameters.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let pretrained = raw.get("max_position_embeddings").cloned();
+    if matches!(kind.as_str(), "llama3" | "yarn")
+        && !parameters.contains_key("original_max_position_embeddings")
+        && let Some(pretrained) = &pretrained
+    {
+        parameters.insert(
+            "original_max_position_embeddings".to_string(),
+            pretrained.clone(),
+        );
+    }
+    raw.insert("rope_parameters".to_string(), Value::Object(parameters));
+    if pretrained
+        .as_ref()
+        .and_then(Value::as_u64)
+        .is_none_or(|n| n < context)
+    {
+        raw.insert("max_position_embeddings".to_string(), Value::from(context));
+    }
+    let changed = parse_config(Path::new("--rope"), raw)?;
+    Ok(HfConfig {
+        spec: config.spec.clone(),
+        ..changed
+    })
 }
 
 /// A tensor's bytes, as safetensors writes them.
@@ -690,11 +853,45 @@ fn raw(tensor: &Tensor) -> Result<Raw, HfError> {
     })
 }
 
+/// The directory [`save`] writes before it renames it to `out`, and the
+/// prefix of those a killed writer may have left.
+fn partial_of(out: &Path) -> (PathBuf, String) {
+    let prefix = format!(
+        ".{}.partial-",
+        out.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy())
+    );
+    (
+        out.with_file_name(format!("{prefix}{}", std::process::id())),
+        prefix,
+    )
+}
+
+/// Checks, before a run trains, that [`save`] can write `out`: it does not
+/// exist yet, and a directory can be made beside it (made and removed).
+pub fn probe_save(out: &Path) -> Result<(), HfError> {
+    if out.exists() {
+        return Err(HfError::Exists {
+            path: out.to_path_buf(),
+        });
+    }
+    let (partial, _) = partial_of(out);
+    std::fs::create_dir_all(&partial).map_err(|source| HfError::Io {
+        path: partial.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_dir(&partial);
+    Ok(())
+}
+
 /// Writes `model` into the new directory `out` as a Hugging Face model:
-/// its fp32 weights in safetensors shards of at most `shard_bytes` (one
-/// `model.safetensors` when they fit one, else shards and their index),
+/// its fp32 weights in safetensors shards of at most `shard_bytes`, each
+/// written as soon as it is full (one `model.safetensors` when they fit
+/// one, else `model-0000K-of-0000N.safetensors` and their index),
 /// `config.json` (`config`'s, in fp32), and the tokenizer's files of
-/// `source` when it has them. The directory appears whole or not at all.
+/// `source` when it has them. Every file is synced, and the directory is
+/// renamed into place only then: it appears whole or not at all, and what a
+/// killed writer left beside it is removed by the next.
 pub fn save(
     model: &Llama,
     config: &HfConfig,
@@ -711,85 +908,140 @@ pub fn save(
         let path = path.to_path_buf();
         move |source| HfError::Io { path, source }
     };
-    let partial = out.with_file_name(format!(
-        ".{}.partial-{}",
-        out.file_name()
-            .map_or("model".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let written = (|| {
-        let mut shards: Vec<Vec<(String, Raw)>> = vec![Vec::new()];
-        let mut size = 0usize;
-        let mut total = 0usize;
-        for (name, tensor) in model.hf_parameters() {
-            let raw = raw(&tensor)?;
-            let len = raw.bytes.len();
-            if size > 0 && size + len > shard_bytes {
-                shards.push(Vec::new());
-                size = 0;
-            }
-            size += len;
-            total += len;
-            if let Some(shard) = shards.last_mut() {
-                shard.push((name, raw));
+    let (partial, prefix) = partial_of(out);
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(entries) = std::fs::read_dir(parent)
+    {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        let count = shards.len();
-        let mut weight_map = Map::new();
-        for (i, shard) in shards.iter().enumerate() {
-            let file = if count == 1 {
-                SINGLE.to_string()
-            } else {
-                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-            };
-            let path = partial.join(&file);
-            let mut metadata = std::collections::HashMap::new();
-            metadata.insert("format".to_string(), "pt".to_string());
+    }
+    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let written = (|| {
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        // Shards go out under a number each; they are named `-of-N` once N
+        // is known.
+        let mut shard: Vec<(String, Raw)> = Vec::new();
+        let mut shard_names: Vec<Vec<String>> = Vec::new();
+        let mut size = 0usize;
+        let mut total = 0usize;
+        let flush = |shard: &mut Vec<(String, Raw)>,
+                     shard_names: &mut Vec<Vec<String>>|
+         -> Result<(), HfError> {
+            let path = partial.join(format!("shard-{}", shard_names.len()));
             safetensors::serialize_to_file(
                 shard.iter().map(|(name, raw)| (name.as_str(), raw)),
-                Some(metadata),
+                Some(metadata.clone()),
                 &path,
             )
             .map_err(|e| HfError::Safetensors {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            for (name, _) in shard {
+            shard_names.push(shard.drain(..).map(|(name, _)| name).collect());
+            Ok(())
+        };
+        for (name, tensor) in model.hf_parameters() {
+            let raw = raw(&tensor)?;
+            let len = raw.bytes.len();
+            if size > 0 && size + len > shard_bytes {
+                flush(&mut shard, &mut shard_names)?;
+                size = 0;
+            }
+            size += len;
+            total += len;
+            shard.push((name, raw));
+        }
+        if !shard.is_empty() {
+            flush(&mut shard, &mut shard_names)?;
+        }
+        let count = shard_names.len();
+        let mut weight_map = Map::new();
+        let mut files = Vec::new();
+        for (i, names) in shard_names.iter().enumerate() {
+            let file = if count == 1 {
+                SINGLE.to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            };
+            let from = partial.join(format!("shard-{i}"));
+            std::fs::rename(&from, partial.join(&file)).map_err(io(&from))?;
+            for name in names {
                 weight_map.insert(name.clone(), Value::String(file.clone()));
             }
+            files.push(file);
         }
         if count > 1 {
             let index = serde_json::json!({
                 "metadata": {"total_size": total},
                 "weight_map": weight_map,
             });
-            let path = partial.join(INDEX);
-            std::fs::write(&path, pretty(&index)).map_err(io(&path))?;
+            std::fs::write(partial.join(INDEX), pretty(&index))
+                .map_err(io(&partial.join(INDEX)))?;
+            files.push(INDEX.to_string());
         }
         let mut raw_config = config.raw.clone();
-        for key in ["torch_dtype", "dtype"] {
-            if raw_config.contains_key(key) || key == "dtype" {
-                raw_config.insert(key.to_string(), Value::String("float32".to_string()));
-            }
-        }
+        raw_config.remove("torch_dtype");
+        raw_config.insert("dtype".to_string(), Value::String("float32".to_string()));
         let path = partial.join("config.json");
         std::fs::write(&path, pretty(&Value::Object(raw_config))).map_err(io(&path))?;
+        files.push("config.json".to_string());
         if let Some(source) = source {
             for name in TOKENIZER_FILES {
                 let from = source.join(name);
                 if from.exists() {
                     std::fs::copy(&from, partial.join(name)).map_err(io(&from))?;
+                    files.push(name.to_string());
                 }
             }
         }
-        std::fs::rename(&partial, out).map_err(io(out))
+        for file in &files {
+            let path = partial.join(file);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+        sync_dir(&partial);
+        // Never over a directory that appeared meanwhile.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &partial,
+            rustix::fs::CWD,
+            out,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| {
+            if e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY {
+                HfError::Exists {
+                    path: out.to_path_buf(),
+                }
+            } else {
+                HfError::Io {
+                    path: out.to_path_buf(),
+                    source: e.into(),
+                }
+            }
+        })?;
+        if let Some(parent) = out.parent() {
+            sync_dir(parent);
+        }
+        Ok(())
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
     written
+}
+
+/// Syncs a directory's entries (a new or renamed file in it), where the
+/// file system allows.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 fn pretty(value: &Value) -> String {
@@ -893,6 +1145,18 @@ mod tests {
             "rope_scaling.factor: is missing",
         );
         refused(json!({"hidden_act": "gelu"}), "hidden_act");
+        refused(
+            json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "scale": 3}}),
+            "rope_scaling.scale",
+        );
+        refused(
+            json!({"rope_parameters": {"full_attention": {"rope_type": "default"}}}),
+            "rope_parameters.full_attention",
+        );
+        refused(
+            json!({"architectures": ["MistralForCausalLM"], "sliding_window": null, "attention_bias": true}),
+            "attention_bias",
+        );
         refused(json!({"mlp_bias": true}), "mlp_bias");
         refused(json!({"head_dim": 32}), "head_dim");
         refused(

@@ -230,35 +230,47 @@ pub enum RopeScaling {
 
 impl Rope {
     /// The inverse frequencies of a head of `head_dim` dimensions, as
-    /// Hugging Face's `transformers` computes them for the same settings.
-    pub fn inv_freq(&self, head_dim: i64) -> Vec<f64> {
-        let dim = head_dim as f64;
-        let plain: Vec<f64> = (0..head_dim / 2)
-            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / dim))
+    /// Hugging Face's `transformers` computes them for the same settings:
+    /// in fp32, step by step as it does, so both rotate alike at any
+    /// position.
+    pub fn inv_freq(&self, head_dim: i64) -> Vec<f32> {
+        let dim = head_dim as f32;
+        let theta = self.theta as f32;
+        // base ** (arange(0, dim, 2) / dim), then its inverse.
+        let powers: Vec<f32> = (0..head_dim / 2)
+            .map(|i| theta.powf((2 * i) as f32 / dim))
             .collect();
+        let plain: Vec<f32> = powers.iter().map(|p| 1.0 / p).collect();
         match &self.scaling {
             RopeScaling::None => plain,
-            RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor).collect(),
+            RopeScaling::Linear { factor } => {
+                let factor = *factor as f32;
+                plain.iter().map(|f| f / factor).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings: old,
             } => {
-                let low_wavelen = old / low_freq_factor;
-                let high_wavelen = old / high_freq_factor;
+                let (factor, low, high) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let old_f = *old as f32;
+                let low_wavelen = (old / low_freq_factor) as f32;
+                let high_wavelen = (old / high_freq_factor) as f32;
                 plain
                     .iter()
                     .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        if wavelen < high_wavelen || wavelen > low_wavelen {
+                            scaled
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
+                            let smooth = (old_f / wavelen - low) / (high - low);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
                         }
                     })
                     .collect()
@@ -271,25 +283,29 @@ impl Rope {
                 truncate,
                 ..
             } => {
+                // The correction range in f64, as Python's math computes it.
+                let dim64 = head_dim as f64;
                 let correction = |rotations: f64| {
-                    dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    dim64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
                         / (2.0 * self.theta.ln())
                 };
                 let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
                 if *truncate {
                     (low, high) = (low.floor(), high.ceil());
                 }
-                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                let (low, mut high) = (low.max(0.0), high.min(dim64 - 1.0));
                 if low == high {
                     high += 0.001;
                 }
-                plain
+                let factor = *factor as f32;
+                powers
                     .iter()
                     .enumerate()
-                    .map(|(i, &f)| {
-                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    .map(|(i, &p)| {
+                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
                         let extrapolation = 1.0 - ramp;
-                        (f / factor) * (1.0 - extrapolation) + f * extrapolation
+                        let (interpolated, extrapolated) = (1.0 / (factor * p), 1.0 / p);
+                        interpolated * (1.0 - extrapolation) + extrapolated * extrapolation
                     })
                     .collect()
             }
@@ -309,20 +325,49 @@ impl Rope {
 }
 
 /// A rotary embedding ready to apply to heads of one size: its inverse
-/// frequencies (fp32, as the reference computes the angles) and the factor
-/// of cos and sin.
-#[derive(Clone, Debug)]
+/// frequencies (fp32, as the reference computes the angles), the factor of
+/// cos and sin, and the frequencies on the device they were last used on
+/// (made once there rather than copied at every call).
+#[derive(Debug)]
 pub struct Rotary {
     inv_freq: Vec<f32>,
     factor: f64,
+    on_device: std::sync::Mutex<Option<(tch::Device, Tensor)>>,
+}
+
+impl Clone for Rotary {
+    fn clone(&self) -> Rotary {
+        Rotary {
+            inv_freq: self.inv_freq.clone(),
+            factor: self.factor,
+            on_device: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl Rotary {
     pub fn new(rope: &Rope, head_dim: i64) -> Rotary {
         Rotary {
-            inv_freq: rope.inv_freq(head_dim).iter().map(|f| *f as f32).collect(),
+            inv_freq: rope.inv_freq(head_dim),
             factor: rope.attention_factor(),
+            on_device: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The inverse frequencies on `device`.
+    fn frequencies(&self, device: tch::Device) -> Result<Tensor, tch::TchError> {
+        let mut cached = self
+            .on_device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((on, tensor)) = cached.as_ref()
+            && *on == device
+        {
+            return Ok(tensor.shallow_clone());
+        }
+        let tensor = Tensor::from_slice(&self.inv_freq).f_to_device(device)?;
+        *cached = Some((device, tensor.shallow_clone()));
+        Ok(tensor)
     }
 }
 
@@ -349,8 +394,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, t
             rotary.inv_freq.len()
         )));
     }
-    let device = x.device();
-    let inv_freq = Tensor::from_slice(&rotary.inv_freq).f_to_device(device)?;
+    let inv_freq = rotary.frequencies(x.device())?;
     let angles = positions
         .f_to_kind(Kind::Float)?
         .f_unsqueeze(1)?

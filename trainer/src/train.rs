@@ -115,9 +115,10 @@ pub struct TrainConfig {
     /// biases, tied embeddings): weft's own, or a Hugging Face model's.
     pub architecture: Architecture,
     /// A Hugging Face model directory whose weights the run starts from
-    /// (unless it resumes from a checkpoint); None: weft's own model, drawn
-    /// from the seed.
-    pub hf_model: Option<PathBuf>,
+    /// (unless it resumes from a checkpoint), with its config as the run
+    /// uses it (`--rope` may change it); None: weft's own model, drawn from
+    /// the seed.
+    pub hf_model: Option<(PathBuf, crate::hf::HfConfig)>,
     /// The documents' tokenizer: a `tokenizer.json` and the end-of-sequence
     /// token closing every document; None: the byte tokenizer.
     pub tokenizer: Option<(PathBuf, Option<u32>)>,
@@ -531,6 +532,17 @@ pub fn check_resumable(
             ),
         ));
     }
+    if let Some(architecture) = &state.architecture
+        && *architecture != config.architecture
+    {
+        return Err(checkpoint_error(
+            dir,
+            format!(
+                "it holds a model of architecture {architecture:?}, this run's is {:?} (a Hugging Face --model's config, and --rope); resume with the run's model and settings",
+                config.architecture
+            ),
+        ));
+    }
     let changes = state.data_changes(data);
     if !changes.is_empty() && !config.accept_data_change {
         return Err(checkpoint_error(
@@ -725,21 +737,9 @@ pub fn run_worker(
     // drawn on the CPU, then moved; a Hugging Face model's are read.
     tch::manual_seed(config.seed as i64);
     let mut vs = VarStore::new(tch::Device::Cpu);
-    let (model, hf_config) = match &config.hf_model {
-        Some(dir) => {
-            let (model, hf_config) = crate::hf::load_as(
-                dir,
-                &vs.root(),
-                tch::Device::Cpu,
-                &config.model,
-                &config.architecture,
-            )?;
-            (model, Some(hf_config))
-        }
-        None => (
-            Llama::with_architecture(&vs.root(), &config.model, &config.architecture)?,
-            None,
-        ),
+    let model = match &config.hf_model {
+        Some((dir, hf)) => crate::hf::load_into(dir, &vs.root(), tch::Device::Cpu, hf)?,
+        None => Llama::with_architecture(&vs.root(), &config.model, &config.architecture)?,
     };
     let model = model.with_precision(config.precision);
     if let Some(skipped) = corpus.skipped_summary() {
@@ -979,6 +979,7 @@ pub fn run_worker(
                 corpus_digest: Some(data_identity.corpus_digest.clone()),
                 tokens_per_step: Some(config.tokens_per_step),
                 max_seq_len: Some(config.max_seq_len),
+                architecture: Some(config.architecture.clone()),
             };
             crate::checkpoint::check_finite(done, &params)?;
             crate::checkpoint::check_finite(done, &optimizer.moments())?;
@@ -1011,14 +1012,8 @@ pub fn run_worker(
         }
     }
     // The trained model, as the Hugging Face model it started from.
-    if let (0, Some(out), Some(hf_config)) = (rank, &config.save, &hf_config) {
-        crate::hf::save(
-            &model,
-            hf_config,
-            config.hf_model.as_deref(),
-            out,
-            crate::hf::SHARD_BYTES,
-        )?;
+    if let (0, Some(out), Some((dir, hf))) = (rank, &config.save, &config.hf_model) {
+        crate::hf::save(&model, hf, Some(dir), out, crate::hf::SHARD_BYTES)?;
         notice(
             rank,
             &format!("saved the trained model into {}", out.display()),

@@ -1,6 +1,6 @@
 //! Hugging Face models against their reference: tiny Llama, Llama 3 (rope
-//! scaling, tied embeddings), YaRN, linear scaling in the old config form,
-//! Mistral and Qwen2 (biases), built with `transformers` by
+//! scaling, tied embeddings), YaRN (twice: with mscale and no truncation),
+//! linear scaling in the old config form, Mistral and Qwen2 (biases), built with `transformers` by
 //! `tests/reference/hf_models.py`. weft reads each directory and computes
 //! the same logits, loss and gradients; what it saves, `transformers` reads
 //! back to the same loss; a directory that does not fit its config is
@@ -34,6 +34,18 @@ fn script() -> PathBuf {
 fn models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        // What earlier runs, now gone, left behind.
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("weft-hf-")
+                    && pid.parse::<u32>().is_ok()
+                    && !Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("weft-hf-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let out = Command::new(python())
@@ -51,10 +63,11 @@ fn models() -> &'static Path {
     })
 }
 
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "llama-gqa",
     "llama3-tied",
     "llama-yarn",
+    "llama-yarn-mscale",
     "llama-linear-old-form",
     "mistral",
     "qwen2-bias-tied",
@@ -479,6 +492,50 @@ fn local_refuses_what_it_cannot_train_or_save_by_name() {
         err.contains("tokenizer.json") && err.contains("No such file"),
         "{err}"
     );
+    // A damaged model is refused before any rank starts, naming the tensor.
+    let damaged = copy_of("llama-tokenized", "tokenized-no-norm");
+    let weights = damaged.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&weights).unwrap();
+    tensors.retain(|(name, _)| name != "model.norm.weight");
+    Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let err = refused(&[&os("--model"), damaged.as_os_str()]);
+    assert!(
+        err.contains("no file holds tensor model.norm.weight") && !err.contains("rank"),
+        "{err}"
+    );
+    // A checkpoint resumes only with the architecture it was trained with.
+    let checkpoints = models().join("architecture-checkpoints");
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let base = |steps: &str| {
+        let mut command = trainer();
+        command
+            .arg("local")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(models().join("corpus"))
+            .args(["--ranks", "1", "--steps", steps])
+            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "64"])
+            .arg("--checkpoint-dir")
+            .arg(&checkpoints);
+        command
+    };
+    let out = base("1").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = base("2")
+        .args(["--resume", "--rope", r#"{"rope_theta": 20000.0}"#])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("it holds a model of architecture") && err.contains("--rope"),
+        "{err}"
+    );
     let small = copy_of("llama-tokenized", "small-vocabulary");
     let path = small.join("config.json");
     let mut config: serde_json::Value =
@@ -489,5 +546,176 @@ fn local_refuses_what_it_cannot_train_or_save_by_name() {
     assert!(
         err.contains("tokenizer.json") && err.contains("embedding has 16 rows (vocab_size)"),
         "{err}"
+    );
+}
+
+/// `--rope` extends a model's context: the Llama-3-scaled test model run
+/// with YaRN (factor 4 over 32 positions) computes, at its first step, the
+/// loss `transformers` computes with the same settings written into its
+/// config, not the model's own; what weft saves carries them (in the newer
+/// form, `max_position_embeddings` raised from 128 to `--max-seq-len`), and
+/// `transformers` computes on it the loss weft reports next. Bad settings
+/// are refused naming `--rope`.
+#[test]
+fn rope_extends_the_context_and_the_saved_model_carries_it() {
+    let model = models().join("llama-tokenized");
+    let yarn = r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}"#;
+    // The reference: the same model with YaRN in its config.
+    let reference_dir = copy_of("llama-tokenized", "llama-tokenized-yarn");
+    let path = reference_dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let theta = config["rope_parameters"]["rope_theta"].clone();
+    config["rope_parameters"] = serde_json::json!({
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": theta
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let run = |steps: &str, extra: &[&str], metrics: &Path| {
+        let out = trainer()
+            .arg("local")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(models().join("corpus"))
+            .args(["--ranks", "2", "--steps", steps, "--rank-tokens", "128"])
+            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "150"])
+            .args(["--rope", yarn])
+            .arg("--metrics")
+            .arg(metrics)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let saved = models().join("extended");
+    let _ = std::fs::remove_dir_all(&saved);
+    let one = models().join("extended-one.jsonl");
+    run("1", &["--save", saved.to_str().unwrap()], &one);
+    let first = losses(&one)[0];
+    let extended = corpus_loss(&reference_dir);
+    let own = corpus_loss(&model);
+    println!("step 1 with YaRN: weft {first}, transformers {extended} (its own rope: {own})");
+    assert!(((first - extended) / extended).abs() <= 1e-5);
+    assert!(((first - own) / own).abs() > 1e-4, "--rope changed nothing");
+
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(saved.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["rope_parameters"]["rope_type"], "yarn");
+    assert_eq!(written["rope_parameters"]["factor"], 4.0);
+    assert_eq!(written["max_position_embeddings"], 150);
+    assert!(written.get("rope_scaling").is_none());
+    let two = models().join("extended-two.jsonl");
+    run("2", &[], &two);
+    let second = losses(&two)[1];
+    let theirs = corpus_loss(&saved);
+    assert!(
+        ((second - theirs) / theirs).abs() <= 1e-5,
+        "weft {second}, transformers {theirs}"
+    );
+
+    // Refused by name.
+    let refused = |args: &[&str]| {
+        let out = trainer()
+            .arg("local")
+            .args(args)
+            .args(["--steps", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["--rope", yarn]);
+    assert!(
+        err.contains("--rope changes a Hugging Face model's"),
+        "{err}"
+    );
+    let m = model.to_str().unwrap();
+    let err = refused(&["--model", m, "--rope", "yarn"]);
+    assert!(err.contains("--rope: not a JSON object"), "{err}");
+    let err = refused(&[
+        "--model",
+        m,
+        "--rope",
+        r#"{"rope_type": "dynamic", "factor": 2.0}"#,
+    ]);
+    assert!(err.contains("--rope") && err.contains("dynamic"), "{err}");
+    let err = refused(&["--model", m, "--rope", r#"{"rope_type": "linear"}"#]);
+    assert!(
+        err.contains("--rope: rope_parameters.factor: is missing"),
+        "{err}"
+    );
+}
+
+/// The distributed engine with biases and tied embeddings, streamed: a
+/// Qwen2 model (q/k/v biases, tied embeddings) on 3 ranks whose rings split
+/// the documents, every ring streaming its backward (StreamBP in chunks of
+/// 8 tokens), starts at `transformers'` loss and follows a plain run on one
+/// rank step for step.
+#[test]
+fn qwen2_trains_alike_on_three_streamed_ranks_and_on_one() {
+    let model = models().join("qwen2-tokenized");
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let run = |ranks: &str, extra: &[&str], metrics: &Path| {
+        let out = trainer()
+            .arg("local")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(models().join("corpus"))
+            .args(["--ranks", ranks, "--steps", "3"])
+            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "64"])
+            .arg("--metrics")
+            .arg(metrics)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        losses(metrics)
+    };
+    let streamed = run(
+        "3",
+        &[
+            "--rank-tokens",
+            "12",
+            "--stream-bp-chunk",
+            "8",
+            "--stream-bp",
+            "always",
+        ],
+        &models().join("qwen2-streamed.jsonl"),
+    );
+    let ran: Vec<serde_json::Value> =
+        std::fs::read_to_string(models().join("qwen2-streamed.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert!(
+        ran.iter().all(|m| m["max_cp_degree"].as_u64().unwrap() > 1
+            && m["streamed_rings"].as_u64().unwrap() > 0),
+        "the documents were not split, or not streamed: {ran:?}"
+    );
+    let plain = run("1", &[], &models().join("qwen2-plain.jsonl"));
+    let reference = corpus_loss(&model);
+    assert!(((streamed[0] - reference) / reference).abs() <= 1e-5);
+    for (step, (a, b)) in streamed.iter().zip(&plain).enumerate() {
+        assert!(
+            ((a - b) / b).abs() <= 1e-5,
+            "step {}: 3 streamed ranks {a}, 1 plain rank {b}",
+            step + 1
+        );
+    }
+    println!(
+        "qwen2: streamed on 3 ranks {streamed:?}, plain on 1 {plain:?}, transformers {reference}"
     );
 }

@@ -62,6 +62,16 @@ struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     #[serde(default)]
     save: Option<PathBuf>,
+    /// With a Hugging Face --model: replace its rotary settings, as context
+    /// extension does. A JSON object in config.json's rope_parameters form,
+    /// e.g. '{"rope_type": "yarn", "factor": 4.0}' or '{"rope_theta":
+    /// 1000000}' (rope_theta is the model's unless given; llama3's and
+    /// yarn's original_max_position_embeddings is the model's
+    /// max_position_embeddings). The saved model's config.json carries it,
+    /// with max_position_embeddings raised to --max-seq-len.
+    #[arg(long, value_name = "JSON")]
+    #[serde(default)]
+    rope: Option<String>,
     /// A model with every dimension given (from the operator's
     /// training.json); takes the place of `model` when set.
     #[arg(skip)]
@@ -261,9 +271,23 @@ impl TrainArgs {
 
     fn config(&self, threads: i32) -> anyhow::Result<TrainConfig> {
         let hf_dir = Path::new(&self.model);
-        let hf = (self.model_spec.is_none() && hf_dir.join("config.json").is_file())
+        let mut hf = (self.model_spec.is_none() && hf_dir.join("config.json").is_file())
             .then(|| weft_trainer::hf::read_config(hf_dir))
             .transpose()?;
+        if let Some(text) = &self.rope {
+            let Some(model) = &hf else {
+                bail!(
+                    "--rope changes a Hugging Face model's rotary settings: it needs --model to name a Hugging Face model directory"
+                );
+            };
+            let rope: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| anyhow::anyhow!("--rope: not a JSON object ({e}): {text}"))?;
+            hf = Some(weft_trainer::hf::with_rope(
+                model,
+                &rope,
+                self.max_seq_len as u64,
+            )?);
+        }
         let model = match (&self.model_spec, &hf) {
             (Some(spec), _) => spec.clone(),
             (None, Some(hf)) => hf.spec.clone(),
@@ -281,18 +305,18 @@ impl TrainArgs {
                 model.vocab
             );
         }
+        // The weights are checked against the config from the files'
+        // headers here, once, rather than by every rank as it loads them.
+        if let Some(model) = &hf {
+            weft_trainer::hf::check_weights(hf_dir, model)?;
+        }
         if let Some(out) = &self.save {
             if hf.is_none() {
                 bail!(
                     "--save writes a Hugging Face model: it needs --model to name a Hugging Face model directory"
                 );
             }
-            if out.exists() {
-                bail!(
-                    "--save {}: already exists; weft writes the trained model into a new directory",
-                    out.display()
-                );
-            }
+            weft_trainer::hf::probe_save(out).with_context(|| "--save".to_string())?;
         }
         if self.steps == 0 {
             bail!("--steps must be at least 1");
@@ -400,7 +424,7 @@ impl TrainArgs {
                 .as_ref()
                 .map(|hf| hf.architecture.clone())
                 .unwrap_or_default(),
-            hf_model: hf.is_some().then(|| hf_dir.to_path_buf()),
+            hf_model: hf.clone().map(|hf| (hf_dir.to_path_buf(), hf)),
             tokenizer,
             save: self.save.clone(),
             data: self.data.clone().unwrap_or_else(default_corpus),
@@ -937,6 +961,14 @@ fn local(
                         &config,
                         &data,
                     )?;
+                    if intact.state.step >= config.steps && config.save.is_some() {
+                        bail!(
+                            "the run is already complete ({} is of step {}, and --steps is {}): --save writes a model after training, and there is nothing to train (raise --steps)",
+                            intact.dir.display(),
+                            intact.state.step,
+                            config.steps
+                        );
+                    }
                     if intact.state.step >= config.steps {
                         println!(
                             "the run is already complete: {} is of step {}, and --steps is {}; nothing to train (raise --steps to train further)",
@@ -1078,6 +1110,7 @@ fn job_args(
         fail_at: None,
         // A pod's job does not name a Hugging Face model yet.
         save: None,
+        rope: None,
     })
 }
 
@@ -1091,6 +1124,7 @@ fn bench_model() -> weft_planner::model::ModelSpec {
         kv_heads: 4,
         ffn: 2816,
         vocab: 32000,
+        tied_embeddings: false,
     }
 }
 

@@ -48,7 +48,7 @@ SHAPE = dict(
     max_position_embeddings=128,
     rms_norm_eps=1e-5,
 )
-DOCUMENTS = [7, 12, 5, 1, 9]
+DOCUMENTS = [7, 12, 5, 1, 9, 100]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and the dog does not mind.",
     "Long context training spreads one sequence over many GPUs: ring attention passes keys and values around.",
@@ -94,7 +94,9 @@ def models():
                     factor=8.0,
                     low_freq_factor=1.0,
                     high_freq_factor=4.0,
-                    original_max_position_embeddings=32,
+                    # Wavelengths on both sides of 128 / 4 and one between
+                    # (32.4): every branch of the scaling.
+                    original_max_position_embeddings=128,
                 ),
             ),
             False,
@@ -105,7 +107,30 @@ def models():
             LlamaConfig(
                 **SHAPE,
                 rope_parameters=dict(
-                    rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32
+                    # A factor other than max_position_embeddings / original.
+                    rope_type="yarn",
+                    rope_theta=10000.0,
+                    factor=2.0,
+                    original_max_position_embeddings=32,
+                ),
+            ),
+            False,
+        ),
+        (
+            "llama-yarn-mscale",
+            LlamaForCausalLM,
+            LlamaConfig(
+                **SHAPE,
+                rope_parameters=dict(
+                    rope_type="yarn",
+                    rope_theta=10000.0,
+                    factor=8.0,
+                    original_max_position_embeddings=16,
+                    beta_fast=16.0,
+                    beta_slow=2.0,
+                    mscale=1.0,
+                    mscale_all_dim=0.5,
+                    truncate=False,
                 ),
             ),
             False,
@@ -158,39 +183,49 @@ def old_rope_form(path):
 
 
 def make_tokenized(out):
-    """A Llama (Llama 3 rope, tied embeddings) with its own tokenizer, and the
-    corpus it is tested on."""
-    torch.manual_seed(99)
-    config = LlamaConfig(
-        **{**SHAPE, "vocab_size": 128},
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=32,
-        ),
-    )
-    config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config).float()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    directory = out / "llama-tokenized"
-    model.save_pretrained(directory)
-    tokenizer = train_tokenizer(directory)
+    """Two models with their own tokenizer (one trained here), and the corpus
+    they are tested on: a Llama (Llama 3 rope, tied embeddings) and a Qwen2
+    (biases, tied embeddings)."""
     corpus = out / "corpus"
     corpus.mkdir(exist_ok=True)
+    llama3 = dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=128,
+    )
+    shape = {**SHAPE, "vocab_size": 128}
+    for seed, name, cls, config in [
+        (
+            99,
+            "llama-tokenized",
+            LlamaForCausalLM,
+            LlamaConfig(**shape, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_parameters=llama3),
+        ),
+        (
+            98,
+            "qwen2-tokenized",
+            Qwen2ForCausalLM,
+            Qwen2Config(**shape, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=1000000.0),
+        ),
+    ]:
+        torch.manual_seed(seed)
+        config._attn_implementation = "eager"
+        model = cls(config).float()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        directory = out / name
+        model.save_pretrained(directory)
+        tokenizer = train_tokenizer(directory)
+        print(directory)
     total = 0
     for i, text in enumerate(TEXTS):
         (corpus / f"doc{i}.txt").write_text(text)
         total += len(encode(tokenizer, text, 2))
     (out / "corpus-tokens.txt").write_text(str(total))
-    print(directory)
 
 
 def make(out):
