@@ -39,10 +39,11 @@ pub enum DataError {
     },
     #[error("{path} is not UTF-8 text")]
     NotUtf8 { path: PathBuf },
-    #[error("{path}:{line}: not a JSON object with a string field \"text\": {reason}")]
+    #[error("{path}:{line}: not a JSON object with a string field {field:?}: {reason}")]
     BadJsonLine {
         path: PathBuf,
         line: usize,
+        field: String,
         reason: String,
     },
     #[error(
@@ -101,16 +102,27 @@ pub const BUILTIN_CORPUS: &str = "builtin:python-reference";
 
 const BUILTIN_CORPUS_TEXT: &str = include_str!("../corpus/python-reference.jsonl");
 
+/// The field of a JSONL line that holds its document, unless the run names
+/// another (`--text-field`).
+pub const DEFAULT_TEXT_FIELD: &str = "text";
+
 impl Corpus {
     /// Loads every `.txt` and `.md` file (one document each) and every `.jsonl`
     /// file (one document per non-empty line, from its `text` field) under `dir`;
     /// or, when `dir` is [`BUILTIN_CORPUS`], the corpus built into the binary.
     pub fn load(dir: &Path) -> Result<Corpus, DataError> {
+        Corpus::load_with(dir, DEFAULT_TEXT_FIELD)
+    }
+
+    /// [`Corpus::load`], reading each JSONL line's `text_field` (the
+    /// built-in corpus keeps its own `text`).
+    pub fn load_with(dir: &Path, text_field: &str) -> Result<Corpus, DataError> {
         if dir.to_str() == Some(BUILTIN_CORPUS) {
             let mut documents = Vec::new();
             push_jsonl(
                 Path::new(BUILTIN_CORPUS),
                 BUILTIN_CORPUS_TEXT,
+                DEFAULT_TEXT_FIELD,
                 &mut documents,
             )?;
             return Ok(Corpus {
@@ -142,7 +154,7 @@ impl Corpus {
             let text =
                 String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path: path.clone() })?;
             if extension == "jsonl" {
-                push_jsonl(&path, &text, &mut documents)?;
+                push_jsonl(&path, &text, text_field, &mut documents)?;
             } else if !text.trim().is_empty() {
                 documents.push(Document {
                     source: path.display().to_string(),
@@ -185,7 +197,12 @@ impl Corpus {
 }
 
 /// The documents of a JSONL text (one per non-empty line, its `text` field).
-fn push_jsonl(path: &Path, text: &str, documents: &mut Vec<Document>) -> Result<(), DataError> {
+fn push_jsonl(
+    path: &Path,
+    text: &str,
+    field: &str,
+    documents: &mut Vec<Document>,
+) -> Result<(), DataError> {
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -193,14 +210,15 @@ fn push_jsonl(path: &Path, text: &str, documents: &mut Vec<Document>) -> Result<
         let bad = |reason: String| DataError::BadJsonLine {
             path: path.to_path_buf(),
             line: index + 1,
+            field: field.to_string(),
             reason,
         };
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         let text = value
-            .get("text")
+            .get(field)
             .and_then(|t| t.as_str())
-            .ok_or_else(|| bad("no string field \"text\"".to_string()))?;
+            .ok_or_else(|| bad(format!("no string field {field:?}")))?;
         if !text.is_empty() {
             documents.push(Document {
                 source: format!("{}:{}", path.display(), index + 1),
@@ -548,6 +566,26 @@ mod tests {
         assert_eq!(texts, ["one", "two", "second file", "# third"]);
         assert!(corpus.documents[1].source.ends_with("a.jsonl:3"));
         assert!(corpus.skipped.is_empty());
+    }
+
+    /// `--text-field`: JSONL documents read from another field; a line
+    /// without it is named, with the field.
+    #[test]
+    fn jsonl_documents_come_from_the_field_the_run_names() {
+        let dir = tempdir("field");
+        std::fs::write(
+            dir.join("a.jsonl"),
+            "{\"content\":\"one\",\"text\":\"no\"}\n{\"content\":\"two\"}\n",
+        )
+        .unwrap();
+        let corpus = Corpus::load_with(&dir, "content").unwrap();
+        let texts: Vec<_> = corpus.documents.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two"]);
+        let err = Corpus::load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("a.jsonl:2") && err.contains("string field \"text\""),
+            "{err}"
+        );
     }
 
     #[test]

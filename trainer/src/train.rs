@@ -125,6 +125,12 @@ pub struct TrainConfig {
     /// Rank 0 writes the trained model here, as a Hugging Face model
     /// directory, after the last step (with `hf_model`).
     pub save: Option<PathBuf>,
+    /// Evaluate instead of training: every document of the corpus in order,
+    /// one at a time (cut at `max_seq_len`), through the distributed
+    /// forward; rank 0 prints each one's loss ([`EVAL_PREFIX`]).
+    pub eval: bool,
+    /// The field of each JSONL line that holds its document.
+    pub text_field: String,
     /// Steps to run in all (a resumed run continues up to this step).
     pub steps: u64,
     pub seed: u64,
@@ -588,6 +594,95 @@ fn model_shape(m: &ModelSpec) -> String {
     )
 }
 
+/// Marks the line rank 0 prints for each document it evaluated: a
+/// [`DocumentLoss`] as JSON.
+pub const EVAL_PREFIX: &str = "weft-eval ";
+
+/// One document's next-token loss, as `eval` reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DocumentLoss {
+    /// Where it came from: `path` or `path:line`.
+    pub document: String,
+    /// Its tokens, as cut at the longest sequence.
+    pub tokens: u64,
+    /// Summed cross-entropy of its predicted tokens (`tokens − 1`).
+    pub loss_sum: f64,
+}
+
+/// What [`evaluate`] works with.
+struct EvalRun<'a> {
+    rank: u32,
+    model: &'a Llama,
+    params: &'a [(String, Tensor)],
+    ctx: &'a PlanContext,
+    corpus: &'a Corpus,
+    tokenizer: &'a Tokenizer,
+}
+
+/// Every document of the corpus in order, one at a time, through the
+/// distributed step as training plans and runs it (its gradients are
+/// dropped): the summed next-token loss of each, which rank 0 prints.
+fn evaluate(
+    run: EvalRun,
+    group: &mut ProcessGroup,
+    config: &TrainConfig,
+) -> Result<(), TrainError> {
+    let device = run.model.head.ws.device();
+    for (index, document) in run.corpus.documents.iter().enumerate() {
+        let mut tokens = run.tokenizer.encode(&document.source, &document.text)?;
+        tokens.truncate(config.max_seq_len);
+        let count = tokens.len() as u64;
+        let loss_sum = if count < 2 {
+            // Nothing to predict.
+            0.0
+        } else {
+            let batch = Batch {
+                samples: vec![crate::data::Sample {
+                    index: index as u64,
+                    document: index,
+                    tokens,
+                }],
+            };
+            let plan = weft_planner::plan_step(
+                config.strategy,
+                run.ctx,
+                &[count],
+                Some(config.max_seq_len as u64),
+            )
+            .map_err(|e| TrainError::Plan {
+                step: index as u64 + 1,
+                reason: format!("{}: {e}", document.source),
+            })?;
+            let differing = ranks_that_planned_otherwise(group, &plan, device)?;
+            if !differing.is_empty() {
+                return Err(TrainError::PlanDiverged {
+                    step: index as u64 + 1,
+                    rank: run.rank,
+                    differing,
+                });
+            }
+            zero_gradients(run.params)?;
+            let outcome = forward_backward(run.model, group, &plan, &batch)?;
+            let mut sum = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
+            group.all_reduce_sum(&mut sum)?;
+            Vec::<f64>::try_from(&sum)?[0]
+        };
+        if run.rank == 0 {
+            let line = DocumentLoss {
+                document: document.source.clone(),
+                tokens: count,
+                loss_sum,
+            };
+            println!(
+                "{EVAL_PREFIX}{}",
+                serde_json::to_string(&line).unwrap_or_default()
+            );
+        }
+    }
+    zero_gradients(run.params)?;
+    Ok(())
+}
+
 /// Marks a line rank 0 prints on its standard output for the person running
 /// the job (a refused checkpoint, where a run resumes from): `local` shows it
 /// on the terminal, a pod in its log.
@@ -705,7 +800,7 @@ pub fn run_worker(
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
-    let corpus = Corpus::load(&config.data)?;
+    let corpus = Corpus::load_with(&config.data, &config.text_field)?;
     let tokenizer = config.tokenizer()?;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.
@@ -796,6 +891,22 @@ pub fn run_worker(
     }
     vs.set_device(device);
     let params = named_parameters(&vs);
+    if config.eval {
+        evaluate(
+            EvalRun {
+                rank,
+                model: &model,
+                params: &params,
+                ctx: &ctx,
+                corpus: &corpus,
+                tokenizer: &tokenizer,
+            },
+            &mut group,
+            config,
+        )?;
+        group.barrier()?;
+        return Ok(RunEnd::Finished);
+    }
     let mut optimizer = AdamW::new(
         params
             .iter()

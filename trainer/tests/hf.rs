@@ -719,3 +719,106 @@ fn qwen2_trains_alike_on_three_streamed_ranks_and_on_one() {
         "qwen2: streamed on 3 ranks {streamed:?}, plain on 1 {plain:?}, transformers {reference}"
     );
 }
+
+/// `eval` gives each document's mean next-token loss and the corpus's, on
+/// the distributed engine (3 ranks, documents split over rings), as
+/// `transformers` computes them; it refuses what is not a Hugging Face
+/// model by name.
+#[test]
+fn eval_gives_each_documents_loss_as_transformers_does() {
+    let model = models().join("llama-tokenized");
+    let out = trainer()
+        .arg("eval")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(models().join("corpus"))
+        .args(["--ranks", "3", "--rank-tokens", "40", "--max-seq-len", "64"])
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = Command::new(python())
+        .arg(script())
+        .arg("corpus-loss")
+        .arg(&model)
+        .arg(models().join("corpus"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let line = run
+        .stdout
+        .split(|b| *b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap();
+    let theirs: serde_json::Value = serde_json::from_slice(line).unwrap();
+    let close = |a: f64, b: f64| ((a - b) / b).abs() <= 1e-5;
+    assert!(
+        close(
+            ours["loss"].as_f64().unwrap(),
+            theirs["loss"].as_f64().unwrap()
+        ),
+        "{ours} against {theirs}"
+    );
+    assert_eq!(ours["tokens"], theirs["tokens"]);
+    let documents = ours["documents"].as_array().unwrap();
+    let expected = theirs["documents"].as_array().unwrap();
+    assert_eq!(documents.len(), expected.len());
+    for (d, e) in documents.iter().zip(expected) {
+        assert!(
+            close(d["loss"].as_f64().unwrap(), e.as_f64().unwrap()),
+            "{d} against {e}"
+        );
+        assert!(d["document"].as_str().unwrap().ends_with(".txt"));
+    }
+    // The table names every document and the whole.
+    let table = trainer()
+        .arg("eval")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(models().join("corpus"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success() && text.contains("all 5 documents"),
+        "{text}"
+    );
+    // Ranks that cannot hold the longest document are refused before any
+    // starts.
+    let short = trainer()
+        .arg("eval")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(models().join("corpus"))
+        .args(["--ranks", "3", "--rank-tokens", "12", "--max-seq-len", "64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert!(
+        !short.status.success() && err.contains("cannot hold one sequence of --max-seq-len 64"),
+        "{err}"
+    );
+    // Not a Hugging Face model.
+    let refused = trainer()
+        .args(["eval", "--model", "tiny", "--data"])
+        .arg(models().join("corpus"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("not a Hugging Face model directory"),
+        "{err}"
+    );
+}

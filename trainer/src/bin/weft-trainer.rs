@@ -49,6 +49,10 @@ struct TrainArgs {
     /// into this binary (so it trains wherever it is copied, images included).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// The field of each JSONL line that holds its document.
+    #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
+    #[serde(default = "default_text_field")]
+    text_field: String,
     /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b), a YAML/JSON
     /// file with layers, hidden, heads, kv_heads, ffn, vocab, or a Hugging
     /// Face model directory (config.json, safetensors weights and
@@ -72,6 +76,10 @@ struct TrainArgs {
     #[arg(long, value_name = "JSON")]
     #[serde(default)]
     rope: Option<String>,
+    /// Evaluate instead of training (set by `eval`).
+    #[arg(skip)]
+    #[serde(default)]
+    eval: bool,
     /// A model with every dimension given (from the operator's
     /// training.json); takes the place of `model` when set.
     #[arg(skip)]
@@ -143,6 +151,10 @@ struct TrainArgs {
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
     fail_at: Option<String>,
+}
+
+fn default_text_field() -> String {
+    weft_trainer::data::DEFAULT_TEXT_FIELD.to_string()
 }
 
 /// `--stream-bp`: which rings stream their backward.
@@ -427,6 +439,8 @@ impl TrainArgs {
             hf_model: hf.clone().map(|hf| (hf_dir.to_path_buf(), hf)),
             tokenizer,
             save: self.save.clone(),
+            eval: self.eval,
+            text_field: self.text_field.clone(),
             data: self.data.clone().unwrap_or_else(default_corpus),
             data_order,
             model,
@@ -576,6 +590,39 @@ enum BenchCommand {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The next-token loss of a Hugging Face model on every document of a
+    /// corpus, on the distributed engine over N local worker processes: each
+    /// document alone from position 0, read with the model's tokenizer and
+    /// cut at --max-seq-len (a document longer than a rank holds is split
+    /// over ranks as training splits it).
+    Eval {
+        /// A Hugging Face model directory (as `local --model`).
+        #[arg(long)]
+        model: PathBuf,
+        /// The corpus (as `local --data`).
+        #[arg(long)]
+        data: PathBuf,
+        /// The field of each JSONL line that holds its document.
+        #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
+        text_field: String,
+        /// Local worker processes.
+        #[arg(long, default_value_t = 1)]
+        ranks: u32,
+        /// Longer documents are cut to this many tokens.
+        #[arg(long, default_value_t = 4096)]
+        max_seq_len: usize,
+        /// Most tokens one rank holds (as `local --rank-tokens`).
+        #[arg(long)]
+        rank_tokens: Option<u64>,
+        /// table, or json: {"loss", "tokens", "documents": [{"document",
+        /// "loss", "tokens"}]} (a document's loss is null when it has fewer
+        /// than two tokens).
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Seconds before the workers are stopped.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
     /// Train on N local worker processes (the embedded default job).
     Local {
         /// Local worker processes.
@@ -895,6 +942,138 @@ impl Progress {
     }
 }
 
+/// The longest sequence must fit the ranks, as the planner will plan it:
+/// refused here, once, naming the flags, rather than by every rank.
+fn longest_fits(config: &TrainConfig, ranks: u32) -> anyhow::Result<()> {
+    let ctx = weft_trainer::train::local_plan_context(ranks, &config.planning())?;
+    let longest = config.max_seq_len as u64;
+    if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest)) {
+        if e.category() == "limits" {
+            bail!("{e}");
+        }
+        let budget = match config.rank_tokens {
+            Some(tokens) => format!(" of --rank-tokens {tokens}"),
+            None => String::new(),
+        };
+        bail!(
+            "{ranks} rank(s){budget} cannot hold one sequence of --max-seq-len {longest} (the planner: {e}); raise --rank-tokens or --ranks, or lower --max-seq-len"
+        );
+    }
+    Ok(())
+}
+
+/// What `eval` evaluates, and where.
+struct EvalArgs {
+    model: PathBuf,
+    data: PathBuf,
+    text_field: String,
+    ranks: u32,
+    max_seq_len: usize,
+    rank_tokens: Option<u64>,
+}
+
+/// `eval`: the workers of a training run, in its evaluation mode.
+fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool> {
+    if args.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if !args.model.join("config.json").is_file() {
+        bail!(
+            "--model {}: not a Hugging Face model directory (it has no config.json); eval evaluates a trained model",
+            args.model.display()
+        );
+    }
+    // The run's settings as `local` would take them, with the same
+    // defaults and checks: one document at a time.
+    let longest = args.max_seq_len.to_string();
+    let mut flags = vec![
+        "weft-trainer".to_string(),
+        "local".to_string(),
+        "--model".to_string(),
+        args.model.display().to_string(),
+        "--data".to_string(),
+        args.data.display().to_string(),
+        "--text-field".to_string(),
+        args.text_field.clone(),
+        "--steps".to_string(),
+        "1".to_string(),
+        "--max-seq-len".to_string(),
+        longest.clone(),
+        "--tokens-per-step".to_string(),
+        longest,
+    ];
+    if let Some(tokens) = args.rank_tokens {
+        flags.extend(["--rank-tokens".to_string(), tokens.to_string()]);
+    }
+    let Command::Local { train, .. } = Cli::try_parse_from(&flags)?.command else {
+        bail!("the evaluation's settings did not read as a run's");
+    };
+    let mut train = train.settled(args.ranks)?;
+    train.eval = true;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let threads = (cores / args.ranks).max(1) as i32;
+    let config = train.config(threads)?;
+    weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
+    longest_fits(&config, args.ranks)?;
+    let json = serde_json::to_string(&train)?;
+    let ranks = args.ranks;
+    let mut documents: Vec<weft_trainer::train::DocumentLoss> = Vec::new();
+    run_local(
+        ranks,
+        timeout,
+        |rank, port| {
+            vec![
+                "train-worker".to_string(),
+                format!("--rank={rank}"),
+                format!("--world={ranks}"),
+                format!("--port={port}"),
+                format!("--threads={threads}"),
+                format!("--config={json}"),
+            ]
+        },
+        |rank, line| {
+            if rank != 0 {
+                return;
+            }
+            if let Some(body) = line.strip_prefix(weft_trainer::train::EVAL_PREFIX)
+                && let Ok(document) = serde_json::from_str(body)
+            {
+                documents.push(document);
+            }
+        },
+    )?;
+    let predicted = |d: &weft_trainer::train::DocumentLoss| d.tokens.saturating_sub(1);
+    let total: u64 = documents.iter().map(predicted).sum();
+    let sum: f64 = documents.iter().map(|d| d.loss_sum).sum();
+    let mean = |sum: f64, count: u64| (count > 0).then(|| sum / count as f64);
+    if format == "json" {
+        let report = serde_json::json!({
+            "loss": mean(sum, total),
+            "tokens": documents.iter().map(|d| d.tokens).sum::<u64>(),
+            "documents": documents.iter().map(|d| serde_json::json!({
+                "document": d.document,
+                "loss": mean(d.loss_sum, predicted(d)),
+                "tokens": d.tokens,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{report}");
+    } else {
+        println!("{:>10} {:>8}  document", "loss", "tokens");
+        for d in &documents {
+            let loss =
+                mean(d.loss_sum, predicted(d)).map_or("-".to_string(), |l| format!("{l:.4}"));
+            println!("{loss:>10} {:>8}  {}", d.tokens, d.document);
+        }
+        let loss = mean(sum, total).map_or("-".to_string(), |l| format!("{l:.4}"));
+        println!(
+            "{loss:>10} {:>8}  all {} documents",
+            documents.iter().map(|d| d.tokens).sum::<u64>(),
+            documents.len()
+        );
+    }
+    Ok(true)
+}
+
 fn local(
     ranks: u32,
     metrics: Option<PathBuf>,
@@ -910,7 +1089,7 @@ fn local(
     // Check everything here first, so a bad flag is one clear error, not N.
     let train = train.settled(ranks)?;
     let config = train.config(threads)?;
-    let corpus = weft_trainer::data::Corpus::load(&config.data)?;
+    let corpus = weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
     // The memory the ranks need at least, against what this machine has.
     let tokens = config
         .rank_tokens
@@ -923,21 +1102,7 @@ fn local(
         config.device,
         config.precision,
     )?;
-    // The longest sequence must fit the ranks, as the planner will plan it.
-    let ctx = weft_trainer::train::local_plan_context(ranks, &config.planning())?;
-    let longest = config.max_seq_len as u64;
-    if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest)) {
-        if e.category() == "limits" {
-            bail!("{e}");
-        }
-        let budget = match config.rank_tokens {
-            Some(tokens) => format!(" of --rank-tokens {tokens}"),
-            None => String::new(),
-        };
-        bail!(
-            "{ranks} rank(s){budget} cannot hold one sequence of --max-seq-len {longest} (the planner: {e}); raise --rank-tokens or --ranks, or lower --max-seq-len"
-        );
-    }
+    longest_fits(&config, ranks)?;
     if config.accept_data_change && !config.resume {
         bail!("--accept-data-change only means something with --resume");
     }
@@ -1108,9 +1273,12 @@ fn job_args(
         checkpoint_keep: training.checkpoint.keep.max(1),
         resume: true,
         fail_at: None,
-        // A pod's job does not name a Hugging Face model yet.
+        // A pod's job does not name a Hugging Face model, nor a text field,
+        // yet.
         save: None,
         rope: None,
+        eval: false,
+        text_field: default_text_field(),
     })
 }
 
@@ -1334,6 +1502,27 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Ok(true)
             }
         },
+        Command::Eval {
+            model,
+            data,
+            text_field,
+            ranks,
+            max_seq_len,
+            rank_tokens,
+            format,
+            timeout_s,
+        } => eval(
+            EvalArgs {
+                model,
+                data,
+                text_field,
+                ranks,
+                max_seq_len,
+                rank_tokens,
+            },
+            &format,
+            Duration::from_secs(timeout_s),
+        ),
         Command::Local {
             ranks,
             metrics,

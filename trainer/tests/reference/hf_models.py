@@ -10,7 +10,8 @@ reference weft's Hugging Face tests compare with (trainer/tests/hf.rs).
     hf_models.py corpus-loss DIR CORPUS
                              the same over the .txt files of CORPUS, each
                              tokenized with DIR's tokenizer.json and closed by
-                             the config's eos_token_id, as weft reads them
+                             the config's eos_token_id, as weft reads them,
+                             and each document's mean loss ("documents")
 
 OUT/llama-tokenized/ also has a tokenizer (BPE, trained here by the
 `tokenizers` package on OUT/corpus/, the documents it is tested on) and
@@ -277,7 +278,8 @@ def corpus_loss(directory, corpus):
     docs = [encode(tokenizer, path.read_text(), end) for path in sorted(corpus.glob("*.txt"))]
     with torch.no_grad():
         value, _ = doc_loss(model, docs)
-    print(json.dumps({"loss": value.item(), "tokens": sum(len(d) for d in docs)}))
+        each = [doc_loss(model, [d])[0].item() for d in docs]
+    print(json.dumps({"loss": value.item(), "tokens": sum(len(d) for d in docs), "documents": each}))
 
 
 if __name__ == "__main__":
