@@ -745,10 +745,16 @@ fn route_lane(
         let k = nics.iter().position(|n| *n == nic).unwrap_or(0);
         NIC_COLOURS[k % NIC_COLOURS.len()]
     };
+    let heading = if routes.len() > MAX_ROUTES {
+        format!("NIC routes (the first {MAX_ROUTES} of {})", routes.len())
+    } else {
+        "NIC routes".to_string()
+    };
     let mut lane = Group::new().set("id", "nic-routes").add(
-        Text::new("NIC routes")
-            .set("x", lane_x)
+        Text::new(heading)
+            .set("x", LEFT + PLOT_W + 40.0 + LANE_W - 6.0)
             .set("y", TOP - 4.0)
+            .set("text-anchor", "end")
             .set("font-weight", "bold"),
     );
     for ((a, b, nic), route) in routes.iter().take(MAX_ROUTES) {
@@ -790,12 +796,8 @@ fn route_lane(
                 ),
         );
     }
-    let mut legend = "NIC routes (right), sender to receiver's dot:".to_string();
-    if routes.len() > MAX_ROUTES {
-        let _ = write!(legend, " the first {MAX_ROUTES} of {} drawn;", routes.len());
-    }
     lane = lane.add(
-        Text::new(legend)
+        Text::new("NIC routes (right), sender to receiver's dot:")
             .set("x", 10)
             .set("y", axis_y + 34.0)
             .set("fill", "#444"),
