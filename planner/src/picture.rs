@@ -746,7 +746,7 @@ fn route_lane(
         NIC_COLOURS[k % NIC_COLOURS.len()]
     };
     let heading = if routes.len() > MAX_ROUTES {
-        format!("NIC routes (the first {MAX_ROUTES} of {})", routes.len())
+        format!("NIC routes ({MAX_ROUTES} of {})", routes.len())
     } else {
         "NIC routes".to_string()
     };

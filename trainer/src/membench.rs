@@ -125,7 +125,7 @@ pub struct ProbeConfig {
 }
 
 /// A field of `/proc/self/status` (`VmRSS`, `VmHWM`), bytes.
-fn status_bytes(field: &str) -> Result<u64, BenchError> {
+pub fn status_bytes(field: &str) -> Result<u64, BenchError> {
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(|e| BenchError::NoMemoryFigures(e.to_string()))?;
     status

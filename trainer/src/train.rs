@@ -665,7 +665,14 @@ fn evaluate(
             let outcome = forward_backward(run.model, group, &plan, &batch)?;
             let mut sum = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
             group.all_reduce_sum(&mut sum)?;
-            Vec::<f64>::try_from(&sum)?[0]
+            let sum = Vec::<f64>::try_from(&sum)?[0];
+            if !sum.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: index as u64 + 1,
+                    loss: sum,
+                });
+            }
+            sum
         };
         if run.rank == 0 {
             let line = DocumentLoss {

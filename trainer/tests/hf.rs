@@ -720,21 +720,164 @@ fn qwen2_trains_alike_on_three_streamed_ranks_and_on_one() {
     );
 }
 
-/// `eval` gives each document's mean next-token loss and the corpus's, on
-/// the distributed engine (3 ranks, documents split over rings), as
-/// `transformers` computes them; it refuses what is not a Hugging Face
-/// model by name.
+/// `eval` gives each document's mean next-token loss and its tokens, and
+/// the corpus's, on the distributed engine (3 ranks, the longest document
+/// split over two), as `transformers` computes them: whole, and cut at
+/// `--max-seq-len`; from a JSONL corpus's `--text-field`, the same. Ranks
+/// that cannot hold the longest document, and what is not a Hugging Face
+/// model, are refused by name before any rank starts.
 #[test]
 fn eval_gives_each_documents_loss_as_transformers_does() {
     let model = models().join("llama-tokenized");
+    let eval = |data: &Path, flags: &[&str]| -> serde_json::Value {
+        let out = trainer()
+            .arg("eval")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(data)
+            .args(flags)
+            .args(["--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let reference = |longest: Option<&str>| -> serde_json::Value {
+        let run = Command::new(python())
+            .arg(script())
+            .arg("corpus-loss")
+            .arg(&model)
+            .arg(models().join("corpus"))
+            .args(longest)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let line = run
+            .stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap();
+        serde_json::from_slice(line).unwrap()
+    };
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        ((a - b) / b).abs() <= 1e-5
+    };
+    let agree = |ours: &serde_json::Value, theirs: &serde_json::Value| {
+        assert!(
+            close(&ours["loss"], &theirs["loss"]),
+            "{ours} against {theirs}"
+        );
+        assert_eq!(ours["tokens"], theirs["tokens"]);
+        let (documents, expected) = (
+            ours["documents"].as_array().unwrap(),
+            theirs["documents"].as_array().unwrap(),
+        );
+        assert_eq!(documents.len(), expected.len());
+        for (d, e) in documents.iter().zip(expected) {
+            assert!(close(&d["loss"], &e["loss"]), "{d} against {e}");
+            assert_eq!(d["tokens"], e["tokens"]);
+        }
+    };
+    let corpus = models().join("corpus");
+    let whole = eval(
+        &corpus,
+        &["--ranks", "3", "--rank-tokens", "40", "--max-seq-len", "64"],
+    );
+    agree(&whole, &reference(None));
+    let documents = whole["documents"].as_array().unwrap();
+    for (i, d) in documents.iter().enumerate() {
+        assert!(
+            d["document"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("doc{i}.txt")),
+            "{d}"
+        );
+    }
+    assert!(
+        documents.iter().any(|d| d["tokens"].as_u64().unwrap() > 40),
+        "no document is longer than a rank holds: {whole}"
+    );
+    // Cut at 32 tokens.
+    let cut = eval(&corpus, &["--max-seq-len", "32"]);
+    agree(&cut, &reference(Some("32")));
+    assert!(
+        cut["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["tokens"] == 32)
+    );
+    // The same documents as JSONL lines, in another field.
+    let jsonl = models().join("corpus-jsonl");
+    std::fs::create_dir_all(&jsonl).unwrap();
+    let lines: Vec<String> = (0..5)
+        .map(|i| {
+            let text = std::fs::read_to_string(corpus.join(format!("doc{i}.txt"))).unwrap();
+            serde_json::json!({"content": text, "text": "not this"}).to_string()
+        })
+        .collect();
+    std::fs::write(jsonl.join("docs.jsonl"), lines.join("\n")).unwrap();
+    let fielded = eval(&jsonl, &["--text-field", "content", "--max-seq-len", "64"]);
+    agree(&fielded, &reference(None));
+
+    let refused = |args: &[&std::ffi::OsStr]| {
+        let out = trainer().args(args).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let err = refused(&[
+        &os("eval"),
+        &os("--model"),
+        model.as_os_str(),
+        &os("--data"),
+        corpus.as_os_str(),
+        &os("--ranks"),
+        &os("3"),
+        &os("--rank-tokens"),
+        &os("12"),
+        &os("--max-seq-len"),
+        &os("64"),
+    ]);
+    assert!(
+        err.contains("cannot hold one sequence of --max-seq-len 64"),
+        "{err}"
+    );
+    let err = refused(&[
+        &os("eval"),
+        &os("--model"),
+        &os("tiny"),
+        &os("--data"),
+        corpus.as_os_str(),
+    ]);
+    assert!(err.contains("not a Hugging Face model directory"), "{err}");
+    let err = refused(&[&os("local"), &os("--text-field"), &os("content")]);
+    assert!(
+        err.contains("the built-in corpus keeps its documents in"),
+        "{err}"
+    );
+}
+
+/// `bench hf-load` reports loading a model and its tokenizer's speed:
+/// every parameter counted, every document tokenized by both tokenizers.
+#[test]
+fn bench_hf_load_reports_the_load_and_the_tokenizers() {
     let out = trainer()
-        .arg("eval")
-        .arg("--model")
-        .arg(&model)
+        .args(["bench", "hf-load", "--model"])
+        .arg(models().join("llama-tokenized"))
         .arg("--data")
         .arg(models().join("corpus"))
-        .args(["--ranks", "3", "--rank-tokens", "40", "--max-seq-len", "64"])
-        .args(["--format", "json"])
         .output()
         .unwrap();
     assert!(
@@ -742,83 +885,22 @@ fn eval_gives_each_documents_loss_as_transformers_does() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let run = Command::new(python())
-        .arg(script())
-        .arg("corpus-loss")
-        .arg(&model)
-        .arg(models().join("corpus"))
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 2 layers of 64 (q, o: 64×64; k, v: 32×64; MLP 3 × 96×64; two norms),
+    // the tied 128×64 table and the final norm.
+    let layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 96 * 64 + 2 * 64;
+    assert_eq!(report["params"], 2 * layer + 128 * 64 + 64);
+    assert_eq!(report["corpus_documents"], 5);
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    assert_eq!(
+        report["tokenizers"]["model"]["tokens"].as_u64().unwrap(),
+        tokens.trim().parse::<u64>().unwrap()
     );
-    let line = run
-        .stdout
-        .split(|b| *b == b'\n')
-        .rfind(|l| !l.is_empty())
-        .unwrap();
-    let theirs: serde_json::Value = serde_json::from_slice(line).unwrap();
-    let close = |a: f64, b: f64| ((a - b) / b).abs() <= 1e-5;
     assert!(
-        close(
-            ours["loss"].as_f64().unwrap(),
-            theirs["loss"].as_f64().unwrap()
-        ),
-        "{ours} against {theirs}"
+        report["tokenizers"]["bytes"]["tokens_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
     );
-    assert_eq!(ours["tokens"], theirs["tokens"]);
-    let documents = ours["documents"].as_array().unwrap();
-    let expected = theirs["documents"].as_array().unwrap();
-    assert_eq!(documents.len(), expected.len());
-    for (d, e) in documents.iter().zip(expected) {
-        assert!(
-            close(d["loss"].as_f64().unwrap(), e.as_f64().unwrap()),
-            "{d} against {e}"
-        );
-        assert!(d["document"].as_str().unwrap().ends_with(".txt"));
-    }
-    // The table names every document and the whole.
-    let table = trainer()
-        .arg("eval")
-        .arg("--model")
-        .arg(&model)
-        .arg("--data")
-        .arg(models().join("corpus"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        table.status.success() && text.contains("all 5 documents"),
-        "{text}"
-    );
-    // Ranks that cannot hold the longest document are refused before any
-    // starts.
-    let short = trainer()
-        .arg("eval")
-        .arg("--model")
-        .arg(&model)
-        .arg("--data")
-        .arg(models().join("corpus"))
-        .args(["--ranks", "3", "--rank-tokens", "12", "--max-seq-len", "64"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&short.stderr);
-    assert!(
-        !short.status.success() && err.contains("cannot hold one sequence of --max-seq-len 64"),
-        "{err}"
-    );
-    // Not a Hugging Face model.
-    let refused = trainer()
-        .args(["eval", "--model", "tiny", "--data"])
-        .arg(models().join("corpus"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && err.contains("not a Hugging Face model directory"),
-        "{err}"
-    );
+    assert!(report["load_s"].as_f64().unwrap() >= 0.0);
 }

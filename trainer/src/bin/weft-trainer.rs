@@ -317,6 +317,17 @@ impl TrainArgs {
                 model.vocab
             );
         }
+        if self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD
+            && self
+                .data
+                .as_deref()
+                .is_none_or(|d| d.to_str() == Some(weft_trainer::data::BUILTIN_CORPUS))
+        {
+            bail!(
+                "--text-field {}: the built-in corpus keeps its documents in \"text\"; name a --data directory whose JSONL lines hold {0:?}",
+                self.text_field
+            );
+        }
         // The weights are checked against the config from the files'
         // headers here, once, rather than by every rank as it loads them.
         if let Some(model) = &hf {
@@ -586,6 +597,21 @@ enum BenchCommand {
         #[arg(long)]
         config: String,
     },
+    /// Reading a Hugging Face model and its tokenizer: seconds and the peak
+    /// memory of loading the weights (fp32 on the CPU), and tokens per
+    /// second of the model's tokenizer and of the byte tokenizer over a
+    /// corpus on one thread. JSON on standard output.
+    HfLoad {
+        /// A Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The corpus to tokenize (as `local --data`).
+        #[arg(long)]
+        data: PathBuf,
+        /// The field of each JSONL line that holds its document.
+        #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
+        text_field: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -608,12 +634,20 @@ enum Command {
         /// Local worker processes.
         #[arg(long, default_value_t = 1)]
         ranks: u32,
-        /// Longer documents are cut to this many tokens.
-        #[arg(long, default_value_t = 4096)]
-        max_seq_len: usize,
+        /// Longer documents are cut to this many tokens; default: the
+        /// model's max_position_embeddings.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+        max_seq_len: Option<u64>,
         /// Most tokens one rank holds (as `local --rank-tokens`).
         #[arg(long)]
         rank_tokens: Option<u64>,
+        /// Where each rank computes (as `local --device`).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+        device: String,
+        /// fp32 or bf16 (as `local --precision`; default fp32 on cpu, bf16
+        /// on cuda: pass fp32 there to compare with an fp32 reference).
+        #[arg(long, value_parser = ["fp32", "bf16"])]
+        precision: Option<String>,
         /// table, or json: {"loss", "tokens", "documents": [{"document",
         /// "loss", "tokens"}]} (a document's loss is null when it has fewer
         /// than two tokens).
@@ -968,8 +1002,10 @@ struct EvalArgs {
     data: PathBuf,
     text_field: String,
     ranks: u32,
-    max_seq_len: usize,
+    max_seq_len: Option<usize>,
     rank_tokens: Option<u64>,
+    device: String,
+    precision: Option<String>,
 }
 
 /// `eval`: the workers of a training run, in its evaluation mode.
@@ -983,29 +1019,45 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
             args.model.display()
         );
     }
+    // The longest sequence: the flag, else the positions the model was
+    // trained for.
+    let max_seq_len = match args.max_seq_len {
+        Some(n) => n,
+        None => {
+            let config = weft_trainer::hf::read_config(&args.model)?;
+            config
+                .raw
+                .get("max_position_embeddings")
+                .and_then(serde_json::Value::as_u64)
+                .map_or(4096, |n| n as usize)
+        }
+    };
     // The run's settings as `local` would take them, with the same
-    // defaults and checks: one document at a time.
-    let longest = args.max_seq_len.to_string();
-    let mut flags = vec![
-        "weft-trainer".to_string(),
-        "local".to_string(),
-        "--model".to_string(),
-        args.model.display().to_string(),
-        "--data".to_string(),
-        args.data.display().to_string(),
-        "--text-field".to_string(),
-        args.text_field.clone(),
-        "--steps".to_string(),
-        "1".to_string(),
-        "--max-seq-len".to_string(),
-        longest.clone(),
-        "--tokens-per-step".to_string(),
-        longest,
-    ];
-    if let Some(tokens) = args.rank_tokens {
-        flags.extend(["--rank-tokens".to_string(), tokens.to_string()]);
+    // defaults and checks: one document at a time. Each as `--flag=value`,
+    // so a value that starts with a dash stays a value.
+    let mut flags: Vec<std::ffi::OsString> = vec!["weft-trainer".into(), "local".into()];
+    let mut flag = |name: &str, value: &std::ffi::OsStr| {
+        let mut both = std::ffi::OsString::from(format!("--{name}="));
+        both.push(value);
+        flags.push(both);
+    };
+    flag("model", args.model.as_os_str());
+    flag("data", args.data.as_os_str());
+    flag("text-field", args.text_field.as_ref());
+    flag("steps", "1".as_ref());
+    flag("max-seq-len", max_seq_len.to_string().as_ref());
+    flag("tokens-per-step", max_seq_len.to_string().as_ref());
+    flag("device", args.device.as_ref());
+    if let Some(precision) = &args.precision {
+        flag("precision", precision.as_ref());
     }
-    let Command::Local { train, .. } = Cli::try_parse_from(&flags)?.command else {
+    if let Some(tokens) = args.rank_tokens {
+        flag("rank-tokens", tokens.to_string().as_ref());
+    }
+    let Command::Local { train, .. } = Cli::try_parse_from(&flags)
+        .context("eval's settings")?
+        .command
+    else {
         bail!("the evaluation's settings did not read as a run's");
     };
     let mut train = train.settled(args.ranks)?;
@@ -1013,8 +1065,27 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let threads = (cores / args.ranks).max(1) as i32;
     let config = train.config(threads)?;
-    weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
+    let corpus = weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
+    weft_trainer::memory::check_run(
+        &config.model,
+        args.ranks,
+        config
+            .rank_tokens
+            .unwrap_or((max_seq_len as u64).div_ceil(u64::from(args.ranks))),
+        config.device,
+        config.precision,
+    )?;
     longest_fits(&config, args.ranks)?;
+    eprintln!(
+        "weft-trainer eval: {} ranks on {} ({}, {}), model {}, {} documents cut at {max_seq_len} tokens, corpus {}",
+        args.ranks,
+        config.device.name(),
+        config.collectives.name(),
+        config.precision.name(),
+        config.model.name,
+        corpus.documents.len(),
+        config.data.display()
+    );
     let json = serde_json::to_string(&train)?;
     let ranks = args.ranks;
     let mut documents: Vec<weft_trainer::train::DocumentLoss> = Vec::new();
@@ -1035,13 +1106,22 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
             if rank != 0 {
                 return;
             }
-            if let Some(body) = line.strip_prefix(weft_trainer::train::EVAL_PREFIX)
+            if let Some(text) = line.strip_prefix(weft_trainer::train::NOTICE_PREFIX) {
+                eprintln!("weft-trainer eval: {text}");
+            } else if let Some(body) = line.strip_prefix(weft_trainer::train::EVAL_PREFIX)
                 && let Ok(document) = serde_json::from_str(body)
             {
                 documents.push(document);
             }
         },
     )?;
+    if documents.len() != corpus.documents.len() {
+        bail!(
+            "the workers reported {} of the corpus's {} documents",
+            documents.len(),
+            corpus.documents.len()
+        );
+    }
     let predicted = |d: &weft_trainer::train::DocumentLoss| d.tokens.saturating_sub(1);
     let total: u64 = documents.iter().map(predicted).sum();
     let sum: f64 = documents.iter().map(|d| d.loss_sum).sum();
@@ -1323,6 +1403,58 @@ fn run_probe(
     serde_json::from_slice(&out.stdout).context("reading a probe's figures")
 }
 
+/// `bench hf-load`: see [`BenchCommand::HfLoad`].
+fn bench_hf_load(model: &Path, data: &Path, text_field: &str) -> anyhow::Result<()> {
+    use weft_trainer::membench::status_bytes;
+    const GIB: f64 = (1u64 << 30) as f64;
+    let before = status_bytes("VmRSS")?;
+    let started = std::time::Instant::now();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let (_model, config) = weft_trainer::hf::load(model, &vs.root(), tch::Device::Cpu)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let peak = status_bytes("VmHWM")?;
+    let params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let (path, end) = weft_trainer::hf::tokenizer(model, &config)?;
+    let tokenizers = [
+        (
+            "model",
+            weft_trainer::data::Tokenizer::from_file(&path, end)?,
+        ),
+        ("bytes", weft_trainer::data::Tokenizer::Bytes),
+    ];
+    let corpus = weft_trainer::data::Corpus::load_with(data, text_field)?;
+    let bytes: usize = corpus.documents.iter().map(|d| d.text.len()).sum();
+    let mut speeds = serde_json::Map::new();
+    for (name, tokenizer) in &tokenizers {
+        let started = std::time::Instant::now();
+        let mut tokens = 0usize;
+        for document in &corpus.documents {
+            tokens += tokenizer.encode(&document.source, &document.text)?.len();
+        }
+        let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        speeds.insert(
+            name.to_string(),
+            serde_json::json!({"tokens": tokens, "tokens_per_s": tokens as f64 / seconds}),
+        );
+    }
+    let report = serde_json::json!({
+        "model": model.display().to_string(),
+        "params": params,
+        "weights_gib": params as f64 * 4.0 / GIB,
+        "load_s": load_s,
+        "load_peak_gib": peak.saturating_sub(before) as f64 / GIB,
+        "corpus_documents": corpus.documents.len(),
+        "corpus_bytes": bytes,
+        "tokenizers": speeds,
+    });
+    println!("{report}");
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_memory(
     model: Option<String>,
@@ -1494,6 +1626,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 )?;
                 Ok(true)
             }
+            BenchCommand::HfLoad {
+                model,
+                data,
+                text_field,
+            } => {
+                bench_hf_load(&model, &data, &text_field)?;
+                Ok(true)
+            }
             BenchCommand::MemoryProbe { config } => {
                 let config: weft_trainer::membench::ProbeConfig =
                     serde_json::from_str(&config).context("the probe's --config is not valid")?;
@@ -1509,6 +1649,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             ranks,
             max_seq_len,
             rank_tokens,
+            device,
+            precision,
             format,
             timeout_s,
         } => eval(
@@ -1517,8 +1659,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 data,
                 text_field,
                 ranks,
-                max_seq_len,
+                max_seq_len: max_seq_len.map(|n| n as usize),
                 rank_tokens,
+                device,
+                precision,
             },
             &format,
             Duration::from_secs(timeout_s),

@@ -7,11 +7,12 @@ reference weft's Hugging Face tests compare with (trainer/tests/hf.rs).
                              prints the mean next-token loss of the model in
                              DIR over the documents (a JSON list of token
                              lists), each document alone from position 0
-    hf_models.py corpus-loss DIR CORPUS
+    hf_models.py corpus-loss DIR CORPUS [LONGEST]
                              the same over the .txt files of CORPUS, each
-                             tokenized with DIR's tokenizer.json and closed by
-                             the config's eos_token_id, as weft reads them,
-                             and each document's mean loss ("documents")
+                             tokenized with DIR's tokenizer.json, closed by
+                             the config's eos_token_id and cut at LONGEST
+                             tokens, as weft reads them, and each document's
+                             mean loss and tokens ("documents")
 
 OUT/llama-tokenized/ also has a tokenizer (BPE, trained here by the
 `tokenizers` package on OUT/corpus/, the documents it is tested on) and
@@ -271,14 +272,16 @@ def loss(directory, docs_file):
     print(json.dumps({"loss": value.item()}))
 
 
-def corpus_loss(directory, corpus):
+def corpus_loss(directory, corpus, longest=None):
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     end = json.loads((directory / "config.json").read_text()).get("eos_token_id")
-    docs = [encode(tokenizer, path.read_text(), end) for path in sorted(corpus.glob("*.txt"))]
+    docs = [encode(tokenizer, path.read_text(), end)[:longest] for path in sorted(corpus.glob("*.txt"))]
     with torch.no_grad():
         value, _ = doc_loss(model, docs)
-        each = [doc_loss(model, [d])[0].item() for d in docs]
+        each = [
+            {"loss": doc_loss(model, [d])[0].item() if len(d) > 1 else None, "tokens": len(d)} for d in docs
+        ]
     print(json.dumps({"loss": value.item(), "tokens": sum(len(d) for d in docs), "documents": each}))
 
 
@@ -287,7 +290,7 @@ if __name__ == "__main__":
         make(Path(sys.argv[2]))
     elif sys.argv[1:2] == ["loss"] and len(sys.argv) == 4:
         loss(Path(sys.argv[2]), sys.argv[3])
-    elif sys.argv[1:2] == ["corpus-loss"] and len(sys.argv) == 4:
-        corpus_loss(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1:2] == ["corpus-loss"] and len(sys.argv) in (4, 5):
+        corpus_loss(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) == 5 else None)
     else:
         sys.exit(__doc__)
