@@ -72,13 +72,19 @@ def peak_gib_of_children():
 
 def transformers_load(directory):
     code = f"""
-import json, resource, time, torch
+import json, time, torch
 from transformers import AutoModelForCausalLM
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+# The peak from here on: what loading adds.
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
 started = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained({str(directory)!r}, dtype=torch.float32)
 print(json.dumps({{"load_s": time.perf_counter() - started,
-                  "load_peak_gib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20}}))
+                  "load_peak_gib": (status("VmHWM") - before) / 2**30}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,18 +179,27 @@ def main():
     parser.add_argument("corpus", type=Path)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--tokens-per-step", type=int, default=4096)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--tokens-per-step", type=int, default=1024)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     texts = texts_of(args.corpus)
     directory = args.out / "model"
+    tokenizer = make(directory, texts, args)
+    # Documents longer than a step, so that every step of both sides is one
+    # document cut at --max-seq-len: the same shape of work, whatever order
+    # each draws them in.
+    pieces, piece = [], []
+    for text in texts:
+        piece.append(text)
+        if len(tokenizer.encode("\n\n".join(piece)).ids) > args.max_seq_len:
+            pieces.append("\n\n".join(piece))
+            piece = []
     data = args.out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    (data / "corpus.jsonl").write_text(args.corpus.read_text())
-    tokenizer = make(directory, texts, args)
-    docs = [tokenizer.encode(t).ids + [2] for t in texts]
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in pieces))
+    docs = [tokenizer.encode(p).ids + [2] for p in pieces]
 
     load = json.loads(
         subprocess.run(
@@ -200,6 +215,7 @@ def main():
         "params": load["params"],
         "weights_gib": load["weights_gib"],
         "shards": len(list(directory.glob("model-*.safetensors"))),
+        "documents": len(pieces),
         "load": {"weft": {k: load[k] for k in ("load_s", "load_peak_gib")}, "transformers": reference_load},
         "tokenizers": load["tokenizers"],
         "corpus_bytes": load["corpus_bytes"],

@@ -140,7 +140,7 @@ pub fn status_bytes(field: &str) -> Result<u64, BenchError> {
 
 /// Resets the kernel's high-water mark of this process's resident set to its
 /// current size; false where the kernel does not allow it.
-fn reset_peak() -> bool {
+pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

@@ -996,6 +996,19 @@ fn longest_fits(config: &TrainConfig, ranks: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flags of `train-worker` for rank `rank` of `ranks` (the run's
+/// settings as JSON), as `local` and `eval` start it.
+fn train_worker_args(rank: u32, port: u16, ranks: u32, threads: i32, json: &str) -> Vec<String> {
+    vec![
+        "train-worker".to_string(),
+        format!("--rank={rank}"),
+        format!("--world={ranks}"),
+        format!("--port={port}"),
+        format!("--threads={threads}"),
+        format!("--config={json}"),
+    ]
+}
+
 /// What `eval` evaluates, and where.
 struct EvalArgs {
     model: PathBuf,
@@ -1092,16 +1105,7 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
     run_local(
         ranks,
         timeout,
-        |rank, port| {
-            vec![
-                "train-worker".to_string(),
-                format!("--rank={rank}"),
-                format!("--world={ranks}"),
-                format!("--port={port}"),
-                format!("--threads={threads}"),
-                format!("--config={json}"),
-            ]
-        },
+        |rank, port| train_worker_args(rank, port, ranks, threads, &json),
         |rank, line| {
             if rank != 0 {
                 return;
@@ -1261,16 +1265,7 @@ fn local(
     let result = run_local(
         ranks,
         timeout,
-        |rank, port| {
-            vec![
-                "train-worker".to_string(),
-                format!("--rank={rank}"),
-                format!("--world={ranks}"),
-                format!("--port={port}"),
-                format!("--threads={threads}"),
-                format!("--config={json}"),
-            ]
-        },
+        |rank, port| train_worker_args(rank, port, ranks, threads, &json),
         |rank, line| {
             if rank != 0 {
                 return;
@@ -1405,8 +1400,10 @@ fn run_probe(
 
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
 fn bench_hf_load(model: &Path, data: &Path, text_field: &str) -> anyhow::Result<()> {
-    use weft_trainer::membench::status_bytes;
+    use weft_trainer::membench::{reset_peak, status_bytes};
     const GIB: f64 = (1u64 << 30) as f64;
+    // The peak from here on: what loading adds.
+    reset_peak();
     let before = status_bytes("VmRSS")?;
     let started = std::time::Instant::now();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
