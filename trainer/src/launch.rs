@@ -64,8 +64,32 @@ pub const PEER_LOST_EXIT: i32 = 3;
 /// to exit before it names the cause.
 const FAILURE_GRACE: Duration = Duration::from_secs(3);
 
-/// A free loopback port for the rendezvous store.
+/// A free loopback port for the rendezvous store, which rank 0 binds only
+/// once it has started. Taken below the kernel's ephemeral range (from
+/// 32768), from a start of this process's own and never twice in it, so
+/// that in the meantime neither an outgoing connection (Gloo's, another
+/// run's) nor another run started beside this one takes it; any port the
+/// kernel gives when none is free there.
 pub fn free_port() -> Result<u16, LaunchError> {
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let mut next = NEXT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut port = next.unwrap_or(LOW + (std::process::id() % u32::from(SPAN)) as u16);
+    for _ in 0..SPAN {
+        let candidate = port;
+        port = if port + 1 >= LOW + SPAN {
+            LOW
+        } else {
+            port + 1
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            *next = Some(port);
+            return Ok(candidate);
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

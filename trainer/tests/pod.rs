@@ -17,6 +17,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+// The shared helpers; the pods join their groups themselves.
+#[allow(dead_code)]
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +30,8 @@ use std::time::{Duration, Instant};
 use weft_planner::cluster::parse_cluster;
 use weft_planner::mesh::{MeshNode, MeshPlan, MeshRequest, plan_mesh};
 use weft_trainer::train::StepMetrics;
+
+use common::free_port;
 
 /// Steps of the shrink test: after the mesh shrinks at step 3, enough left
 /// that the run cannot end before its mirror's next look at the mesh.
@@ -41,14 +47,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Writes the mesh as Kubernetes updates a ConfigMap file: all at once.

@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use weft_trainer::comm::{ProcessGroup, Store};
 
+/// A loopback port free now, never handed out before in this process, and
+/// below the kernel's ephemeral range (the launcher's choice: a test's
+/// workers bind it only later).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a loopback port")
-        .local_addr()
-        .expect("local address")
-        .port()
+    weft_trainer::launch::free_port().expect("a free loopback port")
 }
 
 /// Rank `rank` of `world` joins the store at `port` (rank 0 serves it) and
