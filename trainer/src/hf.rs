@@ -203,35 +203,31 @@ impl Fields<'_> {
         self.map.get(field).filter(|v| !v.is_null())
     }
 
+    /// `field` read by `read`, absent or null as None; a value `read`
+    /// refuses is named, with `what` it must be.
+    fn typed<'a, T>(
+        &'a self,
+        field: &str,
+        what: &str,
+        read: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, HfError> {
+        self.get(field)
+            .map(|v| read(v).ok_or_else(|| self.error(field, format!("must be {what}, got {v}"))))
+            .transpose()
+    }
+
     fn number(&self, field: &str) -> Result<Option<f64>, HfError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("must be a positive number, got {v}"))),
-        }
+        self.typed(field, "a positive number", |v| {
+            v.as_f64().filter(|x| x.is_finite() && *x > 0.0)
+        })
     }
 
     fn flag(&self, field: &str) -> Result<Option<bool>, HfError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("must be true or false, got {v}"))),
-        }
+        self.typed(field, "true or false", Value::as_bool)
     }
 
     fn text(&self, field: &str) -> Result<Option<&str>, HfError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("must be a string, got {v}"))),
-        }
+        self.typed(field, "a string", Value::as_str)
     }
 }
 
@@ -546,7 +542,7 @@ pub const SHARD_BYTES: usize = 5_000_000_000;
 /// document with the config's `eos_token_id` (the first, when it lists
 /// several). Refused when the tokenizer can produce an id the embedding has
 /// no row for.
-pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<(PathBuf, Option<u32>), HfError> {
+pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<crate::data::Tokenizer, HfError> {
     let path = dir.join("tokenizer.json");
     let end = match config.raw.get("eos_token_id") {
         None | Some(Value::Null) => None,
@@ -579,7 +575,7 @@ pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<(PathBuf, Option<u32>)
             vocab: config.spec.vocab,
         });
     }
-    Ok((path, end))
+    Ok(tokenizer)
 }
 
 /// Reads the model of `dir` into a new model under `vs`, on `device`: the

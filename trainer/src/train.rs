@@ -119,9 +119,10 @@ pub struct TrainConfig {
     /// uses it (`--rope` may change it); None: weft's own model, drawn from
     /// the seed.
     pub hf_model: Option<(PathBuf, crate::hf::HfConfig)>,
-    /// The documents' tokenizer: a `tokenizer.json` and the end-of-sequence
-    /// token closing every document; None: the byte tokenizer.
-    pub tokenizer: Option<(PathBuf, Option<u32>)>,
+    /// The documents' tokenizer: the byte tokenizer, or a model's
+    /// `tokenizer.json` with the end-of-sequence token closing every
+    /// document (read once, when the run is set up).
+    pub tokenizer: Tokenizer,
     /// Rank 0 writes the trained model here, as a Hugging Face model
     /// directory, after the last step (with `hf_model`).
     pub save: Option<PathBuf>,
@@ -311,14 +312,6 @@ impl<'a> PlanSettings<'a> {
 }
 
 impl TrainConfig {
-    /// The documents' tokenizer.
-    pub fn tokenizer(&self) -> Result<Tokenizer, DataError> {
-        match &self.tokenizer {
-            None => Ok(Tokenizer::Bytes),
-            Some((path, end)) => Tokenizer::from_file(path, *end),
-        }
-    }
-
     /// How this run plans.
     pub fn planning(&self) -> PlanSettings<'_> {
         PlanSettings {
@@ -808,7 +801,7 @@ pub fn run_worker(
     tch::set_num_threads(config.threads.max(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
     let corpus = Corpus::load_with(&config.data, &config.text_field)?;
-    let tokenizer = config.tokenizer()?;
+    let tokenizer = &config.tokenizer;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.
     let ctx = match &config.epoch_watch {
@@ -850,7 +843,7 @@ pub fn run_worker(
             &format!("the corpus skips what is not a regular file: {skipped}"),
         );
     }
-    let data_identity = data_identity(config, &corpus, &tokenizer);
+    let data_identity = data_identity(config, &corpus, tokenizer);
     // Rank 0 writes the checkpoints: it owns the directory while it runs,
     // and it alone chooses the checkpoint every rank resumes from.
     let (_lock, chosen) = match &config.checkpoint_dir {
@@ -906,7 +899,7 @@ pub fn run_worker(
                 params: &params,
                 ctx: &ctx,
                 corpus: &corpus,
-                tokenizer: &tokenizer,
+                tokenizer,
             },
             &mut group,
             config,
@@ -928,7 +921,7 @@ pub fn run_worker(
         optimizer.load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
     }
     let mut stream = Sampler::new(
-        (&corpus, &tokenizer),
+        (&corpus, tokenizer),
         config.data_order,
         config.seed,
         config.tokens_per_step,

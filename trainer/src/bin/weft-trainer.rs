@@ -328,11 +328,6 @@ impl TrainArgs {
                 self.text_field
             );
         }
-        // The weights are checked against the config from the files'
-        // headers here, once, rather than by every rank as it loads them.
-        if let Some(model) = &hf {
-            weft_trainer::hf::check_weights(hf_dir, model)?;
-        }
         if let Some(out) = &self.save {
             if hf.is_none() {
                 bail!(
@@ -448,7 +443,7 @@ impl TrainArgs {
                 .map(|hf| hf.architecture.clone())
                 .unwrap_or_default(),
             hf_model: hf.clone().map(|hf| (hf_dir.to_path_buf(), hf)),
-            tokenizer,
+            tokenizer: tokenizer.unwrap_or_default(),
             save: self.save.clone(),
             eval: self.eval,
             text_field: self.text_field.clone(),
@@ -601,17 +596,7 @@ enum BenchCommand {
     /// memory of loading the weights (fp32 on the CPU), and tokens per
     /// second of the model's tokenizer and of the byte tokenizer over a
     /// corpus on one thread. JSON on standard output.
-    HfLoad {
-        /// A Hugging Face model directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// The corpus to tokenize (as `local --data`).
-        #[arg(long)]
-        data: PathBuf,
-        /// The field of each JSONL line that holds its document.
-        #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
-        text_field: String,
-    },
+    HfLoad(ModelAndCorpus),
 }
 
 #[derive(Subcommand)]
@@ -621,42 +606,7 @@ enum Command {
     /// document alone from position 0, read with the model's tokenizer and
     /// cut at --max-seq-len (a document longer than a rank holds is split
     /// over ranks as training splits it).
-    Eval {
-        /// A Hugging Face model directory (as `local --model`).
-        #[arg(long)]
-        model: PathBuf,
-        /// The corpus (as `local --data`).
-        #[arg(long)]
-        data: PathBuf,
-        /// The field of each JSONL line that holds its document.
-        #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
-        text_field: String,
-        /// Local worker processes.
-        #[arg(long, default_value_t = 1)]
-        ranks: u32,
-        /// Longer documents are cut to this many tokens; default: the
-        /// model's max_position_embeddings.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
-        max_seq_len: Option<u64>,
-        /// Most tokens one rank holds (as `local --rank-tokens`).
-        #[arg(long)]
-        rank_tokens: Option<u64>,
-        /// Where each rank computes (as `local --device`).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-        device: String,
-        /// fp32 or bf16 (as `local --precision`; default fp32 on cpu, bf16
-        /// on cuda: pass fp32 there to compare with an fp32 reference).
-        #[arg(long, value_parser = ["fp32", "bf16"])]
-        precision: Option<String>,
-        /// table, or json: {"loss", "tokens", "documents": [{"document",
-        /// "loss", "tokens"}]} (a document's loss is null when it has fewer
-        /// than two tokens).
-        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-        format: String,
-        /// Seconds before the workers are stopped.
-        #[arg(long, default_value_t = 3600)]
-        timeout_s: u64,
-    },
+    Eval(EvalArgs),
     /// Train on N local worker processes (the embedded default job).
     Local {
         /// Local worker processes.
@@ -976,9 +926,14 @@ impl Progress {
     }
 }
 
-/// The longest sequence must fit the ranks, as the planner will plan it:
-/// refused here, once, naming the flags, rather than by every rank.
-fn longest_fits(config: &TrainConfig, ranks: u32) -> anyhow::Result<()> {
+/// What `local` and `eval` check once, before any rank starts, rather than
+/// every rank as it gets there: a Hugging Face model's weights against its
+/// config (from the files' headers), and the longest sequence against the
+/// ranks, as the planner will plan it (refused naming the flags).
+fn check_before_ranks(config: &TrainConfig, ranks: u32) -> anyhow::Result<()> {
+    if let Some((dir, model)) = &config.hf_model {
+        weft_trainer::hf::check_weights(dir, model)?;
+    }
     let ctx = weft_trainer::train::local_plan_context(ranks, &config.planning())?;
     let longest = config.max_seq_len as u64;
     if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest)) {
@@ -1009,35 +964,70 @@ fn train_worker_args(rank: u32, port: u16, ranks: u32, threads: i32, json: &str)
     ]
 }
 
-/// What `eval` evaluates, and where.
-struct EvalArgs {
+/// A Hugging Face model and a corpus to read with its tokenizer (`eval`,
+/// `bench hf-load`).
+#[derive(Args, Debug)]
+struct ModelAndCorpus {
+    /// A Hugging Face model directory (as `local --model`).
+    #[arg(long)]
     model: PathBuf,
+    /// The corpus (as `local --data`).
+    #[arg(long)]
     data: PathBuf,
+    /// The field of each JSONL line that holds its document.
+    #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
     text_field: String,
+}
+
+/// What `eval` evaluates, and where.
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    input: ModelAndCorpus,
+    /// Local worker processes.
+    #[arg(long, default_value_t = 1)]
     ranks: u32,
-    max_seq_len: Option<usize>,
+    /// Longer documents are cut to this many tokens; default: the
+    /// model's max_position_embeddings.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    max_seq_len: Option<u64>,
+    /// Most tokens one rank holds (as `local --rank-tokens`).
+    #[arg(long)]
     rank_tokens: Option<u64>,
+    /// Where each rank computes (as `local --device`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
+    /// fp32 or bf16 (as `local --precision`; default fp32 on cpu, bf16
+    /// on cuda: pass fp32 there to compare with an fp32 reference).
+    #[arg(long, value_parser = ["fp32", "bf16"])]
     precision: Option<String>,
+    /// table, or json: {"loss", "tokens", "documents": [{"document",
+    /// "loss", "tokens"}]} (a document's loss is null when it has fewer
+    /// than two tokens).
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+    /// Seconds before the workers are stopped.
+    #[arg(long, default_value_t = 3600)]
+    timeout_s: u64,
 }
 
 /// `eval`: the workers of a training run, in its evaluation mode.
-fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool> {
+fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     if args.ranks == 0 {
         bail!("--ranks must be at least 1");
     }
-    if !args.model.join("config.json").is_file() {
+    if !args.input.model.join("config.json").is_file() {
         bail!(
             "--model {}: not a Hugging Face model directory (it has no config.json); eval evaluates a trained model",
-            args.model.display()
+            args.input.model.display()
         );
     }
     // The longest sequence: the flag, else the positions the model was
     // trained for.
     let max_seq_len = match args.max_seq_len {
-        Some(n) => n,
+        Some(n) => n as usize,
         None => {
-            let config = weft_trainer::hf::read_config(&args.model)?;
+            let config = weft_trainer::hf::read_config(&args.input.model)?;
             config
                 .raw
                 .get("max_position_embeddings")
@@ -1054,9 +1044,9 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
         both.push(value);
         flags.push(both);
     };
-    flag("model", args.model.as_os_str());
-    flag("data", args.data.as_os_str());
-    flag("text-field", args.text_field.as_ref());
+    flag("model", args.input.model.as_os_str());
+    flag("data", args.input.data.as_os_str());
+    flag("text-field", args.input.text_field.as_ref());
     flag("steps", "1".as_ref());
     flag("max-seq-len", max_seq_len.to_string().as_ref());
     flag("tokens-per-step", max_seq_len.to_string().as_ref());
@@ -1088,7 +1078,7 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
         config.device,
         config.precision,
     )?;
-    longest_fits(&config, args.ranks)?;
+    check_before_ranks(&config, args.ranks)?;
     eprintln!(
         "weft-trainer eval: {} ranks on {} ({}, {}), model {}, {} documents cut at {max_seq_len} tokens, corpus {}",
         args.ranks,
@@ -1104,7 +1094,7 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
     let mut documents: Vec<weft_trainer::train::DocumentLoss> = Vec::new();
     run_local(
         ranks,
-        timeout,
+        Duration::from_secs(args.timeout_s),
         |rank, port| train_worker_args(rank, port, ranks, threads, &json),
         |rank, line| {
             if rank != 0 {
@@ -1130,7 +1120,7 @@ fn eval(args: EvalArgs, format: &str, timeout: Duration) -> anyhow::Result<bool>
     let total: u64 = documents.iter().map(predicted).sum();
     let sum: f64 = documents.iter().map(|d| d.loss_sum).sum();
     let mean = |sum: f64, count: u64| (count > 0).then(|| sum / count as f64);
-    if format == "json" {
+    if args.format == "json" {
         let report = serde_json::json!({
             "loss": mean(sum, total),
             "tokens": documents.iter().map(|d| d.tokens).sum::<u64>(),
@@ -1186,7 +1176,7 @@ fn local(
         config.device,
         config.precision,
     )?;
-    longest_fits(&config, ranks)?;
+    check_before_ranks(&config, ranks)?;
     if config.accept_data_change && !config.resume {
         bail!("--accept-data-change only means something with --resume");
     }
@@ -1203,7 +1193,7 @@ fn local(
             (Some(_), true) => {
                 if let Some(intact) = weft_trainer::checkpoint::latest_intact(root)? {
                     let data =
-                        weft_trainer::train::data_identity(&config, &corpus, &config.tokenizer()?);
+                        weft_trainer::train::data_identity(&config, &corpus, &config.tokenizer);
                     weft_trainer::train::check_resumable(
                         &intact.dir,
                         &intact.state,
@@ -1399,7 +1389,8 @@ fn run_probe(
 }
 
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
-fn bench_hf_load(model: &Path, data: &Path, text_field: &str) -> anyhow::Result<()> {
+fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
+    let (model, data, text_field) = (&input.model, &input.data, &input.text_field);
     use weft_trainer::membench::{reset_peak, status_bytes};
     const GIB: f64 = (1u64 << 30) as f64;
     // The peak from here on: what loading adds.
@@ -1415,12 +1406,8 @@ fn bench_hf_load(model: &Path, data: &Path, text_field: &str) -> anyhow::Result<
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    let (path, end) = weft_trainer::hf::tokenizer(model, &config)?;
     let tokenizers = [
-        (
-            "model",
-            weft_trainer::data::Tokenizer::from_file(&path, end)?,
-        ),
+        ("model", weft_trainer::hf::tokenizer(model, &config)?),
         ("bytes", weft_trainer::data::Tokenizer::Bytes),
     ];
     let corpus = weft_trainer::data::Corpus::load_with(data, text_field)?;
@@ -1623,12 +1610,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 )?;
                 Ok(true)
             }
-            BenchCommand::HfLoad {
-                model,
-                data,
-                text_field,
-            } => {
-                bench_hf_load(&model, &data, &text_field)?;
+            BenchCommand::HfLoad(input) => {
+                bench_hf_load(&input)?;
                 Ok(true)
             }
             BenchCommand::MemoryProbe { config } => {
@@ -1639,31 +1622,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Ok(true)
             }
         },
-        Command::Eval {
-            model,
-            data,
-            text_field,
-            ranks,
-            max_seq_len,
-            rank_tokens,
-            device,
-            precision,
-            format,
-            timeout_s,
-        } => eval(
-            EvalArgs {
-                model,
-                data,
-                text_field,
-                ranks,
-                max_seq_len: max_seq_len.map(|n| n as usize),
-                rank_tokens,
-                device,
-                precision,
-            },
-            &format,
-            Duration::from_secs(timeout_s),
-        ),
+        Command::Eval(args) => eval(args),
         Command::Local {
             ranks,
             metrics,
