@@ -394,6 +394,32 @@ fn corpus_loss(dir: &Path) -> f64 {
     value["loss"].as_f64().unwrap()
 }
 
+/// Runs `local --model MODEL` over the reference corpus, each step holding
+/// all of it (`--tokens-per-step` is its token count), with `flags`, its
+/// metrics into `metrics`; once it succeeded, what it told the person
+/// running it (its standard error).
+fn local_on_corpus(model: &Path, flags: &[&str], metrics: &Path) -> String {
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let out = trainer()
+        .arg("local")
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(models().join("corpus"))
+        .args(["--tokens-per-step", tokens.trim()])
+        .arg("--metrics")
+        .arg(metrics)
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `local --model DIR` trains a Hugging Face model with its own tokenizer
 /// on the distributed engine: on 3 ranks whose rings split the documents
 /// (context parallelism), the first step's loss over the whole corpus is
@@ -403,30 +429,12 @@ fn corpus_loss(dir: &Path) -> f64 {
 #[test]
 fn local_trains_a_hugging_face_model_with_its_tokenizer_and_saves_it() {
     let model = models().join("llama-tokenized");
-    let corpus = models().join("corpus");
     // One step is the whole corpus, each document whole.
-    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
     let run = |ranks: &str, steps: &str, extra: &[&str], metrics: &Path| {
-        let out = trainer()
-            .arg("local")
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(&corpus)
-            .args(["--ranks", ranks, "--steps", steps, "--rank-tokens", "40"])
-            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "64"])
-            .arg("--metrics")
-            .arg(metrics)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // What `local` tells the person running it.
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let mut flags = vec!["--ranks", ranks, "--steps", steps, "--rank-tokens", "40"];
+        flags.extend(["--max-seq-len", "64"]);
+        flags.extend(extra);
+        local_on_corpus(&model, &flags, metrics)
     };
     let saved = models().join("trained");
     let _ = std::fs::remove_dir_all(&saved);
@@ -571,27 +579,11 @@ fn rope_extends_the_context_and_the_saved_model_carries_it() {
     });
     std::fs::write(&path, config.to_string()).unwrap();
 
-    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
     let run = |steps: &str, extra: &[&str], metrics: &Path| {
-        let out = trainer()
-            .arg("local")
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(models().join("corpus"))
-            .args(["--ranks", "2", "--steps", steps, "--rank-tokens", "128"])
-            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "150"])
-            .args(["--rope", yarn])
-            .arg("--metrics")
-            .arg(metrics)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut flags = vec!["--ranks", "2", "--steps", steps, "--rank-tokens", "128"];
+        flags.extend(["--max-seq-len", "150", "--rope", yarn]);
+        flags.extend(extra);
+        local_on_corpus(&model, &flags, metrics);
     };
     let saved = models().join("extended");
     let _ = std::fs::remove_dir_all(&saved);
@@ -660,26 +652,10 @@ fn rope_extends_the_context_and_the_saved_model_carries_it() {
 #[test]
 fn qwen2_trains_alike_on_three_streamed_ranks_and_on_one() {
     let model = models().join("qwen2-tokenized");
-    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
     let run = |ranks: &str, extra: &[&str], metrics: &Path| {
-        let out = trainer()
-            .arg("local")
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(models().join("corpus"))
-            .args(["--ranks", ranks, "--steps", "3"])
-            .args(["--tokens-per-step", tokens.trim(), "--max-seq-len", "64"])
-            .arg("--metrics")
-            .arg(metrics)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut flags = vec!["--ranks", ranks, "--steps", "3", "--max-seq-len", "64"];
+        flags.extend(extra);
+        local_on_corpus(&model, &flags, metrics);
         losses(metrics)
     };
     let streamed = run(
