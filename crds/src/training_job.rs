@@ -63,6 +63,8 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.data == oldSelf.data").message("spec.data cannot change once the job exists: the order of samples depends on it"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || ((has(self.command) ? self.command : []) == (has(oldSelf.command) ? oldSelf.command : []) && (has(self.args) ? self.args : []) == (has(oldSelf.args) ? oldSelf.args : []) && (has(self.env) ? self.env : []) == (has(oldSelf.env) ? oldSelf.env : []))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
+#[x_kube(validation = Rule::new("oldSelf.suspend || (has(self.volumes) ? self.volumes : []) == (has(oldSelf.volumes) ? oldSelf.volumes : [])").message("spec.volumes can change only while the job is suspended: every worker of a mesh mounts the same ones"))]
+#[x_kube(validation = Rule::new("!has(self.volumes) || self.volumes.all(v, v.mountPath != self.checkpoint.path && v.mountPath != '/etc/weft/mesh')").message("volumes: a mountPath must not be checkpoint.path (the checkpoint volume is mounted there) nor /etc/weft/mesh (the mesh)"))]
 #[x_kube(validation = Rule::new("!has(self.parallelism.cpDegree) || self.parallelism.cpDegree <= self.workers.min * (self.resources.gpus > 0 ? self.resources.gpus : 1)").message("parallelism.cpDegree must not be greater than the ranks of workers.min workers (workers.min × resources.gpus; one rank a worker on CPU): the job may shrink to workers.min, and every ring of Static context parallelism has cpDegree ranks"))]
 #[x_kube(validation = Rule::new("!has(self.parallelism.streamBpChunkTokens) || self.parallelism.streamBpChunkTokens <= self.data.maxSequenceLength").message("parallelism.streamBpChunkTokens must not be greater than data.maxSequenceLength (a chunk is part of one sequence)"))]
 pub struct TrainingJobSpec {
@@ -83,6 +85,12 @@ pub struct TrainingJobSpec {
     #[schemars(length(max = 128))]
     #[x_kube(validation = Rule::new("self.all(e, !e.name.startsWith('WEFT_'))").message("env: names starting with WEFT_ are set by weft itself"))]
     pub env: Vec<EnvVar>,
+    /// PersistentVolumeClaims mounted into every worker: where the model
+    /// checkpoint, the data and the trained model live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(v, self.exists_one(w, w.mountPath == v.mountPath))").message("volumes: two volumes are mounted at the same mountPath"))]
+    pub volumes: Vec<VolumeMountSpec>,
     /// How many workers (one pod each) the job may run with.
     pub workers: WorkerRange,
     /// What each worker asks for.
@@ -120,6 +128,7 @@ impl TrainingJobSpec {
             command: None,
             args: None,
             env: Vec::new(),
+            volumes: Vec::new(),
             workers: WorkerRange {
                 min: min_workers,
                 max: max_workers,
@@ -174,6 +183,23 @@ impl TrainingJobSpec {
             None => format!("workers.min ({min}) is greater than workers.max ({max})"),
         })
     }
+}
+
+/// A PersistentVolumeClaim mounted into every worker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMountSpec {
+    /// The claim, in the job's namespace (ReadOnlyMany or ReadWriteMany when
+    /// workers share nodes' storage).
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Where it is mounted in every worker.
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("volumes[].mountPath must be an absolute path"))]
+    pub mount_path: String,
+    /// Mounted read-only (a model or data nobody should change).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Bounds on the size of the worker gang.
@@ -251,10 +277,13 @@ impl ModelPreset {
     }
 }
 
-/// The model: a named preset, or every dimension given explicitly.
+/// The model: a named preset, every dimension given explicitly, or a
+/// Hugging Face checkpoint to start from.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.preset) ? !(has(self.layers) || has(self.hidden) || has(self.heads) || has(self.kvHeads) || has(self.ffn) || has(self.vocab)) : (has(self.layers) && has(self.hidden) && has(self.heads) && has(self.kvHeads) && has(self.ffn) && has(self.vocab))").message("model: give either a preset or all of layers, hidden, heads, kvHeads, ffn and vocab, not both"))]
+#[x_kube(validation = Rule::new("has(self.checkpoint) ? !(has(self.preset) || has(self.layers) || has(self.hidden) || has(self.heads) || has(self.kvHeads) || has(self.ffn) || has(self.vocab)) : has(self.preset) ? !(has(self.layers) || has(self.hidden) || has(self.heads) || has(self.kvHeads) || has(self.ffn) || has(self.vocab)) : (has(self.layers) && has(self.hidden) && has(self.heads) && has(self.kvHeads) && has(self.ffn) && has(self.vocab))").message("model: give one of a preset, all of layers, hidden, heads, kvHeads, ffn and vocab, or a checkpoint (whose config.json gives the shapes)"))]
+#[x_kube(validation = Rule::new("!has(self.rope) || has(self.checkpoint)").message("model.rope changes the rotary settings of a checkpoint: it needs model.checkpoint"))]
+#[x_kube(validation = Rule::new("!has(self.output) || has(self.checkpoint)").message("model.output writes the trained model as a Hugging Face model: it needs model.checkpoint"))]
 #[x_kube(validation = Rule::new("!has(self.heads) || !has(self.kvHeads) || self.heads % self.kvHeads == 0").message("model.heads must be a multiple of model.kvHeads (grouped-query attention)"))]
 #[x_kube(validation = Rule::new("!has(self.hidden) || !has(self.heads) || (self.hidden % self.heads == 0 && (self.hidden / self.heads) % 2 == 0)").message("model.hidden must be model.heads times an even head dimension (RoPE rotates pairs)"))]
 pub struct ModelSpec {
@@ -286,6 +315,157 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 4194304))]
     pub vocab: Option<i32>,
+    /// A Hugging Face model directory inside the workers (on one of
+    /// `volumes`, for instance): `config.json`, safetensors weights (one
+    /// file or shards with their index) and `tokenizer.json` of a
+    /// `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+    /// Training starts from its weights; its config gives the shapes, and
+    /// its tokenizer reads the documents unless `data.tokenizer` names
+    /// another. Checked by the workers before they train: what they refuse
+    /// fails the job, named in its status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("model.checkpoint must be an absolute path inside the workers"))]
+    pub checkpoint: Option<String>,
+    /// New rotary settings for the checkpoint, as context extension sets
+    /// them (a larger `theta`, or `yarn` with a factor); the checkpoint's
+    /// own when absent. The saved model's `config.json` carries them, with
+    /// `max_position_embeddings` raised to `data.maxSequenceLength`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope: Option<RopeSpec>,
+    /// A directory the trained model is written into after the last step,
+    /// as a Hugging Face model (safetensors shards, `config.json`, the
+    /// tokenizer's files) that `transformers` loads unchanged. It must not
+    /// exist yet; name a path on a volume every worker mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("model.output must be an absolute path inside the workers"))]
+    pub output: Option<String>,
+}
+
+/// Kinds of rotary position embedding (as `transformers` names them).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RopeType {
+    /// Plain rotary embedding at `theta`.
+    #[default]
+    #[serde(rename = "default")]
+    Default,
+    /// Positions divided by `factor` (position interpolation).
+    #[serde(rename = "linear")]
+    Linear,
+    /// Llama 3.1's frequency-dependent scaling.
+    #[serde(rename = "llama3")]
+    Llama3,
+    /// YaRN (Peng et al., 2023).
+    #[serde(rename = "yarn")]
+    Yarn,
+}
+
+impl RopeType {
+    pub fn name(self) -> &'static str {
+        match self {
+            RopeType::Default => "default",
+            RopeType::Linear => "linear",
+            RopeType::Llama3 => "llama3",
+            RopeType::Yarn => "yarn",
+        }
+    }
+}
+
+/// Rotary settings, in the terms of `config.json`'s `rope_parameters`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'default' ? !has(self.factor) : has(self.factor)").message("model.rope.factor is required with the linear, llama3 and yarn types, and only with them"))]
+#[x_kube(validation = Rule::new("self.type == 'llama3' || !(has(self.lowFreqFactor) || has(self.highFreqFactor))").message("model.rope.lowFreqFactor and highFreqFactor belong to the llama3 type"))]
+#[x_kube(validation = Rule::new("self.type == 'yarn' || !(has(self.betaFast) || has(self.betaSlow) || has(self.mscale) || has(self.mscaleAllDim) || has(self.attentionFactor) || has(self.truncate))").message("model.rope.betaFast, betaSlow, mscale, mscaleAllDim, attentionFactor and truncate belong to the yarn type"))]
+#[x_kube(validation = Rule::new("!(self.type == 'default' || self.type == 'linear') || !has(self.originalMaxPositionEmbeddings)").message("model.rope.originalMaxPositionEmbeddings belongs to the llama3 and yarn types"))]
+pub struct RopeSpec {
+    /// `default`, `linear`, `llama3` or `yarn`.
+    #[serde(rename = "type", default)]
+    pub rope_type: RopeType,
+    /// The base of the rotary frequencies (`rope_theta`); the checkpoint's
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
+    pub theta: Option<f64>,
+    /// How many times longer the context becomes (`factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 65536.0))]
+    pub factor: Option<f64>,
+    /// The context the checkpoint was trained for; its
+    /// `max_position_embeddings` when absent (llama3, yarn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub original_max_position_embeddings: Option<i64>,
+    /// llama3: wavelengths longer than the original context over this are scaled fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub low_freq_factor: Option<f64>,
+    /// llama3: wavelengths shorter than the original context over this are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub high_freq_factor: Option<f64>,
+    /// yarn: rotations above which a dimension is kept (`beta_fast`, 32 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub beta_fast: Option<f64>,
+    /// yarn: rotations below which a dimension is interpolated (`beta_slow`, 1 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub beta_slow: Option<f64>,
+    /// yarn: `mscale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub mscale: Option<f64>,
+    /// yarn: `mscale_all_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub mscale_all_dim: Option<f64>,
+    /// yarn: the attention scale (`attention_factor`); from the factor when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub attention_factor: Option<f64>,
+    /// yarn: whether the correction range is rounded to whole dimensions
+    /// (`truncate`, true by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+}
+
+impl RopeSpec {
+    /// These settings as `config.json`'s `rope_parameters` spells them.
+    pub fn rope_parameters(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        out.insert("rope_type".into(), self.rope_type.name().into());
+        let numbers = [
+            ("rope_theta", self.theta),
+            ("factor", self.factor),
+            (
+                "original_max_position_embeddings",
+                self.original_max_position_embeddings.map(|n| n as f64),
+            ),
+            ("low_freq_factor", self.low_freq_factor),
+            ("high_freq_factor", self.high_freq_factor),
+            ("beta_fast", self.beta_fast),
+            ("beta_slow", self.beta_slow),
+            ("mscale", self.mscale),
+            ("mscale_all_dim", self.mscale_all_dim),
+            ("attention_factor", self.attention_factor),
+        ];
+        for (key, value) in numbers {
+            if let Some(value) = value {
+                let value = if key == "original_max_position_embeddings" {
+                    serde_json::Value::from(value as i64)
+                } else {
+                    serde_json::Value::from(value)
+                };
+                out.insert(key.into(), value);
+            }
+        }
+        if let Some(truncate) = self.truncate {
+            out.insert("truncate".into(), truncate.into());
+        }
+        out
+    }
 }
 
 impl Default for ModelSpec {
@@ -298,6 +478,9 @@ impl Default for ModelSpec {
             kv_heads: None,
             ffn: None,
             vocab: None,
+            checkpoint: None,
+            rope: None,
+            output: None,
         }
     }
 }
@@ -305,6 +488,7 @@ impl Default for ModelSpec {
 /// The training data.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.source != 'builtin:python-reference' || (self.format == 'Auto' && self.textField == 'text')").message("data.format and data.textField read a data.source directory: the built-in corpus is read as it is built in"))]
 #[x_kube(validation = Rule::new("self.tokensPerStep >= self.maxSequenceLength").message("data.tokensPerStep must be at least data.maxSequenceLength (a step holds at least one whole sequence)"))]
 #[x_kube(validation = Rule::new("self.order != 'Decomposed' || self.maxSequenceLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216]").message("data.order Decomposed needs data.maxSequenceLength to be a power of two (the longest bucket)"))]
 #[x_kube(validation = Rule::new("self.order != 'Decomposed' || (self.minBucketLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216] && self.minBucketLength <= self.maxSequenceLength)").message("data.minBucketLength must be a power of two no larger than data.maxSequenceLength"))]
@@ -337,6 +521,71 @@ pub struct DataSpec {
     #[serde(default = "default_curriculum_steps")]
     #[schemars(range(min = 1, max = 1000000))]
     pub curriculum_steps: i64,
+    /// Which files of `source` are read, and how.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub format: DataFormat,
+    /// The field of each JSON line, and the column of each Parquet row,
+    /// that holds its document.
+    #[serde(
+        default = "default_text_field",
+        skip_serializing_if = "is_default_text_field"
+    )]
+    #[schemars(length(min = 1, max = 256))]
+    pub text_field: String,
+    /// The documents' tokenizer, inside the workers: a `tokenizer.json`, or
+    /// a directory holding one (documents are closed by the
+    /// end-of-sequence token its `config.json` or `tokenizer_config.json`
+    /// names). Default: the `model.checkpoint`'s own, else weft's byte
+    /// tokenizer. The sequence lengths the planner sees are its token
+    /// counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("data.tokenizer must be an absolute path inside the workers"))]
+    pub tokenizer: Option<String>,
+}
+
+/// Which files of a data source are read, and how.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataFormat {
+    /// Each file by its extension: `.txt` and `.md` a document each,
+    /// `.jsonl` a document per line, `.parquet` a document per row; other
+    /// files are not read.
+    #[default]
+    Auto,
+    /// Only `.txt` and `.md` files, a document each.
+    Text,
+    /// Only `.jsonl` files, a document per non-empty line (its `textField`).
+    JsonLines,
+    /// Only `.parquet` files, a document per row (its `textField` column, a string).
+    Parquet,
+}
+
+impl DataFormat {
+    /// The trainer's name of the format (`--data-format`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Text => "text",
+            DataFormat::JsonLines => "jsonl",
+            DataFormat::Parquet => "parquet",
+        }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// The field of a JSON line or Parquet row that holds its document, unless
+/// the job names another.
+pub const DEFAULT_TEXT_FIELD: &str = "text";
+
+fn default_text_field() -> String {
+    DEFAULT_TEXT_FIELD.to_string()
+}
+
+fn is_default_text_field(field: &String) -> bool {
+    field == DEFAULT_TEXT_FIELD
 }
 
 /// How the global batches are drawn. Either way the order depends on the
@@ -383,6 +632,9 @@ impl Default for DataSpec {
             order: DataOrder::default(),
             min_bucket_length: default_min_bucket_length(),
             curriculum_steps: default_curriculum_steps(),
+            format: DataFormat::default(),
+            text_field: default_text_field(),
+            tokenizer: None,
         }
     }
 }
@@ -529,6 +781,12 @@ pub struct ElasticitySpec {
 fn default_unschedulable_timeout() -> i32 {
     60
 }
+
+/// The exit code of a worker that refuses the job's settings (sysexits'
+/// `EX_CONFIG`): a model directory it cannot read, rotary settings it cannot
+/// compute, data it cannot parse. The operator fails the job at once with the
+/// worker's message, which names the field, instead of restarting it.
+pub const SETTINGS_REFUSED_EXIT: i32 = 78;
 
 /// How long a job avoids a node where one of its workers could not be scheduled.
 pub const AVOID_NODE_SECONDS: i64 = 300;

@@ -214,6 +214,11 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
     // bound to a volume, the job starts.
     let mut claimed = job("claimed", 1, 1, 8);
     claimed.spec.checkpoint.claim_name = Some("claimed-checkpoints".into());
+    claimed.spec.volumes = vec![weft_crds::VolumeMountSpec {
+        claim_name: "claimed-models".into(),
+        mount_path: "/models".into(),
+        read_only: true,
+    }];
     jobs.create(&PostParams::default(), &claimed).await?;
     let status = wait_job_status(&jobs, "claimed", "claimed to name its missing claim", |s| {
         s.conditions
@@ -233,35 +238,89 @@ async fn scenario(ns: &TestNamespace, extra: &[Node]) -> anyhow::Result<()> {
         "workers started without their claim"
     );
     let volumes: Api<PersistentVolume> = Api::all(ns.client.clone());
-    let volume_name = format!("{}-checkpoints", ns.name);
+    let claims: Api<PersistentVolumeClaim> = ns.api();
     let (label_key, label_value) = CLAIM_VOLUME_LABEL
         .split_once('=')
         .context("the label is key=value")?;
-    let volume: PersistentVolume = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": volume_name, "labels": {label_key: label_value}},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "hostPath": {"path": "/tmp/weft-e2e-checkpoints"},
-            "storageClassName": "",
-            "persistentVolumeReclaimPolicy": "Retain"
+    // A claim bound to a volume of its own.
+    let make_claim = |claim: &'static str| {
+        let (volumes, claims) = (volumes.clone(), claims.clone());
+        let volume_name = format!("{}-{claim}", ns.name);
+        async move {
+            let volume: PersistentVolume = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": volume_name, "labels": {label_key: label_value}},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "hostPath": {"path": format!("/tmp/weft-e2e-{claim}")},
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain"
+                }
+            }))?;
+            volumes.create(&PostParams::default(), &volume).await?;
+            let made: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "storageClassName": "",
+                    "volumeName": volume_name
+                }
+            }))?;
+            claims.create(&PostParams::default(), &made).await?;
+            anyhow::Ok(())
         }
-    }))?;
-    volumes.create(&PostParams::default(), &volume).await?;
-    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "claimed-checkpoints"},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "resources": {"requests": {"storage": "1Gi"}},
-            "storageClassName": "",
-            "volumeName": volume_name
-        }
-    }))?;
-    let claims: Api<PersistentVolumeClaim> = ns.api();
-    claims.create(&PostParams::default(), &claim).await?;
-    wait_running(ns, "claimed", 1, 1).await?;
+    };
+    make_claim("claimed-checkpoints").await?;
+    // Then the claim of spec.volumes is the one missing, named by its field.
+    let status = wait_job_status(
+        &jobs,
+        "claimed",
+        "claimed to name its missing volume",
+        |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Schedulable" && c.reason == "VolumeClaimNotFound")
+        },
+    )
+    .await?;
+    let said = schedulable_message(&status);
+    ensure!(
+        status.phase == Phase::Pending
+            && said.starts_with(
+                "volumes[0].claimName: PersistentVolumeClaim \"claimed-models\" not found"
+            ),
+        "{status:?}"
+    );
+    ensure!(
+        job_pods(&pods, "claimed").await?.is_empty(),
+        "workers started without their volume"
+    );
+    make_claim("claimed-models").await?;
+    let (workers, _) = wait_running(ns, "claimed", 1, 1).await?;
+    // The worker mounts the job's volume where the job said, read-only.
+    let worker_name = workers.keys().next().context("a worker runs")?;
+    let worker = pods.get(worker_name).await?;
+    let spec = worker.spec.context("a worker pod has a spec")?;
+    let mount = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/models")
+        .context("the worker does not mount /models")?;
+    let claim_of = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.clone());
+    ensure!(
+        mount.read_only == Some(true) && claim_of.as_deref() == Some("claimed-models"),
+        "{mount:?} {claim_of:?}"
+    );
     jobs.delete("claimed", &DeleteParams::background()).await?;
-    stage("a missing checkpoint claim was named, and the job started once it existed");
+    stage("missing checkpoint and volume claims were named, and the job started once they existed");
 
     // A node that will not take the worker the mesh put there (it has 1 GiB,
     // the worker asks 2): after the timeout the job avoids it, says so, and

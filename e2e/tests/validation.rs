@@ -157,7 +157,86 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             (
                 "a preset and dimensions",
                 json!({"model": {"preset": "tiny", "layers": 4}}),
-                vec!["spec.model", "either a preset or all of"],
+                vec!["spec.model", "give one of a preset, all of layers"],
+            ),
+            (
+                "a checkpoint and a preset",
+                json!({"model": {"preset": "tiny", "checkpoint": "/models/llama"}}),
+                vec!["spec.model", "give one of a preset, all of layers"],
+            ),
+            (
+                "a relative checkpoint",
+                json!({"model": {"preset": null, "checkpoint": "models/llama"}}),
+                vec!["spec.model.checkpoint", "absolute path"],
+            ),
+            (
+                "rotary settings without a checkpoint",
+                json!({"model": {"rope": {"type": "yarn", "factor": 4.0}}}),
+                vec!["spec.model", "model.rope changes the rotary settings of a checkpoint"],
+            ),
+            (
+                "an output without a checkpoint",
+                json!({"model": {"output": "/out/model"}}),
+                vec!["spec.model", "model.output writes the trained model"],
+            ),
+            (
+                "yarn without a factor",
+                json!({"model": {"preset": null, "checkpoint": "/m", "rope": {"type": "yarn"}}}),
+                vec!["spec.model.rope", "model.rope.factor is required"],
+            ),
+            (
+                "a llama3 key on yarn",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "yarn", "factor": 4.0, "lowFreqFactor": 1.0}}}),
+                vec!["spec.model.rope", "belong to the llama3 type"],
+            ),
+            (
+                "a rope type weft does not compute",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "dynamic", "factor": 2.0}}}),
+                vec!["spec.model.rope.type", "Unsupported value"],
+            ),
+            (
+                "a rope factor below one",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "linear", "factor": 0.5}}}),
+                vec!["spec.model.rope.factor"],
+            ),
+            (
+                "a relative output",
+                json!({"model": {"preset": null, "checkpoint": "/m", "output": "out"}}),
+                vec!["spec.model.output", "absolute path"],
+            ),
+            (
+                "a text field for the built-in corpus",
+                json!({"data": {"textField": "body"}}),
+                vec!["spec.data", "data.format and data.textField read a data.source directory"],
+            ),
+            (
+                "an unknown data format",
+                json!({"data": {"source": "/data", "format": "Csv"}}),
+                vec!["spec.data.format", "Unsupported value"],
+            ),
+            (
+                "a relative tokenizer",
+                json!({"data": {"tokenizer": "tok.json"}}),
+                vec!["spec.data.tokenizer", "absolute path"],
+            ),
+            (
+                "two volumes at one path",
+                json!({"volumes": [{"claimName": "a", "mountPath": "/m"},
+                                   {"claimName": "b", "mountPath": "/m"}]}),
+                vec!["spec.volumes", "two volumes are mounted at the same mountPath"],
+            ),
+            (
+                "a volume over the checkpoints",
+                json!({"volumes": [{"claimName": "a", "mountPath": "/var/lib/weft/checkpoints"}]}),
+                vec!["spec", "a mountPath must not be checkpoint.path"],
+            ),
+            (
+                "a relative mount path",
+                json!({"volumes": [{"claimName": "a", "mountPath": "models"}]}),
+                vec!["spec.volumes[0].mountPath", "absolute path"],
             ),
             (
                 "heads not a multiple of kv heads",
@@ -356,6 +435,11 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 &["spec.command, spec.args and spec.env can change only while the job is suspended"],
             )?;
         }
+        expect_refusal(
+            "new volumes on a running job",
+            patch(json!({"spec": {"volumes": [{"claimName": "a", "mountPath": "/m"}]}})).await,
+            &["spec.volumes can change only while the job is suspended"],
+        )?;
         // Growing the range must keep every worker's name short enough.
         let long = "l".repeat(52);
         jobs.create(&PostParams::default(), &job(&long, spec_with(json!({})))?)

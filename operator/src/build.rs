@@ -84,23 +84,79 @@ pub const RENDEZVOUS_PORT: i32 = 29500;
 pub const MESH_MOUNT: &str = "/etc/weft/mesh";
 
 /// What the workers of a job need besides the mesh, published next to it as
-/// `training.json`. Version 1.
+/// `training.json`. Version 1, or 2 where the job uses what version 1 has
+/// no place for ([`TrainingParameters::version_needed`]), so a trainer that
+/// reads only version 1 refuses such a job rather than ignore its settings.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingParameters {
     pub version: u32,
-    /// The model with every dimension resolved (a preset's sizes filled in).
-    pub model: weft_planner::model::ModelSpec,
+    /// The model with every dimension resolved (a preset's sizes filled
+    /// in); absent when the model is a checkpoint (`pretrained`), whose
+    /// config the workers read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<weft_planner::model::ModelSpec>,
+    /// A Hugging Face checkpoint to start from (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<Pretrained>,
     pub data: weft_crds::DataSpec,
     pub parallelism: weft_crds::ParallelismSpec,
     pub checkpoint: weft_crds::CheckpointSpec,
 }
 
-/// The model a spec names, every dimension resolved and checked.
+/// The job's `model.checkpoint`, its rotary settings (in `config.json`'s
+/// `rope_parameters` form) and where the trained model goes.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pretrained {
+    pub checkpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+impl TrainingParameters {
+    /// The parameters of `spec`.
+    pub fn of(spec: &weft_crds::TrainingJobSpec) -> Result<TrainingParameters, BuildError> {
+        let pretrained = spec.model.checkpoint.as_ref().map(|checkpoint| Pretrained {
+            checkpoint: checkpoint.clone(),
+            rope: spec.model.rope.as_ref().map(|r| r.rope_parameters()),
+            output: spec.model.output.clone(),
+        });
+        let mut parameters = TrainingParameters {
+            version: 1,
+            model: resolve_model(&spec.model)?,
+            pretrained,
+            data: spec.data.clone(),
+            parallelism: spec.parallelism.clone(),
+            checkpoint: spec.checkpoint.clone(),
+        };
+        parameters.version = parameters.version_needed();
+        Ok(parameters)
+    }
+
+    /// 2 where the job starts from a checkpoint or reads its data in a way
+    /// of version 2 (a format, a text field, a tokenizer), else 1.
+    pub fn version_needed(&self) -> u32 {
+        let data = &self.data;
+        let version_2 = self.pretrained.is_some()
+            || data.format != weft_crds::DataFormat::Auto
+            || data.text_field != weft_crds::DEFAULT_TEXT_FIELD
+            || data.tokenizer.is_some();
+        if version_2 { 2 } else { 1 }
+    }
+}
+
+/// The model a spec names, every dimension resolved and checked; `None` for
+/// a checkpoint, whose shapes its workers read from its `config.json`.
 pub fn resolve_model(
     spec: &weft_crds::ModelSpec,
-) -> Result<weft_planner::model::ModelSpec, BuildError> {
+) -> Result<Option<weft_planner::model::ModelSpec>, BuildError> {
     use weft_planner::model::ModelSpec;
+    if spec.checkpoint.is_some() {
+        return Ok(None);
+    }
     let model = match spec.preset {
         Some(preset) => ModelSpec::preset(preset.name())?,
         None => {
@@ -118,7 +174,7 @@ pub fn resolve_model(
         }
     };
     model.validate()?;
-    Ok(model)
+    Ok(Some(model))
 }
 
 /// Why the objects of a job cannot be built.
@@ -206,13 +262,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
     };
     let mesh_json =
         serde_json::to_string_pretty(&published).map_err(|e| BuildError::Mesh(e.to_string()))?;
-    let parameters = TrainingParameters {
-        version: 1,
-        model: resolve_model(&job.spec.model)?,
-        data: job.spec.data.clone(),
-        parallelism: job.spec.parallelism.clone(),
-        checkpoint: job.spec.checkpoint.clone(),
-    };
+    let parameters = TrainingParameters::of(&job.spec)?;
     let parameters_json = serde_json::to_string_pretty(&parameters)
         .map_err(|e| BuildError::Parameters(e.to_string()))?;
     let data = BTreeMap::from([
@@ -328,38 +378,64 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
                         image: Some(spec.image.clone()),
                         command: spec.command.clone(),
                         args: spec.args.clone(),
+                        // A worker writes why it stopped into its termination
+                        // message (what it refused of the job's settings); a
+                        // worker that could not, leaves its log's last lines.
+                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
                         env: Some(env),
                         resources: Some(ResourceRequirements {
                             limits: (!limits.is_empty()).then(|| limits.clone()),
                             requests: (!requests.is_empty()).then(|| requests.clone()),
                             ..Default::default()
                         }),
-                        volume_mounts: Some(vec![
-                            VolumeMount {
-                                name: "mesh".to_string(),
-                                mount_path: MESH_MOUNT.to_string(),
-                                read_only: Some(true),
+                        volume_mounts: Some(
+                            vec![
+                                VolumeMount {
+                                    name: "mesh".to_string(),
+                                    mount_path: MESH_MOUNT.to_string(),
+                                    read_only: Some(true),
+                                    ..Default::default()
+                                },
+                                VolumeMount {
+                                    name: "checkpoints".to_string(),
+                                    mount_path: spec.checkpoint.path.clone(),
+                                    ..Default::default()
+                                },
+                            ]
+                            .into_iter()
+                            .chain(spec.volumes.iter().enumerate().map(|(i, v)| VolumeMount {
+                                name: claim_volume_name(i),
+                                mount_path: v.mount_path.clone(),
+                                read_only: v.read_only.then_some(true),
                                 ..Default::default()
-                            },
-                            VolumeMount {
-                                name: "checkpoints".to_string(),
-                                mount_path: spec.checkpoint.path.clone(),
-                                ..Default::default()
-                            },
-                        ]),
+                            }))
+                            .collect(),
+                        ),
                         ..Default::default()
                     }],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "mesh".to_string(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: mesh_config_map_name(&name),
+                    volumes: Some(
+                        vec![
+                            Volume {
+                                name: "mesh".to_string(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: mesh_config_map_name(&name),
+                                    ..Default::default()
+                                }),
                                 ..Default::default()
+                            },
+                            checkpoint_volume(&spec.checkpoint),
+                        ]
+                        .into_iter()
+                        .chain(spec.volumes.iter().enumerate().map(|(i, v)| Volume {
+                            name: claim_volume_name(i),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: v.claim_name.clone(),
+                                read_only: v.read_only.then_some(true),
                             }),
                             ..Default::default()
-                        },
-                        checkpoint_volume(&spec.checkpoint),
-                    ]),
+                        }))
+                        .collect(),
+                    ),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -414,6 +490,11 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
         role,
         role_binding,
     })
+}
+
+/// The pod's name of the job's `index`th volume (`spec.volumes`).
+fn claim_volume_name(index: usize) -> String {
+    format!("volume-{index}")
 }
 
 fn checkpoint_volume(checkpoint: &weft_crds::CheckpointSpec) -> Volume {
@@ -673,11 +754,95 @@ mod tests {
         let json = &objects.mesh.data.as_ref().unwrap()["training.json"];
         let parameters: TrainingParameters = serde_json::from_str(json).unwrap();
         assert_eq!(parameters.version, 1);
-        assert_eq!(
-            (parameters.model.layers, parameters.model.kv_heads),
-            (80, 8)
-        );
+        let model = parameters.model.unwrap();
+        assert_eq!((model.layers, model.kv_heads), (80, 8));
         assert_eq!(parameters.data, job.spec.data);
+        assert!(parameters.pretrained.is_none());
+    }
+
+    /// A checkpoint reaches the workers with its rotary settings in
+    /// `config.json`'s terms, where the trained model goes, and the data's
+    /// format, text field and tokenizer; such a file is version 2, so a
+    /// trainer that reads only version 1 refuses it rather than ignore them.
+    #[test]
+    fn a_checkpoint_its_rope_and_the_datas_reading_reach_the_workers_as_version_2() {
+        let mut job = job();
+        job.spec.model = JobModel {
+            preset: None,
+            checkpoint: Some("/models/llama".into()),
+            rope: Some(weft_crds::RopeSpec {
+                rope_type: weft_crds::RopeType::Yarn,
+                factor: Some(16.0),
+                theta: Some(500000.0),
+                original_max_position_embeddings: Some(8192),
+                ..Default::default()
+            }),
+            output: Some("/out/llama-128k".into()),
+            ..JobModel::default()
+        };
+        let objects = build(&job, &mesh()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&objects.mesh.data.as_ref().unwrap()["training.json"]).unwrap();
+        assert_eq!(json["version"], 2);
+        assert!(json.get("model").is_none(), "{json}");
+        assert_eq!(
+            json["pretrained"],
+            serde_json::json!({
+                "checkpoint": "/models/llama",
+                "rope": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 16.0,
+                         "original_max_position_embeddings": 8192},
+                "output": "/out/llama-128k",
+            })
+        );
+        // Each of the data's new settings alone needs version 2 too.
+        for change in [
+            |d: &mut weft_crds::DataSpec| d.format = weft_crds::DataFormat::Parquet,
+            |d: &mut weft_crds::DataSpec| d.text_field = "content".into(),
+            |d: &mut weft_crds::DataSpec| d.tokenizer = Some("/tok/tokenizer.json".into()),
+        ] {
+            let mut job = self::job();
+            change(&mut job.spec.data);
+            let parameters = TrainingParameters::of(&job.spec).unwrap();
+            assert_eq!(parameters.version, 2, "{:?}", parameters.data);
+        }
+    }
+
+    #[test]
+    fn the_jobs_volumes_are_mounted_into_every_worker() {
+        let mut job = job();
+        job.spec.volumes = vec![
+            weft_crds::VolumeMountSpec {
+                claim_name: "models".into(),
+                mount_path: "/models".into(),
+                read_only: true,
+            },
+            weft_crds::VolumeMountSpec {
+                claim_name: "corpus".into(),
+                mount_path: "/data".into(),
+                read_only: false,
+            },
+        ];
+        let pods = build(&job, &mesh()).unwrap().pods;
+        for pod in &pods {
+            let spec = pod.spec.as_ref().unwrap();
+            let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+            let volumes = spec.volumes.as_ref().unwrap();
+            for (wanted, read_only) in [("/models", Some(true)), ("/data", None)] {
+                let mount = mounts.iter().find(|m| m.mount_path == wanted).unwrap();
+                assert_eq!(mount.read_only, read_only);
+                let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+                let claim = volume.persistent_volume_claim.as_ref().unwrap();
+                assert_eq!(
+                    claim.claim_name,
+                    if wanted == "/models" {
+                        "models"
+                    } else {
+                        "corpus"
+                    }
+                );
+                assert_eq!(claim.read_only, read_only);
+            }
+        }
     }
 
     #[test]
@@ -692,6 +857,7 @@ mod tests {
                 preset: Some(preset),
                 ..JobModel::default()
             })
+            .unwrap()
             .unwrap();
             assert_eq!(model.name, preset.name());
         }
@@ -703,6 +869,7 @@ mod tests {
             kv_heads: Some(4),
             ffn: Some(256),
             vocab: Some(257),
+            ..JobModel::default()
         };
         let err = resolve_model(&bad).unwrap_err();
         assert!(err.to_string().starts_with("spec.model:"), "{err}");

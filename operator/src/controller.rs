@@ -54,8 +54,8 @@ use crate::lifecycle::{
 };
 use crate::metrics::Metrics;
 use crate::status::{
-    CONDITION_SCHEDULABLE, Observed, Outcome, REASON_CLAIM_NOT_FOUND, compute_status,
-    describe_refusals, find_condition, finished_status, missing_claim_status,
+    CONDITION_SCHEDULABLE, JobClaim, Observed, Outcome, compute_status, describe_refusals,
+    find_condition, finished_status, missing_claim_status,
 };
 
 /// The field manager of everything the operator applies.
@@ -892,10 +892,14 @@ async fn reconcile_job(
                 )
             })
             .collect();
-        if let Some(message) = restart_budget_exhausted(&job, &status) {
+        let refused =
+            crate::lifecycle::refused_settings(&job_pods).map(|message| ("InvalidSpec", message));
+        let exhausted = restart_budget_exhausted(&job, &status)
+            .map(|message| ("RestartLimitExceeded", message));
+        if let Some((reason, message)) = refused.or(exhausted) {
             job.status = Some(status);
             let outcome = Outcome::Failed {
-                reason: "RestartLimitExceeded".to_string(),
+                reason: reason.to_string(),
                 message,
             };
             return finish(
@@ -942,41 +946,40 @@ async fn reconcile_job(
     // Workers not yet ended.
     let live = job_pods.iter().filter(|p| !terminal(p)).count();
 
-    // The checkpoint volume must exist before any worker is placed: a pod
-    // naming a missing claim is refused on every node, which is not the
-    // nodes' fault. Workers already running keep it (Kubernetes does not
-    // delete a claim while pods use it).
-    if let Some(claim) = &job.spec.checkpoint.claim_name {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
-        if live == 0
-            && claims
-                .get_opt(claim)
-                .instrument(tracing::info_span!("get_checkpoint_claim"))
-                .await?
-                .is_none()
+    // The volumes (the checkpoint's, the job's own) must exist before any
+    // worker is placed: a pod naming a missing claim is refused on every
+    // node, which is not the nodes' fault. Workers already running keep
+    // theirs (Kubernetes does not delete a claim while pods use it).
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    for claim in JobClaim::of(&job).into_iter().filter(|_| live == 0) {
+        if claims
+            .get_opt(claim.name())
+            .instrument(tracing::info_span!("get_volume_claim"))
+            .await?
+            .is_some()
         {
-            let status = missing_claim_status(&job, claim, &now);
-            let was_missing = job
-                .status
-                .as_ref()
-                .and_then(|s| find_condition(s, CONDITION_SCHEDULABLE))
-                .is_some_and(|c| c.reason == REASON_CLAIM_NOT_FOUND);
-            write_status(&jobs, &mut job, &status).await?;
-            if !was_missing {
-                let message = find_condition(&status, CONDITION_SCHEDULABLE)
-                    .map(|c| c.message.clone())
-                    .unwrap_or_default();
-                event(
-                    &ctx,
-                    &job,
-                    EventType::Warning,
-                    REASON_CLAIM_NOT_FOUND,
-                    message,
-                )
-                .await;
-            }
-            return Ok(Action::requeue(Duration::from_secs(15)));
+            continue;
         }
+        let status = missing_claim_status(&job, &claim, &now);
+        let condition = find_condition(&status, CONDITION_SCHEDULABLE);
+        let was_missing = job
+            .status
+            .as_ref()
+            .and_then(|s| find_condition(s, CONDITION_SCHEDULABLE))
+            .is_some_and(|c| Some(&c.message) == condition.map(|c| &c.message));
+        let message = condition.map(|c| c.message.clone()).unwrap_or_default();
+        write_status(&jobs, &mut job, &status).await?;
+        if !was_missing {
+            event(
+                &ctx,
+                &job,
+                EventType::Warning,
+                claim.missing_reason(),
+                message,
+            )
+            .await;
+        }
+        return Ok(Action::requeue(Duration::from_secs(15)));
     }
 
     // Workers refused where another job's pods took the GPUs first: placed

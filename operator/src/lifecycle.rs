@@ -70,6 +70,36 @@ pub fn failure_reason(pod: &Pod) -> String {
     }
 }
 
+/// The first failed worker that refused the job's settings (its container
+/// exited with [`weft_crds::SETTINGS_REFUSED_EXIT`]), and why, in its own
+/// words (the worker writes them as its termination message): such a job
+/// cannot run until its spec changes, so it fails at once rather than spend
+/// its restarts on the same refusal.
+pub fn refused_settings(pods: &[Pod]) -> Option<String> {
+    let mut pods: Vec<&Pod> = pods.iter().filter(|p| phase_of(p) == "Failed").collect();
+    pods.sort_by_key(|p| p.name_any());
+    pods.into_iter().find_map(|pod| {
+        let refused = pod
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+            .find(|t| t.exit_code == weft_crds::SETTINGS_REFUSED_EXIT)?;
+        let message = refused
+            .message
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .unwrap_or("(it left no message; see its log)");
+        Some(format!(
+            "worker {} refused the job's settings: {message}",
+            pod.name_any()
+        ))
+    })
+}
+
 /// The nodes the job avoids from `now` on: those of `status.avoidedNodes`
 /// avoided for less than [`AVOID_NODE_SECONDS`], and the node of every worker
 /// pod the scheduler has refused (`PodScheduled` False, `Unschedulable`) for
@@ -399,6 +429,40 @@ mod tests {
         // A zero limit tolerates no failure at all.
         let strict = job(0, 60);
         assert!(restart_budget_exhausted(&strict, &status).is_some());
+    }
+
+    /// A worker that exits with the refusal code fails the job at once with
+    /// its message; any other failure, or a success, is no refusal.
+    #[test]
+    fn a_worker_that_refuses_the_settings_is_found_with_its_message() {
+        let cases: Vec<(Vec<Pod>, Option<&str>)> = vec![
+            (vec![pod("w-0", "a", "Failed", 1)], None),
+            (vec![pod("w-0", "a", "Running", 0)], None),
+            (vec![pod("w-0", "a", "Succeeded", 0)], None),
+            (
+                vec![
+                    pod("w-1", "b", "Failed", weft_crds::SETTINGS_REFUSED_EXIT),
+                    pod("w-0", "a", "Failed", 1),
+                ],
+                Some("worker w-1 refused the job's settings: NCCL timeout"),
+            ),
+        ];
+        for (pods, wanted) in cases {
+            assert_eq!(refused_settings(&pods).as_deref(), wanted);
+        }
+        let mut silent = pod("w-2", "c", "Failed", weft_crds::SETTINGS_REFUSED_EXIT);
+        if let Some(status) = silent.status.as_mut()
+            && let Some(containers) = status.container_statuses.as_mut()
+            && let Some(state) = containers[0].state.as_mut()
+            && let Some(terminated) = state.terminated.as_mut()
+        {
+            terminated.message = None;
+        }
+        assert!(
+            refused_settings(&[silent])
+                .unwrap()
+                .ends_with("(it left no message; see its log)")
+        );
     }
 
     #[test]

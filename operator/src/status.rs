@@ -103,23 +103,74 @@ pub fn find_condition<'a>(status: &'a TrainingJobStatus, type_: &str) -> Option<
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// The status of a job that cannot start because the checkpoint volume it
-/// names (`checkpoint.claimName`) does not exist: Pending, no worker, and a
-/// condition naming the claim, rather than workers the scheduler would refuse
-/// on every node (which is not the nodes' fault).
-pub fn missing_claim_status(job: &TrainingJob, claim: &str, now: &Time) -> TrainingJobStatus {
+/// A PersistentVolumeClaim a job names: the checkpoint volume
+/// (`checkpoint.claimName`) or one of `volumes` (by its index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobClaim {
+    Checkpoint(String),
+    Volume(usize, String),
+}
+
+impl JobClaim {
+    /// Every claim `job` names, the checkpoint's first.
+    pub fn of(job: &TrainingJob) -> Vec<JobClaim> {
+        let checkpoint = job.spec.checkpoint.claim_name.clone();
+        checkpoint
+            .map(JobClaim::Checkpoint)
+            .into_iter()
+            .chain(
+                job.spec
+                    .volumes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| JobClaim::Volume(i, v.claim_name.clone())),
+            )
+            .collect()
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            JobClaim::Checkpoint(name) | JobClaim::Volume(_, name) => name,
+        }
+    }
+
+    /// The `Schedulable` condition's reason while this claim is missing.
+    pub fn missing_reason(&self) -> &'static str {
+        match self {
+            JobClaim::Checkpoint(_) => REASON_CLAIM_NOT_FOUND,
+            JobClaim::Volume(..) => REASON_VOLUME_CLAIM_NOT_FOUND,
+        }
+    }
+}
+
+/// The `Schedulable` condition's reason while a claim of `volumes` is missing.
+pub const REASON_VOLUME_CLAIM_NOT_FOUND: &str = "VolumeClaimNotFound";
+
+/// The status of a job that cannot start because a volume it names (the
+/// checkpoint's or one of `volumes`) does not exist: Pending, no worker, and
+/// a condition naming the field and the claim, rather than workers the
+/// scheduler would refuse on every node (which is not the nodes' fault).
+pub fn missing_claim_status(job: &TrainingJob, claim: &JobClaim, now: &Time) -> TrainingJobStatus {
     let previous = job.status.as_ref();
     let mut status = previous.cloned().unwrap_or_default();
     let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
+    let name = claim.name();
+    let message = match claim {
+        JobClaim::Checkpoint(_) => format!(
+            "checkpoint.claimName: PersistentVolumeClaim {name:?} not found in namespace {namespace:?}; \
+             create it (ReadWriteMany, shared by every worker) or remove checkpoint.claimName"
+        ),
+        JobClaim::Volume(index, _) => format!(
+            "volumes[{index}].claimName: PersistentVolumeClaim {name:?} not found in namespace {namespace:?}; \
+             create it or remove it from spec.volumes"
+        ),
+    };
     let schedulable = condition(
         previous,
         CONDITION_SCHEDULABLE,
         false,
-        REASON_CLAIM_NOT_FOUND,
-        format!(
-            "checkpoint.claimName: PersistentVolumeClaim {claim:?} not found in namespace {namespace:?}; \
-             create it (ReadWriteMany, shared by every worker) or remove checkpoint.claimName"
-        ),
+        claim.missing_reason(),
+        message,
         job.metadata.generation,
         now,
     );
@@ -544,7 +595,11 @@ mod tests {
     fn a_missing_checkpoint_claim_keeps_the_job_pending_and_names_the_claim() {
         let mut j = job(false);
         j.metadata.namespace = Some("team".into());
-        let status = missing_claim_status(&j, "ckpt", &Time(Timestamp::UNIX_EPOCH));
+        let status = missing_claim_status(
+            &j,
+            &JobClaim::Checkpoint("ckpt".into()),
+            &Time(Timestamp::UNIX_EPOCH),
+        );
         assert_eq!(status.phase, Phase::Pending);
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!((status.workers_desired, status.workers_ready), (0, 0));
@@ -560,6 +615,30 @@ mod tests {
             c.message
         );
         assert!(find_condition(&status, CONDITION_READY).is_some());
+        // A claim of spec.volumes, by its index.
+        j.spec.volumes = vec![weft_crds::VolumeMountSpec {
+            claim_name: "models".into(),
+            mount_path: "/models".into(),
+            read_only: true,
+        }];
+        j.spec.checkpoint.claim_name = Some("ckpt".into());
+        let claims = JobClaim::of(&j);
+        assert_eq!(
+            claims,
+            [
+                JobClaim::Checkpoint("ckpt".into()),
+                JobClaim::Volume(0, "models".into())
+            ]
+        );
+        let status = missing_claim_status(&j, &claims[1], &Time(Timestamp::UNIX_EPOCH));
+        let c = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
+        assert_eq!(c.reason, REASON_VOLUME_CLAIM_NOT_FOUND);
+        assert!(
+            c.message
+                .starts_with("volumes[0].claimName: PersistentVolumeClaim \"models\" not found"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

@@ -34,6 +34,10 @@ fn built() -> Vec<(&'static str, Value)> {
             json!([{"key": "gpu", "operator": "Exists"}]),
         ),
         ("checkpoint.claimName", json!("shared-ckpt")),
+        (
+            "volumes",
+            json!([{"claimName": "models", "mountPath": "/models", "readOnly": true}]),
+        ),
     ]
 }
 
@@ -63,7 +67,42 @@ fn passed() -> Vec<(&'static str, Value)> {
         ("checkpoint.path", json!("/ckpt/other")),
         ("checkpoint.intervalSteps", json!(17)),
         ("checkpoint.keep", json!(5)),
+        ("data.format", json!("Parquet")),
+        ("data.textField", json!("content")),
+        ("data.tokenizer", json!("/tokenizers/llama")),
+        ("model.checkpoint", json!("/models/llama")),
     ]
+}
+
+/// Fields of a job that starts from a checkpoint, passed to the workers
+/// (under `pretrained`), with a value other than [`pretrained_base`]'s.
+fn passed_with_checkpoint() -> Vec<(&'static str, Value)> {
+    vec![
+        ("model.checkpoint", json!("/models/other")),
+        ("model.output", json!("/out/llama")),
+        ("model.rope.type", json!("llama3")),
+        ("model.rope.theta", json!(1000000.0)),
+        ("model.rope.factor", json!(8.0)),
+        ("model.rope.originalMaxPositionEmbeddings", json!(4096)),
+        ("model.rope.lowFreqFactor", json!(1.0)),
+        ("model.rope.highFreqFactor", json!(4.0)),
+        ("model.rope.betaFast", json!(16.0)),
+        ("model.rope.betaSlow", json!(2.0)),
+        ("model.rope.mscale", json!(0.7)),
+        ("model.rope.mscaleAllDim", json!(0.5)),
+        ("model.rope.attentionFactor", json!(1.2)),
+        ("model.rope.truncate", json!(false)),
+    ]
+}
+
+/// A job that starts from a checkpoint, with YaRN settings.
+fn pretrained_base() -> Value {
+    let mut job = base();
+    job["spec"]["model"] = json!({
+        "checkpoint": "/models/llama",
+        "rope": {"type": "yarn", "factor": 2.0},
+    });
+    job
 }
 
 /// Fields the reconcile decides with, each read by a pure function that
@@ -129,6 +168,7 @@ fn every_spec_field_is_acted_on_or_passed_to_the_workers() {
     let listed: BTreeSet<String> = built()
         .into_iter()
         .chain(passed())
+        .chain(passed_with_checkpoint())
         .map(|(p, _)| p.to_string())
         .chain(DECIDED.iter().map(|(p, _)| p.to_string()))
         .collect();
@@ -209,5 +249,18 @@ fn each_passed_field_reaches_training_json() {
             let pointer = format!("/{}", path.replace('.', "/"));
             assert_eq!(changed.pointer(&pointer), Some(&value), "{path}");
         }
+    }
+}
+
+#[test]
+fn each_field_of_a_checkpoint_reaches_training_json() {
+    let (_, training) = objects(&pretrained_base());
+    assert_eq!(training["version"], 2);
+    for (path, value) in passed_with_checkpoint() {
+        let (_, changed) = objects(&with(pretrained_base(), path, &value));
+        assert_ne!(
+            changed, training,
+            "{path} = {value} does not reach training.json"
+        );
     }
 }

@@ -46,10 +46,22 @@ pub enum DataError {
         field: String,
         reason: String,
     },
-    #[error(
-        "corpus directory {0} holds no documents (looked for non-empty .txt, .md and .jsonl files)"
-    )]
-    Empty(PathBuf),
+    #[error("corpus directory {dir} holds no documents (looked for {looked_for})")]
+    Empty {
+        dir: PathBuf,
+        looked_for: &'static str,
+    },
+    #[error("{path}: {reason}")]
+    BadParquet { path: PathBuf, reason: String },
+    #[error("{path}:{row}: the column {field:?} holds no string ({found})")]
+    BadParquetRow {
+        path: PathBuf,
+        row: usize,
+        field: String,
+        found: String,
+    },
+    #[error("data format {0:?} is none of auto, text, jsonl and parquet")]
+    UnknownFormat(String),
     #[error("{field} must be at least 1, got {value}")]
     BadSize { field: &'static str, value: usize },
     #[error("dataset decomposition: {0}")]
@@ -67,12 +79,17 @@ impl DataError {
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {
-            DataError::NotFound(_) | DataError::NotADirectory(_) | DataError::Empty(_) => {
+            DataError::NotFound(_) | DataError::NotADirectory(_) | DataError::Empty { .. } => {
                 "corpus_missing"
             }
             DataError::Io { .. } => "corpus_io",
-            DataError::NotUtf8 { .. } | DataError::BadJsonLine { .. } => "corpus_format",
-            DataError::BadSize { .. } | DataError::Decomposition(_) => "data_config",
+            DataError::NotUtf8 { .. }
+            | DataError::BadJsonLine { .. }
+            | DataError::BadParquet { .. }
+            | DataError::BadParquetRow { .. } => "corpus_format",
+            DataError::BadSize { .. }
+            | DataError::Decomposition(_)
+            | DataError::UnknownFormat(_) => "data_config",
             DataError::Tokenizer { .. } | DataError::Tokenize { .. } => "tokenizer",
         }
     }
@@ -106,17 +123,81 @@ const BUILTIN_CORPUS_TEXT: &str = include_str!("../corpus/python-reference.jsonl
 /// another (`--text-field`).
 pub const DEFAULT_TEXT_FIELD: &str = "text";
 
-impl Corpus {
-    /// Loads every `.txt` and `.md` file (one document each) and every `.jsonl`
-    /// file (one document per non-empty line, from its `text` field) under `dir`;
-    /// or, when `dir` is [`BUILTIN_CORPUS`], the corpus built into the binary.
-    pub fn load(dir: &Path) -> Result<Corpus, DataError> {
-        Corpus::load_with(dir, DEFAULT_TEXT_FIELD)
+/// How the files of a corpus directory are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataFormat {
+    /// Each file by its extension: `.txt` and `.md` as text, `.jsonl` as
+    /// JSON lines, `.parquet` as Parquet; other files are not read.
+    #[default]
+    Auto,
+    /// `.txt` and `.md` files only, a document each.
+    Text,
+    /// `.jsonl` files only, a document per non-empty line (its text field).
+    JsonLines,
+    /// `.parquet` files only, a document per row (its text column).
+    Parquet,
+}
+
+impl DataFormat {
+    /// The format a run names: `auto`, `text`, `jsonl` or `parquet`.
+    pub fn parse(name: &str) -> Result<DataFormat, DataError> {
+        Ok(match name {
+            "auto" => DataFormat::Auto,
+            "text" => DataFormat::Text,
+            "jsonl" => DataFormat::JsonLines,
+            "parquet" => DataFormat::Parquet,
+            other => return Err(DataError::UnknownFormat(other.to_string())),
+        })
     }
 
-    /// [`Corpus::load`], reading each JSONL line's `text_field` (the
-    /// built-in corpus keeps its own `text`).
-    pub fn load_with(dir: &Path, text_field: &str) -> Result<Corpus, DataError> {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Text => "text",
+            DataFormat::JsonLines => "jsonl",
+            DataFormat::Parquet => "parquet",
+        }
+    }
+
+    /// How a file of this corpus is read, by its extension; `None`: not read.
+    fn reader_of(self, path: &Path) -> Option<DataFormat> {
+        let by_extension = match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+            "txt" | "md" => DataFormat::Text,
+            "jsonl" => DataFormat::JsonLines,
+            "parquet" => DataFormat::Parquet,
+            _ => return None,
+        };
+        (self == DataFormat::Auto || self == by_extension).then_some(by_extension)
+    }
+
+    fn looked_for(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "non-empty .txt, .md, .jsonl and .parquet files",
+            DataFormat::Text => "non-empty .txt and .md files (data format text)",
+            DataFormat::JsonLines => "non-empty .jsonl files (data format jsonl)",
+            DataFormat::Parquet => ".parquet files with rows (data format parquet)",
+        }
+    }
+}
+
+impl Corpus {
+    /// Loads every `.txt` and `.md` file (one document each), every `.jsonl`
+    /// file (one document per non-empty line, from its `text` field) and
+    /// every `.parquet` file (one document per row, from its `text` column)
+    /// under `dir`; or, when `dir` is [`BUILTIN_CORPUS`], the corpus built
+    /// into the binary.
+    pub fn load(dir: &Path) -> Result<Corpus, DataError> {
+        Corpus::load_with(dir, DataFormat::Auto, DEFAULT_TEXT_FIELD)
+    }
+
+    /// [`Corpus::load`], reading only the files of `format` and each JSONL
+    /// line's or Parquet row's `text_field` (the built-in corpus keeps its
+    /// own `text`).
+    pub fn load_with(
+        dir: &Path,
+        format: DataFormat,
+        text_field: &str,
+    ) -> Result<Corpus, DataError> {
         if dir.to_str() == Some(BUILTIN_CORPUS) {
             let mut documents = Vec::new();
             push_jsonl(
@@ -143,8 +224,11 @@ impl Corpus {
         skipped.sort();
         let mut documents = Vec::new();
         for path in files {
-            let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !matches!(extension, "txt" | "md" | "jsonl") {
+            let Some(reader) = format.reader_of(&path) else {
+                continue;
+            };
+            if reader == DataFormat::Parquet {
+                push_parquet(&path, text_field, &mut documents)?;
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
@@ -153,7 +237,7 @@ impl Corpus {
             })?;
             let text =
                 String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path: path.clone() })?;
-            if extension == "jsonl" {
+            if reader == DataFormat::JsonLines {
                 push_jsonl(&path, &text, text_field, &mut documents)?;
             } else if !text.trim().is_empty() {
                 documents.push(Document {
@@ -163,13 +247,14 @@ impl Corpus {
             }
         }
         if documents.is_empty() {
-            return Err(DataError::Empty(dir.to_path_buf()));
+            return Err(DataError::Empty {
+                dir: dir.to_path_buf(),
+                looked_for: format.looked_for(),
+            });
         }
         Ok(Corpus { documents, skipped })
     }
 
-    /// SHA-256 (hex) of the documents in order: what a data order drawn from
-    /// this corpus depends on, for a checkpoint to record.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
@@ -223,6 +308,69 @@ fn push_jsonl(
             documents.push(Document {
                 source: format!("{}:{}", path.display(), index + 1),
                 text: text.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The documents of a Parquet file: one per row with a non-empty string in
+/// its top-level column `field` (a row's source is `path:row`, from 1). The
+/// column is read alone; a null or a value that is not a string is refused
+/// by row, as a JSONL line without its field is.
+fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Result<(), DataError> {
+    use parquet::basic::Type as PhysicalType;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let bad = |reason: String| DataError::BadParquet {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| bad(format!("not a Parquet file weft can read: {e}")))?;
+    let root = reader.metadata().file_metadata().schema();
+    let columns = root.get_fields();
+    let Some(column) = columns.iter().find(|c| c.name() == field) else {
+        let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
+        return Err(bad(format!(
+            "no column {field:?} (the text field); its columns are {names:?}"
+        )));
+    };
+    if !column.is_primitive() || column.get_physical_type() != PhysicalType::BYTE_ARRAY {
+        return Err(bad(format!(
+            "the column {field:?} (the text field) does not hold strings"
+        )));
+    }
+    let projection = parquet::schema::types::Type::group_type_builder(root.name())
+        .with_fields(vec![column.clone()])
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let rows = reader
+        .get_row_iter(Some(projection))
+        .map_err(|e| bad(e.to_string()))?;
+    for (index, row) in rows.enumerate() {
+        let row = row.map_err(|e| bad(format!("row {}: {e}", index + 1)))?;
+        let refused = |found: String| DataError::BadParquetRow {
+            path: path.to_path_buf(),
+            row: index + 1,
+            field: field.to_string(),
+            found,
+        };
+        let text = match row.get_column_iter().next().map(|(_, value)| value) {
+            Some(Field::Str(text)) => text.clone(),
+            Some(Field::Bytes(bytes)) => String::from_utf8(bytes.data().to_vec())
+                .map_err(|_| refused("bytes that are not UTF-8".to_string()))?,
+            Some(Field::Null) | None => return Err(refused("null".to_string())),
+            Some(other) => return Err(refused(format!("{other}"))),
+        };
+        if !text.is_empty() {
+            documents.push(Document {
+                source: format!("{}:{}", path.display(), index + 1),
+                text,
             });
         }
     }
@@ -578,7 +726,7 @@ mod tests {
             "{\"content\":\"one\",\"text\":\"no\"}\n{\"content\":\"two\"}\n",
         )
         .unwrap();
-        let corpus = Corpus::load_with(&dir, "content").unwrap();
+        let corpus = Corpus::load_with(&dir, DataFormat::Auto, "content").unwrap();
         let texts: Vec<_> = corpus.documents.iter().map(|d| d.text.as_str()).collect();
         assert_eq!(texts, ["one", "two"]);
         let err = Corpus::load(&dir).unwrap_err().to_string();

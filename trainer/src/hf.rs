@@ -578,6 +578,83 @@ pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<crate::data::Tokenizer
     Ok(tokenizer)
 }
 
+/// A tokenizer named on its own (`--tokenizer`, the job's
+/// `data.tokenizer`): a `tokenizer.json`, or a directory holding one.
+/// Documents are closed by the end-of-sequence token its directory names:
+/// `config.json`'s `eos_token_id`, else `tokenizer_config.json`'s
+/// `eos_token` (a token of the tokenizer); by none when neither does.
+pub fn tokenizer_at(path: &Path) -> Result<crate::data::Tokenizer, HfError> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let refused = |message: String| HfError::Tokenizer {
+        path: file.clone(),
+        message,
+    };
+    if !file.is_file() {
+        return Err(refused(if path.is_dir() {
+            "the directory has no tokenizer.json".to_string()
+        } else {
+            "no such file".to_string()
+        }));
+    }
+    let read = |e: crate::data::DataError| match e {
+        crate::data::DataError::Tokenizer { message, .. } => {
+            refused(format!("not a tokenizer weft can read: {message}"))
+        }
+        other => refused(other.to_string()),
+    };
+    let json = |name: &str| -> Result<Option<Value>, HfError> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| HfError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| HfError::Json {
+                path,
+                message: e.to_string(),
+            })
+    };
+    let from_config = json("config.json")?.and_then(|c| match c.get("eos_token_id")? {
+        Value::Array(ids) => ids.first().and_then(Value::as_u64),
+        id => id.as_u64(),
+    });
+    if let Some(id) = from_config {
+        let end = u32::try_from(id).map_err(|_| HfError::Config {
+            path: dir.join("config.json"),
+            field: "eos_token_id".to_string(),
+            message: format!("{id} is not a token id"),
+        })?;
+        return crate::data::Tokenizer::from_file(&file, Some(end)).map_err(read);
+    }
+    let plain = crate::data::Tokenizer::from_file(&file, None).map_err(read)?;
+    let named = json("tokenizer_config.json")?.and_then(|c| match c.get("eos_token")? {
+        Value::String(token) => Some(token.clone()),
+        Value::Object(token) => token.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    });
+    let Some(token) = named else {
+        return Ok(plain);
+    };
+    let crate::data::Tokenizer::File { tokenizer, .. } = &plain else {
+        return Ok(plain);
+    };
+    let end = tokenizer.token_to_id(&token).ok_or_else(|| {
+        refused(format!(
+            "tokenizer_config.json names the end-of-sequence token {token:?}, which the tokenizer does not have"
+        ))
+    })?;
+    crate::data::Tokenizer::from_file(&file, Some(end)).map_err(read)
+}
+
 /// Reads the model of `dir` into a new model under `vs`, on `device`: the
 /// config, then every tensor of every file, each checked against the
 /// config's shapes. Any error leaves nothing half-loaded in the caller's
@@ -1067,6 +1144,107 @@ mod tests {
             unreachable!("an object")
         };
         parse_config(Path::new("m/config.json"), map)
+    }
+
+    /// A word-level tokenizer of four tokens, with `files` beside it.
+    fn tokenizer_dir(name: &str, files: &[(&str, Value)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("weft-tok-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                      "vocab": {"[UNK]": 0, "a": 1, "b": 2, "</s>": 3}},
+        });
+        let _ = std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string());
+        for (name, value) in files {
+            let _ = std::fs::write(dir.join(name), value.to_string());
+        }
+        dir
+    }
+
+    fn end_of(tokenizer: &crate::data::Tokenizer) -> Option<u32> {
+        match tokenizer {
+            crate::data::Tokenizer::File { end, .. } => *end,
+            crate::data::Tokenizer::Bytes => None,
+        }
+    }
+
+    /// `--tokenizer`: a file or its directory; the end token from the
+    /// directory's config.json, else tokenizer_config.json (a string or an
+    /// object), else none; what cannot be read is refused by name.
+    #[test]
+    fn a_tokenizer_named_on_its_own_closes_documents_with_its_directorys_end_token() {
+        let cases = [
+            (
+                "config",
+                vec![("config.json", json!({"eos_token_id": 2}))],
+                Some(2),
+            ),
+            (
+                "both",
+                vec![
+                    ("config.json", json!({"eos_token_id": [2, 3]})),
+                    ("tokenizer_config.json", json!({"eos_token": "</s>"})),
+                ],
+                Some(2),
+            ),
+            (
+                "string",
+                vec![("tokenizer_config.json", json!({"eos_token": "</s>"}))],
+                Some(3),
+            ),
+            (
+                "object",
+                vec![(
+                    "tokenizer_config.json",
+                    json!({"eos_token": {"content": "</s>", "lstrip": false}}),
+                )],
+                Some(3),
+            ),
+            ("none", vec![], None),
+        ];
+        for (name, files, wanted) in cases {
+            let dir = tokenizer_dir(name, &files);
+            for path in [dir.clone(), dir.join("tokenizer.json")] {
+                let tokenizer = tokenizer_at(&path);
+                assert!(tokenizer.is_ok(), "{name}: {tokenizer:?}");
+                let tokenizer = tokenizer.unwrap_or_default();
+                assert_eq!(end_of(&tokenizer), wanted, "{name}");
+                let tokens = tokenizer.encode("doc", "a a").unwrap_or_default();
+                let closed: Vec<u32> = [1, 1].into_iter().chain(wanted).collect();
+                assert_eq!(tokens, closed, "{name}");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let refused = |path: &Path| match tokenizer_at(path) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        };
+        let dir = tokenizer_dir(
+            "unknown-end",
+            &[("tokenizer_config.json", json!({"eos_token": "<|end|>"}))],
+        );
+        let err = refused(&dir);
+        assert!(
+            err.contains("\"<|end|>\", which the tokenizer does not have"),
+            "{err}"
+        );
+        let empty = dir.join("empty");
+        let _ = std::fs::create_dir_all(&empty);
+        let err = refused(&empty);
+        assert!(err.contains("has no tokenizer.json"), "{err}");
+        let err = refused(&dir.join("missing.json"));
+        assert!(
+            err.contains("missing.json") && err.contains("no such file"),
+            "{err}"
+        );
+        let _ = std::fs::write(dir.join("tokenizer.json"), "{not json");
+        let err = refused(&dir);
+        assert!(err.contains("not a tokenizer weft can read"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -34,8 +34,12 @@ pub enum PodError {
     MissingEnv(&'static str),
     #[error("{path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
-    #[error("{path}: training parameters version {found}; this trainer reads version 1")]
+    #[error(
+        "{path}: training parameters version {found}; this trainer reads versions 1 and 2 (use the trainer image of the operator's release)"
+    )]
     Version { path: PathBuf, found: u32 },
+    #[error("{path}: the training parameters name no model (neither model nor pretrained)")]
+    NoModel { path: PathBuf },
     #[error("{path}: the mesh of epoch {epoch} has no rendezvous address")]
     NoRendezvous { path: PathBuf, epoch: u64 },
     #[error("{path}: rendezvous {address:?} is not host:port")]
@@ -60,6 +64,7 @@ impl PodError {
             PodError::MissingEnv(_) => "pod_environment",
             PodError::Unreadable { .. }
             | PodError::Version { .. }
+            | PodError::NoModel { .. }
             | PodError::NoRendezvous { .. }
             | PodError::BadRendezvous { .. } => "pod_config",
             PodError::Spawn { .. } => "launch",
@@ -69,12 +74,19 @@ impl PodError {
 }
 
 /// The training parameters the operator publishes (`training.json`,
-/// version 1); fields this trainer does not use are ignored.
+/// version 1, or 2 with a checkpoint or the data's format, text field or
+/// tokenizer); fields this trainer does not use are ignored.
 #[derive(Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodTraining {
     pub version: u32,
-    pub model: ModelSpec,
+    /// Every dimension of the model; absent when it is a checkpoint.
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    /// A Hugging Face checkpoint to start from (the job's
+    /// `model.checkpoint`, `model.rope`, `model.output`).
+    #[serde(default)]
+    pub pretrained: Option<PodPretrained>,
     pub data: PodData,
     pub parallelism: PodParallelism,
     pub checkpoint: PodCheckpoint,
@@ -94,6 +106,34 @@ pub struct PodData {
     pub min_bucket_length: u64,
     #[serde(default = "curriculum_steps")]
     pub curriculum_steps: u64,
+    /// `Auto`, `Text`, `JsonLines` or `Parquet`.
+    #[serde(default = "auto")]
+    pub format: String,
+    #[serde(default = "text_field")]
+    pub text_field: String,
+    /// A tokenizer.json or a directory holding one; the model's when absent.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+}
+
+/// The job's Hugging Face checkpoint.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPretrained {
+    pub checkpoint: String,
+    /// Rotary settings in `config.json`'s `rope_parameters` form.
+    #[serde(default)]
+    pub rope: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+fn auto() -> String {
+    "Auto".to_string()
+}
+
+fn text_field() -> String {
+    crate::data::DEFAULT_TEXT_FIELD.to_string()
 }
 
 fn documents() -> String {
@@ -114,6 +154,18 @@ impl PodData {
         match self.order.as_str() {
             "Decomposed" => "decomposed",
             _ => "documents",
+        }
+    }
+
+    /// The trainer's `--data-format` for the job's `data.format` (a name
+    /// it does not know is passed on, and refused there by name).
+    pub fn data_format(&self) -> String {
+        match self.format.as_str() {
+            "Auto" => "auto".to_string(),
+            "Text" => "text".to_string(),
+            "JsonLines" => "jsonl".to_string(),
+            "Parquet" => "parquet".to_string(),
+            other => other.to_string(),
         }
     }
 }
@@ -225,10 +277,15 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PodError>
 /// Reads and checks the training parameters.
 pub fn read_training(path: &Path) -> Result<PodTraining, PodError> {
     let training: PodTraining = read_json(path)?;
-    if training.version != 1 {
+    if !(1..=2).contains(&training.version) {
         return Err(PodError::Version {
             path: path.to_path_buf(),
             found: training.version,
+        });
+    }
+    if training.model.is_none() && training.pretrained.is_none() {
+        return Err(PodError::NoModel {
+            path: path.to_path_buf(),
         });
     }
     Ok(training)
@@ -563,7 +620,7 @@ mod tests {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
         let training = read_training(&path).unwrap();
-        assert_eq!(training.model.name, "tiny");
+        assert_eq!(training.model.as_ref().unwrap().name, "tiny");
         assert_eq!(training.strategy(), "weft");
         assert!(training.checkpoint.interval_steps > 0);
         assert!(training.data.tokens_per_step >= training.data.max_sequence_length);

@@ -130,8 +130,11 @@ pub struct TrainConfig {
     /// one at a time (cut at `max_seq_len`), through the distributed
     /// forward; rank 0 prints each one's loss ([`EVAL_PREFIX`]).
     pub eval: bool,
-    /// The field of each JSONL line that holds its document.
+    /// The field of each JSONL line, and the column of each Parquet row,
+    /// that holds its document.
     pub text_field: String,
+    /// Which files of the corpus are read, and how.
+    pub data_format: crate::data::DataFormat,
     /// Steps to run in all (a resumed run continues up to this step).
     pub steps: u64,
     pub seed: u64,
@@ -800,7 +803,7 @@ pub fn run_worker(
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
-    let corpus = Corpus::load_with(&config.data, &config.text_field)?;
+    let corpus = Corpus::load_with(&config.data, config.data_format, &config.text_field)?;
     let tokenizer = &config.tokenizer;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.

@@ -880,3 +880,357 @@ fn bench_hf_load_reports_the_load_and_the_tokenizers() {
     );
     assert!(report["load_s"].as_f64().unwrap() >= 0.0);
 }
+
+/// The reference corpus written as Parquet by `pyarrow` (see
+/// `hf_models.py parquet`), once per test run: the directory and the
+/// documents' texts in path order.
+fn parquet_files() -> &'static (PathBuf, Vec<String>) {
+    static FILES: OnceLock<(PathBuf, Vec<String>)> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let dir = models().join("parquet");
+        let out = Command::new(python())
+            .arg(script())
+            .arg("parquet")
+            .arg(&dir)
+            .arg(models().join("corpus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pyarrow did not write the Parquet files (scripts/setup-reference installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = out
+            .stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap();
+        let printed: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let texts = printed["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        (dir, texts)
+    })
+}
+
+/// What `pyarrow` writes, weft reads: a document per row from the text
+/// column, in every codec weft reads (snappy, zstd, gzip, lz4, none; small
+/// row groups; `string` and `large_string`), each row's source its file and
+/// row; what it cannot read is refused by file, row and column.
+#[test]
+fn parquet_documents_read_as_pyarrow_wrote_them() {
+    use weft_trainer::data::{Corpus, DataFormat};
+    let (dir, texts) = parquet_files();
+    let corpus = Corpus::load_with(&dir.join("codecs"), DataFormat::Parquet, "content").unwrap();
+    let read: Vec<&str> = corpus.documents.iter().map(|d| d.text.as_str()).collect();
+    // Files in name order: gzip, lz4, none, snappy, zstd.
+    let wanted: Vec<&str> = (0..5)
+        .flat_map(|_| texts.iter().map(String::as_str))
+        .collect();
+    assert_eq!(read, wanted);
+    assert!(corpus.documents[1].source.ends_with("gzip.parquet:2"));
+    // Auto reads .parquet files by their extension too; the text format
+    // finds none.
+    let auto = Corpus::load_with(&dir.join("codecs"), DataFormat::Auto, "content").unwrap();
+    assert_eq!(auto.documents.len(), read.len());
+    let refused = |sub: &str, format: DataFormat, field: &str| {
+        Corpus::load_with(&dir.join(sub), format, field)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused("codecs", DataFormat::Text, "content");
+    assert!(
+        err.contains("holds no documents") && err.contains("data format text"),
+        "{err}"
+    );
+    let err = refused("codecs", DataFormat::Parquet, "text");
+    assert!(
+        err.contains("no column \"text\"") && err.contains("\"content\""),
+        "{err}"
+    );
+    let err = refused("null", DataFormat::Parquet, "content");
+    assert!(
+        err.contains("with-null.parquet:2") && err.contains("null"),
+        "{err}"
+    );
+    let err = refused("number", DataFormat::Parquet, "content");
+    assert!(err.contains("does not hold strings"), "{err}");
+    let err = refused("brotli", DataFormat::Parquet, "content");
+    assert!(err.to_lowercase().contains("brotli"), "{err}");
+}
+
+/// A mesh of one worker of two ranks meeting at a free port, written into
+/// `dir/mesh.json`; the worker's name.
+fn one_worker_mesh(dir: &Path) -> String {
+    use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
+    let cluster = weft_planner::cluster::parse_cluster("1x2").unwrap();
+    let request = MeshRequest {
+        job: "llm".into(),
+        min_workers: 1,
+        max_workers: 1,
+        gpus_per_worker: 2,
+        epoch: 1,
+    };
+    let mut mesh = plan_mesh(&request, &MeshNode::all_free(&cluster), &[]).unwrap();
+    let port = weft_trainer::launch::free_port().unwrap();
+    mesh.rendezvous = Some(format!("127.0.0.1:{port}"));
+    std::fs::write(dir.join("mesh.json"), serde_json::to_string(&mesh).unwrap()).unwrap();
+    mesh.workers[0].name.clone()
+}
+
+/// The training parameters the operator writes for a job that starts from
+/// `llama-tokenized` with YaRN, reads the reference corpus from Parquet's
+/// "content" column, and writes the trained model into `dir/output`.
+fn pretrained_training(dir: &Path) -> serde_json::Value {
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
+    let mut training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    training["version"] = 2.into();
+    training.as_object_mut().unwrap().remove("model");
+    training["pretrained"] = serde_json::json!({
+        "checkpoint": models().join("llama-tokenized"),
+        "rope": {"rope_type": "yarn", "factor": 2.0},
+        "output": dir.join("output"),
+    });
+    let data = &mut training["data"];
+    data["source"] = parquet_files()
+        .0
+        .join("corpus")
+        .display()
+        .to_string()
+        .into();
+    data["format"] = "Parquet".into();
+    data["textField"] = "content".into();
+    data["maxSequenceLength"] = 64.into();
+    data["tokensPerStep"] = tokens.trim().parse::<u64>().unwrap().into();
+    training["checkpoint"]["path"] = dir.join("checkpoints").display().to_string().into();
+    training["checkpoint"]["intervalSteps"] = 1.into();
+    training
+}
+
+/// A pod's worker (`weft-trainer worker`) run on `training`, to its end.
+fn worker_on(dir: &Path, training: &serde_json::Value, steps: &str) -> std::process::Output {
+    std::fs::write(dir.join("training.json"), training.to_string()).unwrap();
+    let worker = one_worker_mesh(dir);
+    trainer()
+        .args(["worker", "--steps", steps, "--rank-tokens", "40"])
+        .args(["--collective-timeout-s", "60", "--epoch-wait-s", "5"])
+        .env("WEFT_WORKER", worker)
+        .env("WEFT_MESH", dir.join("mesh.json"))
+        .env("WEFT_TRAINING", dir.join("training.json"))
+        .env("WEFT_POD_IP", "127.0.0.1")
+        .env("WEFT_MESH_POLL_MS", "100")
+        .output()
+        .unwrap()
+}
+
+fn fresh(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+}
+
+/// A job that names a checkpoint (`model.checkpoint`, `model.rope`,
+/// `model.output`, Parquet data with a text column of its own), as the
+/// operator publishes it, trains in a pod as `local` trains the same model
+/// on the same documents, and the pod writes the trained model, which
+/// `transformers` reads with the job's rotary settings.
+#[test]
+fn a_pod_trains_the_jobs_checkpoint_from_parquet_and_writes_the_trained_model() {
+    let dir = models().join("pod-job");
+    fresh(&dir);
+    let out = worker_on(&dir, &pretrained_training(&dir), "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let pod: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("weft-metrics "))
+        .map(|body| {
+            serde_json::from_str::<serde_json::Value>(body).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pod.len(), 2, "{stderr}");
+    let metrics = dir.join("local.jsonl");
+    let rope = r#"{"rope_type": "yarn", "factor": 2.0}"#;
+    local_on_corpus(
+        &models().join("llama-tokenized"),
+        &[
+            "--ranks",
+            "2",
+            "--steps",
+            "3",
+            "--rank-tokens",
+            "40",
+            "--max-seq-len",
+            "64",
+            "--rope",
+            rope,
+        ],
+        &metrics,
+    );
+    let local = losses(&metrics);
+    println!("pod {pod:?}, local {local:?}");
+    for (p, l) in pod.iter().zip(&local) {
+        assert!(((p - l) / l).abs() <= 1e-5, "pod {p} local {l}");
+    }
+    let output = dir.join("output");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["rope_parameters"]["rope_type"], "yarn", "{config}");
+    let reference = corpus_loss(&output);
+    println!(
+        "after 2 steps: local's third {}, transformers on the pod's output {reference}",
+        local[2]
+    );
+    assert!(((local[2] - reference) / reference).abs() <= 1e-5);
+}
+
+/// What a pod's worker refuses of a job's settings it names by the job's
+/// field, before any rank starts, and exits with the code that tells the
+/// operator to fail the job at once.
+#[test]
+fn a_pod_refuses_the_jobs_settings_by_field_with_the_refusal_code() {
+    let dir = models().join("pod-refusals");
+    let base = || {
+        fresh(&dir);
+        pretrained_training(&dir)
+    };
+    // What, the field (as a JSON pointer into training.json), its value,
+    // and what the refusal says.
+    let output = models().join("corpus").display().to_string();
+    let cases: Vec<(&str, &str, serde_json::Value, &[&str])> = vec![
+        (
+            "a checkpoint that is not there",
+            "/pretrained/checkpoint",
+            "/nowhere/llama".into(),
+            &["spec.model.checkpoint /nowhere/llama"],
+        ),
+        (
+            "a rope type weft does not compute",
+            "/pretrained/rope",
+            serde_json::json!({"rope_type": "longrope", "factor": 2.0}),
+            &["spec.model.rope", "longrope"],
+        ),
+        (
+            "an output that exists",
+            "/pretrained/output",
+            output.into(),
+            &["spec.model.output"],
+        ),
+        (
+            "a text column the files do not have",
+            "/data/textField",
+            "body".into(),
+            &["spec.data", "no column \"body\""],
+        ),
+        (
+            "a format of which the source has no files",
+            "/data/format",
+            "JsonLines".into(),
+            &["spec.data", "holds no documents"],
+        ),
+        (
+            "a tokenizer that is not there",
+            "/data/tokenizer",
+            "/nowhere/tokenizer.json".into(),
+            &["spec.data.tokenizer /nowhere/tokenizer.json"],
+        ),
+    ];
+    for (what, pointer, value, wanted) in cases {
+        let mut training = base();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        training.pointer_mut(parent).unwrap()[key] = value;
+        let out = worker_on(&dir, &training, "1");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(weft_crds::SETTINGS_REFUSED_EXIT),
+            "{what}: {stderr}"
+        );
+        for w in wanted {
+            assert!(stderr.contains(w), "{what}: does not say {w:?}: {stderr}");
+        }
+    }
+}
+
+/// `--tokenizer`: a model of weft's own reads the documents with a
+/// Hugging Face tokenizer (the step's tokens are its count of the corpus),
+/// and a model whose vocabulary cannot hold its ids is refused by name.
+#[test]
+fn local_reads_the_documents_with_a_tokenizer_of_its_own() {
+    let tokenizer = models().join("llama-tokenized");
+    let metrics = models().join("own-tokenizer.jsonl");
+    let tokens = std::fs::read_to_string(models().join("corpus-tokens.txt")).unwrap();
+    let out = trainer()
+        .args([
+            "local",
+            "--model",
+            "tiny",
+            "--steps",
+            "1",
+            "--max-seq-len",
+            "64",
+        ])
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--data")
+        .arg(models().join("corpus"))
+        .args(["--tokens-per-step", tokens.trim()])
+        .arg("--metrics")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let step: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        step["tokens"].as_u64().unwrap(),
+        tokens.trim().parse::<u64>().unwrap()
+    );
+    let small = models().join("small-vocab.json");
+    std::fs::write(
+        &small,
+        r#"{"layers": 1, "hidden": 16, "heads": 2, "kv_heads": 1, "ffn": 32, "vocab": 100}"#,
+    )
+    .unwrap();
+    let out = trainer()
+        .arg("local")
+        .arg("--model")
+        .arg(&small)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("has a vocabulary of 100") && err.contains("makes tokens up to 119"),
+        "{err}"
+    );
+    let out = trainer()
+        .args(["local", "--data-format", "parquet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--data-format parquet: the built-in corpus"),
+        "{err}"
+    );
+}

@@ -49,10 +49,25 @@ struct TrainArgs {
     /// into this binary (so it trains wherever it is copied, images included).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// The field of each JSONL line that holds its document.
+    /// The field of each JSONL line, and the column of each Parquet row,
+    /// that holds its document.
     #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
     #[serde(default = "default_text_field")]
     text_field: String,
+    /// Which files of --data are read, and how: auto (each by its
+    /// extension: .txt and .md a document each, .jsonl a document per
+    /// line, .parquet a document per row), or only the files of one
+    /// format: text, jsonl or parquet.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "text", "jsonl", "parquet"])]
+    #[serde(default = "default_auto")]
+    data_format: String,
+    /// The documents' tokenizer: a tokenizer.json, or a directory holding
+    /// one (documents are closed by the end-of-sequence token named by its
+    /// directory's config.json or tokenizer_config.json). Default: a
+    /// Hugging Face --model's own, else weft's byte tokenizer.
+    #[arg(long, value_name = "PATH")]
+    #[serde(default)]
+    tokenizer: Option<PathBuf>,
     /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b), a YAML/JSON
     /// file with layers, hidden, heads, kv_heads, ffn, vocab, or a Hugging
     /// Face model directory (config.json, safetensors weights and
@@ -305,27 +320,40 @@ impl TrainArgs {
             (None, Some(hf)) => hf.spec.clone(),
             (None, None) => weft_planner::input::load_model(&self.model)?,
         };
-        let tokenizer = hf
-            .as_ref()
-            .map(|hf| weft_trainer::hf::tokenizer(hf_dir, hf))
-            .transpose()?;
-        let vocab = weft_trainer::data::END_OF_DOCUMENT + 1;
-        if tokenizer.is_none() && model.vocab < vocab {
+        let tokenizer = match (&self.tokenizer, &hf) {
+            (Some(path), _) => weft_trainer::hf::tokenizer_at(path)
+                .with_context(|| format!("--tokenizer {}", path.display()))?,
+            (None, Some(hf)) => weft_trainer::hf::tokenizer(hf_dir, hf)?,
+            (None, None) => weft_trainer::data::Tokenizer::Bytes,
+        };
+        let needed = tokenizer.vocab_size();
+        if model.vocab < needed {
+            let which = match &self.tokenizer {
+                Some(path) => format!("the tokenizer {}", path.display()),
+                None => "the byte tokenizer".to_string(),
+            };
             bail!(
-                "model {} has a vocabulary of {}, but the byte tokenizer needs {vocab}",
+                "model {} has a vocabulary of {}, but {which} makes tokens up to {}",
                 model.name,
-                model.vocab
+                model.vocab,
+                needed - 1
             );
         }
-        if self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD
-            && self
-                .data
-                .as_deref()
-                .is_none_or(|d| d.to_str() == Some(weft_trainer::data::BUILTIN_CORPUS))
-        {
+        let builtin = self
+            .data
+            .as_deref()
+            .is_none_or(|d| d.to_str() == Some(weft_trainer::data::BUILTIN_CORPUS));
+        if builtin && self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD {
             bail!(
-                "--text-field {}: the built-in corpus keeps its documents in \"text\"; name a --data directory whose JSONL lines hold {0:?}",
+                "--text-field {}: the built-in corpus keeps its documents in \"text\"; name a --data directory whose JSONL lines or Parquet rows hold {0:?}",
                 self.text_field
+            );
+        }
+        let data_format = weft_trainer::data::DataFormat::parse(&self.data_format)?;
+        if builtin && data_format != weft_trainer::data::DataFormat::Auto {
+            bail!(
+                "--data-format {}: the built-in corpus is read as it is built in; name a --data directory",
+                self.data_format
             );
         }
         if let Some(out) = &self.save {
@@ -443,10 +471,11 @@ impl TrainArgs {
                 .map(|hf| hf.architecture.clone())
                 .unwrap_or_default(),
             hf_model: hf.clone().map(|hf| (hf_dir.to_path_buf(), hf)),
-            tokenizer: tokenizer.unwrap_or_default(),
+            tokenizer,
             save: self.save.clone(),
             eval: self.eval,
             text_field: self.text_field.clone(),
+            data_format,
             data: self.data.clone().unwrap_or_else(default_corpus),
             data_order,
             model,
@@ -633,6 +662,13 @@ enum Command {
         /// Seconds a failed rank waits for a new mesh epoch before the pod fails.
         #[arg(long, default_value_t = 120)]
         epoch_wait_s: u64,
+        /// Write the trained model into this new directory after the last
+        /// step, as a Hugging Face model (the job's model.output, which
+        /// this may repeat but not contradict; the job must start from a
+        /// model.checkpoint). The pod that runs rank 0 writes it: name a
+        /// volume every worker mounts.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
     },
     /// One training worker (started by `local` and `worker`).
     #[command(hide = true)]
@@ -974,9 +1010,13 @@ struct ModelAndCorpus {
     /// The corpus (as `local --data`).
     #[arg(long)]
     data: PathBuf,
-    /// The field of each JSONL line that holds its document.
+    /// The field of each JSONL line, and the column of each Parquet row,
+    /// that holds its document.
     #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
     text_field: String,
+    /// Which files of --data are read (as `local --data-format`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "text", "jsonl", "parquet"])]
+    data_format: String,
 }
 
 /// What `eval` evaluates, and where.
@@ -1047,6 +1087,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     flag("model", args.input.model.as_os_str());
     flag("data", args.input.data.as_os_str());
     flag("text-field", args.input.text_field.as_ref());
+    flag("data-format", args.input.data_format.as_ref());
     flag("steps", "1".as_ref());
     flag("max-seq-len", max_seq_len.to_string().as_ref());
     flag("tokens-per-step", max_seq_len.to_string().as_ref());
@@ -1068,7 +1109,11 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let threads = (cores / args.ranks).max(1) as i32;
     let config = train.config(threads)?;
-    let corpus = weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
+    let corpus = weft_trainer::data::Corpus::load_with(
+        &config.data,
+        config.data_format,
+        &config.text_field,
+    )?;
     weft_trainer::memory::check_run(
         &config.model,
         args.ranks,
@@ -1163,7 +1208,11 @@ fn local(
     // Check everything here first, so a bad flag is one clear error, not N.
     let train = train.settled(ranks)?;
     let config = train.config(threads)?;
-    let corpus = weft_trainer::data::Corpus::load_with(&config.data, &config.text_field)?;
+    let corpus = weft_trainer::data::Corpus::load_with(
+        &config.data,
+        config.data_format,
+        &config.text_field,
+    )?;
     // The memory the ranks need at least, against what this machine has.
     let tokens = config
         .rank_tokens
@@ -1306,7 +1355,32 @@ fn job_args(
     training: &weft_trainer::pod::PodTraining,
     steps: u64,
     mut run: RunArgs,
+    save: Option<PathBuf>,
 ) -> anyhow::Result<TrainArgs> {
+    let pretrained = training.pretrained.as_ref();
+    let output = pretrained
+        .and_then(|p| p.output.as_ref())
+        .map(PathBuf::from);
+    let save = match (save, output) {
+        (Some(flag), Some(job)) if flag != job => bail!(
+            "--save {} differs from the job's model.output {}; set one of them",
+            flag.display(),
+            job.display()
+        ),
+        (Some(_), None) if pretrained.is_none() => bail!(
+            "--save writes a Hugging Face model: the job must start from one (spec.model.checkpoint)"
+        ),
+        (flag, job) => job.or(flag),
+    };
+    let (model, model_spec) = match (pretrained, &training.model) {
+        (Some(p), _) => (p.checkpoint.clone(), None),
+        (None, Some(spec)) => (spec.name.clone(), Some(spec.clone())),
+        (None, None) => bail!("the job's training.json names no model"),
+    };
+    let rope = pretrained
+        .and_then(|p| p.rope.as_ref())
+        .map(serde_json::to_string)
+        .transpose()?;
     match (
         run.stream_bp_chunk,
         training.parallelism.stream_bp_chunk_tokens,
@@ -1321,8 +1395,8 @@ fn job_args(
         steps,
         run,
         data: Some(PathBuf::from(&training.data.source)),
-        model: training.model.name.clone(),
-        model_spec: Some(training.model.clone()),
+        model,
+        model_spec,
         tokens_per_step: training.data.tokens_per_step as usize,
         max_seq_len: training.data.max_sequence_length as usize,
         data_order: training.data.data_order().to_string(),
@@ -1338,13 +1412,52 @@ fn job_args(
         checkpoint_keep: training.checkpoint.keep.max(1),
         resume: true,
         fail_at: None,
-        // A pod's job does not name a Hugging Face model, nor a text field,
-        // yet.
-        save: None,
-        rope: None,
+        save,
+        rope,
         eval: false,
-        text_field: default_text_field(),
+        text_field: training.data.text_field.clone(),
+        data_format: training.data.data_format(),
+        tokenizer: training.data.tokenizer.as_ref().map(PathBuf::from),
     })
+}
+
+/// The job's settings a pod's worker checks before it starts a rank, each
+/// refused by the name of the job's field: the checkpoint's config and
+/// weights (read from their headers), the rotary settings, the output, the
+/// tokenizer, and the data as the job reads it.
+fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result<()> {
+    if let Some(pretrained) = &training.pretrained {
+        let dir = Path::new(&pretrained.checkpoint);
+        let field = || format!("spec.model.checkpoint {}", dir.display());
+        let config = weft_trainer::hf::read_config(dir).with_context(field)?;
+        weft_trainer::hf::check_weights(dir, &config).with_context(field)?;
+        if let Some(rope) = &pretrained.rope {
+            weft_trainer::hf::with_rope(&config, rope, training.data.max_sequence_length)
+                .context("spec.model.rope")?;
+        }
+        if let Some(out) = &pretrained.output {
+            weft_trainer::hf::probe_save(Path::new(out))
+                .with_context(|| format!("spec.model.output {out}"))?;
+        }
+    }
+    if let Some(path) = &training.data.tokenizer {
+        weft_trainer::hf::tokenizer_at(Path::new(path))
+            .with_context(|| format!("spec.data.tokenizer {path}"))?;
+    }
+    let format = weft_trainer::data::DataFormat::parse(&training.data.data_format())
+        .context("spec.data.format")?;
+    weft_trainer::data::Corpus::load_with(
+        Path::new(&training.data.source),
+        format,
+        &training.data.text_field,
+    )
+    .with_context(|| {
+        format!(
+            "spec.data (source {}, format {}, textField {:?})",
+            training.data.source, training.data.format, training.data.text_field
+        )
+    })?;
+    Ok(())
 }
 
 /// The default model of `bench memory`: a 0.2B-parameter Llama shape.
@@ -1391,6 +1504,7 @@ fn run_probe(
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
 fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
     let (model, data, text_field) = (&input.model, &input.data, &input.text_field);
+    let format = weft_trainer::data::DataFormat::parse(&input.data_format)?;
     use weft_trainer::membench::{reset_peak, status_bytes};
     const GIB: f64 = (1u64 << 30) as f64;
     // The peak from here on: what loading adds.
@@ -1410,7 +1524,7 @@ fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
         ("model", weft_trainer::hf::tokenizer(model, &config)?),
         ("bytes", weft_trainer::data::Tokenizer::Bytes),
     ];
-    let corpus = weft_trainer::data::Corpus::load_with(data, text_field)?;
+    let corpus = weft_trainer::data::Corpus::load_with(data, format, text_field)?;
     let bytes: usize = corpus.documents.iter().map(|d| d.text.len()).sum();
     let mut speeds = serde_json::Map::new();
     for (name, tokenizer) in &tokenizers {
@@ -1633,52 +1747,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             steps,
             run,
             epoch_wait_s,
+            save,
         } => {
-            let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
-            let training = weft_trainer::pod::read_training(&env.training)?;
-            let args = job_args(&training, steps, run)?;
-            // Check the settings here, once, rather than in every rank: and
-            // that one rank fits the pod's memory, and the checkpoints can
-            // be written, before the first step rather than after it.
-            let config = args.config(1)?;
-            // The pod runs a rank per GPU of its worker, as the mesh says
-            // (one when the mesh is not there yet or does not name it).
-            let mesh = weft_trainer::pod::read_mesh(&env.mesh).ok();
-            let ranks = mesh
-                .as_ref()
-                .and_then(|mesh| {
-                    mesh.workers
-                        .iter()
-                        .find(|w| w.name == env.worker)
-                        .map(|w| w.gpus.max(1))
-                })
-                .unwrap_or(1);
-            // The job's limits against the longest sequence on the mesh's
-            // nodes: refused here, by the field's name, not at the first step.
-            if let Some(mesh) = &mesh {
-                let ctx = weft_trainer::train::mesh_cluster_context(mesh, &config.planning())?;
-                let longest = config.max_seq_len as u64;
-                if let Err(e) =
-                    weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest))
-                    && e.category() == "limits"
-                {
-                    bail!("{e}");
-                }
-            }
-            let tokens = config
-                .rank_tokens
-                .unwrap_or(config.max_seq_len as u64)
-                .min(config.tokens_per_step as u64);
-            weft_trainer::memory::check_run(
-                &config.model,
-                ranks,
-                tokens,
-                config.device,
-                config.precision,
-            )?;
-            if let Some(root) = &config.checkpoint_dir {
-                weft_trainer::checkpoint::probe_writable(root)?;
-            }
+            // What is refused before any rank starts is the job's settings
+            // (or the pod's), which no restart changes: the pod says so by
+            // its exit code and termination message, and the job fails.
+            let (env, args) = worker_preflight(steps, run, save).map_err(SettingsRefused)?;
             pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?;
             Ok(true)
         }
@@ -1844,6 +1918,21 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("weft-trainer: error: {err:#}");
+            if err.downcast_ref::<SettingsRefused>().is_some() {
+                // Kubernetes keeps the first 4 KiB; the pod's status shows it.
+                if Path::new(TERMINATION_LOG).exists() {
+                    let mut message = format!("{err:#}");
+                    if message.len() > 4000 {
+                        let mut cut = 4000;
+                        while !message.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        message.truncate(cut);
+                    }
+                    let _ = std::fs::write(TERMINATION_LOG, message);
+                }
+                return ExitCode::from(weft_crds::SETTINGS_REFUSED_EXIT as u8);
+            }
             if collective_failed(&err) {
                 ExitCode::from(PEER_LOST_EXIT as u8)
             } else {
@@ -1852,6 +1941,78 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A pod's worker's checks before it starts a rank: its environment, the
+/// job's settings (each refused by the job's field where it is one), and
+/// that one rank fits the pod's memory and the checkpoints can be written,
+/// once here rather than in every rank, before the first step rather than
+/// after it.
+fn worker_preflight(
+    steps: u64,
+    run: RunArgs,
+    save: Option<PathBuf>,
+) -> anyhow::Result<(weft_trainer::pod::PodEnv, TrainArgs)> {
+    let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
+    let training = weft_trainer::pod::read_training(&env.training)?;
+    let args = job_args(&training, steps, run, save)?;
+    check_job_fields(&training)?;
+    let config = args.config(1)?;
+
+    // The pod runs a rank per GPU of its worker, as the mesh says
+    // (one when the mesh is not there yet or does not name it).
+    let mesh = weft_trainer::pod::read_mesh(&env.mesh).ok();
+    let ranks = mesh
+        .as_ref()
+        .and_then(|mesh| {
+            mesh.workers
+                .iter()
+                .find(|w| w.name == env.worker)
+                .map(|w| w.gpus.max(1))
+        })
+        .unwrap_or(1);
+    // The job's limits against the longest sequence on the mesh's
+    // nodes: refused here, by the field's name, not at the first step.
+    if let Some(mesh) = &mesh {
+        let ctx = weft_trainer::train::mesh_cluster_context(mesh, &config.planning())?;
+        let longest = config.max_seq_len as u64;
+        if let Err(e) = weft_planner::plan_step(config.strategy, &ctx, &[longest], Some(longest))
+            && e.category() == "limits"
+        {
+            bail!("{e}");
+        }
+    }
+    let tokens = config
+        .rank_tokens
+        .unwrap_or(config.max_seq_len as u64)
+        .min(config.tokens_per_step as u64);
+    weft_trainer::memory::check_run(
+        &config.model,
+        ranks,
+        tokens,
+        config.device,
+        config.precision,
+    )?;
+    if let Some(root) = &config.checkpoint_dir {
+        weft_trainer::checkpoint::probe_writable(root)?;
+    }
+    Ok((env, args))
+}
+
+/// The job's settings refused by a pod's worker before it started a rank.
+#[derive(Debug)]
+struct SettingsRefused(anyhow::Error);
+
+impl std::fmt::Display for SettingsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for SettingsRefused {}
+
+/// Where Kubernetes reads a container's termination message (the default
+/// `terminationMessagePath`).
+const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Runs the pod's worker: one rank process of this binary per GPU of the
 /// worker, for each epoch of the mesh (see `weft_trainer::pod`).
@@ -2021,7 +2182,66 @@ mod tests {
             ("/checkpoint/path", json!("/ckpt/other")),
             ("/checkpoint/intervalSteps", json!(17)),
             ("/checkpoint/keep", json!(5)),
+            ("/data/format", json!("Parquet")),
+            ("/data/textField", json!("content")),
+            ("/data/tokenizer", json!("/tokenizers/other")),
         ]
+    }
+
+    /// Fields of a job that starts from a Hugging Face checkpoint, with a
+    /// value other than [`pretrained_base`]'s.
+    fn passed_pretrained(dir: &Path) -> Vec<(&'static str, Value)> {
+        vec![
+            (
+                "/pretrained/checkpoint",
+                json!(dir.join("other").display().to_string()),
+            ),
+            ("/pretrained/rope/rope_type", json!("linear")),
+            ("/pretrained/rope/factor", json!(4.0)),
+            (
+                "/pretrained/output",
+                json!(dir.join("elsewhere").display().to_string()),
+            ),
+        ]
+    }
+
+    /// A Hugging Face model directory as a worker's settings read it (its
+    /// config and tokenizer; no weights, which the ranks read).
+    fn tiny_hf_model(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "hidden_act": "silu", "eos_token_id": 2, "tie_word_embeddings": false,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1, "</s>": 2},
+                      "unk_token": "[UNK]"},
+        });
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    }
+
+    /// The golden file with a job that starts from a checkpoint in `dir`.
+    fn pretrained_base(dir: &Path) -> Value {
+        tiny_hf_model(&dir.join("model"));
+        tiny_hf_model(&dir.join("other"));
+        let mut base = golden();
+        base["version"] = json!(2);
+        base.as_object_mut().unwrap().remove("model");
+        base["pretrained"] = json!({
+            "checkpoint": dir.join("model").display().to_string(),
+            "rope": {"rope_type": "yarn", "factor": 2.0},
+            "output": dir.join("out").display().to_string(),
+        });
+        base["data"]["maxSequenceLength"] = json!(128);
+        base["data"]["tokensPerStep"] = json!(256);
+        base
     }
 
     /// Fields of `training.json` the worker has no use for, and why.
@@ -2052,8 +2272,10 @@ mod tests {
         else {
             unreachable!("parsed as the worker")
         };
-        let args = job_args(&training, steps, run).unwrap();
-        format!("{:?}", args.config(1).map_err(|e| e.to_string()))
+        match job_args(&training, steps, run, None) {
+            Ok(args) => format!("{:?}", args.config(1).map_err(|e| e.to_string())),
+            Err(refused) => format!("Err({refused:#})"),
+        }
     }
 
     /// Every leaf of `value`, as JSON pointers.
@@ -2087,10 +2309,23 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
+        full["data"] = serde_json::to_value(weft_crds::DataSpec {
+            format: weft_crds::DataFormat::Parquet,
+            text_field: "content".into(),
+            tokenizer: Some("/tokenizer".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        full["pretrained"] = json!({
+            "checkpoint": "/model",
+            "rope": {"rope_type": "yarn", "factor": 2.0},
+            "output": "/out",
+        });
         let mut found = Vec::new();
         leaves(&full, "", &mut found);
         let known: Vec<String> = passed()
             .into_iter()
+            .chain(passed_pretrained(Path::new("/")))
             .map(|(p, _)| p.to_string())
             .chain(NOT_FOR_THE_WORKER.iter().map(|(p, _)| p.to_string()))
             .collect();
@@ -2131,5 +2366,53 @@ mod tests {
                 "{pointer} = {value} changes nothing the worker runs"
             );
         }
+        // A job that starts from a checkpoint: its rotary settings, its
+        // output and the checkpoint itself each change the run.
+        let dir = std::env::temp_dir().join(format!("weft-job-fields-{}", std::process::id()));
+        let base = pretrained_base(&dir);
+        let runs = runs_for(&base);
+        assert!(runs.starts_with("Ok("), "{runs}");
+        for (pointer, value) in passed_pretrained(&dir) {
+            let mut changed = base.clone();
+            set(&mut changed, pointer, &value);
+            let now = runs_for(&changed);
+            assert!(now.starts_with("Ok("), "{pointer} = {value}: {now}");
+            assert_ne!(
+                now, runs,
+                "{pointer} = {value} changes nothing the worker runs"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `worker --save` repeats the job's model.output or is refused, and
+    /// needs a job that starts from a checkpoint.
+    #[test]
+    fn worker_save_agrees_with_the_jobs_output() {
+        let dir = std::env::temp_dir().join(format!("weft-worker-save-{}", std::process::id()));
+        let base: weft_trainer::pod::PodTraining =
+            serde_json::from_value(pretrained_base(&dir)).unwrap();
+        let run = || {
+            let Command::Worker { run, .. } = Cli::try_parse_from(["weft-trainer", "worker"])
+                .unwrap()
+                .command
+            else {
+                unreachable!("parsed as the worker")
+            };
+            run
+        };
+        let output = PathBuf::from(base.pretrained.as_ref().unwrap().output.clone().unwrap());
+        let same = job_args(&base, 1, run(), Some(output.clone())).unwrap();
+        assert_eq!(same.save, Some(output));
+        let err = job_args(&base, 1, run(), Some(dir.join("x"))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("differs from the job's model.output"),
+            "{err}"
+        );
+        let plain: weft_trainer::pod::PodTraining = serde_json::from_value(golden()).unwrap();
+        let err = job_args(&plain, 1, run(), Some(dir.join("x"))).unwrap_err();
+        assert!(err.to_string().contains("spec.model.checkpoint"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,6 +14,14 @@ reference weft's Hugging Face tests compare with (trainer/tests/hf.rs).
                              tokens, as weft reads them, and each document's
                              mean loss and tokens ("documents")
 
+    hf_models.py parquet OUT CORPUS
+                             writes the .txt documents of CORPUS (in path
+                             order) as Parquet with `pyarrow`: OUT/corpus/
+                             (column "content"), OUT/codecs/ (the same rows
+                             in every codec weft reads), OUT/null/,
+                             OUT/brotli/, OUT/number/ (what weft refuses);
+                             prints {"texts": [...]}
+
 OUT/llama-tokenized/ also has a tokenizer (BPE, trained here by the
 `tokenizers` package on OUT/corpus/, the documents it is tested on) and
 OUT/corpus-tokens.txt, the corpus's token count.
@@ -285,6 +293,30 @@ def corpus_loss(directory, corpus, longest=None):
     print(json.dumps({"loss": value.item(), "tokens": sum(len(d) for d in docs), "documents": each}))
 
 
+def parquet(out, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [path.read_text() for path in sorted(corpus.glob("*.txt"))]
+    ids = list(range(len(texts)))
+
+    def write(directory, name, table, **options):
+        (out / directory).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / directory / name, **options)
+
+    # The corpus of the trainer's tests: an id beside the text, small row groups.
+    table = pa.table({"id": ids, "content": texts})
+    write("corpus", "part-0.parquet", table, compression="snappy", row_group_size=3)
+    for codec in ["snappy", "zstd", "gzip", "lz4", "none"]:
+        kind = pa.large_string() if codec == "zstd" else pa.string()
+        table = pa.table({"content": pa.array(texts, type=kind), "id": ids})
+        write("codecs", f"{codec}.parquet", table, compression=codec, row_group_size=2)
+    write("null", "with-null.parquet", pa.table({"content": ["one", None, "three"]}))
+    write("brotli", "b.parquet", pa.table({"content": texts}), compression="brotli")
+    write("number", "n.parquet", pa.table({"content": ids}))
+    print(json.dumps({"texts": texts}))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["make"] and len(sys.argv) == 3:
         make(Path(sys.argv[2]))
@@ -292,5 +324,7 @@ if __name__ == "__main__":
         loss(Path(sys.argv[2]), sys.argv[3])
     elif sys.argv[1:2] == ["corpus-loss"] and len(sys.argv) in (4, 5):
         corpus_loss(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) == 5 else None)
+    elif sys.argv[1:2] == ["parquet"] and len(sys.argv) == 4:
+        parquet(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         sys.exit(__doc__)
