@@ -64,6 +64,7 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("oldSelf.suspend || (self.image == oldSelf.image && self.resources == oldSelf.resources)").message("spec.image and spec.resources can change only while the job is suspended"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || ((has(self.command) ? self.command : []) == (has(oldSelf.command) ? oldSelf.command : []) && (has(self.args) ? self.args : []) == (has(oldSelf.args) ? oldSelf.args : []) && (has(self.env) ? self.env : []) == (has(oldSelf.env) ? oldSelf.env : []))").message("spec.command, spec.args and spec.env can change only while the job is suspended: every worker of a mesh runs with the same ones"))]
 #[x_kube(validation = Rule::new("oldSelf.suspend || (has(self.volumes) ? self.volumes : []) == (has(oldSelf.volumes) ? oldSelf.volumes : [])").message("spec.volumes can change only while the job is suspended: every worker of a mesh mounts the same ones"))]
+#[x_kube(validation = Rule::new("!has(self.model.output) || self.model.output.startsWith(self.checkpoint.path + '/') || (has(self.volumes) && self.volumes.exists(v, !(has(v.readOnly) && v.readOnly) && self.model.output.startsWith(v.mountPath + '/')))").message("model.output must be inside a volume every worker mounts and may write: under a volumes[].mountPath that is not readOnly, or under checkpoint.path (the pod that runs rank 0 writes it)"))]
 #[x_kube(validation = Rule::new("!has(self.volumes) || self.volumes.all(v, v.mountPath != self.checkpoint.path && v.mountPath != '/etc/weft/mesh')").message("volumes: a mountPath must not be checkpoint.path (the checkpoint volume is mounted there) nor /etc/weft/mesh (the mesh)"))]
 #[x_kube(validation = Rule::new("!has(self.parallelism.cpDegree) || self.parallelism.cpDegree <= self.workers.min * (self.resources.gpus > 0 ? self.resources.gpus : 1)").message("parallelism.cpDegree must not be greater than the ranks of workers.min workers (workers.min × resources.gpus; one rank a worker on CPU): the job may shrink to workers.min, and every ring of Static context parallelism has cpDegree ranks"))]
 #[x_kube(validation = Rule::new("!has(self.parallelism.streamBpChunkTokens) || self.parallelism.streamBpChunkTokens <= self.data.maxSequenceLength").message("parallelism.streamBpChunkTokens must not be greater than data.maxSequenceLength (a chunk is part of one sequence)"))]
@@ -195,7 +196,8 @@ pub struct VolumeMountSpec {
     pub claim_name: String,
     /// Where it is mounted in every worker.
     #[schemars(length(min = 1, max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('/')").message("volumes[].mountPath must be an absolute path"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && (self == '/' || !self.endsWith('/'))").message("volumes[].mountPath must be an absolute path, without a trailing '/'"))]
+    #[x_kube(validation = Rule::new("self != '/' && !['/dev', '/proc', '/sys', '/etc/weft'].exists(p, self == p || self.startsWith(p + '/'))").message("volumes[].mountPath must not be /, nor under /dev, /proc, /sys or /etc/weft (the worker's system and weft's own mounts)"))]
     pub mount_path: String,
     /// Mounted read-only (a model or data nobody should change).
     #[serde(default)]
@@ -379,6 +381,8 @@ impl RopeType {
 #[x_kube(validation = Rule::new("self.type == 'llama3' || !(has(self.lowFreqFactor) || has(self.highFreqFactor))").message("model.rope.lowFreqFactor and highFreqFactor belong to the llama3 type"))]
 #[x_kube(validation = Rule::new("self.type == 'yarn' || !(has(self.betaFast) || has(self.betaSlow) || has(self.mscale) || has(self.mscaleAllDim) || has(self.attentionFactor) || has(self.truncate))").message("model.rope.betaFast, betaSlow, mscale, mscaleAllDim, attentionFactor and truncate belong to the yarn type"))]
 #[x_kube(validation = Rule::new("!(self.type == 'default' || self.type == 'linear') || !has(self.originalMaxPositionEmbeddings)").message("model.rope.originalMaxPositionEmbeddings belongs to the llama3 and yarn types"))]
+#[x_kube(validation = Rule::new("self.type != 'llama3' || (has(self.lowFreqFactor) && has(self.highFreqFactor) && self.highFreqFactor > self.lowFreqFactor)").message("model.rope of type llama3 needs lowFreqFactor and a greater highFreqFactor"))]
+#[x_kube(validation = Rule::new("has(self.mscale) == has(self.mscaleAllDim) && !(has(self.mscale) && has(self.attentionFactor))").message("model.rope.mscale and mscaleAllDim set the attention factor together (give both or neither), and not beside attentionFactor"))]
 pub struct RopeSpec {
     /// `default`, `linear`, `llama3` or `yarn`.
     #[serde(rename = "type", default)]
@@ -399,31 +403,31 @@ pub struct RopeSpec {
     pub original_max_position_embeddings: Option<i64>,
     /// llama3: wavelengths longer than the original context over this are scaled fully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.lowFreqFactor must be greater than 0"))]
     pub low_freq_factor: Option<f64>,
     /// llama3: wavelengths shorter than the original context over this are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.highFreqFactor must be greater than 0"))]
     pub high_freq_factor: Option<f64>,
     /// yarn: rotations above which a dimension is kept (`beta_fast`, 32 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.betaFast must be greater than 0"))]
     pub beta_fast: Option<f64>,
     /// yarn: rotations below which a dimension is interpolated (`beta_slow`, 1 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.betaSlow must be greater than 0"))]
     pub beta_slow: Option<f64>,
     /// yarn: `mscale`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.mscale must be greater than 0"))]
     pub mscale: Option<f64>,
     /// yarn: `mscale_all_dim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.mscaleAllDim must be greater than 0"))]
     pub mscale_all_dim: Option<f64>,
     /// yarn: the attention scale (`attention_factor`); from the factor when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("model.rope.attentionFactor must be greater than 0"))]
     pub attention_factor: Option<f64>,
     /// yarn: whether the correction range is rounded to whole dimensions
     /// (`truncate`, true by default).
@@ -488,7 +492,8 @@ impl Default for ModelSpec {
 /// The training data.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.source != 'builtin:python-reference' || (self.format == 'Auto' && self.textField == 'text')").message("data.format and data.textField read a data.source directory: the built-in corpus is read as it is built in"))]
+#[x_kube(validation = Rule::new("self.source != 'builtin:python-reference' || ((!has(self.format) || self.format == 'Auto') && (!has(self.textField) || self.textField == 'text'))").message("data.format and data.textField read a data.source directory: the built-in corpus is read as it is built in"))]
+#[x_kube(validation = Rule::new("!has(self.format) || self.format != 'Text' || !has(self.textField) || self.textField == 'text'").message("data.textField names the field of JSON lines and the column of Parquet rows: data.format Text reads whole files"))]
 #[x_kube(validation = Rule::new("self.tokensPerStep >= self.maxSequenceLength").message("data.tokensPerStep must be at least data.maxSequenceLength (a step holds at least one whole sequence)"))]
 #[x_kube(validation = Rule::new("self.order != 'Decomposed' || self.maxSequenceLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216]").message("data.order Decomposed needs data.maxSequenceLength to be a power of two (the longest bucket)"))]
 #[x_kube(validation = Rule::new("self.order != 'Decomposed' || (self.minBucketLength in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216] && self.minBucketLength <= self.maxSequenceLength)").message("data.minBucketLength must be a power of two no larger than data.maxSequenceLength"))]

@@ -234,6 +234,50 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 vec!["spec", "a mountPath must not be checkpoint.path"],
             ),
             (
+                "a text field with whole text files",
+                json!({"data": {"source": "/data", "format": "Text", "textField": "body"}}),
+                vec!["spec.data", "data.format Text reads whole files"],
+            ),
+            (
+                "llama3 without its frequency factors",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "llama3", "factor": 8.0}}}),
+                vec!["spec.model.rope", "type llama3 needs lowFreqFactor and a greater highFreqFactor"],
+            ),
+            (
+                "mscale without mscaleAllDim",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "yarn", "factor": 4.0, "mscale": 0.7}}}),
+                vec!["spec.model.rope", "give both or neither"],
+            ),
+            (
+                "a zero beta",
+                json!({"model": {"preset": null, "checkpoint": "/m",
+                                 "rope": {"type": "yarn", "factor": 4.0, "betaFast": 0.0}}}),
+                vec!["spec.model.rope.betaFast", "must be greater than 0"],
+            ),
+            (
+                "an output on no volume the workers share",
+                json!({"model": {"preset": null, "checkpoint": "/m", "output": "/out/model"}}),
+                vec!["spec", "model.output must be inside a volume every worker mounts and may write"],
+            ),
+            (
+                "an output on a read-only volume",
+                json!({"model": {"preset": null, "checkpoint": "/m", "output": "/out/model"},
+                       "volumes": [{"claimName": "o", "mountPath": "/out", "readOnly": true}]}),
+                vec!["spec", "model.output must be inside a volume every worker mounts and may write"],
+            ),
+            (
+                "a mount over the system",
+                json!({"volumes": [{"claimName": "a", "mountPath": "/dev/shm"}]}),
+                vec!["spec.volumes[0].mountPath", "must not be /, nor under /dev"],
+            ),
+            (
+                "a mount path with a trailing slash",
+                json!({"volumes": [{"claimName": "a", "mountPath": "/models/"}]}),
+                vec!["spec.volumes[0].mountPath", "without a trailing"],
+            ),
+            (
                 "a relative mount path",
                 json!({"volumes": [{"claimName": "a", "mountPath": "models"}]}),
                 vec!["spec.volumes[0].mountPath", "absolute path"],

@@ -892,8 +892,11 @@ async fn reconcile_job(
                 )
             })
             .collect();
-        let refused =
-            crate::lifecycle::refused_settings(&job_pods).map(|message| ("InvalidSpec", message));
+        // A worker that finished ends the job (below), whatever another
+        // refused meanwhile.
+        let refused = crate::lifecycle::refused_settings(&job_pods)
+            .filter(|_| finished_worker(&job_pods).is_none())
+            .map(|message| ("InvalidSpec", message));
         let exhausted = restart_budget_exhausted(&job, &status)
             .map(|message| ("RestartLimitExceeded", message));
         if let Some((reason, message)) = refused.or(exhausted) {

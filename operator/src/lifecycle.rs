@@ -35,6 +35,18 @@ use crate::status::{phase_of, scheduler_refusal};
 /// How many failures `status.recentFailures` remembers.
 pub const RECENT_FAILURES: usize = 16;
 
+/// A container's termination message in a line: its last non-empty line
+/// (a worker writes its error there in one; the kubelet may fill it with
+/// the log's last lines instead), cut to 512 bytes.
+fn message_line(message: &str) -> Option<String> {
+    let line = message.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    let mut end = line.len().min(512);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
+}
+
 /// Why a pod failed, in a line: the first terminated container's reason and
 /// exit code, else the pod's own reason and message.
 pub fn failure_reason(pod: &Pod) -> String {
@@ -54,7 +66,7 @@ pub fn failure_reason(pod: &Pod) -> String {
             t.exit_code,
             t.reason.as_deref().unwrap_or("Error")
         );
-        if let Some(message) = t.message.as_deref().filter(|m| !m.is_empty()) {
+        if let Some(message) = t.message.as_deref().and_then(message_line) {
             line += &format!(": {message}");
         }
         return line;
@@ -90,9 +102,8 @@ pub fn refused_settings(pods: &[Pod]) -> Option<String> {
         let message = refused
             .message
             .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .unwrap_or("(it left no message; see its log)");
+            .and_then(message_line)
+            .unwrap_or_else(|| "(it left no message; see its log)".to_string());
         Some(format!(
             "worker {} refused the job's settings: {message}",
             pod.name_any()
@@ -459,10 +470,29 @@ mod tests {
             terminated.message = None;
         }
         assert!(
-            refused_settings(&[silent])
+            refused_settings(std::slice::from_ref(&silent))
                 .unwrap()
                 .ends_with("(it left no message; see its log)")
         );
+        // A log's tail in the message: its last line, cut.
+        if let Some(status) = silent.status.as_mut()
+            && let Some(containers) = status.container_statuses.as_mut()
+            && let Some(state) = containers[0].state.as_mut()
+            && let Some(terminated) = state.terminated.as_mut()
+        {
+            terminated.message = Some(format!(
+                "step 1\nstep 2\nweft-trainer: error: {}\n\n",
+                "x".repeat(900)
+            ));
+        }
+        let said = failure_reason(&silent);
+        assert!(
+            said.starts_with(
+                "container trainer exited with code 78 (Error): weft-trainer: error: xxx"
+            ),
+            "{said}"
+        );
+        assert!(!said.contains("step 2") && said.len() < 600, "{said}");
     }
 
     #[test]

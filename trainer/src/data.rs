@@ -62,6 +62,8 @@ pub enum DataError {
     },
     #[error("data format {0:?} is none of auto, text, jsonl and parquet")]
     UnknownFormat(String),
+    #[error("the data thread: {0}")]
+    Thread(String),
     #[error("{field} must be at least 1, got {value}")]
     BadSize { field: &'static str, value: usize },
     #[error("dataset decomposition: {0}")]
@@ -91,6 +93,7 @@ impl DataError {
             | DataError::Decomposition(_)
             | DataError::UnknownFormat(_) => "data_config",
             DataError::Tokenizer { .. } | DataError::Tokenize { .. } => "tokenizer",
+            DataError::Thread(_) => "data_thread",
         }
     }
 }
@@ -255,6 +258,76 @@ impl Corpus {
         Ok(Corpus { documents, skipped })
     }
 
+    /// What can be checked of a corpus without reading it all, as a pod's
+    /// worker checks its job's data before any rank starts: the directory,
+    /// that it holds files of `format`, that each JSON-lines file's first
+    /// document line has a string `text_field`, and each Parquet file a
+    /// string column of that name. Every line and row is read by the ranks.
+    pub fn check(dir: &Path, format: DataFormat, text_field: &str) -> Result<(), DataError> {
+        use std::io::BufRead;
+        if dir.to_str() == Some(BUILTIN_CORPUS) {
+            return Ok(());
+        }
+        if !dir.exists() {
+            return Err(DataError::NotFound(dir.to_path_buf()));
+        }
+        if !dir.is_dir() {
+            return Err(DataError::NotADirectory(dir.to_path_buf()));
+        }
+        let (mut files, mut skipped) = (Vec::new(), Vec::new());
+        collect_files(dir, &mut files, &mut skipped)?;
+        files.sort();
+        let mut found = false;
+        for path in files {
+            let Some(reader) = format.reader_of(&path) else {
+                continue;
+            };
+            found = true;
+            match reader {
+                DataFormat::Parquet => {
+                    parquet_text_column(&path, text_field)?;
+                }
+                DataFormat::JsonLines => {
+                    let io = |source| DataError::Io {
+                        path: path.clone(),
+                        source,
+                    };
+                    let file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
+                    for (index, line) in file.lines().enumerate() {
+                        let line = line.map_err(|_| DataError::NotUtf8 { path: path.clone() })?;
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let mut first = Vec::new();
+                        push_jsonl(&path, &line, text_field, &mut first).map_err(|e| match e {
+                            DataError::BadJsonLine {
+                                field,
+                                reason,
+                                path,
+                                ..
+                            } => DataError::BadJsonLine {
+                                path,
+                                line: index + 1,
+                                field,
+                                reason,
+                            },
+                            other => other,
+                        })?;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !found {
+            return Err(DataError::Empty {
+                dir: dir.to_path_buf(),
+                looked_for: format.looked_for(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
@@ -314,14 +387,20 @@ fn push_jsonl(
     Ok(())
 }
 
-/// The documents of a Parquet file: one per row with a non-empty string in
-/// its top-level column `field` (a row's source is `path:row`, from 1). The
-/// column is read alone; a null or a value that is not a string is refused
-/// by row, as a JSONL line without its field is.
-fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Result<(), DataError> {
+/// A Parquet file's reader (its footer read) and its top-level string
+/// column `field`, or why it has none.
+fn parquet_text_column(
+    path: &Path,
+    field: &str,
+) -> Result<
+    (
+        parquet::file::serialized_reader::SerializedFileReader<std::fs::File>,
+        parquet::schema::types::TypePtr,
+    ),
+    DataError,
+> {
     use parquet::basic::Type as PhysicalType;
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
+    use parquet::file::reader::FileReader;
     let bad = |reason: String| DataError::BadParquet {
         path: path.to_path_buf(),
         reason,
@@ -330,11 +409,15 @@ fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Resu
         path: path.to_path_buf(),
         source,
     })?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| bad(format!("not a Parquet file weft can read: {e}")))?;
-    let root = reader.metadata().file_metadata().schema();
-    let columns = root.get_fields();
-    let Some(column) = columns.iter().find(|c| c.name() == field) else {
+    let reader =
+        parquet::file::serialized_reader::SerializedFileReader::new(file).map_err(|e| {
+            bad(format!(
+                "not a Parquet file weft can read: {}",
+                cut(&e.to_string())
+            ))
+        })?;
+    let columns = reader.metadata().file_metadata().schema().get_fields();
+    let Some(column) = columns.iter().find(|c| c.name() == field).cloned() else {
         let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
         return Err(bad(format!(
             "no column {field:?} (the text field); its columns are {names:?}"
@@ -345,6 +428,35 @@ fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Resu
             "the column {field:?} (the text field) does not hold strings"
         )));
     }
+    Ok((reader, column))
+}
+
+/// `text` cut to 300 bytes (at a character), for an error that may quote
+/// a whole document.
+fn cut(text: &str) -> String {
+    if text.len() <= 300 {
+        return text.to_string();
+    }
+    let mut end = 300;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The documents of a Parquet file: one per row with a non-empty string in
+/// its top-level column `field` (a row's source is `path:row`, from 1). The
+/// column is read alone; a null or a value that is not a string is refused
+/// by row, as a JSONL line without its field is.
+fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Result<(), DataError> {
+    use parquet::file::reader::FileReader;
+    use parquet::record::Field;
+    let bad = |reason: String| DataError::BadParquet {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (reader, column) = parquet_text_column(path, field)?;
+    let root = reader.metadata().file_metadata().schema();
     let projection = parquet::schema::types::Type::group_type_builder(root.name())
         .with_fields(vec![column.clone()])
         .build()
@@ -353,7 +465,7 @@ fn push_parquet(path: &Path, field: &str, documents: &mut Vec<Document>) -> Resu
         .get_row_iter(Some(projection))
         .map_err(|e| bad(e.to_string()))?;
     for (index, row) in rows.enumerate() {
-        let row = row.map_err(|e| bad(format!("row {}: {e}", index + 1)))?;
+        let row = row.map_err(|e| bad(format!("row {}: {}", index + 1, cut(&e.to_string()))))?;
         let refused = |found: String| DataError::BadParquetRow {
             path: path.to_path_buf(),
             row: index + 1,
@@ -594,6 +706,9 @@ pub struct BatchStream<'a> {
     max_seq_len: usize,
     cursor: BatchCursor,
     cached_epoch: Option<(u64, Vec<usize>)>,
+    /// The document that did not fit the last batch, tokenized (the next
+    /// batch starts with it): tokenized once, not twice.
+    pending: Option<(u64, Vec<u32>)>,
 }
 
 impl<'a> BatchStream<'a> {
@@ -625,6 +740,7 @@ impl<'a> BatchStream<'a> {
             max_seq_len,
             cursor,
             cached_epoch: None,
+            pending: None,
         })
     }
 
@@ -655,12 +771,19 @@ impl<'a> BatchStream<'a> {
         loop {
             let index = self.cursor.next_sample;
             let document = self.document_at(index);
-            let doc = &self.corpus.documents[document];
-            let mut tokens = self.tokenizer.encode(&doc.source, &doc.text)?;
-            tokens.truncate(self.max_seq_len);
+            let mut tokens = match self.pending.take() {
+                Some((pending, tokens)) if pending == index => tokens,
+                _ => {
+                    let doc = &self.corpus.documents[document];
+                    let mut tokens = self.tokenizer.encode(&doc.source, &doc.text)?;
+                    tokens.truncate(self.max_seq_len);
+                    tokens
+                }
+            };
             if samples.is_empty() {
                 tokens.truncate(self.tokens_per_step);
             } else if used + tokens.len() > self.tokens_per_step {
+                self.pending = Some((index, tokens));
                 break;
             }
             used += tokens.len();
@@ -734,6 +857,40 @@ mod tests {
             err.contains("a.jsonl:2") && err.contains("string field \"text\""),
             "{err}"
         );
+    }
+
+    /// A pod's check of its data: the files of the format are there, and
+    /// the first document line has the field; later lines are the ranks'.
+    #[test]
+    fn a_corpus_is_checked_by_its_files_and_first_lines() {
+        let dir = tempdir("check");
+        std::fs::write(
+            dir.join("a.jsonl"),
+            "\n{\"content\":\"one\"}\n{\"other\":\"two\"}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("b.txt"), "text").unwrap();
+        assert!(Corpus::check(&dir, DataFormat::Auto, "content").is_ok());
+        assert!(Corpus::check(&dir, DataFormat::Text, "content").is_ok());
+        let err = Corpus::check(&dir, DataFormat::JsonLines, "body")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a.jsonl:2") && err.contains("\"body\""),
+            "{err}"
+        );
+        let err = Corpus::check(&dir, DataFormat::Parquet, "content")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds no documents") && err.contains("parquet"),
+            "{err}"
+        );
+        let err = Corpus::check(&dir.join("none"), DataFormat::Auto, "text")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(Corpus::check(Path::new(BUILTIN_CORPUS), DataFormat::Auto, "text").is_ok());
     }
 
     #[test]

@@ -304,10 +304,169 @@ impl<'a> Sampler<'a> {
     }
 }
 
+/// A batch drawn ahead of training, with where the data order stands after
+/// it (for the checkpoint of its step) and what drawing it took.
+#[derive(Debug)]
+pub struct Drawn {
+    pub batch: Batch,
+    /// [`Sampler::next_sample`] after this batch.
+    pub next_sample: u64,
+    /// [`Sampler::bucket_cursor`] after this batch.
+    pub buckets: Option<DecompositionCursor>,
+    /// Seconds the data thread took to draw it (tokenizing its documents).
+    pub draw_s: f64,
+}
+
+/// The batches of a run, drawn (documents read in order and tokenized) on
+/// a thread of its own, [`BATCHES_AHEAD`] ahead of the steps that train on
+/// them: tokenizing leaves the critical path wherever the thread keeps up
+/// (each step reports the wait and the thread's speed). The order is the
+/// sampler's, exactly: the thread only runs ahead of it.
+#[derive(Debug)]
+pub struct DataAhead {
+    batches: std::sync::mpsc::Receiver<Result<Drawn, DataError>>,
+}
+
+/// How many batches the data thread holds ready.
+pub const BATCHES_AHEAD: usize = 2;
+
+/// What a [`Sampler`] is made from, owned, for the data thread.
+#[derive(Clone, Debug)]
+pub struct SamplerSettings {
+    pub order: DataOrder,
+    pub seed: u64,
+    pub tokens_per_step: usize,
+    pub max_seq_len: usize,
+    /// Where the order resumes: the next sample, or the bucket cursor.
+    pub resume_at: (u64, DecompositionCursor),
+    /// Batches to draw in all.
+    pub batches: u64,
+}
+
+impl DataAhead {
+    /// Starts drawing `settings.batches` batches of `corpus` read by
+    /// `tokenizer`. A sampler that cannot be made, or a batch that cannot be
+    /// drawn, comes back as the next batch's error.
+    pub fn start(
+        corpus: std::sync::Arc<Corpus>,
+        tokenizer: Tokenizer,
+        settings: SamplerSettings,
+    ) -> Result<DataAhead, DataError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(BATCHES_AHEAD);
+        std::thread::Builder::new()
+            .name("weft-data".to_string())
+            .spawn(move || {
+                let sampler = Sampler::new(
+                    (&corpus, &tokenizer),
+                    settings.order,
+                    settings.seed,
+                    settings.tokens_per_step,
+                    settings.max_seq_len,
+                    settings.resume_at,
+                );
+                let mut sampler = match sampler {
+                    Ok(sampler) => sampler,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                for _ in 0..settings.batches {
+                    let started = std::time::Instant::now();
+                    let drawn = sampler.next_batch().map(|batch| Drawn {
+                        batch,
+                        next_sample: sampler.next_sample(),
+                        buckets: sampler.bucket_cursor(),
+                        draw_s: started.elapsed().as_secs_f64(),
+                    });
+                    let failed = drawn.is_err();
+                    // A run that stopped (a new mesh epoch, an error) no
+                    // longer receives: the thread ends with it.
+                    if tx.send(drawn).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| DataError::Thread(e.to_string()))?;
+        Ok(DataAhead { batches: rx })
+    }
+
+    /// The next batch, waiting for the thread if it is not drawn yet.
+    pub fn next(&self) -> Result<Drawn, DataError> {
+        self.batches.recv().map_err(|_| {
+            DataError::Thread("the data thread stopped before its last batch".into())
+        })?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::Document;
+
+    /// The data thread draws exactly the sampler's batches, with its
+    /// cursors, in both orders, and ends after the count it was given.
+    #[test]
+    fn the_data_thread_draws_the_samplers_batches_in_order() {
+        let corpus = corpus(&[300, 40, 1000, 77, 512, 9, 260, 2048, 130]);
+        let orders = [
+            DataOrder::Documents,
+            DataOrder::Decomposed {
+                min_length: 64,
+                cycle_steps: 3,
+            },
+        ];
+        for order in orders {
+            let resume_at = (2, DecompositionCursor::default());
+            let mut sampler = Sampler::new(
+                (&corpus, &Tokenizer::Bytes),
+                order,
+                7,
+                1024,
+                1024,
+                resume_at,
+            )
+            .unwrap();
+            let settings = SamplerSettings {
+                order,
+                seed: 7,
+                tokens_per_step: 1024,
+                max_seq_len: 1024,
+                resume_at,
+                batches: 5,
+            };
+            let ahead = DataAhead::start(
+                std::sync::Arc::new(corpus.clone()),
+                Tokenizer::Bytes,
+                settings,
+            )
+            .unwrap();
+            for _ in 0..5 {
+                let drawn = ahead.next().unwrap();
+                assert_eq!(drawn.batch, sampler.next_batch().unwrap());
+                assert_eq!(drawn.next_sample, sampler.next_sample());
+                assert_eq!(drawn.buckets, sampler.bucket_cursor());
+            }
+            let err = ahead.next().unwrap_err().to_string();
+            assert!(err.contains("stopped before its last batch"), "{err}");
+        }
+        // A sampler that cannot be made says why at the first batch.
+        let settings = SamplerSettings {
+            order: DataOrder::Decomposed {
+                min_length: 64,
+                cycle_steps: 3,
+            },
+            seed: 7,
+            tokens_per_step: 1024,
+            max_seq_len: 1000,
+            resume_at: (0, DecompositionCursor::default()),
+            batches: 5,
+        };
+        let ahead =
+            DataAhead::start(std::sync::Arc::new(corpus), Tokenizer::Bytes, settings).unwrap();
+        let err = ahead.next().unwrap_err().to_string();
+        assert!(err.contains("must be a power of two"), "{err}");
+    }
 
     fn corpus(lengths: &[usize]) -> Corpus {
         Corpus {

@@ -623,10 +623,23 @@ pub fn tokenizer_at(path: &Path) -> Result<crate::data::Tokenizer, HfError> {
                 message: e.to_string(),
             })
     };
-    let from_config = json("config.json")?.and_then(|c| match c.get("eos_token_id")? {
-        Value::Array(ids) => ids.first().and_then(Value::as_u64),
-        id => id.as_u64(),
-    });
+    let from_config = match json("config.json")?
+        .as_ref()
+        .and_then(|c| c.get("eos_token_id").cloned())
+    {
+        None | Some(Value::Null) => None,
+        Some(named) => {
+            let id = match &named {
+                Value::Array(ids) => ids.first().and_then(Value::as_u64),
+                id => id.as_u64(),
+            };
+            Some(id.ok_or_else(|| HfError::Config {
+                path: dir.join("config.json"),
+                field: "eos_token_id".to_string(),
+                message: format!("{named} is not a token id"),
+            })?)
+        }
+    };
     if let Some(id) = from_config {
         let end = u32::try_from(id).map_err(|_| HfError::Config {
             path: dir.join("config.json"),

@@ -26,7 +26,7 @@ use crate::checkpoint::{CheckpointError, CheckpointLock, SaveRequest};
 pub use crate::checkpoint::{CheckpointState, DataIdentity, checkpoint_path};
 use crate::comm::{CommError, ProcessGroup, Store};
 use crate::data::{Batch, Corpus, DataError, Tokenizer};
-use crate::decompose::{DataOrder, DecompositionCursor, Sampler};
+use crate::decompose::{DataAhead, DataOrder, DecompositionCursor, Drawn, SamplerSettings};
 use crate::device::{Collectives, ComputeDevice, DeviceError, open_group};
 use crate::model::{Architecture, Llama, ModelError, Precision};
 use crate::optim::{AdamW, AdamWConfig, OptimError};
@@ -258,6 +258,17 @@ pub struct StepMetrics {
     /// before, so this is what planning adds to the step (all of it on the
     /// first step).
     pub plan_s: f64,
+    /// Seconds the step waited for batches from the data thread, which
+    /// draws them (reads and tokenizes their documents) ahead of the steps:
+    /// 0 where it keeps up (all of the first batch's drawing on the first
+    /// step).
+    #[serde(default)]
+    pub data_wait_s: f64,
+    /// The data thread's speed on this step's batch: its tokens over the
+    /// seconds drawing it took, beside `tokens_per_s`, what training
+    /// consumes (the thread keeps up while this is the larger).
+    #[serde(default)]
+    pub data_tokens_per_s: f64,
     /// The step of the checkpoint completed after this step, if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
@@ -751,7 +762,7 @@ impl Rendezvous {
 
 /// A step's batch and its plan, being made on a thread of its own.
 struct PlanAhead {
-    batch: Batch,
+    drawn: Drawn,
     plan: Planning,
 }
 
@@ -762,7 +773,8 @@ enum Planning {
 }
 
 impl PlanAhead {
-    fn start(batch: Batch, ctx: &Arc<PlanContext>, config: &TrainConfig) -> PlanAhead {
+    fn start(drawn: Drawn, ctx: &Arc<PlanContext>, config: &TrainConfig) -> PlanAhead {
+        let batch = &drawn.batch;
         let lengths: Vec<u64> = batch.lengths().iter().map(|l| *l as u64).collect();
         let (strategy, context) = (config.strategy, Some(config.max_seq_len as u64));
         let shared = Arc::clone(ctx);
@@ -776,11 +788,11 @@ impl PlanAhead {
                 Planning::Done(weft_planner::plan_step(strategy, ctx, &lengths, context))
             }
         };
-        PlanAhead { batch, plan }
+        PlanAhead { drawn, plan }
     }
 
     /// The batch and its plan, once made.
-    fn finish(self) -> (Batch, Result<StepPlan, String>) {
+    fn finish(self) -> (Drawn, Result<StepPlan, String>) {
         let plan = match self.plan {
             Planning::Thread(thread) => match thread.join() {
                 Ok(planned) => planned.map_err(|e| e.to_string()),
@@ -788,8 +800,58 @@ impl PlanAhead {
             },
             Planning::Done(planned) => planned.map_err(|e| e.to_string()),
         };
-        (self.batch, plan)
+        (self.drawn, plan)
     }
+}
+
+/// Runs `save` on rank 0 while every other rank waits for it, however long
+/// the write takes (tens of GB onto a network volume can take longer than a
+/// collective may wait): a thread of rank 0 and the other ranks meet in a
+/// small collective ten times a second until the save is over, so no collective
+/// waits past its timeout. Every rank returns once it is over; rank 0 with
+/// the save's error.
+pub fn save_while_peers_wait<E>(
+    rank: u32,
+    group: &mut ProcessGroup,
+    device: tch::Device,
+    save: impl FnOnce() -> Result<(), E>,
+) -> Result<(), TrainError>
+where
+    TrainError: From<E>,
+{
+    if group.world() == 1 {
+        return Ok(save()?);
+    }
+    if rank != 0 {
+        while group.all_gather_u64(0, device)?[0] == 0 {}
+        return Ok(());
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (saved, waited) = std::thread::scope(|scope| {
+        let keepalive = scope.spawn(|| -> Result<(), CommError> {
+            loop {
+                let over = done.load(std::sync::atomic::Ordering::Acquire);
+                group.all_gather_u64(u64::from(over), device)?;
+                if over {
+                    return Ok(());
+                }
+                // Well within any collective's timeout (a second at least).
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let saved = save();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let waited = keepalive.join().unwrap_or_else(|_| {
+            Err(CommError::Operation {
+                operation: "all_gather",
+                message: "the thread keeping the peers waiting stopped".to_string(),
+            })
+        });
+        (saved, waited)
+    });
+    saved?;
+    waited?;
+    Ok(())
 }
 
 /// Trains as rank `rank` of `world`, meeting the others at `rendezvous`;
@@ -803,7 +865,11 @@ pub fn run_worker(
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
-    let corpus = Corpus::load_with(&config.data, config.data_format, &config.text_field)?;
+    let corpus = Arc::new(Corpus::load_with(
+        &config.data,
+        config.data_format,
+        &config.text_field,
+    )?);
     let tokenizer = &config.tokenizer;
     // In a pod, plan on the cluster of this epoch's mesh; a rank that finds
     // the mesh already moved on stops at once, as it would after a step.
@@ -923,18 +989,22 @@ pub fn run_worker(
     if let Some(dir) = &resumed_from {
         optimizer.load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
     }
-    let mut stream = Sampler::new(
-        (&corpus, tokenizer),
-        config.data_order,
-        config.seed,
-        config.tokens_per_step,
-        config.max_seq_len,
-        (next_sample, buckets),
+    // The batches are drawn (their documents tokenized) on a thread of
+    // their own, ahead of the steps; each step's plan on another while the
+    // step before it trains (the planner is pure and the data order known
+    // ahead): both leave the critical path, but for the first step's.
+    let data = DataAhead::start(
+        Arc::clone(&corpus),
+        tokenizer.clone(),
+        SamplerSettings {
+            order: config.data_order,
+            seed: config.seed,
+            tokens_per_step: config.tokens_per_step,
+            max_seq_len: config.max_seq_len,
+            resume_at: (next_sample, buckets),
+            batches: config.steps.saturating_sub(start_step),
+        },
     )?;
-
-    // Each step's plan is computed on a thread of its own while the step
-    // before it trains (the planner is pure and the data order known ahead),
-    // so planning leaves the critical path; the first is planned at once.
     let ctx = Arc::new(ctx);
     let mut ahead: Option<PlanAhead> = None;
     for step in start_step..config.steps {
@@ -945,21 +1015,31 @@ pub fn run_worker(
             });
         }
         let started = Instant::now();
+        let mut data_wait_s = 0.0;
         let current = match ahead.take() {
             Some(current) => current,
-            None => PlanAhead::start(stream.next_batch()?, &ctx, config),
+            None => {
+                let waiting = Instant::now();
+                let drawn = data.next()?;
+                data_wait_s += waiting.elapsed().as_secs_f64();
+                PlanAhead::start(drawn, &ctx, config)
+            }
         };
-        // Where the data order stands after this step's batch, for its checkpoint.
-        let (next_sample, bucket_cursor) = (stream.next_sample(), stream.bucket_cursor());
         let waiting = Instant::now();
-        let (batch, plan) = current.finish();
+        let (drawn, plan) = current.finish();
+        // Where the data order stands after this step's batch, for its checkpoint.
+        let (next_sample, bucket_cursor) = (drawn.next_sample, drawn.buckets);
+        let (batch, draw_s) = (drawn.batch, drawn.draw_s);
         let mut plan = plan.map_err(|reason| TrainError::Plan {
             step: step + 1,
             reason,
         })?;
         let plan_s = waiting.elapsed().as_secs_f64();
         if step + 1 < config.steps {
-            ahead = Some(PlanAhead::start(stream.next_batch()?, &ctx, config));
+            let waiting = Instant::now();
+            let drawn = data.next()?;
+            data_wait_s += waiting.elapsed().as_secs_f64();
+            ahead = Some(PlanAhead::start(drawn, &ctx, config));
         }
         if !config.hierarchical_rings {
             plan.micro_batches
@@ -1065,6 +1145,8 @@ pub fn run_worker(
             remap_s: max_of(1),
             all_reduce_s: max_of(2),
             plan_s,
+            data_wait_s,
+            data_tokens_per_s: batch.tokens() as f64 / draw_s.max(1e-9),
             checkpoint: None,
         };
         let done = step + 1;
@@ -1125,9 +1207,16 @@ pub fn run_worker(
             return Ok(RunEnd::NewEpoch { step: done });
         }
     }
-    // The trained model, as the Hugging Face model it started from.
-    if let (0, Some(out), Some((dir, hf))) = (rank, &config.save, &config.hf_model) {
-        crate::hf::save(&model, hf, Some(dir), out, crate::hf::SHARD_BYTES)?;
+    // The trained model, as the Hugging Face model it started from, with
+    // the tokenizer it was trained with.
+    if let (Some(out), Some((dir, hf))) = (&config.save, &config.hf_model) {
+        let tokenizer_dir = match &config.tokenizer {
+            Tokenizer::File { path, .. } => path.parent().unwrap_or(dir),
+            Tokenizer::Bytes => dir,
+        };
+        save_while_peers_wait(rank, &mut group, device, || {
+            crate::hf::save(&model, hf, Some(tokenizer_dir), out, crate::hf::SHARD_BYTES)
+        })?;
         notice(
             rank,
             &format!("saved the trained model into {}", out.display()),

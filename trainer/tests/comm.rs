@@ -211,3 +211,25 @@ fn an_nccl_group_without_a_gpu_is_an_error_naming_why() {
     }
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// The other ranks wait for rank 0's save past the collectives' timeout
+/// (a model written to a slow volume), and go on when it is done.
+#[test]
+fn peers_wait_for_a_save_longer_than_a_collective_may_take() {
+    let started = Instant::now();
+    let out = on_ranks(3, Duration::from_secs(1), |mut g| {
+        let rank = g.rank();
+        let saved = weft_trainer::train::save_while_peers_wait(
+            rank,
+            &mut g,
+            tch::Device::Cpu,
+            || -> Result<(), CommError> {
+                std::thread::sleep(Duration::from_secs(3));
+                Ok(())
+            },
+        );
+        (saved.is_ok(), g.barrier().is_ok())
+    });
+    assert_eq!(out, vec![(true, true); 3]);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+}

@@ -61,6 +61,16 @@ fn four_ranks_train_exactly_like_one_and_the_loss_falls() {
         four.iter()
             .all(|m| m.world == 4 && m.tokens > 0 && m.tokens_per_s > 0.0)
     );
+    // The data thread's speed and the steps' wait for it are reported; the
+    // byte tokenizer runs far ahead of training.
+    assert!(
+        four.iter()
+            .all(|m| m.data_tokens_per_s > m.tokens_per_s && m.data_wait_s >= 0.0),
+        "{:?}",
+        four.iter()
+            .map(|m| (m.data_tokens_per_s, m.tokens_per_s, m.data_wait_s))
+            .collect::<Vec<_>>()
+    );
     let summary = String::from_utf8_lossy(&four_out.stdout);
     assert!(summary.contains("trained 50 steps on 4 ranks"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -350,6 +350,14 @@ impl TrainArgs {
             );
         }
         let data_format = weft_trainer::data::DataFormat::parse(&self.data_format)?;
+        if data_format == weft_trainer::data::DataFormat::Text
+            && self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD
+        {
+            bail!(
+                "--text-field {}: it names the field of JSON lines and the column of Parquet rows, and --data-format text reads whole files",
+                self.text_field
+            );
+        }
         if builtin && data_format != weft_trainer::data::DataFormat::Auto {
             bail!(
                 "--data-format {}: the built-in corpus is read as it is built in; name a --data directory",
@@ -1424,7 +1432,8 @@ fn job_args(
 /// The job's settings a pod's worker checks before it starts a rank, each
 /// refused by the name of the job's field: the checkpoint's config and
 /// weights (read from their headers), the rotary settings, the output, the
-/// tokenizer, and the data as the job reads it.
+/// tokenizer, and the data as the job reads it (its files and their first
+/// lines or schemas: the ranks read the rest).
 fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result<()> {
     if let Some(pretrained) = &training.pretrained {
         let dir = Path::new(&pretrained.checkpoint);
@@ -1446,7 +1455,7 @@ fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result
     }
     let format = weft_trainer::data::DataFormat::parse(&training.data.data_format())
         .context("spec.data.format")?;
-    weft_trainer::data::Corpus::load_with(
+    weft_trainer::data::Corpus::check(
         Path::new(&training.data.source),
         format,
         &training.data.text_field,
@@ -1752,7 +1761,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             // What is refused before any rank starts is the job's settings
             // (or the pod's), which no restart changes: the pod says so by
             // its exit code and termination message, and the job fails.
-            let (env, args) = worker_preflight(steps, run, save).map_err(SettingsRefused)?;
+            let (env, args) = worker_preflight(steps, run, save)?;
             pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?;
             Ok(true)
         }
@@ -1918,19 +1927,20 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("weft-trainer: error: {err:#}");
-            if err.downcast_ref::<SettingsRefused>().is_some() {
-                // Kubernetes keeps the first 4 KiB; the pod's status shows it.
-                if Path::new(TERMINATION_LOG).exists() {
-                    let mut message = format!("{err:#}");
-                    if message.len() > 4000 {
-                        let mut cut = 4000;
-                        while !message.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        message.truncate(cut);
+            // In a container, why it stopped is its termination message
+            // (Kubernetes keeps 4 KiB; the job's status shows it).
+            if Path::new(TERMINATION_LOG).exists() {
+                let mut message = format!("{err:#}");
+                if message.len() > 4000 {
+                    let mut cut = 4000;
+                    while !message.is_char_boundary(cut) {
+                        cut -= 1;
                     }
-                    let _ = std::fs::write(TERMINATION_LOG, message);
+                    message.truncate(cut);
                 }
+                let _ = std::fs::write(TERMINATION_LOG, message);
+            }
+            if err.downcast_ref::<SettingsRefused>().is_some() {
                 return ExitCode::from(weft_crds::SETTINGS_REFUSED_EXIT as u8);
             }
             if collective_failed(&err) {
@@ -1952,11 +1962,19 @@ fn worker_preflight(
     run: RunArgs,
     save: Option<PathBuf>,
 ) -> anyhow::Result<(weft_trainer::pod::PodEnv, TrainArgs)> {
-    let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
-    let training = weft_trainer::pod::read_training(&env.training)?;
-    let args = job_args(&training, steps, run, save)?;
-    check_job_fields(&training)?;
-    let config = args.config(1)?;
+    // The pod's environment and the job's settings: what no restart
+    // changes (a transient read error aside) is a refusal.
+    let settings = || -> anyhow::Result<_> {
+        let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
+        let training = weft_trainer::pod::read_training(&env.training)?;
+        let args = job_args(&training, steps, run, save)?;
+        check_job_fields(&training)?;
+        let config = args.config(1)?;
+        Ok((env, args, config))
+    };
+    let (env, args, config) = settings().map_err(refusal_unless_transient)?;
+    // What depends on the moment (the mesh, the node's free memory, the
+    // checkpoint volume) fails the pod as any failure does: it is restarted.
 
     // The pod runs a rank per GPU of its worker, as the mesh says
     // (one when the mesh is not there yet or does not name it).
@@ -1996,6 +2014,35 @@ fn worker_preflight(
         weft_trainer::checkpoint::probe_writable(root)?;
     }
     Ok((env, args))
+}
+
+/// `err` as a refusal of the job's settings ([`SettingsRefused`]), unless
+/// an I/O error of the kind a retry may not meet again caused it (a volume
+/// that timed out, a stale network handle): a pod that fails on such an
+/// error is restarted, not the job failed.
+fn refusal_unless_transient(err: anyhow::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let transient = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            !matches!(
+                io.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::AlreadyExists
+                    | ErrorKind::InvalidInput
+                    | ErrorKind::InvalidData
+                    | ErrorKind::NotADirectory
+                    | ErrorKind::IsADirectory
+                    | ErrorKind::ReadOnlyFilesystem
+            )
+        });
+    if transient {
+        err
+    } else {
+        SettingsRefused(err).into()
+    }
 }
 
 /// The job's settings refused by a pod's worker before it started a rank.
