@@ -355,6 +355,10 @@ pub enum RopeType {
     /// Positions divided by `factor` (position interpolation).
     #[serde(rename = "linear")]
     Linear,
+    /// Dynamic NTK scaling: a sequence longer than the checkpoint's
+    /// `max_position_embeddings` rotates with a base grown with its length.
+    #[serde(rename = "dynamic")]
+    Dynamic,
     /// Llama 3.1's frequency-dependent scaling.
     #[serde(rename = "llama3")]
     Llama3,
@@ -368,6 +372,7 @@ impl RopeType {
         match self {
             RopeType::Default => "default",
             RopeType::Linear => "linear",
+            RopeType::Dynamic => "dynamic",
             RopeType::Llama3 => "llama3",
             RopeType::Yarn => "yarn",
         }
@@ -380,11 +385,11 @@ impl RopeType {
 #[x_kube(validation = Rule::new("self.type == 'default' ? !has(self.factor) : has(self.factor)").message("model.rope.factor is required with the linear, llama3 and yarn types, and only with them"))]
 #[x_kube(validation = Rule::new("self.type == 'llama3' || !(has(self.lowFreqFactor) || has(self.highFreqFactor))").message("model.rope.lowFreqFactor and highFreqFactor belong to the llama3 type"))]
 #[x_kube(validation = Rule::new("self.type == 'yarn' || !(has(self.betaFast) || has(self.betaSlow) || has(self.mscale) || has(self.mscaleAllDim) || has(self.attentionFactor) || has(self.truncate))").message("model.rope.betaFast, betaSlow, mscale, mscaleAllDim, attentionFactor and truncate belong to the yarn type"))]
-#[x_kube(validation = Rule::new("!(self.type == 'default' || self.type == 'linear') || !has(self.originalMaxPositionEmbeddings)").message("model.rope.originalMaxPositionEmbeddings belongs to the llama3 and yarn types"))]
+#[x_kube(validation = Rule::new("!(self.type == 'default' || self.type == 'linear' || self.type == 'dynamic') || !has(self.originalMaxPositionEmbeddings)").message("model.rope.originalMaxPositionEmbeddings belongs to the llama3 and yarn types"))]
 #[x_kube(validation = Rule::new("self.type != 'llama3' || (has(self.lowFreqFactor) && has(self.highFreqFactor) && self.highFreqFactor > self.lowFreqFactor)").message("model.rope of type llama3 needs lowFreqFactor and a greater highFreqFactor"))]
 #[x_kube(validation = Rule::new("has(self.mscale) == has(self.mscaleAllDim) && !(has(self.mscale) && has(self.attentionFactor))").message("model.rope.mscale and mscaleAllDim set the attention factor together (give both or neither), and not beside attentionFactor"))]
 pub struct RopeSpec {
-    /// `default`, `linear`, `llama3` or `yarn`.
+    /// `default`, `linear`, `dynamic`, `llama3` or `yarn`.
     #[serde(rename = "type", default)]
     pub rope_type: RopeType,
     /// The base of the rotary frequencies (`rope_theta`); the checkpoint's
@@ -397,7 +402,8 @@ pub struct RopeSpec {
     #[schemars(range(min = 1.0, max = 65536.0))]
     pub factor: Option<f64>,
     /// The context the checkpoint was trained for; its
-    /// `max_position_embeddings` when absent (llama3, yarn).
+    /// `max_position_embeddings` when absent (llama3, yarn; dynamic scales
+    /// past `max_position_embeddings` itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16777216))]
     pub original_max_position_embeddings: Option<i64>,

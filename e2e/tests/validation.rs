@@ -193,7 +193,7 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
             (
                 "a rope type weft does not compute",
                 json!({"model": {"preset": null, "checkpoint": "/m",
-                                 "rope": {"type": "dynamic", "factor": 2.0}}}),
+                                 "rope": {"type": "longrope", "factor": 2.0}}}),
                 vec!["spec.model.rope.type", "Unsupported value"],
             ),
             (

@@ -31,8 +31,12 @@ use weft_planner::model::ModelSpec;
 
 use crate::decompose::{DataOrder, DecompositionCursor};
 
-/// The files of a checkpoint directory.
+/// The files of a checkpoint directory: the model (weft's own names), or,
+/// for a run of a Hugging Face model, the model as that model's directory
+/// in `model/` (`config.json`, safetensors shards, the tokenizer's files),
+/// which `transformers` loads unchanged.
 pub const MODEL_FILE: &str = "model.safetensors";
+pub const HF_MODEL_DIR: &str = "model";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -319,10 +323,16 @@ pub fn verify(dir: &Path) -> Result<Verified, String> {
             .map_err(|e| format!("its {MANIFEST_FILE} cannot be read ({e})"))?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| format!("its {MANIFEST_FILE} is not valid ({e})"))?;
-        for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        for required in [OPTIMIZER_FILE, STATE_FILE] {
             if !manifest.files.contains_key(required) {
                 return Err(format!("its manifest does not list {required}"));
             }
+        }
+        let hf_config = format!("{HF_MODEL_DIR}/config.json");
+        if !manifest.files.contains_key(MODEL_FILE) && !manifest.files.contains_key(&hf_config) {
+            return Err(format!(
+                "its manifest lists no model ({MODEL_FILE} or {HF_MODEL_DIR}/)"
+            ));
         }
         for (name, want) in &manifest.files {
             let got = sha256_file(&dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
@@ -479,9 +489,11 @@ fn dir_bytes(dir: &Path) -> u64 {
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_file() => m.len(),
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    _ => 0,
+                })
                 .sum()
         })
         .unwrap_or(0)
@@ -591,13 +603,23 @@ fn write_staging(
         reason: e.to_string(),
     })?;
     write_synced(&staging.join(STATE_FILE), json.as_bytes())?;
+    // Every file written, the model's directory of a Hugging Face run
+    // included, by its path inside the checkpoint.
     let mut files = BTreeMap::new();
-    for name in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
-        let path = staging.join(name);
+    for name in files_under(staging, "").map_err(io(staging))? {
+        let path = staging.join(&name);
         File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io(&path))?;
-        files.insert(name.to_string(), sha256_file(&path).map_err(io(&path))?);
+        files.insert(name, sha256_file(&path).map_err(io(&path))?);
+    }
+    for required in [OPTIMIZER_FILE, STATE_FILE] {
+        if !files.contains_key(required) {
+            return Err(CheckpointError::Write {
+                path: staging.to_path_buf(),
+                reason: format!("{required} was not written"),
+            });
+        }
     }
     crate::fault::reached("checkpoint-sums");
     let manifest = Manifest {
@@ -612,6 +634,24 @@ fn write_staging(
     sync_dir(staging);
     crate::fault::reached("checkpoint-manifest");
     Ok(())
+}
+
+/// The regular files under `dir`, as paths relative to it joined by `/`
+/// (after `prefix`), in a sorted order.
+fn files_under(dir: &Path, prefix: &str) -> Result<Vec<String>, std::io::Error> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            out.extend(files_under(&entry.path(), &format!("{name}/"))?);
+        } else if kind.is_file() {
+            out.push(name);
+        }
+    }
+    Ok(out)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {

@@ -468,13 +468,17 @@ fn read_rope(f: &Fields) -> Result<Rope, HfError> {
                     .unwrap_or(true),
             }
         }
-        "dynamic" => {
-            return Err(HfError::RopeType {
-                path: f.path.to_path_buf(),
-                name: kind,
-                hint: " (dynamic NTK scaling changes the frequencies with each batch's longest position; extend the context with yarn, llama3 or linear)",
-            });
-        }
+        // transformers grows the base past max_position_embeddings (not an
+        // original length of the rope's own).
+        "dynamic" => RopeScaling::Dynamic {
+            factor: required("factor")?,
+            max_position_embeddings: max_positions.ok_or_else(|| {
+                f.error(
+                    "max_position_embeddings",
+                    "is missing (dynamic scaling grows the base past it)",
+                )
+            })?,
+        },
         _ => {
             return Err(HfError::RopeType {
                 path: f.path.to_path_buf(),
@@ -888,10 +892,13 @@ pub fn with_rope(
         );
     }
     raw.insert("rope_parameters".to_string(), Value::Object(parameters));
-    if pretrained
-        .as_ref()
-        .and_then(Value::as_u64)
-        .is_none_or(|n| n < context)
+    // Dynamic scaling grows the base only past max_position_embeddings:
+    // raised, it would leave the longer sequences unscaled.
+    if kind != "dynamic"
+        && pretrained
+            .as_ref()
+            .and_then(Value::as_u64)
+            .is_none_or(|n| n < context)
     {
         raw.insert("max_position_embeddings".to_string(), Value::from(context));
     }
@@ -900,6 +907,109 @@ pub fn with_rope(
         spec: config.spec.clone(),
         ..changed
     })
+}
+
+/// Writes `model` into the directory `dir` (which exists) as a Hugging Face
+/// model: fp32 safetensors shards of at most `shard_bytes` (with their
+/// index when there are several), `config.json` from `config`, and the
+/// tokenizer's files found in `source`; every file synced. What [`save`]
+/// writes, and a checkpoint of a Hugging Face run holds in its `model/`.
+pub fn write_model(
+    model: &Llama,
+    config: &HfConfig,
+    source: Option<&Path>,
+    dir: &Path,
+    shard_bytes: usize,
+) -> Result<(), HfError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HfError::Io { path, source }
+    };
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    // Shards go out under a number each; they are named `-of-N` once N
+    // is known.
+    let mut shard: Vec<(String, Raw)> = Vec::new();
+    let mut shard_names: Vec<Vec<String>> = Vec::new();
+    let mut size = 0usize;
+    let mut total = 0usize;
+    let flush = |shard: &mut Vec<(String, Raw)>,
+                 shard_names: &mut Vec<Vec<String>>|
+     -> Result<(), HfError> {
+        let path = dir.join(format!("shard-{}", shard_names.len()));
+        safetensors::serialize_to_file(
+            shard.iter().map(|(name, raw)| (name.as_str(), raw)),
+            Some(metadata.clone()),
+            &path,
+        )
+        .map_err(|e| HfError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        shard_names.push(shard.drain(..).map(|(name, _)| name).collect());
+        Ok(())
+    };
+    for (name, tensor) in model.hf_parameters() {
+        let raw = raw(&tensor)?;
+        let len = raw.bytes.len();
+        if size > 0 && size + len > shard_bytes {
+            flush(&mut shard, &mut shard_names)?;
+            size = 0;
+        }
+        size += len;
+        total += len;
+        shard.push((name, raw));
+    }
+    if !shard.is_empty() {
+        flush(&mut shard, &mut shard_names)?;
+    }
+    let count = shard_names.len();
+    let mut weight_map = Map::new();
+    let mut files = Vec::new();
+    for (i, names) in shard_names.iter().enumerate() {
+        let file = if count == 1 {
+            SINGLE.to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
+        let from = dir.join(format!("shard-{i}"));
+        std::fs::rename(&from, dir.join(&file)).map_err(io(&from))?;
+        for name in names {
+            weight_map.insert(name.clone(), Value::String(file.clone()));
+        }
+        files.push(file);
+    }
+    if count > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        std::fs::write(dir.join(INDEX), pretty(&index)).map_err(io(&dir.join(INDEX)))?;
+        files.push(INDEX.to_string());
+    }
+    let mut raw_config = config.raw.clone();
+    raw_config.remove("torch_dtype");
+    raw_config.insert("dtype".to_string(), Value::String("float32".to_string()));
+    let path = dir.join("config.json");
+    std::fs::write(&path, pretty(&Value::Object(raw_config))).map_err(io(&path))?;
+    files.push("config.json".to_string());
+    if let Some(source) = source {
+        for name in TOKENIZER_FILES {
+            let from = source.join(name);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+                files.push(name.to_string());
+            }
+        }
+    }
+    for file in &files {
+        let path = dir.join(file);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+    }
+    sync_dir(dir);
+    Ok(())
 }
 
 /// A tensor's bytes, as safetensors writes them.
@@ -1006,90 +1116,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let written = (|| {
-        let mut metadata = std::collections::HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        // Shards go out under a number each; they are named `-of-N` once N
-        // is known.
-        let mut shard: Vec<(String, Raw)> = Vec::new();
-        let mut shard_names: Vec<Vec<String>> = Vec::new();
-        let mut size = 0usize;
-        let mut total = 0usize;
-        let flush = |shard: &mut Vec<(String, Raw)>,
-                     shard_names: &mut Vec<Vec<String>>|
-         -> Result<(), HfError> {
-            let path = partial.join(format!("shard-{}", shard_names.len()));
-            safetensors::serialize_to_file(
-                shard.iter().map(|(name, raw)| (name.as_str(), raw)),
-                Some(metadata.clone()),
-                &path,
-            )
-            .map_err(|e| HfError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            shard_names.push(shard.drain(..).map(|(name, _)| name).collect());
-            Ok(())
-        };
-        for (name, tensor) in model.hf_parameters() {
-            let raw = raw(&tensor)?;
-            let len = raw.bytes.len();
-            if size > 0 && size + len > shard_bytes {
-                flush(&mut shard, &mut shard_names)?;
-                size = 0;
-            }
-            size += len;
-            total += len;
-            shard.push((name, raw));
-        }
-        if !shard.is_empty() {
-            flush(&mut shard, &mut shard_names)?;
-        }
-        let count = shard_names.len();
-        let mut weight_map = Map::new();
-        let mut files = Vec::new();
-        for (i, names) in shard_names.iter().enumerate() {
-            let file = if count == 1 {
-                SINGLE.to_string()
-            } else {
-                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
-            };
-            let from = partial.join(format!("shard-{i}"));
-            std::fs::rename(&from, partial.join(&file)).map_err(io(&from))?;
-            for name in names {
-                weight_map.insert(name.clone(), Value::String(file.clone()));
-            }
-            files.push(file);
-        }
-        if count > 1 {
-            let index = serde_json::json!({
-                "metadata": {"total_size": total},
-                "weight_map": weight_map,
-            });
-            std::fs::write(partial.join(INDEX), pretty(&index))
-                .map_err(io(&partial.join(INDEX)))?;
-            files.push(INDEX.to_string());
-        }
-        let mut raw_config = config.raw.clone();
-        raw_config.remove("torch_dtype");
-        raw_config.insert("dtype".to_string(), Value::String("float32".to_string()));
-        let path = partial.join("config.json");
-        std::fs::write(&path, pretty(&Value::Object(raw_config))).map_err(io(&path))?;
-        files.push("config.json".to_string());
-        if let Some(source) = source {
-            for name in TOKENIZER_FILES {
-                let from = source.join(name);
-                if from.exists() {
-                    std::fs::copy(&from, partial.join(name)).map_err(io(&from))?;
-                    files.push(name.to_string());
-                }
-            }
-        }
-        for file in &files {
-            let path = partial.join(file);
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&path))?;
-        }
+        write_model(model, config, source, &partial, shard_bytes)?;
         sync_dir(&partial);
         // Never over a directory that appeared meanwhile.
         rustix::fs::renameat_with(
@@ -1308,6 +1335,41 @@ mod tests {
         assert!(truncate);
     }
 
+    /// Dynamic NTK: the base as it is up to max_position_embeddings, then
+    /// grown with the sequence's length, as transformers computes it.
+    #[test]
+    fn dynamic_scaling_grows_the_base_with_the_sequence() {
+        let dynamic = config(
+            json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+                                    "rope_theta": 10000.0}),
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let rope = &dynamic.architecture.rope;
+        assert!(rope.per_sequence());
+        let plain = rope.inv_freq(16);
+        assert_eq!(rope.inv_freq_at(16, 256), plain);
+        assert_eq!(rope.inv_freq_at(16, 100), plain);
+        // 512 tokens past 256: base 10000 · (2·512/256 − 1)^(16/14).
+        let base = 10000f64 * 3f64.powf(16.0 / 14.0);
+        let longer = rope.inv_freq_at(16, 512);
+        for (i, f) in longer.iter().enumerate() {
+            let want = 1.0 / base.powf(2.0 * i as f64 / 16.0);
+            assert!(
+                (f64::from(*f) - want).abs() <= 1e-6 * want,
+                "{i}: {f} {want}"
+            );
+        }
+        assert!(longer[1] < plain[1]);
+        // A rope of no dynamic kind has the same frequencies at any length.
+        let yarn = config(json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(!yarn.architecture.rope.per_sequence());
+        assert_eq!(
+            yarn.architecture.rope.inv_freq_at(16, 100_000),
+            yarn.architecture.rope.inv_freq(16)
+        );
+    }
+
     #[test]
     fn what_weft_cannot_compute_is_refused_by_name() {
         let refused = |extra: Value, needle: &str| {
@@ -1324,8 +1386,8 @@ mod tests {
             "rope type \"longrope\"",
         );
         refused(
-            json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
-            "dynamic NTK",
+            json!({"rope_scaling": {"rope_type": "dynamic"}}),
+            "rope_scaling.factor: is missing",
         );
         refused(
             json!({"rope_scaling": {"rope_type": "linear"}}),

@@ -215,6 +215,14 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Dynamic NTK scaling: a sequence longer than `max_position_embeddings`
+    /// rotates with a larger base, grown with its length (`factor`); shorter
+    /// ones with the base as it is. Each sequence by its own length, as
+    /// `transformers` computes a sequence alone.
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: f64,
+    },
     /// YaRN: interpolation for the long wavelengths, extrapolation for the
     /// short ones, a linear ramp between, and cos/sin scaled by
     /// `attention_factor`.
@@ -242,7 +250,9 @@ impl Rope {
             .collect();
         let plain: Vec<f32> = powers.iter().map(|p| 1.0 / p).collect();
         match &self.scaling {
-            RopeScaling::None => plain,
+            // The base as it is, up to the positions the model was made for
+            // (see [`Rope::inv_freq_at`] for longer sequences).
+            RopeScaling::None | RopeScaling::Dynamic { .. } => plain,
             RopeScaling::Linear { factor } => {
                 let factor = *factor as f32;
                 plain.iter().map(|f| f / factor).collect()
@@ -312,6 +322,36 @@ impl Rope {
         }
     }
 
+    /// Whether the frequencies depend on the length of the sequence
+    /// (dynamic NTK scaling).
+    pub fn per_sequence(&self) -> bool {
+        matches!(self.scaling, RopeScaling::Dynamic { .. })
+    }
+
+    /// The inverse frequencies for a sequence of `length` tokens: those of
+    /// [`Rope::inv_freq`] but with dynamic scaling, whose base grows for a
+    /// sequence longer than the model's positions. In fp32, step by step as
+    /// `transformers` computes them (`_compute_dynamic_ntk_parameters`).
+    pub fn inv_freq_at(&self, head_dim: i64, length: i64) -> Vec<f32> {
+        let RopeScaling::Dynamic {
+            factor,
+            max_position_embeddings: most,
+        } = self.scaling
+        else {
+            return self.inv_freq(head_dim);
+        };
+        if (length as f64) <= most {
+            return self.inv_freq(head_dim);
+        }
+        let (factor, most, length) = (factor as f32, most as f32, length as f32);
+        let exponent = (head_dim as f64 / (head_dim - 2) as f64) as f32;
+        let base = self.theta as f32 * ((factor * length / most) - (factor - 1.0)).powf(exponent);
+        let dim = head_dim as f32;
+        (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim))
+            .collect()
+    }
+
     /// What cos and sin are multiplied by (YaRN's attention factor; 1
     /// otherwise).
     pub fn attention_factor(&self) -> f64 {
@@ -333,6 +373,9 @@ pub struct Rotary {
     inv_freq: Vec<f32>,
     factor: f64,
     on_device: std::sync::Mutex<Option<(tch::Device, Tensor)>>,
+    /// The settings, for frequencies that depend on a sequence's length.
+    rope: Rope,
+    head_dim: i64,
 }
 
 impl Clone for Rotary {
@@ -341,6 +384,8 @@ impl Clone for Rotary {
             inv_freq: self.inv_freq.clone(),
             factor: self.factor,
             on_device: std::sync::Mutex::new(None),
+            rope: self.rope.clone(),
+            head_dim: self.head_dim,
         }
     }
 }
@@ -351,7 +396,58 @@ impl Rotary {
             inv_freq: rope.inv_freq(head_dim),
             factor: rope.attention_factor(),
             on_device: std::sync::Mutex::new(None),
+            rope: rope.clone(),
+            head_dim,
         }
+    }
+
+    /// Whether each token's position must come with its sequence's length
+    /// (`positions` `[L, 2]` for [`rope`]): dynamic NTK scaling.
+    pub fn per_sequence(&self) -> bool {
+        self.rope.per_sequence()
+    }
+
+    /// The positions tensor [`rope`] takes for tokens at `positions` of
+    /// sequences of `lengths` tokens: `[L]`, or `[L, 2]` (position, length)
+    /// where the frequencies depend on the length.
+    pub fn positions(
+        &self,
+        positions: &[i64],
+        lengths: &[i64],
+        device: tch::Device,
+    ) -> Result<Tensor, tch::TchError> {
+        let positions = Tensor::from_slice(positions);
+        let positions = if self.per_sequence() {
+            Tensor::f_stack(&[positions, Tensor::from_slice(lengths)], 1)?
+        } else {
+            positions
+        };
+        positions.f_to_device(device)
+    }
+
+    /// Each token's inverse frequencies `[L, half]` for `lengths` `[L]`.
+    fn frequencies_by_length(
+        &self,
+        lengths: &Tensor,
+        device: tch::Device,
+    ) -> Result<Tensor, tch::TchError> {
+        let lengths = Vec::<i64>::try_from(&lengths.f_to_device(tch::Device::Cpu)?)?;
+        let mut distinct: Vec<i64> = lengths.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let table: Vec<f32> = distinct
+            .iter()
+            .flat_map(|l| self.rope.inv_freq_at(self.head_dim, *l))
+            .collect();
+        let half = self.head_dim / 2;
+        let table = Tensor::from_slice(&table).f_view([distinct.len() as i64, half])?;
+        let rows: Vec<i64> = lengths
+            .iter()
+            .map(|l| distinct.partition_point(|d| d < l) as i64)
+            .collect();
+        table
+            .f_index_select(0, &Tensor::from_slice(&rows))?
+            .f_to_device(device)
     }
 
     /// The inverse frequencies on `device`.
@@ -383,8 +479,9 @@ fn linear(vs: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
     )
 }
 
-/// Rotary position embedding of `x` `[B, H, L, E]` at `positions` `[L]`
-/// (rotate-half form).
+/// Rotary position embedding of `x` `[B, H, L, E]` at `positions` `[L]`,
+/// or `[L, 2]` (position, sequence length) where the frequencies depend on
+/// the length ([`Rotary::positions`]) (rotate-half form).
 pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, tch::TchError> {
     let e = x.size()[3];
     let half = e / 2;
@@ -394,11 +491,21 @@ pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, t
             rotary.inv_freq.len()
         )));
     }
-    let inv_freq = rotary.frequencies(x.device())?;
-    let angles = positions
-        .f_to_kind(Kind::Float)?
-        .f_unsqueeze(1)?
-        .f_mul(&inv_freq.f_unsqueeze(0)?)?; // [L, half]
+    let angles = if positions.dim() == 2 {
+        // (position, sequence length) per token: frequencies by length.
+        let inv_freq = rotary.frequencies_by_length(&positions.f_select(1, 1)?, x.device())?;
+        positions
+            .f_select(1, 0)?
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(1)?
+            .f_mul(&inv_freq)? // [L, half]
+    } else {
+        let inv_freq = rotary.frequencies(x.device())?;
+        positions
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(1)?
+            .f_mul(&inv_freq.f_unsqueeze(0)?)? // [L, half]
+    };
     let (mut cos, mut sin) = (angles.f_cos()?, angles.f_sin()?);
     if rotary.factor != 1.0 {
         cos = cos.f_mul_scalar(rotary.factor)?;
@@ -572,7 +679,13 @@ impl Llama {
         }
         // Each document's positions start at 0.
         let positions: Vec<i64> = documents.iter().flat_map(|n| 0..*n).collect();
-        let positions = Tensor::from_slice(&positions).f_to_device(tokens.device())?;
+        let lengths: Vec<i64> = documents
+            .iter()
+            .flat_map(|n| std::iter::repeat_n(*n, *n as usize))
+            .collect();
+        let positions = self
+            .rotary
+            .positions(&positions, &lengths, tokens.device())?;
         let heads = i64::from(self.spec.heads);
         let kv_heads = i64::from(self.spec.kv_heads);
         let head_dim = i64::from(self.spec.hidden) / heads;

@@ -158,6 +158,8 @@ fn ring_parts(plan: &StepPlan, mb: &MicroBatch, rank: u32) -> Result<Vec<RingPar
 struct TokenRows {
     tokens: Vec<i64>,
     positions: Vec<i64>,
+    /// Each token's sequence length (for rotary frequencies that depend on it).
+    lengths: Vec<i64>,
     targets: Vec<i64>,
 }
 
@@ -166,6 +168,7 @@ impl TokenRows {
         let mut rows = TokenRows {
             tokens: Vec::new(),
             positions: Vec::new(),
+            lengths: Vec::new(),
             targets: Vec::new(),
         };
         for run in runs {
@@ -188,6 +191,7 @@ impl TokenRows {
             for p in run.start as usize..run.end as usize {
                 rows.tokens.push(i64::from(tokens[p]));
                 rows.positions.push(p as i64);
+                rows.lengths.push(tokens.len() as i64);
                 rows.targets
                     .push(tokens.get(p + 1).map_or(-100, |t| i64::from(*t)));
             }
@@ -1002,7 +1006,9 @@ pub fn forward_backward(
         outcome.attention_tokens += attention_rows;
         outcome.linear_tokens += rows.tokens.len() as i64;
         let tokens = Tensor::from_slice(&rows.tokens).f_to_device(device)?;
-        let positions = Tensor::from_slice(&rows.positions).f_to_device(device)?;
+        let positions = model
+            .rotary
+            .positions(&rows.positions, &rows.lengths, device)?;
         let targets = Tensor::from_slice(&rows.targets).f_to_device(device)?;
 
         let rows = Rows {

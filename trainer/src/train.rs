@@ -326,6 +326,16 @@ impl<'a> PlanSettings<'a> {
 }
 
 impl TrainConfig {
+    /// Where the files of the run's tokenizer are, to be saved with the
+    /// model: beside the `tokenizer.json` it reads (a tokenizer of its own),
+    /// else in the model's directory `model_dir`.
+    pub fn tokenizer_files<'a>(&'a self, model_dir: &'a Path) -> &'a Path {
+        match &self.tokenizer {
+            Tokenizer::File { path, .. } => path.parent().unwrap_or(model_dir),
+            Tokenizer::Bytes => model_dir,
+        }
+    }
+
     /// How this run plans.
     pub fn planning(&self) -> PlanSettings<'_> {
         PlanSettings {
@@ -950,8 +960,19 @@ pub fn run_worker(
         };
         if let Some((dir, state)) = state {
             check_resumable(&dir, &state, config, &data_identity)?;
-            vs.load(dir.join(crate::checkpoint::MODEL_FILE))
-                .map_err(|e| checkpoint_error(&dir, e))?;
+            let hf_dir = dir.join(crate::checkpoint::HF_MODEL_DIR);
+            match &config.hf_model {
+                // A Hugging Face run's checkpoint holds the model as that
+                // model's directory: read as the model was, then taken over.
+                Some((_, hf)) if hf_dir.join("config.json").is_file() => {
+                    let read = VarStore::new(tch::Device::Cpu);
+                    crate::hf::load_into(&hf_dir, &read.root(), tch::Device::Cpu, hf)?;
+                    vs.copy(&read).map_err(|e| checkpoint_error(&dir, e))?;
+                }
+                _ => vs
+                    .load(dir.join(crate::checkpoint::MODEL_FILE))
+                    .map_err(|e| checkpoint_error(&dir, e))?,
+            }
             start_step = state.step;
             next_sample = state.next_sample;
             buckets = state.buckets.unwrap_or_default();
@@ -1191,8 +1212,25 @@ pub fn run_worker(
                 tensor_bytes,
             };
             crate::checkpoint::save(&request, |staging| {
-                vs.save(staging.join(crate::checkpoint::MODEL_FILE))
-                    .map_err(|e| e.to_string())?;
+                match &config.hf_model {
+                    // The model as the Hugging Face model it started from,
+                    // which transformers loads from the checkpoint as it is.
+                    Some((dir, hf)) => {
+                        let out = staging.join(crate::checkpoint::HF_MODEL_DIR);
+                        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+                        crate::hf::write_model(
+                            &model,
+                            hf,
+                            Some(config.tokenizer_files(dir)),
+                            &out,
+                            crate::hf::SHARD_BYTES,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    }
+                    None => vs
+                        .save(staging.join(crate::checkpoint::MODEL_FILE))
+                        .map_err(|e| e.to_string())?,
+                }
                 optimizer
                     .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
                     .map_err(|e| e.to_string())
@@ -1210,12 +1248,9 @@ pub fn run_worker(
     // The trained model, as the Hugging Face model it started from, with
     // the tokenizer it was trained with.
     if let (Some(out), Some((dir, hf))) = (&config.save, &config.hf_model) {
-        let tokenizer_dir = match &config.tokenizer {
-            Tokenizer::File { path, .. } => path.parent().unwrap_or(dir),
-            Tokenizer::Bytes => dir,
-        };
         save_while_peers_wait(rank, &mut group, device, || {
-            crate::hf::save(&model, hf, Some(tokenizer_dir), out, crate::hf::SHARD_BYTES)
+            let tokenizer = config.tokenizer_files(dir);
+            crate::hf::save(&model, hf, Some(tokenizer), out, crate::hf::SHARD_BYTES)
         })?;
         notice(
             rank,

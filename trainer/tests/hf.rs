@@ -63,12 +63,13 @@ fn models() -> &'static Path {
     })
 }
 
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 8] = [
     "llama-gqa",
     "llama3-tied",
     "llama-yarn",
     "llama-yarn-mscale",
     "llama-linear-old-form",
+    "llama-dynamic",
     "mistral",
     "qwen2-bias-tied",
 ];
@@ -634,9 +635,9 @@ fn rope_extends_the_context_and_the_saved_model_carries_it() {
         "--model",
         m,
         "--rope",
-        r#"{"rope_type": "dynamic", "factor": 2.0}"#,
+        r#"{"rope_type": "longrope", "factor": 2.0}"#,
     ]);
-    assert!(err.contains("--rope") && err.contains("dynamic"), "{err}");
+    assert!(err.contains("--rope") && err.contains("longrope"), "{err}");
     let err = refused(&["--model", m, "--rope", r#"{"rope_type": "linear"}"#]);
     assert!(
         err.contains("--rope: rope_parameters.factor: is missing"),
@@ -1233,4 +1234,108 @@ fn local_reads_the_documents_with_a_tokenizer_of_its_own() {
         err.contains("--data-format parquet: the built-in corpus"),
         "{err}"
     );
+}
+
+/// Dynamic NTK scaling on the distributed engine: each document rotates by
+/// its whole length, also where its tokens are split over three ranks, and
+/// the first loss over the corpus is `transformers'` (each document alone).
+#[test]
+fn dynamic_scaling_rotates_split_documents_by_their_whole_length() {
+    let model = models().join("llama-dynamic-tokenized");
+    let metrics = models().join("dynamic.jsonl");
+    local_on_corpus(
+        &model,
+        &[
+            "--ranks",
+            "3",
+            "--steps",
+            "1",
+            "--rank-tokens",
+            "40",
+            "--max-seq-len",
+            "64",
+        ],
+        &metrics,
+    );
+    let step: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(step["max_cp_degree"].as_u64().unwrap() > 1, "{step}");
+    let weft = losses(&metrics)[0];
+    let reference = corpus_loss(&model);
+    println!("dynamic NTK on 3 ranks: weft {weft}, transformers {reference}");
+    assert!(((weft - reference) / reference).abs() <= 1e-5);
+}
+
+/// A checkpoint of a Hugging Face run holds the model as that model's
+/// directory (`model/`: config, shards, tokenizer), which `transformers`
+/// loads as it is; a run resumes from it exactly, and a damaged file of it
+/// is refused by the manifest like any other.
+#[test]
+fn checkpoints_of_a_hugging_face_run_are_its_models_and_resume_exactly() {
+    let model = models().join("llama-tokenized");
+    let dir = models().join("hf-checkpoints");
+    fresh(&dir);
+    let ckpt = dir.join("checkpoints");
+    let ckpt_flag = ckpt.to_str().unwrap();
+    let run = |steps: &str, extra: &[&str], metrics: &Path| {
+        let mut flags = vec!["--ranks", "2", "--steps", steps, "--rank-tokens", "40"];
+        flags.extend(["--max-seq-len", "64"]);
+        flags.extend(extra);
+        local_on_corpus(&model, &flags, metrics);
+        std::fs::read_to_string(metrics)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let m: serde_json::Value = serde_json::from_str(l).unwrap();
+                (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let straight = run("3", &[], &dir.join("straight.jsonl"));
+    let saving = ["--checkpoint-dir", ckpt_flag, "--checkpoint-every", "1"];
+    let first = run("2", &saving, &dir.join("first.jsonl"));
+    let step1 = ckpt.join("step-00000001");
+    assert!(
+        step1.join("model/config.json").is_file()
+            && step1.join("model/tokenizer.json").is_file()
+            && !step1.join("model.safetensors").exists(),
+        "{:?}",
+        std::fs::read_dir(&step1).unwrap().collect::<Vec<_>>()
+    );
+    let manifest = std::fs::read_to_string(step1.join("manifest.json")).unwrap();
+    assert!(manifest.contains("model/config.json"), "{manifest}");
+    // The model after step 1 is what step 2's loss was computed with.
+    let reference = corpus_loss(&step1.join("model"));
+    println!(
+        "step 2: weft {}, transformers on checkpoint 1 {reference}",
+        first[1].1
+    );
+    assert!(((first[1].1 - reference) / reference).abs() <= 1e-5);
+    // Resumed from checkpoint 2, step 3 is the straight run's.
+    let resume = [
+        "--checkpoint-dir",
+        ckpt_flag,
+        "--checkpoint-every",
+        "1",
+        "--resume",
+    ];
+    let resumed = run("3", &resume, &dir.join("resumed.jsonl"));
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].0, 3);
+    assert!(((resumed[0].1 - straight[2].1) / straight[2].1).abs() <= 1e-6);
+    // A damaged shard of checkpoint 3 is refused: the run goes back to 2.
+    let shard = ckpt.join("step-00000003/model/model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let again = run("3", &resume, &dir.join("again.jsonl"));
+    assert_eq!(again.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [3]);
+    assert!(((again[0].1 - straight[2].1) / straight[2].1).abs() <= 1e-6);
 }

@@ -152,6 +152,17 @@ def models():
             True,
         ),
         (
+            # Positions past 8 grow the base: documents of 9, 12 and 100
+            # tokens each by their own length.
+            "llama-dynamic",
+            LlamaForCausalLM,
+            LlamaConfig(
+                **{**SHAPE, "max_position_embeddings": 8},
+                rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+            ),
+            False,
+        ),
+        (
             "mistral",
             MistralForCausalLM,
             MistralConfig(**SHAPE, sliding_window=None, rope_theta=1000000.0),
@@ -170,7 +181,13 @@ def doc_loss(model, docs):
     """weft's loss over `docs`, each document alone from position 0, and the
     logits of every token in order."""
     total, count, logits = 0.0, 0, []
+    rotary = model.model.rotary_emb
     for ids in docs:
+        if "dynamic" in str(rotary.rope_type):
+            # Each document alone: dynamic scaling from its own length, not
+            # from the longest document the model saw before it.
+            rotary.register_buffer("inv_freq", rotary.original_inv_freq.clone(), persistent=False)
+            rotary.max_seq_len_cached = rotary.original_max_seq_len
         ids = torch.tensor(ids, dtype=torch.long)[None]
         positions = torch.arange(ids.shape[1])[None]
         out = model(input_ids=ids, position_ids=positions).logits[0]
@@ -193,9 +210,9 @@ def old_rope_form(path):
 
 
 def make_tokenized(out):
-    """Two models with their own tokenizer (one trained here), and the corpus
-    they are tested on: a Llama (Llama 3 rope, tied embeddings) and a Qwen2
-    (biases, tied embeddings)."""
+    """Three models with their own tokenizer (one trained here), and the
+    corpus they are tested on: a Llama (Llama 3 rope, tied embeddings), a
+    Llama with dynamic NTK scaling and a Qwen2 (biases, tied embeddings)."""
     corpus = out / "corpus"
     corpus.mkdir(exist_ok=True)
     llama3 = dict(
@@ -213,6 +230,18 @@ def make_tokenized(out):
             "llama-tokenized",
             LlamaForCausalLM,
             LlamaConfig(**shape, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_parameters=llama3),
+        ),
+        (
+            97,
+            "llama-dynamic-tokenized",
+            LlamaForCausalLM,
+            # Dynamic NTK scaling past 16 positions: most documents are longer.
+            LlamaConfig(
+                **{**shape, "max_position_embeddings": 16},
+                bos_token_id=1,
+                eos_token_id=2,
+                rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0),
+            ),
         ),
         (
             98,
