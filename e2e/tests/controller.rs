@@ -246,6 +246,50 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
             "a failed job runs nothing"
         );
 
+        // A worker that refuses the job's settings (exit 78, its reason as
+        // its termination message) fails the job at once, with that reason,
+        // rather than spend the job's restarts on it.
+        jobs.create(&PostParams::default(), &job("refusing", 2, 2, 8))
+            .await?;
+        let (workers, _) = wait_running(&ns, "refusing", 2, 1).await?;
+        let refuser = workers.keys().next().context("a worker")?.clone();
+        let said = "spec.model.checkpoint /models/llama: no config.json there";
+        let refused = serde_json::json!({ "status": {
+            "phase": "Failed",
+            "containerStatuses": [{
+                "name": "trainer", "image": "weft-trainer:dev", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": { "terminated": {
+                    "exitCode": weft_crds::SETTINGS_REFUSED_EXIT,
+                    "reason": "Error",
+                    "message": format!("weft-trainer: error: {said}\n"),
+                }},
+            }],
+        }});
+        pods.patch_status(&refuser, &PatchParams::default(), &Patch::Merge(&refused))
+            .await?;
+        let status = wait_job_status(&jobs, "refusing", "refusing to fail", |s| {
+            s.phase == Phase::Failed
+        })
+        .await?;
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .context("a Failed condition")?;
+        ensure!(
+            failed.reason == "InvalidSpec"
+                && failed.message.contains(&format!(
+                    "worker {refuser} refused the job's settings: weft-trainer: error: {said}"
+                ))
+                && status.restarts == 1,
+            "{status:?}"
+        );
+        ensure!(
+            running_workers(&pods, "refusing").await?.is_empty(),
+            "a failed job runs nothing"
+        );
+
         // What happened is told as events on the jobs.
         let events: Api<Event> = ns.api();
         let reasons = wait_for("the events to be recorded", Duration::from_secs(30), || {

@@ -483,7 +483,8 @@ pub fn make_room(needed: u64, available: u64, existing: &[u64]) -> Result<usize,
     }
 }
 
-/// Bytes of the files in `dir` (not recursive).
+/// Bytes of the files under `dir`, its subdirectories included (a Hugging
+/// Face run's `model/`).
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {

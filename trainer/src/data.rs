@@ -410,11 +410,21 @@ fn parquet_text_column(
         source,
     })?;
     let reader =
-        parquet::file::serialized_reader::SerializedFileReader::new(file).map_err(|e| {
-            bad(format!(
+        parquet::file::serialized_reader::SerializedFileReader::new(file).map_err(|e| match e {
+            // A read that failed is no fault of the file's.
+            parquet::errors::ParquetError::External(source) if source.is::<std::io::Error>() => {
+                DataError::Io {
+                    path: path.to_path_buf(),
+                    source: match source.downcast::<std::io::Error>() {
+                        Ok(io) => *io,
+                        Err(other) => std::io::Error::other(other.to_string()),
+                    },
+                }
+            }
+            e => bad(format!(
                 "not a Parquet file weft can read: {}",
                 cut(&e.to_string())
-            ))
+            )),
         })?;
     let columns = reader.metadata().file_metadata().schema().get_fields();
     let Some(column) = columns.iter().find(|c| c.name() == field).cloned() else {

@@ -325,6 +325,8 @@ pub struct Drawn {
 #[derive(Debug)]
 pub struct DataAhead {
     batches: std::sync::mpsc::Receiver<Result<Drawn, DataError>>,
+    /// The thread, joined to say why it stopped early (a panic).
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How many batches the data thread holds ready.
@@ -353,7 +355,14 @@ impl DataAhead {
         settings: SamplerSettings,
     ) -> Result<DataAhead, DataError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(BATCHES_AHEAD);
-        std::thread::Builder::new()
+        if settings.batches == 0 {
+            // Nothing to draw (a run resumed at its last step).
+            return Ok(DataAhead {
+                batches: rx,
+                thread: None,
+            });
+        }
+        let thread = std::thread::Builder::new()
             .name("weft-data".to_string())
             .spawn(move || {
                 let sampler = Sampler::new(
@@ -388,14 +397,31 @@ impl DataAhead {
                 }
             })
             .map_err(|e| DataError::Thread(e.to_string()))?;
-        Ok(DataAhead { batches: rx })
+        Ok(DataAhead {
+            batches: rx,
+            thread: Some(thread),
+        })
     }
 
     /// The next batch, waiting for the thread if it is not drawn yet.
-    pub fn next(&self) -> Result<Drawn, DataError> {
-        self.batches.recv().map_err(|_| {
-            DataError::Thread("the data thread stopped before its last batch".into())
-        })?
+    pub fn next_drawn(&mut self) -> Result<Drawn, DataError> {
+        match self.batches.recv() {
+            Ok(drawn) => drawn,
+            Err(_) => {
+                let why = match self.thread.take().map(std::thread::JoinHandle::join) {
+                    Some(Err(panic)) => {
+                        let said = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        format!("the data thread panicked: {said}")
+                    }
+                    _ => "the data thread stopped before its last batch".to_string(),
+                };
+                Err(DataError::Thread(why))
+            }
+        }
     }
 }
 
@@ -435,19 +461,19 @@ mod tests {
                 resume_at,
                 batches: 5,
             };
-            let ahead = DataAhead::start(
+            let mut ahead = DataAhead::start(
                 std::sync::Arc::new(corpus.clone()),
                 Tokenizer::Bytes,
                 settings,
             )
             .unwrap();
             for _ in 0..5 {
-                let drawn = ahead.next().unwrap();
+                let drawn = ahead.next_drawn().unwrap();
                 assert_eq!(drawn.batch, sampler.next_batch().unwrap());
                 assert_eq!(drawn.next_sample, sampler.next_sample());
                 assert_eq!(drawn.buckets, sampler.bucket_cursor());
             }
-            let err = ahead.next().unwrap_err().to_string();
+            let err = ahead.next_drawn().unwrap_err().to_string();
             assert!(err.contains("stopped before its last batch"), "{err}");
         }
         // A sampler that cannot be made says why at the first batch.
@@ -462,9 +488,9 @@ mod tests {
             resume_at: (0, DecompositionCursor::default()),
             batches: 5,
         };
-        let ahead =
+        let mut ahead =
             DataAhead::start(std::sync::Arc::new(corpus), Tokenizer::Bytes, settings).unwrap();
-        let err = ahead.next().unwrap_err().to_string();
+        let err = ahead.next_drawn().unwrap_err().to_string();
         assert!(err.contains("must be a power of two"), "{err}");
     }
 

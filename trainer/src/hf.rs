@@ -854,7 +854,8 @@ fn each_weight(
 /// model's unless given; a `llama3` or `yarn` type's
 /// `original_max_position_embeddings` is the model's
 /// `max_position_embeddings`, its pretrained context, unless given), and
-/// `max_position_embeddings` is raised to `context` when that is longer. The
+/// `max_position_embeddings` is raised to `context` when that is longer
+/// (not for `dynamic`, which scales past it as it is). The
 /// config written with the trained model carries the new settings, in the
 /// newer form only. Errors name `--rope`.
 pub fn with_rope(

@@ -401,52 +401,39 @@ impl Rotary {
         }
     }
 
-    /// Whether each token's position must come with its sequence's length
-    /// (`positions` `[L, 2]` for [`rope`]): dynamic NTK scaling.
+    /// Whether each token's frequencies depend on its sequence's length
+    /// (dynamic NTK scaling).
     pub fn per_sequence(&self) -> bool {
         self.rope.per_sequence()
     }
 
-    /// The positions tensor [`rope`] takes for tokens at `positions` of
-    /// sequences of `lengths` tokens: `[L]`, or `[L, 2]` (position, length)
-    /// where the frequencies depend on the length.
+    /// The positions [`rope`] takes for tokens at `positions` of sequences
+    /// of `lengths` tokens: `[L]`, or, where the frequencies depend on the
+    /// length, `[L, 1 + E/2]` fp32 rows of the position and its sequence's
+    /// frequencies, made once here on the host for a micro-batch (not at
+    /// every layer's rotation).
     pub fn positions(
         &self,
         positions: &[i64],
         lengths: &[i64],
         device: tch::Device,
     ) -> Result<Tensor, tch::TchError> {
-        let positions = Tensor::from_slice(positions);
-        let positions = if self.per_sequence() {
-            Tensor::f_stack(&[positions, Tensor::from_slice(lengths)], 1)?
-        } else {
-            positions
-        };
-        positions.f_to_device(device)
-    }
-
-    /// Each token's inverse frequencies `[L, half]` for `lengths` `[L]`.
-    fn frequencies_by_length(
-        &self,
-        lengths: &Tensor,
-        device: tch::Device,
-    ) -> Result<Tensor, tch::TchError> {
-        let lengths = Vec::<i64>::try_from(&lengths.f_to_device(tch::Device::Cpu)?)?;
-        let mut distinct: Vec<i64> = lengths.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let table: Vec<f32> = distinct
-            .iter()
-            .flat_map(|l| self.rope.inv_freq_at(self.head_dim, *l))
-            .collect();
+        if !self.per_sequence() {
+            return Tensor::from_slice(positions).f_to_device(device);
+        }
         let half = self.head_dim / 2;
-        let table = Tensor::from_slice(&table).f_view([distinct.len() as i64, half])?;
-        let rows: Vec<i64> = lengths
-            .iter()
-            .map(|l| distinct.partition_point(|d| d < l) as i64)
-            .collect();
-        table
-            .f_index_select(0, &Tensor::from_slice(&rows))?
+        let mut by_length: std::collections::BTreeMap<i64, Vec<f32>> = Default::default();
+        let mut rows = Vec::with_capacity(positions.len() * (1 + half as usize));
+        for (position, length) in positions.iter().zip(lengths) {
+            rows.push(*position as f32);
+            rows.extend_from_slice(
+                by_length
+                    .entry(*length)
+                    .or_insert_with(|| self.rope.inv_freq_at(self.head_dim, *length)),
+            );
+        }
+        Tensor::from_slice(&rows)
+            .f_view([positions.len() as i64, 1 + half])?
             .f_to_device(device)
     }
 
@@ -480,8 +467,9 @@ fn linear(vs: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
 }
 
 /// Rotary position embedding of `x` `[B, H, L, E]` at `positions` `[L]`,
-/// or `[L, 2]` (position, sequence length) where the frequencies depend on
-/// the length ([`Rotary::positions`]) (rotate-half form).
+/// or `[L, 1 + E/2]` (position, its frequencies) where the frequencies
+/// depend on the sequence's length ([`Rotary::positions`]) (rotate-half
+/// form).
 pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, tch::TchError> {
     let e = x.size()[3];
     let half = e / 2;
@@ -492,13 +480,16 @@ pub fn rope(x: &Tensor, positions: &Tensor, rotary: &Rotary) -> Result<Tensor, t
         )));
     }
     let angles = if positions.dim() == 2 {
-        // (position, sequence length) per token: frequencies by length.
-        let inv_freq = rotary.frequencies_by_length(&positions.f_select(1, 1)?, x.device())?;
+        // A position and its sequence's frequencies per token.
+        if positions.size()[1] != 1 + half {
+            return Err(tch::TchError::Shape(format!(
+                "rotary rows of {} values for heads of {e} dimensions",
+                positions.size()[1]
+            )));
+        }
         positions
-            .f_select(1, 0)?
-            .f_to_kind(Kind::Float)?
-            .f_unsqueeze(1)?
-            .f_mul(&inv_freq)? // [L, half]
+            .f_narrow(1, 0, 1)?
+            .f_mul(&positions.f_narrow(1, 1, half)?)? // [L, half]
     } else {
         let inv_freq = rotary.frequencies(x.device())?;
         positions

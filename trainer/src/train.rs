@@ -836,6 +836,13 @@ where
         while group.all_gather_u64(0, device)?[0] == 0 {}
         return Ok(());
     }
+    /// Ends the wait when the save returns, or panics.
+    struct Over<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Over<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
     let done = std::sync::atomic::AtomicBool::new(false);
     let (saved, waited) = std::thread::scope(|scope| {
         let keepalive = scope.spawn(|| -> Result<(), CommError> {
@@ -849,8 +856,10 @@ where
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        let saved = save();
-        done.store(true, std::sync::atomic::Ordering::Release);
+        let saved = {
+            let _over = Over(&done);
+            save()
+        };
         let waited = keepalive.join().unwrap_or_else(|_| {
             Err(CommError::Operation {
                 operation: "all_gather",
@@ -1014,7 +1023,7 @@ pub fn run_worker(
     // their own, ahead of the steps; each step's plan on another while the
     // step before it trains (the planner is pure and the data order known
     // ahead): both leave the critical path, but for the first step's.
-    let data = DataAhead::start(
+    let mut data = DataAhead::start(
         Arc::clone(&corpus),
         tokenizer.clone(),
         SamplerSettings {
@@ -1041,7 +1050,7 @@ pub fn run_worker(
             Some(current) => current,
             None => {
                 let waiting = Instant::now();
-                let drawn = data.next()?;
+                let drawn = data.next_drawn()?;
                 data_wait_s += waiting.elapsed().as_secs_f64();
                 PlanAhead::start(drawn, &ctx, config)
             }
@@ -1058,7 +1067,7 @@ pub fn run_worker(
         let plan_s = waiting.elapsed().as_secs_f64();
         if step + 1 < config.steps {
             let waiting = Instant::now();
-            let drawn = data.next()?;
+            let drawn = data.next_drawn()?;
             data_wait_s += waiting.elapsed().as_secs_f64();
             ahead = Some(PlanAhead::start(drawn, &ctx, config));
         }
@@ -1181,60 +1190,68 @@ pub fn run_worker(
             draw_plan(rank, dir, done, &plan, note);
         }
         let due = config.checkpoint_every > 0 && done % config.checkpoint_every == 0;
+        // Every rank knows a checkpoint is due (the epoch's stop is agreed):
+        // rank 0 writes it while the others wait, however long it takes.
+        let mut written = false;
         if let Some(dir) = &config.checkpoint_dir
-            && rank == 0
             && (due || done == config.steps || stop_for_epoch)
         {
-            let state = CheckpointState {
-                step: done,
-                next_sample,
-                seed: config.seed,
-                model: config.model.clone(),
-                world,
-                data_order: config.data_order,
-                buckets: bucket_cursor,
-                corpus_digest: Some(data_identity.corpus_digest.clone()),
-                tokens_per_step: Some(config.tokens_per_step),
-                max_seq_len: Some(config.max_seq_len),
-                architecture: Some(config.architecture.clone()),
-            };
-            crate::checkpoint::check_finite(done, &params)?;
-            crate::checkpoint::check_finite(done, &optimizer.moments())?;
-            // Model, and both AdamW moments of the same size.
-            let tensor_bytes: u64 = params
-                .iter()
-                .map(|(_, p)| 3 * p.numel() as u64 * p.kind().elt_size_in_bytes() as u64)
-                .sum();
-            let request = SaveRequest {
-                root: dir,
-                state: &state,
-                keep: config.checkpoint_keep.max(1),
-                tensor_bytes,
-            };
-            crate::checkpoint::save(&request, |staging| {
-                match &config.hf_model {
-                    // The model as the Hugging Face model it started from,
-                    // which transformers loads from the checkpoint as it is.
-                    Some((dir, hf)) => {
-                        let out = staging.join(crate::checkpoint::HF_MODEL_DIR);
-                        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-                        crate::hf::write_model(
-                            &model,
-                            hf,
-                            Some(config.tokenizer_files(dir)),
-                            &out,
-                            crate::hf::SHARD_BYTES,
-                        )
-                        .map_err(|e| e.to_string())?;
+            save_while_peers_wait(rank, &mut group, device, || -> Result<(), TrainError> {
+                let state = CheckpointState {
+                    step: done,
+                    next_sample,
+                    seed: config.seed,
+                    model: config.model.clone(),
+                    world,
+                    data_order: config.data_order,
+                    buckets: bucket_cursor,
+                    corpus_digest: Some(data_identity.corpus_digest.clone()),
+                    tokens_per_step: Some(config.tokens_per_step),
+                    max_seq_len: Some(config.max_seq_len),
+                    architecture: Some(config.architecture.clone()),
+                };
+                crate::checkpoint::check_finite(done, &params)?;
+                crate::checkpoint::check_finite(done, &optimizer.moments())?;
+                // Model, and both AdamW moments of the same size.
+                let tensor_bytes: u64 = params
+                    .iter()
+                    .map(|(_, p)| 3 * p.numel() as u64 * p.kind().elt_size_in_bytes() as u64)
+                    .sum();
+                let request = SaveRequest {
+                    root: dir,
+                    state: &state,
+                    keep: config.checkpoint_keep.max(1),
+                    tensor_bytes,
+                };
+                crate::checkpoint::save(&request, |staging| {
+                    match &config.hf_model {
+                        // The model as the Hugging Face model it started from,
+                        // which transformers loads from the checkpoint as it is.
+                        Some((dir, hf)) => {
+                            let out = staging.join(crate::checkpoint::HF_MODEL_DIR);
+                            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+                            crate::hf::write_model(
+                                &model,
+                                hf,
+                                Some(config.tokenizer_files(dir)),
+                                &out,
+                                crate::hf::SHARD_BYTES,
+                            )
+                            .map_err(|e| e.to_string())?;
+                        }
+                        None => vs
+                            .save(staging.join(crate::checkpoint::MODEL_FILE))
+                            .map_err(|e| e.to_string())?,
                     }
-                    None => vs
-                        .save(staging.join(crate::checkpoint::MODEL_FILE))
-                        .map_err(|e| e.to_string())?,
-                }
-                optimizer
-                    .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
-                    .map_err(|e| e.to_string())
+                    optimizer
+                        .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
+                        .map_err(|e| e.to_string())
+                })?;
+                written = true;
+                Ok(())
             })?;
+        }
+        if written {
             metrics.checkpoint = Some(done);
         }
         if rank == 0 {

@@ -1085,6 +1085,11 @@ fn a_pod_trains_the_jobs_checkpoint_from_parquet_and_writes_the_trained_model() 
         serde_json::from_str(&std::fs::read_to_string(output.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["rope_parameters"]["rope_type"], "yarn", "{config}");
+    // A pod restarted after the last step and the output has nothing to do.
+    let again = worker_on(&dir, &pretrained_training(&dir), "2");
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("nothing left to do"), "{said}");
     let reference = corpus_loss(&output);
     println!(
         "after 2 steps: local's third {}, transformers on the pod's output {reference}",

@@ -62,10 +62,13 @@ fn four_ranks_train_exactly_like_one_and_the_loss_falls() {
             .all(|m| m.world == 4 && m.tokens > 0 && m.tokens_per_s > 0.0)
     );
     // The data thread's speed and the steps' wait for it are reported; the
-    // byte tokenizer runs far ahead of training.
+    // byte tokenizer runs far ahead of training, so after the first step
+    // the batches are ready when a step wants them.
     assert!(
-        four.iter()
-            .all(|m| m.data_tokens_per_s > m.tokens_per_s && m.data_wait_s >= 0.0),
+        four.iter().all(|m| m.data_tokens_per_s > m.tokens_per_s)
+            && four[1..]
+                .iter()
+                .all(|m| m.data_wait_s < 0.5 * m.step_time_s),
         "{:?}",
         four.iter()
             .map(|m| (m.data_tokens_per_s, m.tokens_per_s, m.data_wait_s))

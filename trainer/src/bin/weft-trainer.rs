@@ -87,7 +87,8 @@ struct TrainArgs {
     /// 1000000}' (rope_theta is the model's unless given; llama3's and
     /// yarn's original_max_position_embeddings is the model's
     /// max_position_embeddings). The saved model's config.json carries it,
-    /// with max_position_embeddings raised to --max-seq-len.
+    /// with max_position_embeddings raised to --max-seq-len (but for
+    /// dynamic, which scales past max_position_embeddings as it is).
     #[arg(long, value_name = "JSON")]
     #[serde(default)]
     rope: Option<String>,
@@ -677,6 +678,11 @@ enum Command {
         /// volume every worker mounts.
         #[arg(long, value_name = "DIR")]
         save: Option<PathBuf>,
+        /// The Hugging Face model directory the job starts from: the job's
+        /// model.checkpoint, which this may repeat but not contradict (a
+        /// pod trains its job's model).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
     },
     /// One training worker (started by `local` and `worker`).
     #[command(hide = true)]
@@ -1036,7 +1042,8 @@ struct EvalArgs {
     #[arg(long, default_value_t = 1)]
     ranks: u32,
     /// Longer documents are cut to this many tokens; default: the
-    /// model's max_position_embeddings.
+    /// model's max_position_embeddings (times the factor of dynamic rope
+    /// scaling, made to run past them).
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     max_seq_len: Option<u64>,
     /// Most tokens one rank holds (as `local --rank-tokens`).
@@ -1076,11 +1083,18 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
         Some(n) => n as usize,
         None => {
             let config = weft_trainer::hf::read_config(&args.input.model)?;
-            config
+            let positions = config
                 .raw
                 .get("max_position_embeddings")
                 .and_then(serde_json::Value::as_u64)
-                .map_or(4096, |n| n as usize)
+                .map_or(4096, |n| n as usize);
+            // Dynamic scaling is made to run past the positions: by its factor.
+            match config.architecture.rope.scaling {
+                weft_trainer::model::RopeScaling::Dynamic { factor, .. } => {
+                    (positions as f64 * factor).round() as usize
+                }
+                _ => positions,
+            }
         }
     };
     // The run's settings as `local` would take them, with the same
@@ -1363,9 +1377,21 @@ fn job_args(
     training: &weft_trainer::pod::PodTraining,
     steps: u64,
     mut run: RunArgs,
-    save: Option<PathBuf>,
+    (save, model): (Option<PathBuf>, Option<PathBuf>),
 ) -> anyhow::Result<TrainArgs> {
     let pretrained = training.pretrained.as_ref();
+    match (model, pretrained) {
+        (Some(flag), Some(job)) if flag != Path::new(&job.checkpoint) => bail!(
+            "--model {} differs from the job's model.checkpoint {}; set one of them",
+            flag.display(),
+            job.checkpoint
+        ),
+        (Some(flag), None) => bail!(
+            "--model {}: a pod trains its job's model; name the directory as the job's spec.model.checkpoint",
+            flag.display()
+        ),
+        _ => {}
+    }
     let output = pretrained
         .and_then(|p| p.output.as_ref())
         .map(PathBuf::from);
@@ -1757,12 +1783,21 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             run,
             epoch_wait_s,
             save,
+            model,
         } => {
             // What is refused before any rank starts is the job's settings
             // (or the pod's), which no restart changes: the pod says so by
             // its exit code and termination message, and the job fails.
-            let (env, args) = worker_preflight(steps, run, save)?;
-            pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?;
+            match worker_preflight(steps, run, (save, model))? {
+                Preflight::Run(run) => {
+                    let (env, args) = *run;
+                    pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?
+                }
+                Preflight::Finished(out) => eprintln!(
+                    "weft-trainer worker: the job has trained its last step and written {}; nothing left to do",
+                    out.display()
+                ),
+            }
             Ok(true)
         }
         Command::TrainWorker {
@@ -1930,7 +1965,8 @@ fn main() -> ExitCode {
             // In a container, why it stopped is its termination message
             // (Kubernetes keeps 4 KiB; the job's status shows it).
             if Path::new(TERMINATION_LOG).exists() {
-                let mut message = format!("{err:#}");
+                // One line: the job's status shows a failure in one.
+                let mut message = format!("{err:#}").replace('\n', " / ");
                 if message.len() > 4000 {
                     let mut cut = 4000;
                     while !message.is_char_boundary(cut) {
@@ -1960,19 +1996,25 @@ fn main() -> ExitCode {
 fn worker_preflight(
     steps: u64,
     run: RunArgs,
-    save: Option<PathBuf>,
-) -> anyhow::Result<(weft_trainer::pod::PodEnv, TrainArgs)> {
+    save_and_model: (Option<PathBuf>, Option<PathBuf>),
+) -> anyhow::Result<Preflight> {
     // The pod's environment and the job's settings: what no restart
     // changes (a transient read error aside) is a refusal.
     let settings = || -> anyhow::Result<_> {
         let env = weft_trainer::pod::PodEnv::read(|name| std::env::var(name).ok())?;
         let training = weft_trainer::pod::read_training(&env.training)?;
-        let args = job_args(&training, steps, run, save)?;
+        let args = job_args(&training, steps, run, save_and_model)?;
+        if let Some(out) = finished_already(&args) {
+            return Ok(Err(out));
+        }
         check_job_fields(&training)?;
         let config = args.config(1)?;
-        Ok((env, args, config))
+        Ok(Ok((env, args, config)))
     };
-    let (env, args, config) = settings().map_err(refusal_unless_transient)?;
+    let (env, args, config) = match settings().map_err(refusal_unless_transient)? {
+        Ok(settings) => settings,
+        Err(out) => return Ok(Preflight::Finished(out)),
+    };
     // What depends on the moment (the mesh, the node's free memory, the
     // checkpoint volume) fails the pod as any failure does: it is restarted.
 
@@ -2013,7 +2055,25 @@ fn worker_preflight(
     if let Some(root) = &config.checkpoint_dir {
         weft_trainer::checkpoint::probe_writable(root)?;
     }
-    Ok((env, args))
+    Ok(Preflight::Run(Box::new((env, args))))
+}
+
+/// What a pod's worker found before starting its ranks.
+enum Preflight {
+    /// Train, in this pod's environment, with these settings.
+    Run(Box<(weft_trainer::pod::PodEnv, TrainArgs)>),
+    /// The job already trained its last step and wrote its output (here):
+    /// a pod restarted after that has nothing left to do.
+    Finished(PathBuf),
+}
+
+/// The output of a job whose last step is checkpointed and whose trained
+/// model is written, if this one's are.
+fn finished_already(args: &TrainArgs) -> Option<PathBuf> {
+    let out = args.save.as_ref()?;
+    let root = args.checkpoint_dir.as_ref()?;
+    let last = weft_trainer::checkpoint::latest_intact(root).ok()??;
+    (out.join("config.json").is_file() && last.state.step >= args.steps).then(|| out.clone())
 }
 
 /// `err` as a refusal of the job's settings ([`SettingsRefused`]), unless
@@ -2319,7 +2379,7 @@ mod tests {
         else {
             unreachable!("parsed as the worker")
         };
-        match job_args(&training, steps, run, None) {
+        match job_args(&training, steps, run, (None, None)) {
             Ok(args) => format!("{:?}", args.config(1).map_err(|e| e.to_string())),
             Err(refused) => format!("Err({refused:#})"),
         }
@@ -2433,7 +2493,8 @@ mod tests {
     }
 
     /// `worker --save` repeats the job's model.output or is refused, and
-    /// needs a job that starts from a checkpoint.
+    /// needs a job that starts from a checkpoint; `--model` repeats its
+    /// model.checkpoint.
     #[test]
     fn worker_save_agrees_with_the_jobs_output() {
         let dir = std::env::temp_dir().join(format!("weft-worker-save-{}", std::process::id()));
@@ -2449,17 +2510,32 @@ mod tests {
             run
         };
         let output = PathBuf::from(base.pretrained.as_ref().unwrap().output.clone().unwrap());
-        let same = job_args(&base, 1, run(), Some(output.clone())).unwrap();
+        let same = job_args(&base, 1, run(), (Some(output.clone()), None)).unwrap();
         assert_eq!(same.save, Some(output));
-        let err = job_args(&base, 1, run(), Some(dir.join("x"))).unwrap_err();
+        let err = job_args(&base, 1, run(), (Some(dir.join("x")), None)).unwrap_err();
         assert!(
             err.to_string()
                 .contains("differs from the job's model.output"),
             "{err}"
         );
         let plain: weft_trainer::pod::PodTraining = serde_json::from_value(golden()).unwrap();
-        let err = job_args(&plain, 1, run(), Some(dir.join("x"))).unwrap_err();
+        let err = job_args(&plain, 1, run(), (Some(dir.join("x")), None)).unwrap_err();
         assert!(err.to_string().contains("spec.model.checkpoint"), "{err}");
+        // --model repeats the job's checkpoint, or is refused.
+        let checkpoint = PathBuf::from(&base.pretrained.as_ref().unwrap().checkpoint);
+        let same = job_args(&base, 1, run(), (None, Some(checkpoint.clone()))).unwrap();
+        assert_eq!(same.model, checkpoint.display().to_string());
+        let err = job_args(&base, 1, run(), (None, Some(dir.join("y")))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("differs from the job's model.checkpoint"),
+            "{err}"
+        );
+        let err = job_args(&plain, 1, run(), (None, Some(dir.join("y")))).unwrap_err();
+        assert!(
+            err.to_string().contains("a pod trains its job's model"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
