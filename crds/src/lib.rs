@@ -9,6 +9,7 @@
 
 pub mod topology;
 pub mod training_job;
+pub mod worker;
 
 pub use training_job::{
     AVOID_NODE_SECONDS, AvoidedNode, CheckpointRecord, CheckpointSpec, ContextParallelism,

@@ -31,6 +31,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use weft_crds::TrainingJob;
 use weft_crds::topology::RESOURCE_GPU;
+use weft_crds::worker::env;
+pub use weft_crds::worker::{Pretrained, TrainingParameters};
 use weft_planner::mesh::MeshPlan;
 
 /// Label naming the job an object belongs to.
@@ -83,98 +85,12 @@ pub const RENDEZVOUS_PORT: i32 = 29500;
 /// Where workers find the mesh plan.
 pub const MESH_MOUNT: &str = "/etc/weft/mesh";
 
-/// What the workers of a job need besides the mesh, published next to it as
-/// `training.json`. Version 1, or 2 where the job uses what version 1 has
-/// no place for ([`TrainingParameters::version_needed`]), so a trainer that
-/// reads only version 1 refuses such a job rather than ignore its settings.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct TrainingParameters {
-    pub version: u32,
-    /// The model with every dimension resolved (a preset's sizes filled
-    /// in); absent when the model is a checkpoint (`pretrained`), whose
-    /// config the workers read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<weft_planner::model::ModelSpec>,
-    /// A Hugging Face checkpoint to start from (version 2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pretrained: Option<Pretrained>,
-    pub data: weft_crds::DataSpec,
-    pub parallelism: weft_crds::ParallelismSpec,
-    pub checkpoint: weft_crds::CheckpointSpec,
-}
-
-/// The job's `model.checkpoint`, its rotary settings (in `config.json`'s
-/// `rope_parameters` form) and where the trained model goes.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Pretrained {
-    pub checkpoint: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
-}
-
-impl TrainingParameters {
-    /// The parameters of `spec`.
-    pub fn of(spec: &weft_crds::TrainingJobSpec) -> Result<TrainingParameters, BuildError> {
-        let pretrained = spec.model.checkpoint.as_ref().map(|checkpoint| Pretrained {
-            checkpoint: checkpoint.clone(),
-            rope: spec.model.rope.as_ref().map(|r| r.rope_parameters()),
-            output: spec.model.output.clone(),
-        });
-        let mut parameters = TrainingParameters {
-            version: 1,
-            model: resolve_model(&spec.model)?,
-            pretrained,
-            data: spec.data.clone(),
-            parallelism: spec.parallelism.clone(),
-            checkpoint: spec.checkpoint.clone(),
-        };
-        parameters.version = parameters.version_needed();
-        Ok(parameters)
-    }
-
-    /// 2 where the job starts from a checkpoint or reads its data in a way
-    /// of version 2 (a format, a text field, a tokenizer), else 1.
-    pub fn version_needed(&self) -> u32 {
-        let data = &self.data;
-        let version_2 = self.pretrained.is_some()
-            || data.format != weft_crds::DataFormat::Auto
-            || data.text_field != weft_crds::DEFAULT_TEXT_FIELD
-            || data.tokenizer.is_some();
-        if version_2 { 2 } else { 1 }
-    }
-}
-
 /// The model a spec names, every dimension resolved and checked; `None` for
-/// a checkpoint, whose shapes its workers read from its `config.json`.
+/// a checkpoint (see [`weft_crds::worker::resolve_model`]).
 pub fn resolve_model(
     spec: &weft_crds::ModelSpec,
 ) -> Result<Option<weft_planner::model::ModelSpec>, BuildError> {
-    use weft_planner::model::ModelSpec;
-    if spec.checkpoint.is_some() {
-        return Ok(None);
-    }
-    let model = match spec.preset {
-        Some(preset) => ModelSpec::preset(preset.name())?,
-        None => {
-            let dim = |v: Option<i32>| v.unwrap_or(0).max(0) as u32;
-            ModelSpec {
-                name: "custom".to_string(),
-                layers: dim(spec.layers),
-                hidden: dim(spec.hidden),
-                heads: dim(spec.heads),
-                kv_heads: dim(spec.kv_heads),
-                ffn: dim(spec.ffn),
-                vocab: dim(spec.vocab),
-                tied_embeddings: false,
-            }
-        }
-    };
-    model.validate()?;
-    Ok(Some(model))
+    Ok(weft_crds::worker::resolve_model(spec)?)
 }
 
 /// Why the objects of a job cannot be built.
@@ -321,17 +237,17 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
         .iter()
         .map(|worker| {
             let env = [
-                ("WEFT_JOB", name.clone()),
-                ("WEFT_NAMESPACE", namespace.clone().unwrap_or_default()),
-                ("WEFT_WORKER", worker.name.clone()),
-                ("WEFT_MESH_EPOCH", mesh.epoch.to_string()),
-                ("WEFT_WORLD_SIZE", mesh.world_size.to_string()),
-                ("WEFT_FIRST_RANK", worker.first_rank.to_string()),
-                ("WEFT_LOCAL_RANKS", worker.gpus.max(1).to_string()),
-                ("WEFT_RENDEZVOUS", rendezvous.clone()),
-                ("WEFT_MESH", format!("{MESH_MOUNT}/mesh.json")),
-                ("WEFT_MESH_CONFIGMAP", mesh_config_map_name(&name)),
-                ("WEFT_TRAINING", format!("{MESH_MOUNT}/training.json")),
+                (env::JOB, name.clone()),
+                (env::NAMESPACE, namespace.clone().unwrap_or_default()),
+                (env::WORKER, worker.name.clone()),
+                (env::MESH_EPOCH, mesh.epoch.to_string()),
+                (env::WORLD_SIZE, mesh.world_size.to_string()),
+                (env::FIRST_RANK, worker.first_rank.to_string()),
+                (env::LOCAL_RANKS, worker.gpus.max(1).to_string()),
+                (env::RENDEZVOUS, rendezvous.clone()),
+                (env::MESH, format!("{MESH_MOUNT}/mesh.json")),
+                (env::MESH_CONFIGMAP, mesh_config_map_name(&name)),
+                (env::TRAINING, format!("{MESH_MOUNT}/training.json")),
             ]
             .into_iter()
             .map(|(k, v)| EnvVar {
@@ -341,7 +257,7 @@ pub fn build(job: &TrainingJob, mesh: &MeshPlan) -> Result<DesiredObjects, Build
             })
             // The address this worker's collectives bind to.
             .chain(std::iter::once(EnvVar {
-                name: "WEFT_POD_IP".to_string(),
+                name: env::POD_IP.to_string(),
                 value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
                     field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
                         field_path: "status.podIP".to_string(),

@@ -22,8 +22,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use weft_crds::worker::{TrainingParameters, env};
 use weft_planner::mesh::{MeshPlan, MeshWorker};
-use weft_planner::model::ModelSpec;
 
 /// What can keep a pod's worker from running.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +34,8 @@ pub enum PodError {
     MissingEnv(&'static str),
     #[error("{path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
-    #[error(
-        "{path}: training parameters version {found}; this trainer reads versions 1 and 2 (use the trainer image of the operator's release)"
-    )]
-    Version { path: PathBuf, found: u32 },
-    #[error("{path}: the training parameters name no model (neither model nor pretrained)")]
-    NoModel { path: PathBuf },
+    #[error(transparent)]
+    Training(#[from] weft_crds::worker::WorkerConfigError),
     #[error("{path}: the mesh of epoch {epoch} has no rendezvous address")]
     NoRendezvous { path: PathBuf, epoch: u64 },
     #[error("{path}: rendezvous {address:?} is not host:port")]
@@ -63,154 +59,11 @@ impl PodError {
         match self {
             PodError::MissingEnv(_) => "pod_environment",
             PodError::Unreadable { .. }
-            | PodError::Version { .. }
-            | PodError::NoModel { .. }
+            | PodError::Training(_)
             | PodError::NoRendezvous { .. }
             | PodError::BadRendezvous { .. } => "pod_config",
             PodError::Spawn { .. } => "launch",
             PodError::RankFailed { .. } => "worker_failed",
-        }
-    }
-}
-
-/// The training parameters the operator publishes (`training.json`,
-/// version 1, or 2 with a checkpoint or the data's format, text field or
-/// tokenizer); fields this trainer does not use are ignored.
-#[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodTraining {
-    pub version: u32,
-    /// Every dimension of the model; absent when it is a checkpoint.
-    #[serde(default)]
-    pub model: Option<ModelSpec>,
-    /// A Hugging Face checkpoint to start from (the job's
-    /// `model.checkpoint`, `model.rope`, `model.output`).
-    #[serde(default)]
-    pub pretrained: Option<PodPretrained>,
-    pub data: PodData,
-    pub parallelism: PodParallelism,
-    pub checkpoint: PodCheckpoint,
-}
-
-#[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodData {
-    /// A directory inside the worker, or [`crate::data::BUILTIN_CORPUS`].
-    pub source: String,
-    pub max_sequence_length: u64,
-    pub tokens_per_step: u64,
-    /// `Documents` or `Decomposed` (Dataset Decomposition).
-    #[serde(default = "documents")]
-    pub order: String,
-    #[serde(default = "min_bucket_length")]
-    pub min_bucket_length: u64,
-    #[serde(default = "curriculum_steps")]
-    pub curriculum_steps: u64,
-    /// `Auto`, `Text`, `JsonLines` or `Parquet`.
-    #[serde(default = "auto")]
-    pub format: String,
-    #[serde(default = "text_field")]
-    pub text_field: String,
-    /// A tokenizer.json or a directory holding one; the model's when absent.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-}
-
-/// The job's Hugging Face checkpoint.
-#[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodPretrained {
-    pub checkpoint: String,
-    /// Rotary settings in `config.json`'s `rope_parameters` form.
-    #[serde(default)]
-    pub rope: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    pub output: Option<String>,
-}
-
-fn auto() -> String {
-    "Auto".to_string()
-}
-
-fn text_field() -> String {
-    crate::data::DEFAULT_TEXT_FIELD.to_string()
-}
-
-fn documents() -> String {
-    "Documents".to_string()
-}
-
-fn min_bucket_length() -> u64 {
-    256
-}
-
-fn curriculum_steps() -> u64 {
-    64
-}
-
-impl PodData {
-    /// The trainer's `--data-order` for the job's `data.order`.
-    pub fn data_order(&self) -> &'static str {
-        match self.order.as_str() {
-            "Decomposed" => "decomposed",
-            _ => "documents",
-        }
-    }
-
-    /// The trainer's `--data-format` for the job's `data.format` (a name
-    /// it does not know is passed on, and refused there by name).
-    pub fn data_format(&self) -> String {
-        match self.format.as_str() {
-            "Auto" => "auto".to_string(),
-            "Text" => "text".to_string(),
-            "JsonLines" => "jsonl".to_string(),
-            "Parquet" => "parquet".to_string(),
-            other => other.to_string(),
-        }
-    }
-}
-
-#[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodParallelism {
-    /// `Adaptive` (the weft strategy) or `Static` (Megatron-style).
-    pub context_parallelism: String,
-    /// Rings that span nodes go round each node first (hierarchical rings).
-    #[serde(default = "yes")]
-    pub hierarchical: bool,
-    /// `Static`'s one degree.
-    #[serde(default)]
-    pub cp_degree: Option<u32>,
-    /// The largest ring any sequence may get.
-    #[serde(default)]
-    pub max_cp_degree: Option<u32>,
-    /// Transfers between nodes spread over every NIC; false: each rank's own.
-    #[serde(default = "yes")]
-    pub nic_aware_routing: bool,
-    /// StreamBP's chunk; plain backprop when absent.
-    #[serde(default)]
-    pub stream_bp_chunk_tokens: Option<u64>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodCheckpoint {
-    pub path: String,
-    pub interval_steps: u64,
-    /// Complete checkpoints kept.
-    pub keep: u64,
-}
-
-impl PodTraining {
-    /// The planning strategy the job's parallelism section asks for.
-    pub fn strategy(&self) -> &'static str {
-        match self.parallelism.context_parallelism.as_str() {
-            "Static" => "static",
-            _ => "weft",
         }
     }
 }
@@ -240,7 +93,7 @@ impl PodEnv {
                 .filter(|v| !v.is_empty())
                 .ok_or(PodError::MissingEnv(name))
         };
-        let bind_host = var("WEFT_POD_IP")
+        let bind_host = var(env::POD_IP)
             .filter(|v| !v.is_empty())
             .or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -249,12 +102,12 @@ impl PodEnv {
             })
             .unwrap_or_else(|| "127.0.0.1".to_string());
         Ok(PodEnv {
-            job: var("WEFT_JOB").filter(|v| !v.is_empty()),
-            namespace: var("WEFT_NAMESPACE").filter(|v| !v.is_empty()),
-            worker: need("WEFT_WORKER")?,
-            mesh: PathBuf::from(need("WEFT_MESH")?),
-            mesh_config_map: var("WEFT_MESH_CONFIGMAP").filter(|v| !v.is_empty()),
-            training: PathBuf::from(need("WEFT_TRAINING")?),
+            job: var(env::JOB).filter(|v| !v.is_empty()),
+            namespace: var(env::NAMESPACE).filter(|v| !v.is_empty()),
+            worker: need(env::WORKER)?,
+            mesh: PathBuf::from(need(env::MESH)?),
+            mesh_config_map: var(env::MESH_CONFIGMAP).filter(|v| !v.is_empty()),
+            training: PathBuf::from(need(env::TRAINING)?),
             bind_host,
         })
     }
@@ -275,20 +128,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PodError>
 }
 
 /// Reads and checks the training parameters.
-pub fn read_training(path: &Path) -> Result<PodTraining, PodError> {
-    let training: PodTraining = read_json(path)?;
-    if !(1..=2).contains(&training.version) {
-        return Err(PodError::Version {
-            path: path.to_path_buf(),
-            found: training.version,
-        });
-    }
-    if training.model.is_none() && training.pretrained.is_none() {
-        return Err(PodError::NoModel {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(training)
+pub fn read_training(path: &Path) -> Result<TrainingParameters, PodError> {
+    Ok(weft_crds::worker::read_training(path)?)
 }
 
 /// This worker's place in one epoch.
@@ -540,23 +381,24 @@ mod tests {
 
     #[test]
     fn the_operators_training_parameters_carry_the_data_order() {
+        use weft_crds::DataOrder;
         let golden =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
         let text = std::fs::read_to_string(&golden).unwrap();
-        let training: PodTraining = serde_json::from_str(&text).unwrap();
-        assert_eq!(training.data.data_order(), "documents");
+        let training: TrainingParameters = serde_json::from_str(&text).unwrap();
+        assert_eq!(training.data.order, DataOrder::Documents);
         let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
         value["data"]["order"] = "Decomposed".into();
         value["data"]["minBucketLength"] = 128.into();
-        let training: PodTraining = serde_json::from_value(value.clone()).unwrap();
-        assert_eq!(training.data.data_order(), "decomposed");
+        let training: TrainingParameters = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(training.data.order, DataOrder::Decomposed);
         assert_eq!(training.data.min_bucket_length, 128);
         // Parameters from an operator that predates the data order: whole documents.
         for field in ["order", "minBucketLength", "curriculumSteps"] {
             value["data"].as_object_mut().unwrap().remove(field);
         }
-        let training: PodTraining = serde_json::from_value(value).unwrap();
-        assert_eq!(training.data.data_order(), "documents");
+        let training: TrainingParameters = serde_json::from_value(value).unwrap();
+        assert_eq!(training.data.order, DataOrder::Documents);
     }
 
     #[test]
@@ -621,7 +463,10 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/tests/golden/training.json");
         let training = read_training(&path).unwrap();
         assert_eq!(training.model.as_ref().unwrap().name, "tiny");
-        assert_eq!(training.strategy(), "weft");
+        assert_eq!(
+            training.parallelism.context_parallelism,
+            weft_crds::ContextParallelism::Adaptive
+        );
         assert!(training.checkpoint.interval_steps > 0);
         assert!(training.data.tokens_per_step >= training.data.max_sequence_length);
     }

@@ -1374,7 +1374,7 @@ fn local(
 /// publishes it) with the worker's own flags. Every field of the job that
 /// reaches the worker changes these (see the test below).
 fn job_args(
-    training: &weft_trainer::pod::PodTraining,
+    training: &weft_crds::worker::TrainingParameters,
     steps: u64,
     mut run: RunArgs,
     (save, model): (Option<PathBuf>, Option<PathBuf>),
@@ -1415,10 +1415,19 @@ fn job_args(
         .and_then(|p| p.rope.as_ref())
         .map(serde_json::to_string)
         .transpose()?;
-    match (
-        run.stream_bp_chunk,
-        training.parallelism.stream_bp_chunk_tokens,
-    ) {
+    // The spec's counts, which its schema holds to their ranges, as the
+    // trainer counts (refused by name where a file was written otherwise).
+    fn count<T: TryFrom<i64>>(field: &str, value: impl Into<i64>) -> anyhow::Result<T> {
+        let value = value.into();
+        T::try_from(value).map_err(|_| anyhow::anyhow!("the job's {field} {value} is out of range"))
+    }
+    let (data, parallelism, checkpoint) =
+        (&training.data, &training.parallelism, &training.checkpoint);
+    let stream_bp_chunk_tokens = parallelism
+        .stream_bp_chunk_tokens
+        .map(|n| count::<u64>("parallelism.streamBpChunkTokens", n))
+        .transpose()?;
+    match (run.stream_bp_chunk, stream_bp_chunk_tokens) {
         (Some(flag), Some(job)) if flag != job => bail!(
             "--stream-bp-chunk {flag} differs from the job's parallelism.streamBpChunkTokens {job}; set one of them"
         ),
@@ -1428,30 +1437,44 @@ fn job_args(
     Ok(TrainArgs {
         steps,
         run,
-        data: Some(PathBuf::from(&training.data.source)),
+        data: Some(PathBuf::from(&data.source)),
         model,
         model_spec,
-        tokens_per_step: training.data.tokens_per_step as usize,
-        max_seq_len: training.data.max_sequence_length as usize,
-        data_order: training.data.data_order().to_string(),
-        bucket_min: training.data.min_bucket_length as usize,
-        curriculum_steps: training.data.curriculum_steps as usize,
-        strategy: training.strategy().to_string(),
-        flat_rings: !training.parallelism.hierarchical,
-        cp_degree: training.parallelism.cp_degree,
-        max_cp_degree: training.parallelism.max_cp_degree,
-        no_nic_routing: !training.parallelism.nic_aware_routing,
-        checkpoint_dir: Some(PathBuf::from(&training.checkpoint.path)),
-        checkpoint_every: training.checkpoint.interval_steps,
-        checkpoint_keep: training.checkpoint.keep.max(1),
+        tokens_per_step: count("data.tokensPerStep", data.tokens_per_step)?,
+        max_seq_len: count("data.maxSequenceLength", data.max_sequence_length)?,
+        data_order: match data.order {
+            weft_crds::DataOrder::Documents => "documents",
+            weft_crds::DataOrder::Decomposed => "decomposed",
+        }
+        .to_string(),
+        bucket_min: count("data.minBucketLength", data.min_bucket_length)?,
+        curriculum_steps: count("data.curriculumSteps", data.curriculum_steps)?,
+        strategy: match parallelism.context_parallelism {
+            weft_crds::ContextParallelism::Adaptive => "weft",
+            weft_crds::ContextParallelism::Static => "static",
+        }
+        .to_string(),
+        flat_rings: !parallelism.hierarchical,
+        cp_degree: parallelism
+            .cp_degree
+            .map(|n| count("parallelism.cpDegree", n))
+            .transpose()?,
+        max_cp_degree: parallelism
+            .max_cp_degree
+            .map(|n| count("parallelism.maxCpDegree", n))
+            .transpose()?,
+        no_nic_routing: !parallelism.nic_aware_routing,
+        checkpoint_dir: Some(PathBuf::from(&checkpoint.path)),
+        checkpoint_every: count("checkpoint.intervalSteps", checkpoint.interval_steps)?,
+        checkpoint_keep: count::<u64>("checkpoint.keep", checkpoint.keep)?.max(1),
         resume: true,
         fail_at: None,
         save,
         rope,
         eval: false,
-        text_field: training.data.text_field.clone(),
-        data_format: training.data.data_format(),
-        tokenizer: training.data.tokenizer.as_ref().map(PathBuf::from),
+        text_field: data.text_field.clone(),
+        data_format: data.format.name().to_string(),
+        tokenizer: data.tokenizer.as_ref().map(PathBuf::from),
     })
 }
 
@@ -1460,15 +1483,19 @@ fn job_args(
 /// weights (read from their headers), the rotary settings, the output, the
 /// tokenizer, and the data as the job reads it (its files and their first
 /// lines or schemas: the ranks read the rest).
-fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result<()> {
+fn check_job_fields(training: &weft_crds::worker::TrainingParameters) -> anyhow::Result<()> {
     if let Some(pretrained) = &training.pretrained {
         let dir = Path::new(&pretrained.checkpoint);
         let field = || format!("spec.model.checkpoint {}", dir.display());
         let config = weft_trainer::hf::read_config(dir).with_context(field)?;
         weft_trainer::hf::check_weights(dir, &config).with_context(field)?;
         if let Some(rope) = &pretrained.rope {
-            weft_trainer::hf::with_rope(&config, rope, training.data.max_sequence_length)
-                .context("spec.model.rope")?;
+            weft_trainer::hf::with_rope(
+                &config,
+                rope,
+                u64::try_from(training.data.max_sequence_length).unwrap_or(0),
+            )
+            .context("spec.model.rope")?;
         }
         if let Some(out) = &pretrained.output {
             weft_trainer::hf::probe_save(Path::new(out))
@@ -1479,7 +1506,7 @@ fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result
         weft_trainer::hf::tokenizer_at(Path::new(path))
             .with_context(|| format!("spec.data.tokenizer {path}"))?;
     }
-    let format = weft_trainer::data::DataFormat::parse(&training.data.data_format())
+    let format = weft_trainer::data::DataFormat::parse(training.data.format.name())
         .context("spec.data.format")?;
     weft_trainer::data::Corpus::check(
         Path::new(&training.data.source),
@@ -1489,7 +1516,9 @@ fn check_job_fields(training: &weft_trainer::pod::PodTraining) -> anyhow::Result
     .with_context(|| {
         format!(
             "spec.data (source {}, format {}, textField {:?})",
-            training.data.source, training.data.format, training.data.text_field
+            training.data.source,
+            training.data.format.name(),
+            training.data.text_field
         )
     })?;
     Ok(())
@@ -2370,7 +2399,7 @@ mod tests {
     /// run's configuration, or the error that refuses it (a refusal by name
     /// is taking effect too).
     fn runs_for(training: &Value) -> String {
-        let training: weft_trainer::pod::PodTraining =
+        let training: weft_crds::worker::TrainingParameters =
             serde_json::from_value(training.clone()).unwrap();
         let Command::Worker { steps, run, .. } =
             Cli::try_parse_from(["weft-trainer", "worker", "--device", "cpu"])
@@ -2498,7 +2527,7 @@ mod tests {
     #[test]
     fn worker_save_agrees_with_the_jobs_output() {
         let dir = std::env::temp_dir().join(format!("weft-worker-save-{}", std::process::id()));
-        let base: weft_trainer::pod::PodTraining =
+        let base: weft_crds::worker::TrainingParameters =
             serde_json::from_value(pretrained_base(&dir)).unwrap();
         let run = || {
             let Command::Worker { run, .. } = Cli::try_parse_from(["weft-trainer", "worker"])
@@ -2518,7 +2547,8 @@ mod tests {
                 .contains("differs from the job's model.output"),
             "{err}"
         );
-        let plain: weft_trainer::pod::PodTraining = serde_json::from_value(golden()).unwrap();
+        let plain: weft_crds::worker::TrainingParameters =
+            serde_json::from_value(golden()).unwrap();
         let err = job_args(&plain, 1, run(), (Some(dir.join("x")), None)).unwrap_err();
         assert!(err.to_string().contains("spec.model.checkpoint"), "{err}");
         // --model repeats the job's checkpoint, or is refused.
