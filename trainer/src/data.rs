@@ -126,60 +126,43 @@ const BUILTIN_CORPUS_TEXT: &str = include_str!("../corpus/python-reference.jsonl
 /// another (`--text-field`).
 pub const DEFAULT_TEXT_FIELD: &str = "text";
 
-/// How the files of a corpus directory are read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum DataFormat {
-    /// Each file by its extension: `.txt` and `.md` as text, `.jsonl` as
-    /// JSON lines, `.parquet` as Parquet; other files are not read.
-    #[default]
-    Auto,
-    /// `.txt` and `.md` files only, a document each.
-    Text,
-    /// `.jsonl` files only, a document per non-empty line (its text field).
-    JsonLines,
-    /// `.parquet` files only, a document per row (its text column).
-    Parquet,
+/// How the files of a corpus directory are read: the job's `data.format`
+/// (`auto`, by extension; or only `text`, `jsonl` or `parquet` files).
+pub use weft_crds::DataFormat;
+
+/// The format a run names: `auto`, `text`, `jsonl` or `parquet`
+/// ([`DataFormat::name`]).
+pub fn parse_format(name: &str) -> Result<DataFormat, DataError> {
+    [
+        DataFormat::Auto,
+        DataFormat::Text,
+        DataFormat::JsonLines,
+        DataFormat::Parquet,
+    ]
+    .into_iter()
+    .find(|f| f.name() == name)
+    .ok_or_else(|| DataError::UnknownFormat(name.to_string()))
 }
 
-impl DataFormat {
-    /// The format a run names: `auto`, `text`, `jsonl` or `parquet`.
-    pub fn parse(name: &str) -> Result<DataFormat, DataError> {
-        Ok(match name {
-            "auto" => DataFormat::Auto,
-            "text" => DataFormat::Text,
-            "jsonl" => DataFormat::JsonLines,
-            "parquet" => DataFormat::Parquet,
-            other => return Err(DataError::UnknownFormat(other.to_string())),
-        })
-    }
+/// How a file of a corpus read in `format` is read, by its extension;
+/// `None`: not read.
+fn reader_of(format: DataFormat, path: &Path) -> Option<DataFormat> {
+    let by_extension = match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "txt" | "md" => DataFormat::Text,
+        "jsonl" => DataFormat::JsonLines,
+        "parquet" => DataFormat::Parquet,
+        _ => return None,
+    };
+    (format == DataFormat::Auto || format == by_extension).then_some(by_extension)
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            DataFormat::Auto => "auto",
-            DataFormat::Text => "text",
-            DataFormat::JsonLines => "jsonl",
-            DataFormat::Parquet => "parquet",
-        }
-    }
-
-    /// How a file of this corpus is read, by its extension; `None`: not read.
-    fn reader_of(self, path: &Path) -> Option<DataFormat> {
-        let by_extension = match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
-            "txt" | "md" => DataFormat::Text,
-            "jsonl" => DataFormat::JsonLines,
-            "parquet" => DataFormat::Parquet,
-            _ => return None,
-        };
-        (self == DataFormat::Auto || self == by_extension).then_some(by_extension)
-    }
-
-    fn looked_for(self) -> &'static str {
-        match self {
-            DataFormat::Auto => "non-empty .txt, .md, .jsonl and .parquet files",
-            DataFormat::Text => "non-empty .txt and .md files (data format text)",
-            DataFormat::JsonLines => "non-empty .jsonl files (data format jsonl)",
-            DataFormat::Parquet => ".parquet files with rows (data format parquet)",
-        }
+/// What a corpus read in `format` is looked for in, for an error.
+fn looked_for(format: DataFormat) -> &'static str {
+    match format {
+        DataFormat::Auto => "non-empty .txt, .md, .jsonl and .parquet files",
+        DataFormat::Text => "non-empty .txt and .md files (data format text)",
+        DataFormat::JsonLines => "non-empty .jsonl files (data format jsonl)",
+        DataFormat::Parquet => ".parquet files with rows (data format parquet)",
     }
 }
 
@@ -227,7 +210,7 @@ impl Corpus {
         skipped.sort();
         let mut documents = Vec::new();
         for path in files {
-            let Some(reader) = format.reader_of(&path) else {
+            let Some(reader) = reader_of(format, &path) else {
                 continue;
             };
             if reader == DataFormat::Parquet {
@@ -252,7 +235,7 @@ impl Corpus {
         if documents.is_empty() {
             return Err(DataError::Empty {
                 dir: dir.to_path_buf(),
-                looked_for: format.looked_for(),
+                looked_for: looked_for(format),
             });
         }
         Ok(Corpus { documents, skipped })
@@ -279,7 +262,7 @@ impl Corpus {
         files.sort();
         let mut found = false;
         for path in files {
-            let Some(reader) = format.reader_of(&path) else {
+            let Some(reader) = reader_of(format, &path) else {
                 continue;
             };
             found = true;
@@ -322,7 +305,7 @@ impl Corpus {
         if !found {
             return Err(DataError::Empty {
                 dir: dir.to_path_buf(),
-                looked_for: format.looked_for(),
+                looked_for: looked_for(format),
             });
         }
         Ok(())

@@ -30,6 +30,26 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/hf_models.py")
 }
 
+/// What `hf_models.py ARGS` prints last (a JSON object), once it succeeded.
+fn reference_says(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let run = Command::new(python())
+        .arg(script())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "hf_models.py {args:?}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let line = run
+        .stdout
+        .split(|b| *b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap();
+    serde_json::from_slice(line).unwrap()
+}
+
 /// The reference models, made once per test run.
 fn models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -172,25 +192,7 @@ fn what_weft_saves_transformers_reads() {
         }
         let docs_file = out.with_extension("docs.json");
         std::fs::write(&docs_file, serde_json::to_string(&docs).unwrap()).unwrap();
-        let run = Command::new(python())
-            .arg(script())
-            .arg("loss")
-            .arg(&out)
-            .arg(&docs_file)
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let theirs: serde_json::Value = serde_json::from_slice(
-            run.stdout
-                .split(|b| *b == b'\n')
-                .rfind(|l| !l.is_empty())
-                .unwrap(),
-        )
-        .unwrap();
+        let theirs = reference_says(&["loss".as_ref(), out.as_os_str(), docs_file.as_os_str()]);
         let theirs = theirs["loss"].as_f64().unwrap();
         let flat: Vec<i64> = docs.concat();
         let ours = model
@@ -374,24 +376,8 @@ fn losses(metrics: &Path) -> Vec<f64> {
 
 /// `transformers`' loss over the reference corpus with the model in `dir`.
 fn corpus_loss(dir: &Path) -> f64 {
-    let run = Command::new(python())
-        .arg(script())
-        .arg("corpus-loss")
-        .arg(dir)
-        .arg(models().join("corpus"))
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let line = run
-        .stdout
-        .split(|b| *b == b'\n')
-        .rfind(|l| !l.is_empty())
-        .unwrap();
-    let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+    let corpus = models().join("corpus");
+    let value = reference_says(&["corpus-loss".as_ref(), dir.as_os_str(), corpus.as_os_str()]);
     value["loss"].as_f64().unwrap()
 }
 
@@ -725,25 +711,14 @@ fn eval_gives_each_documents_loss_as_transformers_does() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let reference = |longest: Option<&str>| -> serde_json::Value {
-        let run = Command::new(python())
-            .arg(script())
-            .arg("corpus-loss")
-            .arg(&model)
-            .arg(models().join("corpus"))
-            .args(longest)
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let line = run
-            .stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap();
-        serde_json::from_slice(line).unwrap()
+        let corpus = models().join("corpus");
+        let mut args = vec![
+            "corpus-loss".as_ref(),
+            model.as_os_str(),
+            corpus.as_os_str(),
+        ];
+        args.extend(longest.map(std::ffi::OsStr::new));
+        reference_says(&args)
     };
     let close = |a: &serde_json::Value, b: &serde_json::Value| {
         let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
@@ -889,24 +864,9 @@ fn parquet_files() -> &'static (PathBuf, Vec<String>) {
     static FILES: OnceLock<(PathBuf, Vec<String>)> = OnceLock::new();
     FILES.get_or_init(|| {
         let dir = models().join("parquet");
-        let out = Command::new(python())
-            .arg(script())
-            .arg("parquet")
-            .arg(&dir)
-            .arg(models().join("corpus"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pyarrow did not write the Parquet files (scripts/setup-reference installs it): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = out
-            .stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap();
-        let printed: serde_json::Value = serde_json::from_slice(line).unwrap();
+        // pyarrow: scripts/setup-reference installs it.
+        let corpus = models().join("corpus");
+        let printed = reference_says(&["parquet".as_ref(), dir.as_os_str(), corpus.as_os_str()]);
         let texts = printed["texts"]
             .as_array()
             .unwrap()

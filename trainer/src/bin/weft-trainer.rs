@@ -350,7 +350,7 @@ impl TrainArgs {
                 self.text_field
             );
         }
-        let data_format = weft_trainer::data::DataFormat::parse(&self.data_format)?;
+        let data_format = weft_trainer::data::parse_format(&self.data_format)?;
         if data_format == weft_trainer::data::DataFormat::Text
             && self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD
         {
@@ -1506,8 +1506,7 @@ fn check_job_fields(training: &weft_crds::worker::TrainingParameters) -> anyhow:
         weft_trainer::hf::tokenizer_at(Path::new(path))
             .with_context(|| format!("spec.data.tokenizer {path}"))?;
     }
-    let format = weft_trainer::data::DataFormat::parse(training.data.format.name())
-        .context("spec.data.format")?;
+    let format = training.data.format;
     weft_trainer::data::Corpus::check(
         Path::new(&training.data.source),
         format,
@@ -1568,7 +1567,7 @@ fn run_probe(
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
 fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
     let (model, data, text_field) = (&input.model, &input.data, &input.text_field);
-    let format = weft_trainer::data::DataFormat::parse(&input.data_format)?;
+    let format = weft_trainer::data::parse_format(&input.data_format)?;
     use weft_trainer::membench::{reset_peak, status_bytes};
     const GIB: f64 = (1u64 << 30) as f64;
     // The peak from here on: what loading adds.
