@@ -197,12 +197,7 @@ impl Corpus {
                 skipped: Vec::new(),
             });
         }
-        if !dir.exists() {
-            return Err(DataError::NotFound(dir.to_path_buf()));
-        }
-        if !dir.is_dir() {
-            return Err(DataError::NotADirectory(dir.to_path_buf()));
-        }
+        directory(dir)?;
         let mut files = Vec::new();
         let mut skipped = Vec::new();
         collect_files(dir, &mut files, &mut skipped)?;
@@ -251,12 +246,7 @@ impl Corpus {
         if dir.to_str() == Some(BUILTIN_CORPUS) {
             return Ok(());
         }
-        if !dir.exists() {
-            return Err(DataError::NotFound(dir.to_path_buf()));
-        }
-        if !dir.is_dir() {
-            return Err(DataError::NotADirectory(dir.to_path_buf()));
-        }
+        directory(dir)?;
         let (mut files, mut skipped) = (Vec::new(), Vec::new());
         collect_files(dir, &mut files, &mut skipped)?;
         files.sort();
@@ -277,7 +267,15 @@ impl Corpus {
                     };
                     let file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
                     for (index, line) in file.lines().enumerate() {
-                        let line = line.map_err(|_| DataError::NotUtf8 { path: path.clone() })?;
+                        let line = line.map_err(|e| match e.kind() {
+                            std::io::ErrorKind::InvalidData => {
+                                DataError::NotUtf8 { path: path.clone() }
+                            }
+                            _ => DataError::Io {
+                                path: path.clone(),
+                                source: e,
+                            },
+                        })?;
                         if line.trim().is_empty() {
                             continue;
                         }
@@ -368,6 +366,22 @@ fn push_jsonl(
         }
     }
     Ok(())
+}
+
+/// That `dir` is a directory, or why not: not there, not a directory, or
+/// unreadable (an I/O error, kept as the cause).
+fn directory(dir: &Path) -> Result<(), DataError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(DataError::NotADirectory(dir.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(DataError::NotFound(dir.to_path_buf()))
+        }
+        Err(source) => Err(DataError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// A Parquet file's reader (its footer read) and its top-level string

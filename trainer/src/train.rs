@@ -81,6 +81,10 @@ pub enum TrainError {
         rank: u32,
         reason: String,
     },
+    #[error(
+        "rank {rank}: rank 0 could not write what it was saving (a checkpoint or the trained model); its own error says why"
+    )]
+    PeerSaveFailed { rank: u32 },
 }
 
 impl TrainError {
@@ -97,7 +101,9 @@ impl TrainError {
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
-            TrainError::CheckpointsDiffer { .. } => "checkpoint",
+            TrainError::CheckpointsDiffer { .. } | TrainError::PeerSaveFailed { .. } => {
+                "checkpoint"
+            }
             TrainError::Checkpoint(e) => e.category(),
             TrainError::Diverged { .. } => "diverged",
             TrainError::Mesh { .. } => "mesh",
@@ -819,7 +825,8 @@ impl PlanAhead {
 /// collective may wait): a thread of rank 0 and the other ranks meet in a
 /// small collective ten times a second until the save is over, so no collective
 /// waits past its timeout. Every rank returns once it is over; rank 0 with
-/// the save's error.
+/// the save's error, the others with [`TrainError::PeerSaveFailed`] when
+/// it failed.
 pub fn save_while_peers_wait<E>(
     rank: u32,
     group: &mut ProcessGroup,
@@ -832,24 +839,33 @@ where
     if group.world() == 1 {
         return Ok(save()?);
     }
+    // What rank 0 tells the others: still saving, saved, or failed.
+    const SAVING: u64 = 0;
+    const SAVED: u64 = 1;
+    const FAILED: u64 = 2;
     if rank != 0 {
-        while group.all_gather_u64(0, device)?[0] == 0 {}
-        return Ok(());
-    }
-    /// Ends the wait when the save returns, or panics.
-    struct Over<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for Over<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Release);
+        loop {
+            match group.all_gather_u64(SAVING, device)?[0] {
+                SAVING => {}
+                SAVED => return Ok(()),
+                _ => return Err(TrainError::PeerSaveFailed { rank }),
+            }
         }
     }
-    let done = std::sync::atomic::AtomicBool::new(false);
+    /// Ends the wait when the save returns (saying how it went), or panics.
+    struct Over<'a>(&'a std::sync::atomic::AtomicU64, u64);
+    impl Drop for Over<'_> {
+        fn drop(&mut self) {
+            self.0.store(self.1, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let state = std::sync::atomic::AtomicU64::new(SAVING);
     let (saved, waited) = std::thread::scope(|scope| {
         let keepalive = scope.spawn(|| -> Result<(), CommError> {
             loop {
-                let over = done.load(std::sync::atomic::Ordering::Acquire);
-                group.all_gather_u64(u64::from(over), device)?;
-                if over {
+                let now = state.load(std::sync::atomic::Ordering::Acquire);
+                group.all_gather_u64(now, device)?;
+                if now != SAVING {
                     return Ok(());
                 }
                 // Well within any collective's timeout (a second at least).
@@ -857,8 +873,11 @@ where
             }
         });
         let saved = {
-            let _over = Over(&done);
-            save()
+            // A panic leaves it FAILED.
+            let mut over = Over(&state, FAILED);
+            let saved = save();
+            over.1 = if saved.is_ok() { SAVED } else { FAILED };
+            saved
         };
         let waited = keepalive.join().unwrap_or_else(|_| {
             Err(CommError::Operation {

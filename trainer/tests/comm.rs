@@ -233,3 +233,39 @@ fn peers_wait_for_a_save_longer_than_a_collective_may_take() {
     assert_eq!(out, vec![(true, true); 3]);
     assert!(started.elapsed() >= Duration::from_secs(3));
 }
+
+/// A save that fails on rank 0 ends the others' wait with an error that
+/// says so, at once, not after a collective's timeout.
+#[test]
+fn peers_hear_at_once_that_rank_0_could_not_save() {
+    let started = Instant::now();
+    let out = on_ranks(3, Duration::from_secs(30), |mut g| {
+        let rank = g.rank();
+        weft_trainer::train::save_while_peers_wait(
+            rank,
+            &mut g,
+            tch::Device::Cpu,
+            || -> Result<(), CommError> {
+                std::thread::sleep(Duration::from_millis(500));
+                Err(CommError::Operation {
+                    operation: "save",
+                    message: "the disk is full".to_string(),
+                })
+            },
+        )
+        .map_err(|e| e.to_string())
+    });
+    assert!(
+        out[0].as_ref().unwrap_err().contains("the disk is full"),
+        "{out:?}"
+    );
+    for said in &out[1..] {
+        assert!(
+            said.as_ref()
+                .unwrap_err()
+                .contains("rank 0 could not write"),
+            "{out:?}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

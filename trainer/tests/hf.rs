@@ -39,7 +39,7 @@ fn reference_says(args: &[&std::ffi::OsStr]) -> serde_json::Value {
         .unwrap();
     assert!(
         run.status.success(),
-        "hf_models.py {args:?}: {}",
+        "hf_models.py {args:?} (its environment, with transformers and pyarrow, is scripts/setup-reference's): {}",
         String::from_utf8_lossy(&run.stderr)
     );
     let line = run

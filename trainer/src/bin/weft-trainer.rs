@@ -2099,9 +2099,16 @@ enum Preflight {
 /// model is written, if this one's are.
 fn finished_already(args: &TrainArgs) -> Option<PathBuf> {
     let out = args.save.as_ref()?;
+    // Only a job that wrote its output is looked at further, and then its
+    // newest checkpoint's state alone (not every file's sum, tens of GB).
+    if !out.join("config.json").is_file() {
+        return None;
+    }
     let root = args.checkpoint_dir.as_ref()?;
-    let last = weft_trainer::checkpoint::latest_intact(root).ok()??;
-    (out.join("config.json").is_file() && last.state.step >= args.steps).then(|| out.clone())
+    let (step, dir) = weft_trainer::checkpoint::checkpoints(root).ok()?.pop()?;
+    let state = std::fs::read_to_string(dir.join(weft_trainer::checkpoint::STATE_FILE)).ok()?;
+    let state: weft_trainer::checkpoint::CheckpointState = serde_json::from_str(&state).ok()?;
+    (step >= args.steps && state.step >= args.steps).then(|| out.clone())
 }
 
 /// `err` as a refusal of the job's settings ([`SettingsRefused`]), unless
