@@ -101,9 +101,10 @@ impl TrainError {
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
-            TrainError::CheckpointsDiffer { .. } | TrainError::PeerSaveFailed { .. } => {
-                "checkpoint"
-            }
+            TrainError::CheckpointsDiffer { .. } => "checkpoint",
+            // The echo of rank 0's failure, as a failed collective is of a
+            // lost peer's: the launcher looks past it to rank 0's own.
+            TrainError::PeerSaveFailed { .. } => "collective",
             TrainError::Checkpoint(e) => e.category(),
             TrainError::Diverged { .. } => "diverged",
             TrainError::Mesh { .. } => "mesh",
