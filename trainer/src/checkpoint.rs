@@ -357,9 +357,7 @@ pub fn verify(dir: &Path) -> Result<Verified, String> {
         }
         None
     };
-    let state = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
-    let state: CheckpointState =
-        serde_json::from_str(&state).map_err(|e| format!("its {STATE_FILE} is not valid ({e})"))?;
+    let state = read_state(dir)?;
     if manifest_step.is_some_and(|step| step != state.step) {
         return Err(format!(
             "its state is of step {}, its manifest of step {}",
@@ -380,6 +378,13 @@ pub fn verify(dir: &Path) -> Result<Verified, String> {
         ));
     }
     Ok(Verified { state, checked })
+}
+
+/// The state of the checkpoint in `dir` (its `state.json`), unchecked
+/// against its manifest ([`verify`] checks it), or why it cannot be read.
+pub fn read_state(dir: &Path) -> Result<CheckpointState, String> {
+    let state = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
+    serde_json::from_str(&state).map_err(|e| format!("its {STATE_FILE} is not valid ({e})"))
 }
 
 /// The newest intact checkpoint, and those newer than it that were refused.

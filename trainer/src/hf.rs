@@ -542,25 +542,34 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// `max_shard_size` of 5 GB).
 pub const SHARD_BYTES: usize = 5_000_000_000;
 
+/// A config's `eos_token_id` (the first, when it lists several; none when
+/// absent, null or an empty list), refused by name when it is not a token id.
+fn eos_token_id(value: Option<&Value>, config: &Path) -> Result<Option<u32>, HfError> {
+    let named = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(ids)) if ids.is_empty() => return Ok(None),
+        Some(named) => named,
+    };
+    let id = match named {
+        Value::Array(ids) => ids.first().and_then(Value::as_u64),
+        id => id.as_u64(),
+    };
+    id.and_then(|id| u32::try_from(id).ok())
+        .map(Some)
+        .ok_or_else(|| HfError::Config {
+            path: config.to_path_buf(),
+            field: "eos_token_id".to_string(),
+            message: format!("{named} is not a token id"),
+        })
+}
+
 /// The tokenizer of the model in `dir`: its `tokenizer.json`, closing every
 /// document with the config's `eos_token_id` (the first, when it lists
 /// several). Refused when the tokenizer can produce an id the embedding has
 /// no row for.
 pub fn tokenizer(dir: &Path, config: &HfConfig) -> Result<crate::data::Tokenizer, HfError> {
     let path = dir.join("tokenizer.json");
-    let end = match config.raw.get("eos_token_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(ids)) => ids.first().and_then(Value::as_u64),
-        Some(id) => id.as_u64(),
-    }
-    .map(|id| {
-        u32::try_from(id).map_err(|_| HfError::Config {
-            path: dir.join("config.json"),
-            field: "eos_token_id".to_string(),
-            message: format!("{id} is not a token id"),
-        })
-    })
-    .transpose()?;
+    let end = eos_token_id(config.raw.get("eos_token_id"), &dir.join("config.json"))?;
     let tokenizer =
         crate::data::Tokenizer::from_file(&path, end).map_err(|e| HfError::Tokenizer {
             path: path.clone(),
@@ -627,29 +636,12 @@ pub fn tokenizer_at(path: &Path) -> Result<crate::data::Tokenizer, HfError> {
                 message: e.to_string(),
             })
     };
-    let from_config = match json("config.json")?
-        .as_ref()
-        .and_then(|c| c.get("eos_token_id").cloned())
-    {
-        None | Some(Value::Null) => None,
-        Some(named) => {
-            let id = match &named {
-                Value::Array(ids) => ids.first().and_then(Value::as_u64),
-                id => id.as_u64(),
-            };
-            Some(id.ok_or_else(|| HfError::Config {
-                path: dir.join("config.json"),
-                field: "eos_token_id".to_string(),
-                message: format!("{named} is not a token id"),
-            })?)
-        }
-    };
-    if let Some(id) = from_config {
-        let end = u32::try_from(id).map_err(|_| HfError::Config {
-            path: dir.join("config.json"),
-            field: "eos_token_id".to_string(),
-            message: format!("{id} is not a token id"),
-        })?;
+    let config = json("config.json")?;
+    let from_config = eos_token_id(
+        config.as_ref().and_then(|c| c.get("eos_token_id")),
+        &dir.join("config.json"),
+    )?;
+    if let Some(end) = from_config {
         return crate::data::Tokenizer::from_file(&file, Some(end)).map_err(read);
     }
     let plain = crate::data::Tokenizer::from_file(&file, None).map_err(read)?;

@@ -2106,8 +2106,7 @@ fn finished_already(args: &TrainArgs) -> Option<PathBuf> {
     }
     let root = args.checkpoint_dir.as_ref()?;
     let (step, dir) = weft_trainer::checkpoint::checkpoints(root).ok()?.pop()?;
-    let state = std::fs::read_to_string(dir.join(weft_trainer::checkpoint::STATE_FILE)).ok()?;
-    let state: weft_trainer::checkpoint::CheckpointState = serde_json::from_str(&state).ok()?;
+    let state = weft_trainer::checkpoint::read_state(&dir).ok()?;
     (step >= args.steps && state.step >= args.steps).then(|| out.clone())
 }
 
