@@ -1,5 +1,7 @@
-//! The controller: reconciles each `TrainingJob` through the pipeline
-//! observe → plan → build → apply → status. Level-triggered: every reconcile
+//! The controller: watches `TrainingJob`s, the cluster's nodes and pods,
+//! and runs [`crate::reconcile`] for each job (observe → decide → apply →
+//! one status write → events), retrying a failed reconcile by the kind of
+//! its error ([`Retry`]). Level-triggered: every reconcile
 //! starts from what the API server holds now (nodes, pods, the job), so a
 //! restarted operator converges to the same objects, and nothing is created
 //! twice (pods by name, everything else by server-side apply).
@@ -30,33 +32,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use tracing::Instrument;
+use kube::{Api, Client, ResourceExt};
+use weft_crds::TrainingJob;
 use weft_crds::topology::RESOURCE_GPU;
-use weft_crds::{AVOID_NODE_SECONDS, Phase, TrainingJob};
-use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan, MeshRequest, plan_mesh};
+use weft_planner::mesh::{ExistingWorker, MeshNode, MeshPlan};
 
-use crate::build::{BuildError, LABEL_JOB, build, resolve_model};
-use crate::events::{EventType, Events};
+use crate::build::{BuildError, LABEL_JOB};
+use crate::events::Events;
 use crate::inventory::ClusterNode;
-use crate::lifecycle::{
-    avoided_nodes, finished_worker, growth_limit, new_failures, next_refusal_timeout,
-    record_failures, restart_budget_exhausted,
-};
 use crate::metrics::Metrics;
-use crate::status::{
-    CONDITION_SCHEDULABLE, JobClaim, Observed, Outcome, compute_status, describe_refusals,
-    find_condition, finished_status, missing_claim_status,
-};
+use crate::reconcile::decide::RefusalMemory;
 
 /// The field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -102,10 +92,7 @@ impl ControllerError {
     }
 }
 
-/// Pod creations a reconcile keeps in flight at once.
-const POD_CREATES_IN_FLIGHT: usize = 16;
-
-fn terminal(pod: &Pod) -> bool {
+pub(crate) fn terminal(pod: &Pod) -> bool {
     matches!(crate::status::phase_of(pod), "Succeeded" | "Failed")
 }
 
@@ -357,51 +344,11 @@ pub fn next_epoch(
 }
 
 /// The workers of `mesh`: (name, node).
-fn members(mesh: &MeshPlan) -> BTreeSet<(String, String)> {
+pub(crate) fn members(mesh: &MeshPlan) -> BTreeSet<(String, String)> {
     mesh.workers
         .iter()
         .map(|w| (w.name.clone(), w.node.clone()))
         .collect()
-}
-
-/// How the creation of one worker pod went.
-#[derive(Debug)]
-enum Creation {
-    /// Created; its UID.
-    Made(String),
-    /// This job's pod of that name exists already (an earlier reconcile
-    /// made it and the list did not show it yet).
-    Exists,
-    /// Refused for a reason a retry does not change soon: a quota, an
-    /// invalid pod, a pod of that name that is not this job's.
-    Refused(String),
-    /// A pod of this job by that name is still being deleted: retried.
-    Leaving,
-    /// Failed otherwise (the API server unreachable, overloaded): retried.
-    Failed(kube::Error),
-}
-
-async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> Creation {
-    match pods.create(&PostParams::default(), pod).await {
-        Ok(made) => Creation::Made(made.metadata.uid.unwrap_or_default()),
-        Err(kube::Error::Api(s)) if s.code == 409 => match pods.get_opt(&pod.name_any()).await {
-            Ok(Some(other)) if !owned_by(&other, job_uid) => Creation::Refused(format!(
-                "a pod named {} exists and is not this job's",
-                pod.name_any()
-            )),
-            // This job's, on its way out (placed again elsewhere): made
-            // once it is gone.
-            Ok(Some(leaving)) if leaving.metadata.deletion_timestamp.is_some() => Creation::Leaving,
-            Ok(Some(_)) => Creation::Exists,
-            // Gone between the two calls.
-            Ok(None) => Creation::Leaving,
-            Err(e) => Creation::Failed(e),
-        },
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
-            Creation::Refused(s.message)
-        }
-        Err(e) => Creation::Failed(e),
-    }
 }
 
 /// Whether `pod`'s controller is the job with UID `job_uid`.
@@ -413,19 +360,6 @@ pub fn owned_by(pod: &Pod, job_uid: &str) -> bool {
             .iter()
             .flatten()
             .any(|o| o.controller == Some(true) && o.uid == job_uid)
-}
-
-/// The job's own pods: those labelled with its name whose controller is
-/// this job. A pod that only carries the label (a user's, a batch Job's) is
-/// never taken for a worker: not counted, not deleted, not its end.
-async fn list_job_pods(pods: &Api<Pod>, job: &TrainingJob) -> Result<Vec<Pod>, ControllerError> {
-    let uid = job.metadata.uid.as_deref().unwrap_or_default();
-    let listed = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={}", job.name_any())))
-        .instrument(tracing::info_span!("list_job_pods"))
-        .await?
-        .items;
-    Ok(listed.into_iter().filter(|p| owned_by(p, uid)).collect())
 }
 
 /// Shared by every reconcile.
@@ -445,6 +379,9 @@ pub struct Context {
     /// when: no worker is made for them again for [`REFUSAL_BACKOFF`], so a
     /// quota too small for the gang does not make and delete pods in a loop.
     refused_below_min: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Reconciles of each job (namespace/name) that failed in a row, for
+    /// the backoff of [`error_policy`]; cleared by a reconcile that succeeds.
+    failed_in_a_row: std::sync::Mutex<BTreeMap<String, u32>>,
     /// Turns true once both caches hold a full list.
     synced: tokio::sync::watch::Receiver<bool>,
 }
@@ -464,15 +401,20 @@ pub const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a job waits for its turn to plan before it gives up and is
 /// retried (another job's turn stuck on an API call that never answers).
-const TURN_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const TURN_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a job's turn waits for the cache to show the pods it created.
 const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
 
 impl Planning {
+    /// This job's turn to plan.
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
+    }
+
     /// Waits (for at most [`CACHE_CATCH_UP`]) until `cache` holds every pod
     /// of `uids`.
-    async fn cache_holds(cache: &Store<Pod>, uids: &[String]) {
+    pub(crate) async fn cache_holds(cache: &Store<Pod>, uids: &[String]) {
         let deadline = tokio::time::Instant::now() + CACHE_CATCH_UP;
         while tokio::time::Instant::now() < deadline {
             let held: BTreeSet<String> = cache
@@ -588,6 +530,7 @@ impl Context {
             pods,
             planning: Planning::default(),
             refused_below_min: Default::default(),
+            failed_in_a_row: Default::default(),
             synced,
         };
         (
@@ -597,8 +540,49 @@ impl Context {
         )
     }
 
+    /// How long ago the workers of the job with UID `uid` were refused
+    /// below `workers.min`, if they were.
+    pub(crate) fn refused_below_min(&self, uid: &str) -> Option<Duration> {
+        let refused = self.refused_below_min.lock().ok()?;
+        refused.get(uid).map(|at| at.elapsed())
+    }
+
+    /// Keeps what a reconcile decided about refusals below `workers.min`.
+    pub(crate) fn remember_refusal(&self, uid: &str, memory: RefusalMemory) {
+        let Ok(mut refused) = self.refused_below_min.lock() else {
+            return;
+        };
+        match memory {
+            RefusalMemory::Keep => {}
+            RefusalMemory::Remember => {
+                refused.insert(uid.to_string(), std::time::Instant::now());
+            }
+            RefusalMemory::Forget => {
+                refused.remove(uid);
+            }
+        }
+    }
+
+    /// A reconcile of `job` succeeded: its next failure backs off from the
+    /// start.
+    pub(crate) fn reconciled(&self, job: &DynamicObject) {
+        if let Ok(mut failed) = self.failed_in_a_row.lock() {
+            failed.remove(&job_key(job));
+        }
+    }
+
+    /// Counts a failed reconcile of `job`; how many failed in a row.
+    fn failed(&self, job: &DynamicObject) -> u32 {
+        let Ok(mut failed) = self.failed_in_a_row.lock() else {
+            return 1;
+        };
+        let count = failed.entry(job_key(job)).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+
     /// Waits until both caches hold a full list, for at most [`CACHE_WAIT`].
-    async fn caches_synced(&self) -> Result<(), ControllerError> {
+    pub(crate) async fn caches_synced(&self) -> Result<(), ControllerError> {
         let mut synced = self.synced.clone();
         match tokio::time::timeout(CACHE_WAIT, synced.wait_for(|s| *s)).await {
             Ok(Ok(_)) => Ok(()),
@@ -723,71 +707,6 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Publishes an event about `job`. Events are for people: a failure to
-/// publish one is logged, never fails the reconcile.
-async fn event(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str, note: String) {
-    event_on(ctx, &job.object_ref(&()), type_, reason, note).await
-}
-
-/// Publishes an event about the object `regarding`.
-async fn event_on(
-    ctx: &Context,
-    regarding: &ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    match type_ {
-        EventType::Warning => tracing::warn!(reason, note, "event"),
-        EventType::Normal => tracing::info!(reason, note, "event"),
-    }
-    if let Err(e) = ctx.events.publish(regarding, type_, reason, &note).await {
-        tracing::warn!(reason, error = %e, "could not publish the event");
-    }
-}
-
-/// One reconcile of one job, counted, timed and traced (a `reconcile` span
-/// named after the job, with a child span for each call to the API server).
-#[tracing::instrument(
-    name = "reconcile",
-    skip_all,
-    fields(
-        namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
-        job = job.metadata.name.as_deref().unwrap_or_default(),
-        outcome = tracing::field::Empty,
-    )
-)]
-pub async fn reconcile(
-    job: Arc<DynamicObject>,
-    ctx: Arc<Context>,
-) -> Result<Action, ControllerError> {
-    let started = std::time::Instant::now();
-    let result = match reconcile_job(&job, ctx.clone()).await {
-        // Someone else (the workers, reporting progress) wrote the job in
-        // the meantime: not a failure, only a reason to look again at once.
-        Err(ControllerError::Conflict) => {
-            tracing::debug!("the job changed during the reconcile; again");
-            Ok(Action::requeue(Duration::from_millis(100)))
-        }
-        other => other,
-    };
-    ctx.metrics.reconciles.inc();
-    ctx.metrics
-        .reconcile_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.category(),
-    };
-    tracing::Span::current().record("outcome", outcome);
-    tracing::debug!(
-        seconds = started.elapsed().as_secs_f64(),
-        outcome,
-        "reconciled"
-    );
-    result
-}
-
 /// The TrainingJob `object` read into weft's types; the error names the
 /// first field that cannot be read.
 pub fn read_job(object: &DynamicObject) -> Result<TrainingJob, ControllerError> {
@@ -801,760 +720,87 @@ pub fn read_job(object: &DynamicObject) -> Result<TrainingJob, ControllerError> 
     })
 }
 
-async fn reconcile_job(
-    cached: &DynamicObject,
-    ctx: Arc<Context>,
-) -> Result<Action, ControllerError> {
-    let namespace = cached.namespace().ok_or(ControllerError::NoNamespace)?;
-    let name = cached.name_any();
-    let client = ctx.client.clone();
-    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    // The job as the API server holds it now, not as the watch cache last
-    // saw it: the status accumulates (restarts, rescale times), and a status
-    // computed from a stale copy would write old values over new ones. Every
-    // status write is conditional on this version and keeps `job` current.
-    // It is read as raw JSON first: a job with a value weft cannot read is
-    // reported on that job, and every other job goes on.
-    let resource = ApiResource::erase::<TrainingJob>(&());
-    let Some(object) = Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource)
-        .get_opt(&name)
-        .instrument(tracing::info_span!("get_job"))
-        .await?
-    else {
-        return Ok(Action::await_change());
-    };
-    let mut job = match read_job(&object) {
-        Ok(job) => job,
-        Err(err) => {
-            event_on(
-                &ctx,
-                &object.object_ref(&resource),
-                EventType::Warning,
-                "Unreadable",
-                format!("{err}; weft leaves this job as it is until the value is fixed"),
-            )
-            .await;
-            return Err(err);
-        }
-    };
-    let previous_phase = job.status.as_ref().map(|s| s.phase);
-
-    // Observe: nodes and the cluster's pods from the watch caches, the job's
-    // own pods afresh.
-    ctx.caches_synced()
-        .instrument(tracing::info_span!("wait_for_caches"))
-        .await?;
-    // Shared handles to the cached objects: nothing of the cluster is copied.
-    let node_list = ctx.nodes.state();
-    let (mut cluster_nodes, unreadable) = crate::inventory::read_nodes(&node_list);
-    let unreadable_nodes: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
-    crate::inventory::fit_to_job(&mut cluster_nodes, &node_list, &job.spec.scheduling);
-    let job_pods = list_job_pods(&pods, &job).await?;
-
-    // An ended job keeps its workers stopped.
-    if matches!(previous_phase, Some(Phase::Succeeded | Phase::Failed)) {
-        stop_workers(&pods, &job_pods).await?;
-        return Ok(Action::await_change());
-    }
-
-    // Validate what the schema cannot.
-    if let Err(err) = resolve_model(&job.spec.model) {
-        let outcome = Outcome::Failed {
-            reason: "InvalidSpec".to_string(),
-            message: err.to_string(),
-        };
-        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
-    }
-
-    // Restart budget: count each failed worker once, and write the count
-    // down before anything is deleted, so a restart of the operator can
-    // neither lose nor double it.
-    let mut status = job.status.clone().unwrap_or_default();
-    let failures = new_failures(&status, &job_pods, &now);
-    if !failures.is_empty() {
-        record_failures(&mut status, &failures);
-        // Told once the count is written: a write that conflicts is done
-        // again by the next reconcile, which would tell them again.
-        let told: Vec<(&str, String)> = failures
-            .iter()
-            .map(|failure| {
-                (
-                    "WorkerFailed",
-                    format!(
-                        "{}: {} (restart {} of {} allowed)",
-                        failure.worker,
-                        failure.reason,
-                        status.restarts,
-                        job.spec.elasticity.restart_limit
-                    ),
-                )
-            })
-            .collect();
-        // A worker that finished ends the job (below), whatever another
-        // refused meanwhile.
-        let refused = crate::lifecycle::refused_settings(&job_pods)
-            .filter(|_| finished_worker(&job_pods).is_none())
-            .map(|message| ("InvalidSpec", message));
-        let exhausted = restart_budget_exhausted(&job, &status)
-            .map(|message| ("RestartLimitExceeded", message));
-        if let Some((reason, message)) = refused.or(exhausted) {
-            job.status = Some(status);
-            let outcome = Outcome::Failed {
-                reason: reason.to_string(),
-                message,
-            };
-            return finish(
-                &ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &told,
-            )
-            .await;
-        }
-        write_status(&jobs, &mut job, &status).await?;
-        for (reason, note) in told {
-            event(&ctx, &job, EventType::Warning, reason, note).await;
-        }
-    }
-
-    // Completion.
-    if let Some(worker) = finished_worker(&job_pods) {
-        let outcome = Outcome::Succeeded {
-            message: format!("worker {} finished training", worker.name_any()),
-        };
-        return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
-    }
-
-    // Suspended: no workers.
-    if job.spec.suspend {
-        stop_workers(&pods, &job_pods).await?;
-        let mut status = job.status.clone().unwrap_or_default();
-        status.phase = Phase::Suspended;
-        status.workers_ready = 0;
-        status.workers_ready_summary = Some(format!("0/{}", status.workers_desired));
-        status.observed_generation = job.metadata.generation;
-        write_status(&jobs, &mut job, &status).await?;
-        if previous_phase != Some(Phase::Suspended) {
-            event(
-                &ctx,
-                &job,
-                EventType::Normal,
-                "Suspended",
-                format!("spec.suspend is true: {} workers stopped", job_pods.len()),
-            )
-            .await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(60)));
-    }
-
-    // Workers not yet ended.
-    let live = job_pods.iter().filter(|p| !terminal(p)).count();
-
-    // The volumes (the checkpoint's, the job's own) must exist before any
-    // worker is placed: a pod naming a missing claim is refused on every
-    // node, which is not the nodes' fault. Workers already running keep
-    // theirs (Kubernetes does not delete a claim while pods use it).
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
-    for claim in JobClaim::of(&job).into_iter().filter(|_| live == 0) {
-        if claims
-            .get_opt(claim.name())
-            .instrument(tracing::info_span!("get_volume_claim"))
-            .await?
-            .is_some()
-        {
-            continue;
-        }
-        let status = missing_claim_status(&job, &claim, &now);
-        let condition = find_condition(&status, CONDITION_SCHEDULABLE);
-        let was_missing = job
-            .status
-            .as_ref()
-            .and_then(|s| find_condition(s, CONDITION_SCHEDULABLE))
-            .is_some_and(|c| Some(&c.message) == condition.map(|c| &c.message));
-        let message = condition.map(|c| c.message.clone()).unwrap_or_default();
-        write_status(&jobs, &mut job, &status).await?;
-        if !was_missing {
-            event(
-                &ctx,
-                &job,
-                EventType::Warning,
-                claim.missing_reason(),
-                message,
-            )
-            .await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(15)));
-    }
-
-    // Workers refused where another job's pods took the GPUs first: placed
-    // again elsewhere, as if gone; their nodes are not to blame.
-    let capacity: BTreeMap<String, u32> = cluster_nodes
-        .iter()
-        .map(|n| (n.node.name.clone(), n.node.gpus))
-        .collect();
-    let contended = contended_workers(&job_pods, &ctx.pods.state(), &capacity);
-    let job_pods: Vec<Pod> = if contended.is_empty() {
-        job_pods
-    } else {
-        tracing::info!(workers = ?contended, "workers refused on GPUs another job holds; placing them again");
-        let (gone, kept): (Vec<Pod>, Vec<Pod>) = job_pods
-            .into_iter()
-            .partition(|p| contended.contains(&p.name_any()));
-        for pod in &gone {
-            delete_pod(&pods, &pod.name_any(), false).await?;
-        }
-        kept
-    };
-
-    // Nodes that will not take a worker: avoided for a while, recorded
-    // before the mesh leaves them, so a restart of the operator keeps them.
-    let mut status = job.status.clone().unwrap_or_default();
-    let avoided = avoided_nodes(
-        &status,
-        &job_pods,
-        i64::from(job.spec.elasticity.unschedulable_timeout_seconds.max(1)),
-        &now,
-    );
-    if avoided != status.avoided_nodes {
-        // Told once the status that records them is written.
-        let told: Vec<String> = avoided
-            .iter()
-            .filter(|a| !status.avoided_nodes.iter().any(|b| b.node == a.node))
-            .map(|node| {
-                format!(
-                    "node {}: {}; avoided for {AVOID_NODE_SECONDS} s",
-                    node.node, node.reason
-                )
-            })
-            .collect();
-        status.avoided_nodes = avoided;
-        write_status(&jobs, &mut job, &status).await?;
-        for note in told {
-            event(&ctx, &job, EventType::Warning, "NodeAvoided", note).await;
-        }
-    }
-    for node in cluster_nodes.iter_mut() {
-        if status
-            .avoided_nodes
-            .iter()
-            .any(|a| a.node == node.node.name)
-        {
-            node.schedulable = false;
-        }
-    }
-
-    // Workers refused below `min` a moment ago: not made again yet.
-    let uid = job.metadata.uid.clone().unwrap_or_default();
-    let refused_at = ctx
-        .refused_below_min
-        .lock()
-        .ok()
-        .and_then(|r| r.get(&uid).copied());
-    if let Some(at) = refused_at {
-        let left = REFUSAL_BACKOFF.saturating_sub(at.elapsed());
-        let none_left = job_pods
-            .iter()
-            .all(|p| terminal(p) || p.metadata.deletion_timestamp.is_some());
-        if !left.is_zero() && none_left {
-            return Ok(Action::requeue(left + Duration::from_millis(100)));
-        }
-    }
-
-    // Plan. The epoch the job records in its status is the reference; the
-    // published mesh is input like any other and is trusted only as far as
-    // it agrees with that record (see [`read_published`]).
-    let recorded_epoch = job
-        .status
-        .as_ref()
-        .map_or(0, |s| s.mesh_epoch.clamp(0, MAX_EPOCH as i64) as u64);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let published = read_published(
-        config_maps
-            .get_opt(&crate::build::mesh_config_map_name(&name))
-            .await?
-            .as_ref(),
-        &name,
-        recorded_epoch,
-    );
-    // This job's turn to plan: the cache holds the workers of jobs planned
-    // before it (the turn ends once it holds this job's new ones).
-    let turn = tokio::time::timeout(TURN_WAIT, ctx.planning.turn.lock())
-        .await
-        .map_err(|_| ControllerError::PlanningStalled(TURN_WAIT.as_secs()))?;
-    let accounted = ctx.pods.state();
-    let (mesh_nodes, existing) = mesh_inputs(&cluster_nodes, &accounted, &job_pods);
-    let (max_workers, cooldown_left) =
-        growth_limit(&job, job.status.as_ref(), existing.len() as u32, &now);
-    let request = MeshRequest {
-        job: name.clone(),
-        min_workers: job.spec.least_workers(),
-        max_workers,
-        gpus_per_worker: job.spec.resources.gpus.max(0) as u32,
-        epoch: recorded_epoch.max(1),
-    };
-    let alive: BTreeSet<(String, String)> = existing
-        .iter()
-        .map(|w| (w.name.clone(), w.node.clone()))
-        .collect();
-    let made_for = made_for_epoch(&job_pods, recorded_epoch);
-    let plan_span = tracing::info_span!("plan_mesh", nodes = mesh_nodes.len());
-    let mut planned = plan_span.in_scope(|| plan_mesh(&request, &mesh_nodes, &existing));
-    // The epoch of a planned mesh (`None` past the last); the new workers
-    // are made for the first plan's (their environment says it), should
-    // every one of them be made.
-    let epoch_of = |mesh: &MeshPlan| {
-        next_epoch(
-            recorded_epoch,
-            &published,
-            &alive,
-            &made_for,
-            &members(mesh),
-        )
-    };
-    let mut next = planned.as_ref().ok().and_then(epoch_of);
-    if let Ok(mesh) = planned.as_mut() {
-        mesh.epoch = next.as_ref().map_or(MAX_EPOCH, |e| e.epoch);
-    }
-
-    // Apply: the workers first, then the mesh that names them, so a mesh
-    // epoch is published only for workers that exist.
-    let mut status = job.status.clone().unwrap_or_default();
-    let mut refused: Vec<(String, String)> = Vec::new();
-    if let Ok(mesh) = &planned {
-        let objects = build(&job, mesh)?;
-        apply(&client, &namespace, &objects.service).await?;
-        // The workers' identity, before any pod that runs as it.
-        apply(&client, &namespace, &objects.account).await?;
-        apply(&client, &namespace, &objects.role).await?;
-        apply(&client, &namespace, &objects.role_binding).await?;
-        // Surviving pods are left as they are (a pod's spec cannot change);
-        // missing ones are created; ones the mesh dropped are deleted.
-        let wanted: BTreeSet<String> = objects.pods.iter().map(|p| p.name_any()).collect();
-        // A pod bound to a node that no longer exists has no kubelet to
-        // stop it and confirm: it is removed at once (as the pod garbage
-        // collector would, a minute later), so the job does not wait on it.
-        let known_nodes: BTreeSet<&str> = node_list
-            .iter()
-            .filter_map(|n| n.metadata.name.as_deref())
-            .collect();
-        for pod in &job_pods {
-            if !wanted.contains(&pod.name_any()) || terminal(pod) {
-                let orphaned = pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_deref())
-                    .is_some_and(|node| !known_nodes.contains(node));
-                delete_pod(&pods, &pod.name_any(), orphaned).await?;
-            }
-        }
-        // A pod on its way out is not present: its name may be planned for a
-        // new worker, which is made once it is gone.
-        let present: BTreeSet<String> = job_pods
-            .iter()
-            .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
-            .map(|p| p.name_any())
-            .collect();
-        // Created side by side: one at a time, a 256-worker job spends
-        // seconds on round trips before its last worker exists.
-        let missing: Vec<Pod> = objects
-            .pods
-            .iter()
-            .filter(|p| !present.contains(&p.name_any()))
-            .cloned()
-            .collect();
-        let uid = job.metadata.uid.clone().unwrap_or_default();
-        let created: Vec<(String, Creation)> = futures::stream::iter(missing)
-            .map(|pod: Pod| {
-                let pods = pods.clone();
-                let uid = uid.clone();
-                async move { (pod.name_any(), create_worker(&pods, &pod, &uid).await) }
-            })
-            .buffer_unordered(POD_CREATES_IN_FLIGHT)
-            .collect()
-            .instrument(tracing::info_span!("create_pods"))
-            .await;
-        // The pods that were made count before the turn ends, even when
-        // another's creation failed.
-        let made: Vec<String> = created
-            .iter()
-            .filter_map(|(_, c)| match c {
-                Creation::Made(uid) => Some(uid.clone()),
-                _ => None,
-            })
-            .collect();
-        Planning::cache_holds(&ctx.pods, &made).await;
-        let mut failed = None;
-        let mut leaving = None;
-        for (worker, creation) in created {
-            match creation {
-                Creation::Made(_) | Creation::Exists => {}
-                Creation::Refused(why) => refused.push((worker, why)),
-                Creation::Leaving => leaving = Some(worker),
-                Creation::Failed(e) => failed = Some(e),
-            }
-        }
-        // Retried as a whole: the next reconcile sees the pods made so far.
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        if let Some(worker) = leaving {
-            // Not a failure: the name is free again in a moment.
-            tracing::debug!(
-                worker,
-                "a worker's name is still held by a pod being deleted"
-            );
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        if !refused.is_empty() {
-            // Refused for good (a quota, a name, a conflict): the job runs
-            // with the workers that exist, if they are enough.
-            refused.sort();
-            let gone: BTreeSet<&str> = refused.iter().map(|(w, _)| w.as_str()).collect();
-            let standing: Vec<ExistingWorker> = mesh
-                .workers
-                .iter()
-                .filter(|w| !gone.contains(w.name.as_str()))
-                .map(|w| ExistingWorker {
-                    name: w.name.clone(),
-                    node: w.node.clone(),
-                })
-                .collect();
-            let request = MeshRequest {
-                max_workers: standing.len() as u32,
-                ..request.clone()
-            };
-            planned = plan_mesh(&request, &mesh_nodes, &standing);
-            next = planned.as_ref().ok().and_then(epoch_of);
-        }
-    }
-    drop(turn);
-    if !refused.is_empty() {
-        event(
-            &ctx,
-            &job,
-            EventType::Warning,
-            "WorkersRefused",
-            format!(
-                "{}; {}",
-                describe_refusals(&refused),
-                match &planned {
-                    Ok(mesh) => format!("running with {}", mesh.workers.len()),
-                    Err(_) => "too few remain to run".to_string(),
-                }
-            ),
-        )
-        .await;
-    }
-    match planned.as_mut() {
-        Ok(mesh) => {
-            if refused_at.is_some()
-                && let Ok(mut r) = ctx.refused_below_min.lock()
-            {
-                r.remove(&uid);
-            }
-            let Some(epoch) = next.take() else {
-                let outcome = Outcome::Failed {
-                    reason: "MeshEpochsExhausted".to_string(),
-                    message: format!(
-                        "the mesh epoch reached {MAX_EPOCH}, the largest weft publishes; \
-                         the membership cannot change again"
-                    ),
-                };
-                let job_pods = list_job_pods(&pods, &job).await?;
-                return finish(&ctx, &jobs, &pods, &mut job, &job_pods, &outcome, &now, &[]).await;
-            };
-            mesh.epoch = epoch.epoch;
-            tracing::debug!(
-                epoch = mesh.epoch,
-                workers = mesh.workers.len(),
-                "mesh planned"
-            );
-            if let Published::Untrusted { why, .. } = &published {
-                event(
-                    &ctx,
-                    &job,
-                    EventType::Warning,
-                    "MeshRepublished",
-                    format!(
-                        "the published mesh was not the one weft wrote ({why}); published again as epoch {}",
-                        mesh.epoch
-                    ),
-                )
-                .await;
-            }
-            let objects = build(&job, mesh)?;
-            apply(&client, &namespace, &objects.mesh).await?;
-            if status.start_time.is_none() {
-                status.start_time = Some(now.clone());
-            }
-            if epoch.moved {
-                status.last_rescale_time = Some(now.clone());
-                // The previous mesh's live workers the new one keeps stayed;
-                // every other worker of the previous mesh left.
-                let kept = mesh
-                    .workers
-                    .iter()
-                    .filter(|w| epoch.kept.contains(&(w.name.clone(), w.node.clone())))
-                    .count();
-                let joined = mesh.workers.len() - kept;
-                let left = epoch.previous.len().saturating_sub(kept);
-                // A worker on a node that can no longer be read is moved:
-                // weft cannot place ranks on a topology it cannot read.
-                let moved_off: Vec<String> = epoch
-                    .previous
-                    .iter()
-                    .filter(|(w, _)| !mesh.workers.iter().any(|m| &m.name == w))
-                    .filter_map(|(w, node)| {
-                        let why = unreadable.iter().find(|e| e.node() == Some(node))?;
-                        Some(format!("{w} from {why}"))
-                    })
-                    .collect();
-                event(
-                    &ctx,
-                    &job,
-                    EventType::Normal,
-                    "MeshEpoch",
-                    format!(
-                        "mesh epoch {}: {} workers ({} {}) on {} nodes; {joined} joined, {left} left{}",
-                        mesh.epoch,
-                        mesh.workers.len(),
-                        mesh.world_size,
-                        if mesh.workers.iter().any(|w| w.gpus > 0) {
-                            "GPUs"
-                        } else {
-                            "CPU ranks"
-                        },
-                        mesh.node_groups.len(),
-                        if moved_off.is_empty() {
-                            String::new()
-                        } else {
-                            format!(
-                                " (moved off nodes that cannot be read: {})",
-                                moved_off.join("; ")
-                            )
-                        }
-                    ),
-                )
-                .await;
-            }
-        }
-        Err(err) => {
-            if !refused.is_empty()
-                && let Ok(mut r) = ctx.refused_below_min.lock()
-            {
-                r.insert(uid.clone(), std::time::Instant::now());
-            }
-            // Below min (or never started): hold no GPUs while waiting, so
-            // two half-placed gangs can never deadlock each other.
-            // Workers made just now before others were refused are counted.
-            let relisted;
-            let current: &[Pod] = if refused.is_empty() {
-                &job_pods
-            } else {
-                relisted = list_job_pods(&pods, &job).await?;
-                &relisted
-            };
-            let live = current.iter().filter(|p| !terminal(p)).count();
-            if live > 0 {
-                stop_workers(&pods, current).await?;
-                let why = if refused.is_empty() {
-                    err.to_string()
-                } else {
-                    format!(
-                        "{}, and fewer than {} remain",
-                        describe_refusals(&refused),
-                        crate::status::least_workers_named(&job.spec)
-                    )
-                };
-                event(
-                    &ctx,
-                    &job,
-                    EventType::Warning,
-                    "BelowMinimum",
-                    format!("{live} workers stopped: {why}"),
-                )
-                .await;
-            }
-        }
-    }
-    job.status = Some(status);
-
-    // Status, from a fresh look at the job's pods.
-    let job_pods = list_job_pods(&pods, &job).await?;
-    let status = compute_status(
-        &job,
-        &Observed {
-            mesh: planned.as_ref(),
-            pods: &job_pods,
-            refused: &refused,
-            unreadable_nodes: &unreadable_nodes,
-            now: now.clone(),
-        },
-    );
-    write_status(&jobs, &mut job, &status).await?;
-    if previous_phase != Some(status.phase) {
-        let note = status
-            .conditions
-            .iter()
-            .map(|c| c.message.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        let type_ = if status.phase == Phase::Pending {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        event(&ctx, &job, type_, &format!("{:?}", status.phase), note).await;
-    }
-    let look_again = match cooldown_left {
-        // When growth is allowed.
-        Some(left) if planned.is_ok() => left + Duration::from_secs(1),
-        _ => Duration::from_secs(30),
-    };
-    // And when a worker the scheduler refuses reaches its timeout.
-    let refusal = next_refusal_timeout(
-        &job_pods,
-        i64::from(job.spec.elasticity.unschedulable_timeout_seconds.max(1)),
-        &now,
-    );
-    Ok(Action::requeue(match refusal {
-        Some(left) => look_again.min(left + Duration::from_secs(1)),
-        None => look_again,
-    }))
+/// How a failed reconcile is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The object itself is wrong: only a change of it helps (and wakes
+    /// it at once), or a change of the nodes, which wakes every job.
+    WaitForChange,
+    /// The job changed while it was reconciled: again at once.
+    AtOnce,
+    /// The API server or a cache failed: again, each time later.
+    Backoff,
 }
 
-/// Ends the job: writes the final status first (so a restarted operator
-/// sees the job has ended), then stops every worker still running.
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    ctx: &Context,
-    jobs: &Api<TrainingJob>,
-    pods: &Api<Pod>,
-    job: &mut TrainingJob,
-    job_pods: &[Pod],
-    outcome: &Outcome,
-    now: &Time,
-    told_first: &[(&str, String)],
-) -> Result<Action, ControllerError> {
-    let status = finished_status(job, outcome, now);
-    write_status(jobs, job, &status).await?;
-    // Events the written status records, before the end's own.
-    for (reason, note) in told_first {
-        event(ctx, job, EventType::Warning, reason, note.clone()).await;
-    }
-    stop_workers(pods, job_pods).await?;
-    let (type_, reason, note) = match outcome {
-        Outcome::Succeeded { message } => (EventType::Normal, "Succeeded", message.clone()),
-        Outcome::Failed { reason, message } => {
-            (EventType::Warning, reason.as_str(), message.clone())
+impl ControllerError {
+    /// How a reconcile that failed with this error is retried.
+    pub fn retry(&self) -> Retry {
+        match self {
+            ControllerError::Unreadable { .. } | ControllerError::NoNamespace => {
+                Retry::WaitForChange
+            }
+            ControllerError::Conflict => Retry::AtOnce,
+            ControllerError::Api(_)
+            | ControllerError::Build(_)
+            | ControllerError::Serialise(_)
+            | ControllerError::CacheGone
+            | ControllerError::CachesNotSynced(_)
+            | ControllerError::PlanningStalled(_) => Retry::Backoff,
         }
-    };
-    event(ctx, job, type_, reason, note).await;
-    Ok(Action::await_change())
-}
-
-/// Applies `object` in `namespace` (server-side apply, as the operator's
-/// field manager, taking over fields another manager set).
-async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<(), ControllerError>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<K>::namespaced(client.clone(), namespace)
-        .patch(&object.name_any(), &params, &Patch::Apply(object))
-        .await?;
-    Ok(())
-}
-
-/// Deletes every worker pod that still runs (finished pods hold no GPUs and
-/// keep their logs).
-#[tracing::instrument(skip_all)]
-async fn stop_workers(pods: &Api<Pod>, job_pods: &[Pod]) -> Result<(), ControllerError> {
-    for pod in job_pods
-        .iter()
-        .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
-    {
-        delete_pod(pods, &pod.name_any(), false).await?;
-    }
-    Ok(())
-}
-
-#[tracing::instrument(skip(pods))]
-async fn delete_pod(pods: &Api<Pod>, name: &str, force: bool) -> Result<(), ControllerError> {
-    let params = if force {
-        DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        }
-    } else {
-        DeleteParams::default()
-    };
-    match pods.delete(name, &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 
-/// The status fields the job's workers write (its progress); the operator
-/// reads them and never writes them.
-pub const WORKER_STATUS_FIELDS: [&str; 3] = ["step", "tokensPerSecond", "lastCheckpoint"];
+/// The first retry after a failure that backs off, and the longest wait.
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+pub const BACKOFF_MOST: Duration = Duration::from_secs(60);
 
-/// Writes `status` if the job is still at the version `job` was read at (a
-/// write from an older view fails with a conflict and the reconcile runs
-/// again), and brings `job` up to the written version.
-#[tracing::instrument(skip_all, fields(phase = ?status.phase))]
-async fn write_status(
-    jobs: &Api<TrainingJob>,
-    job: &mut TrainingJob,
-    status: &weft_crds::TrainingJobStatus,
-) -> Result<(), ControllerError> {
-    let mut operators_part =
-        serde_json::to_value(status).map_err(|e| ControllerError::Serialise(e.to_string()))?;
-    // The workers' own fields are left as they are: never written back from
-    // the operator's copy (a time is re-written in another form on the way).
-    if let Some(fields) = operators_part.as_object_mut() {
-        for field in WORKER_STATUS_FIELDS {
-            fields.remove(field);
+/// The wait before the retry of a reconcile that failed `in_a_row` times
+/// in a row, with an error retried as `retry`: `None` waits for a change.
+pub fn retry_after(retry: Retry, in_a_row: u32) -> Option<Duration> {
+    match retry {
+        Retry::WaitForChange => None,
+        Retry::AtOnce => Some(Duration::from_millis(100)),
+        Retry::Backoff => {
+            let doublings = in_a_row.saturating_sub(1).min(16);
+            Some((BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_MOST))
         }
     }
-    let body = serde_json::json!({
-        "metadata": { "resourceVersion": job.metadata.resource_version },
-        "status": operators_part,
-    });
-    let written = jobs
-        .patch_status(
-            &job.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&body),
-        )
-        .await
-        .map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 409 => ControllerError::Conflict,
-            e => e.into(),
-        })?;
-    job.metadata.resource_version = written.metadata.resource_version;
-    job.status = written.status;
-    Ok(())
 }
 
-/// Retries a failed reconcile soon, without hammering the API server.
+/// The key of a job in the operator's memory.
+fn job_key(job: &DynamicObject) -> String {
+    format!(
+        "{}/{}",
+        job.metadata.namespace.as_deref().unwrap_or_default(),
+        job.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Retries a failed reconcile by the kind of its error (see [`Retry`]).
 pub fn error_policy(job: Arc<DynamicObject>, error: &ControllerError, ctx: Arc<Context>) -> Action {
-    ctx.metrics.error(error.category());
-    tracing::warn!(
-        namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
-        job = job.metadata.name.as_deref().unwrap_or_default(),
-        category = error.category(),
-        error = %error,
-        "reconcile failed; retrying"
-    );
-    match error {
-        // Only a change of the object helps (and wakes it at once).
-        ControllerError::Unreadable { .. } => Action::requeue(Duration::from_secs(60)),
-        _ => Action::requeue(Duration::from_secs(5)),
+    let retry = error.retry();
+    if retry == Retry::AtOnce {
+        // Someone else (the workers, reporting progress) wrote the job in
+        // the meantime: not a failure, only a reason to look again.
+        tracing::debug!("the job changed during the reconcile; again");
+    } else {
+        ctx.metrics.error(error.category());
+        tracing::warn!(
+            namespace = job.metadata.namespace.as_deref().unwrap_or_default(),
+            job = job.metadata.name.as_deref().unwrap_or_default(),
+            category = error.category(),
+            error = %error,
+            "reconcile failed; retrying"
+        );
+    }
+    let in_a_row = if retry == Retry::Backoff {
+        ctx.failed(&job)
+    } else {
+        1
+    };
+    match retry_after(retry, in_a_row) {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
     }
 }
 
@@ -1604,7 +850,7 @@ pub async fn run_with(client: Client, namespace: Option<String>, metrics: Arc<Me
         .owns(config_maps, watcher::Config::default().labels(LABEL_JOB))
         .owns(services, watcher::Config::default().labels(LABEL_JOB))
         .reconcile_all_on(node_changes)
-        .run(reconcile, error_policy, ctx)
+        .run(crate::reconcile::reconcile, error_policy, ctx)
         .for_each(move |result| {
             match &result {
                 Err(kube::runtime::controller::Error::QueueError(e)) => {
@@ -1634,39 +880,9 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use crate::testing::pod;
     use kube::api::ObjectMeta;
     use weft_planner::cluster::parse_cluster;
-
-    fn pod(name: &str, node: &str, gpus: u32, phase: &str) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns".into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                containers: vec![Container {
-                    name: "c".into(),
-                    resources: Some(ResourceRequirements {
-                        limits: Some(BTreeMap::from([(
-                            RESOURCE_GPU.to_string(),
-                            Quantity(gpus.to_string()),
-                        )])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                ..Default::default()
-            }),
-        }
-    }
 
     #[test]
     fn free_gpus_exclude_every_live_pod_and_survivors_are_the_jobs_live_pods() {
@@ -2081,5 +1297,75 @@ mod tests {
         let mut node = kwok_node("a", "True", "2026-01-01T00:00:00Z");
         slim_node(&mut node);
         assert!(node.status.as_ref().unwrap().images.is_none());
+    }
+
+    #[test]
+    fn a_failed_reconcile_is_retried_by_the_kind_of_its_error() {
+        let api = |code: u16| {
+            ControllerError::Api(kube::Error::Api(
+                kube::core::Status::failure("the API server failed", "InternalError")
+                    .with_code(code)
+                    .boxed(),
+            ))
+        };
+        let unreadable = ControllerError::Unreadable {
+            path: "status.lastRescaleTime".into(),
+            error: "bad time".into(),
+        };
+        let second = Duration::from_secs(1);
+        let rows = [
+            (
+                "an object weft cannot read waits for a change",
+                unreadable,
+                1,
+                None,
+            ),
+            (
+                "a job without a namespace waits for a change",
+                ControllerError::NoNamespace,
+                3,
+                None,
+            ),
+            (
+                "a conflict is retried at once",
+                ControllerError::Conflict,
+                1,
+                Some(Duration::from_millis(100)),
+            ),
+            (
+                "a conflict again, still at once",
+                ControllerError::Conflict,
+                9,
+                Some(Duration::from_millis(100)),
+            ),
+            ("an API outage backs off: first", api(503), 1, Some(second)),
+            (
+                "an API outage backs off: third",
+                api(503),
+                3,
+                Some(4 * second),
+            ),
+            (
+                "an API outage backs off: never past the most",
+                api(500),
+                40,
+                Some(BACKOFF_MOST),
+            ),
+            (
+                "caches that did not fill back off",
+                ControllerError::CachesNotSynced(30),
+                2,
+                Some(2 * second),
+            ),
+            (
+                "a stuck planning turn backs off",
+                ControllerError::PlanningStalled(60),
+                1,
+                Some(second),
+            ),
+        ];
+        for (case, error, in_a_row, wait) in rows {
+            assert_eq!(retry_after(error.retry(), in_a_row), wait, "{case}");
+        }
     }
 }

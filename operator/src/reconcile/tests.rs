@@ -1,0 +1,622 @@
+//! The reconcile's decisions as tables (every case a row, no cluster), and
+//! the order in which a decision is carried out against an API server that
+//! answers as the test says.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use weft_crds::{Phase, TrainingJob, TrainingJobStatus, WorkerFailure};
+
+use super::decide::*;
+use crate::controller::{MAX_EPOCH, Published};
+use crate::status::JobClaim;
+use crate::testing::{at, exited, gpu_node, job, unschedulable, worker};
+
+const NOW: i64 = 1_000_000;
+
+/// What `job` with `pods` sees on nodes `n0`..`n{nodes-1}`, every pod of
+/// the cluster its own.
+fn seen(job: TrainingJob, pods: Vec<Pod>, nodes: usize) -> Seen {
+    Seen {
+        cluster_pods: pods.iter().cloned().map(Arc::new).collect(),
+        job,
+        pods,
+        missing_claim: None,
+        nodes: (0..nodes).map(|i| gpu_node(&format!("n{i}"))).collect(),
+        published: Published::Absent,
+        refused_ago: None,
+    }
+}
+
+fn status(phase: Phase, epoch: i64) -> TrainingJobStatus {
+    TrainingJobStatus {
+        phase,
+        mesh_epoch: epoch,
+        ..Default::default()
+    }
+}
+
+fn with_status(mut job: TrainingJob, status: TrainingJobStatus) -> TrainingJob {
+    job.status = Some(status);
+    job
+}
+
+fn reasons(decision: &Decision) -> Vec<&str> {
+    decision.events.iter().map(|e| e.reason.as_str()).collect()
+}
+
+fn deleted(decision: &Decision) -> Vec<&str> {
+    decision.delete.iter().map(|d| d.pod.as_str()).collect()
+}
+
+fn done(settled: Settle) -> Decision {
+    match settled {
+        Settle::Done(decision) => *decision,
+        Settle::Place(placing) => panic!(
+            "expected a decision, the job goes on to placement with {:?}",
+            placing
+                .pods
+                .iter()
+                .map(|p| p.name_any())
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// A case of the job's life: what was seen, then the phase written, the
+/// events, the pods deleted and when to look again.
+type LifeRow = (
+    &'static str,
+    Seen,
+    Option<Phase>,
+    Vec<&'static str>,
+    Vec<&'static str>,
+    Option<Duration>,
+);
+
+/// A case of epochs: what was seen, then the workers created, the epoch
+/// published and the events.
+type EpochRow = (&'static str, Seen, usize, Option<u64>, Vec<&'static str>);
+
+/// The job's life: each row is a case, what was seen, and what must be
+/// decided (the status's phase, the events in order, the pods deleted, when
+/// to look again).
+#[test]
+fn the_jobs_life_is_decided_from_what_was_seen() {
+    let running = with_status(job(2, 2), status(Phase::Running, 1));
+    let w = |name: &str, node: &str, phase: &str| worker(&running, name, node, 1, phase);
+    let mut counted = status(Phase::Running, 1);
+    counted.restarts = 1;
+    counted.recent_failures = vec![WorkerFailure {
+        worker: "llm-w1".into(),
+        uid: "uid-llm-w1".into(),
+        reason: "exit 1".into(),
+        time: at(NOW - 60),
+    }];
+    let mut invalid = job(2, 2);
+    invalid.spec.model.preset = None;
+    invalid.spec.model.hidden = Some(100);
+    invalid.spec.model.heads = Some(7);
+    let mut no_budget = running.clone();
+    no_budget.spec.elasticity.restart_limit = 0;
+    let mut suspended = running.clone();
+    suspended.spec.suspend = true;
+    let mut claim = running.clone();
+    claim.spec.checkpoint.claim_name = Some("ckpt".into());
+    let timeout = i64::from(running.spec.elasticity.unschedulable_timeout_seconds);
+
+    let rows: Vec<LifeRow> = vec![
+        (
+            "an ended job stops the workers it still has, and says nothing",
+            seen(
+                with_status(job(2, 2), status(Phase::Succeeded, 1)),
+                vec![w("llm-w0", "n0", "Running"), w("llm-w1", "n1", "Succeeded")],
+                2,
+            ),
+            None,
+            vec![],
+            vec!["llm-w0"],
+            None,
+        ),
+        (
+            "a model the schema let through but no layer can have fails the job",
+            seen(invalid, vec![w("llm-w0", "n0", "Running")], 2),
+            Some(Phase::Failed),
+            vec!["InvalidSpec"],
+            vec!["llm-w0"],
+            None,
+        ),
+        (
+            "a failed worker is counted, on record before anything acts on it",
+            seen(
+                running.clone(),
+                vec![
+                    w("llm-w0", "n0", "Running"),
+                    exited(w("llm-w1", "n1", "Running"), 1, "NCCL timeout"),
+                ],
+                2,
+            ),
+            Some(Phase::Running),
+            vec!["WorkerFailed"],
+            vec![],
+            Some(AT_ONCE),
+        ),
+        (
+            "a failure past the restart budget fails the job, counted first",
+            seen(
+                no_budget,
+                vec![
+                    w("llm-w0", "n0", "Running"),
+                    exited(w("llm-w1", "n1", "Running"), 1, "NCCL timeout"),
+                ],
+                2,
+            ),
+            Some(Phase::Failed),
+            vec!["WorkerFailed", "RestartLimitExceeded"],
+            vec!["llm-w0"],
+            None,
+        ),
+        (
+            "a worker that refuses the job's settings fails it at once",
+            seen(
+                running.clone(),
+                vec![
+                    w("llm-w0", "n0", "Running"),
+                    exited(
+                        w("llm-w1", "n1", "Running"),
+                        weft_crds::SETTINGS_REFUSED_EXIT,
+                        "data.textField: no column \"content\"",
+                    ),
+                ],
+                2,
+            ),
+            Some(Phase::Failed),
+            vec!["WorkerFailed", "InvalidSpec"],
+            vec!["llm-w0"],
+            None,
+        ),
+        (
+            "a worker that finished completes the job and stops the others",
+            seen(
+                running.clone(),
+                vec![
+                    w("llm-w0", "n0", "Running"),
+                    exited(w("llm-w1", "n1", "Running"), 0, ""),
+                ],
+                2,
+            ),
+            Some(Phase::Succeeded),
+            vec!["Succeeded"],
+            vec!["llm-w0"],
+            None,
+        ),
+        (
+            "suspending stops every worker and says so once",
+            seen(suspended.clone(), vec![w("llm-w0", "n0", "Running")], 2),
+            Some(Phase::Suspended),
+            vec!["Suspended"],
+            vec!["llm-w0"],
+            Some(SUSPENDED_LOOK),
+        ),
+        (
+            "a job already suspended is not told again",
+            seen(
+                with_status(suspended, status(Phase::Suspended, 1)),
+                vec![],
+                2,
+            ),
+            Some(Phase::Suspended),
+            vec![],
+            vec![],
+            Some(SUSPENDED_LOOK),
+        ),
+        (
+            "a missing checkpoint claim keeps the job Pending, named",
+            Seen {
+                missing_claim: Some(JobClaim::Checkpoint("ckpt".into())),
+                ..seen(claim, vec![], 2)
+            },
+            Some(Phase::Pending),
+            vec!["CheckpointClaimNotFound"],
+            vec![],
+            Some(CLAIM_LOOK),
+        ),
+        (
+            "a node that refused a worker past the timeout is avoided, on record first",
+            seen(
+                running.clone(),
+                vec![
+                    w("llm-w0", "n0", "Running"),
+                    unschedulable(w("llm-w1", "n1", "Pending"), at(NOW - timeout - 1)),
+                ],
+                2,
+            ),
+            Some(Phase::Running),
+            vec!["NodeAvoided"],
+            vec![],
+            Some(AT_ONCE),
+        ),
+        (
+            "workers refused below min a moment ago are not made again yet",
+            Seen {
+                refused_ago: Some(Duration::from_secs(5)),
+                ..seen(job(2, 2), vec![], 2)
+            },
+            None,
+            vec![],
+            vec![],
+            Some(crate::controller::REFUSAL_BACKOFF - Duration::from_secs(5) + AT_ONCE),
+        ),
+    ];
+    for (case, seen, phase, events, deletions, requeue) in rows {
+        let decision = done(settle(&seen, &at(NOW)));
+        assert_eq!(
+            decision.status.as_ref().map(|s| s.phase),
+            phase,
+            "{case}: phase"
+        );
+        assert_eq!(reasons(&decision), events, "{case}: events");
+        assert_eq!(deleted(&decision), deletions, "{case}: deletions");
+        assert_eq!(decision.requeue, requeue, "{case}: requeue");
+        assert!(decision.mesh.is_none(), "{case}: no mesh is published");
+    }
+}
+
+#[test]
+fn what_settle_puts_on_record_is_exact() {
+    let running = with_status(job(2, 2), status(Phase::Running, 1));
+    let w = |name: &str, node: &str, phase: &str| worker(&running, name, node, 1, phase);
+    let failed = exited(w("llm-w1", "n1", "Running"), 1, "NCCL timeout");
+    let pods = vec![w("llm-w0", "n0", "Running"), failed.clone()];
+
+    // Counted once: the next reconcile finds it on record and goes on.
+    let decision = done(settle(&seen(running.clone(), pods.clone(), 2), &at(NOW)));
+    let recorded = decision.status.unwrap();
+    assert_eq!(recorded.restarts, 1);
+    assert_eq!(recorded.recent_failures[0].uid, "uid-llm-w1");
+    assert!(
+        decision.events[0].note.starts_with("llm-w1: ")
+            && decision.events[0].note.contains("(restart 1 of "),
+        "{}",
+        decision.events[0].note
+    );
+    let again = settle(
+        &seen(with_status(running.clone(), recorded), pods, 2),
+        &at(NOW),
+    );
+    assert!(matches!(again, Settle::Place(_)), "counted once only");
+
+    // Avoided: the node is on record, then unschedulable for the mesh.
+    let timeout = i64::from(running.spec.elasticity.unschedulable_timeout_seconds);
+    let refused = unschedulable(w("llm-w1", "n1", "Pending"), at(NOW - timeout - 1));
+    let pods = vec![w("llm-w0", "n0", "Running"), refused];
+    let decision = done(settle(&seen(running.clone(), pods.clone(), 2), &at(NOW)));
+    let recorded = decision.status.unwrap();
+    assert_eq!(recorded.avoided_nodes.len(), 1);
+    assert_eq!(recorded.avoided_nodes[0].node, "n1");
+    let Settle::Place(placing) = settle(&seen(with_status(running, recorded), pods, 2), &at(NOW))
+    else {
+        panic!("an avoided node on record: the job is placed");
+    };
+    let n1 = placing.nodes.iter().find(|n| n.node.name == "n1").unwrap();
+    assert!(!n1.schedulable, "the mesh does not use an avoided node");
+
+    // A missing claim is said once: the same message again tells nothing.
+    let mut claim = job(2, 2);
+    claim.spec.checkpoint.claim_name = Some("ckpt".into());
+    let missing = Seen {
+        missing_claim: Some(JobClaim::Checkpoint("ckpt".into())),
+        ..seen(claim.clone(), vec![], 2)
+    };
+    let first = done(settle(&missing, &at(NOW)));
+    let message = &first.status.as_ref().unwrap().conditions[0].message;
+    assert!(message.starts_with("checkpoint.claimName: "), "{message}");
+    let second = done(settle(
+        &Seen {
+            job: with_status(claim, first.status.clone().unwrap()),
+            ..missing
+        },
+        &at(NOW + 15),
+    ));
+    assert!(second.events.is_empty(), "{:?}", second.events);
+}
+
+/// Places `seen`'s job and concludes with every missing worker made
+/// (Pending, as the API server returns a new pod), except those `refused`.
+fn place_and_conclude(seen: &Seen, refused: &[&str]) -> (Placement, Decision) {
+    let Settle::Place(placing) = settle(seen, &at(NOW)) else {
+        panic!("the job is placed");
+    };
+    let placement = place(seen, &placing, &seen.cluster_pods, &at(NOW)).unwrap();
+    let mut created = Created::default();
+    for pod in &placement.create {
+        if refused.contains(&pod.name_any().as_str()) {
+            created
+                .refused
+                .push((pod.name_any(), "exceeded quota: gpus".into()));
+        } else {
+            let mut made = pod.clone();
+            made.status = Some(Default::default());
+            created.made.push(made);
+        }
+    }
+    let decision = conclude(seen, &placing, placement.clone(), &created, &at(NOW)).unwrap();
+    (placement, decision)
+}
+
+fn published_epoch(decision: &Decision) -> Option<u64> {
+    let mesh = decision.mesh.as_ref()?;
+    let text = mesh.data.as_ref()?.get("mesh.json")?;
+    let mesh: weft_planner::mesh::MeshPlan = serde_json::from_str(text).ok()?;
+    Some(mesh.epoch)
+}
+
+/// Epochs: each row a case, what was seen, the workers created, the epoch
+/// published (and recorded), and the events.
+#[test]
+fn the_epoch_moves_exactly_when_the_membership_does() {
+    // A job running at epoch 1 with workers w0 on n0 and w1 on n1, its
+    // mesh published as weft wrote it.
+    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let mesh_1 = first.1.mesh.clone().unwrap();
+    let members: Vec<(String, String)> = first
+        .0
+        .planned
+        .as_ref()
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .collect();
+    let running = with_status(
+        job(2, 2),
+        TrainingJobStatus {
+            phase: Phase::Running,
+            ..first.1.status.clone().unwrap()
+        },
+    );
+    let pods: Vec<Pod> = members
+        .iter()
+        .map(|(name, node)| worker(&running, name, node, 1, "Running"))
+        .collect();
+    let trusted = crate::controller::read_published(Some(&mesh_1), "llm", 1);
+    assert!(matches!(trusted, Published::Trusted(_)), "{trusted:?}");
+    let counted = {
+        let mut status = running.status.clone().unwrap();
+        status.restarts = 1;
+        status.recent_failures = vec![WorkerFailure {
+            worker: members[1].0.clone(),
+            uid: format!("uid-{}", members[1].0),
+            reason: "exit 1".into(),
+            time: at(NOW - 1),
+        }];
+        with_status(running.clone(), status)
+    };
+    let mut lost = pods.clone();
+    lost[1] = exited(lost[1].clone(), 1, "NCCL timeout");
+
+    let rows: Vec<EpochRow> = vec![
+        (
+            "the first mesh is epoch 1, made of new workers",
+            seen(job(2, 2), vec![], 3),
+            2,
+            Some(1),
+            vec!["MeshEpoch", "Starting"],
+        ),
+        (
+            "the same members keep their epoch and nothing is told",
+            Seen {
+                published: trusted.clone(),
+                ..seen(running.clone(), pods.clone(), 3)
+            },
+            0,
+            Some(1),
+            vec![],
+        ),
+        (
+            "a lost worker (counted) is replaced and the epoch moves on",
+            Seen {
+                published: trusted.clone(),
+                ..seen(counted, lost, 3)
+            },
+            1,
+            Some(2),
+            vec!["MeshEpoch", "Rescaling"],
+        ),
+        (
+            "a mesh weft did not write is published again above the epoch it claims",
+            Seen {
+                published: Published::Untrusted {
+                    epoch: Some(5),
+                    why: "its data differ from what weft wrote".into(),
+                },
+                ..seen(running.clone(), pods.clone(), 3)
+            },
+            0,
+            Some(6),
+            vec!["MeshRepublished", "MeshEpoch"],
+        ),
+        (
+            "below min, the workers are stopped and the job waits",
+            seen(running.clone(), pods[..1].to_vec(), 1),
+            0,
+            None,
+            vec!["BelowMinimum", "Pending"],
+        ),
+    ];
+    for (case, seen, creates, epoch, events) in rows {
+        let (placement, decision) = place_and_conclude(&seen, &[]);
+        assert_eq!(placement.create.len(), creates, "{case}: workers created");
+        assert_eq!(published_epoch(&decision), epoch, "{case}: epoch published");
+        if let Some(epoch) = epoch {
+            assert_eq!(
+                decision.status.as_ref().unwrap().mesh_epoch,
+                epoch as i64,
+                "{case}: epoch recorded"
+            );
+        }
+        assert_eq!(reasons(&decision), events, "{case}: events");
+    }
+}
+
+#[test]
+fn workers_the_api_server_refuses_leave_a_smaller_mesh_or_none() {
+    // Room for 3; one of the three refused: the job runs with 2, at the
+    // epoch of the mesh it runs.
+    let (placement, decision) = place_and_conclude(&seen(job(2, 3), vec![], 3), &["llm-worker-2"]);
+    assert_eq!(placement.create.len(), 3);
+    assert_eq!(published_epoch(&decision), Some(1));
+    let status = decision.status.as_ref().unwrap();
+    assert_eq!(status.workers_desired, 2);
+    assert_eq!(reasons(&decision)[0], "WorkersRefused");
+    assert!(decision.events[0].note.ends_with("running with 2"));
+    assert_eq!(decision.refusals, RefusalMemory::Keep);
+
+    // Two refused of a gang of at least 2: the one made is stopped, the
+    // refusal remembered (no worker made again for a while).
+    let (_, decision) = place_and_conclude(
+        &seen(job(2, 3), vec![], 3),
+        &["llm-worker-1", "llm-worker-2"],
+    );
+    assert_eq!(published_epoch(&decision), None);
+    assert_eq!(deleted(&decision), vec!["llm-worker-0"]);
+    assert_eq!(
+        reasons(&decision),
+        vec!["WorkersRefused", "BelowMinimum", "Pending"]
+    );
+    assert_eq!(decision.refusals, RefusalMemory::Remember);
+    assert_eq!(decision.status.as_ref().unwrap().phase, Phase::Pending);
+}
+
+#[test]
+fn the_last_epoch_ends_the_job_rather_than_publish_past_it() {
+    let running = with_status(job(2, 2), status(Phase::Running, MAX_EPOCH as i64));
+    let pods = vec![worker(&running, "llm-w0", "n0", MAX_EPOCH, "Running")];
+    let (_, decision) = place_and_conclude(&seen(running, pods, 3), &[]);
+    assert_eq!(decision.status.as_ref().unwrap().phase, Phase::Failed);
+    assert_eq!(reasons(&decision), vec!["MeshEpochsExhausted"]);
+    let mut stopped = deleted(&decision);
+    stopped.sort();
+    assert!(stopped.contains(&"llm-w0"), "{stopped:?}");
+    assert!(decision.mesh.is_none());
+}
+
+/// Requests an API server answered: (method, path).
+type Calls = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A client whose API server records every request and answers a status
+/// write with `status_code` (the written job for 200), anything else with
+/// an empty object of the kind asked for.
+fn recording_client(status_code: u16) -> (kube::Client, Calls) {
+    let calls: Calls = Arc::default();
+    let seen_calls = calls.clone();
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let calls = seen_calls.clone();
+        async move {
+            let method = request.method().to_string();
+            let path = request.uri().path().to_string();
+            calls.lock().unwrap().push((method.clone(), path.clone()));
+            let (code, body) = if path.ends_with("/status") && status_code != 200 {
+                (
+                    status_code,
+                    serde_json::json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": "the object has been modified", "reason": "Conflict",
+                        "code": status_code,
+                    }),
+                )
+            } else if path.ends_with("/status") {
+                let mut written = serde_json::to_value(job(2, 2)).unwrap();
+                written["metadata"]["resourceVersion"] = "101".into();
+                (200, written)
+            } else if path.contains("/events") {
+                (
+                    201,
+                    serde_json::json!({
+                        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+                        "metadata": { "name": "e", "namespace": "team" },
+                        "eventTime": "2026-12-07T00:00:00.000000Z",
+                    }),
+                )
+            } else {
+                (
+                    200,
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": { "name": "llm-w0", "namespace": "team" },
+                    }),
+                )
+            };
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.to_string().into_bytes()))
+                    .unwrap(),
+            )
+        }
+    });
+    (kube::Client::new(service, "team"), calls)
+}
+
+fn a_decision() -> Decision {
+    let running = with_status(job(2, 2), status(Phase::Running, 1));
+    let pods = vec![
+        worker(&running, "llm-w0", "n0", 1, "Running"),
+        exited(worker(&running, "llm-w1", "n1", 1, "Running"), 0, ""),
+    ];
+    done(settle(&seen(running, pods, 2), &at(NOW)))
+}
+
+#[tokio::test]
+async fn a_status_write_that_conflicts_tells_no_event() {
+    let decision = a_decision();
+    assert_eq!(reasons(&decision), vec!["Succeeded"]);
+    let (client, calls) = recording_client(409);
+    let events = crate::events::Events::new(client.clone(), "weft-operator", None);
+    let mut job = job(2, 2);
+    let result = super::apply::carry_out(&client, &events, &mut job, &decision).await;
+    assert!(
+        matches!(result, Err(crate::controller::ControllerError::Conflict)),
+        "{result:?}"
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert!(
+        calls.iter().all(|(_, path)| !path.contains("/events")),
+        "an event was told for a status that was not written: {calls:?}"
+    );
+    assert_eq!(
+        crate::controller::retry_after(result.unwrap_err().retry(), 1),
+        Some(Duration::from_millis(100)),
+        "a conflict is retried at once"
+    );
+}
+
+#[tokio::test]
+async fn a_decision_deletes_then_writes_the_status_once_then_tells() {
+    let decision = a_decision();
+    let (client, calls) = recording_client(200);
+    let events = crate::events::Events::new(client.clone(), "weft-operator", None);
+    let mut job = job(2, 2);
+    super::apply::carry_out(&client, &events, &mut job, &decision)
+        .await
+        .unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let kinds: Vec<&str> = calls
+        .iter()
+        .map(|(method, path)| match (method.as_str(), path) {
+            ("DELETE", p) if p.contains("/pods/") => "delete pod",
+            ("PATCH", p) if p.ends_with("/status") => "write status",
+            (_, p) if p.contains("/events") => "tell",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["delete pod", "write status", "tell"],
+        "{calls:?}"
+    );
+    assert_eq!(job.metadata.resource_version.as_deref(), Some("101"));
+}
