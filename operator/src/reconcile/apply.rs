@@ -8,8 +8,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
 use weft_crds::{TrainingJob, TrainingJobStatus};
 
-use super::decide::{Decision, Deletion, Tell};
-use crate::controller::{ControllerError, FIELD_MANAGER, owned_by};
+use futures::StreamExt;
+
+use super::decide::{Created, Decision, Deletion, Placement, Tell, ToPlace};
+use crate::controller::{Context, ControllerError, FIELD_MANAGER, Planning, owned_by};
 use crate::events::{EventType, Events};
 
 /// The status fields the job's workers write (its progress); the operator
@@ -65,7 +67,7 @@ pub(crate) enum Creation {
     Made(Box<Pod>),
     /// This job's pod of that name exists already (an earlier reconcile
     /// made it and the list did not show it yet).
-    Exists,
+    Exists(Box<Pod>),
     /// Refused for a reason a retry does not change soon: a quota, an
     /// invalid pod, a pod of that name that is not this job's.
     Refused(String),
@@ -86,7 +88,7 @@ pub(crate) async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> 
             // This job's, on its way out (placed again elsewhere): made
             // once it is gone.
             Ok(Some(leaving)) if leaving.metadata.deletion_timestamp.is_some() => Creation::Leaving,
-            Ok(Some(_)) => Creation::Exists,
+            Ok(Some(mine)) => Creation::Exists(Box::new(mine)),
             // Gone between the two calls.
             Ok(None) => Creation::Leaving,
             Err(e) => Creation::Failed(e),
@@ -98,42 +100,79 @@ pub(crate) async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> 
     }
 }
 
-/// Writes `status` if the job is still at the version `job` was read at (a
-/// write from an older view fails with [`ControllerError::Conflict`] and the
-/// reconcile runs again), and brings `job` up to the written version.
+/// How many times a status write is tried again after conflicts that only
+/// the workers' progress reports caused.
+const WRITE_TRIES: usize = 4;
+
+/// The operator's part of a status: all but what the workers write.
+fn operators_part(
+    status: Option<&TrainingJobStatus>,
+) -> Result<serde_json::Value, ControllerError> {
+    let mut part =
+        serde_json::to_value(status).map_err(|e| ControllerError::Serialise(e.to_string()))?;
+    // The workers' own fields are left as they are: never written back from
+    // the operator's copy (a time is re-written in another form on the way).
+    if let Some(fields) = part.as_object_mut() {
+        for field in WORKER_STATUS_FIELDS {
+            fields.remove(field);
+        }
+    }
+    Ok(part)
+}
+
+/// Whether the job `now` differs from `read` only in what its workers write
+/// (their progress), so a status decided from `read` is still right.
+pub(crate) fn only_progress_changed(read: &TrainingJob, now: &TrainingJob) -> bool {
+    read.metadata.uid == now.metadata.uid
+        && read.metadata.generation == now.metadata.generation
+        && read.metadata.deletion_timestamp == now.metadata.deletion_timestamp
+        && matches!(
+            (
+                operators_part(Some(&read.status.clone().unwrap_or_default())),
+                operators_part(Some(&now.status.clone().unwrap_or_default())),
+            ),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+/// Writes `status` if the job is still as `job` was read (a write from an
+/// older view fails with [`ControllerError::Conflict`] and the reconcile
+/// decides again), and brings `job` up to the written version. A conflict
+/// that only the workers' progress reports caused (every few seconds while
+/// a job trains) is not one: the write is tried again on the new version.
 #[tracing::instrument(skip_all, fields(phase = ?status.phase))]
 pub(crate) async fn write_status(
     jobs: &Api<TrainingJob>,
     job: &mut TrainingJob,
     status: &TrainingJobStatus,
 ) -> Result<(), ControllerError> {
-    let mut operators_part =
-        serde_json::to_value(status).map_err(|e| ControllerError::Serialise(e.to_string()))?;
-    // The workers' own fields are left as they are: never written back from
-    // the operator's copy (a time is re-written in another form on the way).
-    if let Some(fields) = operators_part.as_object_mut() {
-        for field in WORKER_STATUS_FIELDS {
-            fields.remove(field);
+    let operators_part = operators_part(Some(status))?;
+    let name = job.name_any();
+    for _ in 0..WRITE_TRIES {
+        let body = serde_json::json!({
+            "metadata": { "resourceVersion": job.metadata.resource_version },
+            "status": operators_part,
+        });
+        match jobs
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(written) => {
+                job.metadata.resource_version = written.metadata.resource_version;
+                job.status = written.status;
+                return Ok(());
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => match jobs.get_opt(&name).await {
+                Ok(Some(now)) if only_progress_changed(job, &now) => {
+                    job.metadata.resource_version = now.metadata.resource_version;
+                }
+                Ok(_) | Err(kube::Error::SerdeError(_)) => return Err(ControllerError::Conflict),
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
         }
     }
-    let body = serde_json::json!({
-        "metadata": { "resourceVersion": job.metadata.resource_version },
-        "status": operators_part,
-    });
-    let written = jobs
-        .patch_status(
-            &job.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&body),
-        )
-        .await
-        .map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 409 => ControllerError::Conflict,
-            e => e.into(),
-        })?;
-    job.metadata.resource_version = written.metadata.resource_version;
-    job.status = written.status;
-    Ok(())
+    Err(ControllerError::Conflict)
 }
 
 /// Publishes an event about the object `regarding`. Events are for people:
@@ -153,10 +192,12 @@ pub(crate) async fn tell(
     }
 }
 
-/// Carries out `decision` for `job`: the deletions, the mesh, then the one
-/// status write, and only once it succeeded, the events (a write that
-/// conflicts leaves them to the reconcile that runs again, which tells
-/// them once).
+/// Carries out `decision` for `job`: the mesh (its workers exist), the one
+/// status write, the deletions, and only once the status is written, the
+/// events. The status goes before the deletions so that what a deletion
+/// follows from (the job ended, suspended, below its minimum; a failure
+/// counted) is on record first: a write that conflicts deletes nothing and
+/// tells nothing, and the reconcile that runs again does both, once.
 pub(crate) async fn carry_out(
     client: &Client,
     events: &Events,
@@ -164,10 +205,6 @@ pub(crate) async fn carry_out(
     decision: &Decision,
 ) -> Result<(), ControllerError> {
     let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    for deletion in &decision.delete {
-        delete_pod(&pods, deletion).await?;
-    }
     if let Some(mesh) = &decision.mesh {
         apply(client, &namespace, mesh)
             .instrument(tracing::info_span!("apply_mesh"))
@@ -177,9 +214,82 @@ pub(crate) async fn carry_out(
         let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
         write_status(&jobs, job, status).await?;
     }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    for deletion in &decision.delete {
+        delete_pod(&pods, deletion).await?;
+    }
     let regarding = job.object_ref(&());
     for told in &decision.events {
         tell(events, &regarding, told).await;
     }
     Ok(())
+}
+
+/// Pod creations a reconcile keeps in flight at once.
+const POD_CREATES_IN_FLIGHT: usize = 16;
+
+/// The workers first, then the mesh that names them (decided by
+/// [`super::decide::conclude`]), so a mesh epoch is published only for
+/// workers that exist: applies the Service and the workers' identity,
+/// deletes the pods placing dropped, creates the missing workers side by
+/// side, and waits until the pod cache holds the ones made. `None` when a
+/// name is still held by a pod on its way out.
+pub(crate) async fn create_workers(
+    ctx: &Context,
+    job: &TrainingJob,
+    placing: &ToPlace,
+    placement: &Placement,
+) -> Result<Option<Created>, ControllerError> {
+    let Some(objects) = &placement.objects else {
+        return Ok(Some(Created::default()));
+    };
+    let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
+    let client = &ctx.client;
+    apply(client, &namespace, &objects.service).await?;
+    // The workers' identity, before any pod that runs as it.
+    apply(client, &namespace, &objects.account).await?;
+    apply(client, &namespace, &objects.role).await?;
+    apply(client, &namespace, &objects.role_binding).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    for deletion in placing.delete.iter().chain(&placement.delete) {
+        delete_pod(&pods, deletion).await?;
+    }
+    // Created side by side: one at a time, a 256-worker job spends seconds
+    // on round trips before its last worker exists.
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let creations: Vec<(String, Creation)> = futures::stream::iter(placement.create.clone())
+        .map(|pod: Pod| {
+            let pods = pods.clone();
+            let uid = uid.clone();
+            async move { (pod.name_any(), create_worker(&pods, &pod, &uid).await) }
+        })
+        .buffer_unordered(POD_CREATES_IN_FLIGHT)
+        .collect()
+        .instrument(tracing::info_span!("create_pods"))
+        .await;
+    let mut created = Created::default();
+    let mut failed = None;
+    let mut leaving = false;
+    for (worker, creation) in creations {
+        match creation {
+            Creation::Made(pod) => created.made.push(*pod),
+            Creation::Exists(pod) => created.found.push(*pod),
+            Creation::Refused(why) => created.refused.push((worker, why)),
+            Creation::Leaving => leaving = true,
+            Creation::Failed(e) => failed = Some(e),
+        }
+    }
+    // The pods that were made count before the turn ends, even when
+    // another's creation failed.
+    let made: Vec<String> = created
+        .made
+        .iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
+    Planning::cache_holds(&ctx.pods, &made).await;
+    // Retried as a whole: the next reconcile sees the pods made so far.
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok((!leaving).then_some(created))
 }

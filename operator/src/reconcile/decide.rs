@@ -216,7 +216,7 @@ fn finish(
 
 /// What placement starts from once the job's life allows it.
 #[derive(Debug, Clone)]
-pub struct Placing {
+pub struct ToPlace {
     /// The job's values, checked.
     pub valid: ValidJob,
     /// The job's pods, without those placed again (contended).
@@ -233,9 +233,9 @@ pub struct Placing {
 #[derive(Debug, Clone)]
 pub enum Settle {
     /// Decided: nothing is placed in this reconcile.
-    Done(Box<Decision>),
+    Decided(Box<Decision>),
     /// The job runs: place it.
-    Place(Placing),
+    Place(ToPlace),
 }
 
 /// The job's life, from `seen` at `now`.
@@ -247,7 +247,7 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
     if matches!(previous_phase, Some(Phase::Succeeded | Phase::Failed)) {
         let mut decision = Decision::new(None);
         decision.delete = stop_all(&seen.pods);
-        return Settle::Done(Box::new(decision));
+        return Settle::Decided(Box::new(decision));
     }
 
     let valid = match ValidJob::read(job) {
@@ -257,7 +257,7 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
                 reason: "InvalidSpec".to_string(),
                 message,
             };
-            return Settle::Done(Box::new(finish(job, &seen.pods, outcome, now, Vec::new())));
+            return Settle::Decided(Box::new(finish(job, &seen.pods, outcome, now, Vec::new())));
         }
     };
 
@@ -296,19 +296,29 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
                 reason: reason.to_string(),
                 message,
             };
-            return Settle::Done(Box::new(finish(&counted, &seen.pods, outcome, now, told)));
+            return Settle::Decided(Box::new(finish(&counted, &seen.pods, outcome, now, told)));
         }
+        // Deleted once the count is written (a failed pod holds nothing,
+        // but one still listed after it left `recentFailures` would be
+        // counted again).
         let mut decision = Decision::new(Some(AT_ONCE));
         decision.status = Some(status);
         decision.events = told;
-        return Settle::Done(Box::new(decision));
+        decision.delete = failures
+            .iter()
+            .map(|failure| Deletion {
+                pod: failure.worker.clone(),
+                force: false,
+            })
+            .collect();
+        return Settle::Decided(Box::new(decision));
     }
 
     if let Some(worker) = finished_worker(&seen.pods) {
         let outcome = Outcome::Succeeded {
             message: format!("worker {} finished training", worker.name_any()),
         };
-        return Settle::Done(Box::new(finish(job, &seen.pods, outcome, now, Vec::new())));
+        return Settle::Decided(Box::new(finish(job, &seen.pods, outcome, now, Vec::new())));
     }
 
     if job.spec.suspend {
@@ -326,7 +336,7 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
                 format!("spec.suspend is true: {} workers stopped", seen.pods.len()),
             ));
         }
-        return Settle::Done(Box::new(decision));
+        return Settle::Decided(Box::new(decision));
     }
 
     // The volumes must exist before any worker is placed: a pod naming a
@@ -348,7 +358,7 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
                 .events
                 .push(Tell::warning(claim.missing_reason(), message));
         }
-        return Settle::Done(Box::new(decision));
+        return Settle::Decided(Box::new(decision));
     }
 
     let (mut nodes, unreadable) = crate::inventory::read_nodes(&seen.nodes);
@@ -397,7 +407,7 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
         status.avoided_nodes = avoided;
         decision.status = Some(status);
         decision.delete = delete;
-        return Settle::Done(Box::new(decision));
+        return Settle::Decided(Box::new(decision));
     }
     for node in nodes.iter_mut() {
         if status
@@ -415,11 +425,11 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
         if !left.is_zero() && pods.iter().all(|p| !live(p)) {
             let mut decision = Decision::new(Some(left + AT_ONCE));
             decision.delete = delete;
-            return Settle::Done(Box::new(decision));
+            return Settle::Decided(Box::new(decision));
         }
     }
 
-    Settle::Place(Placing {
+    Settle::Place(ToPlace {
         valid,
         pods,
         delete,
@@ -455,7 +465,7 @@ pub struct Placement {
 /// deleted.
 pub fn place(
     seen: &Seen,
-    placing: &Placing,
+    placing: &ToPlace,
     accounted: &[Arc<Pod>],
     now: &Time,
 ) -> Result<Placement, BuildError> {
@@ -553,6 +563,9 @@ pub fn place(
 pub struct Created {
     /// The pods made, as the API server returned them.
     pub made: Vec<Pod>,
+    /// This job's pods found already there (made by an earlier reconcile
+    /// the list did not show yet).
+    pub found: Vec<Pod>,
     /// Workers the API server refused for good: (worker, why).
     pub refused: Vec<(String, String)>,
 }
@@ -562,7 +575,7 @@ pub struct Created {
 /// `placement` were created as `created` says.
 pub fn conclude(
     seen: &Seen,
-    placing: &Placing,
+    placing: &ToPlace,
     mut placement: Placement,
     created: &Created,
     now: &Time,
@@ -602,16 +615,20 @@ pub fn conclude(
             )
         });
     }
-    // The job's pods now: those seen and those just made.
-    let pods: Vec<Pod> = placing
-        .pods
+    // The job's pods now: those seen, as the deletions of placing left
+    // them, and those just made or found.
+    let deleted: Vec<Deletion> = placing
+        .delete
         .iter()
-        .chain(created.made.iter())
+        .chain(&placement.delete)
         .cloned()
         .collect();
+    let pods: Vec<Pod> = after_deletions(&placing.pods, &deleted, now)
+        .into_iter()
+        .chain(created.made.iter().cloned())
+        .chain(created.found.iter().cloned())
+        .collect();
     let mut decision = Decision::new(None);
-    decision.delete = placing.delete.clone();
-    decision.delete.extend(placement.delete.iter().cloned());
     if !refused.is_empty() {
         decision.events.push(Tell::warning(
             "WorkersRefused",
@@ -640,9 +657,7 @@ pub fn conclude(
                     ),
                 };
                 let mut ended = finish(job, &pods, outcome, now, decision.events);
-                ended.delete.extend(decision.delete);
-                ended.delete.sort();
-                ended.delete.dedup();
+                ended.refusals = decision.refusals;
                 return Ok(ended);
             };
             mesh.epoch = epoch.epoch;
@@ -673,8 +688,8 @@ pub fn conclude(
             // Below min (or never started): hold no GPUs while waiting, so
             // two half-placed gangs can never deadlock each other. Workers
             // made just now before others were refused are counted.
-            let stopped = stop_all(&pods);
-            if !stopped.is_empty() {
+            let stopping = pods.iter().filter(|p| !terminal(p)).count();
+            if stopping > 0 {
                 let why = if refused.is_empty() {
                     err.to_string()
                 } else {
@@ -686,14 +701,13 @@ pub fn conclude(
                 };
                 decision.events.push(Tell::warning(
                     "BelowMinimum",
-                    format!("{} workers stopped: {why}", stopped.len()),
+                    format!("{stopping} workers stopped: {why}"),
                 ));
-                decision.delete.extend(stopped);
+                decision.delete = stop_all(&pods);
             }
         }
     }
-    decision.delete.sort();
-    decision.delete.dedup_by(|a, b| a.pod == b.pod);
+    let pods = after_deletions(&pods, &decision.delete, now);
 
     let mut counted = job.clone();
     counted.status = Some(status);
@@ -740,6 +754,28 @@ pub fn conclude(
         None => look_again,
     });
     Ok(decision)
+}
+
+/// `pods` as deleting `deleted` leaves them: an ended or unbound pod is gone
+/// at once (no kubelet has to stop it), a bound one is on its way out.
+fn after_deletions(pods: &[Pod], deleted: &[Deletion], now: &Time) -> Vec<Pod> {
+    pods.iter()
+        .filter_map(|pod| {
+            if !deleted.iter().any(|d| d.pod == pod.name_any()) {
+                return Some(pod.clone());
+            }
+            let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+            if terminal(pod) || !bound {
+                return None;
+            }
+            let mut leaving = pod.clone();
+            leaving
+                .metadata
+                .deletion_timestamp
+                .get_or_insert_with(|| now.clone());
+            Some(leaving)
+        })
+        .collect()
 }
 
 /// The `MeshEpoch` event: the new mesh, who joined and who left.

@@ -7,9 +7,10 @@
 //! 3. [`apply`]: the Service, the workers' identity, the pods created and
 //!    deleted; then what creating them came to is decided
 //!    ([`decide::conclude`]): the mesh to publish, the status, the events;
-//! 4. the decision carried out: deletions, the mesh, **one** conditional
-//!    status write, and only once it succeeded, the events (a write that
-//!    conflicts tells nothing; the reconcile that runs again tells once).
+//! 4. the decision carried out: the mesh, **one** conditional status write,
+//!    the deletions it records the reason for, and only once it succeeded,
+//!    the events (a write that conflicts deletes and tells nothing; the
+//!    reconcile that runs again does both, once).
 
 pub mod apply;
 pub mod decide;
@@ -18,20 +19,14 @@ pub mod observe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use kube::Resource;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
-use kube::{Api, Resource, ResourceExt};
-use tracing::Instrument;
 use weft_crds::TrainingJob;
 
-use crate::controller::{Context, ControllerError, Planning, TURN_WAIT};
-use apply::{Creation, apply, carry_out, create_worker};
-use decide::{Created, Decision, Settle, Tell};
-
-/// Pod creations a reconcile keeps in flight at once.
-const POD_CREATES_IN_FLIGHT: usize = 16;
+use crate::controller::{Context, ControllerError, TURN_WAIT};
+use apply::carry_out;
+use decide::{Decision, Settle, Tell};
 
 /// One reconcile of one job, counted, timed and traced (a `reconcile` span
 /// named after the job, with a child span for each call to the API server).
@@ -103,7 +98,7 @@ async fn reconcile_job(
     let mut job = seen.job.clone();
 
     let placing = match decide::settle(&seen, &now) {
-        Settle::Done(decision) => {
+        Settle::Decided(decision) => {
             carry_out(&ctx.client, &ctx.events, &mut job, &decision).await?;
             return Ok(action(decision.requeue));
         }
@@ -117,7 +112,7 @@ async fn reconcile_job(
         .map_err(|_| ControllerError::PlanningStalled(TURN_WAIT.as_secs()))?;
     let placement = tracing::info_span!("plan_mesh", nodes = placing.nodes.len())
         .in_scope(|| decide::place(&seen, &placing, &ctx.pods.state(), &now))?;
-    let Some(created) = create_workers(ctx, &job, &placing, &placement).await? else {
+    let Some(created) = apply::create_workers(ctx, &job, &placing, &placement).await? else {
         // A worker's name is still held by a pod being deleted: not a
         // failure, the name is free again in a moment.
         return Ok(Action::requeue(Duration::from_secs(1)));
@@ -125,78 +120,13 @@ async fn reconcile_job(
     drop(turn);
 
     let decision: Decision = decide::conclude(&seen, &placing, placement, &created, &now)?;
+    carry_out(&ctx.client, &ctx.events, &mut job, &decision).await?;
+    // Kept once the status that says why is written.
     ctx.remember_refusal(
         job.metadata.uid.as_deref().unwrap_or_default(),
         decision.refusals,
     );
-    carry_out(&ctx.client, &ctx.events, &mut job, &decision).await?;
     Ok(action(decision.requeue))
-}
-
-/// The workers first, then the mesh that names them (in
-/// [`decide::conclude`]), so a mesh epoch is published only for workers
-/// that exist: applies the Service and the workers' identity, deletes the
-/// pods the mesh dropped, creates the missing workers side by side, and
-/// waits until the pod cache holds the ones made. `None` when a name is
-/// still held by a pod on its way out.
-async fn create_workers(
-    ctx: &Context,
-    job: &TrainingJob,
-    placing: &decide::Placing,
-    placement: &decide::Placement,
-) -> Result<Option<Created>, ControllerError> {
-    let Some(objects) = &placement.objects else {
-        return Ok(Some(Created::default()));
-    };
-    let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
-    let client = &ctx.client;
-    apply(client, &namespace, &objects.service).await?;
-    // The workers' identity, before any pod that runs as it.
-    apply(client, &namespace, &objects.account).await?;
-    apply(client, &namespace, &objects.role).await?;
-    apply(client, &namespace, &objects.role_binding).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    for deletion in placing.delete.iter().chain(&placement.delete) {
-        apply::delete_pod(&pods, deletion).await?;
-    }
-    // Created side by side: one at a time, a 256-worker job spends seconds
-    // on round trips before its last worker exists.
-    let uid = job.metadata.uid.clone().unwrap_or_default();
-    let creations: Vec<(String, Creation)> = futures::stream::iter(placement.create.clone())
-        .map(|pod: Pod| {
-            let pods = pods.clone();
-            let uid = uid.clone();
-            async move { (pod.name_any(), create_worker(&pods, &pod, &uid).await) }
-        })
-        .buffer_unordered(POD_CREATES_IN_FLIGHT)
-        .collect()
-        .instrument(tracing::info_span!("create_pods"))
-        .await;
-    let mut created = Created::default();
-    let mut failed = None;
-    let mut leaving = false;
-    for (worker, creation) in creations {
-        match creation {
-            Creation::Made(pod) => created.made.push(*pod),
-            Creation::Exists => {}
-            Creation::Refused(why) => created.refused.push((worker, why)),
-            Creation::Leaving => leaving = true,
-            Creation::Failed(e) => failed = Some(e),
-        }
-    }
-    // The pods that were made count before the turn ends, even when
-    // another's creation failed.
-    let made: Vec<String> = created
-        .made
-        .iter()
-        .filter_map(|p| p.metadata.uid.clone())
-        .collect();
-    Planning::cache_holds(&ctx.pods, &made).await;
-    // Retried as a whole: the next reconcile sees the pods made so far.
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    Ok((!leaving).then_some(created))
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ fn deleted(decision: &Decision) -> Vec<&str> {
 
 fn done(settled: Settle) -> Decision {
     match settled {
-        Settle::Done(decision) => *decision,
+        Settle::Decided(decision) => *decision,
         Settle::Place(placing) => panic!(
             "expected a decision, the job goes on to placement with {:?}",
             placing
@@ -129,7 +129,7 @@ fn the_jobs_life_is_decided_from_what_was_seen() {
             None,
         ),
         (
-            "a failed worker is counted, on record before anything acts on it",
+            "a failed worker is counted, and deleted once that is on record",
             seen(
                 running.clone(),
                 vec![
@@ -140,7 +140,7 @@ fn the_jobs_life_is_decided_from_what_was_seen() {
             ),
             Some(Phase::Running),
             vec!["WorkerFailed"],
-            vec![],
+            vec!["llm-w1"],
             Some(AT_ONCE),
         ),
         (
@@ -446,6 +446,12 @@ fn the_epoch_moves_exactly_when_the_membership_does() {
             vec!["BelowMinimum", "Pending"],
         ),
     ];
+    let (_, below) = place_and_conclude(&seen(running.clone(), pods[..1].to_vec(), 1), &[]);
+    assert_eq!(deleted(&below), vec![members[0].0.as_str()]);
+    assert_eq!(
+        below.events[0].note.split(':').next(),
+        Some("1 workers stopped")
+    );
     for (case, seen, creates, epoch, events) in rows {
         let (placement, decision) = place_and_conclude(&seen, &[]);
         assert_eq!(placement.create.len(), creates, "{case}: workers created");
@@ -506,10 +512,31 @@ fn the_last_epoch_ends_the_job_rather_than_publish_past_it() {
 /// Requests an API server answered: (method, path).
 type Calls = Arc<Mutex<Vec<(String, String)>>>;
 
-/// A client whose API server records every request and answers a status
-/// write with `status_code` (the written job for 200), anything else with
-/// an empty object of the kind asked for.
-fn recording_client(status_code: u16) -> (kube::Client, Calls) {
+/// What the test's API server answers: given the method, the path and how
+/// many status writes came before, a code and a body.
+type Answer = fn(&str, &str, usize) -> (u16, serde_json::Value);
+
+/// The job as the API server holds it after a worker wrote its progress.
+fn progressed() -> serde_json::Value {
+    let mut job = serde_json::to_value(job(2, 2)).unwrap();
+    job["metadata"]["resourceVersion"] = "102".into();
+    job["status"] = serde_json::json!({ "step": 41, "tokensPerSecond": 1200.0 });
+    job
+}
+
+fn conflict() -> (u16, serde_json::Value) {
+    (
+        409,
+        serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "the object has been modified", "reason": "Conflict", "code": 409,
+        }),
+    )
+}
+
+/// A client whose API server records every request and answers as `answer`
+/// says; requests it does not answer get an empty object of their kind.
+fn api_server(answer: Answer) -> (kube::Client, Calls) {
     let calls: Calls = Arc::default();
     let seen_calls = calls.clone();
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
@@ -517,21 +544,16 @@ fn recording_client(status_code: u16) -> (kube::Client, Calls) {
         async move {
             let method = request.method().to_string();
             let path = request.uri().path().to_string();
-            calls.lock().unwrap().push((method.clone(), path.clone()));
-            let (code, body) = if path.ends_with("/status") && status_code != 200 {
-                (
-                    status_code,
-                    serde_json::json!({
-                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "message": "the object has been modified", "reason": "Conflict",
-                        "code": status_code,
-                    }),
-                )
-            } else if path.ends_with("/status") {
-                let mut written = serde_json::to_value(job(2, 2)).unwrap();
-                written["metadata"]["resourceVersion"] = "101".into();
-                (200, written)
-            } else if path.contains("/events") {
+            let writes = {
+                let mut calls = calls.lock().unwrap();
+                let writes = calls
+                    .iter()
+                    .filter(|(m, p)| m == "PATCH" && p.ends_with("/status"))
+                    .count();
+                calls.push((method.clone(), path.clone()));
+                writes
+            };
+            let (code, body) = if path.contains("/events") {
                 (
                     201,
                     serde_json::json!({
@@ -541,13 +563,18 @@ fn recording_client(status_code: u16) -> (kube::Client, Calls) {
                     }),
                 )
             } else {
-                (
-                    200,
-                    serde_json::json!({
-                        "apiVersion": "v1", "kind": "Pod",
-                        "metadata": { "name": "llm-w0", "namespace": "team" },
-                    }),
-                )
+                let (code, body) = answer(&method, &path, writes);
+                if code != 0 {
+                    (code, body)
+                } else {
+                    (
+                        200,
+                        serde_json::json!({
+                            "apiVersion": "v1", "kind": "Pod",
+                            "metadata": { "name": "llm-w0", "namespace": "team" },
+                        }),
+                    )
+                }
             };
             Ok::<_, std::convert::Infallible>(
                 http::Response::builder()
@@ -561,6 +588,18 @@ fn recording_client(status_code: u16) -> (kube::Client, Calls) {
     (kube::Client::new(service, "team"), calls)
 }
 
+/// The status write succeeds (the job at version 101).
+fn written(method: &str, path: &str, _: usize) -> (u16, serde_json::Value) {
+    if method == "PATCH" && path.ends_with("/status") {
+        let mut job = serde_json::to_value(job(2, 2)).unwrap();
+        job["metadata"]["resourceVersion"] = "101".into();
+        (200, job)
+    } else {
+        (0, serde_json::Value::Null)
+    }
+}
+
+/// A decision that ends the job: its status, a worker stopped, an event.
 fn a_decision() -> Decision {
     let running = with_status(job(2, 2), status(Phase::Running, 1));
     let pods = vec![
@@ -570,53 +609,179 @@ fn a_decision() -> Decision {
     done(settle(&seen(running, pods, 2), &at(NOW)))
 }
 
-#[tokio::test]
-async fn a_status_write_that_conflicts_tells_no_event() {
-    let decision = a_decision();
-    assert_eq!(reasons(&decision), vec!["Succeeded"]);
-    let (client, calls) = recording_client(409);
-    let events = crate::events::Events::new(client.clone(), "weft-operator", None);
-    let mut job = job(2, 2);
-    let result = super::apply::carry_out(&client, &events, &mut job, &decision).await;
-    assert!(
-        matches!(result, Err(crate::controller::ControllerError::Conflict)),
-        "{result:?}"
-    );
-    let calls = calls.lock().unwrap().clone();
-    assert!(
-        calls.iter().all(|(_, path)| !path.contains("/events")),
-        "an event was told for a status that was not written: {calls:?}"
-    );
-    assert_eq!(
-        crate::controller::retry_after(result.unwrap_err().retry(), 1),
-        Some(Duration::from_millis(100)),
-        "a conflict is retried at once"
-    );
-}
-
-#[tokio::test]
-async fn a_decision_deletes_then_writes_the_status_once_then_tells() {
-    let decision = a_decision();
-    let (client, calls) = recording_client(200);
-    let events = crate::events::Events::new(client.clone(), "weft-operator", None);
-    let mut job = job(2, 2);
-    super::apply::carry_out(&client, &events, &mut job, &decision)
-        .await
-        .unwrap();
-    let calls = calls.lock().unwrap().clone();
-    let kinds: Vec<&str> = calls
+/// The calls by kind, in order.
+fn kinds(calls: &Calls) -> Vec<&'static str> {
+    calls
+        .lock()
+        .unwrap()
         .iter()
         .map(|(method, path)| match (method.as_str(), path) {
             ("DELETE", p) if p.contains("/pods/") => "delete pod",
             ("PATCH", p) if p.ends_with("/status") => "write status",
+            ("GET", p) if p.ends_with("/trainingjobs/llm") => "read job",
             (_, p) if p.contains("/events") => "tell",
             _ => "other",
         })
-        .collect();
+        .collect()
+}
+
+async fn carry_out_with(answer: Answer) -> (Result<(), ControllerError>, Calls, TrainingJob) {
+    let (client, calls) = api_server(answer);
+    let events = crate::events::Events::new(client.clone(), "weft-operator", None);
+    let mut job = job(2, 2);
+    let result = super::apply::carry_out(&client, &events, &mut job, &a_decision()).await;
+    (result, calls, job)
+}
+
+use crate::controller::ControllerError;
+
+#[tokio::test]
+async fn the_status_is_written_before_the_deletions_it_records_and_the_events_after() {
+    assert_eq!(reasons(&a_decision()), vec!["Succeeded"]);
+    let (result, calls, job) = carry_out_with(written).await;
+    result.unwrap();
     assert_eq!(
-        kinds,
-        vec!["delete pod", "write status", "tell"],
+        kinds(&calls),
+        vec!["write status", "delete pod", "tell"],
         "{calls:?}"
     );
     assert_eq!(job.metadata.resource_version.as_deref(), Some("101"));
+}
+
+#[tokio::test]
+async fn a_status_write_that_conflicts_deletes_nothing_and_tells_nothing() {
+    // Someone changed the operator's part of the status (or the spec):
+    // the reconcile decides again.
+    let (result, calls, _) =
+        carry_out_with(
+            |method, path, _| match (method, path.ends_with("/status")) {
+                ("PATCH", true) => conflict(),
+                ("GET", _) => {
+                    let mut job = progressed();
+                    job["status"]["restarts"] = 3.into();
+                    (200, job)
+                }
+                _ => (0, serde_json::Value::Null),
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ControllerError::Conflict)),
+        "{result:?}"
+    );
+    assert_eq!(kinds(&calls), vec!["write status", "read job"], "{calls:?}");
+    assert_eq!(
+        crate::controller::retry_after(result.unwrap_err().retry(), 1),
+        Some(Duration::from_millis(100)),
+        "a conflict is decided again at once"
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_with_the_workers_progress_alone_is_written_again() {
+    // A worker wrote its step in the meantime: the decision still holds,
+    // written once on the new version, then the rest.
+    let (result, calls, job) =
+        carry_out_with(
+            |method, path, writes| match (method, path.ends_with("/status")) {
+                ("PATCH", true) if writes == 0 => conflict(),
+                ("PATCH", true) => {
+                    let mut job = progressed();
+                    job["metadata"]["resourceVersion"] = "103".into();
+                    (200, job)
+                }
+                ("GET", _) => (200, progressed()),
+                _ => (0, serde_json::Value::Null),
+            },
+        )
+        .await;
+    result.unwrap();
+    assert_eq!(
+        kinds(&calls),
+        vec![
+            "write status",
+            "read job",
+            "write status",
+            "delete pod",
+            "tell"
+        ],
+        "{calls:?}"
+    );
+    assert_eq!(job.metadata.resource_version.as_deref(), Some("103"));
+}
+
+#[test]
+fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
+    // Epoch 1 with two workers; the second failed (counted already).
+    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let mesh_1 = first.1.mesh.clone().unwrap();
+    let mut recorded = first.1.status.clone().unwrap();
+    recorded.phase = Phase::Running;
+    recorded.restarts = 1;
+    recorded.recent_failures = vec![WorkerFailure {
+        worker: "llm-worker-1".into(),
+        uid: "uid-llm-worker-1".into(),
+        reason: "exit 1".into(),
+        time: at(NOW - 1),
+    }];
+    let running = with_status(job(2, 2), recorded);
+    let workers = &first.0.planned.as_ref().unwrap().workers;
+    let pods = vec![
+        worker(&running, &workers[0].name, &workers[0].node, 1, "Running"),
+        exited(
+            worker(&running, &workers[1].name, &workers[1].node, 1, "Running"),
+            1,
+            "lost",
+        ),
+    ];
+    let (placement, decision) = place_and_conclude(
+        &Seen {
+            published: crate::controller::read_published(Some(&mesh_1), "llm", 1),
+            ..seen(running, pods, 3)
+        },
+        &[],
+    );
+    assert_eq!(placement.delete.len(), 1, "the failed pod is deleted");
+    let told = &decision.events[0];
+    assert_eq!(told.reason, "MeshEpoch");
+    assert!(
+        told.note
+            .starts_with("mesh epoch 2: 2 workers (16 GPUs) on 2 nodes; 1 joined, 1 left"),
+        "{}",
+        told.note
+    );
+    let status = decision.status.unwrap();
+    let ready = crate::status::find_condition(&status, crate::status::CONDITION_READY).unwrap();
+    assert_eq!(
+        ready.message,
+        "1 of 2 workers running, 0 failed, 0 succeeded"
+    );
+}
+
+#[test]
+fn many_workers_failing_at_once_are_counted_once_and_deleted_after() {
+    // More failures at once than `recentFailures` remembers: every one is
+    // counted, and every one deleted once the count is written, so none is
+    // counted again when it has left the list.
+    let running = with_status(job(2, 32), status(Phase::Running, 1));
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let name = format!("llm-worker-{i}");
+        pods.push(exited(
+            worker(&running, &name, &format!("n{i}"), 1, "Running"),
+            1,
+            "peer lost",
+        ));
+    }
+    let mut budget = running.clone();
+    budget.spec.elasticity.restart_limit = 100;
+    let decision = done(settle(&seen(budget, pods, 20), &at(NOW)));
+    let status = decision.status.as_ref().unwrap();
+    assert_eq!(status.restarts, 20);
+    assert_eq!(
+        status.recent_failures.len(),
+        crate::lifecycle::RECENT_FAILURES
+    );
+    assert_eq!(decision.delete.len(), 20);
+    assert_eq!(decision.events.len(), 20);
 }
