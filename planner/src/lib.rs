@@ -9,17 +9,22 @@
 //! - [`model`]: transformer shapes and presets.
 //! - [`cost`]: time and memory of a sequence's share of a step.
 //! - [`plan`]: the step plan document and its invariants.
-//! - [`strategies`], [`flexsp`] and [`weft`]: the baselines and weft's own strategy, each
-//!   returning a layout; [`sim`] prices a layout and builds its step plan, and
-//!   gives the lower bound every plan is compared with.
+//! - [`layout`]: what a strategy returns (micro-batches of ring groups) and
+//!   the context every strategy plans in.
+//! - [`strategies`]: the baselines and weft's own strategy
+//!   ([`strategies::weft`]), each returning a layout, over the scheduling
+//!   toolkit they share ([`schedule`]).
+//! - [`sim`] prices a layout; [`bound`] is the lower bound every plan is
+//!   compared with; [`step_plan`] builds a layout's step plan.
 //! - [`input`] reads lengths, cluster and model files; [`report`] runs
 //!   `weft simulate`; [`rng`] is the deterministic generator both use;
 //!   [`synthetic`] samples length distributions calibrated to published figures.
 
+pub mod bound;
 pub mod cluster;
 pub mod cost;
-pub mod flexsp;
 pub mod input;
+pub mod layout;
 pub mod mesh;
 pub mod model;
 pub mod picture;
@@ -27,13 +32,17 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 pub mod rng;
+pub mod schedule;
 pub mod sim;
+pub mod step_plan;
 pub mod strategies;
 pub mod synthetic;
 pub mod topology;
-pub mod weft;
 
-pub use sim::{PlanContext, PlanLimits, build_plan, lower_bound, simulate};
+pub use bound::lower_bound;
+pub use layout::{PlanContext, PlanLimits};
+pub use sim::simulate;
+pub use step_plan::build_plan;
 pub use strategies::{PlanningError, Strategy, plan_layout};
 
 /// Plans one batch with one strategy and returns the step plan document.

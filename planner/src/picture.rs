@@ -1004,7 +1004,7 @@ mod tests {
 
     fn plan_on(cluster: &str, lengths: &[u64]) -> StepPlan {
         use crate::cost::{CostCoefficients, CostModel};
-        let ctx = crate::sim::PlanContext {
+        let ctx = crate::layout::PlanContext {
             limits: Default::default(),
             topology: crate::topology::Topology::new(
                 &crate::cluster::parse_cluster(cluster).unwrap(),

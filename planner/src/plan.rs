@@ -628,9 +628,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn llama_7b_on_2x4() -> crate::sim::PlanContext {
+    fn llama_7b_on_2x4() -> crate::layout::PlanContext {
         use crate::cost::{CostCoefficients, CostModel};
-        crate::sim::PlanContext {
+        crate::layout::PlanContext {
             limits: Default::default(),
             topology: crate::topology::Topology::new(
                 &crate::cluster::parse_cluster("2x4").unwrap(),

@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::bound::lower_bound;
 use crate::cost::StreamBp;
+use crate::layout::PlanContext;
 use crate::rng::SplitMix64;
-use crate::sim::{PlanContext, lower_bound, simulate};
+use crate::sim::simulate;
 use crate::strategies::{PlanningError, Strategy, plan_layout};
 
 /// Samples `steps` batches of about `tokens_per_step` tokens: sequences drawn

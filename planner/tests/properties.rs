@@ -6,8 +6,8 @@
 use proptest::prelude::*;
 use weft_planner::cluster::parse_cluster;
 use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
+use weft_planner::layout::node_blocks;
 use weft_planner::model::ModelSpec;
-use weft_planner::sim::node_blocks;
 use weft_planner::topology::Topology;
 use weft_planner::{PlanContext, PlanningError, Strategy, lower_bound, plan_step};
 
@@ -255,7 +255,7 @@ proptest! {
         hierarchical in any::<bool>(),
         all_nics in any::<bool>(),
     ) {
-        use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+        use weft_planner::layout::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
         let ctx = context(&cluster, "llama-7b", StreamBp::Off);
         let world = ctx.topology.world();
         // A random degree; the first ranks in order (the fewest hops
@@ -306,7 +306,7 @@ proptest! {
         streamed in any::<bool>(),
         offload in any::<bool>(),
     ) {
-        use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+        use weft_planner::layout::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
         let mut ctx = context(&cluster, "llama-7b", streambp);
         ctx.limits.offload_activations = offload;
         ctx.cost.coefficients.p2p_latency_s = latency;

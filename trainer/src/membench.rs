@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use weft_planner::cost::{CostCoefficients, CostModel, StreamBp};
+use weft_planner::layout::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
 use weft_planner::model::ModelSpec;
-use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
 
 use crate::comm::{ProcessGroup, Store};
 use crate::data::{Batch, Sample};

@@ -1135,7 +1135,7 @@ pub fn random_plan(
     world: u32,
     model: &weft_planner::model::ModelSpec,
 ) -> Result<StepPlan, StepError> {
-    use weft_planner::sim::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
+    use weft_planner::layout::{Layout, LayoutGroup, LayoutMicroBatch, Routing};
     let cluster = weft_planner::cluster::parse_cluster(&format!("1x{world}"))
         .map_err(|e| StepError::PlanBatch(e.to_string()))?;
     let topology = weft_planner::topology::Topology::new(&cluster)

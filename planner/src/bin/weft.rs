@@ -349,11 +349,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if explain {
                 let candidates =
-                    weft_planner::weft::candidates(&ctx, &lengths, common.max_seq_len)?;
+                    weft_planner::strategies::weft::candidates(&ctx, &lengths, common.max_seq_len)?;
                 // The name column as wide as the longest name.
                 let width = candidates
                     .iter()
-                    .map(|c| c.name.len())
+                    .map(|c| c.name.to_string().len())
                     .chain(std::iter::once(22))
                     .max()
                     .unwrap_or(22);
@@ -388,13 +388,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 // What the bound is made of: the step's work spread evenly,
                 // or its longest sequence at its best degree.
-                let work = weft_planner::sim::work_bound(&ctx, &lengths);
+                let work = weft_planner::bound::work_bound(&ctx, &lengths);
                 match lengths.iter().max() {
                     Some(&longest) => {
                         let (seq_s, degree) =
-                            weft_planner::sim::sequence_bound(&ctx, &lengths, longest);
-                        let exposed =
-                            weft_planner::sim::exposed_work_bound(&ctx, &lengths, work.max(seq_s));
+                            weft_planner::bound::sequence_bound(&ctx, &lengths, longest);
+                        let exposed = weft_planner::bound::exposed_work_bound(
+                            &ctx,
+                            &lengths,
+                            work.max(seq_s),
+                        );
                         eprintln!(
                             "lower bound {lb:.4} s: work spread evenly {work:.4} s; longest sequence ({longest} tokens) {seq_s:.4} s at degree {degree}; work with the transfers and step latency no ring can hide {exposed:.4} s"
                         );

@@ -54,17 +54,21 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use crate::bound::{lower_bound, work_bound};
 use crate::cost::StreamBp;
-use crate::sim::{
-    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, lower_bound, simulate,
-    use_hierarchical_rings, work_bound,
+use crate::layout::{
+    Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing, use_hierarchical_rings,
 };
+use crate::schedule::{
+    Gap, OrdF64, Placement, Widen, WidenOption, Work, best_fit_decreasing, check_fits,
+    estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost, hierarchical_pick,
+    list_schedule, min_degree, pieces, rank_capacity, schedule_remapped, slowdowns,
+    sort_costliest_first, whole_nodes_past_one,
+};
+use crate::sim::simulate;
 use crate::strategies::{
-    Gap, OrdF64, Placement, PlanningError, Strategy, Widen, WidenOption, Work, best_fit_decreasing,
-    check_fits, check_limits, estimate_cost, estimate_cost_on_nodes_like,
-    estimate_hierarchical_cost, hierarchical_pick, list_schedule, min_degree, pieces, plan_hdp,
-    plan_hdp_offload, plan_static, plan_zeppelin, rank_capacity, schedule_remapped, slowdowns,
-    sort_costliest_first, whole_nodes_past_one, widest_ring_past,
+    PlanningError, Strategy, check_limits, plan_hdp, plan_hdp_offload, plan_static, plan_zeppelin,
+    widest_ring_past,
 };
 
 /// Splits a batch into micro-batches that each hold at most `cap` tokens, with
@@ -104,8 +108,8 @@ fn split_by_work(lengths: &[u64], cap: u64, work: impl Fn(u64) -> f64) -> Vec<Ve
 }
 
 /// The shape of a balanced layout weft tries.
-#[derive(Clone, Copy, Debug)]
-struct Shape {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shape {
     /// Linear modules on a token-balanced layout of their own.
     remap: bool,
     /// Degrees scaled by this (see [`DEGREE_SCALES`]).
@@ -1310,10 +1314,10 @@ pub fn candidates(
         for mut candidate in streamed.iter().cloned() {
             if where_needed {
                 stream_where_needed(ctx, lengths, &mut candidate.layout);
-                candidate.name.push_str("+streambp-where-needed");
+                candidate.name.streambp = Some(Streamed::WhereNeeded);
             } else {
                 candidate.layout.stream_everywhere();
-                candidate.name.push_str("+streambp");
+                candidate.name.streambp = Some(Streamed::Everywhere);
             }
             candidate.refines = candidate.refines.map(|base| base + offset);
             all.push(candidate);
@@ -1342,7 +1346,7 @@ pub fn stream_where_needed(ctx: &PlanContext, lengths: &[u64], layout: &mut Layo
             })
             .collect();
         // Groups that share a rank, joined (all of them when remapped).
-        let sets = crate::sim::joined_groups(mb);
+        let sets = crate::layout::joined_groups(mb);
         let mut needs_streaming = vec![false; sets.len()];
         for (group, &set) in mb.groups.iter().zip(&sets) {
             if group.ranks.iter().any(|r| !fits[*r as usize]) {
@@ -1369,33 +1373,27 @@ fn mixed_candidates(ctx: &PlanContext, lengths: &[u64], short_capacity: u64) -> 
         ..Shape::on_nodes(1.0)
     };
     let mut shapes = vec![
-        ("balanced+nodesx1", shape),
-        (
-            "balanced+nodes+widen+idlex1",
-            Shape {
-                widen: Some(true),
-                ..shape
-            },
-        ),
+        shape,
+        Shape {
+            widen: Some(true),
+            ..shape
+        },
     ];
     if bound > share * 1.02 {
-        shapes.push((
-            "balanced+nodes+timedx1",
-            Shape {
-                timed: Some(bound),
-                ..shape
-            },
-        ));
+        shapes.push(Shape {
+            timed: Some(bound),
+            ..shape
+        });
     }
     let by_cost = one_rank_order(ctx, lengths);
-    parallel_map(shapes, |(name, shape)| {
+    parallel_map(shapes, |shape| {
         let start = std::time::Instant::now();
         let mut layout = balanced(ctx, lengths, capacity, shape, &by_cost);
         if !ctx.limits.nic_aware_routing {
             layout.routing = Routing::ClosestNic;
         }
         Candidate {
-            name: format!("{name}+streambp-long"),
+            name: CandidateName::built(CandidateKind::Balanced(shape)),
             layout,
             build_ms: start.elapsed().as_secs_f64() * 1e3,
             refines: None,
@@ -1414,19 +1412,7 @@ fn candidates_of_one_backprop(
 ) -> Result<Vec<Candidate>, PlanningError> {
     let capacity = rank_capacity(ctx)?;
     check_fits(ctx, lengths, capacity)?;
-    #[derive(Clone, Copy)]
-    enum Build {
-        Balanced(Shape),
-        /// Built on the cluster priced on its slowest GPU model.
-        BalancedOnSlowest(Shape),
-        Columns,
-        Static,
-        Hdp,
-        HdpOffload,
-        Zeppelin,
-        FlexSp,
-    }
-    let mut builds = Vec::new();
+    let mut builds: Vec<CandidateName> = Vec::new();
     // Scales that give every sequence the same degree as a larger scale give
     // the same layout: only the larger is built.
     let share = work_bound(ctx, lengths);
@@ -1459,11 +1445,6 @@ fn candidates_of_one_backprop(
             {
                 continue;
             }
-            let name = format!(
-                "balanced{}{}x{scale}",
-                if remap { "+remap" } else { "" },
-                if whole_nodes { "+nodes" } else { "" }
-            );
             let shape = Shape {
                 remap,
                 whole_nodes,
@@ -1472,20 +1453,17 @@ fn candidates_of_one_backprop(
             if !remap && whole_nodes && same_as_larger.contains(&scale) {
                 continue;
             }
-            builds.push((name, Build::Balanced(shape)));
+            builds.push(CandidateName::built(CandidateKind::Balanced(shape)));
         }
     }
     // Gangs by rank-time, so that wide gangs of short steps find whole
     // nodes free (one more build: on the largest clusters, where it has
     // not been the fastest, the time it costs is left to the others).
     if ctx.topology.world() <= AREA_CANDIDATE_MAX_GPUS {
-        builds.push((
-            "balanced+nodes+areax1".to_string(),
-            Build::Balanced(Shape {
-                by_area: true,
-                ..Shape::on_nodes(1.0)
-            }),
-        ));
+        builds.push(CandidateName::built(CandidateKind::Balanced(Shape {
+            by_area: true,
+            ..Shape::on_nodes(1.0)
+        })));
     }
     // Gangs that widen into nodes other gangs free early (see `Widen`); when
     // memory makes gangs so wide that they must run in waves (the ranks of
@@ -1517,51 +1495,38 @@ fn candidates_of_one_backprop(
             widen: Some(into_idle),
             ..Shape::on_nodes(1.0)
         };
-        builds.push((
-            format!(
-                "balanced+nodes{}+widen{}x1",
-                if lookahead { "+lookahead" } else { "" },
-                if into_idle { "+idle" } else { "" }
-            ),
-            Build::Balanced(shape),
-        ));
+        builds.push(CandidateName::built(CandidateKind::Balanced(shape)));
     }
     // Where the bound lies at least 2% past the even share of the work
     // (rings that cannot hide their transfers and step latency, or keep
     // their linear work), rings widened to end by it.
     let bound = lower_bound(ctx, lengths);
     if bound > share * 1.02 {
-        builds.push((
-            "balanced+nodes+timedx1".to_string(),
-            Build::Balanced(Shape {
-                timed: Some(bound),
-                search: None,
-                ..Shape::on_nodes(1.0)
-            }),
-        ));
+        builds.push(CandidateName::built(CandidateKind::Balanced(Shape {
+            timed: Some(bound),
+            search: None,
+            ..Shape::on_nodes(1.0)
+        })));
     }
     // On small clusters, the widening layout with its gang order searched.
     if ctx.topology.world() <= SEARCH_MAX_GPUS {
-        builds.push((
-            "balanced+nodes+widen+idle+searchx1".to_string(),
-            Build::Balanced(Shape {
-                widen: Some(true),
-                search: Some(bound),
-                ..Shape::on_nodes(1.0)
-            }),
-        ));
+        builds.push(CandidateName::built(CandidateKind::Balanced(Shape {
+            widen: Some(true),
+            search: Some(bound),
+            ..Shape::on_nodes(1.0)
+        })));
     }
-    builds.push(("columns".to_string(), Build::Columns));
-    builds.push(("static".to_string(), Build::Static));
-    builds.push(("hdp".to_string(), Build::Hdp));
+    builds.push(CandidateName::built(CandidateKind::Columns));
+    builds.push(CandidateName::built(CandidateKind::Static));
+    builds.push(CandidateName::built(CandidateKind::Hdp));
     if ctx.limits.offload_activations {
-        builds.push(("hdp-offload".to_string(), Build::HdpOffload));
+        builds.push(CandidateName::built(CandidateKind::HdpOffload));
     }
-    builds.push(("zeppelin".to_string(), Build::Zeppelin));
+    builds.push(CandidateName::built(CandidateKind::Zeppelin));
     // FlexSP's solver takes seconds, too slow to run on every worker every step
     // on a large cluster, so it is a candidate on small ones only.
     if ctx.topology.world() <= FLEXSP_CANDIDATE_MAX_GPUS {
-        builds.push(("flexsp".to_string(), Build::FlexSp));
+        builds.push(CandidateName::built(CandidateKind::FlexSp));
     }
     // On mixed clusters the widening layouts are also built with estimates
     // priced on the slowest GPU model (see `Topology::priced_on_slowest`),
@@ -1576,40 +1541,43 @@ fn candidates_of_one_backprop(
         (slow, order)
     });
     if slowest.is_some() {
-        let widening: Vec<(String, Build)> = builds
+        let widening: Vec<CandidateName> = builds
             .iter()
-            .filter_map(|(name, build)| match build {
-                Build::Balanced(shape) if shape.widen.is_some() && shape.search.is_none() => {
-                    Some((format!("{name}+slowest"), Build::BalancedOnSlowest(*shape)))
-                }
-                _ => None,
+            .filter(|name| match name.kind {
+                CandidateKind::Balanced(shape) => shape.widen.is_some() && shape.search.is_none(),
+                _ => false,
+            })
+            .map(|name| CandidateName {
+                on_slowest: true,
+                ..*name
             })
             .collect();
         builds.extend(widening);
     }
     let by_cost = one_rank_order(ctx, lengths);
-    let built = parallel_map(builds, |(name, build)| {
+    let built = parallel_map(builds, |name| {
         let start = std::time::Instant::now();
-        let layout = match build {
-            Build::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
-            Build::BalancedOnSlowest(shape) => {
+        let layout = match name.kind {
+            CandidateKind::Balanced(shape) if name.on_slowest => {
                 // Only built on mixed clusters, where `slowest` is there.
                 let (on, order) = slowest.as_ref().map_or((ctx, &by_cost), |(c, o)| (c, o));
                 Ok(balanced(on, lengths, capacity, shape, order))
             }
+            CandidateKind::Balanced(shape) => Ok(balanced(ctx, lengths, capacity, shape, &by_cost)),
             // Not built where no ring spans nodes or on a mixed cluster.
-            Build::Columns => match columns(ctx, lengths, capacity, &by_cost, bound) {
+            CandidateKind::Columns => match columns(ctx, lengths, capacity, &by_cost, bound) {
                 Some(layout) => Ok(layout),
                 None => return None,
             },
-            Build::Static => plan_static(ctx, lengths, context_length),
-            Build::Hdp => plan_hdp(ctx, lengths),
-            Build::HdpOffload => plan_hdp_offload(ctx, lengths),
-            Build::Zeppelin => plan_zeppelin(ctx, lengths),
-            Build::FlexSp => crate::flexsp::plan_flexsp(ctx, lengths),
+            CandidateKind::Static => plan_static(ctx, lengths, context_length),
+            CandidateKind::Hdp => plan_hdp(ctx, lengths),
+            CandidateKind::HdpOffload => plan_hdp_offload(ctx, lengths),
+            CandidateKind::Zeppelin => plan_zeppelin(ctx, lengths),
+            CandidateKind::FlexSp => crate::strategies::plan_flexsp(ctx, lengths),
         };
         let build_ms = start.elapsed().as_secs_f64() * 1e3;
-        Some((name, matches!(build, Build::FlexSp), layout, build_ms))
+        let optional = name.kind == CandidateKind::FlexSp;
+        Some((name, optional, layout, build_ms))
     });
     let mut candidates = Vec::new();
     for (name, optional, layout, build_ms) in built.into_iter().flatten() {
@@ -1632,16 +1600,20 @@ fn candidates_of_one_backprop(
         let mut refinements = Vec::new();
         if layout.routing != Routing::AllNics {
             let mut routed = layout.clone();
-            let mut routed_name = name.clone();
+            let mut routed_name = name;
             if nic_aware {
                 routed.routing = Routing::AllNics;
-                routed_name.push_str("+routing");
+                routed_name.routing = true;
             }
             // And its rings that span whole nodes made hierarchical.
             let mut hierarchical = routed.clone();
             use_hierarchical_rings(&ctx.topology, &mut hierarchical);
             if hierarchical != routed {
-                refinements.push((format!("{routed_name}+hierarchical"), hierarchical));
+                let name = CandidateName {
+                    hierarchical: true,
+                    ..routed_name
+                };
+                refinements.push((name, hierarchical));
             }
             if routed != layout {
                 refinements.push((routed_name, routed));
@@ -1712,10 +1684,111 @@ where
         .collect()
 }
 
+/// How a candidate layout is built: one of weft's balanced shapes, its
+/// columns, or a baseline strategy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CandidateKind {
+    Balanced(Shape),
+    Columns,
+    Static,
+    Hdp,
+    HdpOffload,
+    Zeppelin,
+    FlexSp,
+}
+
+/// Where a candidate built for StreamBP's memory streams its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streamed {
+    /// Every ring (as a strategy that does not choose runs it).
+    Everywhere,
+    /// Only where its ranks' memory needs it (see [`stream_where_needed`]).
+    WhereNeeded,
+}
+
+/// What a candidate is; written (`weft plan --explain`) as its build and
+/// each refinement joined by `+`, e.g. `static+routing+hierarchical` or
+/// `balanced+nodes+widen+idlex1`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CandidateName {
+    pub kind: CandidateKind,
+    /// Built with estimates priced on the cluster's slowest GPU model.
+    pub on_slowest: bool,
+    /// Its transfers spread over every NIC of a node.
+    pub routing: bool,
+    /// Its rings that span whole nodes made hierarchical.
+    pub hierarchical: bool,
+    /// Built for StreamBP's memory, and where it streams.
+    pub streambp: Option<Streamed>,
+}
+
+impl CandidateName {
+    /// A candidate as built, without refinements.
+    pub fn built(kind: CandidateKind) -> CandidateName {
+        CandidateName {
+            kind,
+            on_slowest: false,
+            routing: false,
+            hierarchical: false,
+            streambp: None,
+        }
+    }
+}
+
+impl std::fmt::Display for CandidateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut name = match self.kind {
+            CandidateKind::Balanced(shape) => {
+                let mut name = "balanced".to_string();
+                for (on, part) in [
+                    (shape.remap, "+remap"),
+                    (shape.whole_nodes, "+nodes"),
+                    (shape.by_area, "+area"),
+                    (shape.lookahead, "+lookahead"),
+                    (shape.widen.is_some(), "+widen"),
+                    (shape.widen == Some(true), "+idle"),
+                    (shape.timed.is_some(), "+timed"),
+                    (shape.search.is_some(), "+search"),
+                ] {
+                    if on {
+                        name.push_str(part);
+                    }
+                }
+                name.push_str(&format!("x{}", shape.scale));
+                if shape.short_capacity.is_some() {
+                    name.push_str("+streambp-long");
+                }
+                name
+            }
+            CandidateKind::Columns => "columns".to_string(),
+            CandidateKind::Static => "static".to_string(),
+            CandidateKind::Hdp => "hdp".to_string(),
+            CandidateKind::HdpOffload => "hdp-offload".to_string(),
+            CandidateKind::Zeppelin => "zeppelin".to_string(),
+            CandidateKind::FlexSp => "flexsp".to_string(),
+        };
+        for (on, part) in [
+            (self.on_slowest, "+slowest"),
+            (self.routing, "+routing"),
+            (self.hierarchical, "+hierarchical"),
+            (self.streambp == Some(Streamed::Everywhere), "+streambp"),
+            (
+                self.streambp == Some(Streamed::WhereNeeded),
+                "+streambp-where-needed",
+            ),
+        ] {
+            if on {
+                name.push_str(part);
+            }
+        }
+        f.pad(&name)
+    }
+}
+
 /// A layout weft weighs, with how long it took to build.
 #[derive(Clone, Debug)]
 pub struct Candidate {
-    pub name: String,
+    pub name: CandidateName,
     pub layout: Layout,
     pub build_ms: f64,
     /// The candidate (by index) this one only moves the transfers of
@@ -1812,8 +1885,119 @@ pub fn plan_weft(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bound::lower_bound;
     use crate::report::sample_batches;
-    use crate::sim::{build_plan, lower_bound, tests::context};
+    use crate::sim::tests::context;
+    use crate::step_plan::build_plan;
+
+    #[test]
+    fn candidates_are_written_by_their_build_and_refinements() {
+        let balanced = |shape: Shape| CandidateName::built(CandidateKind::Balanced(shape));
+        let on = Shape::on_nodes(1.0);
+        let rows = [
+            (
+                balanced(Shape { remap: true, ..on }),
+                "balanced+remap+nodesx1",
+            ),
+            (balanced(Shape::on_nodes(0.5)), "balanced+nodesx0.5"),
+            (
+                balanced(Shape {
+                    whole_nodes: false,
+                    ..on
+                }),
+                "balancedx1",
+            ),
+            (
+                balanced(Shape {
+                    by_area: true,
+                    ..on
+                }),
+                "balanced+nodes+areax1",
+            ),
+            (
+                balanced(Shape {
+                    lookahead: true,
+                    widen: Some(true),
+                    ..on
+                }),
+                "balanced+nodes+lookahead+widen+idlex1",
+            ),
+            (
+                balanced(Shape {
+                    widen: Some(false),
+                    ..on
+                }),
+                "balanced+nodes+widenx1",
+            ),
+            (
+                balanced(Shape {
+                    timed: Some(1.0),
+                    ..on
+                }),
+                "balanced+nodes+timedx1",
+            ),
+            (
+                balanced(Shape {
+                    widen: Some(true),
+                    search: Some(1.0),
+                    ..on
+                }),
+                "balanced+nodes+widen+idle+searchx1",
+            ),
+            (
+                balanced(Shape {
+                    short_capacity: Some(8),
+                    ..on
+                }),
+                "balanced+nodesx1+streambp-long",
+            ),
+            (
+                CandidateName {
+                    on_slowest: true,
+                    ..balanced(Shape {
+                        widen: Some(true),
+                        ..on
+                    })
+                },
+                "balanced+nodes+widen+idlex1+slowest",
+            ),
+            (
+                CandidateName {
+                    routing: true,
+                    hierarchical: true,
+                    ..CandidateName::built(CandidateKind::Static)
+                },
+                "static+routing+hierarchical",
+            ),
+            (
+                CandidateName {
+                    hierarchical: true,
+                    streambp: Some(Streamed::WhereNeeded),
+                    ..CandidateName::built(CandidateKind::HdpOffload)
+                },
+                "hdp-offload+hierarchical+streambp-where-needed",
+            ),
+            (
+                CandidateName {
+                    routing: true,
+                    streambp: Some(Streamed::Everywhere),
+                    ..CandidateName::built(CandidateKind::Zeppelin)
+                },
+                "zeppelin+routing+streambp",
+            ),
+            (CandidateName::built(CandidateKind::Columns), "columns"),
+            (CandidateName::built(CandidateKind::FlexSp), "flexsp"),
+            (CandidateName::built(CandidateKind::Hdp), "hdp"),
+        ];
+        for (name, written) in rows {
+            assert_eq!(name.to_string(), written);
+        }
+        // Padded as a string is, for `weft plan --explain`'s table.
+        assert_eq!(
+            format!("{:<10}|", CandidateName::built(CandidateKind::Hdp)),
+            "hdp       |"
+        );
+    }
 
     /// The simulated step time of the candidate layout named `name`.
     fn candidate_time(
@@ -1822,7 +2006,10 @@ mod tests {
         candidates: &[Candidate],
         name: &str,
     ) -> f64 {
-        let candidate = candidates.iter().find(|c| c.name == name).unwrap();
+        let candidate = candidates
+            .iter()
+            .find(|c| c.name.to_string() == name)
+            .unwrap();
         simulate(ctx, lengths, &candidate.layout).step_time_s
     }
 
@@ -1912,9 +2099,11 @@ mod tests {
             };
             let (on_fastest, on_slowest) = (time(&ctx), time(&slow));
             let all = candidates(&ctx, &lengths, Some(131_072)).unwrap();
-            let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            let names: Vec<String> = all.iter().map(|c| c.name.to_string()).collect();
             assert!(
-                names.contains(&"balanced+nodes+widen+idlex1+slowest"),
+                names
+                    .iter()
+                    .any(|n| n == "balanced+nodes+widen+idlex1+slowest"),
                 "{names:?}"
             );
             let weft = plan_weft(&ctx, &lengths, Some(131_072)).unwrap();
@@ -2132,7 +2321,7 @@ mod tests {
             candidates(&ctx, lengths, None)
                 .unwrap()
                 .into_iter()
-                .map(|c| c.name)
+                .map(|c| c.name.to_string())
                 .filter(|n| n.starts_with("balanced+nodesx"))
                 .collect()
         };
@@ -2356,7 +2545,7 @@ mod tests {
         let columns = candidate_time(&ctx, lengths, &candidates, "columns") / bound;
         let others = candidates
             .iter()
-            .filter(|c| c.name != "columns")
+            .filter(|c| c.name.kind != CandidateKind::Columns)
             .map(|c| {
                 let o = simulate(&ctx, lengths, &c.layout);
                 if o.fits_in_memory {

@@ -1,0 +1,310 @@
+//! The strategies: each turns a batch into a [`Layout`], which the simulator
+//! prices and [`crate::step_plan::build_plan`] turns into a step plan.
+//!
+//! - `static`: Megatron-LM context parallelism. One CP degree for every
+//!   sequence, sized for the longest (or the configured context), data parallel
+//!   over the rest; sequences packed into packs of the context length and split
+//!   zigzag over the CP group; packs spread over DP groups by tokens.
+//! - `hdp`: ByteScale's hybrid data parallelism. Each sequence gets the fewest
+//!   ranks its activations fit on (`D(s) = ⌈s / C⌉`); short ones are best-fit
+//!   packed onto single ranks; the balance scheduler hands the next, costliest
+//!   piece of work to the ranks that are least busy, so cheap ranks take more
+//!   micro-batches. One global communicator, no topology awareness.
+//! - `hdp-offload`: `hdp` with ByteScale's selective offloading: a sequence
+//!   longer than a rank holds copies a share of its middle layers'
+//!   activations to host memory, as much as the forward compute hides, and so
+//!   fits on fewer ranks (Eq. 3); the group carries that share.
+//! - `flexsp`: see [`flexsp`].
+//! - `zeppelin`: hierarchical partitioning (a sequence that needs up to a node's
+//!   GPUs stays inside one node; longer ones take whole nodes), inter-node
+//!   transfers spread over all NICs, and a remapping layer that gives linear
+//!   modules a token-balanced layout. Only Zeppelin's abstract is public; this is
+//!   our reading of it.
+//! - `weft`: see [`weft`].
+//!
+//! What they share (capacities, pieces of work, list scheduling, placement)
+//! is in [`crate::schedule`].
+//!
+//! `C`, the tokens a rank can hold, comes from the cost model's memory budget.
+
+pub mod flexsp;
+pub mod hdp;
+pub mod static_cp;
+pub mod weft;
+pub mod zeppelin;
+
+pub use flexsp::plan_flexsp;
+pub use hdp::{plan_hdp, plan_hdp_offload};
+pub use static_cp::plan_static;
+pub use weft::plan_weft;
+pub use zeppelin::plan_zeppelin;
+
+use crate::cost::StreamBp;
+use crate::layout::{Layout, PlanContext, Routing};
+use crate::schedule::{min_degree, rank_capacity};
+
+/// Why a batch cannot be planned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanningError {
+    #[error(
+        "model {model} does not fit on {world} GPUs: its sharded states leave no memory for activations"
+    )]
+    ModelDoesNotFit { model: String, world: u32 },
+    #[error(
+        "sequence {id} of {length} tokens cannot fit even on the whole cluster ({world} GPUs hold at most {capacity} tokens of {model})"
+    )]
+    SequenceTooLong {
+        id: usize,
+        length: u64,
+        world: u32,
+        capacity: u64,
+        model: String,
+    },
+    #[error("unknown strategy {0:?} (known: static, hdp, hdp-offload, flexsp, zeppelin, weft)")]
+    UnknownStrategy(String),
+    #[error("the {strategy} solver failed: {reason}")]
+    Solver { strategy: String, reason: String },
+    #[error(
+        "the {strategy} strategy cannot keep to {limit} (only {supported} can); leave it unset or choose another strategy"
+    )]
+    UnsupportedLimit {
+        strategy: &'static str,
+        limit: &'static str,
+        supported: &'static str,
+    },
+    #[error(
+        "{what} of {length} tokens needs at least {needs} ranks of {capacity} tokens, but {limit} allows {degree}"
+    )]
+    DegreeTooSmall {
+        /// `sequence 3`, or the context length.
+        what: String,
+        length: u64,
+        needs: u32,
+        capacity: u64,
+        limit: &'static str,
+        degree: u32,
+    },
+    #[error(
+        "hdp-offload plans offloading activations to host memory, which this executor does not do; hdp plans the same without offloading"
+    )]
+    OffloadUnsupported,
+    #[error("{CP_DEGREE} {degree} must not be greater than {MAX_CP_DEGREE} {most}")]
+    DegreeOverCap { degree: u32, most: u32 },
+    #[error("{limit} {degree} is more ranks than the {world} there are")]
+    DegreeTooLarge {
+        limit: &'static str,
+        degree: u32,
+        world: u32,
+    },
+}
+
+/// The limit names, as the TrainingJob and the command lines spell them.
+pub const CP_DEGREE: &str = "parallelism.cpDegree (--cp-degree)";
+pub const MAX_CP_DEGREE: &str = "parallelism.maxCpDegree (--max-cp-degree)";
+
+/// Refuses, by name, limits the strategy cannot keep to and batches they
+/// make impossible.
+pub(crate) fn check_limits(
+    strategy: Strategy,
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<(), PlanningError> {
+    let limits = &ctx.limits;
+    let world = ctx.topology.world();
+    if strategy == Strategy::HdpOffload && !limits.offload_activations {
+        return Err(PlanningError::OffloadUnsupported);
+    }
+    if limits.cp_degree.is_some() && strategy != Strategy::Static {
+        return Err(PlanningError::UnsupportedLimit {
+            strategy: strategy.name(),
+            limit: CP_DEGREE,
+            supported: "static",
+        });
+    }
+    if limits.max_cp_degree.is_some() && !matches!(strategy, Strategy::Static | Strategy::Weft) {
+        return Err(PlanningError::UnsupportedLimit {
+            strategy: strategy.name(),
+            limit: MAX_CP_DEGREE,
+            supported: "weft and static",
+        });
+    }
+    if let (Some(degree), Some(most)) = (limits.cp_degree, limits.max_cp_degree)
+        && degree > most
+    {
+        return Err(PlanningError::DegreeOverCap { degree, most });
+    }
+    // The degree every ring may have at most, and the limit that sets it.
+    let (limit, most) = match (limits.cp_degree, limits.max_cp_degree) {
+        (Some(d), _) => (CP_DEGREE, d),
+        (None, Some(d)) => (MAX_CP_DEGREE, d),
+        (None, None) => return Ok(()),
+    };
+    if most > world {
+        if limit == CP_DEGREE {
+            return Err(PlanningError::DegreeTooLarge {
+                limit,
+                degree: most,
+                world,
+            });
+        }
+        // A cap above the world caps nothing.
+        return Ok(());
+    }
+    let capacity = rank_capacity(ctx)?;
+    let context = if strategy == Strategy::Static {
+        context_length
+    } else {
+        None
+    };
+    let longest = lengths
+        .iter()
+        .copied()
+        .enumerate()
+        .map(|(i, s)| (s, format!("sequence {i}")))
+        .chain(context.map(|c| {
+            (
+                c,
+                "the context length (data.maxSequenceLength, --max-seq-len)".to_string(),
+            )
+        }))
+        .fold(None, |best: Option<(u64, String)>, (s, what)| match best {
+            Some((b, _)) if b >= s => best,
+            _ => Some((s, what)),
+        });
+    if let Some((length, what)) = longest {
+        let needs = min_degree(length, capacity);
+        if needs > most {
+            return Err(PlanningError::DegreeTooSmall {
+                what,
+                length,
+                needs,
+                capacity,
+                limit,
+                degree: most,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Plans a batch with one strategy. `context_length` is the configured maximum
+/// sequence length, which `static` sizes its context-parallel degree for.
+pub fn plan_layout(
+    strategy: Strategy,
+    ctx: &PlanContext,
+    lengths: &[u64],
+    context_length: Option<u64>,
+) -> Result<Layout, PlanningError> {
+    // Given the choice of where to stream, the limits are checked against
+    // what streaming fits; strategies other than weft do not choose, they
+    // stream every ring.
+    let per_ring = (ctx.cost.coefficients.streambp == StreamBp::PerRing).then(|| PlanContext {
+        cost: ctx.cost.with_streaming(true),
+        ..ctx.clone()
+    });
+    check_limits(
+        strategy,
+        per_ring.as_ref().unwrap_or(ctx),
+        lengths,
+        context_length,
+    )?;
+    let ctx = match &per_ring {
+        Some(streamed) if strategy != Strategy::Weft => streamed,
+        _ => ctx,
+    };
+    let mut layout = match strategy {
+        Strategy::Static => plan_static(ctx, lengths, context_length),
+        Strategy::Hdp => plan_hdp(ctx, lengths),
+        Strategy::HdpOffload => plan_hdp_offload(ctx, lengths),
+        Strategy::FlexSp => plan_flexsp(ctx, lengths),
+        Strategy::Zeppelin => plan_zeppelin(ctx, lengths),
+        Strategy::Weft => plan_weft(ctx, lengths, context_length),
+    }?;
+    if !ctx.limits.nic_aware_routing {
+        layout.routing = Routing::ClosestNic;
+    }
+    if ctx.cost.streams() {
+        layout.stream_everywhere();
+    }
+    if let Some(widest) = widest_ring_past(&layout, ctx.limits.max_cp_degree) {
+        return Err(PlanningError::Solver {
+            strategy: strategy.name().to_string(),
+            reason: format!(
+                "it made a ring of {widest} ranks, past {MAX_CP_DEGREE} {}",
+                ctx.limits.max_cp_degree.unwrap_or(0)
+            ),
+        });
+    }
+    Ok(layout)
+}
+
+/// The widest ring of `layout` when it has more ranks than `cap`.
+pub fn widest_ring_past(layout: &Layout, cap: Option<u32>) -> Option<u32> {
+    let cap = cap?;
+    layout
+        .micro_batches
+        .iter()
+        .flat_map(|mb| &mb.groups)
+        .map(|g| g.ranks.len() as u32)
+        .max()
+        .filter(|widest| *widest > cap)
+}
+
+impl PlanningError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn category(&self) -> &'static str {
+        match self {
+            PlanningError::ModelDoesNotFit { .. } | PlanningError::SequenceTooLong { .. } => {
+                "capacity"
+            }
+            PlanningError::UnknownStrategy(_) => "strategy",
+            PlanningError::Solver { .. } => "solver",
+            PlanningError::UnsupportedLimit { .. }
+            | PlanningError::DegreeTooSmall { .. }
+            | PlanningError::DegreeTooLarge { .. }
+            | PlanningError::DegreeOverCap { .. }
+            | PlanningError::OffloadUnsupported => "limits",
+        }
+    }
+}
+
+/// The strategies, in the order reports list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Static,
+    Hdp,
+    HdpOffload,
+    FlexSp,
+    Zeppelin,
+    Weft,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 6] = [
+        Strategy::Static,
+        Strategy::Hdp,
+        Strategy::HdpOffload,
+        Strategy::FlexSp,
+        Strategy::Zeppelin,
+        Strategy::Weft,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Static => "static",
+            Strategy::Hdp => "hdp",
+            Strategy::HdpOffload => "hdp-offload",
+            Strategy::FlexSp => "flexsp",
+            Strategy::Zeppelin => "zeppelin",
+            Strategy::Weft => "weft",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Strategy, PlanningError> {
+        Strategy::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| PlanningError::UnknownStrategy(name.to_string()))
+    }
+}
