@@ -16,6 +16,7 @@
 //!   toolkit they share ([`schedule`]).
 //! - [`sim`] prices a layout; [`bound`] is the lower bound every plan is
 //!   compared with; [`step_plan`] builds a layout's step plan.
+//! - [`error`]: why a batch cannot be planned.
 //! - [`input`] reads lengths, cluster and model files; [`report`] runs
 //!   `weft simulate`; [`rng`] is the deterministic generator both use;
 //!   [`synthetic`] samples length distributions calibrated to published figures.
@@ -23,6 +24,7 @@
 pub mod bound;
 pub mod cluster;
 pub mod cost;
+pub mod error;
 pub mod input;
 pub mod layout;
 pub mod mesh;
@@ -40,10 +42,11 @@ pub mod synthetic;
 pub mod topology;
 
 pub use bound::lower_bound;
+pub use error::PlanningError;
 pub use layout::{PlanContext, PlanLimits};
 pub use sim::simulate;
 pub use step_plan::build_plan;
-pub use strategies::{PlanningError, Strategy, plan_layout};
+pub use strategies::{Strategy, plan_layout};
 
 /// Plans one batch with one strategy and returns the step plan document.
 pub fn plan_step(

@@ -7,8 +7,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use crate::error::PlanningError;
 use crate::layout::{LayoutGroup, LayoutMicroBatch, PlanContext};
-use crate::strategies::PlanningError;
 
 /// Tokens the smallest rank can hold, and a check that the model fits at all.
 pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {

@@ -34,10 +34,10 @@ use std::collections::BTreeMap;
 
 use highs::{HighsModelStatus, HighsSolutionStatus, RowProblem, Sense};
 
+use crate::error::PlanningError;
 use crate::layout::{Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing};
 use crate::schedule::{check_fits, estimate_docs_cost, rank_capacity};
 use crate::sim::simulate;
-use crate::strategies::PlanningError;
 
 /// Buckets per micro-batch (FlexSP's default).
 const BUCKETS: usize = 16;

@@ -1,9 +1,9 @@
 //! `hdp` and `hdp-offload`: ByteScale's hybrid data parallelism, without and
 //! with selective offloading (see [`crate::strategies`]).
 
+use crate::error::PlanningError;
 use crate::layout::{Layout, PlanContext, Routing};
 use crate::schedule::*;
-use crate::strategies::PlanningError;
 
 /// ByteScale's hybrid data parallelism (see the module documentation).
 pub fn plan_hdp(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningError> {

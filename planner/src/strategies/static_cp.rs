@@ -2,9 +2,9 @@
 
 use std::cmp::Reverse;
 
+use crate::error::{CP_DEGREE, PlanningError};
 use crate::layout::{Layout, LayoutGroup, LayoutMicroBatch, PlanContext, Routing};
 use crate::schedule::*;
-use crate::strategies::{CP_DEGREE, PlanningError};
 
 /// Megatron-LM context parallelism (see the module documentation).
 pub fn plan_static(

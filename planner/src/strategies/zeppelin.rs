@@ -1,9 +1,9 @@
 //! `zeppelin`: hierarchical partitioning, routing over every NIC and a
 //! remapping layer (see [`crate::strategies`]).
 
+use crate::error::PlanningError;
 use crate::layout::{Layout, PlanContext, Routing, use_hierarchical_rings};
 use crate::schedule::*;
-use crate::strategies::PlanningError;
 
 /// Zeppelin's hierarchical partitioning, routing and remapping (see the module documentation).
 pub fn plan_zeppelin(ctx: &PlanContext, lengths: &[u64]) -> Result<Layout, PlanningError> {
