@@ -18,6 +18,11 @@
 //!   manifest, written whole or not at all, in a directory one run owns.
 //! - [`launch`] and [`selfcheck`]: local multi-process workers, and the check
 //!   a user runs on a new cluster.
+//! - [`pod`]: the pod's worker: its environment, the mesh it follows, and
+//!   one rank process per GPU for each epoch. What it asks of the API server
+//!   (the mesh through the API, progress into the job's status) is the pod
+//!   agent's, `weft-agent`, which only the binary links: this library
+//!   builds and tests without a Kubernetes client.
 
 pub mod attention;
 pub mod checkpoint;
@@ -31,13 +36,11 @@ pub mod kernel;
 pub mod launch;
 pub mod membench;
 pub mod memory;
-pub mod mirror;
 pub mod model;
 pub mod optim;
 pub mod pod;
 pub mod profile;
 pub mod remap;
-pub mod report;
 pub mod selfcheck;
 pub mod step;
 pub mod train;

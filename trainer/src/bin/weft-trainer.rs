@@ -2169,13 +2169,30 @@ fn pod_worker(
     // Follow the mesh through the API server as well as the volume, which
     // Kubernetes refreshes only a minute or more after a new epoch: the
     // supervisor and the ranks read a local copy of the newest.
+    // One link to the API server (one async runtime, one client) for both
+    // the mesh and the progress; none outside a cluster.
+    let link = if env.namespace.is_some() {
+        weft_agent::ApiLink::connect()
+            .inspect_err(|why| {
+                eprintln!(
+                    "weft-trainer worker {worker}: the mesh is followed through its volume only, and progress is not reported to the job's status ({why})"
+                )
+            })
+            .ok()
+    } else {
+        None
+    };
     let mirror = {
         let copy = std::env::temp_dir()
             .join(format!("weft-mesh-{}-{}", env.worker, std::process::id()))
             .join("mesh.json");
-        let api = env.namespace.clone().zip(env.mesh_config_map.clone());
+        let api = link
+            .as_ref()
+            .zip(env.namespace.clone())
+            .zip(env.mesh_config_map.clone())
+            .map(|((link, namespace), name)| (link, namespace, name));
         let worker = worker.clone();
-        weft_trainer::mirror::MeshMirror::start(env.mesh.clone(), copy.clone(), api, move |line| {
+        weft_agent::mirror::MeshMirror::start(env.mesh.clone(), copy.clone(), api, move |line| {
             eprintln!("weft-trainer worker {worker}: {line}")
         })
         .with_context(|| format!("keeping a copy of the mesh at {}", copy.display()))?
@@ -2187,23 +2204,21 @@ fn pod_worker(
     // The pod of rank 0 writes the job's progress into its status; which pod
     // that is can change with the epoch, so the reporter starts the first
     // time this pod runs rank 0.
-    let reporter: std::cell::OnceCell<Option<weft_trainer::report::StatusReporter>> =
+    let reporter: std::cell::OnceCell<Option<weft_agent::report::StatusReporter>> =
         std::cell::OnceCell::new();
-    let start_reporter = || match (&env.namespace, &env.job) {
-        (Some(namespace), Some(job)) => {
+    let start_reporter = || match (&link, &env.namespace, &env.job) {
+        (Some(link), Some(namespace), Some(job)) => {
             let worker = worker.clone();
-            Some(weft_trainer::report::StatusReporter::start(
+            Some(weft_agent::report::StatusReporter::start(
+                link,
                 namespace.clone(),
                 job.clone(),
-                args.checkpoint_dir
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
                 move |line| eprintln!("weft-trainer worker {worker}: {line}"),
             ))
         }
         _ => None,
     };
+    let checkpoints = args.checkpoint_dir.clone().unwrap_or_default();
     let result = weft_trainer::pod::supervise(
         env,
         wait_for_epoch,
@@ -2250,6 +2265,7 @@ fn pod_worker(
             // Rank 0's lines still go to the pod's log; its metrics also go
             // to the job's status.
             if let (Some(out), Some(tx)) = (child.stdout.take(), progress) {
+                let checkpoints = checkpoints.clone();
                 std::thread::spawn(move || {
                     use std::io::BufRead;
                     for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
@@ -2258,7 +2274,17 @@ fn pod_worker(
                             .strip_prefix(METRICS_PREFIX)
                             .and_then(|body| serde_json::from_str::<StepMetrics>(body).ok())
                         {
-                            let _ = tx.send(m);
+                            let _ = tx.send(weft_agent::report::Progress {
+                                step: m.step,
+                                tokens_per_s: m.tokens_per_s,
+                                checkpoint: m.checkpoint.map(|step| {
+                                    let dir = weft_trainer::checkpoint::checkpoint_path(
+                                        &checkpoints,
+                                        step,
+                                    );
+                                    (step, dir.display().to_string())
+                                }),
+                            });
                         }
                     }
                 });
@@ -2267,8 +2293,8 @@ fn pod_worker(
         },
         |line| eprintln!("weft-trainer worker {worker}: {line}"),
     );
-    if let Some(reporter) = reporter.into_inner().flatten() {
-        reporter.finish();
+    if let (Some(reporter), Some(link)) = (reporter.into_inner().flatten(), &link) {
+        reporter.finish(link);
     }
     result?;
     Ok(())

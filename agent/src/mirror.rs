@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
 use kube::api::{Api, WatchEvent, WatchParams};
-use kube::{Client, ResourceExt};
+
+use crate::ApiLink;
 
 /// A mesh document and its epoch.
 type Versioned = (u64, String);
@@ -57,14 +59,15 @@ pub struct MeshMirror {
 }
 
 impl MeshMirror {
-    /// Starts following `volume` (every second) and, when `config_map` is
-    /// given, that ConfigMap's `mesh.json` through the API server; returns
-    /// once the copy holds the volume's mesh (or at once, when the volume has
-    /// none yet: the copy follows as soon as it has).
+    /// Starts following `volume` (every second) and, when `config_map`
+    /// (namespace, name) is given, that ConfigMap's `mesh.json` through the
+    /// API server over `link`; returns once the copy holds the volume's mesh
+    /// (or at once, when the volume has none yet: the copy follows as soon
+    /// as it has).
     pub fn start(
         volume: PathBuf,
         copy: PathBuf,
-        config_map: Option<(String, String)>,
+        config_map: Option<(&ApiLink, String, String)>,
         log: impl Fn(&str) + Send + Sync + 'static,
     ) -> std::io::Result<MeshMirror> {
         if let Some(dir) = copy.parent() {
@@ -91,9 +94,11 @@ impl MeshMirror {
                 }
             });
         }
-        if let Some((namespace, name)) = config_map {
-            let (copy, sources) = (copy.clone(), sources.clone());
-            std::thread::spawn(move || follow_api(&namespace, &name, &copy, &sources, &*log));
+        if let Some((link, namespace, name)) = config_map {
+            let (copy, sources, client) = (copy.clone(), sources.clone(), link.client());
+            link.spawn(async move {
+                follow_api(client, &namespace, &name, &copy, &sources, &*log).await
+            });
         }
         Ok(MeshMirror { copy })
     }
@@ -136,32 +141,14 @@ fn publish(copy: &Path, s: &mut Sources) -> std::io::Result<()> {
 
 /// Watches ConfigMap `name` in `namespace` for ever, taking each `mesh.json`
 /// it carries; reconnects after a pause when the watch ends or fails.
-fn follow_api(
+async fn follow_api(
+    client: kube::Client,
     namespace: &str,
     name: &str,
     copy: &Path,
     sources: &Mutex<Sources>,
-    log: &dyn Fn(&str),
+    log: &(dyn Fn(&str) + Send + Sync),
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return log(&format!(
-                "the mesh is followed through its volume only: {e}"
-            ));
-        }
-    };
-    let client = match runtime.block_on(Client::try_default()) {
-        Ok(c) => c,
-        Err(e) => {
-            return log(&format!(
-                "the mesh is followed through its volume only (no cluster: {e})"
-            ));
-        }
-    };
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let take = |cm: &ConfigMap| {
         let Some(text) = cm.data.as_ref().and_then(|d| d.get("mesh.json")) else {
@@ -178,7 +165,7 @@ fn follow_api(
     };
     let mut warned = false;
     loop {
-        let watched = runtime.block_on(async {
+        let watched = async {
             let current = api.get_opt(name).await?;
             let version = current
                 .as_ref()
@@ -199,7 +186,8 @@ fn follow_api(
                 }
             }
             Ok::<(), kube::Error>(())
-        });
+        }
+        .await;
         if let Err(e) = watched {
             if !warned {
                 log(&format!(
@@ -207,7 +195,7 @@ fn follow_api(
                 ));
                 warned = true;
             }
-            std::thread::sleep(Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     }
 }
