@@ -17,7 +17,8 @@ use std::future::Future;
 /// One async runtime, on a thread of its own, and one client of the API
 /// server, shared by everything a worker pod asks of it.
 pub struct ApiLink {
-    runtime: tokio::runtime::Runtime,
+    /// Always there until the link is dropped.
+    runtime: Option<tokio::runtime::Runtime>,
     client: kube::Client,
 }
 
@@ -40,7 +41,10 @@ impl ApiLink {
         let client = runtime
             .block_on(kube::Client::try_default())
             .map_err(|e| format!("no cluster: {e}"))?;
-        Ok(ApiLink { runtime, client })
+        Ok(ApiLink {
+            runtime: Some(runtime),
+            client,
+        })
     }
 
     /// The client.
@@ -48,17 +52,31 @@ impl ApiLink {
         self.client.clone()
     }
 
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle())
+    }
+
     /// Runs `task` on the link's runtime.
-    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    pub fn spawn<F>(&self, task: F) -> Option<tokio::task::JoinHandle<F::Output>>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.spawn(task)
+        self.handle().map(|h| h.spawn(task))
     }
 
     /// Waits, from a thread outside the runtime, for `task` to end.
     pub fn wait<T>(&self, task: tokio::task::JoinHandle<T>) -> Option<T> {
-        self.runtime.block_on(task).ok()
+        self.handle()?.block_on(task).ok()
+    }
+}
+
+impl Drop for ApiLink {
+    /// Stops the runtime without waiting for its tasks (a watch, a write
+    /// in flight): a pod's worker never waits on the API server to exit.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }

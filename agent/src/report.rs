@@ -35,7 +35,7 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct StatusReporter {
     tx: Option<mpsc::UnboundedSender<Progress>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl StatusReporter {
@@ -102,7 +102,9 @@ impl StatusReporter {
     /// Writes what is still pending and stops (once every sender is gone).
     pub fn finish(mut self, link: &ApiLink) {
         self.tx = None;
-        link.wait(self.task);
+        if let Some(task) = self.task.take() {
+            link.wait(task);
+        }
     }
 }
 

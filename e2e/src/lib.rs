@@ -22,7 +22,7 @@ use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, ResourceExt};
 
 /// What went wrong in the harness itself (not in the code under test).
 #[derive(Debug, thiserror::Error)]
@@ -146,10 +146,6 @@ impl TestEnv {
 
     async fn create_namespace(&self, test: &str) -> Result<TestNamespace, HarnessError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let suffix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() ^ std::process::id())
-            .unwrap_or(0);
         let prefix: String = test
             .chars()
             .map(|c| {
@@ -161,23 +157,19 @@ impl TestEnv {
             })
             .take(40)
             .collect();
-        let name = format!(
-            "e2e-{}-{:06x}",
-            prefix.trim_matches('-'),
-            suffix & 0xff_ffff
-        );
+        // The API server picks a name no namespace has (`generateName`).
         let namespace = Namespace {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                generate_name: Some(format!("e2e-{}-", prefix.trim_matches('-'))),
                 labels: Some([("weft.dev/e2e".to_string(), "true".to_string())].into()),
                 ..Default::default()
             },
             ..Default::default()
         };
-        api.create(&PostParams::default(), &namespace).await?;
+        let made = api.create(&PostParams::default(), &namespace).await?;
         let ns = TestNamespace {
             client: self.client.clone(),
-            name,
+            name: made.name_any(),
         };
         // Pods are refused until the service-account controller made `default`.
         let sa: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &ns.name);

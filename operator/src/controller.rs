@@ -571,6 +571,18 @@ impl Context {
         }
     }
 
+    /// Forgets what this operator kept of `job` (deleted).
+    pub(crate) fn forget(&self, job: &DynamicObject) {
+        if let Ok(mut failed) = self.failed_in_a_row.lock() {
+            failed.remove(&job_key(job));
+        }
+        if let (Ok(mut refused), Some(uid)) =
+            (self.refused_below_min.lock(), job.metadata.uid.as_deref())
+        {
+            refused.remove(uid);
+        }
+    }
+
     /// Counts a failed reconcile of `job`; how many failed in a row.
     fn failed(&self, job: &DynamicObject) -> u32 {
         let Ok(mut failed) = self.failed_in_a_row.lock() else {

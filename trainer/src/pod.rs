@@ -78,7 +78,7 @@ pub struct PodEnv {
     pub worker: String,
     pub mesh: PathBuf,
     /// The ConfigMap the mesh comes from (`WEFT_MESH_CONFIGMAP`), followed
-    /// through the API server too when known ([`crate::mirror`]).
+    /// through the API server too when known (the pod agent's `weft_agent::mirror`).
     pub mesh_config_map: Option<String>,
     pub training: PathBuf,
     /// The address this pod's ranks bind their collectives to.

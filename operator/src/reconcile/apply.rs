@@ -193,11 +193,13 @@ pub(crate) async fn tell(
 }
 
 /// Carries out `decision` for `job`: the mesh (its workers exist), the one
-/// status write, the deletions, and only once the status is written, the
-/// events. The status goes before the deletions so that what a deletion
-/// follows from (the job ended, suspended, below its minimum; a failure
-/// counted) is on record first: a write that conflicts deletes nothing and
-/// tells nothing, and the reconcile that runs again does both, once.
+/// status write, then the events it records, then the deletions. The status
+/// goes before the deletions so that what a deletion follows from (the job
+/// ended, suspended, below its minimum; a failure counted) is on record
+/// first: a write that conflicts deletes nothing and tells nothing, and the
+/// reconcile that runs again does both, once. The events go before the
+/// deletions: a deletion that fails is done again by the next reconcile,
+/// which finds the status on record and has nothing new to tell.
 pub(crate) async fn carry_out(
     client: &Client,
     events: &Events,
@@ -214,13 +216,13 @@ pub(crate) async fn carry_out(
         let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
         write_status(&jobs, job, status).await?;
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    for deletion in &decision.delete {
-        delete_pod(&pods, deletion).await?;
-    }
     let regarding = job.object_ref(&());
     for told in &decision.events {
         tell(events, &regarding, told).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    for deletion in &decision.delete {
+        delete_pod(&pods, deletion).await?;
     }
     Ok(())
 }
@@ -240,18 +242,22 @@ pub(crate) async fn create_workers(
     placing: &ToPlace,
     placement: &Placement,
 ) -> Result<Option<Created>, ControllerError> {
+    let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
+    let client = &ctx.client;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    // Workers to place again elsewhere go whether or not a mesh is planned.
+    for deletion in &placing.delete {
+        delete_pod(&pods, deletion).await?;
+    }
     let Some(objects) = &placement.objects else {
         return Ok(Some(Created::default()));
     };
-    let namespace = job.namespace().ok_or(ControllerError::NoNamespace)?;
-    let client = &ctx.client;
     apply(client, &namespace, &objects.service).await?;
     // The workers' identity, before any pod that runs as it.
     apply(client, &namespace, &objects.account).await?;
     apply(client, &namespace, &objects.role).await?;
     apply(client, &namespace, &objects.role_binding).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    for deletion in placing.delete.iter().chain(&placement.delete) {
+    for deletion in &placement.delete {
         delete_pod(&pods, deletion).await?;
     }
     // Created side by side: one at a time, a 256-worker job spends seconds

@@ -8,7 +8,8 @@
 //!   suspended, a volume claim missing, nodes avoided, a refusal backoff).
 //!   Facts that must be on record before anything acts on them (a failure
 //!   counted, a node avoided) are written by a reconcile of their own, which
-//!   acts on nothing else and runs again at once.
+//!   places nothing (it deletes only the failed pods it counted and workers
+//!   to place again) and runs again at once.
 //! - [`place`]: the mesh planned on the free GPUs and the workers it needs
 //!   (taken under the planning turn, see `Planning`).
 //! - [`conclude`]: once the workers were created (some perhaps refused by
@@ -149,8 +150,8 @@ pub enum RefusalMemory {
     Forget,
 }
 
-/// What a reconcile does, in this order: delete pods, apply the mesh,
-/// write the status (one conditional write), then tell the events.
+/// What a reconcile does, in this order: apply the mesh, write the status
+/// (one conditional write), tell the events, delete pods.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub delete: Vec<Deletion>,

@@ -8,9 +8,9 @@
 //!    deleted; then what creating them came to is decided
 //!    ([`decide::conclude`]): the mesh to publish, the status, the events;
 //! 4. the decision carried out: the mesh, **one** conditional status write,
-//!    the deletions it records the reason for, and only once it succeeded,
-//!    the events (a write that conflicts deletes and tells nothing; the
-//!    reconcile that runs again does both, once).
+//!    and only once it succeeded, the events it records and the deletions it
+//!    gives the reason for (a write that conflicts tells and deletes nothing;
+//!    the reconcile that runs again does both, once).
 
 pub mod apply;
 pub mod decide;
@@ -79,6 +79,8 @@ async fn reconcile_job(
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     let Some((object, job)) = observe::fresh_job(ctx, cached).await? else {
+        // Deleted: nothing of it is kept.
+        ctx.forget(cached);
         return Ok(Action::await_change());
     };
     let job = match job {

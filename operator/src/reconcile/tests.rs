@@ -636,13 +636,13 @@ async fn carry_out_with(answer: Answer) -> (Result<(), ControllerError>, Calls, 
 use crate::controller::ControllerError;
 
 #[tokio::test]
-async fn the_status_is_written_before_the_deletions_it_records_and_the_events_after() {
+async fn the_status_is_written_first_then_what_it_records_is_told_then_deleted() {
     assert_eq!(reasons(&a_decision()), vec!["Succeeded"]);
     let (result, calls, job) = carry_out_with(written).await;
     result.unwrap();
     assert_eq!(
         kinds(&calls),
-        vec!["write status", "delete pod", "tell"],
+        vec!["write status", "tell", "delete pod"],
         "{calls:?}"
     );
     assert_eq!(job.metadata.resource_version.as_deref(), Some("101"));
@@ -702,8 +702,8 @@ async fn a_conflict_with_the_workers_progress_alone_is_written_again() {
             "write status",
             "read job",
             "write status",
-            "delete pod",
-            "tell"
+            "tell",
+            "delete pod"
         ],
         "{calls:?}"
     );
@@ -784,4 +784,30 @@ fn many_workers_failing_at_once_are_counted_once_and_deleted_after() {
     );
     assert_eq!(decision.delete.len(), 20);
     assert_eq!(decision.events.len(), 20);
+}
+
+#[tokio::test]
+async fn a_deletion_that_fails_after_the_write_has_told_the_events_already() {
+    // The next reconcile finds the end on record and deletes again, with
+    // nothing new to tell: the events must be out before the deletions.
+    let (result, calls, _) = carry_out_with(|method, path, writes| {
+        if method == "DELETE" {
+            (
+                500,
+                serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd is slow", "reason": "InternalError", "code": 500,
+                }),
+            )
+        } else {
+            written(method, path, writes)
+        }
+    })
+    .await;
+    assert!(result.is_err());
+    assert_eq!(
+        kinds(&calls),
+        vec!["write status", "tell", "delete pod"],
+        "{calls:?}"
+    );
 }
