@@ -145,13 +145,37 @@ impl TrainingJobSpec {
         }
     }
 
+    /// `workers.min` and `workers.max`, as counts (the schema keeps both
+    /// at least 1; a negative value stored before it reads as 0).
+    pub fn workers_asked(&self) -> (u32, u32) {
+        let count = |n: i32| u32::try_from(n).unwrap_or(0);
+        (count(self.workers.min), count(self.workers.max))
+    }
+
+    /// `resources.gpus`: each worker's GPUs (0: a CPU worker of one rank).
+    pub fn gpus_per_worker(&self) -> u32 {
+        u32::try_from(self.resources.gpus).unwrap_or(0)
+    }
+
+    /// `elasticity.rescaleCooldownSeconds`.
+    pub fn rescale_cooldown(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            u64::try_from(self.elasticity.rescale_cooldown_seconds).unwrap_or(0),
+        )
+    }
+
+    /// `elasticity.unschedulableTimeoutSeconds`, at least 1 s.
+    pub fn unschedulable_timeout_s(&self) -> i64 {
+        i64::from(self.elasticity.unschedulable_timeout_seconds.max(1))
+    }
+
     /// The fewest workers the job runs with: `workers.min`, or more where
     /// `parallelism.cpDegree` needs more ranks than that many workers have
     /// (admission refuses such a spec; one stored before that rule waits
     /// for enough workers rather than start a mesh its rings cannot span).
     pub fn least_workers(&self) -> u32 {
-        let min = self.workers.min.max(0) as u32;
-        let ranks_per_worker = self.resources.gpus.max(1) as u32;
+        let min = self.workers_asked().0;
+        let ranks_per_worker = self.gpus_per_worker().max(1);
         let for_degree = self
             .parallelism
             .cp_degree
@@ -163,10 +187,7 @@ impl TrainingJobSpec {
     /// schema's rules could not say (a spec stored before them): it needs
     /// more workers than `workers.max`.
     pub fn gang_problem(&self) -> Option<String> {
-        let (min, max) = (
-            self.workers.min.max(0) as u32,
-            self.workers.max.max(0) as u32,
-        );
+        let (min, max) = self.workers_asked();
         let least = self.least_workers();
         if least <= max {
             return None;
@@ -1053,6 +1074,28 @@ mod tests {
         ] {
             assert!(json.contains(rule), "missing rule {rule}");
         }
+    }
+
+    #[test]
+    fn counts_are_read_as_counts_whatever_was_stored() {
+        let mut spec = TrainingJobSpec::new("weft:dev", 2, 6);
+        spec.resources.gpus = 8;
+        spec.elasticity.rescale_cooldown_seconds = 90;
+        spec.elasticity.unschedulable_timeout_seconds = 120;
+        assert_eq!(spec.workers_asked(), (2, 6));
+        assert_eq!(spec.gpus_per_worker(), 8);
+        assert_eq!(spec.rescale_cooldown(), std::time::Duration::from_secs(90));
+        assert_eq!(spec.unschedulable_timeout_s(), 120);
+        // Values the schema refuses, stored before it did: none below 0,
+        // and a timeout of at least a second.
+        spec.workers = WorkerRange { min: -1, max: -3 };
+        spec.resources.gpus = -8;
+        spec.elasticity.rescale_cooldown_seconds = -5;
+        spec.elasticity.unschedulable_timeout_seconds = 0;
+        assert_eq!(spec.workers_asked(), (0, 0));
+        assert_eq!(spec.gpus_per_worker(), 0);
+        assert_eq!(spec.rescale_cooldown(), std::time::Duration::ZERO);
+        assert_eq!(spec.unschedulable_timeout_s(), 1);
     }
 
     #[test]

@@ -235,11 +235,11 @@ pub fn growth_limit(
     alive_workers: u32,
     now: &Time,
 ) -> (u32, Option<Duration>) {
-    let max = job.spec.workers.max.max(0) as u32;
+    let max = job.spec.workers_asked().1;
     // (A spec whose least is above max gets no mesh: it waits, Pending,
     // saying why: `TrainingJobSpec::gang_problem`.)
     let min = job.spec.least_workers().min(max);
-    let cooldown = Duration::from_secs(job.spec.elasticity.rescale_cooldown_seconds.max(0) as u64);
+    let cooldown = job.spec.rescale_cooldown();
     let Some(last) = status.and_then(|s| s.last_rescale_time.as_ref()) else {
         return (max, None);
     };

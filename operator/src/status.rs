@@ -460,7 +460,7 @@ pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> Trai
 /// The fewest workers a job runs with, and what sets that number.
 pub(crate) fn least_workers_named(spec: &weft_crds::TrainingJobSpec) -> String {
     let least = spec.least_workers();
-    if least > spec.workers.min.max(0) as u32 {
+    if least > spec.workers_asked().0 {
         format!("the {least} workers parallelism.cpDegree needs")
     } else {
         format!("workers.min ({least})")

@@ -95,10 +95,8 @@ impl ValidJob {
         Ok(ValidJob {
             name: job.name_any(),
             uid: job.metadata.uid.clone().unwrap_or_default(),
-            gpus_per_worker: u32::try_from(job.spec.resources.gpus).unwrap_or(0),
-            unschedulable_timeout_s: i64::from(
-                job.spec.elasticity.unschedulable_timeout_seconds.max(1),
-            ),
+            gpus_per_worker: job.spec.gpus_per_worker(),
+            unschedulable_timeout_s: job.spec.unschedulable_timeout_s(),
             recorded_epoch: job
                 .status
                 .as_ref()
