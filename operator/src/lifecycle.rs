@@ -257,72 +257,27 @@ pub fn growth_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
-    };
-    use k8s_openapi::jiff::Timestamp;
-    use kube::api::ObjectMeta;
+    use crate::testing::{at, exited, unschedulable};
     use weft_crds::TrainingJobSpec;
 
-    fn at(seconds: i64) -> Time {
-        Time(Timestamp::from_second(seconds).unwrap())
-    }
-
+    /// Worker `name` (UID `uid`) in `phase`, its container ended with
+    /// `exit_code` ("NCCL timeout").
     fn pod(name: &str, uid: &str, phase: &str, exit_code: i32) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                uid: Some(uid.into()),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                container_statuses: Some(vec![ContainerStatus {
-                    name: "trainer".into(),
-                    state: Some(ContainerState {
-                        terminated: Some(ContainerStateTerminated {
-                            exit_code,
-                            reason: Some("Error".into()),
-                            message: Some("NCCL timeout".into()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
+        let mut pod = exited(
+            crate::testing::pod(name, "n0", 8, phase),
+            exit_code,
+            "NCCL timeout",
+        );
+        pod.metadata.uid = Some(uid.into());
+        if let Some(status) = pod.status.as_mut() {
+            status.phase = Some(phase.into());
         }
+        pod
     }
 
     /// A worker pending on `node`, refused by the scheduler since `since`.
     fn refused(name: &str, node: &str, since: i64) -> Pod {
-        use k8s_openapi::api::core::v1::{PodCondition, PodSpec};
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_selector: Some(
-                    [("kubernetes.io/hostname".to_string(), node.to_string())].into(),
-                ),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Pending".into()),
-                conditions: Some(vec![PodCondition {
-                    type_: "PodScheduled".into(),
-                    status: "False".into(),
-                    reason: Some("Unschedulable".into()),
-                    message: Some("0/5 nodes are available: 1 Insufficient memory.".into()),
-                    last_transition_time: Some(at(since)),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
+        unschedulable(crate::testing::pod(name, node, 8, "Pending"), at(since))
     }
 
     #[test]

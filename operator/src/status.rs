@@ -470,8 +470,7 @@ pub(crate) fn least_workers_named(spec: &weft_crds::TrainingJobSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::PodStatus;
-    use k8s_openapi::jiff::Timestamp;
+    use crate::testing::at;
     use weft_crds::TrainingJobSpec;
     use weft_planner::cluster::parse_cluster;
     use weft_planner::mesh::{MeshNode, MeshRequest, plan_mesh};
@@ -503,18 +502,9 @@ mod tests {
         )
     }
 
+    /// A worker in `phase`.
     fn pod(phase: &str) -> Pod {
-        Pod {
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn at(seconds: i64) -> Time {
-        Time(Timestamp::from_second(seconds).unwrap())
+        crate::testing::pod("llm-worker-0", "n0", 8, phase)
     }
 
     #[test]
@@ -595,11 +585,7 @@ mod tests {
     fn a_missing_checkpoint_claim_keeps_the_job_pending_and_names_the_claim() {
         let mut j = job(false);
         j.metadata.namespace = Some("team".into());
-        let status = missing_claim_status(
-            &j,
-            &JobClaim::Checkpoint("ckpt".into()),
-            &Time(Timestamp::UNIX_EPOCH),
-        );
+        let status = missing_claim_status(&j, &JobClaim::Checkpoint("ckpt".into()), &at(0));
         assert_eq!(status.phase, Phase::Pending);
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!((status.workers_desired, status.workers_ready), (0, 0));
@@ -630,7 +616,7 @@ mod tests {
                 JobClaim::Volume(0, "models".into())
             ]
         );
-        let status = missing_claim_status(&j, &claims[1], &Time(Timestamp::UNIX_EPOCH));
+        let status = missing_claim_status(&j, &claims[1], &at(0));
         let c = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
         assert_eq!(c.reason, REASON_VOLUME_CLAIM_NOT_FOUND);
         assert!(
