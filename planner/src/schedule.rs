@@ -8,6 +8,55 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
 use crate::error::PlanningError;
+
+/// The planner's threads; 0 until set: every core.
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The planner's one pool of threads, made when it first plans (`None`
+/// where no thread could be started: it then plans on the caller's).
+static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+
+/// Sets how many threads the planner's pool has, before it first plans: a
+/// trainer's rank gives it its share of the machine's cores, which
+/// libtorch's threads use too, rather than every core for every rank.
+/// Whether it was in time (the pool is made once).
+pub fn set_threads(threads: usize) -> bool {
+    THREADS.store(threads.max(1), std::sync::atomic::Ordering::Relaxed);
+    POOL.get().is_none()
+}
+
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    POOL.get_or_init(|| {
+        let threads = match THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("weft-plan-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// `f` over `items` on the planner's pool, results in the items' order.
+/// The planner is pure, so running its independent pieces at once changes
+/// nothing but the wall time.
+pub fn parallel_map<T, R, F>(items: Vec<T>, f: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    F: Fn(T) -> R + Sync + Send,
+{
+    use rayon::prelude::*;
+    match pool() {
+        Some(pool) if items.len() > 1 && pool.current_num_threads() > 1 => {
+            pool.install(|| items.into_par_iter().map(f).collect())
+        }
+        _ => items.into_iter().map(f).collect(),
+    }
+}
 use crate::layout::{LayoutGroup, LayoutMicroBatch, PlanContext};
 
 /// Tokens the smallest rank can hold, and a check that the model fits at all.
@@ -854,6 +903,20 @@ pub(crate) fn pieces(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_map_keeps_the_items_order() {
+        let items: Vec<u64> = (0..257).collect();
+        let doubled = parallel_map(items.clone(), |x| {
+            // Uneven work, so pieces finish out of order.
+            std::thread::sleep(std::time::Duration::from_micros((x % 7) * 50));
+            x * 2
+        });
+        assert_eq!(doubled, items.iter().map(|x| x * 2).collect::<Vec<_>>());
+        assert!(parallel_map(Vec::<u64>::new(), |x| x).is_empty());
+        // The pool is made once, at the first plan: later settings come too late.
+        assert!(!set_threads(1));
+    }
 
     #[test]
     fn best_fit_decreasing_respects_capacity_and_keeps_every_item() {

@@ -903,6 +903,9 @@ pub fn run_worker(
     mut report: impl FnMut(&StepMetrics),
 ) -> Result<RunEnd, TrainError> {
     tch::set_num_threads(config.threads.max(1));
+    // The planner plans the next step while libtorch runs this one: it gets
+    // the rank's share of the cores too, not every core of the machine.
+    weft_planner::schedule::set_threads(usize::try_from(config.threads).unwrap_or(1));
     let device = config.device.of_rank(rendezvous.local_rank)?;
     let corpus = Arc::new(Corpus::load_with(
         &config.data,

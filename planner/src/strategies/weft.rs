@@ -62,7 +62,7 @@ use crate::layout::{
 use crate::schedule::{
     Gap, OrdF64, Placement, Widen, WidenOption, Work, best_fit_decreasing, check_fits,
     estimate_cost, estimate_cost_on_nodes_like, estimate_hierarchical_cost, hierarchical_pick,
-    list_schedule, min_degree, pieces, rank_capacity, schedule_remapped, slowdowns,
+    list_schedule, min_degree, parallel_map, pieces, rank_capacity, schedule_remapped, slowdowns,
     sort_costliest_first, whole_nodes_past_one,
 };
 use crate::sim::simulate;
@@ -1636,52 +1636,6 @@ fn candidates_of_one_backprop(
         });
     }
     Ok(candidates)
-}
-
-/// `f` over `items` on every available core, results in the items' order.
-/// The planner is pure, so running its independent pieces at once changes
-/// nothing but the wall time.
-pub fn parallel_map<T, R, F>(items: Vec<T>, f: F) -> Vec<R>
-where
-    T: Send,
-    R: Send,
-    F: Fn(T) -> R + Sync,
-{
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(items.len());
-    if threads <= 1 {
-        return items.into_iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<T>>> = items
-        .into_iter()
-        .map(|t| std::sync::Mutex::new(Some(t)))
-        .collect();
-    let results: Vec<std::sync::Mutex<Option<R>>> =
-        slots.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(slot) = slots.get(i) else { break };
-                    let item = slot.lock().ok().and_then(|mut s| s.take());
-                    if let Some(item) = item {
-                        let r = f(item);
-                        if let Ok(mut out) = results[i].lock() {
-                            *out = Some(r);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .filter_map(|m| m.into_inner().ok().flatten())
-        .collect()
 }
 
 /// How a candidate layout is built: one of weft's balanced shapes, its
