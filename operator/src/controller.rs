@@ -92,6 +92,11 @@ impl ControllerError {
     }
 }
 
+/// A pod that still runs (or waits to) and is not being deleted.
+pub(crate) fn live(pod: &Pod) -> bool {
+    !terminal(pod) && pod.metadata.deletion_timestamp.is_none()
+}
+
 pub(crate) fn terminal(pod: &Pod) -> bool {
     matches!(crate::status::phase_of(pod), "Succeeded" | "Failed")
 }
@@ -138,7 +143,7 @@ pub fn mesh_inputs<P: std::borrow::Borrow<Pod>>(
         .collect::<Vec<_>>();
     let existing = job_pods
         .iter()
-        .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| live(p))
         .filter_map(|p| {
             Some(ExistingWorker {
                 name: p.name_any(),
@@ -168,7 +173,7 @@ pub fn contended_workers<P: std::borrow::Borrow<Pod>>(
             let others: u32 = all_pods
                 .iter()
                 .map(P::borrow)
-                .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+                .filter(|p| live(p))
                 .filter(|p| !p.metadata.uid.as_deref().is_some_and(|u| own.contains(u)))
                 .filter(|p| placed_node(p).as_deref() == Some(*node))
                 .map(gpus_requested)
@@ -192,7 +197,7 @@ fn placed_node(pod: &Pod) -> Option<String> {
 pub fn made_for_epoch(job_pods: &[Pod], recorded: u64) -> BTreeSet<(String, String)> {
     job_pods
         .iter()
-        .filter(|p| !terminal(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| live(p))
         .filter(|p| {
             p.labels()
                 .get(crate::build::LABEL_EPOCH)
@@ -213,6 +218,14 @@ fn pinned_node(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
 
 /// The largest mesh epoch weft publishes (the status schema's bound).
 pub const MAX_EPOCH: u64 = weft_crds::MAX_MESH_EPOCH as u64;
+
+/// The mesh epoch `job`'s status records (0 before the first), within what
+/// weft publishes.
+pub fn recorded_epoch(job: &TrainingJob) -> u64 {
+    job.status
+        .as_ref()
+        .map_or(0, |s| s.mesh_epoch.clamp(0, MAX_EPOCH as i64) as u64)
+}
 
 /// The job's published mesh, as far as a reconcile trusts it.
 #[derive(Debug, Clone, PartialEq)]

@@ -27,8 +27,8 @@ use weft_planner::mesh::{ExistingWorker, MeshError, MeshNode, MeshPlan, MeshRequ
 
 use crate::build::{BuildError, DesiredObjects, build, resolve_model};
 use crate::controller::{
-    MAX_EPOCH, NextEpoch, Published, REFUSAL_BACKOFF, contended_workers, made_for_epoch, members,
-    mesh_inputs, next_epoch, terminal,
+    MAX_EPOCH, NextEpoch, Published, REFUSAL_BACKOFF, contended_workers, live, made_for_epoch,
+    members, mesh_inputs, next_epoch, recorded_epoch, terminal,
 };
 use crate::events::EventType;
 use crate::inventory::{ClusterNode, InventoryError};
@@ -78,7 +78,6 @@ pub struct Seen {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidJob {
     pub name: String,
-    pub uid: String,
     pub gpus_per_worker: u32,
     /// How long a worker the scheduler refuses waits before its node is
     /// avoided (at least 1 s).
@@ -94,13 +93,9 @@ impl ValidJob {
         resolve_model(&job.spec.model).map_err(|e| e.to_string())?;
         Ok(ValidJob {
             name: job.name_any(),
-            uid: job.metadata.uid.clone().unwrap_or_default(),
             gpus_per_worker: job.spec.gpus_per_worker(),
             unschedulable_timeout_s: job.spec.unschedulable_timeout_s(),
-            recorded_epoch: job
-                .status
-                .as_ref()
-                .map_or(0, |s| s.mesh_epoch.clamp(0, MAX_EPOCH as i64) as u64),
+            recorded_epoch: recorded_epoch(job),
         })
     }
 }
@@ -114,7 +109,7 @@ pub struct Tell {
 }
 
 impl Tell {
-    fn warning(reason: &str, note: String) -> Tell {
+    pub(crate) fn warning(reason: &str, note: String) -> Tell {
         Tell {
             type_: EventType::Warning,
             reason: reason.to_string(),
@@ -174,11 +169,6 @@ impl Decision {
             refusals: RefusalMemory::Keep,
         }
     }
-}
-
-/// A pod that still runs (or waits to) and is not being deleted.
-fn live(pod: &Pod) -> bool {
-    !terminal(pod) && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// Every worker still running stopped (finished pods hold no GPUs and keep
@@ -486,15 +476,7 @@ pub fn place(
         .collect();
     let made_for = made_for_epoch(&placing.pods, valid.recorded_epoch);
     let mut planned = plan_mesh(&request, &mesh_nodes, &existing);
-    let next = planned.as_ref().ok().and_then(|mesh| {
-        next_epoch(
-            valid.recorded_epoch,
-            &seen.published,
-            &alive,
-            &made_for,
-            &members(mesh),
-        )
-    });
+    let next = epoch_of(seen, valid, &alive, &made_for, &planned);
     if let Ok(mesh) = planned.as_mut() {
         // The new workers are made for this epoch (their environment says it).
         mesh.epoch = next.as_ref().map_or(MAX_EPOCH, |e| e.epoch);
@@ -557,6 +539,25 @@ pub fn place(
     Ok(placement)
 }
 
+/// The epoch of `planned` (see [`next_epoch`]); `None` without a mesh or
+/// past the last epoch.
+fn epoch_of(
+    seen: &Seen,
+    valid: &ValidJob,
+    alive: &BTreeSet<(String, String)>,
+    made_for: &BTreeSet<(String, String)>,
+    planned: &Result<MeshPlan, MeshError>,
+) -> Option<NextEpoch> {
+    let mesh = planned.as_ref().ok()?;
+    next_epoch(
+        valid.recorded_epoch,
+        &seen.published,
+        alive,
+        made_for,
+        &members(mesh),
+    )
+}
+
 /// What creating the missing workers came to.
 #[derive(Debug, Clone, Default)]
 pub struct Created {
@@ -604,25 +605,17 @@ pub fn conclude(
             ..placement.request.clone()
         };
         placement.planned = plan_mesh(&request, &placement.mesh_nodes, &standing);
-        placement.next = placement.planned.as_ref().ok().and_then(|mesh| {
-            next_epoch(
-                valid.recorded_epoch,
-                &seen.published,
-                &placement.alive,
-                &placement.made_for,
-                &members(mesh),
-            )
-        });
+        placement.next = epoch_of(
+            seen,
+            valid,
+            &placement.alive,
+            &placement.made_for,
+            &placement.planned,
+        );
     }
-    // The job's pods now: those seen, as the deletions of placing left
-    // them, and those just made or found.
-    let deleted: Vec<Deletion> = placing
-        .delete
-        .iter()
-        .chain(&placement.delete)
-        .cloned()
-        .collect();
-    let pods: Vec<Pod> = after_deletions(&placing.pods, &deleted, now)
+    // The job's pods now: those seen, as the mesh's deletions left them
+    // (the contended ones are not among them), and those just made or found.
+    let pods: Vec<Pod> = after_deletions(&placing.pods, &placement.delete, now)
         .into_iter()
         .chain(created.made.iter().cloned())
         .chain(created.found.iter().cloned())

@@ -86,11 +86,10 @@ async fn reconcile_job(
     let job = match job {
         Ok(job) => job,
         Err(err) => {
-            let told = Tell {
-                type_: crate::events::EventType::Warning,
-                reason: "Unreadable".to_string(),
-                note: format!("{err}; weft leaves this job as it is until the value is fixed"),
-            };
+            let told = Tell::warning(
+                "Unreadable",
+                format!("{err}; weft leaves this job as it is until the value is fixed"),
+            );
             let resource = ApiResource::erase::<TrainingJob>(&());
             apply::tell(&ctx.events, &object.object_ref(&resource), &told).await;
             return Err(err);

@@ -10,7 +10,9 @@ use weft_crds::{Phase, TrainingJob};
 
 use super::decide::Seen;
 use crate::build::LABEL_JOB;
-use crate::controller::{Context, ControllerError, MAX_EPOCH, owned_by, read_published, terminal};
+use crate::controller::{
+    Context, ControllerError, owned_by, read_published, recorded_epoch, terminal,
+};
 use crate::status::JobClaim;
 
 /// The job's own pods: those labelled with its name whose controller is
@@ -79,10 +81,7 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
             }
         }
     }
-    let recorded = job
-        .status
-        .as_ref()
-        .map_or(0, |s| s.mesh_epoch.clamp(0, MAX_EPOCH as i64) as u64);
+    let recorded = recorded_epoch(&job);
     let published = if ended || job.spec.suspend {
         crate::controller::Published::Absent
     } else {
