@@ -576,8 +576,10 @@ pub struct DataSpec {
     pub tokenizer: Option<String>,
 }
 
-/// Which files of a data source are read, and how.
+/// Which files of a data source are read, and how (the trainer's
+/// `--data-format`, by [`DataFormat::name`]).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DataFormat {
     /// Each file by its extension: `.txt` and `.md` a document each,
     /// `.jsonl` a document per line, `.parquet` a document per row; other
@@ -587,6 +589,7 @@ pub enum DataFormat {
     /// Only `.txt` and `.md` files, a document each.
     Text,
     /// Only `.jsonl` files, a document per non-empty line (its `textField`).
+    #[cfg_attr(feature = "clap", value(name = "jsonl"))]
     JsonLines,
     /// Only `.parquet` files, a document per row (its `textField` column, a string).
     Parquet,
@@ -621,8 +624,10 @@ fn is_default_text_field(field: &String) -> bool {
 }
 
 /// How the global batches are drawn. Either way the order depends on the
-/// seed and the corpus only, never on the number of workers.
+/// seed and the corpus only, never on the number of workers (the trainer's
+/// `--data-order`, in lower case).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DataOrder {
     /// Whole documents (cut at `maxSequenceLength`) in a seeded order, as
     /// many as fit a step.

@@ -18,8 +18,6 @@ pub enum PlanningError {
         capacity: u64,
         model: String,
     },
-    #[error("unknown strategy {0:?} (known: static, hdp, hdp-offload, flexsp, zeppelin, weft)")]
-    UnknownStrategy(String),
     #[error("the {strategy} solver failed: {reason}")]
     Solver { strategy: String, reason: String },
     #[error(
@@ -67,7 +65,6 @@ impl PlanningError {
             PlanningError::ModelDoesNotFit { .. } | PlanningError::SequenceTooLong { .. } => {
                 "capacity"
             }
-            PlanningError::UnknownStrategy(_) => "strategy",
             PlanningError::Solver { .. } => "solver",
             PlanningError::UnsupportedLimit { .. }
             | PlanningError::DegreeTooSmall { .. }

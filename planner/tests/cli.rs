@@ -302,7 +302,7 @@ fn bad_inputs_exit_non_zero_naming_the_problem() {
                 "--strategy",
                 "magic",
             ],
-            "unknown strategy \"magic\"",
+            "invalid value 'magic' for '--strategy <STRATEGY>'",
         ),
     ];
     for (args, expected) in cases {

@@ -60,8 +60,6 @@ pub enum DataError {
         field: String,
         found: String,
     },
-    #[error("data format {0:?} is none of auto, text, jsonl and parquet")]
-    UnknownFormat(String),
     #[error("the data thread: {0}")]
     Thread(String),
     #[error("{field} must be at least 1, got {value}")]
@@ -89,9 +87,7 @@ impl DataError {
             | DataError::BadJsonLine { .. }
             | DataError::BadParquet { .. }
             | DataError::BadParquetRow { .. } => "corpus_format",
-            DataError::BadSize { .. }
-            | DataError::Decomposition(_)
-            | DataError::UnknownFormat(_) => "data_config",
+            DataError::BadSize { .. } | DataError::Decomposition(_) => "data_config",
             DataError::Tokenizer { .. } | DataError::Tokenize { .. } => "tokenizer",
             DataError::Thread(_) => "data_thread",
         }
@@ -127,22 +123,9 @@ const BUILTIN_CORPUS_TEXT: &str = include_str!("../corpus/python-reference.jsonl
 pub const DEFAULT_TEXT_FIELD: &str = "text";
 
 /// How the files of a corpus directory are read: the job's `data.format`
-/// (`auto`, by extension; or only `text`, `jsonl` or `parquet` files).
+/// (`auto`, by extension; or only `text`, `jsonl` or `parquet` files), a
+/// run's `--data-format` by [`DataFormat::name`].
 pub use weft_crds::DataFormat;
-
-/// The format a run names: `auto`, `text`, `jsonl` or `parquet`
-/// ([`DataFormat::name`]).
-pub fn parse_format(name: &str) -> Result<DataFormat, DataError> {
-    [
-        DataFormat::Auto,
-        DataFormat::Text,
-        DataFormat::JsonLines,
-        DataFormat::Parquet,
-    ]
-    .into_iter()
-    .find(|f| f.name() == name)
-    .ok_or_else(|| DataError::UnknownFormat(name.to_string()))
-}
 
 /// How a file of a corpus read in `format` is read, by its extension;
 /// `None`: not read.
@@ -812,6 +795,27 @@ impl<'a> BatchStream<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `--data-format` and `--data-order` take the job's own enums, named
+    /// on the command line as the trainer names them.
+    #[test]
+    fn the_data_flags_name_the_jobs_settings() {
+        use clap::ValueEnum;
+        fn flag(value: &impl ValueEnum) -> String {
+            value
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        }
+        for format in DataFormat::value_variants() {
+            assert_eq!(flag(format), format.name());
+        }
+        let orders: Vec<String> = weft_crds::DataOrder::value_variants()
+            .iter()
+            .map(flag)
+            .collect();
+        assert_eq!(orders, ["documents", "decomposed"]);
+    }
 
     fn corpus(lengths: &[usize]) -> Corpus {
         Corpus {

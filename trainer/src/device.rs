@@ -18,16 +18,12 @@ use crate::model::Precision;
 /// Why a device cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeviceError {
-    #[error("device {0:?} is not one of auto, cpu, cuda")]
-    Unknown(String),
     #[error(
         "--device cuda: this weft-trainer was built for CPU only (its libtorch is the CPU set, without NCCL); on a GPU machine run `WEFT_TORCH_FULL=1 scripts/setup` and build again"
     )]
     NotBuilt,
     #[error("--device cuda: libtorch sees no CUDA device on this machine")]
     NoGpu,
-    #[error("collectives {0:?} are not one of auto, gloo, nccl")]
-    UnknownCollectives(String),
     #[error("--collectives nccl needs --device cuda: NCCL moves GPU memory only")]
     NcclOnCpu,
 }
@@ -36,16 +32,35 @@ impl DeviceError {
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {
-            DeviceError::Unknown(_)
-            | DeviceError::UnknownCollectives(_)
-            | DeviceError::NcclOnCpu => "device_input",
+            DeviceError::NcclOnCpu => "device_input",
             DeviceError::NotBuilt | DeviceError::NoGpu => "device_unavailable",
         }
     }
 }
 
+/// Where the ranks compute, as a run asks (`--device`): a device, or
+/// `auto` ([`ComputeDevice::choose`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA where this build can run on a GPU that libtorch sees, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl From<ComputeDevice> for DeviceChoice {
+    fn from(device: ComputeDevice) -> DeviceChoice {
+        match device {
+            ComputeDevice::Cpu => DeviceChoice::Cpu,
+            ComputeDevice::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
 /// The kind of device every rank of a run computes on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDevice {
     #[default]
@@ -56,27 +71,16 @@ pub enum ComputeDevice {
 }
 
 impl ComputeDevice {
-    /// `cpu` or `cuda`.
-    pub fn parse(text: &str) -> Result<ComputeDevice, DeviceError> {
-        match text {
-            "cpu" => Ok(ComputeDevice::Cpu),
-            "cuda" => Ok(ComputeDevice::Cuda),
-            other => Err(DeviceError::Unknown(other.to_string())),
+    /// The device `choice` names; for `auto`, CUDA where this build can
+    /// run on a GPU that libtorch sees, else the CPU. (A named device is
+    /// checked where it is used: [`ComputeDevice::check`].)
+    pub fn choose(choice: DeviceChoice) -> ComputeDevice {
+        match choice {
+            DeviceChoice::Cpu => ComputeDevice::Cpu,
+            DeviceChoice::Cuda => ComputeDevice::Cuda,
+            DeviceChoice::Auto if ComputeDevice::Cuda.check().is_ok() => ComputeDevice::Cuda,
+            DeviceChoice::Auto => ComputeDevice::Cpu,
         }
-    }
-
-    /// `auto`: CUDA where this build can run on a GPU that libtorch sees,
-    /// else the CPU; or `cpu`, `cuda` as [`ComputeDevice::parse`].
-    pub fn choose(text: &str) -> Result<ComputeDevice, DeviceError> {
-        if text == "auto" {
-            let gpu = ComputeDevice::Cuda.check().is_ok();
-            return Ok(if gpu {
-                ComputeDevice::Cuda
-            } else {
-                ComputeDevice::Cpu
-            });
-        }
-        ComputeDevice::parse(text)
     }
 
     pub fn name(self) -> &'static str {
@@ -120,8 +124,29 @@ impl ComputeDevice {
     }
 }
 
+/// The library of the collectives, as a run asks (`--collectives`): one,
+/// or `auto` ([`Collectives::choose`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectivesChoice {
+    /// NCCL on GPUs where every rank of a machine has one of its own, else Gloo.
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+impl From<Collectives> for CollectivesChoice {
+    fn from(collectives: Collectives) -> CollectivesChoice {
+        match collectives {
+            Collectives::Gloo => CollectivesChoice::Gloo,
+            Collectives::Nccl => CollectivesChoice::Nccl,
+        }
+    }
+}
+
 /// The library that carries the collectives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Collectives {
     /// Gloo: host memory (GPU tensors are staged through it).
@@ -132,18 +157,18 @@ pub enum Collectives {
 }
 
 impl Collectives {
-    /// `gloo`, `nccl`, or `auto`: NCCL when the ranks compute on GPUs and
-    /// each of the `local_ranks` ranks of this machine has a GPU of its own,
-    /// else Gloo.
+    /// The library `choice` names; for `auto`, NCCL when the ranks compute
+    /// on GPUs and each of the `local_ranks` ranks of this machine has a GPU
+    /// of its own, else Gloo. NCCL on the CPU is refused.
     pub fn choose(
-        text: &str,
+        choice: CollectivesChoice,
         device: ComputeDevice,
         local_ranks: u32,
     ) -> Result<Collectives, DeviceError> {
-        let chosen = match text {
-            "gloo" => Collectives::Gloo,
-            "nccl" => Collectives::Nccl,
-            "auto" => {
+        let chosen = match choice {
+            CollectivesChoice::Gloo => Collectives::Gloo,
+            CollectivesChoice::Nccl => Collectives::Nccl,
+            CollectivesChoice::Auto => {
                 let own_gpus = device == ComputeDevice::Cuda
                     && i64::from(local_ranks) <= tch::Cuda::device_count();
                 if own_gpus {
@@ -152,7 +177,6 @@ impl Collectives {
                     Collectives::Gloo
                 }
             }
-            other => return Err(DeviceError::UnknownCollectives(other.to_string())),
         };
         if chosen == Collectives::Nccl && device != ComputeDevice::Cuda {
             return Err(DeviceError::NcclOnCpu);
@@ -196,16 +220,24 @@ pub fn open_group(
 mod tests {
     use super::*;
 
+    use clap::ValueEnum;
+
+    /// The flag's name of a value.
+    fn flag(value: impl ValueEnum) -> String {
+        value
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn devices_parse_and_name_themselves() {
+    fn devices_are_chosen_and_name_themselves() {
         for device in [ComputeDevice::Cpu, ComputeDevice::Cuda] {
-            assert_eq!(ComputeDevice::parse(device.name()), Ok(device));
+            assert_eq!(flag(device), device.name());
+            assert_eq!(ComputeDevice::choose(device.into()), device);
+            assert_eq!(flag(DeviceChoice::from(device)), device.name());
         }
-        let err = ComputeDevice::parse("tpu").unwrap_err();
-        assert_eq!(err.category(), "device_input");
-        assert!(err.to_string().contains("\"tpu\""));
-        assert!(ComputeDevice::choose("gpu").is_err());
-        let auto = ComputeDevice::choose("auto").unwrap();
+        let auto = ComputeDevice::choose(DeviceChoice::Auto);
         assert_eq!(
             auto == ComputeDevice::Cuda,
             ComputeDevice::Cuda.check().is_ok()
@@ -217,25 +249,25 @@ mod tests {
     #[test]
     fn collectives_follow_the_device_and_refuse_nccl_on_the_cpu() {
         let cpu = ComputeDevice::Cpu;
-        assert_eq!(Collectives::choose("auto", cpu, 4), Ok(Collectives::Gloo));
-        assert_eq!(Collectives::choose("gloo", cpu, 4), Ok(Collectives::Gloo));
-        assert_eq!(
-            Collectives::choose("nccl", cpu, 1),
-            Err(DeviceError::NcclOnCpu)
-        );
-        let err = Collectives::choose("mpi", cpu, 1).unwrap_err();
-        assert!(err.to_string().contains("\"mpi\""), "{err}");
+        use CollectivesChoice::{Auto, Gloo, Nccl};
+        assert_eq!(Collectives::choose(Auto, cpu, 4), Ok(Collectives::Gloo));
+        assert_eq!(Collectives::choose(Gloo, cpu, 4), Ok(Collectives::Gloo));
+        let err = Collectives::choose(Nccl, cpu, 1).unwrap_err();
+        assert_eq!(err, DeviceError::NcclOnCpu);
+        assert_eq!(err.category(), "device_input");
         // More ranks than any machine has GPUs share them, over Gloo.
         assert_eq!(
-            Collectives::choose("auto", ComputeDevice::Cuda, 1 << 20),
+            Collectives::choose(Auto, ComputeDevice::Cuda, 1 << 20),
             Ok(Collectives::Gloo)
         );
         assert_eq!(
-            Collectives::choose("nccl", ComputeDevice::Cuda, 1 << 20),
+            Collectives::choose(Nccl, ComputeDevice::Cuda, 1 << 20),
             Ok(Collectives::Nccl)
         );
         for c in [Collectives::Gloo, Collectives::Nccl] {
-            assert_eq!(Collectives::choose(c.name(), ComputeDevice::Cuda, 1), Ok(c));
+            assert_eq!(flag(c), c.name());
+            assert_eq!(flag(CollectivesChoice::from(c)), c.name());
+            assert_eq!(Collectives::choose(c.into(), ComputeDevice::Cuda, 1), Ok(c));
         }
     }
 

@@ -58,7 +58,7 @@ impl BenchError {
 }
 
 /// A way of keeping what the backward needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Plain,
@@ -75,10 +75,6 @@ impl Method {
             Method::Checkpointing => "checkpointing",
             Method::Streambp => "streambp",
         }
-    }
-
-    pub fn parse(text: &str) -> Option<Method> {
-        Method::ALL.into_iter().find(|m| m.name() == text)
     }
 
     /// How the step backpropagates with this method; StreamBP in chunks of
@@ -366,6 +362,17 @@ pub fn longest_within<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--methods` names each method as the report does.
+    #[test]
+    fn methods_are_named_on_the_command_line_as_in_the_report() {
+        use clap::ValueEnum;
+        assert_eq!(Method::value_variants(), &Method::ALL);
+        for method in Method::ALL {
+            let flag = method.to_possible_value().map(|v| v.get_name().to_string());
+            assert_eq!(flag.as_deref(), Some(method.name()));
+        }
+    }
 
     /// A step whose peak grows linearly with the length: the search finds
     /// the longest length within the budget to its resolution.

@@ -23,7 +23,7 @@ use weft_planner::model::ModelSpec;
 /// reaches the fp32 weight), attention runs on bf16 queries, keys and values
 /// and merges its partial results in fp32, and the norms, the residual stream,
 /// the softmax of the loss and the ring's dK/dV accumulators stay fp32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything fp32: what the CPU runs by default.
@@ -34,17 +34,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `fp32` or `bf16`.
-    pub fn parse(text: &str) -> Result<Precision, ModelError> {
-        match text {
-            "fp32" => Ok(Precision::Fp32),
-            "bf16" => Ok(Precision::Bf16),
-            other => Err(ModelError::Shape(format!(
-                "precision {other:?} is neither fp32 nor bf16"
-            ))),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
@@ -806,6 +795,18 @@ impl Llama {
 mod tests {
     use super::*;
     use tch::nn::OptimizerConfig;
+
+    /// `--precision` names each format as reports do.
+    #[test]
+    fn precisions_are_named_on_the_command_line_as_in_reports() {
+        use clap::ValueEnum;
+        for precision in Precision::value_variants() {
+            let flag = precision
+                .to_possible_value()
+                .map(|v| v.get_name().to_string());
+            assert_eq!(flag.as_deref(), Some(precision.name()));
+        }
+    }
 
     fn tiny() -> ModelSpec {
         ModelSpec::preset("tiny").unwrap()

@@ -82,7 +82,7 @@ fn the_memory_bench_refuses_bad_input_by_name() {
         ),
         (
             &["--methods", "plain,fast"][..],
-            "\"fast\" is none of plain, checkpointing, streambp",
+            "invalid value 'fast' for '--methods <METHODS>'",
         ),
         (
             &["--seq-len", "256", "--stream-bp-chunk", "512"][..],

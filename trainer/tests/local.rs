@@ -409,7 +409,10 @@ fn bad_input_gets_a_clear_error() {
         &["--model", "llama-5b"],
         "unknown model preset \"llama-5b\"",
     );
-    fails_with(&["--strategy", "fastest"], "unknown strategy");
+    fails_with(
+        &["--strategy", "fastest"],
+        "invalid value 'fastest' for '--strategy <STRATEGY>'",
+    );
     fails_with(&["--ranks", "0"], "--ranks must be at least 1");
     fails_with(
         &["--ranks", "2", "--rank-tokens", "100"],

@@ -92,9 +92,8 @@ enum Command {
     Plan {
         #[command(flatten)]
         common: Common,
-        /// static, hdp, zeppelin or weft.
-        #[arg(long, default_value = "weft")]
-        strategy: String,
+        #[arg(long, value_enum, default_value_t = Strategy::Weft)]
+        strategy: Strategy,
         /// With weft: also print every candidate it weighed and its predicted time.
         #[arg(long)]
         explain: bool,
@@ -339,7 +338,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_cp_degree,
             no_nic_routing,
         } => {
-            let strategy = Strategy::parse(&strategy)?;
             let (mut ctx, lengths) = context(&common)?;
             ctx.limits = weft_planner::PlanLimits {
                 cp_degree,

@@ -193,12 +193,18 @@ pub fn widest_ring_past(layout: &Layout, cap: Option<u32>) -> Option<u32> {
         .filter(|widest| *widest > cap)
 }
 
-/// The strategies, in the order reports list them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The strategies, in the order reports list them; as flags, by
+/// [`Strategy::name`].
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     Static,
     Hdp,
     HdpOffload,
+    #[value(name = "flexsp")]
+    #[serde(rename = "flexsp")]
     FlexSp,
     Zeppelin,
     Weft,
@@ -224,11 +230,28 @@ impl Strategy {
             Strategy::Weft => "weft",
         }
     }
+}
 
-    pub fn parse(name: &str) -> Result<Strategy, PlanningError> {
-        Strategy::ALL
-            .into_iter()
-            .find(|s| s.name() == name)
-            .ok_or_else(|| PlanningError::UnknownStrategy(name.to_string()))
+#[cfg(test)]
+mod tests {
+    use super::Strategy;
+    use clap::ValueEnum;
+
+    /// A strategy's flag is the name reports print, both ways.
+    #[test]
+    fn every_strategy_is_named_on_the_command_line_as_in_reports() {
+        assert_eq!(Strategy::value_variants(), &Strategy::ALL);
+        for strategy in Strategy::ALL {
+            let flag = strategy
+                .to_possible_value()
+                .map(|v| v.get_name().to_string());
+            assert_eq!(flag.as_deref(), Some(strategy.name()));
+            assert_eq!(Strategy::from_str(strategy.name(), false), Ok(strategy));
+            let json = serde_json::to_value(strategy).ok();
+            assert_eq!(
+                json.as_ref().and_then(|j| j.as_str()),
+                Some(strategy.name())
+            );
+        }
     }
 }

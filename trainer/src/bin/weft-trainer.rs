@@ -17,9 +17,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
+use weft_crds::DataFormat;
+use weft_planner::Strategy;
 use weft_trainer::comm::CommError;
 use weft_trainer::decompose::DataOrder;
-use weft_trainer::device::{Collectives, ComputeDevice};
+use weft_trainer::device::{Collectives, CollectivesChoice, ComputeDevice, DeviceChoice};
 use weft_trainer::launch::{PEER_LOST_EXIT, run_local};
 use weft_trainer::model::Precision;
 use weft_trainer::optim::AdamWConfig;
@@ -35,6 +37,9 @@ struct Cli {
 }
 
 /// What a training run is asked to do (shared by `local` and its workers).
+/// Its defaults are the flags' (clap's) alone: a worker is handed the
+/// whole value as JSON, every field written, and `eval` reads its settings
+/// through the flags.
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
 struct TrainArgs {
     /// Steps to train.
@@ -52,21 +57,18 @@ struct TrainArgs {
     /// The field of each JSONL line, and the column of each Parquet row,
     /// that holds its document.
     #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
-    #[serde(default = "default_text_field")]
     text_field: String,
     /// Which files of --data are read, and how: auto (each by its
     /// extension: .txt and .md a document each, .jsonl a document per
     /// line, .parquet a document per row), or only the files of one
     /// format: text, jsonl or parquet.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "text", "jsonl", "parquet"])]
-    #[serde(default = "default_auto")]
-    data_format: String,
+    #[arg(long, value_enum, default_value_t = DataFormat::Auto, hide_possible_values = true)]
+    data_format: DataFormat,
     /// The documents' tokenizer: a tokenizer.json, or a directory holding
     /// one (documents are closed by the end-of-sequence token named by its
     /// directory's config.json or tokenizer_config.json). Default: a
     /// Hugging Face --model's own, else weft's byte tokenizer.
     #[arg(long, value_name = "PATH")]
-    #[serde(default)]
     tokenizer: Option<PathBuf>,
     /// Model: a preset (tiny, llama-7b, llama-13b, llama-70b), a YAML/JSON
     /// file with layers, hidden, heads, kv_heads, ffn, vocab, or a Hugging
@@ -79,7 +81,6 @@ struct TrainArgs {
     /// directory after the last step, as a Hugging Face model (safetensors
     /// shards, config.json and the tokenizer's files).
     #[arg(long, value_name = "DIR")]
-    #[serde(default)]
     save: Option<PathBuf>,
     /// With a Hugging Face --model: replace its rotary settings, as context
     /// extension does. A JSON object in config.json's rope_parameters form,
@@ -90,16 +91,13 @@ struct TrainArgs {
     /// with max_position_embeddings raised to --max-seq-len (but for
     /// dynamic, which scales past max_position_embeddings as it is).
     #[arg(long, value_name = "JSON")]
-    #[serde(default)]
     rope: Option<String>,
     /// Evaluate instead of training (set by `eval`).
     #[arg(skip)]
-    #[serde(default)]
     eval: bool,
     /// A model with every dimension given (from the operator's
     /// training.json); takes the place of `model` when set.
     #[arg(skip)]
-    #[serde(default)]
     model_spec: Option<weft_planner::model::ModelSpec>,
     /// Tokens of each step's global batch (whole documents).
     #[arg(long, default_value_t = 4096)]
@@ -112,41 +110,34 @@ struct TrainArgs {
     /// power-of-two chunks, each step all from one bucket, buckets visited
     /// short to long; --max-seq-len is the longest bucket and must be a power
     /// of two).
-    #[arg(long, default_value = "documents", value_parser = ["documents", "decomposed"])]
-    #[serde(default = "default_data_order")]
-    data_order: String,
+    #[arg(long, value_enum, default_value_t = weft_crds::DataOrder::Documents, hide_possible_values = true)]
+    data_order: weft_crds::DataOrder,
     /// Decomposed: the shortest bucket, in tokens (a power of two); shorter
     /// leftovers of a document are not used.
     #[arg(long, default_value_t = 64)]
-    #[serde(default = "default_bucket_min")]
     bucket_min: usize,
     /// Decomposed: steps of one curriculum cycle (short to long).
     #[arg(long, default_value_t = 16)]
-    #[serde(default = "default_curriculum_steps")]
     curriculum_steps: usize,
-    /// Planning strategy: weft, zeppelin, hdp, flexsp or static (hdp-offload
-    /// plans activation offloading, which the engine does not do: refused).
-    #[arg(long, default_value = "weft")]
-    strategy: String,
+    /// Planning strategy (hdp-offload plans activation offloading, which
+    /// the engine does not do: refused).
+    #[arg(long, value_enum, default_value_t = Strategy::Weft)]
+    strategy: Strategy,
     /// Static: the one context-parallel degree of every ring (the job's
     /// parallelism.cpDegree); default: static sizes it for --max-seq-len.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    #[serde(default)]
     cp_degree: Option<u32>,
     /// The largest ring any sequence may get (weft and static; the job's
     /// parallelism.maxCpDegree).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    #[serde(default)]
     max_cp_degree: Option<u32>,
     /// Each rank's transfers between nodes take its own NIC, not spread over
     /// every NIC of its node (the job's parallelism.nicAwareRouting: false).
     #[arg(long)]
-    #[serde(default)]
     no_nic_routing: bool,
     /// Run every ring flat, also those the plan makes hierarchical (round
     /// each node first, then across nodes).
     #[arg(long)]
-    #[serde(default)]
     flat_rings: bool,
     /// Directory of the checkpoints (model, optimizer, data cursor), one
     /// directory per step.
@@ -157,7 +148,6 @@ struct TrainArgs {
     checkpoint_every: u64,
     /// Complete checkpoints kept (one directory per step); the oldest go.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
-    #[serde(default = "default_keep")]
     checkpoint_keep: u64,
     /// Continue from the newest intact checkpoint in --checkpoint-dir, on any
     /// number of ranks, with exactly the next batch.
@@ -169,8 +159,19 @@ struct TrainArgs {
     fail_at: Option<String>,
 }
 
-fn default_text_field() -> String {
-    weft_trainer::data::DEFAULT_TEXT_FIELD.to_string()
+/// `--format` of a command's report: a table for people, or JSON.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    Table,
+    Json,
+}
+
+/// The name a value has on the command line.
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 /// `--stream-bp`: which rings stream their backward.
@@ -228,26 +229,22 @@ struct RunArgs {
     /// Where each rank computes: cpu (collectives over Gloo), cuda (one GPU
     /// per rank, collectives over NCCL; needs the full CUDA libtorch), or
     /// auto: cuda where it can run, else cpu.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    #[serde(default = "default_auto")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, hide_possible_values = true)]
+    device: DeviceChoice,
     /// Library of the collectives: gloo (host memory; GPU tensors are staged
     /// through it, so ranks may share GPUs), nccl (a GPU per rank), or auto:
     /// nccl on cuda when every rank of a machine has a GPU of its own, else
     /// gloo.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
-    #[serde(default = "default_auto")]
-    collectives: String,
+    #[arg(long, value_enum, default_value_t = CollectivesChoice::Auto, hide_possible_values = true)]
+    collectives: CollectivesChoice,
     /// Number format: fp32, or bf16 (mixed precision: bf16 products and
     /// activations, fp32 weights, gradients and optimizer state). Default:
     /// fp32 on cpu, bf16 on cuda.
-    #[arg(long, value_parser = ["fp32", "bf16"])]
-    #[serde(default)]
-    precision: Option<String>,
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Plan at the speeds this profile measured (`weft-trainer profile`'s
     /// JSON) instead of the datasheets'.
     #[arg(long)]
-    #[serde(default)]
     profile: Option<PathBuf>,
     /// StreamBP: backpropagate each layer in chunks of at least this many
     /// tokens along the sequence, keeping only the layers' inputs from the
@@ -256,7 +253,6 @@ struct RunArgs {
     /// two that costs it no more memory (fewer chunks are faster), as the
     /// step plan records. In a pod, the job's parallelism.streamBpChunkTokens.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
-    #[serde(default)]
     stream_bp_chunk: Option<u64>,
     /// With --stream-bp-chunk, which rings stream: per-ring (weft streams
     /// the rings where that is faster than the wider ring plain backprop
@@ -264,24 +260,20 @@ struct RunArgs {
     /// other strategies stream every ring; the default) or always (every
     /// ring).
     #[arg(long, value_enum, value_name = "WHERE")]
-    #[serde(default)]
     stream_bp: Option<StreamBpWhere>,
     /// When resuming: accept a seed, corpus, tokens per step or longest
     /// sequence other than the checkpoint's (the batches then change);
     /// without it such a resume is refused.
     #[arg(long)]
-    #[serde(default)]
     accept_data_change: bool,
     /// Draw the plan each step ran as a picture (SVG, as `weft plan --svg`
     /// draws it) into this directory: `step-00000012.svg`. In a pod, the
     /// first worker (it runs rank 0) draws, into its own file system: name
     /// a mounted volume, the checkpoint volume for instance.
     #[arg(long, value_name = "DIR")]
-    #[serde(default)]
     plan_svg: Option<PathBuf>,
     /// With --plan-svg: draw every Nth step only.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "plan_svg")]
-    #[serde(default = "every_step")]
     plan_svg_every: u64,
 }
 
@@ -289,11 +281,11 @@ impl TrainArgs {
     /// These settings with the device and collectives chosen for
     /// `local_ranks` ranks on each machine, as every rank must then use them.
     fn settled(&self, local_ranks: u32) -> anyhow::Result<TrainArgs> {
-        let device = ComputeDevice::choose(&self.run.device)?;
-        let collectives = Collectives::choose(&self.run.collectives, device, local_ranks)?;
+        let device = ComputeDevice::choose(self.run.device);
+        let collectives = Collectives::choose(self.run.collectives, device, local_ranks)?;
         let mut settled = self.clone();
-        settled.run.device = device.name().to_string();
-        settled.run.collectives = collectives.name().to_string();
+        settled.run.device = device.into();
+        settled.run.collectives = collectives.into();
         Ok(settled)
     }
 
@@ -350,8 +342,8 @@ impl TrainArgs {
                 self.text_field
             );
         }
-        let data_format = weft_trainer::data::parse_format(&self.data_format)?;
-        if data_format == weft_trainer::data::DataFormat::Text
+        let data_format = self.data_format;
+        if data_format == DataFormat::Text
             && self.text_field != weft_trainer::data::DEFAULT_TEXT_FIELD
         {
             bail!(
@@ -359,10 +351,10 @@ impl TrainArgs {
                 self.text_field
             );
         }
-        if builtin && data_format != weft_trainer::data::DataFormat::Auto {
+        if builtin && data_format != DataFormat::Auto {
             bail!(
                 "--data-format {}: the built-in corpus is read as it is built in; name a --data directory",
-                self.data_format
+                data_format.name()
             );
         }
         if let Some(out) = &self.save {
@@ -418,9 +410,9 @@ impl TrainArgs {
                 Some(parsed.with_context(|| format!("--fail-at {text:?} is not RANK:STEP"))?)
             }
         };
-        let data_order = match self.data_order.as_str() {
-            "documents" => DataOrder::Documents,
-            "decomposed" => {
+        let data_order = match self.data_order {
+            weft_crds::DataOrder::Documents => DataOrder::Documents,
+            weft_crds::DataOrder::Decomposed => {
                 if !self.bucket_min.is_power_of_two() || self.bucket_min > self.max_seq_len {
                     bail!(
                         "--bucket-min {} must be a power of two no larger than --max-seq-len {}",
@@ -442,7 +434,6 @@ impl TrainArgs {
                     cycle_steps: self.curriculum_steps,
                 }
             }
-            other => bail!("--data-order {other:?} is neither documents nor decomposed"),
         };
         if let Some(chunk) = self.run.stream_bp_chunk
             && chunk > self.max_seq_len as u64
@@ -452,13 +443,13 @@ impl TrainArgs {
                 self.max_seq_len
             );
         }
-        let strategy = weft_planner::Strategy::parse(&self.strategy)?;
-        if strategy == weft_planner::Strategy::HdpOffload {
+        let strategy = self.strategy;
+        if strategy == Strategy::HdpOffload {
             bail!(
                 "--strategy hdp-offload plans offloading activations to host memory, which the engine does not do; --strategy hdp plans the same without it"
             );
         }
-        if self.cp_degree.is_some() && strategy != weft_planner::Strategy::Static {
+        if self.cp_degree.is_some() && strategy != Strategy::Static {
             bail!(
                 "--cp-degree is the degree of static context parallelism: it needs --strategy static (weft chooses each sequence's degree; cap it with --max-cp-degree)"
             );
@@ -468,12 +459,12 @@ impl TrainArgs {
         {
             bail!("--cp-degree {degree} must not be greater than --max-cp-degree {most}");
         }
-        let device = ComputeDevice::choose(&self.run.device)?;
+        let device = ComputeDevice::choose(self.run.device);
         // Refused here, before any worker starts, where it cannot run.
         device.check()?;
         // `auto` is settled by the launcher, which knows how many ranks share
         // the machine ([`TrainArgs::settled`]); a rank alone here has a GPU.
-        let collectives = Collectives::choose(&self.run.collectives, device, 1)?;
+        let collectives = Collectives::choose(self.run.collectives, device, 1)?;
         Ok(TrainConfig {
             architecture: hf
                 .as_ref()
@@ -504,10 +495,10 @@ impl TrainArgs {
             backprop: self.run.backprop()?,
             rank_tokens: self.run.rank_tokens,
             optimizer: self.run.optimizer()?,
-            precision: match &self.run.precision {
-                Some(text) => Precision::parse(text)?,
-                None => device.default_precision(),
-            },
+            precision: self
+                .run
+                .precision
+                .unwrap_or_else(|| device.default_precision()),
             device,
             collectives,
             profile: match &self.run.profile {
@@ -557,30 +548,6 @@ impl RunArgs {
     }
 }
 
-fn default_auto() -> String {
-    "auto".to_string()
-}
-
-fn every_step() -> u64 {
-    1
-}
-
-fn default_keep() -> u64 {
-    3
-}
-
-fn default_data_order() -> String {
-    "documents".to_string()
-}
-
-fn default_bucket_min() -> usize {
-    64
-}
-
-fn default_curriculum_steps() -> usize {
-    16
-}
-
 /// The corpus that ships with weft, built into the binary.
 fn default_corpus() -> PathBuf {
     PathBuf::from(weft_trainer::data::BUILTIN_CORPUS)
@@ -606,8 +573,8 @@ enum BenchCommand {
         /// StreamBP's chunk, tokens.
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
         stream_bp_chunk: u64,
-        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-        precision: String,
+        #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+        precision: Precision,
         /// libtorch threads (default: every core).
         #[arg(long)]
         threads: Option<i32>,
@@ -618,10 +585,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 0.05)]
         resolution: f64,
         /// Methods to run, comma-separated.
-        #[arg(long, default_value = "plain,checkpointing,streambp")]
-        methods: String,
-        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-        format: String,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "plain,checkpointing,streambp"
+        )]
+        methods: Vec<weft_trainer::membench::Method>,
+        #[arg(long, value_enum, default_value_t = Report::Table)]
+        format: Report,
     },
     /// One measured step in a process of its own (started by `bench memory`).
     #[command(hide = true)]
@@ -721,9 +693,9 @@ enum Command {
         /// Model whose training step is timed.
         #[arg(long, default_value = "tiny")]
         model: String,
-        /// Number format: fp32 or bf16.
-        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-        precision: String,
+        /// Number format.
+        #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+        precision: Precision,
         /// Tokens of the timed batch.
         #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(2..))]
         tokens: u64,
@@ -738,8 +710,8 @@ enum Command {
         threads: Option<i32>,
         /// Where the steps run: cpu, cuda (GPU 0; the link is then measured
         /// between GPUs 0 and 1 over NCCL when there are two), or auto.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-        device: String,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, hide_possible_values = true)]
+        device: DeviceChoice,
         /// Write the profile here (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -764,16 +736,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Number format checked: fp32, or bf16 as mixed-precision runs use it.
-        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-        precision: String,
+        #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+        precision: Precision,
         /// Where the ranks compute: cpu (Gloo), cuda (a GPU each, NCCL), or
         /// auto: cuda where it can run, else cpu.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-        device: String,
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, hide_possible_values = true)]
+        device: DeviceChoice,
         /// Library of the collectives: gloo, nccl (a GPU per rank), or auto:
         /// nccl on cuda when there are GPUs enough for every rank.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
-        collectives: String,
+        #[arg(long, value_enum, default_value_t = CollectivesChoice::Auto, hide_possible_values = true)]
+        collectives: CollectivesChoice,
         /// Largest error accepted. Default: 1e-4 in fp32; 5e-2 in bf16 (8
         /// bits of mantissa: the error of one rounding of a value near 1 is
         /// up to 4e-3, and attention sums many).
@@ -799,12 +771,12 @@ enum Command {
         seed: u64,
         #[arg(long)]
         cases: u32,
-        #[arg(long, default_value = "fp32")]
-        precision: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "gloo")]
-        collectives: String,
+        #[arg(long, value_enum)]
+        precision: Precision,
+        #[arg(long, value_enum)]
+        device: ComputeDevice,
+        #[arg(long, value_enum)]
+        collectives: Collectives,
         #[arg(long)]
         die: bool,
     },
@@ -1029,8 +1001,8 @@ struct ModelAndCorpus {
     #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
     text_field: String,
     /// Which files of --data are read (as `local --data-format`).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "text", "jsonl", "parquet"])]
-    data_format: String,
+    #[arg(long, value_enum, default_value_t = DataFormat::Auto, hide_possible_values = true)]
+    data_format: DataFormat,
 }
 
 /// What `eval` evaluates, and where.
@@ -1050,17 +1022,17 @@ struct EvalArgs {
     #[arg(long)]
     rank_tokens: Option<u64>,
     /// Where each rank computes (as `local --device`).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
-    device: String,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, hide_possible_values = true)]
+    device: DeviceChoice,
     /// fp32 or bf16 (as `local --precision`; default fp32 on cpu, bf16
     /// on cuda: pass fp32 there to compare with an fp32 reference).
-    #[arg(long, value_parser = ["fp32", "bf16"])]
-    precision: Option<String>,
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// table, or json: {"loss", "tokens", "documents": [{"document",
     /// "loss", "tokens"}]} (a document's loss is null when it has fewer
     /// than two tokens).
-    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-    format: String,
+    #[arg(long, value_enum, default_value_t = Report::Table)]
+    format: Report,
     /// Seconds before the workers are stopped.
     #[arg(long, default_value_t = 3600)]
     timeout_s: u64,
@@ -1109,13 +1081,13 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     flag("model", args.input.model.as_os_str());
     flag("data", args.input.data.as_os_str());
     flag("text-field", args.input.text_field.as_ref());
-    flag("data-format", args.input.data_format.as_ref());
+    flag("data-format", args.input.data_format.name().as_ref());
     flag("steps", "1".as_ref());
     flag("max-seq-len", max_seq_len.to_string().as_ref());
     flag("tokens-per-step", max_seq_len.to_string().as_ref());
-    flag("device", args.device.as_ref());
-    if let Some(precision) = &args.precision {
-        flag("precision", precision.as_ref());
+    flag("device", value_name(args.device).as_ref());
+    if let Some(precision) = args.precision {
+        flag("precision", precision.name().as_ref());
     }
     if let Some(tokens) = args.rank_tokens {
         flag("rank-tokens", tokens.to_string().as_ref());
@@ -1187,7 +1159,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     let total: u64 = documents.iter().map(predicted).sum();
     let sum: f64 = documents.iter().map(|d| d.loss_sum).sum();
     let mean = |sum: f64, count: u64| (count > 0).then(|| sum / count as f64);
-    if args.format == "json" {
+    if args.format == Report::Json {
         let report = serde_json::json!({
             "loss": mean(sum, total),
             "tokens": documents.iter().map(|d| d.tokens).sum::<u64>(),
@@ -1442,18 +1414,13 @@ fn job_args(
         model_spec,
         tokens_per_step: count("data.tokensPerStep", data.tokens_per_step)?,
         max_seq_len: count("data.maxSequenceLength", data.max_sequence_length)?,
-        data_order: match data.order {
-            weft_crds::DataOrder::Documents => "documents",
-            weft_crds::DataOrder::Decomposed => "decomposed",
-        }
-        .to_string(),
+        data_order: data.order,
         bucket_min: count("data.minBucketLength", data.min_bucket_length)?,
         curriculum_steps: count("data.curriculumSteps", data.curriculum_steps)?,
         strategy: match parallelism.context_parallelism {
-            weft_crds::ContextParallelism::Adaptive => "weft",
-            weft_crds::ContextParallelism::Static => "static",
-        }
-        .to_string(),
+            weft_crds::ContextParallelism::Adaptive => Strategy::Weft,
+            weft_crds::ContextParallelism::Static => Strategy::Static,
+        },
         flat_rings: !parallelism.hierarchical,
         cp_degree: parallelism
             .cp_degree
@@ -1473,7 +1440,7 @@ fn job_args(
         rope,
         eval: false,
         text_field: data.text_field.clone(),
-        data_format: data.format.name().to_string(),
+        data_format: data.format,
         tokenizer: data.tokenizer.as_ref().map(PathBuf::from),
     })
 }
@@ -1567,7 +1534,7 @@ fn run_probe(
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
 fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
     let (model, data, text_field) = (&input.model, &input.data, &input.text_field);
-    let format = weft_trainer::data::parse_format(&input.data_format)?;
+    let format = input.data_format;
     use weft_trainer::membench::{reset_peak, status_bytes};
     const GIB: f64 = (1u64 << 30) as f64;
     // The peak from here on: what loading adds.
@@ -1622,15 +1589,15 @@ fn bench_memory(
     seq_len: u64,
     budget_gib: f64,
     chunk: u64,
-    precision: &str,
+    precision: Precision,
     threads: Option<i32>,
     max_len: u64,
     resolution: f64,
-    methods: &str,
-    format: &str,
+    methods: Vec<weft_trainer::membench::Method>,
+    format: Report,
 ) -> anyhow::Result<()> {
     use weft_trainer::membench::{
-        GIB, MemoryReport, Method, MethodReport, ProbeConfig, longest_within, predicted_bytes,
+        GIB, MemoryReport, MethodReport, ProbeConfig, longest_within, predicted_bytes,
         predicted_longest,
     };
     if !(budget_gib.is_finite() && budget_gib > 0.0) {
@@ -1642,19 +1609,10 @@ fn bench_memory(
     if chunk > seq_len {
         bail!("--stream-bp-chunk {chunk} is longer than --seq-len {seq_len}");
     }
-    let methods: Vec<Method> = methods
-        .split(',')
-        .map(|m| {
-            Method::parse(m.trim()).with_context(|| {
-                format!("--methods: {m:?} is none of plain, checkpointing, streambp")
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
     let model = match model {
         Some(name) => weft_planner::input::load_model(&name)?,
         None => bench_model(),
     };
-    let precision = Precision::parse(precision)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
     let threads = threads.unwrap_or(cores).max(1);
     let budget = (budget_gib * GIB) as u64;
@@ -1723,7 +1681,7 @@ fn bench_memory(
         stream_bp_chunk: chunk,
         methods: reports,
     };
-    if format == "json" {
+    if format == Report::Json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -1778,12 +1736,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     seq_len,
                     budget_gib,
                     stream_bp_chunk,
-                    &precision,
+                    precision,
                     threads,
                     max_len,
                     resolution,
-                    &methods,
-                    &format,
+                    methods,
+                    format,
                 )?;
                 Ok(true)
             }
@@ -1879,11 +1837,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     "--stream-bp-chunk {chunk} is longer than the longest sequence profiled (--document-length {document_length})"
                 );
             }
-            let device = ComputeDevice::choose(&device)?.of_rank(0)?;
+            let device = ComputeDevice::choose(device).of_rank(0)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
             let config = weft_trainer::profile::ProfileConfig {
                 model: weft_planner::input::load_model(&model)?,
-                precision: Precision::parse(&precision)?,
+                precision,
                 tokens: tokens as usize,
                 document_length: document_length as usize,
                 steps,
@@ -1928,10 +1886,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             timeout_s,
             kill_rank,
         } => {
-            let precision = Precision::parse(&precision)?;
-            let device = ComputeDevice::choose(&device)?;
+            let device = ComputeDevice::choose(device);
             device.check()?;
-            let collectives = Collectives::choose(&collectives, device, ranks)?;
+            let collectives = Collectives::choose(collectives, device, ranks)?;
             let tolerance = tolerance.unwrap_or(match precision {
                 Precision::Fp32 => 1e-4,
                 Precision::Bf16 => 5e-2,
@@ -1962,13 +1919,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             if die {
                 bail!("rank {rank} was told to exit (--kill-rank)");
             }
-            let compute = ComputeDevice::parse(&device)?;
-            let collectives = Collectives::choose(&collectives, compute, 1)?;
-            let device = compute.of_rank(rank)?;
+            let collectives = Collectives::choose(collectives.into(), device, 1)?;
+            let device = device.of_rank(rank)?;
             let spec = CheckSpec {
                 seed,
                 cases,
-                precision: Precision::parse(&precision)?,
+                precision,
                 device,
                 collectives,
             };
@@ -2442,6 +2398,58 @@ mod tests {
         match job_args(&training, steps, run, (None, None)) {
             Ok(args) => format!("{:?}", args.config(1).map_err(|e| e.to_string())),
             Err(refused) => format!("Err({refused:#})"),
+        }
+    }
+
+    /// A worker takes its run's settings whole, as `local` wrote them: the
+    /// flags' defaults are the only ones (a field missing from the JSON is
+    /// refused, never filled in with a second default), and every choice
+    /// travels as itself.
+    #[test]
+    fn a_workers_settings_travel_whole_with_the_flags_defaults_alone() {
+        let Command::Local { train, .. } = Cli::try_parse_from([
+            "weft-trainer",
+            "local",
+            "--data-format=jsonl",
+            "--data-order=decomposed",
+            "--strategy=flexsp",
+            "--device=cpu",
+            "--collectives=gloo",
+            "--precision=bf16",
+        ])
+        .unwrap()
+        .command
+        else {
+            unreachable!("parsed as local")
+        };
+        let json = serde_json::to_value(&*train).unwrap();
+        let back: TrainArgs = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+        assert_eq!(back.data_format, DataFormat::JsonLines);
+        assert_eq!(back.data_order, weft_crds::DataOrder::Decomposed);
+        assert_eq!(back.strategy, Strategy::FlexSp);
+        assert_eq!(back.run.device, DeviceChoice::Cpu);
+        assert_eq!(back.run.collectives, CollectivesChoice::Gloo);
+        assert_eq!(back.run.precision, Some(Precision::Bf16));
+        for field in [
+            "steps",
+            "text_field",
+            "data_format",
+            "bucket_min",
+            "checkpoint_keep",
+        ] {
+            let mut missing = json.clone();
+            missing.as_object_mut().unwrap().remove(field);
+            let err = serde_json::from_value::<TrainArgs>(missing).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        for field in ["device", "collectives", "plan_svg_every"] {
+            let mut missing = json.clone();
+            missing.as_object_mut().unwrap().remove(field);
+            assert!(
+                serde_json::from_value::<TrainArgs>(missing).is_err(),
+                "{field}"
+            );
         }
     }
 
