@@ -490,6 +490,32 @@ mod tests {
         );
     }
 
+    /// What a worker is handed, as the API server stores it: its pod
+    /// (image, command, environment, resources, volumes, node pinning,
+    /// identity) and the ConfigMap it reads its mesh and training
+    /// parameters from. Snapshots in `tests/golden`: review a change with
+    /// `cargo insta review`, or accept it with `INSTA_UPDATE=always cargo
+    /// test -p weft-operator --lib build`.
+    #[test]
+    fn the_rendered_worker_pod_and_its_config_match_the_snapshots() {
+        let objects = build(&job(), &mesh()).unwrap();
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path("../tests/golden");
+        settings.set_prepend_module_to_snapshot(false);
+        settings.set_omit_expression(true);
+        // The mesh shown as the JSON it holds, not as one escaped string;
+        // training.json is the golden file of its own (the trainer's tests
+        // read it), which the test above holds it to.
+        let mut config = serde_json::to_value(&objects.mesh).unwrap();
+        let data = &mut config["data"];
+        data["mesh.json"] = serde_json::from_str(data["mesh.json"].as_str().unwrap()).unwrap();
+        data["training.json"] = "(tests/golden/training.json)".into();
+        settings.bind(|| {
+            insta::assert_yaml_snapshot!("worker-pod", objects.pods[0]);
+            insta::assert_yaml_snapshot!("worker-config", config);
+        });
+    }
+
     #[test]
     fn the_published_mesh_names_its_epochs_rendezvous() {
         let mesh = mesh();

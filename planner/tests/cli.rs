@@ -1,8 +1,10 @@
 //! The `weft` binary as a user runs it: golden step plans for fixed inputs, and
 //! a clear error with a non-zero exit for every kind of bad input.
 //!
-//! Regenerate the golden plans after an intended change with
-//! `WEFT_UPDATE_GOLDEN=1 cargo test -p weft-planner --test cli`.
+//! The golden plans and their pictures are insta snapshots
+//! (`tests/golden/*.snap`): after an intended change, review them with
+//! `cargo insta review`, or accept them all with
+//! `INSTA_UPDATE=always cargo test -p weft-planner --test cli`.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -93,32 +95,10 @@ fn golden_plans_for_fixed_inputs() {
             String::from_utf8_lossy(&out.stderr)
         );
         let plan = String::from_utf8(out.stdout).unwrap();
-        let path = golden_dir().join(format!("{name}.json"));
         // Its picture too (one of them has remaps).
         let picture = std::fs::read_to_string(file.with_extension("svg")).unwrap();
-        let picture_path = golden_dir().join(format!("{name}.svg"));
-        if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
-            std::fs::create_dir_all(golden_dir()).unwrap();
-            std::fs::write(&path, &plan).unwrap();
-            std::fs::write(&picture_path, &picture).unwrap();
-            continue;
-        }
-        assert!(
-            std::fs::read_to_string(&picture_path).is_ok_and(|p| p == picture),
-            "{name}: the picture differs from {}; if intended, regenerate with WEFT_UPDATE_GOLDEN=1",
-            picture_path.display()
-        );
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; regenerate with WEFT_UPDATE_GOLDEN=1",
-                path.display()
-            )
-        });
-        assert!(
-            plan == expected,
-            "{name}: the plan differs from {}; if intended, regenerate with WEFT_UPDATE_GOLDEN=1",
-            path.display()
-        );
+        golden_plan(name, &plan);
+        golden_picture(name, &picture);
     }
 }
 
@@ -395,16 +375,27 @@ fn a_profile_prices_the_plan_at_the_measured_speeds() {
     );
 }
 
-/// Holds `drawn` to the golden file `name` (`WEFT_UPDATE_GOLDEN=1` rewrites it).
+/// The snapshots' settings: kept in `tests/golden`, named as the test names them.
+fn in_golden_dir(check: impl FnOnce()) {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(golden_dir());
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    settings.bind(check);
+}
+
+/// Holds a plan's JSON to the snapshot `NAME-plan` (a diff on failure).
+fn golden_plan(name: &str, plan: &str) {
+    in_golden_dir(|| insta::assert_snapshot!(format!("{name}-plan"), plan));
+}
+
+/// Holds a picture to the snapshot `NAME-picture`, kept as an SVG file of
+/// its own (`NAME-picture.snap.svg`), which a browser opens as it is (see
+/// the rendering test below).
 fn golden_picture(name: &str, drawn: &str) {
-    let golden = golden_dir().join(name);
-    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, drawn).unwrap();
-    }
-    assert!(
-        std::fs::read_to_string(&golden).is_ok_and(|g| g == drawn),
-        "{name}: the picture changed; regenerate with WEFT_UPDATE_GOLDEN=1 if intended"
-    );
+    in_golden_dir(|| {
+        insta::assert_binary_snapshot!(&format!("{name}-picture.svg"), drawn.as_bytes().to_vec())
+    });
 }
 
 /// Panics with weft's error output unless it succeeded.
@@ -442,7 +433,7 @@ fn plans_are_drawn_as_pictures() {
     ]);
     succeeded(&out);
     let drawn = std::fs::read_to_string(&svg).unwrap();
-    golden_picture("mixed-2x4-weft.svg", &drawn);
+    golden_picture("mixed-2x4-weft", &drawn);
     for part in [
         "<title>micro-batch 0: sequence 0 (49152 tokens)",
         "lower bound",
@@ -482,7 +473,7 @@ fn plans_are_drawn_as_pictures() {
     ]);
     succeeded(&out);
     let drawn_sim = std::fs::read_to_string(&sim).unwrap();
-    golden_picture("simulate-2x4.svg", &drawn_sim);
+    golden_picture("simulate-2x4", &drawn_sim);
     for strategy in ["static", "hdp", "hdp-offload", "flexsp", "zeppelin", "weft"] {
         assert!(
             drawn_sim.contains(&format!(
