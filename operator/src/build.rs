@@ -45,6 +45,12 @@ pub const LABEL_EPOCH: &str = "weft.dev/mesh-epoch";
 /// it ([`mesh_digest`]), so an edit by anyone else is seen.
 pub const ANNOTATION_MESH_DIGEST: &str = "weft.dev/mesh-digest";
 
+/// On the mesh ConfigMap: how its epoch changed the membership, as the
+/// `MeshEpoch` event tells it. A reconcile whose status write is lost after
+/// it published the mesh sends no event; the one that records the epoch
+/// then tells this, not a change from the mesh to itself.
+pub const ANNOTATION_MESH_CHANGE: &str = "weft.dev/mesh-change";
+
 /// The digest of a mesh ConfigMap's data: SHA-256 over each key and value,
 /// in key order, as hex.
 pub fn mesh_digest(data: &BTreeMap<String, String>) -> String {

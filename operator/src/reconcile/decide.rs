@@ -69,6 +69,9 @@ pub struct Seen {
     pub cluster_pods: Vec<Arc<Pod>>,
     /// The job's published mesh, as far as it is trusted.
     pub published: Published,
+    /// How the trusted published mesh changed the membership
+    /// ([`crate::build::ANNOTATION_MESH_CHANGE`]).
+    pub published_change: Option<String>,
     /// How long ago this job's workers were refused below `workers.min`
     /// (the operator's memory; none after a restart).
     pub refused_ago: Option<Duration>,
@@ -666,11 +669,32 @@ pub fn conclude(
             if status.start_time.is_none() {
                 status.start_time = Some(now.clone());
             }
-            if epoch.moved {
+            // This epoch published by an earlier reconcile whose status
+            // write was lost (so it told nothing): its change as it saw it.
+            let published_here = match &seen.published {
+                Published::Trusted(published) => published.epoch == mesh.epoch,
+                _ => false,
+            };
+            let told_beside = seen.published_change.clone().filter(|_| published_here);
+            let change = if epoch.moved {
                 status.last_rescale_time = Some(now.clone());
-                decision
-                    .events
-                    .push(mesh_epoch_event(mesh, &epoch, &placing.unreadable));
+                let change = match told_beside {
+                    Some(note) if mesh.epoch > valid.recorded_epoch => {
+                        Tell::normal("MeshEpoch", note)
+                    }
+                    _ => mesh_epoch_event(mesh, &epoch, &placing.unreadable),
+                };
+                decision.events.push(change.clone());
+                Some(change.note)
+            } else {
+                told_beside
+            };
+            if let (Some(config_map), Some(change)) = (decision.mesh.as_mut(), change) {
+                config_map
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(crate::build::ANNOTATION_MESH_CHANGE.to_string(), change);
             }
         }
         Err(err) => {

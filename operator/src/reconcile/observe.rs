@@ -82,20 +82,23 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
         }
     }
     let recorded = recorded_epoch(&job);
-    let published = if ended || job.spec.suspend {
-        crate::controller::Published::Absent
+    let (published, published_change) = if ended || job.spec.suspend {
+        (crate::controller::Published::Absent, None)
     } else {
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         let name = job.name_any();
-        read_published(
-            config_maps
-                .get_opt(&crate::build::mesh_config_map_name(&name))
-                .instrument(tracing::info_span!("get_mesh"))
-                .await?
-                .as_ref(),
-            &name,
-            recorded,
-        )
+        let config_map = config_maps
+            .get_opt(&crate::build::mesh_config_map_name(&name))
+            .instrument(tracing::info_span!("get_mesh"))
+            .await?;
+        let published = read_published(config_map.as_ref(), &name, recorded);
+        let change = match published {
+            crate::controller::Published::Trusted(_) => config_map
+                .and_then(|c| c.metadata.annotations)
+                .and_then(|mut a| a.remove(crate::build::ANNOTATION_MESH_CHANGE)),
+            _ => None,
+        };
+        (published, change)
     };
     let refused_ago = ctx.refused_below_min(job.meta().uid.as_deref().unwrap_or_default());
     Ok(Seen {
@@ -105,6 +108,7 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
         nodes: ctx.nodes.state(),
         cluster_pods: ctx.pods.state(),
         published,
+        published_change,
         refused_ago,
     })
 }

@@ -26,6 +26,7 @@ fn seen(job: TrainingJob, pods: Vec<Pod>, nodes: usize) -> Seen {
         missing_claim: None,
         nodes: (0..nodes).map(|i| gpu_node(&format!("n{i}"))).collect(),
         published: Published::Absent,
+        published_change: None,
         refused_ago: None,
     }
 }
@@ -737,7 +738,7 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
     let (placement, decision) = place_and_conclude(
         &Seen {
             published: crate::controller::read_published(Some(&mesh_1), "llm", 1),
-            ..seen(running, pods, 3)
+            ..seen(running.clone(), pods.clone(), 3)
         },
         &[],
     );
@@ -750,12 +751,48 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
         "{}",
         told.note
     );
-    let status = decision.status.unwrap();
+    let status = decision.status.clone().unwrap();
     let ready = crate::status::find_condition(&status, crate::status::CONDITION_READY).unwrap();
     assert_eq!(
         ready.message,
         "1 of 2 workers running, 0 failed, 0 succeeded"
     );
+
+    // The status write of that reconcile is lost (a conflict): it told
+    // nothing and deleted nothing, but epoch 2 is published, with its new
+    // worker made. The reconcile that records epoch 2 tells the change as
+    // the lost one saw it, not a change from the published mesh to itself.
+    let mesh_2 = decision.mesh.clone().unwrap();
+    let change =
+        mesh_2.metadata.annotations.as_ref().unwrap()[crate::build::ANNOTATION_MESH_CHANGE].clone();
+    assert_eq!(change, told.note);
+    let mut pods = pods.clone();
+    for made in &placement.create {
+        let name = made.name_any();
+        pods.retain(|p| p.name_any() != name);
+        let node =
+            made.spec.as_ref().unwrap().node_selector.as_ref().unwrap()["kubernetes.io/hostname"]
+                .clone();
+        pods.push(worker(&running, &name, &node, 2, "Pending"));
+    }
+    let retry = Seen {
+        published: crate::controller::read_published(Some(&mesh_2), "llm", 1),
+        published_change: Some(change.clone()),
+        ..seen(running.clone(), pods, 3)
+    };
+    let (again, redecided) = place_and_conclude(&retry, &[]);
+    assert_eq!(published_epoch(&redecided), Some(2), "the same epoch");
+    assert!(again.create.is_empty(), "{:?}", again.create);
+    let told_again: Vec<_> = redecided
+        .events
+        .iter()
+        .filter(|t| t.reason == "MeshEpoch")
+        .collect();
+    assert_eq!(told_again.len(), 1);
+    assert_eq!(told_again[0].note, told.note);
+    // The change stays beside the mesh while the epoch holds.
+    let kept = redecided.mesh.unwrap().metadata.annotations.unwrap();
+    assert_eq!(kept[crate::build::ANNOTATION_MESH_CHANGE], change);
 }
 
 #[test]
