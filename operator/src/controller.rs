@@ -356,6 +356,23 @@ pub fn next_epoch(
     })
 }
 
+/// How the trusted `published` mesh changed the membership, as written
+/// beside it ([`crate::build::ANNOTATION_MESH_CHANGE`]): only a note about
+/// that mesh's own epoch, never one about another mesh, or beside one weft
+/// does not trust.
+pub fn published_change(config_map: Option<&ConfigMap>, published: &Published) -> Option<String> {
+    let Published::Trusted(mesh) = published else {
+        return None;
+    };
+    let note = config_map?
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crate::build::ANNOTATION_MESH_CHANGE)?;
+    note.starts_with(&format!("mesh epoch {}:", mesh.epoch))
+        .then(|| note.clone())
+}
+
 /// The workers of `mesh`: (name, node).
 pub(crate) fn members(mesh: &MeshPlan) -> BTreeSet<(String, String)> {
     mesh.workers

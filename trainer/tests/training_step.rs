@@ -218,9 +218,13 @@ fn the_planners_own_plans_with_context_parallelism_match_too() {
             },
         ),
     };
-    for strategy in ["weft", "zeppelin", "static", "hdp"] {
-        let strategy =
-            <weft_planner::Strategy as clap::ValueEnum>::from_str(strategy, false).unwrap();
+    use weft_planner::Strategy;
+    for strategy in [
+        Strategy::Weft,
+        Strategy::Zeppelin,
+        Strategy::Static,
+        Strategy::Hdp,
+    ] {
         let plan = weft_planner::plan_step(strategy, &ctx, &lengths, Some(300)).unwrap();
         assert!(plan.sequences.iter().any(|s| s.degree > 1), "{strategy:?}");
         let rings: Vec<u32> = plan

@@ -679,10 +679,8 @@ pub fn conclude(
             let change = if epoch.moved {
                 status.last_rescale_time = Some(now.clone());
                 let change = match told_beside {
-                    Some(note) if mesh.epoch > valid.recorded_epoch => {
-                        Tell::normal("MeshEpoch", note)
-                    }
-                    _ => mesh_epoch_event(mesh, &epoch, &placing.unreadable),
+                    Some(note) => Tell::normal("MeshEpoch", note),
+                    None => mesh_epoch_event(mesh, &epoch, &placing.unreadable),
                 };
                 decision.events.push(change.clone());
                 Some(change.note)

@@ -11,7 +11,7 @@ use weft_crds::{Phase, TrainingJob};
 use super::decide::Seen;
 use crate::build::LABEL_JOB;
 use crate::controller::{
-    Context, ControllerError, owned_by, read_published, recorded_epoch, terminal,
+    Context, ControllerError, owned_by, published_change, read_published, recorded_epoch, terminal,
 };
 use crate::status::JobClaim;
 
@@ -92,12 +92,7 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
             .instrument(tracing::info_span!("get_mesh"))
             .await?;
         let published = read_published(config_map.as_ref(), &name, recorded);
-        let change = match published {
-            crate::controller::Published::Trusted(_) => config_map
-                .and_then(|c| c.metadata.annotations)
-                .and_then(|mut a| a.remove(crate::build::ANNOTATION_MESH_CHANGE)),
-            _ => None,
-        };
+        let change = published_change(config_map.as_ref(), &published);
         (published, change)
     };
     let refused_ago = ctx.refused_below_min(job.meta().uid.as_deref().unwrap_or_default());

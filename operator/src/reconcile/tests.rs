@@ -5,12 +5,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::ResourceExt;
 use weft_crds::{Phase, TrainingJob, TrainingJobStatus, WorkerFailure};
 
 use super::decide::*;
-use crate::controller::{MAX_EPOCH, Published};
+use crate::controller::{MAX_EPOCH, Published, terminal};
 use crate::status::JobClaim;
 use crate::testing::{at, exited, gpu_node, job, unschedulable, worker};
 
@@ -775,11 +775,17 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
                 .clone();
         pods.push(worker(&running, &name, &node, 2, "Pending"));
     }
-    let retry = Seen {
-        published: crate::controller::read_published(Some(&mesh_2), "llm", 1),
-        published_change: Some(change.clone()),
-        ..seen(running.clone(), pods, 3)
+    // What the next reconcile observes: the published mesh and its note.
+    let observed = |mesh: &ConfigMap, recorded: u64, job: &TrainingJob, pods: Vec<Pod>| {
+        let published = crate::controller::read_published(Some(mesh), "llm", recorded);
+        Seen {
+            published_change: crate::controller::published_change(Some(mesh), &published),
+            published,
+            ..seen(job.clone(), pods, 3)
+        }
     };
+    let retry = observed(&mesh_2, 1, &running, pods.clone());
+    assert_eq!(retry.published_change.as_deref(), Some(change.as_str()));
     let (again, redecided) = place_and_conclude(&retry, &[]);
     assert_eq!(published_epoch(&redecided), Some(2), "the same epoch");
     assert!(again.create.is_empty(), "{:?}", again.create);
@@ -791,8 +797,61 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
     assert_eq!(told_again.len(), 1);
     assert_eq!(told_again[0].note, told.note);
     // The change stays beside the mesh while the epoch holds.
-    let kept = redecided.mesh.unwrap().metadata.annotations.unwrap();
+    let mesh_2 = redecided.mesh.unwrap();
+    let kept = mesh_2.metadata.annotations.as_ref().unwrap();
     assert_eq!(kept[crate::build::ANNOTATION_MESH_CHANGE], change);
+
+    // A note that is not about the published mesh's epoch (edited by
+    // hand) is not told.
+    let mut edited = mesh_2.clone();
+    edited.metadata.annotations.as_mut().unwrap().insert(
+        crate::build::ANNOTATION_MESH_CHANGE.to_string(),
+        "mesh epoch 9: 99 joined".to_string(),
+    );
+    assert_eq!(
+        observed(&edited, 1, &running, vec![]).published_change,
+        None
+    );
+
+    // Epoch 2 recorded, and its first worker fails: epoch 3's change is
+    // told from epoch 2's mesh, not the note beside epoch 2.
+    let mut pods: Vec<Pod> = pods
+        .into_iter()
+        .filter(|p| !terminal(p))
+        .map(|mut p| {
+            p.status.as_mut().unwrap().phase = Some("Running".into());
+            p
+        })
+        .collect();
+    let first = pods[0].name_any();
+    let lost = pods.remove(0);
+    pods.push(exited(lost, 1, "lost"));
+    // Epoch 2 recorded, with that failure counted.
+    let mut recorded_2 = running.status.clone().unwrap();
+    recorded_2.mesh_epoch = 2;
+    recorded_2.restarts = 2;
+    recorded_2.recent_failures.push(WorkerFailure {
+        worker: first.clone(),
+        uid: format!("uid-{first}"),
+        reason: "exit 1".into(),
+        time: at(NOW),
+    });
+    let at_2 = with_status(job(2, 2), recorded_2);
+    let (_, third) = place_and_conclude(&observed(&mesh_2, 2, &at_2, pods), &[]);
+    assert_eq!(published_epoch(&third), Some(3));
+    let told_3: Vec<_> = third
+        .events
+        .iter()
+        .filter(|t| t.reason == "MeshEpoch")
+        .collect();
+    assert_eq!(told_3.len(), 1, "{:?}", third.events);
+    assert!(
+        told_3[0].note.starts_with("mesh epoch 3: ") && told_3[0].note.contains("1 joined, 1 left"),
+        "{first}: {}",
+        told_3[0].note
+    );
+    let note_3 = third.mesh.unwrap().metadata.annotations.unwrap();
+    assert_eq!(note_3[crate::build::ANNOTATION_MESH_CHANGE], told_3[0].note);
 }
 
 #[test]

@@ -92,6 +92,7 @@ enum Command {
     Plan {
         #[command(flatten)]
         common: Common,
+        /// Planning strategy.
         #[arg(long, value_enum, default_value_t = Strategy::Weft)]
         strategy: Strategy,
         /// With weft: also print every candidate it weighed and its predicted time.

@@ -38,8 +38,9 @@ struct Cli {
 
 /// What a training run is asked to do (shared by `local` and its workers).
 /// Its defaults are the flags' (clap's) alone: a worker is handed the
-/// whole value as JSON, every field written, and `eval` reads its settings
-/// through the flags.
+/// whole value as JSON, every field written (a missing one is refused, but
+/// for the optional ones, which are then unset), and `eval` reads its
+/// settings through the flags.
 #[derive(Args, Serialize, Deserialize, Clone, Debug)]
 struct TrainArgs {
     /// Steps to train.
@@ -584,7 +585,7 @@ enum BenchCommand {
         /// The search stops within this share of the longest length.
         #[arg(long, default_value_t = 0.05)]
         resolution: f64,
-        /// Methods to run, comma-separated.
+        /// Methods to run, comma-separated (no spaces).
         #[arg(
             long,
             value_enum,
@@ -1001,7 +1002,7 @@ struct ModelAndCorpus {
     #[arg(long, default_value = weft_trainer::data::DEFAULT_TEXT_FIELD, value_name = "NAME")]
     text_field: String,
     /// Which files of --data are read (as `local --data-format`).
-    #[arg(long, value_enum, default_value_t = DataFormat::Auto, hide_possible_values = true)]
+    #[arg(long, value_enum, default_value_t = DataFormat::Auto)]
     data_format: DataFormat,
 }
 
@@ -1022,7 +1023,7 @@ struct EvalArgs {
     #[arg(long)]
     rank_tokens: Option<u64>,
     /// Where each rank computes (as `local --device`).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto, hide_possible_values = true)]
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// fp32 or bf16 (as `local --precision`; default fp32 on cpu, bf16
     /// on cuda: pass fp32 there to compare with an fp32 reference).
