@@ -85,6 +85,32 @@ pub enum TrainError {
         "rank {rank}: rank 0 could not write what it was saving (a checkpoint or the trained model); its own error says why"
     )]
     PeerSaveFailed { rank: u32 },
+    #[error(
+        "rank {rank} ran out of memory in step {step} ({detail}): give each rank fewer tokens (--rank-tokens; a long sequence then takes a wider ring, up to --max-cp-degree, the job's parallelism.maxCpDegree), or stream the backward (--stream-bp-chunk TOKENS, the job's parallelism.streamBpChunkTokens)"
+    )]
+    OutOfMemory {
+        rank: u32,
+        step: u64,
+        detail: String,
+    },
+}
+
+/// Whether libtorch's error `text` is an allocation that failed: the GPU's
+/// ("CUDA out of memory") or the host's ("can't allocate memory").
+fn is_out_of_memory(text: &str) -> bool {
+    text.contains("out of memory") || text.contains("can't allocate memory")
+}
+
+/// The error of step `step` on rank `rank`: when the device ran out of
+/// memory in it, what to change (with libtorch's first line), else as it is.
+fn step_failed(err: StepError, rank: u32, step: u64) -> TrainError {
+    let text = err.to_string();
+    if !is_out_of_memory(&text) {
+        return err.into();
+    }
+    let detail = text.lines().next().unwrap_or_default().trim();
+    let detail: String = detail.chars().take(300).collect();
+    TrainError::OutOfMemory { rank, step, detail }
 }
 
 impl TrainError {
@@ -109,6 +135,7 @@ impl TrainError {
             TrainError::Diverged { .. } => "diverged",
             TrainError::Mesh { .. } => "mesh",
             TrainError::Injected { .. } => "injected_fault",
+            TrainError::OutOfMemory { .. } => "out_of_memory",
         }
     }
 }
@@ -686,7 +713,8 @@ fn evaluate(
                 });
             }
             zero_gradients(run.params)?;
-            let outcome = forward_backward(run.model, group, &plan, &batch)?;
+            let outcome = forward_backward(run.model, group, &plan, &batch)
+                .map_err(|e| step_failed(e, run.rank, index as u64 + 1))?;
             let mut sum = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
             group.all_reduce_sum(&mut sum)?;
             let sum = Vec::<f64>::try_from(&sum)?[0];
@@ -1111,7 +1139,8 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch)?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch)
+            .map_err(|e| step_failed(e, rank, step + 1))?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was
@@ -1306,6 +1335,42 @@ pub fn run_worker(
 mod tests {
     use super::*;
     use weft_planner::plan::Group;
+
+    /// A step that runs out of memory says what to change, on the GPU as
+    /// on the host: libtorch's own refusal of an allocation the host cannot
+    /// make, and the GPU's message, both become `OutOfMemory`; any other
+    /// step error stays as it is.
+    #[test]
+    fn a_step_out_of_memory_says_what_to_change() {
+        let refused = Tensor::f_zeros([1i64 << 50], (tch::Kind::Float, tch::Device::Cpu))
+            .expect_err("no host has 4 PiB");
+        let err = step_failed(StepError::Torch(refused), 3, 7);
+        assert_eq!(err.category(), "out_of_memory", "{err}");
+        let text = err.to_string();
+        for part in [
+            "rank 3 ran out of memory in step 7",
+            "can't allocate memory",
+            "--rank-tokens",
+            "parallelism.maxCpDegree",
+            "--stream-bp-chunk",
+            "parallelism.streamBpChunkTokens",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(!text.contains('\n'), "one line: {text}");
+        let gpu = tch::TchError::Torch(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB\nException raised from malloc"
+                .to_string(),
+        );
+        let err = step_failed(StepError::Torch(gpu), 0, 1);
+        assert_eq!(err.category(), "out_of_memory");
+        assert!(
+            err.to_string()
+                .contains("CUDA out of memory. Tried to allocate 2.00 GiB")
+        );
+        let other = step_failed(StepError::NothingToPredict, 0, 1);
+        assert_eq!(other.category(), "data_config");
+    }
 
     /// With StreamBP on, the trainer plans with its memory: the same batch
     /// on the same GPUs gets fewer ranks for its long sequence, with weft
