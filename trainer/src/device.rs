@@ -26,13 +26,17 @@ pub enum DeviceError {
     NoGpu,
     #[error("--collectives nccl needs --device cuda: NCCL moves GPU memory only")]
     NcclOnCpu,
+    #[error(
+        "--collectives nccl needs a GPU for every rank: {ranks} ranks on this machine, {gpus} GPUs; run at most {gpus} ranks here, or take --collectives gloo (or auto), with which ranks share GPUs"
+    )]
+    NcclSharedGpus { ranks: u32, gpus: u32 },
 }
 
 impl DeviceError {
     /// A stable, machine-readable name for the kind of failure.
     pub fn category(&self) -> &'static str {
         match self {
-            DeviceError::NcclOnCpu => "device_input",
+            DeviceError::NcclOnCpu | DeviceError::NcclSharedGpus { .. } => "device_input",
             DeviceError::NotBuilt | DeviceError::NoGpu => "device_unavailable",
         }
     }
@@ -165,21 +169,38 @@ impl Collectives {
         device: ComputeDevice,
         local_ranks: u32,
     ) -> Result<Collectives, DeviceError> {
+        let gpus = u32::try_from(tch::Cuda::device_count().max(0)).unwrap_or(u32::MAX);
+        Collectives::choose_among(choice, device, local_ranks, gpus)
+    }
+
+    /// [`Collectives::choose`] on a machine of `gpus` GPUs. NCCL asked for
+    /// more ranks than there are GPUs is refused (two ranks of one NCCL
+    /// group on one GPU fail inside NCCL); with none, the device's own check
+    /// says so ([`ComputeDevice::check`]).
+    fn choose_among(
+        choice: CollectivesChoice,
+        device: ComputeDevice,
+        local_ranks: u32,
+        gpus: u32,
+    ) -> Result<Collectives, DeviceError> {
         let chosen = match choice {
             CollectivesChoice::Gloo => Collectives::Gloo,
             CollectivesChoice::Nccl => Collectives::Nccl,
-            CollectivesChoice::Auto => {
-                let own_gpus = device == ComputeDevice::Cuda
-                    && i64::from(local_ranks) <= tch::Cuda::device_count();
-                if own_gpus {
-                    Collectives::Nccl
-                } else {
-                    Collectives::Gloo
-                }
+            CollectivesChoice::Auto if device == ComputeDevice::Cuda && local_ranks <= gpus => {
+                Collectives::Nccl
             }
+            CollectivesChoice::Auto => Collectives::Gloo,
         };
-        if chosen == Collectives::Nccl && device != ComputeDevice::Cuda {
-            return Err(DeviceError::NcclOnCpu);
+        if chosen == Collectives::Nccl {
+            if device != ComputeDevice::Cuda {
+                return Err(DeviceError::NcclOnCpu);
+            }
+            if gpus > 0 && local_ranks > gpus {
+                return Err(DeviceError::NcclSharedGpus {
+                    ranks: local_ranks,
+                    gpus,
+                });
+            }
         }
         Ok(chosen)
     }
@@ -260,9 +281,37 @@ mod tests {
             Collectives::choose(Auto, ComputeDevice::Cuda, 1 << 20),
             Ok(Collectives::Gloo)
         );
+        // With no GPU, NCCL is left to the device's check to refuse.
         assert_eq!(
-            Collectives::choose(Nccl, ComputeDevice::Cuda, 1 << 20),
+            Collectives::choose_among(Nccl, ComputeDevice::Cuda, 1 << 20, 0),
             Ok(Collectives::Nccl)
+        );
+        // On a machine of 4 GPUs: auto takes NCCL while every rank has a
+        // GPU of its own, Gloo past that; NCCL asked for past that is
+        // refused by name.
+        let cuda = ComputeDevice::Cuda;
+        assert_eq!(
+            Collectives::choose_among(Auto, cuda, 4, 4),
+            Ok(Collectives::Nccl)
+        );
+        assert_eq!(
+            Collectives::choose_among(Auto, cuda, 5, 4),
+            Ok(Collectives::Gloo)
+        );
+        assert_eq!(
+            Collectives::choose_among(Nccl, cuda, 4, 4),
+            Ok(Collectives::Nccl)
+        );
+        let err = Collectives::choose_among(Nccl, cuda, 8, 4).unwrap_err();
+        assert_eq!(err, DeviceError::NcclSharedGpus { ranks: 8, gpus: 4 });
+        assert_eq!(err.category(), "device_input");
+        assert!(
+            err.to_string().contains("8 ranks on this machine, 4 GPUs"),
+            "{err}"
+        );
+        assert_eq!(
+            Collectives::choose_among(Gloo, cuda, 8, 4),
+            Ok(Collectives::Gloo)
         );
         for c in [Collectives::Gloo, Collectives::Nccl] {
             assert_eq!(flag(c), c.name());
