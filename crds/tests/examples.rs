@@ -22,6 +22,14 @@ fn every_example_manifest_parses_as_a_training_job() {
             path.display()
         );
         assert!(job.metadata.name.is_some(), "{}", path.display());
+        // GPU workers run the CUDA build of the trainer; CPU workers the CPU one.
+        let image = job.spec.image.rsplit_once(':').map_or("", |(name, _)| name);
+        let expected = if job.spec.resources.gpus > 0 {
+            "ghcr.io/weft-dev/weft-trainer-cuda"
+        } else {
+            "ghcr.io/weft-dev/weft-trainer"
+        };
+        assert_eq!(image, expected, "{}", path.display());
         seen += 1;
     }
     assert!(seen >= 2, "expected example manifests in {}", dir.display());

@@ -15,7 +15,7 @@ export GOCACHE="$WEFT_CACHE/go/build"
 export GOPATH="$WEFT_CACHE/go/path"
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
-# The checksum database is not reachable from these machines; the module proxy is.
+# The builds reach the Go module proxy only, not the checksum database.
 export GOSUMDB=off
 export GOFLAGS="-mod=mod -buildvcs=false"
 
