@@ -169,7 +169,12 @@ impl Collectives {
         device: ComputeDevice,
         local_ranks: u32,
     ) -> Result<Collectives, DeviceError> {
-        let gpus = u32::try_from(tch::Cuda::device_count().max(0)).unwrap_or(u32::MAX);
+        // GPUs are counted only where NCCL could be chosen.
+        let gpus = if device == ComputeDevice::Cuda && choice != CollectivesChoice::Gloo {
+            u32::try_from(tch::Cuda::device_count().max(0)).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
         Collectives::choose_among(choice, device, local_ranks, gpus)
     }
 

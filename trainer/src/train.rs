@@ -85,32 +85,57 @@ pub enum TrainError {
         "rank {rank}: rank 0 could not write what it was saving (a checkpoint or the trained model); its own error says why"
     )]
     PeerSaveFailed { rank: u32 },
-    #[error(
-        "rank {rank} ran out of memory in step {step} ({detail}): give each rank fewer tokens (--rank-tokens; a long sequence then takes a wider ring, up to --max-cp-degree, the job's parallelism.maxCpDegree), or stream the backward (--stream-bp-chunk TOKENS, the job's parallelism.streamBpChunkTokens)"
-    )]
+    #[error("rank {rank} ran out of memory in {at} ({detail}): {change}")]
     OutOfMemory {
         rank: u32,
-        step: u64,
+        /// `step N` or `document N`.
+        at: String,
+        /// libtorch's first line.
         detail: String,
+        /// What to change, as the run takes it.
+        change: &'static str,
     },
 }
 
-/// Whether libtorch's error `text` is an allocation that failed: the GPU's
-/// ("CUDA out of memory") or the host's ("can't allocate memory").
+/// What a training step that runs out of memory should change.
+const TRAINING_OUT_OF_MEMORY: &str = "give each rank fewer tokens (--rank-tokens; a long sequence then takes a wider ring, up to --max-cp-degree, the job's parallelism.maxCpDegree, or --cp-degree with --strategy static), or stream the backward (--stream-bp-chunk TOKENS, the job's parallelism.streamBpChunkTokens)";
+
+/// What an evaluation that runs out of memory should change.
+const EVALUATION_OUT_OF_MEMORY: &str = "give each rank fewer tokens (--rank-tokens), run more --ranks, or cut documents shorter (--max-seq-len)";
+
+/// Whether libtorch's error `text` is one of its failed allocations: the
+/// GPU's (its allocator's, CUDA's, cuBLAS's) or the host allocator's.
 fn is_out_of_memory(text: &str) -> bool {
-    text.contains("out of memory") || text.contains("can't allocate memory")
+    [
+        "CUDA out of memory",
+        "CUDA error: out of memory",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "DefaultCPUAllocator: can't allocate memory",
+    ]
+    .iter()
+    .any(|phrase| text.contains(phrase))
 }
 
-/// The error of step `step` on rank `rank`: when the device ran out of
-/// memory in it, what to change (with libtorch's first line), else as it is.
-fn step_failed(err: StepError, rank: u32, step: u64) -> TrainError {
+/// The error of a step on rank `rank` (`at`: `step N` or `document N`):
+/// when libtorch ran out of memory in it, what to change (with libtorch's
+/// first line), else as it is. A collective's error stays one (a lost
+/// peer's echo is told apart by it).
+fn step_failed(err: StepError, rank: u32, at: String, change: &'static str) -> TrainError {
+    if matches!(err, StepError::Comm(_)) {
+        return err.into();
+    }
     let text = err.to_string();
     if !is_out_of_memory(&text) {
         return err.into();
     }
     let detail = text.lines().next().unwrap_or_default().trim();
     let detail: String = detail.chars().take(300).collect();
-    TrainError::OutOfMemory { rank, step, detail }
+    TrainError::OutOfMemory {
+        rank,
+        at,
+        detail,
+        change,
+    }
 }
 
 impl TrainError {
@@ -713,8 +738,10 @@ fn evaluate(
                 });
             }
             zero_gradients(run.params)?;
-            let outcome = forward_backward(run.model, group, &plan, &batch)
-                .map_err(|e| step_failed(e, run.rank, index as u64 + 1))?;
+            let outcome = forward_backward(run.model, group, &plan, &batch).map_err(|e| {
+                let at = format!("document {} ({})", index + 1, document.source);
+                step_failed(e, run.rank, at, EVALUATION_OUT_OF_MEMORY)
+            })?;
             let mut sum = Tensor::from_slice(&[outcome.loss_sum]).f_to_device(device)?;
             group.all_reduce_sum(&mut sum)?;
             let sum = Vec::<f64>::try_from(&sum)?[0];
@@ -1139,8 +1166,14 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
-        let outcome = forward_backward(&model, &mut group, &plan, &batch)
-            .map_err(|e| step_failed(e, rank, step + 1))?;
+        let outcome = forward_backward(&model, &mut group, &plan, &batch).map_err(|e| {
+            step_failed(
+                e,
+                rank,
+                format!("step {}", step + 1),
+                TRAINING_OUT_OF_MEMORY,
+            )
+        })?;
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was
@@ -1344,7 +1377,9 @@ mod tests {
     fn a_step_out_of_memory_says_what_to_change() {
         let refused = Tensor::f_zeros([1i64 << 50], (tch::Kind::Float, tch::Device::Cpu))
             .expect_err("no host has 4 PiB");
-        let err = step_failed(StepError::Torch(refused), 3, 7);
+        let training =
+            |err: StepError| step_failed(err, 3, "step 7".to_string(), TRAINING_OUT_OF_MEMORY);
+        let err = training(StepError::Torch(refused));
         assert_eq!(err.category(), "out_of_memory", "{err}");
         let text = err.to_string();
         for part in [
@@ -1362,14 +1397,41 @@ mod tests {
             "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB\nException raised from malloc"
                 .to_string(),
         );
-        let err = step_failed(StepError::Torch(gpu), 0, 1);
+        let err = training(StepError::Torch(gpu));
         assert_eq!(err.category(), "out_of_memory");
         assert!(
             err.to_string()
                 .contains("CUDA out of memory. Tried to allocate 2.00 GiB")
         );
-        let other = step_failed(StepError::NothingToPredict, 0, 1);
-        assert_eq!(other.category(), "data_config");
+        // An evaluation names the document and its own flags.
+        let err = step_failed(
+            StepError::Torch(tch::TchError::Torch("CUDA error: out of memory".into())),
+            0,
+            "document 2 (a.jsonl:2)".to_string(),
+            EVALUATION_OUT_OF_MEMORY,
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("in document 2 (a.jsonl:2)") && text.contains("--ranks"),
+            "{text}"
+        );
+        assert!(!text.contains("parallelism."), "{text}");
+        // Other errors stay as they are: a collective's (even one that
+        // mentions memory) and any other step's.
+        let collective = training(StepError::Comm(CommError::Operation {
+            operation: "all_gather",
+            message: "peer said: CUDA out of memory".to_string(),
+        }));
+        assert_eq!(collective.category(), "collective", "{collective}");
+        assert_eq!(
+            training(StepError::NothingToPredict).category(),
+            "data_config"
+        );
+        let memory_in_a_path = tch::TchError::Torch("no file /data/out of memory/x".into());
+        assert_eq!(
+            training(StepError::Torch(memory_in_a_path)).category(),
+            "torch"
+        );
     }
 
     /// With StreamBP on, the trainer plans with its memory: the same batch
