@@ -22,8 +22,10 @@ fn every_example_manifest_parses_as_a_training_job() {
             path.display()
         );
         assert!(job.metadata.name.is_some(), "{}", path.display());
-        // GPU workers run the CUDA build of the trainer; CPU workers the CPU one.
-        let image = job.spec.image.rsplit_once(':').map_or("", |(name, _)| name);
+        // GPU workers run the CUDA build of the trainer; CPU workers the CPU
+        // one; both of this release.
+        let (image, tag) = job.spec.image.rsplit_once(':').unwrap_or_default();
+        assert_eq!(tag, env!("CARGO_PKG_VERSION"), "{}", path.display());
         let expected = if job.spec.resources.gpus > 0 {
             "ghcr.io/weft-dev/weft-trainer-cuda"
         } else {
