@@ -26,11 +26,15 @@ pub enum LaunchError {
     Port(std::io::Error),
     #[error("could not locate this program to start its workers: {0}")]
     Exe(std::io::Error),
-    #[error("worker {rank} failed ({status}); its last output: {tail}")]
+    #[error("worker {rank} failed ({status}); its last output: {tail}{stopped}")]
     Worker {
         rank: u32,
         status: String,
         tail: String,
+        /// The workers still running when the others' failures had been
+        /// waited for, which the launcher stopped (empty: every worker
+        /// ended on its own).
+        stopped: StoppedWorkers,
     },
     #[error(
         "worker(s) {ranks:?} stopped responding: their peers' collectives timed out waiting for them ({status}) while they were still running; they were stopped. Their last output: {tail}"
@@ -42,6 +46,23 @@ pub enum LaunchError {
     },
     #[error("workers did not finish within {0} s; they were stopped")]
     Timeout(u64),
+}
+
+/// The workers the launcher had to stop after a failure.
+#[derive(Debug, Default)]
+pub struct StoppedWorkers(pub Vec<u32>);
+
+impl std::fmt::Display for StoppedWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        write!(
+            f,
+            "; worker(s) {:?} were still running after it and were stopped",
+            self.0
+        )
+    }
 }
 
 impl LaunchError {
@@ -199,6 +220,9 @@ pub fn run_local(
         .or(failures.first())
         .map(|(rank, status)| (*rank, status.to_string()));
     let timed_out = failure.is_none() && done.iter().any(|d| !d);
+    let still_running: Vec<u32> = (0..children.len() as u32)
+        .filter(|r| !done[*r as usize])
+        .collect();
     stop(&mut children);
     for reader in out_readers {
         let _ = reader.join();
@@ -236,6 +260,7 @@ pub fn run_local(
             rank,
             tail: tail_of(rank),
             status,
+            stopped: StoppedWorkers(still_running),
         });
     }
     if timed_out {

@@ -242,6 +242,10 @@ pub struct TrainConfig {
     /// Fault injection for tests: rank `.0` stops with an error at the start
     /// of step `.1` (1-based), as a worker that dies mid-run.
     pub fail_at: Option<(u32, u64)>,
+    /// Fault injection for tests: rank `.0` plans step `.1` (1-based)
+    /// otherwise than the others, as a planner that is not deterministic
+    /// would, so that every rank must stop before the step's collectives.
+    pub misplan_at: Option<(u32, u64)>,
     /// In a pod: the mesh file and the epoch this run belongs to. When any
     /// rank sees a newer epoch there, every rank stops after the same step,
     /// with a checkpoint of it, so a change of membership loses no step.
@@ -1156,6 +1160,10 @@ pub fn run_worker(
                 .for_each(|g| g.inner_ring = 0);
         }
 
+        if config.misplan_at == Some((rank, step + 1)) {
+            plan.strategy
+                .push_str(" (planned otherwise: fault injection)");
+        }
         let differing = ranks_that_planned_otherwise(&mut group, &plan, device)?;
         if !differing.is_empty() {
             return Err(TrainError::PlanDiverged {

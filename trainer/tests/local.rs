@@ -384,6 +384,44 @@ fn decomposed_batches_are_one_bucket_each_train_exactly_and_resume() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rank whose plan differs from the others' (fault injection) stops every
+/// rank before the step's first collective, with the digest error naming
+/// the step: none hangs (none is left running for the launcher to stop),
+/// and the step does not run.
+#[test]
+fn a_rank_that_plans_otherwise_stops_every_rank_before_the_step() {
+    let output = trainer()
+        .args([
+            "local",
+            "--ranks",
+            "3",
+            "--steps",
+            "3",
+            "--misplan-at",
+            "1:2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    for part in [
+        "step 2: rank(s) [",
+        "planned a different step than rank",
+        "plan digests differ",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    assert!(
+        !err.contains("were stopped"),
+        "every rank stops by itself: {err}"
+    );
+    assert!(
+        !format!("{out}{err}").contains("2/3"),
+        "step 2 ran: {out}{err}"
+    );
+}
+
 fn fails_with(args: &[&str], expected: &str) {
     let started = Instant::now();
     let output = trainer().arg("local").args(args).output().unwrap();

@@ -158,6 +158,10 @@ struct TrainArgs {
     /// Fault injection: RANK:STEP makes that rank fail at the start of that step.
     #[arg(long, hide = true)]
     fail_at: Option<String>,
+    /// Fault injection: RANK:STEP makes that rank plan that step otherwise
+    /// than the others.
+    #[arg(long, hide = true)]
+    misplan_at: Option<String>,
 }
 
 /// `--format` of a command's report: a table for people, or JSON.
@@ -402,15 +406,18 @@ impl TrainArgs {
         if self.run.collective_timeout_s == 0 {
             bail!("--collective-timeout-s must be at least 1");
         }
-        let fail_at = match &self.fail_at {
-            None => None,
-            Some(text) => {
-                let parsed = text
-                    .split_once(':')
-                    .and_then(|(r, s)| Some((r.parse().ok()?, s.parse().ok()?)));
-                Some(parsed.with_context(|| format!("--fail-at {text:?} is not RANK:STEP"))?)
-            }
+        // A fault injection's RANK:STEP.
+        let rank_and_step = |flag: &str, text: &Option<String>| -> anyhow::Result<_> {
+            let Some(text) = text else { return Ok(None) };
+            let parsed = text
+                .split_once(':')
+                .and_then(|(r, s)| Some((r.parse().ok()?, s.parse().ok()?)));
+            Ok(Some(parsed.with_context(|| {
+                format!("--{flag} {text:?} is not RANK:STEP")
+            })?))
         };
+        let fail_at = rank_and_step("fail-at", &self.fail_at)?;
+        let misplan_at = rank_and_step("misplan-at", &self.misplan_at)?;
         let data_order = match self.data_order {
             weft_crds::DataOrder::Documents => DataOrder::Documents,
             weft_crds::DataOrder::Decomposed => {
@@ -514,6 +521,7 @@ impl TrainArgs {
             resume: self.resume,
             accept_data_change: self.run.accept_data_change,
             fail_at,
+            misplan_at,
             epoch_watch: None,
             plan_svg: self
                 .run
@@ -1437,6 +1445,7 @@ fn job_args(
         checkpoint_keep: count::<u64>("checkpoint.keep", checkpoint.keep)?.max(1),
         resume: true,
         fail_at: None,
+        misplan_at: None,
         save,
         rope,
         eval: false,
