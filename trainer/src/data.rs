@@ -800,13 +800,8 @@ mod tests {
     /// on the command line as the trainer names them.
     #[test]
     fn the_data_flags_name_the_jobs_settings() {
+        use crate::flag_name as flag;
         use clap::ValueEnum;
-        fn flag(value: &impl ValueEnum) -> String {
-            value
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
-        }
         for format in DataFormat::value_variants() {
             assert_eq!(flag(format), format.name());
         }

@@ -246,22 +246,14 @@ pub fn open_group(
 mod tests {
     use super::*;
 
-    use clap::ValueEnum;
-
-    /// The flag's name of a value.
-    fn flag(value: impl ValueEnum) -> String {
-        value
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
-    }
+    use crate::flag_name as flag;
 
     #[test]
     fn devices_are_chosen_and_name_themselves() {
         for device in [ComputeDevice::Cpu, ComputeDevice::Cuda] {
-            assert_eq!(flag(device), device.name());
+            assert_eq!(flag(&device), device.name());
             assert_eq!(ComputeDevice::choose(device.into()), device);
-            assert_eq!(flag(DeviceChoice::from(device)), device.name());
+            assert_eq!(flag(&DeviceChoice::from(device)), device.name());
         }
         let auto = ComputeDevice::choose(DeviceChoice::Auto);
         assert_eq!(
@@ -319,8 +311,8 @@ mod tests {
             Ok(Collectives::Gloo)
         );
         for c in [Collectives::Gloo, Collectives::Nccl] {
-            assert_eq!(flag(c), c.name());
-            assert_eq!(flag(CollectivesChoice::from(c)), c.name());
+            assert_eq!(flag(&c), c.name());
+            assert_eq!(flag(&CollectivesChoice::from(c)), c.name());
             assert_eq!(Collectives::choose(c.into(), ComputeDevice::Cuda, 1), Ok(c));
         }
     }

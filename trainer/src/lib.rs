@@ -45,6 +45,14 @@ pub mod selfcheck;
 pub mod step;
 pub mod train;
 
+/// The name `value` has on the command line (its `clap::ValueEnum` name).
+pub fn flag_name(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Runs `f` right after seeding libtorch's global generator, holding a lock:
 /// unit tests run in parallel threads and would otherwise draw from each
 /// other's seeds.

@@ -171,14 +171,6 @@ enum Report {
     Json,
 }
 
-/// The name a value has on the command line.
-fn value_name(value: impl clap::ValueEnum) -> String {
-    value
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
-}
-
 /// `--stream-bp`: which rings stream their backward.
 #[derive(clap::ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -1094,7 +1086,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<bool> {
     flag("steps", "1".as_ref());
     flag("max-seq-len", max_seq_len.to_string().as_ref());
     flag("tokens-per-step", max_seq_len.to_string().as_ref());
-    flag("device", value_name(args.device).as_ref());
+    flag("device", weft_trainer::flag_name(&args.device).as_ref());
     if let Some(precision) = args.precision {
         flag("precision", precision.name().as_ref());
     }
