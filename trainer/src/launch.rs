@@ -209,20 +209,19 @@ pub fn run_local(
     let own = failures
         .iter()
         .find(|(_, status)| status.code() != Some(PEER_LOST_EXIT));
+    // The workers still running when the waiting ended.
+    let still_running: Vec<u32> = (0..children.len() as u32)
+        .filter(|r| !done[*r as usize])
+        .collect();
     let stalled: Vec<u32> = if own.is_none() && !failures.is_empty() {
-        (0..children.len() as u32)
-            .filter(|r| !done[*r as usize])
-            .collect()
+        still_running.clone()
     } else {
         Vec::new()
     };
     let failure = own
         .or(failures.first())
         .map(|(rank, status)| (*rank, status.to_string()));
-    let timed_out = failure.is_none() && done.iter().any(|d| !d);
-    let still_running: Vec<u32> = (0..children.len() as u32)
-        .filter(|r| !done[*r as usize])
-        .collect();
+    let timed_out = failure.is_none() && !still_running.is_empty();
     stop(&mut children);
     for reader in out_readers {
         let _ = reader.join();
