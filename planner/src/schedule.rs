@@ -66,8 +66,7 @@ pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {
         .into_iter()
         .min()
         .unwrap_or(0);
-    // Keep a few tokens of room for the rounding of zigzag shards.
-    let margin = 4 * u64::from(topo.max_gpus_per_node());
+    let margin = zigzag_margin(topo.max_gpus_per_node());
     if capacity <= margin {
         return Err(PlanningError::ModelDoesNotFit {
             model: ctx.cost.model.name.clone(),
@@ -75,6 +74,13 @@ pub fn rank_capacity(ctx: &PlanContext) -> Result<u64, PlanningError> {
         });
     }
     Ok(capacity - margin)
+}
+
+/// Tokens of a rank's capacity kept free for the rounding of zigzag shards
+/// on nodes of `per_node` GPUs: a rank holds its share of a ring only with
+/// this much room beside it.
+pub fn zigzag_margin(per_node: u32) -> u64 {
+    4 * u64::from(per_node)
 }
 
 /// Fails when a sequence could not fit even split over every rank.

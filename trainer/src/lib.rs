@@ -43,6 +43,7 @@ pub mod profile;
 pub mod remap;
 pub mod selfcheck;
 pub mod step;
+pub mod throughput;
 pub mod train;
 
 /// The name `value` has on the command line (its `clap::ValueEnum` name).

@@ -105,7 +105,7 @@ const EVALUATION_OUT_OF_MEMORY: &str = "give each rank fewer tokens (--rank-toke
 
 /// Whether libtorch's error `text` is one of its failed allocations: the
 /// GPU's (its allocator's, CUDA's, cuBLAS's) or the host allocator's.
-fn is_out_of_memory(text: &str) -> bool {
+pub(crate) fn is_out_of_memory(text: &str) -> bool {
     [
         "CUDA out of memory",
         "CUDA error: out of memory",
@@ -312,6 +312,11 @@ pub struct StepMetrics {
     pub predicted_step_s: f64,
     /// Max/mean over ranks of the tokens each holds for the linear modules.
     pub token_balance: f64,
+    /// Slowest rank's seconds of forward and backward (from the first
+    /// micro-batch to its last gradient, the all-reduce not included): what
+    /// `predicted_step_s` predicts.
+    #[serde(default)]
+    pub forward_backward_s: f64,
     /// Slowest rank's seconds in ring attention (with its transfers), the
     /// remap's all-to-alls, and the gradient all-reduce.
     pub attention_s: f64,
@@ -1186,7 +1191,7 @@ pub fn run_worker(
 
         // One small all-reduce carries the loss, whether a newer epoch was
         // seen, and every rank's figures (each rank fills its own slots).
-        const PER_RANK: usize = 4;
+        const PER_RANK: usize = 5;
         const SHARED: usize = 2;
         let mut figures = vec![0f64; SHARED + PER_RANK * world as usize];
         figures[0] = outcome.loss_sum;
@@ -1199,6 +1204,7 @@ pub fn run_worker(
         figures[slot + 1] = outcome.times.remap_s;
         figures[slot + 2] = all_reduce_s;
         figures[slot + 3] = outcome.linear_tokens as f64;
+        figures[slot + 4] = outcome.times.total_s;
         let mut shared = Tensor::from_slice(&figures).f_to_device(device)?;
         group.all_reduce_sum(&mut shared)?;
         let shared = Vec::<f64>::try_from(&shared)?;
@@ -1264,6 +1270,7 @@ pub fn run_worker(
             } else {
                 1.0
             },
+            forward_backward_s: max_of(4),
             attention_s: max_of(0),
             remap_s: max_of(1),
             all_reduce_s: max_of(2),

@@ -99,3 +99,126 @@ fn the_memory_bench_refuses_bad_input_by_name() {
         assert!(err.contains(expected), "{args:?}: {err}");
     }
 }
+
+fn throughput(args: &[&str]) -> std::process::Output {
+    trainer()
+        .args(["bench", "throughput", "--model", "tiny", "--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `bench throughput`: both paths at two lengths, the engine's two ranks
+/// sharing the CPU in a ring, the figures consistent with each other and
+/// the engine's prediction beside its measured forward and backward.
+#[test]
+fn the_throughput_bench_measures_both_paths() {
+    let out = throughput(&[
+        "--tokens-per-device",
+        "256,1024",
+        "--ranks",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        "0.5",
+        "--format",
+        "json",
+    ]);
+    ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["peak"]["tflops"], 0.5);
+    let rows = report["rows"].as_array().unwrap();
+    let runs: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["tokens_per_device"].as_u64().unwrap(),
+                r["path"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            (256, "engine"),
+            (256, "plain"),
+            (1024, "engine"),
+            (1024, "plain")
+        ]
+    );
+    for row in rows {
+        let m = &row["measured"];
+        assert!(m.is_object(), "{row}");
+        let f = |name: &str| m[name].as_f64().unwrap_or_else(|| panic!("{name}: {row}"));
+        let tokens = row["tokens_per_device"].as_f64().unwrap();
+        assert_eq!(f("steps"), 2.0);
+        assert_eq!(f("tokens_per_step"), tokens);
+        assert!((f("tokens_per_s_per_device") * f("step_s") / tokens - 1.0).abs() < 1e-9);
+        assert!((f("mfu") - f("tflops_per_device") / 0.5).abs() < 1e-12);
+        assert_eq!(row["devices"], 1);
+        if row["path"] == "engine" {
+            assert_eq!(row["ranks"], 2);
+            // Each rank holds half of the device's document: a ring of 2.
+            assert_eq!(m["max_cp_degree"], 2, "{row}");
+            assert!(f("predicted_s") > 0.0);
+            assert!(f("forward_backward_s") > 0.0 && f("forward_backward_s") < f("step_s"));
+            assert!(f("attention_share") > 0.0 && f("attention_share") < 1.0);
+        } else {
+            assert_eq!(row["ranks"], 1);
+            assert!(m.get("predicted_s").is_none());
+        }
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bench throughput: tiny"), "{err}");
+}
+
+#[test]
+fn the_throughput_bench_refuses_bad_input_by_name() {
+    for (args, expected) in [
+        (
+            &["--gpu", "h100", "--precision", "fp32"][..],
+            "--gpu measures MFU against the GPU's dense bf16 peak, and the runs are in fp32",
+        ),
+        (
+            &["--gpu", "v100", "--precision", "bf16"][..],
+            "unknown GPU preset \"v100\"",
+        ),
+        (
+            &["--peak-tflops", "0"][..],
+            "--peak-tflops must be a positive number, got 0",
+        ),
+        (
+            &[
+                "--tokens-per-device",
+                "512,4096",
+                "--stream-bp-chunk",
+                "1024",
+            ][..],
+            "--stream-bp-chunk 1024 is longer than the shortest --tokens-per-device (512)",
+        ),
+        (
+            &["--tokens-per-device", "1"][..],
+            "invalid value '1' for '--tokens-per-device <TOKENS_PER_DEVICE>'",
+        ),
+        (
+            &["--paths", "engine,fast"][..],
+            "invalid value 'fast' for '--paths <PATHS>'",
+        ),
+        (
+            &["--profile", "/nonexistent.json"][..],
+            "--profile /nonexistent.json",
+        ),
+        (
+            &["--ranks", "0"][..],
+            "invalid value '0' for '--ranks <RANKS>'",
+        ),
+    ] {
+        let out = throughput(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}

@@ -608,6 +608,88 @@ enum BenchCommand {
     /// second of the model's tokenizer and of the byte tokenizer over a
     /// corpus on one thread. JSON on standard output.
     HfLoad(ModelAndCorpus),
+    /// Tokens per second per device and model FLOPs utilisation at given
+    /// tokens per device (one document of that length on each device every
+    /// step), for weft's engine (`local`: planned rings, StreamBP, the
+    /// all-reduce) and for the plain path beside it (one process, the
+    /// model's own forward and backward with libtorch's attention); with
+    /// the engine's, the planner's predicted forward and backward against
+    /// the measured. Every run in a process of its own; one that runs out
+    /// of memory is reported as such.
+    Throughput(ThroughputArgs),
+    /// One run of the plain path (started by `bench throughput`).
+    #[command(hide = true)]
+    ThroughputPlain {
+        /// The run (JSON).
+        #[arg(long)]
+        config: String,
+    },
+}
+
+/// The settings of `bench throughput`.
+#[derive(Args, Debug)]
+struct ThroughputArgs {
+    /// Model: a preset or a YAML/JSON file.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Tokens each device trains on per step, comma-separated (no spaces):
+    /// one document of that length per device.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8192,32768,131072",
+        value_parser = clap::value_parser!(u64).range(2..)
+    )]
+    tokens_per_device: Vec<u64>,
+    /// Which paths run, comma-separated (no spaces).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "engine,plain"
+    )]
+    paths: Vec<weft_trainer::throughput::RunPath>,
+    /// The engine's ranks (local worker processes). With more ranks than
+    /// devices (more than one on the CPU) they share them, and each holds
+    /// its share of a device's document (a ring over the ranks).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    ranks: u32,
+    /// Most tokens one of the engine's ranks may hold (default: a device's
+    /// document split over the ranks that share the device, or the
+    /// planner's memory model where each rank has its own).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    rank_tokens: Option<u64>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Number format (default: the device's, bf16 on GPUs, fp32 on the CPU).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// Steps timed, after the warm-up.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// Steps run first and not timed.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// The engine streams its backward (StreamBP) in chunks of this many
+    /// tokens on the rings its planner chooses (`local --stream-bp-chunk`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stream_bp_chunk: Option<u64>,
+    /// The engine plans with this device profile (`weft-trainer profile`):
+    /// its predicted step is then at the measured speeds.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// MFU against this GPU preset's datasheet peak (dense bf16: h100,
+    /// a100-80g, h200).
+    #[arg(long, conflicts_with = "peak_tflops")]
+    gpu: Option<String>,
+    /// MFU against this peak, TFLOP/s per device.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Seconds before one run is stopped.
+    #[arg(long, default_value_t = 1800)]
+    timeout_s: u64,
+    #[arg(long, value_enum, default_value_t = Report::Table)]
+    format: Report,
 }
 
 #[derive(Subcommand)]
@@ -1533,6 +1615,205 @@ fn run_probe(
     serde_json::from_slice(&out.stdout).context("reading a probe's figures")
 }
 
+/// `bench throughput`: see [`BenchCommand::Throughput`].
+fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
+    use weft_trainer::throughput::{
+        Failed, Measured, Outcome, Peak, PlainConfig, Row, RunPath, engine_figures, failure,
+        measure, table, write_documents,
+    };
+    let model = weft_planner::input::load_model(&args.model)?;
+    let device = ComputeDevice::choose(args.device);
+    device.check()?;
+    let precision = args.precision.unwrap_or_else(|| device.default_precision());
+    let peak = match (&args.gpu, args.peak_tflops) {
+        (Some(_), _) if precision != Precision::Bf16 => bail!(
+            "--gpu measures MFU against the GPU's dense bf16 peak, and the runs are in {}: give the peak of that format with --peak-tflops",
+            precision.name()
+        ),
+        (Some(name), _) => {
+            let gpu = weft_planner::cluster::GpuModel::preset(name)
+                .with_context(|| format!("--gpu {name}"))?;
+            Some(Peak {
+                tflops: gpu.peak_bf16_tflops,
+                source: format!("{} datasheet, dense bf16", gpu.product_label),
+            })
+        }
+        (None, Some(tflops)) if !(tflops.is_finite() && tflops > 0.0) => {
+            bail!("--peak-tflops must be a positive number, got {tflops}")
+        }
+        (None, Some(tflops)) => Some(Peak {
+            tflops,
+            source: "--peak-tflops".to_string(),
+        }),
+        (None, None) => None,
+    };
+    let shortest = args.tokens_per_device.iter().copied().min().unwrap_or(2);
+    if let Some(chunk) = args.stream_bp_chunk
+        && chunk > shortest
+    {
+        bail!(
+            "--stream-bp-chunk {chunk} is longer than the shortest --tokens-per-device ({shortest})"
+        );
+    }
+    if let Some(path) = &args.profile {
+        weft_planner::input::load_profile(&path.to_string_lossy())
+            .with_context(|| format!("--profile {}", path.display()))?;
+    }
+    if args.timeout_s == 0 {
+        bail!("--timeout-s must be at least 1");
+    }
+    let devices = match device {
+        ComputeDevice::Cpu => 1,
+        ComputeDevice::Cuda => args.ranks.min(tch::Cuda::device_count().max(1) as u32),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+    let exe = std::env::current_exe().context("finding this program to start the runs")?;
+    let work = tempfile::Builder::new()
+        .prefix("weft-throughput-")
+        .tempdir()
+        .context("a directory for the benchmark's documents")?;
+    let work = work.path();
+    eprintln!(
+        "bench throughput: {} ({:.2}B parameters, {}) on {}, engine on {} rank(s) over {devices} device(s); {} timed steps after {} of warm-up, every run in a process of its own",
+        model.name,
+        model.params() / 1e9,
+        precision.name(),
+        device.name(),
+        args.ranks,
+        args.steps,
+        args.warmup
+    );
+    let mut rows = Vec::new();
+    for &length in &args.tokens_per_device {
+        let documents = work.join(format!("documents-{length}"));
+        write_documents(&documents, devices, length)?;
+        for &path in &args.paths {
+            let (ranks, row_devices) = match path {
+                RunPath::Engine => (args.ranks, devices),
+                RunPath::Plain => (1, 1),
+            };
+            let steps = args.warmup + args.steps;
+            let outcome = match path {
+                RunPath::Engine => {
+                    let metrics = work.join(format!("engine-{length}.jsonl"));
+                    let mut command = std::process::Command::new(&exe);
+                    command
+                        .arg("local")
+                        .args(["--ranks", &ranks.to_string()])
+                        .args(["--steps", &steps.to_string()])
+                        .args(["--model", &args.model])
+                        .arg("--data")
+                        .arg(&documents)
+                        .args([
+                            "--tokens-per-step",
+                            &(length * u64::from(devices)).to_string(),
+                        ])
+                        .args(["--max-seq-len", &length.to_string()])
+                        .args(["--device", device.name()])
+                        .args(["--precision", precision.name()])
+                        .args(["--timeout-s", &args.timeout_s.to_string()])
+                        .arg("--metrics")
+                        .arg(&metrics);
+                    // Ranks sharing a device hold its document's share each
+                    // (the local topology is one node of `ranks` GPUs).
+                    let shared = (ranks > devices).then(|| {
+                        (length * u64::from(devices)).div_ceil(u64::from(ranks))
+                            + weft_planner::schedule::zigzag_margin(ranks)
+                    });
+                    if let Some(tokens) = args.rank_tokens.or(shared) {
+                        command.args(["--rank-tokens", &tokens.to_string()]);
+                    }
+                    if let Some(chunk) = args.stream_bp_chunk {
+                        command.args(["--stream-bp-chunk", &chunk.to_string()]);
+                    }
+                    if let Some(profile) = &args.profile {
+                        command.arg("--profile").arg(profile);
+                    }
+                    let out = command.output().context("starting the engine's run")?;
+                    if out.status.success() {
+                        let text = std::fs::read_to_string(&metrics)
+                            .with_context(|| format!("reading {}", metrics.display()))?;
+                        let lines: Vec<StepMetrics> = text
+                            .lines()
+                            .map(serde_json::from_str)
+                            .collect::<Result<_, _>>()
+                            .context("reading the engine's metrics")?;
+                        Outcome::Measured(engine_figures(
+                            &model,
+                            &lines,
+                            args.warmup,
+                            length,
+                            devices,
+                            peak.as_ref(),
+                        )?)
+                    } else {
+                        Outcome::Failed(failure(&String::from_utf8_lossy(&out.stderr)))
+                    }
+                }
+                RunPath::Plain => {
+                    let config = PlainConfig {
+                        model: model.clone(),
+                        precision,
+                        device,
+                        documents: documents.clone(),
+                        length,
+                        steps,
+                        warmup: args.warmup,
+                        seed: 0,
+                        threads: cores,
+                    };
+                    let out = std::process::Command::new(&exe)
+                        .args(["bench", "throughput-plain", "--config"])
+                        .arg(serde_json::to_string(&config)?)
+                        .output()
+                        .context("starting the plain run")?;
+                    if out.status.success() {
+                        let seconds: Vec<f64> = serde_json::from_slice(&out.stdout)
+                            .context("reading the plain run's figures")?;
+                        let timed = seconds.get(args.warmup as usize..).unwrap_or_default();
+                        Outcome::Measured(measure(&model, &[length], timed, 1, peak.as_ref())?)
+                    } else {
+                        Outcome::Failed(failure(&String::from_utf8_lossy(&out.stderr)))
+                    }
+                }
+            };
+            match &outcome {
+                Outcome::Measured(Measured {
+                    tokens_per_s_per_device,
+                    tflops_per_device,
+                    mfu,
+                    ..
+                }) => eprintln!(
+                    "  {:<6} {length:>8} tokens/device: {tokens_per_s_per_device:>10.0} tokens/s/device, {tflops_per_device:.3} TFLOP/s/device{}",
+                    path.name(),
+                    mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m))
+                ),
+                Outcome::Failed(Failed { category, message }) => eprintln!(
+                    "  {:<6} {length:>8} tokens/device: {category}: {message}",
+                    path.name()
+                ),
+            }
+            rows.push(Row {
+                model: model.name.clone(),
+                path,
+                tokens_per_device: length,
+                ranks,
+                devices: row_devices,
+                precision,
+                outcome,
+            });
+        }
+    }
+    match args.format {
+        Report::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "peak": peak, "rows": rows }))?
+        ),
+        Report::Table => print!("{}", table(&rows, peak.as_ref())),
+    }
+    Ok(())
+}
+
 /// `bench hf-load`: see [`BenchCommand::HfLoad`].
 fn bench_hf_load(input: &ModelAndCorpus) -> anyhow::Result<()> {
     let (model, data, text_field) = (&input.model, &input.data, &input.text_field);
@@ -1749,6 +2030,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             BenchCommand::HfLoad(input) => {
                 bench_hf_load(&input)?;
+                Ok(true)
+            }
+            BenchCommand::Throughput(args) => {
+                bench_throughput(args)?;
+                Ok(true)
+            }
+            BenchCommand::ThroughputPlain { config } => {
+                let config: weft_trainer::throughput::PlainConfig =
+                    serde_json::from_str(&config)
+                        .context("the plain run's --config is not valid")?;
+                let seconds = weft_trainer::throughput::run_plain(&config)?;
+                println!("{}", serde_json::to_string(&seconds)?);
                 Ok(true)
             }
             BenchCommand::MemoryProbe { config } => {
