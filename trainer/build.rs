@@ -57,6 +57,7 @@ fn nccl_includes(torch: &Path, lib: &Path) -> Option<Vec<PathBuf>> {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/attention_shim.cpp");
     println!("cargo:rerun-if-env-changed=WEFT_NO_NCCL");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         // torch-sys always exports it; without it the link below cannot work.
@@ -73,6 +74,7 @@ fn main() {
         .pic(true)
         .std("c++20")
         .file("csrc/c10d_shim.cpp")
+        .file("csrc/attention_shim.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         // The PyPI wheel is built with the C++11 ABI.

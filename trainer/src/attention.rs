@@ -74,7 +74,7 @@ impl Partial {
         v: &Tensor,
         causal: bool,
     ) -> Result<Partial, AttentionError> {
-        let (out, lse) = Kernel::for_device(q.device()).forward(q, k, v, causal)?;
+        let (out, lse) = Kernel::for_query(q).forward(q, k, v, causal)?;
         Ok(Partial {
             out: out.f_to_kind(Kind::Float)?,
             lse: lse.f_to_kind(Kind::Float)?,
@@ -169,7 +169,7 @@ pub fn reference_attention(
     let forward = Partial::compute(q, &ke, &ve, true)?;
     let out = forward.out.f_to_kind(q.kind())?;
     let (dq, dk, dv) =
-        Kernel::for_device(q.device()).backward(grad, q, &ke, &ve, &out, &forward.lse, true)?;
+        Kernel::for_query(q).backward(grad, q, &ke, &ve, &out, &forward.lse, true)?;
     Ok([
         forward.out,
         dq,
@@ -613,7 +613,7 @@ pub fn ring_attention_backward(
         for b in 0..layout.inner {
             for block in blocks(shard, me, layout.owner(a, b), d) {
                 let (i, qi, ki) = (block.doc, block.q, block.kv);
-                let kernel = Kernel::for_device(shard.docs[i].q[qi].device());
+                let kernel = Kernel::for_query(&shard.docs[i].q[qi]);
                 grouped_backward_into(
                     kernel,
                     &grad_out[i][qi],

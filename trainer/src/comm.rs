@@ -134,14 +134,14 @@ impl CommError {
 }
 
 /// Calls a shim function and turns its error string into a Rust `String`.
-fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), String> {
+pub(crate) fn call(f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<(), String> {
     let mut err: *mut c_char = std::ptr::null_mut();
     let code = f(&mut err);
     if code == 0 {
         return Ok(());
     }
     if err.is_null() {
-        return Err(format!("c10d shim returned {code} without a message"));
+        return Err(format!("the C++ shim returned {code} without a message"));
     }
     // SAFETY: the shim strdup'd a NUL-terminated string and hands it over.
     let message = unsafe { CStr::from_ptr(err) }

@@ -2,26 +2,33 @@
 //! its log-sum-exp, forward and backward: what ring attention computes at each
 //! step and merges.
 //!
-//! Two kernels compute it:
+//! Three kernels compute it:
 //! - [`Kernel::Fused`]: libtorch's flash-attention kernel for the CPU
 //!   (`_scaled_dot_product_flash_attention_for_cpu` and its backward), which
 //!   returns the log-sum-exp the merge needs.
+//! - [`Kernel::Flash`]: libtorch's flash-attention kernel for CUDA
+//!   (`_scaled_dot_product_flash_attention`, through weft's C++ shim since
+//!   tch's bindings leave its forward out, and its backward), for bf16 and
+//!   fp16 queries with heads of at most 256, a multiple of 8: what a GPU
+//!   runs in mixed precision. Its backward takes the output and log-sum-exp
+//!   the queries finally had (the merged ones) as they are, as ring
+//!   attention needs, with no dropout (so no random state).
 //! - [`Kernel::Blockwise`]: the same mathematics in plain tensor operations
 //!   (matrix products, a masked log-sum-exp), in fp32, over tiles of queries so
-//!   the score matrix stays bounded. It runs on any device; tests hold it to
-//!   the fused kernel. On GPUs it is what runs: libtorch's fused CUDA kernels
-//!   that return the log-sum-exp have no backward in tch's bindings
-//!   (`_scaled_dot_product_efficient_attention_backward` is not generated)
-//!   or take only half-precision inputs (flash).
+//!   the score matrix stays bounded. It runs on any device and number
+//!   format; tests hold it to the fused kernel. On a GPU it runs what flash
+//!   does not take (fp32).
 //!
-//! Both use the scale 1/√E and, when causal, the top-left alignment: query i
-//! sees keys 0..=i (ring attention is causal only on diagonal blocks, where the
-//! two chunks are the same tokens). Outputs come back in the queries' kind and
-//! log-sum-exps in fp32, `[B, H, L_q]`.
+//! All use the scale 1/√E and, when causal, equal query and key chunks (ring
+//! attention is causal only on diagonal blocks, where the two chunks are the
+//! same tokens): query i sees keys 0..=i. Outputs come back in the queries'
+//! kind and log-sum-exps in fp32, `[B, H, L_q]`.
 //!
-//! `WEFT_ATTENTION=blockwise` makes the CPU run the blockwise kernel too
-//! (to check it end to end, e.g. with `weft-trainer selfcheck`).
+//! `WEFT_ATTENTION=blockwise` makes every device run the blockwise kernel
+//! (to check the others against it end to end, e.g. with `weft-trainer
+//! selfcheck`).
 
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 use tch::{Kind, Tensor};
@@ -30,24 +37,88 @@ use tch::{Kind, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Fused,
+    Flash,
     Blockwise,
+}
+
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    fn weft_flash_attention_forward(
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        causal: c_int,
+        out: *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+}
+
+/// libtorch's CUDA flash-attention forward: the output and the log-sum-exp.
+#[allow(unsafe_code)]
+fn flash_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+) -> Result<(Tensor, Tensor), tch::TchError> {
+    let mut out: [*mut c_void; 2] = [std::ptr::null_mut(); 2];
+    crate::comm::call(|err| {
+        // SAFETY: the three pointers are live tensors borrowed for the call;
+        // on success the shim writes two new heap tensors into `out`.
+        unsafe {
+            weft_flash_attention_forward(
+                q.as_ptr().cast(),
+                k.as_ptr().cast(),
+                v.as_ptr().cast(),
+                c_int::from(causal),
+                out.as_mut_ptr(),
+                err,
+            )
+        }
+    })
+    .map_err(tch::TchError::Torch)?;
+    // SAFETY: each is a `new at::Tensor` the shim handed over; tch frees it.
+    let [o, lse] = out.map(|p| unsafe { Tensor::from_ptr(p.cast()) });
+    Ok((o, lse))
+}
+
+/// Whether the CUDA flash kernel takes queries of `kind` with heads of
+/// `head_dim`: half precision, heads of at most 256, a multiple of 8.
+fn flash_takes(kind: Kind, head_dim: i64) -> bool {
+    matches!(kind, Kind::BFloat16 | Kind::Half)
+        && head_dim > 0
+        && head_dim <= 256
+        && head_dim % 8 == 0
 }
 
 /// Elements of fp32 scores one tile may hold (2^26: 256 MiB).
 const TILE_SCORES: i64 = 1 << 26;
 
 impl Kernel {
-    /// The kernel for tensors on `device`: fused on the CPU (unless
-    /// `WEFT_ATTENTION=blockwise`), blockwise elsewhere.
-    pub fn for_device(device: tch::Device) -> Kernel {
+    /// The kernel for queries `q` `[B, H, L, E]`: see [`Kernel::of`].
+    pub fn for_query(q: &Tensor) -> Kernel {
+        Kernel::of(q.device(), q.kind(), q.size().last().copied().unwrap_or(0))
+    }
+
+    /// The kernel for queries of `kind` with heads of `head_dim` on
+    /// `device`: fused on the CPU, flash on a GPU where it takes them, else
+    /// blockwise (everywhere with `WEFT_ATTENTION=blockwise`).
+    pub fn of(device: tch::Device, kind: Kind, head_dim: i64) -> Kernel {
         static FORCED: OnceLock<bool> = OnceLock::new();
         let forced = *FORCED.get_or_init(|| {
             std::env::var("WEFT_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("blockwise"))
         });
-        if device == tch::Device::Cpu && !forced {
-            Kernel::Fused
-        } else {
-            Kernel::Blockwise
+        Kernel::choose(device, flash_takes(kind, head_dim), forced)
+    }
+
+    /// The rule of [`Kernel::for_query`]: `flash` whether the flash kernel
+    /// takes the queries, `forced` whether the blockwise kernel is asked for.
+    fn choose(device: tch::Device, flash: bool, forced: bool) -> Kernel {
+        match device {
+            _ if forced => Kernel::Blockwise,
+            tch::Device::Cpu => Kernel::Fused,
+            tch::Device::Cuda(_) if flash => Kernel::Flash,
+            _ => Kernel::Blockwise,
         }
     }
 
@@ -71,6 +142,10 @@ impl Kernel {
                     None::<Tensor>,
                     None,
                 )?;
+                Ok((out, lse.f_to_kind(Kind::Float)?))
+            }
+            Kernel::Flash => {
+                let (out, lse) = flash_forward(q, k, v, causal)?;
                 Ok((out, lse.f_to_kind(Kind::Float)?))
             }
             Kernel::Blockwise => blockwise_forward(q, k, v, causal, tile_rows(q, k)),
@@ -103,6 +178,31 @@ impl Kernel {
                     0.0,
                     causal,
                     None::<Tensor>,
+                    None,
+                )
+            }
+            Kernel::Flash => {
+                // The kernel takes every tensor in the queries' kind, and
+                // no cumulative lengths (undefined: not a packed batch) or
+                // random state (empty: no dropout), as its forward gives.
+                let kind = q.kind();
+                let (lq, lk) = (q.size()[2], k.size()[2]);
+                let no_rng = || Tensor::f_empty([], (Kind::Int64, tch::Device::Cpu));
+                Tensor::f_internal_scaled_dot_product_flash_attention_backward(
+                    &grad.f_to_kind(kind)?.f_contiguous()?,
+                    q,
+                    k,
+                    v,
+                    &out.f_to_kind(kind)?.f_contiguous()?,
+                    &lse.f_to_kind(Kind::Float)?.f_contiguous()?,
+                    &Tensor::new(),
+                    &Tensor::new(),
+                    lq,
+                    lk,
+                    0.0,
+                    causal,
+                    &no_rng()?,
+                    &no_rng()?,
                     None,
                 )
             }
@@ -314,16 +414,65 @@ mod tests {
         assert_eq!(dk.size(), vec![1, 2, 0, 8]);
     }
 
+    /// The CPU runs the fused kernel; a GPU flash for the queries it takes
+    /// (bf16 or fp16, heads of 8..=256 in steps of 8), blockwise for the
+    /// rest; `WEFT_ATTENTION=blockwise` asks for blockwise everywhere.
     #[test]
-    fn cpu_tensors_get_the_fused_kernel_unless_told_otherwise() {
+    fn each_device_and_format_gets_its_kernel() {
+        use tch::Device::{Cpu, Cuda};
+        assert_eq!(Kernel::choose(Cpu, false, false), Kernel::Fused);
+        assert_eq!(Kernel::choose(Cpu, true, false), Kernel::Fused);
+        assert_eq!(Kernel::choose(Cuda(1), true, false), Kernel::Flash);
+        assert_eq!(Kernel::choose(Cuda(0), false, false), Kernel::Blockwise);
+        for device in [Cpu, Cuda(0)] {
+            assert_eq!(Kernel::choose(device, true, true), Kernel::Blockwise);
+        }
+        assert!(flash_takes(Kind::BFloat16, 128) && flash_takes(Kind::Half, 8));
+        assert!(flash_takes(Kind::BFloat16, 256) && flash_takes(Kind::BFloat16, 16));
+        for (kind, head) in [
+            (Kind::Float, 128),
+            (Kind::BFloat16, 12),
+            (Kind::BFloat16, 264),
+            (Kind::BFloat16, 0),
+        ] {
+            assert!(!flash_takes(kind, head), "{kind:?} {head}");
+        }
         let forced =
             std::env::var("WEFT_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("blockwise"));
-        let want = if forced {
-            Kernel::Blockwise
-        } else {
-            Kernel::Fused
-        };
-        assert_eq!(Kernel::for_device(tch::Device::Cpu), want);
-        assert_eq!(Kernel::for_device(tch::Device::Cuda(0)), Kernel::Blockwise);
+        let cpu = Kernel::of(Cpu, Kind::Float, 16);
+        assert_eq!(
+            cpu,
+            if forced {
+                Kernel::Blockwise
+            } else {
+                Kernel::Fused
+            }
+        );
+    }
+
+    /// The flash kernel is libtorch's, through weft's C++ shim: where
+    /// libtorch has no such kernel (the CPU) its refusal comes back as an
+    /// error naming the operation, not a crash; and the backward's call
+    /// is refused alike.
+    #[test]
+    fn the_flash_kernel_reaches_libtorch_through_the_shim() {
+        let q = random(&[1, 2, 16, 16], 1, Kind::BFloat16);
+        let err = Kernel::Flash
+            .forward(&q, &q, &q, true)
+            .expect_err("no flash kernel for CPU tensors");
+        assert!(
+            err.to_string()
+                .contains("_scaled_dot_product_flash_attention"),
+            "{err}"
+        );
+        let lse = Tensor::zeros([1, 2, 16], (Kind::Float, tch::Device::Cpu));
+        let err = Kernel::Flash
+            .backward(&q, &q, &q, &q, &q, &lse, true)
+            .expect_err("no flash backward for CPU tensors");
+        assert!(
+            err.to_string()
+                .contains("_scaled_dot_product_flash_attention_backward"),
+            "{err}"
+        );
     }
 }

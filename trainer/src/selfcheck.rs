@@ -112,6 +112,9 @@ impl SelfcheckReport {
     }
 }
 
+/// Width of the attention heads of the self-check's documents.
+pub const HEAD_DIM: i64 = 16;
+
 /// One case's documents: lengths and head layout, drawn from the seed.
 fn case_shape(rng: &mut SplitMix64) -> (Vec<i64>, i64, i64) {
     let documents = 1 + rng.below(4) as usize;
@@ -178,10 +181,10 @@ pub fn run_worker(
             .iter()
             .map(|l| {
                 Ok([
-                    draw([1, heads, *l, 16])?,
-                    draw([1, kv_heads, *l, 16])?,
-                    draw([1, kv_heads, *l, 16])?,
-                    draw([1, heads, *l, 16])?,
+                    draw([1, heads, *l, HEAD_DIM])?,
+                    draw([1, kv_heads, *l, HEAD_DIM])?,
+                    draw([1, kv_heads, *l, HEAD_DIM])?,
+                    draw([1, heads, *l, HEAD_DIM])?,
                 ])
             })
             .collect::<Result<_, tch::TchError>>()?;

@@ -943,10 +943,14 @@ fn selfcheck(args: SelfcheckArgs) -> anyhow::Result<bool> {
         ComputeDevice::Cpu => "CPU",
         ComputeDevice::Cuda => "CUDA",
     };
-    let kernel = weft_trainer::kernel::Kernel::for_device(match device {
-        ComputeDevice::Cpu => tch::Device::Cpu,
-        ComputeDevice::Cuda => tch::Device::Cuda(0),
-    });
+    let kernel = weft_trainer::kernel::Kernel::of(
+        match device {
+            ComputeDevice::Cpu => tch::Device::Cpu,
+            ComputeDevice::Cuda => tch::Device::Cuda(0),
+        },
+        precision.compute_kind(),
+        weft_trainer::selfcheck::HEAD_DIM,
+    );
     println!(
         "selfcheck on {ranks} ranks ({backend} on {on}, {}, {kernel:?} attention kernel): {} cases, {} document checks",
         worst.precision.name(),
