@@ -113,7 +113,10 @@ fn throughput(args: &[&str]) -> std::process::Output {
 /// the engine's prediction beside its measured forward and backward.
 #[test]
 fn the_throughput_bench_measures_both_paths() {
+    let json = std::env::temp_dir().join(format!("weft-throughput-{}.json", std::process::id()));
     let out = throughput(&[
+        "--json",
+        json.to_str().unwrap(),
         "--tokens-per-device",
         "256,1024",
         "--ranks",
@@ -129,6 +132,11 @@ fn the_throughput_bench_measures_both_paths() {
     ]);
     ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // --json writes the same report beside what standard output shows.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(written, report);
+    std::fs::remove_file(&json).unwrap();
     assert_eq!(report["peak"]["tflops"], 0.5);
     let rows = report["rows"].as_array().unwrap();
     let runs: Vec<(u64, &str)> = rows
@@ -214,6 +222,10 @@ fn the_throughput_bench_refuses_bad_input_by_name() {
         (
             &["--ranks", "0"][..],
             "invalid value '0' for '--ranks <RANKS>'",
+        ),
+        (
+            &["--json", "/nonexistent/report.json"][..],
+            "--json /nonexistent/report.json",
         ),
     ] {
         let out = throughput(args);

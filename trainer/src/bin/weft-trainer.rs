@@ -690,6 +690,9 @@ struct ThroughputArgs {
     timeout_s: u64,
     #[arg(long, value_enum, default_value_t = Report::Table)]
     format: Report,
+    /// Also write the report as JSON into this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -1666,6 +1669,10 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     if args.timeout_s == 0 {
         bail!("--timeout-s must be at least 1");
     }
+    // Found unwritable now, not after the runs.
+    if let Some(path) = &args.json {
+        std::fs::write(path, "").with_context(|| format!("--json {}", path.display()))?;
+    }
     let devices = match device {
         ComputeDevice::Cpu => 1,
         ComputeDevice::Cuda => args.ranks.min(tch::Cuda::device_count().max(1) as u32),
@@ -1808,11 +1815,13 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             });
         }
     }
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "peak": peak, "rows": rows }))?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("--json {}", path.display()))?;
+    }
     match args.format {
-        Report::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "peak": peak, "rows": rows }))?
-        ),
+        Report::Json => println!("{json}"),
         Report::Table => print!("{}", table(&rows, peak.as_ref())),
     }
     Ok(())
