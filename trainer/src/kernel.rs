@@ -28,8 +28,9 @@
 //! (to check the others against it end to end, e.g. with `weft-trainer
 //! selfcheck`).
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tch::{Kind, Tensor};
 
@@ -53,6 +54,18 @@ unsafe extern "C" {
     ) -> c_int;
 }
 
+/// A causal block's queries and keys are the same tokens: the flash kernel
+/// aligns its mask bottom-right, the others top-left, which agree only then.
+fn check_causal_block(q: &Tensor, k: &Tensor, causal: bool) -> Result<(), tch::TchError> {
+    let (lq, lk) = (q.size()[2], k.size()[2]);
+    if causal && lq != lk {
+        return Err(tch::TchError::Torch(format!(
+            "a causal attention block needs as many queries as keys, got {lq} and {lk}"
+        )));
+    }
+    Ok(())
+}
+
 /// libtorch's CUDA flash-attention forward: the output and the log-sum-exp.
 #[allow(unsafe_code)]
 fn flash_forward(
@@ -61,6 +74,7 @@ fn flash_forward(
     v: &Tensor,
     causal: bool,
 ) -> Result<(Tensor, Tensor), tch::TchError> {
+    check_causal_block(q, k, causal)?;
     let mut out: [*mut c_void; 2] = [std::ptr::null_mut(); 2];
     crate::comm::call(|err| {
         // SAFETY: the three pointers are live tensors borrowed for the call;
@@ -91,6 +105,35 @@ fn flash_takes(kind: Kind, head_dim: i64) -> bool {
         && head_dim % 8 == 0
 }
 
+/// Whether libtorch's CUDA flash kernel runs on `device` at all: it needs
+/// an Ampere or newer GPU and a libtorch built with it. Tried once per GPU
+/// on a small block; where it fails, that GPU runs the blockwise kernel.
+fn flash_runs_on(device: tch::Device) -> bool {
+    static TRIED: Mutex<BTreeMap<usize, bool>> = Mutex::new(BTreeMap::new());
+    let tch::Device::Cuda(index) = device else {
+        return false;
+    };
+    let mut tried = TRIED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *tried.entry(index).or_insert_with(|| {
+        Tensor::f_zeros([1, 1, 8, 8], (Kind::BFloat16, device))
+            .and_then(|q| flash_forward(&q, &q, &q, true))
+            .is_ok()
+    })
+}
+
+/// The values `WEFT_ATTENTION` takes: unset or empty (each device's kernel),
+/// or `blockwise`.
+pub fn check_attention_setting() -> Result<(), String> {
+    match std::env::var("WEFT_ATTENTION") {
+        Ok(v) if !v.is_empty() && !v.eq_ignore_ascii_case("blockwise") => Err(format!(
+            "WEFT_ATTENTION={v:?}: the one value it takes is \"blockwise\" (every device runs the blockwise attention kernel); unset, each device runs its own"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Elements of fp32 scores one tile may hold (2^26: 256 MiB).
 const TILE_SCORES: i64 = 1 << 26;
 
@@ -101,18 +144,20 @@ impl Kernel {
     }
 
     /// The kernel for queries of `kind` with heads of `head_dim` on
-    /// `device`: fused on the CPU, flash on a GPU where it takes them, else
-    /// blockwise (everywhere with `WEFT_ATTENTION=blockwise`).
+    /// `device`: fused on the CPU, flash on a GPU where it takes them and
+    /// runs, else blockwise (everywhere with `WEFT_ATTENTION=blockwise`).
     pub fn of(device: tch::Device, kind: Kind, head_dim: i64) -> Kernel {
         static FORCED: OnceLock<bool> = OnceLock::new();
         let forced = *FORCED.get_or_init(|| {
             std::env::var("WEFT_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("blockwise"))
         });
-        Kernel::choose(device, flash_takes(kind, head_dim), forced)
+        let flash = !forced && flash_takes(kind, head_dim) && flash_runs_on(device);
+        Kernel::choose(device, flash, forced)
     }
 
-    /// The rule of [`Kernel::for_query`]: `flash` whether the flash kernel
-    /// takes the queries, `forced` whether the blockwise kernel is asked for.
+    /// The rule of [`Kernel::of`]: `flash` whether the flash kernel takes
+    /// the queries and runs on the device, `forced` whether the blockwise
+    /// kernel is asked for.
     fn choose(device: tch::Device, flash: bool, forced: bool) -> Kernel {
         match device {
             _ if forced => Kernel::Blockwise,
@@ -182,9 +227,11 @@ impl Kernel {
                 )
             }
             Kernel::Flash => {
+                check_causal_block(q, k, causal)?;
                 // The kernel takes every tensor in the queries' kind, and
-                // no cumulative lengths (undefined: not a packed batch) or
-                // random state (empty: no dropout), as its forward gives.
+                // no cumulative lengths (undefined: not a packed batch).
+                // Its random state is read only with dropout, which
+                // attention here never has: empty tensors stand for it.
                 let kind = q.kind();
                 let (lq, lk) = (q.size()[2], k.size()[2]);
                 let no_rng = || Tensor::f_empty([], (Kind::Int64, tch::Device::Cpu));
@@ -463,6 +510,15 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("_scaled_dot_product_flash_attention"),
+            "{err}"
+        );
+        // A causal block of other shapes is refused before any kernel runs
+        // (flash's mask would be aligned otherwise than the others').
+        let k = random(&[1, 2, 8, 16], 2, Kind::BFloat16);
+        let err = Kernel::Flash.forward(&q, &k, &k, true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a causal attention block needs as many queries as keys, got 16 and 8"),
             "{err}"
         );
         let lse = Tensor::zeros([1, 2, 16], (Kind::Float, tch::Device::Cpu));

@@ -276,3 +276,88 @@ fn stop(children: &mut [Child]) {
         let _ = child.wait();
     }
 }
+
+/// What [`output_within`] got from a process.
+#[derive(Debug)]
+pub struct Finished {
+    pub output: std::process::Output,
+    /// The process outlived the time it had and was stopped.
+    pub timed_out: bool,
+}
+
+/// Runs `command` to its end, or stops it after `timeout`; its standard
+/// output and error are read meanwhile (so neither pipe fills up).
+pub fn output_within(mut command: Command, timeout: Duration) -> std::io::Result<Finished> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read_all(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = read_all(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Finished {
+        output: std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        },
+        timed_out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that ends is read whole; one that outlives its time is
+    /// stopped and says so.
+    #[test]
+    fn a_process_runs_to_its_end_or_is_stopped_in_time() {
+        let mut echo = Command::new("sh");
+        echo.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let done = output_within(echo, Duration::from_secs(30)).unwrap();
+        assert!(!done.timed_out);
+        assert_eq!(done.output.status.code(), Some(3));
+        assert_eq!(done.output.stdout, b"out\n");
+        assert_eq!(done.output.stderr, b"err\n");
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let started = Instant::now();
+        let stopped = output_within(sleep, Duration::from_millis(200)).unwrap();
+        assert!(stopped.timed_out && !stopped.output.status.success());
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -517,7 +517,7 @@ impl Layouts {
 
 /// Waits for the work queued on `device` (a GPU runs it asynchronously), so
 /// a component's seconds are its own; nothing to wait for on the CPU.
-fn settle(device: tch::Device) {
+pub(crate) fn settle(device: tch::Device) {
     if let tch::Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
     }

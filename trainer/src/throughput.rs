@@ -320,9 +320,8 @@ pub struct PlainConfig {
     /// The documents [`write_documents`] wrote; each step takes the next.
     pub documents: PathBuf,
     pub length: u64,
-    /// Steps in all, the first `warmup` of them untimed.
+    /// Steps in all (the driver leaves its warm-up out of the figures).
     pub steps: u64,
-    pub warmup: u64,
     pub seed: u64,
     pub threads: i32,
 }
@@ -366,9 +365,7 @@ pub fn run_plain(config: &PlainConfig) -> Result<Vec<f64>, ThroughputError> {
         zero_gradients(&params)?;
         reference_forward_backward(&model, &batch)?;
         optimizer.step()?;
-        if let tch::Device::Cuda(index) = device {
-            tch::Cuda::synchronize(index as i64);
-        }
+        crate::step::settle(device);
         seconds.push(started.elapsed().as_secs_f64());
     }
     Ok(seconds)

@@ -1,7 +1,8 @@
-//! `weft-trainer bench memory` as a user runs it: every step measured in a
-//! process of its own, the figures in the JSON the README describes, and
-//! StreamBP holding longer sequences than checkpointing, which holds longer
-//! ones than plain backprop, within the same budget.
+//! `weft-trainer bench memory` and `bench throughput` as a user runs them:
+//! every measurement in a process of its own, the figures in the JSON the
+//! README describes; StreamBP holding longer sequences than checkpointing,
+//! which holds longer ones than plain backprop, within the same budget; the
+//! engine's throughput beside the plain path's.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -227,10 +228,64 @@ fn the_throughput_bench_refuses_bad_input_by_name() {
             &["--json", "/nonexistent/report.json"][..],
             "--json /nonexistent/report.json",
         ),
+        (
+            &["--paths", "plain", "--stream-bp-chunk", "64"][..],
+            "--stream-bp-chunk sets the engine's runs, and --paths runs the plain path alone",
+        ),
+        (
+            &["--paths", "plain", "--ranks", "2"][..],
+            "--ranks sets the engine's runs",
+        ),
+        (
+            &["--warmup", "99999999999"][..],
+            "invalid value '99999999999' for '--warmup <WARMUP>'",
+        ),
     ] {
         let out = throughput(args);
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expected), "{args:?}: {err}");
     }
+}
+
+/// A run that outlives `--timeout-s` is stopped and reported as such; the
+/// benchmark goes on and succeeds.
+#[test]
+fn a_run_past_its_time_is_stopped_and_reported() {
+    let out = throughput(&[
+        "--paths",
+        "plain",
+        "--tokens-per-device",
+        "65536",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--timeout-s",
+        "1",
+        "--format",
+        "json",
+    ]);
+    ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failed = &report["rows"][0]["failed"];
+    assert_eq!(failed["category"], "timeout", "{report}");
+    assert_eq!(failed["message"], "stopped after 1 s (--timeout-s)");
+}
+
+/// `WEFT_ATTENTION` takes `blockwise` or nothing; anything else is refused
+/// by name before anything runs.
+#[test]
+fn an_unknown_attention_setting_is_refused() {
+    let out = trainer()
+        .env("WEFT_ATTENTION", "flash")
+        .args(["selfcheck", "--ranks", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WEFT_ATTENTION=\"flash\": the one value it takes is \"blockwise\""),
+        "{err}"
+    );
 }

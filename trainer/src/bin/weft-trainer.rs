@@ -665,10 +665,10 @@ struct ThroughputArgs {
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// Steps timed, after the warm-up.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     steps: u64,
     /// Steps run first and not timed.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     warmup: u64,
     /// The engine streams its backward (StreamBP) in chunks of this many
     /// tokens on the rings its planner chooses (`local --stream-bp-chunk`).
@@ -1595,19 +1595,31 @@ fn bench_model() -> weft_planner::model::ModelSpec {
     }
 }
 
+/// This program as a child running the hidden `bench SUBCOMMAND --config
+/// JSON`: one measurement in a process of its own, its figures as JSON on
+/// standard output.
+fn child_with_config(
+    subcommand: &str,
+    config: &impl Serialize,
+) -> anyhow::Result<std::process::Command> {
+    let exe = std::env::current_exe().context("finding this program to start a measurement")?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["bench", subcommand, "--config"])
+        .arg(serde_json::to_string(config)?);
+    Ok(command)
+}
+
 /// Runs one probe in a child process of this binary.
 fn run_probe(
     config: &weft_trainer::membench::ProbeConfig,
 ) -> anyhow::Result<weft_trainer::membench::Probe> {
-    let exe = std::env::current_exe().context("finding this program to start a probe")?;
-    let out = std::process::Command::new(exe)
+    let out = child_with_config("memory-probe", config)?
         // glibc maps allocations of 64 KiB and more on their own and gives
         // freed memory back at once, so the resident set follows what is
         // alive (else freed memory kept for reuse blurs the peak).
         .env("MALLOC_MMAP_THRESHOLD_", "65536")
         .env("MALLOC_TRIM_THRESHOLD_", "0")
-        .args(["bench", "memory-probe", "--config"])
-        .arg(serde_json::to_string(config)?)
         .output()
         .context("starting a probe")?;
     if !out.status.success() {
@@ -1624,6 +1636,7 @@ fn run_probe(
 
 /// `bench throughput`: see [`BenchCommand::Throughput`].
 fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
+    use weft_trainer::launch::output_within;
     use weft_trainer::throughput::{
         Failed, Measured, Outcome, Peak, PlainConfig, Row, RunPath, engine_figures, failure,
         measure, table, write_documents,
@@ -1669,9 +1682,26 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     if args.timeout_s == 0 {
         bail!("--timeout-s must be at least 1");
     }
-    // Found unwritable now, not after the runs.
+    // Found unwritable now, not after the runs (and nothing in it lost).
     if let Some(path) = &args.json {
-        std::fs::write(path, "").with_context(|| format!("--json {}", path.display()))?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("--json {}", path.display()))?;
+    }
+    if !args.paths.contains(&RunPath::Engine) {
+        let engine_only = [
+            ("--ranks", args.ranks != 1),
+            ("--rank-tokens", args.rank_tokens.is_some()),
+            ("--stream-bp-chunk", args.stream_bp_chunk.is_some()),
+            ("--profile", args.profile.is_some()),
+        ];
+        if let Some((flag, _)) = engine_only.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} sets the engine's runs, and --paths runs the plain path alone (one process, plain backprop)"
+            );
+        }
     }
     let devices = match device {
         ComputeDevice::Cpu => 1,
@@ -1704,9 +1734,9 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
                 RunPath::Plain => (1, 1),
             };
             let steps = args.warmup + args.steps;
-            let outcome = match path {
+            let metrics = work.join(format!("engine-{length}.jsonl"));
+            let command = match path {
                 RunPath::Engine => {
-                    let metrics = work.join(format!("engine-{length}.jsonl"));
                     let mut command = std::process::Command::new(&exe);
                     command
                         .arg("local")
@@ -1740,8 +1770,34 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
                     if let Some(profile) = &args.profile {
                         command.arg("--profile").arg(profile);
                     }
-                    let out = command.output().context("starting the engine's run")?;
-                    if out.status.success() {
+                    command
+                }
+                RunPath::Plain => child_with_config(
+                    "throughput-plain",
+                    &PlainConfig {
+                        model: model.clone(),
+                        precision,
+                        device,
+                        documents: documents.clone(),
+                        length,
+                        steps,
+                        seed: 0,
+                        threads: cores,
+                    },
+                )?,
+            };
+            let run = output_within(command, Duration::from_secs(args.timeout_s))
+                .with_context(|| format!("starting the {} run", path.name()))?;
+            let outcome = if run.timed_out {
+                Outcome::Failed(Failed {
+                    category: "timeout".to_string(),
+                    message: format!("stopped after {} s (--timeout-s)", args.timeout_s),
+                })
+            } else if !run.output.status.success() {
+                Outcome::Failed(failure(&String::from_utf8_lossy(&run.output.stderr)))
+            } else {
+                Outcome::Measured(match path {
+                    RunPath::Engine => {
                         let text = std::fs::read_to_string(&metrics)
                             .with_context(|| format!("reading {}", metrics.display()))?;
                         let lines: Vec<StepMetrics> = text
@@ -1749,44 +1805,15 @@ fn bench_throughput(args: ThroughputArgs) -> anyhow::Result<()> {
                             .map(serde_json::from_str)
                             .collect::<Result<_, _>>()
                             .context("reading the engine's metrics")?;
-                        Outcome::Measured(engine_figures(
-                            &model,
-                            &lines,
-                            args.warmup,
-                            length,
-                            devices,
-                            peak.as_ref(),
-                        )?)
-                    } else {
-                        Outcome::Failed(failure(&String::from_utf8_lossy(&out.stderr)))
+                        engine_figures(&model, &lines, args.warmup, length, devices, peak.as_ref())?
                     }
-                }
-                RunPath::Plain => {
-                    let config = PlainConfig {
-                        model: model.clone(),
-                        precision,
-                        device,
-                        documents: documents.clone(),
-                        length,
-                        steps,
-                        warmup: args.warmup,
-                        seed: 0,
-                        threads: cores,
-                    };
-                    let out = std::process::Command::new(&exe)
-                        .args(["bench", "throughput-plain", "--config"])
-                        .arg(serde_json::to_string(&config)?)
-                        .output()
-                        .context("starting the plain run")?;
-                    if out.status.success() {
-                        let seconds: Vec<f64> = serde_json::from_slice(&out.stdout)
+                    RunPath::Plain => {
+                        let seconds: Vec<f64> = serde_json::from_slice(&run.output.stdout)
                             .context("reading the plain run's figures")?;
                         let timed = seconds.get(args.warmup as usize..).unwrap_or_default();
-                        Outcome::Measured(measure(&model, &[length], timed, 1, peak.as_ref())?)
-                    } else {
-                        Outcome::Failed(failure(&String::from_utf8_lossy(&out.stderr)))
+                        measure(&model, &[length], timed, 1, peak.as_ref())?
                     }
-                }
+                })
             };
             match &outcome {
                 Outcome::Measured(Measured {
@@ -2013,6 +2040,7 @@ fn bench_memory(
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
+    weft_trainer::kernel::check_attention_setting().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Bench { bench } => match bench {
             BenchCommand::Memory {
