@@ -13,10 +13,10 @@ pub mod worker;
 
 pub use training_job::{
     AVOID_NODE_SECONDS, AvoidedNode, CheckpointRecord, CheckpointSpec, ContextParallelism,
-    DEFAULT_TEXT_FIELD, DataFormat, DataOrder, DataSpec, ElasticitySpec, MAX_MESH_EPOCH,
-    ModelPreset, ModelSpec, ParallelismSpec, Phase, RopeSpec, RopeType, SETTINGS_REFUSED_EXIT,
-    SchedulingSpec, TrainingJob, TrainingJobSpec, TrainingJobStatus, VolumeMountSpec,
-    WorkerFailure, WorkerRange, WorkerResources,
+    DEFAULT_TEXT_FIELD, DataFormat, DataOrder, DataSpec, ElasticitySpec, EpochFirstStep,
+    MAX_MESH_EPOCH, ModelPreset, ModelSpec, ParallelismSpec, Phase, Recovery, RopeSpec, RopeType,
+    SETTINGS_REFUSED_EXIT, SchedulingSpec, TrainingJob, TrainingJobSpec, TrainingJobStatus,
+    VolumeMountSpec, WorkerFailure, WorkerRange, WorkerResources,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -164,6 +164,13 @@ impl TrainingJobSpec {
         )
     }
 
+    /// `elasticity.stallTimeoutSeconds`, when set (at least 1 s).
+    pub fn stall_timeout_s(&self) -> Option<i64> {
+        self.elasticity
+            .stall_timeout_seconds
+            .map(|s| i64::from(s.max(1)))
+    }
+
     /// `elasticity.unschedulableTimeoutSeconds`, at least 1 s.
     pub fn unschedulable_timeout_s(&self) -> i64 {
         i64::from(self.elasticity.unschedulable_timeout_seconds.max(1))
@@ -813,6 +820,13 @@ pub struct ElasticitySpec {
     #[serde(default = "default_unschedulable_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub unschedulable_timeout_seconds: i32,
+    /// A running job whose workers report no training step for this long
+    /// (since the last step, the last membership change or the start,
+    /// whichever is latest) gets the `Stalled` condition, until a step is
+    /// reported. Unset: no `Stalled` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub stall_timeout_seconds: Option<i32>,
 }
 
 fn default_unschedulable_timeout() -> i32 {
@@ -846,6 +860,7 @@ impl Default for ElasticitySpec {
             restart_limit: default_restart_limit(),
             rescale_cooldown_seconds: default_rescale_cooldown(),
             unschedulable_timeout_seconds: default_unschedulable_timeout(),
+            stall_timeout_seconds: None,
         }
     }
 }
@@ -915,7 +930,8 @@ pub enum Phase {
 }
 
 /// Observed state of a training job, written by the operator and, for
-/// progress (`step`, `tokensPerSecond`, `lastCheckpoint`), by the job's workers.
+/// progress (`step`, `tokensPerSecond`, `lastStepTime`, `stepSeconds`,
+/// `epochFirstStep`, `lastCheckpoint`), by the job's workers.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingJobStatus {
@@ -950,6 +966,35 @@ pub struct TrainingJobStatus {
     /// Training throughput reported by the workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// When the workers last reported a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step_time: Option<Time>,
+    /// Seconds a step took, on average since the report before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub step_seconds: Option<f64>,
+    /// The first step the workers trained in their current mesh epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_first_step: Option<EpochFirstStep>,
+    /// When the job's first training step was reported (by the operator,
+    /// from the workers' reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_step_time: Option<Time>,
+    /// Seconds from `startTime` to the first training step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub time_to_first_step_seconds: Option<i64>,
+    /// The last membership change the workers have trained past: seconds
+    /// from the operator publishing its mesh epoch to the epoch's first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<Recovery>,
+    /// Useful training time over wall time since `startTime`: the steps
+    /// kept (`step`, which goes back to the checkpoint a restart resumes
+    /// from) times `stepSeconds`, over the time since the start (suspended
+    /// time included), at most 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub goodput: Option<f64>,
     /// The last complete checkpoint the workers reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRecord>,
@@ -986,6 +1031,27 @@ pub struct AvoidedNode {
     pub reason: String,
     /// Since when; the node is tried again `AVOID_NODE_SECONDS` later.
     pub since: Time,
+}
+
+/// The first training step of a mesh epoch, as its workers report it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EpochFirstStep {
+    #[schemars(range(min = 0, max = MAX_MESH_EPOCH))]
+    pub mesh_epoch: i64,
+    pub time: Time,
+}
+
+/// How long a membership change kept the job from training.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Recovery {
+    /// The mesh epoch the change published.
+    #[schemars(range(min = 0, max = MAX_MESH_EPOCH))]
+    pub mesh_epoch: i64,
+    /// From its publication to its first training step.
+    #[schemars(range(min = 0))]
+    pub seconds: i64,
 }
 
 /// A complete checkpoint.

@@ -163,6 +163,12 @@ async fn hostile_statuses_stray_pods_quotas_and_edited_meshes_stop_no_job() -> a
             &Patch::Merge(&json!({ "status": {
                 "step": i64::MAX,
                 "tokensPerSecond": 1.0e300,
+                "lastStepTime": "9998-12-31T23:59:59.999999999-23:59",
+                "stepSeconds": 1.0e300,
+                "epochFirstStep": {
+                    "meshEpoch": weft_crds::MAX_MESH_EPOCH,
+                    "time": "9998-12-31T23:59:59.999999999-23:59",
+                },
                 "lastCheckpoint": {
                     "step": i64::MAX, "path": "/ckpt/step-max",
                     "time": "9998-12-31T23:59:59.999999999-23:59",

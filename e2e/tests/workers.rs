@@ -147,12 +147,21 @@ async fn the_published_mesh_and_parameters_train_a_model() -> anyhow::Result<()>
             .join("checkpoints/step-00000002")
             .to_string_lossy()
             .into_owned();
+        // With it, what the operator derives from it: the time to the first
+        // step (from the start the operator recorded) and goodput.
         let status = wait_job_status(&jobs, "trained", "the progress in the status", |s| {
             s.step == 2
                 && s.tokens_per_second.is_some_and(|t| t > 0.0)
                 && s.last_checkpoint
                     .as_ref()
                     .is_some_and(|c| c.step == 2 && c.path == checkpoints)
+                && s.step_seconds.is_some_and(|t| t > 0.0)
+                && s.last_step_time.is_some()
+                && s.epoch_first_step
+                    .as_ref()
+                    .is_some_and(|f| f.mesh_epoch == mesh.epoch as i64)
+                && s.time_to_first_step_seconds.is_some_and(|t| t >= 0)
+                && s.goodput.is_some_and(|g| g > 0.0 && g <= 1.0)
         })
         .await
         .with_context(|| format!("the workers said:\n{logs}"))?;

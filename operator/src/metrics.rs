@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
@@ -79,6 +79,10 @@ pub struct Metrics {
     workers_desired: Family<Labels, Gauge>,
     mesh_epoch: Family<Labels, Gauge>,
     restarts: Family<Labels, Gauge>,
+    time_to_first_step: Family<Labels, Gauge>,
+    last_recovery: Family<Labels, Gauge>,
+    goodput: Family<Labels, Gauge<f64, AtomicU64>>,
+    stalled: Family<Labels, Gauge>,
     store: Mutex<Option<Store<DynamicObject>>>,
 }
 
@@ -161,6 +165,10 @@ impl Metrics {
         let workers_desired = Family::<Labels, Gauge>::default();
         let mesh_epoch = Family::<Labels, Gauge>::default();
         let restarts = Family::<Labels, Gauge>::default();
+        let time_to_first_step = Family::<Labels, Gauge>::default();
+        let last_recovery = Family::<Labels, Gauge>::default();
+        let goodput = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let stalled = Family::<Labels, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -194,6 +202,26 @@ impl Metrics {
             "Worker failures counted against the job's restart limit",
             restarts.clone(),
         );
+        registry.register(
+            "job_time_to_first_step_seconds",
+            "Seconds from the job's start to its first training step",
+            time_to_first_step.clone(),
+        );
+        registry.register(
+            "job_last_recovery_seconds",
+            "Seconds from the job's last membership change to the first step of its mesh epoch",
+            last_recovery.clone(),
+        );
+        registry.register(
+            "job_goodput",
+            "Useful training time over wall time since the job's start",
+            goodput.clone(),
+        );
+        registry.register(
+            "job_stalled",
+            "1 while the job's Stalled condition is true (jobs that set elasticity.stallTimeoutSeconds)",
+            stalled.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -208,6 +236,10 @@ impl Metrics {
             workers_desired,
             mesh_epoch,
             restarts,
+            time_to_first_step,
+            last_recovery,
+            goodput,
+            stalled,
             store: Mutex::new(None),
         }
     }
@@ -235,9 +267,13 @@ impl Metrics {
             &self.workers_desired,
             &self.mesh_epoch,
             &self.restarts,
+            &self.time_to_first_step,
+            &self.last_recovery,
+            &self.stalled,
         ] {
             family.clear();
         }
+        self.goodput.clear();
         let statuses: Vec<(&DynamicObject, Option<TrainingJobStatus>)> = jobs
             .iter()
             .map(|job| {
@@ -278,6 +314,28 @@ impl Metrics {
             self.restarts
                 .get_or_create(&labels)
                 .set(status.restarts.into());
+            // The figures a job has once it trains, and the condition of
+            // a job that asks for it.
+            if let Some(seconds) = status.time_to_first_step_seconds {
+                self.time_to_first_step.get_or_create(&labels).set(seconds);
+            }
+            if let Some(recovery) = &status.last_recovery {
+                self.last_recovery
+                    .get_or_create(&labels)
+                    .set(recovery.seconds);
+            }
+            if let Some(goodput) = status.goodput {
+                self.goodput.get_or_create(&labels).set(goodput);
+            }
+            if let Some(stalled) = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == crate::status::CONDITION_STALLED)
+            {
+                self.stalled
+                    .get_or_create(&labels)
+                    .set(i64::from(stalled.status == "True"));
+            }
         }
     }
 
@@ -388,7 +446,19 @@ mod tests {
         metrics.error("kubernetes_api");
         metrics.reconcile_seconds.observe(0.02);
         metrics.observe_jobs(&[
-            job("a", Phase::Running, 3),
+            {
+                let mut a = (*job("a", Phase::Running, 3)).clone();
+                let status = &mut a.data["status"];
+                status["timeToFirstStepSeconds"] = 42.into();
+                status["lastRecovery"] = serde_json::json!({"meshEpoch": 3, "seconds": 7});
+                status["goodput"] = 0.8.into();
+                status["conditions"] = serde_json::json!([{
+                    "type": "Stalled", "status": "True", "reason": "NoStepReported",
+                    "message": "no training step reported for 600 s",
+                    "lastTransitionTime": "2026-12-06T12:00:00Z",
+                }]);
+                Arc::new(a)
+            },
             job("b", Phase::Running, 1),
             job("c", Phase::Pending, 0),
             {
@@ -403,6 +473,10 @@ mod tests {
             out
         };
         for line in [
+            "weft_job_time_to_first_step_seconds{namespace=\"team-a\",job=\"a\"} 42",
+            "weft_job_last_recovery_seconds{namespace=\"team-a\",job=\"a\"} 7",
+            "weft_job_goodput{namespace=\"team-a\",job=\"a\"} 0.8",
+            "weft_job_stalled{namespace=\"team-a\",job=\"a\"} 1",
             "weft_reconciles_total 1",
             "weft_reconcile_errors_total{category=\"kubernetes_api\"} 1",
             "weft_reconcile_duration_seconds_count 1",
@@ -414,6 +488,11 @@ mod tests {
             "weft_job_workers_ready{namespace=\"team-a\",job=\"c\"} 2",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A job that has not trained has none of the figures.
+        for name in ["time_to_first_step_seconds", "goodput", "stalled"] {
+            let line = format!("weft_job_{name}{{namespace=\"team-a\",job=\"b\"}}");
+            assert!(!text.contains(&line), "{line:?} in\n{text}");
         }
         // A job gone from the cache is gone from the gauges.
         metrics.observe_jobs(&[job("a", Phase::Succeeded, 3)]);

@@ -22,6 +22,8 @@ pub const CONDITION_SCHEDULABLE: &str = "Schedulable";
 pub const CONDITION_READY: &str = "WorkersReady";
 pub const CONDITION_COMPLETE: &str = "Complete";
 pub const CONDITION_FAILED: &str = "Failed";
+/// No training step reported for `elasticity.stallTimeoutSeconds`.
+pub const CONDITION_STALLED: &str = "Stalled";
 
 /// What the status is computed from.
 #[derive(Debug)]
@@ -394,7 +396,131 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
         now,
     );
     status.conditions = vec![schedulable, ready];
+    progress_figures(&mut status, now);
+    if let Some(stalled) = stalled_condition(job, &status, previous, now) {
+        status.conditions.push(stalled);
+    }
     status
+}
+
+/// Seconds from `from` to `to`.
+fn seconds(from: &Time, to: &Time) -> i64 {
+    to.0.as_second() - from.0.as_second()
+}
+
+/// What the operator derives from its workers' reports: the time of the
+/// first step and the time to it, the last recovery, and goodput.
+pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
+    let Some(first) = status.epoch_first_step.clone() else {
+        return;
+    };
+    match &status.first_step_time {
+        None => {
+            // The job's first step: its start, not a recovery.
+            status.first_step_time = Some(first.time.clone());
+            status.time_to_first_step_seconds = status
+                .start_time
+                .as_ref()
+                .map(|start| seconds(start, &first.time).max(0));
+        }
+        Some(_) => {
+            // The first step of the epoch the operator published last: how
+            // long its membership change kept the job from training.
+            let recorded = status
+                .last_recovery
+                .as_ref()
+                .is_some_and(|r| r.mesh_epoch == first.mesh_epoch);
+            if let Some(changed) = &status.last_rescale_time
+                && first.mesh_epoch == status.mesh_epoch
+                && !recorded
+                && seconds(changed, &first.time) >= 0
+            {
+                status.last_recovery = Some(weft_crds::Recovery {
+                    mesh_epoch: first.mesh_epoch,
+                    seconds: seconds(changed, &first.time),
+                });
+            }
+        }
+    }
+    status.goodput = match (&status.start_time, status.step_seconds) {
+        (Some(start), Some(step_s)) if status.step > 0 => {
+            let wall = seconds(start, now);
+            (wall > 0).then(|| (status.step as f64 * step_s / wall as f64).clamp(0.0, 1.0))
+        }
+        _ => status.goodput,
+    };
+}
+
+/// The `Stalled` condition of a job that sets `elasticity.stallTimeoutSeconds`
+/// and should be training (its workers running, or moving to a new epoch):
+/// true once no step was reported for that long since the last step, the
+/// last membership change or the start, whichever is latest.
+fn stalled_condition(
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+    previous: Option<&TrainingJobStatus>,
+    now: &Time,
+) -> Option<Condition> {
+    let timeout = job.spec.stall_timeout_s()?;
+    if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
+        return None;
+    }
+    let since = stall_clock(status)?;
+    let quiet = seconds(since, now);
+    let stalled = quiet >= timeout;
+    let message = match (&status.last_step_time, stalled) {
+        (Some(_), true) => format!(
+            "no training step reported for {quiet} s (elasticity.stallTimeoutSeconds is {timeout}); the last was step {}",
+            status.step
+        ),
+        (None, true) => format!(
+            "no training step reported in {quiet} s since the workers started (elasticity.stallTimeoutSeconds is {timeout})"
+        ),
+        (_, false) => format!(
+            "a step or a membership change {quiet} s ago (elasticity.stallTimeoutSeconds is {timeout})"
+        ),
+    };
+    Some(condition(
+        previous,
+        CONDITION_STALLED,
+        stalled,
+        if stalled {
+            "NoStepReported"
+        } else {
+            "Training"
+        },
+        message,
+        job.metadata.generation,
+        now,
+    ))
+}
+
+/// How long until a training job that is not stalled yet would be, given
+/// no step: when its next reconcile is due to say so.
+pub fn until_stalled(
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+    now: &Time,
+) -> Option<std::time::Duration> {
+    let timeout = job.spec.stall_timeout_s()?;
+    if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
+        return None;
+    }
+    let left = timeout - seconds(stall_clock(status)?, now);
+    (left > 0).then(|| std::time::Duration::from_secs(left as u64))
+}
+
+/// Since when a running job's steps are awaited: the latest of its last
+/// reported step, its last membership change and its start.
+pub fn stall_clock(status: &TrainingJobStatus) -> Option<&Time> {
+    [
+        status.last_step_time.as_ref(),
+        status.last_rescale_time.as_ref(),
+        status.start_time.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|t| t.0.as_second())
 }
 
 /// How a job ended.
@@ -843,5 +969,149 @@ mod tests {
         // A pod merely waiting (no word from the scheduler yet) is not stuck.
         let waiting = [pod("Running"), pod("Pending")];
         assert!(unschedulable_pods(&waiting).is_empty());
+    }
+
+    /// The figures a job has once it trains: the time to its first step,
+    /// the recovery of a membership change (never of the start), goodput.
+    #[test]
+    fn the_workers_reports_give_the_time_to_first_step_recovery_and_goodput() {
+        let mut status = TrainingJobStatus {
+            start_time: Some(at(100)),
+            mesh_epoch: 1,
+            last_rescale_time: Some(at(100)),
+            ..Default::default()
+        };
+        // No step yet: nothing.
+        progress_figures(&mut status, &at(110));
+        assert_eq!(status.first_step_time, None);
+        assert_eq!(status.goodput, None);
+        // The first step of epoch 1, 30 s after the start: the start, no recovery.
+        status.epoch_first_step = Some(weft_crds::EpochFirstStep {
+            mesh_epoch: 1,
+            time: at(130),
+        });
+        status.step = 10;
+        status.step_seconds = Some(2.0);
+        status.last_step_time = Some(at(150));
+        progress_figures(&mut status, &at(150));
+        assert_eq!(status.first_step_time, Some(at(130)));
+        assert_eq!(status.time_to_first_step_seconds, Some(30));
+        assert_eq!(status.last_recovery, None);
+        // 10 steps of 2 s in 50 s.
+        assert_eq!(status.goodput, Some(0.4));
+        // A node lost at 200: epoch 2 published then; until its first step,
+        // no recovery is told (the reports are still epoch 1's).
+        status.mesh_epoch = 2;
+        status.last_rescale_time = Some(at(200));
+        progress_figures(&mut status, &at(205));
+        assert_eq!(status.last_recovery, None);
+        status.epoch_first_step = Some(weft_crds::EpochFirstStep {
+            mesh_epoch: 2,
+            time: at(212),
+        });
+        // Resumed from the checkpoint of step 8: the steps past it are lost.
+        status.step = 8;
+        progress_figures(&mut status, &at(220));
+        let recovery = status.last_recovery.clone().unwrap();
+        assert_eq!((recovery.mesh_epoch, recovery.seconds), (2, 12));
+        assert_eq!(status.goodput, Some(8.0 * 2.0 / 120.0));
+        // Told once: a later report of the same epoch changes nothing, and
+        // the first step and time to it stay those of the start.
+        status.epoch_first_step.as_mut().unwrap().time = at(230);
+        progress_figures(&mut status, &at(240));
+        assert_eq!(status.last_recovery.as_ref().unwrap().seconds, 12);
+        assert_eq!(status.time_to_first_step_seconds, Some(30));
+        // Goodput never passes 1 (step times reported long after the start
+        // of a job that ran before).
+        status.step_seconds = Some(1000.0);
+        progress_figures(&mut status, &at(241));
+        assert_eq!(status.goodput, Some(1.0));
+    }
+
+    /// `Stalled`: only where the job sets a timeout and should be training;
+    /// true once no step came for that long since the last step, the last
+    /// membership change or the start; the reconcile comes back when it
+    /// would turn true.
+    #[test]
+    fn a_job_with_no_step_for_its_timeout_is_stalled() {
+        let m = mesh("2x8", 2).unwrap();
+        let running = [pod("Running"), pod("Running")];
+        let status_at = |job: &TrainingJob, now: i64| {
+            compute_status(
+                job,
+                &Observed {
+                    mesh: Ok(&m),
+                    pods: &running,
+                    now: at(now),
+                    refused: &[],
+                    unreadable_nodes: &[],
+                },
+            )
+        };
+        let mut job = job(false);
+        job.status = Some(TrainingJobStatus {
+            phase: Phase::Running,
+            start_time: Some(at(100)),
+            ..Default::default()
+        });
+        // No timeout: no condition.
+        let status = status_at(&job, 10_000);
+        assert!(find_condition(&status, CONDITION_STALLED).is_none());
+        assert_eq!(until_stalled(&job, &status, &at(10_000)), None);
+
+        job.spec.elasticity.stall_timeout_seconds = Some(600);
+        let status = status_at(&job, 400);
+        let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("False", "Training")
+        );
+        assert_eq!(
+            until_stalled(&job, &status, &at(400)),
+            Some(std::time::Duration::from_secs(300))
+        );
+        let status = status_at(&job, 700);
+        let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "NoStepReported")
+        );
+        assert_eq!(
+            stalled.message,
+            "no training step reported in 600 s since the workers started (elasticity.stallTimeoutSeconds is 600)"
+        );
+        assert_eq!(stalled.last_transition_time, at(700));
+        assert_eq!(until_stalled(&job, &status, &at(700)), None);
+        // A step at 650 clears it; the clock runs from that step.
+        let mut reported = status.clone();
+        reported.step = 40;
+        reported.last_step_time = Some(at(650));
+        job.status = Some(reported);
+        let status = status_at(&job, 700);
+        assert_eq!(
+            find_condition(&status, CONDITION_STALLED).unwrap().status,
+            "False"
+        );
+        job.status = Some(status);
+        let status = status_at(&job, 1300);
+        let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
+        assert_eq!(stalled.status, "True");
+        assert_eq!(
+            stalled.message,
+            "no training step reported for 650 s (elasticity.stallTimeoutSeconds is 600); the last was step 40"
+        );
+        // A membership change restarts the clock.
+        let mut changed = status.clone();
+        changed.last_rescale_time = Some(at(1290));
+        job.status = Some(changed);
+        assert_eq!(
+            find_condition(&status_at(&job, 1300), CONDITION_STALLED)
+                .unwrap()
+                .status,
+            "False"
+        );
+        // A suspended job is not stalled.
+        job.spec.suspend = true;
+        assert!(find_condition(&status_at(&job, 5000), CONDITION_STALLED).is_none());
     }
 }

@@ -130,6 +130,10 @@ const DECIDED: &[(&str, &str)] = &[
         "lifecycle::avoided_nodes, next_refusal_timeout",
     ),
     (
+        "elasticity.stallTimeoutSeconds",
+        "status::stalled_condition, status::until_stalled",
+    ),
+    (
         "scheduling.topologyKey",
         "inventory::fit_to_job: the rack of each node",
     ),

@@ -16,7 +16,14 @@ use crate::events::{EventType, Events};
 
 /// The status fields the job's workers write (its progress); the operator
 /// reads them and never writes them.
-pub const WORKER_STATUS_FIELDS: [&str; 3] = ["step", "tokensPerSecond", "lastCheckpoint"];
+pub const WORKER_STATUS_FIELDS: [&str; 6] = [
+    "step",
+    "tokensPerSecond",
+    "lastStepTime",
+    "stepSeconds",
+    "epochFirstStep",
+    "lastCheckpoint",
+];
 
 /// Applies `object` in `namespace` (server-side apply, as the operator's
 /// field manager, taking over fields another manager set).

@@ -38,7 +38,7 @@ use crate::lifecycle::{
 };
 use crate::status::{
     CONDITION_SCHEDULABLE, JobClaim, Observed, Outcome, compute_status, describe_refusals,
-    find_condition, finished_status, least_workers_named, missing_claim_status,
+    find_condition, finished_status, least_workers_named, missing_claim_status, until_stalled,
 };
 
 /// How soon a reconcile that put a fact on record runs again to act on it.
@@ -755,11 +755,17 @@ pub fn conclude(
             note,
         });
     }
+    let stall_due = until_stalled(job, &status, now);
     decision.status = Some(status);
     let look_again = match placement.cooldown_left {
         // When growth is allowed.
         Some(left) if placement.planned.is_ok() => left + Duration::from_secs(1),
         _ => IDLE_LOOK,
+    };
+    // And when a training job with no step by then turns stalled.
+    let look_again = match stall_due {
+        Some(left) => look_again.min(left + Duration::from_secs(1)),
+        None => look_again,
     };
     // And when a worker the scheduler refuses reaches its timeout.
     let refusal = next_refusal_timeout(&pods, valid.unschedulable_timeout_s, now);

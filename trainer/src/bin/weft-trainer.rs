@@ -2558,6 +2558,7 @@ fn pod_worker(
             // to the job's status.
             if let (Some(out), Some(tx)) = (child.stdout.take(), progress) {
                 let checkpoints = checkpoints.clone();
+                let epoch = place.epoch;
                 std::thread::spawn(move || {
                     use std::io::BufRead;
                     for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
@@ -2569,6 +2570,8 @@ fn pod_worker(
                             let _ = tx.send(weft_agent::report::Progress {
                                 step: m.step,
                                 tokens_per_s: m.tokens_per_s,
+                                step_seconds: m.step_time_s,
+                                epoch,
                                 checkpoint: m.checkpoint.map(|step| {
                                     let dir = weft_trainer::checkpoint::checkpoint_path(
                                         &checkpoints,
