@@ -49,8 +49,8 @@ pub struct Report {
     pub tokens_per_s: f64,
     pub last_step_time: Time,
     pub step_seconds: f64,
-    /// The epoch and when its first step was reported.
-    pub epoch_first_step: (u64, Time),
+    /// The epoch, its first step and when that was reported.
+    pub epoch_first_step: (u64, u64, Time),
     pub checkpoint: Option<(u64, String)>,
 }
 
@@ -65,7 +65,7 @@ fn now() -> Time {
 #[derive(Debug, Default)]
 pub struct Reports {
     latest: Option<(Progress, Time)>,
-    epoch_first_step: Option<(u64, Time)>,
+    epoch_first_step: Option<(u64, u64, Time)>,
     checkpoint: Option<(u64, String)>,
     /// Step seconds since the last write: their sum and count.
     seconds: (f64, u32),
@@ -78,9 +78,9 @@ impl Reports {
         let first = self
             .epoch_first_step
             .as_ref()
-            .is_none_or(|(epoch, _)| *epoch != progress.epoch);
+            .is_none_or(|(epoch, _, _)| *epoch != progress.epoch);
         if first {
-            self.epoch_first_step = Some((progress.epoch, at.clone()));
+            self.epoch_first_step = Some((progress.epoch, progress.step, at.clone()));
         }
         if progress.step_seconds.is_finite() && progress.step_seconds >= 0.0 {
             self.seconds.0 += progress.step_seconds;
@@ -104,10 +104,11 @@ impl Reports {
             } else {
                 progress.step_seconds.max(0.0)
             },
-            epoch_first_step: self
-                .epoch_first_step
-                .clone()
-                .unwrap_or((progress.epoch, at)),
+            epoch_first_step: self.epoch_first_step.clone().unwrap_or((
+                progress.epoch,
+                progress.step,
+                at,
+            )),
             checkpoint: self.checkpoint.take(),
         })
     }
@@ -188,13 +189,13 @@ impl StatusReporter {
 /// The merge patch of the status for a report (with the checkpoint
 /// completed since the last write, if any: its step and directory).
 pub fn progress_patch(report: &Report) -> serde_json::Value {
-    let (epoch, first) = &report.epoch_first_step;
+    let (epoch, first_step, first) = &report.epoch_first_step;
     let mut status = serde_json::json!({
         "step": report.step,
         "tokensPerSecond": report.tokens_per_s,
         "lastStepTime": report.last_step_time,
         "stepSeconds": report.step_seconds,
-        "epochFirstStep": { "meshEpoch": epoch, "time": first },
+        "epochFirstStep": { "meshEpoch": epoch, "step": first_step, "time": first },
     });
     if let Some((step, path)) = &report.checkpoint {
         status["lastCheckpoint"] = serde_json::json!({
@@ -236,6 +237,7 @@ mod tests {
         assert_eq!(patch["status"]["tokensPerSecond"], 8192.0);
         assert_eq!(patch["status"]["stepSeconds"], 12.0);
         assert_eq!(patch["status"]["epochFirstStep"]["meshEpoch"], 3);
+        assert_eq!(patch["status"]["epochFirstStep"]["step"], 12);
         assert_eq!(patch["status"]["lastCheckpoint"]["step"], 12);
         assert_eq!(
             patch["status"]["lastCheckpoint"]["path"],
@@ -271,14 +273,17 @@ mod tests {
         let r = reports.take_report().unwrap();
         assert_eq!((r.step, r.step_seconds), (3, 2.0));
         assert_eq!(r.last_step_time, at(12));
-        assert_eq!(r.epoch_first_step, (1, at(10)));
+        assert_eq!(r.epoch_first_step, (1, 1, at(10)));
         assert_eq!(r.checkpoint, Some((2, "/ckpt/step-00000002".to_string())));
         assert!(!reports.add(progress(4, 1, false), at(20)));
         let r = reports.take_report().unwrap();
         assert_eq!((r.step_seconds, r.checkpoint), (4.0, None));
-        assert_eq!(r.epoch_first_step, (1, at(10)));
+        assert_eq!(r.epoch_first_step, (1, 1, at(10)));
         // A new epoch (the run resumed from step 2 after a change).
         assert!(reports.add(progress(3, 2, false), at(40)));
-        assert_eq!(reports.take_report().unwrap().epoch_first_step, (2, at(40)));
+        assert_eq!(
+            reports.take_report().unwrap().epoch_first_step,
+            (2, 3, at(40))
+        );
     }
 }

@@ -984,14 +984,15 @@ pub struct TrainingJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub time_to_first_step_seconds: Option<i64>,
-    /// The last membership change the workers have trained past: seconds
-    /// from the operator publishing its mesh epoch to the epoch's first step.
+    /// The last membership change (or resume) the workers have trained
+    /// past: seconds from the operator publishing its mesh epoch to the
+    /// epoch's first step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<Recovery>,
-    /// Useful training time over wall time since `startTime`: the steps
-    /// kept (`step`, which goes back to the checkpoint a restart resumes
-    /// from) times `stepSeconds`, over the time since the start (suspended
-    /// time included), at most 1.
+    /// Useful training time over wall time, as of the last reported step:
+    /// the steps kept (`step`, which goes back to the checkpoint a restart
+    /// resumes from) times `stepSeconds`, over the time from `startTime` to
+    /// `lastStepTime` (suspended time included), at most 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub goodput: Option<f64>,
@@ -1039,6 +1040,10 @@ pub struct AvoidedNode {
 pub struct EpochFirstStep {
     #[schemars(range(min = 0, max = MAX_MESH_EPOCH))]
     pub mesh_epoch: i64,
+    /// Its step number: 1 for the job's first, more for a run that resumed.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub step: i64,
     pub time: Time,
 }
 

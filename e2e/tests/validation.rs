@@ -393,6 +393,11 @@ async fn bad_specs_and_changes_to_frozen_fields_are_refused_by_name() -> anyhow:
                 vec!["spec.elasticity.restartLimit"],
             ),
             (
+                "a stall timeout shorter than a step report's interval",
+                json!({"elasticity": {"stallTimeoutSeconds": 5}}),
+                vec!["spec.elasticity.stallTimeoutSeconds"],
+            ),
+            (
                 "no time at all for a worker to be scheduled",
                 json!({"elasticity": {"unschedulableTimeoutSeconds": 0}}),
                 vec!["spec.elasticity.unschedulableTimeoutSeconds"],

@@ -490,7 +490,12 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         // A job that has not trained has none of the figures.
-        for name in ["time_to_first_step_seconds", "goodput", "stalled"] {
+        for name in [
+            "time_to_first_step_seconds",
+            "last_recovery_seconds",
+            "goodput",
+            "stalled",
+        ] {
             let line = format!("weft_job_{name}{{namespace=\"team-a\",job=\"b\"}}");
             assert!(!text.contains(&line), "{line:?} in\n{text}");
         }

@@ -408,44 +408,69 @@ fn seconds(from: &Time, to: &Time) -> i64 {
     to.0.as_second() - from.0.as_second()
 }
 
+/// A time a worker wrote, as the operator may write it back: no later than
+/// `now` (a worker's clock may run ahead; a far-future time is refused by
+/// the schema once in a field the operator writes).
+fn no_later_than(time: &Time, now: &Time) -> Time {
+    if time.0 > now.0 {
+        now.clone()
+    } else {
+        time.clone()
+    }
+}
+
 /// What the operator derives from its workers' reports: the time of the
-/// first step and the time to it, the last recovery, and goodput.
+/// first step and the time to it, the last recovery, and goodput. Each
+/// depends on the reports alone (and on `now` only for a worker time ahead
+/// of it), so the status stays as it is between them: a status that changed
+/// with every reconcile would be written, and reconciled again, for ever.
 pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
     let Some(first) = status.epoch_first_step.clone() else {
         return;
     };
-    match &status.first_step_time {
-        None => {
-            // The job's first step: its start, not a recovery.
-            status.first_step_time = Some(first.time.clone());
-            status.time_to_first_step_seconds = status
-                .start_time
-                .as_ref()
-                .map(|start| seconds(start, &first.time).max(0));
-        }
-        Some(_) => {
-            // The first step of the epoch the operator published last: how
-            // long its membership change kept the job from training.
-            let recorded = status
-                .last_recovery
-                .as_ref()
-                .is_some_and(|r| r.mesh_epoch == first.mesh_epoch);
-            if let Some(changed) = &status.last_rescale_time
-                && first.mesh_epoch == status.mesh_epoch
-                && !recorded
-                && seconds(changed, &first.time) >= 0
-            {
-                status.last_recovery = Some(weft_crds::Recovery {
-                    mesh_epoch: first.mesh_epoch,
-                    seconds: seconds(changed, &first.time),
-                });
-            }
-        }
+    let first_time = no_later_than(&first.time, now);
+    // The job's first step (step 1; a job that trained before its workers
+    // reported it, under an older weft, has none to tell).
+    if status.first_step_time.is_none() && first.step <= 1 {
+        status.time_to_first_step_seconds = status
+            .start_time
+            .as_ref()
+            .map(|start| seconds(start, &first_time).max(0));
+        status.first_step_time = Some(first_time.clone());
     }
-    status.goodput = match (&status.start_time, status.step_seconds) {
-        (Some(start), Some(step_s)) if status.step > 0 => {
-            let wall = seconds(start, now);
-            (wall > 0).then(|| (status.step as f64 * step_s / wall as f64).clamp(0.0, 1.0))
+    // The first step of the epoch the operator published last, after a
+    // change past the job's first step: how long that change (or resume)
+    // kept the job from training. Told once per epoch.
+    let recorded = status
+        .last_recovery
+        .as_ref()
+        .is_some_and(|r| r.mesh_epoch == first.mesh_epoch);
+    let past_the_start = |changed: &Time| match &status.first_step_time {
+        Some(first_step) => changed.0 > first_step.0,
+        None => first.step > 1,
+    };
+    if let Some(changed) = status.last_rescale_time.clone()
+        && first.mesh_epoch == status.mesh_epoch
+        && !recorded
+        && past_the_start(&changed)
+        && seconds(&changed, &first_time) >= 0
+    {
+        status.last_recovery = Some(weft_crds::Recovery {
+            mesh_epoch: first.mesh_epoch,
+            seconds: seconds(&changed, &first_time),
+        });
+    }
+    // As of the last reported step (one ahead of `now` leaves it as it was).
+    status.goodput = match (
+        &status.start_time,
+        &status.last_step_time,
+        status.step_seconds,
+    ) {
+        (Some(start), Some(last), Some(step_s)) if status.step > 0 && last.0 <= now.0 => {
+            // Times are whole seconds: a first step within the start's
+            // second counts one.
+            let wall = seconds(start, last).max(1);
+            Some((status.step as f64 * step_s / wall as f64).clamp(0.0, 1.0))
         }
         _ => status.goodput,
     };
@@ -465,19 +490,23 @@ fn stalled_condition(
     if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
         return None;
     }
-    let since = stall_clock(status)?;
-    let quiet = seconds(since, now);
-    let stalled = quiet >= timeout;
+    let since = stall_clock(status, now)?;
+    let stalled = seconds(&since, now) >= timeout;
+    // Nothing in it moves with `now` (see `progress_figures`).
+    let since_text = serde_json::to_value(&since)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
     let message = match (&status.last_step_time, stalled) {
         (Some(_), true) => format!(
-            "no training step reported for {quiet} s (elasticity.stallTimeoutSeconds is {timeout}); the last was step {}",
+            "no training step reported since {since_text}, for elasticity.stallTimeoutSeconds ({timeout} s) or more; the last was step {}",
             status.step
         ),
         (None, true) => format!(
-            "no training step reported in {quiet} s since the workers started (elasticity.stallTimeoutSeconds is {timeout})"
+            "no training step reported since {since_text}, when the workers were last started, changed or all ready, for elasticity.stallTimeoutSeconds ({timeout} s) or more"
         ),
         (_, false) => format!(
-            "a step or a membership change {quiet} s ago (elasticity.stallTimeoutSeconds is {timeout})"
+            "steps are awaited within elasticity.stallTimeoutSeconds ({timeout} s) of the last step, membership change or start"
         ),
     };
     Some(condition(
@@ -506,17 +535,26 @@ pub fn until_stalled(
     if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
         return None;
     }
-    let left = timeout - seconds(stall_clock(status)?, now);
+    let left = timeout - seconds(&stall_clock(status, now)?, now);
     (left > 0).then(|| std::time::Duration::from_secs(left as u64))
 }
 
 /// Since when a running job's steps are awaited: the latest of its last
-/// reported step, its last membership change and its start.
-pub fn stall_clock(status: &TrainingJobStatus) -> Option<&Time> {
+/// reported step (no later than `now`), its last membership change, its
+/// start, and when all its workers last became ready (an image pull or a
+/// slow scheduler is not a stall).
+pub fn stall_clock(status: &TrainingJobStatus, now: &Time) -> Option<Time> {
+    let ready = find_condition(status, CONDITION_READY)
+        .filter(|c| c.status == "True")
+        .map(|c| &c.last_transition_time);
     [
-        status.last_step_time.as_ref(),
-        status.last_rescale_time.as_ref(),
-        status.start_time.as_ref(),
+        status
+            .last_step_time
+            .as_ref()
+            .map(|t| no_later_than(t, now)),
+        status.last_rescale_time.clone(),
+        status.start_time.clone(),
+        ready.cloned(),
     ]
     .into_iter()
     .flatten()
@@ -575,9 +613,10 @@ pub fn finished_status(job: &TrainingJob, outcome: &Outcome, now: &Time) -> Trai
         generation,
         now,
     );
+    // Nor is an ended job stalled.
     status
         .conditions
-        .retain(|c| c.type_ != type_ && c.type_ != CONDITION_READY);
+        .retain(|c| c.type_ != type_ && c.type_ != CONDITION_READY && c.type_ != CONDITION_STALLED);
     status.conditions.push(stopped);
     status.conditions.push(done);
     status
@@ -971,67 +1010,115 @@ mod tests {
         assert!(unschedulable_pods(&waiting).is_empty());
     }
 
+    fn first_step(mesh_epoch: i64, step: i64, time: i64) -> Option<weft_crds::EpochFirstStep> {
+        Some(weft_crds::EpochFirstStep {
+            mesh_epoch,
+            step,
+            time: at(time),
+        })
+    }
+
     /// The figures a job has once it trains: the time to its first step,
-    /// the recovery of a membership change (never of the start), goodput.
+    /// the recovery of a membership change (never of the start), goodput;
+    /// none moves with time alone.
     #[test]
     fn the_workers_reports_give_the_time_to_first_step_recovery_and_goodput() {
+        let now = at(10_000);
         let mut status = TrainingJobStatus {
             start_time: Some(at(100)),
             mesh_epoch: 1,
+            // The first epoch is published as a change too.
             last_rescale_time: Some(at(100)),
             ..Default::default()
         };
         // No step yet: nothing.
-        progress_figures(&mut status, &at(110));
+        progress_figures(&mut status, &now);
         assert_eq!(status.first_step_time, None);
         assert_eq!(status.goodput, None);
-        // The first step of epoch 1, 30 s after the start: the start, no recovery.
-        status.epoch_first_step = Some(weft_crds::EpochFirstStep {
-            mesh_epoch: 1,
-            time: at(130),
-        });
+        // The first step of epoch 1, 30 s after the start: the start, no
+        // recovery, however often it is looked at.
+        status.epoch_first_step = first_step(1, 1, 130);
         status.step = 10;
         status.step_seconds = Some(2.0);
         status.last_step_time = Some(at(150));
-        progress_figures(&mut status, &at(150));
-        assert_eq!(status.first_step_time, Some(at(130)));
-        assert_eq!(status.time_to_first_step_seconds, Some(30));
-        assert_eq!(status.last_recovery, None);
-        // 10 steps of 2 s in 50 s.
-        assert_eq!(status.goodput, Some(0.4));
+        for _ in 0..2 {
+            progress_figures(&mut status, &now);
+            assert_eq!(status.first_step_time, Some(at(130)));
+            assert_eq!(status.time_to_first_step_seconds, Some(30));
+            assert_eq!(status.last_recovery, None);
+            // 10 steps of 2 s in the 50 s to the last step.
+            assert_eq!(status.goodput, Some(0.4));
+        }
         // A node lost at 200: epoch 2 published then; until its first step,
         // no recovery is told (the reports are still epoch 1's).
         status.mesh_epoch = 2;
         status.last_rescale_time = Some(at(200));
-        progress_figures(&mut status, &at(205));
+        progress_figures(&mut status, &now);
         assert_eq!(status.last_recovery, None);
-        status.epoch_first_step = Some(weft_crds::EpochFirstStep {
-            mesh_epoch: 2,
-            time: at(212),
-        });
         // Resumed from the checkpoint of step 8: the steps past it are lost.
-        status.step = 8;
-        progress_figures(&mut status, &at(220));
+        status.epoch_first_step = first_step(2, 9, 212);
+        status.step = 9;
+        status.last_step_time = Some(at(220));
+        progress_figures(&mut status, &now);
         let recovery = status.last_recovery.clone().unwrap();
         assert_eq!((recovery.mesh_epoch, recovery.seconds), (2, 12));
-        assert_eq!(status.goodput, Some(8.0 * 2.0 / 120.0));
+        assert_eq!(status.goodput, Some(9.0 * 2.0 / 120.0));
         // Told once: a later report of the same epoch changes nothing, and
         // the first step and time to it stay those of the start.
-        status.epoch_first_step.as_mut().unwrap().time = at(230);
-        progress_figures(&mut status, &at(240));
+        status.epoch_first_step = first_step(2, 9, 230);
+        progress_figures(&mut status, &now);
         assert_eq!(status.last_recovery.as_ref().unwrap().seconds, 12);
         assert_eq!(status.time_to_first_step_seconds, Some(30));
         // Goodput never passes 1 (step times reported long after the start
         // of a job that ran before).
         status.step_seconds = Some(1000.0);
-        progress_figures(&mut status, &at(241));
+        progress_figures(&mut status, &now);
         assert_eq!(status.goodput, Some(1.0));
+    }
+
+    /// What a worker's clock says is no later than the operator's now once
+    /// the operator writes it (a far-future time would be refused by the
+    /// schema and block every status write); a job that trained before its
+    /// workers told their first step has no time to it.
+    #[test]
+    fn worker_times_ahead_and_jobs_that_trained_before_are_told_as_they_can_be() {
+        let now = at(1_000);
+        let mut status = TrainingJobStatus {
+            start_time: Some(at(100)),
+            mesh_epoch: 1,
+            step: 1,
+            step_seconds: Some(1.0),
+            last_step_time: Some(at(9_999_999)),
+            epoch_first_step: first_step(1, 1, 9_999_999),
+            ..Default::default()
+        };
+        progress_figures(&mut status, &now);
+        assert_eq!(status.first_step_time, Some(now.clone()));
+        assert_eq!(status.time_to_first_step_seconds, Some(900));
+        assert_eq!(
+            status.goodput, None,
+            "a step ahead of now leaves goodput as it was"
+        );
+
+        let mut older = TrainingJobStatus {
+            start_time: Some(at(100)),
+            mesh_epoch: 4,
+            last_rescale_time: Some(at(500)),
+            step: 300,
+            epoch_first_step: first_step(4, 290, 530),
+            ..Default::default()
+        };
+        progress_figures(&mut older, &now);
+        assert_eq!(older.first_step_time, None);
+        assert_eq!(older.time_to_first_step_seconds, None);
+        assert_eq!(older.last_recovery.map(|r| r.seconds), Some(30));
     }
 
     /// `Stalled`: only where the job sets a timeout and should be training;
     /// true once no step came for that long since the last step, the last
-    /// membership change or the start; the reconcile comes back when it
-    /// would turn true.
+    /// membership change, the start or the workers all being ready; the
+    /// reconcile comes back when it would turn true; gone once the job is
+    /// suspended or ended.
     #[test]
     fn a_job_with_no_step_for_its_timeout_is_stalled() {
         let m = mesh("2x8", 2).unwrap();
@@ -1060,6 +1147,9 @@ mod tests {
         assert_eq!(until_stalled(&job, &status, &at(10_000)), None);
 
         job.spec.elasticity.stall_timeout_seconds = Some(600);
+        // The workers are all ready at 250 (an image pull took a while).
+        let ready = status_at(&job, 250);
+        job.status = Some(ready);
         let status = status_at(&job, 400);
         let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
         assert_eq!(
@@ -1068,9 +1158,9 @@ mod tests {
         );
         assert_eq!(
             until_stalled(&job, &status, &at(400)),
-            Some(std::time::Duration::from_secs(300))
+            Some(std::time::Duration::from_secs(450))
         );
-        let status = status_at(&job, 700);
+        let status = status_at(&job, 850);
         let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
         assert_eq!(
             (stalled.status.as_str(), stalled.reason.as_str()),
@@ -1078,34 +1168,59 @@ mod tests {
         );
         assert_eq!(
             stalled.message,
-            "no training step reported in 600 s since the workers started (elasticity.stallTimeoutSeconds is 600)"
+            "no training step reported since 1970-01-01T00:04:10Z, when the workers were last started, changed or all ready, for elasticity.stallTimeoutSeconds (600 s) or more"
         );
-        assert_eq!(stalled.last_transition_time, at(700));
-        assert_eq!(until_stalled(&job, &status, &at(700)), None);
-        // A step at 650 clears it; the clock runs from that step.
+        assert_eq!(stalled.last_transition_time, at(850));
+        assert_eq!(until_stalled(&job, &status, &at(850)), None);
+        // Nothing in the status moves with time alone: the next reconcile
+        // writes nothing new.
+        job.status = Some(status.clone());
+        assert_eq!(status_at(&job, 900), status);
+        // A step at 880 clears it; the clock runs from that step.
         let mut reported = status.clone();
         reported.step = 40;
-        reported.last_step_time = Some(at(650));
+        reported.last_step_time = Some(at(880));
         job.status = Some(reported);
-        let status = status_at(&job, 700);
+        let status = status_at(&job, 900);
         assert_eq!(
             find_condition(&status, CONDITION_STALLED).unwrap().status,
             "False"
         );
         job.status = Some(status);
-        let status = status_at(&job, 1300);
+        let status = status_at(&job, 1500);
         let stalled = find_condition(&status, CONDITION_STALLED).unwrap();
         assert_eq!(stalled.status, "True");
         assert_eq!(
             stalled.message,
-            "no training step reported for 650 s (elasticity.stallTimeoutSeconds is 600); the last was step 40"
+            "no training step reported since 1970-01-01T00:14:40Z, for elasticity.stallTimeoutSeconds (600 s) or more; the last was step 40"
         );
+        // An ended job is not stalled.
+        let mut ended = job.clone();
+        ended.status = Some(status.clone());
+        let done = finished_status(
+            &ended,
+            &Outcome::Succeeded {
+                message: "done".into(),
+            },
+            &at(1600),
+        );
+        assert!(find_condition(&done, CONDITION_STALLED).is_none());
         // A membership change restarts the clock.
         let mut changed = status.clone();
-        changed.last_rescale_time = Some(at(1290));
+        changed.last_rescale_time = Some(at(1490));
         job.status = Some(changed);
         assert_eq!(
-            find_condition(&status_at(&job, 1300), CONDITION_STALLED)
+            find_condition(&status_at(&job, 1500), CONDITION_STALLED)
+                .unwrap()
+                .status,
+            "False"
+        );
+        // A worker clock far ahead counts as now: no stall while it says so.
+        let mut ahead = status.clone();
+        ahead.last_step_time = Some(at(9_999_999));
+        job.status = Some(ahead);
+        assert_eq!(
+            find_condition(&status_at(&job, 5000), CONDITION_STALLED)
                 .unwrap()
                 .status,
             "False"

@@ -318,6 +318,10 @@ pub fn settle(seen: &Seen, now: &Time) -> Settle {
         decision.delete = stop_all(&seen.pods);
         let mut status = job.status.clone().unwrap_or_default();
         status.phase = Phase::Suspended;
+        // No worker runs: none stalls.
+        status
+            .conditions
+            .retain(|c| c.type_ != crate::status::CONDITION_STALLED);
         status.workers_ready = 0;
         status.workers_ready_summary = Some(format!("0/{}", status.workers_desired));
         status.observed_generation = job.metadata.generation;

@@ -907,3 +907,56 @@ async fn a_deletion_that_fails_after_the_write_has_told_the_events_already() {
         "{calls:?}"
     );
 }
+
+/// A training job that sets `elasticity.stallTimeoutSeconds` is looked at
+/// again when it would turn stalled with no step by then, not only at the
+/// idle look.
+#[test]
+fn a_job_that_watches_for_stalls_is_looked_at_when_one_would_begin() {
+    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let mesh_1 = first.1.mesh.clone().unwrap();
+    let members: Vec<(String, String)> = first
+        .0
+        .planned
+        .as_ref()
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .collect();
+    let mut watched = job(2, 2);
+    watched.spec.elasticity.stall_timeout_seconds = Some(20);
+    let running = with_status(
+        watched,
+        TrainingJobStatus {
+            phase: Phase::Running,
+            // The last step 8 s ago, the workers all ready long before:
+            // 12 s left.
+            last_step_time: Some(at(NOW - 8)),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: crate::status::CONDITION_READY.to_string(),
+                status: "True".to_string(),
+                reason: "AllWorkersRunning".to_string(),
+                message: "2 of 2 workers running".to_string(),
+                observed_generation: None,
+                last_transition_time: at(NOW - 50),
+            }],
+            start_time: Some(at(NOW - 100)),
+            last_rescale_time: Some(at(NOW - 100)),
+            ..first.1.status.clone().unwrap()
+        },
+    );
+    let pods: Vec<Pod> = members
+        .iter()
+        .map(|(name, node)| worker(&running, name, node, 1, "Running"))
+        .collect();
+    let mut seen = seen(running, pods, 3);
+    seen.published = crate::controller::read_published(Some(&mesh_1), "llm", 1);
+    let (_, decision) = place_and_conclude(&seen, &[]);
+    assert_eq!(
+        decision.status.as_ref().map(|s| s.phase),
+        Some(Phase::Running)
+    );
+    assert!(12 + 1 < IDLE_LOOK.as_secs());
+    assert_eq!(decision.requeue, Some(Duration::from_secs(12 + 1)));
+}
