@@ -58,6 +58,7 @@ fn nccl_includes(torch: &Path, lib: &Path) -> Option<Vec<PathBuf>> {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/attention_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/guarded.hpp");
     println!("cargo:rerun-if-env-changed=WEFT_NO_NCCL");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         // torch-sys always exports it; without it the link below cannot work.

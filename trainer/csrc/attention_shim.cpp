@@ -3,26 +3,12 @@
 // SymInts). Its backward is in tch's bindings. Same rules as c10d_shim.cpp:
 // tensors arrive as at::Tensor* (tch's as_ptr), results leave as new
 // at::Tensor* that Rust owns (tch's Tensor::from_ptr frees them), and every
-// C++ exception comes back as a message through `err`.
+// C++ exception comes back as a message through `err` (guarded.hpp).
+
+#include "guarded.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention.h>
-
-#include <cstdlib>
-#include <cstring>
-#include <exception>
-#include <string>
-
-namespace {
-
-int fail(char** err, const std::string& message) {
-  if (err != nullptr) {
-    *err = strdup(message.c_str());
-  }
-  return 1;
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -33,20 +19,13 @@ __attribute__((visibility("default"))) int weft_flash_attention_forward(const vo
                                                                         const void* k,
                                                                         const void* v, int causal,
                                                                         void** out, char** err) {
-  try {
+  return weft_shim::guarded(err, [&] {
     auto result = at::_scaled_dot_product_flash_attention(
         *static_cast<const at::Tensor*>(q), *static_cast<const at::Tensor*>(k),
         *static_cast<const at::Tensor*>(v), 0.0, causal != 0, false);
     out[0] = new at::Tensor(std::get<0>(result));
     out[1] = new at::Tensor(std::get<1>(result));
-    return 0;
-  } catch (const c10::Error& e) {
-    return fail(err, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return fail(err, e.what());
-  } catch (...) {
-    return fail(err, "unknown C++ exception");
-  }
+  });
 }
 
 }  // extern "C"

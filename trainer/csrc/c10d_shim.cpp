@@ -13,6 +13,8 @@
 // - gloo's own types are never touched beyond creating the device: libtorch
 //   bundles a newer gloo than the headers this is compiled against.
 
+#include "guarded.hpp"
+
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -34,26 +36,8 @@ namespace {
 using StorePtr = c10::intrusive_ptr<c10d::Store>;
 using BackendPtr = c10::intrusive_ptr<c10d::Backend>;
 
-int fail(char** err, const std::string& message) {
-  if (err != nullptr) {
-    *err = strdup(message.c_str());
-  }
-  return 1;
-}
-
-template <typename F>
-int guarded(char** err, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    return fail(err, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return fail(err, e.what());
-  } catch (...) {
-    return fail(err, "unknown C++ exception");
-  }
-}
+using weft_shim::fail;
+using weft_shim::guarded;
 
 std::chrono::milliseconds millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));

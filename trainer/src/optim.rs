@@ -156,6 +156,18 @@ pub struct Update {
 }
 
 impl AdamW {
+    /// AdamW over `params` (named tensors the model keeps; the optimizer
+    /// holds its own handles on the same storage).
+    pub fn over(params: &[(String, Tensor)], config: AdamWConfig) -> Result<AdamW, OptimError> {
+        AdamW::new(
+            params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            config,
+        )
+    }
+
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Result<AdamW, OptimError> {
         config.validate()?;
         let zeros = |p: &Tensor| tch::no_grad(|| p.f_zeros_like());

@@ -338,11 +338,8 @@ pub fn run_plain(config: &PlainConfig) -> Result<Vec<f64>, ThroughputError> {
         .with_precision(config.precision);
     vs.set_device(device);
     let params = named_parameters(&vs);
-    let mut optimizer = AdamW::new(
-        params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
+    let mut optimizer = AdamW::over(
+        &params,
         AdamWConfig {
             total_steps: config.steps.max(1),
             ..Default::default()

@@ -1093,11 +1093,8 @@ pub fn run_worker(
         group.barrier()?;
         return Ok(RunEnd::Finished);
     }
-    let mut optimizer = AdamW::new(
-        params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
+    let mut optimizer = AdamW::over(
+        &params,
         AdamWConfig {
             total_steps: config.steps,
             ..config.optimizer.clone()

@@ -347,6 +347,22 @@ fn place_and_conclude(seen: &Seen, refused: &[&str]) -> (Placement, Decision) {
     (placement, decision)
 }
 
+/// The first mesh of a job of 2 workers on 3 free nodes, placed and
+/// concluded, and its workers (name, node).
+fn first_mesh() -> ((Placement, Decision), Vec<(String, String)>) {
+    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let members = first
+        .0
+        .planned
+        .as_ref()
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| (w.name.clone(), w.node.clone()))
+        .collect();
+    (first, members)
+}
+
 fn published_epoch(decision: &Decision) -> Option<u64> {
     let mesh = decision.mesh.as_ref()?;
     let text = mesh.data.as_ref()?.get("mesh.json")?;
@@ -360,17 +376,8 @@ fn published_epoch(decision: &Decision) -> Option<u64> {
 fn the_epoch_moves_exactly_when_the_membership_does() {
     // A job running at epoch 1 with workers w0 on n0 and w1 on n1, its
     // mesh published as weft wrote it.
-    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let (first, members) = first_mesh();
     let mesh_1 = first.1.mesh.clone().unwrap();
-    let members: Vec<(String, String)> = first
-        .0
-        .planned
-        .as_ref()
-        .unwrap()
-        .workers
-        .iter()
-        .map(|w| (w.name.clone(), w.node.clone()))
-        .collect();
     let running = with_status(
         job(2, 2),
         TrainingJobStatus {
@@ -913,17 +920,8 @@ async fn a_deletion_that_fails_after_the_write_has_told_the_events_already() {
 /// idle look.
 #[test]
 fn a_job_that_watches_for_stalls_is_looked_at_when_one_would_begin() {
-    let first = place_and_conclude(&seen(job(2, 2), vec![], 3), &[]);
+    let (first, members) = first_mesh();
     let mesh_1 = first.1.mesh.clone().unwrap();
-    let members: Vec<(String, String)> = first
-        .0
-        .planned
-        .as_ref()
-        .unwrap()
-        .workers
-        .iter()
-        .map(|w| (w.name.clone(), w.node.clone()))
-        .collect();
     let mut watched = job(2, 2);
     watched.spec.elasticity.stall_timeout_seconds = Some(20);
     let running = with_status(
