@@ -478,8 +478,7 @@ pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
 
 /// The `Stalled` condition of a job that sets `elasticity.stallTimeoutSeconds`
 /// and should be training (its workers running, or moving to a new epoch):
-/// true once no step was reported for that long since the last step, the
-/// last membership change or the start, whichever is latest.
+/// true once no step was reported for that long since [`stall_clock`].
 fn stalled_condition(
     job: &TrainingJob,
     status: &TrainingJobStatus,
