@@ -164,7 +164,8 @@ impl TrainingJobSpec {
         )
     }
 
-    /// `elasticity.stallTimeoutSeconds`, when set (at least 1 s).
+    /// `elasticity.stallTimeoutSeconds`, when set (the schema keeps it at
+    /// least 10 s; a value stored before reads as at least 1 s).
     pub fn stall_timeout_s(&self) -> Option<i64> {
         self.elasticity
             .stall_timeout_seconds
@@ -820,10 +821,11 @@ pub struct ElasticitySpec {
     #[serde(default = "default_unschedulable_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub unschedulable_timeout_seconds: i32,
-    /// A running job whose workers report no training step for this long
-    /// (since the last step, the last membership change or the start,
-    /// whichever is latest) gets the `Stalled` condition, until a step is
-    /// reported. Unset: no `Stalled` condition.
+    /// A running job (all its workers run) whose workers report no training
+    /// step for this long (since the last step, the last membership change,
+    /// the start or the workers all being ready, whichever is latest; step
+    /// times are by the workers' clocks) gets the `Stalled` condition, until
+    /// a step is reported. Unset: no `Stalled` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 604800))]
     pub stall_timeout_seconds: Option<i32>,

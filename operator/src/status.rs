@@ -428,7 +428,14 @@ pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
     let Some(first) = status.epoch_first_step.clone() else {
         return;
     };
+    // Within the job's life as the operator knows it: no earlier than its
+    // start, no later than now (a time outside the schema's years would
+    // fail every status write once in a field the operator writes).
     let first_time = no_later_than(&first.time, now);
+    let first_time = match &status.start_time {
+        Some(start) if first_time.0 < start.0 => start.clone(),
+        _ => first_time,
+    };
     // The job's first step (step 1; a job that trained before its workers
     // reported it, under an older weft, has none to tell).
     if status.first_step_time.is_none() && first.step <= 1 {
@@ -460,13 +467,14 @@ pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
             seconds: seconds(&changed, &first_time),
         });
     }
-    // As of the last reported step (one ahead of `now` leaves it as it was).
+    // As of the last reported step, by its worker's clock (a skewed one
+    // only skews the figure, which stays within 0 and 1).
     status.goodput = match (
         &status.start_time,
         &status.last_step_time,
         status.step_seconds,
     ) {
-        (Some(start), Some(last), Some(step_s)) if status.step > 0 && last.0 <= now.0 => {
+        (Some(start), Some(last), Some(step_s)) if status.step > 0 => {
             // Times are whole seconds: a first step within the start's
             // second counts one.
             let wall = seconds(start, last).max(1);
@@ -477,8 +485,9 @@ pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
 }
 
 /// The `Stalled` condition of a job that sets `elasticity.stallTimeoutSeconds`
-/// and should be training (its workers running, or moving to a new epoch):
-/// true once no step was reported for that long since [`stall_clock`].
+/// and should be training (Running: all its workers run; while it waits for
+/// workers, Rescaling or Starting, `WorkersReady` says why): true once no
+/// step was reported for that long since [`stall_clock`].
 fn stalled_condition(
     job: &TrainingJob,
     status: &TrainingJobStatus,
@@ -486,7 +495,7 @@ fn stalled_condition(
     now: &Time,
 ) -> Option<Condition> {
     let timeout = job.spec.stall_timeout_s()?;
-    if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
+    if status.phase != Phase::Running {
         return None;
     }
     let since = stall_clock(status, now)?;
@@ -505,7 +514,7 @@ fn stalled_condition(
             "no training step reported since {since_text}, when the workers were last started, changed or all ready, for elasticity.stallTimeoutSeconds ({timeout} s) or more"
         ),
         (_, false) => format!(
-            "steps are awaited within elasticity.stallTimeoutSeconds ({timeout} s) of the last step, membership change or start"
+            "steps are awaited within elasticity.stallTimeoutSeconds ({timeout} s) of the last step, membership change, start or the workers all being ready"
         ),
     };
     Some(condition(
@@ -531,7 +540,7 @@ pub fn until_stalled(
     now: &Time,
 ) -> Option<std::time::Duration> {
     let timeout = job.spec.stall_timeout_s()?;
-    if !matches!(status.phase, Phase::Running | Phase::Rescaling) {
+    if status.phase != Phase::Running {
         return None;
     }
     let left = timeout - seconds(&stall_clock(status, now)?, now);
@@ -1094,10 +1103,28 @@ mod tests {
         progress_figures(&mut status, &now);
         assert_eq!(status.first_step_time, Some(now.clone()));
         assert_eq!(status.time_to_first_step_seconds, Some(900));
-        assert_eq!(
-            status.goodput, None,
-            "a step ahead of now leaves goodput as it was"
-        );
+        // By the worker's clock: skewed, within 0 and 1, and the same on
+        // every look.
+        let goodput = status.goodput.unwrap();
+        assert!((0.0..1e-6).contains(&goodput), "{goodput}");
+        progress_figures(&mut status, &at(2_000));
+        assert_eq!(status.goodput, Some(goodput));
+        // A time before the job's start (the schema's lowest year) is its
+        // start.
+        let mut behind = TrainingJobStatus {
+            start_time: Some(at(100)),
+            mesh_epoch: 1,
+            epoch_first_step: Some(weft_crds::EpochFirstStep {
+                mesh_epoch: 1,
+                step: 0,
+                time: serde_json::from_value(serde_json::json!("0000-01-01T00:00:00+23:59"))
+                    .unwrap(),
+            }),
+            ..Default::default()
+        };
+        progress_figures(&mut behind, &now);
+        assert_eq!(behind.first_step_time, Some(at(100)));
+        assert_eq!(behind.time_to_first_step_seconds, Some(0));
 
         let mut older = TrainingJobStatus {
             start_time: Some(at(100)),

@@ -958,3 +958,35 @@ fn a_job_that_watches_for_stalls_is_looked_at_when_one_would_begin() {
     assert!(12 + 1 < IDLE_LOOK.as_secs());
     assert_eq!(decision.requeue, Some(Duration::from_secs(12 + 1)));
 }
+
+/// A suspended job runs no worker: the Stalled condition it had is gone,
+/// as the reconcile records the suspension.
+#[test]
+fn a_suspended_job_is_not_stalled() {
+    let mut suspended = job(2, 2);
+    suspended.spec.suspend = true;
+    suspended.spec.elasticity.stall_timeout_seconds = Some(60);
+    let mut stalled = status(Phase::Running, 1);
+    stalled.conditions = vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: crate::status::CONDITION_STALLED.to_string(),
+        status: "True".to_string(),
+        reason: "NoStepReported".to_string(),
+        message: "no training step reported".to_string(),
+        observed_generation: None,
+        last_transition_time: at(NOW - 5),
+    }];
+    let decision = done(settle(
+        &seen(with_status(suspended, stalled), vec![], 2),
+        &at(NOW),
+    ));
+    let status = decision.status.unwrap();
+    assert_eq!(status.phase, Phase::Suspended);
+    assert!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != crate::status::CONDITION_STALLED),
+        "{:?}",
+        status.conditions
+    );
+}
