@@ -17,7 +17,8 @@
 //!   (matrix products, a masked log-sum-exp), in fp32, over tiles of queries so
 //!   the score matrix stays bounded. It runs on any device and number
 //!   format; tests hold it to the fused kernel. On a GPU it runs what flash
-//!   does not take (fp32).
+//!   does not take (fp32), and everything where flash does not run (a GPU
+//!   older than Ampere, a libtorch built without it).
 //!
 //! All use the scale 1/√E and, when causal, equal query and key chunks (ring
 //! attention is causal only on diagonal blocks, where the two chunks are the
