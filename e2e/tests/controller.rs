@@ -5,7 +5,9 @@
 //! shrinks it (the survivors' pods untouched, a new mesh epoch); the node's
 //! return grows it again, but not before the rescale cooldown; a failed
 //! worker is counted and replaced; suspend removes its workers and resume
-//! brings them back; a worker that finishes ends the job and frees its GPUs;
+//! brings them back; a job whose workers report no step for its stall
+//! timeout says so, until it is suspended; a worker that finishes ends the
+//! job and frees its GPUs;
 //! a job whose workers fail past its restart limit fails and says why; and
 //! each of these is a Kubernetes event on the job.
 //!
@@ -168,7 +170,41 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
             "one failure is one restart"
         );
 
-        // Suspend: no workers; resume: three again.
+        // Its workers (kwok's: no process behind them) never report a
+        // step: with a stall timeout the job says so, within the timeout
+        // of its last change, without any other event to wake the operator.
+        let watch = serde_json::json!({ "spec": { "elasticity": { "stallTimeoutSeconds": 10 } } });
+        jobs.patch("elastic", &PatchParams::default(), &Patch::Merge(&watch))
+            .await?;
+        let asked = std::time::Instant::now();
+        let status = wait_job_status(&jobs, "elastic", "elastic to be stalled", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True")
+        })
+        .await?;
+        let stalled = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")
+            .context("the Stalled condition")?;
+        ensure!(
+            stalled.reason == "NoStepReported"
+                && stalled
+                    .message
+                    .starts_with("no training step reported since ")
+                && stalled
+                    .message
+                    .contains("elasticity.stallTimeoutSeconds (10 s)"),
+            "{stalled:?}"
+        );
+        ensure!(
+            asked.elapsed() < Duration::from_secs(40),
+            "stalled {:.0} s after the timeout was set",
+            asked.elapsed().as_secs_f64()
+        );
+
+        // Suspend: no workers, and nothing stalls; resume: three again.
         let suspend = serde_json::json!({ "spec": { "suspend": true } });
         jobs.patch("elastic", &PatchParams::default(), &Patch::Merge(&suspend))
             .await?;
@@ -179,7 +215,8 @@ async fn the_controller_gangs_places_shrinks_grows_replaces_suspends_and_ends_jo
                 let left = running_workers(&pods, "elastic")
                     .await
                     .map_err(|e| HarnessError::Other(e.to_string()))?;
-                Ok((status.phase == Phase::Suspended && left.is_empty()).then_some(()))
+                let stalled = status.conditions.iter().any(|c| c.type_ == "Stalled");
+                Ok((status.phase == Phase::Suspended && left.is_empty() && !stalled).then_some(()))
             }
         })
         .await?;
