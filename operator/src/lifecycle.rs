@@ -121,7 +121,7 @@ pub fn avoided_nodes(
     timeout_s: i64,
     now: &Time,
 ) -> Vec<AvoidedNode> {
-    let age = |since: &Time| now.0.as_second() - since.0.as_second();
+    let age = |since: &Time| crate::status::seconds(since, now);
     let mut avoided: Vec<AvoidedNode> = status
         .avoided_nodes
         .iter()
@@ -152,7 +152,7 @@ pub fn avoided_nodes(
 pub fn next_refusal_timeout(pods: &[Pod], timeout_s: i64, now: &Time) -> Option<Duration> {
     refused_workers(pods)
         .filter_map(|(_, _, c)| c.last_transition_time.as_ref())
-        .map(|t| timeout_s - (now.0.as_second() - t.0.as_second()))
+        .map(|t| timeout_s - crate::status::seconds(t, now))
         .filter(|left| *left > 0)
         .min()
         .map(|left| Duration::from_secs(left as u64))

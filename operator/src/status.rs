@@ -404,7 +404,7 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
 }
 
 /// Seconds from `from` to `to`.
-fn seconds(from: &Time, to: &Time) -> i64 {
+pub(crate) fn seconds(from: &Time, to: &Time) -> i64 {
     to.0.as_second() - from.0.as_second()
 }
 

@@ -200,14 +200,13 @@ impl CostModel {
     /// Seconds for the linear modules of `tokens` tokens through every layer, and
     /// the LM head, forward and backward.
     pub fn linear_time(&self, tokens: f64, gpu: &GpuModel) -> f64 {
-        let per_token = 2.0 * self.layers() * self.model.layer_params()
-            + 2.0 * self.hidden() * f64::from(self.model.vocab);
-        tokens * per_token * self.training_multiplier() / self.linear_flops_per_s(gpu)
+        tokens * self.model.linear_flops_per_token() * self.training_multiplier()
+            / self.linear_flops_per_s(gpu)
     }
 
     /// Causal attention FLOPs of one sequence, one layer, forward.
     pub fn attention_flops_forward(&self, length: f64) -> f64 {
-        2.0 * length * length * self.hidden()
+        self.model.attention_flops_forward(length)
     }
 
     /// Seconds of attention compute for a whole sequence on one GPU, all layers,

@@ -194,6 +194,19 @@ impl ModelSpec {
         f64::from(self.kv_heads) * self.head_dim()
     }
 
+    /// Forward FLOPs per token of the matrix products: every layer's and
+    /// the LM head's, 2 per parameter (the embedding lookup takes none).
+    pub fn linear_flops_per_token(&self) -> f64 {
+        2.0 * f64::from(self.layers) * self.layer_params()
+            + 2.0 * f64::from(self.hidden) * f64::from(self.vocab)
+    }
+
+    /// Forward FLOPs of one layer's causal attention over a sequence of
+    /// `length` tokens: half the square of its score and value products.
+    pub fn attention_flops_forward(&self, length: f64) -> f64 {
+        2.0 * length * length * f64::from(self.hidden)
+    }
+
     /// Parameters of one layer's matrices: Q and O (h×h each), K and V (h×kv each),
     /// and the three SwiGLU matrices (h×f each). Norm weights are negligible.
     pub fn layer_params(&self) -> f64 {

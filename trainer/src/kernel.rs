@@ -124,15 +124,22 @@ fn flash_runs_on(device: tch::Device) -> bool {
     })
 }
 
-/// The values `WEFT_ATTENTION` takes: unset or empty (each device's kernel),
-/// or `blockwise`.
-pub fn check_attention_setting() -> Result<(), String> {
+/// `WEFT_ATTENTION`: whether it asks for the blockwise kernel everywhere
+/// (`blockwise`), or not (unset or empty); any other value is refused.
+fn blockwise_asked() -> Result<bool, String> {
     match std::env::var("WEFT_ATTENTION") {
-        Ok(v) if !v.is_empty() && !v.eq_ignore_ascii_case("blockwise") => Err(format!(
+        Ok(v) if v.eq_ignore_ascii_case("blockwise") => Ok(true),
+        Ok(v) if !v.is_empty() => Err(format!(
             "WEFT_ATTENTION={v:?}: the one value it takes is \"blockwise\" (every device runs the blockwise attention kernel); unset, each device runs its own"
         )),
-        _ => Ok(()),
+        _ => Ok(false),
     }
+}
+
+/// Refuses a `WEFT_ATTENTION` it does not take (the binary checks it
+/// before anything runs; [`Kernel::of`] reads it as not set).
+pub fn check_attention_setting() -> Result<(), String> {
+    blockwise_asked().map(|_| ())
 }
 
 /// Elements of fp32 scores one tile may hold (2^26: 256 MiB).
@@ -149,9 +156,7 @@ impl Kernel {
     /// runs, else blockwise (everywhere with `WEFT_ATTENTION=blockwise`).
     pub fn of(device: tch::Device, kind: Kind, head_dim: i64) -> Kernel {
         static FORCED: OnceLock<bool> = OnceLock::new();
-        let forced = *FORCED.get_or_init(|| {
-            std::env::var("WEFT_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("blockwise"))
-        });
+        let forced = *FORCED.get_or_init(|| blockwise_asked().unwrap_or(false));
         let flash = !forced && flash_takes(kind, head_dim) && flash_runs_on(device);
         Kernel::choose(device, flash, forced)
     }
@@ -485,8 +490,7 @@ mod tests {
         ] {
             assert!(!flash_takes(kind, head), "{kind:?} {head}");
         }
-        let forced =
-            std::env::var("WEFT_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("blockwise"));
+        let forced = blockwise_asked().unwrap_or(false);
         let cpu = Kernel::of(Cpu, Kind::Float, 16);
         assert_eq!(
             cpu,

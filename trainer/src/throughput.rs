@@ -97,13 +97,11 @@ impl RunPath {
 /// 6·L²·h per layer. Recomputation is not counted.
 pub fn training_flops(model: &ModelSpec, lengths: &[u64]) -> f64 {
     let layers = f64::from(model.layers);
-    let hidden = f64::from(model.hidden);
-    let per_token = 2.0 * layers * model.layer_params() + 2.0 * hidden * f64::from(model.vocab);
     lengths
         .iter()
         .map(|&n| {
             let n = n as f64;
-            3.0 * (n * per_token + layers * 2.0 * n * n * hidden)
+            3.0 * (n * model.linear_flops_per_token() + layers * model.attention_flops_forward(n))
         })
         .sum()
 }
