@@ -277,6 +277,19 @@ fn stop(children: &mut [Child]) {
     }
 }
 
+/// Everything `pipe` gives, read on a thread of its own.
+fn read_to_end<R: std::io::Read + Send + 'static>(
+    pipe: Option<R>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
 /// What [`output_within`] got from a process.
 #[derive(Debug)]
 pub struct Finished {
@@ -288,33 +301,13 @@ pub struct Finished {
 /// Runs `command` to its end, or stops it after `timeout`; its standard
 /// output and error are read meanwhile (so neither pipe fills up).
 pub fn output_within(mut command: Command, timeout: Duration) -> std::io::Result<Finished> {
-    use std::io::Read;
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = read_all(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = read_all(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = read_to_end(child.stdout.take());
+    let stderr = read_to_end(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let status = loop {
