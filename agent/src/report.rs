@@ -94,21 +94,19 @@ impl Reports {
     /// The report to write now, if a step came since the last one.
     pub fn take_report(&mut self) -> Option<Report> {
         let (progress, at) = self.latest.take()?;
+        // Set by `add` with the step `latest` holds.
+        let epoch_first_step = self.epoch_first_step.clone()?;
         let (sum, count) = std::mem::take(&mut self.seconds);
         Some(Report {
             step: progress.step,
             tokens_per_s: progress.tokens_per_s,
-            last_step_time: at.clone(),
+            last_step_time: at,
             step_seconds: if count > 0 {
                 sum / f64::from(count)
             } else {
                 progress.step_seconds.max(0.0)
             },
-            epoch_first_step: self.epoch_first_step.clone().unwrap_or((
-                progress.epoch,
-                progress.step,
-                at,
-            )),
+            epoch_first_step,
             checkpoint: self.checkpoint.take(),
         })
     }
