@@ -175,11 +175,14 @@ pub(crate) fn refused_workers(
     })
 }
 
-/// Failed worker pods not counted yet, in name order.
+/// Failed worker pods not counted yet, in name order. A pod that was being
+/// deleted when it ended (suspended, shrunk, deleted by hand: its worker
+/// stops on SIGTERM, or is killed at the end of its grace period) did not
+/// fail.
 pub fn new_failures(status: &TrainingJobStatus, pods: &[Pod], now: &Time) -> Vec<WorkerFailure> {
     let mut failures: Vec<WorkerFailure> = pods
         .iter()
-        .filter(|p| phase_of(p) == "Failed")
+        .filter(|p| phase_of(p) == "Failed" && p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let uid = p.uid()?;
             (!status.recent_failures.iter().any(|f| f.uid == uid)).then(|| WorkerFailure {
@@ -221,7 +224,7 @@ pub fn restart_budget_exhausted(job: &TrainingJob, status: &TrainingJobStatus) -
 /// The worker whose success ends the job, if one succeeded.
 pub fn finished_worker(pods: &[Pod]) -> Option<&Pod> {
     pods.iter()
-        .filter(|p| phase_of(p) == "Succeeded")
+        .filter(|p| phase_of(p) == "Succeeded" && p.metadata.deletion_timestamp.is_none())
         .min_by_key(|p| p.name_any())
 }
 
@@ -448,6 +451,19 @@ mod tests {
             "{said}"
         );
         assert!(!said.contains("step 2") && said.len() < 600, "{said}");
+    }
+
+    #[test]
+    fn a_pod_that_ended_while_being_deleted_neither_failed_nor_finished() {
+        // Suspended, shrunk or deleted by hand: its worker stopped on SIGTERM
+        // (exit 143), or one exited 0 as it was deleted.
+        let mut stopped = pod("llm-w1", "u1", "Failed", 143);
+        stopped.metadata.deletion_timestamp = Some(at(5));
+        let mut done = pod("llm-w0", "u0", "Succeeded", 0);
+        done.metadata.deletion_timestamp = Some(at(5));
+        let pods = [stopped, done];
+        assert!(new_failures(&TrainingJobStatus::default(), &pods, &at(10)).is_empty());
+        assert!(finished_worker(&pods).is_none());
     }
 
     #[test]

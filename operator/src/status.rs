@@ -360,7 +360,15 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
             .filter(|pod| phase_of(pod) == p)
             .count() as i32
     };
-    let (running, succeeded, failed) = (count("Running"), count("Succeeded"), count("Failed"));
+    // A pod being deleted is no worker of the job any more, though it may say
+    // Running for long: on a node that is lost, nothing confirms its end
+    // until the node comes back, and the job trains without it meanwhile.
+    let running = observed
+        .pods
+        .iter()
+        .filter(|pod| phase_of(pod) == "Running" && pod.metadata.deletion_timestamp.is_none())
+        .count() as i32;
+    let (succeeded, failed) = (count("Succeeded"), count("Failed"));
     status.workers_desired = desired;
     status.workers_ready = running;
     status.workers_ready_summary = Some(format!("{running}/{desired}"));
@@ -885,6 +893,33 @@ mod tests {
             unreadable_nodes: &[],
         };
         assert_eq!(compute_status(&j, &observed).phase, Phase::Rescaling);
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_not_a_running_worker() {
+        // A worker on a lost node: deleted, but still Running by its last
+        // report, for as long as its node stays away. The new mesh's two
+        // workers run: the job runs.
+        let m = mesh("2x8", 2).unwrap();
+        let mut j = job(false);
+        j.status = Some(TrainingJobStatus {
+            phase: Phase::Rescaling,
+            ..Default::default()
+        });
+        let mut lost = pod("Running");
+        lost.metadata.deletion_timestamp = Some(at(90));
+        let pods = [pod("Running"), pod("Running"), lost];
+        let observed = Observed {
+            mesh: Ok(&m),
+            pods: &pods,
+            now: at(100),
+            refused: &[],
+            unreadable_nodes: &[],
+        };
+        let status = compute_status(&j, &observed);
+        assert_eq!(status.phase, Phase::Running);
+        assert_eq!(status.workers_ready, 2);
+        assert_eq!(status.workers_ready_summary.as_deref(), Some("2/2"));
     }
 
     #[test]
