@@ -13,12 +13,17 @@
 //!   the steps since that checkpoint;
 //! - not in the mesh: it waits (the operator deletes pods the mesh dropped);
 //! - a rank fails: it waits for the operator to publish a new epoch (a peer's
-//!   node lost looks like this from here) and fails only if none comes.
+//!   node lost looks like this from here) and fails only if none comes;
+//! - the pod is asked to stop (SIGTERM: it is being deleted, the job
+//!   suspended or shrunk): its ranks, and with them every rank of the
+//!   epoch, stop after the same step with a checkpoint of it, and the worker
+//!   exits with [`TERMINATED_EXIT`] without waiting out the grace period.
 //!
 //! Every rank exits 0 after the last step: the pod succeeds, and the job with it.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -189,8 +194,23 @@ pub fn mesh_is_newer(path: &Path, epoch: u64) -> bool {
 }
 
 /// The exit status of a rank that stopped, with every other rank after the
-/// same step and a checkpoint of it, because a newer mesh epoch was published.
+/// same step and a checkpoint of it, because a newer mesh epoch was published
+/// or a pod was asked to stop.
 pub const NEW_EPOCH_EXIT: i32 = 4;
+
+/// The exit status of a pod's worker that stopped because it was asked to
+/// (SIGTERM), after its ranks stopped with a checkpoint: what a process
+/// ended by SIGTERM reports (128 + 15).
+pub const TERMINATED_EXIT: i32 = 143;
+
+/// How a pod's worker ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Training is complete.
+    Finished,
+    /// It was asked to stop (SIGTERM) and its ranks stopped.
+    Stopped,
+}
 
 /// How long the ranks get, once the mesh has moved on, to stop together at a
 /// step boundary before they are stopped (a rank stuck in a collective with
@@ -209,22 +229,35 @@ pub enum EpochEnd {
     NewEpoch,
     /// A rank failed and no newer epoch came within the wait.
     Failed { rank: u32, status: String },
+    /// The pod was asked to stop; its ranks were told, and stopped.
+    Stopped,
 }
 
 /// Runs the pod's worker until training ends: finds this worker in each
 /// epoch's mesh, starts its ranks with `spawn(rank, placement)`, and follows
 /// the mesh. `wait_for_epoch` bounds how long a failed rank waits for the
-/// operator to publish a new epoch before the pod fails.
+/// operator to publish a new epoch before the pod fails. Once `stop_asked` is set
+/// (the pod got SIGTERM), the ranks are sent SIGTERM, which stops every rank
+/// of the epoch after the same step with a checkpoint, and no new epoch is
+/// joined.
 pub fn supervise(
     env: &PodEnv,
     wait_for_epoch: Duration,
+    stop_asked: &AtomicBool,
     mut spawn: impl FnMut(u32, &Placement) -> Result<Child, PodError>,
     mut log: impl FnMut(&str),
-) -> Result<(), PodError> {
+) -> Result<Ended, PodError> {
     let poll = Duration::from_millis(250);
     let mut waiting_logged_for = None;
     let mut unreadable_since: Option<Instant> = None;
+    // The epoch whose ranks stopped together: its mesh is not joined again.
+    // (They stop for a newer epoch, or because a peer's pod was asked to
+    // stop: the operator then publishes the next mesh without it.)
+    let mut ended: Option<u64> = None;
     loop {
+        if stop_asked.load(Ordering::SeqCst) {
+            return Ok(Ended::Stopped);
+        }
         let mesh = match read_json::<MeshPlan>(&env.mesh) {
             Ok(mesh) => {
                 unreadable_since = None;
@@ -241,6 +274,17 @@ pub fn supervise(
                 continue;
             }
         };
+        if ended.is_some_and(|e| mesh.epoch <= e) {
+            if waiting_logged_for != Some(mesh.epoch) {
+                log(&format!(
+                    "epoch {} stopped; waiting for the next mesh",
+                    mesh.epoch
+                ));
+                waiting_logged_for = Some(mesh.epoch);
+            }
+            std::thread::sleep(poll);
+            continue;
+        }
         let Some(place) = placement(&mesh, &env.worker, &env.mesh)? else {
             if waiting_logged_for != Some(mesh.epoch) {
                 log(&format!("not in the mesh of epoch {}; waiting", mesh.epoch));
@@ -263,13 +307,35 @@ pub fn supervise(
                 }
             }
         }
-        match follow(&mut children, &env.mesh, place.epoch, wait_for_epoch, poll) {
-            EpochEnd::Finished => return Ok(()),
-            EpochEnd::NewEpoch => {
+        match follow(
+            &mut children,
+            &env.mesh,
+            place.epoch,
+            wait_for_epoch,
+            stop_asked,
+            poll,
+        ) {
+            EpochEnd::Finished => return Ok(Ended::Finished),
+            EpochEnd::Stopped => {
                 log(&format!(
-                    "epoch {} ended: a new mesh is published",
+                    "asked to stop: epoch {}'s ranks stopped after a checkpoint",
                     place.epoch
                 ));
+                return Ok(Ended::Stopped);
+            }
+            EpochEnd::NewEpoch => {
+                ended = Some(place.epoch);
+                if mesh_is_newer(&env.mesh, place.epoch) {
+                    log(&format!(
+                        "epoch {} ended: a new mesh is published",
+                        place.epoch
+                    ));
+                } else {
+                    log(&format!(
+                        "epoch {} ended: a peer was asked to stop",
+                        place.epoch
+                    ));
+                }
             }
             EpochEnd::Failed { rank, status } => {
                 return Err(PodError::RankFailed {
@@ -292,12 +358,26 @@ fn follow(
     mesh: &Path,
     epoch: u64,
     wait_for_epoch: Duration,
+    stop_asked: &AtomicBool,
     poll: Duration,
 ) -> EpochEnd {
     let newer = || mesh_is_newer(mesh, epoch);
     let mut exited: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
     let mut drain_until: Option<Instant> = None;
+    let mut told_to_stop = false;
     loop {
+        if !told_to_stop && stop_asked.load(Ordering::SeqCst) {
+            // The ranks stop after the step they agree on, as for a new
+            // epoch; what is left of the grace period bounds the wait.
+            told_to_stop = true;
+            for (_, child) in children.iter() {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_child(child),
+                    rustix::process::Signal::TERM,
+                );
+            }
+            drain_until = Some(drain_until.unwrap_or_else(|| Instant::now() + DRAIN));
+        }
         if drain_until.is_none() && newer() {
             drain_until = Some(Instant::now() + DRAIN);
         }
@@ -321,7 +401,9 @@ fn follow(
             .any(|s| s.is_some_and(|s| s.code() == Some(NEW_EPOCH_EXIT)));
         if exited.iter().all(Option::is_some) && failed.is_none() {
             stop(children);
-            return if stopped_for_epoch {
+            return if told_to_stop && stopped_for_epoch {
+                EpochEnd::Stopped
+            } else if stopped_for_epoch {
                 EpochEnd::NewEpoch
             } else {
                 EpochEnd::Finished
@@ -329,10 +411,17 @@ fn follow(
         }
         if drain_until.is_some_and(|until| Instant::now() > until) {
             stop(children);
-            return EpochEnd::NewEpoch;
+            return if told_to_stop {
+                EpochEnd::Stopped
+            } else {
+                EpochEnd::NewEpoch
+            };
         }
         if let Some((rank, status)) = failed {
             stop(children);
+            if told_to_stop {
+                return EpochEnd::Stopped;
+            }
             // A peer's node lost looks like this from here: give the
             // operator the time to publish the next epoch.
             let deadline = Instant::now() + wait_for_epoch;

@@ -250,6 +250,10 @@ pub struct TrainConfig {
     /// rank sees a newer epoch there, every rank stops after the same step,
     /// with a checkpoint of it, so a change of membership loses no step.
     pub epoch_watch: Option<(PathBuf, u64)>,
+    /// In a pod: set when this rank is asked to stop (SIGTERM, from its pod's
+    /// worker). Every rank then stops after the same step, with a checkpoint
+    /// of it, as for a newer epoch.
+    pub stop_asked: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Rank 0 draws the plan of every Nth step (`.1`) into the directory
     /// `.0` (`step-00000012.svg`), to set what ran beside what was planned.
     pub plan_svg: Option<(PathBuf, u64)>,
@@ -1187,13 +1191,19 @@ pub fn run_worker(
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
 
         // One small all-reduce carries the loss, whether a newer epoch was
-        // seen, and every rank's figures (each rank fills its own slots).
+        // seen or a rank was asked to stop, and every rank's figures (each
+        // rank fills its own slots).
         const PER_RANK: usize = 5;
         const SHARED: usize = 2;
         let mut figures = vec![0f64; SHARED + PER_RANK * world as usize];
         figures[0] = outcome.loss_sum;
+        let asked_to_stop = config
+            .stop_asked
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
         figures[1] = match &config.epoch_watch {
             Some((mesh, epoch)) if crate::pod::mesh_is_newer(mesh, *epoch) => 1.0,
+            _ if asked_to_stop => 1.0,
             _ => 0.0,
         };
         let slot = SHARED + PER_RANK * rank as usize;
@@ -1215,7 +1225,8 @@ pub fn run_worker(
         let update = optimizer.step()?;
         let step_time_s = started.elapsed().as_secs_f64();
 
-        // Any rank that saw a newer epoch stops every rank after this step.
+        // Any rank that saw a newer epoch, or was asked to stop, stops every
+        // rank after this step.
         let stop_for_epoch = shared[1] > 0.0;
         let ranks = shared[SHARED..].chunks(PER_RANK);
         let max_of = |k: usize| ranks.clone().map(|r| r[k]).fold(0.0, f64::max);

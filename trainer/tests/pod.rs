@@ -9,6 +9,11 @@
 //! - with the second pod killed (its node lost), the survivor's collective
 //!   fails, it waits for the new epoch and goes on from the last checkpoint.
 //!
+//! - a pod asked to stop (SIGTERM: deleted, or the job suspended) stops at
+//!   once: every rank of the epoch stops after the same step, with a
+//!   checkpoint of it; a run started again goes on from there, and a peer
+//!   of a pod deleted alone waits for the next epoch.
+//!
 //! Either way the run ends at the last step with every loss equal to a
 //! straight run's on the same global batches (the data order does not depend
 //! on the world). Pods plan each step on the nodes of their mesh: two workers
@@ -326,6 +331,121 @@ fn a_lost_pod_is_survived_from_the_last_checkpoint() {
     assert!(log.contains("epoch 2: ranks [0] of 1"), "{log}");
     assert_eq!(seen.last().map(|m| m.step), Some(steps), "{log}");
     assert!(seen.iter().any(|m| m.world == 1));
+    assert_same_losses(&seen, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends SIGTERM to the worker process of `pod` alone (as a kubelet does to
+/// a container's first process when its pod is deleted).
+fn terminate(pod: &Child) {
+    let sent = Command::new("kill")
+        .args(["-s", "TERM", &pod.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits for `child` to exit within `limit`.
+fn wait_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the worker did not stop within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The newest checkpoint's step in `dir`.
+fn newest_checkpoint(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn pods_asked_to_stop_stop_at_once_after_a_checkpoint_and_resume_from_it() {
+    // A suspended job: every pod is deleted, and each worker gets SIGTERM.
+    let steps = 40;
+    let (dir, first, reference) = setup("terminated", steps);
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = pod(&dir, &first.workers[1].name, steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let mut seen = until_step(&metrics, 3, &mut a);
+    terminate(&a);
+    terminate(&b);
+    // Well within a pod's default grace period (30 s), with no kill.
+    for pod in [&mut a, &mut b] {
+        let status = wait_within(pod, Duration::from_secs(20));
+        let log = stderr_of(pod);
+        assert_eq!(status.code(), Some(143), "{log}");
+        assert!(log.contains("stopped, as asked (SIGTERM)"), "{log}");
+    }
+    seen.extend(metrics.try_iter());
+    let stopped_at = seen.last().unwrap().step;
+    assert!(stopped_at < steps, "the run ended before the stop");
+    assert_eq!(
+        newest_checkpoint(&dir),
+        stopped_at,
+        "no checkpoint of the last step"
+    );
+
+    // Resumed: from that checkpoint, every step once, the same losses.
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = pod(&dir, &first.workers[1].name, steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    for pod in [&mut a, &mut b] {
+        let status = wait(pod);
+        assert!(status.success(), "{}", stderr_of(pod));
+    }
+    seen.extend(metrics.try_iter());
+    let order: Vec<u64> = seen.iter().map(|m| m.step).collect();
+    assert_eq!(order, (1..=steps).collect::<Vec<_>>());
+    assert_same_losses(&seen, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pod_deleted_by_hand_stops_its_peers_with_a_checkpoint_until_the_next_epoch() {
+    // One pod deleted (kubectl delete pod): its worker gets SIGTERM; every
+    // rank stops after the same step with a checkpoint, the other pod waits
+    // for the mesh without it, and goes on from there.
+    let steps = 40;
+    let (dir, first, reference) = setup("deleted", steps);
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = pod(&dir, &first.workers[1].name, steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let mut seen = until_step(&metrics, 3, &mut a);
+    terminate(&b);
+    let status = wait_within(&mut b, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(143), "{}", stderr_of(&mut b));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.try_wait().unwrap().is_none(), "the other worker exited");
+    publish(&dir.join("mesh.json"), &without_the_second_worker(&first));
+
+    let status = wait(&mut a);
+    seen.extend(metrics.try_iter());
+    let log = stderr_of(&mut a);
+    assert!(status.success(), "the worker failed: {log}");
+    assert!(
+        log.contains("epoch 1 ended: a peer was asked to stop"),
+        "{log}"
+    );
+    assert!(log.contains("epoch 2: ranks [0] of 1"), "{log}");
+    let order: Vec<u64> = seen.iter().map(|m| m.step).collect();
+    assert_eq!(order, (1..=steps).collect::<Vec<_>>(), "{log}");
     assert_same_losses(&seen, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }

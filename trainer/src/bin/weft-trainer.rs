@@ -515,6 +515,7 @@ impl TrainArgs {
             fail_at,
             misplan_at,
             epoch_watch: None,
+            stop_asked: None,
             plan_svg: self
                 .run
                 .plan_svg
@@ -2138,6 +2139,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 serde_json::from_str(&config).context("the worker's --config is not valid")?;
             let mut config = args.config(threads)?;
             config.epoch_watch = watch_mesh.zip(epoch);
+            // The pod's worker passes its SIGTERM on: stop with a checkpoint.
+            let stop_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop_asked.clone())
+                .context("watching for SIGTERM")?;
+            config.stop_asked = Some(stop_asked);
             let rendezvous = weft_trainer::train::Rendezvous {
                 store_host,
                 port,
@@ -2511,9 +2517,15 @@ fn pod_worker(
         _ => None,
     };
     let checkpoints = args.checkpoint_dir.clone().unwrap_or_default();
+    // SIGTERM (the pod is being deleted): the ranks stop after a checkpoint
+    // instead of being killed at the end of the grace period.
+    let stop_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop_asked.clone())
+        .context("watching for SIGTERM")?;
     let result = weft_trainer::pod::supervise(
         env,
         wait_for_epoch,
+        &stop_asked,
         |rank, place| {
             let threads = (cores / place.ranks.len().max(1)).max(1);
             // The pod's GPUs are its ranks' in order.
@@ -2591,7 +2603,10 @@ fn pod_worker(
     if let (Some(reporter), Some(link)) = (reporter.into_inner().flatten(), &link) {
         reporter.finish(link);
     }
-    result?;
+    if result? == weft_trainer::pod::Ended::Stopped {
+        eprintln!("weft-trainer worker {worker}: stopped, as asked (SIGTERM)");
+        std::process::exit(weft_trainer::pod::TERMINATED_EXIT);
+    }
     Ok(())
 }
 
