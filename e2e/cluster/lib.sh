@@ -34,6 +34,10 @@ kube_bin_dir() { component_dir kubernetes "$KUBERNETES_VERSION"; }
 etcd_bin_dir() { component_dir etcd "$ETCD_VERSION"; }
 kwok_bin_dir() { component_dir kwok "$KWOK_VERSION"; }
 helm_bin_dir() { component_dir helm "$HELM_VERSION"; }
+# A real node's own binaries: the kubelet (and the pause program its sandboxes
+# run) and CoreDNS. Built only when real nodes are asked for.
+kubelet_bin_dir() { component_dir kubelet "$KUBERNETES_VERSION"; }
+coredns_bin_dir() { component_dir coredns "$COREDNS_VERSION"; }
 
 # Absolute path of a built binary by name; fails with a message when it was not built.
 bin_of() {
@@ -43,9 +47,16 @@ bin_of() {
     etcd) dir="$(etcd_bin_dir)" ;;
     kwok) dir="$(kwok_bin_dir)" ;;
     helm) dir="$(helm_bin_dir)" ;;
+    kubelet|pause) dir="$(kubelet_bin_dir)" ;;
+    coredns) dir="$(coredns_bin_dir)" ;;
     *) die "unknown component binary '$name'" ;;
   esac
-  [ -x "$dir/$name" ] || die "$name is not built (expected $dir/$name); run e2e/cluster/build"
+  if [ ! -x "$dir/$name" ]; then
+    case "$name" in
+      kubelet|pause|coredns) die "$name is not built (expected $dir/$name); run e2e/cluster/build --real-nodes" ;;
+      *) die "$name is not built (expected $dir/$name); run e2e/cluster/build" ;;
+    esac
+  fi
   printf '%s/%s' "$dir" "$name"
 }
 
@@ -81,12 +92,30 @@ KUBECONFIG_PATH="$WEFT_CLUSTER_DIR/kubeconfig"
 # The built kubectl against the local cluster.
 kctl() { "$(bin_of kubectl)" --kubeconfig="$KUBECONFIG_PATH" "$@"; }
 
+# The e2e crate's helper binary (built when needed), for the scripts.
+weft_e2e_bin() {
+  (cd "$WEFT_ROOT" && cargo build -p weft-e2e --bin weft-e2e) >&2 \
+    || die "could not build the weft-e2e helper"
+  printf '%s' "$CARGO_TARGET_DIR/debug/weft-e2e"
+}
+
 # Prints the kwok Node objects of a cluster shorthand (built from the e2e crate, so
 # label and annotation names come from weft-crds and are never spelled twice).
 render_nodes() {
-  (cd "$WEFT_ROOT" && cargo build -p weft-e2e --bin weft-e2e) >&2 \
-    || die "could not build the weft-e2e helper"
-  "$CARGO_TARGET_DIR/debug/weft-e2e" nodes "$1"
+  "$(weft_e2e_bin)" nodes "$1"
+}
+
+# The image writer (images/ocibuild), built once per version of its module.
+ocibuild_bin() {
+  local bin
+  bin="$WEFT_BIN/ocibuild-$(cat "$WEFT_ROOT/images/ocibuild/go.sum" "$WEFT_ROOT/images/ocibuild/main.go" | sha256sum | cut -c1-12)"
+  if [ ! -x "$bin" ]; then
+    log "building images/ocibuild"
+    mkdir -p "$WEFT_BIN"
+    (cd "$WEFT_ROOT/images/ocibuild" && go build -trimpath -o "$bin.tmp" . && mv "$bin.tmp" "$bin") >&2 \
+      || die "could not build images/ocibuild"
+  fi
+  printf '%s' "$bin"
 }
 
 pid_of() { cat "$WEFT_CLUSTER_DIR/pids/$1" 2>/dev/null || true; }
@@ -176,7 +205,10 @@ kwok_stage_config() {
   done
 }
 
+# Starts the control plane; with an argument "real", its API server reaches real
+# nodes (see real-nodes.sh), which can then be added at any time.
 start_control_plane() {
+  local real="${1:-}"
   command -v openssl >/dev/null || die "openssl is needed for the control plane's certificates"
   command -v curl >/dev/null || die "curl is needed to check the control plane's health"
   rm -rf "$WEFT_CLUSTER_DIR"
@@ -200,6 +232,25 @@ PORTS
     --initial-cluster="weft=http://127.0.0.1:$ETCD_PEER_PORT" --unsafe-no-fsync --log-level=warn
   await etcd 30 sh -c "curl -s --max-time 2 http://127.0.0.1:$ETCD_PORT/health | grep -q '\"health\":\"true\"'"
 
+  local egress=()
+  if [ "$real" = real ]; then
+    # Every connection to a node goes through the CONNECT relay in the nodes'
+    # network namespace (kwok nodes have nothing to connect to either way).
+    mkdir -p "$(real_dir)"
+    cat > "$d/egress.yaml" <<EGRESS
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport:
+      uds:
+        udsName: $(real_dir)/egress.sock
+EGRESS
+    egress=(--egress-selector-config-file="$d/egress.yaml")
+    touch "$d/reaches-real-nodes"
+  fi
   log "starting kube-apiserver on 127.0.0.1:$APISERVER_PORT"
   spawn kube-apiserver "$(bin_of kube-apiserver)" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
@@ -211,7 +262,9 @@ PORTS
     --requestheader-client-ca-file="$p/ca.crt" --requestheader-allowed-names=weft-admin \
     --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
     --requestheader-extra-headers-prefix=X-Remote-Extra- \
-    --proxy-client-cert-file="$p/admin.crt" --proxy-client-key-file="$p/admin.key"
+    --proxy-client-cert-file="$p/admin.crt" --proxy-client-key-file="$p/admin.key" \
+    --kubelet-client-certificate="$p/admin.crt" --kubelet-client-key="$p/admin.key" \
+    --kubelet-preferred-address-types=InternalIP,Hostname "${egress[@]}"
   await kube-apiserver 90 apiserver_ready
 
   local kc="$KUBECONFIG_PATH" k; k="$(bin_of kubectl)"
@@ -247,6 +300,7 @@ PORTS
 # Stops every component by PID, newest first, and removes the cluster's state.
 stop_control_plane() {
   local c pid order=""
+  real_nodes_down
   for c in $COMPONENTS; do order="$c $order"; done
   for c in $order; do
     pid="$(pid_of "$c")"
@@ -259,3 +313,6 @@ stop_control_plane() {
   done
   rm -rf "$WEFT_CLUSTER_DIR"
 }
+
+# shellcheck source=real-nodes.sh
+. "$WEFT_ROOT/e2e/cluster/real-nodes.sh"

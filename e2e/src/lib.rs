@@ -10,6 +10,7 @@
 //! be reached fails the test at `connect` with [`HarnessError::Unreachable`], whose
 //! message says which server was tried and how to start the local one.
 
+pub mod egress;
 pub mod jobs;
 pub mod nodes;
 pub mod replicas;
@@ -19,9 +20,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, LogParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Config, ResourceExt};
 
 /// What went wrong in the harness itself (not in the code under test).
@@ -211,10 +212,12 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
-    /// The namespace's pods, services, config maps and events, as text.
+    /// The namespace's pods, services, config maps and events, as text, and
+    /// the container logs of the pods on real nodes.
     pub async fn dump(&self) -> String {
         let mut out = format!("==== state of namespace {} ====\n", self.name);
         out += &dump_kind::<Pod>(self, "pods").await;
+        out += &self.container_logs().await;
         out += &dump_kind::<Service>(self, "services").await;
         out += &dump_kind::<ConfigMap>(self, "configmaps").await;
         let events: Api<Event> = self.api();
@@ -233,6 +236,73 @@ impl TestNamespace {
                 }
             }
             Err(err) => out += &format!("--- events: could not list: {err}\n"),
+        }
+        out
+    }
+
+    /// The last lines of every container's log (and of its previous run) of
+    /// the pods on real nodes, through the API server as `kubectl logs`
+    /// reads them. Pods on kwok nodes have no containers and are left out.
+    pub async fn container_logs(&self) -> String {
+        const TAIL: i64 = 200;
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let real: Vec<String> = match nodes
+            .list(&ListParams::default().labels(&format!("{}=true", nodes::REAL_NODE_LABEL)))
+            .await
+        {
+            Ok(list) => list.items.iter().map(|n| n.name_any()).collect(),
+            Err(err) => return format!("--- container logs: could not list nodes: {err}\n"),
+        };
+        if real.is_empty() {
+            return String::new();
+        }
+        let pods: Api<Pod> = self.api();
+        let list = match pods.list(&ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(err) => return format!("--- container logs: could not list pods: {err}\n"),
+        };
+        let mut out = String::new();
+        for pod in list {
+            let on_real = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some_and(|n| real.contains(n));
+            if !on_real {
+                continue;
+            }
+            let containers: Vec<String> = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+                .collect();
+            for container in containers {
+                for previous in [true, false] {
+                    let params = LogParams {
+                        container: Some(container.clone()),
+                        previous,
+                        tail_lines: Some(TAIL),
+                        ..Default::default()
+                    };
+                    let which = if previous { "previous run" } else { "log" };
+                    match pods.logs(&pod.name_any(), &params).await {
+                        Ok(text) => {
+                            out += &format!(
+                                "--- {which} of {}/{container} (last {TAIL} lines) ---\n{text}\n",
+                                pod.name_any()
+                            );
+                        }
+                        // No previous run is the usual case: say nothing.
+                        Err(_) if previous => {}
+                        Err(err) => {
+                            out += &format!(
+                                "--- log of {}/{container}: could not read: {err}\n",
+                                pod.name_any()
+                            );
+                        }
+                    }
+                }
+            }
         }
         out
     }

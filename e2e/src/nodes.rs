@@ -17,6 +17,9 @@ use weft_planner::cluster::Cluster;
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Label that marks the nodes this harness created, so tests and `down` can find them.
 pub const FAKE_NODE_LABEL: &str = "weft.dev/fake-node";
+/// Label of the real kubelet nodes `e2e/cluster/up --real-nodes` starts
+/// (pods placed on them run in real containers).
+pub const REAL_NODE_LABEL: &str = "weft.dev/real-node";
 
 /// The Node objects for every node of `cluster`.
 pub fn node_objects(cluster: &Cluster) -> Vec<Node> {

@@ -3,11 +3,15 @@
 //! `weft-e2e nodes CLUSTER` prints the kwok GPU Node objects that a cluster
 //! shorthand (see `weft_planner::cluster`) describes, as a `v1/List` for
 //! `kubectl apply -f -`.
+//!
+//! `weft-e2e connect-proxy SOCKET` serves the API server's HTTP CONNECT
+//! tunnels to real nodes on a Unix socket (see `weft_e2e::egress`).
 
 use anyhow::{Context, bail};
 
 const USAGE: &str =
-    "usage: weft-e2e nodes CLUSTER   (e.g. 16x8:nics=8 or 8x8+8x4:gpu=a100-80g,nics=2)";
+    "usage: weft-e2e nodes CLUSTER   (e.g. 16x8:nics=8 or 8x8+8x4:gpu=a100-80g,nics=2)
+       weft-e2e connect-proxy SOCKET";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -17,6 +21,16 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid cluster description {spec:?}"))?;
             println!("{}", weft_e2e::nodes::node_list_json(&cluster)?);
             Ok(())
+        }
+        [cmd, socket] if cmd == "connect-proxy" => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let path = std::path::PathBuf::from(socket);
+            runtime
+                .block_on(weft_e2e::egress::run(&path))
+                .with_context(|| format!("serving CONNECT tunnels on {socket}"))
         }
         _ => bail!("{USAGE}"),
     }
