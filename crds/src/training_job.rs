@@ -762,7 +762,10 @@ pub struct CheckpointSpec {
     pub path: String,
     /// A PersistentVolumeClaim (ReadWriteMany) mounted at `path` in every
     /// worker, so checkpoints outlive any pod. Without one, `path` is an
-    /// emptyDir: a resize keeps its state only in surviving workers.
+    /// emptyDir of each pod: rank 0's pod holds the checkpoints and sends
+    /// the one it resumes from to the other ranks; when rank 0's pod is
+    /// lost, its checkpoints are lost with it, and the job starts again
+    /// from step 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub claim_name: Option<String>,

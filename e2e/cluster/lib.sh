@@ -119,7 +119,18 @@ ocibuild_bin() {
 }
 
 pid_of() { cat "$WEFT_CLUSTER_DIR/pids/$1" 2>/dev/null || true; }
-alive() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+# When process PID started (clock ticks since boot), to tell it from a later
+# process given the same PID.
+proc_start() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'; }
+# Whether component NAME runs: its recorded PID is alive and, when its start
+# was recorded, is still the process that was started.
+alive() {
+  local pid start
+  pid="$(pid_of "$1")"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  start="$(cat "$WEFT_CLUSTER_DIR/pids/$1.start" 2>/dev/null || true)"
+  [ -z "$start" ] || [ "$(proc_start "$pid")" = "$start" ]
+}
 
 apiserver_ready() {
   # shellcheck disable=SC1091
@@ -162,10 +173,13 @@ PY
 }
 
 # Runs a component in its own session, logging to logs/NAME.log, and records its PID.
+# Its own session, so its PID is also its process group's (stop_component
+# stops the group).
 spawn() {
   local name="$1"; shift
   setsid "$@" >"$WEFT_CLUSTER_DIR/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$WEFT_CLUSTER_DIR/pids/$name"
+  proc_start $! > "$WEFT_CLUSTER_DIR/pids/$name.start"
 }
 
 # Waits until "$2..." succeeds, failing with the component's log when it dies or times out.
@@ -300,16 +314,17 @@ EGRESS
 # Stops every component by PID, newest first, and removes the cluster's state.
 stop_control_plane() {
   local c pid order=""
-  real_nodes_down
+  # Best effort: whatever the real nodes leave, the control plane stops.
+  real_nodes_down || log "the real nodes' tear-down failed; stopping the control plane all the same"
   for c in $COMPONENTS; do order="$c $order"; done
   for c in $order; do
     pid="$(pid_of "$c")"
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && log "stopped $c (pid $pid)"
+    alive "$c" && kill "$pid" 2>/dev/null && log "stopped $c (pid $pid)"
   done
   for c in $order; do
     pid="$(pid_of "$c")"; [ -n "$pid" ] || continue
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do alive "$c" || break; sleep 0.1; done
+    if alive "$c"; then kill -9 "$pid" 2>/dev/null || true; fi
   done
   rm -rf "$WEFT_CLUSTER_DIR"
 }

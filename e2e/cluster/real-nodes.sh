@@ -36,8 +36,12 @@ REAL_MAX_NODES=200
 # machine; the tests and the control plane run beside them).
 REAL_SYSTEM_RESERVED_CPU=500m
 REAL_SYSTEM_RESERVED_MEMORY=2Gi
-# The kernel settings a kubelet writes, each replaced by a file of the node's.
-REAL_KUBELET_SYSCTLS="vm/overcommit_memory kernel/panic kernel/panic_on_oops"
+# The kernel settings a kubelet writes (its setupKernelTunables), each replaced
+# by a file of the node's.
+REAL_KUBELET_SYSCTLS="vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes"
+# Fixed places outside the cluster's directory that the kubelet, containerd,
+# its shims and CNI use whatever their configuration.
+REAL_FIXED_PLACES="/var/log/containers /var/lib/cni /run/containerd /run/netns"
 
 real_dir() { printf '%s/real' "$WEFT_CLUSTER_DIR"; }
 real_node_name() { printf 'weft-real-%s' "$1"; }
@@ -108,17 +112,21 @@ real_network_up() {
   local r; r="$(real_dir)"
   mkdir -p "$r"
   . "$WEFT_CLUSTER_DIR/ports.env"
+  # Each piece on its own, so a start that died half-way is completed.
+  # What the machine had before the first real node: down leaves it so.
+  [ -f "$r/host-before" ] || real_host_snapshot > "$r/host-before"
   if [ ! -e "/run/netns/$REAL_NETNS" ]; then
-    [ -d /run/netns ] || echo created > "$r/made-run-netns"
     ip netns add "$REAL_NETNS" || die "could not create the network namespace $REAL_NETNS"
-    in_netns ip link set lo up
+  fi
+  in_netns ip link set lo up
+  if ! in_netns ip link show "$REAL_BRIDGE" >/dev/null 2>&1; then
     in_netns ip link add "$REAL_BRIDGE" type bridge || die "could not create the bridge $REAL_BRIDGE (a kernel without bridges?)"
-    in_netns ip addr add "$REAL_BRIDGE_IP/16" dev "$REAL_BRIDGE"
-    in_netns ip link set "$REAL_BRIDGE" up
-    in_netns ip addr add "$REAL_API_SERVICE_IP/32" dev lo
-    in_netns ip addr add "$REAL_DNS_IP/32" dev lo
     log "network namespace $REAL_NETNS: bridge $REAL_BRIDGE at $REAL_BRIDGE_IP, pods in $REAL_POD_SUBNET, no route out"
   fi
+  real_netns_address "$REAL_BRIDGE_IP/16" "$REAL_BRIDGE"
+  in_netns ip link set "$REAL_BRIDGE" up
+  real_netns_address "$REAL_API_SERVICE_IP/32" lo
+  real_netns_address "$REAL_DNS_IP/32" lo
   # The API server, from the namespace: a Unix socket here, served at the API
   # server's own port on the namespace's loopback and at the kubernetes Service.
   if ! alive real-api-relay; then
@@ -133,7 +141,10 @@ real_network_up() {
       socat "TCP-LISTEN:443,bind=$REAL_API_SERVICE_IP,fork,reuseaddr" "UNIX-CONNECT:$r/api.sock"
   fi
   if ! alive real-egress; then
-    spawn real-egress nsenter --net="/run/netns/$REAL_NETNS" -- "$(weft_e2e_bin)" connect-proxy "$r/egress.sock"
+    # (Its own line: a failed build stops here, not in a command substitution.)
+    local helper; helper="$(weft_e2e_bin)"
+    rm -f "$r/egress.sock"
+    spawn real-egress nsenter --net="/run/netns/$REAL_NETNS" -- "$helper" connect-proxy "$r/egress.sock"
   fi
   if ! alive coredns; then
     cat > "$r/Corefile" <<COREFILE
@@ -146,12 +157,20 @@ cluster.local:53 {
     }
 }
 COREFILE
-    spawn coredns nsenter --net="/run/netns/$REAL_NETNS" -- "$(bin_of coredns)" -conf "$r/Corefile"
+    local coredns; coredns="$(bin_of coredns)"
+    spawn coredns nsenter --net="/run/netns/$REAL_NETNS" -- "$coredns" -conf "$r/Corefile"
   fi
   local pki="$WEFT_CLUSTER_DIR/pki"
   await real-api-loopback 20 in_netns curl -sf --max-time 2 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" \
     --key "$pki/admin.key" "https://127.0.0.1:$APISERVER_PORT/readyz"
   await coredns 30 sh -c "grep -q 'CoreDNS-' '$WEFT_CLUSTER_DIR/logs/coredns.log'"
+  await real-egress 30 test -S "$r/egress.sock"
+}
+
+# Gives DEVICE in the nodes' namespace the address ADDRESS, unless it has it.
+real_netns_address() {
+  # (grep reads all of ip's output: with -q and pipefail, a closed pipe would fail.)
+  in_netns ip addr show dev "$2" | grep " $1 " >/dev/null || in_netns ip addr add "$1" dev "$2"
 }
 
 # The cgroup of a node in every v1 hierarchy (cpuset's with the parent's CPUs
@@ -180,8 +199,7 @@ real_node_up() {
   p="$WEFT_CLUSTER_DIR/pki"
   . "$WEFT_CLUSTER_DIR/ports.env"
   mkdir -p "$nd"/{containerd/root,containerd/state,containerd/opt,cni,cni-ipam,kubelet,certs,pods,plugins,sysctl}
-  # (grep reads all of ip's output: with -q and pipefail, a closed pipe would fail.)
-  in_netns ip addr show dev "$REAL_BRIDGE" | grep " $ip/" >/dev/null || in_netns ip addr add "$ip/16" dev "$REAL_BRIDGE"
+  real_netns_address "$ip/16" "$REAL_BRIDGE"
 
   cat > "$nd/containerd.toml" <<TOML
 version = 2
@@ -212,6 +230,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        # runc's state in the node's directory, not /run/containerd/runc.
+        Root = "$nd/runc"
 TOML
   cat > "$nd/cni/10-weft.conflist" <<JSON
 {
@@ -325,7 +346,9 @@ YAML
 real_node_import() {
   local i="$1" nd tar stamp want version
   nd="$(real_node_dir "$i")"; version="$(weft_version)"
-  for tar in "$(real_pause_image)" "$WEFT_CACHE/images/weft-operator-$version.tar" \
+  # (Its own line: a pause image that cannot be made stops here.)
+  local pause; pause="$(real_pause_image)"
+  for tar in "$pause" "$WEFT_CACHE/images/weft-operator-$version.tar" \
              "$WEFT_CACHE/images/weft-trainer-$version.tar"; do
     if [ ! -f "$tar" ]; then
       log "$(basename "$tar") is not built: real nodes cannot run it until images/build writes it (then e2e/cluster/up --real-nodes imports it)"
@@ -374,43 +397,66 @@ kill_tree() {
   kill -9 "$pid" 2>/dev/null || true
 }
 
-# Stops component NAME by its recorded PID (TERM, then KILL after 5 s).
+# Stops component NAME and its process group (spawn gave it one: socat's
+# children, a kubelet's wrapper): TERM, then KILL after 5 s. A recorded PID
+# that is no longer the component's (it died; its PID was reused) is left alone.
 stop_component() {
   local pid; pid="$(pid_of "$1")"
-  [ -n "$pid" ] || return 0
-  if kill "$pid" 2>/dev/null; then
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill_tree "$pid"
+  if [ -n "$pid" ] && alive "$1"; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do alive "$1" || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
   fi
-  rm -f "$WEFT_CLUSTER_DIR/pids/$1"
+  rm -f "$WEFT_CLUSTER_DIR/pids/$1" "$WEFT_CLUSTER_DIR/pids/$1.start"
 }
 
 # Unmounts every mount at or below DIR, deepest first.
 unmount_below() {
   local dir="$1" m
-  findmnt -rn -o TARGET | awk -v d="$dir" 'index($0, d) == 1' | sort -r | while read -r m; do
+  findmnt -rn -o TARGET | awk -v d="$dir" '$0 == d || index($0, d "/") == 1' | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
 }
 
 # Stops real node i and removes everything it made: its containers, mounts,
-# cgroups and directory.
+# cgroups and directory. Best effort: it goes on past what fails.
 real_node_down() {
-  local i="$1" name nd pid h
+  local i="$1" name nd pid h id ids sockets task
   name="$(real_node_name "$i")"; nd="$(real_node_dir "$i")"
   stop_component "kubelet-$name"
-  # The containers (sandboxes included): each shim of this containerd, with what
-  # runs below it, and what CNI cached of their networks in its fixed place.
-  local ids id
-  ids="$(ls "$nd/containerd/state/io.containerd.runtime.v2.task/k8s.io" 2>/dev/null || true)"
-  for pid in $(pgrep -f "containerd-shim.* -address $nd/containerd.sock" 2>/dev/null); do kill_tree "$pid"; done
+  # The containers (sandboxes included), while containerd still runs: killed
+  # and deleted, so their shims exit and clean up after themselves.
+  task="$nd/containerd/state/io.containerd.runtime.v2.task/k8s.io"
+  ids="$(ls "$task" 2>/dev/null || true)"
+  # Each shim's socket, in a fixed place, named in its task's directory.
+  sockets="$(cat "$task"/*/address 2>/dev/null | sed 's#^unix://##' || true)"
+  if alive "containerd-$name"; then
+    for id in $ids; do
+      timeout 10 ctr --address "$nd/containerd.sock" -n k8s.io tasks delete --force "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  # What is left: each shim of this containerd, with what runs below it.
+  for pid in $(pgrep -f "containerd-shim.* -address $nd/containerd.sock" 2>/dev/null || true); do
+    kill_tree "$pid"
+  done
   for id in $ids; do rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true; done
+  for h in $sockets; do
+    case "$h" in /run/containerd/s/*) rm -f "$h" ;; esac
+  done
   stop_component "containerd-$name"
   unmount_below "$nd"
-  for h in /sys/fs/cgroup/*/"$name" /sys/fs/cgroup/"$name"; do
-    [ -d "$h" ] && find "$h" -depth -type d -exec rmdir {} \; 2>/dev/null
+  # A killed task leaves its cgroup a moment later: try for a few seconds.
+  for _ in $(seq 1 30); do
+    local left=0
+    for h in /sys/fs/cgroup/*/"$name" /sys/fs/cgroup/"$name"; do
+      [ -d "$h" ] || continue
+      find "$h" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+      [ -d "$h" ] && left=1
+    done
+    [ "$left" = 0 ] && break
+    sleep 0.2
   done
-  rm -rf "$nd"
+  rm -rf "$nd" 2>/dev/null || log "could not remove all of $nd"
 }
 
 # Stops every real node and the namespace, and removes what they left in the
@@ -421,51 +467,46 @@ real_nodes_down() {
   for i in $(real_node_indices); do real_node_down "$i"; done
   for c in coredns real-egress real-api-service real-api-loopback real-api-relay; do stop_component "$c"; done
   if [ -e "/run/netns/$REAL_NETNS" ]; then ip netns delete "$REAL_NETNS" 2>/dev/null || true; fi
-  # Fixed places the kubelet, containerd and CNI use whatever their configuration.
+  # The fixed places: the kubelet's links to its nodes' logs, and those of the
+  # places that did not exist before the first real node, once empty.
   find /var/log/containers -maxdepth 1 -type l -lname "$r/*" -delete 2>/dev/null || true
-  # The shims' sockets, which a killed shim leaves behind: those nothing serves.
-  for c in /run/containerd/s/*; do
-    [ -S "$c" ] || continue
-    socat -u OPEN:/dev/null "UNIX-CONNECT:$c" 2>/dev/null || rm -f "$c"
+  for c in $REAL_FIXED_PLACES; do
+    grep -qx "$c absent" "$r/host-before" 2>/dev/null || continue
+    [ -d "$c" ] || continue
+    if [ "$c" = /run/netns ] && [ -z "$(ls -A /run/netns)" ]; then
+      umount /run/netns 2>/dev/null || true
+    fi
+    find "$c" -depth -type d -empty -delete 2>/dev/null || true
   done
-  for c in /var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd/fifo \
-           /run/containerd/runc/k8s.io /run/containerd/runc /run/containerd; do
-    rmdir "$c" 2>/dev/null || true
-  done
-  if [ -f "$r/made-run-netns" ] && [ -d /run/netns ] && [ -z "$(ls -A /run/netns)" ]; then
-    umount /run/netns 2>/dev/null || true
-    rmdir /run/netns 2>/dev/null || true
-  fi
-  rm -rf "$r"
+  rm -rf "$r" 2>/dev/null || log "could not remove all of $r"
   log "real nodes stopped and removed in $((SECONDS - start)) s"
 }
 
+# What of the machine real nodes could change, as lines to compare: the
+# kernel settings a kubelet writes, forwarding, and which fixed places exist.
+real_host_snapshot() {
+  local f
+  for f in $REAL_KUBELET_SYSCTLS net/ipv4/ip_forward; do printf '%s=%s\n' "$f" "$(cat "/proc/sys/$f")"; done
+  for f in $REAL_FIXED_PLACES; do
+    if [ -e "$f" ]; then echo "$f exists"; else echo "$f absent"; fi
+  done
+}
+
 # Says what real nodes left on this machine, one line each (nothing when they
-# left nothing): processes, mounts, cgroups, the network namespace, files in
-# the fixed places, and kernel settings that differ from KERNEL_SETTINGS (the
-# output of real_kernel_settings taken before the nodes started).
+# left nothing): their processes, mounts, cgroups and network namespace, and
+# any difference from BEFORE (real_host_snapshot taken before they started).
 real_nodes_leftovers() {
   local before="${1:-}" h
-  pgrep -af "$WEFT_CLUSTER_DIR/real|kubelet-v|coredns -conf|containerd --config $WEFT_CLUSTER_DIR|containerd-shim" \
-    | grep -v pgrep | sed 's/^/process: /' || true
-  findmnt -rn -o TARGET | grep -E "^$WEFT_CLUSTER_DIR|^/run/netns" | sed 's/^/mount: /' || true
+  pgrep -af "$WEFT_CLUSTER_DIR|kubelet-v[0-9]|coredns-v[0-9]" | grep -v pgrep | sed 's/^/process: /' || true
+  findmnt -rn -o TARGET | grep -E "^$WEFT_CLUSTER_DIR|^/run/netns/$REAL_NETNS" | sed 's/^/mount: /' || true
   for h in /sys/fs/cgroup/*/weft-real-* /sys/fs/cgroup/weft-real-*; do
     [ -e "$h" ] && echo "cgroup: $h"
   done
   [ -e "/run/netns/$REAL_NETNS" ] && echo "network namespace: $REAL_NETNS"
-  for h in /var/log/containers /var/lib/cni /run/containerd; do
-    [ -e "$h" ] && echo "directory: $h ($(find "$h" | wc -l) entries)"
-  done
-  if [ -n "$before" ] && [ "$(real_kernel_settings)" != "$before" ]; then
-    echo "kernel settings changed: $(diff <(printf '%s\n' "$before") <(real_kernel_settings) | tr '\n' ' ')"
+  if [ -n "$before" ] && [ "$(real_host_snapshot)" != "$before" ]; then
+    diff <(printf '%s\n' "$before") <(real_host_snapshot) | sed -n 's/^> /changed: /p'
   fi
   return 0
-}
-
-# The machine's kernel settings that a kubelet would write, and its forwarding.
-real_kernel_settings() {
-  local f
-  for f in $REAL_KUBELET_SYSCTLS net/ipv4/ip_forward; do printf '%s=%s\n' "$f" "$(cat "/proc/sys/$f")"; done
 }
 
 # Prints each real node's kubelet and containerd; returns non-zero when one is down.

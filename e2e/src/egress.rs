@@ -128,8 +128,17 @@ pub async fn run(path: &Path) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(path)?;
     loop {
-        let (client, _) = listener.accept().await?;
-        tokio::spawn(serve(client));
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(serve(client));
+            }
+            // Out of descriptors, a client gone before it was accepted: the
+            // proxy goes on (nothing would start it again).
+            Err(e) => {
+                eprintln!("connect-proxy: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

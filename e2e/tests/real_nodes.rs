@@ -48,7 +48,10 @@ use weft_operator::build::{LABEL_JOB, mesh_config_map_name, service_name};
 
 const JOB: &str = "real";
 const STEPS: u64 = 150;
-const IMAGE: &str = "ghcr.io/weft-dev/weft-trainer:0.1.0";
+/// Where images/build's images are named (`WEFT_IMAGE_REGISTRY`, as there).
+fn registry() -> String {
+    std::env::var("WEFT_IMAGE_REGISTRY").unwrap_or_else(|_| "ghcr.io/weft-dev".into())
+}
 /// Time for anything the job does after a fault (a node turns NotReady 20 s
 /// after its kubelet stops; the rest takes seconds).
 const WAIT: Duration = Duration::from_secs(150);
@@ -122,6 +125,8 @@ async fn life(
         "--set-json",
         &format!(r#"tolerations=[{{"key":"{REAL_NODE_LABEL}","operator":"Exists","effect":"NoSchedule"}}]"#),
         "--set",
+        &format!("image.repository={}/weft-operator", registry()),
+        "--set",
         "leaderElection.leaseSeconds=5",
         "--wait",
         "--timeout",
@@ -181,7 +186,11 @@ async fn life(
             cpu: Some("500m".into()),
             memory: Some("1Gi".into()),
         },
-        ..TrainingJobSpec::new(IMAGE, 2, 3)
+        ..TrainingJobSpec::new(
+            format!("{}/weft-trainer:{}", registry(), env!("CARGO_PKG_VERSION")),
+            2,
+            3,
+        )
     };
     spec.data.max_sequence_length = 512;
     spec.data.tokens_per_step = 3072;
@@ -223,7 +232,7 @@ async fn life(
     );
     let config_maps: Api<ConfigMap> = ns.api();
     let mut log = Losses::default();
-    log.read(&pods, &config_maps).await?;
+    log.read(&pods).await?;
     let workers = containers(&pods).await?;
     // The workers that do not run rank 0 (whose log the test reads).
     let rank_zero = rank_zero_worker(&config_maps).await?;
@@ -236,7 +245,7 @@ async fn life(
         others.len() == 2,
         "workers {workers:?}, rank 0 on {rank_zero}"
     );
-    let (killed, lost) = (&others[1], &others[0]);
+    let killed = &others[1];
     let nodes: BTreeSet<&String> = workers.values().map(|(node, _)| node).collect();
     ensure!(nodes.len() == 3, "3 workers on nodes {nodes:?}");
     say(&format!(
@@ -246,13 +255,19 @@ async fn life(
 
     // A worker's container dies: a new epoch, the others' containers stay.
     let epoch = status.mesh_epoch;
+    let restarts = status.restarts;
     fault(&["kill-container", &ns.name, killed]).await?;
     let status = wait_status(&jobs, "a new epoch of 3 after the kill", |s| {
         s.mesh_epoch > epoch && s.phase == Phase::Running && s.workers_ready == 3
     })
     .await?;
+    ensure!(
+        status.restarts == restarts + 1,
+        "the killed container counts {} worker failures (was {restarts})",
+        status.restarts
+    );
     let after = containers(&pods).await?;
-    for survivor in [&rank_zero, lost] {
+    for survivor in [&rank_zero, &others[0]] {
         ensure!(
             after.get(survivor) == workers.get(survivor),
             "{survivor}'s container changed: {:?} then {:?}",
@@ -261,8 +276,12 @@ async fn life(
         );
     }
     ensure!(
-        after.get(killed) != workers.get(killed),
-        "{killed} runs the killed container still"
+        after
+            .get(killed)
+            .is_some_and(|new| Some(new) != workers.get(killed)),
+        "{killed} does not run a new container: {:?} then {:?}",
+        workers.get(killed),
+        after.get(killed)
     );
     say(&format!(
         "container killed: epoch {} of 3, survivors unchanged",
@@ -270,6 +289,13 @@ async fn life(
     ));
 
     // A node's kubelet stops: NotReady, the job goes on with 2, then grows.
+    // (A worker that does not run rank 0 in this epoch's mesh.)
+    log.read(&pods).await?;
+    let rank_zero = rank_zero_worker(&config_maps).await?;
+    let lost = after
+        .keys()
+        .find(|w| **w != rank_zero)
+        .context("no worker but rank 0's")?;
     let (lost_node, _) = after[lost].clone();
     let epoch = status.mesh_epoch;
     let stopped = Instant::now();
@@ -295,7 +321,7 @@ async fn life(
         "lastRecovery {recovery:?} is not of epoch {} within the {observed:.1} s since the kubelet stopped",
         status.mesh_epoch
     );
-    log.read(&pods, &config_maps).await?;
+    log.read(&pods).await?;
     say(&format!(
         "{lost_node} NotReady: epoch {} of 2, recovered in {} s (the test saw it {observed:.1} s after the kubelet stopped)",
         status.mesh_epoch, recovery.seconds
@@ -350,22 +376,35 @@ async fn life(
         &Patch::Merge(serde_json::json!({ "spec": { "suspend": true } })),
     )
     .await?;
+    // What each pod still there 15 s on says: for the error below.
+    let mut slow = String::new();
     loop {
-        let _ = log.read(&pods, &config_maps).await;
+        let _ = log.read(&pods).await;
         let phase = jobs.get(JOB).await?.status.unwrap_or_default().phase;
-        if phase == Phase::Suspended && job_pods(&pods, JOB).await?.is_empty() {
+        let left = job_pods(&pods, JOB).await?;
+        if phase == Phase::Suspended && left.is_empty() {
             break;
+        }
+        if slow.is_empty() && suspended.elapsed() > Duration::from_secs(15) {
+            for pod in &left {
+                let tail = LogParams {
+                    tail_lines: Some(15),
+                    ..Default::default()
+                };
+                let text = pods.logs(&pod.name_any(), &tail).await.unwrap_or_default();
+                slow += &format!("\n--- {} after 15 s ---\n{text}", pod.name_any());
+            }
         }
         ensure!(
             suspended.elapsed() < WAIT,
             "the job was not suspended, with no worker pod, within {WAIT:?}"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let suspend_s = suspended.elapsed().as_secs_f64();
     ensure!(
         suspend_s < 25.0,
-        "the workers took {suspend_s:.1} s to stop: they did not stop when asked"
+        "the workers took {suspend_s:.1} s to stop: they did not stop when asked{slow}"
     );
     let kept = jobs.get(JOB).await?.status.unwrap_or_default();
     let kept_checkpoint = kept
@@ -373,9 +412,9 @@ async fn life(
         .clone()
         .context("no checkpoint when suspended")?;
     ensure!(
-        kept_checkpoint.step == log.last_step() as i64,
+        kept_checkpoint.step == kept.step,
         "suspended at step {} with the last checkpoint at {}",
-        log.last_step(),
+        kept.step,
         kept_checkpoint.step
     );
     say(&format!(
@@ -390,11 +429,26 @@ async fn life(
     .await?;
 
     // To the end.
-    let status = wait_status_within(&jobs, "the job to succeed", Duration::from_secs(600), |s| {
-        s.phase == Phase::Succeeded
-    })
-    .await?;
-    log.read(&pods, &config_maps).await?;
+    // Rank 0's log is read while it runs: its pod may be deleted when the
+    // job ends (the operator stops what still runs then).
+    let resumed = Instant::now();
+    let status = loop {
+        let _ = log.read(&pods).await;
+        let status = jobs.get(JOB).await?.status.unwrap_or_default();
+        ensure!(
+            status.phase != Phase::Failed,
+            "the job failed: {:?}",
+            status.conditions
+        );
+        if status.phase == Phase::Succeeded {
+            break status;
+        }
+        ensure!(
+            resumed.elapsed() < Duration::from_secs(600),
+            "the job did not succeed within 600 s of its resume"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     ensure!(
         status.step == STEPS as i64,
         "the job ended at step {}",
@@ -459,17 +513,8 @@ async fn wait_status(
     what: &str,
     done: impl Fn(&TrainingJobStatus) -> bool,
 ) -> Result<TrainingJobStatus, HarnessError> {
-    wait_status_within(jobs, what, WAIT, done).await
-}
-
-async fn wait_status_within(
-    jobs: &Api<TrainingJob>,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&TrainingJobStatus) -> bool,
-) -> Result<TrainingJobStatus, HarnessError> {
     let done = &done;
-    wait_for(what, timeout, || {
+    wait_for(what, WAIT, || {
         let jobs = jobs.clone();
         async move {
             let status = jobs.get(JOB).await?.status.unwrap_or_default();
@@ -559,12 +604,21 @@ struct Losses {
 }
 
 impl Losses {
-    /// Reads rank 0's log (as `kubectl logs` does) from the pod the mesh
-    /// puts it in.
-    async fn read(&mut self, pods: &Api<Pod>, config_maps: &Api<ConfigMap>) -> anyhow::Result<()> {
-        let worker = rank_zero_worker(config_maps).await?;
-        let uid = pods.get(&worker).await?.metadata.uid.unwrap_or_default();
-        let text = pods.logs(&worker, &LogParams::default()).await?;
+    /// Reads the log of every worker pod there is (as `kubectl logs` does):
+    /// rank 0's holds the metrics, and which pod runs rank 0 can change with
+    /// the epoch. A pod gone meanwhile is passed over.
+    async fn read(&mut self, pods: &Api<Pod>) -> anyhow::Result<()> {
+        for pod in job_pods(pods, JOB).await? {
+            let (name, uid) = (pod.name_any(), pod.metadata.uid.unwrap_or_default());
+            if let Ok(text) = pods.logs(&name, &LogParams::default()).await {
+                self.take(&uid, &text)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics lines of one pod's log.
+    fn take(&mut self, uid: &str, text: &str) -> anyhow::Result<()> {
         for (n, line) in text.lines().enumerate() {
             let Some(json) = line.strip_prefix("weft-metrics ") else {
                 continue;
@@ -582,19 +636,14 @@ impl Losses {
         Ok(())
     }
 
-    /// The last step seen.
-    fn last_step(&self) -> u64 {
-        self.steps.keys().next_back().copied().unwrap_or(0)
-    }
-
     /// Steps computed more than once.
     fn replayed(&self) -> usize {
         self.steps.values().filter(|l| l.len() > 1).count()
     }
 
-    /// Every step up to `last` was seen (rank 0's pod survived all but the
-    /// suspension, and its log was read before it), and a step computed twice
-    /// gave the same loss.
+    /// Every step up to `last` was seen (the logs are read before each fault
+    /// and while the pods stop, and the faults spare rank 0's pod), and a
+    /// step computed twice gave the same loss.
     fn check(&self, last: u64) -> anyhow::Result<()> {
         let missing: Vec<u64> = (1..=last).filter(|s| !self.steps.contains_key(s)).collect();
         ensure!(missing.is_empty(), "no loss reported for steps {missing:?}");

@@ -353,22 +353,18 @@ pub fn compute_status(job: &TrainingJob, observed: &Observed<'_>) -> TrainingJob
         ),
     };
 
+    // A pod being deleted is no worker of the job any more, though it may say
+    // Running for long (on a node that is lost, nothing confirms its end
+    // until the node comes back, and the job trains without it meanwhile),
+    // and one that ended as it was deleted neither failed nor finished.
     let count = |p: &str| {
         observed
             .pods
             .iter()
-            .filter(|pod| phase_of(pod) == p)
+            .filter(|pod| phase_of(pod) == p && pod.metadata.deletion_timestamp.is_none())
             .count() as i32
     };
-    // A pod being deleted is no worker of the job any more, though it may say
-    // Running for long: on a node that is lost, nothing confirms its end
-    // until the node comes back, and the job trains without it meanwhile.
-    let running = observed
-        .pods
-        .iter()
-        .filter(|pod| phase_of(pod) == "Running" && pod.metadata.deletion_timestamp.is_none())
-        .count() as i32;
-    let (succeeded, failed) = (count("Succeeded"), count("Failed"));
+    let (running, succeeded, failed) = (count("Running"), count("Succeeded"), count("Failed"));
     status.workers_desired = desired;
     status.workers_ready = running;
     status.workers_ready_summary = Some(format!("{running}/{desired}"));

@@ -192,6 +192,12 @@ impl AdamW {
         self.steps
     }
 
+    /// Sets the count of updates applied (the schedule's position), as a
+    /// resumed run's was.
+    pub fn set_steps(&mut self, steps: i64) {
+        self.steps = steps;
+    }
+
     /// Clips the gradients to the global norm, then applies one AdamW update
     /// at the schedule's learning rate for the next step.
     pub fn step(&mut self) -> Result<Update, OptimError> {

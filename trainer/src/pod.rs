@@ -370,7 +370,8 @@ fn follow(
             // The ranks stop after the step they agree on, as for a new
             // epoch; what is left of the grace period bounds the wait.
             told_to_stop = true;
-            for (_, child) in children.iter() {
+            // (Only to ranks not reaped yet: a reaped one's PID may be reused.)
+            for ((_, child), _) in children.iter().zip(&exited).filter(|(_, e)| e.is_none()) {
                 let _ = rustix::process::kill_process(
                     rustix::process::Pid::from_child(child),
                     rustix::process::Signal::TERM,
@@ -426,6 +427,9 @@ fn follow(
             // operator the time to publish the next epoch.
             let deadline = Instant::now() + wait_for_epoch;
             loop {
+                if stop_asked.load(Ordering::SeqCst) {
+                    return EpochEnd::Stopped;
+                }
                 if newer() {
                     return EpochEnd::NewEpoch;
                 }

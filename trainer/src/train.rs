@@ -74,14 +74,6 @@ pub enum TrainError {
     #[error("mesh {path}: {reason}")]
     Mesh { path: PathBuf, reason: String },
     #[error(
-        "rank {rank} cannot resume from {path}, the checkpoint rank 0 resumes from ({reason}): every worker must see the same checkpoint, so put checkpoint.path on storage they all share (checkpoint.claimName, a ReadWriteMany volume)"
-    )]
-    CheckpointsDiffer {
-        path: PathBuf,
-        rank: u32,
-        reason: String,
-    },
-    #[error(
         "rank {rank}: rank 0 could not write what it was saving (a checkpoint or the trained model); its own error says why"
     )]
     PeerSaveFailed { rank: u32 },
@@ -152,7 +144,6 @@ impl TrainError {
             TrainError::Torch(_) => "torch",
             TrainError::Plan { .. } => "planning",
             TrainError::PlanDiverged { .. } => "plan_diverged",
-            TrainError::CheckpointsDiffer { .. } => "checkpoint",
             // The echo of rank 0's failure, as a failed collective is of a
             // lost peer's: the launcher looks past it to rank 0's own.
             TrainError::PeerSaveFailed { .. } => "collective",
@@ -529,6 +520,57 @@ fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
     TrainError::Checkpoint(CheckpointError::Mismatch {
         path: path.to_path_buf(),
         reason: reason.to_string(),
+    })
+}
+
+/// The file a checkpoint's state is read from, named in errors about it.
+const STATE: &str = crate::checkpoint::STATE_FILE;
+
+/// Rank 0's checkpoint state (`state.json`'s content), to every rank: rank 0
+/// passes its own, the others receive it.
+fn share_checkpoint_state(
+    rank: u32,
+    group: &mut ProcessGroup,
+    device: tch::Device,
+    own: Option<&CheckpointState>,
+) -> Result<CheckpointState, TrainError> {
+    let bytes = match (rank, own) {
+        (0, Some(state)) => {
+            serde_json::to_vec(state).map_err(|e| checkpoint_error(Path::new(STATE), e))?
+        }
+        _ => Vec::new(),
+    };
+    let len = group.all_gather_u64(bytes.len() as u64, device)?[0];
+    let mut wire = if rank == 0 {
+        let as_i64: Vec<i64> = bytes.iter().map(|b| i64::from(*b)).collect();
+        Tensor::from_slice(&as_i64).f_to_device(device)?
+    } else {
+        Tensor::f_zeros([len as i64], (tch::Kind::Int64, device))?
+    };
+    group.broadcast(&mut wire, 0)?;
+    let received: Vec<u8> = Vec::<i64>::try_from(&wire.f_to_device(tch::Device::Cpu)?)?
+        .into_iter()
+        .map(|b| b as u8)
+        .collect();
+    serde_json::from_slice(&received).map_err(|e| {
+        checkpoint_error(
+            Path::new(STATE),
+            format!("rank 0's checkpoint state did not arrive whole: {e}"),
+        )
+    })
+}
+
+/// Each tensor, in place, as rank 0 has it (the same list, in the same
+/// order, on every rank).
+fn broadcast_from_rank_zero(
+    group: &mut ProcessGroup,
+    tensors: impl Iterator<Item = Tensor>,
+) -> Result<(), TrainError> {
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for mut tensor in tensors {
+            group.broadcast(&mut tensor, 0)?;
+        }
+        Ok(())
     })
 }
 
@@ -1036,51 +1078,75 @@ pub fn run_worker(
     let mut next_sample = 0;
     let mut buckets = DecompositionCursor::default();
     let mut resumed_from: Option<PathBuf> = None;
+    // Whether some rank cannot read the checkpoint rank 0 resumes from (a
+    // checkpoint directory of rank 0's pod alone): rank 0 then sends what it
+    // read, the model and the optimizer's state, to every rank.
+    let mut from_rank_zero = false;
     if let (Some(root), true) = (&config.checkpoint_dir, config.resume) {
         // Rank 0's choice, to every rank (0: none).
         let mine = chosen.as_ref().map_or(0, |c| c.state.step + 1);
         let choice = group.all_gather_u64(mine, device)?[0];
-        let state = match (choice, chosen) {
+        let mut unreadable = false;
+        let mut state = match (choice, chosen) {
             (0, _) => None,
             (_, Some(intact)) => Some((intact.dir, intact.state)),
-            // The other ranks check the same directory themselves: a
-            // checkpoint directory that not every worker sees (a volume of
-            // one pod's own) would otherwise give ranks different models.
+            // The other ranks read the same directory themselves where
+            // they can (storage every worker shares).
             (step, None) => {
                 let dir = checkpoint_path(root, step - 1);
-                let verified = crate::checkpoint::verify(&dir).map_err(|reason| {
-                    TrainError::CheckpointsDiffer {
-                        path: dir.clone(),
-                        rank,
-                        reason,
+                match crate::checkpoint::verify(&dir) {
+                    Ok(verified) => Some((dir, verified.state)),
+                    Err(reason) => {
+                        // (Not a notice: those are rank 0's.)
+                        eprintln!(
+                            "weft-trainer rank {rank}: cannot read {} ({reason}), the checkpoint rank 0 resumes from: rank 0 sends it",
+                            dir.display()
+                        );
+                        unreadable = true;
+                        None
                     }
-                })?;
-                Some((dir, verified.state))
+                }
             }
         };
+        from_rank_zero = group
+            .all_gather_u64(u64::from(unreadable), device)?
+            .iter()
+            .any(|u| *u != 0);
+        if from_rank_zero {
+            let received =
+                share_checkpoint_state(rank, &mut group, device, state.as_ref().map(|(_, s)| s))?;
+            if unreadable {
+                state = Some((checkpoint_path(root, choice - 1), received));
+            }
+        }
         if let Some((dir, state)) = state {
             check_resumable(&dir, &state, config, &data_identity)?;
-            let hf_dir = dir.join(crate::checkpoint::HF_MODEL_DIR);
-            match &config.hf_model {
-                // A Hugging Face run's checkpoint holds the model as that
-                // model's directory: read as the model was, then taken over.
-                Some((_, hf)) if hf_dir.join("config.json").is_file() => {
-                    let read = VarStore::new(tch::Device::Cpu);
-                    crate::hf::load_into(&hf_dir, &read.root(), tch::Device::Cpu, hf)?;
-                    vs.copy(&read).map_err(|e| checkpoint_error(&dir, e))?;
+            if !unreadable {
+                let hf_dir = dir.join(crate::checkpoint::HF_MODEL_DIR);
+                match &config.hf_model {
+                    // A Hugging Face run's checkpoint holds the model as that
+                    // model's directory: read as the model was, then taken over.
+                    Some((_, hf)) if hf_dir.join("config.json").is_file() => {
+                        let read = VarStore::new(tch::Device::Cpu);
+                        crate::hf::load_into(&hf_dir, &read.root(), tch::Device::Cpu, hf)?;
+                        vs.copy(&read).map_err(|e| checkpoint_error(&dir, e))?;
+                    }
+                    _ => vs
+                        .load(dir.join(crate::checkpoint::MODEL_FILE))
+                        .map_err(|e| checkpoint_error(&dir, e))?,
                 }
-                _ => vs
-                    .load(dir.join(crate::checkpoint::MODEL_FILE))
-                    .map_err(|e| checkpoint_error(&dir, e))?,
+                resumed_from = Some(dir);
             }
             start_step = state.step;
             next_sample = state.next_sample;
             buckets = state.buckets.unwrap_or_default();
-            resumed_from = Some(dir);
         }
     }
     vs.set_device(device);
     let params = named_parameters(&vs);
+    if from_rank_zero {
+        broadcast_from_rank_zero(&mut group, params.iter().map(|(_, p)| p.shallow_clone()))?;
+    }
     if config.eval {
         evaluate(
             EvalRun {
@@ -1106,6 +1172,11 @@ pub fn run_worker(
     )?;
     if let Some(dir) = &resumed_from {
         optimizer.load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
+    }
+    if from_rank_zero {
+        broadcast_from_rank_zero(&mut group, optimizer.moments().into_iter().map(|(_, m)| m))?;
+        let steps = group.all_gather_u64(optimizer.steps() as u64, device)?[0];
+        optimizer.set_steps(steps as i64);
     }
     // The batches are drawn (their documents tokenized) on a thread of
     // their own, ahead of the steps; each step's plan on another while the

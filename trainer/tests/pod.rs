@@ -83,6 +83,11 @@ fn pod(dir: &Path, worker: &str, steps: u64) -> Child {
 }
 
 fn pod_with(dir: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
+    pod_reading(dir, &dir.join("training.json"), worker, steps, extra)
+}
+
+/// A pod whose training parameters are the file `training`.
+fn pod_reading(dir: &Path, training: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
     use std::os::unix::process::CommandExt;
     trainer()
         // A group of its own, so a test can kill the pod (the worker and its
@@ -99,7 +104,7 @@ fn pod_with(dir: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
         .args(extra)
         .env("WEFT_WORKER", worker)
         .env("WEFT_MESH", dir.join("mesh.json"))
-        .env("WEFT_TRAINING", dir.join("training.json"))
+        .env("WEFT_TRAINING", training)
         .env("WEFT_POD_IP", "127.0.0.1")
         // Steps of the tiny model take well under the default second.
         .env("WEFT_MESH_POLL_MS", "100")
@@ -446,6 +451,61 @@ fn a_pod_deleted_by_hand_stops_its_peers_with_a_checkpoint_until_the_next_epoch(
     assert!(log.contains("epoch 2: ranks [0] of 1"), "{log}");
     let order: Vec<u64> = seen.iter().map(|m| m.step).collect();
     assert_eq!(order, (1..=steps).collect::<Vec<_>>(), "{log}");
+    assert_same_losses(&seen, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_rank_that_cannot_read_rank_zeros_checkpoint_is_sent_it_by_rank_zero() {
+    // checkpoint.path without a claim: an emptyDir of each pod, so only rank
+    // 0's pod holds the checkpoints. After a stop, the other pod's rank
+    // resumes from rank 0's checkpoint, sent over the network.
+    let steps = 40;
+    let (dir, first, reference) = setup("own-directories", steps);
+    let mut training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+    let own = dir.join("second-pod-checkpoints");
+    training["checkpoint"]["path"] = own.to_string_lossy().into_owned().into();
+    let second_training = dir.join("second-training.json");
+    std::fs::write(&second_training, training.to_string()).unwrap();
+    let second =
+        |steps: u64| pod_reading(&dir, &second_training, &first.workers[1].name, steps, &[]);
+
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = second(steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let mut seen = until_step(&metrics, 3, &mut a);
+    terminate(&a);
+    terminate(&b);
+    for pod in [&mut a, &mut b] {
+        let status = wait_within(pod, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(143), "{}", stderr_of(pod));
+    }
+    seen.extend(metrics.try_iter());
+    assert_eq!(newest_checkpoint(&dir), seen.last().unwrap().step);
+    let theirs = std::fs::read_dir(&own).map_or(0, |d| {
+        d.filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        })
+        .count()
+    });
+    assert_eq!(theirs, 0, "the second pod wrote checkpoints of its own");
+
+    let mut a = pod(&dir, &first.workers[0].name, steps);
+    let mut b = second(steps);
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    let status = wait(&mut a);
+    assert!(status.success(), "{}", stderr_of(&mut a));
+    let status = wait(&mut b);
+    let log = stderr_of(&mut b);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("rank 0 sends it"), "{log}");
+    seen.extend(metrics.try_iter());
+    let order: Vec<u64> = seen.iter().map(|m| m.step).collect();
+    assert_eq!(order, (1..=steps).collect::<Vec<_>>());
     assert_same_losses(&seen, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2108,13 +2108,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             save,
             model,
         } => {
+            // SIGTERM (the pod is being deleted) is watched for first: as a
+            // container's first process, a signal with no handler is lost.
+            let stop_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop_asked.clone())
+                .context("watching for SIGTERM")?;
             // What is refused before any rank starts is the job's settings
             // (or the pod's), which no restart changes: the pod says so by
             // its exit code and termination message, and the job fails.
             match worker_preflight(steps, run, (save, model))? {
                 Preflight::Run(run) => {
                     let (env, args) = *run;
-                    pod_worker(&env, &args, Duration::from_secs(epoch_wait_s))?
+                    pod_worker(&env, &args, Duration::from_secs(epoch_wait_s), &stop_asked)?
                 }
                 Preflight::Finished(out) => eprintln!(
                     "weft-trainer worker: the job has trained its last step and written {}; nothing left to do",
@@ -2459,6 +2464,7 @@ fn pod_worker(
     env: &weft_trainer::pod::PodEnv,
     args: &TrainArgs,
     wait_for_epoch: Duration,
+    stop_asked: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
     let exe =
         std::env::current_exe().context("could not locate this program to start its ranks")?;
@@ -2519,13 +2525,10 @@ fn pod_worker(
     let checkpoints = args.checkpoint_dir.clone().unwrap_or_default();
     // SIGTERM (the pod is being deleted): the ranks stop after a checkpoint
     // instead of being killed at the end of the grace period.
-    let stop_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop_asked.clone())
-        .context("watching for SIGTERM")?;
     let result = weft_trainer::pod::supervise(
         env,
         wait_for_epoch,
-        &stop_asked,
+        stop_asked,
         |rank, place| {
             let threads = (cores / place.ranks.len().max(1)).max(1);
             // The pod's GPUs are its ranks' in order.
