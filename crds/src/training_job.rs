@@ -764,7 +764,7 @@ pub struct CheckpointSpec {
     /// worker, so checkpoints outlive any pod. Without one, `path` is an
     /// emptyDir of each pod: rank 0's pod holds the checkpoints and sends
     /// the one it resumes from to the other ranks; when rank 0's pod is
-    /// lost, its checkpoints are lost with it, and the job starts again
+    /// lost, or a new mesh puts rank 0 in another pod, the job starts again
     /// from step 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]

@@ -121,7 +121,7 @@ ocibuild_bin() {
 pid_of() { cat "$WEFT_CLUSTER_DIR/pids/$1" 2>/dev/null || true; }
 # When process PID started (clock ticks since boot), to tell it from a later
 # process given the same PID.
-proc_start() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'; }
+proc_start() { { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null || true; } | awk '{print $20}'; }
 # Whether component NAME runs: its recorded PID is alive and, when its start
 # was recorded, is still the process that was started.
 alive() {
@@ -179,7 +179,7 @@ spawn() {
   local name="$1"; shift
   setsid "$@" >"$WEFT_CLUSTER_DIR/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$WEFT_CLUSTER_DIR/pids/$name"
-  proc_start $! > "$WEFT_CLUSTER_DIR/pids/$name.start"
+  proc_start $! > "$WEFT_CLUSTER_DIR/pids/$name.start" || true
 }
 
 # Waits until "$2..." succeeds, failing with the component's log when it dies or times out.

@@ -64,7 +64,7 @@ real_node_indices() {
   local d
   [ -d "$(real_dir)/nodes" ] || return 0
   for d in "$(real_dir)"/nodes/weft-real-*; do
-    [ -d "$d" ] && printf '%s\n' "${d##*-}"
+    if [ -d "$d" ]; then printf '%s\n' "${d##*-}"; fi
   done | sort -n
 }
 
@@ -115,6 +115,10 @@ real_network_up() {
   # Each piece on its own, so a start that died half-way is completed.
   # What the machine had before the first real node: down leaves it so.
   [ -f "$r/host-before" ] || real_host_snapshot > "$r/host-before"
+  # (A name left by an interrupted add or delete, that is no namespace, goes.)
+  if [ -e "/run/netns/$REAL_NETNS" ] && ! in_netns true 2>/dev/null; then
+    ip netns delete "$REAL_NETNS" 2>/dev/null || rm -f "/run/netns/$REAL_NETNS"
+  fi
   if [ ! -e "/run/netns/$REAL_NETNS" ]; then
     ip netns add "$REAL_NETNS" || die "could not create the network namespace $REAL_NETNS"
   fi
@@ -332,9 +336,10 @@ YAML
       cat "/proc/sys/$f" > "$nd/sysctl/${f//\//.}"
       binds="$binds mount --bind '$nd/sysctl/${f//\//.}' '/proc/sys/$f' &&"
     done
+    local kubelet; kubelet="$(bin_of kubelet)"
     spawn "kubelet-$name" nsenter --net="/run/netns/$REAL_NETNS" -- \
       unshare --mount --propagation unchanged -- sh -c "mount --make-rslave /proc && $binds exec \"\$@\"" kubelet \
-      "$(bin_of kubelet)" --config="$nd/kubelet.yaml" --kubeconfig="$nd/kubeconfig" \
+      "$kubelet" --config="$nd/kubelet.yaml" --kubeconfig="$nd/kubeconfig" \
       --root-dir="$nd/kubelet" --cert-dir="$nd/certs" --hostname-override="$name" --node-ip="$ip" \
       --node-labels="$REAL_NODE_LABEL=true" --v=1
   fi
@@ -439,6 +444,9 @@ real_node_down() {
   for pid in $(pgrep -f "containerd-shim.* -address $nd/containerd.sock" 2>/dev/null || true); do
     kill_tree "$pid"
   done
+  # CNI's cache of this node's network (named after the node), and of the
+  # loopback of each of its sandboxes.
+  rm -f /var/lib/cni/results/weft-"$name"-* 2>/dev/null || true
   for id in $ids; do rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true; done
   for h in $sockets; do
     case "$h" in /run/containerd/s/*) rm -f "$h" ;; esac
@@ -490,6 +498,13 @@ real_host_snapshot() {
   for f in $REAL_FIXED_PLACES; do
     if [ -e "$f" ]; then echo "$f exists"; else echo "$f absent"; fi
   done
+  # What they hold, and the mounts there (a machine with its own containerd
+  # has them already: what real nodes add shows here).
+  find $REAL_FIXED_PLACES -mindepth 1 -maxdepth 3 2>/dev/null | sort || true
+  findmnt -rn -o TARGET | grep -E '^/run/netns' | sort || true
+  # cgroup v2: the controllers the root hands down.
+  [ -f /sys/fs/cgroup/cgroup.subtree_control ] && echo "subtree_control: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
+  return 0
 }
 
 # Says what real nodes left on this machine, one line each (nothing when they
@@ -504,7 +519,7 @@ real_nodes_leftovers() {
   done
   [ -e "/run/netns/$REAL_NETNS" ] && echo "network namespace: $REAL_NETNS"
   if [ -n "$before" ] && [ "$(real_host_snapshot)" != "$before" ]; then
-    diff <(printf '%s\n' "$before") <(real_host_snapshot) | sed -n 's/^> /changed: /p'
+    diff <(printf '%s\n' "$before") <(real_host_snapshot) | sed -n 's/^> /changed: /p' || true
   fi
   return 0
 }

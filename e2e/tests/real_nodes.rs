@@ -411,11 +411,16 @@ async fn life(
         .last_checkpoint
         .clone()
         .context("no checkpoint when suspended")?;
+    let on_disk = verify_checkpoints(checkpoints)?
+        .last()
+        .copied()
+        .unwrap_or(0);
     ensure!(
-        kept_checkpoint.step == kept.step,
-        "suspended at step {} with the last checkpoint at {}",
+        kept_checkpoint.step == kept.step && on_disk == kept.step as u64,
+        "suspended at step {} with the last checkpoint at {} ({} on the volume)",
         kept.step,
-        kept_checkpoint.step
+        kept_checkpoint.step,
+        on_disk
     );
     say(&format!(
         "suspended in {suspend_s:.1} s at step {}, with its checkpoint",
@@ -449,6 +454,7 @@ async fn life(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    let _ = log.read(&pods).await;
     ensure!(
         status.step == STEPS as i64,
         "the job ended at step {}",
@@ -476,7 +482,6 @@ async fn life(
         kept.contains(&STEPS),
         "the final checkpoint is not among those kept: {kept:?}"
     );
-    ensure!(kept_checkpoint.step <= STEPS as i64);
 
     // Deleting the job removes what it made.
     jobs.delete(JOB, &DeleteParams::default()).await?;

@@ -523,6 +523,18 @@ fn checkpoint_error(path: &Path, reason: impl ToString) -> TrainError {
     })
 }
 
+/// The first 8 bytes of the SHA-256 of a checkpoint's manifest (which holds
+/// every file's digest), as a number ranks can compare; 0 when it has none.
+fn manifest_digest(dir: &Path) -> u64 {
+    use sha2::Digest;
+    std::fs::read(dir.join(crate::checkpoint::MANIFEST_FILE)).map_or(0, |bytes| {
+        let digest = sha2::Sha256::digest(&bytes);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(first)
+    })
+}
+
 /// The file a checkpoint's state is read from, named in errors about it.
 const STATE: &str = crate::checkpoint::STATE_FILE;
 
@@ -1108,20 +1120,36 @@ pub fn run_worker(
                 }
             }
         };
+        // A copy of the same name that is not rank 0's (a directory of this
+        // pod's own, written when it ran rank 0 earlier) is not read: the
+        // manifests (every file's digest) must be rank 0's.
+        let digests = group.all_gather_u64(
+            state.as_ref().map_or(0, |(dir, _)| manifest_digest(dir)),
+            device,
+        )?;
+        if choice != 0 && digests[rank as usize] != digests[0] && !unreadable {
+            eprintln!(
+                "weft-trainer rank {rank}: its copy of step {}'s checkpoint is not the one rank 0 resumes from: rank 0 sends it",
+                choice - 1
+            );
+            unreadable = true;
+        }
         from_rank_zero = group
             .all_gather_u64(u64::from(unreadable), device)?
             .iter()
             .any(|u| *u != 0);
+        // Every rank but 0 then takes rank 0's: none reads its own copy.
+        let receives = from_rank_zero && rank != 0;
         if from_rank_zero {
             let received =
                 share_checkpoint_state(rank, &mut group, device, state.as_ref().map(|(_, s)| s))?;
-            if unreadable {
+            if receives {
                 state = Some((checkpoint_path(root, choice - 1), received));
             }
         }
         if let Some((dir, state)) = state {
             check_resumable(&dir, &state, config, &data_identity)?;
-            if !unreadable {
+            if !receives {
                 let hf_dir = dir.join(crate::checkpoint::HF_MODEL_DIR);
                 match &config.hf_model {
                     // A Hugging Face run's checkpoint holds the model as that

@@ -204,7 +204,7 @@ async fn bench(
     let mut child = tokio::process::Command::new(operator)
         .args(["--log-format", "json", "run", "--namespace", namespace])
         .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn,weft_operator::controller=debug")
+        .env("RUST_LOG", "warn,weft_operator::reconcile=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
