@@ -314,10 +314,7 @@ fn a_lost_pod_is_survived_from_the_last_checkpoint() {
     // Long enough that the kill comes well before the end.
     let steps = 40;
     let (dir, first, reference) = setup("lost", steps);
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = pod(&dir, &first.workers[1].name, steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, None);
     let mut seen = until_step(&metrics, 2, &mut a);
     let killed = Command::new("kill")
         .args(["-s", "KILL", "--", &format!("-{}", b.id())])
@@ -338,6 +335,24 @@ fn a_lost_pod_is_survived_from_the_last_checkpoint() {
     assert!(seen.iter().any(|m| m.world == 1));
     assert_same_losses(&seen, &reference);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The two pods of `first` (the second one started by `second`, when it
+/// runs otherwise), and rank 0's metrics, which the first pod prints.
+fn two_pods(
+    dir: &Path,
+    first: &MeshPlan,
+    steps: u64,
+    second: Option<&dyn Fn(u64) -> Child>,
+) -> (Child, Child, mpsc::Receiver<StepMetrics>) {
+    let mut a = pod(dir, &first.workers[0].name, steps);
+    let mut b = match second {
+        Some(start) => start(steps),
+        None => pod(dir, &first.workers[1].name, steps),
+    };
+    let metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    (a, b, metrics)
 }
 
 /// Sends SIGTERM to the worker process of `pod` alone (as a kubelet does to
@@ -382,10 +397,7 @@ fn pods_asked_to_stop_stop_at_once_after_a_checkpoint_and_resume_from_it() {
     // A suspended job: every pod is deleted, and each worker gets SIGTERM.
     let steps = 40;
     let (dir, first, reference) = setup("terminated", steps);
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = pod(&dir, &first.workers[1].name, steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, None);
     let mut seen = until_step(&metrics, 3, &mut a);
     terminate(&a);
     terminate(&b);
@@ -406,10 +418,7 @@ fn pods_asked_to_stop_stop_at_once_after_a_checkpoint_and_resume_from_it() {
     );
 
     // Resumed: from that checkpoint, every step once, the same losses.
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = pod(&dir, &first.workers[1].name, steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, None);
     for pod in [&mut a, &mut b] {
         let status = wait(pod);
         assert!(status.success(), "{}", stderr_of(pod));
@@ -428,10 +437,7 @@ fn a_pod_deleted_by_hand_stops_its_peers_with_a_checkpoint_until_the_next_epoch(
     // for the mesh without it, and goes on from there.
     let steps = 40;
     let (dir, first, reference) = setup("deleted", steps);
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = pod(&dir, &first.workers[1].name, steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, None);
     let mut seen = until_step(&metrics, 3, &mut a);
     terminate(&b);
     let status = wait_within(&mut b, Duration::from_secs(20));
@@ -471,10 +477,7 @@ fn a_rank_that_cannot_read_rank_zeros_checkpoint_is_sent_it_by_rank_zero() {
     let second =
         |steps: u64| pod_reading(&dir, &second_training, &first.workers[1].name, steps, &[]);
 
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = second(steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, Some(&second));
     let mut seen = until_step(&metrics, 3, &mut a);
     terminate(&a);
     terminate(&b);
@@ -493,10 +496,7 @@ fn a_rank_that_cannot_read_rank_zeros_checkpoint_is_sent_it_by_rank_zero() {
     });
     assert_eq!(theirs, 0, "the second pod wrote checkpoints of its own");
 
-    let mut a = pod(&dir, &first.workers[0].name, steps);
-    let mut b = second(steps);
-    let metrics = metrics_of(&mut a);
-    let _ = metrics_of(&mut b);
+    let (mut a, mut b, metrics) = two_pods(&dir, &first, steps, Some(&second));
     let status = wait(&mut a);
     assert!(status.success(), "{}", stderr_of(&mut a));
     let status = wait(&mut b);
