@@ -245,6 +245,11 @@ pub struct TrainConfig {
     /// worker). Every rank then stops after the same step, with a checkpoint
     /// of it, as for a newer epoch.
     pub stop_asked: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// In a pod: true until this rank begins its first step, and cleared
+    /// then (a SIGTERM meanwhile ends the rank at once: it has trained
+    /// nothing since the checkpoint it resumes from, and a rendezvous or a
+    /// load could outlast the pod's grace period).
+    pub starting: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Rank 0 draws the plan of every Nth step (`.1`) into the directory
     /// `.0` (`step-00000012.svg`), to set what ran beside what was planned.
     pub plan_svg: Option<(PathBuf, u64)>,
@@ -1224,6 +1229,9 @@ pub fn run_worker(
     )?;
     let ctx = Arc::new(ctx);
     let mut ahead: Option<PlanAhead> = None;
+    if let Some(starting) = &config.starting {
+        starting.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
     for step in start_step..config.steps {
         if config.fail_at == Some((rank, step + 1)) {
             return Err(TrainError::Injected {

@@ -431,6 +431,25 @@ fn pods_asked_to_stop_stop_at_once_after_a_checkpoint_and_resume_from_it() {
 }
 
 #[test]
+fn pods_asked_to_stop_while_their_ranks_start_stop_at_once() {
+    // Deleted before the first step (the ranks meeting, loading): nothing
+    // to save, and nothing to wait for.
+    let steps = 40;
+    let (dir, first, _) = setup("starting", steps);
+    let (mut a, mut b, _metrics) = two_pods(&dir, &first, steps, None);
+    // (Long enough for the workers to watch for it: a process killed by a
+    // signal it does not handle has no exit code to check.)
+    std::thread::sleep(Duration::from_millis(1500));
+    terminate(&a);
+    terminate(&b);
+    for pod in [&mut a, &mut b] {
+        let status = wait_within(pod, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(143), "{}", stderr_of(pod));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_pod_deleted_by_hand_stops_its_peers_with_a_checkpoint_until_the_next_epoch() {
     // One pod deleted (kubectl delete pod): its worker gets SIGTERM; every
     // rank stops after the same step with a checkpoint, the other pod waits

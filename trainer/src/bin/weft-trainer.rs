@@ -516,6 +516,7 @@ impl TrainArgs {
             misplan_at,
             epoch_watch: None,
             stop_asked: None,
+            starting: None,
             plan_svg: self
                 .run
                 .plan_svg
@@ -2149,6 +2150,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop_asked.clone())
                 .context("watching for SIGTERM")?;
             config.stop_asked = Some(stop_asked);
+            // Before its first step, SIGTERM ends the rank at once.
+            let starting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            signal_hook::flag::register_conditional_shutdown(
+                signal_hook::consts::SIGTERM,
+                weft_trainer::pod::TERMINATED_EXIT,
+                starting.clone(),
+            )
+            .context("watching for SIGTERM")?;
+            config.starting = Some(starting);
             let rendezvous = weft_trainer::train::Rendezvous {
                 store_host,
                 port,
