@@ -34,8 +34,8 @@ kube_bin_dir() { component_dir kubernetes "$KUBERNETES_VERSION"; }
 etcd_bin_dir() { component_dir etcd "$ETCD_VERSION"; }
 kwok_bin_dir() { component_dir kwok "$KWOK_VERSION"; }
 helm_bin_dir() { component_dir helm "$HELM_VERSION"; }
-# A real node's own binaries: the kubelet (and the pause program its sandboxes
-# run) and CoreDNS. Built only when real nodes are asked for.
+# A real node's own binaries: the kubelet (and the pause program that holds
+# each pod's namespaces) and CoreDNS. Built only when real nodes are asked for.
 kubelet_bin_dir() { component_dir kubelet "$KUBERNETES_VERSION"; }
 coredns_bin_dir() { component_dir coredns "$COREDNS_VERSION"; }
 

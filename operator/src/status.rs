@@ -679,6 +679,18 @@ mod tests {
         )
     }
 
+    /// What a reconcile saw: `mesh` planned, `pods`, at `now`, nothing
+    /// refused or unreadable.
+    fn observed<'a>(mesh: &'a MeshPlan, pods: &'a [Pod], now: Time) -> Observed<'a> {
+        Observed {
+            mesh: Ok(mesh),
+            pods,
+            now,
+            refused: &[],
+            unreadable_nodes: &[],
+        }
+    }
+
     /// A worker in `phase`.
     fn pod(phase: &str) -> Pod {
         crate::testing::pod("llm-worker-0", "n0", 8, phase)
@@ -712,13 +724,7 @@ mod tests {
             assert_eq!(status.observed_generation, Some(3));
         }
         let both = [pod("Running"), pod("Running")];
-        let observed = Observed {
-            mesh: Ok(&m),
-            pods: &both,
-            now: at(100),
-            refused: &[],
-            unreadable_nodes: &[],
-        };
+        let observed = observed(&m, &both, at(100));
         assert_eq!(
             compute_status(&job(true), &observed).phase,
             Phase::Suspended
@@ -881,13 +887,7 @@ mod tests {
             ..Default::default()
         });
         let pods = [pod("Running"), pod("Pending")];
-        let observed = Observed {
-            mesh: Ok(&m),
-            pods: &pods,
-            now: at(100),
-            refused: &[],
-            unreadable_nodes: &[],
-        };
+        let observed = observed(&m, &pods, at(100));
         assert_eq!(compute_status(&j, &observed).phase, Phase::Rescaling);
     }
 
@@ -905,13 +905,7 @@ mod tests {
         let mut lost = pod("Running");
         lost.metadata.deletion_timestamp = Some(at(90));
         let pods = [pod("Running"), pod("Running"), lost];
-        let observed = Observed {
-            mesh: Ok(&m),
-            pods: &pods,
-            now: at(100),
-            refused: &[],
-            unreadable_nodes: &[],
-        };
+        let observed = observed(&m, &pods, at(100));
         let status = compute_status(&j, &observed);
         assert_eq!(status.phase, Phase::Running);
         assert_eq!(status.workers_ready, 2);
@@ -1028,13 +1022,7 @@ mod tests {
             }]);
         }
         let pods = [pod("Running"), stuck];
-        let observed = Observed {
-            mesh: Ok(&m),
-            pods: &pods,
-            now: at(100),
-            refused: &[],
-            unreadable_nodes: &[],
-        };
+        let observed = observed(&m, &pods, at(100));
         let status = compute_status(&job(false), &observed);
         assert_eq!(status.phase, Phase::Starting);
         let schedulable = find_condition(&status, CONDITION_SCHEDULABLE).unwrap();
