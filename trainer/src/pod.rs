@@ -48,13 +48,16 @@ pub enum PodError {
     #[error("could not start rank {rank}: {reason}")]
     Spawn { rank: u32, reason: String },
     #[error(
-        "rank {rank} failed ({status}) in epoch {epoch}, and no new epoch came within {waited_s} s"
+        "rank {rank} failed in epoch {epoch}: {said} ({status}); no new epoch came within {waited_s} s"
     )]
     RankFailed {
         rank: u32,
         status: String,
         epoch: u64,
         waited_s: u64,
+        /// The rank's own error (what it wrote to its error file), or that
+        /// it wrote none.
+        said: String,
     },
 }
 
@@ -233,15 +236,39 @@ pub enum EpochEnd {
     Stopped,
 }
 
+/// The variable naming the file a pod's rank writes its error to
+/// ([`rank_error_file`]), set by its worker.
+pub const RANK_ERROR_FILE: &str = "WEFT_RANK_ERROR_FILE";
+
+/// Where rank `rank` of `epoch` writes its error before it exits with one,
+/// in the worker's directory `errors`: a failed rank's own words reach the
+/// worker's error, and so the pod's termination message and the job's status.
+pub fn rank_error_file(errors: &Path, epoch: u64, rank: u32) -> PathBuf {
+    errors.join(format!("epoch-{epoch}-rank-{rank}.error"))
+}
+
+/// What a failed rank said ([`rank_error_file`]), in one line.
+fn rank_said(errors: &Path, epoch: u64, rank: u32) -> String {
+    let said = std::fs::read_to_string(rank_error_file(errors, epoch, rank)).unwrap_or_default();
+    let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+    if said.is_empty() {
+        "it wrote no error".to_string()
+    } else {
+        said
+    }
+}
+
 /// Runs the pod's worker until training ends: finds this worker in each
-/// epoch's mesh, starts its ranks with `spawn(rank, placement)`, and follows
-/// the mesh. `wait_for_epoch` bounds how long a failed rank waits for the
+/// epoch's mesh, starts its ranks with `spawn(rank, placement)` (each writes
+/// its error, if it ends with one, to [`rank_error_file`] in `errors`), and
+/// follows the mesh. `wait_for_epoch` bounds how long a failed rank waits for the
 /// operator to publish a new epoch before the pod fails. Once `stop_asked` is set
 /// (the pod got SIGTERM), the ranks are sent SIGTERM, which stops every rank
 /// of the epoch after the same step with a checkpoint, and no new epoch is
 /// joined.
 pub fn supervise(
     env: &PodEnv,
+    errors: &Path,
     wait_for_epoch: Duration,
     stop_asked: &AtomicBool,
     mut spawn: impl FnMut(u32, &Placement) -> Result<Child, PodError>,
@@ -343,6 +370,7 @@ pub fn supervise(
                     status,
                     epoch: place.epoch,
                     waited_s: wait_for_epoch.as_secs(),
+                    said: rank_said(errors, place.epoch, rank),
                 });
             }
         }

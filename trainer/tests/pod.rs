@@ -88,19 +88,27 @@ fn pod_with(dir: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
 
 /// A pod whose training parameters are the file `training`.
 fn pod_reading(dir: &Path, training: &Path, worker: &str, steps: u64, extra: &[&str]) -> Child {
+    pod_command(dir, training, worker, steps, extra)
+        .spawn()
+        .unwrap()
+}
+
+/// The command of a pod: its worker's flags (the test's timeouts unless
+/// `extra` sets them) and environment.
+fn pod_command(dir: &Path, training: &Path, worker: &str, steps: u64, extra: &[&str]) -> Command {
     use std::os::unix::process::CommandExt;
-    trainer()
-        // A group of its own, so a test can kill the pod (the worker and its
-        // ranks), as a lost node takes the whole container.
+    let mut command = trainer();
+    // A group of its own, so a test can kill the pod (the worker and its
+    // ranks), as a lost node takes the whole container.
+    command
         .process_group(0)
-        .args([
-            "worker",
-            "--steps",
-            &steps.to_string(),
-            "--epoch-wait-s",
-            "30",
-        ])
-        .args(["--collective-timeout-s", "20"])
+        .args(["worker", "--steps", &steps.to_string()]);
+    for (flag, value) in [("--epoch-wait-s", "30"), ("--collective-timeout-s", "20")] {
+        if !extra.contains(&flag) {
+            command.args([flag, value]);
+        }
+    }
+    command
         .args(extra)
         .env("WEFT_WORKER", worker)
         .env("WEFT_MESH", dir.join("mesh.json"))
@@ -109,9 +117,8 @@ fn pod_reading(dir: &Path, training: &Path, worker: &str, steps: u64, extra: &[&
         // Steps of the tiny model take well under the default second.
         .env("WEFT_MESH_POLL_MS", "100")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    command
 }
 
 /// Sends each metrics line of `child`'s standard output down a channel.
@@ -477,6 +484,44 @@ fn a_pod_deleted_by_hand_stops_its_peers_with_a_checkpoint_until_the_next_epoch(
     let order: Vec<u64> = seen.iter().map(|m| m.step).collect();
     assert_eq!(order, (1..=steps).collect::<Vec<_>>(), "{log}");
     assert_same_losses(&seen, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pod_that_cannot_reach_the_rendezvous_fails_saying_why() {
+    // The pod of rank 0, which serves the rendezvous, never comes (its node
+    // unreachable, its address wrong): the other pod's rank gives up after
+    // the collective timeout, and its own error, not only its exit status,
+    // is the worker's error and its termination message (which the job's
+    // status shows): no hang.
+    let dir = scratch("unreachable");
+    write_training(&dir);
+    let first = publish_first_mesh(&dir, "2x1", 1);
+    let address = first.rendezvous.clone().unwrap();
+    let termination = dir.join("termination-log");
+    std::fs::write(&termination, "").unwrap();
+    let mut pod = pod_command(
+        &dir,
+        &dir.join("training.json"),
+        &first.workers[1].name,
+        10,
+        &["--epoch-wait-s", "1", "--collective-timeout-s", "3"],
+    )
+    .env("WEFT_TERMINATION_LOG", &termination)
+    .spawn()
+    .unwrap();
+    let status = wait_within(&mut pod, Duration::from_secs(60));
+    let log = stderr_of(&mut pod);
+    assert_eq!(status.code(), Some(2), "{log}");
+    let message = std::fs::read_to_string(&termination).unwrap();
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(
+        message.contains("rank 1 failed in epoch 1: rendezvous store at")
+            && message.contains(&address)
+            && message.contains("no new epoch came within 1 s"),
+        "{message}"
+    );
+    assert!(log.contains(&message), "the log says it too: {log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

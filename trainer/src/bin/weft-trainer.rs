@@ -2303,19 +2303,26 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("weft-trainer: error: {err:#}");
-            // In a container, why it stopped is its termination message
-            // (Kubernetes keeps 4 KiB; the job's status shows it).
-            if Path::new(TERMINATION_LOG).exists() {
-                // One line: the job's status shows a failure in one.
-                let mut message = format!("{err:#}").replace('\n', " / ");
-                if message.len() > 4000 {
-                    let mut cut = 4000;
-                    while !message.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    message.truncate(cut);
+            // One line: the job's status shows a failure in one.
+            let mut message = format!("{err:#}").replace('\n', " / ");
+            if message.len() > 4000 {
+                let mut cut = 4000;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
                 }
-                let _ = std::fs::write(TERMINATION_LOG, message);
+                message.truncate(cut);
+            }
+            // A pod's rank tells its worker, whose own error then carries
+            // it; in a container, why the worker stopped is its termination
+            // message (Kubernetes keeps 4 KiB; the job's status shows it).
+            if let Some(file) = std::env::var_os(weft_trainer::pod::RANK_ERROR_FILE) {
+                let _ = std::fs::write(file, message);
+            } else {
+                let termination_log = std::env::var_os(TERMINATION_LOG_ENV)
+                    .map_or_else(|| PathBuf::from(TERMINATION_LOG), PathBuf::from);
+                if termination_log.exists() {
+                    let _ = std::fs::write(termination_log, message);
+                }
             }
             if err.downcast_ref::<SettingsRefused>().is_some() {
                 return ExitCode::from(weft_crds::SETTINGS_REFUSED_EXIT as u8);
@@ -2468,6 +2475,10 @@ impl std::error::Error for SettingsRefused {}
 /// `terminationMessagePath`).
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
+/// Another file for the termination message (a container whose
+/// `terminationMessagePath` is not the default); written only if it exists.
+const TERMINATION_LOG_ENV: &str = "WEFT_TERMINATION_LOG";
+
 /// Runs the pod's worker: one rank process of this binary per GPU of the
 /// worker, for each epoch of the mesh (see `weft_trainer::pod`).
 fn pod_worker(
@@ -2535,8 +2546,17 @@ fn pod_worker(
     let checkpoints = args.checkpoint_dir.clone().unwrap_or_default();
     // SIGTERM (the pod is being deleted): the ranks stop after a checkpoint
     // instead of being killed at the end of the grace period.
+    // The ranks' last words, for this worker's life.
+    let errors = std::env::temp_dir().join(format!(
+        "weft-rank-errors-{}-{}",
+        env.worker,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&errors)
+        .with_context(|| format!("creating {} for the ranks' errors", errors.display()))?;
     let result = weft_trainer::pod::supervise(
         env,
+        &errors,
         wait_for_epoch,
         stop_asked,
         |rank, place| {
@@ -2574,6 +2594,10 @@ fn pod_worker(
                 .arg(format!("--threads={threads}"))
                 .arg(format!("--local-rank={local_rank}"))
                 .arg(format!("--config={config}"))
+                .env(
+                    weft_trainer::pod::RANK_ERROR_FILE,
+                    weft_trainer::pod::rank_error_file(&errors, place.epoch, rank),
+                )
                 .spawn()
                 .map_err(|e| weft_trainer::pod::PodError::Spawn {
                     rank,
@@ -2616,6 +2640,7 @@ fn pod_worker(
     if let (Some(reporter), Some(link)) = (reporter.into_inner().flatten(), &link) {
         reporter.finish(link);
     }
+    let _ = std::fs::remove_dir_all(&errors);
     if result? == weft_trainer::pod::Ended::Stopped {
         eprintln!("weft-trainer worker {worker}: stopped, as asked (SIGTERM)");
         std::process::exit(weft_trainer::pod::TERMINATED_EXIT);
