@@ -990,8 +990,8 @@ pub struct TrainingJobStatus {
     #[schemars(range(min = 0))]
     pub time_to_first_step_seconds: Option<i64>,
     /// The last membership change (or resume) the workers have trained
-    /// past: seconds from the operator publishing its mesh epoch to the
-    /// epoch's first step.
+    /// past: seconds from the operator publishing its mesh epoch, and from
+    /// the fault that caused it, to the epoch's first step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<Recovery>,
     /// Useful training time over wall time, as of the last reported step:
@@ -1022,6 +1022,12 @@ pub struct TrainingJobStatus {
     /// `elasticity.rescaleCooldownSeconds` after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rescale_time: Option<Time>,
+    /// When the fault behind the last membership change began, as the
+    /// cluster recorded it: the earliest of a departed worker's node turning
+    /// NotReady, its container's failure, and its pod's deletion. Absent when
+    /// no fault caused the change (growth, a resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fault_time: Option<Time>,
     /// Nodes the job avoids for now: one of its workers could not be
     /// scheduled there (see `elasticity.unschedulableTimeoutSeconds`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1062,6 +1068,13 @@ pub struct Recovery {
     /// From its publication to its first training step.
     #[schemars(range(min = 0))]
     pub seconds: i64,
+    /// From the fault that caused the change (`lastFaultTime`: a node
+    /// NotReady, a worker failed or deleted) to the first training step of
+    /// the new epoch: the time the job lost to it. Absent when no fault
+    /// caused the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub from_fault_seconds: Option<i64>,
 }
 
 /// A complete checkpoint.

@@ -11,7 +11,8 @@
 //! - one worker's container is killed: a new mesh epoch goes on from the last
 //!   checkpoint, and the other workers' containers are the same ones;
 //! - one node's kubelet stops: the node turns NotReady, the job goes on with
-//!   2 workers, its status says how long that recovery took; when the kubelet
+//!   2 workers, its status says when the node failed and how long the
+//!   recovery took from there and from the new epoch; when the kubelet
 //!   is back, the job grows to 3 again;
 //! - the leading operator pod is deleted: the other replica takes the lease,
 //!   and the job does not notice (same epoch, steps go on);
@@ -283,6 +284,10 @@ async fn life(
         workers.get(killed),
         after.get(killed)
     );
+    ensure!(
+        status.last_fault_time.is_some(),
+        "no lastFaultTime after a worker's container was killed: {status:?}"
+    );
     say(&format!(
         "container killed: epoch {} of 3, survivors unchanged",
         status.mesh_epoch
@@ -321,9 +326,33 @@ async fn life(
         "lastRecovery {recovery:?} is not of epoch {} within the {observed:.1} s since the kubelet stopped",
         status.mesh_epoch
     );
+    // The fault is the node's turn to NotReady, and the recovery is
+    // measured from it.
+    let node = Api::<Node>::all(ns.client.clone()).get(&lost_node).await?;
+    let not_ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready" && c.status != "True")
+        .and_then(|c| c.last_transition_time.clone());
+    ensure!(
+        not_ready.is_some() && status.last_fault_time == not_ready,
+        "lastFaultTime {:?} is not when {lost_node} turned NotReady ({not_ready:?})",
+        status.last_fault_time
+    );
+    let from_fault = recovery
+        .from_fault_seconds
+        .context("lastRecovery has no fromFaultSeconds after a node turned NotReady")?;
+    ensure!(
+        from_fault >= recovery.seconds && (from_fault as f64) <= observed,
+        "lastRecovery's fromFaultSeconds {from_fault} is not between its seconds from the new epoch ({}) and the {observed:.1} s since the kubelet stopped",
+        recovery.seconds
+    );
     log.read(&pods).await?;
     say(&format!(
-        "{lost_node} NotReady: epoch {} of 2, recovered in {} s (the test saw it {observed:.1} s after the kubelet stopped)",
+        "{lost_node} NotReady: epoch {} of 2, recovered {from_fault} s after NotReady, {} s after the new epoch (the test saw it {observed:.1} s after the kubelet stopped)",
         status.mesh_epoch, recovery.seconds
     ));
     let epoch = status.mesh_epoch;
@@ -333,6 +362,11 @@ async fn life(
         s.mesh_epoch > epoch && s.workers_desired == 3 && s.phase == Phase::Running
     })
     .await?;
+    ensure!(
+        status.last_fault_time.is_none(),
+        "growth is no fault, but lastFaultTime is {:?}",
+        status.last_fault_time
+    );
     say(&format!(
         "{lost_node} back: epoch {} of 3",
         status.mesh_epoch

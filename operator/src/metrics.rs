@@ -81,6 +81,7 @@ pub struct Metrics {
     restarts: Family<Labels, Gauge>,
     time_to_first_step: Family<Labels, Gauge>,
     last_recovery: Family<Labels, Gauge>,
+    last_recovery_from_fault: Family<Labels, Gauge>,
     goodput: Family<Labels, Gauge<f64, AtomicU64>>,
     stalled: Family<Labels, Gauge>,
     store: Mutex<Option<Store<DynamicObject>>>,
@@ -167,6 +168,7 @@ impl Metrics {
         let restarts = Family::<Labels, Gauge>::default();
         let time_to_first_step = Family::<Labels, Gauge>::default();
         let last_recovery = Family::<Labels, Gauge>::default();
+        let last_recovery_from_fault = Family::<Labels, Gauge>::default();
         let goodput = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let stalled = Family::<Labels, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
@@ -213,6 +215,11 @@ impl Metrics {
             last_recovery.clone(),
         );
         registry.register(
+            "job_last_recovery_from_fault_seconds",
+            "Seconds from the fault behind the job's last membership change (a node NotReady, a worker failed or deleted) to the first step of its mesh epoch",
+            last_recovery_from_fault.clone(),
+        );
+        registry.register(
             "job_goodput",
             "Useful training time over wall time since the job's start",
             goodput.clone(),
@@ -238,6 +245,7 @@ impl Metrics {
             restarts,
             time_to_first_step,
             last_recovery,
+            last_recovery_from_fault,
             goodput,
             stalled,
             store: Mutex::new(None),
@@ -269,6 +277,7 @@ impl Metrics {
             &self.restarts,
             &self.time_to_first_step,
             &self.last_recovery,
+            &self.last_recovery_from_fault,
             &self.stalled,
         ] {
             family.clear();
@@ -323,6 +332,11 @@ impl Metrics {
                 self.last_recovery
                     .get_or_create(&labels)
                     .set(recovery.seconds);
+                if let Some(seconds) = recovery.from_fault_seconds {
+                    self.last_recovery_from_fault
+                        .get_or_create(&labels)
+                        .set(seconds);
+                }
             }
             if let Some(goodput) = status.goodput {
                 self.goodput.get_or_create(&labels).set(goodput);
@@ -450,7 +464,8 @@ mod tests {
                 let mut a = (*job("a", Phase::Running, 3)).clone();
                 let status = &mut a.data["status"];
                 status["timeToFirstStepSeconds"] = 42.into();
-                status["lastRecovery"] = serde_json::json!({"meshEpoch": 3, "seconds": 7});
+                status["lastRecovery"] =
+                    serde_json::json!({"meshEpoch": 3, "seconds": 7, "fromFaultSeconds": 29});
                 status["goodput"] = 0.8.into();
                 status["conditions"] = serde_json::json!([{
                     "type": "Stalled", "status": "True", "reason": "NoStepReported",
@@ -475,6 +490,7 @@ mod tests {
         for line in [
             "weft_job_time_to_first_step_seconds{namespace=\"team-a\",job=\"a\"} 42",
             "weft_job_last_recovery_seconds{namespace=\"team-a\",job=\"a\"} 7",
+            "weft_job_last_recovery_from_fault_seconds{namespace=\"team-a\",job=\"a\"} 29",
             "weft_job_goodput{namespace=\"team-a\",job=\"a\"} 0.8",
             "weft_job_stalled{namespace=\"team-a\",job=\"a\"} 1",
             "weft_reconciles_total 1",
@@ -493,6 +509,7 @@ mod tests {
         for name in [
             "time_to_first_step_seconds",
             "last_recovery_seconds",
+            "last_recovery_from_fault_seconds",
             "goodput",
             "stalled",
         ] {

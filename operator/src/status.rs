@@ -466,9 +466,16 @@ pub fn progress_figures(status: &mut TrainingJobStatus, now: &Time) {
         && past_the_start(&changed)
         && seconds(&changed, &first_time) >= 0
     {
+        // The fault was recorded with the change it caused (never after).
+        let from_fault_seconds = status
+            .last_fault_time
+            .as_ref()
+            .filter(|fault| fault.0 <= changed.0)
+            .map(|fault| seconds(fault, &first_time));
         status.last_recovery = Some(weft_crds::Recovery {
             mesh_epoch: first.mesh_epoch,
             seconds: seconds(&changed, &first_time),
+            from_fault_seconds,
         });
     }
     // As of the last reported step, by its worker's clock (a skewed one
@@ -1076,10 +1083,12 @@ mod tests {
             // 10 steps of 2 s in the 50 s to the last step.
             assert_eq!(status.goodput, Some(0.4));
         }
-        // A node lost at 200: epoch 2 published then; until its first step,
-        // no recovery is told (the reports are still epoch 1's).
+        // A node NotReady at 178 (its kubelet silent since 138), epoch 2
+        // published at 200; until its first step, no recovery is told (the
+        // reports are still epoch 1's).
         status.mesh_epoch = 2;
         status.last_rescale_time = Some(at(200));
+        status.last_fault_time = Some(at(178));
         progress_figures(&mut status, &now);
         assert_eq!(status.last_recovery, None);
         // Resumed from the checkpoint of step 8: the steps past it are lost.
@@ -1089,6 +1098,7 @@ mod tests {
         progress_figures(&mut status, &now);
         let recovery = status.last_recovery.clone().unwrap();
         assert_eq!((recovery.mesh_epoch, recovery.seconds), (2, 12));
+        assert_eq!(recovery.from_fault_seconds, Some(34));
         assert_eq!(status.goodput, Some(9.0 * 2.0 / 120.0));
         // Told once: a later report of the same epoch changes nothing, and
         // the first step and time to it stay those of the start.
@@ -1101,6 +1111,15 @@ mod tests {
         status.step_seconds = Some(1000.0);
         progress_figures(&mut status, &now);
         assert_eq!(status.goodput, Some(1.0));
+        // Growth at 300 (no fault): measured from its publication alone.
+        status.mesh_epoch = 3;
+        status.last_rescale_time = Some(at(300));
+        status.last_fault_time = None;
+        status.epoch_first_step = first_step(3, 20, 304);
+        progress_figures(&mut status, &now);
+        let recovery = status.last_recovery.clone().unwrap();
+        assert_eq!((recovery.mesh_epoch, recovery.seconds), (3, 4));
+        assert_eq!(recovery.from_fault_seconds, None);
     }
 
     /// What a worker's clock says is no later than the operator's now once

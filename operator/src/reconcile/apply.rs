@@ -25,6 +25,10 @@ pub const WORKER_STATUS_FIELDS: [&str; 6] = [
     "lastCheckpoint",
 ];
 
+/// The operator's status fields that it removes when its status has none
+/// (a fault belongs to the membership change it caused alone).
+const CLEARED_WHEN_ABSENT: [&str; 1] = ["lastFaultTime"];
+
 /// Applies `object` in `namespace` (server-side apply, as the operator's
 /// field manager, taking over fields another manager set).
 pub(crate) async fn apply<K>(
@@ -122,6 +126,10 @@ fn operators_part(
     if let Some(fields) = part.as_object_mut() {
         for field in WORKER_STATUS_FIELDS {
             fields.remove(field);
+        }
+        // A merge patch keeps what it does not name: these are cleared.
+        for field in CLEARED_WHEN_ABSENT {
+            fields.entry(field).or_insert(serde_json::Value::Null);
         }
     }
     Ok(part)

@@ -681,6 +681,8 @@ pub fn conclude(
             };
             let told_beside = seen.published_change.clone().filter(|_| published_here);
             let change = if epoch.moved {
+                status.last_fault_time = fault_began(&epoch, mesh, &placing.pods, &seen.nodes, job)
+                    .filter(|fault| fault.0 <= now.0);
                 status.last_rescale_time = Some(now.clone());
                 let change = match told_beside {
                     Some(note) => Tell::normal("MeshEpoch", note),
@@ -803,6 +805,82 @@ fn after_deletions(pods: &[Pod], deleted: &[Deletion], now: &Time) -> Vec<Pod> {
 }
 
 /// The `MeshEpoch` event: the new mesh, who joined and who left.
+/// When the fault that made the previous mesh's workers leave began, as the
+/// cluster recorded it: for each worker of the previous mesh that did not
+/// stay (alive, and in the new `mesh` where it was), its node's turn to
+/// NotReady, its container's failure, its pod's deletion, or the failure
+/// the job counted for it since the previous change; the earliest of them.
+/// `None` when no worker left for a fault (growth, a resume, a worker
+/// dropped for a better placement).
+fn fault_began(
+    epoch: &NextEpoch,
+    mesh: &MeshPlan,
+    pods: &[Pod],
+    nodes: &[Arc<Node>],
+    job: &TrainingJob,
+) -> Option<Time> {
+    let status = job.status.as_ref();
+    let since = status.and_then(|s| s.last_rescale_time.as_ref());
+    let after_last_change = |time: &Time| since.is_none_or(|since| time.0 >= since.0);
+    let mut began: Option<Time> = None;
+    let mut saw = |time: &Time| {
+        if after_last_change(time) && began.as_ref().is_none_or(|b| time.0 < b.0) {
+            began = Some(time.clone());
+        }
+    };
+    // Those that stay: alive before, and members of the new mesh where they were.
+    let stayed: BTreeSet<(String, String)> = crate::controller::members(mesh)
+        .intersection(&epoch.kept)
+        .cloned()
+        .collect();
+    for (name, node) in epoch.previous.difference(&stayed) {
+        if let Some(node) = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node))
+        {
+            let not_ready = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready" && c.status != "True");
+            if let Some(time) = not_ready.and_then(|c| c.last_transition_time.as_ref()) {
+                saw(time);
+            }
+        }
+        for pod in pods
+            .iter()
+            .filter(|p| p.metadata.name.as_deref() == Some(name))
+        {
+            if let Some(time) = &pod.metadata.deletion_timestamp {
+                saw(time);
+            }
+            let failed = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+                .filter(|t| t.exit_code != 0)
+                .filter_map(|t| t.finished_at.as_ref());
+            for time in failed {
+                saw(time);
+            }
+        }
+        let counted = status
+            .into_iter()
+            .flat_map(|s| &s.recent_failures)
+            .filter(|f| &f.worker == name)
+            .map(|f| &f.time);
+        for time in counted {
+            saw(time);
+        }
+    }
+    began
+}
+
 fn mesh_epoch_event(mesh: &MeshPlan, epoch: &NextEpoch, unreadable: &[InventoryError]) -> Tell {
     // The previous mesh's live workers the new one keeps stayed; every other
     // worker of the previous mesh left.

@@ -475,6 +475,134 @@ fn the_epoch_moves_exactly_when_the_membership_does() {
     }
 }
 
+/// `node`, NotReady since `since`.
+fn not_ready(
+    node: &Arc<k8s_openapi::api::core::v1::Node>,
+    since: i64,
+) -> Arc<k8s_openapi::api::core::v1::Node> {
+    let mut node = (**node).clone();
+    let ready = &mut node.status.as_mut().unwrap().conditions.as_mut().unwrap()[0];
+    ready.status = "Unknown".into();
+    ready.last_transition_time = Some(at(since));
+    Arc::new(node)
+}
+
+/// When the fault behind a membership change began is recorded with the
+/// change (the recovery is measured from it), and only a change a fault
+/// caused records one.
+#[test]
+fn a_change_records_when_the_fault_behind_it_began() {
+    let (first, members) = first_mesh();
+    let mesh_1 = first.1.mesh.clone().unwrap();
+    let running = with_status(
+        job(2, 2),
+        TrainingJobStatus {
+            phase: Phase::Running,
+            last_rescale_time: Some(at(NOW - 600)),
+            // The fault of an earlier change is not this one's.
+            last_fault_time: Some(at(NOW - 700)),
+            ..first.1.status.clone().unwrap()
+        },
+    );
+    let pods: Vec<Pod> = members
+        .iter()
+        .map(|(name, node)| worker(&running, name, node, 1, "Running"))
+        .collect();
+    let trusted = crate::controller::read_published(Some(&mesh_1), "llm", 1);
+    let counted = {
+        let mut status = running.status.clone().unwrap();
+        status.restarts = 1;
+        status.recent_failures = vec![WorkerFailure {
+            worker: members[1].0.clone(),
+            uid: format!("uid-{}", members[1].0),
+            reason: "exit 137".into(),
+            time: at(NOW - 3),
+        }];
+        with_status(running.clone(), status)
+    };
+    let seen_as =
+        |job: &TrainingJob, pods: Vec<Pod>, nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>| {
+            let mut seen = Seen {
+                published: trusted.clone(),
+                ..seen(job.clone(), pods, 3)
+            };
+            seen.nodes = nodes;
+            seen
+        };
+    let on_nodes = |pods, nodes| seen_as(&running, pods, nodes);
+    let nodes = seen(running.clone(), vec![], 3).nodes;
+    let node_index = |name: &str| nodes.iter().position(|n| n.name_any() == name).unwrap();
+    let lost_node = {
+        let mut nodes = nodes.clone();
+        let i = node_index(&members[1].1);
+        nodes[i] = not_ready(&nodes[i], NOW - 42);
+        nodes
+    };
+    let failed = {
+        let mut pods = pods.clone();
+        pods[1] = exited(pods[1].clone(), 137, "");
+        let status = pods[1]
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap();
+        status[0]
+            .state
+            .as_mut()
+            .unwrap()
+            .terminated
+            .as_mut()
+            .unwrap()
+            .finished_at = Some(at(NOW - 9));
+        pods
+    };
+    let deleting = {
+        let mut pods = pods.clone();
+        pods[1].metadata.deletion_timestamp = Some(at(NOW - 5));
+        pods
+    };
+    let rows: Vec<(&str, Seen, Option<i64>)> = vec![
+        (
+            "its node NotReady: the node's turn",
+            on_nodes(pods.clone(), lost_node),
+            Some(NOW - 42),
+        ),
+        (
+            "its container failed (counted): when it ended",
+            seen_as(&counted, failed, nodes.clone()),
+            Some(NOW - 9),
+        ),
+        (
+            "its failed pod gone: when its failure was counted",
+            seen_as(&counted, pods[..1].to_vec(), nodes.clone()),
+            Some(NOW - 3),
+        ),
+        (
+            "its pod deleted: the deletion",
+            on_nodes(deleting, nodes.clone()),
+            Some(NOW - 5),
+        ),
+        (
+            "its pod gone without a trace: no time to tell",
+            on_nodes(pods[..1].to_vec(), nodes.clone()),
+            None,
+        ),
+    ];
+    for (case, seen, fault) in rows {
+        let (_, decision) = place_and_conclude(&seen, &[]);
+        assert_eq!(
+            published_epoch(&decision),
+            Some(2),
+            "{case}: the epoch moved"
+        );
+        let status = decision.status.unwrap();
+        assert_eq!(status.last_rescale_time, Some(at(NOW)), "{case}");
+        assert_eq!(status.last_fault_time, fault.map(at), "{case}");
+    }
+}
+
 #[test]
 fn workers_the_api_server_refuses_leave_a_smaller_mesh_or_none() {
     // Room for 3; one of the three refused: the job runs with 2, at the
