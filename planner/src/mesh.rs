@@ -121,6 +121,12 @@ pub struct MeshPlan {
     /// older epoch can never join this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendezvous: Option<String>,
+    /// The W3C `traceparent` of the operator's reconcile that published this
+    /// epoch, when the operator exports traces: the workers' step spans are
+    /// its children, so one trace goes from the change to the new epoch's
+    /// steps. Filled in by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// `N workers of G GPUs`, or `N CPU-only workers` when they ask for none.
@@ -343,6 +349,7 @@ pub fn plan_mesh(
         workers,
         node_groups,
         rendezvous: None,
+        trace_parent: None,
     })
 }
 

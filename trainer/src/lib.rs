@@ -43,6 +43,7 @@ pub mod profile;
 pub mod remap;
 pub mod selfcheck;
 pub mod step;
+pub mod steptrace;
 pub mod throughput;
 pub mod train;
 

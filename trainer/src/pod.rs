@@ -149,6 +149,9 @@ pub struct Placement {
     pub ranks: Vec<u32>,
     pub store_host: String,
     pub port: u16,
+    /// The W3C `traceparent` of the reconcile that published the epoch: the
+    /// ranks' spans are its children.
+    pub trace_parent: Option<String>,
 }
 
 /// Where `worker` stands in `mesh`, or `None` when the mesh does not have it.
@@ -182,6 +185,7 @@ pub fn placement(
         ranks: (me.first_rank..me.first_rank + me.gpus.max(1)).collect(),
         store_host: host.to_string(),
         port,
+        trace_parent: mesh.trace_parent.clone(),
     }))
 }
 

@@ -84,6 +84,34 @@ pub struct StepTimes {
     pub total_s: f64,
 }
 
+/// A kind of work inside a step's forward and backward, timed where it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkKind {
+    RingAttention,
+    RingAttentionBackward,
+    Remap,
+}
+
+impl WorkKind {
+    /// Its name as a trace span.
+    pub fn span_name(self) -> &'static str {
+        match self {
+            WorkKind::RingAttention => "ring_attention",
+            WorkKind::RingAttentionBackward => "ring_attention_backward",
+            WorkKind::Remap => "remap",
+        }
+    }
+}
+
+/// When one piece of work of a step ran.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    pub kind: WorkKind,
+    pub micro_batch: u32,
+    pub start: Instant,
+    pub end: Instant,
+}
+
 /// What one rank did in one step.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepOutcome {
@@ -96,6 +124,9 @@ pub struct StepOutcome {
     /// all micro-batches.
     pub attention_tokens: i64,
     pub linear_tokens: i64,
+    /// When its ring attention (forward and backward) and remaps ran, in
+    /// order (for its trace).
+    pub intervals: Vec<Interval>,
 }
 
 /// One document of a ring group, as this rank holds it.
@@ -478,6 +509,8 @@ fn backward_from(output: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
 struct Layouts {
     remap: Option<Remap>,
     seconds: f64,
+    /// When each move ran.
+    ran: Vec<(Instant, Instant)>,
 }
 
 impl Layouts {
@@ -511,6 +544,7 @@ impl Layouts {
         let out = direction(remap, group, x)?;
         settle(x.device());
         self.seconds += t.elapsed().as_secs_f64();
+        self.ran.push((t, Instant::now()));
         Ok(out)
     }
 }
@@ -637,6 +671,8 @@ struct Pass<'a> {
     predicted: i64,
     device: tch::Device,
     outcome: &'a mut StepOutcome,
+    /// The micro-batch it runs (its intervals say so).
+    micro_batch: u32,
 }
 
 impl Pass<'_> {
@@ -647,6 +683,7 @@ impl Pass<'_> {
         let result = attend(self.group, self.parts, qkv_attention, self.heads)?;
         settle(self.device);
         self.outcome.times.attention_s += t.elapsed().as_secs_f64();
+        self.ran(WorkKind::RingAttention, t);
         Ok(result)
     }
 
@@ -661,7 +698,18 @@ impl Pass<'_> {
         let grad = attend_backward(self.group, self.parts, rings, grad_attention, self.heads)?;
         settle(self.device);
         self.outcome.times.attention_s += t.elapsed().as_secs_f64();
+        self.ran(WorkKind::RingAttentionBackward, t);
         Ok(grad)
+    }
+
+    /// Records work of `kind` from `start` to now.
+    fn ran(&mut self, kind: WorkKind, start: Instant) {
+        self.outcome.intervals.push(Interval {
+            kind,
+            micro_batch: self.micro_batch,
+            start,
+            end: Instant::now(),
+        });
     }
 
     /// The head and the summed next-token loss of rows `x` against
@@ -987,6 +1035,7 @@ pub fn forward_backward(
                 .map(|r| Remap::new(&r, rank, world).on_device(device))
                 .transpose()?,
             seconds: 0.0,
+            ran: Vec::new(),
         };
         let rows = TokenRows::of(&plan.linear_layout(mb.index, rank), batch)?;
         let attention_rows: i64 = parts
@@ -1025,15 +1074,25 @@ pub fn forward_backward(
             predicted,
             device,
             outcome: &mut outcome,
+            micro_batch: mb.index,
         };
         match plan.stream_bp_chunk(mb.index, rank) {
             None => pass.plain(&rows)?,
             Some(chunk_tokens) => pass.streamed(&rows, chunk_tokens)?,
         }
         outcome.times.remap_s += layouts.seconds;
+        outcome
+            .intervals
+            .extend(layouts.ran.iter().map(|&(start, end)| Interval {
+                kind: WorkKind::Remap,
+                micro_batch: mb.index,
+                start,
+                end,
+            }));
     }
     settle(device);
     outcome.times.total_s = started.elapsed().as_secs_f64();
+    outcome.intervals.sort_by_key(|i| i.start);
     Ok(outcome)
 }
 

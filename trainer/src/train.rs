@@ -33,6 +33,7 @@ use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::step::{
     Backprop, StepError, all_reduce_gradients, forward_backward, named_parameters, zero_gradients,
 };
+use crate::steptrace::{Phase, StepSpans};
 
 /// Why training stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +251,8 @@ pub struct TrainConfig {
     /// nothing since the checkpoint it resumes from, and a rendezvous or a
     /// load could outlast the pod's grace period).
     pub starting: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Where this rank's step traces go, when anywhere.
+    pub trace: Option<Arc<crate::steptrace::StepTrace>>,
     /// Rank 0 draws the plan of every Nth step (`.1`) into the directory
     /// `.0` (`step-00000012.svg`), to set what ran beside what was planned.
     pub plan_svg: Option<(PathBuf, u64)>,
@@ -1029,6 +1032,7 @@ pub fn run_worker(
     config: &TrainConfig,
     mut report: impl FnMut(&StepMetrics),
 ) -> Result<RunEnd, TrainError> {
+    let began = Instant::now();
     tch::set_num_threads(config.threads.max(1));
     // The planner plans the next step while libtorch runs this one: it gets
     // the rank's share of the cores too, not every core of the machine.
@@ -1065,6 +1069,15 @@ pub fn run_worker(
         &rendezvous.bind_host,
         config.timeout,
     )?;
+    let met = Instant::now();
+    if let Some(trace) = &config.trace {
+        trace.span(
+            "rendezvous",
+            began,
+            met,
+            vec![opentelemetry::KeyValue::new("weft.world", i64::from(world))],
+        );
+    }
 
     // The same seed gives the same initial weights on every device: they are
     // drawn on the CPU, then moved; a Hugging Face model's are read.
@@ -1232,6 +1245,17 @@ pub fn run_worker(
     if let Some(starting) = &config.starting {
         starting.store(false, std::sync::atomic::Ordering::SeqCst);
     }
+    if let Some(trace) = &config.trace {
+        trace.span(
+            "resume",
+            met,
+            Instant::now(),
+            vec![opentelemetry::KeyValue::new(
+                "weft.from_step",
+                start_step as i64,
+            )],
+        );
+    }
     for step in start_step..config.steps {
         if config.fail_at == Some((rank, step + 1)) {
             return Err(TrainError::Injected {
@@ -1260,6 +1284,7 @@ pub fn run_worker(
             reason,
         })?;
         let plan_s = waiting.elapsed().as_secs_f64();
+        let mut phases = vec![Phase::new("plan", waiting, Instant::now())];
         if step + 1 < config.steps {
             let waiting = Instant::now();
             let drawn = data.next_drawn()?;
@@ -1287,6 +1312,7 @@ pub fn run_worker(
         }
 
         zero_gradients(&params)?;
+        let forward_started = Instant::now();
         let outcome = forward_backward(&model, &mut group, &plan, &batch).map_err(|e| {
             step_failed(
                 e,
@@ -1295,7 +1321,14 @@ pub fn run_worker(
                 TRAINING_OUT_OF_MEMORY,
             )
         })?;
+        let reduce_started = Instant::now();
+        phases.push(Phase::new(
+            "forward_backward",
+            forward_started,
+            reduce_started,
+        ));
         let all_reduce_s = all_reduce_gradients(&params, &mut group)?;
+        phases.push(Phase::new("all_reduce", reduce_started, Instant::now()));
 
         // One small all-reduce carries the loss, whether a newer epoch was
         // seen or a rank was asked to stop, and every rank's figures (each
@@ -1329,7 +1362,9 @@ pub fn run_worker(
                 loss,
             });
         }
+        let update_started = Instant::now();
         let update = optimizer.step()?;
+        phases.push(Phase::new("optimizer", update_started, Instant::now()));
         let step_time_s = started.elapsed().as_secs_f64();
 
         // Any rank that saw a newer epoch, or was asked to stop, stops every
@@ -1411,6 +1446,7 @@ pub fn run_worker(
         if let Some(dir) = &config.checkpoint_dir
             && (due || done == config.steps || stop_for_epoch)
         {
+            let saving = Instant::now();
             save_while_peers_wait(rank, &mut group, device, || -> Result<(), TrainError> {
                 let state = CheckpointState {
                     step: done,
@@ -1465,9 +1501,25 @@ pub fn run_worker(
                 written = true;
                 Ok(())
             })?;
+            phases.push(Phase::new("checkpoint", saving, Instant::now()));
         }
         if written {
             metrics.checkpoint = Some(done);
+        }
+        if let Some(trace) = &config.trace {
+            use opentelemetry::KeyValue;
+            trace.step(&StepSpans {
+                step: done,
+                start: started,
+                end: Instant::now(),
+                attributes: vec![
+                    KeyValue::new("weft.loss", metrics.loss),
+                    KeyValue::new("weft.tokens", metrics.tokens as i64),
+                    KeyValue::new("weft.strategy", metrics.strategy.clone()),
+                ],
+                phases,
+                work: &outcome.intervals,
+            });
         }
         if rank == 0 {
             report(&metrics);

@@ -525,6 +525,162 @@ fn a_pod_that_cannot_reach_the_rendezvous_fails_saying_why() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rank that panics (here: its standard output closed under it) fails
+/// with the panic's message as its worker's error and termination message,
+/// as an error would.
+#[test]
+fn a_rank_that_panics_fails_its_pod_with_the_panics_message() {
+    let dir = scratch("panicked");
+    write_training(&dir);
+    let first = publish_first_mesh(&dir, "2x1", 1);
+    publish(&dir.join("mesh.json"), &without_the_second_worker(&first));
+    let termination = dir.join("termination-log");
+    std::fs::write(&termination, "").unwrap();
+    let mut pod = pod_command(
+        &dir,
+        &dir.join("training.json"),
+        &first.workers[0].name,
+        10,
+        &["--epoch-wait-s", "1"],
+    )
+    .env("WEFT_TERMINATION_LOG", &termination)
+    .spawn()
+    .unwrap();
+    drop(pod.stdout.take());
+    let status = wait_within(&mut pod, Duration::from_secs(60));
+    let log = stderr_of(&mut pod);
+    assert_eq!(status.code(), Some(2), "{log}");
+    let message = std::fs::read_to_string(&termination).unwrap();
+    assert!(
+        message.starts_with("rank 0 failed in epoch 2: panicked: ")
+            && message.contains("failed printing to stdout"),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With the job's collector named (`OTEL_EXPORTER_OTLP_ENDPOINT` in its
+/// env), every rank exports its steps as spans, children of the reconcile
+/// that published its mesh (the mesh's `trace_parent`): how it met the
+/// others and resumed, then each step with its phases, and the ring
+/// attention and remaps inside its forward and backward, each within its
+/// parent's time.
+#[test]
+fn each_ranks_steps_are_traced_under_the_reconcile_that_published_its_epoch() {
+    use weft_telemetry::collector::{CollectedSpan, Collector};
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const RECONCILE: &str = "00f067aa0ba902b7";
+    let dir = scratch("traced");
+    let steps = 3;
+    write_training(&dir);
+    let mut mesh = publish_first_mesh(&dir, "2x1", 1);
+    mesh.trace_parent = Some(format!("00-{TRACE}-{RECONCILE}-01"));
+    publish(&dir.join("mesh.json"), &mesh);
+    let collector = Collector::start().unwrap();
+    // 600 tokens a rank at most: the longer documents are split over both
+    // ranks, in rings.
+    let flags = ["--rank-tokens", "600"];
+    let start = |worker: &str| {
+        pod_command(&dir, &dir.join("training.json"), worker, steps, &flags)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .spawn()
+            .unwrap()
+    };
+    let mut a = start(&mesh.workers[0].name);
+    let mut b = start(&mesh.workers[1].name);
+    let _metrics = metrics_of(&mut a);
+    let _ = metrics_of(&mut b);
+    for pod in [&mut a, &mut b] {
+        let status = wait(pod);
+        assert!(status.success(), "{}", stderr_of(pod));
+    }
+    // Each rank flushes its spans before it ends.
+    let spans = collector.spans();
+    let children = |parent: &CollectedSpan| -> Vec<&CollectedSpan> {
+        spans
+            .iter()
+            .filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id)
+            .collect()
+    };
+    let within = |child: &CollectedSpan, parent: &CollectedSpan| {
+        child.start_unix_nano >= parent.start_unix_nano
+            && child.end_unix_nano <= parent.end_unix_nano
+    };
+    for (rank, worker) in mesh.workers.iter().enumerate() {
+        let mine: Vec<&CollectedSpan> = spans
+            .iter()
+            .filter(|s| s.resource.get("weft.rank").and_then(|v| v.as_i64()) == Some(rank as i64))
+            .collect();
+        assert!(!mine.is_empty(), "rank {rank} exported nothing: {spans:?}");
+        for span in &mine {
+            assert_eq!(span.trace_id, TRACE, "{span:?}");
+            assert_eq!(
+                span.resource.get("weft.worker").and_then(|v| v.as_str()),
+                Some(worker.name.as_str())
+            );
+            assert_eq!(
+                span.resource.get("service.name").and_then(|v| v.as_str()),
+                Some("weft-trainer")
+            );
+        }
+        let top: Vec<&str> = mine
+            .iter()
+            .filter(|s| s.parent_span_id == RECONCILE)
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            top.iter().filter(|n| **n == "rendezvous").count(),
+            1,
+            "{top:?}"
+        );
+        assert_eq!(top.iter().filter(|n| **n == "resume").count(), 1, "{top:?}");
+        let mut step_spans: Vec<&CollectedSpan> = mine
+            .iter()
+            .copied()
+            .filter(|s| s.name == "step" && s.parent_span_id == RECONCILE)
+            .collect();
+        step_spans.sort_by_key(|s| s.int("weft.step"));
+        let numbers: Vec<Option<i64>> = step_spans.iter().map(|s| s.int("weft.step")).collect();
+        assert_eq!(numbers, [Some(1), Some(2), Some(3)], "rank {rank}");
+        let mut attention = 0;
+        for step in &step_spans {
+            let phases = children(step);
+            let names: Vec<&str> = phases.iter().map(|p| p.name.as_str()).collect();
+            for phase in [
+                "plan",
+                "forward_backward",
+                "all_reduce",
+                "optimizer",
+                "checkpoint",
+            ] {
+                assert!(names.contains(&phase), "rank {rank}: {names:?}");
+            }
+            for phase in &phases {
+                assert!(
+                    within(phase, step),
+                    "rank {rank}: {phase:?} outside {step:?}"
+                );
+            }
+            let forward = phases
+                .iter()
+                .find(|p| p.name == "forward_backward")
+                .unwrap();
+            for work in children(forward) {
+                assert!(
+                    ["ring_attention", "ring_attention_backward", "remap"]
+                        .contains(&work.name.as_str()),
+                    "{work:?}"
+                );
+                assert!(within(work, forward), "{work:?} outside {forward:?}");
+                attention += usize::from(work.name == "ring_attention");
+            }
+        }
+        assert!(attention > 0, "rank {rank} traced no ring attention");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_rank_that_cannot_read_rank_zeros_checkpoint_is_sent_it_by_rank_zero() {
     // checkpoint.path without a claim: an emptyDir of each pod, so only rank

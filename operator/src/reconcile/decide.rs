@@ -75,6 +75,9 @@ pub struct Seen {
     /// How long ago this job's workers were refused below `workers.min`
     /// (the operator's memory; none after a restart).
     pub refused_ago: Option<Duration>,
+    /// The W3C `traceparent` of this reconcile's span, when traces are
+    /// exported: the mesh an epoch publishes carries it to the workers.
+    pub trace_parent: Option<String>,
 }
 
 /// The job's values the reconcile works with, checked and converted once.
@@ -660,6 +663,15 @@ pub fn conclude(
                 return Ok(ended);
             };
             mesh.epoch = epoch.epoch;
+            // The reconcile that published the epoch is the workers' parent
+            // span: the published one's, as long as the epoch is the same
+            // (the mesh is not rewritten for a trace).
+            mesh.trace_parent = match &seen.published {
+                Published::Trusted(published) if published.epoch == mesh.epoch => {
+                    published.trace_parent.clone()
+                }
+                _ => seen.trace_parent.clone(),
+            };
             if let Published::Untrusted { why, .. } = &seen.published {
                 decision.events.push(Tell::warning(
                     "MeshRepublished",

@@ -105,5 +105,9 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
         published,
         published_change,
         refused_ago,
+        trace_parent: {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            weft_telemetry::trace_parent(&tracing::Span::current().context())
+        },
     })
 }

@@ -28,6 +28,7 @@ fn seen(job: TrainingJob, pods: Vec<Pod>, nodes: usize) -> Seen {
         published: Published::Absent,
         published_change: None,
         refused_ago: None,
+        trace_parent: None,
     }
 }
 
@@ -473,6 +474,75 @@ fn the_epoch_moves_exactly_when_the_membership_does() {
         }
         assert_eq!(reasons(&decision), events, "{case}: events");
     }
+}
+
+fn published_mesh(decision: &Decision) -> weft_planner::mesh::MeshPlan {
+    let text = &decision.mesh.as_ref().unwrap().data.as_ref().unwrap()["mesh.json"];
+    serde_json::from_str(text).unwrap()
+}
+
+/// The reconcile that publishes an epoch is its workers' parent span; the
+/// mesh keeps that one while its epoch stays (it is not rewritten for a
+/// trace), and a new epoch carries the reconcile that made it.
+#[test]
+fn a_mesh_carries_the_trace_context_of_the_reconcile_that_published_its_epoch() {
+    const FIRST: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const LATER: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let first_seen = Seen {
+        trace_parent: Some(FIRST.into()),
+        ..seen(job(2, 2), vec![], 3)
+    };
+    let (placement, first) = place_and_conclude(&first_seen, &[]);
+    assert_eq!(published_mesh(&first).trace_parent.as_deref(), Some(FIRST));
+    let running = with_status(
+        job(2, 2),
+        TrainingJobStatus {
+            phase: Phase::Running,
+            ..first.status.clone().unwrap()
+        },
+    );
+    let pods: Vec<Pod> = placement
+        .planned
+        .as_ref()
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| worker(&running, &w.name, &w.node, 1, "Running"))
+        .collect();
+    let published = crate::controller::read_published(Some(first.mesh.as_ref().unwrap()), "llm", 1);
+    let same = Seen {
+        published: published.clone(),
+        trace_parent: Some(LATER.into()),
+        ..seen(running.clone(), pods.clone(), 3)
+    };
+    let (_, again) = place_and_conclude(&same, &[]);
+    assert_eq!(published_epoch(&again), Some(1));
+    assert_eq!(
+        again.mesh.as_ref().unwrap().data,
+        first.mesh.as_ref().unwrap().data,
+        "the same epoch's mesh is not rewritten"
+    );
+    let mut lost = pods.clone();
+    lost[1] = exited(lost[1].clone(), 1, "gone");
+    let counted = {
+        let mut status = running.status.clone().unwrap();
+        status.restarts = 1;
+        status.recent_failures = vec![WorkerFailure {
+            worker: lost[1].name_any(),
+            uid: lost[1].metadata.uid.clone().unwrap_or_default(),
+            reason: "exit 1".into(),
+            time: at(NOW - 1),
+        }];
+        with_status(running.clone(), status)
+    };
+    let changed = Seen {
+        published,
+        trace_parent: Some(LATER.into()),
+        ..seen(counted, lost, 3)
+    };
+    let (_, next) = place_and_conclude(&changed, &[]);
+    assert_eq!(published_epoch(&next), Some(2));
+    assert_eq!(published_mesh(&next).trace_parent.as_deref(), Some(LATER));
 }
 
 /// `node`, NotReady since `since`.

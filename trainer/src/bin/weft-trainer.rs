@@ -517,6 +517,7 @@ impl TrainArgs {
             epoch_watch: None,
             stop_asked: None,
             starting: None,
+            trace: None,
             plan_svg: self
                 .run
                 .plan_svg
@@ -2165,12 +2166,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 bind_host,
                 local_rank: local_rank.unwrap_or(rank),
             };
-            let end = weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
+            config.trace = rank_trace(rank, epoch)?.map(std::sync::Arc::new);
+            let trace = config.trace.clone();
+            let ended = weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
                 if let Ok(json) = serde_json::to_string(m) {
                     println!("{METRICS_PREFIX}{json}");
                 }
-            })?;
-            if let weft_trainer::train::RunEnd::NewEpoch { .. } = end {
+            });
+            // What the rank traced leaves before it does, however it ends.
+            if let Some(trace) = &trace {
+                trace.flush();
+            }
+            if let weft_trainer::train::RunEnd::NewEpoch { .. } = ended? {
                 // The pod's worker starts this rank again in the new mesh.
                 std::process::exit(weft_trainer::pod::NEW_EPOCH_EXIT);
             }
@@ -2293,6 +2300,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // A panic is a failure like an error: its message is the last word.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report_panic(info);
+        last_words(&format!("panicked: {info}"));
+    }));
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
@@ -2303,27 +2316,7 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("weft-trainer: error: {err:#}");
-            // One line: the job's status shows a failure in one.
-            let mut message = format!("{err:#}").replace('\n', " / ");
-            if message.len() > 4000 {
-                let mut cut = 4000;
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                message.truncate(cut);
-            }
-            // A pod's rank tells its worker, whose own error then carries
-            // it; in a container, why the worker stopped is its termination
-            // message (Kubernetes keeps 4 KiB; the job's status shows it).
-            if let Some(file) = std::env::var_os(weft_trainer::pod::RANK_ERROR_FILE) {
-                let _ = std::fs::write(file, message);
-            } else {
-                let termination_log = std::env::var_os(TERMINATION_LOG_ENV)
-                    .map_or_else(|| PathBuf::from(TERMINATION_LOG), PathBuf::from);
-                if termination_log.exists() {
-                    let _ = std::fs::write(termination_log, message);
-                }
-            }
+            last_words(&format!("{err:#}"));
             if err.downcast_ref::<SettingsRefused>().is_some() {
                 return ExitCode::from(weft_crds::SETTINGS_REFUSED_EXIT as u8);
             }
@@ -2332,6 +2325,30 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(2)
             }
+        }
+    }
+}
+
+/// Why this process stops, where it is read: a pod's rank tells its worker,
+/// whose own error then carries it; in a container, why the worker stopped
+/// is its termination message (Kubernetes keeps 4 KiB; the job's status
+/// shows it). In one line: the job's status shows a failure in one.
+fn last_words(message: &str) {
+    let mut message = message.replace('\n', " / ");
+    if message.len() > 4000 {
+        let mut cut = 4000;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    if let Some(file) = std::env::var_os(weft_trainer::pod::RANK_ERROR_FILE) {
+        let _ = std::fs::write(file, message);
+    } else {
+        let termination_log = std::env::var_os(TERMINATION_LOG_ENV)
+            .map_or_else(|| PathBuf::from(TERMINATION_LOG), PathBuf::from);
+        if termination_log.exists() {
+            let _ = std::fs::write(termination_log, message);
         }
     }
 }
@@ -2471,6 +2488,36 @@ impl std::fmt::Display for SettingsRefused {
 
 impl std::error::Error for SettingsRefused {}
 
+/// A pod rank's step traces, when the job names a collector (the standard
+/// OTLP variables in its `env`): children of the reconcile that published
+/// its mesh epoch (`TRACEPARENT`, from its worker).
+fn rank_trace(
+    rank: u32,
+    epoch: Option<u64>,
+) -> anyhow::Result<Option<weft_trainer::steptrace::StepTrace>> {
+    use opentelemetry::KeyValue;
+    let var = |name: &str| std::env::var(name).ok();
+    let mut resource = vec![KeyValue::new("weft.rank", i64::from(rank))];
+    if let Some(epoch) = epoch {
+        resource.push(KeyValue::new("weft.mesh_epoch", epoch as i64));
+    }
+    for (variable, key) in [
+        (weft_crds::worker::env::JOB, "weft.job"),
+        (weft_crds::worker::env::NAMESPACE, "weft.namespace"),
+        (weft_crds::worker::env::WORKER, "weft.worker"),
+    ] {
+        if let Some(value) = var(variable) {
+            resource.push(KeyValue::new(key, value));
+        }
+    }
+    let parent = var(weft_trainer::steptrace::TRACE_PARENT_ENV);
+    Ok(weft_trainer::steptrace::StepTrace::from_env(
+        var,
+        parent.as_deref(),
+        resource,
+    )?)
+}
+
 /// Where Kubernetes reads a container's termination message (the default
 /// `terminationMessagePath`).
 const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -2582,6 +2629,12 @@ fn pod_worker(
             if progress.is_some() {
                 command.stdout(std::process::Stdio::piped());
             }
+            // The reconcile that published the epoch is its ranks' spans'
+            // parent (none inherited from anywhere else).
+            match &place.trace_parent {
+                Some(parent) => command.env(weft_trainer::steptrace::TRACE_PARENT_ENV, parent),
+                None => command.env_remove(weft_trainer::steptrace::TRACE_PARENT_ENV),
+            };
             let mut child = command
                 .arg("train-worker")
                 .arg(format!("--rank={rank}"))
