@@ -13,12 +13,14 @@
 //! Spans are made once a step is over, from the times the step recorded
 //! (nothing is traced inside the engine), and leave in batches from a thread
 //! of their own: a slow or absent collector never slows a step.
+//!
+//! The training loop hands its times to a [`StepSink`]; the exporter,
+//! `StepTrace`, comes with the pod agent (feature `agent`), so the engine
+//! links no HTTP client.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use opentelemetry::trace::{Span as _, TraceContextExt, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry::KeyValue;
 
 use crate::step::Interval;
 
@@ -57,138 +59,161 @@ pub struct StepSpans<'a> {
     pub work: &'a [Interval],
 }
 
-/// A rank's exporter and the parent of its spans.
-pub struct StepTrace {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
-    parent: Context,
-    /// One instant and the wall-clock time it was: spans are made from
-    /// instants (monotonic) measured before.
-    anchor: (Instant, SystemTime),
+/// Where a rank's spans go.
+pub trait StepSink: Send + Sync + std::fmt::Debug {
+    /// A span of the rank's life outside its steps (`rendezvous`, `resume`).
+    fn span(&self, name: &'static str, start: Instant, end: Instant, attributes: Vec<KeyValue>);
+    /// A step's span and its phases'.
+    fn step(&self, step: &StepSpans<'_>);
+    /// Sends what is left (the rank is about to end).
+    fn flush(&self) {}
 }
 
-impl std::fmt::Debug for StepTrace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepTrace")
-            .field("parent", &weft_telemetry::trace_parent(&self.parent))
-            .finish_non_exhaustive()
-    }
-}
+#[cfg(feature = "agent")]
+pub use exporter::StepTrace;
 
-impl StepTrace {
-    /// The rank's trace when the environment names a collector (`var` reads
-    /// it); `None` otherwise. Its spans are children of `trace_parent` when
-    /// that is a valid W3C `traceparent`, roots otherwise. `resource` names
-    /// the rank (job, worker, rank, mesh epoch).
-    pub fn from_env(
-        var: impl Fn(&str) -> Option<String>,
-        trace_parent: Option<&str>,
-        resource: Vec<KeyValue>,
-    ) -> Result<Option<StepTrace>, weft_telemetry::ExportError> {
-        let Some(endpoint) = weft_telemetry::traces_endpoint(var) else {
-            return Ok(None);
-        };
-        let provider = weft_telemetry::tracer_provider(&endpoint, "weft-trainer", resource)?;
-        let tracer = provider.tracer("weft-trainer");
-        let parent = trace_parent
-            .and_then(weft_telemetry::remote_parent)
-            .unwrap_or_default();
-        Ok(Some(StepTrace {
-            provider,
-            tracer,
-            parent,
-            anchor: (Instant::now(), SystemTime::now()),
-        }))
+#[cfg(feature = "agent")]
+mod exporter {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use opentelemetry::trace::{Span as _, TraceContextExt, Tracer as _, TracerProvider as _};
+    use opentelemetry::{Context, KeyValue};
+    use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+
+    use super::{MAX_INTERVALS, StepSink, StepSpans};
+
+    /// A rank's exporter and the parent of its spans.
+    pub struct StepTrace {
+        provider: SdkTracerProvider,
+        tracer: SdkTracer,
+        parent: Context,
+        /// One instant and the wall-clock time it was: spans are made from
+        /// instants (monotonic) measured before.
+        anchor: (Instant, SystemTime),
     }
 
-    /// The wall-clock time of `instant`.
-    fn wall(&self, instant: Instant) -> SystemTime {
-        let (at, wall) = self.anchor;
-        match instant.checked_duration_since(at) {
-            Some(after) => wall + after,
-            None => wall - at.duration_since(instant),
+    impl std::fmt::Debug for StepTrace {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("StepTrace")
+                .field("parent", &weft_telemetry::trace_parent(&self.parent))
+                .finish_non_exhaustive()
         }
     }
 
-    /// A span `name` from `start` to `end`, a child of `parent`; the context
-    /// that holds it.
-    fn span_in(
-        &self,
-        parent: &Context,
-        name: &'static str,
-        start: Instant,
-        end: Instant,
-        attributes: Vec<KeyValue>,
-    ) -> Context {
-        let mut span = self
-            .tracer
-            .span_builder(name)
-            .with_start_time(self.wall(start))
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, parent);
-        span.end_with_timestamp(self.wall(end.max(start)));
-        parent.with_span(span)
-    }
-
-    /// A span of the rank's life outside its steps (`rendezvous`, `resume`),
-    /// a child of the epoch's parent.
-    pub fn span(
-        &self,
-        name: &'static str,
-        start: Instant,
-        end: Instant,
-        attributes: Vec<KeyValue>,
-    ) {
-        self.span_in(&self.parent, name, start, end, attributes);
-    }
-
-    /// A step's span and its phases' (children of the epoch's parent).
-    pub fn step(&self, step: &StepSpans<'_>) {
-        let mut attributes = step.attributes.clone();
-        attributes.push(KeyValue::new("weft.step", step.step as i64));
-        let left_out = step.work.len().saturating_sub(MAX_INTERVALS);
-        if left_out > 0 {
-            attributes.push(KeyValue::new("weft.intervals_left_out", left_out as i64));
+    impl StepTrace {
+        /// The rank's trace when the environment names a collector (`var` reads
+        /// it); `None` otherwise. Its spans are children of `trace_parent` when
+        /// that is a valid W3C `traceparent`, roots otherwise. `resource` names
+        /// the rank (job, worker, rank, mesh epoch).
+        pub fn from_env(
+            var: impl Fn(&str) -> Option<String>,
+            trace_parent: Option<&str>,
+            resource: Vec<KeyValue>,
+        ) -> Result<Option<StepTrace>, weft_telemetry::ExportError> {
+            let Some(endpoint) = weft_telemetry::traces_endpoint(var) else {
+                return Ok(None);
+            };
+            let provider = weft_telemetry::tracer_provider(&endpoint, "weft-trainer", resource)?;
+            let tracer = provider.tracer("weft-trainer");
+            let parent = trace_parent
+                .and_then(weft_telemetry::remote_parent)
+                .unwrap_or_default();
+            Ok(Some(StepTrace {
+                provider,
+                tracer,
+                parent,
+                anchor: (Instant::now(), SystemTime::now()),
+            }))
         }
-        // The step's span ends after its children are made: their context
-        // needs its span context, which exists once it starts.
-        let mut span = self
-            .tracer
-            .span_builder("step")
-            .with_start_time(self.wall(step.start))
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &self.parent);
-        span.end_with_timestamp(self.wall(step.end.max(step.start)));
-        let in_step = self.parent.with_span(span);
-        for phase in &step.phases {
-            let in_phase = self.span_in(&in_step, phase.name, phase.start, phase.end, vec![]);
-            if phase.name == "forward_backward" {
-                for interval in step.work.iter().take(MAX_INTERVALS) {
-                    self.span_in(
-                        &in_phase,
-                        interval.kind.span_name(),
-                        interval.start,
-                        interval.end,
-                        vec![KeyValue::new(
-                            "weft.micro_batch",
-                            i64::from(interval.micro_batch),
-                        )],
-                    );
+
+        /// The wall-clock time of `instant`.
+        fn wall(&self, instant: Instant) -> SystemTime {
+            let (at, wall) = self.anchor;
+            match instant.checked_duration_since(at) {
+                Some(after) => wall + after,
+                None => wall - at.duration_since(instant),
+            }
+        }
+
+        /// A span `name` from `start` to `end`, a child of `parent`; the context
+        /// that holds it.
+        fn span_in(
+            &self,
+            parent: &Context,
+            name: &'static str,
+            start: Instant,
+            end: Instant,
+            attributes: Vec<KeyValue>,
+        ) -> Context {
+            let mut span = self
+                .tracer
+                .span_builder(name)
+                .with_start_time(self.wall(start))
+                .with_attributes(attributes)
+                .start_with_context(&self.tracer, parent);
+            span.end_with_timestamp(self.wall(end.max(start)));
+            parent.with_span(span)
+        }
+    }
+
+    /// Spans of the rank's life and its steps are children of the epoch's parent.
+    impl StepSink for StepTrace {
+        fn span(
+            &self,
+            name: &'static str,
+            start: Instant,
+            end: Instant,
+            attributes: Vec<KeyValue>,
+        ) {
+            self.span_in(&self.parent, name, start, end, attributes);
+        }
+
+        fn step(&self, step: &StepSpans<'_>) {
+            let mut attributes = step.attributes.clone();
+            attributes.push(KeyValue::new("weft.step", step.step as i64));
+            let left_out = step.work.len().saturating_sub(MAX_INTERVALS);
+            if left_out > 0 {
+                attributes.push(KeyValue::new("weft.intervals_left_out", left_out as i64));
+            }
+            // The step's span ends after its children are made: their context
+            // needs its span context, which exists once it starts.
+            let mut span = self
+                .tracer
+                .span_builder("step")
+                .with_start_time(self.wall(step.start))
+                .with_attributes(attributes)
+                .start_with_context(&self.tracer, &self.parent);
+            span.end_with_timestamp(self.wall(step.end.max(step.start)));
+            let in_step = self.parent.with_span(span);
+            for phase in &step.phases {
+                let in_phase = self.span_in(&in_step, phase.name, phase.start, phase.end, vec![]);
+                if phase.name == "forward_backward" {
+                    for interval in step.work.iter().take(MAX_INTERVALS) {
+                        self.span_in(
+                            &in_phase,
+                            interval.kind.span_name(),
+                            interval.start,
+                            interval.end,
+                            vec![KeyValue::new(
+                                "weft.micro_batch",
+                                i64::from(interval.micro_batch),
+                            )],
+                        );
+                    }
                 }
+            }
+        }
+
+        fn flush(&self) {
+            if let Err(e) = self.provider.force_flush() {
+                eprintln!("weft-trainer: sending the last step traces failed: {e}");
             }
         }
     }
 
-    /// Sends what is left (the rank is about to end).
-    pub fn flush(&self) {
-        if let Err(e) = self.provider.force_flush() {
-            eprintln!("weft-trainer: sending the last step traces failed: {e}");
+    impl Drop for StepTrace {
+        fn drop(&mut self) {
+            let _ = self.provider.shutdown_with_timeout(Duration::from_secs(5));
         }
-    }
-}
-
-impl Drop for StepTrace {
-    fn drop(&mut self) {
-        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(5));
     }
 }

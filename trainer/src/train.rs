@@ -252,7 +252,7 @@ pub struct TrainConfig {
     /// load could outlast the pod's grace period).
     pub starting: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Where this rank's step traces go, when anywhere.
-    pub trace: Option<Arc<crate::steptrace::StepTrace>>,
+    pub trace: Option<Arc<dyn crate::steptrace::StepSink>>,
     /// Rank 0 draws the plan of every Nth step (`.1`) into the directory
     /// `.0` (`step-00000012.svg`), to set what ran beside what was planned.
     pub plan_svg: Option<(PathBuf, u64)>,

@@ -2166,7 +2166,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 bind_host,
                 local_rank: local_rank.unwrap_or(rank),
             };
-            config.trace = rank_trace(rank, epoch)?.map(std::sync::Arc::new);
+            config.trace = rank_trace(rank, epoch)?.map(|trace| {
+                std::sync::Arc::new(trace) as std::sync::Arc<dyn weft_trainer::steptrace::StepSink>
+            });
             let trace = config.trace.clone();
             let ended = weft_trainer::train::run_worker(rank, world, &rendezvous, &config, |m| {
                 if let Ok(json) = serde_json::to_string(m) {
