@@ -21,6 +21,12 @@ pub const FAKE_NODE_LABEL: &str = "weft.dev/fake-node";
 /// (pods placed on them run in real containers).
 pub const REAL_NODE_LABEL: &str = "weft.dev/real-node";
 
+/// The network namespace of the real nodes and their pods, and its address
+/// on the pods' bridge, as `e2e/cluster/real-nodes.sh` makes them: what is
+/// served there, the pods reach.
+pub const REAL_NODES_NETNS: &str = "weft-nodes";
+pub const REAL_NODES_BRIDGE_IP: &str = "10.244.0.1";
+
 /// The Node objects for every node of `cluster`.
 pub fn node_objects(cluster: &Cluster) -> Vec<Node> {
     cluster

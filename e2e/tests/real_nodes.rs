@@ -22,7 +22,10 @@
 //!   interruption (a step computed twice, before a failure and after the
 //!   resume from the checkpoint, has the same loss), and every checkpoint
 //!   kept matches its manifest;
-//! - deleting the job removes its pods, Service and ConfigMap.
+//! - deleting the job removes its pods, Service and ConfigMap;
+//! - the operator and the workers export traces to a collector on the pods'
+//!   network: the mesh of the epoch after the lost node names the reconcile
+//!   that published it, and the new epoch's steps are that span's children.
 //!
 //! On failure the harness prints the container logs of the pods beside the
 //! objects. Ignored unless asked for: `scripts/test real-nodes` starts the
@@ -42,10 +45,11 @@ use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use weft_crds::{Phase, TrainingJob, TrainingJobSpec, TrainingJobStatus, WorkerResources};
 use weft_e2e::jobs::{job_pods, mesh_of};
-use weft_e2e::nodes::REAL_NODE_LABEL;
+use weft_e2e::nodes::{REAL_NODE_LABEL, REAL_NODES_BRIDGE_IP, REAL_NODES_NETNS};
 use weft_e2e::replicas::holder;
 use weft_e2e::{HarnessError, TestEnv, TestNamespace, repo_root, wait_for};
 use weft_operator::build::{LABEL_JOB, mesh_config_map_name, service_name};
+use weft_telemetry::collector::{CollectedSpan, spans_of_export};
 
 const JOB: &str = "real";
 const STEPS: u64 = 150;
@@ -80,8 +84,20 @@ async fn a_job_lives_its_whole_life_in_real_containers() -> anyhow::Result<()> {
             &checkpoints,
             std::os::unix::fs::PermissionsExt::from_mode(0o777),
         )?;
+        // A collector on the pods' network, for the operator's and the
+        // workers' traces.
+        let traces = scratch.join("traces.jsonl");
+        let _collector = tokio::process::Command::new("ip")
+            .args(["netns", "exec", REAL_NODES_NETNS])
+            .arg(env!("CARGO_BIN_EXE_weft-e2e"))
+            .arg("otlp-collector")
+            .arg(format!("{REAL_NODES_BRIDGE_IP}:{COLLECTOR_PORT}"))
+            .arg(&traces)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the OTLP collector in the nodes' network")?;
         let mut stopped_kubelet = None;
-        let result = life(&ns, &checkpoints, &mut stopped_kubelet).await;
+        let result = life(&ns, &checkpoints, &traces, &mut stopped_kubelet).await;
         // A failure while a kubelet was stopped leaves the node as it was.
         if let Some(node) = stopped_kubelet {
             let _ = fault(&["start-kubelet", &node]).await;
@@ -103,9 +119,26 @@ fn volume_name(ns: &TestNamespace) -> String {
     format!("{}-checkpoints", ns.name)
 }
 
+/// Where the collector listens, on the nodes' bridge address.
+const COLLECTOR_PORT: u16 = 4318;
+
+fn collector_endpoint() -> String {
+    format!("http://{REAL_NODES_BRIDGE_IP}:{COLLECTOR_PORT}")
+}
+
+/// Every span the collector has kept in `file`.
+fn collected(file: &Path) -> Vec<CollectedSpan> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .flat_map(spans_of_export)
+        .collect()
+}
+
 async fn life(
     ns: &TestNamespace,
     checkpoints: &Path,
+    traces: &Path,
     stopped_kubelet: &mut Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -129,6 +162,8 @@ async fn life(
         &format!("image.repository={}/weft-operator", registry()),
         "--set",
         "leaderElection.leaseSeconds=5",
+        "--set",
+        &format!("tracing.otlpEndpoint={}", collector_endpoint()),
         "--wait",
         "--timeout",
         "180s",
@@ -193,6 +228,17 @@ async fn life(
             3,
         )
     };
+    // The workers' step traces go to the same collector.
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector_endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "500".to_string()),
+    ] {
+        spec.env.push(k8s_openapi::api::core::v1::EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..Default::default()
+        });
+    }
     spec.data.max_sequence_length = 512;
     spec.data.tokens_per_step = 3072;
     spec.checkpoint.claim_name = Some("checkpoints".into());
@@ -350,6 +396,14 @@ async fn life(
         "lastRecovery's fromFaultSeconds {from_fault} is not between its seconds from the new epoch ({}) and the {observed:.1} s since the kubelet stopped",
         recovery.seconds
     );
+    // The mesh of the epoch without the node names the reconcile that
+    // published it (checked against the traces at the end).
+    let recovered_epoch = status.mesh_epoch;
+    let recovery_parent = mesh_of(&config_maps, JOB)
+        .await?
+        .filter(|m| m.epoch as i64 == recovered_epoch)
+        .and_then(|m| m.trace_parent)
+        .context("the mesh of the epoch without the lost node carries no trace context")?;
     log.read(&pods).await?;
     say(&format!(
         "{lost_node} NotReady: epoch {} of 2, recovered {from_fault} s after NotReady, {} s after the new epoch (the test saw it {observed:.1} s after the kubelet stopped)",
@@ -516,6 +570,44 @@ async fn life(
         kept.contains(&STEPS),
         "the final checkpoint is not among those kept: {kept:?}"
     );
+
+    // One trace from the reconcile that published the epoch without the
+    // lost node to the steps of that epoch, on every worker.
+    let parts: Vec<&str> = recovery_parent.split('-').collect();
+    ensure!(parts.len() == 4, "{recovery_parent:?} is not a traceparent");
+    let (trace_id, span_id) = (parts[1].to_string(), parts[2].to_string());
+    let seen = wait_for(
+        "the recovery's reconcile and its epoch's steps at the collector",
+        Duration::from_secs(60),
+        || {
+            let (trace_id, span_id) = (trace_id.clone(), span_id.clone());
+            async move {
+                let spans = collected(traces);
+                let reconcile = spans.iter().any(|s| {
+                    s.name == "reconcile"
+                        && s.trace_id == trace_id
+                        && s.span_id == span_id
+                        && s.text("job") == Some(JOB)
+                });
+                let workers: BTreeSet<String> = spans
+                    .iter()
+                    .filter(|s| {
+                        s.name == "step" && s.trace_id == trace_id && s.parent_span_id == span_id
+                    })
+                    .filter(|s| {
+                        s.resource.get("weft.mesh_epoch").and_then(|v| v.as_i64())
+                            == Some(recovered_epoch)
+                    })
+                    .filter_map(|s| s.resource.get("weft.worker")?.as_str().map(String::from))
+                    .collect();
+                Ok::<_, HarnessError>((reconcile && workers.len() == 2).then_some(workers))
+            }
+        },
+    )
+    .await?;
+    say(&format!(
+        "traced: the reconcile of epoch {recovered_epoch} and the steps of {seen:?} in one trace"
+    ));
 
     // Deleting the job removes what it made.
     jobs.delete(JOB, &DeleteParams::default()).await?;

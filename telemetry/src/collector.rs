@@ -50,8 +50,14 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// On a free port of 127.0.0.1.
     pub fn start() -> std::io::Result<Collector> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Collector::start_on("127.0.0.1:0")
+    }
+
+    /// On `address` (`host:port`).
+    pub fn start_on(address: &str) -> std::io::Result<Collector> {
+        let listener = TcpListener::bind(address)?;
         let port = listener.local_addr()?.port();
         let received: Received = Arc::default();
         let keep = Arc::clone(&received);
@@ -83,10 +89,17 @@ impl Collector {
         self.requests()
             .iter()
             .filter(|(path, _)| path == "/v1/traces")
-            .filter_map(|(_, body)| serde_json::from_str::<Value>(body).ok())
-            .flat_map(|doc| spans_of(&doc))
+            .flat_map(|(_, body)| spans_of_export(body))
             .collect()
     }
+}
+
+/// The spans of one OTLP/JSON trace export (a request's body); none when it
+/// is not one.
+pub fn spans_of_export(body: &str) -> Vec<CollectedSpan> {
+    serde_json::from_str::<Value>(body)
+        .map(|doc| spans_of(&doc))
+        .unwrap_or_default()
 }
 
 /// Keep-alive HTTP/1.1: requests with a content length, one after another.
