@@ -51,6 +51,10 @@ pub const ANNOTATION_MESH_DIGEST: &str = "weft.dev/mesh-digest";
 /// then tells this, not a change from the mesh to itself.
 pub const ANNOTATION_MESH_CHANGE: &str = "weft.dev/mesh-change";
 
+/// On the mesh ConfigMap, beside [`ANNOTATION_MESH_CHANGE`]: when the fault
+/// behind that change began (RFC 3339), for the same reason.
+pub const ANNOTATION_MESH_FAULT: &str = "weft.dev/mesh-fault-time";
+
 /// The digest of a mesh ConfigMap's data: SHA-256 over each key and value,
 /// in key order, as hex.
 pub fn mesh_digest(data: &BTreeMap<String, String>) -> String {

@@ -373,6 +373,25 @@ pub fn published_change(config_map: Option<&ConfigMap>, published: &Published) -
         .then(|| note.clone())
 }
 
+/// When the fault behind the trusted `published` mesh's change began, as
+/// written beside it ([`crate::build::ANNOTATION_MESH_FAULT`]): only beside
+/// a note about that mesh's own epoch ([`published_change`]).
+pub fn published_fault(
+    config_map: Option<&ConfigMap>,
+    published: &Published,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    published_change(config_map, published)?;
+    let written = config_map?
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crate::build::ANNOTATION_MESH_FAULT)?;
+    written
+        .parse()
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+}
+
 /// The workers of `mesh`: (name, node).
 pub(crate) fn members(mesh: &MeshPlan) -> BTreeSet<(String, String)> {
     mesh.workers

@@ -9,18 +9,24 @@
 //!   published a mesh epoch into the mesh; the workers of that epoch make
 //!   their spans its children, so one trace goes from the change (a node
 //!   lost) to the first steps of the new epoch.
+//! - The exporter is the `export` feature (the default): without it, the
+//!   context alone, with no HTTP client.
 //! - With the `collector` feature, [`collector::Collector`]: an OTLP/HTTP
 //!   receiver that keeps what it is sent, for tests.
 
 use std::collections::HashMap;
 
+use opentelemetry::Context;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+#[cfg(feature = "export")]
+use {
+    opentelemetry::KeyValue,
+    opentelemetry_otlp::{Protocol, WithExportConfig},
+    opentelemetry_sdk::Resource,
+    opentelemetry_sdk::trace::SdkTracerProvider,
+};
 
 #[cfg(feature = "collector")]
 pub mod collector;
@@ -53,10 +59,23 @@ pub fn traces_endpoint(var: impl Fn(&str) -> Option<String>) -> Option<String> {
         .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
 }
 
-/// A provider exporting to `endpoint` in batches, its resource named
+/// Whether `endpoint` can be exported to: an http:// or https:// URL.
+pub fn check_endpoint(endpoint: &str) -> Result<(), ExportError> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ExportError {
+            endpoint: endpoint.to_string(),
+            reason: "the endpoint must be an http:// or https:// URL".to_string(),
+        })
+    }
+}
+
+/// A provider exporting to `endpoint` in batches (feature `export`), its resource named
 /// `service` with `attributes`. Its batches leave from a thread of its own;
 /// shut it down (or drop it) to send what is left. Make it outside an async
 /// runtime: the exporter's HTTP client blocks.
+#[cfg(feature = "export")]
 pub fn tracer_provider(
     endpoint: &str,
     service: &str,
@@ -66,11 +85,7 @@ pub fn tracer_provider(
         endpoint: endpoint.to_string(),
         reason,
     };
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        return Err(exporter_error(
-            "the endpoint must be an http:// or https:// URL".to_string(),
-        ));
-    }
+    check_endpoint(endpoint)?;
     // reqwest speaks TLS through rustls with the process's crypto provider;
     // weft uses ring (as kube does). Already installed is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -92,9 +107,12 @@ pub fn tracer_provider(
 }
 
 /// The W3C `traceparent` of the span `cx` holds; `None` when it holds no
-/// valid one (no tracing, or an unsampled no-op span).
+/// valid, sampled one (no tracing, or a span not recorded: its children
+/// would not be either).
 pub fn trace_parent(cx: &Context) -> Option<String> {
-    if !cx.span().span_context().is_valid() {
+    let span = cx.span();
+    let context = span.span_context();
+    if !(context.is_valid() && context.is_sampled()) {
         return None;
     }
     let mut carrier = HashMap::new();
@@ -153,6 +171,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "export")]
     #[test]
     fn an_endpoint_that_is_not_a_url_is_refused_by_name() {
         let err = tracer_provider("otel:4318", "weft", vec![]).err().unwrap();
@@ -179,8 +198,20 @@ mod tests {
         assert_eq!(read.span().span_context().trace_id(), span.trace_id());
         assert_eq!(read.span().span_context().span_id(), span.span_id());
         assert!(read.span().span_context().is_remote());
-        // Nothing to carry, and nothing carried by a bad value.
+        // Nothing to carry (no span, or one not sampled), and nothing
+        // carried by a bad value.
         assert_eq!(trace_parent(&Context::new()), None);
+        let unsampled = SpanContext::new(
+            span.trace_id(),
+            span.span_id(),
+            TraceFlags::default(),
+            false,
+            TraceState::default(),
+        );
+        assert_eq!(
+            trace_parent(&Context::new().with_remote_span_context(unsampled)),
+            None
+        );
         for bad in [
             "",
             "00-zz-00f067aa0ba902b7-01",

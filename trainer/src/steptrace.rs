@@ -175,8 +175,9 @@ mod exporter {
             if left_out > 0 {
                 attributes.push(KeyValue::new("weft.intervals_left_out", left_out as i64));
             }
-            // The step's span ends after its children are made: their context
-            // needs its span context, which exists once it starts.
+            // Every span is made after the fact with its own times: the
+            // step's is ended (at its end time) before its children are
+            // made under its context.
             let mut span = self
                 .tracer
                 .span_builder("step")

@@ -552,7 +552,7 @@ fn a_rank_that_panics_fails_its_pod_with_the_panics_message() {
     assert_eq!(status.code(), Some(2), "{log}");
     let message = std::fs::read_to_string(&termination).unwrap();
     assert!(
-        message.starts_with("rank 0 failed in epoch 2: panicked: ")
+        message.starts_with("rank 0 failed in epoch 2: panicked at ")
             && message.contains("failed printing to stdout"),
         "{message}"
     );
@@ -678,6 +678,29 @@ fn each_ranks_steps_are_traced_under_the_reconcile_that_published_its_epoch() {
         }
         assert!(attention > 0, "rank {rank} traced no ring attention");
     }
+    // A collector no rank could send to is refused before any rank starts,
+    // naming the variable, as the job's other settings are.
+    let out = pod_command(
+        &dir,
+        &dir.join("training.json"),
+        &mesh.workers[0].name,
+        steps,
+        &flags,
+    )
+    .env("OTEL_EXPORTER_OTLP_ENDPOINT", "otel-collector:4318")
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(weft_crds::SETTINGS_REFUSED_EXIT),
+        "{err}"
+    );
+    assert!(
+        err.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && err.contains("otel-collector:4318"),
+        "{err}"
+    );
+    assert!(!err.contains("ranks ["), "a rank started: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

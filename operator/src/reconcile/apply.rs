@@ -26,8 +26,11 @@ pub const WORKER_STATUS_FIELDS: [&str; 6] = [
 ];
 
 /// The operator's status fields that it removes when its status has none
-/// (a fault belongs to the membership change it caused alone).
-const CLEARED_WHEN_ABSENT: [&str; 1] = ["lastFaultTime"];
+/// (a fault belongs to the membership change it caused alone), by path; a
+/// nested one where its parent object is written (a merge patch merges
+/// objects: a recovery without a fault would keep the last one's).
+const CLEARED_WHEN_ABSENT: [&[&str]; 2] =
+    [&["lastFaultTime"], &["lastRecovery", "fromFaultSeconds"]];
 
 /// Applies `object` in `namespace` (server-side apply, as the operator's
 /// field manager, taking over fields another manager set).
@@ -116,7 +119,7 @@ pub(crate) async fn create_worker(pods: &Api<Pod>, pod: &Pod, job_uid: &str) -> 
 const WRITE_TRIES: usize = 4;
 
 /// The operator's part of a status: all but what the workers write.
-fn operators_part(
+pub(crate) fn operators_part(
     status: Option<&TrainingJobStatus>,
 ) -> Result<serde_json::Value, ControllerError> {
     let mut part =
@@ -128,8 +131,21 @@ fn operators_part(
             fields.remove(field);
         }
         // A merge patch keeps what it does not name: these are cleared.
-        for field in CLEARED_WHEN_ABSENT {
-            fields.entry(field).or_insert(serde_json::Value::Null);
+        for path in CLEARED_WHEN_ABSENT {
+            let Some((leaf, parents)) = path.split_last() else {
+                continue;
+            };
+            let mut object = Some(&mut *fields);
+            for parent in parents {
+                object = object
+                    .and_then(|o| o.get_mut(*parent))
+                    .and_then(|v| v.as_object_mut());
+            }
+            if let Some(object) = object {
+                object
+                    .entry(leaf.to_string())
+                    .or_insert(serde_json::Value::Null);
+            }
         }
     }
     Ok(part)

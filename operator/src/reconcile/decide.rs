@@ -72,6 +72,9 @@ pub struct Seen {
     /// How the trusted published mesh changed the membership
     /// ([`crate::build::ANNOTATION_MESH_CHANGE`]).
     pub published_change: Option<String>,
+    /// When the fault behind that change began
+    /// ([`crate::build::ANNOTATION_MESH_FAULT`]).
+    pub published_fault: Option<Time>,
     /// How long ago this job's workers were refused below `workers.min`
     /// (the operator's memory; none after a restart).
     pub refused_ago: Option<Duration>,
@@ -692,9 +695,40 @@ pub fn conclude(
                 _ => false,
             };
             let told_beside = seen.published_change.clone().filter(|_| published_here);
-            let change = if epoch.moved {
-                status.last_fault_time = fault_began(&epoch, mesh, &placing.pods, &seen.nodes, job)
+            // The fault behind the epoch's change: as written beside the
+            // mesh when it was published (by this reconcile or an earlier
+            // one whose status write was lost), else as seen now.
+            let fault = if published_here {
+                seen.published_fault.clone()
+            } else if epoch.moved {
+                let seen_now = fault_began(&epoch, mesh, &placing.pods, &seen.nodes, job)
                     .filter(|fault| fault.0 <= now.0);
+                // An epoch that never trained was not a recovery: the fault
+                // before it is still being recovered from.
+                let untrained = status
+                    .epoch_first_step
+                    .as_ref()
+                    .is_none_or(|first| first.mesh_epoch < status.mesh_epoch);
+                let before = status.last_fault_time.clone().filter(|_| untrained);
+                match (before, seen_now) {
+                    (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                    (a, b) => a.or(b),
+                }
+            } else {
+                None
+            };
+            if let (Some(config_map), Some(fault)) = (decision.mesh.as_mut(), &fault) {
+                config_map
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(
+                        crate::build::ANNOTATION_MESH_FAULT.to_string(),
+                        fault.0.to_string(),
+                    );
+            }
+            let change = if epoch.moved {
+                status.last_fault_time = fault;
                 status.last_rescale_time = Some(now.clone());
                 let change = match told_beside {
                     Some(note) => Tell::normal("MeshEpoch", note),
@@ -816,7 +850,6 @@ fn after_deletions(pods: &[Pod], deleted: &[Deletion], now: &Time) -> Vec<Pod> {
         .collect()
 }
 
-/// The `MeshEpoch` event: the new mesh, who joined and who left.
 /// When the fault that made the previous mesh's workers leave began, as the
 /// cluster recorded it: for each worker of the previous mesh that did not
 /// stay (alive, and in the new `mesh` where it was), its node's turn to
@@ -865,8 +898,15 @@ fn fault_began(
             .iter()
             .filter(|p| p.metadata.name.as_deref() == Some(name))
         {
+            // Set to when the grace period ends: asked that long before.
             if let Some(time) = &pod.metadata.deletion_timestamp {
-                saw(time);
+                let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+                if let Ok(asked) = time
+                    .0
+                    .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+                {
+                    saw(&Time(asked));
+                }
             }
             let failed = pod
                 .status
@@ -893,6 +933,7 @@ fn fault_began(
     began
 }
 
+/// The `MeshEpoch` event: the new mesh, who joined and who left.
 fn mesh_epoch_event(mesh: &MeshPlan, epoch: &NextEpoch, unreadable: &[InventoryError]) -> Tell {
     // The previous mesh's live workers the new one keeps stayed; every other
     // worker of the previous mesh left.

@@ -11,7 +11,8 @@ use weft_crds::{Phase, TrainingJob};
 use super::decide::Seen;
 use crate::build::LABEL_JOB;
 use crate::controller::{
-    Context, ControllerError, owned_by, published_change, read_published, recorded_epoch, terminal,
+    Context, ControllerError, owned_by, published_change, published_fault, read_published,
+    recorded_epoch, terminal,
 };
 use crate::status::JobClaim;
 
@@ -82,8 +83,8 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
         }
     }
     let recorded = recorded_epoch(&job);
-    let (published, published_change) = if ended || job.spec.suspend {
-        (crate::controller::Published::Absent, None)
+    let (published, published_change, published_fault) = if ended || job.spec.suspend {
+        (crate::controller::Published::Absent, None, None)
     } else {
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         let name = job.name_any();
@@ -93,7 +94,8 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
             .await?;
         let published = read_published(config_map.as_ref(), &name, recorded);
         let change = published_change(config_map.as_ref(), &published);
-        (published, change)
+        let fault = published_fault(config_map.as_ref(), &published);
+        (published, change, fault)
     };
     let refused_ago = ctx.refused_below_min(job.meta().uid.as_deref().unwrap_or_default());
     Ok(Seen {
@@ -104,6 +106,7 @@ pub(crate) async fn observe(ctx: &Context, job: TrainingJob) -> Result<Seen, Con
         cluster_pods: ctx.pods.state(),
         published,
         published_change,
+        published_fault,
         refused_ago,
         trace_parent: {
             use tracing_opentelemetry::OpenTelemetrySpanExt;

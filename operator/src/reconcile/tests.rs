@@ -27,6 +27,7 @@ fn seen(job: TrainingJob, pods: Vec<Pod>, nodes: usize) -> Seen {
         nodes: (0..nodes).map(|i| gpu_node(&format!("n{i}"))).collect(),
         published: Published::Absent,
         published_change: None,
+        published_fault: None,
         refused_ago: None,
         trace_parent: None,
     }
@@ -545,6 +546,39 @@ fn a_mesh_carries_the_trace_context_of_the_reconcile_that_published_its_epoch() 
     assert_eq!(published_mesh(&next).trace_parent.as_deref(), Some(LATER));
 }
 
+/// The status write names what the operator's status no longer has, so the
+/// merge patch clears it (a fault of an earlier change, nested in a
+/// recovery too), and leaves the workers' fields alone.
+#[test]
+fn the_status_write_clears_what_the_status_no_longer_has() {
+    use super::apply::operators_part;
+    let mut status = TrainingJobStatus {
+        last_recovery: Some(weft_crds::Recovery {
+            mesh_epoch: 3,
+            seconds: 4,
+            from_fault_seconds: None,
+        }),
+        step: 40,
+        ..Default::default()
+    };
+    let part = operators_part(Some(&status)).unwrap();
+    assert_eq!(part.get("lastFaultTime"), Some(&serde_json::Value::Null));
+    assert_eq!(
+        part["lastRecovery"].get("fromFaultSeconds"),
+        Some(&serde_json::Value::Null)
+    );
+    assert_eq!(part.get("step"), None, "a worker's field");
+    status.last_fault_time = Some(at(NOW));
+    status.last_recovery.as_mut().unwrap().from_fault_seconds = Some(9);
+    let part = operators_part(Some(&status)).unwrap();
+    assert_eq!(part["lastRecovery"]["fromFaultSeconds"], 9);
+    assert!(part["lastFaultTime"].is_string(), "{part}");
+    // No recovery yet: nothing to merge into, nothing written.
+    status.last_recovery = None;
+    let part = operators_part(Some(&status)).unwrap();
+    assert_eq!(part.get("lastRecovery"), None);
+}
+
 /// `node`, NotReady since `since`.
 fn not_ready(
     node: &Arc<k8s_openapi::api::core::v1::Node>,
@@ -569,11 +603,23 @@ fn a_change_records_when_the_fault_behind_it_began() {
         TrainingJobStatus {
             phase: Phase::Running,
             last_rescale_time: Some(at(NOW - 600)),
-            // The fault of an earlier change is not this one's.
+            // The fault of an earlier change, recovered from (epoch 1
+            // trained), is not this one's.
             last_fault_time: Some(at(NOW - 700)),
+            epoch_first_step: Some(weft_crds::EpochFirstStep {
+                mesh_epoch: 1,
+                step: 1,
+                time: at(NOW - 590),
+            }),
             ..first.1.status.clone().unwrap()
         },
     );
+    // Epoch 1 never trained: its fault is still being recovered from.
+    let untrained = {
+        let mut status = running.status.clone().unwrap();
+        status.epoch_first_step = None;
+        with_status(running.clone(), status)
+    };
     let pods: Vec<Pod> = members
         .iter()
         .map(|(name, node)| worker(&running, name, node, 1, "Running"))
@@ -628,15 +674,17 @@ fn a_change_records_when_the_fault_behind_it_began() {
             .finished_at = Some(at(NOW - 9));
         pods
     };
+    // Deleted 5 s ago with 30 s of grace: the time set is when it ends.
     let deleting = {
         let mut pods = pods.clone();
-        pods[1].metadata.deletion_timestamp = Some(at(NOW - 5));
+        pods[1].metadata.deletion_timestamp = Some(at(NOW + 25));
+        pods[1].metadata.deletion_grace_period_seconds = Some(30);
         pods
     };
     let rows: Vec<(&str, Seen, Option<i64>)> = vec![
         (
             "its node NotReady: the node's turn",
-            on_nodes(pods.clone(), lost_node),
+            on_nodes(pods.clone(), lost_node.clone()),
             Some(NOW - 42),
         ),
         (
@@ -658,6 +706,11 @@ fn a_change_records_when_the_fault_behind_it_began() {
             "its pod gone without a trace: no time to tell",
             on_nodes(pods[..1].to_vec(), nodes.clone()),
             None,
+        ),
+        (
+            "after an epoch that never trained: the fault before it",
+            seen_as(&untrained, pods.clone(), lost_node.clone()),
+            Some(NOW - 700),
         ),
     ];
     for (case, seen, fault) in rows {
@@ -923,6 +976,8 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
     let mesh_1 = first.1.mesh.clone().unwrap();
     let mut recorded = first.1.status.clone().unwrap();
     recorded.phase = Phase::Running;
+    // Published 10 s before the failure was counted.
+    recorded.last_rescale_time = Some(at(NOW - 10));
     recorded.restarts = 1;
     recorded.recent_failures = vec![WorkerFailure {
         worker: "llm-worker-1".into(),
@@ -985,14 +1040,23 @@ fn a_lost_worker_is_told_by_name_and_its_deleted_pod_is_not_counted() {
         let published = crate::controller::read_published(Some(mesh), "llm", recorded);
         Seen {
             published_change: crate::controller::published_change(Some(mesh), &published),
+            published_fault: crate::controller::published_fault(Some(mesh), &published),
             published,
             ..seen(job.clone(), pods, 3)
         }
     };
     let retry = observed(&mesh_2, 1, &running, pods.clone());
     assert_eq!(retry.published_change.as_deref(), Some(change.as_str()));
+    // And the fault behind it (the failure counted), written beside it.
+    assert_eq!(status.last_fault_time, Some(at(NOW - 1)));
+    assert_eq!(retry.published_fault, Some(at(NOW - 1)));
     let (again, redecided) = place_and_conclude(&retry, &[]);
     assert_eq!(published_epoch(&redecided), Some(2), "the same epoch");
+    assert_eq!(
+        redecided.status.as_ref().unwrap().last_fault_time,
+        Some(at(NOW - 1)),
+        "the fault as the lost write saw it"
+    );
     assert!(again.create.is_empty(), "{:?}", again.create);
     let told_again: Vec<_> = redecided
         .events

@@ -2306,7 +2306,7 @@ fn main() -> ExitCode {
     let report_panic = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report_panic(info);
-        last_words(&format!("panicked: {info}"));
+        last_words(&info.to_string());
     }));
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
@@ -2375,6 +2375,12 @@ fn worker_preflight(
             return Ok(Err(out));
         }
         check_job_fields(&training)?;
+        // A collector named in the job's env that no rank could send to.
+        if let Some(endpoint) = weft_telemetry::traces_endpoint(|name| std::env::var(name).ok()) {
+            weft_telemetry::check_endpoint(&endpoint).context(
+                "the job's env (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT) names the step traces' collector",
+            )?;
+        }
         let config = args.config(1)?;
         Ok(Ok((env, args, config)))
     };
