@@ -1443,68 +1443,79 @@ pub fn run_worker(
         // Every rank knows a checkpoint is due (the epoch's stop is agreed):
         // rank 0 writes it while the others wait, however long it takes.
         let mut written = false;
+        let mut saved = Ok(());
         if let Some(dir) = &config.checkpoint_dir
             && (due || done == config.steps || stop_for_epoch)
         {
             let saving = Instant::now();
-            save_while_peers_wait(rank, &mut group, device, || -> Result<(), TrainError> {
-                let state = CheckpointState {
-                    step: done,
-                    next_sample,
-                    seed: config.seed,
-                    model: config.model.clone(),
-                    world,
-                    data_order: config.data_order,
-                    buckets: bucket_cursor,
-                    corpus_digest: Some(data_identity.corpus_digest.clone()),
-                    tokens_per_step: Some(config.tokens_per_step),
-                    max_seq_len: Some(config.max_seq_len),
-                    architecture: Some(config.architecture.clone()),
-                };
-                crate::checkpoint::check_finite(done, &params)?;
-                crate::checkpoint::check_finite(done, &optimizer.moments())?;
-                // Model, and both AdamW moments of the same size.
-                let tensor_bytes: u64 = params
-                    .iter()
-                    .map(|(_, p)| 3 * p.numel() as u64 * p.kind().elt_size_in_bytes() as u64)
-                    .sum();
-                let request = SaveRequest {
-                    root: dir,
-                    state: &state,
-                    keep: config.checkpoint_keep.max(1),
-                    tensor_bytes,
-                };
-                crate::checkpoint::save(&request, |staging| {
-                    match &config.hf_model {
-                        // The model as the Hugging Face model it started from,
-                        // which transformers loads from the checkpoint as it is.
-                        Some((dir, hf)) => {
-                            let out = staging.join(crate::checkpoint::HF_MODEL_DIR);
-                            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-                            crate::hf::write_model(
-                                &model,
-                                hf,
-                                Some(config.tokenizer_files(dir)),
-                                &out,
-                                crate::hf::SHARD_BYTES,
-                            )
-                            .map_err(|e| e.to_string())?;
+            saved =
+                save_while_peers_wait(rank, &mut group, device, || -> Result<(), TrainError> {
+                    let state = CheckpointState {
+                        step: done,
+                        next_sample,
+                        seed: config.seed,
+                        model: config.model.clone(),
+                        world,
+                        data_order: config.data_order,
+                        buckets: bucket_cursor,
+                        corpus_digest: Some(data_identity.corpus_digest.clone()),
+                        tokens_per_step: Some(config.tokens_per_step),
+                        max_seq_len: Some(config.max_seq_len),
+                        architecture: Some(config.architecture.clone()),
+                    };
+                    crate::checkpoint::check_finite(done, &params)?;
+                    crate::checkpoint::check_finite(done, &optimizer.moments())?;
+                    // Model, and both AdamW moments of the same size.
+                    let tensor_bytes: u64 = params
+                        .iter()
+                        .map(|(_, p)| 3 * p.numel() as u64 * p.kind().elt_size_in_bytes() as u64)
+                        .sum();
+                    let request = SaveRequest {
+                        root: dir,
+                        state: &state,
+                        keep: config.checkpoint_keep.max(1),
+                        tensor_bytes,
+                    };
+                    crate::checkpoint::save(&request, |staging| {
+                        match &config.hf_model {
+                            // The model as the Hugging Face model it started from,
+                            // which transformers loads from the checkpoint as it is.
+                            Some((dir, hf)) => {
+                                let out = staging.join(crate::checkpoint::HF_MODEL_DIR);
+                                std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+                                crate::hf::write_model(
+                                    &model,
+                                    hf,
+                                    Some(config.tokenizer_files(dir)),
+                                    &out,
+                                    crate::hf::SHARD_BYTES,
+                                )
+                                .map_err(|e| e.to_string())?;
+                            }
+                            None => vs
+                                .save(staging.join(crate::checkpoint::MODEL_FILE))
+                                .map_err(|e| e.to_string())?,
                         }
-                        None => vs
-                            .save(staging.join(crate::checkpoint::MODEL_FILE))
-                            .map_err(|e| e.to_string())?,
-                    }
-                    optimizer
-                        .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
-                        .map_err(|e| e.to_string())
-                })?;
-                written = true;
-                Ok(())
-            })?;
+                        optimizer
+                            .save(&staging.join(crate::checkpoint::OPTIMIZER_FILE))
+                            .map_err(|e| e.to_string())
+                    })?;
+                    written = true;
+                    Ok(())
+                });
             phases.push(Phase::new("checkpoint", saving, Instant::now()));
         }
         if written {
             metrics.checkpoint = Some(done);
+        }
+        // A step whose checkpoint was written is done even when a peer was
+        // lost while rank 0 wrote it (the next epoch resumes after it): it
+        // is reported before the failure is.
+        if let Err(e) = saved {
+            if written && rank == 0 {
+                report(&metrics);
+            }
+            return Err(e);
         }
         if let Some(trace) = &config.trace {
             use opentelemetry::KeyValue;
