@@ -724,6 +724,23 @@ pub fn slim_node(node: &mut Node) {
     }
 }
 
+/// What a reconcile keeps of its job's own pods (listed, or as created):
+/// all but the managed fields and the containers' environment and mounts
+/// and the pod's volumes, which its decisions never read and which are most
+/// of a worker pod; a 256-worker job holds several copies of its pods while
+/// it places them.
+pub fn slim_worker(mut pod: Pod) -> Pod {
+    pod.metadata.managed_fields = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes = None;
+        for container in &mut spec.containers {
+            container.env = None;
+            container.volume_mounts = None;
+        }
+    }
+    pod
+}
+
 /// What the operator keeps of a pod of the cluster: its name, labels,
 /// deletion mark, node (bound, or pinned by node selector or affinity), GPU
 /// limits and phase,
@@ -1322,6 +1339,52 @@ mod tests {
             }
             other => panic!("expected Unreadable, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_jobs_own_pods_keep_what_its_decisions_read() {
+        let job = crate::testing::job(2, 2);
+        let mut full = crate::testing::exited(
+            crate::testing::worker(&job, "llm-worker-1", "n1", 3, "Running"),
+            1,
+            "rendezvous store at llm-worker-0.llm:29503 failed",
+        );
+        full.metadata.managed_fields = Some(vec![Default::default(); 3]);
+        full.metadata.deletion_timestamp = Some(crate::testing::at(5));
+        if let Some(spec) = full.spec.as_mut() {
+            spec.containers[0].env = Some(vec![Default::default(); 4]);
+            spec.containers[0].volume_mounts = Some(vec![Default::default(); 2]);
+            spec.volumes = Some(vec![Default::default(); 2]);
+        }
+        let slim = slim_worker(full.clone());
+        assert_eq!(slim.metadata.managed_fields, None);
+        let spec = slim.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none());
+        assert!(spec.containers[0].env.is_none() && spec.containers[0].volume_mounts.is_none());
+        // What the decisions read is as it was.
+        assert_eq!(slim.metadata.labels, full.metadata.labels);
+        assert_eq!(
+            slim.metadata.owner_references,
+            full.metadata.owner_references
+        );
+        assert_eq!(
+            slim.metadata.deletion_timestamp,
+            full.metadata.deletion_timestamp
+        );
+        assert_eq!(slim.status, full.status);
+        assert_eq!(spec.node_name, full.spec.as_ref().unwrap().node_name);
+        assert_eq!(
+            spec.node_selector,
+            full.spec.as_ref().unwrap().node_selector
+        );
+        assert_eq!(
+            spec.containers[0].resources,
+            full.spec.as_ref().unwrap().containers[0].resources
+        );
+        assert_eq!(
+            crate::lifecycle::failure_reason(&slim),
+            crate::lifecycle::failure_reason(&full)
+        );
     }
 
     #[test]

@@ -309,8 +309,8 @@ pub(crate) async fn create_workers(
     let mut leaving = false;
     for (worker, creation) in creations {
         match creation {
-            Creation::Made(pod) => created.made.push(*pod),
-            Creation::Exists(pod) => created.found.push(*pod),
+            Creation::Made(pod) => created.made.push(crate::controller::slim_worker(*pod)),
+            Creation::Exists(pod) => created.found.push(crate::controller::slim_worker(*pod)),
             Creation::Refused(why) => created.refused.push((worker, why)),
             Creation::Leaving => leaving = true,
             Creation::Failed(e) => failed = Some(e),

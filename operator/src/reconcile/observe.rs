@@ -29,7 +29,11 @@ pub(crate) async fn list_job_pods(
         .instrument(tracing::info_span!("list_job_pods"))
         .await?
         .items;
-    Ok(listed.into_iter().filter(|p| owned_by(p, uid)).collect())
+    Ok(listed
+        .into_iter()
+        .filter(|p| owned_by(p, uid))
+        .map(crate::controller::slim_worker)
+        .collect())
 }
 
 /// The job named as `cached` is, as the API server holds it now (not as the
