@@ -37,14 +37,28 @@ pub const RECENT_FAILURES: usize = 16;
 
 /// A container's termination message in a line: its last non-empty line
 /// (a worker writes its error there in one; the kubelet may fill it with
-/// the log's last lines instead), cut to 512 bytes.
+/// the log's last lines instead, of which libtorch's own warnings and notes
+/// say nothing of why it ended, and are passed over), cut to 512 bytes.
 fn message_line(message: &str) -> Option<String> {
-    let line = message.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    let line = message
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !libtorch_note(l))?;
     let mut end = line.len().min(512);
     while !line.is_char_boundary(end) {
         end -= 1;
     }
     Some(line[..end].to_string())
+}
+
+/// A line libtorch logs as a warning or a note (`[W1208 01:05:25.264 socket.cpp:207] ...`,
+/// glog's form: the level, the month and day, the time, the source).
+fn libtorch_note(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("[W").or_else(|| line.strip_prefix("[I")) else {
+        return false;
+    };
+    let date = rest.get(..4).unwrap_or_default();
+    date.len() == 4 && date.bytes().all(|b| b.is_ascii_digit()) && rest[4..].starts_with(' ')
 }
 
 /// Why a pod failed, in a line: the first terminated container's reason and
@@ -339,6 +353,33 @@ mod tests {
         spec.elasticity.restart_limit = limit;
         spec.elasticity.rescale_cooldown_seconds = cooldown;
         TrainingJob::new("llm", spec)
+    }
+
+    /// A container killed before it could say why leaves its log's last
+    /// lines: libtorch's warnings there are not the reason.
+    #[test]
+    fn libtorchs_warnings_are_not_a_failures_reason() {
+        let killed = exited(
+            pod("llm-w1", "u1", "Running", 0),
+            137,
+            "weft-trainer worker llm-w1: epoch 2: ranks [1] of 2\n[W1208 01:05:25.264663868 socket.cpp:207] [c10d] The hostname of the client socket cannot be retrieved. err=-3\n",
+        );
+        assert_eq!(
+            failure_reason(&killed),
+            "container trainer exited with code 137 (Error): weft-trainer worker llm-w1: epoch 2: ranks [1] of 2"
+        );
+        let only_warnings = exited(
+            pod("llm-w1", "u1", "Running", 0),
+            137,
+            "[W1208 01:05:25.264663868 socket.cpp:207] [c10d] err=-3\n[I1208 01:05:26.1 x.cpp:1] note",
+        );
+        assert_eq!(
+            failure_reason(&only_warnings),
+            "container trainer exited with code 137 (Error)"
+        );
+        // A line that only looks a little like one is kept.
+        assert!(!libtorch_note("[Worker 3] lost"));
+        assert!(libtorch_note("[W1208 01:05:25.264663868 socket.cpp:207] x"));
     }
 
     #[test]

@@ -1508,15 +1508,6 @@ pub fn run_worker(
         if written {
             metrics.checkpoint = Some(done);
         }
-        // A step whose checkpoint was written is done even when a peer was
-        // lost while rank 0 wrote it (the next epoch resumes after it): it
-        // is reported before the failure is.
-        if let Err(e) = saved {
-            if written && rank == 0 {
-                report(&metrics);
-            }
-            return Err(e);
-        }
         if let Some(trace) = &config.trace {
             use opentelemetry::KeyValue;
             trace.step(&StepSpans {
@@ -1531,6 +1522,15 @@ pub fn run_worker(
                 phases,
                 work: &outcome.intervals,
             });
+        }
+        // A step whose checkpoint was written is done even when a peer was
+        // lost while rank 0 wrote it (the next epoch resumes after it): it
+        // is reported before the failure is.
+        if let Err(e) = saved {
+            if written && rank == 0 {
+                report(&metrics);
+            }
+            return Err(e);
         }
         if rank == 0 {
             report(&metrics);

@@ -700,6 +700,10 @@ pub fn conclude(
             // one whose status write was lost), else as seen now.
             let fault = if published_here {
                 seen.published_fault.clone()
+            } else if previous_phase == Some(Phase::Suspended) {
+                // A resume: the workers it starts left because they were
+                // asked to, and any fault before is not what it recovers from.
+                None
             } else if epoch.moved {
                 let seen_now = fault_began(&epoch, mesh, &placing.pods, &seen.nodes, job)
                     .filter(|fault| fault.0 <= now.0);

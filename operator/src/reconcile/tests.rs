@@ -614,6 +614,13 @@ fn a_change_records_when_the_fault_behind_it_began() {
             ..first.1.status.clone().unwrap()
         },
     );
+    // Suspended (before epoch 1 trained) and resumed.
+    let resumed = {
+        let mut status = running.status.clone().unwrap();
+        status.phase = Phase::Suspended;
+        status.epoch_first_step = None;
+        with_status(running.clone(), status)
+    };
     // Epoch 1 never trained: its fault is still being recovered from.
     let untrained = {
         let mut status = running.status.clone().unwrap();
@@ -699,7 +706,7 @@ fn a_change_records_when_the_fault_behind_it_began() {
         ),
         (
             "its pod deleted: the deletion",
-            on_nodes(deleting, nodes.clone()),
+            on_nodes(deleting.clone(), nodes.clone()),
             Some(NOW - 5),
         ),
         (
@@ -711,6 +718,11 @@ fn a_change_records_when_the_fault_behind_it_began() {
             "after an epoch that never trained: the fault before it",
             seen_as(&untrained, pods.clone(), lost_node.clone()),
             Some(NOW - 700),
+        ),
+        (
+            "a resume: its workers were asked to leave",
+            seen_as(&resumed, deleting.clone(), nodes.clone()),
+            None,
         ),
     ];
     for (case, seen, fault) in rows {
