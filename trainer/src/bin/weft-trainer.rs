@@ -2599,6 +2599,8 @@ fn pod_worker(
         _ => None,
     };
     let checkpoints = args.checkpoint_dir.clone().unwrap_or_default();
+    // The threads relaying rank 0's output, one per epoch it ran here.
+    let mut relays: Vec<std::thread::JoinHandle<()>> = Vec::new();
     // SIGTERM (the pod is being deleted): the ranks stop after a checkpoint
     // instead of being killed at the end of the grace period.
     // The ranks' last words, for this worker's life.
@@ -2669,7 +2671,7 @@ fn pod_worker(
             if let (Some(out), Some(tx)) = (child.stdout.take(), progress) {
                 let checkpoints = checkpoints.clone();
                 let epoch = place.epoch;
-                std::thread::spawn(move || {
+                relays.push(std::thread::spawn(move || {
                     use std::io::BufRead;
                     for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                         println!("{line}");
@@ -2692,12 +2694,25 @@ fn pod_worker(
                             });
                         }
                     }
-                });
+                }));
             }
             Ok(child)
         },
         |line| eprintln!("weft-trainer worker {worker}: {line}"),
     );
+    // Rank 0's last lines (its last step, the checkpoint it stopped with)
+    // reach the log and the job's status before the worker ends: its ranks
+    // have ended, so each relay ends with their output (bounded all the
+    // same: a relay that does not end is not waited for).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for relay in relays {
+        while !relay.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if relay.is_finished() {
+            let _ = relay.join();
+        }
+    }
     if let (Some(reporter), Some(link)) = (reporter.into_inner().flatten(), &link) {
         reporter.finish(link);
     }
