@@ -375,14 +375,7 @@ async fn life(
     // The fault is the node's turn to NotReady, and the recovery is
     // measured from it.
     let node = Api::<Node>::all(ns.client.clone()).get(&lost_node).await?;
-    let not_ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .find(|c| c.type_ == "Ready" && c.status != "True")
-        .and_then(|c| c.last_transition_time.clone());
+    let not_ready = weft_operator::inventory::not_ready_since(&node).cloned();
     ensure!(
         not_ready.is_some() && status.last_fault_time == not_ready,
         "lastFaultTime {:?} is not when {lost_node} turned NotReady ({not_ready:?})",

@@ -71,6 +71,22 @@ impl InventoryError {
     }
 }
 
+/// When `node` turned not Ready (its Ready condition False or Unknown, as of
+/// the condition's last transition); `None` for a Ready node, or one whose
+/// condition says no time.
+pub fn not_ready_since(
+    node: &KubeNode,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status != "True")?
+        .last_transition_time
+        .as_ref()
+}
+
 /// The GPU preset whose product label is `product`.
 pub fn gpu_model_for_product(product: &str) -> Option<GpuModel> {
     GpuModel::PRESETS

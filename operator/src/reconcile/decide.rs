@@ -883,20 +883,12 @@ fn fault_began(
         .cloned()
         .collect();
     for (name, node) in epoch.previous.difference(&stayed) {
-        if let Some(node) = nodes
+        if let Some(time) = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node))
+            .and_then(|n| crate::inventory::not_ready_since(n))
         {
-            let not_ready = node
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .into_iter()
-                .flatten()
-                .find(|c| c.type_ == "Ready" && c.status != "True");
-            if let Some(time) = not_ready.and_then(|c| c.last_transition_time.as_ref()) {
-                saw(time);
-            }
+            saw(time);
         }
         for pod in pods
             .iter()

@@ -46,6 +46,19 @@ fn with_status(mut job: TrainingJob, status: TrainingJobStatus) -> TrainingJob {
     job
 }
 
+/// `job` with one failure of `worker` counted, at `time`.
+fn with_failure(job: &TrainingJob, worker: &str, reason: &str, time: i64) -> TrainingJob {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.restarts = 1;
+    status.recent_failures = vec![WorkerFailure {
+        worker: worker.into(),
+        uid: format!("uid-{worker}"),
+        reason: reason.into(),
+        time: at(time),
+    }];
+    with_status(job.clone(), status)
+}
+
 fn reasons(decision: &Decision) -> Vec<&str> {
     decision.events.iter().map(|e| e.reason.as_str()).collect()
 }
@@ -393,17 +406,7 @@ fn the_epoch_moves_exactly_when_the_membership_does() {
         .collect();
     let trusted = crate::controller::read_published(Some(&mesh_1), "llm", 1);
     assert!(matches!(trusted, Published::Trusted(_)), "{trusted:?}");
-    let counted = {
-        let mut status = running.status.clone().unwrap();
-        status.restarts = 1;
-        status.recent_failures = vec![WorkerFailure {
-            worker: members[1].0.clone(),
-            uid: format!("uid-{}", members[1].0),
-            reason: "exit 1".into(),
-            time: at(NOW - 1),
-        }];
-        with_status(running.clone(), status)
-    };
+    let counted = with_failure(&running, &members[1].0, "exit 1", NOW - 1);
     let mut lost = pods.clone();
     lost[1] = exited(lost[1].clone(), 1, "NCCL timeout");
 
@@ -525,17 +528,7 @@ fn a_mesh_carries_the_trace_context_of_the_reconcile_that_published_its_epoch() 
     );
     let mut lost = pods.clone();
     lost[1] = exited(lost[1].clone(), 1, "gone");
-    let counted = {
-        let mut status = running.status.clone().unwrap();
-        status.restarts = 1;
-        status.recent_failures = vec![WorkerFailure {
-            worker: lost[1].name_any(),
-            uid: lost[1].metadata.uid.clone().unwrap_or_default(),
-            reason: "exit 1".into(),
-            time: at(NOW - 1),
-        }];
-        with_status(running.clone(), status)
-    };
+    let counted = with_failure(&running, &lost[1].name_any(), "exit 1", NOW - 1);
     let changed = Seen {
         published,
         trace_parent: Some(LATER.into()),
@@ -632,17 +625,7 @@ fn a_change_records_when_the_fault_behind_it_began() {
         .map(|(name, node)| worker(&running, name, node, 1, "Running"))
         .collect();
     let trusted = crate::controller::read_published(Some(&mesh_1), "llm", 1);
-    let counted = {
-        let mut status = running.status.clone().unwrap();
-        status.restarts = 1;
-        status.recent_failures = vec![WorkerFailure {
-            worker: members[1].0.clone(),
-            uid: format!("uid-{}", members[1].0),
-            reason: "exit 137".into(),
-            time: at(NOW - 3),
-        }];
-        with_status(running.clone(), status)
-    };
+    let counted = with_failure(&running, &members[1].0, "exit 137", NOW - 3);
     let seen_as =
         |job: &TrainingJob, pods: Vec<Pod>, nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>| {
             let mut seen = Seen {
