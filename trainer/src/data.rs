@@ -427,11 +427,7 @@ fn cut(text: &str) -> String {
     if text.len() <= 300 {
         return text.to_string();
     }
-    let mut end = 300;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    format!("{}...", crate::prefix_within(text, 300))
 }
 
 /// The documents of a Parquet file: one per row with a non-empty string in

@@ -47,6 +47,20 @@ pub mod steptrace;
 pub mod throughput;
 pub mod train;
 
+/// The longest start of `text` within `bytes` bytes that ends at a
+/// character: an error that may quote a document, or a message a reader
+/// keeps only so much of.
+pub fn prefix_within(text: &str, bytes: usize) -> &str {
+    if text.len() <= bytes {
+        return text;
+    }
+    let mut end = bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The name `value` has on the command line (its `clap::ValueEnum` name).
 pub fn flag_name(value: &impl clap::ValueEnum) -> String {
     value

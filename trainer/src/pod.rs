@@ -257,18 +257,13 @@ const RANK_SAID_BYTES: usize = 1500;
 /// What a failed rank said ([`rank_error_file`]), in one line.
 fn rank_said(errors: &Path, epoch: u64, rank: u32) -> String {
     let said = std::fs::read_to_string(rank_error_file(errors, epoch, rank)).unwrap_or_default();
-    let mut said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+    let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
     if said.is_empty() {
         return "it wrote no error".to_string();
     }
     // The worker's own words after it must fit the termination message.
     if said.len() > RANK_SAID_BYTES {
-        let mut cut = RANK_SAID_BYTES;
-        while !said.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        said.truncate(cut);
-        said.push_str(" …");
+        return format!("{} …", crate::prefix_within(&said, RANK_SAID_BYTES));
     }
     said
 }

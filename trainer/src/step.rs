@@ -112,6 +112,22 @@ pub struct Interval {
     pub end: Instant,
 }
 
+impl Interval {
+    /// Work of `kind` in `micro_batch` from `start` to now.
+    fn until_now(kind: WorkKind, micro_batch: u32, start: Instant) -> Interval {
+        Interval {
+            kind,
+            micro_batch,
+            start,
+            end: Instant::now(),
+        }
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.end.duration_since(self.start).as_secs_f64()
+    }
+}
+
 /// What one rank did in one step.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepOutcome {
@@ -508,9 +524,10 @@ fn backward_from(output: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
 /// remap; times the move.
 struct Layouts {
     remap: Option<Remap>,
-    seconds: f64,
+    /// The micro-batch whose rows it moves.
+    micro_batch: u32,
     /// When each move ran.
-    ran: Vec<(Instant, Instant)>,
+    ran: Vec<Interval>,
 }
 
 impl Layouts {
@@ -543,8 +560,8 @@ impl Layouts {
         let t = Instant::now();
         let out = direction(remap, group, x)?;
         settle(x.device());
-        self.seconds += t.elapsed().as_secs_f64();
-        self.ran.push((t, Instant::now()));
+        self.ran
+            .push(Interval::until_now(WorkKind::Remap, self.micro_batch, t));
         Ok(out)
     }
 }
@@ -682,7 +699,6 @@ impl Pass<'_> {
         let t = Instant::now();
         let result = attend(self.group, self.parts, qkv_attention, self.heads)?;
         settle(self.device);
-        self.outcome.times.attention_s += t.elapsed().as_secs_f64();
         self.ran(WorkKind::RingAttention, t);
         Ok(result)
     }
@@ -697,19 +713,15 @@ impl Pass<'_> {
         let t = Instant::now();
         let grad = attend_backward(self.group, self.parts, rings, grad_attention, self.heads)?;
         settle(self.device);
-        self.outcome.times.attention_s += t.elapsed().as_secs_f64();
         self.ran(WorkKind::RingAttentionBackward, t);
         Ok(grad)
     }
 
     /// Records work of `kind` from `start` to now.
     fn ran(&mut self, kind: WorkKind, start: Instant) {
-        self.outcome.intervals.push(Interval {
-            kind,
-            micro_batch: self.micro_batch,
-            start,
-            end: Instant::now(),
-        });
+        self.outcome
+            .intervals
+            .push(Interval::until_now(kind, self.micro_batch, start));
     }
 
     /// The head and the summed next-token loss of rows `x` against
@@ -1034,7 +1046,7 @@ pub fn forward_backward(
             remap: routes
                 .map(|r| Remap::new(&r, rank, world).on_device(device))
                 .transpose()?,
-            seconds: 0.0,
+            micro_batch: mb.index,
             ran: Vec::new(),
         };
         let rows = TokenRows::of(&plan.linear_layout(mb.index, rank), batch)?;
@@ -1080,19 +1092,24 @@ pub fn forward_backward(
             None => pass.plain(&rows)?,
             Some(chunk_tokens) => pass.streamed(&rows, chunk_tokens)?,
         }
-        outcome.times.remap_s += layouts.seconds;
-        outcome
-            .intervals
-            .extend(layouts.ran.iter().map(|&(start, end)| Interval {
-                kind: WorkKind::Remap,
-                micro_batch: mb.index,
-                start,
-                end,
-            }));
+        outcome.intervals.append(&mut layouts.ran);
     }
     settle(device);
     outcome.times.total_s = started.elapsed().as_secs_f64();
     outcome.intervals.sort_by_key(|i| i.start);
+    // The seconds of each kind of work are those of its intervals.
+    let seconds_in = |kinds: &[WorkKind]| -> f64 {
+        outcome
+            .intervals
+            .iter()
+            .filter(|i| kinds.contains(&i.kind))
+            .map(Interval::seconds)
+            .sum()
+    };
+    let attention_s = seconds_in(&[WorkKind::RingAttention, WorkKind::RingAttentionBackward]);
+    let remap_s = seconds_in(&[WorkKind::Remap]);
+    outcome.times.attention_s = attention_s;
+    outcome.times.remap_s = remap_s;
     Ok(outcome)
 }
 

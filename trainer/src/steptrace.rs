@@ -178,14 +178,7 @@ mod exporter {
             // Every span is made after the fact with its own times: the
             // step's is ended (at its end time) before its children are
             // made under its context.
-            let mut span = self
-                .tracer
-                .span_builder("step")
-                .with_start_time(self.wall(step.start))
-                .with_attributes(attributes)
-                .start_with_context(&self.tracer, &self.parent);
-            span.end_with_timestamp(self.wall(step.end.max(step.start)));
-            let in_step = self.parent.with_span(span);
+            let in_step = self.span_in(&self.parent, "step", step.start, step.end, attributes);
             for phase in &step.phases {
                 let in_phase = self.span_in(&in_step, phase.name, phase.start, phase.end, vec![]);
                 if phase.name == "forward_backward" {

@@ -2336,14 +2336,8 @@ fn main() -> ExitCode {
 /// is its termination message (Kubernetes keeps 4 KiB; the job's status
 /// shows it). In one line: the job's status shows a failure in one.
 fn last_words(message: &str) {
-    let mut message = message.replace('\n', " / ");
-    if message.len() > 4000 {
-        let mut cut = 4000;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    let message = message.replace('\n', " / ");
+    let message = weft_trainer::prefix_within(&message, 4000);
     if let Some(file) = std::env::var_os(weft_trainer::pod::RANK_ERROR_FILE) {
         let _ = std::fs::write(file, message);
     } else {
