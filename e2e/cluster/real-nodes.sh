@@ -445,7 +445,7 @@ real_node_down() {
     kill_tree "$pid"
   done
   # CNI's cache of this node's network (named after the node), and of the
-  # loopback of each of its sandboxes.
+  # loopback network of each pod it ran.
   rm -f /var/lib/cni/results/weft-"$name"-* 2>/dev/null || true
   for id in $ids; do rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true; done
   for h in $sockets; do

@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use weft_crds::{AVOID_NODE_SECONDS, AvoidedNode, TrainingJob, TrainingJobStatus, WorkerFailure};
@@ -61,20 +61,24 @@ fn libtorch_note(line: &str) -> bool {
     date.len() == 4 && date.bytes().all(|b| b.is_ascii_digit()) && rest[4..].starts_with(' ')
 }
 
+/// The containers of `pod` that ended with an error: (name, how it ended).
+pub(crate) fn failed_containers(
+    pod: &Pod,
+) -> impl Iterator<Item = (&str, &ContainerStateTerminated)> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c.name.as_str(), c.state.as_ref()?.terminated.as_ref()?)))
+        .filter(|(_, t)| t.exit_code != 0)
+}
+
 /// Why a pod failed, in a line: the first terminated container's reason and
 /// exit code, else the pod's own reason and message.
 pub fn failure_reason(pod: &Pod) -> String {
     let status = pod.status.as_ref();
-    let terminated = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            let t = c.state.as_ref()?.terminated.as_ref()?;
-            Some((c.name.clone(), t.clone()))
-        })
-        .find(|(_, t)| t.exit_code != 0);
-    if let Some((container, t)) = terminated {
+    if let Some((container, t)) = failed_containers(pod).next() {
         let mut line = format!(
             "container {container} exited with code {} ({})",
             t.exit_code,

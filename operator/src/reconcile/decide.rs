@@ -714,10 +714,7 @@ pub fn conclude(
                     .as_ref()
                     .is_none_or(|first| first.mesh_epoch < status.mesh_epoch);
                 let before = status.last_fault_time.clone().filter(|_| untrained);
-                match (before, seen_now) {
-                    (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-                    (a, b) => a.or(b),
-                }
+                before.into_iter().chain(seen_now).min_by_key(|time| time.0)
             } else {
                 None
             };
@@ -869,27 +866,20 @@ fn fault_began(
     job: &TrainingJob,
 ) -> Option<Time> {
     let status = job.status.as_ref();
-    let since = status.and_then(|s| s.last_rescale_time.as_ref());
-    let after_last_change = |time: &Time| since.is_none_or(|since| time.0 >= since.0);
-    let mut began: Option<Time> = None;
-    let mut saw = |time: &Time| {
-        if after_last_change(time) && began.as_ref().is_none_or(|b| time.0 < b.0) {
-            began = Some(time.clone());
-        }
-    };
+    let mut times: Vec<Time> = Vec::new();
     // Those that stay: alive before, and members of the new mesh where they were.
     let stayed: BTreeSet<(String, String)> = crate::controller::members(mesh)
         .intersection(&epoch.kept)
         .cloned()
         .collect();
     for (name, node) in epoch.previous.difference(&stayed) {
-        if let Some(time) = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node))
-            .and_then(|n| crate::inventory::not_ready_since(n))
-        {
-            saw(time);
-        }
+        times.extend(
+            nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(node))
+                .and_then(|n| crate::inventory::not_ready_since(n))
+                .cloned(),
+        );
         for pod in pods
             .iter()
             .filter(|p| p.metadata.name.as_deref() == Some(name))
@@ -897,36 +887,31 @@ fn fault_began(
             // Set to when the grace period ends: asked that long before.
             if let Some(time) = &pod.metadata.deletion_timestamp {
                 let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
-                if let Ok(asked) = time
-                    .0
-                    .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
-                {
-                    saw(&Time(asked));
-                }
+                times.extend(
+                    time.0
+                        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+                        .ok()
+                        .map(Time),
+                );
             }
-            let failed = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.container_statuses.as_ref())
+            times.extend(
+                crate::lifecycle::failed_containers(pod).filter_map(|(_, t)| t.finished_at.clone()),
+            );
+        }
+        times.extend(
+            status
                 .into_iter()
-                .flatten()
-                .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
-                .filter(|t| t.exit_code != 0)
-                .filter_map(|t| t.finished_at.as_ref());
-            for time in failed {
-                saw(time);
-            }
-        }
-        let counted = status
-            .into_iter()
-            .flat_map(|s| &s.recent_failures)
-            .filter(|f| &f.worker == name)
-            .map(|f| &f.time);
-        for time in counted {
-            saw(time);
-        }
+                .flat_map(|s| &s.recent_failures)
+                .filter(|f| &f.worker == name)
+                .map(|f| f.time.clone()),
+        );
     }
-    began
+    // Since the previous change (an older fault was that change's).
+    let since = status.and_then(|s| s.last_rescale_time.as_ref());
+    times
+        .into_iter()
+        .filter(|time| since.is_none_or(|since| time.0 >= since.0))
+        .min_by_key(|time| time.0)
 }
 
 /// The `MeshEpoch` event: the new mesh, who joined and who left.
